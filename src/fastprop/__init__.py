@@ -1,0 +1,33 @@
+"""fastprop: neural-network layers with native kernels — backprop done right, fast.
+
+NumPy arrays in, NumPy arrays out.  The hot kernels (GEMM, fused dense layers,
+activations, losses, optimizer updates) run on the selected backend: ``native``
+(C++ through Cython, the default), ``numpy`` (the pure-NumPy reference) or ``cuda``.
+
+Example:
+    >>> import numpy as np, fastprop as fp
+    >>> model = fp.nn.Sequential(fp.nn.Dense(4, 16, "relu"), fp.nn.Dense(16, 3))
+    >>> opt = fp.optim.Adam(model.parameters(), lr=1e-2)
+    >>> history = model.fit(np.random.rand(64, 4), np.arange(64) % 3,
+    ...                     loss="cross_entropy", optimizer=opt, epochs=2, verbose=0)
+"""
+
+from . import backends, init, losses, nn, ops, optim
+from ._config import get_num_threads, set_num_threads, show_config
+from .backends import get_backend, set_backend, use_backend, BackendUnavailableError
+from .gradcheck import GradcheckError, gradcheck
+from .nn import Parameter, Sequential
+from .optim import clip_grad_norm, clip_grad_value
+from .serialization import load, save
+from .train import History, NonFiniteError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "backends", "init", "losses", "nn", "ops", "optim",
+    "get_num_threads", "set_num_threads", "show_config",
+    "get_backend", "set_backend", "use_backend", "BackendUnavailableError",
+    "gradcheck", "GradcheckError", "Parameter", "Sequential",
+    "clip_grad_norm", "clip_grad_value", "load", "save", "History", "NonFiniteError",
+    "__version__",
+]

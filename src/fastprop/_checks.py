@@ -1,0 +1,137 @@
+"""Argument checking shared by the Python layer.
+
+Every public entry point converts and checks its inputs here before any kernel runs,
+so that a backend only ever sees contiguous float32/float64 arrays of agreeing
+shapes.  Messages name the argument, what was expected and what was received.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def describe(x) -> str:
+    if isinstance(x, np.ndarray):
+        return f"array of shape {x.shape} and dtype {x.dtype}"
+    return f"{type(x).__name__}"
+
+
+def float_dtype(dtype, name: str = "dtype") -> np.dtype:
+    """Normalise a dtype argument to float32/float64 or raise TypeError."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise TypeError(f"{name} must be float32 or float64, got {dtype!r}") from exc
+    if dt not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be float32 or float64, got {dt}")
+    return dt
+
+
+def compute_dtype(*arrays) -> np.dtype:
+    """The floating dtype a kernel computes in for these inputs (NumPy promotion,
+    integers and bool -> float64, float16 -> float32)."""
+    dt = np.result_type(*arrays)
+    if dt.kind in "biu":
+        return np.dtype(np.float64)
+    if dt.kind == "f":
+        return np.dtype(np.float32) if dt.itemsize <= 4 else np.dtype(np.float64)
+    raise TypeError(f"expected real numeric arrays, got dtype {dt}")
+
+
+def as_array(x, name: str) -> np.ndarray:
+    """np.asarray with a TypeError naming the argument for non-numeric input."""
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        if x is None:
+            raise TypeError(f"{name} must be an array, got None")
+        try:
+            arr = np.asarray(x)
+        except (TypeError, ValueError) as exc:
+            raise TypeError(f"{name} must be array-like of numbers: {exc}") from exc
+    if arr.dtype.kind not in "biuf":
+        raise TypeError(
+            f"{name} must hold real numbers (bool, int or float), got dtype {arr.dtype}")
+    return arr
+
+
+def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
+    """Convert to a C-contiguous, native-byte-order float array of ``dtype`` (or the
+    array's own float dtype), checking ``ndim`` if given."""
+    arr = as_array(x, name)
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
+    dt = compute_dtype(arr) if dtype is None else np.dtype(dtype)
+    return np.ascontiguousarray(arr, dtype=dt)
+
+
+def check_shape(arr: np.ndarray, shape: tuple, name: str) -> None:
+    if arr.shape != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {arr.shape}")
+
+
+def check_out(out, shape: tuple, dtype: np.dtype, name: str = "out") -> np.ndarray:
+    if not isinstance(out, np.ndarray):
+        raise ValueError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
+    if out.shape != tuple(shape) or out.dtype != dtype:
+        raise ValueError(
+            f"{name} must have shape {tuple(shape)} and dtype {dtype}, "
+            f"got shape {out.shape} and dtype {out.dtype}")
+    if not out.flags.writeable:
+        raise ValueError(f"{name} is read-only")
+    return out
+
+
+def check_finite(arr: np.ndarray, name: str) -> None:
+    if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
+        bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
+        raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def real(value, name: str, *, low=None, low_inclusive=True, high=None, high_inclusive=True,
+         message=None) -> float:
+    """Check a real-valued hyperparameter: a number (not bool) within bounds."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
+    v = float(value)
+    bad = v != v
+    if low is not None:
+        bad = bad or (v < low if low_inclusive else v <= low)
+    if high is not None:
+        bad = bad or (v > high if high_inclusive else v >= high)
+    if bad:
+        lo = "" if low is None else (f"{low} <= " if low_inclusive else f"{low} < ")
+        hi = "" if high is None else (f" <= {high}" if high_inclusive else f" < {high}")
+        raise ValueError(message or f"Invalid {name}: {value!r}; expected {lo}{name}{hi}")
+    return v
+
+
+def integer(value, name: str, *, low=None) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
+    v = int(value)
+    if low is not None and v < low:
+        raise ValueError(f"Invalid {name}: {v}; expected {name} >= {low}")
+    return v
+
+
+def class_labels(labels, n: int, classes: int, name: str = "labels") -> np.ndarray:
+    """Validate integer class ids of shape (n,) in [0, classes); return int64 array."""
+    arr = as_array(labels, name)
+    if arr.shape != (n,):
+        raise ValueError(f"{name} must have shape ({n},) to match the batch, got {arr.shape}")
+    if arr.dtype.kind == "f":
+        if not np.isfinite(arr).all() or np.any(arr != np.round(arr)):
+            raise ValueError(f"{name} must be integer class ids, got non-integral values")
+    elif arr.dtype.kind == "b":
+        raise TypeError(f"{name} must be integer class ids, got dtype bool")
+    out = np.ascontiguousarray(arr, dtype=np.int64)
+    if n and (out.min() < 0 or out.max() >= classes):
+        raise ValueError(
+            f"{name} must lie in [0, {classes}) for {classes} classes, "
+            f"got values in [{out.min()}, {out.max()}]")
+    return out

@@ -1,0 +1,191 @@
+"""Backends: one kernel contract, several implementations.
+
+A backend is a module (``fastprop.backends.native``, ``.numpy``, ``.cuda``) that
+exposes the functions below.  The Python layer (``fastprop.ops``, ``fastprop.nn``,
+``fastprop.losses``, ``fastprop.optim``) validates every argument, converts dtypes
+and layouts, and allocates every output before it calls a backend; a backend trusts
+its arguments and never allocates an output itself.
+
+The kernel contract
+-------------------
+Common rules for every function:
+
+* All floating arrays of one call share one dtype, ``float32`` or ``float64``.
+* Arrays are C-contiguous, except the ``gemm`` operands, whose last axis has unit
+  stride and whose first axis has any non-negative stride (a leading dimension).
+* No array is empty unless stated (the Python layer short-circuits empty work).
+* ``act`` is an integer activation code from :data:`ACTIVATIONS`; ``alpha`` is the
+  leaky-relu negative slope (ignored by other activations).
+* Outputs are written, never reallocated.  Functions return ``None`` unless stated.
+
+GEMM and the dense layer::
+
+    gemm(a, b, c, trans_a, trans_b, accumulate)
+        c[m, n] (+)= op(a) @ op(b); op(a) = a.T if trans_a.  a is (m, k) or (k, m),
+        b is (k, n) or (n, k).  k may be 0 (then c = 0, or unchanged if accumulate).
+    linear_forward(x, w, b, act, alpha, y, z)
+        z = x @ w + b (b may be None); y = act(z).  x (n, in), w (in, out), y (n, out).
+        z is None or an (n, out) array that receives the pre-activation.
+    linear_backward(grad_y, x, w, y, z, act, alpha, grad_x, grad_w, grad_b, work, accumulate)
+        grad_z = grad_y * act'(.)   (into ``work``, an (n, out) scratch array; grad_y is
+                                     never modified)
+        grad_w (+)= x.T @ grad_z;  grad_b (+)= grad_z.sum(0) (grad_b may be None);
+        grad_x = grad_z @ w.T      (grad_x may be None: not computed).
+        '+=' when accumulate, '=' otherwise.  y is the forward output; z the
+        pre-activation (required for gelu, may be None otherwise).
+
+Activations (any shape; softmax works on the last axis)::
+
+    activation_forward(act, alpha, x, y)                  y = act(x); y may be x
+    activation_backward(act, alpha, grad_y, x, y, grad_x) grad_x may be grad_y;
+        relu/leaky_relu/sigmoid/tanh/softmax use y, gelu uses x, identity neither
+        (the unused one may be None).
+
+Losses (each returns the mean loss as a Python float, and writes the gradient of
+that mean with respect to the prediction into ``grad`` unless grad is None)::
+
+    softmax_xent(logits, labels, targets, grad) -> float
+        logits (n, c); exactly one of labels ((n,) int64 class ids, already checked to
+        lie in [0, c)) and targets ((n, c) probabilities) is not None.
+        loss = mean_i(-sum_j t_ij log softmax(logits)_ij);  grad = (softmax - t) / n
+    bce(pred, target, from_logits, grad) -> float
+        mean over all elements; probabilities: log clamped at -100 as PyTorch,
+        grad = (p - t) / max(p (1 - p), 1e-12) / N; logits: the stable form
+        max(x, 0) - x t + log1p(exp(-|x|)), grad = (sigmoid(x) - t) / N.
+    mse(pred, target, half, grad) -> float
+        mean((p - t)^2), times 1/2 when half; grad = 2 (p - t) / N (times 1/2).
+
+Optimizers (lists of same-length arrays, updated in place; grads are read only)::
+
+    sgd_update(params, grads, bufs, lr, momentum, nesterov, weight_decay, first)
+        g = grad + wd p; if momentum: buf = g if first else momentum buf + g;
+        g = g + momentum buf if nesterov else buf.  p -= lr g.  bufs is None when
+        momentum == 0.
+    adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                weight_decay, decoupled)
+        decoupled (AdamW): p *= 1 - lr wd; else g = grad + wd p.
+        m = b1 m + (1 - b1) g; v = b2 v + (1 - b2) g^2;
+        p -= (lr / (1 - b1^step)) m / (sqrt(v) / sqrt(1 - b2^step) + eps)
+        (bias corrections computed once, in double; step counts from 1).
+    rmsprop_update(params, grads, square_avgs, bufs, lr, alpha, eps, momentum, weight_decay)
+        g = grad + wd p; s = alpha s + (1 - alpha) g^2; d = sqrt(s) + eps;
+        if momentum > 0: buf = momentum buf + g / d; p -= lr buf  else p -= lr g / d.
+        bufs is None when momentum == 0.
+    adagrad_update(params, grads, sums, lr, eps, weight_decay)
+        g = grad + wd p; s += g^2; p -= lr g / (sqrt(s) + eps).
+    sum_squares(arrays) -> float   sum of squares of every element, accumulated in double
+    scale_(arrays, factor)         a *= factor, in place
+    clip_(arrays, lo, hi)          a = min(max(a, lo), hi), in place
+
+Normalization (x is (n, f); statistics are float arrays of the same dtype)::
+
+    batchnorm_forward(x, gamma, beta, eps, y, mean, invstd)
+        training mode: mean/invstd (f,) receive the batch mean and 1/sqrt(var + eps)
+        (biased variance); y = (x - mean) invstd gamma + beta.
+    batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y)
+    batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
+        grad_gamma/grad_beta accumulate (+=); grad_x is overwritten.
+    layernorm_forward(x, gamma, beta, eps, y, mean, invstd)
+        statistics over the last axis; mean/invstd are (n,).
+    layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
+        grad_gamma/grad_beta accumulate (+=); grad_x is overwritten.
+
+Configuration::
+
+    name: str                       "native", "numpy" or "cuda"
+    get_num_threads() -> int; set_num_threads(n)
+    config() -> dict                what show_config() prints for this backend
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+from contextlib import contextmanager
+
+#: Activation name -> integer code used by every backend.
+ACTIVATIONS = {
+    "identity": 0,
+    "relu": 1,
+    "leaky_relu": 2,
+    "sigmoid": 3,
+    "tanh": 4,
+    "gelu": 5,
+    "softmax": 6,
+}
+ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+
+BACKENDS = ("native", "numpy", "cuda")
+
+_loaded: dict = {}
+_state = threading.local()
+_default = None
+
+
+class BackendUnavailableError(RuntimeError):
+    """The requested backend cannot be used on this machine (the message says why)."""
+
+
+def load(name: str):
+    """Import and return the backend module ``name`` (cached)."""
+    if not isinstance(name, str):
+        raise TypeError(f"backend must be a str, one of {BACKENDS}; got {type(name).__name__}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of {BACKENDS}")
+    mod = _loaded.get(name)
+    if mod is None:
+        try:
+            mod = importlib.import_module(f"fastprop.backends.{name}")
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise BackendUnavailableError(f"backend {name!r} is not available: {exc}") from exc
+        check = getattr(mod, "ensure_available", None)
+        if check is not None:
+            check()
+        _loaded[name] = mod
+    return mod
+
+
+def _initial_default():
+    global _default
+    if _default is None:
+        env = os.environ.get("FASTPROP_BACKEND", "").strip().lower()
+        if env:
+            _default = load(env)
+        else:
+            try:
+                _default = load("native")
+            except BackendUnavailableError:  # pragma: no cover - broken install
+                _default = load("numpy")
+    return _default
+
+
+def current():
+    """The backend module in effect for the calling thread."""
+    mod = getattr(_state, "backend", None)
+    return mod if mod is not None else _initial_default()
+
+
+def set_backend(name: str) -> None:
+    """Select the backend used by every later call (process wide)."""
+    global _default
+    mod = load(name)
+    _default = mod
+    _state.backend = None
+
+
+def get_backend() -> str:
+    """Name of the backend in effect: "native", "numpy" or "cuda"."""
+    return current().name
+
+
+@contextmanager
+def use_backend(name: str):
+    """Use backend ``name`` inside a ``with`` block (for the calling thread)."""
+    mod = load(name)
+    prev = getattr(_state, "backend", None)
+    _state.backend = mod
+    try:
+        yield mod
+    finally:
+        _state.backend = prev

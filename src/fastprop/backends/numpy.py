@@ -1,0 +1,315 @@
+"""The pure-NumPy reference backend.
+
+Implements the kernel contract of :mod:`fastprop.backends` with plain NumPy
+expressions, written for clarity: it is the oracle the native and CUDA backends are
+tested against.  Outputs are written in place into the arrays the caller passes.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import ACTIVATIONS
+
+name = "numpy"
+
+_IDENTITY = ACTIVATIONS["identity"]
+_RELU = ACTIVATIONS["relu"]
+_LEAKY = ACTIVATIONS["leaky_relu"]
+_SIGMOID = ACTIVATIONS["sigmoid"]
+_TANH = ACTIVATIONS["tanh"]
+_GELU = ACTIVATIONS["gelu"]
+_SOFTMAX = ACTIVATIONS["softmax"]
+
+_GELU_C = math.sqrt(2.0 / math.pi)
+_GELU_K = 0.044715
+
+
+def get_num_threads() -> int:
+    return 1
+
+
+def set_num_threads(n: int) -> None:  # NumPy's own BLAS threads are not ours to set
+    pass
+
+
+def config() -> dict:
+    return {"numpy": np.__version__}
+
+
+# --------------------------------------------------------------------- GEMM, dense
+def gemm(a, b, c, trans_a, trans_b, accumulate):
+    opa = a.T if trans_a else a
+    opb = b.T if trans_b else b
+    if accumulate:
+        c += opa @ opb
+    else:
+        np.matmul(opa, opb, out=c)
+
+
+def linear_forward(x, w, b, act, alpha, y, z):
+    pre = z if z is not None else y
+    np.matmul(x, w, out=pre)
+    if b is not None:
+        pre += b
+    activation_forward(act, alpha, pre, y)
+
+
+def linear_backward(grad_y, x, w, y, z, act, alpha, grad_x, grad_w, grad_b, work, accumulate):
+    if act == _IDENTITY:
+        grad_z = grad_y
+    else:
+        activation_backward(act, alpha, grad_y, z, y, work)
+        grad_z = work
+    if accumulate:
+        grad_w += x.T @ grad_z
+        if grad_b is not None:
+            grad_b += grad_z.sum(axis=0)
+    else:
+        np.matmul(x.T, grad_z, out=grad_w)
+        if grad_b is not None:
+            np.sum(grad_z, axis=0, out=grad_b)
+    if grad_x is not None:
+        np.matmul(grad_z, w.T, out=grad_x)
+
+
+# --------------------------------------------------------------------- activations
+def _sigmoid(x, out):
+    # exp(-|x|) never overflows: sigmoid(x) = 1/(1+e) for x >= 0, e/(1+e) for x < 0.
+    e = np.exp(-np.abs(x))
+    r = 1.0 / (1.0 + e)
+    np.copyto(out, np.where(x >= 0, r, e * r))
+
+
+def _softmax(x, out):
+    shifted = x - x.max(axis=-1, keepdims=True)
+    e = np.exp(shifted)
+    np.divide(e, e.sum(axis=-1, keepdims=True), out=out)
+
+
+def activation_forward(act, alpha, x, y):
+    if act == _IDENTITY:
+        if y is not x:
+            np.copyto(y, x)
+    elif act == _RELU:
+        np.maximum(x, 0, out=y)
+    elif act == _LEAKY:
+        np.copyto(y, np.where(x > 0, x, x * y.dtype.type(alpha)))
+    elif act == _SIGMOID:
+        _sigmoid(x, y)
+    elif act == _TANH:
+        np.tanh(x, out=y)
+    elif act == _GELU:
+        inner = _GELU_C * (x + _GELU_K * x * x * x)
+        np.copyto(y, 0.5 * x * (1.0 + np.tanh(inner)))
+    elif act == _SOFTMAX:
+        _softmax(x, y)
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+def activation_backward(act, alpha, grad_y, x, y, grad_x):
+    if act == _IDENTITY:
+        if grad_x is not grad_y:
+            np.copyto(grad_x, grad_y)
+    elif act == _RELU:
+        np.multiply(grad_y, y > 0, out=grad_x)
+    elif act == _LEAKY:
+        np.multiply(grad_y, np.where(y > 0, 1.0, alpha).astype(grad_x.dtype), out=grad_x)
+    elif act == _SIGMOID:
+        np.multiply(grad_y, y * (1 - y), out=grad_x)
+    elif act == _TANH:
+        np.multiply(grad_y, 1 - y * y, out=grad_x)
+    elif act == _GELU:
+        t = np.tanh(_GELU_C * (x + _GELU_K * x * x * x))
+        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_K * x * x)
+        np.multiply(grad_y, d.astype(grad_x.dtype, copy=False), out=grad_x)
+    elif act == _SOFTMAX:
+        dot = np.sum(grad_y * y, axis=-1, keepdims=True)
+        np.multiply(y, grad_y - dot, out=grad_x)
+    else:
+        raise ValueError(f"unknown activation code {act}")
+
+
+# --------------------------------------------------------------------- losses
+def softmax_xent(logits, labels, targets, grad):
+    n = logits.shape[0]
+    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
+    log_p = shifted - lse
+    if labels is not None:
+        loss = -log_p[np.arange(n), labels].sum() / n
+    else:
+        loss = -(targets * log_p).sum() / n
+    if grad is not None:
+        p = np.exp(log_p)
+        if labels is not None:
+            p[np.arange(n), labels] -= 1.0
+        else:
+            p -= targets
+        np.divide(p, n, out=grad, casting="unsafe")
+    return float(loss)
+
+
+def bce(pred, target, from_logits, grad):
+    count = pred.size
+    x = pred.astype(np.float64)
+    t = target.astype(np.float64)
+    if from_logits:
+        loss = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).sum() / count
+        if grad is not None:
+            s = np.empty_like(x)
+            _sigmoid(x, s)
+            np.divide(s - t, count, out=grad, casting="unsafe")
+    else:
+        with np.errstate(divide="ignore"):
+            log_p = np.maximum(np.log(x), -100.0)
+            log_1p = np.maximum(np.log1p(-x), -100.0)
+        loss = -(t * log_p + (1 - t) * log_1p).sum() / count
+        if grad is not None:
+            denom = np.maximum(x * (1 - x), 1e-12)
+            np.divide((x - t) / denom, count, out=grad, casting="unsafe")
+    return float(loss)
+
+
+def mse(pred, target, half, grad):
+    count = pred.size
+    diff = pred.astype(np.float64) - target
+    scale = 0.5 if half else 1.0
+    loss = scale * np.dot(diff.ravel(), diff.ravel()) / count
+    if grad is not None:
+        np.multiply(diff, 2.0 * scale / count, out=grad, casting="unsafe")
+    return float(loss)
+
+
+# --------------------------------------------------------------------- optimizers
+def _decayed(p, g, weight_decay):
+    return g + p.dtype.type(weight_decay) * p if weight_decay != 0 else g
+
+
+def sgd_update(params, grads, bufs, lr, momentum, nesterov, weight_decay, first):
+    for i, (p, g) in enumerate(zip(params, grads)):
+        d = _decayed(p, g, weight_decay)
+        if momentum != 0:
+            buf = bufs[i]
+            if first:
+                np.copyto(buf, d)
+            else:
+                buf *= p.dtype.type(momentum)
+                buf += d
+            d = d + p.dtype.type(momentum) * buf if nesterov else buf
+        p -= p.dtype.type(lr) * d
+
+
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
+                weight_decay, decoupled):
+    bias_c1 = 1.0 - beta1 ** step
+    bias_c2_sqrt = math.sqrt(1.0 - beta2 ** step)
+    step_size = lr / bias_c1
+    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        t = p.dtype.type
+        if decoupled:
+            if weight_decay != 0:
+                p *= t(1.0 - lr * weight_decay)
+        else:
+            g = _decayed(p, g, weight_decay)
+        m *= t(beta1)
+        m += t(1.0 - beta1) * g
+        v *= t(beta2)
+        v += t(1.0 - beta2) * g * g
+        denom = np.sqrt(v) / t(bias_c2_sqrt) + t(eps)
+        p -= t(step_size) * m / denom
+
+
+def rmsprop_update(params, grads, square_avgs, bufs, lr, alpha, eps, momentum, weight_decay):
+    for i, (p, g, s) in enumerate(zip(params, grads, square_avgs)):
+        t = p.dtype.type
+        g = _decayed(p, g, weight_decay)
+        s *= t(alpha)
+        s += t(1.0 - alpha) * g * g
+        avg = np.sqrt(s) + t(eps)
+        if momentum > 0:
+            buf = bufs[i]
+            buf *= t(momentum)
+            buf += g / avg
+            p -= t(lr) * buf
+        else:
+            p -= t(lr) * g / avg
+
+
+def adagrad_update(params, grads, sums, lr, eps, weight_decay):
+    for p, g, s in zip(params, grads, sums):
+        t = p.dtype.type
+        g = _decayed(p, g, weight_decay)
+        s += g * g
+        p -= t(lr) * g / (np.sqrt(s) + t(eps))
+
+
+def sum_squares(arrays) -> float:
+    total = 0.0
+    for a in arrays:
+        flat = a.ravel().astype(np.float64, copy=False)
+        total += float(np.dot(flat, flat))
+    return total
+
+
+def scale_(arrays, factor):
+    for a in arrays:
+        a *= a.dtype.type(factor)
+
+
+def clip_(arrays, lo, hi):
+    for a in arrays:
+        np.clip(a, lo, hi, out=a)
+
+
+# --------------------------------------------------------------------- normalization
+def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=0)
+    var = ((x64 - mu) ** 2).mean(axis=0)
+    mean[...] = mu
+    invstd[...] = 1.0 / np.sqrt(var + eps)
+    np.copyto(y, (x64 - mu) * (1.0 / np.sqrt(var + eps)) * gamma + beta, casting="unsafe")
+
+
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
+    scale = gamma / np.sqrt(running_var.astype(np.float64) + eps)
+    np.copyto(y, (x - running_mean) * scale + beta, casting="unsafe")
+
+
+def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    n = x.shape[0]
+    xhat = (x.astype(np.float64) - mean) * invstd
+    g = grad_y.astype(np.float64)
+    sum_g = g.sum(axis=0)
+    sum_gx = (g * xhat).sum(axis=0)
+    grad_beta += sum_g.astype(grad_beta.dtype)
+    grad_gamma += sum_gx.astype(grad_gamma.dtype)
+    gx = (gamma * invstd / n) * (n * g - sum_g - xhat * sum_gx)
+    np.copyto(grad_x, gx, casting="unsafe")
+
+
+def layernorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=-1, keepdims=True)
+    var = ((x64 - mu) ** 2).mean(axis=-1, keepdims=True)
+    inv = 1.0 / np.sqrt(var + eps)
+    mean[...] = mu[:, 0]
+    invstd[...] = inv[:, 0]
+    np.copyto(y, (x64 - mu) * inv * gamma + beta, casting="unsafe")
+
+
+def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    f = x.shape[-1]
+    inv = invstd.astype(np.float64)[:, None]
+    xhat = (x.astype(np.float64) - mean[:, None]) * inv
+    g = grad_y.astype(np.float64)
+    grad_beta += g.sum(axis=0).astype(grad_beta.dtype)
+    grad_gamma += (g * xhat).sum(axis=0).astype(grad_gamma.dtype)
+    gh = g * gamma
+    gx = (inv / f) * (f * gh - gh.sum(axis=-1, keepdims=True)
+                      - xhat * (gh * xhat).sum(axis=-1, keepdims=True))
+    np.copyto(grad_x, gx, casting="unsafe")

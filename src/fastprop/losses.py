@@ -1,0 +1,170 @@
+"""Losses: ``forward(pred, target) -> float`` and ``backward() -> grad_pred``.
+
+Each loss is the *mean* over the batch (and, for elementwise losses, over all
+elements); ``backward`` returns the gradient of that mean with respect to ``pred``,
+computed in the same kernel pass as the loss.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backends
+from ._checks import as_array, as_float, check_finite
+from .ops import softmax_targets
+
+__all__ = ["Loss", "MSE", "BinaryCrossEntropy", "SoftmaxCrossEntropy", "get"]
+
+
+class Loss:
+    """Base class: subclasses implement ``_kernel`` and ``prepare_target``."""
+
+    def __init__(self):
+        self._grad = None
+
+    def __call__(self, pred, target) -> float:
+        return self.forward(pred, target)
+
+    def _pred(self, pred):
+        pred = as_float(pred, "pred")
+        if pred.size == 0:
+            raise ValueError(f"pred is empty (shape {pred.shape}): the mean loss is undefined")
+        return pred
+
+    def prepare_target(self, target, pred_shape, dtype):
+        """Check and convert ``target`` for predictions of ``pred_shape``."""
+        raise NotImplementedError
+
+    def _kernel(self, pred, target, grad) -> float:
+        raise NotImplementedError
+
+    def forward(self, pred, target) -> float:
+        pred = self._pred(pred)
+        target = self.prepare_target(target, pred.shape, pred.dtype)
+        grad = np.empty_like(pred)
+        loss = self._kernel(pred, target, grad)
+        self._grad = grad
+        return loss
+
+    def value(self, pred, target) -> float:
+        """The loss alone (no gradient kept)."""
+        pred = self._pred(pred)
+        return self._kernel(pred, self.prepare_target(target, pred.shape, pred.dtype), None)
+
+    def backward(self):
+        if self._grad is None:
+            raise RuntimeError(f"{type(self).__name__}.backward called before forward")
+        return self._grad
+
+    def get_config(self) -> dict:
+        return {}
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def _elementwise_target(target, pred_shape, dtype):
+    t = as_array(target, "target")
+    if t.shape != tuple(pred_shape):
+        if t.ndim == 1 and len(pred_shape) == 2 and pred_shape[1] == 1 and t.shape[0] == pred_shape[0]:
+            t = t.reshape(-1, 1)
+        else:
+            raise ValueError(f"target must have the prediction's shape {tuple(pred_shape)}, "
+                             f"got {t.shape}")
+    t = np.ascontiguousarray(t, dtype=dtype)
+    check_finite(t, "target")
+    return t
+
+
+class MSE(Loss):
+    """Mean squared error ``mean((pred - target)^2)``.
+
+    Args:
+        half: multiply by 1/2 (the ``1/(2n) sum`` form whose gradient is ``(pred - t)/n``).
+    """
+
+    def __init__(self, half=False):
+        super().__init__()
+        self.half = bool(half)
+
+    def get_config(self):
+        return {"half": self.half}
+
+    def prepare_target(self, target, pred_shape, dtype):
+        return _elementwise_target(target, pred_shape, dtype)
+
+    def _kernel(self, pred, target, grad):
+        return backends.current().mse(pred, target, self.half, grad)
+
+
+class BinaryCrossEntropy(Loss):
+    """Binary cross-entropy averaged over all elements.
+
+    Args:
+        from_logits: ``pred`` are logits (numerically stable form, recommended);
+            otherwise ``pred`` are probabilities in [0, 1] and log is clamped at -100.
+    Targets must lie in [0, 1].
+    """
+
+    def __init__(self, from_logits=False):
+        super().__init__()
+        self.from_logits = bool(from_logits)
+
+    def get_config(self):
+        return {"from_logits": self.from_logits}
+
+    def prepare_target(self, target, pred_shape, dtype):
+        t = _elementwise_target(target, pred_shape, dtype)
+        if t.size and (t.min() < 0 or t.max() > 1):
+            raise ValueError(f"target must lie in [0, 1], got values in [{t.min()}, {t.max()}]")
+        return t
+
+    def _kernel(self, pred, target, grad):
+        if not self.from_logits and (pred.min() < 0 or pred.max() > 1 or np.isnan(pred).any()):
+            raise ValueError(
+                "pred must be probabilities in [0, 1] (use from_logits=True for logits), "
+                f"got values in [{pred.min()}, {pred.max()}]")
+        return backends.current().bce(pred, target, self.from_logits, grad)
+
+
+class SoftmaxCrossEntropy(Loss):
+    """Softmax followed by cross-entropy, from logits, averaged over the batch.
+
+    Targets: (n,) integer class ids, or (n, classes) probabilities / one-hot rows.
+    """
+
+    def _pred(self, pred):
+        pred = super()._pred(pred)
+        if pred.ndim != 2:
+            raise ValueError(f"logits must be 2-D (batch, classes), got shape {pred.shape}")
+        return pred
+
+    def prepare_target(self, target, pred_shape, dtype):
+        return softmax_targets(target, pred_shape, dtype)
+
+    def _kernel(self, pred, target, grad):
+        labels, probs = target
+        return backends.current().softmax_xent(pred, labels, probs, grad)
+
+
+_ALIASES = {
+    "mse": MSE, "mean_squared_error": MSE,
+    "bce": BinaryCrossEntropy, "binary_cross_entropy": BinaryCrossEntropy,
+    "binary_crossentropy": BinaryCrossEntropy,
+    "cross_entropy": SoftmaxCrossEntropy, "softmax_cross_entropy": SoftmaxCrossEntropy,
+    "categorical_crossentropy": SoftmaxCrossEntropy,
+    "sparse_categorical_crossentropy": SoftmaxCrossEntropy,
+}
+
+
+def get(loss) -> Loss:
+    """A Loss from an instance or a name ("mse", "bce", "cross_entropy", ...)."""
+    if isinstance(loss, Loss):
+        return loss
+    if isinstance(loss, type) and issubclass(loss, Loss):
+        return loss()
+    if isinstance(loss, str) and loss.lower() in _ALIASES:
+        return _ALIASES[loss.lower()]()
+    raise ValueError(f"unknown loss {loss!r}; expected a fastprop.losses.Loss or one of "
+                     f"{sorted(_ALIASES)}")

@@ -1,0 +1,605 @@
+"""Layers: each keeps its forward and its backward side by side.
+
+A module's ``forward(x)`` (or ``module(x)``) computes the output and remembers what
+its ``backward`` needs; ``backward(grad_out)`` returns the gradient with respect to
+the input and *accumulates* parameter gradients into ``Parameter.grad`` (call
+``zero_grad()`` between steps).  Arrays are NumPy arrays; parameterised layers
+compute in their ``dtype`` (float32 by default) and convert their input to it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backends
+from . import init as _init
+from ._checks import as_array, as_float, float_dtype, integer, real
+from .backends import ACTIVATIONS
+from .ops import activation_code
+
+__all__ = ["Parameter", "Module", "Dense", "Activation", "ReLU", "LeakyReLU", "Sigmoid",
+           "Tanh", "GELU", "Softmax", "Identity", "Dropout", "BatchNorm1d", "LayerNorm",
+           "Residual", "Sequential"]
+
+
+class Parameter:
+    """A trainable array and its accumulated gradient.
+
+    Attributes:
+        value: the parameter (np.ndarray), updated in place by optimizers.
+        grad: np.ndarray of the same shape and dtype, zeros until backward adds to it.
+    """
+
+    __slots__ = ("value", "grad", "name")
+
+    def __init__(self, value, name: str | None = None):
+        value = np.array(value, copy=True)
+        if value.dtype not in (np.float32, np.float64):
+            value = value.astype(np.float64 if value.dtype.kind in "biu" else np.float32)
+        self.value = np.ascontiguousarray(value)
+        self.grad = np.zeros_like(self.value)
+        self.name = name
+
+    @property
+    def shape(self):
+        return self.value.shape
+
+    @property
+    def dtype(self):
+        return self.value.dtype
+
+    @property
+    def size(self):
+        return self.value.size
+
+    def zero_grad(self) -> None:
+        self.grad.fill(0)
+
+    def __repr__(self):
+        label = f"{self.name}, " if self.name else ""
+        return f"Parameter({label}shape={self.value.shape}, dtype={self.value.dtype})"
+
+
+_registry: dict = {}
+
+
+class Module:
+    """Base class of every layer.
+
+    Subclasses implement ``forward`` and ``backward`` and list their parameters in
+    ``_params`` (attribute names) and their non-trainable state in ``_buffers``.
+    """
+
+    _params: tuple = ()
+    _buffers: tuple = ()
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        _registry[cls.__name__] = cls
+
+    def __init__(self):
+        self.training = True
+
+    # -- the two passes --------------------------------------------------------
+    def forward(self, x):
+        raise NotImplementedError
+
+    def backward(self, grad_out, input_grad: bool = True):
+        raise NotImplementedError
+
+    def __call__(self, x):
+        return self.forward(x)
+
+    # -- structure -------------------------------------------------------------
+    def children(self) -> list:
+        return []
+
+    def modules(self):
+        yield self
+        for child in self.children():
+            yield from child.modules()
+
+    def parameters(self) -> list:
+        """Every trainable Parameter of this module and its children, once each."""
+        seen, out = set(), []
+        for mod in self.modules():
+            for attr in mod._params:
+                p = getattr(mod, attr)
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+        return out
+
+    def state_arrays(self) -> list:
+        """(name, array) for every parameter value and buffer, in a fixed order."""
+        out = []
+        for i, mod in enumerate(self.modules()):
+            for attr in mod._params:
+                p = getattr(mod, attr)
+                if p is not None:
+                    out.append((f"{i}.{attr}", p.value))
+            for attr in mod._buffers:
+                out.append((f"{i}.{attr}", getattr(mod, attr)))
+        return out
+
+    def zero_grad(self) -> None:
+        for p in self.parameters():
+            p.grad.fill(0)
+
+    def train(self, mode: bool = True):
+        for mod in self.modules():
+            mod.training = bool(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    @property
+    def dtype(self):
+        params = self.parameters()
+        return params[0].dtype if params else None
+
+    def get_config(self) -> dict:
+        """Constructor arguments (JSON-able) that rebuild this module's architecture."""
+        return {}
+
+    def _cast(self, dtype) -> None:
+        """Convert parameters and buffers to ``dtype`` in place (gradients reset)."""
+        dtype = float_dtype(dtype)
+        for mod in self.modules():
+            for attr in mod._params:
+                p = getattr(mod, attr)
+                if p is not None:
+                    p.value = p.value.astype(dtype)
+                    p.grad = np.zeros_like(p.value)
+            for attr in mod._buffers:
+                buf = getattr(mod, attr)
+                if buf.dtype.kind == "f":
+                    setattr(mod, attr, buf.astype(dtype))
+            if hasattr(mod, "_dtype"):
+                mod._dtype = dtype
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+    # -- training helpers (implemented in fastprop.train) -----------------------
+    def fit(self, X, y, **kwargs):
+        from .train import fit
+        return fit(self, X, y, **kwargs)
+
+    def predict(self, X, batch_size=1024):
+        from .train import predict
+        return predict(self, X, batch_size=batch_size)
+
+    def evaluate(self, X, y, loss=None, batch_size=1024):
+        from .train import evaluate
+        return evaluate(self, X, y, loss=loss, batch_size=batch_size)
+
+    def compile(self, loss, optimizer):
+        from .train import compile_step
+        return compile_step(self, loss, optimizer)
+
+
+def _need(cache, name, module):
+    if cache is None:
+        raise RuntimeError(f"{type(module).__name__}.backward called before forward")
+    return cache
+
+
+def _input_dtype(x, name="x"):
+    arr = as_array(x, name)
+    return as_float(arr, name)
+
+
+def _grad_like(grad_out, ref, module):
+    g = as_float(grad_out, "grad_out", ref.dtype)
+    if g.shape != ref.shape:
+        raise ValueError(
+            f"{type(module).__name__}.backward: grad_out must have the output's shape "
+            f"{ref.shape}, got {g.shape}")
+    return g
+
+
+class Dense(Module):
+    """Fully connected layer ``y = act(x @ weight + bias)``.
+
+    Args:
+        in_features, out_features: input and output widths.
+        activation: None or one of "identity", "relu", "leaky_relu", "sigmoid", "tanh",
+            "gelu" (tanh approximation), "softmax".
+        bias: whether to learn an additive bias.
+        init: initializer name or callable for the weight; None picks He uniform for
+            relu-like activations and Xavier uniform otherwise.
+        dtype: float32 (default) or float64.
+        alpha: negative slope for leaky_relu.
+        rng: seed or np.random.Generator for the initializer.
+
+    Shape: input (batch, in_features) -> output (batch, out_features).
+        ``weight`` is (in_features, out_features), ``bias`` (out_features,).
+
+    Example:
+        >>> layer = Dense(4, 3, activation="relu")
+        >>> layer(np.ones((2, 4))).shape
+        (2, 3)
+    """
+
+    _params = ("weight", "bias")
+
+    def __init__(self, in_features, out_features, activation=None, bias=True, init=None,
+                 dtype=np.float32, alpha=0.01, rng=None):
+        super().__init__()
+        self.in_features = integer(in_features, "in_features", low=1)
+        self.out_features = integer(out_features, "out_features", low=1)
+        self.act = activation_code(activation)
+        self.activation = activation
+        self.alpha = real(alpha, "alpha", low=0)
+        self._dtype = float_dtype(dtype)
+        self.init = init
+        shape = (self.in_features, self.out_features)
+        if init is None:
+            fn, gain = _init.default_for(activation, self.alpha)
+            w = fn(shape, gain=gain, rng=rng, dtype=self._dtype)
+        else:
+            w = _init.get(init)(shape, rng=rng, dtype=self._dtype)
+        w = np.asarray(w, dtype=self._dtype)
+        if w.shape != shape:
+            raise ValueError(f"init returned an array of shape {w.shape}, expected {shape}")
+        self.weight = Parameter(w, "weight")
+        self.bias = Parameter(np.zeros(self.out_features, self._dtype), "bias") if bias else None
+        self._x = self._y = self._z = None
+
+    def get_config(self):
+        cfg = {"in_features": self.in_features, "out_features": self.out_features,
+               "activation": self.activation, "bias": self.bias is not None,
+               "dtype": self._dtype.name}
+        if self.act == ACTIVATIONS["leaky_relu"]:
+            cfg["alpha"] = self.alpha
+        return cfg
+
+    def _check_input(self, x):
+        arr = as_array(x, "x")
+        if arr.ndim != 2 or arr.shape[1] != self.in_features:
+            raise ValueError(
+                f"Dense({self.in_features}, {self.out_features}): expected input of shape "
+                f"(batch, {self.in_features}), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+    def forward(self, x):
+        x = self._check_input(x)
+        n = x.shape[0]
+        y = np.empty((n, self.out_features), self._dtype)
+        z = np.empty_like(y) if self.act == ACTIVATIONS["gelu"] else None
+        if n:
+            b = self.bias.value if self.bias is not None else None
+            backends.current().linear_forward(x, self.weight.value, b, self.act, self.alpha,
+                                              y, z)
+        self._x, self._y, self._z = x, y, z
+        return y
+
+    def backward(self, grad_out, input_grad=True):
+        x = _need(self._x, "x", self)
+        g = _grad_like(grad_out, self._y, self)
+        n = x.shape[0]
+        grad_x = np.empty_like(x) if input_grad else None
+        if n == 0:
+            return grad_x
+        work = None if self.act == 0 else np.empty_like(g)
+        backends.current().linear_backward(
+            g, x, self.weight.value, self._y, self._z, self.act, self.alpha, grad_x,
+            self.weight.grad, None if self.bias is None else self.bias.grad, work, True)
+        return grad_x
+
+
+class Activation(Module):
+    """Elementwise activation layer (softmax: over the last axis)."""
+
+    name = "identity"
+
+    def __init__(self):
+        super().__init__()
+        self.act = ACTIVATIONS[self.name]
+        self.alpha = 0.01
+        self._x = self._y = None
+
+    def forward(self, x):
+        x = _input_dtype(x)
+        if self.act == ACTIVATIONS["softmax"] and x.ndim == 0:
+            raise ValueError("Softmax needs at least 1-D input")
+        y = np.empty_like(x)
+        if x.size:
+            backends.current().activation_forward(self.act, self.alpha, x, y)
+        self._x, self._y = x, y
+        return y
+
+    def backward(self, grad_out, input_grad=True):
+        y = _need(self._y, "y", self)
+        g = _grad_like(grad_out, y, self)
+        grad_x = np.empty_like(g)
+        if g.size:
+            backends.current().activation_backward(self.act, self.alpha, g, self._x, y, grad_x)
+        return grad_x
+
+
+class Identity(Activation):
+    name = "identity"
+
+
+class ReLU(Activation):
+    name = "relu"
+
+
+class Sigmoid(Activation):
+    name = "sigmoid"
+
+
+class Tanh(Activation):
+    name = "tanh"
+
+
+class GELU(Activation):
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    name = "gelu"
+
+
+class Softmax(Activation):
+    name = "softmax"
+
+
+class LeakyReLU(Activation):
+    """max(x, 0) + alpha min(x, 0), alpha >= 0."""
+    name = "leaky_relu"
+
+    def __init__(self, alpha=0.01):
+        super().__init__()
+        self.alpha = real(alpha, "alpha", low=0)
+
+    def get_config(self):
+        return {"alpha": self.alpha}
+
+
+class Dropout(Module):
+    """Inverted dropout: in training, zero each element with probability ``p`` and
+    scale the rest by 1/(1-p); identity in eval mode.
+
+    Args:
+        p: drop probability in [0, 1].
+        seed: seed of the layer's own generator (fit(seed=...) reseeds it).
+    """
+
+    def __init__(self, p=0.5, seed=None):
+        super().__init__()
+        self.p = real(p, "p", low=0, high=1)
+        self.seed = seed
+        self.rng = np.random.default_rng(seed)
+        self._mask = None
+        self.freeze_mask = False  # reuse the last mask (used by gradcheck)
+
+    def get_config(self):
+        return {"p": self.p}
+
+    def forward(self, x):
+        x = _input_dtype(x)
+        if not self.training or self.p == 0:
+            self._mask = None
+            return x.copy()
+        if not (self.freeze_mask and self._mask is not None and self._mask.shape == x.shape):
+            keep = self.rng.random(x.shape) >= self.p
+            scale = 0.0 if self.p >= 1 else 1.0 / (1.0 - self.p)
+            self._mask = keep.astype(x.dtype) * x.dtype.type(scale)
+        return x * self._mask
+
+    def backward(self, grad_out, input_grad=True):
+        g = as_float(grad_out, "grad_out")
+        if self._mask is None:
+            return g.copy()
+        if g.shape != self._mask.shape:
+            raise ValueError(f"Dropout.backward: grad_out must have shape {self._mask.shape}, "
+                             f"got {g.shape}")
+        return g * self._mask.astype(g.dtype, copy=False)
+
+
+class _Norm(Module):
+    _params = ("weight", "bias")
+
+    def __init__(self, num_features, eps, dtype):
+        super().__init__()
+        self.num_features = integer(num_features, "num_features", low=1)
+        self.eps = real(eps, "eps", low=0, low_inclusive=False)
+        self._dtype = float_dtype(dtype)
+        self.weight = Parameter(np.ones(self.num_features, self._dtype), "weight")
+        self.bias = Parameter(np.zeros(self.num_features, self._dtype), "bias")
+        self._cache = None
+
+    def _check_input(self, x):
+        arr = as_array(x, "x")
+        if arr.ndim != 2 or arr.shape[1] != self.num_features:
+            raise ValueError(
+                f"{type(self).__name__}({self.num_features}): expected input of shape "
+                f"(batch, {self.num_features}), got {arr.shape}")
+        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+
+class BatchNorm1d(_Norm):
+    """Batch normalization over the batch axis of (batch, features) input.
+
+    Training normalizes with the batch mean and biased variance and updates the
+    running statistics (running_var uses the unbiased variance, as PyTorch);
+    eval mode normalizes with the running statistics.
+
+    Args:
+        num_features: feature count; eps: added to the variance; momentum: weight of
+        the new batch statistic in the running averages, in [0, 1].
+    """
+
+    _buffers = ("running_mean", "running_var")
+
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
+        super().__init__(num_features, eps, dtype)
+        self.momentum = real(momentum, "momentum", low=0, high=1)
+        self.running_mean = np.zeros(self.num_features, self._dtype)
+        self.running_var = np.ones(self.num_features, self._dtype)
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps,
+                "momentum": self.momentum, "dtype": self._dtype.name}
+
+    def forward(self, x):
+        x = self._check_input(x)
+        n = x.shape[0]
+        y = np.empty_like(x)
+        be = backends.current()
+        if not self.training:
+            if n:
+                be.batchnorm_forward_eval(x, self.weight.value, self.bias.value,
+                                          self.running_mean, self.running_var, self.eps, y)
+            self._cache = None
+            return y
+        if n < 2:
+            raise ValueError(
+                f"BatchNorm1d needs more than 1 sample per batch in training mode, got {n}")
+        mean = np.empty(self.num_features, self._dtype)
+        invstd = np.empty_like(mean)
+        be.batchnorm_forward(x, self.weight.value, self.bias.value, self.eps, y, mean, invstd)
+        m = self.momentum
+        var = np.maximum(1.0 / (invstd.astype(np.float64) ** 2) - self.eps, 0.0)
+        var_unbiased = var * (n / (n - 1))
+        self.running_mean *= 1 - m
+        self.running_mean += m * mean
+        self.running_var *= 1 - m
+        self.running_var += (m * var_unbiased).astype(self._dtype)
+        self._cache = (x, mean, invstd)
+        return y
+
+    def backward(self, grad_out, input_grad=True):
+        if self._cache is None:
+            raise RuntimeError("BatchNorm1d.backward needs a forward pass in training mode")
+        x, mean, invstd = self._cache
+        g = _grad_like(grad_out, x, self)
+        grad_x = np.empty_like(x)
+        backends.current().batchnorm_backward(g, x, self.weight.value, mean, invstd, grad_x,
+                                              self.weight.grad, self.bias.grad)
+        return grad_x
+
+
+class LayerNorm(_Norm):
+    """Layer normalization over the feature axis of (batch, features) input, with a
+    learned per-feature scale (``weight``) and shift (``bias``)."""
+
+    def __init__(self, num_features, eps=1e-5, dtype=np.float32):
+        super().__init__(num_features, eps, dtype)
+
+    def get_config(self):
+        return {"num_features": self.num_features, "eps": self.eps, "dtype": self._dtype.name}
+
+    def forward(self, x):
+        x = self._check_input(x)
+        n = x.shape[0]
+        y = np.empty_like(x)
+        mean = np.empty(n, self._dtype)
+        invstd = np.empty(n, self._dtype)
+        if n:
+            backends.current().layernorm_forward(x, self.weight.value, self.bias.value,
+                                                 self.eps, y, mean, invstd)
+        self._cache = (x, mean, invstd)
+        return y
+
+    def backward(self, grad_out, input_grad=True):
+        x, mean, invstd = _need(self._cache, "cache", self)
+        g = _grad_like(grad_out, x, self)
+        grad_x = np.empty_like(x)
+        if x.shape[0]:
+            backends.current().layernorm_backward(g, x, self.weight.value, mean, invstd,
+                                                  grad_x, self.weight.grad, self.bias.grad)
+        return grad_x
+
+
+class Residual(Module):
+    """Skip connection ``y = x + block(x)``; the block must keep the shape."""
+
+    def __init__(self, block):
+        super().__init__()
+        if not isinstance(block, Module):
+            raise TypeError(f"block must be a fastprop Module, got {type(block).__name__}")
+        self.block = block
+
+    def children(self):
+        return [self.block]
+
+    def get_config(self):
+        return {}
+
+    def __repr__(self):
+        inner = repr(self.block).replace("\n", "\n  ")
+        return f"Residual(\n  {inner}\n)"
+
+    def forward(self, x):
+        x = _input_dtype(x)
+        h = self.block.forward(x)
+        if h.shape != x.shape:
+            raise ValueError(
+                f"Residual: the block maps shape {x.shape} to {h.shape}; they must match")
+        return h + x
+
+    def backward(self, grad_out, input_grad=True):
+        g = as_float(grad_out, "grad_out")
+        return g + self.block.backward(g)
+
+
+class Sequential(Module):
+    """Layers applied in order; backward runs them in reverse.
+
+    ``.layers`` is the list of modules; a Sequential is iterable, indexable (a slice
+    gives a Sequential sharing the layers) and has ``len``.
+
+    Example:
+        >>> model = Sequential(Dense(64, 128, "relu"), Dense(128, 10))
+        >>> model.predict(np.zeros((5, 64))).shape
+        (5, 10)
+    """
+
+    def __init__(self, *layers):
+        super().__init__()
+        if len(layers) == 1 and isinstance(layers[0], (list, tuple)):
+            layers = tuple(layers[0])
+        for i, layer in enumerate(layers):
+            if not isinstance(layer, Module):
+                raise TypeError(f"layer {i} must be a fastprop Module, got {type(layer).__name__}")
+        self.layers = list(layers)
+
+    def children(self):
+        return list(self.layers)
+
+    def append(self, layer):
+        if not isinstance(layer, Module):
+            raise TypeError(f"layer must be a fastprop Module, got {type(layer).__name__}")
+        self.layers.append(layer)
+        return self
+
+    def __iter__(self):
+        return iter(self.layers)
+
+    def __len__(self):
+        return len(self.layers)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return Sequential(*self.layers[index])
+        return self.layers[index]
+
+    def __repr__(self):
+        lines = [f"  ({i}): " + repr(layer).replace("\n", "\n  ")
+                 for i, layer in enumerate(self.layers)]
+        return "Sequential(\n" + "\n".join(lines) + "\n)" if lines else "Sequential()"
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer.forward(x)
+        return x
+
+    def backward(self, grad_out, input_grad=True):
+        g = grad_out
+        last = len(self.layers) - 1
+        for i in range(last, -1, -1):
+            g = self.layers[i].backward(g, input_grad if i == 0 else True)
+        return g

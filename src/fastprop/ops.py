@@ -1,0 +1,252 @@
+"""Functional kernels: NumPy in, NumPy out, dispatched to the current backend.
+
+Every function checks and converts its arguments (dtype, ndim, shapes, layout),
+allocates its outputs, and calls the backend kernel named in the contract of
+:mod:`fastprop.backends`.  Inputs of other real dtypes are converted following NumPy
+promotion (integers -> float64); float32 and float64 are computed natively.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import backends
+from ._checks import (as_array, as_float, check_out, check_shape, class_labels,
+                      compute_dtype, real)
+from .backends import ACTIVATIONS
+
+__all__ = ["matmul", "linear", "linear_backward", "activation", "activation_backward",
+           "softmax_cross_entropy", "activation_code"]
+
+
+def activation_code(name) -> int:
+    """Integer code of an activation name (None means identity)."""
+    if name is None:
+        return 0
+    if not isinstance(name, str):
+        raise TypeError(f"activation must be a str or None, got {type(name).__name__}")
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}") from None
+
+
+def _gemm_operand(arr: np.ndarray, trans: bool):
+    """View ``arr`` so that its last axis has unit stride (a transposed view flips
+    ``trans``); copy only when neither axis is contiguous."""
+    item = arr.itemsize
+    s0, s1 = arr.strides
+    if s1 == item and s0 >= 0 and s0 % item == 0:
+        return arr, trans
+    if s0 == item and s1 >= 0 and s1 % item == 0:
+        return arr.T, not trans
+    return np.ascontiguousarray(arr), trans
+
+
+def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
+    """``op(a) @ op(b)`` (``+ out`` when ``accumulate``) for 2-D arrays.
+
+    Args:
+        a, b: 2-D arrays; ``op(a) = a.T`` when ``trans_a`` (no copy is made).
+        out: optional output of exactly the result's shape and dtype, writable.
+        accumulate: add the product to ``out`` (requires ``out``).
+
+    Shape: ``op(a)`` is (m, k), ``op(b)`` is (k, n), the result (m, n).
+    """
+    a = as_array(a, "a")
+    b = as_array(b, "b")
+    for name, arr in (("a", a), ("b", b)):
+        if arr.ndim != 2:
+            raise ValueError(f"{name} must be 2-D, got a {arr.ndim}-D array of shape {arr.shape}")
+    dtype = compute_dtype(a, b)
+    a = a.astype(dtype, copy=False) if a.dtype != dtype or not a.dtype.isnative else a
+    b = b.astype(dtype, copy=False) if b.dtype != dtype or not b.dtype.isnative else b
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != k2:
+        raise ValueError(
+            f"matmul: inner dimensions differ: op(a) has shape ({m}, {k}) "
+            f"and op(b) has shape ({k2}, {n})")
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True requires out")
+        out = np.empty((m, n), dtype=dtype)
+    else:
+        check_out(out, (m, n), dtype)
+    if m == 0 or n == 0:
+        return out
+    if k == 0:
+        if not accumulate:
+            out.fill(0)
+        return out
+    a, trans_a = _gemm_operand(a, bool(trans_a))
+    b, trans_b = _gemm_operand(b, bool(trans_b))
+    target = out
+    if (out.strides[1] != out.itemsize or out.strides[0] < n * out.itemsize
+            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        target = out.copy() if accumulate else np.empty((m, n), dtype=dtype)
+    backends.current().gemm(a, b, target, trans_a, trans_b, bool(accumulate))
+    if target is not out:
+        out[...] = target
+    return out
+
+
+def _linear_args(x, w, b):
+    x = as_array(x, "x")
+    w = as_array(w, "w")
+    if x.ndim != 2:
+        raise ValueError(f"x must be 2-D (batch, in_features), got shape {x.shape}")
+    if w.ndim != 2:
+        raise ValueError(f"w must be 2-D (in_features, out_features), got shape {w.shape}")
+    if x.shape[1] != w.shape[0]:
+        raise ValueError(
+            f"x has {x.shape[1]} features but w expects {w.shape[0]} (w has shape {w.shape})")
+    arrays = [x, w] if b is None else [x, w, as_array(b, "b")]
+    dtype = compute_dtype(*arrays)
+    x = np.ascontiguousarray(x, dtype=dtype)
+    w = np.ascontiguousarray(w, dtype=dtype)
+    if b is not None:
+        b = as_float(b, "b", dtype)
+        check_shape(b, (w.shape[1],), "b")
+    return x, w, b, dtype
+
+
+def linear(x, w, b=None, *, activation=None, return_preact=False, alpha=0.01):
+    """``act(x @ w + b)``; with ``return_preact`` returns ``(y, z)``, z = x @ w + b.
+
+    Shape: x (n, in), w (in, out), b (out,), y and z (n, out).
+    """
+    act = activation_code(activation)
+    alpha = real(alpha, "alpha", low=0)
+    x, w, b, dtype = _linear_args(x, w, b)
+    n, out_f = x.shape[0], w.shape[1]
+    y = np.empty((n, out_f), dtype=dtype)
+    z = np.empty((n, out_f), dtype=dtype) if return_preact else None
+    if y.size:
+        if x.shape[1] == 0:
+            pre = np.zeros((n, out_f), dtype) if b is None else np.broadcast_to(b, (n, out_f)).copy()
+            if z is not None:
+                z[...] = pre
+            backends.current().activation_forward(act, alpha, pre, y)
+        else:
+            backends.current().linear_forward(x, w, b, act, alpha, y, z)
+    return (y, z) if return_preact else y
+
+
+def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
+    """Gradients of a dense layer ``y = act(x @ w + b)``: ``(grad_x, grad_w, grad_b)``.
+
+    ``y`` is the forward output (needed by relu, leaky_relu, sigmoid, tanh, softmax);
+    ``z`` the pre-activation (needed by gelu).
+    """
+    act = activation_code(activation)
+    alpha = real(alpha, "alpha", low=0)
+    x, w, _, dtype = _linear_args(x, w, None)
+    n, out_f = x.shape[0], w.shape[1]
+    grad_y = as_float(grad_y, "grad_y", dtype)
+    check_shape(grad_y, (n, out_f), "grad_y")
+    y, z = _act_operands(act, y, z, (n, out_f), dtype)
+    grad_x = np.empty_like(x)
+    grad_w = np.zeros_like(w)
+    grad_b = np.zeros(out_f, dtype=dtype)
+    if n and out_f:
+        work = None if act == 0 else np.empty((n, out_f), dtype=dtype)
+        backends.current().linear_backward(grad_y, x, w, y, z, act, alpha, grad_x, grad_w,
+                                           grad_b, work, False)
+    else:
+        grad_x.fill(0)
+    return grad_x, grad_w, grad_b
+
+
+def _act_operands(act, y, z, shape, dtype):
+    """Check the forward values an activation's backward needs."""
+    name = next(k for k, v in ACTIVATIONS.items() if v == act)
+    if act == ACTIVATIONS["gelu"]:
+        if z is None:
+            raise ValueError("gelu backward needs the pre-activation: pass z (or x)")
+        z = as_float(z, "z", dtype)
+        check_shape(z, shape, "z")
+        return None, z
+    if act == 0:
+        return None, None
+    if y is None:
+        raise ValueError(f"{name} backward needs the forward output y")
+    y = as_float(y, "y", dtype)
+    check_shape(y, shape, "y")
+    return y, None
+
+
+def activation(name, x, *, alpha=0.01, out=None):
+    """Elementwise activation of any-shaped ``x`` (softmax: over the last axis)."""
+    act = activation_code(name)
+    alpha = real(alpha, "alpha", low=0)
+    x = as_float(x, "x")
+    if act == ACTIVATIONS["softmax"] and x.ndim == 0:
+        raise ValueError("softmax needs at least 1-D input")
+    if out is None:
+        out = np.empty_like(x)
+    else:
+        check_out(out, x.shape, x.dtype)
+        if not out.flags.c_contiguous:
+            out[...] = activation(name, x, alpha=alpha)
+            return out
+    if x.size:
+        backends.current().activation_forward(act, alpha, x, out)
+    return out
+
+
+def activation_backward(name, grad_y, x, y, *, alpha=0.01):
+    """Gradient with respect to the activation input.
+
+    relu, leaky_relu, sigmoid, tanh and softmax read the output ``y``; gelu reads the
+    input ``x``; pass None for the one not needed.
+    """
+    act = activation_code(name)
+    alpha = real(alpha, "alpha", low=0)
+    grad_y = as_float(grad_y, "grad_y")
+    y_, x_ = _act_operands(act, y, x, grad_y.shape, grad_y.dtype)
+    grad_x = np.empty_like(grad_y)
+    if grad_y.size:
+        backends.current().activation_backward(act, alpha, grad_y, x_, y_, grad_x)
+    return grad_x
+
+
+def softmax_cross_entropy(logits, labels):
+    """Mean softmax cross-entropy and its gradient with respect to ``logits``.
+
+    Args:
+        logits: (n, classes) scores.
+        labels: (n,) integer class ids, or (n, classes) target probabilities / one-hot.
+
+    Returns:
+        (loss, grad_logits): a float and an array shaped like ``logits``.
+    """
+    logits = as_float(logits, "logits", ndim=2)
+    labels_i, targets = softmax_targets(labels, logits.shape, logits.dtype)
+    if logits.shape[0] == 0:
+        raise ValueError("logits is empty: the mean loss of 0 samples is undefined")
+    if logits.shape[1] == 0:
+        raise ValueError("logits must have at least one class column")
+    grad = np.empty_like(logits)
+    loss = backends.current().softmax_xent(logits, labels_i, targets, grad)
+    return loss, grad
+
+
+def softmax_targets(labels, shape, dtype):
+    """Split labels into (int64 class ids, None) or (None, float targets)."""
+    n, classes = shape
+    arr = as_array(labels, "labels")
+    if arr.ndim == 1:
+        return class_labels(arr, n, classes), None
+    if arr.ndim == 2:
+        if arr.shape != (n, classes):
+            raise ValueError(
+                f"labels given as target probabilities must have shape {(n, classes)}, "
+                f"got {arr.shape}")
+        targets = np.ascontiguousarray(arr, dtype=dtype)
+        if not np.isfinite(targets).all():
+            raise ValueError("labels (target probabilities) contain NaN or infinite values")
+        return None, targets
+    raise ValueError(
+        f"labels must be (n,) class ids or (n, classes) targets, got shape {arr.shape}")

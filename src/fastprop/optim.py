@@ -1,0 +1,311 @@
+"""Optimizers, ordered by increasing complexity: SGD, Adagrad, RMSprop, Adam/AdamW.
+
+Each ``step()`` updates every parameter in place with one backend call per dtype
+(the kernels of :mod:`fastprop.backends`), reading ``Parameter.grad``.  State
+(momentum buffers, moments) is created lazily at the first step.  Semantics follow
+PyTorch: ``weight_decay`` is L2 added to the gradient, except in AdamW where it is
+decoupled (``p *= 1 - lr * wd``).
+
+A step validates every gradient before it changes anything, so a rejected step leaves
+parameters and state unchanged.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backends
+from ._checks import real
+from .nn import Module, Parameter
+
+__all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "clip_grad_norm",
+           "clip_grad_value", "get"]
+
+
+def _param_list(params) -> list:
+    if isinstance(params, Module):
+        params = params.parameters()
+    elif isinstance(params, Parameter):
+        raise TypeError("params must be an iterable of Parameters (e.g. model.parameters()), "
+                        "got a single Parameter")
+    try:
+        params = list(params)
+    except TypeError:
+        raise TypeError(f"params must be an iterable of Parameters, got "
+                        f"{type(params).__name__}") from None
+    if not params:
+        raise ValueError("optimizer got an empty parameter list")
+    seen = set()
+    for i, p in enumerate(params):
+        if not isinstance(p, Parameter):
+            raise TypeError(f"params[{i}] must be a fastprop Parameter, got {type(p).__name__}")
+        if id(p) in seen:
+            raise ValueError(f"params[{i}] appears more than once in the parameter list")
+        seen.add(id(p))
+    return params
+
+
+def _lr(lr):
+    return real(lr, "lr", low=0)
+
+
+def _eps(eps):
+    return real(eps, "eps", low=0)
+
+
+def _weight_decay(wd):
+    return real(wd, "weight_decay", low=0)
+
+
+class Optimizer:
+    """Base class.  Subclasses set ``state_names`` and implement ``_update``."""
+
+    state_names: tuple = ()
+
+    def __init__(self, params, **hyper):
+        self.params = _param_list(params)
+        self.hyper = hyper
+        self.state: list = [dict() for _ in self.params]
+        self.step_count = 0
+
+    def __getattr__(self, name):
+        hyper = self.__dict__.get("hyper")
+        if hyper is not None and name in hyper:
+            return hyper[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
+        return f"{type(self).__name__}({len(self.params)} params, {args})"
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad.fill(0)
+
+    def _check(self) -> None:
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if not isinstance(g, np.ndarray) or g.shape != p.value.shape or g.dtype != p.value.dtype:
+                raise ValueError(
+                    f"params[{i}].grad must be an array of shape {p.value.shape} and dtype "
+                    f"{p.value.dtype}, got {getattr(g, 'shape', None)} / {getattr(g, 'dtype', None)}")
+            if not (p.value.flags.c_contiguous and g.flags.c_contiguous and p.value.flags.writeable):
+                raise ValueError(f"params[{i}] value and grad must be C-contiguous and writable")
+            for key, arr in self.state[i].items():
+                if arr.shape != p.value.shape or arr.dtype != p.value.dtype:
+                    raise ValueError(
+                        f"optimizer state {key!r} of params[{i}] has shape {arr.shape} / dtype "
+                        f"{arr.dtype}, the parameter {p.value.shape} / {p.value.dtype}")
+
+    def _groups(self):
+        """Indices of parameters grouped by dtype (a backend call takes one dtype)."""
+        groups: dict = {}
+        for i, p in enumerate(self.params):
+            groups.setdefault(p.value.dtype, []).append(i)
+        return groups.values()
+
+    def step(self) -> None:
+        """Apply one update to every parameter from its ``.grad``."""
+        self._check()
+        for i, p in enumerate(self.params):
+            for key in self.state_names:
+                if key not in self.state[i]:
+                    self.state[i][key] = np.zeros_like(p.value)
+        self.step_count += 1
+        be = backends.current()
+        for idx in self._groups():
+            params = [self.params[i].value for i in idx]
+            grads = [self.params[i].grad for i in idx]
+            states = {k: [self.state[i][k] for i in idx] for k in self.state_names}
+            self._update(be, params, grads, states)
+
+    def _update(self, be, params, grads, states) -> None:
+        raise NotImplementedError
+
+    # -- checkpointing ----------------------------------------------------------
+    def state_dict(self) -> dict:
+        """A copy of hyperparameters, step count and per-parameter state."""
+        return {
+            "type": type(self).__name__,
+            "hyper": dict(self.hyper),
+            "step": self.step_count,
+            "state": [{k: v.copy() for k, v in s.items()} for s in self.state],
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from :meth:`state_dict`; checks everything before changing anything."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict:
+            raise ValueError("state_dict must be a dict produced by Optimizer.state_dict()")
+        if state_dict.get("type") != type(self).__name__:
+            raise ValueError(f"state_dict is for {state_dict.get('type')!r}, "
+                             f"not {type(self).__name__!r}")
+        states = state_dict["state"]
+        if len(states) != len(self.params):
+            raise ValueError(f"state_dict has state for {len(states)} parameters, "
+                             f"the optimizer has {len(self.params)}")
+        new = []
+        for i, (p, s) in enumerate(zip(self.params, states)):
+            entry = {}
+            for key, arr in s.items():
+                if key not in self.state_names:
+                    raise ValueError(f"unexpected state {key!r} for params[{i}]")
+                arr = np.asarray(arr)
+                if arr.shape != p.value.shape:
+                    raise ValueError(f"state {key!r} of params[{i}] has shape {arr.shape}, "
+                                     f"expected {p.value.shape}")
+                entry[key] = np.array(arr, dtype=p.value.dtype, order="C")
+            new.append(entry)
+        hyper = dict(state_dict.get("hyper", self.hyper))
+        step = int(state_dict.get("step", 0))
+        self.state = new
+        self.hyper.update(hyper)
+        self.step_count = step
+
+
+class SGD(Optimizer):
+    """Stochastic gradient descent with optional (Nesterov) momentum and L2 decay.
+
+    Update: ``g = grad + wd p``; with momentum ``buf = momentum buf + g`` (``buf = g`` at
+    the first step) and ``g = buf`` (Nesterov: ``g = g + momentum buf``); ``p -= lr g``.
+    """
+
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        lr = _lr(lr)
+        momentum = real(momentum, "momentum", low=0)
+        wd = _weight_decay(weight_decay)
+        if not isinstance(nesterov, (bool, np.bool_)):
+            raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
+        if nesterov and momentum <= 0:
+            raise ValueError(f"Nesterov momentum requires momentum > 0, got momentum={momentum}")
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=bool(nesterov),
+                         weight_decay=wd)
+        self.state_names = ("momentum_buffer",) if momentum > 0 else ()
+
+    def _update(self, be, params, grads, states):
+        h = self.hyper
+        bufs = states.get("momentum_buffer")
+        be.sgd_update(params, grads, bufs, h["lr"], h["momentum"], h["nesterov"],
+                      h["weight_decay"], self.step_count == 1)
+
+
+class Adagrad(Optimizer):
+    """Adagrad: ``s += g^2; p -= lr g / (sqrt(s) + eps)``, ``g = grad + wd p``."""
+
+    state_names = ("sum",)
+
+    def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0):
+        super().__init__(params, lr=_lr(lr), eps=_eps(eps), weight_decay=_weight_decay(weight_decay))
+
+    def _update(self, be, params, grads, states):
+        h = self.hyper
+        be.adagrad_update(params, grads, states["sum"], h["lr"], h["eps"], h["weight_decay"])
+
+
+class RMSprop(Optimizer):
+    """RMSprop: ``s = alpha s + (1 - alpha) g^2``; ``p -= lr g / (sqrt(s) + eps)``
+    (with momentum: ``buf = momentum buf + g / (sqrt(s) + eps); p -= lr buf``)."""
+
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
+        lr = _lr(lr)
+        alpha = real(alpha, "alpha", low=0, high=1)
+        momentum = real(momentum, "momentum", low=0)
+        super().__init__(params, lr=lr, alpha=alpha, eps=_eps(eps), momentum=momentum,
+                         weight_decay=_weight_decay(weight_decay))
+        self.state_names = ("square_avg", "momentum_buffer") if momentum > 0 else ("square_avg",)
+
+    def _update(self, be, params, grads, states):
+        h = self.hyper
+        be.rmsprop_update(params, grads, states["square_avg"], states.get("momentum_buffer"),
+                          h["lr"], h["alpha"], h["eps"], h["momentum"], h["weight_decay"])
+
+
+def _betas(betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return tuple(
+        real(b, f"betas[{i}]", low=0, high=1, high_inclusive=False,
+             message=f"Invalid beta parameter at index {i}: {b!r}; expected 0 <= betas[{i}] < 1")
+        for i, b in enumerate(betas))
+
+
+class Adam(Optimizer):
+    """Adam (Kingma & Ba) with bias correction, as torch.optim.Adam.
+
+    ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
+    ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``g = grad + wd p``.
+    """
+
+    state_names = ("exp_avg", "exp_avg_sq")
+    decoupled = False
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+        super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
+                         weight_decay=_weight_decay(weight_decay))
+
+    def _update(self, be, params, grads, states):
+        h = self.hyper
+        b1, b2 = h["betas"]
+        be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], self.step_count,
+                       h["lr"], b1, b2, h["eps"], h["weight_decay"], self.decoupled)
+
+
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter): ``p *= 1 - lr wd`` before
+    the Adam update, the gradient itself is not decayed."""
+
+    decoupled = True
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+
+_BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}
+
+
+def get(optimizer, params) -> Optimizer:
+    """An Optimizer from an instance, or from a name with default hyperparameters
+    (SGD: lr=0.01)."""
+    if isinstance(optimizer, Optimizer):
+        return optimizer
+    if isinstance(optimizer, str) and optimizer.lower() in _BY_NAME:
+        cls = _BY_NAME[optimizer.lower()]
+        return cls(params, lr=0.01) if cls is SGD else cls(params)
+    raise ValueError(f"unknown optimizer {optimizer!r}; expected a fastprop.optim.Optimizer "
+                     f"or one of {sorted(_BY_NAME)}")
+
+
+# ------------------------------------------------------------------ gradient clipping
+def _grads_by_dtype(params):
+    params = _param_list(params)
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.grad.dtype, []).append(p.grad)
+    return list(groups.values())
+
+
+def clip_grad_norm(params, max_norm) -> float:
+    """Scale all gradients so that their global L2 norm is at most ``max_norm``.
+
+    Returns the total norm *before* clipping (as torch.nn.utils.clip_grad_norm_).
+    Gradients are scaled by ``max_norm / (norm + 1e-6)`` when the norm exceeds
+    ``max_norm``; a non-finite norm is returned and nothing is scaled.
+    """
+    max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
+    groups = _grads_by_dtype(params)
+    be = backends.current()
+    total = math.sqrt(sum(be.sum_squares(g) for g in groups))
+    if math.isfinite(total) and total > max_norm:
+        coef = max_norm / (total + 1e-6)
+        for g in groups:
+            be.scale_(g, coef)
+    return total
+
+
+def clip_grad_value(params, value) -> None:
+    """Clamp every gradient element to [-value, value] (value > 0)."""
+    value = real(value, "value", low=0, low_inclusive=False)
+    be = backends.current()
+    for g in _grads_by_dtype(params):
+        be.clip_(g, -value, value)

@@ -1,0 +1,351 @@
+"""Training loop: ``fit``, ``predict``, ``evaluate`` and ``compile``.
+
+``compile_step(model, loss, optimizer)`` returns a callable ``step(x, y) -> loss``
+that runs the four steps of backpropagation — forward, loss, backward, update —
+on one batch.  ``fit`` validates all of its inputs before the first step (a rejected
+call leaves the model untouched), then runs mini-batch epochs with a tqdm progress
+bar and returns a :class:`History`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from . import backends
+from . import losses as _losses
+from . import optim as _optim
+from ._checks import as_array, as_float, check_finite, integer, real
+from .nn import Dropout, Module
+
+__all__ = ["History", "TrainStep", "NonFiniteError", "fit", "predict", "evaluate",
+           "compile_step"]
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient (the update was not applied)."""
+
+
+class History:
+    """Per-epoch metrics of a ``fit`` run: ``history["loss"]``, ``["accuracy"]``,
+    ``["val_loss"]``, ``["val_accuracy"]`` (the keys that apply), and ``epoch``."""
+
+    def __init__(self):
+        self.history: dict = {}
+        self.epoch: list = []
+        self.skipped_steps = 0
+
+    def append(self, epoch: int, logs: dict) -> None:
+        self.epoch.append(epoch)
+        for k, v in logs.items():
+            self.history.setdefault(k, []).append(v)
+
+    def __getitem__(self, key):
+        return self.history[key]
+
+    def __repr__(self):
+        last = {k: round(v[-1], 6) for k, v in self.history.items() if v}
+        return f"History(epochs={len(self.epoch)}, last={last})"
+
+
+class TrainStep:
+    """One training step on a batch: zero grads, forward, loss, backward, update.
+
+    ``step(x, y)`` returns the batch loss; ``step.output`` is the batch's forward
+    output.  With ``check_finite`` the loss and the gradient norm are checked before
+    the update; a non-finite one raises :class:`NonFiniteError` and nothing changes.
+    """
+
+    def __init__(self, model: Module, loss, optimizer):
+        if not isinstance(model, Module):
+            raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+        self.model = model
+        self.loss = _losses.get(loss)
+        self.optimizer = _optim.get(optimizer, model.parameters())
+        params = {id(p) for p in model.parameters()}
+        if params and not params & {id(p) for p in self.optimizer.params}:
+            raise ValueError("optimizer does not hold any parameter of this model")
+        self.output = None
+        self.check_finite = False
+
+    def __call__(self, x, y) -> float:
+        model = self.model
+        model.zero_grad()
+        out = model.forward(x)
+        value = self.loss.forward(out, y)
+        self.output = out
+        if self.check_finite and not math.isfinite(value):
+            raise NonFiniteError(f"non-finite loss {value}")
+        model.backward(self.loss.backward(), input_grad=False)
+        if self.check_finite:
+            norm2 = backends.current().sum_squares([p.grad for p in self.optimizer.params])
+            if not math.isfinite(norm2):
+                raise NonFiniteError("non-finite gradient")
+        self.optimizer.step()
+        return value
+
+
+def compile_step(model, loss, optimizer) -> TrainStep:
+    """The training step of ``model`` with ``loss`` and ``optimizer`` (names allowed:
+    ``loss="cross_entropy"``, ``optimizer="adam"``)."""
+    step = TrainStep(model, loss, optimizer)
+    model._compiled = step
+    return step
+
+
+# ------------------------------------------------------------------ helpers
+def _mode(model):
+    return [m.training for m in model.modules()]
+
+
+def _restore(model, modes):
+    for m, t in zip(model.modules(), modes):
+        m.training = t
+
+
+def _model_dtype(model):
+    dt = model.dtype
+    return np.dtype(np.float32) if dt is None else dt
+
+
+def _features(X, name, dtype):
+    X = as_float(X, name, dtype)
+    if X.ndim != 2:
+        raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
+    check_finite(X, name)
+    return X
+
+
+def _targets(y, name, n):
+    y = as_array(y, name)
+    if y.ndim == 0 or y.shape[0] != n:
+        raise ValueError(f"{name} has {y.shape[0] if y.ndim else 0} samples but X has {n}")
+    if y.dtype.kind == "f":
+        check_finite(y, name)
+    return np.ascontiguousarray(y)
+
+
+def _output_shape(model, X):
+    """The model's output shape for X, found on one sample in eval mode."""
+    modes = _mode(model)
+    model.eval()
+    try:
+        out = model.forward(X[:1])
+    finally:
+        _restore(model, modes)
+    return out.shape[1:]
+
+
+def _accuracy_fn(loss):
+    if isinstance(loss, _losses.SoftmaxCrossEntropy):
+        def acc(out, y):
+            pred = out.argmax(axis=1)
+            truth = y if y.ndim == 1 else y.argmax(axis=1)
+            return int(np.count_nonzero(pred == truth))
+        return acc
+    if isinstance(loss, _losses.BinaryCrossEntropy):
+        threshold = 0.0 if loss.from_logits else 0.5
+        def acc(out, y):
+            return int(np.count_nonzero((out > threshold) == (y.reshape(out.shape) > 0.5)))
+        return acc
+    return None
+
+
+def _evaluate(model, X, y, loss, batch_size):
+    """(mean loss, correct count or None) over X in eval mode."""
+    acc_fn = _accuracy_fn(loss)
+    total, correct, n = 0.0, 0, X.shape[0]
+    modes = _mode(model)
+    model.eval()
+    try:
+        for start in range(0, n, batch_size):
+            xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            out = model.forward(xb)
+            total += loss.value(out, yb) * xb.shape[0]
+            if acc_fn is not None:
+                correct += acc_fn(out, yb)
+    finally:
+        _restore(model, modes)
+    return total / max(n, 1), (correct if acc_fn is not None else None)
+
+
+# ------------------------------------------------------------------ public API
+def predict(model, X, batch_size=1024):
+    """Forward ``X`` in eval mode, in batches; returns a new NumPy array."""
+    batch_size = integer(batch_size, "batch_size", low=1)
+    X = as_float(X, "X", _model_dtype(model))
+    modes = _mode(model)
+    model.eval()
+    try:
+        outs = [model.forward(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)]
+    finally:
+        _restore(model, modes)
+    if not outs:
+        return model.forward(X) if X.ndim == 2 else np.empty((0,), X.dtype)
+    return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
+
+
+def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
+    """Mean loss of ``model`` on (X, y) in eval mode."""
+    compiled = getattr(model, "_compiled", None)
+    if loss is None:
+        if compiled is None:
+            raise ValueError("evaluate needs loss= (or a model compiled with a loss)")
+        loss = compiled.loss
+    loss = _losses.get(loss)
+    batch_size = integer(batch_size, "batch_size", low=1)
+    X = _features(X, "X", _model_dtype(model))
+    y = _targets(y, "y", X.shape[0])
+    if X.shape[0] == 0:
+        raise ValueError("X is empty")
+    return _evaluate(model, X, y, loss, batch_size)[0]
+
+
+def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
+        validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
+        on_nonfinite="raise"):
+    """Train ``model`` on (X, y) with mini-batch gradient descent.
+
+    Args:
+        X: (samples, features) inputs; y: targets as the loss expects them.
+        loss: a Loss or its name (default: the compiled one).
+        optimizer: an Optimizer or its name (default: the compiled one).
+        epochs: passes over the data (>= 0); batch_size: samples per step (>= 1).
+        validation_data: (X_val, y_val) evaluated after each epoch, or
+        validation_split: fraction in [0, 1) of the *last* samples held out instead.
+        shuffle: reshuffle every epoch with a generator seeded by ``seed``; ``seed``
+            also reseeds every Dropout layer, so a seeded run is reproducible.
+        verbose: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
+        on_nonfinite: "raise" stops with NonFiniteError when a loss or gradient is not
+            finite; "skip" skips that step.  Either way the update is not applied, so
+            the model keeps its last finite parameters.
+
+    Returns:
+        History of per-epoch loss (and accuracy for classification losses, and
+        val_loss / val_accuracy with validation data).
+    """
+    # --- validate everything before touching the model
+    if not isinstance(model, Module):
+        raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+    epochs = integer(epochs, "epochs", low=0)
+    batch_size = integer(batch_size, "batch_size", low=1)
+    validation_split = real(validation_split, "validation_split", low=0, high=1,
+                            high_inclusive=False)
+    if verbose not in (0, 1, 2, False, True):
+        raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    if on_nonfinite not in ("raise", "skip"):
+        raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    compiled = getattr(model, "_compiled", None)
+    if loss is None or optimizer is None:
+        if compiled is None:
+            raise ValueError("fit needs loss= and optimizer= (or call model.compile first)")
+    step = compiled
+    if step is None or (loss is not None and _losses.get(loss) is not step.loss) or (
+            optimizer is not None and not (optimizer is step.optimizer)):
+        step = TrainStep(model, loss if loss is not None else compiled.loss,
+                         optimizer if optimizer is not None else compiled.optimizer)
+    dtype = _model_dtype(model)
+    X = _features(X, "X", dtype)
+    y = _targets(y, "y", X.shape[0])
+    if X.shape[0] == 0:
+        raise ValueError("X is empty: fit needs at least one sample")
+    out_shape = (X.shape[0],) + tuple(_output_shape(model, X))
+    step.loss.prepare_target(y, out_shape, dtype)
+    if validation_data is not None:
+        if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+            raise TypeError("validation_data must be a pair (X_val, y_val)")
+        Xv = _features(validation_data[0], "validation_data[0]", dtype)
+        yv = _targets(validation_data[1], "validation_data[1]", Xv.shape[0])
+        if Xv.shape[1] != X.shape[1]:
+            raise ValueError(f"validation_data[0] has {Xv.shape[1]} features, X has {X.shape[1]}")
+        step.loss.prepare_target(yv, (Xv.shape[0],) + out_shape[1:], dtype)
+    elif validation_split > 0:
+        n_val = int(math.floor(X.shape[0] * validation_split))
+        if n_val < 1 or n_val >= X.shape[0]:
+            raise ValueError(f"validation_split={validation_split} leaves {n_val} validation "
+                             f"and {X.shape[0] - n_val} training samples; both must be >= 1")
+        X, Xv = X[:-n_val], X[-n_val:]
+        y, yv = y[:-n_val], y[-n_val:]
+    else:
+        Xv = yv = None
+
+    # --- train
+    dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
+    seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
+    rng = np.random.default_rng(seeds[0])
+    if seed is not None:
+        for m, s in zip(dropouts, seeds[1:]):
+            m.rng = np.random.default_rng(s)
+    model._compiled = step
+    step.check_finite = True
+    acc_fn = _accuracy_fn(step.loss)
+    history = History()
+    n = X.shape[0]
+    model.train()
+    for epoch in range(epochs):
+        order = rng.permutation(n) if shuffle else None
+        total, correct, seen = 0.0, 0, 0
+        bar = _progress(verbose, n, epoch, epochs)
+        t0 = last_post = time.perf_counter()
+        for start in range(0, n, batch_size):
+            if order is None:
+                xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+            else:
+                idx = order[start:start + batch_size]
+                xb, yb = X[idx], y[idx]
+            try:
+                value = step(xb, yb)
+            except NonFiniteError:
+                if on_nonfinite == "raise":
+                    if bar is not None:
+                        bar.close()
+                    raise
+                history.skipped_steps += 1
+                continue
+            m = xb.shape[0]
+            total += value * m
+            seen += m
+            if acc_fn is not None:
+                correct += acc_fn(step.output, yb)
+            if bar is not None:
+                bar.update(m)
+                now = time.perf_counter()
+                if now - last_post > 0.2:
+                    bar.set_postfix(_postfix(total, correct, seen, acc_fn), refresh=False)
+                    last_post = now
+        logs = {"loss": total / max(seen, 1)}
+        if acc_fn is not None:
+            logs["accuracy"] = correct / max(seen, 1)
+        if Xv is not None:
+            vloss, vcorrect = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
+            logs["val_loss"] = vloss
+            if vcorrect is not None:
+                logs["val_accuracy"] = vcorrect / Xv.shape[0]
+        history.append(epoch, logs)
+        elapsed = time.perf_counter() - t0
+        if bar is not None:
+            post = {k: f"{v:.4f}" for k, v in logs.items()}
+            post["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
+            bar.set_postfix(post, refresh=True)
+            bar.close()
+        elif verbose == 2:
+            parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+            print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {parts}", flush=True)
+    return history
+
+
+def _postfix(total, correct, seen, acc_fn):
+    post = {"loss": f"{total / max(seen, 1):.4f}"}
+    if acc_fn is not None:
+        post["acc"] = f"{correct / max(seen, 1):.4f}"
+    return post
+
+
+def _progress(verbose, n, epoch, epochs):
+    if verbose != 1:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=n, desc=f"Epoch {epoch + 1}/{epochs}", unit="samples", leave=True,
+                dynamic_ncols=True)
