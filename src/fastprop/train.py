@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import numpy as np
 
@@ -18,14 +19,11 @@ from . import backends
 from . import losses as _losses
 from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
-from .nn import Dropout, Module
+from .backends import NonFiniteError
+from .nn import Activation, Dense, Dropout, Identity, Module, Parameter, Sequential
 
-__all__ = ["History", "TrainStep", "NonFiniteError", "fit", "predict", "evaluate",
+__all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
-
-
-class NonFiniteError(FloatingPointError):
-    """Training produced a non-finite loss or gradient (the update was not applied)."""
 
 
 class History:
@@ -50,12 +48,45 @@ class History:
         return f"History(epochs={len(self.epoch)}, last={last})"
 
 
+class DenseStage(NamedTuple):
+    """One dense layer of a chain a backend can train in one call."""
+    weight: Parameter
+    bias: Parameter | None
+    act: int
+    alpha: float
+
+
+def dense_stages(model) -> list | None:
+    """The model as a chain of dense stages (activation layers folded into the dense
+    layer before them), or None when it holds any other kind of layer."""
+    layers = list(model.layers) if isinstance(model, Sequential) else [model]
+    stages: list = []
+    for layer in layers:
+        if isinstance(layer, Sequential):
+            inner = dense_stages(layer)
+            if inner is None:
+                return None
+            stages.extend(inner)
+        elif isinstance(layer, Dense):
+            stages.append(DenseStage(layer.weight, layer.bias, layer.act, layer.alpha))
+        elif isinstance(layer, Activation) and stages and stages[-1].act == 0:
+            stages[-1] = stages[-1]._replace(act=layer.act, alpha=layer.alpha)
+        elif isinstance(layer, Identity) or (isinstance(layer, Dropout) and layer.p == 0):
+            continue
+        else:
+            return None
+    return stages or None
+
+
 class TrainStep:
     """One training step on a batch: zero grads, forward, loss, backward, update.
 
     ``step(x, y)`` returns the batch loss; ``step.output`` is the batch's forward
-    output.  With ``check_finite`` the loss and the gradient norm are checked before
-    the update; a non-finite one raises :class:`NonFiniteError` and nothing changes.
+    output.  When the current backend can run the whole step in one call
+    (``make_train_step`` in the kernel contract) it does; otherwise the layers'
+    own forward/backward run from Python, with the same results.  With
+    ``check_finite`` the loss and the gradients are checked before the update; a
+    non-finite one raises :class:`NonFiniteError` and the parameters do not change.
     """
 
     def __init__(self, model: Module, loss, optimizer):
@@ -69,8 +100,41 @@ class TrainStep:
             raise ValueError("optimizer does not hold any parameter of this model")
         self.output = None
         self.check_finite = False
+        self._fast = None
+        self._fast_key = None
+
+    def fused(self):
+        """The backend's whole-step kernel for this model, or None (Python path)."""
+        be = backends.current()
+        key = (be, tuple(id(p.value) for p in self.optimizer.params))
+        if key != self._fast_key:
+            self._fast_key = key
+            self._fast = None
+            make = getattr(be, "make_train_step", None)
+            stages = dense_stages(self.model) if make is not None else None
+            if stages is not None and self.model.training:
+                owned = [p for st in stages for p in (st.weight, st.bias) if p is not None]
+                if {id(p) for p in owned} == {id(p) for p in self.optimizer.params} \
+                        and len({p.dtype for p in owned}) == 1:
+                    self._fast = make(stages, self.loss, self.optimizer)
+                    self._shape = (stages[0].weight.shape[0], stages[-1].weight.shape[1])
+        return self._fast
+
+    def sync(self):
+        if self._fast is not None:
+            self._fast.sync()
 
     def __call__(self, x, y) -> float:
+        fast = self.fused()
+        if fast is not None:
+            dtype = self.optimizer.params[0].dtype
+            x = np.ascontiguousarray(as_array(x, "x"), dtype=dtype)
+            if x.ndim != 2 or x.shape[1] != self._shape[0]:
+                raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
+            y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
+            value = fast(x, y, self.check_finite)
+            self.output = fast.output
+            return value
         model = self.model
         model.zero_grad()
         out = model.forward(x)

@@ -90,6 +90,23 @@ Normalization (x is (n, f); statistics are float arrays of the same dtype)::
     layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
         grad_gamma/grad_beta accumulate (+=); grad_x is overwritten.
 
+Whole training steps (optional; a backend without it gets the Python path)::
+
+    make_train_step(stages, loss, optimizer) -> step or None
+        stages: list of fastprop.train.DenseStage(weight, bias, act, alpha), a chain of
+        dense layers (activation layers already folded into the preceding stage);
+        loss: a fastprop.losses.Loss (SoftmaxCrossEntropy, MSE or BinaryCrossEntropy);
+        optimizer: a fastprop.optim.Optimizer over exactly the stages' parameters.
+        Returns None when the backend cannot run this combination.  The returned
+        object is callable as ``step(x, y, check_finite) -> float``: x (n, in) and y
+        already validated and converted (y as the loss's prepare_target returns it);
+        it zeroes the gradients, runs forward, loss, backward and the optimizer update
+        (incrementing ``optimizer.step_count``), and returns the batch loss.  With
+        check_finite, a non-finite loss or gradient raises NonFiniteError *before* the
+        update.  ``step.output`` is the last forward output (n, out) and
+        ``step.sync()`` makes Parameter values/grads and optimizer state on the host
+        current (a no-op for CPU backends that work on them in place).
+
 Configuration::
 
     name: str                       "native", "numpy" or "cuda"
@@ -125,6 +142,10 @@ _default = None
 
 class BackendUnavailableError(RuntimeError):
     """The requested backend cannot be used on this machine (the message says why)."""
+
+
+class NonFiniteError(FloatingPointError):
+    """Training produced a non-finite loss or gradient (the update was not applied)."""
 
 
 def load(name: str):
