@@ -134,6 +134,22 @@ class Module:
     def eval(self):
         return self.train(False)
 
+    def to(self, device: str):
+        """Run this model's fit/predict/evaluate on ``device``: "cuda" (the Numba CUDA
+        backend: parameters, gradients and optimizer state stay on the GPU during
+        fit) or "cpu" (the process-wide CPU backend).  Returns the module."""
+        if device not in ("cpu", "cuda"):
+            raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+        if device == "cuda":
+            backends.load("cuda")  # raises BackendUnavailableError saying what is missing
+        for mod in self.modules():
+            mod._device = None if device == "cpu" else device
+        return self
+
+    @property
+    def device(self) -> str:
+        return getattr(self, "_device", None) or "cpu"
+
     @property
     def dtype(self):
         params = self.parameters()

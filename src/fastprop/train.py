@@ -9,6 +9,8 @@ bar and returns a :class:`History`.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 import time
 from typing import NamedTuple
@@ -125,6 +127,10 @@ class TrainStep:
             self._fast.sync()
 
     def __call__(self, x, y) -> float:
+        with _on_device(self.model):
+            return self._step(x, y)
+
+    def _step(self, x, y) -> float:
         fast = self.fused()
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
@@ -160,6 +166,20 @@ def compile_step(model, loss, optimizer) -> TrainStep:
 
 
 # ------------------------------------------------------------------ helpers
+def _on_device(model):
+    """Context selecting the backend of ``model.to(...)`` (no-op for "cpu")."""
+    dev = getattr(model, "_device", None)
+    return backends.use_backend(dev) if dev else contextlib.nullcontext()
+
+
+def _device_aware(fn):
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with _on_device(model):
+            return fn(model, *args, **kwargs)
+    return wrapper
+
+
 def _mode(model):
     return [m.training for m in model.modules()]
 
@@ -236,6 +256,7 @@ def _evaluate(model, X, y, loss, batch_size):
 
 
 # ------------------------------------------------------------------ public API
+@_device_aware
 def predict(model, X, batch_size=1024):
     """Forward ``X`` in eval mode, in batches; returns a new NumPy array."""
     batch_size = integer(batch_size, "batch_size", low=1)
@@ -251,6 +272,7 @@ def predict(model, X, batch_size=1024):
     return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
 
 
+@_device_aware
 def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     """Mean loss of ``model`` on (X, y) in eval mode."""
     compiled = getattr(model, "_compiled", None)
@@ -267,6 +289,7 @@ def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     return _evaluate(model, X, y, loss, batch_size)[0]
 
 
+@_device_aware
 def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
         on_nonfinite="raise"):
@@ -348,55 +371,59 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     history = History()
     n = X.shape[0]
     model.train()
-    for epoch in range(epochs):
-        order = rng.permutation(n) if shuffle else None
-        total, correct, seen = 0.0, 0, 0
-        bar = _progress(verbose, n, epoch, epochs)
-        t0 = last_post = time.perf_counter()
-        for start in range(0, n, batch_size):
-            if order is None:
-                xb, yb = X[start:start + batch_size], y[start:start + batch_size]
-            else:
-                idx = order[start:start + batch_size]
-                xb, yb = X[idx], y[idx]
-            try:
-                value = step(xb, yb)
-            except NonFiniteError:
-                if on_nonfinite == "raise":
-                    if bar is not None:
-                        bar.close()
-                    raise
-                history.skipped_steps += 1
-                continue
-            m = xb.shape[0]
-            total += value * m
-            seen += m
+    try:
+        for epoch in range(epochs):
+            order = rng.permutation(n) if shuffle else None
+            total, correct, seen = 0.0, 0, 0
+            bar = _progress(verbose, n, epoch, epochs)
+            t0 = last_post = time.perf_counter()
+            for start in range(0, n, batch_size):
+                if order is None:
+                    xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+                else:
+                    idx = order[start:start + batch_size]
+                    xb, yb = X[idx], y[idx]
+                try:
+                    value = step(xb, yb)
+                except NonFiniteError:
+                    if on_nonfinite == "raise":
+                        if bar is not None:
+                            bar.close()
+                        raise
+                    history.skipped_steps += 1
+                    continue
+                m = xb.shape[0]
+                total += value * m
+                seen += m
+                if acc_fn is not None:
+                    correct += acc_fn(step.output, yb)
+                if bar is not None:
+                    bar.update(m)
+                    now = time.perf_counter()
+                    if now - last_post > 0.2:
+                        bar.set_postfix(_postfix(total, correct, seen, acc_fn), refresh=False)
+                        last_post = now
+            logs = {"loss": total / max(seen, 1)}
             if acc_fn is not None:
-                correct += acc_fn(step.output, yb)
+                logs["accuracy"] = correct / max(seen, 1)
+            if Xv is not None:
+                step.sync()
+                vloss, vcorrect = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
+                logs["val_loss"] = vloss
+                if vcorrect is not None:
+                    logs["val_accuracy"] = vcorrect / Xv.shape[0]
+            history.append(epoch, logs)
+            elapsed = time.perf_counter() - t0
             if bar is not None:
-                bar.update(m)
-                now = time.perf_counter()
-                if now - last_post > 0.2:
-                    bar.set_postfix(_postfix(total, correct, seen, acc_fn), refresh=False)
-                    last_post = now
-        logs = {"loss": total / max(seen, 1)}
-        if acc_fn is not None:
-            logs["accuracy"] = correct / max(seen, 1)
-        if Xv is not None:
-            vloss, vcorrect = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
-            logs["val_loss"] = vloss
-            if vcorrect is not None:
-                logs["val_accuracy"] = vcorrect / Xv.shape[0]
-        history.append(epoch, logs)
-        elapsed = time.perf_counter() - t0
-        if bar is not None:
-            post = {k: f"{v:.4f}" for k, v in logs.items()}
-            post["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
-            bar.set_postfix(post, refresh=True)
-            bar.close()
-        elif verbose == 2:
-            parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
-            print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {parts}", flush=True)
+                post = {k: f"{v:.4f}" for k, v in logs.items()}
+                post["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
+                bar.set_postfix(post, refresh=True)
+                bar.close()
+            elif verbose == 2:
+                parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
+                print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {parts}", flush=True)
+    finally:
+        step.sync()
     return history
 
 
