@@ -1,0 +1,55 @@
+"""The logistic-regression example and the demo network train to their targets."""
+
+import importlib.util
+import pathlib
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BACKENDS = [b for b in ("native", "numpy") if b != "native" or
+            importlib.util.find_spec("fastprop._native") is not None]
+
+
+def _load_example(name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "examples" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logistic_regression_reaches_low_loss(backend):
+    example = _load_example("logistic_regression")
+    with fp.use_backend(backend):
+        loss, accuracy = example.main(verbose=False)
+    assert loss < 0.1
+    assert accuracy == 1.0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_demo_network_reaches_95_percent(backend):
+    pytest.importorskip("sklearn")
+    from fastprop.cli import train_digits
+    accuracy, _, model = train_digits(backend, epochs=30, verbose=0)
+    assert accuracy >= 0.95
+    assert all(np.isfinite(p.value).all() for p in model.parameters())
+
+
+def test_demo_cli_prints_accuracy_and_ratio(capsys):
+    pytest.importorskip("sklearn")
+    from fastprop.cli import main
+    assert main(["demo", "--epochs", "2", "--quiet"]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out
+    if len(BACKENDS) == 2:
+        assert "native/numpy training-time ratio" in out
+
+
+def test_info_prints_config(capsys):
+    from fastprop.cli import main
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "backend" in out and fp.__version__ in out
