@@ -1,0 +1,53 @@
+"""Whole training steps, optimizer updates, activations and losses.
+
+fastprop native vs fastprop's numpy backend (for activations: the plain NumPy
+expression) vs PyTorch CPU eager (when installed), 2 threads each, in the same run.
+The cases live in ``fastprop._bench`` (shared with ``fastprop bench``); each checks
+its result once before it is timed.
+
+Run: ``python -m pytest benchmarks/bench_step.py --benchmark-only``
+(``--bench-full`` adds batch 512; ``python benchmarks/report.py out.json`` makes the table).
+"""
+
+import pytest
+
+from fastprop import _bench
+
+IMPLS = ["native", "numpy", "torch"]
+
+
+def _case(make, *args):
+    try:
+        return make(*args)
+    except _bench.Unavailable as exc:
+        pytest.skip(str(exc))
+
+
+@pytest.mark.parametrize("batch", [1, 32, 128, pytest.param(512, marks=pytest.mark.full), 2048])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_mlp_step(benchmark, impl, batch):
+    """MLP 784-256-128-10, ReLU, softmax cross-entropy, Adam, float32: one step."""
+    benchmark.group = f"mlp_step 784-256-128-10 batch={batch}"
+    benchmark(_case(_bench.mlp_step_case, impl, batch))
+
+
+@pytest.mark.parametrize("n", [235_146, 4_000_000])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_adam_update(benchmark, impl, n):
+    benchmark.group = f"adam_update n={n}"
+    benchmark(_case(_bench.adam_case, impl, n))
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu"])
+@pytest.mark.parametrize("impl", IMPLS)
+def test_activation_forward(benchmark, impl, name):
+    benchmark.group = f"activation {name} n=4M"
+    benchmark(_case(_bench.activation_case, impl, name, 4_000_000))
+
+
+@pytest.mark.parametrize("shape", [(128, 10), (512, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("impl", IMPLS)
+def test_softmax_xent(benchmark, impl, shape):
+    """Softmax cross-entropy forward + backward (loss and grad_logits)."""
+    benchmark.group = f"softmax_xent {shape[0]}x{shape[1]}"
+    benchmark(_case(_bench.softmax_xent_case, impl, *shape))
