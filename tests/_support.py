@@ -1,0 +1,54 @@
+"""Tolerances and comparison helpers shared by the tests."""
+
+import numpy as np
+
+#: (rtol, atol) per dtype for results compared with a float64 NumPy oracle.
+TOL = {
+    np.dtype(np.float32): (1e-5, 1e-6),
+    np.dtype(np.float64): (1e-12, 1e-12),
+}
+
+
+def assert_close(actual, expected, dtype, scale=None, factor=1.0, what=""):
+    """|actual - expected| <= factor * (atol + rtol * scale), elementwise.
+
+    ``scale`` defaults to |expected|.  For reductions pass the magnitude of the
+    terms summed (e.g. |a| @ |b| for a product): a sum that cancels has a small
+    result but a rounding error proportional to its terms, and that is the only
+    honest yardstick for it (the classic bound |fl(a.b) - a.b| <= k u |a|.|b|).
+    """
+    dtype = np.dtype(dtype)
+    rtol, atol = TOL[dtype]
+    actual = np.asarray(actual)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = np.abs(expected) if scale is None else np.broadcast_to(np.asarray(scale), expected.shape)
+    err = np.abs(actual.astype(np.float64) - expected)
+    bound = factor * (atol + rtol * scale)
+    bad = ~(err <= bound)  # NaN counts as bad
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err - bound, -np.inf)), err.shape)
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {err.size} elements out of tolerance "
+            f"(rtol={rtol * factor:g}, atol={atol * factor:g}); worst at {i}: "
+            f"actual {actual[i]!r}, expected {expected[i]!r}")
+
+
+def snapshot(model=None, optimizer=None):
+    """Bytes of every parameter value and grad, buffer, and optimizer state."""
+    snap = []
+    if model is not None:
+        for p in model.parameters():
+            snap.append(("value", p.value.dtype.str, p.value.shape, p.value.tobytes()))
+            snap.append(("grad", p.grad.dtype.str, p.grad.shape, p.grad.tobytes()))
+        for name, arr in model.state_arrays():
+            snap.append((name, arr.dtype.str, arr.shape, arr.tobytes()))
+        snap.append(("training", tuple(m.training for m in model.modules())))
+    if optimizer is not None:
+        sd = optimizer.state_dict()
+        snap.append(("step", sd["step"]))
+        snap.append(("hyper", repr(sorted(sd["hyper"].items()))))
+        for i, s in enumerate(sd["state"]):
+            for k in sorted(s):
+                snap.append((i, k, s[k].dtype.str, s[k].shape, s[k].tobytes()))
+    return snap

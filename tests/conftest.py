@@ -1,0 +1,48 @@
+"""Shared fixtures: the available backends, dtypes, and backend-state isolation.
+
+``backend`` runs a test once per backend.  "native" is skipped (not failed) only
+while the extension ``fastprop._native`` cannot be imported; once it imports, a
+native backend that fails to load is an error, so no test silently stops running
+on it.
+"""
+
+import importlib.util
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import backends as _backends
+
+NATIVE_BUILT = importlib.util.find_spec("fastprop._native") is not None
+BACKEND_NAMES = ["native", "numpy"]
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend(request):
+    """Name of the backend in effect for the test (selected with use_backend)."""
+    name = request.param
+    if name == "native" and not NATIVE_BUILT:
+        pytest.skip("fastprop._native is not built")
+    with fp.use_backend(name):
+        yield name
+
+
+@pytest.fixture(params=[np.float32, np.float64], ids=["f32", "f64"])
+def dtype(request):
+    return np.dtype(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _restore_backend_state():
+    """Undo any set_backend/use_backend a test leaves behind."""
+    default = _backends._default
+    override = getattr(_backends._state, "backend", None)
+    yield
+    _backends._default = default
+    _backends._state.backend = override
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(12345)

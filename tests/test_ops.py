@@ -1,0 +1,500 @@
+"""fp.ops kernels against plain NumPy expressions evaluated in float64.
+
+Every test runs on each available backend (fixture ``backend``) in float32 and
+float64.  Oracles are computed in float64 from exactly the arrays handed to
+fastprop; reductions are compared with a tolerance scaled by the magnitude of the
+terms summed (see ``_support.assert_close``).
+"""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from _support import TOL, assert_close
+
+ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax"]
+ALPHA = 0.01
+GELU_C = math.sqrt(2.0 / math.pi)
+
+# (m, k, n): empty, unit, primes, and sizes just past powers of two (not multiples of
+# any plausible tile: 4, 6, 8, 16, 32, 64, 128, 256).
+GEMM_SHAPES = [
+    (0, 5, 3), (4, 0, 3), (4, 5, 0), (1, 1, 1), (1, 7, 1), (7, 1, 31),
+    (7, 31, 127), (33, 65, 17), (65, 33, 257), (127, 257, 7), (257, 129, 65),
+]
+TRANS = [(False, False), (False, True), (True, False), (True, True)]
+TRANS_IDS = ["NN", "NT", "TN", "TT"]
+
+
+# --------------------------------------------------------------------------- oracles
+def act_ref(name, x, alpha=ALPHA):
+    """act(x) in float64 (sigmoid via tanh: an independent, overflow-free formula)."""
+    x = np.asarray(x, np.float64)
+    if name == "identity":
+        return x.copy()
+    if name == "relu":
+        return np.where(x > 0, x, 0.0)
+    if name == "leaky_relu":
+        return np.where(x > 0, x, alpha * x)
+    if name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * x))
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "gelu":
+        return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+    if name == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))
+        return e / e.sum(axis=-1, keepdims=True)
+    raise AssertionError(name)
+
+
+def act_grad_ref(name, g, x=None, y=None, alpha=ALPHA):
+    """(grad_x, scale): the activation's vector-Jacobian product in float64 from the
+    arrays the kernel receives (y for relu-likes/sigmoid/tanh/softmax, x for gelu),
+    and the magnitude of the terms behind each element (for the tolerance)."""
+    g = np.asarray(g, np.float64)
+    if name == "softmax":
+        y = np.asarray(y, np.float64)
+        dot = np.sum(g * y, axis=-1, keepdims=True)
+        scale = y * (np.abs(g) + np.sum(np.abs(g * y), axis=-1, keepdims=True))
+        return y * (g - dot), scale
+    if name == "identity":
+        d = np.ones_like(g)
+    elif name == "relu":
+        d = (np.asarray(y) > 0).astype(np.float64)
+    elif name == "leaky_relu":
+        d = np.where(np.asarray(y) > 0, 1.0, alpha)
+    elif name == "sigmoid":
+        y = np.asarray(y, np.float64)
+        d = y * (1.0 - y)
+    elif name == "tanh":
+        y = np.asarray(y, np.float64)
+        d = 1.0 - y * y
+    elif name == "gelu":
+        x = np.asarray(x, np.float64)
+        t = np.tanh(GELU_C * (x + 0.044715 * x ** 3))
+        d = 0.5 * (1 + t) + 0.5 * x * (1 - t * t) * GELU_C * (1 + 3 * 0.044715 * x * x)
+    else:
+        raise AssertionError(name)
+    # |d| + 1: the derivative is formed from y/x in the working precision.
+    return g * d, np.abs(g) * (np.abs(d) + 1.0)
+
+
+def op(a, trans):
+    return a.T if trans else a
+
+
+def gemm_inputs(rng, m, k, n, ta, tb, dtype):
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    return a, b
+
+
+def gemm_ref(a, b, ta, tb):
+    a64, b64 = op(a.astype(np.float64), ta), op(b.astype(np.float64), tb)
+    return a64 @ b64, np.abs(a64) @ np.abs(b64)
+
+
+# --------------------------------------------------------------------------- matmul
+@pytest.mark.parametrize("ta,tb", TRANS, ids=TRANS_IDS)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+def test_matmul_matches_numpy(backend, dtype, rng, m, k, n, ta, tb):
+    a, b = gemm_inputs(rng, m, k, n, ta, tb, dtype)
+    a0, b0 = a.copy(), b.copy()
+    c = fp.ops.matmul(a, b, trans_a=ta, trans_b=tb)
+    assert c.dtype == dtype and c.shape == (m, n)
+    ref, scale = gemm_ref(a, b, ta, tb)
+    assert_close(c, ref, dtype, scale, what="matmul")
+    assert np.array_equal(a, a0) and np.array_equal(b, b0), "inputs modified"
+
+
+@pytest.mark.parametrize("ta,tb", TRANS, ids=TRANS_IDS)
+@pytest.mark.parametrize("m,k,n", [(0, 3, 2), (5, 0, 3), (1, 1, 1), (7, 31, 33), (65, 127, 17)])
+def test_matmul_accumulate_and_out(backend, dtype, rng, m, k, n, ta, tb):
+    a, b = gemm_inputs(rng, m, k, n, ta, tb, dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    out = c0.copy()
+    res = fp.ops.matmul(a, b, trans_a=ta, trans_b=tb, out=out, accumulate=True)
+    assert res is out
+    ref, scale = gemm_ref(a, b, ta, tb)
+    assert_close(out, ref + c0, dtype, scale + np.abs(c0), what="accumulate")
+
+    out = np.full((m, n), np.nan, dtype)  # without accumulate, out's contents are ignored
+    res = fp.ops.matmul(a, b, trans_a=ta, trans_b=tb, out=out)
+    assert res is out
+    assert_close(out, ref, dtype, scale, what="out=")
+
+
+def test_matmul_k0_accumulate_leaves_out_unchanged(backend, dtype, rng):
+    a = np.empty((3, 0), dtype)
+    b = np.empty((0, 4), dtype)
+    out = rng.standard_normal((3, 4)).astype(dtype)
+    before = out.copy()
+    fp.ops.matmul(a, b, out=out, accumulate=True)
+    assert np.array_equal(out, before)
+    assert np.array_equal(fp.ops.matmul(a, b), np.zeros((3, 4)))
+
+
+def _layouts(base):
+    """Views of the same logical matrix in various memory layouts: (name, array)."""
+    m, k = base.shape
+    big = np.zeros((m + 3, 2 * k + 5), base.dtype)
+    big[2:2 + m, 3:3 + k] = base
+    strided = np.zeros((2 * m, 3 * k), base.dtype)
+    strided[::2, ::3] = base
+    rev = base[::-1, ::-1].copy()
+    return [
+        ("C", base),
+        ("F", np.asfortranarray(base)),
+        ("offset", big[2:2 + m, 3:3 + k]),
+        ("strided", strided[::2, ::3]),
+        ("negative", rev[::-1, ::-1]),
+        ("byteswapped", base.astype(base.dtype.newbyteorder())),
+        ("transposed-view", np.ascontiguousarray(base.T).T),
+    ]
+
+
+@pytest.mark.parametrize("layout_b", ["C", "F", "offset", "strided", "negative", "byteswapped"])
+@pytest.mark.parametrize("layout_a", ["C", "F", "offset", "strided", "negative", "byteswapped",
+                                      "transposed-view"])
+def test_matmul_layouts(backend, dtype, rng, layout_a, layout_b):
+    m, k, n = 9, 17, 5
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    va = dict(_layouts(a))[layout_a]
+    vb = dict(_layouts(b))[layout_b]
+    assert np.array_equal(va, a) and np.array_equal(vb, b)
+    ref, scale = gemm_ref(a, b, False, False)
+    for ta, tb in TRANS:
+        # op(x.T) with trans=True is the original matrix again.
+        c = fp.ops.matmul(va.T if ta else va, vb.T if tb else vb, trans_a=ta, trans_b=tb)
+        assert c.dtype == dtype  # byte-swapped input gives a native-order result
+        assert c.dtype.isnative
+        assert_close(c, ref, dtype, scale, what=f"{layout_a} x {layout_b} ta={ta} tb={tb}")
+
+
+def test_matmul_integer_inputs_promote_to_float64(backend):
+    a = np.arange(6).reshape(2, 3)
+    b = np.arange(12).reshape(3, 4)
+    c = fp.ops.matmul(a, b)
+    assert c.dtype == np.float64
+    assert np.array_equal(c, (a @ b).astype(np.float64))
+
+
+def test_matmul_mixed_dtypes_promote(backend, rng):
+    a = rng.standard_normal((3, 4)).astype(np.float32)
+    b = rng.standard_normal((4, 2))
+    c = fp.ops.matmul(a, b)
+    assert c.dtype == np.float64
+    assert_close(c, a.astype(np.float64) @ b, np.float64, np.abs(a) @ np.abs(b))
+
+
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("which", ["a", "b"])
+def test_matmul_out_aliases_an_input(backend, dtype, rng, which, accumulate):
+    n = 33
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    ref, scale = gemm_ref(a, b, False, False)
+    if accumulate:
+        ref = ref + (a if which == "a" else b)
+        scale = scale + np.abs(a if which == "a" else b)
+    out = a if which == "a" else b
+    res = fp.ops.matmul(a, b, out=out, accumulate=accumulate)
+    assert res is out
+    assert_close(out, ref, dtype, scale, what=f"out is {which}")
+
+
+def test_matmul_out_aliases_transposed_input(backend, dtype, rng):
+    n = 17
+    a = rng.standard_normal((n, n)).astype(dtype)
+    b = rng.standard_normal((n, n)).astype(dtype)
+    ref, scale = gemm_ref(a, b, True, False)
+    fp.ops.matmul(a, b, trans_a=True, out=a)
+    assert_close(a, ref, dtype, scale, what="out is a, trans_a")
+
+
+@pytest.mark.parametrize("kind", ["F", "offset", "strided"])
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_matmul_noncontiguous_out(backend, dtype, rng, kind, accumulate):
+    m, k, n = 13, 7, 11
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    holder = np.full((m + 4, 2 * n + 3), 7.0, dtype)
+    if kind == "F":
+        out = np.asfortranarray(c0)
+    elif kind == "offset":
+        out = holder[1:1 + m, 2:2 + n]
+        out[...] = c0
+    else:
+        out = holder[1:1 + m, 1:1 + 2 * n:2]
+        out[...] = c0
+    guard = holder.copy()
+    res = fp.ops.matmul(a, b, out=out, accumulate=accumulate)
+    assert res is out
+    ref, scale = gemm_ref(a, b, False, False)
+    if accumulate:
+        ref, scale = ref + c0, scale + np.abs(c0)
+    assert_close(out, ref, dtype, scale, what=kind)
+    if kind != "F":  # the elements of holder outside the view are untouched
+        covered = np.zeros(holder.shape, bool)
+        if kind == "offset":
+            covered[1:1 + m, 2:2 + n] = True
+        else:
+            covered[1:1 + m, 1:1 + 2 * n:2] = True
+        assert np.array_equal(holder[~covered], guard[~covered])
+
+
+def test_matmul_does_not_write_outside_out(backend, dtype, rng):
+    """A row-padded out (leading dimension > n) keeps its padding intact."""
+    m, k, n = 31, 65, 33
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    holder = np.full((m, n + 7), -3.0, dtype)
+    out = holder[:, :n]
+    fp.ops.matmul(a, b, out=out)
+    ref, scale = gemm_ref(a, b, False, False)
+    assert_close(out, ref, dtype, scale)
+    assert (holder[:, n:] == -3.0).all()
+
+
+# --------------------------------------------------------------------------- activations
+ACT_SHAPES = [(0,), (0, 5), (1,), (7,), (1, 1), (31, 33), (3, 5, 7), (2, 257)]
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_forward(backend, dtype, rng, name, shape):
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    x0 = x.copy()
+    y = fp.ops.activation(name, x, alpha=ALPHA)
+    assert y.dtype == dtype and y.shape == x.shape
+    assert_close(y, act_ref(name, x), dtype, what=name)
+    assert np.array_equal(x, x0)
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_forward_in_place_and_strided_out(backend, dtype, rng, name):
+    x = (3 * rng.standard_normal((7, 33))).astype(dtype)
+    ref = act_ref(name, x)
+    inplace = x.copy()
+    assert fp.ops.activation(name, inplace, out=inplace) is inplace
+    assert_close(inplace, ref, dtype, what="out=x")
+    holder = np.zeros((7, 66), dtype)
+    out = holder[:, ::2]
+    assert fp.ops.activation(name, x, out=out) is out
+    assert_close(out, ref, dtype, what="strided out")
+    assert (holder[:, 1::2] == 0).all()
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_strided_and_byteswapped_input(backend, dtype, rng, name):
+    base = (3 * rng.standard_normal((9, 34))).astype(dtype)
+    ref = act_ref(name, base[:, ::2])
+    assert_close(fp.ops.activation(name, base[:, ::2]), ref, dtype, what="strided")
+    swapped = base[:, ::2].astype(dtype.newbyteorder())
+    y = fp.ops.activation(name, swapped)
+    assert y.dtype.isnative
+    assert_close(y, ref, dtype, what="byteswapped")
+    assert_close(fp.ops.activation(name, np.asfortranarray(base)), act_ref(name, base), dtype,
+                 what="F-ordered")
+
+
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_extreme_inputs_are_stable(backend, dtype, name):
+    """No overflow (warnings are errors here) and exact saturation for |x| up to 1e4."""
+    big = [1e4, -1e4, 100.0, -100.0, 88.5, -88.5, 30.0, -30.0, 0.5, 0.0]
+    x = np.array([big, big[::-1]], dtype)
+    y = fp.ops.activation(name, x)
+    assert np.isfinite(y).all()
+    assert_close(y, act_ref(name, x), dtype, what=name)
+    g = np.ones_like(x)
+    grad = fp.ops.activation_backward(name, g, x, y)
+    assert np.isfinite(grad).all()
+
+
+def test_softmax_rows_sum_to_one_and_extreme_row(backend, dtype):
+    x = np.array([[1e4, 0.0, -1e4], [0.0, 0.0, 0.0], [-1e4, -1e4, -1e4]], dtype)
+    y = fp.ops.activation("softmax", x)
+    assert_close(y, [[1, 0, 0], [1 / 3, 1 / 3, 1 / 3], [1 / 3, 1 / 3, 1 / 3]], dtype)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, 1.5])
+def test_leaky_relu_alpha(backend, dtype, rng, alpha):
+    x = rng.standard_normal((5, 9)).astype(dtype)
+    assert_close(fp.ops.activation("leaky_relu", x, alpha=alpha), act_ref("leaky_relu", x, alpha),
+                 dtype)
+    y = fp.ops.activation("leaky_relu", x, alpha=alpha)
+    g = rng.standard_normal(x.shape).astype(dtype)
+    ref, scale = act_grad_ref("leaky_relu", g, y=y, alpha=alpha)
+    assert_close(fp.ops.activation_backward("leaky_relu", g, None, y, alpha=alpha), ref, dtype,
+                 scale)
+
+
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
+@pytest.mark.parametrize("name", ACTS)
+def test_activation_backward(backend, dtype, rng, name, shape):
+    x = (3 * rng.standard_normal(shape)).astype(dtype)
+    y = act_ref(name, x).astype(dtype)
+    g = rng.standard_normal(shape).astype(dtype)
+    g0 = g.copy()
+    grad = fp.ops.activation_backward(name, g, x, y)
+    assert grad.dtype == dtype and grad.shape == shape
+    ref, scale = act_grad_ref(name, g, x=x, y=y)
+    assert_close(grad, ref, dtype, scale, what=name)
+    assert np.array_equal(g, g0)
+
+
+def test_activation_default_is_identity_code():
+    assert fp.ops.activation_code(None) == 0
+    assert fp.ops.activation_code("identity") == 0
+    codes = {fp.ops.activation_code(n) for n in ACTS}
+    assert len(codes) == len(ACTS)
+
+
+def test_activation_int_input_promotes(backend):
+    y = fp.ops.activation("relu", np.array([-2, 3]))
+    assert y.dtype == np.float64 and np.array_equal(y, [0.0, 3.0])
+
+
+# --------------------------------------------------------------------------- linear
+LINEAR_SHAPES = [(0, 3, 4), (1, 1, 1), (4, 0, 3), (7, 31, 5), (33, 65, 17), (127, 7, 257),
+                 (5, 257, 3)]
+
+
+def linear_ref(x, w, b, name):
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    z = x64 @ w64
+    zscale = np.abs(x64) @ np.abs(w64)
+    if b is not None:
+        z = z + b
+        zscale = zscale + np.abs(b)
+    y = act_ref(name, z)
+    # Every activation here is at most ~1.13-Lipschitz (gelu); softmax mixes a row.
+    yscale = np.abs(y) + 2 * zscale.max(axis=-1, keepdims=True, initial=0.0) \
+        if name == "softmax" else np.abs(y) + 1.2 * zscale
+    return z, zscale, y, yscale
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("n,fin,fout", LINEAR_SHAPES)
+@pytest.mark.parametrize("name", ACTS)
+def test_linear_forward(backend, dtype, rng, name, n, fin, fout, bias):
+    x = rng.standard_normal((n, fin)).astype(dtype)
+    w = rng.standard_normal((fin, fout)).astype(dtype)
+    b = rng.standard_normal(fout).astype(dtype) if bias else None
+    z_ref, zscale, y_ref, yscale = linear_ref(x, w, b, name)
+    y, z = fp.ops.linear(x, w, b, activation=name, return_preact=True)
+    assert y.dtype == dtype and z.dtype == dtype
+    assert_close(z, z_ref, dtype, zscale, what="z")
+    assert_close(y, y_ref, dtype, yscale, what="y")
+    y2 = fp.ops.linear(x, w, b, activation=name)
+    assert np.array_equal(y2, y)
+
+
+def test_linear_default_activation_is_identity(backend, dtype, rng):
+    x = rng.standard_normal((6, 4)).astype(dtype)
+    w = rng.standard_normal((4, 3)).astype(dtype)
+    b = rng.standard_normal(3).astype(dtype)
+    z_ref, zscale, _, _ = linear_ref(x, w, b, "identity")
+    assert_close(fp.ops.linear(x, w, b), z_ref, dtype, zscale)
+
+
+def test_linear_noncontiguous_inputs(backend, dtype, rng):
+    x = rng.standard_normal((33, 20)).astype(dtype)
+    w = rng.standard_normal((10, 7)).astype(dtype)
+    b = rng.standard_normal(14).astype(dtype)
+    xv, bv = x[::3, ::2], b[::2]
+    wv = np.asfortranarray(w).astype(dtype.newbyteorder())
+    z_ref, zscale, y_ref, yscale = linear_ref(np.ascontiguousarray(xv), w, bv, "tanh")
+    y = fp.ops.linear(xv, wv, bv, activation="tanh")
+    assert_close(y, y_ref, dtype, yscale)
+
+
+@pytest.mark.parametrize("n,fin,fout", LINEAR_SHAPES)
+@pytest.mark.parametrize("name", ACTS)
+def test_linear_backward(backend, dtype, rng, name, n, fin, fout):
+    x = rng.standard_normal((n, fin)).astype(dtype)
+    w = rng.standard_normal((fin, fout)).astype(dtype)
+    b = rng.standard_normal(fout).astype(dtype)
+    y, z = fp.ops.linear(x, w, b, activation=name, return_preact=True)
+    g = rng.standard_normal((n, fout)).astype(dtype)
+    g0 = g.copy()
+    gx, gw, gb = fp.ops.linear_backward(g, x, w, y, activation=name, z=z)
+    assert (gx.shape, gw.shape, gb.shape) == ((n, fin), (fin, fout), (fout,))
+    assert gx.dtype == gw.dtype == gb.dtype == dtype
+    gz, gzs = act_grad_ref(name, g, x=z, y=y)
+    x64, w64 = x.astype(np.float64), w.astype(np.float64)
+    assert_close(gw, x64.T @ gz, dtype, np.abs(x64).T @ gzs, what="grad_w")
+    assert_close(gb, gz.sum(axis=0), dtype, gzs.sum(axis=0), what="grad_b")
+    assert_close(gx, gz @ w64.T, dtype, gzs @ np.abs(w64).T, what="grad_x")
+    assert np.array_equal(g, g0), "grad_y modified"
+
+
+def test_linear_backward_relu_needs_only_y(backend, dtype, rng):
+    x = rng.standard_normal((5, 4)).astype(dtype)
+    w = rng.standard_normal((4, 3)).astype(dtype)
+    y = fp.ops.linear(x, w, activation="relu")
+    g = rng.standard_normal((5, 3)).astype(dtype)
+    gx, gw, gb = fp.ops.linear_backward(g, x, w, y, activation="relu")
+    gz = g * (y > 0)
+    assert_close(gb, gz.sum(0), dtype, np.abs(gz).sum(0))
+    assert_close(gx, gz.astype(np.float64) @ w.T.astype(np.float64), dtype,
+                 np.abs(gz) @ np.abs(w).T.astype(np.float64))
+
+
+# --------------------------------------------------------------------------- softmax xent
+def xent_ref(logits, targets):
+    x = logits.astype(np.float64)
+    n = x.shape[0]
+    mx = x.max(axis=1, keepdims=True)
+    lse = mx + np.log(np.exp(x - mx).sum(axis=1, keepdims=True))
+    p = np.exp(x - lse)
+    loss = -(targets * (x - lse)).sum() / n
+    lscale = (np.abs(targets) * (np.abs(x) + np.abs(lse))).sum() / n
+    return loss, lscale, (p - targets) / n, (p + np.abs(targets)) / n
+
+
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 2), (7, 3), (31, 10), (33, 65), (127, 257)])
+@pytest.mark.parametrize("kind", ["labels", "onehot", "soft"])
+def test_softmax_cross_entropy(backend, dtype, rng, n, c, kind):
+    logits = (3 * rng.standard_normal((n, c))).astype(dtype)
+    labels = rng.integers(0, c, n)
+    onehot = np.eye(c)[labels]
+    if kind == "labels":
+        arg, t = labels, onehot
+    elif kind == "onehot":
+        arg, t = onehot.astype(dtype), onehot
+    else:
+        raw = rng.random((n, c))
+        t = raw / raw.sum(axis=1, keepdims=True)
+        arg = t.astype(dtype)
+        t = arg.astype(np.float64)
+    loss, grad = fp.ops.softmax_cross_entropy(logits, arg)
+    assert isinstance(loss, float)
+    assert grad.dtype == dtype and grad.shape == (n, c)
+    lref, lscale, gref, gscale = xent_ref(logits, t)
+    assert_close(loss, lref, dtype, lscale, what="loss")
+    assert_close(grad, gref, dtype, gscale, what="grad")
+
+
+def test_softmax_cross_entropy_label_dtypes_agree(backend, dtype, rng):
+    logits = rng.standard_normal((9, 4)).astype(dtype)
+    labels = rng.integers(0, 4, 9)
+    results = [fp.ops.softmax_cross_entropy(logits, lab)
+               for lab in (labels, labels.astype(np.int32), labels.astype(np.uint8),
+                           labels.astype(np.float64), list(labels))]
+    for loss, grad in results[1:]:
+        assert loss == results[0][0]
+        assert np.array_equal(grad, results[0][1])
+
+
+def test_softmax_cross_entropy_extreme_logits(backend, dtype):
+    logits = np.array([[1e4, 0.0, -1e4], [-1e4, 1e4, 0.0]], dtype)
+    loss, grad = fp.ops.softmax_cross_entropy(logits, np.array([0, 0]))
+    # row 0 is certain and right (loss 0); row 1 puts all mass on class 1 (loss 2e4)
+    assert loss == pytest.approx(1e4, rel=TOL[dtype][0])
+    assert_close(grad, [[0, 0, 0], [-0.5, 0.5, 0]], dtype)
