@@ -1,0 +1,415 @@
+"""Layers and losses: gradcheck in float64, forward values against NumPy, API details."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import nn
+from _support import assert_close
+
+ACTS = [None, "identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax"]
+
+
+def x64(rng, *shape, scale=1.0):
+    return scale * rng.standard_normal(shape)
+
+
+# --------------------------------------------------------------------------- gradcheck
+def test_gradcheck_detects_a_wrong_backward(backend, rng):
+    """The tool the layer tests rely on fails on a wrong gradient."""
+
+    class HalfWrongTanh(nn.Tanh):
+        def backward(self, grad_out, input_grad=True):
+            return 0.5 * super().backward(grad_out, input_grad)
+
+    with pytest.raises(fp.GradcheckError, match="input"):
+        fp.gradcheck(HalfWrongTanh(), x64(rng, 3, 4))
+    assert fp.gradcheck(HalfWrongTanh(), x64(rng, 3, 4), raise_exception=False) is False
+
+    class DenseForgetsBias(nn.Dense):
+        def backward(self, grad_out, input_grad=True):
+            out = super().backward(grad_out, input_grad)
+            self.bias.grad[...] = 0
+            return out
+
+    with pytest.raises(fp.GradcheckError, match="bias"):
+        fp.gradcheck(DenseForgetsBias(3, 2, dtype=np.float64, rng=0), x64(rng, 4, 3))
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("act", ACTS)
+def test_gradcheck_dense(backend, rng, act, bias):
+    layer = nn.Dense(4, 3, activation=act, bias=bias, rng=1)
+    if bias:  # a non-zero bias, so a bias bug cannot hide behind zeros
+        layer.bias.value[...] = rng.standard_normal(3)
+    assert fp.gradcheck(layer, x64(rng, 5, 4))
+
+
+def test_gradcheck_dense_float64_layer(backend, rng):
+    layer = nn.Dense(3, 4, activation="tanh", dtype=np.float64, rng=2)
+    assert fp.gradcheck(layer, x64(rng, 6, 3), atol=1e-7, rtol=1e-6)
+
+
+@pytest.mark.parametrize("layer", [nn.ReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.Softmax, nn.Identity,
+                                   lambda: nn.LeakyReLU(0.1), lambda: nn.LeakyReLU(0.0)],
+                         ids=["relu", "sigmoid", "tanh", "gelu", "softmax", "identity",
+                              "leaky0.1", "leaky0"])
+def test_gradcheck_activation_layers(backend, rng, layer):
+    assert fp.gradcheck(layer(), x64(rng, 4, 5, scale=2.0))
+
+
+def test_gradcheck_softmax_3d(backend, rng):
+    assert fp.gradcheck(nn.Softmax(), x64(rng, 2, 3, 4))
+
+
+def test_gradcheck_batchnorm_train(backend, rng):
+    bn = nn.BatchNorm1d(3)
+    bn.weight.value[...] = [0.5, 2.0, -1.0]
+    bn.bias.value[...] = [0.1, -0.2, 0.3]
+    assert fp.gradcheck(bn, x64(rng, 6, 3, scale=2.0) + 1.0)
+
+
+def test_gradcheck_layernorm(backend, rng):
+    ln = nn.LayerNorm(5)
+    ln.weight.value[...] = rng.standard_normal(5)
+    ln.bias.value[...] = rng.standard_normal(5)
+    assert fp.gradcheck(ln, x64(rng, 4, 5, scale=2.0))
+
+
+def test_gradcheck_dropout(backend, rng):
+    assert fp.gradcheck(nn.Dropout(0.4, seed=3), x64(rng, 6, 5))
+    assert fp.gradcheck(nn.Dropout(0.4, seed=3).eval(), x64(rng, 6, 5))
+
+
+def test_gradcheck_residual(backend, rng):
+    block = nn.Sequential(nn.Dense(4, 4, "tanh", rng=4), nn.Dense(4, 4, rng=5))
+    assert fp.gradcheck(nn.Residual(block), x64(rng, 3, 4))
+
+
+def test_gradcheck_sequential(backend, rng):
+    model = nn.Sequential(
+        nn.Dense(4, 6, rng=6), nn.LayerNorm(6), nn.GELU(),
+        nn.Dense(6, 5, "leaky_relu", rng=7), nn.BatchNorm1d(5), nn.Dropout(0.2, seed=1),
+        nn.Residual(nn.Dense(5, 5, "sigmoid", rng=8)), nn.Dense(5, 3, "softmax", rng=9))
+    assert fp.gradcheck(model, x64(rng, 6, 4))
+
+
+@pytest.mark.parametrize("kind", ["labels", "onehot", "soft"])
+def test_gradcheck_softmax_cross_entropy(backend, rng, kind):
+    pred = x64(rng, 5, 4, scale=2.0)
+    labels = np.array([0, 3, 1, 1, 2])
+    if kind == "labels":
+        target = labels
+    elif kind == "onehot":
+        target = np.eye(4)[labels]
+    else:
+        t = rng.random((5, 4))
+        target = t / t.sum(1, keepdims=True)
+    assert fp.gradcheck(fp.losses.SoftmaxCrossEntropy(), (pred, target))
+
+
+@pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
+def test_gradcheck_bce(backend, rng, from_logits):
+    target = rng.random((6, 2))
+    if from_logits:
+        pred = x64(rng, 6, 2, scale=3.0)
+    else:
+        pred = rng.uniform(0.05, 0.95, (6, 2))
+    assert fp.gradcheck(fp.losses.BinaryCrossEntropy(from_logits=from_logits), (pred, target))
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_gradcheck_mse(backend, rng, half):
+    assert fp.gradcheck(fp.losses.MSE(half=half), (x64(rng, 4, 3), x64(rng, 4, 3)))
+
+
+def test_gradcheck_function(rng):
+    def f(a, b):
+        return float(np.sum(a * b ** 2)), (b ** 2, 2 * a * b)
+    assert fp.gradcheck(f, (x64(rng, 3), x64(rng, 3)))
+
+    def wrong(a):
+        return float(np.sum(a ** 3)), 2 * a ** 2
+    assert not fp.gradcheck(wrong, (x64(rng, 4),), raise_exception=False)
+
+
+# --------------------------------------------------------------------------- loss values
+def _loss_ref(kind, p, t):
+    p, t = p.astype(np.float64), t.astype(np.float64)
+    n = p.size
+    if kind == "mse":
+        return np.mean((p - t) ** 2), 2 * (p - t) / n
+    if kind == "mse_half":
+        return 0.5 * np.mean((p - t) ** 2), (p - t) / n
+    if kind == "bce":
+        loss = -np.mean(t * np.log(p) + (1 - t) * np.log1p(-p))
+        return loss, (p - t) / (p * (1 - p)) / n
+    if kind == "bce_logits":
+        s = 0.5 * (1 + np.tanh(0.5 * p))
+        loss = -np.mean(t * np.log(s) + (1 - t) * np.log1p(-s))
+        return loss, (s - t) / n
+    raise AssertionError(kind)
+
+
+LOSSES = {
+    "mse": lambda: fp.losses.MSE(),
+    "mse_half": lambda: fp.losses.MSE(half=True),
+    "bce": lambda: fp.losses.BinaryCrossEntropy(),
+    "bce_logits": lambda: fp.losses.BinaryCrossEntropy(from_logits=True),
+}
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (7, 1), (31, 3), (65, 33)], ids=str)
+@pytest.mark.parametrize("kind", list(LOSSES))
+def test_loss_values_and_grads(backend, dtype, rng, kind, shape):
+    if kind == "bce":
+        p = rng.uniform(0.02, 0.98, shape).astype(dtype)
+    else:
+        p = (2 * rng.standard_normal(shape)).astype(dtype)
+    t = (rng.random(shape) if kind.startswith("bce") else rng.standard_normal(shape)).astype(dtype)
+    loss = LOSSES[kind]()
+    value = loss(p, t)
+    grad = loss.backward()
+    assert isinstance(value, float)
+    assert grad.dtype == dtype and grad.shape == shape
+    ref_v, ref_g = _loss_ref(kind, p, t)
+    # the mean of per-element terms: error relative to the mean of their magnitudes;
+    # the BCE-of-probabilities gradient divides by p(1-p) >= 0.0196 (x51 amplification
+    # of the input's representation error).
+    factor = 60.0 if kind == "bce" else 1.0
+    assert_close(value, ref_v, dtype, abs(ref_v) + 1.0, what="loss")
+    assert_close(grad, ref_g, dtype, np.abs(ref_g), factor=factor, what="grad")
+    assert loss.value(p, t) == pytest.approx(value, rel=1e-6, abs=1e-12)
+
+
+def test_mse_half_is_half(backend, rng):
+    p, t = rng.standard_normal((5, 3)), rng.standard_normal((5, 3))
+    full, half = fp.losses.MSE(), fp.losses.MSE(half=True)
+    assert half(p, t) == pytest.approx(0.5 * full(p, t), rel=1e-14)
+    assert np.allclose(half.backward(), 0.5 * full.backward(), rtol=1e-14, atol=0)
+    assert full(p, t) == pytest.approx(np.mean((p - t) ** 2), rel=1e-13)
+
+
+def test_mse_accepts_1d_target_for_column_prediction(backend, rng):
+    p = rng.standard_normal((6, 1))
+    t = rng.standard_normal(6)
+    assert fp.losses.MSE()(p, t) == pytest.approx(np.mean((p[:, 0] - t) ** 2), rel=1e-13)
+
+
+def test_bce_stable_at_the_extremes(backend, dtype):
+    logits = np.array([[1e4, -1e4, 50.0, -50.0, 0.0]], dtype)
+    target = np.array([[1.0, 0.0, 0.0, 1.0, 0.5]], dtype)
+    loss = fp.losses.BinaryCrossEntropy(from_logits=True)
+    value = loss(logits, target)
+    assert np.isfinite(value)
+    assert value == pytest.approx((50 + 50 + np.log(2)) / 5, rel=1e-5)
+    assert_close(loss.backward(), [[0, 0, 1 / 5, -1 / 5, 0]], dtype)
+
+    probs = np.array([[0.0, 1.0, 1.0, 0.0]], dtype)
+    target = np.array([[0.0, 1.0, 0.0, 1.0]], dtype)
+    loss = fp.losses.BinaryCrossEntropy()
+    value = loss(probs, target)   # log clamped at -100, as PyTorch
+    assert value == pytest.approx(200 / 4, rel=1e-6)
+    assert np.isfinite(loss.backward()).all()
+
+
+@pytest.mark.parametrize("kind", ["labels", "onehot"])
+def test_softmax_cross_entropy_loss_matches_ops(backend, dtype, rng, kind):
+    logits = rng.standard_normal((7, 5)).astype(dtype)
+    labels = rng.integers(0, 5, 7)
+    target = labels if kind == "labels" else np.eye(5)[labels]
+    loss = fp.losses.SoftmaxCrossEntropy()
+    value = loss(logits, target)
+    ref_loss, ref_grad = fp.ops.softmax_cross_entropy(logits, target)
+    assert value == ref_loss
+    assert np.array_equal(loss.backward(), ref_grad)
+    x = logits.astype(np.float64)
+    lse = np.log(np.exp(x).sum(1))
+    assert value == pytest.approx(np.mean(lse - x[np.arange(7), labels]), rel=1e-5)
+
+
+def test_loss_names():
+    assert isinstance(fp.losses.get("mse"), fp.losses.MSE)
+    assert isinstance(fp.losses.get("bce"), fp.losses.BinaryCrossEntropy)
+    assert isinstance(fp.losses.get("cross_entropy"), fp.losses.SoftmaxCrossEntropy)
+    loss = fp.losses.MSE(half=True)
+    assert fp.losses.get(loss) is loss
+    assert repr(loss) == "MSE(half=True)"
+
+
+# --------------------------------------------------------------------------- layer values
+@pytest.mark.parametrize("act", ["relu", "sigmoid", "gelu", "softmax"])
+def test_dense_forward_and_parameter_layout(backend, dtype, rng, act):
+    layer = nn.Dense(5, 3, activation=act, dtype=dtype, rng=0)
+    assert layer.weight.shape == (5, 3) and layer.bias.shape == (3,)
+    assert layer.weight.dtype == dtype == layer.bias.dtype
+    assert np.array_equal(layer.bias.value, np.zeros(3))
+    layer.bias.value[...] = [0.5, -1.0, 2.0]
+    x = rng.standard_normal((4, 5))
+    y = layer(x)
+    assert y.dtype == dtype
+    xd = x.astype(dtype).astype(np.float64)
+    z = xd @ layer.weight.value.astype(np.float64) + layer.bias.value
+    import test_ops
+    assert_close(y, test_ops.act_ref(act, z), dtype, np.abs(z).max() + 1)
+
+
+def test_dense_zero_rows(backend, dtype):
+    layer = nn.Dense(3, 2, "relu", dtype=dtype)
+    y = layer(np.empty((0, 3)))
+    assert y.shape == (0, 2) and y.dtype == dtype
+    gx = layer.backward(np.empty((0, 2)))
+    assert gx.shape == (0, 3)
+    assert not layer.weight.grad.any()
+
+
+def test_dense_backward_accumulates_into_grads(backend, dtype, rng):
+    layer = nn.Dense(4, 3, "tanh", dtype=dtype, rng=0)
+    x = rng.standard_normal((6, 4))
+    g = rng.standard_normal((6, 3))
+    layer(x)
+    layer.backward(g)
+    first = [p.grad.copy() for p in layer.parameters()]
+    assert all(f.any() for f in first)
+    layer(x)
+    layer.backward(g)
+    for p, f in zip(layer.parameters(), first):
+        assert_close(p.grad, 2 * f.astype(np.float64), dtype, np.abs(2 * f))
+    layer.zero_grad()
+    assert not any(p.grad.any() for p in layer.parameters())
+
+
+def test_dense_init_defaults(rng):
+    relu = nn.Dense(400, 300, "relu", rng=0)
+    bound = np.sqrt(6.0 / 400)  # He uniform
+    assert np.abs(relu.weight.value).max() <= bound
+    assert np.abs(relu.weight.value).max() > 0.95 * bound
+    tanh = nn.Dense(400, 300, "tanh", rng=0)
+    bound = np.sqrt(6.0 / 700)  # Xavier uniform
+    assert np.abs(tanh.weight.value).max() <= bound
+    assert np.abs(tanh.weight.value).max() > 0.95 * bound
+    z = nn.Dense(3, 2, init="zeros")
+    assert not z.weight.value.any()
+    assert np.array_equal(nn.Dense(5, 4, rng=3).weight.value, nn.Dense(5, 4, rng=3).weight.value)
+
+
+@pytest.mark.parametrize("name,std", [
+    ("xavier_normal", lambda fi, fo: np.sqrt(2 / (fi + fo))),
+    ("he_normal", lambda fi, fo: np.sqrt(2 / fi)),
+    ("xavier_uniform", lambda fi, fo: np.sqrt(6 / (fi + fo)) / np.sqrt(3)),
+    ("he_uniform", lambda fi, fo: np.sqrt(6 / fi) / np.sqrt(3)),
+])
+def test_initializer_statistics(name, std):
+    w = getattr(fp.init, name)((300, 500), rng=0, dtype=np.float64)
+    assert w.shape == (300, 500) and w.dtype == np.float64
+    assert abs(w.mean()) < 0.01 * std(300, 500) * 10
+    assert w.std() == pytest.approx(std(300, 500), rel=0.02)
+
+
+def test_batchnorm_train_forward_and_running_stats(backend, dtype, rng):
+    bn = nn.BatchNorm1d(4, momentum=0.25, dtype=dtype)
+    bn.weight.value[...] = [1.0, 2.0, 0.5, -1.0]
+    bn.bias.value[...] = [0.0, 1.0, -1.0, 0.5]
+    x = (rng.standard_normal((9, 4)) * [1, 3, 0.5, 2] + [0, 5, -2, 1]).astype(dtype)
+    y = bn(x)
+    xd = x.astype(np.float64)
+    mu, var = xd.mean(0), xd.var(0)
+    ref = (xd - mu) / np.sqrt(var + 1e-5) * bn.weight.value + bn.bias.value
+    assert_close(y, ref, dtype, np.abs(ref) + 1, factor=4, what="y")
+    # PyTorch semantics: the running variance uses the unbiased batch variance
+    assert_close(bn.running_mean, 0.25 * mu, dtype, np.abs(mu) + 1, what="running_mean")
+    assert_close(bn.running_var, 0.75 + 0.25 * xd.var(0, ddof=1), dtype,
+                 xd.var(0) + 1, factor=10, what="running_var")
+
+    bn.eval()
+    y_eval = bn(x)
+    ref_eval = ((xd - bn.running_mean) / np.sqrt(bn.running_var.astype(np.float64) + 1e-5)
+                * bn.weight.value + bn.bias.value)
+    assert_close(y_eval, ref_eval, dtype, np.abs(ref_eval) + 1, factor=4, what="eval")
+    before = bn.running_mean.copy(), bn.running_var.copy()
+    bn(x)  # eval does not update running statistics
+    assert np.array_equal(bn.running_mean, before[0]) and np.array_equal(bn.running_var, before[1])
+
+
+def test_batchnorm_running_var_small_variance(backend):
+    """Variance well below eps must still reach the running average accurately."""
+    bn = nn.BatchNorm1d(1, momentum=1.0, dtype=np.float64)
+    x = 1e-4 * np.arange(8.0).reshape(8, 1)
+    bn(x)
+    assert bn.running_var[0] == pytest.approx(np.var(x, ddof=1), rel=1e-6)
+
+
+def test_layernorm_forward(backend, dtype, rng):
+    ln = nn.LayerNorm(6, dtype=dtype)
+    ln.weight.value[...] = rng.standard_normal(6)
+    ln.bias.value[...] = rng.standard_normal(6)
+    x = (3 * rng.standard_normal((7, 6)) + 2).astype(dtype)
+    y = ln(x)
+    xd = x.astype(np.float64)
+    mu, var = xd.mean(1, keepdims=True), xd.var(1, keepdims=True)
+    ref = (xd - mu) / np.sqrt(var + 1e-5) * ln.weight.value + ln.bias.value
+    assert_close(y, ref, dtype, np.abs(ref) + 1, factor=4)
+    assert ln(np.empty((0, 6), dtype)).shape == (0, 6)
+
+
+def test_dropout_semantics(backend, rng):
+    x = np.ones((200, 50))
+    d = nn.Dropout(0.3, seed=0)
+    y = d(x)
+    kept = y != 0
+    assert kept.mean() == pytest.approx(0.7, abs=0.02)
+    assert np.allclose(y[kept], 1 / 0.7, rtol=1e-14)
+    g = rng.standard_normal(x.shape)
+    assert np.array_equal(d.backward(g), g * y)  # same mask, same scale
+    d.eval()
+    assert np.array_equal(d(x), x)
+    assert np.array_equal(d.backward(g), g)
+    # seeded: the same seed gives the same mask, a different one does not
+    assert np.array_equal(nn.Dropout(0.5, seed=7)(x), nn.Dropout(0.5, seed=7)(x))
+    assert not np.array_equal(nn.Dropout(0.5, seed=7)(x), nn.Dropout(0.5, seed=8)(x))
+    assert not nn.Dropout(1.0)(x).any()
+    assert np.array_equal(nn.Dropout(0.0)(x), x)
+
+
+def test_residual_and_sequential(backend, rng):
+    d1, d2 = nn.Dense(4, 4, "tanh", rng=0), nn.Dense(4, 2, rng=1)
+    model = nn.Sequential(nn.Residual(d1), d2)
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    y = model(x)
+    h = x + d1(x)
+    assert np.allclose(y, d2(h), rtol=1e-6)
+    assert len(model) == 2 and model[1] is d2 and list(model) == model.layers
+    assert isinstance(model[:1], nn.Sequential) and model[:1][0] is model[0]
+    assert model.parameters() == [d1.weight, d1.bias, d2.weight, d2.bias]
+    shared = nn.Sequential(d1, d1)
+    assert len(shared.parameters()) == 2
+    assert "Residual" in repr(model) and "Dense" in repr(model)
+    assert nn.Sequential([d1, d2]).layers == [d1, d2]
+
+
+def test_train_eval_propagate(backend):
+    model = nn.Sequential(nn.Dense(2, 2), nn.Residual(nn.Dropout(0.5)), nn.BatchNorm1d(2))
+    model.eval()
+    assert not any(m.training for m in model.modules())
+    assert model.train() is model
+    assert all(m.training for m in model.modules())
+
+
+def test_sequential_backward_skips_first_input_grad(backend, rng):
+    model = nn.Sequential(nn.Dense(3, 2, rng=0))
+    model(rng.standard_normal((4, 3)))
+    assert model.backward(np.ones((4, 2)), input_grad=False) is None
+    assert model[0].weight.grad.any()
+
+
+def test_parameter_basics():
+    p = fp.Parameter(np.arange(6).reshape(2, 3))
+    assert p.dtype == np.float64 and p.shape == (2, 3) and p.size == 6
+    assert np.array_equal(p.grad, np.zeros((2, 3)))
+    src = np.ones(3, np.float32)
+    q = fp.Parameter(src)
+    src[0] = 5
+    assert q.value[0] == 1  # copied
+    assert q.dtype == np.float32
