@@ -1,0 +1,304 @@
+"""Optimizers against their textbook updates (PyTorch's documented algorithms),
+written out below in plain float64 NumPy, over 5 steps with changing gradients."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import optim
+from _support import assert_close, snapshot
+
+SHAPES = [(3, 4), (5,), (1,)]
+STEPS = 5
+
+
+# --------------------------------------------------------------------------- textbook
+class TextbookSGD:
+    def __init__(self, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+        self.lr, self.mu, self.nesterov, self.wd = lr, momentum, nesterov, weight_decay
+        self.buf = None
+
+    def step(self, t, p, g, state):
+        g = g + self.wd * p
+        if self.mu != 0:
+            b = g.copy() if t == 1 else self.mu * state["momentum_buffer"] + g
+            state["momentum_buffer"] = b
+            g = g + self.mu * b if self.nesterov else b
+        return p - self.lr * g
+
+
+class TextbookAdam:
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+        self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
+        self.decoupled = decoupled
+
+    def step(self, t, p, g, state):
+        if self.decoupled:
+            p = p * (1 - self.lr * self.wd)
+        else:
+            g = g + self.wd * p
+        m = self.b1 * state.get("exp_avg", 0.0) + (1 - self.b1) * g
+        v = self.b2 * state.get("exp_avg_sq", 0.0) + (1 - self.b2) * g * g
+        state["exp_avg"], state["exp_avg_sq"] = m, v
+        m_hat = m / (1 - self.b1 ** t)
+        v_hat = v / (1 - self.b2 ** t)
+        return p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
+
+
+class TextbookRMSprop:
+    def __init__(self, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
+        self.lr, self.alpha, self.eps, self.mu, self.wd = lr, alpha, eps, momentum, weight_decay
+
+    def step(self, t, p, g, state):
+        g = g + self.wd * p
+        s = self.alpha * state.get("square_avg", 0.0) + (1 - self.alpha) * g * g
+        state["square_avg"] = s
+        avg = np.sqrt(s) + self.eps
+        if self.mu > 0:
+            b = self.mu * state.get("momentum_buffer", 0.0) + g / avg
+            state["momentum_buffer"] = b
+            return p - self.lr * b
+        return p - self.lr * g / avg
+
+
+class TextbookAdagrad:
+    def __init__(self, lr=1e-2, eps=1e-10, weight_decay=0.0):
+        self.lr, self.eps, self.wd = lr, eps, weight_decay
+
+    def step(self, t, p, g, state):
+        g = g + self.wd * p
+        s = state.get("sum", 0.0) + g * g
+        state["sum"] = s
+        return p - self.lr * g / (np.sqrt(s) + self.eps)
+
+
+# (id, fastprop constructor, textbook, gradient scale).  Small gradients (0.01) make
+# eps comparable to sqrt(v), so an eps placed inside the square root (or applied to
+# the uncorrected v) shows.
+CASES = [
+    ("sgd", lambda ps: optim.SGD(ps, lr=0.1), TextbookSGD(0.1), 1.0),
+    ("sgd-momentum", lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9),
+     TextbookSGD(0.1, momentum=0.9), 1.0),
+    ("sgd-nesterov", lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, nesterov=True),
+     TextbookSGD(0.1, momentum=0.9, nesterov=True), 1.0),
+    ("sgd-wd", lambda ps: optim.SGD(ps, lr=0.1, weight_decay=0.1),
+     TextbookSGD(0.1, weight_decay=0.1), 1.0),
+    ("sgd-momentum-wd", lambda ps: optim.SGD(ps, lr=0.05, momentum=0.5, weight_decay=0.2),
+     TextbookSGD(0.05, momentum=0.5, weight_decay=0.2), 1.0),
+    ("sgd-nesterov-wd", lambda ps: optim.SGD(ps, lr=0.05, momentum=0.5, nesterov=True,
+                                             weight_decay=0.2),
+     TextbookSGD(0.05, momentum=0.5, nesterov=True, weight_decay=0.2), 1.0),
+    ("adam", lambda ps: optim.Adam(ps, lr=0.01), TextbookAdam(0.01), 1.0),
+    ("adam-eps-betas-wd", lambda ps: optim.Adam(ps, lr=0.1, betas=(0.8, 0.9), eps=1e-2,
+                                                weight_decay=0.1),
+     TextbookAdam(0.1, (0.8, 0.9), 1e-2, 0.1), 0.01),
+    ("adam-betas-zero", lambda ps: optim.Adam(ps, lr=0.1, betas=(0.0, 0.0)),
+     TextbookAdam(0.1, (0.0, 0.0)), 1.0),
+    ("adamw", lambda ps: optim.AdamW(ps, lr=0.01), TextbookAdam(0.01, weight_decay=1e-2,
+                                                               decoupled=True), 1.0),
+    ("adamw-strong", lambda ps: optim.AdamW(ps, lr=0.1, betas=(0.5, 0.6), eps=1e-2,
+                                            weight_decay=0.5),
+     TextbookAdam(0.1, (0.5, 0.6), 1e-2, 0.5, decoupled=True), 0.01),
+    ("rmsprop", lambda ps: optim.RMSprop(ps, lr=0.01), TextbookRMSprop(0.01), 1.0),
+    ("rmsprop-eps-wd", lambda ps: optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-2,
+                                                weight_decay=0.1),
+     TextbookRMSprop(0.01, 0.9, 1e-2, 0.0, 0.1), 0.01),
+    ("rmsprop-momentum", lambda ps: optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-2,
+                                                  momentum=0.9, weight_decay=0.1),
+     TextbookRMSprop(0.01, 0.9, 1e-2, 0.9, 0.1), 0.01),
+    ("adagrad", lambda ps: optim.Adagrad(ps, lr=0.1), TextbookAdagrad(0.1), 1.0),
+    ("adagrad-eps-wd", lambda ps: optim.Adagrad(ps, lr=0.1, eps=1e-2, weight_decay=0.1),
+     TextbookAdagrad(0.1, 1e-2, 0.1), 0.01),
+]
+CASE_IDS = [c[0] for c in CASES]
+
+
+def _params(rng, dtype, shapes=SHAPES):
+    return [fp.Parameter(rng.standard_normal(s).astype(dtype)) for s in shapes]
+
+
+def _grads(rng, shapes, scale):
+    return [[scale * rng.standard_normal(s) for s in shapes] for _ in range(STEPS)]
+
+
+@pytest.mark.parametrize("name,make,book,gscale", CASES, ids=CASE_IDS)
+def test_optimizer_matches_textbook(backend, dtype, rng, name, make, book, gscale):
+    params = _params(rng, dtype)
+    ref = [p.value.astype(np.float64) for p in params]
+    ref_state = [dict() for _ in params]
+    opt = make(params)
+    for t, grads in enumerate(_grads(rng, SHAPES, gscale), start=1):
+        for p, g in zip(params, grads):
+            p.grad[...] = g
+        grads_given = [p.grad.astype(np.float64) for p in params]
+        opt.step()
+        ref = [book.step(t, r, g, s) for r, g, s in zip(ref, grads_given, ref_state)]
+        assert opt.step_count == t
+        for i, (p, r) in enumerate(zip(params, ref)):
+            assert p.value.dtype == dtype
+            # per-step rounding of the parameter, at most one unit per step and term
+            assert_close(p.value, r, dtype, np.abs(r) + 1.0, what=f"{name} step {t} param {i}")
+            assert np.array_equal(p.grad, grads_given[i]), "step() modified grad"
+        for st, rs in zip(opt.state, ref_state):
+            assert set(st) == set(rs)
+            for key in rs:
+                assert_close(st[key], rs[key], dtype, np.abs(rs[key]) + 1e-3 * gscale,
+                             what=f"{name} state {key} step {t}")
+
+
+def test_optimizer_with_mixed_dtypes(backend, rng):
+    params = [fp.Parameter(rng.standard_normal(4).astype(np.float32)),
+              fp.Parameter(rng.standard_normal((2, 3)))]
+    opt = optim.Adam(params, lr=0.05)
+    book = TextbookAdam(0.05)
+    ref = [p.value.astype(np.float64) for p in params]
+    st = [{}, {}]
+    for t, grads in enumerate(_grads(rng, [(4,), (2, 3)], 1.0), start=1):
+        for p, g in zip(params, grads):
+            p.grad[...] = g
+        gg = [p.grad.astype(np.float64) for p in params]
+        opt.step()
+        ref = [book.step(t, r, g, s) for r, g, s in zip(ref, gg, st)]
+    assert params[0].dtype == np.float32 and params[1].dtype == np.float64
+    assert_close(params[0].value, ref[0], np.float32, np.abs(ref[0]) + 1)
+    assert_close(params[1].value, ref[1], np.float64, np.abs(ref[1]) + 1)
+
+
+def test_optimizer_accepts_a_module_and_zero_grad(backend, rng):
+    model = fp.nn.Sequential(fp.nn.Dense(3, 2))
+    opt = optim.SGD(model, lr=0.1)
+    assert opt.params == model.parameters()
+    for p in model.parameters():
+        p.grad[...] = 1.0
+    opt.zero_grad()
+    assert not any(p.grad.any() for p in model.parameters())
+    assert opt.lr == 0.1
+    assert "SGD" in repr(opt)
+
+
+def test_zero_lr_changes_nothing_but_state(backend, rng):
+    params = _params(rng, np.float64)
+    before = [p.value.copy() for p in params]
+    opt = optim.Adam(params, lr=0.0)
+    for p in params:
+        p.grad[...] = 1.0
+    opt.step()
+    assert all(np.array_equal(p.value, b) for p, b in zip(params, before))
+    assert opt.state[0]["exp_avg"].any()
+
+
+def test_optimizer_by_name():
+    ps = [fp.Parameter(np.zeros(2))]
+    assert isinstance(optim.get("adam", ps), optim.Adam)
+    assert isinstance(optim.get("SGD", ps), optim.SGD)
+    assert optim.get("sgd", ps).lr == 0.01
+    o = optim.RMSprop(ps)
+    assert optim.get(o, ps) is o
+
+
+# --------------------------------------------------------------------------- clipping
+def test_clip_grad_norm_scales_as_pytorch(backend, dtype, rng):
+    params = _params(rng, dtype)
+    for p in params:
+        p.grad[...] = 3 * rng.standard_normal(p.shape)
+    g0 = [p.grad.astype(np.float64) for p in params]
+    total = math.sqrt(sum(float((g ** 2).sum()) for g in g0))
+    assert total > 1.0
+    norm = fp.clip_grad_norm(params, 1.0)
+    assert isinstance(norm, float)
+    assert norm == pytest.approx(total, rel=1e-12)   # the norm before clipping
+    coef = 1.0 / (total + 1e-6)                       # torch: max_norm / (norm + 1e-6)
+    for p, g in zip(params, g0):
+        assert_close(p.grad, g * coef, dtype, np.abs(g * coef))
+    after = math.sqrt(sum(float((p.grad.astype(np.float64) ** 2).sum()) for p in params))
+    assert after == pytest.approx(1.0, rel=1e-5)
+
+
+def test_clip_grad_norm_below_threshold_is_a_no_op(backend, dtype, rng):
+    params = _params(rng, dtype)
+    for p in params:
+        p.grad[...] = 0.01 * rng.standard_normal(p.shape)
+    before = [p.grad.copy() for p in params]
+    norm = fp.clip_grad_norm(params, 10.0)
+    expected = math.sqrt(sum(float((b.astype(np.float64) ** 2).sum()) for b in before))
+    assert norm == pytest.approx(expected, rel=1e-12)
+    assert all(np.array_equal(p.grad, b) for p, b in zip(params, before))
+
+
+def test_clip_grad_norm_mixed_dtypes_and_nonfinite(backend, rng):
+    a = fp.Parameter(np.zeros(3, np.float32))
+    b = fp.Parameter(np.zeros(2, np.float64))
+    a.grad[...] = [3.0, 0.0, 0.0]
+    b.grad[...] = [0.0, 4.0]
+    assert fp.clip_grad_norm([a, b], 2.5) == pytest.approx(5.0, rel=1e-12)
+    assert a.grad[0] == pytest.approx(1.5, rel=1e-6) and b.grad[1] == pytest.approx(2.0, rel=1e-6)
+    b.grad[0] = np.inf
+    before = a.grad.copy(), b.grad.copy()
+    assert fp.clip_grad_norm([a, b], 1.0) == math.inf
+    assert np.array_equal(a.grad, before[0]) and np.array_equal(b.grad, before[1])
+
+
+def test_clip_grad_value(backend, dtype, rng):
+    params = _params(rng, dtype)
+    for p in params:
+        p.grad[...] = 2 * rng.standard_normal(p.shape)
+    before = [p.grad.copy() for p in params]
+    assert fp.clip_grad_value(params, 0.5) is None
+    for p, b in zip(params, before):
+        assert np.array_equal(p.grad, np.clip(b, -0.5, 0.5))
+        assert p.grad.dtype == dtype
+
+
+# --------------------------------------------------------------------------- state_dict
+@pytest.mark.parametrize("name,make,book,gscale", CASES, ids=CASE_IDS)
+def test_state_dict_round_trip(backend, rng, name, make, book, gscale):
+    params_a = _params(rng, np.float64)
+    params_b = [fp.Parameter(p.value) for p in params_a]
+    opt_a = make(params_a)
+    grads = _grads(rng, SHAPES, gscale)
+    for grads_t in grads[:2]:
+        for p, g in zip(params_a, grads_t):
+            p.grad[...] = g
+        opt_a.step()
+    sd = opt_a.state_dict()
+    for pa, pb in zip(params_a, params_b):
+        pb.value[...] = pa.value
+    opt_b = make(params_b)
+    opt_b.load_state_dict(sd)
+    assert opt_b.step_count == 2
+    # the state dict is a copy: scribbling on it changes neither optimizer
+    for s in sd["state"]:
+        for arr in s.values():
+            arr[...] = 123.0
+    for grads_t in grads[2:]:
+        for pa, pb, g in zip(params_a, params_b, grads_t):
+            pa.grad[...] = g
+            pb.grad[...] = g
+        opt_a.step()
+        opt_b.step()
+    for pa, pb in zip(params_a, params_b):
+        assert np.array_equal(pa.value, pb.value)
+    assert snapshot(optimizer=opt_a) == snapshot(optimizer=opt_b)
+
+
+def test_load_state_dict_rejects_other_optimizer_and_keeps_state(backend, rng):
+    params = _params(rng, np.float32)
+    adam = optim.Adam(params)
+    for p in params:
+        p.grad[...] = 1.0
+    adam.step()
+    before = snapshot(optimizer=adam)
+    sgd_sd = optim.SGD(params, lr=0.1, momentum=0.9).state_dict()
+    with pytest.raises(ValueError, match="SGD"):
+        adam.load_state_dict(sgd_sd)
+    bad = adam.state_dict()
+    bad["state"][1]["exp_avg"] = np.zeros((7, 7))
+    with pytest.raises(ValueError, match="shape"):
+        adam.load_state_dict(bad)
+    bad = adam.state_dict()
+    bad["state"] = bad["state"][:1]
+    with pytest.raises(ValueError, match="parameters"):
+        adam.load_state_dict(bad)
+    assert snapshot(optimizer=adam) == before
