@@ -1,0 +1,159 @@
+"""fp.save / fp.load: identical predictions, clear errors, atomic writes."""
+
+import os
+import pathlib
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import nn, optim
+
+
+def _trained_model(rng, dtype=np.float32):
+    model = nn.Sequential(
+        nn.Dense(4, 8, "leaky_relu", alpha=0.2, rng=0, dtype=dtype),
+        nn.BatchNorm1d(8, momentum=0.3, dtype=dtype),
+        nn.Dropout(0.25, seed=1),
+        nn.Residual(nn.Sequential(nn.Dense(8, 8, "gelu", rng=2, dtype=dtype),
+                                  nn.LayerNorm(8, dtype=dtype))),
+        nn.Tanh(),
+        nn.Dense(8, 3, "softmax", bias=False, rng=3, dtype=dtype),
+        nn.Dense(3, 3, rng=4, dtype=dtype),
+    )
+    X = rng.standard_normal((64, 4))
+    y = rng.integers(0, 3, 64)
+    model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 0.01),
+              epochs=2, batch_size=16, seed=0, verbose=0)
+    return model, X
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_round_trip_gives_identical_predictions(backend, rng, tmp_path, dtype):
+    model, X = _trained_model(rng, dtype)
+    bn = model[1]
+    assert bn.running_mean.any() and not np.allclose(bn.running_var, 1)  # non-trivial stats
+    path = tmp_path / "model.fp"
+    fp.save(model, path)
+    loaded = fp.load(path)
+    assert repr(loaded) == repr(model)
+    assert np.array_equal(loaded.predict(X), model.predict(X))
+    for (na, a), (nb, b) in zip(model.state_arrays(), loaded.state_arrays()):
+        assert na == nb and a.dtype == b.dtype and np.array_equal(a, b)
+    assert np.array_equal(loaded[1].running_mean, bn.running_mean)
+    assert np.array_equal(loaded[1].running_var, bn.running_var)
+    assert loaded[0].alpha == 0.2 and loaded[5].bias is None
+    assert [m.training for m in loaded.modules()] == [m.training for m in model.modules()]
+    # the loaded model is independent of the file and trainable
+    loaded.fit(X, np.zeros(64, int), loss="cross_entropy", optimizer="sgd", epochs=1, verbose=0)
+    assert np.array_equal(fp.load(path).predict(X), model.predict(X))
+
+
+def test_round_trip_eval_mode_and_str_path(backend, rng, tmp_path):
+    model, X = _trained_model(rng)
+    model.eval()
+    path = str(tmp_path / "m.bin")
+    fp.save(model, path)
+    loaded = fp.load(path)
+    assert not any(m.training for m in loaded.modules())
+    assert np.array_equal(loaded(X.astype(np.float32)), model(X.astype(np.float32)))
+
+
+def test_single_layer_and_extra_arrays(tmp_path, rng):
+    layer = nn.Dense(3, 2, "sigmoid", rng=0)
+    fp.save(layer, tmp_path / "d.fp", extra={"classes": np.array([3, 7])})
+    loaded = fp.load(tmp_path / "d.fp")
+    assert isinstance(loaded, nn.Dense) and loaded.activation == "sigmoid"
+    assert np.array_equal(loaded.weight.value, layer.weight.value)
+    assert np.array_equal(loaded._extra["classes"], [3, 7])
+
+
+def test_save_overwrites_existing_file(tmp_path):
+    path = tmp_path / "m.fp"
+    fp.save(nn.Dense(2, 2, rng=0), path)
+    second = nn.Dense(2, 5, rng=1)
+    fp.save(second, path)
+    assert np.array_equal(fp.load(path).weight.value, second.weight.value)
+
+
+def test_missing_file_raises_oserror(tmp_path):
+    with pytest.raises(OSError):
+        fp.load(tmp_path / "nope.fp")
+    with pytest.raises(OSError):
+        fp.load(tmp_path)  # a directory
+
+
+def _saved_bytes(tmp_path):
+    path = tmp_path / "good.fp"
+    model = nn.Sequential(nn.Dense(3, 4, "relu", rng=0), nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+    fp.save(model, path)
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("keep", [0, 1, 5, 9, 20, 0.5, -33, -32, -1])
+def test_truncated_file_raises_valueerror(tmp_path, keep):
+    blob = _saved_bytes(tmp_path)
+    n = int(len(blob) * keep) if isinstance(keep, float) else (keep % len(blob) if keep < 0
+                                                               else keep)
+    bad = tmp_path / "bad.fp"
+    bad.write_bytes(blob[:n])
+    with pytest.raises(ValueError):
+        fp.load(bad)
+
+
+@pytest.mark.parametrize("where", [0, 3, 9, 12, 20, 40, 0.5, -40, -1])
+def test_corrupted_byte_raises_valueerror(tmp_path, where):
+    blob = bytearray(_saved_bytes(tmp_path))
+    i = int(len(blob) * where) if isinstance(where, float) else where
+    blob[i] ^= 0x5A
+    bad = tmp_path / "bad.fp"
+    bad.write_bytes(bytes(blob))
+    with pytest.raises(ValueError):
+        fp.load(bad)
+
+
+def test_foreign_files_raise_valueerror(tmp_path):
+    for i, content in enumerate([b"", b"hello world" * 10, b"\x93NUMPY" + b"\0" * 100,
+                                 os.urandom(500)]):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(content)
+        with pytest.raises(ValueError):
+            fp.load(path)
+
+
+def test_appended_bytes_raise_valueerror(tmp_path):
+    bad = tmp_path / "bad.fp"
+    bad.write_bytes(_saved_bytes(tmp_path) + b"\0")
+    with pytest.raises(ValueError):
+        fp.load(bad)
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    model = nn.Sequential(nn.Dense(3, 2, rng=0))
+    fp.save(model, tmp_path / "a.fp")
+    fp.save(model, tmp_path / "a.fp")
+    fp.save(model, pathlib.Path(tmp_path, "b.fp"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.fp", "b.fp"]
+
+
+def test_failed_write_keeps_old_file_and_cleans_up(tmp_path, monkeypatch):
+    path = tmp_path / "m.fp"
+    old = nn.Dense(2, 2, rng=0)
+    fp.save(old, path)
+    old_bytes = path.read_bytes()
+
+    def failing_fsync(fd):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(OSError, match="disk full"):
+        fp.save(nn.Dense(2, 3, rng=1), path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old_bytes
+    assert [p.name for p in tmp_path.iterdir()] == ["m.fp"]
+
+
+def test_save_rejects_non_modules(tmp_path):
+    with pytest.raises(TypeError, match="Module"):
+        fp.save({"w": np.zeros(3)}, tmp_path / "x.fp")
+    assert list(tmp_path.iterdir()) == []

@@ -1,0 +1,259 @@
+"""fit / predict / evaluate / compile and History."""
+
+import copy
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import nn, optim
+from _support import snapshot
+
+
+def blobs(rng, n=200, d=2, classes=2, spread=0.5):
+    centers = 4 * rng.standard_normal((classes, d))
+    y = np.arange(n) % classes
+    X = centers[y] + spread * rng.standard_normal((n, d))
+    return X, y
+
+
+def mlp(d=2, h=8, out=2, seed=0, dtype=np.float32):
+    return nn.Sequential(nn.Dense(d, h, "relu", rng=seed, dtype=dtype),
+                         nn.Dense(h, out, rng=seed + 1, dtype=dtype))
+
+
+def test_fit_history_and_high_accuracy(backend, rng):
+    X, y = blobs(rng, n=240, classes=3)
+    model = mlp(out=3)
+    hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 0.05),
+                     epochs=15, batch_size=16, seed=0, verbose=0)
+    assert isinstance(hist, fp.History)
+    assert hist.epoch == list(range(15))
+    assert set(hist.history) == {"loss", "accuracy"}
+    assert len(hist["loss"]) == len(hist["accuracy"]) == 15
+    assert hist["loss"][-1] < hist["loss"][0]
+    assert hist["accuracy"][-1] >= 0.95
+    pred = model.predict(X).argmax(1)
+    assert np.mean(pred == y) >= 0.95
+    # evaluate agrees with the loss of predict's output
+    ev = model.evaluate(X, y, loss="cross_entropy")
+    assert ev == pytest.approx(fp.losses.SoftmaxCrossEntropy()(model.predict(X), y), rel=1e-5)
+    assert ev < 0.2
+
+
+def test_fit_binary_logistic_regression(backend, rng):
+    X, y = blobs(rng, n=200, classes=2)
+    model = nn.Sequential(nn.Dense(2, 1, rng=0))
+    hist = model.fit(X, y.astype(float), loss=fp.losses.BinaryCrossEntropy(from_logits=True),
+                     optimizer=optim.SGD(model.parameters(), lr=0.5), epochs=30, verbose=0,
+                     seed=1)
+    assert hist["accuracy"][-1] >= 0.95
+    assert hist["loss"][-1] < 0.2
+
+
+def test_fit_regression_mse(backend, rng):
+    X = rng.standard_normal((128, 3))
+    w = np.array([[1.0], [-2.0], [0.5]])
+    y = X @ w + 0.3
+    model = nn.Dense(3, 1, dtype=np.float64, rng=0)
+    hist = model.fit(X, y, loss="mse", optimizer=optim.SGD(model.parameters(), lr=0.1),
+                     epochs=40, batch_size=16, verbose=0, seed=0)
+    assert set(hist.history) == {"loss"}
+    assert hist["loss"][-1] < 1e-6
+    assert np.allclose(model.weight.value, w, atol=1e-3)
+    assert model.bias.value[0] == pytest.approx(0.3, abs=1e-3)
+
+
+def test_validation_split_holds_out_the_last_samples(backend, rng):
+    X, y = blobs(rng, n=100, classes=2)
+    model = mlp()
+    hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.1),
+                     epochs=3, validation_split=0.2, shuffle=False, seed=0, verbose=0)
+    assert set(hist.history) == {"loss", "accuracy", "val_loss", "val_accuracy"}
+    assert len(hist["val_loss"]) == 3
+    Xv, yv = X[-20:], y[-20:]
+    assert hist["val_loss"][-1] == pytest.approx(model.evaluate(Xv, yv, loss="cross_entropy"),
+                                                 rel=1e-6)
+    acc = np.mean(model.predict(Xv).argmax(1) == yv)
+    assert hist["val_accuracy"][-1] == pytest.approx(acc)
+
+
+def test_validation_split_trains_only_on_the_first_samples(backend, rng):
+    """One full-batch epoch equals one manual step on the first 80% of the data."""
+    X, y = blobs(rng, n=50, classes=2)
+    model = mlp(dtype=np.float64)
+    twin = copy.deepcopy(model)
+    model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.1),
+              epochs=1, batch_size=1000, validation_split=0.2, shuffle=False, verbose=0)
+    opt = optim.SGD(twin.parameters(), lr=0.1)
+    loss = fp.losses.SoftmaxCrossEntropy()
+    twin.zero_grad()
+    loss(twin(X[:40]), y[:40])
+    twin.backward(loss.backward())
+    opt.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert np.allclose(p.value, q.value, rtol=1e-12, atol=1e-14)
+
+
+def test_validation_data(backend, rng):
+    X, y = blobs(rng, n=80, classes=2)
+    Xv, yv = blobs(np.random.default_rng(99), n=30, classes=2)
+    model = mlp()
+    hist = model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2,
+                     validation_data=(Xv, yv), verbose=0, seed=0)
+    assert len(hist["val_loss"]) == 2 and len(hist["val_accuracy"]) == 2
+    assert hist["val_loss"][-1] == pytest.approx(model.evaluate(Xv, yv, loss="cross_entropy"),
+                                                 rel=1e-6)
+
+
+def _train_with_dropout(seed, X, y):
+    model = nn.Sequential(nn.Dense(2, 16, "relu", rng=0), nn.Dropout(0.3),
+                          nn.Dense(16, 2, rng=1))
+    hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 0.01),
+                     epochs=3, batch_size=8, seed=seed, verbose=0)
+    return model, hist
+
+
+def test_seeded_fit_is_reproducible(backend, rng):
+    X, y = blobs(rng, n=64)
+    m1, h1 = _train_with_dropout(5, X, y)
+    m2, h2 = _train_with_dropout(5, X, y)
+    m3, _ = _train_with_dropout(6, X, y)
+    assert h1.history == h2.history
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        assert np.array_equal(p.value, q.value)
+    assert any(not np.array_equal(p.value, q.value)
+               for p, q in zip(m1.parameters(), m3.parameters()))
+
+
+def test_shuffle_changes_the_batches(backend, rng):
+    X, y = blobs(rng, n=64)
+    results = []
+    for shuffle in (False, True):
+        model = mlp()
+        model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.1),
+                  epochs=1, batch_size=8, shuffle=shuffle, seed=0, verbose=0)
+        results.append(model[0].weight.value.copy())
+    assert not np.array_equal(*results)
+
+
+def test_verbose_0_prints_nothing(backend, rng, capfd):
+    X, y = blobs(rng, n=40)
+    model = mlp()
+    model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, verbose=0,
+              validation_split=0.25)
+    model.predict(X)
+    model.evaluate(X, y, loss="cross_entropy")
+    out, err = capfd.readouterr()
+    assert out == "" and err == ""
+
+
+def test_verbose_1_and_2_report_progress(backend, rng, capfd):
+    X, y = blobs(rng, n=40)
+    model = mlp()
+    model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, verbose=2)
+    out, err = capfd.readouterr()
+    assert "Epoch 1/2" in out and "Epoch 2/2" in out and "loss" in out
+    model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, verbose=1)
+    out, err = capfd.readouterr()
+    assert "Epoch 1/1" in out + err and "samples" in out + err
+
+
+def test_compile_step_equals_manual_step(backend, rng):
+    X, y = blobs(rng, n=16, classes=3)
+    model = nn.Sequential(nn.Dense(2, 5, "tanh", rng=0), nn.Dense(5, 3, rng=1))
+    twin = copy.deepcopy(model)
+    step = model.compile(loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 0.01))
+    twin_opt = optim.Adam(twin.parameters(), 0.01)
+    twin_loss = fp.losses.SoftmaxCrossEntropy()
+    for _ in range(3):
+        value = step(X, y)
+        twin.zero_grad()
+        out = twin(X)
+        ref = twin_loss(out, y)
+        twin.backward(twin_loss.backward())
+        twin_opt.step()
+        assert value == pytest.approx(ref, rel=1e-6)
+        assert np.allclose(step.output, out, rtol=1e-5, atol=1e-6)
+    step.sync()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert np.allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+        assert np.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6)
+    # fit and evaluate pick up the compiled loss and optimizer
+    hist = model.fit(X, y, epochs=1, verbose=0)
+    assert "accuracy" in hist.history
+    assert model.evaluate(X, y) == pytest.approx(
+        fp.losses.SoftmaxCrossEntropy()(model.predict(X), y), rel=1e-6)
+
+
+def test_compile_step_python_path_with_non_dense_layers(backend, rng):
+    X, y = blobs(rng, n=16)
+    model = nn.Sequential(nn.Dense(2, 4, rng=0), nn.LayerNorm(4), nn.ReLU(), nn.Dense(4, 2, rng=1))
+    twin = copy.deepcopy(model)
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+    value = step(X, y)
+    loss = fp.losses.SoftmaxCrossEntropy()
+    ref = loss(twin(X), y)
+    twin.backward(loss.backward())
+    optim.SGD(twin.parameters(), lr=0.1).step()
+    assert value == pytest.approx(ref, rel=1e-6)
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert np.allclose(p.value, q.value, rtol=1e-5, atol=1e-6)
+
+
+def test_predict_batches_and_modes(backend, rng):
+    model = nn.Sequential(nn.Dense(3, 4, "relu", rng=0), nn.BatchNorm1d(4), nn.Dropout(0.5),
+                          nn.Dense(4, 2, rng=1))
+    X = rng.standard_normal((23, 3))
+    model.train()
+    full = model.predict(X)
+    assert all(m.training for m in model.modules())  # mode restored
+    assert full.shape == (23, 2) and full.dtype == np.float32
+    assert np.array_equal(model.predict(X, batch_size=5), full)
+    model.eval()
+    assert np.array_equal(model(X.astype(np.float32)), full)   # eval: no dropout
+    assert model.predict(np.empty((0, 3))).shape == (0, 2)
+    out = model.predict(X[:4])
+    out[...] = 0  # predict returns a fresh array
+    assert np.array_equal(model.predict(X[:4]), full[:4])
+
+
+def test_fit_zero_epochs_changes_nothing(backend, rng):
+    X, y = blobs(rng, n=20)
+    model = mlp()
+    opt = optim.Adam(model.parameters())
+    before = snapshot(model, opt)
+    hist = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=0, verbose=0)
+    assert hist.epoch == [] and hist.history == {}
+    assert snapshot(model, opt) == before
+
+
+def test_fit_last_partial_batch_and_float64_model(backend, rng):
+    X, y = blobs(rng, n=21)
+    model = mlp(dtype=np.float64)
+    step_counts = []
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=8, verbose=0)
+    step_counts.append(opt.step_count)
+    assert step_counts == [6]  # ceil(21 / 8) = 3 steps per epoch
+    assert model[0].weight.dtype == np.float64
+
+
+def test_nonfinite_raises_and_keeps_parameters(backend, rng):
+    X, y = blobs(rng, n=16)
+    model = mlp()
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    model[1].bias.value[0] = np.nan
+    before = [p.value.tobytes() for p in model.parameters()]
+    state = snapshot(optimizer=opt)
+    with np.errstate(all="ignore"):
+        with pytest.raises(fp.NonFiniteError):
+            model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0)
+    assert [p.value.tobytes() for p in model.parameters()] == before
+    assert snapshot(optimizer=opt) == state
+    assert opt.step_count == 0
+    with np.errstate(all="ignore"):
+        hist = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4,
+                         verbose=0, on_nonfinite="skip")
+    assert hist.skipped_steps == 4
+    assert opt.step_count == 0
