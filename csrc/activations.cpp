@@ -1,0 +1,166 @@
+// activations.cpp - activation functions forward and backward (per ISA unit).
+//
+// Computes y = act(x) and grad_x = grad_y * act'(.) for identity, relu, leaky_relu,
+// sigmoid, tanh, gelu (tanh approximation) and row-wise softmax, on (rows, cols)
+// C-contiguous arrays; y may alias x and grad_x may alias grad_y.
+//
+// Algorithm: one pass per element (softmax: three passes per row: max, exp and
+// sum, scale), split over OpenMP threads above 64k elements.  Backward of relu,
+// leaky_relu, sigmoid, tanh and softmax uses the forward output y; gelu uses x.
+// Formulas:
+//   sigmoid(x) = 1/(1+e) for x >= 0 and e/(1+e) for x < 0 with e = exp(-|x|)
+//   gelu(x)    = 0.5 x (1 + tanh(u)) = x s, s = sigmoid(2u),
+//                u = sqrt(2/pi) (x + 0.044715 x^3);
+//   gelu'(x)   = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
+//   softmax    = exp(x - max) / sum, sum accumulated in double.
+// Accuracy: elementwise results are within a few ulp of T (libm exp/tanh); the
+// gelu form has no cancellation for x << 0, so it is more accurate there than the
+// literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
+#include "isa_common.hpp"
+#include "kernels.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluK = 0.044715;
+
+// Rows of softmax per thread chunk: enough rows for kElementGrain elements.
+inline index_t row_grain(index_t cols) {
+    const index_t g = kElementGrain / (cols > 0 ? cols : 1);
+    return g > 0 ? g : 1;
+}
+
+template <typename T>
+inline T gelu_sigmoid(T x) {  // s = sigmoid(2u)
+    const T u = T(kGeluC) * (x + T(kGeluK) * x * x * x);
+    return sigmoid(T(2) * u);
+}
+
+template <typename T>
+void softmax_rows(index_t r0, index_t r1, index_t cols, const T* x, T* y) {
+    for (index_t r = r0; r < r1; ++r) {
+        const T* xr = x + r * cols;
+        T* yr = y + r * cols;
+        T mx = xr[0];
+        for (index_t j = 1; j < cols; ++j) mx = fp_max(mx, xr[j]);
+        double sum = 0.0;
+        for (index_t j = 0; j < cols; ++j) {
+            const T e = fp_exp(xr[j] - mx);
+            yr[j] = e;
+            sum += e;
+        }
+        const T inv = T(1.0 / sum);
+        for (index_t j = 0; j < cols; ++j) yr[j] *= inv;
+    }
+}
+
+template <typename T>
+void softmax_backward_rows(index_t r0, index_t r1, index_t cols, const T* gy, const T* y,
+                           T* gx) {
+    for (index_t r = r0; r < r1; ++r) {
+        const T* gr = gy + r * cols;
+        const T* yr = y + r * cols;
+        T* out = gx + r * cols;
+        double dot = 0.0;
+        for (index_t j = 0; j < cols; ++j) dot += double(gr[j]) * double(yr[j]);
+        const T d = T(dot);
+        for (index_t j = 0; j < cols; ++j) out[j] = yr[j] * (gr[j] - d);
+    }
+}
+
+}  // namespace
+
+template <typename T>
+void activation_forward(int act, double alpha, index_t rows, index_t cols, const T* x, T* y) {
+    const index_t size = rows * cols;
+    if (size <= 0) return;
+    if (act == kSoftmax) {
+        parallel_for(rows, row_grain(cols), [&](index_t r0, index_t r1) {
+            softmax_rows(r0, r1, cols, x, y);
+        });
+        return;
+    }
+    const T a = T(alpha);
+    parallel_for(size, kElementGrain, [&](index_t i0, index_t i1) {
+        switch (act) {
+            case kIdentity:
+                if (x != y)
+                    for (index_t i = i0; i < i1; ++i) y[i] = x[i];
+                break;
+            case kRelu:  // x < 0 ? 0 : x keeps NaN, like np.maximum
+                for (index_t i = i0; i < i1; ++i) y[i] = x[i] < T(0) ? T(0) : x[i];
+                break;
+            case kLeakyRelu:
+                for (index_t i = i0; i < i1; ++i) y[i] = x[i] > T(0) ? x[i] : x[i] * a;
+                break;
+            case kSigmoid:
+                for (index_t i = i0; i < i1; ++i) y[i] = sigmoid(x[i]);
+                break;
+            case kTanh:
+                for (index_t i = i0; i < i1; ++i) y[i] = fp_tanh(x[i]);
+                break;
+            case kGelu:
+                for (index_t i = i0; i < i1; ++i) y[i] = x[i] * gelu_sigmoid(x[i]);
+                break;
+            default:
+                break;
+        }
+    });
+}
+
+template <typename T>
+void activation_backward(int act, double alpha, index_t rows, index_t cols, const T* gy,
+                         const T* x, const T* y, T* gx) {
+    const index_t size = rows * cols;
+    if (size <= 0) return;
+    if (act == kSoftmax) {
+        parallel_for(rows, row_grain(cols), [&](index_t r0, index_t r1) {
+            softmax_backward_rows(r0, r1, cols, gy, y, gx);
+        });
+        return;
+    }
+    const T a = T(alpha);
+    parallel_for(size, kElementGrain, [&](index_t i0, index_t i1) {
+        switch (act) {
+            case kIdentity:
+                if (gx != gy)
+                    for (index_t i = i0; i < i1; ++i) gx[i] = gy[i];
+                break;
+            case kRelu:
+                for (index_t i = i0; i < i1; ++i) gx[i] = gy[i] * (y[i] > T(0) ? T(1) : T(0));
+                break;
+            case kLeakyRelu:
+                for (index_t i = i0; i < i1; ++i) gx[i] = gy[i] * (y[i] > T(0) ? T(1) : a);
+                break;
+            case kSigmoid:
+                for (index_t i = i0; i < i1; ++i) gx[i] = gy[i] * (y[i] * (T(1) - y[i]));
+                break;
+            case kTanh:
+                for (index_t i = i0; i < i1; ++i) gx[i] = gy[i] * (T(1) - y[i] * y[i]);
+                break;
+            case kGelu:
+                for (index_t i = i0; i < i1; ++i) {
+                    const T xi = x[i];
+                    const T s = gelu_sigmoid(xi);
+                    const T du = T(kGeluC) * (T(1) + T(3 * kGeluK) * xi * xi);
+                    gx[i] = gy[i] * (s + T(2) * xi * s * (T(1) - s) * du);
+                }
+                break;
+            default:
+                break;
+        }
+    });
+}
+
+template void activation_forward<float>(int, double, index_t, index_t, const float*, float*);
+template void activation_forward<double>(int, double, index_t, index_t, const double*,
+                                         double*);
+template void activation_backward<float>(int, double, index_t, index_t, const float*,
+                                         const float*, const float*, float*);
+template void activation_backward<double>(int, double, index_t, index_t, const double*,
+                                          const double*, const double*, double*);
+
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

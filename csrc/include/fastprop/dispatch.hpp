@@ -1,0 +1,35 @@
+// fastprop/dispatch.hpp - runtime ISA selection and threading controls.
+//
+// The kernel table is chosen once, on the first call of any kernel or of
+// init_dispatch(): the best ISA the CPU and OS support (cpuid + xgetbv on x86),
+// unless the environment variable FASTPROP_ISA names another ("generic" forces the
+// reference path; an ISA the CPU lacks falls back to generic and says so in
+// dispatch_note()).
+#pragma once
+
+namespace fastprop {
+
+struct CpuFeatures {
+    bool sse4_2;
+    bool avx;
+    bool avx2;
+    bool fma;
+    bool avx512f;
+};
+
+void init_dispatch() noexcept;
+const char* isa_name() noexcept;         // "generic" or "avx2"
+const char* isa_requested() noexcept;    // FASTPROP_ISA as read ("" when unset)
+const char* dispatch_note() noexcept;    // "" or why the request was not honoured
+const char* available_isas() noexcept;   // e.g. "generic,avx2" (built and usable)
+CpuFeatures cpu_features() noexcept;
+
+bool openmp_enabled() noexcept;
+int get_num_threads() noexcept;          // omp_get_max_threads(), 1 without OpenMP
+void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
+
+const char* compiler_id() noexcept;
+const char* baseline_flags() noexcept;
+const char* avx2_flags() noexcept;
+
+}  // namespace fastprop

@@ -1,0 +1,34 @@
+// fastprop/norms.hpp - batch and layer normalisation, forward and backward.
+//
+// x (n, f) C-contiguous; gamma, beta (f,).  Batch norm normalises each column over
+// the n rows (statistics mean/invstd are (f,)); layer norm normalises each row over
+// its f columns (statistics (n,)).  invstd = 1 / sqrt(biased var + eps).  All
+// statistics and the normalised values are computed in double (two-pass variance)
+// and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
+// grad_x is overwritten.
+#pragma once
+
+#include "fastprop/common.hpp"
+
+namespace fastprop {
+
+#define FASTPROP_DECLARE_NORMS(T)                                                         \
+    void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma,              \
+                           const T* beta, double eps, T* y, T* mean, T* invstd) noexcept; \
+    void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma,         \
+                                const T* beta, const T* running_mean,                     \
+                                const T* running_var, double eps, T* y) noexcept;         \
+    void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x,            \
+                            const T* gamma, const T* mean, const T* invstd, T* grad_x,    \
+                            T* grad_gamma, T* grad_beta) noexcept;                        \
+    void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma,              \
+                           const T* beta, double eps, T* y, T* mean, T* invstd) noexcept; \
+    void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x,            \
+                            const T* gamma, const T* mean, const T* invstd, T* grad_x,    \
+                            T* grad_gamma, T* grad_beta) noexcept;
+
+FASTPROP_DECLARE_NORMS(float)
+FASTPROP_DECLARE_NORMS(double)
+#undef FASTPROP_DECLARE_NORMS
+
+}  // namespace fastprop

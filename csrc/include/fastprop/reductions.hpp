@@ -1,0 +1,21 @@
+// fastprop/reductions.hpp - whole-tensor reductions and in-place maps used by
+// gradient clipping: sum of squares (accumulated in double, 8 interleaved partial
+// sums per thread, combined in a fixed order), scale and clip in place.
+#pragma once
+
+#include "fastprop/common.hpp"
+
+namespace fastprop {
+
+double sum_squares(index_t size, const float* x) noexcept;
+double sum_squares(index_t size, const double* x) noexcept;
+
+// x *= factor (factor rounded to T once).
+void scale(index_t size, float* x, double factor) noexcept;
+void scale(index_t size, double* x, double factor) noexcept;
+
+// x = min(max(x, lo), hi); NaN stays NaN.
+void clip(index_t size, float* x, double lo, double hi) noexcept;
+void clip(index_t size, double* x, double lo, double hi) noexcept;
+
+}  // namespace fastprop

@@ -1,0 +1,166 @@
+// isa_common.hpp - helpers for the ISA units: scalar math, min/max, threading.
+//
+// Everything here has internal linkage (an unnamed namespace inside
+// fastprop::<isa>), and nothing calls a std:: template or inline function: the
+// math goes through compiler builtins (libm calls or inline code), min/max are our
+// own.  So an AVX2 unit never emits a weak symbol that the linker could pick for the
+// baseline unit (the -march=native / ODR hazard NumPy and PyTorch guard against).
+//
+// Threading: parallel_for / parallel_sum split [0, n) into one contiguous chunk per
+// thread when the work is large enough (at least `grain` items per thread) and no
+// OpenMP region is already active; thread count from omp_get_max_threads().
+// parallel_sum combines per-thread partial sums in thread order, so the result is
+// deterministic for a given thread count.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+
+#include "fastprop/common.hpp"
+
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+#if !(defined(__GNUC__) || defined(__clang__))
+#include <math.h>
+#endif
+
+#ifndef FASTPROP_ISA_NS
+#error "compile ISA units with -DFASTPROP_ISA_NS=<isa>"
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTPROP_RESTRICT __restrict__
+#elif defined(_MSC_VER)
+#define FASTPROP_RESTRICT __restrict
+#else
+#define FASTPROP_RESTRICT
+#endif
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+// Elements per thread below which elementwise loops stay serial (64k elements in
+// all before a second thread starts).
+constexpr index_t kElementGrain = 32768;
+
+// ------------------------------------------------------------------ min / max
+template <typename T>
+inline T fp_min(T a, T b) {
+    return b < a ? b : a;
+}
+template <typename T>
+inline T fp_max(T a, T b) {
+    return a < b ? b : a;
+}
+
+// ------------------------------------------------------------------ math
+#if defined(__GNUC__) || defined(__clang__)
+inline float fp_exp(float x) { return __builtin_expf(x); }
+inline double fp_exp(double x) { return __builtin_exp(x); }
+inline float fp_log(float x) { return __builtin_logf(x); }
+inline double fp_log(double x) { return __builtin_log(x); }
+inline double fp_log1p(double x) { return __builtin_log1p(x); }
+inline float fp_tanh(float x) { return __builtin_tanhf(x); }
+inline double fp_tanh(double x) { return __builtin_tanh(x); }
+inline float fp_sqrt(float x) { return __builtin_sqrtf(x); }
+inline double fp_sqrt(double x) { return __builtin_sqrt(x); }
+inline float fp_abs(float x) { return __builtin_fabsf(x); }
+inline double fp_abs(double x) { return __builtin_fabs(x); }
+#else
+inline float fp_exp(float x) { return ::expf(x); }
+inline double fp_exp(double x) { return ::exp(x); }
+inline float fp_log(float x) { return ::logf(x); }
+inline double fp_log(double x) { return ::log(x); }
+inline double fp_log1p(double x) { return ::log1p(x); }
+inline float fp_tanh(float x) { return ::tanhf(x); }
+inline double fp_tanh(double x) { return ::tanh(x); }
+inline float fp_sqrt(float x) { return ::sqrtf(x); }
+inline double fp_sqrt(double x) { return ::sqrt(x); }
+inline float fp_abs(float x) { return ::fabsf(x); }
+inline double fp_abs(double x) { return ::fabs(x); }
+#endif
+
+// Logistic sigmoid, stable for any finite x: exp(-|x|) never overflows.
+template <typename T>
+inline T sigmoid(T x) {
+    const T e = fp_exp(-fp_abs(x));
+    const T r = T(1) / (T(1) + e);
+    return x >= T(0) ? r : e * r;
+}
+
+// ------------------------------------------------------------------ threads
+inline int max_threads() {
+#if defined(_OPENMP)
+    return omp_in_parallel() ? 1 : omp_get_max_threads();
+#else
+    return 1;
+#endif
+}
+
+// Number of threads worth using for `work` units when each thread needs `grain`.
+inline int threads_for(index_t work, index_t grain) {
+    const int nt = max_threads();
+    if (nt <= 1 || work < 2 * grain) return 1;
+    const index_t useful = work / grain;
+    return useful < nt ? static_cast<int>(useful) : nt;
+}
+
+// body(begin, end) over one contiguous chunk of [0, n) per thread.  Chunk
+// boundaries are multiples of 16 items so vector loops start aligned.
+template <typename F>
+inline void parallel_for(index_t n, index_t grain, F&& body) {
+#if defined(_OPENMP)
+    const int nt = threads_for(n, grain);
+    if (nt > 1) {
+#pragma omp parallel num_threads(nt)
+        {
+            const index_t t = omp_get_thread_num();
+            const index_t nthreads = omp_get_num_threads();
+            index_t chunk = (n + nthreads - 1) / nthreads;
+            chunk = (chunk + 15) & ~index_t(15);
+            const index_t begin = t * chunk;
+            const index_t end = fp_min(n, begin + chunk);
+            if (begin < end) body(begin, end);
+        }
+        return;
+    }
+#endif
+    body(index_t(0), n);
+}
+
+// Sum of body(begin, end) -> double over per-thread chunks, combined in order.
+template <typename F>
+inline double parallel_sum(index_t n, index_t grain, F&& body) {
+#if defined(_OPENMP)
+    constexpr int kMaxThreads = 256;
+    int nt = threads_for(n, grain);
+    if (nt > kMaxThreads) nt = kMaxThreads;
+    if (nt > 1) {
+        double partial[kMaxThreads];
+        for (int i = 0; i < nt; ++i) partial[i] = 0.0;
+        int used = nt;
+#pragma omp parallel num_threads(nt)
+        {
+            const index_t t = omp_get_thread_num();
+            const index_t nthreads = omp_get_num_threads();
+#pragma omp single
+            used = static_cast<int>(nthreads);
+            index_t chunk = (n + nthreads - 1) / nthreads;
+            chunk = (chunk + 15) & ~index_t(15);
+            const index_t begin = t * chunk;
+            const index_t end = fp_min(n, begin + chunk);
+            if (begin < end) partial[t] = body(begin, end);
+        }
+        double total = 0.0;
+        for (int i = 0; i < used; ++i) total += partial[i];
+        return total;
+    }
+#endif
+    return body(index_t(0), n);
+}
+
+}  // namespace
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

@@ -1,0 +1,137 @@
+// losses.cpp - softmax cross-entropy, binary cross-entropy and mean squared error
+// (per ISA unit): mean loss and its gradient with respect to the prediction.
+//
+// Algorithm: one parallel pass over rows (softmax_xent) or elements (bce, mse);
+// per-thread loss partials summed in double and combined in thread order.
+//   softmax_xent: per row m = max x, s = sum exp(x - m) (double), lse = log s;
+//     loss_i = lse - (x_label - m) or -sum_j t_j ((x_j - m) - lse);
+//     grad = (exp(x - m) / s - t) / n.  Never overflows: every exponent is <= 0.
+//   bce (probabilities): -(t max(log p, -100) + (1-t) max(log1p(-p), -100)),
+//     grad = (p - t) / max(p (1-p), 1e-12) / N (PyTorch's clamping).
+//   bce (logits): max(x, 0) - x t + log1p(exp(-|x|)), grad = (sigmoid(x) - t) / N.
+//   mse: mean (p - t)^2 (x 1/2 when half), grad = 2 (p - t) / N (x 1/2).
+// Accuracy: losses and gradients are evaluated in double and rounded to T once;
+// the loss sum is exact to about N * 2^-53 relative.
+#include "isa_common.hpp"
+#include "kernels.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+
+template <typename T>
+double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* labels,
+                    const T* targets, T* grad) {
+    if (n <= 0 || c <= 0) return 0.0;
+    const double inv_n = 1.0 / double(n);
+    const index_t grain = fp_max<index_t>(1, kElementGrain / c);
+    const double total = parallel_sum(n, grain, [&](index_t r0, index_t r1) {
+        double loss = 0.0;
+        for (index_t r = r0; r < r1; ++r) {
+            const T* x = logits + r * c;
+            T mx = x[0];
+            for (index_t j = 1; j < c; ++j) mx = fp_max(mx, x[j]);
+            const double m = double(mx);
+            double s = 0.0;
+            if (grad != nullptr) {
+                T* g = grad + r * c;
+                for (index_t j = 0; j < c; ++j) {
+                    const double e = fp_exp(double(x[j]) - m);
+                    g[j] = T(e);
+                    s += e;
+                }
+            } else {
+                for (index_t j = 0; j < c; ++j) s += fp_exp(double(x[j]) - m);
+            }
+            const double lse = fp_log(s);
+            if (labels != nullptr) {
+                loss += lse - (double(x[labels[r]]) - m);
+            } else {
+                const T* t = targets + r * c;
+                double row = 0.0;
+                for (index_t j = 0; j < c; ++j) row -= double(t[j]) * ((double(x[j]) - m) - lse);
+                loss += row;
+            }
+            if (grad != nullptr) {
+                T* g = grad + r * c;
+                const double scale = inv_n / s;
+                if (labels != nullptr) {
+                    for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * scale);
+                    const index_t l = labels[r];
+                    g[l] = T((fp_exp(double(x[l]) - m) / s - 1.0) * inv_n);
+                } else {
+                    const T* t = targets + r * c;
+                    for (index_t j = 0; j < c; ++j)
+                        g[j] = T(double(g[j]) * scale - double(t[j]) * inv_n);
+                }
+            }
+        }
+        return loss;
+    });
+    return total * inv_n;
+}
+
+template <typename T>
+double bce(index_t count, const T* pred, const T* target, bool from_logits, T* grad) {
+    if (count <= 0) return 0.0;
+    const double inv_n = 1.0 / double(count);
+    const double total = parallel_sum(count, kElementGrain, [&](index_t b, index_t e) {
+        double loss = 0.0;
+        if (from_logits) {
+            for (index_t i = b; i < e; ++i) {
+                const double x = double(pred[i]), t = double(target[i]);
+                loss += fp_max(x, 0.0) - x * t + fp_log1p(fp_exp(-fp_abs(x)));
+                if (grad != nullptr) grad[i] = T((sigmoid(x) - t) * inv_n);
+            }
+        } else {
+            for (index_t i = b; i < e; ++i) {
+                const double p = double(pred[i]), t = double(target[i]);
+                const double log_p = fp_max(fp_log(p), -100.0);
+                const double log_1p = fp_max(fp_log1p(-p), -100.0);
+                loss -= t * log_p + (1.0 - t) * log_1p;
+                if (grad != nullptr)
+                    grad[i] = T((p - t) / fp_max(p * (1.0 - p), 1e-12) * inv_n);
+            }
+        }
+        return loss;
+    });
+    return total * inv_n;
+}
+
+template <typename T>
+double mse(index_t count, const T* pred, const T* target, bool half, T* grad) {
+    if (count <= 0) return 0.0;
+    const double scale = half ? 0.5 : 1.0;
+    const double gscale = 2.0 * scale / double(count);
+    const double total = parallel_sum(count, kElementGrain, [&](index_t b, index_t e) {
+        constexpr int kLanes = 8;
+        double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+        index_t i = b;
+        for (; i + kLanes <= e; i += kLanes) {
+            for (int l = 0; l < kLanes; ++l) {
+                const double d = double(pred[i + l]) - double(target[i + l]);
+                acc[l] += d * d;
+            }
+        }
+        for (int l = 0; i < e; ++i, ++l) {
+            const double d = double(pred[i]) - double(target[i]);
+            acc[l] += d * d;
+        }
+        if (grad != nullptr)
+            for (index_t j = b; j < e; ++j)
+                grad[j] = T((double(pred[j]) - double(target[j])) * gscale);
+        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    });
+    return scale * total / double(count);
+}
+
+template double softmax_xent<float>(index_t, index_t, const float*, const std::int64_t*,
+                                    const float*, float*);
+template double softmax_xent<double>(index_t, index_t, const double*, const std::int64_t*,
+                                     const double*, double*);
+template double bce<float>(index_t, const float*, const float*, bool, float*);
+template double bce<double>(index_t, const double*, const double*, bool, double*);
+template double mse<float>(index_t, const float*, const float*, bool, float*);
+template double mse<double>(index_t, const double*, const double*, bool, double*);
+
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

@@ -1,0 +1,236 @@
+// norms.cpp - batch normalisation (statistics per column over the batch) and layer
+// normalisation (statistics per row over the features), forward and backward
+// (per ISA unit).  x is (n, f), C-contiguous.
+//
+// Algorithm: batch norm walks 256-column strips (double accumulators on the stack,
+// rows streamed in order): a pass for the mean, one for the biased variance
+// (two-pass, no cancellation), one for y; strips run on separate threads when the
+// tensor is large.  Layer norm does the same per row, rows split over threads.
+// Backward uses the saved mean and invstd:
+//   xhat = (x - mean) invstd
+//   batch: grad_x = gamma invstd / n (n g - sum_rows g - xhat sum_rows(g xhat))
+//   layer: gh = g gamma; grad_x = invstd / f (f gh - sum_cols gh - xhat sum_cols(gh xhat))
+//   grad_gamma += sum_rows(g xhat), grad_beta += sum_rows g (sums rounded to T, added in T)
+// Accuracy: statistics, xhat and outputs are computed in double and rounded to T
+// once, matching the NumPy reference to about one ulp of T.
+#include "isa_common.hpp"
+#include "kernels.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+constexpr index_t kStrip = 256;
+
+// body(j0, w) over the 256-column strips of f columns, strips split over threads
+// when rows * f is large.
+template <typename F>
+void for_each_strip(index_t rows, index_t f, F&& body) {
+    const index_t strips = (f + kStrip - 1) / kStrip;
+    const index_t per_strip = fp_max<index_t>(1, rows * kStrip);
+    const index_t grain = fp_max<index_t>(1, kElementGrain / per_strip);
+    parallel_for(strips, grain, [&](index_t s0, index_t s1) {
+        for (index_t s = s0; s < s1; ++s) {
+            const index_t j0 = s * kStrip;
+            body(j0, fp_min(kStrip, f - j0));
+        }
+    });
+}
+
+inline index_t row_grain(index_t f) { return fp_max<index_t>(1, kElementGrain / fp_max<index_t>(f, 1)); }
+
+// Layer norm: column sums of g and g * xhat over the rows of one strip, added to
+// grad_beta and grad_gamma (each sum rounded to T, then added in T).
+template <typename T>
+void layernorm_affine_grads(index_t n, index_t f, index_t j0, index_t w, const T* gy,
+                            const T* x, const T* mean, const T* invstd, T* grad_gamma,
+                            T* grad_beta) {
+    double sg[kStrip], sgx[kStrip];
+    for (index_t j = 0; j < w; ++j) sg[j] = sgx[j] = 0.0;
+    for (index_t r = 0; r < n; ++r) {
+        const T* gr = gy + r * f + j0;
+        const T* xr = x + r * f + j0;
+        const double m = double(mean[r]), is = double(invstd[r]);
+        for (index_t j = 0; j < w; ++j) {
+            const double g = double(gr[j]);
+            sg[j] += g;
+            sgx[j] += g * ((double(xr[j]) - m) * is);
+        }
+    }
+    for (index_t j = 0; j < w; ++j) {
+        grad_beta[j0 + j] += T(sg[j]);
+        grad_gamma[j0 + j] += T(sgx[j]);
+    }
+}
+
+}  // namespace
+
+template <typename T>
+void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
+                       double eps, T* y, T* mean, T* invstd) {
+    if (n <= 0 || f <= 0) return;
+    const double inv_n = 1.0 / double(n);
+    for_each_strip(n, f, [&](index_t j0, index_t w) {
+        double mu[kStrip], inv[kStrip];
+        for (index_t j = 0; j < w; ++j) mu[j] = inv[j] = 0.0;
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) mu[j] += double(xr[j]);
+        }
+        for (index_t j = 0; j < w; ++j) mu[j] *= inv_n;
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) {
+                const double d = double(xr[j]) - mu[j];
+                inv[j] += d * d;
+            }
+        }
+        for (index_t j = 0; j < w; ++j) {
+            inv[j] = 1.0 / fp_sqrt(inv[j] * inv_n + eps);
+            mean[j0 + j] = T(mu[j]);
+            invstd[j0 + j] = T(inv[j]);
+        }
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            T* yr = y + r * f + j0;
+            for (index_t j = 0; j < w; ++j)
+                yr[j] = T((double(xr[j]) - mu[j]) * inv[j] * double(gamma[j0 + j]) +
+                          double(beta[j0 + j]));
+        }
+    });
+}
+
+template <typename T>
+void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
+                            const T* running_mean, const T* running_var, double eps, T* y) {
+    if (n <= 0 || f <= 0) return;
+    for_each_strip(n, f, [&](index_t j0, index_t w) {
+        double scale[kStrip], shift[kStrip], rm[kStrip];
+        for (index_t j = 0; j < w; ++j) {
+            scale[j] = double(gamma[j0 + j]) / fp_sqrt(double(running_var[j0 + j]) + eps);
+            shift[j] = double(beta[j0 + j]);
+            rm[j] = double(running_mean[j0 + j]);
+        }
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            T* yr = y + r * f + j0;
+            for (index_t j = 0; j < w; ++j) yr[j] = T((double(xr[j]) - rm[j]) * scale[j] + shift[j]);
+        }
+    });
+}
+
+template <typename T>
+void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const T* gamma,
+                        const T* mean, const T* invstd, T* grad_x, T* grad_gamma,
+                        T* grad_beta) {
+    if (n <= 0 || f <= 0) return;
+    const double dn = double(n);
+    for_each_strip(n, f, [&](index_t j0, index_t w) {
+        double mu[kStrip], inv[kStrip], sg[kStrip], sgx[kStrip], coef[kStrip];
+        for (index_t j = 0; j < w; ++j) {
+            mu[j] = double(mean[j0 + j]);
+            inv[j] = double(invstd[j0 + j]);
+            sg[j] = sgx[j] = 0.0;
+        }
+        for (index_t r = 0; r < n; ++r) {
+            const T* gr = grad_y + r * f + j0;
+            const T* xr = x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) {
+                const double g = double(gr[j]);
+                sg[j] += g;
+                sgx[j] += g * ((double(xr[j]) - mu[j]) * inv[j]);
+            }
+        }
+        for (index_t j = 0; j < w; ++j) {
+            coef[j] = double(gamma[j0 + j]) * inv[j] / dn;
+            grad_beta[j0 + j] += T(sg[j]);
+            grad_gamma[j0 + j] += T(sgx[j]);
+        }
+        for (index_t r = 0; r < n; ++r) {
+            const T* gr = grad_y + r * f + j0;
+            const T* xr = x + r * f + j0;
+            T* out = grad_x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) {
+                const double xhat = (double(xr[j]) - mu[j]) * inv[j];
+                out[j] = T(coef[j] * (dn * double(gr[j]) - sg[j] - xhat * sgx[j]));
+            }
+        }
+    });
+}
+
+template <typename T>
+void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
+                       double eps, T* y, T* mean, T* invstd) {
+    if (n <= 0 || f <= 0) return;
+    const double inv_f = 1.0 / double(f);
+    parallel_for(n, row_grain(f), [&](index_t r0, index_t r1) {
+        for (index_t r = r0; r < r1; ++r) {
+            const T* xr = x + r * f;
+            T* yr = y + r * f;
+            double s = 0.0;
+            for (index_t j = 0; j < f; ++j) s += double(xr[j]);
+            const double mu = s * inv_f;
+            double q = 0.0;
+            for (index_t j = 0; j < f; ++j) {
+                const double d = double(xr[j]) - mu;
+                q += d * d;
+            }
+            const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
+            mean[r] = T(mu);
+            invstd[r] = T(inv);
+            for (index_t j = 0; j < f; ++j)
+                yr[j] = T((double(xr[j]) - mu) * inv * double(gamma[j]) + double(beta[j]));
+        }
+    });
+}
+
+template <typename T>
+void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const T* gamma,
+                        const T* mean, const T* invstd, T* grad_x, T* grad_gamma,
+                        T* grad_beta) {
+    if (n <= 0 || f <= 0) return;
+    const double df = double(f);
+    // grad_gamma / grad_beta: column sums over the rows, strip by strip.
+    for_each_strip(n, f, [&](index_t j0, index_t w) {
+        layernorm_affine_grads(n, f, j0, w, grad_y, x, mean, invstd, grad_gamma, grad_beta);
+    });
+    // grad_x: row by row.
+    parallel_for(n, row_grain(f), [&](index_t r0, index_t r1) {
+        for (index_t r = r0; r < r1; ++r) {
+            const T* gr = grad_y + r * f;
+            const T* xr = x + r * f;
+            T* out = grad_x + r * f;
+            const double m = double(mean[r]), inv = double(invstd[r]);
+            double sgh = 0.0, sghx = 0.0;
+            for (index_t j = 0; j < f; ++j) {
+                const double gh = double(gr[j]) * double(gamma[j]);
+                sgh += gh;
+                sghx += gh * ((double(xr[j]) - m) * inv);
+            }
+            const double coef = inv / df;
+            for (index_t j = 0; j < f; ++j) {
+                const double gh = double(gr[j]) * double(gamma[j]);
+                const double xhat = (double(xr[j]) - m) * inv;
+                out[j] = T(coef * (df * gh - sgh - xhat * sghx));
+            }
+        }
+    });
+}
+
+#define FASTPROP_INSTANTIATE_NORMS(T)                                                      \
+    template void batchnorm_forward<T>(index_t, index_t, const T*, const T*, const T*,     \
+                                       double, T*, T*, T*);                                \
+    template void batchnorm_forward_eval<T>(index_t, index_t, const T*, const T*, const T*, \
+                                            const T*, const T*, double, T*);               \
+    template void batchnorm_backward<T>(index_t, index_t, const T*, const T*, const T*,    \
+                                        const T*, const T*, T*, T*, T*);                   \
+    template void layernorm_forward<T>(index_t, index_t, const T*, const T*, const T*,     \
+                                       double, T*, T*, T*);                                \
+    template void layernorm_backward<T>(index_t, index_t, const T*, const T*, const T*,    \
+                                        const T*, const T*, T*, T*, T*);
+FASTPROP_INSTANTIATE_NORMS(float)
+FASTPROP_INSTANTIATE_NORMS(double)
+#undef FASTPROP_INSTANTIATE_NORMS
+
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

@@ -1,0 +1,64 @@
+// runtime.cpp - per-thread scratch memory for the kernels (baseline unit only).
+//
+// thread_scratch(slot, bytes) hands out a 64-byte aligned buffer per thread and
+// slot, grown geometrically on demand and kept for the life of the thread (OpenMP
+// worker threads persist, so steady-state kernels never allocate).  Freed at thread
+// exit by a thread_local owner.  Compiled once, with baseline flags.
+#include "runtime.hpp"
+
+#include <cstdlib>
+
+#if defined(_WIN32)
+#include <malloc.h>
+#endif
+
+namespace fastprop {
+namespace detail {
+namespace {
+
+constexpr int kSlots = 4;
+
+void* aligned_alloc_bytes(std::size_t bytes) noexcept {
+#if defined(_WIN32)
+    return _aligned_malloc(bytes, 64);
+#else
+    void* p = nullptr;
+    return posix_memalign(&p, 64, bytes) == 0 ? p : nullptr;
+#endif
+}
+
+void aligned_free(void* p) noexcept {
+#if defined(_WIN32)
+    _aligned_free(p);
+#else
+    std::free(p);
+#endif
+}
+
+struct ScratchOwner {
+    void* ptr[kSlots] = {};
+    std::size_t size[kSlots] = {};
+    ~ScratchOwner() {
+        for (int i = 0; i < kSlots; ++i) aligned_free(ptr[i]);
+    }
+};
+
+thread_local ScratchOwner tls_scratch;
+
+}  // namespace
+
+void* thread_scratch(int slot, std::size_t bytes) noexcept {
+    if (slot < 0 || slot >= kSlots) return nullptr;
+    ScratchOwner& s = tls_scratch;
+    if (bytes == 0) bytes = 64;
+    if (s.size[slot] >= bytes) return s.ptr[slot];
+    std::size_t want = s.size[slot] * 2 > bytes ? s.size[slot] * 2 : bytes;
+    want = (want + 63) & ~std::size_t(63);
+    aligned_free(s.ptr[slot]);
+    s.ptr[slot] = aligned_alloc_bytes(want);
+    s.size[slot] = s.ptr[slot] != nullptr ? want : 0;
+    return s.ptr[slot];
+}
+
+}  // namespace detail
+}  // namespace fastprop

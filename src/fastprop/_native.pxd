@@ -1,0 +1,170 @@
+# cython: language_level=3
+"""Tier 1: declarations of the C++ kernel API (csrc/include/fastprop/*.hpp).
+
+Every function is ``noexcept nogil``: the kernels never raise and never touch
+Python objects.  C++ names get an ``fp_`` prefix here so that the ``def`` wrappers
+in _native.pyx can carry the contract's names; each is overloaded for float and
+double.
+"""
+
+from libc.stdint cimport int64_t
+from libcpp cimport bool as cbool
+
+
+cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
+    cdef struct CpuFeatures "fastprop::CpuFeatures":
+        cbool sse4_2
+        cbool avx
+        cbool avx2
+        cbool fma
+        cbool avx512f
+
+    void fp_init_dispatch "fastprop::init_dispatch"() noexcept
+    const char* fp_isa_name "fastprop::isa_name"() noexcept
+    const char* fp_isa_requested "fastprop::isa_requested"() noexcept
+    const char* fp_dispatch_note "fastprop::dispatch_note"() noexcept
+    const char* fp_available_isas "fastprop::available_isas"() noexcept
+    CpuFeatures fp_cpu_features "fastprop::cpu_features"() noexcept
+    cbool fp_openmp_enabled "fastprop::openmp_enabled"() noexcept
+    int fp_get_num_threads "fastprop::get_num_threads"() noexcept
+    void fp_set_num_threads "fastprop::set_num_threads"(int n) noexcept
+    const char* fp_compiler_id "fastprop::compiler_id"() noexcept
+    const char* fp_baseline_flags "fastprop::baseline_flags"() noexcept
+    const char* fp_avx2_flags "fastprop::avx2_flags"() noexcept
+
+
+cdef extern from "fastprop/gemm.hpp" nogil:
+    void fp_gemm "fastprop::gemm"(cbool trans_a, cbool trans_b, int64_t m, int64_t n,
+                                  int64_t k, float alpha, const float* a, int64_t lda,
+                                  const float* b, int64_t ldb, float beta, float* c,
+                                  int64_t ldc) noexcept
+    void fp_gemm "fastprop::gemm"(cbool trans_a, cbool trans_b, int64_t m, int64_t n,
+                                  int64_t k, double alpha, const double* a, int64_t lda,
+                                  const double* b, int64_t ldb, double beta, double* c,
+                                  int64_t ldc) noexcept
+
+
+cdef extern from "fastprop/linear.hpp" nogil:
+    void fp_linear_forward "fastprop::linear_forward"(
+        int64_t n, int64_t n_in, int64_t n_out, const float* x, const float* w,
+        const float* b, int act, double alpha, float* y, float* z) noexcept
+    void fp_linear_forward "fastprop::linear_forward"(
+        int64_t n, int64_t n_in, int64_t n_out, const double* x, const double* w,
+        const double* b, int act, double alpha, double* y, double* z) noexcept
+    void fp_linear_backward "fastprop::linear_backward"(
+        int64_t n, int64_t n_in, int64_t n_out, const float* grad_y, const float* x,
+        const float* w, const float* y, const float* z, int act, double alpha,
+        float* grad_x, float* grad_w, float* grad_b, float* work, cbool accumulate) noexcept
+    void fp_linear_backward "fastprop::linear_backward"(
+        int64_t n, int64_t n_in, int64_t n_out, const double* grad_y, const double* x,
+        const double* w, const double* y, const double* z, int act, double alpha,
+        double* grad_x, double* grad_w, double* grad_b, double* work,
+        cbool accumulate) noexcept
+
+
+cdef extern from "fastprop/activations.hpp" nogil:
+    void fp_activation_forward "fastprop::activation_forward"(
+        int act, double alpha, int64_t rows, int64_t cols, const float* x, float* y) noexcept
+    void fp_activation_forward "fastprop::activation_forward"(
+        int act, double alpha, int64_t rows, int64_t cols, const double* x,
+        double* y) noexcept
+    void fp_activation_backward "fastprop::activation_backward"(
+        int act, double alpha, int64_t rows, int64_t cols, const float* grad_y,
+        const float* x, const float* y, float* grad_x) noexcept
+    void fp_activation_backward "fastprop::activation_backward"(
+        int act, double alpha, int64_t rows, int64_t cols, const double* grad_y,
+        const double* x, const double* y, double* grad_x) noexcept
+
+
+cdef extern from "fastprop/losses.hpp" nogil:
+    double fp_softmax_xent "fastprop::softmax_xent"(
+        int64_t n, int64_t c, const float* logits, const int64_t* labels,
+        const float* targets, float* grad) noexcept
+    double fp_softmax_xent "fastprop::softmax_xent"(
+        int64_t n, int64_t c, const double* logits, const int64_t* labels,
+        const double* targets, double* grad) noexcept
+    double fp_bce "fastprop::bce"(int64_t count, const float* pred, const float* target,
+                                  cbool from_logits, float* grad) noexcept
+    double fp_bce "fastprop::bce"(int64_t count, const double* pred, const double* target,
+                                  cbool from_logits, double* grad) noexcept
+    double fp_mse "fastprop::mse"(int64_t count, const float* pred, const float* target,
+                                  cbool half, float* grad) noexcept
+    double fp_mse "fastprop::mse"(int64_t count, const double* pred, const double* target,
+                                  cbool half, double* grad) noexcept
+
+
+cdef extern from "fastprop/optim.hpp" nogil:
+    void fp_sgd_update "fastprop::sgd_update"(
+        int64_t size, float* p, const float* g, float* buf, double lr, double momentum,
+        cbool nesterov, double weight_decay, cbool first) noexcept
+    void fp_sgd_update "fastprop::sgd_update"(
+        int64_t size, double* p, const double* g, double* buf, double lr, double momentum,
+        cbool nesterov, double weight_decay, cbool first) noexcept
+    void fp_adam_update "fastprop::adam_update"(
+        int64_t size, float* p, const float* g, float* m, float* v, int64_t step,
+        double lr, double beta1, double beta2, double eps, double weight_decay,
+        cbool decoupled) noexcept
+    void fp_adam_update "fastprop::adam_update"(
+        int64_t size, double* p, const double* g, double* m, double* v, int64_t step,
+        double lr, double beta1, double beta2, double eps, double weight_decay,
+        cbool decoupled) noexcept
+    void fp_rmsprop_update "fastprop::rmsprop_update"(
+        int64_t size, float* p, const float* g, float* square_avg, float* buf, double lr,
+        double alpha, double eps, double momentum, double weight_decay) noexcept
+    void fp_rmsprop_update "fastprop::rmsprop_update"(
+        int64_t size, double* p, const double* g, double* square_avg, double* buf,
+        double lr, double alpha, double eps, double momentum, double weight_decay) noexcept
+    void fp_adagrad_update "fastprop::adagrad_update"(
+        int64_t size, float* p, const float* g, float* sum, double lr, double eps,
+        double weight_decay) noexcept
+    void fp_adagrad_update "fastprop::adagrad_update"(
+        int64_t size, double* p, const double* g, double* sum, double lr, double eps,
+        double weight_decay) noexcept
+
+
+cdef extern from "fastprop/reductions.hpp" nogil:
+    double fp_sum_squares "fastprop::sum_squares"(int64_t size, const float* x) noexcept
+    double fp_sum_squares "fastprop::sum_squares"(int64_t size, const double* x) noexcept
+    void fp_scale "fastprop::scale"(int64_t size, float* x, double factor) noexcept
+    void fp_scale "fastprop::scale"(int64_t size, double* x, double factor) noexcept
+    void fp_clip "fastprop::clip"(int64_t size, float* x, double lo, double hi) noexcept
+    void fp_clip "fastprop::clip"(int64_t size, double* x, double lo, double hi) noexcept
+
+
+cdef extern from "fastprop/norms.hpp" nogil:
+    void fp_batchnorm_forward "fastprop::batchnorm_forward"(
+        int64_t n, int64_t f, const float* x, const float* gamma, const float* beta,
+        double eps, float* y, float* mean, float* invstd) noexcept
+    void fp_batchnorm_forward "fastprop::batchnorm_forward"(
+        int64_t n, int64_t f, const double* x, const double* gamma, const double* beta,
+        double eps, double* y, double* mean, double* invstd) noexcept
+    void fp_batchnorm_forward_eval "fastprop::batchnorm_forward_eval"(
+        int64_t n, int64_t f, const float* x, const float* gamma, const float* beta,
+        const float* running_mean, const float* running_var, double eps,
+        float* y) noexcept
+    void fp_batchnorm_forward_eval "fastprop::batchnorm_forward_eval"(
+        int64_t n, int64_t f, const double* x, const double* gamma, const double* beta,
+        const double* running_mean, const double* running_var, double eps,
+        double* y) noexcept
+    void fp_batchnorm_backward "fastprop::batchnorm_backward"(
+        int64_t n, int64_t f, const float* grad_y, const float* x, const float* gamma,
+        const float* mean, const float* invstd, float* grad_x, float* grad_gamma,
+        float* grad_beta) noexcept
+    void fp_batchnorm_backward "fastprop::batchnorm_backward"(
+        int64_t n, int64_t f, const double* grad_y, const double* x, const double* gamma,
+        const double* mean, const double* invstd, double* grad_x, double* grad_gamma,
+        double* grad_beta) noexcept
+    void fp_layernorm_forward "fastprop::layernorm_forward"(
+        int64_t n, int64_t f, const float* x, const float* gamma, const float* beta,
+        double eps, float* y, float* mean, float* invstd) noexcept
+    void fp_layernorm_forward "fastprop::layernorm_forward"(
+        int64_t n, int64_t f, const double* x, const double* gamma, const double* beta,
+        double eps, double* y, double* mean, double* invstd) noexcept
+    void fp_layernorm_backward "fastprop::layernorm_backward"(
+        int64_t n, int64_t f, const float* grad_y, const float* x, const float* gamma,
+        const float* mean, const float* invstd, float* grad_x, float* grad_gamma,
+        float* grad_beta) noexcept
+    void fp_layernorm_backward "fastprop::layernorm_backward"(
+        int64_t n, int64_t f, const double* grad_y, const double* x, const double* gamma,
+        const double* mean, const double* invstd, double* grad_x, double* grad_gamma,
+        double* grad_beta) noexcept

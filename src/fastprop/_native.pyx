@@ -1,0 +1,950 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
+# cython: cdivision=True, embedsignature=True
+"""Native kernels of fastprop (C++ through Cython), the ``native`` backend.
+
+Tier 2 of the two-tier scikit-learn layout: thin ``def`` wrappers with exactly the
+signatures of the kernel contract (:mod:`fastprop.backends`).  Each wrapper checks
+the dtype once and calls a ``cdef`` specialisation for float or double that takes
+typed memoryviews (fixed-rank arguments) or holds raw buffers (any-shape
+arguments), checks that the shapes agree (cheap integer checks: the C++ kernels
+never read or write out of bounds), derives leading dimensions from strides,
+releases the GIL and calls the C++ kernel declared in _native.pxd.
+
+Errors: TypeError for a wrong dtype, ValueError for a wrong shape or layout, each
+naming the argument.  The Python layer (fastprop.ops, nn, losses, optim) validates
+values before it gets here; these checks only guard memory safety.
+"""
+
+from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
+                             PyBuffer_Release, PyObject_GetBuffer)
+from cython cimport floating
+from libc.stdint cimport int64_t
+
+import numpy as np
+
+cdef object _F32 = np.dtype(np.float32)
+cdef object _F64 = np.dtype(np.float64)
+cdef object _I64 = np.dtype(np.int64)
+
+cdef enum:
+    ACT_IDENTITY = 0
+    ACT_RELU = 1
+    ACT_LEAKY_RELU = 2
+    ACT_SIGMOID = 3
+    ACT_TANH = 4
+    ACT_GELU = 5
+    ACT_SOFTMAX = 6
+    N_ACTIVATIONS = 7
+
+fp_init_dispatch()  # choose the kernel table now (reads FASTPROP_ISA)
+
+
+# ------------------------------------------------------------------ configuration
+def isa():
+    """The instruction set of the kernels in use: "generic" or "avx2"."""
+    return fp_isa_name().decode("ascii")
+
+
+def isa_requested():
+    """FASTPROP_ISA as read at import (lower-cased; "" when unset)."""
+    return fp_isa_requested().decode("ascii", "replace")
+
+
+def isa_note():
+    """Why the FASTPROP_ISA request was not honoured ("" when it was, or unset)."""
+    return fp_dispatch_note().decode("ascii", "replace")
+
+
+def available_isas():
+    """The kernel sets this build and this CPU can run, e.g. ["generic", "avx2"]."""
+    return fp_available_isas().decode("ascii").split(",")
+
+
+def cpu_features():
+    """CPU features as detected (cpuid, and xgetbv for OS support of AVX state)."""
+    cdef CpuFeatures f = fp_cpu_features()
+    return {"sse4_2": bool(f.sse4_2), "avx": bool(f.avx), "avx2": bool(f.avx2),
+            "fma": bool(f.fma), "avx512f": bool(f.avx512f)}
+
+
+def openmp():
+    """Whether the kernels were built with OpenMP threads."""
+    return bool(fp_openmp_enabled())
+
+
+def get_num_threads():
+    """Threads a kernel may use: omp_get_max_threads() (1 without OpenMP)."""
+    return fp_get_num_threads()
+
+
+def set_num_threads(n):
+    """Set the OpenMP thread count (omp_set_num_threads), n >= 1."""
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
+        raise TypeError(f"n must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"n must be >= 1, got {n}")
+    fp_set_num_threads(<int>min(int(n), 1 << 20))
+
+
+def build_info():
+    """Compiler and per-ISA compile flags of the C++ kernels."""
+    return {"compiler": fp_compiler_id().decode("ascii", "replace"),
+            "baseline_flags": fp_baseline_flags().decode("ascii", "replace"),
+            "avx2_flags": fp_avx2_flags().decode("ascii", "replace")}
+
+
+# ------------------------------------------------------------------ checking helpers
+cdef int _kind(object arr, str name) except -1:
+    """4 for a float32 array, 8 for float64; TypeError otherwise."""
+    try:
+        dt = arr.dtype
+    except AttributeError:
+        raise TypeError(f"{name} must be a NumPy array, got {type(arr).__name__}") from None
+    if dt is _F32:
+        return 4
+    if dt is _F64:
+        return 8
+    if dt == _F32:
+        return 4
+    if dt == _F64:
+        return 8
+    raise TypeError(f"{name} must be float32 or float64, got dtype {dt}")
+
+
+cdef int _same_kind(object arr, int kind, str name, bint required=True) except -1:
+    """Check arr's dtype matches kind; None is accepted only when not required."""
+    if arr is None:
+        if required:
+            raise TypeError(f"{name} must be an array, got None")
+        return 0
+    if _kind(arr, name) != kind:
+        raise TypeError(f"{name} must have dtype {'float32' if kind == 4 else 'float64'}, "
+                        f"got {arr.dtype}")
+    return 0
+
+
+cdef int _check_act(int act) except -1:
+    if act < 0 or act >= N_ACTIVATIONS:
+        raise ValueError(f"unknown activation code {act}; expected 0..{N_ACTIVATIONS - 1}")
+    return 0
+
+
+cdef str _fmt(Py_ssize_t* shape, int ndim):
+    return "(" + ", ".join([str(shape[i]) for i in range(ndim)]) + ("," if ndim == 1 else "") + ")"
+
+
+cdef int _shape_error(str name, str expected, Py_ssize_t* got, int ndim) except -1:
+    raise ValueError(f"{name} must have shape {expected}, got shape {_fmt(got, ndim)}")
+
+
+cdef inline int _need2(str name, Py_ssize_t* shape, Py_ssize_t r, Py_ssize_t c) except -1:
+    if shape[0] != r or shape[1] != c:
+        _shape_error(name, f"({r}, {c})", shape, 2)
+    return 0
+
+
+cdef inline int _need1(str name, Py_ssize_t* shape, Py_ssize_t r) except -1:
+    if shape[0] != r:
+        _shape_error(name, f"({r},)", shape, 1)
+    return 0
+
+
+cdef int64_t _lead(str name, Py_ssize_t rows, Py_ssize_t cols, Py_ssize_t s0,
+                   Py_ssize_t s1, Py_ssize_t item) except -1:
+    """Leading dimension (in elements) of a 2-D operand with a unit-stride last axis."""
+    if cols > 1 and s1 != item:
+        raise ValueError(f"{name} must have a unit-stride last axis, got strides ({s0}, {s1})")
+    if rows <= 1:
+        return cols if cols > 0 else 1
+    if s0 < 0 or s0 % item != 0:
+        raise ValueError(f"{name} must have a non-negative first-axis stride that is a "
+                         f"multiple of {item} bytes, got strides ({s0}, {s1})")
+    return s0 // item
+
+
+cdef class _Held:
+    """Py_buffer views of any-shape C-contiguous arrays, held for one kernel call."""
+    cdef Py_buffer views[8]
+    cdef int count
+
+    def __cinit__(self):
+        self.count = 0
+
+    cdef Py_buffer* take(self, object obj, int kind, bint writable, str name,
+                         Py_ssize_t index=-1) except NULL:
+        cdef Py_buffer* v
+        cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT
+        if writable:
+            flags |= PyBUF_WRITABLE
+        if self.count >= 8:
+            raise RuntimeError("internal error: too many buffers held")
+        if index >= 0:
+            name = f"{name}[{index}]"
+        _same_kind(obj, kind, name)
+        v = &self.views[self.count]
+        try:
+            PyObject_GetBuffer(obj, v, flags)
+        except (BufferError, ValueError) as exc:
+            raise ValueError(f"{name}: {exc}") from None
+        self.count += 1
+        if v.itemsize != kind:
+            raise TypeError(f"{name} must have {kind}-byte floats, got itemsize {v.itemsize}")
+        return v
+
+    cdef void release(self) noexcept:
+        while self.count > 0:
+            self.count -= 1
+            PyBuffer_Release(&self.views[self.count])
+
+    def __dealloc__(self):
+        self.release()
+
+
+cdef int _same_shape(Py_buffer* a, Py_buffer* b, str name_a, str name_b,
+                     Py_ssize_t index=-1) except -1:
+    cdef int i
+    cdef bint same = a.ndim == b.ndim
+    if same:
+        for i in range(a.ndim):
+            if a.shape[i] != b.shape[i]:
+                same = False
+                break
+    if not same:
+        if index >= 0:
+            name_a, name_b = f"{name_a}[{index}]", f"{name_b}[{index}]"
+        raise ValueError(f"{name_b} must have the shape of {name_a}, "
+                         f"{_fmt(a.shape, a.ndim)}, got {_fmt(b.shape, b.ndim)}")
+    return 0
+
+
+cdef inline int64_t _size(Py_buffer* v) noexcept:
+    return v.len // v.itemsize
+
+
+# ------------------------------------------------------------------ GEMM, dense layer
+cdef int _gemm(const floating[:, :] a, const floating[:, :] b, floating[:, :] c,
+               bint trans_a, bint trans_b, bint accumulate) except -1:
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef int64_t m = c.shape[0], n = c.shape[1]
+    cdef int64_t am = a.shape[1] if trans_a else a.shape[0]
+    cdef int64_t k = a.shape[0] if trans_a else a.shape[1]
+    cdef int64_t bk = b.shape[1] if trans_b else b.shape[0]
+    cdef int64_t bn = b.shape[0] if trans_b else b.shape[1]
+    if am != m or bk != k or bn != n:
+        raise ValueError(
+            f"gemm: shapes do not agree: op(a) is ({am}, {k}), op(b) is ({bk}, {bn}), "
+            f"c is ({m}, {n}) (trans_a={bool(trans_a)}, trans_b={bool(trans_b)})")
+    cdef int64_t lda = _lead("a", a.shape[0], a.shape[1], a.strides[0], a.strides[1], item)
+    cdef int64_t ldb = _lead("b", b.shape[0], b.shape[1], b.strides[0], b.strides[1], item)
+    cdef int64_t ldc = _lead("c", c.shape[0], c.shape[1], c.strides[0], c.strides[1], item)
+    if m == 0 or n == 0:
+        return 0
+    cdef const floating* pa = &a[0, 0]
+    cdef const floating* pb = &b[0, 0]
+    cdef floating* pc = &c[0, 0]
+    cdef floating beta = 1 if accumulate else 0
+    with nogil:
+        fp_gemm(trans_a, trans_b, m, n, k, <floating>1, pa, lda, pb, ldb, beta, pc, ldc)
+    return 0
+
+
+def gemm(a, b, c, trans_a, trans_b, accumulate):
+    """c[m, n] (+)= op(a) @ op(b); op(x) = x.T when trans_x.
+
+    a is (m, k) or (k, m) (trans_a), b is (k, n) or (n, k) (trans_b).  Operands need a
+    unit-stride last axis; the first-axis stride (leading dimension) is free.  k may
+    be 0 (then c = 0, or unchanged when accumulate).
+    """
+    cdef int kind = _kind(c, "c")
+    _same_kind(a, kind, "a")
+    _same_kind(b, kind, "b")
+    if kind == 4:
+        _gemm[float](a, b, c, trans_a, trans_b, accumulate)
+    else:
+        _gemm[double](a, b, c, trans_a, trans_b, accumulate)
+
+
+cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] w,
+                         const floating[::1] b, int act, double alpha, floating[:, ::1] y,
+                         floating[:, ::1] z) except -1:
+    cdef int64_t n = x.shape[0], n_in = x.shape[1], n_out = w.shape[1]
+    _need2("w", w.shape, n_in, n_out)
+    _need2("y", y.shape, n, n_out)
+    cdef const floating* pb = NULL
+    cdef floating* pz = NULL
+    if b is not None:
+        _need1("b", b.shape, n_out)
+        pb = &b[0]
+    if z is not None:
+        _need2("z", z.shape, n, n_out)
+        pz = &z[0, 0]
+    if n == 0 or n_out == 0:
+        return 0
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pw = &w[0, 0]
+    cdef floating* py = &y[0, 0]
+    with nogil:
+        fp_linear_forward(n, n_in, n_out, px, pw, pb, act, alpha, py, pz)
+    return 0
+
+
+def linear_forward(x, w, b, int act, double alpha, y, z):
+    """z = x @ w + b (b may be None); y = act(z).  z is None or (n, out)."""
+    _check_act(act)
+    cdef int kind = _kind(y, "y")
+    _same_kind(x, kind, "x")
+    _same_kind(w, kind, "w")
+    _same_kind(b, kind, "b", False)
+    _same_kind(z, kind, "z", False)
+    if kind == 4:
+        _linear_forward[float](x, w, b, act, alpha, y, z)
+    else:
+        _linear_forward[double](x, w, b, act, alpha, y, z)
+
+
+cdef int _linear_backward(const floating[:, ::1] grad_y, const floating[:, ::1] x,
+                          const floating[:, ::1] w, const floating[:, ::1] y,
+                          const floating[:, ::1] z, int act, double alpha,
+                          floating[:, ::1] grad_x, floating[:, ::1] grad_w,
+                          floating[::1] grad_b, floating[:, ::1] work,
+                          bint accumulate) except -1:
+    cdef int64_t n = x.shape[0], n_in = x.shape[1], n_out = w.shape[1]
+    _need2("w", w.shape, n_in, n_out)
+    _need2("grad_y", grad_y.shape, n, n_out)
+    _need2("grad_w", grad_w.shape, n_in, n_out)
+    cdef const floating* py = NULL
+    cdef const floating* pz = NULL
+    cdef floating* pgx = NULL
+    cdef floating* pgb = NULL
+    cdef floating* pwork = NULL
+    if y is not None:
+        _need2("y", y.shape, n, n_out)
+        py = &y[0, 0]
+    if z is not None:
+        _need2("z", z.shape, n, n_out)
+        pz = &z[0, 0]
+    if grad_x is not None:
+        _need2("grad_x", grad_x.shape, n, n_in)
+        pgx = &grad_x[0, 0]
+    if grad_b is not None:
+        _need1("grad_b", grad_b.shape, n_out)
+        pgb = &grad_b[0]
+    if work is not None:
+        _need2("work", work.shape, n, n_out)
+        pwork = &work[0, 0]
+    if act != ACT_IDENTITY:
+        if work is None:
+            raise ValueError("linear_backward: work (n, out) is required for a non-identity "
+                             "activation")
+        if act == ACT_GELU and z is None:
+            raise ValueError("linear_backward: gelu needs the pre-activation z")
+        if y is None and z is None:
+            raise ValueError("linear_backward: this activation needs the forward output y "
+                             "(or the pre-activation z)")
+    if n_out == 0:
+        return 0
+    cdef const floating* pgy = &grad_y[0, 0]
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pw = &w[0, 0]
+    cdef floating* pgw = &grad_w[0, 0]
+    with nogil:
+        fp_linear_backward(n, n_in, n_out, pgy, px, pw, py, pz, act, alpha, pgx, pgw, pgb,
+                           pwork, accumulate)
+    return 0
+
+
+def linear_backward(grad_y, x, w, y, z, int act, double alpha, grad_x, grad_w, grad_b, work,
+                    accumulate):
+    """grad_z = grad_y * act'(.) into work; grad_w (+)= x.T @ grad_z;
+    grad_b (+)= grad_z.sum(0); grad_x = grad_z @ w.T ('+=' when accumulate)."""
+    _check_act(act)
+    cdef int kind = _kind(grad_w, "grad_w")
+    _same_kind(grad_y, kind, "grad_y")
+    _same_kind(x, kind, "x")
+    _same_kind(w, kind, "w")
+    _same_kind(y, kind, "y", False)
+    _same_kind(z, kind, "z", False)
+    _same_kind(grad_x, kind, "grad_x", False)
+    _same_kind(grad_b, kind, "grad_b", False)
+    _same_kind(work, kind, "work", False)
+    if kind == 4:
+        _linear_backward[float](grad_y, x, w, y, z, act, alpha, grad_x, grad_w, grad_b, work,
+                                accumulate)
+    else:
+        _linear_backward[double](grad_y, x, w, y, z, act, alpha, grad_x, grad_w, grad_b,
+                                 work, accumulate)
+
+
+# ------------------------------------------------------------------ activations
+cdef inline void _rows_cols(Py_buffer* v, int64_t* rows, int64_t* cols) noexcept:
+    """Split an any-shape array into (rows, last-axis length); a 0-d array is (1, 1)."""
+    cdef int64_t size = _size(v)
+    if v.ndim == 0:
+        rows[0] = 1
+        cols[0] = 1
+    else:
+        cols[0] = v.shape[v.ndim - 1]
+        rows[0] = size // cols[0] if cols[0] > 0 else 0
+
+
+def activation_forward(int act, double alpha, x, y):
+    """y = act(x) for any shape (softmax over the last axis); y may be x."""
+    _check_act(act)
+    cdef int kind = _kind(x, "x")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bx
+    cdef Py_buffer* by
+    cdef int64_t rows, cols
+    try:
+        bx = held.take(x, kind, False, "x")
+        by = held.take(y, kind, True, "y")
+        _same_shape(bx, by, "x", "y")
+        if act == ACT_SOFTMAX and bx.ndim == 0:
+            raise ValueError("softmax needs an array of at least 1 dimension")
+        _rows_cols(bx, &rows, &cols)
+        if rows * cols == 0:
+            return
+        with nogil:
+            if kind == 4:
+                fp_activation_forward(act, alpha, rows, cols, <const float*>bx.buf,
+                                      <float*>by.buf)
+            else:
+                fp_activation_forward(act, alpha, rows, cols, <const double*>bx.buf,
+                                      <double*>by.buf)
+    finally:
+        held.release()
+
+
+def activation_backward(int act, double alpha, grad_y, x, y, grad_x):
+    """grad_x = grad_y * act'(.); relu/leaky_relu/sigmoid/tanh/softmax read y, gelu
+    reads x, identity neither (the unused one may be None).  grad_x may be grad_y."""
+    _check_act(act)
+    cdef int kind = _kind(grad_y, "grad_y")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bgy
+    cdef Py_buffer* bgx
+    cdef Py_buffer* bin
+    cdef const void* px = NULL
+    cdef const void* py = NULL
+    cdef int64_t rows, cols
+    try:
+        bgy = held.take(grad_y, kind, False, "grad_y")
+        bgx = held.take(grad_x, kind, True, "grad_x")
+        _same_shape(bgy, bgx, "grad_y", "grad_x")
+        if act == ACT_SOFTMAX and bgy.ndim == 0:
+            raise ValueError("softmax needs an array of at least 1 dimension")
+        if act == ACT_GELU:
+            if x is None:
+                raise ValueError("activation_backward: gelu needs x")
+            bin = held.take(x, kind, False, "x")
+            _same_shape(bgy, bin, "grad_y", "x")
+            px = bin.buf
+        elif act != ACT_IDENTITY:
+            if y is None:
+                raise ValueError("activation_backward: this activation needs y")
+            bin = held.take(y, kind, False, "y")
+            _same_shape(bgy, bin, "grad_y", "y")
+            py = bin.buf
+        _rows_cols(bgy, &rows, &cols)
+        if rows * cols == 0:
+            return
+        with nogil:
+            if kind == 4:
+                fp_activation_backward(act, alpha, rows, cols, <const float*>bgy.buf,
+                                       <const float*>px, <const float*>py, <float*>bgx.buf)
+            else:
+                fp_activation_backward(act, alpha, rows, cols, <const double*>bgy.buf,
+                                       <const double*>px, <const double*>py,
+                                       <double*>bgx.buf)
+    finally:
+        held.release()
+
+
+# ------------------------------------------------------------------ losses
+cdef double _softmax_xent(const floating[:, ::1] logits, const int64_t[::1] labels,
+                          const floating[:, ::1] targets, floating[:, ::1] grad) except? -1:
+    cdef int64_t n = logits.shape[0], c = logits.shape[1], i, bad = -1
+    cdef const int64_t* pl = NULL
+    cdef const floating* pt = NULL
+    cdef floating* pg = NULL
+    cdef double loss
+    if (labels is None) == (targets is None):
+        raise ValueError("softmax_xent: pass exactly one of labels and targets")
+    if n == 0 or c == 0:
+        raise ValueError(f"softmax_xent: logits must be non-empty, got shape ({n}, {c})")
+    if labels is not None:
+        _need1("labels", labels.shape, n)
+        pl = &labels[0]
+        with nogil:  # an out-of-range label would index out of bounds in C++
+            for i in range(n):
+                if pl[i] < 0 or pl[i] >= c:
+                    bad = i
+                    break
+        if bad >= 0:
+            raise ValueError(f"labels[{bad}] = {labels[bad]} is outside [0, {c})")
+    else:
+        _need2("targets", targets.shape, n, c)
+        pt = &targets[0, 0]
+    if grad is not None:
+        _need2("grad", grad.shape, n, c)
+        pg = &grad[0, 0]
+    cdef const floating* px = &logits[0, 0]
+    with nogil:
+        loss = fp_softmax_xent(n, c, px, pl, pt, pg)
+    return loss
+
+
+def softmax_xent(logits, labels, targets, grad):
+    """Mean softmax cross-entropy of logits (n, c) against labels (n,) int64 class ids
+    or targets (n, c); writes (softmax - t) / n into grad unless grad is None."""
+    cdef int kind = _kind(logits, "logits")
+    _same_kind(targets, kind, "targets", False)
+    _same_kind(grad, kind, "grad", False)
+    if labels is not None and labels.dtype != _I64:
+        raise TypeError(f"labels must have dtype int64, got {labels.dtype}")
+    if kind == 4:
+        return _softmax_xent[float](logits, labels, targets, grad)
+    return _softmax_xent[double](logits, labels, targets, grad)
+
+
+cdef double _pointwise_loss(int which, pred, target, bint flag, grad) except? -1:
+    """which: 0 = bce, 1 = mse; pred/target/grad any shape, equal shapes."""
+    cdef int kind = _kind(pred, "pred")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bp
+    cdef Py_buffer* bt
+    cdef Py_buffer* bg
+    cdef void* pg = NULL
+    cdef int64_t size
+    cdef double loss = 0.0
+    try:
+        bp = held.take(pred, kind, False, "pred")
+        bt = held.take(target, kind, False, "target")
+        _same_shape(bp, bt, "pred", "target")
+        if grad is not None:
+            bg = held.take(grad, kind, True, "grad")
+            _same_shape(bp, bg, "pred", "grad")
+            pg = bg.buf
+        size = _size(bp)
+        if size == 0:
+            raise ValueError("pred is empty: the mean loss of 0 elements is undefined")
+        with nogil:
+            if which == 0:
+                if kind == 4:
+                    loss = fp_bce(size, <const float*>bp.buf, <const float*>bt.buf, flag,
+                                  <float*>pg)
+                else:
+                    loss = fp_bce(size, <const double*>bp.buf, <const double*>bt.buf, flag,
+                                  <double*>pg)
+            else:
+                if kind == 4:
+                    loss = fp_mse(size, <const float*>bp.buf, <const float*>bt.buf, flag,
+                                  <float*>pg)
+                else:
+                    loss = fp_mse(size, <const double*>bp.buf, <const double*>bt.buf, flag,
+                                  <double*>pg)
+    finally:
+        held.release()
+    return loss
+
+
+def bce(pred, target, from_logits, grad):
+    """Mean binary cross-entropy over all elements (probabilities or logits)."""
+    return _pointwise_loss(0, pred, target, from_logits, grad)
+
+
+def mse(pred, target, half, grad):
+    """Mean squared error over all elements (times 1/2 when half)."""
+    return _pointwise_loss(1, pred, target, half, grad)
+
+
+# ------------------------------------------------------------------ optimizers
+cdef Py_ssize_t _list_len(object seq, Py_ssize_t expected, str name) except -1:
+    cdef Py_ssize_t count = len(seq)
+    if expected >= 0 and count != expected:
+        raise ValueError(f"{name} must have {expected} arrays (one per parameter), got {count}")
+    return count
+
+
+def sgd_update(params, grads, bufs, double lr, double momentum, bint nesterov,
+               double weight_decay, bint first):
+    """SGD step in place for each (param, grad[, momentum buffer])."""
+    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
+    _list_len(grads, count, "grads")
+    cdef bint use_buf = momentum != 0
+    if use_buf:
+        if bufs is None:
+            raise ValueError("sgd_update: bufs is required when momentum != 0")
+        _list_len(bufs, count, "bufs")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bp
+    cdef Py_buffer* bg
+    cdef Py_buffer* bb
+    cdef void* pbuf
+    cdef int kind
+    cdef int64_t size
+    for i in range(count):
+        p = params[i]
+        kind = _kind(p, f"params[{i}]")
+        try:
+            bp = held.take(p, kind, True, "params", i)
+            bg = held.take(grads[i], kind, False, "grads", i)
+            _same_shape(bp, bg, "params", "grads", i)
+            pbuf = NULL
+            if use_buf:
+                bb = held.take(bufs[i], kind, True, "bufs", i)
+                _same_shape(bp, bb, "params", "bufs", i)
+                pbuf = bb.buf
+            size = _size(bp)
+            with nogil:
+                if kind == 4:
+                    fp_sgd_update(size, <float*>bp.buf, <const float*>bg.buf, <float*>pbuf,
+                                  lr, momentum, nesterov, weight_decay, first)
+                else:
+                    fp_sgd_update(size, <double*>bp.buf, <const double*>bg.buf,
+                                  <double*>pbuf, lr, momentum, nesterov, weight_decay, first)
+        finally:
+            held.release()
+
+
+def adam_update(params, grads, exp_avgs, exp_avg_sqs, step, double lr, double beta1,
+                double beta2, double eps, double weight_decay, bint decoupled):
+    """Adam (decoupled: AdamW) step in place; step counts from 1."""
+    cdef int64_t istep = step
+    if istep < 1:
+        raise ValueError(f"step must be >= 1, got {step}")
+    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
+    _list_len(grads, count, "grads")
+    _list_len(exp_avgs, count, "exp_avgs")
+    _list_len(exp_avg_sqs, count, "exp_avg_sqs")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bp
+    cdef Py_buffer* bg
+    cdef Py_buffer* bm
+    cdef Py_buffer* bv
+    cdef int kind
+    cdef int64_t size
+    for i in range(count):
+        p = params[i]
+        kind = _kind(p, f"params[{i}]")
+        try:
+            bp = held.take(p, kind, True, "params", i)
+            bg = held.take(grads[i], kind, False, "grads", i)
+            bm = held.take(exp_avgs[i], kind, True, "exp_avgs", i)
+            bv = held.take(exp_avg_sqs[i], kind, True, "exp_avg_sqs", i)
+            _same_shape(bp, bg, "params", "grads", i)
+            _same_shape(bp, bm, "params", "exp_avgs", i)
+            _same_shape(bp, bv, "params", "exp_avg_sqs", i)
+            size = _size(bp)
+            with nogil:
+                if kind == 4:
+                    fp_adam_update(size, <float*>bp.buf, <const float*>bg.buf, <float*>bm.buf,
+                                   <float*>bv.buf, istep, lr, beta1, beta2, eps, weight_decay,
+                                   decoupled)
+                else:
+                    fp_adam_update(size, <double*>bp.buf, <const double*>bg.buf,
+                                   <double*>bm.buf, <double*>bv.buf, istep, lr, beta1, beta2,
+                                   eps, weight_decay, decoupled)
+        finally:
+            held.release()
+
+
+def rmsprop_update(params, grads, square_avgs, bufs, double lr, double alpha, double eps,
+                   double momentum, double weight_decay):
+    """RMSprop step in place; bufs is None when momentum == 0."""
+    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
+    _list_len(grads, count, "grads")
+    _list_len(square_avgs, count, "square_avgs")
+    cdef bint use_buf = momentum > 0
+    if use_buf:
+        if bufs is None:
+            raise ValueError("rmsprop_update: bufs is required when momentum > 0")
+        _list_len(bufs, count, "bufs")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bp
+    cdef Py_buffer* bg
+    cdef Py_buffer* bs
+    cdef Py_buffer* bb
+    cdef void* pbuf
+    cdef int kind
+    cdef int64_t size
+    for i in range(count):
+        p = params[i]
+        kind = _kind(p, f"params[{i}]")
+        try:
+            bp = held.take(p, kind, True, "params", i)
+            bg = held.take(grads[i], kind, False, "grads", i)
+            bs = held.take(square_avgs[i], kind, True, "square_avgs", i)
+            _same_shape(bp, bg, "params", "grads", i)
+            _same_shape(bp, bs, "params", "square_avgs", i)
+            pbuf = NULL
+            if use_buf:
+                bb = held.take(bufs[i], kind, True, "bufs", i)
+                _same_shape(bp, bb, "params", "bufs", i)
+                pbuf = bb.buf
+            size = _size(bp)
+            with nogil:
+                if kind == 4:
+                    fp_rmsprop_update(size, <float*>bp.buf, <const float*>bg.buf,
+                                      <float*>bs.buf, <float*>pbuf, lr, alpha, eps, momentum,
+                                      weight_decay)
+                else:
+                    fp_rmsprop_update(size, <double*>bp.buf, <const double*>bg.buf,
+                                      <double*>bs.buf, <double*>pbuf, lr, alpha, eps,
+                                      momentum, weight_decay)
+        finally:
+            held.release()
+
+
+def adagrad_update(params, grads, sums, double lr, double eps, double weight_decay):
+    """Adagrad step in place."""
+    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
+    _list_len(grads, count, "grads")
+    _list_len(sums, count, "sums")
+    cdef _Held held = _Held()
+    cdef Py_buffer* bp
+    cdef Py_buffer* bg
+    cdef Py_buffer* bs
+    cdef int kind
+    cdef int64_t size
+    for i in range(count):
+        p = params[i]
+        kind = _kind(p, f"params[{i}]")
+        try:
+            bp = held.take(p, kind, True, "params", i)
+            bg = held.take(grads[i], kind, False, "grads", i)
+            bs = held.take(sums[i], kind, True, "sums", i)
+            _same_shape(bp, bg, "params", "grads", i)
+            _same_shape(bp, bs, "params", "sums", i)
+            size = _size(bp)
+            with nogil:
+                if kind == 4:
+                    fp_adagrad_update(size, <float*>bp.buf, <const float*>bg.buf,
+                                      <float*>bs.buf, lr, eps, weight_decay)
+                else:
+                    fp_adagrad_update(size, <double*>bp.buf, <const double*>bg.buf,
+                                      <double*>bs.buf, lr, eps, weight_decay)
+        finally:
+            held.release()
+
+
+def sum_squares(arrays):
+    """Sum of squares of every element of every array, accumulated in double."""
+    cdef _Held held = _Held()
+    cdef Py_buffer* v
+    cdef double total = 0.0, part = 0.0
+    cdef int kind
+    cdef int64_t size
+    cdef Py_ssize_t i = 0
+    for a in arrays:
+        kind = _kind(a, f"arrays[{i}]")
+        try:
+            v = held.take(a, kind, False, "arrays", i)
+            size = _size(v)
+            with nogil:
+                if kind == 4:
+                    part = fp_sum_squares(size, <const float*>v.buf)
+                else:
+                    part = fp_sum_squares(size, <const double*>v.buf)
+            total += part
+        finally:
+            held.release()
+        i += 1
+    return total
+
+
+def scale_(arrays, double factor):
+    """a *= factor in place for every array."""
+    cdef _Held held = _Held()
+    cdef Py_buffer* v
+    cdef int kind
+    cdef int64_t size
+    cdef Py_ssize_t i = 0
+    for a in arrays:
+        kind = _kind(a, f"arrays[{i}]")
+        try:
+            v = held.take(a, kind, True, "arrays", i)
+            size = _size(v)
+            with nogil:
+                if kind == 4:
+                    fp_scale(size, <float*>v.buf, factor)
+                else:
+                    fp_scale(size, <double*>v.buf, factor)
+        finally:
+            held.release()
+        i += 1
+
+
+def clip_(arrays, double lo, double hi):
+    """a = min(max(a, lo), hi) in place for every array."""
+    cdef _Held held = _Held()
+    cdef Py_buffer* v
+    cdef int kind
+    cdef int64_t size
+    cdef Py_ssize_t i = 0
+    for a in arrays:
+        kind = _kind(a, f"arrays[{i}]")
+        try:
+            v = held.take(a, kind, True, "arrays", i)
+            size = _size(v)
+            with nogil:
+                if kind == 4:
+                    fp_clip(size, <float*>v.buf, lo, hi)
+                else:
+                    fp_clip(size, <double*>v.buf, lo, hi)
+        finally:
+            held.release()
+        i += 1
+
+
+# ------------------------------------------------------------------ normalisation
+cdef int _norm_forward(bint layer, const floating[:, ::1] x, const floating[::1] gamma,
+                       const floating[::1] beta, double eps, floating[:, ::1] y,
+                       floating[::1] mean, floating[::1] invstd) except -1:
+    cdef int64_t n = x.shape[0], f = x.shape[1]
+    cdef int64_t stats = n if layer else f
+    if gamma is None or beta is None or y is None or mean is None or invstd is None:
+        raise ValueError("gamma, beta, y, mean and invstd are required")
+    _need1("gamma", gamma.shape, f)
+    _need1("beta", beta.shape, f)
+    _need2("y", y.shape, n, f)
+    _need1("mean", mean.shape, stats)
+    _need1("invstd", invstd.shape, stats)
+    if n == 0 or f == 0:
+        return 0
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pgamma = &gamma[0]
+    cdef const floating* pbeta = &beta[0]
+    cdef floating* py = &y[0, 0]
+    cdef floating* pmean = &mean[0]
+    cdef floating* pinv = &invstd[0]
+    with nogil:
+        if layer:
+            fp_layernorm_forward(n, f, px, pgamma, pbeta, eps, py, pmean, pinv)
+        else:
+            fp_batchnorm_forward(n, f, px, pgamma, pbeta, eps, py, pmean, pinv)
+    return 0
+
+
+cdef int _norm_backward(bint layer, const floating[:, ::1] grad_y, const floating[:, ::1] x,
+                        const floating[::1] gamma, const floating[::1] mean,
+                        const floating[::1] invstd, floating[:, ::1] grad_x,
+                        floating[::1] grad_gamma, floating[::1] grad_beta) except -1:
+    cdef int64_t n = x.shape[0], f = x.shape[1]
+    cdef int64_t stats = n if layer else f
+    if (grad_y is None or gamma is None or mean is None or invstd is None or grad_x is None
+            or grad_gamma is None or grad_beta is None):
+        raise ValueError("grad_y, gamma, mean, invstd, grad_x, grad_gamma and grad_beta "
+                         "are required")
+    _need2("grad_y", grad_y.shape, n, f)
+    _need1("gamma", gamma.shape, f)
+    _need1("mean", mean.shape, stats)
+    _need1("invstd", invstd.shape, stats)
+    _need2("grad_x", grad_x.shape, n, f)
+    _need1("grad_gamma", grad_gamma.shape, f)
+    _need1("grad_beta", grad_beta.shape, f)
+    if n == 0 or f == 0:
+        return 0
+    cdef const floating* pgy = &grad_y[0, 0]
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pgamma = &gamma[0]
+    cdef const floating* pmean = &mean[0]
+    cdef const floating* pinv = &invstd[0]
+    cdef floating* pgx = &grad_x[0, 0]
+    cdef floating* pgg = &grad_gamma[0]
+    cdef floating* pgb = &grad_beta[0]
+    with nogil:
+        if layer:
+            fp_layernorm_backward(n, f, pgy, px, pgamma, pmean, pinv, pgx, pgg, pgb)
+        else:
+            fp_batchnorm_backward(n, f, pgy, px, pgamma, pmean, pinv, pgx, pgg, pgb)
+    return 0
+
+
+cdef int _norm_kinds(int kind, arrays, names) except -1:
+    for arr, name in zip(arrays, names):
+        _same_kind(arr, kind, name)
+    return 0
+
+
+def batchnorm_forward(x, gamma, beta, double eps, y, mean, invstd):
+    """Training-mode batch norm of x (n, f): batch mean and 1/sqrt(var + eps) per column
+    into mean/invstd (f,); y = (x - mean) invstd gamma + beta."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (gamma, beta, y, mean, invstd), ("gamma", "beta", "y", "mean", "invstd"))
+    if kind == 4:
+        _norm_forward[float](False, x, gamma, beta, eps, y, mean, invstd)
+    else:
+        _norm_forward[double](False, x, gamma, beta, eps, y, mean, invstd)
+
+
+cdef int _bn_eval(const floating[:, ::1] x, const floating[::1] gamma,
+                  const floating[::1] beta, const floating[::1] running_mean,
+                  const floating[::1] running_var, double eps, floating[:, ::1] y) except -1:
+    cdef int64_t n = x.shape[0], f = x.shape[1]
+    if gamma is None or beta is None or running_mean is None or running_var is None or y is None:
+        raise ValueError("gamma, beta, running_mean, running_var and y are required")
+    _need1("gamma", gamma.shape, f)
+    _need1("beta", beta.shape, f)
+    _need1("running_mean", running_mean.shape, f)
+    _need1("running_var", running_var.shape, f)
+    _need2("y", y.shape, n, f)
+    if n == 0 or f == 0:
+        return 0
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pgamma = &gamma[0]
+    cdef const floating* pbeta = &beta[0]
+    cdef const floating* prm = &running_mean[0]
+    cdef const floating* prv = &running_var[0]
+    cdef floating* py = &y[0, 0]
+    with nogil:
+        fp_batchnorm_forward_eval(n, f, px, pgamma, pbeta, prm, prv, eps, py)
+    return 0
+
+
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, double eps, y):
+    """Inference-mode batch norm: y = (x - running_mean) / sqrt(running_var + eps)
+    gamma + beta."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (gamma, beta, running_mean, running_var, y),
+                ("gamma", "beta", "running_mean", "running_var", "y"))
+    if kind == 4:
+        _bn_eval[float](x, gamma, beta, running_mean, running_var, eps, y)
+    else:
+        _bn_eval[double](x, gamma, beta, running_mean, running_var, eps, y)
+
+
+def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    """Batch-norm backward; grad_gamma/grad_beta accumulate (+=), grad_x is overwritten."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (grad_y, gamma, mean, invstd, grad_x, grad_gamma, grad_beta),
+                ("grad_y", "gamma", "mean", "invstd", "grad_x", "grad_gamma", "grad_beta"))
+    if kind == 4:
+        _norm_backward[float](False, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+                              grad_beta)
+    else:
+        _norm_backward[double](False, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+                               grad_beta)
+
+
+def layernorm_forward(x, gamma, beta, double eps, y, mean, invstd):
+    """Layer norm of x (n, f) over the last axis; mean/invstd (n,)."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (gamma, beta, y, mean, invstd), ("gamma", "beta", "y", "mean", "invstd"))
+    if kind == 4:
+        _norm_forward[float](True, x, gamma, beta, eps, y, mean, invstd)
+    else:
+        _norm_forward[double](True, x, gamma, beta, eps, y, mean, invstd)
+
+
+def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    """Layer-norm backward; grad_gamma/grad_beta accumulate (+=), grad_x is overwritten."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (grad_y, gamma, mean, invstd, grad_x, grad_gamma, grad_beta),
+                ("grad_y", "gamma", "mean", "invstd", "grad_x", "grad_gamma", "grad_beta"))
+    if kind == 4:
+        _norm_backward[float](True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+                              grad_beta)
+    else:
+        _norm_backward[double](True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+                               grad_beta)

@@ -1,0 +1,55 @@
+"""The native backend: C++ kernels through Cython (:mod:`fastprop._native`).
+
+Implements the kernel contract of :mod:`fastprop.backends`.  The kernels are
+compiled once per instruction set (a baseline x86-64-v2 / generic unit and an
+AVX2+FMA unit); one set is chosen at import by CPU detection, and the environment
+variable ``FASTPROP_ISA=generic`` forces the reference path.  Threads: OpenMP,
+controlled by :func:`set_num_threads` (or ``OMP_NUM_THREADS``, or threadpoolctl).
+"""
+
+from __future__ import annotations
+
+from .. import _native
+from .._native import (  # noqa: F401  (re-exported: the kernel contract)
+    activation_backward,
+    activation_forward,
+    adagrad_update,
+    adam_update,
+    batchnorm_backward,
+    batchnorm_forward,
+    batchnorm_forward_eval,
+    bce,
+    clip_,
+    gemm,
+    get_num_threads,
+    layernorm_backward,
+    layernorm_forward,
+    linear_backward,
+    linear_forward,
+    mse,
+    rmsprop_update,
+    scale_,
+    set_num_threads,
+    sgd_update,
+    softmax_xent,
+    sum_squares,
+)
+
+name = "native"
+
+
+def config() -> dict:
+    """What ``fastprop.show_config()`` prints for this backend."""
+    info = {
+        "isa": _native.isa(),
+        "available_isas": _native.available_isas(),
+        "isa_requested": _native.isa_requested() or "auto",
+        "cpu_features": _native.cpu_features(),
+        "num_threads": _native.get_num_threads(),
+        "openmp": _native.openmp(),
+    }
+    note = _native.isa_note()
+    if note:
+        info["isa_note"] = note
+    info.update(_native.build_info())
+    return info
