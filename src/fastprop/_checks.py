@@ -66,7 +66,7 @@ def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
     dt = compute_dtype(arr) if dtype is None else np.dtype(dtype)
-    return np.ascontiguousarray(arr, dtype=dt)
+    return np.asarray(arr, dtype=dt, order="C")  # ascontiguousarray would make 0-d 1-d
 
 
 def check_shape(arr: np.ndarray, shape: tuple, name: str) -> None:

@@ -72,7 +72,7 @@ def _elementwise_target(target, pred_shape, dtype):
         else:
             raise ValueError(f"target must have the prediction's shape {tuple(pred_shape)}, "
                              f"got {t.shape}")
-    t = np.ascontiguousarray(t, dtype=dtype)
+    t = np.asarray(t, dtype=dtype, order="C")
     check_finite(t, "target")
     return t
 
