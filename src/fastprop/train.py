@@ -345,6 +345,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             raise TypeError("validation_data must be a pair (X_val, y_val)")
         Xv = _features(validation_data[0], "validation_data[0]", dtype)
         yv = _targets(validation_data[1], "validation_data[1]", Xv.shape[0])
+        if Xv.shape[0] == 0:
+            raise ValueError("validation_data[0] is empty: it needs at least one sample")
         if Xv.shape[1] != X.shape[1]:
             raise ValueError(f"validation_data[0] has {Xv.shape[1]} features, X has {X.shape[1]}")
         step.loss.prepare_target(yv, (Xv.shape[0],) + out_shape[1:], dtype)
