@@ -117,13 +117,16 @@ def _read(path):
         raise ValueError(f"{path!r} has a corrupt header: {exc}") from None
     data = memoryview(body)[head + hlen:]
     arrays = {}
-    for e in header.get("arrays", []):
-        dt = np.dtype(e["dtype"])
-        count = int(np.prod(e["shape"], dtype=np.int64))
-        if e["offset"] + count * dt.itemsize > len(data):
-            raise ValueError(f"{path!r} is truncated: array {e['name']!r} runs past the end")
-        arrays[e["name"]] = np.frombuffer(data, dtype=dt, count=count,
-                                          offset=e["offset"]).reshape(e["shape"])
+    try:
+        for e in header.get("arrays", []):
+            dt = np.dtype(e["dtype"])
+            count = int(np.prod(e["shape"], dtype=np.int64))
+            if e["offset"] + count * dt.itemsize > len(data):
+                raise ValueError(f"{path!r} is truncated: array {e['name']!r} runs past the end")
+            arrays[e["name"]] = np.frombuffer(data, dtype=dt, count=count,
+                                              offset=e["offset"]).reshape(e["shape"])
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise ValueError(f"{path!r} has a corrupt array table: {exc!r}") from None
     return header, arrays
 
 
