@@ -40,7 +40,9 @@ def snapshot(model=None, optimizer=None):
     if model is not None:
         for p in model.parameters():
             snap.append(("value", p.value.dtype.str, p.value.shape, p.value.tobytes()))
-            snap.append(("grad", p.grad.dtype.str, p.grad.shape, p.grad.tobytes()))
+            g = p.grad
+            snap.append(("grad", g.dtype.str, g.shape, g.tobytes()) if isinstance(g, np.ndarray)
+                        else ("grad", repr(g)))
         for name, arr in model.state_arrays():
             snap.append((name, arr.dtype.str, arr.shape, arr.tobytes()))
         snap.append(("training", tuple(m.training for m in model.modules())))

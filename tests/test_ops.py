@@ -498,3 +498,16 @@ def test_softmax_cross_entropy_extreme_logits(backend, dtype):
     # row 0 is certain and right (loss 0); row 1 puts all mass on class 1 (loss 2e4)
     assert loss == pytest.approx(1e4, rel=TOL[dtype][0])
     assert_close(grad, [[0, 0, 0], [-0.5, 0.5, 0]], dtype)
+
+
+@pytest.mark.parametrize("name", [n for n in ACTS if n != "softmax"])
+def test_activation_keeps_0d_shape(backend, dtype, name):
+    x = np.array(-0.75, dtype)
+    y = fp.ops.activation(name, x)
+    assert y.shape == () and y.dtype == dtype
+    assert_close(y, act_ref(name, x), dtype)
+    g = fp.ops.activation_backward(name, np.array(2.0, dtype), x, y)
+    assert g.shape == ()
+    assert_close(g, act_grad_ref(name, 2.0, x=x, y=y)[0], dtype, 4.0)
+    with pytest.raises(ValueError, match="softmax"):
+        fp.ops.activation("softmax", x)

@@ -1,5 +1,7 @@
 """fp.save / fp.load: identical predictions, clear errors, atomic writes."""
 
+import hashlib
+import json
 import os
 import pathlib
 
@@ -8,6 +10,7 @@ import pytest
 
 import fastprop as fp
 from fastprop import nn, optim
+from fastprop import serialization
 
 
 def _trained_model(rng, dtype=np.float32):
@@ -157,3 +160,43 @@ def test_save_rejects_non_modules(tmp_path):
     with pytest.raises(TypeError, match="Module"):
         fp.save({"w": np.zeros(3)}, tmp_path / "x.fp")
     assert list(tmp_path.iterdir()) == []
+
+
+def _craft(header: bytes, data: bytes = b"\0" * 16) -> bytes:
+    """A file with a valid magic, version and checksum around ``header``."""
+    body = (serialization.MAGIC + serialization._PREFIX.pack(serialization.VERSION, len(header))
+            + header + data)
+    return body + hashlib.sha256(body).digest()
+
+
+@pytest.mark.parametrize("header", [
+    b"[1, 2]",
+    b"\xff\xfe",
+    b"{not json",
+    {"model": {"class": "ReLU"}, "arrays": 5},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "shape": [1], "offset": 0}]},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "zz", "shape": [1],
+                                             "offset": 0}]},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "<f8", "shape": [1],
+                                             "offset": -8}]},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "<f8", "shape": [9],
+                                             "offset": 0}]},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "|O", "shape": [1],
+                                             "offset": 0}]},
+    {"model": [1], "arrays": []},
+    {"model": {"class": "NoSuchLayer"}, "arrays": []},
+    {"model": {"class": "Dense", "config": [1]}, "arrays": []},
+    {"model": {"class": "Dense", "config": {"in_features": -1, "out_features": 2}},
+     "arrays": []},
+    {"model": {"class": "Dense", "config": {"in_features": 2, "out_features": 2}},
+     "arrays": []},
+    {"model": {"class": "Sequential", "children": 3}, "arrays": []},
+    {"model": {"class": "Residual", "children": []}, "arrays": []},
+    {"arrays": []},
+], ids=lambda h: "raw" if isinstance(h, bytes) else json.dumps(h)[:40])
+def test_malformed_header_with_valid_checksum_raises_valueerror(tmp_path, header):
+    raw = header if isinstance(header, bytes) else json.dumps(header).encode()
+    path = tmp_path / "crafted.fp"
+    path.write_bytes(_craft(raw))
+    with pytest.raises(ValueError):
+        fp.load(path)
