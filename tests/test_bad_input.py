@@ -71,6 +71,14 @@ def _readonly(shape, dtype=np.float64):
     return a
 
 
+def _skip_if_cuda_works():
+    try:
+        backends.load("cuda")
+    except fp.BackendUnavailableError:
+        return
+    pytest.skip("a CUDA device is available here")
+
+
 def _complex(c):
     return c.a.astype(np.complex128)
 
@@ -409,10 +417,12 @@ ROWS = [
     R("backend-type", lambda c: fp.set_backend(None), TypeError, r"backend must be a str"),
     R("use-backend-unknown", lambda c: fp.use_backend("gpu").__enter__(), ValueError,
       r"unknown backend 'gpu'"),
-    R("backend-cuda", lambda c: fp.set_backend("cuda"), fp.BackendUnavailableError, r"cuda"),
+    R("backend-cuda", lambda c: fp.set_backend("cuda"), fp.BackendUnavailableError, r"cuda",
+      setup=lambda c: _skip_if_cuda_works()),
     R("to-unknown-device", lambda c: c.model.to("gpu"), ValueError,
       r"device must be 'cpu' or 'cuda'"),
-    R("to-cuda", lambda c: c.model.to("cuda"), fp.BackendUnavailableError, r"cuda"),
+    R("to-cuda", lambda c: c.model.to("cuda"), fp.BackendUnavailableError, r"cuda",
+      setup=lambda c: _skip_if_cuda_works()),
     R("threads-zero", lambda c: fp.set_num_threads(0), ValueError, r"Invalid n: 0"),
     R("threads-float", lambda c: fp.set_num_threads(1.5), TypeError, r"n must be an int"),
     R("save-non-module", lambda c: fp.save(c.params, "never-written.fp"), TypeError,

@@ -1,0 +1,177 @@
+"""Backend selection: set_backend / get_backend / use_backend, FASTPROP_BACKEND,
+unavailable backends, configuration report, and agreement between backends."""
+
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import backends, nn, optim
+from conftest import NATIVE_BUILT
+
+SRC = str(pathlib.Path(__file__).resolve().parents[1] / "src")
+AVAILABLE = ["native", "numpy"] if NATIVE_BUILT else ["numpy"]
+
+
+def _cuda_available():
+    try:
+        backends.load("cuda")
+    except fp.BackendUnavailableError:
+        return False
+    return True
+
+
+def _run(code, env_backend=None):
+    env = dict(os.environ)
+    env.pop("FASTPROP_BACKEND", None)
+    if env_backend is not None:
+        env["FASTPROP_BACKEND"] = env_backend
+    env["PYTHONPATH"] = SRC + os.pathsep + env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                          text=True, timeout=120)
+    return proc
+
+
+def _marker(proc):
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert lines, f"no result; stdout={proc.stdout!r} stderr={proc.stderr[-2000:]!r}"
+    return lines[-1][len("RESULT "):]
+
+
+PROBE = ("import numpy as np, fastprop as fp\n"
+         "fp.ops.matmul(np.ones((2, 2)), np.ones((2, 2)))\n"
+         "print('RESULT', fp.get_backend(), fp.backends.current().name)\n")
+
+
+def test_default_backend_in_fresh_process():
+    proc = _run(PROBE)
+    expected = "native" if NATIVE_BUILT else "numpy"
+    assert _marker(proc) == f"{expected} {expected}"
+
+
+@pytest.mark.parametrize("value", ["numpy", " NumPy "])
+def test_env_var_selects_numpy(value):
+    assert _marker(_run(PROBE, value)) == "numpy numpy"
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_env_var_selects_native():
+    assert _marker(_run(PROBE, "native")) == "native native"
+
+
+def test_env_var_unknown_or_unavailable_backend_raises_clearly():
+    code = ("import fastprop as fp\n"
+            "try:\n"
+            "    fp.get_backend()\n"
+            "except Exception as e:\n"
+            "    print('RESULT', type(e).__name__, '|', e)\n"
+            "else:\n"
+            "    print('RESULT', 'ok')\n")
+    out = _marker(_run(code, "bogus"))
+    assert out.startswith("ValueError |") and "bogus" in out
+    if not _cuda_available():
+        out = _marker(_run(code, "cuda"))
+        assert out.startswith("BackendUnavailableError |") and "cuda" in out
+
+
+def test_set_and_get_backend(backend):
+    for name in AVAILABLE:
+        fp.set_backend(name)
+        assert fp.get_backend() == name
+        assert backends.current().name == name
+        assert backends.current() is backends.load(name)  # cached module
+
+
+def test_use_backend_restores_on_exit_and_on_error():
+    fp.set_backend("numpy")
+    other = AVAILABLE[0]
+    with fp.use_backend(other) as mod:
+        assert mod.name == other and fp.get_backend() == other
+        with fp.use_backend("numpy"):
+            assert fp.get_backend() == "numpy"
+        assert fp.get_backend() == other
+    assert fp.get_backend() == "numpy"
+    with pytest.raises(KeyError):
+        with fp.use_backend(other):
+            raise KeyError("boom")
+    assert fp.get_backend() == "numpy"
+    with pytest.raises(ValueError):
+        with fp.use_backend("nope"):
+            pass  # pragma: no cover
+    assert fp.get_backend() == "numpy"
+
+
+def test_use_backend_is_per_thread():
+    fp.set_backend(AVAILABLE[0])
+    seen = []
+    with fp.use_backend("numpy"):
+        t = threading.Thread(target=lambda: seen.append(fp.get_backend()))
+        t.start()
+        t.join()
+        assert fp.get_backend() == "numpy"
+    assert seen == [AVAILABLE[0]]
+
+
+def test_cuda_unavailable_raises_backend_unavailable_error():
+    if _cuda_available():
+        pytest.skip("a CUDA device is available here")
+    fp.set_backend("numpy")
+    assert issubclass(fp.BackendUnavailableError, RuntimeError)
+    with pytest.raises(fp.BackendUnavailableError, match="cuda") as info:
+        fp.set_backend("cuda")
+    assert len(str(info.value)) > len("cuda") + 10  # says why
+    with pytest.raises(fp.BackendUnavailableError, match="cuda"):
+        with fp.use_backend("cuda"):
+            pass  # pragma: no cover
+    with pytest.raises(fp.BackendUnavailableError, match="cuda"):
+        nn.Dense(2, 2).to("cuda")
+    assert fp.get_backend() == "numpy"
+
+
+@pytest.mark.skipif(NATIVE_BUILT, reason="fastprop._native is built")
+def test_native_unavailable_raises_backend_unavailable_error():
+    with pytest.raises(fp.BackendUnavailableError, match="native"):
+        fp.set_backend("native")
+
+
+def test_show_config_and_threads(capsys):
+    fp.set_backend("numpy")
+    fp.show_config()
+    out = capsys.readouterr().out
+    assert "fastprop" in out and fp.__version__ in out
+    assert any(line.split()[:2] == ["backend", "numpy"] for line in out.splitlines())
+    assert fp.get_num_threads() >= 1
+    if NATIVE_BUILT:
+        assert "native" in out
+        old = fp.get_num_threads()
+        try:
+            fp.set_num_threads(1)
+            assert fp.get_num_threads() == 1
+        finally:
+            fp.set_num_threads(old)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="needs two backends")
+@pytest.mark.parametrize("opt", ["sgd", "adam", "rmsprop", "adagrad", "adamw"])
+def test_backends_train_alike(opt):
+    """A few training steps give the same parameters on every backend (float64)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((40, 5))
+    y = rng.integers(0, 3, 40)
+    results = {}
+    for name in AVAILABLE:
+        with fp.use_backend(name):
+            model = nn.Sequential(nn.Dense(5, 7, "gelu", rng=0, dtype=np.float64),
+                                  nn.LayerNorm(7, dtype=np.float64),
+                                  nn.Dense(7, 7, "tanh", rng=1, dtype=np.float64),
+                                  nn.Dense(7, 3, rng=2, dtype=np.float64))
+            model.fit(X, y, loss="cross_entropy", optimizer=optim.get(opt, model.parameters()),
+                      epochs=3, batch_size=8, seed=0, verbose=0)
+            results[name] = [p.value for p in model.parameters()]
+    for a, b in zip(results["native"], results["numpy"]):
+        np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
