@@ -1,0 +1,749 @@
+"""The native backend's kernels against the NumPy reference backend and NumPy.
+
+Every kernel of the contract (fastprop.backends) is called directly on
+fastprop.backends.native and compared with fastprop.backends.numpy (the oracle),
+run on float64 copies of the same inputs where the reference itself rounds
+differently, for float32 and float64, with shapes of 1, primes and sizes that are
+not multiples of any tile, strided (leading-dimension) GEMM operands, aliasing,
+threaded sizes (> 64k elements), numerically extreme inputs and malformed
+arguments.  The whole module also runs once more in a subprocess under
+FASTPROP_ISA=generic so that both kernel sets are checked
+(test_subprocess_generic_isa_suite).
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+_native = importlib.import_module("fastprop._native")
+nat = importlib.import_module("fastprop.backends.native")
+ref = importlib.import_module("fastprop.backends.numpy")
+ACTIVATIONS = importlib.import_module("fastprop.backends").ACTIVATIONS
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = [F32, F64]
+DTYPE_IDS = ["f32", "f64"]
+#: (rtol, atol) per dtype.
+TOL = {F32: (1e-5, 1e-6), F64: (1e-12, 1e-12)}
+ALPHA = 0.01
+ACT_NAMES = list(ACTIVATIONS)
+TRANS = [(False, False), (False, True), (True, False), (True, True)]
+TRANS_IDS = ["NN", "NT", "TN", "TT"]
+# (m, k, n): units, primes, sizes just past tile multiples, and one that uses threads.
+GEMM_SHAPES = [(1, 1, 1), (1, 7, 1), (7, 1, 31), (7, 31, 33), (33, 65, 17), (65, 127, 31),
+               (127, 257, 7), (257, 33, 65), (6, 256, 16), (13, 300, 97), (301, 211, 149)]
+
+
+def close(actual, expected, dtype, scale=None, factor=1.0, what=""):
+    """|actual - expected| <= factor (atol + rtol scale), scale defaulting to |expected|."""
+    rtol, atol = TOL[np.dtype(dtype)]
+    actual = np.asarray(actual, dtype=np.float64)
+    expected = np.asarray(expected, dtype=np.float64)
+    assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
+    scale = np.abs(expected) if scale is None else scale
+    err = np.abs(actual - expected)
+    bad = ~(err <= factor * (atol + rtol * scale))
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err, -1)), err.shape) if err.ndim else ()
+        raise AssertionError(f"{what}: {int(bad.sum())}/{err.size} out of tolerance; worst at "
+                             f"{i}: actual {actual[i]!r}, expected {expected[i]!r}")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(2024)
+
+
+def randn(rng, shape, dtype, scale=1.0):
+    return np.asarray(rng.standard_normal(shape) * scale, dtype=dtype)
+
+
+# =========================================================== configuration
+def test_config_reports_isa_features_threads():
+    cfg = nat.config()
+    assert nat.name == "native"
+    assert cfg["isa"] in ("generic", "avx2") and cfg["isa"] == _native.isa()
+    assert set(cfg["cpu_features"]) == {"sse4_2", "avx", "avx2", "fma", "avx512f"}
+    assert all(isinstance(v, bool) for v in cfg["cpu_features"].values())
+    assert isinstance(cfg["openmp"], bool)
+    assert cfg["num_threads"] == nat.get_num_threads() >= 1
+    assert "generic" in cfg["available_isas"]
+    if cfg["isa"] == "avx2":
+        assert cfg["cpu_features"]["avx2"] and cfg["cpu_features"]["fma"]
+
+
+def test_isa_matches_environment():
+    want = os.environ.get("FASTPROP_ISA", "").strip().lower()
+    avail = _native.available_isas()
+    if want == "generic":
+        assert _native.isa() == "generic"
+    elif want in ("", "auto", "avx2"):
+        assert _native.isa() == ("avx2" if "avx2" in avail else "generic")
+        assert (_native.isa_note() == "") == (want != "avx2" or "avx2" in avail)
+
+
+def test_set_num_threads_round_trip_and_validation():
+    before = nat.get_num_threads()
+    try:
+        nat.set_num_threads(1)
+        assert nat.get_num_threads() == 1
+        if _native.openmp():
+            nat.set_num_threads(3)
+            assert nat.get_num_threads() == 3
+    finally:
+        nat.set_num_threads(before)
+    assert nat.get_num_threads() == before
+    with pytest.raises(ValueError):
+        nat.set_num_threads(0)
+    with pytest.raises(ValueError):
+        nat.set_num_threads(-2)
+    with pytest.raises(TypeError):
+        nat.set_num_threads(1.5)
+    with pytest.raises(TypeError):
+        nat.set_num_threads(True)
+
+
+def test_threadpoolctl_controls_openmp_threads():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    if not _native.openmp():
+        pytest.skip("built without OpenMP")
+    before = nat.get_num_threads()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # e.g. several OpenMP runtimes in one process
+        with threadpoolctl.threadpool_limits(limits=1, user_api="openmp"):
+            assert nat.get_num_threads() == 1
+    assert nat.get_num_threads() == before
+
+
+def _isa_probe(env_value):
+    env = dict(os.environ, FASTPROP_ISA=env_value)
+    code = ("import fastprop._native as n, json; "
+            "print(json.dumps([n.isa(), n.isa_requested(), n.isa_note()]))")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    import json
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_subprocess_isa_env_values():
+    avail = _native.available_isas()
+    assert _isa_probe("generic") == ["generic", "generic", ""]
+    isa, req, note = _isa_probe(" AVX2 ")
+    assert req == "avx2"
+    if "avx2" in avail:
+        assert (isa, note) == ("avx2", "")
+    else:
+        assert isa == "generic" and "avx2" in note
+    isa, req, note = _isa_probe("sse9")
+    assert req == "sse9" and "unknown FASTPROP_ISA" in note
+    assert isa == ("avx2" if "avx2" in avail else "generic")
+
+
+@pytest.mark.skipif(os.environ.get("FASTPROP_ISA", "").strip().lower() == "generic",
+                    reason="this run already uses the generic kernels")
+def test_subprocess_generic_isa_suite():
+    """The whole module again, with the reference (generic) kernels forced."""
+    env = dict(os.environ, FASTPROP_ISA="generic")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         os.path.abspath(__file__), "-k", "not subprocess"],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout
+
+
+# =========================================================== GEMM
+def _gemm_expect(a, b, ta, tb, c0=None):
+    oa = a.T if ta else a
+    ob = b.T if tb else b
+    exp = oa.astype(np.float64) @ ob.astype(np.float64)
+    scale = np.abs(oa.astype(np.float64)) @ np.abs(ob.astype(np.float64))
+    if c0 is not None:
+        exp = exp + c0
+        scale = scale + np.abs(c0)
+    return exp, scale
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", TRANS, ids=TRANS_IDS)
+@pytest.mark.parametrize("m,k,n", GEMM_SHAPES)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "acc"])
+def test_gemm_matches_numpy(rng, dtype, ta, tb, m, k, n, accumulate):
+    a = randn(rng, (k, m) if ta else (m, k), dtype)
+    b = randn(rng, (n, k) if tb else (k, n), dtype)
+    c = randn(rng, (m, n), dtype)
+    c0 = c.astype(np.float64) if accumulate else None
+    nat.gemm(a, b, c, ta, tb, accumulate)
+    exp, scale = _gemm_expect(a, b, ta, tb, c0)
+    close(c, exp, dtype, scale=scale, what="gemm")
+    c_ref = np.array(c0 if accumulate else np.zeros((m, n)), dtype=dtype)
+    ref.gemm(a, b, c_ref, ta, tb, accumulate)
+    close(c, c_ref, dtype, scale=scale, factor=2, what="gemm vs numpy backend")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", TRANS, ids=TRANS_IDS)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "acc"])
+def test_gemm_strided_leading_dimensions(rng, dtype, ta, tb, accumulate):
+    m, k, n = 37, 65, 29
+    big_a = randn(rng, (300, 300), dtype)
+    big_b = randn(rng, (300, 300), dtype)
+    big_c = randn(rng, (100, 200), dtype)
+    a = big_a[5:5 + (k if ta else m), 3:3 + (m if ta else k)]
+    b = big_b[7:7 + (n if tb else k), 11:11 + (k if tb else n)]
+    c = big_c[2:2 + m, 3:3 + n]
+    assert a.strides[0] != a.shape[1] * a.itemsize
+    before = big_c.copy()
+    c0 = c.astype(np.float64) if accumulate else None
+    nat.gemm(a, b, c, ta, tb, accumulate)
+    exp, scale = _gemm_expect(a, b, ta, tb, c0)
+    close(c, exp, dtype, scale=scale, what="strided gemm")
+    mask = np.ones(big_c.shape, bool)
+    mask[2:2 + m, 3:3 + n] = False
+    assert np.array_equal(big_c[mask], before[mask]), "gemm wrote outside c"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gemm_k_zero_and_broadcast_rows(rng, dtype):
+    c = randn(rng, (5, 4), dtype)
+    keep = c.copy()
+    nat.gemm(np.zeros((5, 0), dtype), np.zeros((0, 4), dtype), c, False, False, True)
+    assert np.array_equal(c, keep)
+    nat.gemm(np.zeros((5, 0), dtype), np.zeros((0, 4), dtype), c, False, False, False)
+    assert not c.any()
+    # A read-only operand whose rows all alias one row (first-axis stride 0).
+    row = randn(rng, (9,), dtype)
+    a = np.broadcast_to(row, (6, 9))
+    b = randn(rng, (9, 4), dtype)
+    out = np.empty((6, 4), dtype)
+    nat.gemm(a, b, out, False, False, False)
+    exp, scale = _gemm_expect(np.ascontiguousarray(a), b, False, False)
+    close(out, exp, dtype, scale=scale, what="broadcast gemm")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gemm_threads_do_not_change_results(rng, dtype):
+    if not _native.openmp():
+        pytest.skip("built without OpenMP")
+    a = randn(rng, (301, 257), dtype)
+    b = randn(rng, (257, 263), dtype)
+    before = nat.get_num_threads()
+    outs = []
+    try:
+        for t in (1, 2, 3):
+            nat.set_num_threads(t)
+            c = np.empty((301, 263), dtype)
+            nat.gemm(a, b, c, False, False, False)
+            outs.append(c)
+    finally:
+        nat.set_num_threads(before)
+    assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
+
+
+def test_gemm_rejects_bad_shapes_and_layouts(rng):
+    a = randn(rng, (4, 5), F64)
+    b = randn(rng, (5, 3), F64)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        nat.gemm(a, b, np.empty((4, 4)), False, False, False)
+    with pytest.raises(ValueError, match="shapes do not agree"):
+        nat.gemm(a, b, np.empty((4, 3)), True, False, False)
+    with pytest.raises(ValueError, match="unit-stride"):
+        nat.gemm(np.asfortranarray(randn(rng, (4, 5), F64))[:, ::2], randn(rng, (3, 3), F64),
+                 np.empty((4, 3)), False, False, False)
+    with pytest.raises(TypeError, match="b must have dtype float64"):
+        nat.gemm(a, b.astype(np.float32), np.empty((4, 3)), False, False, False)
+    with pytest.raises(TypeError, match="float32 or float64"):
+        nat.gemm(a, b, np.empty((4, 3), np.int64), False, False, False)
+    ro = np.empty((4, 3))
+    ro.flags.writeable = False
+    with pytest.raises(ValueError):
+        nat.gemm(a, b, ro, False, False, False)
+    with pytest.raises(TypeError):
+        nat.gemm(None, b, np.empty((4, 3)), False, False, False)
+
+
+# =========================================================== dense layer
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACT_NAMES)
+@pytest.mark.parametrize("n,n_in,n_out", [(1, 1, 1), (7, 33, 31), (65, 17, 257), (300, 129, 65)])
+@pytest.mark.parametrize("bias", [True, False], ids=["b", "nob"])
+def test_linear_forward_matches_reference(rng, dtype, act, n, n_in, n_out, bias):
+    code = ACTIVATIONS[act]
+    x = randn(rng, (n, n_in), dtype)
+    w = randn(rng, (n_in, n_out), dtype, 0.3)
+    b = randn(rng, (n_out,), dtype) if bias else None
+    y, z = np.empty((n, n_out), dtype), np.empty((n, n_out), dtype)
+    nat.linear_forward(x, w, b, code, ALPHA, y, z)
+    x64, w64 = x.astype(F64), w.astype(F64)
+    b64 = None if b is None else b.astype(F64)
+    y_ref, z_ref = np.empty((n, n_out)), np.empty((n, n_out))
+    ref.linear_forward(x64, w64, b64, code, ALPHA, y_ref, z_ref)
+    zscale = np.abs(x64) @ np.abs(w64) + (0 if b is None else np.abs(b64))
+    close(z, z_ref, dtype, scale=zscale, what="z")
+    # y from the kernel's own z (isolates the activation from the GEMM rounding)
+    y_from_z = np.empty((n, n_out))
+    ref.activation_forward(code, ALPHA, z.astype(F64), y_from_z)
+    close(y, y_from_z, dtype, factor=4, what="y")
+    # without z: the pre-activation goes through y
+    y2 = np.empty((n, n_out), dtype)
+    nat.linear_forward(x, w, b, code, ALPHA, y2, None)
+    close(y2, y, dtype, factor=4, what="y without z")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACT_NAMES)
+@pytest.mark.parametrize("accumulate", [False, True], ids=["set", "acc"])
+@pytest.mark.parametrize("n,n_in,n_out", [(1, 1, 1), (7, 33, 31), (129, 65, 257)])
+def test_linear_backward_matches_reference(rng, dtype, act, accumulate, n, n_in, n_out):
+    code = ACTIVATIONS[act]
+    x = randn(rng, (n, n_in), dtype)
+    w = randn(rng, (n_in, n_out), dtype, 0.3)
+    z = randn(rng, (n, n_out), dtype)
+    y = np.empty_like(z)
+    nat.activation_forward(code, ALPHA, z, y)
+    gy = randn(rng, (n, n_out), dtype)
+    gy_keep = gy.copy()
+    gw0, gb0 = randn(rng, (n_in, n_out), dtype), randn(rng, (n_out,), dtype)
+    gx, gw, gb = np.empty((n, n_in), dtype), gw0.copy(), gb0.copy()
+    work = np.empty((n, n_out), dtype)
+    nat.linear_backward(gy, x, w, y, z, code, ALPHA, gx, gw, gb, work, accumulate)
+    assert np.array_equal(gy, gy_keep), "grad_y was modified"
+    f = lambda a: a.astype(F64)  # noqa: E731
+    gx_r, gw_r, gb_r = np.empty((n, n_in)), f(gw0), f(gb0)
+    work_r = np.empty((n, n_out))
+    ref.linear_backward(f(gy), f(x), f(w), f(y), f(z), code, ALPHA, gx_r, gw_r, gb_r, work_r,
+                        accumulate)
+    gz = work_r if code != 0 else f(gy)
+    gz_scale = np.abs(gz) + np.abs(f(gy))
+    if code == ACTIVATIONS["softmax"]:
+        gz_scale = gz_scale + f(y) * (np.abs(f(gy)) * f(y)).sum(-1, keepdims=True)
+    acc = 1.0 if accumulate else 0.0
+    close(gw, gw_r, dtype, scale=np.abs(f(x)).T @ gz_scale + acc * np.abs(f(gw0)),
+          factor=4, what="grad_w")
+    close(gb, gb_r, dtype, scale=gz_scale.sum(0) + acc * np.abs(f(gb0)), factor=4,
+          what="grad_b")
+    close(gx, gx_r, dtype, scale=gz_scale @ np.abs(f(w)).T, factor=4, what="grad_x")
+    # Optional outputs, and y recomputed from z when only z is given.
+    gw2 = gw0.copy()
+    nat.linear_backward(gy, x, w, None if code != ACTIVATIONS["gelu"] else y, z, code,
+                        ALPHA, None, gw2, None, work, accumulate)
+    close(gw2, gw, dtype, scale=np.abs(f(x)).T @ gz_scale + acc * np.abs(f(gw0)), factor=4,
+          what="grad_w (y from z)")
+
+
+def test_linear_rejects_bad_arguments(rng):
+    x, w = randn(rng, (4, 3), F64), randn(rng, (3, 2), F64)
+    y = np.empty((4, 2))
+    with pytest.raises(ValueError, match=r"y must have shape \(4, 2\), got shape \(4, 5\)"):
+        nat.linear_forward(x, w, None, 0, 0.0, np.empty((4, 5)), None)
+    with pytest.raises(ValueError, match=r"w must have shape \(3, 2\), got shape \(4, 2\)"):
+        nat.linear_forward(x, randn(rng, (4, 2), F64)[:, :], None, 0, 0.0, y, None)
+    with pytest.raises(ValueError, match="b must have shape"):
+        nat.linear_forward(x, w, np.zeros(3), 0, 0.0, y, None)
+    with pytest.raises(ValueError, match="z must have shape"):
+        nat.linear_forward(x, w, None, 0, 0.0, y, np.empty((4, 3)))
+    with pytest.raises(ValueError, match="unknown activation code"):
+        nat.linear_forward(x, w, None, 9, 0.0, y, None)
+    with pytest.raises(TypeError, match="x must have dtype float64"):
+        nat.linear_forward(x.astype(np.float32), w, None, 0, 0.0, y, None)
+    with pytest.raises(ValueError):  # not C-contiguous
+        nat.linear_forward(np.asfortranarray(x), w, None, 0, 0.0, y, None)
+    gy, gw = randn(rng, (4, 2), F64), np.zeros((3, 2))
+    with pytest.raises(ValueError, match="work"):
+        nat.linear_backward(gy, x, w, y, None, 1, 0.0, None, gw, None, None, False)
+    with pytest.raises(ValueError, match="gelu"):
+        nat.linear_backward(gy, x, w, y, None, 5, 0.0, None, gw, None, np.empty((4, 2)), False)
+    with pytest.raises(ValueError, match="forward output"):
+        nat.linear_backward(gy, x, w, None, None, 3, 0.0, None, gw, None, np.empty((4, 2)),
+                            False)
+    with pytest.raises(ValueError, match="grad_x must have shape"):
+        nat.linear_backward(gy, x, w, None, None, 0, 0.0, np.empty((4, 2)), gw, None, None,
+                            False)
+
+
+# =========================================================== activations
+ACT_SHAPES = [(), (1,), (7,), (3, 5, 7), (33, 65), (300, 257)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACT_NAMES)
+@pytest.mark.parametrize("shape", ACT_SHAPES, ids=str)
+def test_activation_forward_backward(rng, dtype, act, shape):
+    code = ACTIVATIONS[act]
+    if act == "softmax" and shape == ():
+        with pytest.raises(ValueError):
+            nat.activation_forward(code, ALPHA, np.zeros((), dtype), np.zeros((), dtype))
+        return
+    x = randn(rng, shape, dtype, 3.0)
+    y = np.empty(shape, dtype)
+    nat.activation_forward(code, ALPHA, x, y)
+    y_ref = np.empty(shape)
+    ref.activation_forward(code, ALPHA, x.astype(F64), y_ref)
+    close(y, y_ref, dtype, factor=4, what=f"{act} forward")
+    # in place
+    x2 = x.copy()
+    nat.activation_forward(code, ALPHA, x2, x2)
+    assert np.array_equal(x2, y), "in-place forward differs"
+    # backward from the kernel's own y (and x for gelu)
+    gy = randn(rng, shape, dtype)
+    gx = np.empty(shape, dtype)
+    nat.activation_backward(code, ALPHA, gy, x, y, gx)
+    gx_ref = np.empty(shape)
+    ref.activation_backward(code, ALPHA, gy.astype(F64), x.astype(F64), y.astype(F64), gx_ref)
+    scale = np.abs(gx_ref)
+    if act == "softmax":
+        scale = scale + np.abs(y.astype(F64)) * (np.abs(gy.astype(F64)) +
+                                                  np.abs(gy * y).astype(F64).sum(-1, keepdims=True))
+    close(gx, gx_ref, dtype, scale=scale, factor=4, what=f"{act} backward")
+    g2 = gy.copy()
+    nat.activation_backward(code, ALPHA, g2, x, y, g2)
+    assert np.array_equal(g2, gx), "in-place backward differs"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ["sigmoid", "tanh", "gelu", "softmax", "leaky_relu"])
+def test_activations_stable_at_extremes(dtype, act):
+    code = ACTIVATIONS[act]
+    x = np.array([[-1e4, -1e3, -88.0, -20.0, -1e-30, 0.0, 1e-30, 20.0, 88.0, 1e3, 1e4]], dtype)
+    y = np.empty_like(x)
+    nat.activation_forward(code, ALPHA, x, y)  # pytest turns any warning into an error
+    assert np.isfinite(y).all()
+    if act == "sigmoid":
+        assert y[0, 0] == 0.0 and y[0, -1] == 1.0 and ((y >= 0) & (y <= 1)).all()
+    if act == "gelu":
+        assert y[0, -1] == x[0, -1] and abs(y[0, 0]) == 0.0
+    if act == "softmax":
+        assert y[0, -1] == 1.0 and abs(y.sum() - 1) < 1e-6
+    gx = np.empty_like(x)
+    nat.activation_backward(code, ALPHA, np.ones_like(x), x, y, gx)
+    assert np.isfinite(gx).all()
+    rows = np.full((3, 4), 1e4, dtype)
+    rows[1] = -1e4
+    rows[2] = [1e4, -1e4, 0, 1e4]
+    out = np.empty_like(rows)
+    nat.activation_forward(ACTIVATIONS["softmax"], 0.0, rows, out)
+    assert np.isfinite(out).all()
+    close(out, [[.25] * 4, [.25] * 4, [.5, 0, 0, .5]], dtype)
+
+
+def test_activation_rejects_bad_arguments(rng):
+    x = randn(rng, (4, 3), F32)
+    with pytest.raises(ValueError, match="must have the shape of x"):
+        nat.activation_forward(1, 0.0, x, np.empty((3, 4), F32))
+    with pytest.raises(TypeError, match="y must have dtype float32"):
+        nat.activation_forward(1, 0.0, x, np.empty((4, 3), F64))
+    with pytest.raises(ValueError, match="y"):
+        nat.activation_forward(1, 0.0, x, np.empty((4, 6), F32)[:, ::2])
+    with pytest.raises(ValueError, match="unknown activation"):
+        nat.activation_forward(-1, 0.0, x, np.empty_like(x))
+    with pytest.raises(ValueError, match="needs y"):
+        nat.activation_backward(3, 0.0, x, x, None, np.empty_like(x))
+    with pytest.raises(ValueError, match="gelu needs x"):
+        nat.activation_backward(5, 0.0, x, None, x, np.empty_like(x))
+
+
+# =========================================================== losses
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 7), (7, 3), (33, 10), (257, 31), (3000, 33)])
+@pytest.mark.parametrize("kind", ["labels", "targets"])
+def test_softmax_xent_matches_reference(rng, dtype, n, c, kind):
+    logits = randn(rng, (n, c), dtype, 4.0)
+    labels = targets = None
+    if kind == "labels":
+        labels = rng.integers(0, c, size=n).astype(np.int64)
+    else:
+        targets = rng.random((n, c)).astype(dtype)
+        targets /= targets.sum(1, keepdims=True)
+    grad = np.empty((n, c), dtype)
+    loss = nat.softmax_xent(logits, labels, targets, grad)
+    grad_ref = np.empty((n, c))
+    t64 = None if targets is None else targets.astype(F64)
+    loss_ref = ref.softmax_xent(logits.astype(F64), labels, t64, grad_ref)
+    assert isinstance(loss, float)
+    close(loss, loss_ref, F64, factor=1e3, what="loss")  # both in double
+    close(grad, grad_ref, dtype, scale=np.abs(grad_ref) + 1.0 / n, factor=2, what="grad")
+    assert nat.softmax_xent(logits, labels, targets, None) == pytest.approx(loss, rel=1e-12)
+
+
+def test_softmax_xent_stable_and_checked():
+    logits = np.array([[1e4, -1e4, 0.0], [-1e4, -1e4, -1e4]], np.float32)
+    grad = np.empty_like(logits)
+    loss = nat.softmax_xent(logits, np.array([1, 2]), None, grad)
+    assert np.isfinite(loss) and np.isfinite(grad).all()
+    assert loss == pytest.approx((2e4 + np.log(3)) / 2)
+    with pytest.raises(ValueError, match=r"labels\[1\] = 3 is outside"):
+        nat.softmax_xent(logits, np.array([0, 3]), None, grad)
+    with pytest.raises(ValueError, match=r"labels\[0\] = -1"):
+        nat.softmax_xent(logits, np.array([-1, 0]), None, grad)
+    with pytest.raises(ValueError, match="exactly one"):
+        nat.softmax_xent(logits, None, None, grad)
+    with pytest.raises(ValueError, match="labels must have shape"):
+        nat.softmax_xent(logits, np.array([0, 1, 2]), None, grad)
+    with pytest.raises(TypeError, match="int64"):
+        nat.softmax_xent(logits, np.array([0, 1], np.int32), None, grad)
+    with pytest.raises(ValueError, match="grad must have shape"):
+        nat.softmax_xent(logits, np.array([0, 1]), None, np.empty((3, 2), np.float32))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (33, 1), (5, 7, 31), (300, 257)], ids=str)
+@pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
+def test_bce_matches_reference(rng, dtype, shape, from_logits):
+    if from_logits:
+        pred = randn(rng, shape, dtype, 5.0)
+    else:
+        pred = rng.random(shape).astype(dtype)
+        pred.flat[0] = 0.0
+        if pred.size > 1:
+            pred.flat[1] = 1.0
+    target = (rng.random(shape) > 0.5).astype(dtype)
+    if target.size > 2:
+        target.flat[2] = 0.3
+    grad = np.empty(shape, dtype)
+    loss = nat.bce(pred, target, from_logits, grad)
+    grad_ref = np.empty(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the reference may divide by zero at p = 0 or 1
+        loss_ref = ref.bce(pred.astype(F64), target.astype(F64), from_logits, grad_ref)
+    close(loss, loss_ref, F64, factor=1e3, what="loss")
+    close(grad, grad_ref, dtype, factor=2, what="grad")
+    assert nat.bce(pred, target, from_logits, None) == pytest.approx(loss, rel=1e-12)
+
+
+def test_bce_extremes_are_finite():
+    x = np.array([-1e4, -50.0, 0.0, 50.0, 1e4])
+    t = np.array([1.0, 1.0, 0.5, 0.0, 0.0])
+    g = np.empty_like(x)
+    loss = nat.bce(x, t, True, g)
+    assert np.isfinite(loss) and np.isfinite(g).all()
+    assert loss == pytest.approx((1e4 + 50 + np.log(2) + 50 + 1e4) / 5, rel=1e-12)
+    p = np.array([0.0, 1.0, 0.0, 1.0])
+    t = np.array([1.0, 0.0, 0.0, 1.0])
+    loss = nat.bce(p, t, False, g[:4].copy())
+    assert loss == pytest.approx(50.0)  # two terms clamped at -100, two exact
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (3, 5, 7), (300, 257)], ids=str)
+@pytest.mark.parametrize("half", [False, True])
+def test_mse_matches_reference(rng, dtype, shape, half):
+    pred, target = randn(rng, shape, dtype), randn(rng, shape, dtype)
+    grad = np.empty(shape, dtype)
+    loss = nat.mse(pred, target, half, grad)
+    grad_ref = np.empty(shape)
+    loss_ref = ref.mse(pred.astype(F64), target.astype(F64), half, grad_ref)
+    close(loss, loss_ref, F64, factor=1e3, what="loss")
+    close(grad, grad_ref, dtype, what="grad")
+    d = pred.astype(F64) - target.astype(F64)
+    assert loss == pytest.approx((0.5 if half else 1.0) * np.mean(d * d), rel=1e-12)
+
+
+def test_pointwise_losses_reject_bad_arguments(rng):
+    p = randn(rng, (4, 3), F64)
+    with pytest.raises(ValueError, match="target must have the shape of pred"):
+        nat.mse(p, randn(rng, (3, 4), F64), False, None)
+    with pytest.raises(ValueError, match="grad must have the shape of pred"):
+        nat.bce(p, p, True, np.empty(12))
+    with pytest.raises(TypeError, match="target must have dtype float64"):
+        nat.mse(p, p.astype(np.float32), False, None)
+    with pytest.raises(ValueError, match="empty"):
+        nat.mse(np.empty(0), np.empty(0), False, None)
+
+
+# =========================================================== optimizers
+SHAPES_LIST = [(1,), (7, 3), (33,), (65, 31), (300, 257)]  # the last one is threaded
+
+
+def _tensors(rng, dtype, n_state):
+    params = [randn(rng, s, dtype) for s in SHAPES_LIST]
+    grads = [[randn(rng, s, dtype) for s in SHAPES_LIST] for _ in range(3)]
+    states = [[np.zeros(s, dtype) for s in SHAPES_LIST] for _ in range(n_state)]
+    return params, grads, states
+
+
+def _copy(arrays):
+    return [a.copy() for a in arrays]
+
+
+def _compare_lists(actual, expected, dtype, what, factor=8):
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        close(a, e, dtype, factor=factor, what=f"{what}[{i}]")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("momentum,nesterov,wd", [(0.0, False, 0.0), (0.0, False, 0.01),
+                                                  (0.9, False, 0.0), (0.9, True, 0.05)])
+def test_sgd_update_matches_reference(rng, dtype, momentum, nesterov, wd):
+    params, grads, (bufs,) = _tensors(rng, dtype, 1)
+    p_ref, b_ref = _copy(params), _copy(bufs)
+    use = bufs if momentum else None
+    for step in range(3):
+        nat.sgd_update(params, grads[step], use, 0.1, momentum, nesterov, wd, step == 0)
+        ref.sgd_update(p_ref, grads[step], b_ref if momentum else None, 0.1, momentum,
+                       nesterov, wd, step == 0)
+    _compare_lists(params, p_ref, dtype, "params")
+    if momentum:
+        _compare_lists(bufs, b_ref, dtype, "bufs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("wd,decoupled", [(0.0, False), (0.01, False), (0.01, True)])
+def test_adam_update_matches_reference(rng, dtype, wd, decoupled):
+    params, grads, (m, v) = _tensors(rng, dtype, 2)
+    p_ref, m_ref, v_ref = _copy(params), _copy(m), _copy(v)
+    for step in range(1, 4):
+        nat.adam_update(params, grads[step - 1], m, v, step, 1e-2, 0.9, 0.999, 1e-8, wd,
+                        decoupled)
+        ref.adam_update(p_ref, grads[step - 1], m_ref, v_ref, step, 1e-2, 0.9, 0.999, 1e-8,
+                        wd, decoupled)
+    _compare_lists(params, p_ref, dtype, "params")
+    _compare_lists(m, m_ref, dtype, "exp_avgs")
+    _compare_lists(v, v_ref, dtype, "exp_avg_sqs")
+    with pytest.raises(ValueError, match="step"):
+        nat.adam_update(params, grads[0], m, v, 0, 1e-2, 0.9, 0.999, 1e-8, wd, decoupled)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("momentum,wd", [(0.0, 0.0), (0.9, 0.01)])
+def test_rmsprop_update_matches_reference(rng, dtype, momentum, wd):
+    params, grads, (s, bufs) = _tensors(rng, dtype, 2)
+    p_ref, s_ref, b_ref = _copy(params), _copy(s), _copy(bufs)
+    for step in range(3):
+        nat.rmsprop_update(params, grads[step], s, bufs if momentum else None, 1e-2, 0.99,
+                           1e-8, momentum, wd)
+        ref.rmsprop_update(p_ref, grads[step], s_ref, b_ref if momentum else None, 1e-2,
+                           0.99, 1e-8, momentum, wd)
+    _compare_lists(params, p_ref, dtype, "params")
+    _compare_lists(s, s_ref, dtype, "square_avgs")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("wd", [0.0, 0.01])
+def test_adagrad_update_matches_reference(rng, dtype, wd):
+    params, grads, (sums,) = _tensors(rng, dtype, 1)
+    p_ref, s_ref = _copy(params), _copy(sums)
+    for step in range(3):
+        nat.adagrad_update(params, grads[step], sums, 1e-2, 1e-10, wd)
+        ref.adagrad_update(p_ref, grads[step], s_ref, 1e-2, 1e-10, wd)
+    _compare_lists(params, p_ref, dtype, "params")
+    _compare_lists(sums, s_ref, dtype, "sums")
+
+
+def test_optimizers_reject_bad_lists(rng):
+    p = [randn(rng, (3, 2), F64)]
+    g = [randn(rng, (3, 2), F64)]
+    with pytest.raises(ValueError, match="grads must have 1 arrays"):
+        nat.adagrad_update(p, g + g, [np.zeros((3, 2))], 0.1, 1e-10, 0.0)
+    with pytest.raises(ValueError, match=r"grads\[0\] must have the shape of params\[0\]"):
+        nat.adagrad_update(p, [np.zeros(6)], [np.zeros((3, 2))], 0.1, 1e-10, 0.0)
+    with pytest.raises(ValueError, match="bufs is required"):
+        nat.sgd_update(p, g, None, 0.1, 0.9, False, 0.0, True)
+    with pytest.raises(TypeError, match=r"grads\[0\] must have dtype float64"):
+        nat.sgd_update(p, [g[0].astype(np.float32)], None, 0.1, 0.0, False, 0.0, True)
+    ro = p[0].copy()
+    ro.flags.writeable = False
+    with pytest.raises(ValueError, match=r"params\[0\]"):
+        nat.sgd_update([ro], g, None, 0.1, 0.0, False, 0.0, True)
+    assert np.array_equal(ro, p[0])
+
+
+# =========================================================== reductions
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_sum_squares_scale_clip(rng, dtype):
+    arrays = [randn(rng, s, dtype, 3.0) for s in SHAPES_LIST + [(), (5, 0)]]
+    total = nat.sum_squares(arrays)
+    assert isinstance(total, float)
+    exp = sum(float(np.sum(a.astype(F64) ** 2)) for a in arrays)
+    assert total == pytest.approx(exp, rel=1e-13)
+    assert total == pytest.approx(ref.sum_squares(arrays), rel=1e-13)
+    assert nat.sum_squares([]) == 0.0
+    a_ref = _copy(arrays)
+    nat.scale_(arrays, 0.37)
+    ref.scale_(a_ref, 0.37)
+    for a, e in zip(arrays, a_ref):
+        assert np.array_equal(a, e)
+    arrays[1].flat[0] = np.nan
+    a_ref[1].flat[0] = np.nan
+    nat.clip_(arrays, -0.5, 0.25)
+    ref.clip_(a_ref, -0.5, 0.25)
+    for a, e in zip(arrays, a_ref):
+        assert np.array_equal(a, e, equal_nan=True)
+    assert np.isnan(arrays[1].flat[0])
+
+
+# =========================================================== normalisation
+NORM_SHAPES = [(1, 1), (2, 7), (7, 33), (33, 257), (4, 513), (300, 65), (129, 300)]
+
+
+def _affine(rng, f, dtype):
+    return randn(rng, (f,), dtype) + 1.0, randn(rng, (f,), dtype)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,f", NORM_SHAPES)
+@pytest.mark.parametrize("layer", [False, True], ids=["batch", "layer"])
+def test_norm_forward_backward_match_reference(rng, dtype, n, f, layer):
+    x = randn(rng, (n, f), dtype, 2.0) + dtype.type(3.0)
+    gamma, beta = _affine(rng, f, dtype)
+    stats = n if layer else f
+    y, mean, inv = np.empty((n, f), dtype), np.empty(stats, dtype), np.empty(stats, dtype)
+    fwd_n = nat.layernorm_forward if layer else nat.batchnorm_forward
+    fwd_r = ref.layernorm_forward if layer else ref.batchnorm_forward
+    fwd_n(x, gamma, beta, 1e-5, y, mean, inv)
+    y_r, mean_r, inv_r = np.empty((n, f), dtype), np.empty(stats, dtype), np.empty(stats, dtype)
+    fwd_r(x, gamma, beta, 1e-5, y_r, mean_r, inv_r)
+    close(mean, mean_r, dtype, what="mean")
+    close(inv, inv_r, dtype, factor=4, what="invstd")
+    yscale = np.abs(y_r.astype(F64)) + np.abs(gamma.astype(F64)) + np.abs(beta.astype(F64))
+    close(y, y_r, dtype, scale=yscale, factor=4, what="y")
+    gy = randn(rng, (n, f), dtype)
+    gg0, gb0 = randn(rng, (f,), dtype), randn(rng, (f,), dtype)
+    gx, gg, gb = np.empty((n, f), dtype), gg0.copy(), gb0.copy()
+    bwd_n = nat.layernorm_backward if layer else nat.batchnorm_backward
+    bwd_r = ref.layernorm_backward if layer else ref.batchnorm_backward
+    bwd_n(gy, x, gamma, mean, inv, gx, gg, gb)
+    gx_r, gg_r, gb_r = np.empty((n, f), dtype), gg0.copy(), gb0.copy()
+    bwd_r(gy, x, gamma, mean, inv, gx_r, gg_r, gb_r)
+    gscale = np.abs(gy.astype(F64)).sum(0) * 4 + np.abs(gg0.astype(F64))
+    close(gg, gg_r, dtype, scale=gscale * 4, factor=4, what="grad_gamma")
+    close(gb, gb_r, dtype, scale=gscale, factor=4, what="grad_beta")
+    xscale = (np.abs(gx_r.astype(F64)) + np.abs(gy.astype(F64)) * np.abs(gamma.astype(F64))
+              * np.abs(inv.astype(F64)).reshape((-1, 1) if layer else (1, -1)) * 4)
+    close(gx, gx_r, dtype, scale=xscale, factor=4, what="grad_x")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,f", NORM_SHAPES)
+def test_batchnorm_eval_matches_reference(rng, dtype, n, f):
+    x = randn(rng, (n, f), dtype)
+    gamma, beta = _affine(rng, f, dtype)
+    rm, rv = randn(rng, (f,), dtype), (rng.random(f) + 0.5).astype(dtype)
+    y, y_r = np.empty((n, f), dtype), np.empty((n, f), dtype)
+    nat.batchnorm_forward_eval(x, gamma, beta, rm, rv, 1e-5, y)
+    ref.batchnorm_forward_eval(x, gamma, beta, rm, rv, 1e-5, y_r)
+    scale = (np.abs(x.astype(F64)) + np.abs(rm.astype(F64))) * np.abs(gamma.astype(F64)) \
+        / np.sqrt(rv.astype(F64)) + np.abs(beta.astype(F64))
+    close(y, y_r, dtype, scale=scale, factor=4, what="y")
+
+
+def test_norms_reject_bad_arguments(rng):
+    x = randn(rng, (4, 3), F64)
+    g, b = np.ones(3), np.zeros(3)
+    y = np.empty((4, 3))
+    with pytest.raises(ValueError, match=r"mean must have shape \(3,\)"):
+        nat.batchnorm_forward(x, g, b, 1e-5, y, np.empty(4), np.empty(3))
+    with pytest.raises(ValueError, match=r"mean must have shape \(4,\)"):
+        nat.layernorm_forward(x, g, b, 1e-5, y, np.empty(3), np.empty(4))
+    with pytest.raises(ValueError, match="gamma must have shape"):
+        nat.layernorm_forward(x, np.ones(4), b, 1e-5, y, np.empty(4), np.empty(4))
+    with pytest.raises(TypeError, match="beta must have dtype float64"):
+        nat.batchnorm_forward(x, g, b.astype(np.float32), 1e-5, y, np.empty(3), np.empty(3))
+    with pytest.raises(TypeError):
+        nat.batchnorm_backward(x, x, g, None, np.ones(3), y, np.zeros(3), np.zeros(3))
