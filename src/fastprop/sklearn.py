@@ -1,0 +1,990 @@
+"""scikit-learn estimators on fastprop's kernels: ``MLPClassifier`` and ``MLPRegressor``.
+
+Drop-in replacements for :class:`sklearn.neural_network.MLPClassifier` and
+:class:`~sklearn.neural_network.MLPRegressor`: change the import, keep the code.
+They take the same constructor parameters with the same defaults, expose the same
+fitted attributes and methods, and run the same algorithm, so that one
+``random_state`` gives the same model up to floating-point rounding:
+
+* Glorot-uniform initialisation drawn from ``random_state`` in scikit-learn's order,
+  the same mini-batch order (``sklearn.utils.shuffle`` on the same generator) and
+  the same early-stopping split;
+* scikit-learn's loss: cross-entropy (softmax for multiclass, logistic for binary and
+  multilabel), half squared error or half Poisson deviance, averaged over samples
+  (weighted by ``sample_weight``), plus ``alpha / (2 * sum(sample_weight)) * ||W||^2``
+  on the weights only (never the intercepts);
+* scikit-learn's Adam and SGD updates, learning-rate schedules, (Nesterov) momentum,
+  ``tol`` / ``n_iter_no_change`` stopping, and L-BFGS through ``scipy.optimize``.
+
+What differs is where the time goes.  Every training step runs on the current
+fastprop backend (``fastprop.backends.current()``): ``linear_forward`` per layer,
+one fused loss-and-gradient kernel (``softmax_xent``, ``bce`` from logits or
+``mse``), ``linear_backward`` per layer and one ``adam_update`` / ``sgd_update`` for
+all weights plus one for all intercepts.  Parameters, gradients and optimizer state
+live in flat vectors (``coefs_`` and ``intercepts_`` are views into them), and every
+activation / gradient buffer is allocated once per ``fit``, so a step allocates
+nothing but the batch's index view.  Sparse input runs the first layer with scipy's
+sparse products and the rest on the kernels.
+
+How scikit-learn's optimizers map onto the kernel contract:
+
+* Adam: scikit-learn applies ``lr * sqrt(1 - b2^t) / (1 - b1^t) * m / (sqrt(v) + eps)``;
+  the kernel's ``lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps')`` is the same
+  update with ``eps' = eps / sqrt(1 - b2^t)``.
+* SGD: scikit-learn keeps a velocity ``v = momentum v - lr g``; the kernel keeps
+  ``buf = momentum buf + g``, and ``v = -lr buf`` while ``lr`` is constant.  When the
+  schedule changes ``lr`` (invscaling, adaptive) the buffer is rescaled by
+  ``lr_old / lr_new`` so that ``v`` carries over exactly as in scikit-learn.
+* L2: the kernels' ``weight_decay`` (``g + wd p``) with ``wd = alpha / sum(weights)``
+  on the weight vector, ``0`` on the intercept vector.
+
+Requires scikit-learn >= 1.6 and scipy: ``pip install "fastprop[sklearn]"``.
+``import fastprop`` does not import this module (nor scikit-learn).
+
+Example:
+    >>> from fastprop.sklearn import MLPClassifier      # was: from sklearn.neural_network
+    >>> from sklearn.datasets import load_digits
+    >>> X, y = load_digits(return_X_y=True)
+    >>> clf = MLPClassifier((64,), max_iter=30, random_state=0).fit(X / 16, y)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import numpy as np
+import scipy.optimize
+import scipy.sparse as sp
+from scipy.special import expit, xlogy
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.metrics import accuracy_score, r2_score
+from sklearn.model_selection import train_test_split
+from sklearn.neural_network import MLPClassifier as _SkMLPClassifier
+from sklearn.neural_network import MLPRegressor as _SkMLPRegressor
+from sklearn.preprocessing import LabelBinarizer
+from sklearn.utils import check_random_state, column_or_1d, gen_batches, shuffle
+from sklearn.utils.metaestimators import available_if
+from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
+from sklearn.utils.optimize import _check_optimize_result
+from sklearn.utils.validation import _check_sample_weight, check_is_fitted, validate_data
+
+from . import backends
+
+try:  # scipy >= 1.15 dropped L-BFGS-B's iprint; scikit-learn passes it only before that
+    from sklearn.utils.fixes import _get_additional_lbfgs_options_dict
+except ImportError:  # pragma: no cover - depends on the scikit-learn version
+    def _get_additional_lbfgs_options_dict(key, value):
+        return {}
+
+__all__ = ["MLPClassifier", "MLPRegressor"]
+
+_STOCHASTIC_SOLVERS = ("sgd", "adam")
+# scikit-learn's hidden activation names -> fastprop kernel codes
+_HIDDEN_CODES = {"identity": backends.ACTIVATIONS["identity"],
+                 "logistic": backends.ACTIVATIONS["sigmoid"],
+                 "tanh": backends.ACTIVATIONS["tanh"],
+                 "relu": backends.ACTIVATIONS["relu"]}
+_SOFTMAX = backends.ACTIVATIONS["softmax"]
+_SIGMOID = backends.ACTIVATIONS["sigmoid"]
+
+
+def _host_backend():
+    """The current fastprop backend, or a CPU one when the current works on a device
+    (these estimators keep NumPy arrays on the host)."""
+    be = backends.current()
+    if be.name == "cuda":  # pragma: no cover - no device backend in this build
+        try:
+            return backends.load("native")
+        except backends.BackendUnavailableError:
+            return backends.load("numpy")
+    return be
+
+
+def _kernel_array(a, dtype):
+    """``a`` as a C-contiguous, writable array of ``dtype`` (copied only if needed:
+    kernels may take mutable buffers, and read-only memmaps come from joblib)."""
+    a = np.ascontiguousarray(a, dtype=dtype)
+    return a if a.flags.writeable else a.copy()
+
+
+# --------------------------------------------------------------------------- network
+class _Workspace:
+    """Buffers for a batch of ``m`` rows: the gathered inputs/targets/weights, every
+    layer's output ``a[i + 1]``, the gradient ``g[i + 1]`` with respect to it, and the
+    activation-derivative scratch ``work[i]`` the kernel contract asks for."""
+
+    __slots__ = ("m", "x", "t", "sw", "a", "g", "work")
+
+    def __init__(self, net, m, n_features, target_shape, target_dtype, weighted):
+        dt = net.dtype
+        self.m = m
+        self.x = None if net.sparse else np.empty((m, n_features), dt)
+        self.t = np.empty((m,) + target_shape, target_dtype)
+        self.sw = np.empty(m, dt) if weighted else None
+        self.a = [None] + [np.empty((m, u), dt) for u in net.units[1:]]
+        self.g = [None] + [np.empty((m, u), dt) for u in net.units[1:]]
+        self.work = [None if act == 0 else np.empty((m, u), dt)
+                     for act, u in zip(net.acts, net.units[1:])]
+
+
+class _Network:
+    """An MLP's parameters in flat vectors and its forward/loss/backward on the kernels.
+
+    ``params`` holds every weight matrix (row-major, ``(fan_in, fan_out)``) and then
+    every intercept vector, in the order of scikit-learn's ``_pack``; ``coefs`` and
+    ``intercepts`` are views into it and ``grads`` mirrors it.  ``weights`` and
+    ``biases`` (one-element lists, as the optimizer kernels take lists) view the two
+    halves, so one kernel call updates all weights and one all intercepts.
+    """
+
+    def __init__(self, units, activation, out_activation, dtype, sparse):
+        self.units = list(units)
+        self.n_layers = len(units) - 1          # weight layers
+        self.dtype = np.dtype(dtype)
+        self.sparse = sparse
+        self.out_activation = out_activation
+        self.acts = [_HIDDEN_CODES[activation]] * (self.n_layers - 1) + [0]
+        shapes = list(zip(units[:-1], units[1:]))
+        self.n_coef = sum(i * o for i, o in shapes)
+        total = self.n_coef + sum(units[1:])
+        self.params = np.zeros(total, self.dtype)
+        self.grads = np.zeros(total, self.dtype)
+        self.coefs, self.coef_grads = [], []
+        start = 0
+        for shape in shapes:
+            end = start + shape[0] * shape[1]
+            self.coefs.append(self.params[start:end].reshape(shape))
+            self.coef_grads.append(self.grads[start:end].reshape(shape))
+            start = end
+        self.intercepts, self.intercept_grads = [], []
+        for u in units[1:]:
+            self.intercepts.append(self.params[start:start + u])
+            self.intercept_grads.append(self.grads[start:start + u])
+            start += u
+        self.weights, self.weight_grads = [self.params[:self.n_coef]], [self.grads[:self.n_coef]]
+        self.biases, self.bias_grads = [self.params[self.n_coef:]], [self.grads[self.n_coef:]]
+        self._workspaces = {}
+
+    def load(self, coefs, intercepts):
+        """Copy ``coefs`` / ``intercepts`` (lists of arrays) into the flat vector."""
+        if len(coefs) != self.n_layers or len(intercepts) != self.n_layers:
+            raise ValueError(f"coefs_ and intercepts_ must hold {self.n_layers} arrays for "
+                             f"layer sizes {self.units}, got {len(coefs)} and {len(intercepts)}")
+        for name, dst, src in (("coefs_", self.coefs, coefs),
+                               ("intercepts_", self.intercepts, intercepts)):
+            for i, (d, s) in enumerate(zip(dst, src)):
+                s = np.asarray(s)
+                if s.shape != d.shape:
+                    raise ValueError(f"{name}[{i}] has shape {s.shape}, expected {d.shape} for "
+                                     f"layer sizes {self.units} (hidden_layer_sizes changed?)")
+                d[...] = s
+
+    def workspace(self, m, n_features, target_shape, target_dtype, weighted):
+        ws = self._workspaces.get(m)
+        if ws is None:
+            ws = _Workspace(self, m, n_features, target_shape, target_dtype, weighted)
+            self._workspaces[m] = ws
+        return ws
+
+    # -- one batch ---------------------------------------------------------------
+    def loss_and_grads(self, be, x, t, sw, ws, alpha):
+        """Forward, scikit-learn's loss (with its L2 term) and backward on one batch.
+
+        Leaves in ``grads`` the gradient of the data term (scikit-learn's ``deltas``
+        already divided by the sum of sample weights); the L2 gradient
+        ``alpha / sw_sum * W`` is added by the caller (the optimizer's weight decay).
+        Returns ``(loss, sw_sum)``.
+        """
+        a, g, work, acts = ws.a, ws.g, ws.work, self.acts
+        coefs, intercepts = self.coefs, self.intercepts
+        last = self.n_layers - 1
+        h = x
+        for i in range(self.n_layers):
+            if i == 0 and self.sparse:
+                np.copyto(a[1], x @ coefs[0])
+                a[1] += intercepts[0]
+                if acts[0]:
+                    be.activation_forward(acts[0], 0.0, a[1], a[1])
+            else:
+                be.linear_forward(h, coefs[i], intercepts[i], acts[i], 0.0, a[i + 1], None)
+            h = a[i + 1]
+        loss = self._data_loss(be, a[-1], t, sw, g[-1])
+        sw_sum = ws.m if sw is None else float(sw.sum())
+        if alpha:
+            loss += 0.5 * alpha * be.sum_squares(self.weights) / sw_sum
+        for i in range(last, -1, -1):
+            if i == 0 and self.sparse:
+                grad_z = g[1]
+                if acts[0]:
+                    be.activation_backward(acts[0], 0.0, g[1], None, a[1], work[0])
+                    grad_z = work[0]
+                np.copyto(self.coef_grads[0], x.T @ grad_z)
+                np.sum(grad_z, axis=0, out=self.intercept_grads[0])
+            else:
+                be.linear_backward(g[i + 1], x if i == 0 else a[i], coefs[i], a[i + 1], None,
+                                   acts[i], 0.0, g[i] if i else None, self.coef_grads[i],
+                                   self.intercept_grads[i], work[i], False)
+        return loss, sw_sum
+
+    def _data_loss(self, be, z, t, sw, grad):
+        """scikit-learn's data loss of output pre-activations ``z``; writes its
+        gradient with respect to ``z`` (times the batch's sample count) into ``grad``."""
+        kind = self.out_activation
+        if sw is not None or kind == "exp":
+            return _reference_loss(kind, z, t, sw, grad)
+        if kind == "softmax":
+            return be.softmax_xent(z, t, None, grad)
+        k = z.shape[1]
+        if kind == "logistic":       # sklearn sums over outputs, the kernel averages
+            loss = be.bce(z, t, True, grad) * k
+        else:                        # identity: 0.5 * mean over all elements, both
+            loss = be.mse(z, t, True, grad)
+        if k > 1:                    # sklearn's delta is (p - y) / n_samples
+            be.scale_([grad], float(k))
+        return loss
+
+
+def _forward(be, X, coefs, intercepts, activation, out_activation, dtype):
+    """The output activations of a fitted network for X (dense C-contiguous of
+    ``dtype``, or CSR), computed on fresh arrays."""
+    n = X.shape[0]
+    last = len(coefs) - 1
+    hidden = _HIDDEN_CODES[activation]
+    h = X
+    for i, (w, b) in enumerate(zip(coefs, intercepts)):
+        w, b = _kernel_array(w, dtype), _kernel_array(b, dtype)
+        act = hidden if i < last else 0
+        out = np.empty((n, w.shape[1]), dtype)
+        if sp.issparse(h):
+            np.copyto(out, h @ w)
+            out += b
+            if act:
+                be.activation_forward(act, 0.0, out, out)
+        else:
+            be.linear_forward(h, w, b, act, 0.0, out, None)
+        h = out
+    if out_activation == "softmax":
+        be.activation_forward(_SOFTMAX, 0.0, h, h)
+    elif out_activation == "logistic":
+        be.activation_forward(_SIGMOID, 0.0, h, h)
+    elif out_activation == "exp":
+        np.exp(h, out=h)
+    return h
+
+
+def _reference_loss(kind, z, t, sw, grad):
+    """scikit-learn's ``LOSS_FUNCTIONS`` written out in NumPy, for the cases without a
+    kernel: sample weights and the Poisson loss.  ``t`` holds class ids for softmax,
+    targets otherwise; writes ``(p - y) * sw / sum(sw)`` into ``grad``."""
+    z64 = z.astype(np.float64)
+    m = z.shape[0]
+    if kind == "softmax":
+        p = np.exp(z64 - z64.max(axis=1, keepdims=True))
+        p /= p.sum(axis=1, keepdims=True)
+        y = np.zeros_like(p)
+        y[np.arange(m), t] = 1.0
+    else:
+        p = expit(z64) if kind == "logistic" else np.exp(z64) if kind == "exp" else z64
+        y = t.astype(np.float64)
+    if kind in ("softmax", "logistic"):
+        eps = np.finfo(z.dtype).eps
+        pc = np.clip(p, eps, 1 - eps)
+        per = xlogy(y, pc)
+        if kind == "logistic":
+            per += xlogy(1 - y, 1 - pc)
+        per = -per.sum(axis=1)
+    elif kind == "exp":
+        per = (xlogy(y, y / p) - y + p).sum(axis=1)
+    else:
+        per = 0.5 * ((y - p) ** 2).mean(axis=1)
+    loss = float(np.average(per, weights=sw))
+    delta = p - y
+    if sw is None:
+        delta /= m
+    else:
+        delta *= sw[:, None] / sw.sum()
+    np.copyto(grad, delta, casting="unsafe")
+    return loss
+
+
+# --------------------------------------------------------------------------- optimizers
+class _Optimizer:
+    """State shared by the two stochastic optimizers: ``state_names`` lists the
+    attributes holding a pair [weight-vector state, intercept-vector state]."""
+
+    state_names: tuple = ()
+
+    def prepare(self, net):
+        """Make the state usable by the kernels for ``net`` (after unpickling, joblib
+        may hand back read-only memory maps)."""
+        sizes = (net.n_coef, net.params.size - net.n_coef)
+        for name in self.state_names:
+            pair = getattr(self, name)
+            if pair is None:
+                continue
+            if tuple(a.size for a in pair) != sizes:
+                raise ValueError(f"optimizer state does not match the network's {sum(sizes)} "
+                                 "parameters; refit instead of continuing with partial_fit")
+            setattr(self, name, [_kernel_array(a, net.dtype) for a in pair])
+
+
+class _AdamOptimizer(_Optimizer):
+    """scikit-learn's ``AdamOptimizer`` on the ``adam_update`` kernel (see the module
+    docstring for the epsilon mapping).  State: first/second moments of the weight
+    vector and of the intercept vector; ``t`` counts updates."""
+
+    state_names = ("ms", "vs")
+
+    def __init__(self, net, learning_rate_init, beta_1, beta_2, epsilon):
+        self.learning_rate_init = learning_rate_init
+        self.learning_rate = float(learning_rate_init)
+        self.beta_1, self.beta_2, self.epsilon = beta_1, beta_2, epsilon
+        self.t = 0
+        self.ms = [np.zeros(net.n_coef, net.dtype), np.zeros(net.params.size - net.n_coef, net.dtype)]
+        self.vs = [np.zeros_like(m) for m in self.ms]
+
+    def update(self, be, net, weight_decay):
+        self.t += 1
+        t, b1, b2 = self.t, self.beta_1, self.beta_2
+        self.learning_rate = self.learning_rate_init * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
+        eps = self.epsilon / math.sqrt(1 - b2 ** t)
+        lr = self.learning_rate_init
+        be.adam_update(net.weights, net.weight_grads, self.ms[:1], self.vs[:1], t, lr, b1, b2,
+                       eps, weight_decay, False)
+        be.adam_update(net.biases, net.bias_grads, self.ms[1:], self.vs[1:], t, lr, b1, b2,
+                       eps, 0.0, False)
+
+    def iteration_ends(self, time_step):
+        pass
+
+    def trigger_stopping(self, msg, verbose):
+        if verbose:
+            print(msg + " Stopping.")
+        return True
+
+
+class _SGDOptimizer(_Optimizer):
+    """scikit-learn's ``SGDOptimizer`` on the ``sgd_update`` kernel.  ``bufs`` holds
+    the kernel's momentum buffers, ``-velocity / learning_rate`` in scikit-learn's
+    terms; ``_set_learning_rate`` rescales them so the velocity survives a change."""
+
+    state_names = ("bufs",)
+
+    def __init__(self, net, learning_rate_init, lr_schedule, momentum, nesterov, power_t):
+        self.learning_rate_init = learning_rate_init
+        self.learning_rate = float(learning_rate_init)
+        self.lr_schedule = lr_schedule
+        self.momentum = float(momentum)
+        self.nesterov = bool(nesterov) and momentum > 0
+        self.power_t = power_t
+        self.bufs = None
+        if momentum > 0:
+            self.bufs = [np.zeros(net.n_coef, net.dtype),
+                         np.zeros(net.params.size - net.n_coef, net.dtype)]
+
+    def update(self, be, net, weight_decay):
+        bufs, lr, mom, nest = self.bufs, self.learning_rate, self.momentum, self.nesterov
+        be.sgd_update(net.weights, net.weight_grads, bufs and bufs[:1], lr, mom, nest,
+                      weight_decay, False)
+        be.sgd_update(net.biases, net.bias_grads, bufs and bufs[1:], lr, mom, nest, 0.0, False)
+
+    def _set_learning_rate(self, value):
+        if self.bufs is not None and value != self.learning_rate:
+            for b in self.bufs:
+                b *= b.dtype.type(self.learning_rate / value)
+        self.learning_rate = value
+
+    def iteration_ends(self, time_step):
+        if self.lr_schedule == "invscaling":
+            self._set_learning_rate(
+                float(self.learning_rate_init) / (time_step + 1) ** self.power_t)
+
+    def trigger_stopping(self, msg, verbose):
+        if self.lr_schedule != "adaptive":
+            if verbose:
+                print(msg + " Stopping.")
+            return True
+        if self.learning_rate <= 1e-6:
+            if verbose:
+                print(msg + " Learning rate too small. Stopping.")
+            return True
+        self._set_learning_rate(self.learning_rate / 5.0)
+        if verbose:
+            print(msg + " Setting learning rate to %f" % self.learning_rate)
+        return False
+
+
+# --------------------------------------------------------------------------- estimators
+class _BaseMLP(BaseEstimator):
+    """What MLPClassifier and MLPRegressor share: ``_fit`` and the solvers.
+
+    Mirrors ``sklearn.neural_network._multilayer_perceptron.BaseMultilayerPerceptron``
+    step for step (same attributes, messages, warnings and random-number draws); only
+    the arithmetic is delegated to :class:`_Network` and the optimizer kernels.
+    """
+
+    # -- setup ---------------------------------------------------------------------
+    def _initialize(self, y, layer_units, dtype):
+        self.n_iter_ = 0
+        self.t_ = 0
+        self.n_outputs_ = y.shape[1]
+        self.n_layers_ = len(layer_units)
+        if not is_classifier(self):
+            self.out_activation_ = "exp" if self.loss == "poisson" else "identity"
+        elif self._label_binarizer.y_type_ == "multiclass":
+            self.out_activation_ = "softmax"
+        else:
+            self.out_activation_ = "logistic"
+        self.coefs_ = []
+        self.intercepts_ = []
+        for i in range(self.n_layers_ - 1):
+            coef, intercept = self._init_coef(layer_units[i], layer_units[i + 1], dtype)
+            self.coefs_.append(coef)
+            self.intercepts_.append(intercept)
+        self._best_coefs = [c.copy() for c in self.coefs_]
+        self._best_intercepts = [i.copy() for i in self.intercepts_]
+        if self.solver in _STOCHASTIC_SOLVERS:
+            self.loss_curve_ = []
+            self._no_improvement_count = 0
+            if self.early_stopping:
+                self.validation_scores_ = []
+                self.best_validation_score_ = -np.inf
+                self.best_loss_ = None
+            else:
+                self.best_loss_ = np.inf
+                self.validation_scores_ = None
+                self.best_validation_score_ = None
+
+    def _init_coef(self, fan_in, fan_out, dtype):
+        # Glorot et al.'s uniform initialisation, drawn as scikit-learn draws it
+        factor = 2.0 if self.activation == "logistic" else 6.0
+        bound = np.sqrt(factor / (fan_in + fan_out))
+        coef = self._random_state.uniform(-bound, bound, (fan_in, fan_out))
+        intercept = self._random_state.uniform(-bound, bound, fan_out)
+        return coef.astype(dtype, copy=False), intercept.astype(dtype, copy=False)
+
+    def _network(self, n_features, hidden, dtype, sparse):
+        units = [n_features] + [np.shape(c)[1] for c in self.coefs_]
+        if units[1:-1] != [int(h) for h in hidden]:
+            raise ValueError(f"hidden_layer_sizes={list(hidden)} does not match the fitted "
+                             f"network's hidden layers {units[1:-1]}; refit without warm_start")
+        net = _Network(units, self.activation, self.out_activation_, dtype, sparse)
+        net.load(self.coefs_, self.intercepts_)
+        return net
+
+    def _targets(self, y, dtype):
+        """Training targets as the loss kernels take them: class ids for softmax,
+        a float (n, outputs) array otherwise."""
+        if self.out_activation_ == "softmax":
+            return np.ascontiguousarray(np.argmax(y, axis=1), dtype=np.int64)
+        return _kernel_array(y, dtype)
+
+    # -- fit -----------------------------------------------------------------------
+    def _fit(self, X, y, sample_weight=None, incremental=False):
+        hidden = self.hidden_layer_sizes
+        if not hasattr(hidden, "__iter__"):
+            hidden = [hidden]
+        hidden = list(hidden)
+        if np.any(np.array(hidden) <= 0):
+            raise ValueError("hidden_layer_sizes must be > 0, got %s." % hidden)
+        first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+
+        X, y = self._validate_input(X, y, incremental, reset=first_pass)
+        n_samples, n_features = X.shape
+        if sample_weight is not None:
+            sample_weight = _check_sample_weight(sample_weight, X)
+        if y.ndim == 1:
+            y = y.reshape((-1, 1))
+        self.n_outputs_ = y.shape[1]
+        layer_units = [n_features] + hidden + [self.n_outputs_]
+        self._random_state = check_random_state(self.random_state)
+        if first_pass:
+            self._initialize(y, layer_units, X.dtype)
+
+        # computation dtype: the input's (float32 or float64) for a new network, the
+        # network's own when it continues (warm_start, partial_fit)
+        dtype = X.dtype if first_pass else self.coefs_[0].dtype
+        sparse = sp.issparse(X)
+        X = X.tocsr().astype(dtype, copy=False) if sparse else _kernel_array(X, dtype)
+        if sample_weight is not None:
+            sample_weight = _kernel_array(sample_weight, dtype)
+        net = self._network(n_features, hidden, dtype, sparse)
+        self.coefs_, self.intercepts_ = net.coefs, net.intercepts
+        be = _host_backend()
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
+            if self.solver in _STOCHASTIC_SOLVERS:
+                self._fit_stochastic(be, net, X, y, sample_weight, incremental)
+            else:
+                self._fit_lbfgs(be, net, X, y, sample_weight)
+
+        if not all(np.isfinite(w).all() for w in (*self.coefs_, *self.intercepts_)):
+            raise ValueError(
+                "Solver produced non-finite parameter weights. The input data may"
+                " contain large values and need to be preprocessed.")
+        return self
+
+    def _fit_lbfgs(self, be, net, X, y, sample_weight):
+        T = self._targets(y, net.dtype)
+        target_shape = T.shape[1:]
+        ws = net.workspace(X.shape[0], X.shape[1], target_shape, T.dtype, False)
+        alpha, n_coef = self.alpha, net.n_coef
+
+        def loss_grad(theta):
+            np.copyto(net.params, theta, casting="unsafe")
+            loss, sw_sum = net.loss_and_grads(be, X, T, sample_weight, ws, alpha)
+            grad = net.grads.astype(np.float64)     # a new array: scipy keeps it
+            grad[:n_coef] += (alpha / sw_sum) * net.params[:n_coef]
+            return loss, grad
+
+        iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
+        opt_res = scipy.optimize.minimize(
+            loss_grad, net.params.astype(np.float64), method="L-BFGS-B", jac=True,
+            options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol,
+                     **_get_additional_lbfgs_options_dict("iprint", iprint)})
+        self.n_iter_ = _check_optimize_result("lbfgs", opt_res, self.max_iter)
+        self.loss_ = opt_res.fun
+        np.copyto(net.params, opt_res.x, casting="unsafe")
+
+    def _fit_stochastic(self, be, net, X, y, sample_weight, incremental):
+        if not incremental or not hasattr(self, "_optimizer"):
+            if self.solver == "sgd":
+                self._optimizer = _SGDOptimizer(net, self.learning_rate_init, self.learning_rate,
+                                                self.momentum, self.nesterovs_momentum,
+                                                self.power_t)
+            else:
+                self._optimizer = _AdamOptimizer(net, self.learning_rate_init, self.beta_1,
+                                                 self.beta_2, self.epsilon)
+        optimizer = self._optimizer
+        optimizer.prepare(net)
+        if self.early_stopping and incremental:
+            raise ValueError("partial_fit does not support early_stopping=True")
+        early_stopping = self.early_stopping
+        if early_stopping:
+            # don't stratify in multilabel classification (scikit-learn's split exactly)
+            stratify = y if is_classifier(self) and self.n_outputs_ == 1 else None
+            if sample_weight is None:
+                X_train, X_val, y_train, y_val = train_test_split(
+                    X, y, random_state=self._random_state,
+                    test_size=self.validation_fraction, stratify=stratify)
+                sw_train = sw_val = None
+            else:
+                X_train, X_val, y_train, y_val, sw_train, sw_val = train_test_split(
+                    X, y, sample_weight, random_state=self._random_state,
+                    test_size=self.validation_fraction, stratify=stratify)
+            if X_val.shape[0] < 2:
+                raise ValueError(
+                    "The validation set is too small. Increase 'validation_fraction' "
+                    "or the size of your dataset.")
+            if is_classifier(self):
+                y_val = self._label_binarizer.inverse_transform(y_val)
+            if not sp.issparse(X_train):
+                X_train = _kernel_array(X_train, net.dtype)
+        else:
+            X_train, y_train, sw_train = X, y, sample_weight
+            X_val = y_val = sw_val = None
+        T = self._targets(y_train, net.dtype)
+
+        n_samples = X_train.shape[0]
+        sample_idx = np.arange(n_samples, dtype=int)
+        if self.batch_size == "auto":
+            batch_size = min(200, n_samples)
+        else:
+            if self.batch_size > n_samples:
+                warnings.warn("Got `batch_size` less than 1 or larger than "
+                              "sample size. It is going to be clipped")
+            batch_size = int(np.clip(self.batch_size, 1, n_samples))
+        batches = list(gen_batches(n_samples, batch_size))
+        weighted = sw_train is not None
+        spaces = {}
+        for sl in batches[:1] + batches[-1:]:
+            m = sl.stop - sl.start
+            spaces[m] = net.workspace(m, X_train.shape[1], T.shape[1:], T.dtype, weighted)
+
+        alpha, do_shuffle, sparse = self.alpha, self.shuffle, net.sparse
+        try:
+            self.n_iter_ = 0
+            for _ in range(self.max_iter):
+                if do_shuffle:
+                    sample_idx = shuffle(sample_idx, random_state=self._random_state)
+                accumulated_loss = 0.0
+                for sl in batches:
+                    m = sl.stop - sl.start
+                    ws = spaces[m]
+                    swb = None
+                    if do_shuffle:
+                        idx = sample_idx[sl]
+                        if sparse:
+                            xb = X_train[idx]
+                        else:
+                            xb = np.take(X_train, idx, axis=0, out=ws.x, mode="clip")
+                        tb = np.take(T, idx, axis=0, out=ws.t, mode="clip")
+                        if weighted:
+                            swb = np.take(sw_train, idx, out=ws.sw, mode="clip")
+                    else:
+                        xb, tb = X_train[sl], T[sl]
+                        if weighted:
+                            swb = sw_train[sl]
+                    loss, sw_sum = net.loss_and_grads(be, xb, tb, swb, ws, alpha)
+                    accumulated_loss += loss * m
+                    optimizer.update(be, net, alpha / sw_sum)
+
+                self.n_iter_ += 1
+                self.loss_ = accumulated_loss / X_train.shape[0]
+                self.t_ += n_samples
+                self.loss_curve_.append(self.loss_)
+                if self.verbose:
+                    print("Iteration %d, loss = %.8f" % (self.n_iter_, self.loss_))
+                self._update_no_improvement_count(early_stopping, X_val, y_val, sw_val)
+                optimizer.iteration_ends(self.t_)
+                if self._no_improvement_count > self.n_iter_no_change:
+                    if early_stopping:
+                        msg = ("Validation score did not improve more than "
+                               "tol=%f for %d consecutive epochs."
+                               % (self.tol, self.n_iter_no_change))
+                    else:
+                        msg = ("Training loss did not improve more than tol=%f"
+                               " for %d consecutive epochs." % (self.tol, self.n_iter_no_change))
+                    if optimizer.trigger_stopping(msg, self.verbose):
+                        break
+                    self._no_improvement_count = 0
+                if incremental:
+                    break
+                if self.n_iter_ == self.max_iter:
+                    warnings.warn(
+                        "Stochastic Optimizer: Maximum iterations (%d) "
+                        "reached and the optimization hasn't converged yet." % self.max_iter,
+                        ConvergenceWarning)
+        except KeyboardInterrupt:
+            warnings.warn("Training interrupted by user.")
+
+        if early_stopping:  # restore the best weights
+            self.coefs_ = self._best_coefs
+            self.intercepts_ = self._best_intercepts
+
+    def _update_no_improvement_count(self, early_stopping, X, y, sample_weight):
+        if early_stopping:
+            val_score = self._score(X, y, sample_weight=sample_weight)
+            self.validation_scores_.append(val_score)
+            if self.verbose:
+                print("Validation score: %f" % self.validation_scores_[-1])
+            last_valid_score = self.validation_scores_[-1]
+            if last_valid_score < (self.best_validation_score_ + self.tol):
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if last_valid_score > self.best_validation_score_:
+                self.best_validation_score_ = last_valid_score
+                self._best_coefs = [c.copy() for c in self.coefs_]
+                self._best_intercepts = [i.copy() for i in self.intercepts_]
+        else:
+            if self.loss_curve_[-1] > self.best_loss_ - self.tol:
+                self._no_improvement_count += 1
+            else:
+                self._no_improvement_count = 0
+            if self.loss_curve_[-1] < self.best_loss_:
+                self.best_loss_ = self.loss_curve_[-1]
+
+    @_fit_context(prefer_skip_nested_validation=True)
+    def fit(self, X, y, sample_weight=None):
+        """Fit the model to data matrix X and target(s) y.
+
+        Parameters
+        ----------
+        X : ndarray or sparse matrix of shape (n_samples, n_features)
+            The input data.
+        y : ndarray of shape (n_samples,) or (n_samples, n_outputs)
+            The target values (class labels in classification, real numbers in
+            regression).
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        self : object
+            Returns a trained MLP model.
+        """
+        return self._fit(X, y, sample_weight=sample_weight, incremental=False)
+
+    def _check_solver(self):
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            raise AttributeError("partial_fit is only available for stochastic"
+                                 " optimizers. %s is not stochastic." % self.solver)
+        return True
+
+    # -- predict -------------------------------------------------------------------
+    def _forward_pass_fast(self, X, check_input=True):
+        """The network's output activations for X (n_samples, n_outputs)."""
+        if check_input:
+            X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
+        dtype = np.asarray(self.coefs_[0]).dtype
+        if dtype not in (np.float32, np.float64):
+            dtype = np.dtype(np.float64)
+        X = X.tocsr().astype(dtype, copy=False) if sp.issparse(X) else _kernel_array(X, dtype)
+        with np.errstate(over="ignore", invalid="ignore", under="ignore"):
+            return _forward(_host_backend(), X, self.coefs_, self.intercepts_, self.activation,
+                            self.out_activation_, dtype)
+
+    def _score_with_function(self, X, y, sample_weight, score_function):
+        """Private score method without input validation."""
+        y_pred = self._predict(X, check_input=False)
+        if np.issubdtype(y_pred.dtype, np.floating) and not np.isfinite(y_pred).all():
+            return np.nan
+        return score_function(y, y_pred, sample_weight=sample_weight)
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.input_tags.sparse = True
+        return tags
+
+
+class MLPClassifier(ClassifierMixin, _BaseMLP):
+    """Multi-layer perceptron classifier on fastprop's kernels.
+
+    A drop-in for :class:`sklearn.neural_network.MLPClassifier`: the same parameters
+    (hidden_layer_sizes, activation, solver, alpha, batch_size, learning_rate,
+    learning_rate_init, power_t, max_iter, shuffle, random_state, tol, verbose,
+    warm_start, momentum, nesterovs_momentum, early_stopping, validation_fraction,
+    beta_1, beta_2, epsilon, n_iter_no_change, max_fun), defaults, attributes
+    (``coefs_``, ``intercepts_``, ``loss_``, ``loss_curve_``, ``best_loss_``,
+    ``validation_scores_``, ``best_validation_score_``, ``n_iter_``, ``t_``,
+    ``n_layers_``, ``n_outputs_``, ``out_activation_``, ``classes_``,
+    ``n_features_in_``, ``feature_names_in_``) and methods; see scikit-learn's
+    documentation for their meaning.  Optimizes the log-loss with LBFGS, SGD or Adam;
+    multiclass (softmax output), binary and multilabel (logistic outputs).
+    """
+
+    _parameter_constraints: dict = dict(_SkMLPClassifier._parameter_constraints)
+    loss = "log_loss"   # a class constant, as scikit-learn's classifier has no loss parameter
+
+    def __init__(self, hidden_layer_sizes=(100,), activation="relu", *, solver="adam",
+                 alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        if not hasattr(self, "classes_") or (not self.warm_start and not incremental):
+            self._label_binarizer = LabelBinarizer()
+            self._label_binarizer.fit(y)
+            self.classes_ = self._label_binarizer.classes_
+        else:
+            classes = unique_labels(y)
+            if self.warm_start:
+                if set(classes) != set(self.classes_):
+                    raise ValueError(
+                        "warm_start can only be used where `y` has the same classes as in "
+                        f"the previous call to fit. Previously got {self.classes_}, `y` has "
+                        f"{classes}")
+            elif len(np.setdiff1d(classes, self.classes_, assume_unique=True)):
+                raise ValueError(
+                    f"`y` has classes not in `self.classes_`. `self.classes_` has "
+                    f"{self.classes_}. 'y' has {classes}.")
+        y = self._label_binarizer.transform(y).astype(bool)
+        return X, y
+
+    def predict(self, X):
+        """Predict using the multi-layer perceptron classifier.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        y : ndarray, shape (n_samples,) or (n_samples, n_classes)
+            The predicted classes.
+        """
+        check_is_fitted(self)
+        return self._predict(X)
+
+    def _predict(self, X, check_input=True):
+        y_pred = self._forward_pass_fast(X, check_input=check_input)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        return self._label_binarizer.inverse_transform(y_pred)
+
+    def _score(self, X, y, sample_weight=None):
+        return self._score_with_function(X, y, sample_weight=sample_weight,
+                                         score_function=accuracy_score)
+
+    @available_if(lambda est: est._check_solver())
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, sample_weight=None, classes=None):
+        """Update the model with a single iteration over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+        y : array-like of shape (n_samples,)
+            The target values.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+        classes : array of shape (n_classes,), default=None
+            Classes across all calls to partial_fit; required on the first call
+            (for multilabel targets it may be omitted).
+
+        Returns
+        -------
+        self : object
+            Trained MLP model.
+        """
+        if _check_partial_fit_first_call(self, classes):
+            self._label_binarizer = LabelBinarizer()
+            if type_of_target(y).startswith("multilabel"):
+                self._label_binarizer.fit(y)
+            else:
+                self._label_binarizer.fit(classes)
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)
+
+    def predict_log_proba(self, X):
+        """Return the log of probability estimates, shape (n_samples, n_classes)."""
+        y_prob = self.predict_proba(X)
+        return np.log(y_prob, out=y_prob)
+
+    def predict_proba(self, X):
+        """Probability estimates, shape (n_samples, n_classes), classes in the order
+        of ``classes_``."""
+        check_is_fitted(self)
+        y_pred = self._forward_pass_fast(X)
+        if self.n_outputs_ == 1:
+            y_pred = y_pred.ravel()
+        if y_pred.ndim == 1:
+            return np.vstack([1 - y_pred, y_pred]).T
+        return y_pred
+
+    def __sklearn_tags__(self):
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_label = True
+        return tags
+
+
+class MLPRegressor(RegressorMixin, _BaseMLP):
+    """Multi-layer perceptron regressor on fastprop's kernels.
+
+    A drop-in for :class:`sklearn.neural_network.MLPRegressor`: the same parameters
+    (``loss`` in {'squared_error', 'poisson'} plus those of :class:`MLPClassifier`),
+    defaults, attributes and methods.  The output layer is the identity (``exp`` for
+    the Poisson loss); multi-output targets are supported.
+    """
+
+    _parameter_constraints: dict = dict(_SkMLPRegressor._parameter_constraints)
+
+    def __init__(self, loss="squared_error", hidden_layer_sizes=(100,), activation="relu", *,
+                 solver="adam", alpha=0.0001, batch_size="auto", learning_rate="constant",
+                 learning_rate_init=0.001, power_t=0.5, max_iter=200, shuffle=True,
+                 random_state=None, tol=1e-4, verbose=False, warm_start=False, momentum=0.9,
+                 nesterovs_momentum=True, early_stopping=False, validation_fraction=0.1,
+                 beta_1=0.9, beta_2=0.999, epsilon=1e-8, n_iter_no_change=10, max_fun=15000):
+        self.loss = loss
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.activation = activation
+        self.solver = solver
+        self.alpha = alpha
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.learning_rate_init = learning_rate_init
+        self.power_t = power_t
+        self.max_iter = max_iter
+        self.shuffle = shuffle
+        self.random_state = random_state
+        self.tol = tol
+        self.verbose = verbose
+        self.warm_start = warm_start
+        self.momentum = momentum
+        self.nesterovs_momentum = nesterovs_momentum
+        self.early_stopping = early_stopping
+        self.validation_fraction = validation_fraction
+        self.beta_1 = beta_1
+        self.beta_2 = beta_2
+        self.epsilon = epsilon
+        self.n_iter_no_change = n_iter_no_change
+        self.max_fun = max_fun
+
+    def predict(self, X):
+        """Predict using the multi-layer perceptron model.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples, n_outputs)
+            The predicted values (shape (n_samples,) for a single output).
+        """
+        check_is_fitted(self)
+        return self._predict(X)
+
+    def _predict(self, X, check_input=True):
+        y_pred = self._forward_pass_fast(X, check_input=check_input)
+        if y_pred.shape[1] == 1:
+            return y_pred.ravel()
+        return y_pred
+
+    def _score(self, X, y, sample_weight=None):
+        return self._score_with_function(X, y, sample_weight=sample_weight,
+                                         score_function=r2_score)
+
+    def _validate_input(self, X, y, incremental, reset):
+        X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
+                             y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = column_or_1d(y, warn=True)
+        return X, y
+
+    # scikit-learn's MLPRegressor tests ``est._check_solver`` (the bound method, always
+    # true) rather than calling it, so its partial_fit exists for every solver (and
+    # runs L-BFGS for solver="lbfgs"); kept identical for a drop-in.
+    @available_if(lambda est: est._check_solver)
+    @_fit_context(prefer_skip_nested_validation=True)
+    def partial_fit(self, X, y, sample_weight=None):
+        """Update the model with a single iteration over the given data.
+
+        Parameters
+        ----------
+        X : {array-like, sparse matrix} of shape (n_samples, n_features)
+            The input data.
+        y : ndarray of shape (n_samples,)
+            The target values.
+        sample_weight : array-like of shape (n_samples,), default=None
+            Sample weights.
+
+        Returns
+        -------
+        self : object
+            Trained MLP model.
+        """
+        return self._fit(X, y, sample_weight=sample_weight, incremental=True)

@@ -1,0 +1,566 @@
+"""fastprop.sklearn: drop-in MLPClassifier / MLPRegressor.
+
+* scikit-learn's own estimator checks for both estimators (every solver);
+* parity with sklearn.neural_network on digits, breast cancer, iris, diabetes and
+  make_regression for adam, sgd and lbfgs (test scores within 0.01 / 0.02), and the
+  same trajectory (same weights after a few epochs) for every code path: solvers,
+  learning-rate schedules, momentum, activations, sample weights, sparse input,
+  float32, multilabel, multi-output, Poisson, partial_fit, warm_start, early stopping;
+* Pipeline, GridSearchCV, clone, pickle and joblib round-trips;
+* ``import fastprop`` does not import scikit-learn.
+"""
+
+import io
+import pickle
+import subprocess
+import sys
+import warnings
+from contextlib import redirect_stdout
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("sklearn", minversion="1.6")  # validate_data, __sklearn_tags__
+pytest.importorskip("scipy")
+
+import joblib  # noqa: E402  (a scikit-learn dependency)
+import scipy.sparse as sp  # noqa: E402
+import sklearn.neural_network as skn  # noqa: E402
+from sklearn.base import clone  # noqa: E402
+from sklearn.datasets import (load_breast_cancer, load_diabetes, load_digits,  # noqa: E402
+                              load_iris, make_multilabel_classification, make_regression)
+from sklearn.exceptions import ConvergenceWarning  # noqa: E402
+from sklearn.model_selection import GridSearchCV, train_test_split  # noqa: E402
+from sklearn.pipeline import make_pipeline  # noqa: E402
+from sklearn.preprocessing import MinMaxScaler, StandardScaler  # noqa: E402
+from sklearn.utils.estimator_checks import parametrize_with_checks  # noqa: E402
+
+import fastprop  # noqa: E402
+from fastprop.sklearn import MLPClassifier, MLPRegressor  # noqa: E402
+
+# scikit-learn warns (ConvergenceWarning) whenever max_iter stops an MLP before tol
+# does; the short runs below are chosen to be fast, so sklearn's own estimators warn
+# on them exactly as ours do.  pytest runs with filterwarnings=error.
+no_convergence_warning = pytest.mark.filterwarnings(
+    "ignore::sklearn.exceptions.ConvergenceWarning")
+
+
+
+def _available_backends():
+    names = ["numpy"]
+    try:
+        fastprop.backends.load("native")
+        names.append("native")
+    except fastprop.BackendUnavailableError:
+        pass
+    return names
+
+
+BACKENDS = _available_backends()
+# the directory holding the fastprop package, for subprocesses
+PACKAGE_ROOT = str(Path(fastprop.__file__).resolve().parents[1])
+
+
+def _subprocess_env():
+    import os
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([PACKAGE_ROOT, env.get("PYTHONPATH", "")])
+    return env
+
+
+def _split_scaled(X, y, scaler=StandardScaler):
+    X_train, X_test, y_train, y_test = train_test_split(X, y, random_state=0)
+    scale = scaler().fit(X_train)
+    return scale.transform(X_train), scale.transform(X_test), y_train, y_test
+
+
+def _datasets():
+    X, y = load_digits(return_X_y=True)
+    digits = _split_scaled(X, y, MinMaxScaler)
+    cancer = _split_scaled(*load_breast_cancer(return_X_y=True))
+    iris = _split_scaled(*load_iris(return_X_y=True))
+    X, y = load_diabetes(return_X_y=True)
+    diabetes = _split_scaled(X, (y - y.mean()) / y.std())
+    X, y = make_regression(n_samples=400, n_features=20, n_informative=10, noise=5.0,
+                           random_state=0)
+    synthetic = _split_scaled(X, y / y.std())
+    return {"digits": digits, "breast_cancer": cancer, "iris": iris,
+            "diabetes": diabetes, "make_regression": synthetic}
+
+
+DATA = _datasets()
+
+
+def _pair(name, **params):
+    """(sklearn's estimator, ours) with the same parameters."""
+    sk_cls, fp_cls = {"MLPClassifier": (skn.MLPClassifier, MLPClassifier),
+                      "MLPRegressor": (skn.MLPRegressor, MLPRegressor)}[name]
+    return sk_cls(**params), fp_cls(**params)
+
+
+def _assert_same_model(sk, ours, rtol=1e-6, atol=1e-8):
+    """Same weights (up to rounding), same fitted bookkeeping."""
+    assert len(sk.coefs_) == len(ours.coefs_)
+    for a, b in zip(sk.coefs_ + sk.intercepts_, ours.coefs_ + ours.intercepts_):
+        assert a.shape == b.shape
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
+    for attr in ("n_iter_", "t_", "n_layers_", "n_outputs_", "out_activation_",
+                 "n_features_in_"):
+        if hasattr(sk, attr):
+            assert getattr(ours, attr) == getattr(sk, attr), attr
+    if hasattr(sk, "loss_curve_"):
+        np.testing.assert_allclose(ours.loss_curve_, sk.loss_curve_, rtol=1e-6)
+    np.testing.assert_allclose(ours.loss_, sk.loss_, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- checks
+# Every solver of both estimators, with max_iter=100 as scikit-learn's own test suite
+# sets for its MLPs (sklearn/utils/_test_common/instance_generator.py).  No check is
+# skipped or expected to fail; the ones reported as skipped skip themselves (pandas
+# not installed, SCIPY_ARRAY_API not set, no decision_function).
+@no_convergence_warning  # max_iter=100 stops before tol, as for sklearn's own MLPs
+@parametrize_with_checks([cls(solver=solver, max_iter=100)
+                          for cls in (MLPClassifier, MLPRegressor)
+                          for solver in ("adam", "sgd", "lbfgs")])
+def test_sklearn_estimator_checks(estimator, check):
+    check(estimator)
+
+
+@no_convergence_warning
+def test_sample_weight_equivalence_with_sklearns_parameters():
+    """scikit-learn runs this check on MLPRegressor with these parameters
+    (PER_ESTIMATOR_CHECK_PARAMS); the generic instances above cover the rest."""
+    from sklearn.utils.estimator_checks import (check_sample_weight_equivalence_on_dense_data,
+                                                check_sample_weight_equivalence_on_sparse_data)
+    est = MLPRegressor(solver="sgd", tol=1e-2, random_state=42, max_iter=100)
+    check_sample_weight_equivalence_on_dense_data("MLPRegressor", est)
+    check_sample_weight_equivalence_on_sparse_data("MLPRegressor", est)
+
+
+def test_import_fastprop_does_not_import_sklearn():
+    code = "import sys, fastprop; assert 'sklearn' not in sys.modules, 'sklearn imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env())
+
+
+# --------------------------------------------------------------------------- parity
+SOLVERS = {
+    "adam": dict(solver="adam", learning_rate_init=0.01, max_iter=40),
+    "sgd": dict(solver="sgd", learning_rate_init=0.1, max_iter=40),
+    "lbfgs": dict(solver="lbfgs", max_iter=100),
+}
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("dataset", ["digits", "breast_cancer", "iris"])
+def test_classification_parity(dataset, solver):
+    X_train, X_test, y_train, y_test = DATA[dataset]
+    params = dict(hidden_layer_sizes=(32,), random_state=0, **SOLVERS[solver])
+    sk, ours = _pair("MLPClassifier", **params)
+    sk.fit(X_train, y_train)
+    ours.fit(X_train, y_train)
+    sk_score, our_score = sk.score(X_test, y_test), ours.score(X_test, y_test)
+    assert sk_score > 0.85
+    assert abs(our_score - sk_score) <= 0.01, (our_score, sk_score)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", list(SOLVERS))
+@pytest.mark.parametrize("dataset", ["diabetes", "make_regression"])
+def test_regression_parity(dataset, solver):
+    X_train, X_test, y_train, y_test = DATA[dataset]
+    # diabetes is small and noisy: a strong L2 penalty keeps every solver from
+    # overfitting (a linear model reaches R^2 ~ 0.45 on this split)
+    params = dict(hidden_layer_sizes=(16,), alpha=3.0, random_state=0, **SOLVERS[solver])
+    if solver == "sgd":
+        params["learning_rate_init"] = 0.01
+    elif solver == "lbfgs":
+        params["max_iter"] = 50
+    sk, ours = _pair("MLPRegressor", **params)
+    sk.fit(X_train, y_train)
+    ours.fit(X_train, y_train)
+    sk_score, our_score = sk.score(X_test, y_test), ours.score(X_test, y_test)
+    assert sk_score > (0.25 if dataset == "diabetes" else 0.85)
+    assert abs(our_score - sk_score) <= 0.02, (our_score, sk_score)
+
+
+# --------------------------------------------------------------------------- same trajectory
+TRAJECTORIES = {
+    "adam": dict(solver="adam"),
+    "adam_small_batches": dict(solver="adam", batch_size=64, beta_1=0.5, epsilon=1e-4),
+    "sgd_nesterov": dict(solver="sgd", learning_rate_init=0.05),
+    "sgd_momentum": dict(solver="sgd", nesterovs_momentum=False, momentum=0.5),
+    "sgd_plain_invscaling": dict(solver="sgd", momentum=0.0, learning_rate="invscaling",
+                                 learning_rate_init=0.5, power_t=0.25),
+    "sgd_invscaling_momentum": dict(solver="sgd", learning_rate="invscaling",
+                                    learning_rate_init=0.5),
+    "sgd_adaptive": dict(solver="sgd", learning_rate="adaptive", tol=0.5, n_iter_no_change=1),
+    "no_shuffle": dict(solver="adam", shuffle=False),
+    "lbfgs": dict(solver="lbfgs", max_iter=15),
+    "tanh_alpha": dict(activation="tanh", alpha=0.1),
+    "logistic_two_layers": dict(activation="logistic", hidden_layer_sizes=(16, 8)),
+    "identity_no_hidden": dict(activation="identity", hidden_layer_sizes=()),
+}
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(TRAJECTORIES))
+def test_same_trajectory_as_sklearn(case, backend):
+    X_train, _, y_train, _ = DATA["digits"]
+    params = dict(hidden_layer_sizes=(20,), max_iter=4, random_state=1)
+    params.update(TRAJECTORIES[case])
+    sk, ours = _pair("MLPClassifier", **params)
+    sk.fit(X_train, y_train)
+    with fastprop.use_backend(backend):
+        ours.fit(X_train, y_train)
+    _assert_same_model(sk, ours)
+    if hasattr(sk, "_optimizer"):
+        assert ours._optimizer.learning_rate == pytest.approx(sk._optimizer.learning_rate)
+    np.testing.assert_allclose(ours.predict_proba(X_train), sk.predict_proba(X_train),
+                               rtol=1e-6, atol=1e-9)
+
+
+@no_convergence_warning
+def test_adaptive_learning_rate_decreases_like_sklearn():
+    X_train, _, y_train, _ = DATA["iris"]
+    params = dict(solver="sgd", learning_rate="adaptive", tol=10.0, n_iter_no_change=1,
+                  hidden_layer_sizes=(8,), max_iter=30, random_state=0)
+    sk, ours = _pair("MLPClassifier", **params)
+    sk.fit(X_train, y_train)
+    ours.fit(X_train, y_train)
+    assert sk._optimizer.learning_rate < 1e-6      # the schedule ran to its end
+    assert ours.n_iter_ == sk.n_iter_
+    assert ours._optimizer.learning_rate == pytest.approx(sk._optimizer.learning_rate)
+    _assert_same_model(sk, ours)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+def test_regression_trajectory(solver):
+    X_train, _, y_train, _ = DATA["diabetes"]
+    params = dict(hidden_layer_sizes=(16,), max_iter=5, random_state=0, solver=solver)
+    sk, ours = _pair("MLPRegressor", **params)
+    _assert_same_model(sk.fit(X_train, y_train), ours.fit(X_train, y_train))
+    np.testing.assert_allclose(ours.predict(X_train), sk.predict(X_train), rtol=1e-6, atol=1e-9)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_multi_output_regression(solver):
+    X, y = make_regression(n_samples=150, n_features=8, n_targets=3, random_state=0)
+    X, y = StandardScaler().fit_transform(X), y / y.std()
+    sk, ours = _pair("MLPRegressor", hidden_layer_sizes=(10,), max_iter=10, random_state=0,
+                     solver=solver)
+    _assert_same_model(sk.fit(X, y), ours.fit(X, y))
+    assert ours.predict(X).shape == (150, 3)
+    assert ours.n_outputs_ == 3
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+def test_poisson_loss(solver):
+    rng = np.random.RandomState(0)
+    X = rng.normal(size=(200, 5))
+    y = rng.poisson(np.exp(0.3 * X[:, 0] + 0.2 * X[:, 1]))
+    sk, ours = _pair("MLPRegressor", loss="poisson", hidden_layer_sizes=(8,), max_iter=10,
+                     random_state=0, solver=solver, learning_rate_init=0.01)
+    _assert_same_model(sk.fit(X, y), ours.fit(X, y))
+    assert ours.out_activation_ == "exp"
+    assert (ours.predict(X) > 0).all()
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_multilabel(solver):
+    X, Y = make_multilabel_classification(n_samples=120, n_features=10, n_classes=4,
+                                          random_state=0)
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(12,), max_iter=10, random_state=0,
+                     solver=solver)
+    _assert_same_model(sk.fit(X, Y), ours.fit(X, Y))
+    assert ours.out_activation_ == "logistic"
+    np.testing.assert_array_equal(ours.predict(X), sk.predict(X))
+    assert ours.predict_proba(X).shape == (120, 4)
+
+
+@no_convergence_warning
+def test_binary_outputs():
+    X_train, X_test, y_train, _ = DATA["breast_cancer"]
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(8,), max_iter=5, random_state=0)
+    _assert_same_model(sk.fit(X_train, y_train), ours.fit(X_train, y_train))
+    proba = ours.predict_proba(X_test)
+    assert ours.out_activation_ == "logistic" and ours.n_outputs_ == 1
+    assert proba.shape == (X_test.shape[0], 2)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0)
+    np.testing.assert_allclose(ours.predict_log_proba(X_test), np.log(proba))
+    np.testing.assert_array_equal(ours.predict(X_test), sk.predict(X_test))
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_sample_weight(kind, solver):
+    key = "iris" if kind == "classifier" else "diabetes"
+    X_train, _, y_train, _ = DATA[key]
+    weights = np.random.RandomState(0).uniform(0.1, 3.0, size=len(y_train))
+    name = "MLPClassifier" if kind == "classifier" else "MLPRegressor"
+    sk, ours = _pair(name, hidden_layer_sizes=(8,), max_iter=5, random_state=0, solver=solver)
+    sk.fit(X_train, y_train, sample_weight=weights)
+    ours.fit(X_train, y_train, sample_weight=weights)
+    _assert_same_model(sk, ours)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("fmt", ["csr", "csc"])
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_sparse_input(fmt, solver):
+    X_train, X_test, y_train, _ = DATA["digits"]
+    Xs = sp.csr_matrix(X_train).asformat(fmt)
+    params = dict(hidden_layer_sizes=(16,), max_iter=4, random_state=0, solver=solver)
+    sk, ours = _pair("MLPClassifier", **params)
+    _assert_same_model(sk.fit(Xs, y_train), ours.fit(Xs, y_train))
+    dense = MLPClassifier(**params).fit(X_train, y_train)
+    _assert_same_model(dense, ours)
+    np.testing.assert_allclose(ours.predict_proba(sp.csr_matrix(X_test).asformat(fmt)),
+                               dense.predict_proba(X_test), rtol=1e-6, atol=1e-9)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_float32(solver):
+    X_train, X_test, y_train, y_test = DATA["digits"]
+    X32 = X_train.astype(np.float32)
+    params = dict(hidden_layer_sizes=(32,), max_iter=20, random_state=0, solver=solver)
+    sk, ours = _pair("MLPClassifier", **params)
+    sk.fit(X32, y_train)
+    ours.fit(X32, y_train)
+    assert all(c.dtype == np.float32 for c in ours.coefs_ + ours.intercepts_)
+    assert ours.predict_proba(X_test.astype(np.float32)).dtype == np.float32
+    assert abs(ours.score(X_test, y_test) - sk.score(X_test, y_test)) <= 0.01
+
+
+@no_convergence_warning
+def test_float32_regression_keeps_dtype():
+    X_train, _, y_train, _ = DATA["diabetes"]
+    ours = MLPRegressor(hidden_layer_sizes=(8,), max_iter=3, random_state=0)
+    ours.fit(X_train.astype(np.float32), y_train.astype(np.float32))
+    assert ours.coefs_[0].dtype == np.float32
+    assert ours.predict(X_train.astype(np.float32)).dtype == np.float32
+
+
+# --------------------------------------------------------------------------- incremental
+@no_convergence_warning
+def test_partial_fit_matches_sklearn():
+    X_train, _, y_train, _ = DATA["digits"]
+    classes = np.unique(y_train)
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(16,), random_state=0, solver="sgd")
+    for start in range(0, 600, 200):
+        xb, yb = X_train[start:start + 200], y_train[start:start + 200]
+        sk.partial_fit(xb, yb, classes=classes)
+        ours.partial_fit(xb, yb, classes=classes)
+    _assert_same_model(sk, ours)
+    assert ours.n_iter_ == 1 and ours.t_ == 600
+
+
+def test_partial_fit_errors():
+    X_train, _, y_train, _ = DATA["iris"]
+    assert not hasattr(MLPClassifier(solver="lbfgs"), "partial_fit")
+    with pytest.raises(ValueError, match="classes"):
+        MLPClassifier().partial_fit(X_train, y_train)
+    with pytest.raises(ValueError, match="early_stopping"):
+        MLPClassifier(early_stopping=True).partial_fit(X_train, y_train, classes=[0, 1, 2])
+    with pytest.raises(ValueError, match="not in `self.classes_`"):
+        MLPClassifier().partial_fit(X_train, y_train, classes=[0, 1, 2]).partial_fit(
+            X_train, y_train + 5)
+
+
+@no_convergence_warning
+def test_partial_fit_regressor():
+    X_train, _, y_train, _ = DATA["make_regression"]
+    sk, ours = _pair("MLPRegressor", hidden_layer_sizes=(16,), random_state=0)
+    for _ in range(3):
+        sk.partial_fit(X_train, y_train)
+        ours.partial_fit(X_train, y_train)
+    _assert_same_model(sk, ours)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "lbfgs"])
+def test_warm_start(solver):
+    X_train, _, y_train, _ = DATA["iris"]
+    params = dict(hidden_layer_sizes=(8,), max_iter=5, random_state=0, warm_start=True,
+                  solver=solver)
+    sk, ours = _pair("MLPClassifier", **params)
+    for _ in range(2):
+        sk.fit(X_train, y_train)
+        ours.fit(X_train, y_train)
+    _assert_same_model(sk, ours)
+    with pytest.raises(ValueError, match="warm_start"):
+        ours.fit(X_train[y_train < 2], y_train[y_train < 2])
+
+
+@no_convergence_warning
+def test_user_replaced_coefs_are_used():
+    X_train, _, y_train, _ = DATA["iris"]
+    ours = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0,
+                         warm_start=True).fit(X_train, y_train)
+    sk = skn.MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0,
+                           warm_start=True).fit(X_train, y_train)
+    for est in (sk, ours):
+        est.coefs_ = [np.full_like(c, 0.01) for c in est.coefs_]
+        est.intercepts_ = [np.zeros_like(b) for b in est.intercepts_]
+        est.fit(X_train, y_train)
+    _assert_same_model(sk, ours)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("kind", ["classifier", "regressor"])
+def test_early_stopping(kind):
+    key = "digits" if kind == "classifier" else "diabetes"
+    X_train, _, y_train, _ = DATA[key]
+    name = "MLPClassifier" if kind == "classifier" else "MLPRegressor"
+    sk, ours = _pair(name, hidden_layer_sizes=(16,), max_iter=100, random_state=0,
+                     learning_rate_init=0.01, early_stopping=True, n_iter_no_change=3,
+                     tol=1e-3, validation_fraction=0.2)
+    _assert_same_model(sk.fit(X_train, y_train), ours.fit(X_train, y_train))
+    assert ours.n_iter_ < 100                 # it stopped early
+    np.testing.assert_allclose(ours.validation_scores_, sk.validation_scores_, rtol=1e-6)
+    assert ours.best_validation_score_ == pytest.approx(sk.best_validation_score_)
+    assert ours.best_loss_ is None
+
+
+@no_convergence_warning
+def test_tol_stopping_and_fitted_attributes():
+    X_train, _, y_train, _ = DATA["iris"]
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(8,), max_iter=200, tol=0.05,
+                     n_iter_no_change=2, random_state=0)
+    _assert_same_model(sk.fit(X_train, y_train), ours.fit(X_train, y_train))
+    assert ours.n_iter_ < 200
+    assert ours.best_loss_ == pytest.approx(sk.best_loss_)
+    assert ours.validation_scores_ is None and ours.best_validation_score_ is None
+    np.testing.assert_array_equal(ours.classes_, [0, 1, 2])
+    assert ours.n_layers_ == 3 and ours.out_activation_ == "softmax"
+
+
+def test_verbose_prints_like_sklearn():
+    X_train, _, y_train, _ = DATA["iris"]
+    outputs = []
+    for cls in (skn.MLPClassifier, MLPClassifier):
+        buf = io.StringIO()
+        with redirect_stdout(buf), warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            cls(hidden_layer_sizes=(4,), max_iter=3, random_state=0, verbose=True).fit(
+                X_train, y_train)
+        outputs.append(buf.getvalue())
+    assert outputs[1] == outputs[0]
+    assert outputs[1].startswith("Iteration 1, loss = ")
+
+
+def test_convergence_warning_and_errors():
+    X_train, _, y_train, _ = DATA["iris"]
+    with pytest.warns(ConvergenceWarning, match="Maximum iterations"):
+        MLPClassifier(hidden_layer_sizes=(4,), max_iter=2).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="hidden_layer_sizes must be > 0"):
+        MLPClassifier(hidden_layer_sizes=(4, 0)).fit(X_train, y_train)
+    with pytest.raises(ValueError, match="solver"):
+        MLPClassifier(solver="newton").fit(X_train, y_train)
+    with pytest.raises(ValueError, match="non-finite parameter weights"), \
+            warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        MLPRegressor(solver="sgd", learning_rate_init=1e10, max_iter=3).fit(
+            X_train * 1e100, y_train * 1e100)
+
+
+def test_gradient_matches_finite_differences():
+    """The L-BFGS objective's gradient (our loss + L2 term) by central differences."""
+    X, y = DATA["iris"][0][:30], DATA["iris"][2][:30]
+    for cls, target in ((MLPClassifier, y), (MLPRegressor, y.astype(float))):
+        est = cls(hidden_layer_sizes=(5, 3), activation="tanh", alpha=0.3, solver="lbfgs",
+                  max_iter=1, random_state=0)
+        captured = {}
+        real_minimize = fastprop.sklearn.scipy.optimize.minimize
+
+        def capture(fun, x0, **kwargs):
+            captured["fun"], captured["x0"] = fun, x0.copy()
+            return real_minimize(fun, x0, **kwargs)
+
+        fastprop.sklearn.scipy.optimize.minimize = capture
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ConvergenceWarning)
+                est.fit(X, target)
+        finally:
+            fastprop.sklearn.scipy.optimize.minimize = real_minimize
+        fun, theta = captured["fun"], captured["x0"]
+        _, grad = fun(theta)
+        eps = 1e-6
+        numeric = np.empty_like(theta)
+        for i in range(theta.size):
+            step = np.zeros_like(theta)
+            step[i] = eps
+            numeric[i] = (fun(theta + step)[0] - fun(theta - step)[0]) / (2 * eps)
+        np.testing.assert_allclose(grad, numeric, rtol=1e-5, atol=1e-7)
+
+
+# --------------------------------------------------------------------------- composition
+@no_convergence_warning
+def test_pipeline_and_grid_search():
+    X_train, X_test, y_train, y_test = DATA["iris"]
+    pipe = make_pipeline(StandardScaler(), MLPClassifier(learning_rate_init=0.01, max_iter=100,
+                                                         random_state=0))
+    search = GridSearchCV(pipe, {"mlpclassifier__hidden_layer_sizes": [(4,), (16,)],
+                                 "mlpclassifier__alpha": [1e-4, 1e-2]}, cv=3)
+    search.fit(X_train, y_train)
+    assert search.best_estimator_.score(X_test, y_test) > 0.8
+    assert isinstance(search.best_estimator_[-1], MLPClassifier)
+
+
+@no_convergence_warning
+def test_clone_pickle_joblib(tmp_path):
+    X_train, X_test, y_train, _ = DATA["digits"]
+    est = MLPClassifier(hidden_layer_sizes=(16,), max_iter=5, random_state=0).fit(
+        X_train, y_train)
+    fresh = clone(est)
+    assert fresh.get_params() == est.get_params() and not hasattr(fresh, "coefs_")
+    expected = est.predict_proba(X_test)
+    again = pickle.loads(pickle.dumps(est))
+    np.testing.assert_array_equal(again.predict_proba(X_test), expected)
+    path = tmp_path / "mlp.joblib"
+    joblib.dump(est, path)
+    for mmap_mode in (None, "r"):   # "r": read-only memory-mapped coefficients
+        loaded = joblib.load(path, mmap_mode=mmap_mode)
+        np.testing.assert_array_equal(loaded.predict_proba(X_test), expected)
+    # training continues after a round trip exactly as it would have without one
+    again.partial_fit(X_train, y_train)
+    est.partial_fit(X_train, y_train)
+    _assert_same_model(est, again, rtol=0, atol=0)
+    loaded = joblib.load(path, mmap_mode="r")
+    loaded.partial_fit(X_train, y_train)
+
+
+@pytest.mark.slow
+def test_sklearns_own_mlp_test_suite(tmp_path):
+    """scikit-learn's own test_mlp.py, run against our classes (one import changed).
+
+    Deselected: test_gradient, which calls sklearn's private _loss_grad_lbfgs with its
+    private buffers (test_gradient_matches_finite_differences covers our gradient).
+    """
+    import sklearn
+    source = Path(sklearn.__file__).parent / "neural_network" / "tests" / "test_mlp.py"
+    if not source.exists():
+        pytest.skip("scikit-learn's test files are not installed")
+    text = source.read_text()
+    original = "from sklearn.neural_network import MLPClassifier, MLPRegressor"
+    if original not in text:
+        pytest.skip("unexpected layout of scikit-learn's test_mlp.py")
+    (tmp_path / "test_mlp_fastprop.py").write_text(
+        text.replace(original, "from fastprop.sklearn import MLPClassifier, MLPRegressor"))
+    (tmp_path / "conftest.py").write_text(
+        "import pytest\n\n@pytest.fixture(params=[0, 42])\n"
+        "def global_random_seed(request):\n    return request.param\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "error",
+         "--deselect", "test_mlp_fastprop.py::test_gradient", str(tmp_path)],
+        cwd=tmp_path, capture_output=True, text=True, env=_subprocess_env())
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
