@@ -14,6 +14,7 @@
 
 #include "fastprop/dispatch.hpp"
 #include "kernel_table.hpp"
+#include "runtime.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -170,7 +171,10 @@ namespace detail {
 const KernelTable& active_table() noexcept { return *state().table; }
 }  // namespace detail
 
-void init_dispatch() noexcept { (void)state(); }
+void init_dispatch() noexcept {
+    detail::install_fork_handler();
+    (void)state();
+}
 const char* isa_name() noexcept { return state().table->name; }
 const char* isa_requested() noexcept { return state().requested; }
 const char* dispatch_note() noexcept { return state().note; }
@@ -189,7 +193,7 @@ bool openmp_enabled() noexcept {
 
 int get_num_threads() noexcept {
 #if defined(_OPENMP)
-    return omp_get_max_threads();
+    return detail::threads_usable() ? omp_get_max_threads() : 1;
 #else
     return 1;
 #endif

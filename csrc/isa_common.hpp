@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "runtime.hpp"
 
 #if defined(_OPENMP)
 #include <omp.h>
@@ -91,9 +92,12 @@ inline T sigmoid(T x) {
 }
 
 // ------------------------------------------------------------------ threads
+// Threads available to a kernel: 1 inside an enclosing OpenMP region or in a child
+// forked after the thread pool started (see runtime.hpp).
 inline int max_threads() {
 #if defined(_OPENMP)
-    return omp_in_parallel() ? 1 : omp_get_max_threads();
+    if (omp_in_parallel() || !detail::threads_usable()) return 1;
+    return omp_get_max_threads();
 #else
     return 1;
 #endif
@@ -114,6 +118,7 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
 #if defined(_OPENMP)
     const int nt = threads_for(n, grain);
     if (nt > 1) {
+        detail::note_thread_pool_started();
 #pragma omp parallel num_threads(nt)
         {
             const index_t t = omp_get_thread_num();
@@ -141,6 +146,7 @@ inline double parallel_sum(index_t n, index_t grain, F&& body) {
         double partial[kMaxThreads];
         for (int i = 0; i < nt; ++i) partial[i] = 0.0;
         int used = nt;
+        detail::note_thread_pool_started();
 #pragma omp parallel num_threads(nt)
         {
             const index_t t = omp_get_thread_num();

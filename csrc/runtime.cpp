@@ -1,12 +1,19 @@
-// runtime.cpp - per-thread scratch memory for the kernels (baseline unit only).
+// runtime.cpp - per-thread scratch memory and fork safety for the kernels
+// (baseline unit only).
 //
 // thread_scratch(slot, bytes) hands out a 64-byte aligned buffer per thread and
 // slot, grown geometrically on demand and kept for the life of the thread (OpenMP
 // worker threads persist, so steady-state kernels never allocate).  Freed at thread
-// exit by a thread_local owner.  Compiled once, with baseline flags.
+// exit by a thread_local owner.  Fork safety: see runtime.hpp (a child forked
+// after the OpenMP pool started runs serially).  Compiled once, with baseline flags.
 #include "runtime.hpp"
 
+#include <atomic>
 #include <cstdlib>
+
+#if !defined(_WIN32)
+#include <pthread.h>
+#endif
 
 #if defined(_WIN32)
 #include <malloc.h>
@@ -45,7 +52,31 @@ struct ScratchOwner {
 
 thread_local ScratchOwner tls_scratch;
 
+std::atomic<bool> g_pool_started{false};
+std::atomic<bool> g_forked_after_pool{false};
+
+#if !defined(_WIN32)
+extern "C" void fastprop_after_fork_child() {
+    if (g_pool_started.load(std::memory_order_relaxed))
+        g_forked_after_pool.store(true, std::memory_order_relaxed);
+}
+#endif
+
 }  // namespace
+
+void note_thread_pool_started() noexcept {
+    if (!g_pool_started.load(std::memory_order_relaxed))
+        g_pool_started.store(true, std::memory_order_relaxed);
+}
+
+bool threads_usable() noexcept { return !g_forked_after_pool.load(std::memory_order_relaxed); }
+
+void install_fork_handler() noexcept {
+#if !defined(_WIN32)
+    static const int registered = pthread_atfork(nullptr, nullptr, &fastprop_after_fork_child);
+    (void)registered;
+#endif
+}
 
 void* thread_scratch(int slot, std::size_t bytes) noexcept {
     if (slot < 0 || slot >= kSlots) return nullptr;

@@ -120,6 +120,38 @@ def test_threadpoolctl_controls_openmp_threads():
     assert nat.get_num_threads() == before
 
 
+def _child_gemm(conn):
+    a = np.ones((256, 256), np.float32)
+    c = np.empty_like(a)
+    nat.gemm(a, a, c, False, False, False)
+    conn.send((float(c[0, 0]), nat.get_num_threads()))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_fork_after_threaded_kernels_does_not_deadlock():
+    import multiprocessing as mp
+    a = np.ones((256, 256), np.float32)
+    c = np.empty_like(a)
+    nat.gemm(a, a, c, False, False, False)  # starts the OpenMP pool when threaded
+    nat.sum_squares([np.ones(200_000)])
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+        proc = ctx.Process(target=_child_gemm, args=(child,))
+        proc.start()
+    try:
+        assert parent.poll(60), "the forked child hung in a native kernel"
+        value, threads = parent.recv()
+    finally:
+        proc.join(5)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+    assert value == 256.0 and threads >= 1
+    assert proc.exitcode == 0
+
+
 def _isa_probe(env_value):
     env = dict(os.environ, FASTPROP_ISA=env_value)
     code = ("import fastprop._native as n, json; "

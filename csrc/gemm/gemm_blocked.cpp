@@ -316,6 +316,7 @@ void gemm(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a
     const index_t tm = best_tm, tn = nt / best_tm;
     const index_t rows = best_rows, cols = best_cols;
 #if defined(_OPENMP)
+    detail::note_thread_pool_started();
 #pragma omp parallel num_threads(nt)
     {
         const index_t tid = omp_get_thread_num();

@@ -73,7 +73,9 @@ def openmp():
 
 
 def get_num_threads():
-    """Threads a kernel may use: omp_get_max_threads() (1 without OpenMP)."""
+    """Threads a kernel may use: omp_get_max_threads() (1 without OpenMP, and 1 in a
+    process forked after the OpenMP thread pool started, which GNU OpenMP cannot
+    reuse: such a child runs every kernel serially instead of deadlocking)."""
     return fp_get_num_threads()
 
 
