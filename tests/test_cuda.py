@@ -1,0 +1,525 @@
+"""The cuda backend under the CUDA simulator: every kernel of the contract against the
+numpy backend (float32 and float64), and short training runs against the numpy backend.
+
+NUMBA_ENABLE_CUDASIM=1 is set before numba is imported (numba reads it once), so these
+tests need numba-cuda but no GPU; without numba-cuda the module is skipped.  The
+simulator runs every GPU thread as a Python thread: shapes are tiny, and the launch
+geometry of ``cuda_kernels`` is the simulator's (the GPU tile shapes get one test).
+"""
+
+import os
+import subprocess
+import sys
+
+_SIM = os.environ.get("NUMBA_ENABLE_CUDASIM")
+os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+try:
+    from numba import cuda as _numba_cuda  # noqa: F401
+except ImportError:
+    _numba_cuda = None
+finally:  # numba has read it: do not leak it into subprocesses of other tests
+    if _SIM is None:
+        os.environ.pop("NUMBA_ENABLE_CUDASIM")
+    else:
+        os.environ["NUMBA_ENABLE_CUDASIM"] = _SIM
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import fastprop as fp  # noqa: E402
+from fastprop import backends  # noqa: E402
+from fastprop.backends import ACTIVATIONS, cuda_support  # noqa: E402
+from fastprop.backends import numpy as ref  # noqa: E402
+
+if _numba_cuda is None:
+    pytest.skip("numba-cuda is not installed", allow_module_level=True)
+if cuda_support.problem() is not None:
+    pytest.skip("numba.cuda was imported without the simulator before this module, and "
+                "there is no GPU", allow_module_level=True)
+
+from fastprop.backends import cuda as cu  # noqa: E402
+
+K = cu.ensure_available()
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = [F32, F64]
+#: (rtol, atol) of the cuda result against the numpy backend's
+TOL = {F32: (2e-5, 2e-6), F64: (1e-12, 1e-13)}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _fast_simulator():
+    """The simulator's scheduler polls its threads: a short GIL switch interval makes
+    it several times faster.  It also makes a race in the simulator likely: the first
+    threads of a block to reach ``cuda.shared.array`` may each create their own array
+    (a check-then-set on a dict without a lock), so the allocation is serialized here."""
+    if not cuda_support.is_simulator():
+        yield
+        return
+    import threading
+    import traceback
+
+    from numba.cuda.simulator import kernelapi
+
+    original = kernelapi.FakeCUDAShared.array
+    lock = threading.Lock()
+
+    def array(self, shape, dtype, alignment=None):
+        if shape == 0 or alignment is not None:  # paths without the race
+            return original(self, shape, dtype, alignment)
+        caller = traceback.extract_stack(sys._getframe())[-2][0:2]  # as the original
+        with lock:
+            res = self._allocations.get(caller)
+            if res is None:
+                res = self._allocations[caller] = np.empty(shape, np.dtype(str(dtype)))
+        return res
+
+    old = sys.getswitchinterval()
+    kernelapi.FakeCUDAShared.array = array
+    sys.setswitchinterval(5e-5)
+    yield
+    sys.setswitchinterval(old)
+    kernelapi.FakeCUDAShared.array = original
+
+
+def close(actual, expected, dtype, scale=None, factor=1.0, what=""):
+    rtol, atol = TOL[np.dtype(dtype)]
+    actual, expected = np.asarray(actual, np.float64), np.asarray(expected, np.float64)
+    assert actual.shape == expected.shape, what
+    scale = np.abs(expected) if scale is None else scale
+    err = np.abs(actual - expected)
+    bound = factor * (atol + rtol * scale)
+    assert np.all(err <= bound), f"{what}: max error {err.max()} (bound {np.min(bound)})"
+
+
+def randn(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+# ------------------------------------------------------------------ availability
+def test_simulator_counts_as_available():
+    assert cuda_support.problem() is None
+    assert cuda_support.availability().startswith("simulator")
+    assert fp._config.config()["cuda"].startswith("simulator")
+    assert cu.config()["device"].startswith("simulator")
+
+
+def test_unavailable_says_what_is_missing(monkeypatch):
+    monkeypatch.setattr(cu, "_K", None)
+    monkeypatch.setattr(cuda_support, "_numba_cuda", lambda: None)
+    with pytest.raises(fp.BackendUnavailableError, match="numba-cuda is not installed"):
+        cu.ensure_available()
+    assert cuda_support.availability().startswith("numba-cuda is not installed")
+
+    class NoGPU:
+        @staticmethod
+        def is_available():
+            return False
+
+    monkeypatch.setattr(cuda_support, "_numba_cuda", lambda: NoGPU)
+    monkeypatch.setattr(cuda_support, "is_simulator", lambda: False)
+    with pytest.raises(fp.BackendUnavailableError, match="no CUDA GPU found"):
+        cu.ensure_available()
+    monkeypatch.setattr(backends, "_loaded", {})
+    with pytest.raises(fp.BackendUnavailableError, match="no CUDA GPU found"):
+        fp.nn.Dense(2, 2).to("cuda")
+
+
+def test_import_needs_no_numba():
+    code = ("import sys; sys.modules['numba'] = None\n"
+            "import fastprop as fp\n"
+            "assert 'numba' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+            "try:\n    fp.set_backend('cuda')\nexcept fp.BackendUnavailableError as e:\n"
+            "    assert 'numba-cuda is not installed' in str(e), e\nelse:\n"
+            "    raise SystemExit('set_backend(cuda) did not raise')\n"
+            "assert fp._config.config()['cuda'].startswith('numba-cuda is not installed')\n")
+    env = {k: v for k, v in os.environ.items() if k != "NUMBA_ENABLE_CUDASIM"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr
+
+
+# ------------------------------------------------------------------ GEMM
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (False, True), (True, False),
+                                             (True, True)], ids=["NN", "NT", "TN", "TT"])
+def test_gemm(dtype, trans_a, trans_b, rng):
+    m, n, k = 9, 11, 6  # partial tiles in every direction
+    a = randn(rng, (k, m) if trans_a else (m, k), dtype)
+    b = randn(rng, (n, k) if trans_b else (k, n), dtype)
+    scale = np.abs(a.T if trans_a else a) @ np.abs(b.T if trans_b else b)
+    for accumulate in (False, True):
+        c0 = randn(rng, (m, n), dtype)
+        got, want = c0.copy(), c0.copy()
+        cu.gemm(a, b, got, trans_a, trans_b, accumulate)
+        ref.gemm(a, b, want, trans_a, trans_b, accumulate)
+        close(got, want, dtype, scale + np.abs(c0), what=f"accumulate={accumulate}")
+
+
+def test_gemm_strided_operand_and_empty_k(rng):
+    big = randn(rng, (7, 10), F64)
+    a = big[:, :4]                           # leading dimension 10 > 4
+    b = randn(rng, (4, 3), F64)
+    c = np.empty((7, 3))
+    cu.gemm(a, b, c, False, False, False)
+    close(c, a @ b, F64, np.abs(a) @ np.abs(b))
+    c = np.ones((2, 3))
+    cu.gemm(np.empty((2, 0)), np.empty((0, 3)), c, False, False, True)
+    assert (c == 1).all()
+    cu.gemm(np.empty((2, 0)), np.empty((0, 3)), c, False, False, False)
+    assert (c == 0).all()
+
+
+@pytest.mark.parametrize("tiles,shape,trans", [
+    ((128, 128, 8, 8, 8), (100, 9, 9), (False, False)),   # GPU float32 large tiles
+    ((64, 64, 8, 4, 4), (50, 20, 10), (True, True)),       # GPU small / float64 tiles
+    ((64, 16, 16, 4, 1), (50, 5, 17), (True, False)),      # GPU narrow tiles
+], ids=["large", "small", "narrow"])
+def test_gemm_gpu_tiles(tiles, shape, trans, rng):
+    """The GPU tile shapes (256 threads a block) on one partial tile, two K slabs (the
+    simulator's small tiles cover the multi-block indexing)."""
+    m, n, k = shape
+    ta, tb = trans
+    a = randn(rng, (k, m) if ta else (m, k), F64)
+    b = randn(rng, (n, k) if tb else (k, n), F64)
+    c = _numba_cuda.device_array((m, n), np.float64)
+    K.gemm(_numba_cuda.to_device(a), _numba_cuda.to_device(b), c, ta, tb, tiles=K.Tiles(*tiles))
+    want = (a.T if ta else a) @ (b.T if tb else b)
+    close(c.copy_to_host(), want, F64, np.abs(a.T if ta else a) @ np.abs(b.T if tb else b))
+
+
+# ------------------------------------------------------------------ dense layer
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_linear_forward_backward(dtype, act, rng):
+    code, alpha = ACTIVATIONS[act], 0.1
+    n, i, o = 5, 4, 6
+    x, w, b = randn(rng, (n, i), dtype), randn(rng, (i, o), dtype), randn(rng, o, dtype)
+    gy = randn(rng, (n, o), dtype)
+    gw0, gb0 = randn(rng, (i, o), dtype), randn(rng, o, dtype)
+    res = []
+    for be in (cu, ref):
+        y, z = np.empty((n, o), dtype), np.empty((n, o), dtype)
+        be.linear_forward(x, w, b, code, alpha, y, z)
+        gx, gw, gb, work = np.empty((n, i), dtype), gw0.copy(), gb0.copy(), np.empty((n, o), dtype)
+        be.linear_backward(gy, x, w, y, z, code, alpha, gx, gw, gb, work, True)
+        res.append(dict(y=y, z=z, gx=gx, gw=gw, gb=gb, work=work))
+    got, want = res
+    for key in ("y", "z", "work"):
+        close(got[key], want[key], dtype, factor=4, what=key)
+    gz = np.abs(want["work"])
+    close(got["gw"], want["gw"], dtype, np.abs(x).T @ gz + np.abs(gw0), factor=4, what="gw")
+    close(got["gb"], want["gb"], dtype, gz.sum(0) + np.abs(gb0), factor=4, what="gb")
+    close(got["gx"], want["gx"], dtype, gz @ np.abs(w).T, factor=4, what="gx")
+
+
+def test_linear_without_bias_nor_grad_x(rng):
+    n, i, o = 3, 5, 2
+    x, w, gy = randn(rng, (n, i), F64), randn(rng, (i, o), F64), randn(rng, (n, o), F64)
+    y = np.empty((n, o))
+    cu.linear_forward(x, w, None, ACTIVATIONS["identity"], 0.0, y, None)
+    close(y, x @ w, F64, np.abs(x) @ np.abs(w))
+    gw = np.full((i, o), 7.0)
+    cu.linear_backward(gy, x, w, y, None, ACTIVATIONS["identity"], 0.0, None, gw, None, None,
+                       False)
+    close(gw, x.T @ gy, F64, np.abs(x).T @ np.abs(gy))
+
+
+# ------------------------------------------------------------------ activations
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_activation(dtype, act, rng):
+    code, alpha = ACTIVATIONS[act], 0.2
+    x = randn(rng, (2, 3, 5), dtype) * 2
+    g = randn(rng, x.shape, dtype)
+    y, want_y = np.empty_like(x), np.empty_like(x)
+    cu.activation_forward(code, alpha, x, y)
+    ref.activation_forward(code, alpha, x, want_y)
+    close(y, want_y, dtype, factor=2, what="forward")
+    gx, want_gx = np.empty_like(x), np.empty_like(x)
+    cu.activation_backward(code, alpha, g, x, want_y, gx)
+    ref.activation_backward(code, alpha, g, x, want_y, want_gx)
+    close(gx, want_gx, dtype, np.abs(g) * 2, factor=2, what="backward")
+
+
+def test_activation_in_place(rng):
+    x = randn(rng, (4, 3), F32)
+    want = np.tanh(x)
+    cu.activation_forward(ACTIVATIONS["tanh"], 0.0, x, x)
+    close(x, want, F32)
+    g = randn(rng, (4, 3), F32)
+    want = g * (1 - x * x)
+    cu.activation_backward(ACTIVATIONS["tanh"], 0.0, g, None, x, g)
+    close(g, want, F32, factor=2)
+
+
+# ------------------------------------------------------------------ losses
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["labels", "targets"])
+def test_softmax_xent(dtype, kind, rng):
+    n, c = 6, 5
+    logits = randn(rng, (n, c), dtype) * 3
+    labels, targets = None, None
+    if kind == "labels":
+        labels = rng.integers(0, c, n).astype(np.int64)
+    else:
+        targets = rng.random((n, c)).astype(dtype)
+        targets /= targets.sum(1, keepdims=True)
+    grad, want_grad = np.empty_like(logits), np.empty_like(logits)
+    loss = cu.softmax_xent(logits, labels, targets, grad)
+    want = ref.softmax_xent(logits, labels, targets, want_grad)
+    close(loss, want, F64, factor=10)
+    close(grad, want_grad, dtype, 1.0 / n)
+    assert cu.softmax_xent(logits, labels, targets, None) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
+def test_bce(dtype, from_logits, rng):
+    if from_logits:
+        pred = randn(rng, (4, 3), dtype) * 4
+    else:
+        pred = rng.random((4, 3)).astype(dtype)
+        pred[0, :2] = [0.0, 1.0]                       # log clamped at -100
+    target = rng.random((4, 3)).astype(dtype)
+    target[0, :2] = [1.0, 0.0]
+    grad, want_grad = np.empty_like(pred), np.empty_like(pred)
+    loss = cu.bce(pred, target, from_logits, grad)
+    want = ref.bce(pred, target, from_logits, want_grad)
+    close(loss, want, F64, factor=10)
+    close(grad, want_grad, dtype)
+    assert cu.bce(pred, target, from_logits, None) == pytest.approx(want, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("half", [False, True])
+def test_mse(dtype, half, rng):
+    pred, target = randn(rng, (5, 3), dtype), randn(rng, (5, 3), dtype)
+    grad, want_grad = np.empty_like(pred), np.empty_like(pred)
+    loss = cu.mse(pred, target, half, grad)
+    want = ref.mse(pred, target, half, want_grad)
+    close(loss, want, F64, factor=10)
+    close(grad, want_grad, dtype)
+
+
+# ------------------------------------------------------------------ optimizers, norms
+OPTIMIZER_CASES = {
+    "sgd": ("sgd_update", dict(lr=0.1, momentum=0.0, nesterov=False, weight_decay=0.0,
+                               first=True), []),
+    "sgd_momentum_first": ("sgd_update", dict(lr=0.1, momentum=0.9, nesterov=False,
+                                              weight_decay=0.01, first=True), ["buf"]),
+    "sgd_nesterov": ("sgd_update", dict(lr=0.1, momentum=0.9, nesterov=True,
+                                        weight_decay=0.01, first=False), ["buf"]),
+    "adam": ("adam_update", dict(step=3, lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8,
+                                 weight_decay=0.01, decoupled=False), ["m", "v"]),
+    "adamw": ("adam_update", dict(step=1, lr=0.01, beta1=0.8, beta2=0.99, eps=1e-6,
+                                  weight_decay=0.1, decoupled=True), ["m", "v"]),
+    "rmsprop": ("rmsprop_update", dict(lr=0.01, alpha=0.9, eps=1e-8, momentum=0.0,
+                                       weight_decay=0.0), ["sq", None]),
+    "rmsprop_momentum": ("rmsprop_update", dict(lr=0.01, alpha=0.9, eps=1e-8, momentum=0.5,
+                                                weight_decay=0.1), ["sq", "buf"]),
+    "adagrad": ("adagrad_update", dict(lr=0.1, eps=1e-10, weight_decay=0.05), ["sum"]),
+}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("case", list(OPTIMIZER_CASES))
+def test_optimizer_update(dtype, case, rng):
+    fn, hyper, states = OPTIMIZER_CASES[case]
+    shapes = [(3, 4), (4,)]
+    params = [randn(rng, s, dtype) for s in shapes]
+    grads = [randn(rng, s, dtype) for s in shapes]
+    state = {k: [np.abs(randn(rng, s, dtype)) for s in shapes] for k in states if k}
+    runs = []
+    for be in (cu, ref):
+        p = [a.copy() for a in params]
+        st = {k: [a.copy() for a in v] for k, v in state.items()}
+        args = [p, [g.copy() for g in grads]] + [st[k] if k else None for k in states]
+        if fn == "sgd_update" and not states:
+            args.append(None)
+        getattr(be, fn)(*args, **hyper)
+        runs.append((p, st))
+    (p1, s1), (p2, s2) = runs
+    for a, b in zip(p1, p2):
+        close(a, b, dtype, factor=4, what="params")
+    for k in s1:
+        for a, b in zip(s1[k], s2[k]):
+            close(a, b, dtype, factor=4, what=k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_sum_squares_scale_clip(dtype, rng):
+    arrays = [randn(rng, (3, 5), dtype), randn(rng, (7,), dtype)]
+    assert cu.sum_squares(arrays) == pytest.approx(ref.sum_squares(arrays), rel=1e-12)
+    assert cu.sum_squares([]) == 0.0
+    got = [a.copy() for a in arrays]
+    ids = [id(a) for a in got]
+    cu.scale_(got, 0.5)
+    for a, b in zip(got, arrays):
+        close(a, b * dtype.type(0.5), dtype)
+    cu.clip_(got, -0.25, 0.3)
+    for a, b in zip(got, arrays):
+        close(a, np.clip(b * dtype.type(0.5), -0.25, 0.3), dtype)
+    assert [id(a) for a in got] == ids
+
+
+# ------------------------------------------------------------------ training
+def _mlp(dtype, acts, seed=0, sizes=(5, 8, 6, 3)):
+    layers = [fp.nn.Dense(i, o, a, dtype=dtype, rng=seed + k)
+              for k, (i, o, a) in enumerate(zip(sizes, sizes[1:], acts))]
+    return fp.nn.Sequential(*layers)
+
+
+def _train_both(build, make_opt, loss, X, y, steps=3):
+    """Run ``steps`` compiled steps on the numpy backend and on cuda; returns both."""
+    out = []
+    for device in ("cpu", "cuda"):
+        model = build().to(device)
+        opt = make_opt(model.parameters())
+        step = model.compile(loss, opt)
+        with fp.use_backend("numpy"):  # the "cpu" model's backend
+            losses = [step(X, y) for _ in range(steps)]
+        output = step.output.copy()
+        step.sync()
+        out.append(dict(model=model, opt=opt, step=step, losses=losses, output=output))
+    assert out[1]["step"]._fast is not None, "the cuda step did not run on the device"
+    assert out[0]["step"]._fast is None
+    return out
+
+
+def _compare_training(cpu, gpu, dtype, factor):
+    close(gpu["losses"], cpu["losses"], dtype, factor=factor, what="losses")
+    close(gpu["output"], cpu["output"], dtype, factor=factor, what="output")
+    assert gpu["opt"].step_count == cpu["opt"].step_count
+    for p, q in zip(gpu["model"].parameters(), cpu["model"].parameters()):
+        close(p.value, q.value, dtype, factor=factor, what="value")
+        close(p.grad, q.grad, dtype, np.abs(q.grad).max(), factor=factor, what="grad")
+    for s, t in zip(gpu["opt"].state, cpu["opt"].state):
+        assert s.keys() == t.keys()
+        for key in s:
+            close(s[key], t[key], dtype, np.abs(t[key]).max(), factor=factor, what=key)
+
+
+def test_train_cross_entropy_adam_f32(rng):
+    X = randn(rng, (7, 5), F32)
+    y = rng.integers(0, 3, 7)
+    cpu, gpu = _train_both(lambda: _mlp(np.float32, ["relu", "tanh", None]),
+                           lambda ps: fp.optim.Adam(ps, lr=0.01), "cross_entropy", X, y)
+    _compare_training(cpu, gpu, F32, factor=20)
+
+
+def test_train_mse_sgd_momentum_f64(rng):
+    X = randn(rng, (6, 5), F64)
+    y = randn(rng, (6, 3), F64)
+    cpu, gpu = _train_both(lambda: _mlp(np.float64, ["gelu", "leaky_relu", "sigmoid"]),
+                           lambda ps: fp.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.01),
+                           fp.losses.MSE(), X, y)
+    _compare_training(cpu, gpu, F64, factor=100)
+
+
+@pytest.mark.parametrize("case", ["adamw", "rmsprop", "adagrad", "nesterov", "bce"])
+def test_train_other_optimizers_and_losses(case, rng):
+    X = randn(rng, (4, 3), F64)
+    y = rng.integers(0, 2, (4, 2)).astype(np.float64)
+    loss = "mse"
+    make = {
+        "adamw": lambda ps: fp.optim.AdamW(ps, lr=0.01, weight_decay=0.1),
+        "rmsprop": lambda ps: fp.optim.RMSprop(ps, lr=0.01, momentum=0.5, weight_decay=0.01),
+        "adagrad": lambda ps: fp.optim.Adagrad(ps, lr=0.1, weight_decay=0.01),
+        "nesterov": lambda ps: fp.optim.SGD(ps, lr=0.1, momentum=0.5, nesterov=True),
+        "bce": lambda ps: fp.optim.Adam(ps, lr=0.01),
+    }[case]
+    act = "softmax"
+    if case == "bce":
+        loss, act = fp.losses.BinaryCrossEntropy(from_logits=True), None
+    cpu, gpu = _train_both(lambda: _mlp(np.float64, [act], sizes=(3, 2)), make, loss, X, y,
+                           steps=2)
+    _compare_training(cpu, gpu, F64, factor=100)
+
+
+def test_fit_predict_and_sync_keep_host_arrays(rng):
+    X = randn(rng, (9, 5), F32)
+    y = rng.integers(0, 3, 9)
+    hist, models = [], []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float32, ["relu", "sigmoid", None]).to(device)
+        arrays = [(p.value, p.grad) for p in model.parameters()]
+        opt = fp.optim.RMSprop(model.parameters(), lr=0.01)
+        with fp.use_backend("numpy"):
+            h = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4,
+                          shuffle=False, verbose=0)
+            pred = model.predict(X)
+        assert [(p.value, p.grad) for p in model.parameters()] == arrays  # same objects
+        assert isinstance(pred, np.ndarray) and pred.shape == (9, 3)
+        hist.append(h)
+        models.append((model, pred))
+    close(hist[1]["loss"], hist[0]["loss"], F32, factor=20)
+    close(hist[1]["accuracy"], hist[0]["accuracy"], F64)
+    close(models[1][1], models[0][1], F32, factor=20)
+    for p, q in zip(models[1][0].parameters(), models[0][0].parameters()):
+        close(p.value, q.value, F32, factor=20)
+
+
+def test_host_changes_between_steps_are_uploaded(rng):
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    model = _mlp(np.float64, [None], sizes=(3, 2)).to("cuda")
+    opt = fp.optim.SGD(model.parameters(), lr=0.1)
+    step = model.compile("mse", opt)
+    step(X, y)
+    step.sync()
+    model[0].weight.value[...] = 0.0
+    model[0].bias.value[...] = 0.0
+    opt.hyper["lr"] = 0.0
+    step(X, y)
+    step.sync()
+    assert (model[0].weight.value == 0).all() and (model[0].bias.value == 0).all()
+    close(model[0].weight.grad, X.T @ (-2 * y / y.size), F64, factor=10)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy sees inf * 0
+def test_nonfinite_step_raises_before_update(rng):
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    model = _mlp(np.float64, [None], sizes=(3, 2)).to("cuda")
+    model[0].weight.value[0, 0] = np.inf
+    before = [p.value.copy() for p in model.parameters()]
+    opt = fp.optim.Adam(model.parameters())
+    step = model.compile("mse", opt)
+    step.check_finite = True
+    with pytest.raises(fp.NonFiniteError):
+        step(X, y)
+    step.sync()
+    assert opt.step_count == 0
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+
+
+def test_make_train_step_declines_what_it_cannot_run():
+    class MySGD(fp.optim.SGD):
+        pass
+
+    model = _mlp(np.float64, [None], sizes=(3, 2))
+    stages = fp.train.dense_stages(model)
+    assert cu.make_train_step(stages, fp.losses.MSE(), MySGD(model.parameters(), lr=0.1)) is None
+    bce = fp.losses.BinaryCrossEntropy()     # probabilities from an unbounded output
+    assert cu.make_train_step(stages, bce, fp.optim.SGD(model.parameters(), lr=0.1)) is None
+    step = cu.make_train_step(stages, fp.losses.MSE(), fp.optim.SGD(model.parameters(), lr=0.1))
+    assert isinstance(step, cu.DeviceTrainStep)
+
+
+def test_python_path_on_cuda_matches_numpy(rng):
+    """A model the device step cannot run (Dropout(p>0) in eval-free training falls back
+    to the layers' own forward/backward) still trains through the cuda host kernels."""
+    X, y = randn(rng, (4, 3), F64), rng.integers(0, 2, 4)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = fp.nn.Sequential(fp.nn.Dense(3, 4, dtype=np.float64, rng=1), fp.nn.ReLU(),
+                                 fp.nn.LayerNorm(4, dtype=np.float64),
+                                 fp.nn.Dense(4, 2, dtype=np.float64, rng=2)).to(device)
+        step = model.compile("cross_entropy", fp.optim.SGD(model.parameters(), lr=0.1))
+        with fp.use_backend("numpy"):
+            losses = [step(X, y) for _ in range(2)]
+        assert step._fast is None
+        results.append((losses, [p.value for p in model.parameters()]))
+    close(results[1][0], results[0][0], F64, factor=100)
+    for a, b in zip(results[1][1], results[0][1]):
+        close(a, b, F64, factor=100)
