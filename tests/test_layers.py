@@ -321,7 +321,14 @@ def test_batchnorm_train_forward_and_running_stats(backend, dtype, rng):
     # PyTorch semantics: the running variance uses the unbiased batch variance
     assert_close(bn.running_mean, 0.25 * mu, dtype, np.abs(mu) + 1, what="running_mean")
     assert_close(bn.running_var, 0.75 + 0.25 * xd.var(0, ddof=1), dtype,
-                 xd.var(0) + 1, factor=10, what="running_var")
+                 xd.var(0) + 1, what="running_var")
+    x2 = (2 * rng.standard_normal((5, 4)) + 3).astype(dtype)
+    bn(x2)
+    x2d = x2.astype(np.float64)
+    rm = 0.75 * 0.25 * mu + 0.25 * x2d.mean(0)
+    rv = 0.75 * (0.75 + 0.25 * xd.var(0, ddof=1)) + 0.25 * x2d.var(0, ddof=1)
+    assert_close(bn.running_mean, rm, dtype, np.abs(rm) + 1, what="running_mean, 2 steps")
+    assert_close(bn.running_var, rv, dtype, rv + 1, what="running_var, 2 steps")
 
     bn.eval()
     y_eval = bn(x)
