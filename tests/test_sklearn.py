@@ -138,6 +138,15 @@ def test_sample_weight_equivalence_with_sklearns_parameters():
     check_sample_weight_equivalence_on_sparse_data("MLPRegressor", est)
 
 
+@pytest.mark.parametrize("name", ["MLPClassifier", "MLPRegressor"])
+def test_same_constructor_as_sklearn(name):
+    """Same parameter names, order, kinds (positional / keyword-only) and defaults."""
+    import inspect
+    sk, ours = _pair(name)
+    assert inspect.signature(type(ours)) == inspect.signature(type(sk))
+    assert ours.get_params() == sk.get_params()
+
+
 def test_import_fastprop_does_not_import_sklearn():
     code = "import sys, fastprop; assert 'sklearn' not in sys.modules, 'sklearn imported'"
     subprocess.run([sys.executable, "-c", code], check=True, env=_subprocess_env())
