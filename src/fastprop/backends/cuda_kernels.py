@@ -217,7 +217,8 @@ def gemm_kernel(dtype, tiles: Tiles, trans_a: bool, trans_b: bool):
     (ceil(n / BN), ceil(m / BM)) blocks of ``tiles.block`` threads.
 
     c[m, n] (+)= op(a) @ op(b); with the epilogue (bias/z not None, act != 0):
-    z = op(a) @ op(b) + bias, c = act(z).  bias and z may be None.
+    z = op(a) @ op(b) + bias, c = act(z).  bias and z may be None; accumulate is
+    for the plain product (with an activation, c = act(z + c)).
     """
     dtype = np.dtype(dtype)
     BM, BN, BK, TM, TN = tiles
@@ -297,24 +298,33 @@ def gemm_kernel(dtype, tiles: Tiles, trans_a: bool, trans_b: bool):
                     for j in range(TN):
                         acc[i, j] += ra[i] * rb[j]
             cuda.syncthreads()
+        # epilogue, in two passes so that the first (which indexes the register tile)
+        # stays small enough to unroll: acc never leaves registers
         for i in range(TM):
             r = row0 + ty + i * TY
-            if r < m:
+            for j in range(TN):
+                col = col0 + tx + j * TX
+                if r < m and col < n:
+                    v = acc[i, j]
+                    if bias is not None:
+                        v += bias[col]
+                    if z is not None:
+                        z[r, col] = v
+                    if accumulate:
+                        v += c[r, col]
+                    c[r, col] = v
+        if act != IDENTITY:  # the thread rereads its own stores (L1 hits)
+            for i in range(TM):
+                r = row0 + ty + i * TY
                 for j in range(TN):
                     col = col0 + tx + j * TX
-                    if col < n:
-                        v = acc[i, j]
-                        if bias is not None:
-                            v += bias[col]
-                        if z is not None:
-                            z[r, col] = v
-                        if act != IDENTITY:
-                            v = act_forward(v, act, alpha)
-                        if accumulate:
-                            v += c[r, col]
-                        c[r, col] = v
+                    if r < m and col < n:
+                        c[r, col] = act_forward(c[r, col], act, alpha)
 
-    return cuda.jit(gemm)
+    if SIMULATOR:
+        return cuda.jit(gemm)
+    # two resident blocks per SM: caps the 8x8 register tile at 128 registers a thread
+    return cuda.jit(launch_bounds=(NT, 2))(gemm)
 
 
 def gemm(a, b, c, trans_a=False, trans_b=False, accumulate=False, bias=None, z=None,
