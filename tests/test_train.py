@@ -257,3 +257,24 @@ def test_nonfinite_raises_and_keeps_parameters(backend, rng):
                          verbose=0, on_nonfinite="skip")
     assert hist.skipped_steps == 4
     assert opt.step_count == 0
+
+
+def test_fit_trains_in_training_mode(backend, rng):
+    """fit switches an eval-mode model to training mode: BatchNorm updates its running
+    statistics, as it only does in training."""
+    X, y = blobs(rng, n=32)
+    model = nn.Sequential(nn.Dense(2, 4, rng=0), nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+    model.eval()
+    before = model[1].running_mean.copy()
+    model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=8, verbose=0)
+    assert not np.array_equal(model[1].running_mean, before)
+    assert all(m.training for m in model.modules())
+
+
+def test_evaluate_is_batch_size_independent(backend, rng):
+    X, y = blobs(rng, n=37, classes=3)
+    model = mlp(out=3, dtype=np.float64)
+    full = model.evaluate(X, y, loss="cross_entropy")
+    assert model.evaluate(X, y, loss="cross_entropy", batch_size=5) == pytest.approx(full,
+                                                                                   rel=1e-12)
+    assert full == pytest.approx(fp.losses.SoftmaxCrossEntropy()(model.predict(X), y), rel=1e-12)
