@@ -5,7 +5,8 @@
 // C-contiguous arrays; y may alias x and grad_x may alias grad_y.
 //
 // Algorithm: one pass per element (softmax: three passes per row: max, exp and
-// sum, scale), split over OpenMP threads above 64k elements.  Backward of relu,
+// sum, scale), split over OpenMP threads for large
+// arrays (isa_common.hpp: from 32k elements for exp/tanh, 256k for the rest).  Backward of relu,
 // leaky_relu, sigmoid, tanh and softmax uses the forward output y; gelu uses x.
 // Formulas:
 //   sigmoid(x) = 1/(1+e) for x >= 0 and e/(1+e) for x < 0 with e = exp(-|x|)
@@ -26,9 +27,9 @@ namespace {
 constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
 constexpr double kGeluK = 0.044715;
 
-// Rows of softmax per thread chunk: enough rows for kElementGrain elements.
-inline index_t row_grain(index_t cols) {
-    const index_t g = kElementGrain / (cols > 0 ? cols : 1);
+// Rows per thread: enough rows for `grain` elements.
+inline index_t row_grain(index_t cols, index_t grain) {
+    const index_t g = grain / (cols > 0 ? cols : 1);
     return g > 0 ? g : 1;
 }
 
@@ -77,13 +78,14 @@ void activation_forward(int act, double alpha, index_t rows, index_t cols, const
     const index_t size = rows * cols;
     if (size <= 0) return;
     if (act == kSoftmax) {
-        parallel_for(rows, row_grain(cols), [&](index_t r0, index_t r1) {
+        parallel_for(rows, row_grain(cols, kExpGrain), [&](index_t r0, index_t r1) {
             softmax_rows(r0, r1, cols, x, y);
         });
         return;
     }
     const T a = T(alpha);
-    parallel_for(size, kElementGrain, [&](index_t i0, index_t i1) {
+    const bool cheap = act == kIdentity || act == kRelu || act == kLeakyRelu;
+    parallel_for(size, cheap ? kElementGrain : kExpGrain, [&](index_t i0, index_t i1) {
         switch (act) {
             case kIdentity:
                 if (x != y)
@@ -116,13 +118,13 @@ void activation_backward(int act, double alpha, index_t rows, index_t cols, cons
     const index_t size = rows * cols;
     if (size <= 0) return;
     if (act == kSoftmax) {
-        parallel_for(rows, row_grain(cols), [&](index_t r0, index_t r1) {
+        parallel_for(rows, row_grain(cols, kElementGrain), [&](index_t r0, index_t r1) {
             softmax_backward_rows(r0, r1, cols, gy, y, gx);
         });
         return;
     }
     const T a = T(alpha);
-    parallel_for(size, kElementGrain, [&](index_t i0, index_t i1) {
+    parallel_for(size, act == kGelu ? kExpGrain : kElementGrain, [&](index_t i0, index_t i1) {
         switch (act) {
             case kIdentity:
                 if (gx != gy)

@@ -42,9 +42,18 @@ namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
 
-// Elements per thread below which elementwise loops stay serial (64k elements in
-// all before a second thread starts).
-constexpr index_t kElementGrain = 32768;
+// Minimum work per thread before a loop uses another thread.  Waking an OpenMP
+// team costs microseconds on an idle machine and a scheduler quantum on a busy one,
+// so each thread must get ~100 us of work:
+//   kElementGrain  memory-bound loops (copies, relu, scale, clip, SGD, sums, norms):
+//                  128k elements per thread (a second thread from 256k elements);
+//   kMathGrain     loops with a division or sqrt per element (Adam, RMSprop,
+//                  Adagrad): 32k elements per thread (from 64k);
+//   kExpGrain      loops with exp/log/tanh per element (sigmoid, tanh, gelu,
+//                  softmax, cross-entropies): 16k elements per thread (from 32k).
+constexpr index_t kElementGrain = index_t(1) << 17;
+constexpr index_t kMathGrain = index_t(1) << 15;
+constexpr index_t kExpGrain = index_t(1) << 14;
 
 // ------------------------------------------------------------------ min / max
 template <typename T>
@@ -132,6 +141,7 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
         return;
     }
 #endif
+    (void)grain;
     body(index_t(0), n);
 }
 
@@ -164,6 +174,7 @@ inline double parallel_sum(index_t n, index_t grain, F&& body) {
         return total;
     }
 #endif
+    (void)grain;
     return body(index_t(0), n);
 }
 

@@ -23,7 +23,7 @@ double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* l
                     const T* targets, T* grad) {
     if (n <= 0 || c <= 0) return 0.0;
     const double inv_n = 1.0 / double(n);
-    const index_t grain = fp_max<index_t>(1, kElementGrain / c);
+    const index_t grain = fp_max<index_t>(1, kExpGrain / c);
     const double total = parallel_sum(n, grain, [&](index_t r0, index_t r1) {
         double loss = 0.0;
         for (index_t r = r0; r < r1; ++r) {
@@ -74,7 +74,7 @@ template <typename T>
 double bce(index_t count, const T* pred, const T* target, bool from_logits, T* grad) {
     if (count <= 0) return 0.0;
     const double inv_n = 1.0 / double(count);
-    const double total = parallel_sum(count, kElementGrain, [&](index_t b, index_t e) {
+    const double total = parallel_sum(count, kExpGrain, [&](index_t b, index_t e) {
         double loss = 0.0;
         if (from_logits) {
             for (index_t i = b; i < e; ++i) {

@@ -2,7 +2,8 @@
 // one parameter tensor, in place (per ISA unit).
 //
 // Algorithm: one fused pass over the elements (read p, g and the state once, write
-// p and the state once), split over OpenMP threads above 64k elements.  Scalar
+// p and the state once), split over OpenMP threads for large tensors
+// (from 256k elements for SGD, 64k for the others; isa_common.hpp).  Scalar
 // factors (lr, 1 - beta, Adam's bias corrections lr / (1 - beta1^step) and
 // sqrt(1 - beta2^step)) are computed once in double and rounded to T; elementwise
 // arithmetic is in T, in the same order as the NumPy reference, so results agree
@@ -55,7 +56,7 @@ void adam_update(index_t size, T* p, const T* g, T* m, T* v, std::int64_t step, 
     const T b1 = T(beta1), b2 = T(beta2), one_b1 = T(1.0 - beta1), one_b2 = T(1.0 - beta2);
     const T wd = T(weight_decay), shrink = T(1.0 - lr * weight_decay);
     const bool use_wd = weight_decay != 0.0;
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
+    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
         for (index_t i = b; i < e; ++i) {
             T pi = p[i];
             T gi = g[i];
@@ -81,7 +82,7 @@ void rmsprop_update(index_t size, T* p, const T* g, T* square_avg, T* buf, doubl
     const T mom = T(momentum), wd = T(weight_decay);
     const bool use_wd = weight_decay != 0.0;
     const bool use_mom = momentum > 0.0 && buf != nullptr;
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
+    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
         for (index_t i = b; i < e; ++i) {
             const T gi = use_wd ? g[i] + wd * p[i] : g[i];
             const T si = a * square_avg[i] + one_a * gi * gi;
@@ -103,7 +104,7 @@ void adagrad_update(index_t size, T* p, const T* g, T* sum, double lr, double ep
                     double weight_decay) {
     const T tlr = T(lr), teps = T(eps), wd = T(weight_decay);
     const bool use_wd = weight_decay != 0.0;
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
+    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
         for (index_t i = b; i < e; ++i) {
             const T gi = use_wd ? g[i] + wd * p[i] : g[i];
             const T si = sum[i] + gi * gi;

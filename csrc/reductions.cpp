@@ -2,7 +2,7 @@
 //
 // sum_squares: sum of x^2 accumulated in double over 8 interleaved partial sums
 //   (a vectorisable, deterministic order that also halves the rounding error
-//   growth), one chunk per thread above 64k elements, partials combined in order.
+//   growth), one chunk per thread above 256k elements, partials combined in order.
 //   Relative error about (size/8) * 2^-53 in the worst case.
 // scale / clip: one pass, in place; clip keeps NaN (min(max(x, lo), hi)).
 // column_sums: sums[j] (+)= sum_i x[i, j], accumulated in double in a stack buffer

@@ -401,7 +401,9 @@ def test_linear_rejects_bad_arguments(rng):
 
 
 # =========================================================== activations
-ACT_SHAPES = [(), (1,), (7,), (3, 5, 7), (33, 65), (300, 257)]
+# (300, 257) and (520, 509) pass the thread thresholds of the exp-like and the
+# memory-bound kernels (32k and 256k elements).
+ACT_SHAPES = [(), (1,), (7,), (3, 5, 7), (33, 65), (300, 257), (520, 509)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -590,7 +592,7 @@ def test_pointwise_losses_reject_bad_arguments(rng):
 
 
 # =========================================================== optimizers
-SHAPES_LIST = [(1,), (7, 3), (33,), (65, 31), (300, 257)]  # the last one is threaded
+SHAPES_LIST = [(1,), (7, 3), (33,), (65, 31), (300, 257), (520, 509)]  # last two threaded
 
 
 def _tensors(rng, dtype, n_state):

@@ -16,7 +16,7 @@
 // vector registers (SSE2 in the generic unit, AVX2+FMA in the avx2 unit); edges are
 // handled at write-back.  Threads: the m x n output is split into a tm x tn grid of
 // independent sub-problems (one per OpenMP thread, each packing its own panels into
-// thread-local scratch) once the product has at least ~2 MFLOP per thread.
+// thread-local scratch) once the product has at least ~8 MFLOP per thread.
 // A later revision replaces the micro-kernel with intrinsic kernels under gemm/.
 //
 // Accuracy: each element is a sum of k products accumulated in T in order of
@@ -59,8 +59,10 @@ struct Blocking<double> {
 };
 #endif
 
-// Minimum flops per thread before GEMM uses another thread (~2.1 MFLOP).
-constexpr index_t kGemmFlopGrain = index_t(1) << 21;
+// Minimum flops per thread before GEMM uses another thread (~8.4 MFLOP, about
+// 100 us of one core: enough to amortise waking the OpenMP team even on a busy
+// machine).  Two threads from about 200 x 200 x 200.
+constexpr index_t kGemmFlopGrain = index_t(1) << 23;
 
 inline index_t round_up(index_t x, index_t to) { return (x + to - 1) / to * to; }
 
