@@ -231,8 +231,9 @@ def _accuracy_fn(loss):
         return acc
     if isinstance(loss, _losses.BinaryCrossEntropy):
         threshold = 0.0 if loss.from_logits else 0.5
-        def acc(out, y):
-            return int(np.count_nonzero((out > threshold) == (y.reshape(out.shape) > 0.5)))
+        def acc(out, y):  # per element, in units of samples (callers divide by samples)
+            hits = np.count_nonzero((out > threshold) == (y.reshape(out.shape) > 0.5))
+            return int(hits) * out.shape[0] / max(out.size, 1)
         return acc
     return None
 
