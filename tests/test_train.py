@@ -278,3 +278,19 @@ def test_evaluate_is_batch_size_independent(backend, rng):
     assert model.evaluate(X, y, loss="cross_entropy", batch_size=5) == pytest.approx(full,
                                                                                    rel=1e-12)
     assert full == pytest.approx(fp.losses.SoftmaxCrossEntropy()(model.predict(X), y), rel=1e-12)
+
+
+def test_binary_accuracy_with_several_outputs_is_a_fraction(backend, rng):
+    """Accuracy of a multi-label BCE model is the fraction of correct elements."""
+    X = rng.standard_normal((40, 3))
+    Y = (X > 0).astype(float)
+    model = nn.Dense(3, 3, rng=0)
+    hist = model.fit(X, Y, loss=fp.losses.BinaryCrossEntropy(from_logits=True),
+                     optimizer=optim.SGD(model.parameters(), lr=0.0), epochs=1, verbose=0,
+                     validation_split=0.25)
+    out = model.predict(X)
+    train_acc = np.mean((out[:30] > 0) == (Y[:30] > 0.5))
+    val_acc = np.mean((out[30:] > 0) == (Y[30:] > 0.5))
+    assert hist["accuracy"][0] == pytest.approx(train_acc)
+    assert hist["val_accuracy"][0] == pytest.approx(val_acc)
+    assert all(type(v) is float for v in hist["accuracy"] + hist["val_accuracy"])
