@@ -1,6 +1,11 @@
 """Tolerances and comparison helpers shared by the tests."""
 
+import math
+
 import numpy as np
+
+ALPHA = 0.01  # leaky-relu slope used by the tests
+GELU_C = math.sqrt(2.0 / math.pi)
 
 #: (rtol, atol) per dtype for results compared with a float64 NumPy oracle.
 TOL = {
@@ -22,7 +27,9 @@ def assert_close(actual, expected, dtype, scale=None, factor=1.0, what=""):
     actual = np.asarray(actual)
     expected = np.asarray(expected, dtype=np.float64)
     assert actual.shape == expected.shape, f"{what}: shape {actual.shape} != {expected.shape}"
-    scale = np.abs(expected) if scale is None else np.broadcast_to(np.asarray(scale), expected.shape)
+    if scale is None:
+        scale = np.abs(expected)
+    scale = np.broadcast_to(np.asarray(scale, dtype=np.float64), expected.shape)
     err = np.abs(actual.astype(np.float64) - expected)
     bound = factor * (atol + rtol * scale)
     bad = ~(err <= bound)  # NaN counts as bad
@@ -54,3 +61,24 @@ def snapshot(model=None, optimizer=None):
             for k in sorted(s):
                 snap.append((i, k, s[k].dtype.str, s[k].shape, s[k].tobytes()))
     return snap
+
+
+def act_ref(name, x, alpha=ALPHA):
+    """act(x) in float64 (sigmoid via tanh: an independent, overflow-free formula)."""
+    x = np.asarray(x, np.float64)
+    if name == "identity":
+        return x.copy()
+    if name == "relu":
+        return np.where(x > 0, x, 0.0)
+    if name == "leaky_relu":
+        return np.where(x > 0, x, alpha * x)
+    if name == "sigmoid":
+        return 0.5 * (1.0 + np.tanh(0.5 * x))
+    if name == "tanh":
+        return np.tanh(x)
+    if name == "gelu":
+        return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+    if name == "softmax":
+        e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))
+        return e / e.sum(axis=-1, keepdims=True)
+    raise AssertionError(name)

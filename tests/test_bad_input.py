@@ -425,7 +425,7 @@ ROWS = [
       setup=lambda c: _skip_if_cuda_works()),
     R("threads-zero", lambda c: fp.set_num_threads(0), ValueError, r"Invalid n: 0"),
     R("threads-float", lambda c: fp.set_num_threads(1.5), TypeError, r"n must be an int"),
-    R("save-non-module", lambda c: fp.save(c.params, "/nonexistent-dir/never-written.fp"), TypeError,
+    R("save-non-module", lambda c: fp.save(c.params, "/nonexistent-dir/never.fp"), TypeError,
       r"model must be a fastprop Module"),
     R("gradcheck-non-callable", lambda c: fp.gradcheck(3, np.ones(2)), TypeError,
       r"gradcheck needs a Module"),

@@ -6,17 +6,13 @@ fastprop; reductions are compared with a tolerance scaled by the magnitude of th
 terms summed (see ``_support.assert_close``).
 """
 
-import math
-
 import numpy as np
 import pytest
 
 import fastprop as fp
-from _support import TOL, assert_close
+from _support import ALPHA, GELU_C, TOL, act_ref, assert_close
 
 ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax"]
-ALPHA = 0.01
-GELU_C = math.sqrt(2.0 / math.pi)
 
 # (m, k, n): empty, unit, primes, and sizes just past powers of two (not multiples of
 # any plausible tile: 4, 6, 8, 16, 32, 64, 128, 256).
@@ -29,27 +25,6 @@ TRANS_IDS = ["NN", "NT", "TN", "TT"]
 
 
 # --------------------------------------------------------------------------- oracles
-def act_ref(name, x, alpha=ALPHA):
-    """act(x) in float64 (sigmoid via tanh: an independent, overflow-free formula)."""
-    x = np.asarray(x, np.float64)
-    if name == "identity":
-        return x.copy()
-    if name == "relu":
-        return np.where(x > 0, x, 0.0)
-    if name == "leaky_relu":
-        return np.where(x > 0, x, alpha * x)
-    if name == "sigmoid":
-        return 0.5 * (1.0 + np.tanh(0.5 * x))
-    if name == "tanh":
-        return np.tanh(x)
-    if name == "gelu":
-        return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
-    if name == "softmax":
-        e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))
-        return e / e.sum(axis=-1, keepdims=True)
-    raise AssertionError(name)
-
-
 def act_grad_ref(name, g, x=None, y=None, alpha=ALPHA):
     """(grad_x, scale): the activation's vector-Jacobian product in float64 from the
     arrays the kernel receives (y for relu-likes/sigmoid/tanh/softmax, x for gelu),
