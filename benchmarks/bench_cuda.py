@@ -275,6 +275,14 @@ def compile_only(cc):
         check(f"mse_{dt.name}", r.mse, (a1, a1, a1, f1, float64), False)
         check(f"bce_{dt.name}", r.bce, (a1, a1, boolean, a1, f1, float64), False)
         check(f"sumsq_{dt.name}", r.sumsq, (a1, f1), False)
+        nk = K.norms(dt)  # float64 arithmetic by design, as in the losses
+        check(f"bn_forward_{dt.name}", nk.bn_forward, (a2, a1, a1, float64, a2, a1, a1), False)
+        check(f"bn_forward_eval_{dt.name}", nk.bn_forward_eval,
+              (a2, a1, a1, a1, a1, float64, a2), False)
+        check(f"bn_backward_{dt.name}", nk.bn_backward, (a2, a2, a1, a1, a1, a2, a1, a1), False)
+        check(f"ln_forward_{dt.name}", nk.ln_forward, (a2, a1, a1, float64, a2, a1, a1), False)
+        check(f"ln_backward_{dt.name}", nk.ln_backward, (a2, a2, a1, a1, a1, a2), False)
+        check(f"ln_param_grads_{dt.name}", nk.ln_param_grads, (a2, a2, a1, a1, a1, a1), False)
     check("finish_sum", K._finish_kernel(), (arr(float64, 1), int64, arr(float64, 1), int64,
                                              float64), False)
     shutil.rmtree(tmp, ignore_errors=True)

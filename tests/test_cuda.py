@@ -363,6 +363,39 @@ def test_sum_squares_scale_clip(dtype, rng):
     assert [id(a) for a in got] == ids
 
 
+# ------------------------------------------------------------------ normalization
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+@pytest.mark.parametrize("kind", ["batchnorm", "layernorm"])
+def test_norm_forward_backward(dtype, kind, rng):
+    n, f = 6, 5
+    x = randn(rng, (n, f), dtype) * 2 + 1
+    gamma, beta = randn(rng, f, dtype), randn(rng, f, dtype)
+    g = randn(rng, (n, f), dtype)
+    gg0, gb0 = randn(rng, f, dtype), randn(rng, f, dtype)
+    stats = f if kind == "batchnorm" else n
+    res = []
+    for be in (cu, ref):
+        y, mean, invstd = np.empty_like(x), np.empty(stats, dtype), np.empty(stats, dtype)
+        getattr(be, f"{kind}_forward")(x, gamma, beta, 1e-5, y, mean, invstd)
+        gx, gg, gb = np.empty_like(x), gg0.copy(), gb0.copy()
+        getattr(be, f"{kind}_backward")(g, x, gamma, mean, invstd, gx, gg, gb)
+        res.append(dict(y=y, mean=mean, invstd=invstd, gx=gx, gg=gg, gb=gb))
+    for key in res[1]:
+        scale = np.abs(res[1][key]).max() if key in ("gx", "gg", "gb") else None
+        close(res[0][key], res[1][key], dtype, scale, factor=4, what=key)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_batchnorm_forward_eval(dtype, rng):
+    x = randn(rng, (4, 3), dtype)
+    gamma, beta, rm = randn(rng, 3, dtype), randn(rng, 3, dtype), randn(rng, 3, dtype)
+    rv = np.abs(randn(rng, 3, dtype)) + dtype.type(0.5)
+    y, want = np.empty_like(x), np.empty_like(x)
+    cu.batchnorm_forward_eval(x, gamma, beta, rm, rv, 1e-5, y)
+    ref.batchnorm_forward_eval(x, gamma, beta, rm, rv, 1e-5, want)
+    close(y, want, dtype, factor=2)
+
+
 # ------------------------------------------------------------------ training
 def _mlp(dtype, acts, seed=0, sizes=(5, 8, 6, 3)):
     layers = [fp.nn.Dense(i, o, a, dtype=dtype, rng=seed + k)

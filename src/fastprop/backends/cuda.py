@@ -13,9 +13,6 @@ Two ways in:
   asked for, the output) out; ``sync()`` copies parameters, gradients and state back
   into the host arrays, in place.
 
-Normalization layers have no CUDA kernels yet: their contract functions run the NumPy
-reference on the host arrays.
-
 numba is imported only by :func:`ensure_available`, which raises
 :class:`~fastprop.backends.BackendUnavailableError` saying whether numba-cuda or a
 GPU is missing (the CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``, counts as a GPU).
@@ -29,7 +26,6 @@ import numpy as np
 
 from . import ACTIVATIONS, BackendUnavailableError, NonFiniteError
 from . import cuda_support
-from . import numpy as _reference
 
 name = "cuda"
 
@@ -267,12 +263,50 @@ def clip_(arrays, lo, hi):
 
 
 # --------------------------------------------------------------------- normalization
-# No CUDA kernels yet: the NumPy reference on the host arrays (same contract).
-batchnorm_forward = _reference.batchnorm_forward
-batchnorm_forward_eval = _reference.batchnorm_forward_eval
-batchnorm_backward = _reference.batchnorm_backward
-layernorm_forward = _reference.layernorm_forward
-layernorm_backward = _reference.layernorm_backward
+def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    K = ensure_available()
+    dy, dmean, dinv = _empty(y), _empty(mean), _empty(invstd)
+    K.batchnorm_forward(_dev(x), _dev(gamma), _dev(beta), eps, dy, dmean, dinv)
+    _back(dy, y)
+    _back(dmean, mean)
+    _back(dinv, invstd)
+
+
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
+    K = ensure_available()
+    dy = _empty(y)
+    K.batchnorm_forward_eval(_dev(x), _dev(gamma), _dev(beta), _dev(running_mean),
+                             _dev(running_var), eps, dy)
+    _back(dy, y)
+
+
+def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    K = ensure_available()
+    dgx, dgg, dgb = _empty(grad_x), _dev(grad_gamma), _dev(grad_beta)
+    K.batchnorm_backward(_dev(grad_y), _dev(x), _dev(gamma), _dev(mean), _dev(invstd), dgx,
+                         dgg, dgb)
+    _back(dgx, grad_x)
+    _back(dgg, grad_gamma)
+    _back(dgb, grad_beta)
+
+
+def layernorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    K = ensure_available()
+    dy, dmean, dinv = _empty(y), _empty(mean), _empty(invstd)
+    K.layernorm_forward(_dev(x), _dev(gamma), _dev(beta), eps, dy, dmean, dinv)
+    _back(dy, y)
+    _back(dmean, mean)
+    _back(dinv, invstd)
+
+
+def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    K = ensure_available()
+    dgx, dgg, dgb = _empty(grad_x), _dev(grad_gamma), _dev(grad_beta)
+    K.layernorm_backward(_dev(grad_y), _dev(x), _dev(gamma), _dev(mean), _dev(invstd), dgx,
+                         dgg, dgb)
+    _back(dgx, grad_x)
+    _back(dgg, grad_gamma)
+    _back(dgb, grad_beta)
 
 
 # --------------------------------------------------------------------- whole training steps

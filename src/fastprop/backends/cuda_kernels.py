@@ -662,6 +662,183 @@ def _finish_kernel():
     return finish
 
 
+# ----------------------------------------------------------------------- normalization
+@cuda.jit(device=True)
+def _col_sum(sh, v):
+    """Sum of ``v`` over threadIdx.y (power-of-two blockDim.y), per threadIdx.x."""
+    tx = cuda.threadIdx.x
+    ty = cuda.threadIdx.y
+    sh[ty, tx] = v
+    cuda.syncthreads()
+    h = cuda.blockDim.y // 2
+    while h > 0:
+        if ty < h:
+            sh[ty, tx] += sh[ty + h, tx]
+        cuda.syncthreads()
+        h //= 2
+    r = sh[0, tx]
+    cuda.syncthreads()
+    return r
+
+
+class _Norms(NamedTuple):
+    bn_forward: object
+    bn_forward_eval: object
+    bn_backward: object
+    ln_forward: object
+    ln_backward: object
+    ln_param_grads: object
+
+
+@lru_cache(maxsize=None)
+def norms(dtype) -> _Norms:
+    """Batch and layer normalization, float64 arithmetic as the NumPy reference.
+
+    Batch statistics are column reductions: a block of (CX, CY) threads owns CX
+    features and walks every row (two passes for mean and variance, one to write).
+    Layer statistics are row reductions: a block per row, as softmax.
+    """
+    dtype = np.dtype(dtype)
+    t = dtype.type
+    f64 = _nb_float64
+    RED = GEOMETRY.reduce
+    CX, CY = GEOMETRY.col_block
+    COL_SHAPE = (CY, CX)
+
+    @cuda.jit
+    def bn_forward(x, gamma, beta, eps, y, mean, invstd):  # grid ceil(f / CX)
+        sh = cuda.shared.array(COL_SHAPE, f64)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        n, f = x.shape
+        col = cuda.blockIdx.x * CX + tx
+        s = 0.0
+        if col < f:
+            for r in range(ty, n, CY):
+                s += f64(x[r, col])
+        mu = _col_sum(sh, s) / n
+        s = 0.0
+        if col < f:
+            for r in range(ty, n, CY):
+                d = f64(x[r, col]) - mu
+                s += d * d
+        inv = 1.0 / math.sqrt(_col_sum(sh, s) / n + eps)
+        if col < f:
+            if ty == 0:
+                mean[col] = t(mu)
+                invstd[col] = t(inv)
+            gm = f64(gamma[col])
+            bt = f64(beta[col])
+            for r in range(ty, n, CY):
+                y[r, col] = t((f64(x[r, col]) - mu) * inv * gm + bt)
+
+    @cuda.jit
+    def bn_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):  # flat grid
+        n, f = x.shape
+        for i in range(cuda.grid(1), n * f, cuda.gridsize(1)):
+            r = i // f
+            col = i - r * f
+            scale = f64(gamma[col]) / math.sqrt(f64(running_var[col]) + eps)
+            y[r, col] = t((f64(x[r, col]) - f64(running_mean[col])) * scale + f64(beta[col]))
+
+    @cuda.jit
+    def bn_backward(g, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+        sh = cuda.shared.array(COL_SHAPE, f64)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        n, f = x.shape
+        col = cuda.blockIdx.x * CX + tx
+        mu = 0.0
+        inv = 0.0
+        if col < f:
+            mu = f64(mean[col])
+            inv = f64(invstd[col])
+        sg = 0.0
+        sgx = 0.0
+        if col < f:
+            for r in range(ty, n, CY):
+                gv = f64(g[r, col])
+                sg += gv
+                sgx += gv * (f64(x[r, col]) - mu) * inv
+        sg = _col_sum(sh, sg)
+        sgx = _col_sum(sh, sgx)
+        if col < f:
+            if ty == 0:
+                grad_beta[col] += t(sg)
+                grad_gamma[col] += t(sgx)
+            k = f64(gamma[col]) * inv / n
+            for r in range(ty, n, CY):
+                xhat = (f64(x[r, col]) - mu) * inv
+                grad_x[r, col] = t(k * (n * f64(g[r, col]) - sg - xhat * sgx))
+
+    @cuda.jit
+    def ln_forward(x, gamma, beta, eps, y, mean, invstd):  # a block per row
+        sh = cuda.shared.array(RED, f64)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        n, f = x.shape
+        for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            s = 0.0
+            for j in range(tid, f, nt):
+                s += f64(x[r, j])
+            mu = _block_sum(sh, s) / f
+            s = 0.0
+            for j in range(tid, f, nt):
+                d = f64(x[r, j]) - mu
+                s += d * d
+            inv = 1.0 / math.sqrt(_block_sum(sh, s) / f + eps)
+            if tid == 0:
+                mean[r] = t(mu)
+                invstd[r] = t(inv)
+            for j in range(tid, f, nt):
+                y[r, j] = t((f64(x[r, j]) - mu) * inv * f64(gamma[j]) + f64(beta[j]))
+
+    @cuda.jit
+    def ln_backward(g, x, gamma, mean, invstd, grad_x):  # a block per row
+        sh = cuda.shared.array(RED, f64)
+        tid = cuda.threadIdx.x
+        nt = cuda.blockDim.x
+        n, f = x.shape
+        for r in range(cuda.blockIdx.x, n, cuda.gridDim.x):
+            mu = f64(mean[r])
+            inv = f64(invstd[r])
+            a = 0.0
+            b = 0.0
+            for j in range(tid, f, nt):
+                gh = f64(g[r, j]) * f64(gamma[j])
+                a += gh
+                b += gh * (f64(x[r, j]) - mu) * inv
+            a = _block_sum(sh, a)
+            b = _block_sum(sh, b)
+            for j in range(tid, f, nt):
+                gh = f64(g[r, j]) * f64(gamma[j])
+                xhat = (f64(x[r, j]) - mu) * inv
+                grad_x[r, j] = t(inv / f * (f * gh - a - xhat * b))
+
+    @cuda.jit
+    def ln_param_grads(g, x, mean, invstd, grad_gamma, grad_beta):  # grid ceil(f / CX)
+        sh = cuda.shared.array(COL_SHAPE, f64)
+        tx = cuda.threadIdx.x
+        ty = cuda.threadIdx.y
+        n, f = x.shape
+        col = cuda.blockIdx.x * CX + tx
+        sg = 0.0
+        sgx = 0.0
+        if col < f:
+            for r in range(ty, n, CY):
+                gv = f64(g[r, col])
+                sg += gv
+                sgx += gv * (f64(x[r, col]) - f64(mean[r])) * f64(invstd[r])
+        sg = _col_sum(sh, sg)
+        sgx = _col_sum(sh, sgx)
+        if col < f and ty == 0:
+            grad_beta[col] += t(sg)
+            grad_gamma[col] += t(sgx)
+
+    return _Norms(bn_forward, bn_forward_eval, bn_backward, ln_forward, ln_backward,
+                  ln_param_grads)
+
+
 # ----------------------------------------------------------------------- launchers
 def _blocks(size):
     g = GEOMETRY
@@ -865,3 +1042,38 @@ def adagrad_update(p, g, sums, lr, eps, weight_decay):
     t = p.dtype.type
     kernels(p.dtype).adagrad[_blocks(p.size), GEOMETRY.threads](
         p, g, sums, t(lr), t(eps), t(weight_decay))
+
+
+# normalization on device arrays (x is (n, f); see the kernel contract)
+def _col_grid(f):
+    return _cdiv(f, GEOMETRY.col_block[0]), GEOMETRY.col_block
+
+
+def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    grid, block = _col_grid(x.shape[1])
+    norms(x.dtype).bn_forward[grid, block](x, gamma, beta, float(eps), y, mean, invstd)
+
+
+def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
+    norms(x.dtype).bn_forward_eval[_blocks(x.size), GEOMETRY.threads](
+        x, gamma, beta, running_mean, running_var, float(eps), y)
+
+
+def batchnorm_backward(g, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    grid, block = _col_grid(x.shape[1])
+    norms(x.dtype).bn_backward[grid, block](g, x, gamma, mean, invstd, grad_x, grad_gamma,
+                                            grad_beta)
+
+
+def layernorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    n, f = x.shape
+    norms(x.dtype).ln_forward[_row_blocks(n), _row_threads(f)](x, gamma, beta, float(eps), y,
+                                                              mean, invstd)
+
+
+def layernorm_backward(g, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    n, f = x.shape
+    k = norms(x.dtype)
+    k.ln_backward[_row_blocks(n), _row_threads(f)](g, x, gamma, mean, invstd, grad_x)
+    grid, block = _col_grid(f)
+    k.ln_param_grads[grid, block](g, x, mean, invstd, grad_gamma, grad_beta)
