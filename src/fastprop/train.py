@@ -257,9 +257,17 @@ def _evaluate(model, X, y, loss, batch_size):
 
 
 # ------------------------------------------------------------------ public API
+def _sync_compiled(model):
+    """Bring host parameters up to date after compiled steps ran on a device."""
+    compiled = getattr(model, "_compiled", None)
+    if compiled is not None:
+        compiled.sync()
+
+
 @_device_aware
 def predict(model, X, batch_size=1024):
     """Forward ``X`` in eval mode, in batches; returns a new NumPy array."""
+    _sync_compiled(model)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = as_float(X, "X", _model_dtype(model))
     modes = _mode(model)
@@ -276,6 +284,7 @@ def predict(model, X, batch_size=1024):
 @_device_aware
 def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     """Mean loss of ``model`` on (X, y) in eval mode."""
+    _sync_compiled(model)
     compiled = getattr(model, "_compiled", None)
     if loss is None:
         if compiled is None:
