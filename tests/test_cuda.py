@@ -509,6 +509,20 @@ def test_host_changes_between_steps_are_uploaded(rng):
     close(model[0].weight.grad, X.T @ (-2 * y / y.size), F64, factor=10)
 
 
+def test_predict_and_evaluate_after_compiled_steps_see_trained_weights(rng):
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    preds = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh"], sizes=(3, 2)).to(device)
+        step = model.compile("mse", fp.optim.Adam(model.parameters(), lr=0.1))
+        with fp.use_backend("numpy"):
+            for _ in range(2):
+                step(X, y)
+            preds.append((model.predict(X), model.evaluate(X, y)))  # no explicit sync
+    close(preds[1][0], preds[0][0], F64, factor=100)
+    close(preds[1][1], preds[0][1], F64, factor=100)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy sees inf * 0
 def test_nonfinite_step_raises_before_update(rng):
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
