@@ -4,21 +4,24 @@
 // sigmoid, tanh, gelu (tanh approximation) and row-wise softmax, on (rows, cols)
 // C-contiguous arrays; y may alias x and grad_x may alias grad_y.
 //
-// Algorithm: one pass per element (softmax: three passes per row: max, exp and
-// sum, scale), split over OpenMP threads for large
-// arrays (isa_common.hpp: from 32k elements for exp/tanh, 256k for the rest).  Backward of relu,
-// leaky_relu, sigmoid, tanh and softmax uses the forward output y; gelu uses x.
+// Algorithm: one pass per element (softmax: per row max, exp, sum, scale), all
+// vectorised: exp and tanh come from vmath.hpp (Cephes polynomials), row sums use
+// 8 double partial sums.  Split over OpenMP threads for large arrays
+// (isa_common.hpp: from 32k elements for exp/tanh, 256k for the rest).  Backward
+// of relu, leaky_relu, sigmoid, tanh and softmax uses the forward output y; gelu
+// uses x.
 // Formulas:
 //   sigmoid(x) = 1/(1+e) for x >= 0 and e/(1+e) for x < 0 with e = exp(-|x|)
 //   gelu(x)    = 0.5 x (1 + tanh(u)) = x s, s = sigmoid(2u),
 //                u = sqrt(2/pi) (x + 0.044715 x^3);
 //   gelu'(x)   = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 //   softmax    = exp(x - max) / sum, sum accumulated in double.
-// Accuracy: elementwise results are within a few ulp of T (libm exp/tanh); the
+// Accuracy: elementwise results are within a few ulp of T (vmath.hpp); the
 // gelu form has no cancellation for x << 0, so it is more accurate there than the
 // literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
 #include "isa_common.hpp"
 #include "kernels.hpp"
+#include "vmath.hpp"
 
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
@@ -36,7 +39,7 @@ inline index_t row_grain(index_t cols, index_t grain) {
 template <typename T>
 inline T gelu_sigmoid(T x) {  // s = sigmoid(2u)
     const T u = T(kGeluC) * (x + T(kGeluK) * x * x * x);
-    return sigmoid(T(2) * u);
+    return vsigmoid(T(2) * u);
 }
 
 template <typename T>
@@ -44,15 +47,9 @@ void softmax_rows(index_t r0, index_t r1, index_t cols, const T* x, T* y) {
     for (index_t r = r0; r < r1; ++r) {
         const T* xr = x + r * cols;
         T* yr = y + r * cols;
-        T mx = xr[0];
-        for (index_t j = 1; j < cols; ++j) mx = fp_max(mx, xr[j]);
-        double sum = 0.0;
-        for (index_t j = 0; j < cols; ++j) {
-            const T e = fp_exp(xr[j] - mx);
-            yr[j] = e;
-            sum += e;
-        }
-        const T inv = T(1.0 / sum);
+        const T mx = max_of(xr, cols);
+        for (index_t j = 0; j < cols; ++j) yr[j] = vexp(xr[j] - mx);
+        const T inv = T(1.0 / sum_double(yr, cols));
         for (index_t j = 0; j < cols; ++j) yr[j] *= inv;
     }
 }
@@ -64,9 +61,7 @@ void softmax_backward_rows(index_t r0, index_t r1, index_t cols, const T* gy, co
         const T* gr = gy + r * cols;
         const T* yr = y + r * cols;
         T* out = gx + r * cols;
-        double dot = 0.0;
-        for (index_t j = 0; j < cols; ++j) dot += double(gr[j]) * double(yr[j]);
-        const T d = T(dot);
+        const T d = T(dot_double(gr, yr, cols));
         for (index_t j = 0; j < cols; ++j) out[j] = yr[j] * (gr[j] - d);
     }
 }
@@ -98,10 +93,10 @@ void activation_forward(int act, double alpha, index_t rows, index_t cols, const
                 for (index_t i = i0; i < i1; ++i) y[i] = x[i] > T(0) ? x[i] : x[i] * a;
                 break;
             case kSigmoid:
-                for (index_t i = i0; i < i1; ++i) y[i] = sigmoid(x[i]);
+                for (index_t i = i0; i < i1; ++i) y[i] = vsigmoid(x[i]);
                 break;
             case kTanh:
-                for (index_t i = i0; i < i1; ++i) y[i] = fp_tanh(x[i]);
+                for (index_t i = i0; i < i1; ++i) y[i] = vtanh(x[i]);
                 break;
             case kGelu:
                 for (index_t i = i0; i < i1; ++i) y[i] = x[i] * gelu_sigmoid(x[i]);

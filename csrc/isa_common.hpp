@@ -92,12 +92,51 @@ inline float fp_abs(float x) { return ::fabsf(x); }
 inline double fp_abs(double x) { return ::fabs(x); }
 #endif
 
-// Logistic sigmoid, stable for any finite x: exp(-|x|) never overflows.
+// ------------------------------------------------------------------ row helpers
+// Sum of x[0:n] in double over 8 interleaved partial sums (vectorisable; a fixed,
+// deterministic order whose rounding error grows like n/8 instead of n).
 template <typename T>
-inline T sigmoid(T x) {
-    const T e = fp_exp(-fp_abs(x));
-    const T r = T(1) / (T(1) + e);
-    return x >= T(0) ? r : e * r;
+inline double sum_double(const T* FASTPROP_RESTRICT x, index_t n) {
+    constexpr int kLanes = 8;
+    double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+    index_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += double(x[i + l]);
+    for (int l = 0; i < n; ++i, ++l) acc[l] += double(x[i]);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// Sum of x[i] * y[i] in double, as sum_double.
+template <typename T>
+inline double dot_double(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y,
+                         index_t n) {
+    constexpr int kLanes = 8;
+    double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
+    index_t i = 0;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] += double(x[i + l]) * double(y[i + l]);
+    for (int l = 0; i < n; ++i, ++l) acc[l] += double(x[i]) * double(y[i]);
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+}
+
+// max of x[0:n], n >= 1 (8 interleaved partial maxima; NaN-agnostic).
+template <typename T>
+inline T max_of(const T* FASTPROP_RESTRICT x, index_t n) {
+    constexpr int kLanes = 8;
+    if (n < kLanes) {
+        T m = x[0];
+        for (index_t i = 1; i < n; ++i) m = fp_max(m, x[i]);
+        return m;
+    }
+    T acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = x[l];
+    index_t i = kLanes;
+    for (; i + kLanes <= n; i += kLanes)
+        for (int l = 0; l < kLanes; ++l) acc[l] = fp_max(acc[l], x[i + l]);
+    T m = acc[0];
+    for (int l = 1; l < kLanes; ++l) m = fp_max(m, acc[l]);
+    for (; i < n; ++i) m = fp_max(m, x[i]);
+    return m;
 }
 
 // ------------------------------------------------------------------ threads

@@ -14,6 +14,7 @@
 // the loss sum is exact to about N * 2^-53 relative.
 #include "isa_common.hpp"
 #include "kernels.hpp"
+#include "vmath.hpp"
 
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
@@ -80,7 +81,7 @@ double bce(index_t count, const T* pred, const T* target, bool from_logits, T* g
             for (index_t i = b; i < e; ++i) {
                 const double x = double(pred[i]), t = double(target[i]);
                 loss += fp_max(x, 0.0) - x * t + fp_log1p(fp_exp(-fp_abs(x)));
-                if (grad != nullptr) grad[i] = T((sigmoid(x) - t) * inv_n);
+                if (grad != nullptr) grad[i] = T((vsigmoid(x) - t) * inv_n);
             }
         } else {
             for (index_t i = b; i < e; ++i) {

@@ -467,6 +467,35 @@ def test_activations_stable_at_extremes(dtype, act):
     close(out, [[.25] * 4, [.25] * 4, [.5, 0, 0, .5]], dtype)
 
 
+def _max_ulp(got, exact, dtype):
+    exact_t = exact.astype(dtype)
+    ulp = np.spacing(np.abs(exact_t)).astype(np.float64)
+    return float(np.max(np.abs(got.astype(np.float64) - exact) / ulp))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_vectorised_exp_and_tanh_accuracy_sweep(dtype):
+    """sigmoid/tanh (vmath.hpp polynomials) within a few ulp over a dense sweep,
+    including tiny arguments, the 0.625 switch of tanh and subnormal results."""
+    x64 = np.concatenate([np.linspace(-120, 120, 480_001), np.linspace(-760, -600, 20_001),
+                          np.linspace(300, 800, 1001), np.geomspace(1e-30, 2.0, 50_001),
+                          -np.geomspace(1e-30, 2.0, 50_001), [0.625, -0.625, 0.0]])
+    x = x64.astype(dtype)
+    x64 = x.astype(np.float64)
+    y = np.empty_like(x)
+    nat.activation_forward(ACTIVATIONS["tanh"], 0.0, x, y)
+    assert _max_ulp(y, np.tanh(x64), dtype) <= 4
+    nat.activation_forward(ACTIVATIONS["sigmoid"], 0.0, x, y)
+    e = np.exp(-np.abs(x64))
+    exact = np.where(x64 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+    normal = exact >= np.finfo(dtype).tiny
+    assert _max_ulp(y[normal], exact[normal], dtype) <= 6
+    # subnormal results: absolute error of a few subnormal steps
+    tiny = np.finfo(dtype).smallest_subnormal
+    assert np.all(np.abs(y[~normal] - exact[~normal]) <= 4 * tiny)
+    assert y.min() >= 0 and y.max() <= 1
+
+
 def test_activation_rejects_bad_arguments(rng):
     x = randn(rng, (4, 3), F32)
     with pytest.raises(ValueError, match="must have the shape of x"):

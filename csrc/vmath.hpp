@@ -1,0 +1,133 @@
+// vmath.hpp - exp and tanh written so that loops calling them vectorise (per ISA).
+//
+// libm's expf/tanhf are scalar calls (8-30 ns each here), which keeps every
+// activation loop scalar.  These branch-free versions use only +, *, /, compares,
+// selects and integer ops on the bit patterns, all of which GCC/Clang vectorise in
+// both ISA units (SSE4.2 and AVX2+FMA); like isa_common.hpp they have internal
+// linkage, so an AVX2 copy never replaces the baseline one.
+//
+// vexp (Cephes expf / exp): x = n ln2 + r, |r| <= ln2/2, with n = round(x log2 e)
+// by the 1.5*2^p "magic number" addition (whose bit pattern then holds n), ln2 split
+// in two parts so r is exact to a few ulp; e^r by a degree-6 polynomial (float) or
+// the Cephes (2,3) Pade form 1 + 2r P/(Q - rP) (double); times 2^n built from bits
+// in two halves (2^(n/2) 2^(n - n/2)), so results are correct down through the
+// subnormal range and overflow to +inf above log(max).  NaN gives NaN.
+//   float: peak relative error ~2e-7 (~2 ulp); double: ~3e-16 (~2 ulp).
+// vtanh: odd polynomial (float; Cephes tanhf) or rational function (double; Cephes
+//   tanh) for |x| < 0.625, else sign(x) (1 - 2 / (e^(2|x|) + 1)), which saturates to
+//   +-1 without overflow trouble (e^(2|x|) = inf gives exactly 1).
+//   float: ~2-3 ulp; double: ~3e-16 relative.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "isa_common.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+inline std::int32_t bits_of(float x) {
+    std::int32_t i;
+    std::memcpy(&i, &x, sizeof i);
+    return i;
+}
+inline std::int64_t bits_of(double x) {
+    std::int64_t i;
+    std::memcpy(&i, &x, sizeof i);
+    return i;
+}
+inline float float_from_bits(std::int32_t i) {
+    float x;
+    std::memcpy(&x, &i, sizeof x);
+    return x;
+}
+inline double double_from_bits(std::int64_t i) {
+    double x;
+    std::memcpy(&x, &i, sizeof x);
+    return x;
+}
+
+inline float vexp(float x) {
+    // Clamp: below -104 the result rounds to 0, above 88.8 it overflows to inf.
+    x = x < -104.0f ? -104.0f : x;
+    x = x > 88.8f ? 88.8f : x;
+    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+    const float t = x * 1.44269504088896341f + kMagic;
+    const float z = t - kMagic;  // round(x log2 e)
+    const std::int32_t n = bits_of(t) - 0x4B400000;
+    float r = x - z * 0.693359375f;
+    r = r - z * -2.12194440e-4f;
+    const float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    const std::int32_t n1 = n >> 1, n2 = n - n1;
+    return p * float_from_bits((n1 + 127) << 23) * float_from_bits((n2 + 127) << 23);
+}
+
+inline double vexp(double x) {
+    x = x < -746.0 ? -746.0 : x;
+    x = x > 709.8 ? 709.8 : x;
+    constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+    const double t = x * 1.4426950408889634073599 + kMagic;
+    const double z = t - kMagic;
+    const std::int64_t n = bits_of(t) - 0x4338000000000000LL;
+    double r = x - z * 6.93145751953125e-1;
+    r = r - z * 1.42860682030941723212e-6;
+    const double r2 = r * r;
+    const double p = r * ((1.26177193074810590878e-4 * r2 + 3.02994407707441961300e-2) * r2 +
+                          9.99999999999999999910e-1);
+    const double q = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 +
+                      2.27265548208155028766e-1) * r2 + 2.00000000000000000009e0;
+    const double e = 1.0 + 2.0 * (p / (q - p));
+    const std::int64_t n1 = n >> 1, n2 = n - n1;
+    return e * double_from_bits((n1 + 1023) << 52) * double_from_bits((n2 + 1023) << 52);
+}
+
+inline float vtanh(float x) {
+    const float ax = x < 0.0f ? -x : x;
+    // |x| < 0.625: x + x^3 P(x^2)
+    const float x2 = x * x;
+    float p = -5.70498872745e-3f;
+    p = p * x2 + 2.06390887954e-2f;
+    p = p * x2 - 5.37397155531e-2f;
+    p = p * x2 + 1.33314422036e-1f;
+    p = p * x2 - 3.33332819422e-1f;
+    const float small = x + x * x2 * p;
+    // otherwise: 1 - 2 / (e^(2|x|) + 1) with the sign of x
+    const float big = 1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f);
+    const float signed_big = x < 0.0f ? -big : big;
+    return ax < 0.625f ? small : signed_big;
+}
+
+inline double vtanh(double x) {
+    const double ax = x < 0.0 ? -x : x;
+    const double x2 = x * x;
+    const double p = (-9.64399179425052238628e-1 * x2 - 9.92877231001918586564e1) * x2 -
+                     1.61468768441708447952e3;
+    const double q = ((x2 + 1.12811678491632931402e2) * x2 + 2.23548839060100448583e3) * x2 +
+                     4.84406305325125486048e3;
+    const double small = x + x * x2 * (p / q);
+    const double big = 1.0 - 2.0 / (vexp(2.0 * ax) + 1.0);
+    const double signed_big = x < 0.0 ? -big : big;
+    return ax < 0.625 ? small : signed_big;
+}
+
+// Logistic sigmoid, stable for any x: e = exp(-|x|) never overflows;
+// 1/(1+e) for x >= 0, e/(1+e) for x < 0.
+template <typename T>
+inline T vsigmoid(T x) {
+    const T e = vexp(-(x < T(0) ? -x : x));
+    const T r = T(1) / (T(1) + e);
+    return x >= T(0) ? r : e * r;
+}
+
+}  // namespace
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop
