@@ -381,10 +381,7 @@ ROWS = [
     R("fit-valdata-empty", lambda c: c.fit(validation_data=(np.empty((0, 4)), np.empty(0, int))),
       ValueError, r"validation_data\[0\] is empty", kernels=True),
     R("fit-batchnorm-last-batch-of-one", lambda c: c.fit(X=c.X[:17], y=c.y[:17], batch_size=4),
-      ValueError, r"BatchNorm1d.*1 sample", kernels=True,
-      xfail="fit trains on the first batches, then BatchNorm1d rejects the last batch of 1 "
-            "sample: the error comes after the model changed (design question: reject up "
-            "front, or merge/skip the short batch)"),
+      ValueError, r"BatchNorm1d.*1 sample", kernels=True),
     R("fit-verbose", lambda c: c.fit(verbose=3), ValueError, r"verbose must be 0, 1 or 2"),
     R("fit-on-nonfinite", lambda c: c.fit(on_nonfinite="ignore"), ValueError, r"on_nonfinite"),
     R("fit-unknown-loss", lambda c: c.fit(loss="hinge"), ValueError, r"unknown loss 'hinge'"),

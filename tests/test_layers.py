@@ -419,3 +419,13 @@ def test_parameter_basics():
     src[0] = 5
     assert q.value[0] == 1  # copied
     assert q.dtype == np.float32
+
+
+def test_gradcheck_batchnorm_eval_mode(backend, rng):
+    """Frozen BatchNorm (eval mode) is an affine map with the running statistics: its
+    backward gives input and parameter gradients (fine-tuning with frozen BN)."""
+    bn = fp.nn.BatchNorm1d(4, momentum=0.5)
+    bn.forward(rng.standard_normal((6, 4)) * 2 + 1)   # move the running statistics
+    bn.weight.value[...] = rng.uniform(0.5, 2.0, 4)
+    bn.eval()
+    assert fp.gradcheck(bn, rng.standard_normal((5, 4)))

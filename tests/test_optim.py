@@ -302,3 +302,34 @@ def test_load_state_dict_rejects_other_optimizer_and_keeps_state(backend, rng):
     with pytest.raises(ValueError, match="parameters"):
         adam.load_state_dict(bad)
     assert snapshot(optimizer=adam) == before
+
+
+def test_setting_a_hyperparameter_takes_effect_and_is_validated(backend):
+    """A learning-rate schedule written as ``opt.lr = ...`` changes the next step."""
+    p = fp.Parameter(np.ones(3))
+    opt = optim.SGD([p], lr=0.1)
+    p.grad[...] = 1.0
+    opt.lr = 0.5
+    opt.step()
+    np.testing.assert_array_equal(p.value, np.full(3, 0.5))
+    assert opt.lr == 0.5 and opt.hyper["lr"] == 0.5
+    with pytest.raises(ValueError, match=r"Invalid lr: -1"):
+        opt.lr = -1
+    assert opt.lr == 0.5
+    adam = optim.Adam([p])
+    with pytest.raises(ValueError, match=r"Invalid beta parameter at index 1"):
+        adam.betas = (0.9, 1.0)
+    sgd = optim.SGD([p], lr=0.1)
+    sgd.momentum = 0.9          # switching momentum on creates its buffer
+    sgd.step()
+    assert "momentum_buffer" in sgd.state[0]
+
+
+def test_load_state_dict_rejects_invalid_hyperparameters():
+    p = fp.Parameter(np.ones(3))
+    opt = optim.Adam([p], lr=0.01)
+    sd = opt.state_dict()
+    sd["hyper"]["lr"] = -0.5
+    with pytest.raises(ValueError, match="Invalid lr"):
+        opt.load_state_dict(sd)
+    assert opt.lr == 0.01

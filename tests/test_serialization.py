@@ -200,3 +200,13 @@ def test_malformed_header_with_valid_checksum_raises_valueerror(tmp_path, header
     path.write_bytes(_craft(raw))
     with pytest.raises(ValueError):
         fp.load(path)
+
+
+def test_saved_file_mode_follows_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        path = tmp_path / "m.fp"
+        fp.save(nn.Dense(2, 2), path)
+        assert (path.stat().st_mode & 0o777) == 0o644
+    finally:
+        os.umask(old)

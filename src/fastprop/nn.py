@@ -469,7 +469,7 @@ class BatchNorm1d(_Norm):
             if n:
                 be.batchnorm_forward_eval(x, self.weight.value, self.bias.value,
                                           self.running_mean, self.running_var, self.eps, y)
-            self._cache = None
+            self._cache = ("eval", x)
             return y
         if n < 2:
             raise ValueError(
@@ -489,7 +489,16 @@ class BatchNorm1d(_Norm):
 
     def backward(self, grad_out, input_grad=True):
         if self._cache is None:
-            raise RuntimeError("BatchNorm1d.backward needs a forward pass in training mode")
+            raise RuntimeError("BatchNorm1d.backward called before forward")
+        if len(self._cache) == 2:
+            # eval mode is an affine map with the running statistics (frozen BN)
+            x = self._cache[1]
+            g = _grad_like(grad_out, x, self).astype(np.float64)
+            inv = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
+            xhat = (x - self.running_mean) * inv
+            self.weight.grad += (g * xhat).sum(axis=0).astype(self._dtype)
+            self.bias.grad += g.sum(axis=0).astype(self._dtype)
+            return (g * (self.weight.value * inv)).astype(self._dtype)
         x, mean, invstd = self._cache
         g = _grad_like(grad_out, x, self)
         grad_x = np.empty_like(x)

@@ -76,6 +76,20 @@ class Optimizer:
             return hyper[name]
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
+    def __setattr__(self, name, value):
+        hyper = self.__dict__.get("hyper")
+        if hyper is not None and name in hyper:
+            # e.g. ``opt.lr = 0.01`` in a schedule: validated as in __init__
+            probe = self._validate({**hyper, name: value})
+            hyper[name] = probe.hyper[name]
+            object.__setattr__(self, "state_names", probe.state_names)
+        else:
+            object.__setattr__(self, name, value)
+
+    def _validate(self, hyper: dict) -> "Optimizer":
+        """Check hyperparameters by building a throwaway optimizer of this type."""
+        return type(self)(self.params, **hyper)
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
         return f"{type(self).__name__}({len(self.params)} params, {args})"
@@ -145,11 +159,18 @@ class Optimizer:
         if len(states) != len(self.params):
             raise ValueError(f"state_dict has state for {len(states)} parameters, "
                              f"the optimizer has {len(self.params)}")
+        hyper = dict(state_dict.get("hyper", self.hyper))
+        if isinstance(hyper.get("betas"), list):
+            hyper["betas"] = tuple(hyper["betas"])
+        try:
+            probe = self._validate(hyper)
+        except TypeError as exc:
+            raise ValueError(f"state_dict has invalid hyperparameters: {exc}") from None
         new = []
         for i, (p, s) in enumerate(zip(self.params, states)):
             entry = {}
             for key, arr in s.items():
-                if key not in self.state_names:
+                if key not in probe.state_names:
                     raise ValueError(f"unexpected state {key!r} for params[{i}]")
                 arr = np.asarray(arr)
                 if arr.shape != p.value.shape:
@@ -157,10 +178,10 @@ class Optimizer:
                                      f"expected {p.value.shape}")
                 entry[key] = np.array(arr, dtype=p.value.dtype, order="C")
             new.append(entry)
-        hyper = dict(state_dict.get("hyper", self.hyper))
         step = int(state_dict.get("step", 0))
         self.state = new
-        self.hyper.update(hyper)
+        self.hyper.update(probe.hyper)
+        self.state_names = probe.state_names
         self.step_count = step
 
 

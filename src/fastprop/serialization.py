@@ -78,6 +78,7 @@ def save(model: Module, path, extra: dict | None = None) -> None:
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
         with os.fdopen(fd, "wb") as f:
             for chunk in (MAGIC, _PREFIX.pack(VERSION, len(header)), header):
                 f.write(chunk)
@@ -96,6 +97,20 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         except OSError:
             pass
         raise
+
+
+def _umask() -> int:
+    """The process umask, read without changing it where /proc allows."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)  # elsewhere: the (briefly racy) set-and-restore
+    os.umask(mask)
+    return mask
 
 
 def _read(path):

@@ -22,7 +22,7 @@ from . import losses as _losses
 from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import NonFiniteError
-from .nn import Activation, Dense, Dropout, Identity, Module, Parameter, Sequential
+from .nn import Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential
 
 __all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
@@ -377,6 +377,14 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if seed is not None:
         for m, s in zip(dropouts, seeds[1:]):
             m.rng = np.random.default_rng(s)
+    n = X.shape[0]
+    if any(isinstance(m, BatchNorm1d) for m in model.modules()):
+        last = n % batch_size or batch_size
+        if min(last, batch_size, n) < 2:
+            raise ValueError(
+                f"BatchNorm1d needs more than 1 sample per batch in training mode: "
+                f"batch_size={batch_size} with {n} training samples leaves a batch of 1 sample; "
+                f"choose another batch_size")
     model._compiled = step
     step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
