@@ -163,6 +163,11 @@ def test_gemm_strided_operand_and_empty_k(rng):
     c = np.empty((7, 3))
     cu.gemm(a, b, c, False, False, False)
     close(c, a @ b, F64, np.abs(a) @ np.abs(b))
+    padded = np.ones((7, 5))
+    with fp.use_backend("cuda"):                # through fp.ops, into a padded-row view
+        fp.ops.matmul(a, b, out=padded[:, :3], accumulate=True)
+    close(padded[:, :3], a @ b + 1, F64, np.abs(a) @ np.abs(b) + 1)
+    assert (padded[:, 3:] == 1).all()
     c = np.ones((2, 3))
     cu.gemm(np.empty((2, 0)), np.empty((0, 3)), c, False, False, True)
     assert (c == 1).all()
