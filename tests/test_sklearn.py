@@ -52,7 +52,7 @@ def _available_backends():
     try:
         fastprop.backends.load("native")
         names.append("native")
-    except fastprop.BackendUnavailableError:
+    except Exception:  # not built, or (editable install) a rebuild that failed
         pass
     return names
 

@@ -111,18 +111,19 @@ def _kernel_array(a, dtype):
 
 # --------------------------------------------------------------------------- network
 class _Workspace:
-    """Buffers for a batch of ``m`` rows: the gathered inputs/targets/weights, every
-    layer's output ``a[i + 1]``, the gradient ``g[i + 1]`` with respect to it, and the
-    activation-derivative scratch ``work[i]`` the kernel contract asks for."""
+    """Buffers for a batch of ``m`` rows: every layer's output ``a[i + 1]``, the
+    gradient ``g[i + 1]`` with respect to it, the activation-derivative scratch
+    ``work[i]`` the kernel contract asks for, and (with ``gather``, for shuffled
+    batches) the rows of inputs ``x``, targets ``t`` and sample weights ``sw``."""
 
     __slots__ = ("m", "x", "t", "sw", "a", "g", "work")
 
-    def __init__(self, net, m, n_features, target_shape, target_dtype, weighted):
+    def __init__(self, net, m, n_features, target_shape, target_dtype, weighted, gather):
         dt = net.dtype
         self.m = m
-        self.x = None if net.sparse else np.empty((m, n_features), dt)
-        self.t = np.empty((m,) + target_shape, target_dtype)
-        self.sw = np.empty(m, dt) if weighted else None
+        self.x = np.empty((m, n_features), dt) if gather and not net.sparse else None
+        self.t = np.empty((m,) + target_shape, target_dtype) if gather else None
+        self.sw = np.empty(m, dt) if gather and weighted else None
         self.a = [None] + [np.empty((m, u), dt) for u in net.units[1:]]
         self.g = [None] + [np.empty((m, u), dt) for u in net.units[1:]]
         self.work = [None if act == 0 else np.empty((m, u), dt)
@@ -181,10 +182,10 @@ class _Network:
                                      f"layer sizes {self.units} (hidden_layer_sizes changed?)")
                 d[...] = s
 
-    def workspace(self, m, n_features, target_shape, target_dtype, weighted):
+    def workspace(self, m, n_features, target_shape, target_dtype, weighted, gather):
         ws = self._workspaces.get(m)
         if ws is None:
-            ws = _Workspace(self, m, n_features, target_shape, target_dtype, weighted)
+            ws = _Workspace(self, m, n_features, target_shape, target_dtype, weighted, gather)
             self._workspaces[m] = ws
         return ws
 
@@ -229,8 +230,10 @@ class _Network:
         return loss, sw_sum
 
     def _data_loss(self, be, z, t, sw, grad):
-        """scikit-learn's data loss of output pre-activations ``z``; writes its
-        gradient with respect to ``z`` (times the batch's sample count) into ``grad``."""
+        """scikit-learn's data loss of output pre-activations ``z``; writes its output
+        delta ``(p - y) * sw / sum(sw)`` into ``grad``.  (That is the loss's gradient,
+        except for squared error with k > 1 outputs: scikit-learn averages that loss
+        over outputs but not its gradient, which is k times larger; kept as is.)"""
         kind = self.out_activation
         if sw is not None or kind == "exp":
             return _reference_loss(kind, z, t, sw, grad)
@@ -528,7 +531,7 @@ class _BaseMLP(BaseEstimator):
     def _fit_lbfgs(self, be, net, X, y, sample_weight):
         T = self._targets(y, net.dtype)
         target_shape = T.shape[1:]
-        ws = net.workspace(X.shape[0], X.shape[1], target_shape, T.dtype, False)
+        ws = net.workspace(X.shape[0], X.shape[1], target_shape, T.dtype, False, False)
         alpha, n_coef = self.alpha, net.n_coef
 
         def loss_grad(theta):
@@ -600,7 +603,8 @@ class _BaseMLP(BaseEstimator):
         spaces = {}
         for sl in batches[:1] + batches[-1:]:
             m = sl.stop - sl.start
-            spaces[m] = net.workspace(m, X_train.shape[1], T.shape[1:], T.dtype, weighted)
+            spaces[m] = net.workspace(m, X_train.shape[1], T.shape[1:], T.dtype, weighted,
+                                      self.shuffle)
 
         alpha, do_shuffle, sparse = self.alpha, self.shuffle, net.sparse
         try:
