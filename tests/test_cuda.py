@@ -193,6 +193,53 @@ def test_gemm_gpu_tiles(tiles, shape, trans, rng):
     close(c.copy_to_host(), want, F64, np.abs(a.T if ta else a) @ np.abs(b.T if tb else b))
 
 
+@pytest.mark.slow
+def test_gpu_geometry_reductions(monkeypatch, rng):
+    """The GPU launch geometry of the reduction kernels (256-thread blocks, 32 x 8
+    column blocks, row blocks of 32 and more) on tiny shapes: losses, the fused
+    activation-gradient + bias-gradient kernel, normalization."""
+    gpu = K.Geometry(K.GEOMETRY.large, K.GEOMETRY.small, K.GEOMETRY.narrow, threads=256,
+                     max_blocks=2, reduce=256, partials=2, col_block=(32, 8), row_min=32, sms=1)
+    monkeypatch.setattr(K, "GEOMETRY", gpu)
+    factories = (K.kernels, K.reductions, K.norms, K._finish_kernel)
+    for f in factories:
+        f.cache_clear()
+    try:
+        # one block per launch where possible: 256-thread blocks are slow to simulate
+        logits, labels = randn(rng, (2, 40), F64), rng.integers(0, 40, 2)
+        grad, want_grad = np.empty_like(logits), np.empty_like(logits)
+        close(cu.softmax_xent(logits, labels, None, grad),
+              ref.softmax_xent(logits, labels, None, want_grad), F64, factor=10)
+        close(grad, want_grad, F64)
+        pred, target = randn(rng, (8, 30), F64), randn(rng, (8, 30), F64)
+        close(cu.mse(pred, target, False, None), ref.mse(pred, target, False, None), F64,
+              factor=10)
+        x, w, b = randn(rng, (8, 4), F64), randn(rng, (4, 30), F64), randn(rng, 30, F64)
+        y, gb = np.empty((8, 30)), np.zeros(30)
+        cu.linear_forward(x, w, b, ACTIVATIONS["relu"], 0.0, y, None)
+        g = randn(rng, (8, 30), F64)
+        dy, dg, dgb = (_numba_cuda.to_device(a) for a in (y, g, gb))
+        dwork = _numba_cuda.device_array((8, 30), np.float64)
+        K.act_grad_colsum(dg, None, dy, ACTIVATIONS["relu"], 0.0, dwork, dgb, True)
+        close(dwork.copy_to_host(), g * (y > 0), F64)
+        close(dgb.copy_to_host(), (g * (y > 0)).sum(0), F64, np.abs(g).sum(0))
+        xs = randn(rng, (8, 30), F64)
+        gamma, beta = randn(rng, 30, F64), randn(rng, 30, F64)
+        for kind, stats in (("batchnorm", 30), ("layernorm", 8)):
+            res = []
+            for be in (cu, ref):
+                out, mean, inv = np.empty_like(xs), np.empty(stats), np.empty(stats)
+                getattr(be, f"{kind}_forward")(xs, gamma, beta, 1e-5, out, mean, inv)
+                gx, gg, gbeta = np.empty_like(xs), np.zeros(30), np.zeros(30)
+                getattr(be, f"{kind}_backward")(g, xs, gamma, mean, inv, gx, gg, gbeta)
+                res.append((out, mean, inv, gx, gg, gbeta))
+            for a, e in zip(*res):
+                close(a, e, F64, np.abs(e).max(), factor=10, what=kind)
+    finally:
+        for f in factories:
+            f.cache_clear()
+
+
 # ------------------------------------------------------------------ dense layer
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
 @pytest.mark.parametrize("act", list(ACTIVATIONS))

@@ -90,6 +90,7 @@ class Geometry(NamedTuple):
     reduce: int        # block size (power of two) of reduction kernels = shared array size
     partials: int      # most blocks of a partial-sum kernel
     col_block: tuple   # (CX, CY) of the column-sum kernel
+    row_min: int       # smallest block (power of two) of a row kernel
     sms: int           # multiprocessors (block-count targets)
 
 
@@ -100,7 +101,8 @@ def _geometry() -> Geometry:
     if SIMULATOR:
         t = Tiles(8, 8, 4, 2, 2)
         return Geometry({_F32: t, _F64: t}, {_F32: t, _F64: t}, Tiles(8, 4, 4, 2, 1),
-                        threads=16, max_blocks=4, reduce=8, partials=4, col_block=(4, 2), sms=1)
+                        threads=16, max_blocks=4, reduce=8, partials=4, col_block=(4, 2),
+                        row_min=2, sms=1)
     try:
         sms = int(cuda.get_current_device().MULTIPROCESSOR_COUNT)
     except Exception:  # pragma: no cover - depends on the driver
@@ -108,7 +110,7 @@ def _geometry() -> Geometry:
     small = Tiles(64, 64, 8, 4, 4)
     return Geometry({_F32: Tiles(128, 128, 8, 8, 8), _F64: small}, {_F32: small, _F64: small},
                     Tiles(64, 16, 16, 4, 1), threads=256, max_blocks=32 * sms, reduce=256,
-                    partials=1024, col_block=(32, 8), sms=sms)
+                    partials=1024, col_block=(32, 8), row_min=32, sms=sms)
 
 
 GEOMETRY = _geometry()
@@ -118,8 +120,9 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def choose_tiles(dtype, m, n, geometry=GEOMETRY) -> Tiles:
+def choose_tiles(dtype, m, n, geometry=None) -> Tiles:
     """Large tiles when they still give every SM a block, narrow ones for thin outputs."""
+    geometry = geometry or GEOMETRY
     if n <= geometry.narrow.bn:
         return geometry.narrow
     big = geometry.large[dtype]
@@ -852,7 +855,7 @@ def _partial_blocks(size):
 
 def _row_threads(c):
     """Power-of-two block size for a row kernel on rows of c elements."""
-    t = 32 if not SIMULATOR else 2
+    t = GEOMETRY.row_min
     while t < c and t < GEOMETRY.reduce:
         t *= 2
     return min(t, GEOMETRY.reduce)
