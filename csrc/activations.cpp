@@ -73,14 +73,14 @@ void activation_forward(int act, double alpha, index_t rows, index_t cols, const
     const index_t size = rows * cols;
     if (size <= 0) return;
     if (act == kSoftmax) {
-        parallel_for(rows, row_grain(cols, kExpGrain), [&](index_t r0, index_t r1) {
+        parallel_for(rows, row_grain(cols, kExpGrain), [=](index_t r0, index_t r1) {
             softmax_rows(r0, r1, cols, x, y);
         });
         return;
     }
-    const T a = T(alpha);
     const bool cheap = act == kIdentity || act == kRelu || act == kLeakyRelu;
-    parallel_for(size, cheap ? kElementGrain : kExpGrain, [&](index_t i0, index_t i1) {
+    parallel_for(size, cheap ? kElementGrain : kExpGrain, [=](index_t i0, index_t i1) {
+        const T a = T(alpha);  // a local: a captured T could alias the stores to y
         switch (act) {
             case kIdentity:
                 if (x != y)
@@ -113,13 +113,13 @@ void activation_backward(int act, double alpha, index_t rows, index_t cols, cons
     const index_t size = rows * cols;
     if (size <= 0) return;
     if (act == kSoftmax) {
-        parallel_for(rows, row_grain(cols, kElementGrain), [&](index_t r0, index_t r1) {
+        parallel_for(rows, row_grain(cols, kElementGrain), [=](index_t r0, index_t r1) {
             softmax_backward_rows(r0, r1, cols, gy, y, gx);
         });
         return;
     }
-    const T a = T(alpha);
-    parallel_for(size, act == kGelu ? kExpGrain : kElementGrain, [&](index_t i0, index_t i1) {
+    parallel_for(size, act == kGelu ? kExpGrain : kElementGrain, [=](index_t i0, index_t i1) {
+        const T a = T(alpha);  // a local: a captured T could alias the stores to gx
         switch (act) {
             case kIdentity:
                 if (gx != gy)

@@ -93,30 +93,36 @@ inline double fp_abs(double x) { return ::fabs(x); }
 #endif
 
 // ------------------------------------------------------------------ row helpers
-// Sum of x[0:n] in double over 8 interleaved partial sums (vectorisable; a fixed,
-// deterministic order whose rounding error grows like n/8 instead of n).
-template <typename T>
-inline double sum_double(const T* FASTPROP_RESTRICT x, index_t n) {
-    constexpr int kLanes = 8;
-    double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-    index_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += double(x[i + l]);
-    for (int l = 0; i < n; ++i, ++l) acc[l] += double(x[i]);
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+// Sum over i in [b, e) of term(i) (a double), in 16 interleaved partial sums combined
+// pairwise: vectorisable (the lanes are independent), enough independent chains
+// to hide the add latency, deterministic, and the rounding error grows like
+// n/16 + log2(16) instead of n.
+constexpr int kSumLanes = 16;
+
+template <typename F>
+inline double lane_sum(index_t b, index_t e, F term) {
+    double acc[kSumLanes];
+    for (int l = 0; l < kSumLanes; ++l) acc[l] = 0.0;
+    index_t i = b;
+    for (; i + kSumLanes <= e; i += kSumLanes)
+        for (int l = 0; l < kSumLanes; ++l) acc[l] += term(i + l);
+    for (int l = 0; i < e; ++i, ++l) acc[l] += term(i);
+    for (int w = kSumLanes / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
+    return acc[0];
 }
 
-// Sum of x[i] * y[i] in double, as sum_double.
+// Sum of x[0:n] in double.
+template <typename T>
+inline double sum_double(const T* FASTPROP_RESTRICT x, index_t n) {
+    return lane_sum(0, n, [x](index_t i) { return double(x[i]); });
+}
+
+// Sum of x[i] * y[i] in double.
 template <typename T>
 inline double dot_double(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y,
                          index_t n) {
-    constexpr int kLanes = 8;
-    double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-    index_t i = 0;
-    for (; i + kLanes <= n; i += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += double(x[i + l]) * double(y[i + l]);
-    for (int l = 0; i < n; ++i, ++l) acc[l] += double(x[i]) * double(y[i]);
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+    return lane_sum(0, n, [x, y](index_t i) { return double(x[i]) * double(y[i]); });
 }
 
 // max of x[0:n], n >= 1 (8 interleaved partial maxima; NaN-agnostic).

@@ -19,7 +19,7 @@ template <typename T>
 void add_bias_rows(index_t n, index_t out, const T* FASTPROP_RESTRICT b,
                    T* FASTPROP_RESTRICT z) {
     const index_t grain = fp_max<index_t>(1, kElementGrain / fp_max<index_t>(out, 1));
-    parallel_for(n, grain, [&](index_t r0, index_t r1) {
+    parallel_for(n, grain, [=](index_t r0, index_t r1) {
         for (index_t r = r0; r < r1; ++r) {
             T* zr = z + r * out;
             for (index_t j = 0; j < out; ++j) zr[j] += b[j];

@@ -25,7 +25,7 @@ double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* l
     if (n <= 0 || c <= 0) return 0.0;
     const double inv_n = 1.0 / double(n);
     const index_t grain = fp_max<index_t>(1, kExpGrain / c);
-    const double total = parallel_sum(n, grain, [&](index_t r0, index_t r1) {
+    const double total = parallel_sum(n, grain, [=](index_t r0, index_t r1) {
         double loss = 0.0;
         for (index_t r = r0; r < r1; ++r) {
             const T* x = logits + r * c;
@@ -75,7 +75,7 @@ template <typename T>
 double bce(index_t count, const T* pred, const T* target, bool from_logits, T* grad) {
     if (count <= 0) return 0.0;
     const double inv_n = 1.0 / double(count);
-    const double total = parallel_sum(count, kExpGrain, [&](index_t b, index_t e) {
+    const double total = parallel_sum(count, kExpGrain, [=](index_t b, index_t e) {
         double loss = 0.0;
         if (from_logits) {
             for (index_t i = b; i < e; ++i) {
@@ -103,24 +103,16 @@ double mse(index_t count, const T* pred, const T* target, bool half, T* grad) {
     if (count <= 0) return 0.0;
     const double scale = half ? 0.5 : 1.0;
     const double gscale = 2.0 * scale / double(count);
-    const double total = parallel_sum(count, kElementGrain, [&](index_t b, index_t e) {
-        constexpr int kLanes = 8;
-        double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-        index_t i = b;
-        for (; i + kLanes <= e; i += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-                const double d = double(pred[i + l]) - double(target[i + l]);
-                acc[l] += d * d;
-            }
-        }
-        for (int l = 0; i < e; ++i, ++l) {
+    const double total = parallel_sum(count, kElementGrain, [=](index_t b, index_t e) {
+        const double part = lane_sum(b, e, [pred, target](index_t i) {
             const double d = double(pred[i]) - double(target[i]);
-            acc[l] += d * d;
+            return d * d;
+        });
+        if (grad != nullptr) {
+            const double gs = gscale;  // a local: a captured double could alias grad
+            for (index_t j = b; j < e; ++j) grad[j] = T((double(pred[j]) - double(target[j])) * gs);
         }
-        if (grad != nullptr)
-            for (index_t j = b; j < e; ++j)
-                grad[j] = T((double(pred[j]) - double(target[j])) * gscale);
-        return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        return part;
     });
     return scale * total / double(count);
 }

@@ -70,7 +70,7 @@ void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T
                        double eps, T* y, T* mean, T* invstd) {
     if (n <= 0 || f <= 0) return;
     const double inv_n = 1.0 / double(n);
-    for_each_strip(n, f, [&](index_t j0, index_t w) {
+    for_each_strip(n, f, [=](index_t j0, index_t w) {
         double mu[kStrip], inv[kStrip];
         for (index_t j = 0; j < w; ++j) mu[j] = inv[j] = 0.0;
         for (index_t r = 0; r < n; ++r) {
@@ -104,7 +104,7 @@ template <typename T>
 void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                             const T* running_mean, const T* running_var, double eps, T* y) {
     if (n <= 0 || f <= 0) return;
-    for_each_strip(n, f, [&](index_t j0, index_t w) {
+    for_each_strip(n, f, [=](index_t j0, index_t w) {
         double scale[kStrip], shift[kStrip], rm[kStrip];
         for (index_t j = 0; j < w; ++j) {
             scale[j] = double(gamma[j0 + j]) / fp_sqrt(double(running_var[j0 + j]) + eps);
@@ -125,7 +125,7 @@ void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
                         T* grad_beta) {
     if (n <= 0 || f <= 0) return;
     const double dn = double(n);
-    for_each_strip(n, f, [&](index_t j0, index_t w) {
+    for_each_strip(n, f, [=](index_t j0, index_t w) {
         double mu[kStrip], inv[kStrip], sg[kStrip], sgx[kStrip], coef[kStrip];
         for (index_t j = 0; j < w; ++j) {
             mu[j] = double(mean[j0 + j]);
@@ -163,7 +163,7 @@ void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T
                        double eps, T* y, T* mean, T* invstd) {
     if (n <= 0 || f <= 0) return;
     const double inv_f = 1.0 / double(f);
-    parallel_for(n, row_grain(f), [&](index_t r0, index_t r1) {
+    parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
         for (index_t r = r0; r < r1; ++r) {
             const T* xr = x + r * f;
             T* yr = y + r * f;
@@ -191,11 +191,11 @@ void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
     if (n <= 0 || f <= 0) return;
     const double df = double(f);
     // grad_gamma / grad_beta: column sums over the rows, strip by strip.
-    for_each_strip(n, f, [&](index_t j0, index_t w) {
+    for_each_strip(n, f, [=](index_t j0, index_t w) {
         layernorm_affine_grads(n, f, j0, w, grad_y, x, mean, invstd, grad_gamma, grad_beta);
     });
     // grad_x: row by row.
-    parallel_for(n, row_grain(f), [&](index_t r0, index_t r1) {
+    parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
         for (index_t r = r0; r < r1; ++r) {
             const T* gr = grad_y + r * f;
             const T* xr = x + r * f;

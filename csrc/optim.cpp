@@ -25,6 +25,69 @@ inline double pow_int(double base, std::int64_t e) {  // base^e, e >= 0, by squa
     return r;
 }
 
+// The element loops, one instantiation per variant (template flags), so that no
+// test is left in the vectorised body.  kDecay: L2 weight decay g + wd p.
+// kMode: 0 no momentum, 1 momentum, first step (buf = g), 2 momentum,
+// +2: Nesterov (3 first step, 4 later steps).
+template <typename T, bool kDecay, int kMode>
+void sgd_range(index_t b, index_t e, T* p, const T* g, T* buf, T lr, T mom, T wd) {
+    for (index_t i = b; i < e; ++i) {
+        T d = kDecay ? g[i] + wd * p[i] : g[i];
+        if (kMode != 0) {
+            const T bi = (kMode == 1 || kMode == 3) ? d : mom * buf[i] + d;
+            buf[i] = bi;
+            d = kMode >= 3 ? d + mom * bi : bi;
+        }
+        p[i] -= lr * d;
+    }
+}
+
+// kDecay: 0 none, 1 decoupled (p *= shrink), 2 L2 (g += wd p); `decay` is shrink
+// or wd accordingly.
+template <typename T, int kDecay>
+void adam_range(index_t b, index_t e, T* p, const T* g, T* m, T* v, T b1, T b2, T one_b1,
+                T one_b2, T step_size, T c2, T eps, T decay) {
+    for (index_t i = b; i < e; ++i) {
+        T pi = p[i];
+        T gi = g[i];
+        if (kDecay == 1) pi *= decay;
+        if (kDecay == 2) gi = gi + decay * pi;
+        const T mi = b1 * m[i] + one_b1 * gi;
+        const T vi = b2 * v[i] + one_b2 * gi * gi;
+        m[i] = mi;
+        v[i] = vi;
+        p[i] = pi - step_size * mi / (fp_sqrt(vi) / c2 + eps);
+    }
+}
+
+template <typename T, bool kDecay, bool kMomentum>
+void rmsprop_range(index_t b, index_t e, T* p, const T* g, T* s, T* buf, T lr, T a, T one_a,
+                   T eps, T mom, T wd) {
+    for (index_t i = b; i < e; ++i) {
+        const T gi = kDecay ? g[i] + wd * p[i] : g[i];
+        const T si = a * s[i] + one_a * gi * gi;
+        s[i] = si;
+        const T avg = fp_sqrt(si) + eps;
+        if (kMomentum) {
+            const T bi = mom * buf[i] + gi / avg;
+            buf[i] = bi;
+            p[i] -= lr * bi;
+        } else {
+            p[i] -= lr * gi / avg;
+        }
+    }
+}
+
+template <typename T, bool kDecay>
+void adagrad_range(index_t b, index_t e, T* p, const T* g, T* sum, T lr, T eps, T wd) {
+    for (index_t i = b; i < e; ++i) {
+        const T gi = kDecay ? g[i] + wd * p[i] : g[i];
+        const T si = sum[i] + gi * gi;
+        sum[i] = si;
+        p[i] -= lr * gi / (fp_sqrt(si) + eps);
+    }
+}
+
 }  // namespace
 
 template <typename T>
@@ -33,15 +96,19 @@ void sgd_update(index_t size, T* p, const T* g, T* buf, double lr, double moment
     const T tlr = T(lr), mom = T(momentum), wd = T(weight_decay);
     const bool use_wd = weight_decay != 0.0;
     const bool use_mom = momentum != 0.0 && buf != nullptr;
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
-        for (index_t i = b; i < e; ++i) {
-            T d = use_wd ? g[i] + wd * p[i] : g[i];
-            if (use_mom) {
-                const T bi = first ? d : mom * buf[i] + d;
-                buf[i] = bi;
-                d = nesterov ? d + mom * bi : bi;
-            }
-            p[i] -= tlr * d;
+    const int mode = !use_mom ? 0 : (first ? 1 : 2) + (nesterov ? 2 : 0);
+    parallel_for(size, kElementGrain, [=](index_t b, index_t e) {
+        switch (mode + (use_wd ? 5 : 0)) {
+            case 0: sgd_range<T, false, 0>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 1: sgd_range<T, false, 1>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 2: sgd_range<T, false, 2>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 3: sgd_range<T, false, 3>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 4: sgd_range<T, false, 4>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 5: sgd_range<T, true, 0>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 6: sgd_range<T, true, 1>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 7: sgd_range<T, true, 2>(b, e, p, g, buf, tlr, mom, wd); break;
+            case 8: sgd_range<T, true, 3>(b, e, p, g, buf, tlr, mom, wd); break;
+            default: sgd_range<T, true, 4>(b, e, p, g, buf, tlr, mom, wd); break;
         }
     });
 }
@@ -56,22 +123,14 @@ void adam_update(index_t size, T* p, const T* g, T* m, T* v, std::int64_t step, 
     const T b1 = T(beta1), b2 = T(beta2), one_b1 = T(1.0 - beta1), one_b2 = T(1.0 - beta2);
     const T wd = T(weight_decay), shrink = T(1.0 - lr * weight_decay);
     const bool use_wd = weight_decay != 0.0;
-    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
-        for (index_t i = b; i < e; ++i) {
-            T pi = p[i];
-            T gi = g[i];
-            if (use_wd) {
-                if (decoupled)
-                    pi *= shrink;
-                else
-                    gi = gi + wd * pi;
-            }
-            const T mi = b1 * m[i] + one_b1 * gi;
-            const T vi = b2 * v[i] + one_b2 * gi * gi;
-            m[i] = mi;
-            v[i] = vi;
-            p[i] = pi - step_size * mi / (fp_sqrt(vi) / c2 + teps);
-        }
+    parallel_for(size, kMathGrain, [=](index_t b, index_t e) {
+        if (use_wd && decoupled)
+            adam_range<T, 1>(b, e, p, g, m, v, b1, b2, one_b1, one_b2, step_size, c2, teps,
+                             shrink);
+        else if (use_wd)
+            adam_range<T, 2>(b, e, p, g, m, v, b1, b2, one_b1, one_b2, step_size, c2, teps, wd);
+        else
+            adam_range<T, 0>(b, e, p, g, m, v, b1, b2, one_b1, one_b2, step_size, c2, teps, wd);
     });
 }
 
@@ -82,20 +141,16 @@ void rmsprop_update(index_t size, T* p, const T* g, T* square_avg, T* buf, doubl
     const T mom = T(momentum), wd = T(weight_decay);
     const bool use_wd = weight_decay != 0.0;
     const bool use_mom = momentum > 0.0 && buf != nullptr;
-    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
-        for (index_t i = b; i < e; ++i) {
-            const T gi = use_wd ? g[i] + wd * p[i] : g[i];
-            const T si = a * square_avg[i] + one_a * gi * gi;
-            square_avg[i] = si;
-            const T avg = fp_sqrt(si) + teps;
-            if (use_mom) {
-                const T bi = mom * buf[i] + gi / avg;
-                buf[i] = bi;
-                p[i] -= tlr * bi;
-            } else {
-                p[i] -= tlr * gi / avg;
-            }
-        }
+    parallel_for(size, kMathGrain, [=](index_t b, index_t e) {
+        T* s = square_avg;
+        if (use_wd && use_mom)
+            rmsprop_range<T, true, true>(b, e, p, g, s, buf, tlr, a, one_a, teps, mom, wd);
+        else if (use_wd)
+            rmsprop_range<T, true, false>(b, e, p, g, s, buf, tlr, a, one_a, teps, mom, wd);
+        else if (use_mom)
+            rmsprop_range<T, false, true>(b, e, p, g, s, buf, tlr, a, one_a, teps, mom, wd);
+        else
+            rmsprop_range<T, false, false>(b, e, p, g, s, buf, tlr, a, one_a, teps, mom, wd);
     });
 }
 
@@ -104,13 +159,11 @@ void adagrad_update(index_t size, T* p, const T* g, T* sum, double lr, double ep
                     double weight_decay) {
     const T tlr = T(lr), teps = T(eps), wd = T(weight_decay);
     const bool use_wd = weight_decay != 0.0;
-    parallel_for(size, kMathGrain, [&](index_t b, index_t e) {
-        for (index_t i = b; i < e; ++i) {
-            const T gi = use_wd ? g[i] + wd * p[i] : g[i];
-            const T si = sum[i] + gi * gi;
-            sum[i] = si;
-            p[i] -= tlr * gi / (fp_sqrt(si) + teps);
-        }
+    parallel_for(size, kMathGrain, [=](index_t b, index_t e) {
+        if (use_wd)
+            adagrad_range<T, true>(b, e, p, g, sum, tlr, teps, wd);
+        else
+            adagrad_range<T, false>(b, e, p, g, sum, tlr, teps, wd);
     });
 }
 

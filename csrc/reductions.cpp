@@ -1,9 +1,9 @@
 // reductions.cpp - sum of squares, in-place scale and clip, column sums (per ISA).
 //
-// sum_squares: sum of x^2 accumulated in double over 8 interleaved partial sums
-//   (a vectorisable, deterministic order that also halves the rounding error
-//   growth), one chunk per thread above 256k elements, partials combined in order.
-//   Relative error about (size/8) * 2^-53 in the worst case.
+// sum_squares: sum of x^2 accumulated in double over 16 interleaved partial sums
+//   (isa_common.hpp lane_sum: vectorisable, deterministic, error growth ~size/16),
+//   one chunk per thread above 256k elements, partials combined in order.
+//   Relative error about (size/16) * 2^-53 in the worst case.
 // scale / clip: one pass, in place; clip keeps NaN (min(max(x, lo), hi)).
 // column_sums: sums[j] (+)= sum_i x[i, j], accumulated in double in a stack buffer
 //   over 256-column strips, rows in order (the bias gradient of a dense layer).
@@ -16,20 +16,10 @@ namespace {
 
 template <typename T>
 double sum_squares_chunk(const T* FASTPROP_RESTRICT x, index_t begin, index_t end) {
-    constexpr int kLanes = 8;
-    double acc[kLanes] = {0, 0, 0, 0, 0, 0, 0, 0};
-    index_t i = begin;
-    for (; i + kLanes <= end; i += kLanes) {
-        for (int l = 0; l < kLanes; ++l) {
-            const double v = double(x[i + l]);
-            acc[l] += v * v;
-        }
-    }
-    for (int l = 0; i < end; ++i, ++l) {
+    return lane_sum(begin, end, [x](index_t i) {
         const double v = double(x[i]);
-        acc[l] += v * v;
-    }
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+        return v * v;
+    });
 }
 
 }  // namespace
@@ -37,7 +27,7 @@ double sum_squares_chunk(const T* FASTPROP_RESTRICT x, index_t begin, index_t en
 template <typename T>
 double sum_squares(index_t size, const T* x) {
     if (size <= 0) return 0.0;
-    return parallel_sum(size, kElementGrain, [&](index_t b, index_t e) {
+    return parallel_sum(size, kElementGrain, [=](index_t b, index_t e) {
         return sum_squares_chunk(x, b, e);
     });
 }
@@ -45,7 +35,7 @@ double sum_squares(index_t size, const T* x) {
 template <typename T>
 void scale(index_t size, T* x, double factor) {
     const T f = T(factor);
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
+    parallel_for(size, kElementGrain, [=](index_t b, index_t e) {
         for (index_t i = b; i < e; ++i) x[i] *= f;
     });
 }
@@ -53,7 +43,7 @@ void scale(index_t size, T* x, double factor) {
 template <typename T>
 void clip(index_t size, T* x, double lo, double hi) {
     const T l = T(lo), h = T(hi);
-    parallel_for(size, kElementGrain, [&](index_t b, index_t e) {
+    parallel_for(size, kElementGrain, [=](index_t b, index_t e) {
         for (index_t i = b; i < e; ++i) {
             T v = x[i];
             v = v < l ? l : v;

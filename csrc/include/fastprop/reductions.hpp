@@ -1,5 +1,5 @@
 // fastprop/reductions.hpp - whole-tensor reductions and in-place maps used by
-// gradient clipping: sum of squares (accumulated in double, 8 interleaved partial
+// gradient clipping: sum of squares (accumulated in double, 16 interleaved partial
 // sums per thread, combined in a fixed order), scale and clip in place.
 #pragma once
 
