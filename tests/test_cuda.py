@@ -606,8 +606,8 @@ def test_make_train_step_declines_what_it_cannot_run():
 
 
 def test_python_path_on_cuda_matches_numpy(rng):
-    """A model the device step cannot run (Dropout(p>0) in eval-free training falls back
-    to the layers' own forward/backward) still trains through the cuda host kernels."""
+    """A model the device step cannot run (a LayerNorm in the chain) falls back to the
+    layers' own forward/backward, which run on the cuda host kernels."""
     X, y = randn(rng, (4, 3), F64), rng.integers(0, 2, 4)
     results = []
     for device in ("cpu", "cuda"):
