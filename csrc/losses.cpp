@@ -3,6 +3,8 @@
 //
 // Algorithm: one parallel pass over rows (softmax_xent) or elements (bce, mse);
 // per-thread loss partials summed in double and combined in thread order.
+// softmax_xent vectorises (vmath.hpp exp in double, 16-lane row sums); bce calls
+// libm log/log1p/exp per element (it is evaluated on the network output only).
 //   softmax_xent: per row m = max x, s = sum exp(x - m) (double), lse = log s;
 //     loss_i = lse - (x_label - m) or -sum_j t_j ((x_j - m) - lse);
 //     grad = (exp(x - m) / s - t) / n.  Never overflows: every exponent is <= 0.
@@ -19,6 +21,49 @@
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
 
+namespace {
+
+// One row of softmax cross-entropy: returns the row's loss and, when g is not null,
+// writes its gradient (already divided by n).  label: pointer to the class id, or
+// null when t (the target row) is given.
+template <typename T>
+double xent_row(index_t c, const T* x, const std::int64_t* label, const T* t, T* g,
+                double inv_n) {
+    const double m = double(max_of(x, c));
+    double s;
+    if (g != nullptr) {  // e_j = exp(x_j - m) kept in g until the sum is known
+        s = lane_sum(0, c, [x, g, m](index_t j) {
+            const double e = vexp(double(x[j]) - m);
+            g[j] = T(e);
+            return e;
+        });
+    } else {
+        s = lane_sum(0, c, [x, m](index_t j) { return vexp(double(x[j]) - m); });
+    }
+    const double lse = fp_log(s);
+    double loss;
+    if (label != nullptr) {
+        loss = lse - (double(x[*label]) - m);
+    } else {
+        loss = -lane_sum(0, c, [x, t, m, lse](index_t j) {
+            return double(t[j]) * ((double(x[j]) - m) - lse);
+        });
+    }
+    if (g != nullptr) {
+        const double scale = inv_n / s;
+        if (label != nullptr) {
+            for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * scale);
+            const index_t l = *label;
+            g[l] = T((vexp(double(x[l]) - m) / s - 1.0) * inv_n);
+        } else {
+            for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * scale - double(t[j]) * inv_n);
+        }
+    }
+    return loss;
+}
+
+}  // namespace
+
 template <typename T>
 double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* labels,
                     const T* targets, T* grad) {
@@ -27,45 +72,10 @@ double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* l
     const index_t grain = fp_max<index_t>(1, kExpGrain / c);
     const double total = parallel_sum(n, grain, [=](index_t r0, index_t r1) {
         double loss = 0.0;
-        for (index_t r = r0; r < r1; ++r) {
-            const T* x = logits + r * c;
-            T mx = x[0];
-            for (index_t j = 1; j < c; ++j) mx = fp_max(mx, x[j]);
-            const double m = double(mx);
-            double s = 0.0;
-            if (grad != nullptr) {
-                T* g = grad + r * c;
-                for (index_t j = 0; j < c; ++j) {
-                    const double e = fp_exp(double(x[j]) - m);
-                    g[j] = T(e);
-                    s += e;
-                }
-            } else {
-                for (index_t j = 0; j < c; ++j) s += fp_exp(double(x[j]) - m);
-            }
-            const double lse = fp_log(s);
-            if (labels != nullptr) {
-                loss += lse - (double(x[labels[r]]) - m);
-            } else {
-                const T* t = targets + r * c;
-                double row = 0.0;
-                for (index_t j = 0; j < c; ++j) row -= double(t[j]) * ((double(x[j]) - m) - lse);
-                loss += row;
-            }
-            if (grad != nullptr) {
-                T* g = grad + r * c;
-                const double scale = inv_n / s;
-                if (labels != nullptr) {
-                    for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * scale);
-                    const index_t l = labels[r];
-                    g[l] = T((fp_exp(double(x[l]) - m) / s - 1.0) * inv_n);
-                } else {
-                    const T* t = targets + r * c;
-                    for (index_t j = 0; j < c; ++j)
-                        g[j] = T(double(g[j]) * scale - double(t[j]) * inv_n);
-                }
-            }
-        }
+        for (index_t r = r0; r < r1; ++r)
+            loss += xent_row(c, logits + r * c, labels != nullptr ? labels + r : nullptr,
+                             targets != nullptr ? targets + r * c : nullptr,
+                             grad != nullptr ? grad + r * c : nullptr, inv_n);
         return loss;
     });
     return total * inv_n;
