@@ -5,7 +5,8 @@
 // Algorithm: batch norm walks 256-column strips (double accumulators on the stack,
 // rows streamed in order): a pass for the mean, one for the biased variance
 // (two-pass, no cancellation), one for y; strips run on separate threads when the
-// tensor is large.  Layer norm does the same per row, rows split over threads.
+// tensor is large.  Layer norm does the same per row (16-lane row sums,
+// isa_common.hpp), rows split over threads.
 // Backward uses the saved mean and invstd:
 //   xhat = (x - mean) invstd
 //   batch: grad_x = gamma invstd / n (n g - sum_rows g - xhat sum_rows(g xhat))
@@ -167,14 +168,11 @@ void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T
         for (index_t r = r0; r < r1; ++r) {
             const T* xr = x + r * f;
             T* yr = y + r * f;
-            double s = 0.0;
-            for (index_t j = 0; j < f; ++j) s += double(xr[j]);
-            const double mu = s * inv_f;
-            double q = 0.0;
-            for (index_t j = 0; j < f; ++j) {
+            const double mu = sum_double(xr, f) * inv_f;
+            const double q = lane_sum(0, f, [xr, mu](index_t j) {
                 const double d = double(xr[j]) - mu;
-                q += d * d;
-            }
+                return d * d;
+            });
             const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
             mean[r] = T(mu);
             invstd[r] = T(inv);
@@ -201,12 +199,10 @@ void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
             const T* xr = x + r * f;
             T* out = grad_x + r * f;
             const double m = double(mean[r]), inv = double(invstd[r]);
-            double sgh = 0.0, sghx = 0.0;
-            for (index_t j = 0; j < f; ++j) {
-                const double gh = double(gr[j]) * double(gamma[j]);
-                sgh += gh;
-                sghx += gh * ((double(xr[j]) - m) * inv);
-            }
+            const double sgh = dot_double(gr, gamma, f);
+            const double sghx = lane_sum(0, f, [gr, xr, gamma, m, inv](index_t j) {
+                return double(gr[j]) * double(gamma[j]) * ((double(xr[j]) - m) * inv);
+            });
             const double coef = inv / df;
             for (index_t j = 0; j < f; ++j) {
                 const double gh = double(gr[j]) * double(gamma[j]);
