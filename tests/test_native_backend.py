@@ -34,9 +34,11 @@ ALPHA = 0.01
 ACT_NAMES = list(ACTIVATIONS)
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 TRANS_IDS = ["NN", "NT", "TN", "TT"]
-# (m, k, n): units, primes, sizes just past tile multiples, and one that uses threads.
-GEMM_SHAPES = [(1, 1, 1), (1, 7, 1), (7, 1, 31), (7, 31, 33), (33, 65, 17), (65, 127, 31),
-               (127, 257, 7), (257, 33, 65), (6, 256, 16), (13, 300, 97), (301, 211, 149)]
+# (m, k, n): units, one-row / one-column products (the GEMV path), primes, sizes
+# just past tile multiples, and one that uses threads.
+GEMM_SHAPES = [(1, 1, 1), (1, 7, 1), (7, 1, 31), (1, 65, 33), (33, 65, 1), (1, 300, 257),
+               (257, 300, 1), (7, 31, 33), (33, 65, 17), (65, 127, 31), (127, 257, 7),
+               (257, 33, 65), (6, 256, 16), (13, 300, 97), (301, 211, 149)]
 
 
 def close(actual, expected, dtype, scale=None, factor=1.0, what=""):
@@ -223,15 +225,14 @@ def test_gemm_matches_numpy(rng, dtype, ta, tb, m, k, n, accumulate):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ta,tb", TRANS, ids=TRANS_IDS)
 @pytest.mark.parametrize("accumulate", [False, True], ids=["set", "acc"])
-def test_gemm_strided_leading_dimensions(rng, dtype, ta, tb, accumulate):
-    m, k, n = 37, 65, 29
+@pytest.mark.parametrize("m,k,n", [(37, 65, 29), (1, 65, 29), (37, 65, 1)])
+def test_gemm_strided_leading_dimensions(rng, dtype, ta, tb, accumulate, m, k, n):
     big_a = randn(rng, (300, 300), dtype)
     big_b = randn(rng, (300, 300), dtype)
     big_c = randn(rng, (100, 200), dtype)
     a = big_a[5:5 + (k if ta else m), 3:3 + (m if ta else k)]
     b = big_b[7:7 + (n if tb else k), 11:11 + (k if tb else n)]
     c = big_c[2:2 + m, 3:3 + n]
-    assert a.strides[0] != a.shape[1] * a.itemsize
     before = big_c.copy()
     c0 = c.astype(np.float64) if accumulate else None
     nat.gemm(a, b, c, ta, tb, accumulate)

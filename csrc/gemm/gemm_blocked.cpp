@@ -14,7 +14,8 @@
 // panels, so the micro-kernel always runs a full MR x NR tile over contiguous
 // data: an MR x NR accumulator block, fully unrolled, which the compiler keeps in
 // vector registers (SSE2 in the generic unit, AVX2+FMA in the avx2 unit); edges are
-// handled at write-back.  Threads: the m x n output is split into a tm x tn grid of
+// handled at write-back.  One-row and one-column products skip packing
+// (gemm/gemv.hpp).  Threads: the m x n output is split into a tm x tn grid of
 // independent sub-problems (one per OpenMP thread, each packing its own panels into
 // thread-local scratch) once the product has at least ~8 MFLOP per thread.
 // A later revision replaces the micro-kernel with intrinsic kernels under gemm/.
@@ -23,6 +24,7 @@
 // increasing k within KC blocks (FMA-contracted in the avx2 unit), so the error is
 // the usual O(k eps) of a dot product.
 // Speed (Zen4, 2 cores, float32, avx2 unit): see the report in the tests/benchmarks.
+#include "gemm/gemv.hpp"
 #include "isa_common.hpp"
 #include "kernels.hpp"
 #include "runtime.hpp"
@@ -294,6 +296,8 @@ void gemm(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a
         scale_c(m, n, beta, c, ldc);
         return;
     }
+    if ((m == 1 || n == 1) && gemv_shapes(ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc))
+        return;
     using Blk = Blocking<T>;
     const index_t flops = 2 * m * n * k;
     const int nt = threads_for(flops, kGemmFlopGrain);
