@@ -16,6 +16,8 @@
 //                u = sqrt(2/pi) (x + 0.044715 x^3);
 //   gelu'(x)   = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2)
 //   softmax    = exp(x - max) / sum, sum accumulated in double.
+// Speed (1 thread, float32, avx2 unit, Zen4): relu ~7-11 Gelem/s, sigmoid/tanh/gelu/
+// softmax ~1.0-1.3 Gelem/s (NumPy: tanh 2.7, sigmoid expression 0.06-0.08).
 // Accuracy: elementwise results are within a few ulp of T (vmath.hpp); the
 // gelu form has no cancellation for x << 0, so it is more accurate there than the
 // literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
