@@ -280,6 +280,33 @@ def test_gemm_threads_do_not_change_results(rng, dtype):
     assert np.array_equal(outs[0], outs[1]) and np.array_equal(outs[0], outs[2])
 
 
+def test_kernels_from_concurrent_python_threads(rng):
+    """The GIL is released: kernels run concurrently, each Python thread with its
+    own scratch buffers (and OpenMP team), and every result is right."""
+    from concurrent.futures import ThreadPoolExecutor
+    a = randn(rng, (150, 257), F32)
+    b = randn(rng, (257, 97), F32)
+    x = randn(rng, (300, 257), F32)
+    expected = a.astype(F64) @ b.astype(F64)
+    scale = np.abs(a.astype(F64)) @ np.abs(b.astype(F64))
+    y_ref = np.empty(x.shape, F32)
+    nat.activation_forward(ACTIVATIONS["gelu"], 0.0, x, y_ref)
+
+    def work(i):
+        c = np.empty((150, 97), F32)
+        y = np.empty_like(x)
+        for _ in range(20):
+            nat.gemm(a, b, c, False, False, False)
+            nat.activation_forward(ACTIVATIONS["gelu"], 0.0, x, y)
+        return c, y
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        results = list(pool.map(work, range(8)))
+    for c, y in results:
+        close(c, expected, F32, scale=scale, what="concurrent gemm")
+        assert np.array_equal(y, y_ref)
+
+
 def test_gemm_rejects_bad_shapes_and_layouts(rng):
     a = randn(rng, (4, 5), F64)
     b = randn(rng, (5, 3), F64)
