@@ -54,7 +54,13 @@ import math
 import warnings
 
 import numpy as np
-import scipy.optimize
+
+try:
+    import scipy.optimize
+    import sklearn  # noqa: F401
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(f"fastprop.sklearn needs scikit-learn >= 1.6 and scipy "
+                      f"(pip install \"fastprop[sklearn]\"): {exc}") from exc
 import scipy.sparse as sp
 from scipy.special import expit, xlogy
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier
@@ -107,6 +113,13 @@ def _kernel_array(a, dtype):
     kernels may take mutable buffers, and read-only memmaps come from joblib)."""
     a = np.ascontiguousarray(a, dtype=dtype)
     return a if a.flags.writeable else a.copy()
+
+
+def _coef_dtype(coefs):
+    """The dtype a fitted network computes in: its weights' (float64 if a user set
+    them to anything but float32/float64)."""
+    dtype = np.asarray(coefs[0]).dtype
+    return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float64)
 
 
 # --------------------------------------------------------------------------- network
@@ -508,7 +521,7 @@ class _BaseMLP(BaseEstimator):
 
         # computation dtype: the input's (float32 or float64) for a new network, the
         # network's own when it continues (warm_start, partial_fit)
-        dtype = X.dtype if first_pass else self.coefs_[0].dtype
+        dtype = X.dtype if first_pass else _coef_dtype(self.coefs_)
         sparse = sp.issparse(X)
         X = X.tocsr().astype(dtype, copy=False) if sparse else _kernel_array(X, dtype)
         if sample_weight is not None:
@@ -722,9 +735,7 @@ class _BaseMLP(BaseEstimator):
         """The network's output activations for X (n_samples, n_outputs)."""
         if check_input:
             X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
-        dtype = np.asarray(self.coefs_[0]).dtype
-        if dtype not in (np.float32, np.float64):
-            dtype = np.dtype(np.float64)
+        dtype = _coef_dtype(self.coefs_)
         X = X.tocsr().astype(dtype, copy=False) if sp.issparse(X) else _kernel_array(X, dtype)
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             return _forward(_host_backend(), X, self.coefs_, self.intercepts_, self.activation,
