@@ -10,6 +10,7 @@
 #include "fastprop/norms.hpp"
 #include "fastprop/optim.hpp"
 #include "fastprop/reductions.hpp"
+#include "fastprop/train_step.hpp"
 #include "kernel_table.hpp"
 
 namespace fastprop {
@@ -122,5 +123,12 @@ const detail::KernelOps<double>& ops<double>() noexcept {
 FASTPROP_DEFINE_API(float)
 FASTPROP_DEFINE_API(double)
 #undef FASTPROP_DEFINE_API
+
+double train_step(const TrainStepPlan<float>& plan, int* status) noexcept {
+    return ops<float>().train_step(plan, status);
+}
+double train_step(const TrainStepPlan<double>& plan, int* status) noexcept {
+    return ops<double>().train_step(plan, status);
+}
 
 }  // namespace fastprop

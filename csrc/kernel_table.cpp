@@ -35,6 +35,7 @@ constexpr detail::KernelOps<T> make_ops() {
         &batchnorm_backward<T>,
         &layernorm_forward<T>,
         &layernorm_backward<T>,
+        &train_step<T>,
     };
 }
 

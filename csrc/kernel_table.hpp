@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/train_step.hpp"
 
 namespace fastprop {
 namespace detail {
@@ -46,6 +47,7 @@ struct KernelOps {
                               T*, T*);
     void (*layernorm_backward)(index_t, index_t, const T*, const T*, const T*, const T*,
                                const T*, T*, T*, T*);
+    double (*train_step)(const TrainStepPlan<T>&, int*);
 };
 
 struct KernelTable {

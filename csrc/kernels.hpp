@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/train_step.hpp"
 #include "kernel_table.hpp"
 
 #ifndef FASTPROP_ISA_NS
@@ -88,6 +89,11 @@ template <typename T>
 void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const T* gamma,
                         const T* mean, const T* invstd, T* grad_x, T* grad_gamma,
                         T* grad_beta);
+
+// A whole training step (train_step.cpp); returns the loss, *status as in
+// fastprop/train_step.hpp.
+template <typename T>
+double train_step(const TrainStepPlan<T>& plan, int* status);
 
 }  // namespace FASTPROP_ISA_NS
 }  // namespace fastprop

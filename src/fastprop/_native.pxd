@@ -168,3 +168,47 @@ cdef extern from "fastprop/norms.hpp" nogil:
         int64_t n, int64_t f, const double* grad_y, const double* x, const double* gamma,
         const double* mean, const double* invstd, double* grad_x, double* grad_gamma,
         double* grad_beta) noexcept
+
+
+cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
+    cdef cppclass DenseLayerPlan[T]:
+        int64_t n_in "in"
+        int64_t n_out "out"
+        const T* w
+        const T* b
+        T* gw
+        T* gb
+        int act
+        double alpha
+        T* y
+        T* z
+        T* g
+
+    cdef cppclass OptimizerPlan[T]:
+        int kind
+        int64_t count
+        T** params
+        const T** grads
+        T** state1
+        T** state2
+        const int64_t* sizes
+        int64_t step
+        double lr, beta1, beta2, eps, weight_decay, momentum, alpha
+        cbool nesterov, decoupled
+
+    cdef cppclass TrainStepPlan[T]:
+        int64_t n
+        int layers
+        const DenseLayerPlan[T]* layer
+        const T* x
+        int loss
+        cbool half, from_logits
+        const int64_t* labels
+        const T* targets
+        OptimizerPlan[T] opt
+        cbool check_finite
+
+    double fp_train_step "fastprop::train_step"(const TrainStepPlan[float]& plan,
+                                                int* status) noexcept
+    double fp_train_step "fastprop::train_step"(const TrainStepPlan[double]& plan,
+                                                int* status) noexcept

@@ -950,3 +950,6 @@ def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_
     else:
         _norm_backward[double](True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
                                grad_beta)
+
+
+include "_train_step.pxi"

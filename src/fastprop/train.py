@@ -391,6 +391,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     history = History()
     n = X.shape[0]
     model.train()
+    # shuffled batches are gathered into buffers allocated once
+    xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
+    ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
     try:
         for epoch in range(epochs):
             order = rng.permutation(n) if shuffle else None
@@ -402,7 +405,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     xb, yb = X[start:start + batch_size], y[start:start + batch_size]
                 else:
                     idx = order[start:start + batch_size]
-                    xb, yb = X[idx], y[idx]
+                    xb = np.take(X, idx, axis=0, out=xbuf[:idx.shape[0]])
+                    yb = np.take(y, idx, axis=0, out=ybuf[:idx.shape[0]])
                 try:
                     value = step(xb, yb)
                 except NonFiniteError:

@@ -158,7 +158,9 @@ def load(name: str):
     if mod is None:
         try:
             mod = importlib.import_module(f"fastprop.backends.{name}")
-        except ImportError as exc:  # pragma: no cover - depends on the install
+        except Exception as exc:  # pragma: no cover - depends on the install
+            # ImportError for a missing/broken extension; an editable install whose
+            # rebuild fails raises CalledProcessError from the import hook
             raise BackendUnavailableError(f"backend {name!r} is not available: {exc}") from exc
         check = getattr(mod, "ensure_available", None)
         if check is not None:

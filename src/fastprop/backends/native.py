@@ -38,6 +38,29 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
 name = "native"
 
 
+def make_train_step(stages, loss, optimizer):
+    """The whole training step in one C++ call (csrc/train_step.cpp), or None."""
+    from .. import losses, optim
+    from . import ACTIVATIONS
+    if isinstance(loss, losses.SoftmaxCrossEntropy):
+        loss_kind = 0
+    elif isinstance(loss, losses.MSE):
+        loss_kind = 1
+    elif isinstance(loss, losses.BinaryCrossEntropy):
+        # probabilities must lie in [0, 1]: only a sigmoid/softmax output guarantees it
+        if not loss.from_logits and stages[-1].act not in (ACTIVATIONS["sigmoid"],
+                                                           ACTIVATIONS["softmax"]):
+            return None
+        loss_kind = 2
+    else:
+        return None
+    kinds = {optim.SGD: 0, optim.Adam: 1, optim.AdamW: 1, optim.RMSprop: 2, optim.Adagrad: 3}
+    opt_kind = kinds.get(type(optimizer))
+    if opt_kind is None:
+        return None
+    return _native.NativeTrainStep(stages, loss, optimizer, loss_kind, opt_kind)
+
+
 def config() -> dict:
     """What ``fastprop.show_config()`` prints for this backend."""
     info = {

@@ -1,0 +1,74 @@
+// fastprop/train_step.hpp - one whole training step of a dense network in one call.
+//
+//   forward   a_l = act_l(a_{l-1} W_l + b_l),  l = 1..L,  a_0 = x
+//   loss      softmax cross-entropy (labels or target rows), MSE or BCE on a_L
+//   backward  g_L = dloss/da_L * act_L';  dW_l = a_{l-1}^T g_l;  db_l = sum_rows g_l;
+//             g_{l-1} = (g_l W_l^T) * act_{l-1}'        (l = L..1; no input gradient)
+//   update    SGD (momentum, Nesterov), Adam/AdamW, RMSprop or Adagrad on every tensor
+//
+// Gradients are overwritten (the step starts from zero gradients).  The caller owns
+// every buffer: parameters, gradients, optimizer state and the per-layer workspaces
+// (y: outputs, z: pre-activations for gelu, g: gradients), all C-contiguous.
+// The structs are plain data (no initialisers: the caller zero-fills them).
+// With check_finite, a non-finite loss or gradient stops the step before the update
+// and is reported in *status (1: loss, 2: gradient); a class id outside
+// [0, classes) stops it before anything runs (*status = 3); otherwise *status = 0.
+#pragma once
+
+#include <cstdint>
+
+#include "fastprop/common.hpp"
+
+namespace fastprop {
+
+enum LossKind : int { kLossSoftmaxXent = 0, kLossMse = 1, kLossBce = 2 };
+enum OptimizerKind : int { kOptSgd = 0, kOptAdam = 1, kOptRmsprop = 2, kOptAdagrad = 3 };
+
+template <typename T>
+struct DenseLayerPlan {
+    index_t in, out;
+    const T* w;                   // (in, out)
+    const T* b;                   // (out,) or null
+    T* gw;                        // (in, out)
+    T* gb;                        // (out,) or null (when b is null)
+    int act;
+    double alpha;
+    T* y;                         // (n, out) forward output
+    T* z;                         // (n, out) pre-activation, gelu only (else null)
+    T* g;                         // (n, out) gradient workspace
+};
+
+template <typename T>
+struct OptimizerPlan {
+    int kind;
+    index_t count;                // parameter tensors
+    T* const* params;             // count pointers each
+    const T* const* grads;
+    T* const* state1;             // momentum buffer / exp_avg / square_avg / sum (or null)
+    T* const* state2;             // exp_avg_sq / RMSprop momentum buffer (or null)
+    const index_t* sizes;
+    std::int64_t step;            // the step being taken, from 1
+    double lr, beta1, beta2, eps, weight_decay;
+    double momentum, alpha;
+    bool nesterov, decoupled;
+};
+
+template <typename T>
+struct TrainStepPlan {
+    index_t n;                    // batch rows (>= 1)
+    int layers;
+    const DenseLayerPlan<T>* layer;
+    const T* x;                   // (n, layer[0].in)
+    int loss;
+    bool half;                    // MSE: 1/2 factor
+    bool from_logits;             // BCE
+    const std::int64_t* labels;   // softmax xent: (n,) class ids, or
+    const T* targets;             // (n, out) target rows (all losses)
+    OptimizerPlan<T> opt;
+    bool check_finite;
+};
+
+double train_step(const TrainStepPlan<float>& plan, int* status) noexcept;
+double train_step(const TrainStepPlan<double>& plan, int* status) noexcept;
+
+}  // namespace fastprop

@@ -1,0 +1,290 @@
+"""The compiled training step (model.compile): the backend's whole-step kernel agrees
+with the Python path, checks finiteness before updating, rebinds replaced arrays and
+allocates nothing per step."""
+
+import tracemalloc
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import losses, nn, optim
+from fastprop.backends import NonFiniteError
+from conftest import NATIVE_BUILT
+
+native_only = pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+
+#: compiled vs Python path after 20 steps: both run the same kernels in the same order
+#: today (bit-identical); the tolerance leaves room for fused kernels that round
+#: differently (FMA contraction, other summation orders).
+TOL = {np.dtype(np.float32): dict(rtol=2e-4, atol=2e-6),
+       np.dtype(np.float64): dict(rtol=1e-10, atol=1e-12)}
+
+OPTIMIZERS = {
+    "sgd": lambda p: optim.SGD(p, lr=0.05),
+    "sgd-momentum-wd": lambda p: optim.SGD(p, lr=0.05, momentum=0.9, weight_decay=1e-3),
+    "sgd-nesterov": lambda p: optim.SGD(p, lr=0.05, momentum=0.8, nesterov=True),
+    "adam": lambda p: optim.Adam(p, lr=1e-2),
+    "adam-l2": lambda p: optim.Adam(p, lr=1e-2, weight_decay=1e-2),
+    "adamw": lambda p: optim.AdamW(p, lr=1e-2, weight_decay=0.1),
+    "rmsprop": lambda p: optim.RMSprop(p, lr=1e-3),
+    "rmsprop-momentum-wd": lambda p: optim.RMSprop(p, lr=1e-3, momentum=0.5, weight_decay=1e-3),
+    "adagrad": lambda p: optim.Adagrad(p, lr=0.05, weight_decay=1e-3),
+}
+
+# (loss, last activation, target kind)
+LOSSES = {
+    "xent-labels": (losses.SoftmaxCrossEntropy, None, "labels"),
+    "xent-onehot": (losses.SoftmaxCrossEntropy, None, "onehot"),
+    "xent-soft": (losses.SoftmaxCrossEntropy, None, "soft"),
+    "mse": (lambda: losses.MSE(), None, "real"),
+    "mse-half-tanh": (lambda: losses.MSE(half=True), "tanh", "real"),
+    "bce-logits": (lambda: losses.BinaryCrossEntropy(from_logits=True), None, "binary"),
+    "bce-sigmoid": (lambda: losses.BinaryCrossEntropy(), "sigmoid", "binary"),
+}
+
+
+def _model(dtype, hidden=("relu", "gelu"), last=None, sizes=(13, 17, 9, 4), seed=0, bias=True):
+    rng = np.random.default_rng(seed)
+    acts = list(hidden) + [last]
+    return nn.Sequential(*[nn.Dense(a, b, act, rng=rng, dtype=dtype, bias=bias)
+                           for a, b, act in zip(sizes[:-1], sizes[1:], acts)])
+
+
+def _data(kind, n=48, inputs=13, outputs=4, seed=1):
+    rng = np.random.default_rng(seed)
+    X = rng.standard_normal((n, inputs))
+    if kind == "labels":
+        y = rng.integers(0, outputs, n)
+    elif kind == "onehot":
+        y = np.eye(outputs)[rng.integers(0, outputs, n)]
+    elif kind == "soft":
+        y = rng.dirichlet(np.ones(outputs), n)
+    elif kind == "binary":
+        y = (rng.random((n, outputs)) > 0.5).astype(float)
+    else:
+        y = rng.standard_normal((n, outputs))
+    return X, y
+
+
+def _train(model, loss, opt, X, y, steps=20, batch=12, fused=True):
+    step = model.compile(loss, opt)
+    if not fused:
+        step.fused = lambda: None  # force the layer-by-layer Python path
+    values = []
+    for i in range(steps):
+        s = (i * batch) % X.shape[0]
+        values.append(step(X[s:s + batch], y[s:s + batch]))
+    return step, np.array(values)
+
+
+def _assert_agree(m1, m2, l1, l2, dtype):
+    np.testing.assert_allclose(l1, l2, **TOL[dtype])
+    for p, q in zip(m1.parameters(), m2.parameters()):
+        np.testing.assert_allclose(p.value, q.value, **TOL[dtype])
+        np.testing.assert_allclose(p.grad, q.grad, **TOL[dtype])
+
+
+@native_only
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("loss_name", sorted(LOSSES))
+def test_fused_step_matches_python_path(opt_name, loss_name, dtype):
+    make_loss, last, kind = LOSSES[loss_name]
+    X, y = _data(kind)
+    runs = []
+    with fp.use_backend("native"):
+        for fused in (True, False):
+            model = _model(dtype, last=last)
+            opt = OPTIMIZERS[opt_name](model.parameters())
+            step, values = _train(model, make_loss(), opt, X, y, fused=fused)
+            runs.append((model, values, step, opt))
+    (m1, l1, s1, o1), (m2, l2, s2, o2) = runs
+    assert type(s1._fast).__name__ == "NativeTrainStep"
+    assert s2._fast is None
+    assert o1.step_count == o2.step_count == 20
+    _assert_agree(m1, m2, l1, l2, dtype)
+    for a, b in zip(o1.state, o2.state):
+        assert a.keys() == b.keys()
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], **TOL[dtype])
+    np.testing.assert_allclose(s1.output, s2.output, **TOL[dtype])
+
+
+@native_only
+@pytest.mark.parametrize("acts", [("identity", "leaky_relu"), ("sigmoid", "tanh"),
+                                  ("gelu", "relu")])
+@pytest.mark.parametrize("last", [None, "softmax", "sigmoid"])
+def test_fused_step_every_activation(acts, last):
+    X, y = _data("onehot")
+    runs = []
+    with fp.use_backend("native"):
+        for fused in (True, False):
+            model = _model(np.float64, hidden=acts, last=last, bias=last != "sigmoid")
+            step, values = _train(model, losses.SoftmaxCrossEntropy(),
+                                  optim.Adam(model.parameters(), lr=1e-2), X, y, fused=fused)
+            runs.append((model, values))
+    _assert_agree(runs[0][0], runs[1][0], runs[0][1], runs[1][1], np.dtype(np.float64))
+
+
+@native_only
+def test_activation_layers_fold_into_the_dense_stage():
+    model = nn.Sequential(nn.Dense(5, 6), nn.ReLU(), nn.Dense(6, 3), nn.Tanh())
+    stages = fp.train.dense_stages(model)
+    assert [s.act for s in stages] == [1, 4]
+    with fp.use_backend("native"):
+        step = model.compile("mse", "sgd")
+        step(np.ones((4, 5)), np.zeros((4, 3)))
+        assert step._fast is not None
+
+
+@native_only
+def test_unsupported_layers_use_the_python_path():
+    model = nn.Sequential(nn.Dense(5, 6), nn.BatchNorm1d(6), nn.ReLU(), nn.Dense(6, 3))
+    with fp.use_backend("native"):
+        step = model.compile("cross_entropy", "adam")
+        loss = step(np.random.default_rng(0).standard_normal((8, 5)), np.arange(8) % 3)
+    assert step._fast is None and np.isfinite(loss)
+
+
+@native_only
+def test_bce_on_probabilities_needs_a_bounded_output():
+    """BCE on probabilities from an unbounded output keeps the Python path, which
+    rejects predictions outside [0, 1] with a clear error."""
+    model = _model(np.float32, last=None)
+    with fp.use_backend("native"):
+        step = model.compile(losses.BinaryCrossEntropy(), "sgd")
+        assert step.fused() is None
+
+
+@native_only
+@pytest.mark.parametrize("where", ["loss", "gradient"])
+def test_non_finite_stops_before_the_update(where):
+    model = _model(np.float32)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    X, y = _data("labels")
+    with fp.use_backend("native"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), opt)
+        step(X[:8], y[:8])
+        step.check_finite = True
+        before = [p.value.copy() for p in model.parameters()]
+        state = [{k: v.copy() for k, v in s.items()} for s in opt.state]
+        bad = X[:8].copy()
+        if where == "loss":
+            bad[0, 0] = np.nan
+        else:
+            model[0].weight.value[0, 0] = 3e38  # forward overflows to inf in the gradients
+            before[0][0, 0] = 3e38
+        with pytest.raises(NonFiniteError):
+            step(bad, y[:8])
+    assert opt.step_count == 1
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+    for s, b in zip(opt.state, state):
+        for k in s:
+            np.testing.assert_array_equal(s[k], b[k])
+
+
+@native_only
+def test_replaced_arrays_are_rebound():
+    """Replacing a Parameter value or the optimizer state (load_state_dict) between
+    steps must not leave the kernel writing to the old arrays."""
+    X, y = _data("labels")
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float32)
+        opt = optim.Adam(model.parameters(), lr=1e-2)
+        with fp.use_backend("native"):
+            step, _ = _train(model, losses.SoftmaxCrossEntropy(), opt, X, y, steps=3,
+                             fused=fused)
+            p = model[0].weight
+            p.value = p.value.copy()
+            opt.load_state_dict(opt.state_dict())
+            opt.lr = 5e-3
+            step(X[:12], y[:12])
+        runs.append(model)
+    for p, q in zip(runs[0].parameters(), runs[1].parameters()):
+        np.testing.assert_allclose(p.value, q.value, rtol=2e-4, atol=2e-6)
+
+
+@native_only
+def test_bad_labels_are_rejected_by_the_kernel():
+    model = _model(np.float32)
+    with fp.use_backend("native"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), "adam")
+        fast = step.fused()
+        x = np.ones((2, 13), np.float32)
+        with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+            fast(x, (np.array([0, 4]), None))
+        with pytest.raises(ValueError, match="x must be"):
+            fast(np.ones((2, 12), np.float32), (np.array([0, 1]), None))
+
+
+@native_only
+def test_step_allocates_nothing_after_the_first():
+    """After warm-up, 100 compiled steps allocate no new arrays: traced memory (NumPy
+    buffers included) neither grows nor peaks by more than a few small Python objects
+    (every per-batch array of this model is >= 8 KiB: batch 64 x width >= 32)."""
+    model = nn.Sequential(nn.Dense(64, 128, "relu"), nn.Dense(128, 64, "relu"),
+                          nn.Dense(64, 32))
+    X, y = _data("labels", n=64, inputs=64, outputs=32)
+    X = X.astype(np.float32)
+    with fp.use_backend("native"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), optim.Adam(model.parameters()))
+        step(X, y)
+        step(X, y)
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            for _ in range(100):
+                step(X, y)
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert current - base < 1024
+    assert peak - base < 4096
+
+
+def test_python_path_would_fail_the_allocation_check():
+    """The yardstick above can fail: the layer-by-layer path allocates per step."""
+    model = nn.Sequential(nn.Dense(64, 128, "relu"), nn.Dense(128, 64, "relu"),
+                          nn.Dense(64, 32))
+    X, y = _data("labels", n=64, inputs=64, outputs=32)
+    with fp.use_backend("numpy"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), optim.Adam(model.parameters()))
+        step(X, y)
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            tracemalloc.reset_peak()
+            step(X, y)
+            _, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    assert peak - base > 8192
+
+
+def test_numpy_backend_runs_the_python_path():
+    model = _model(np.float32)
+    with fp.use_backend("numpy"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), "adam")
+        X, y = _data("labels")
+        step(X[:8], y[:8])
+    assert step._fast is None
+
+
+@native_only
+def test_fit_uses_the_fused_step_and_matches_numpy():
+    X, y = _data("labels", n=96)
+    results = []
+    for backend in ("native", "numpy"):
+        model = _model(np.float64)
+        with fp.use_backend(backend):
+            hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters()),
+                             epochs=3, batch_size=16, seed=3, verbose=0)
+            if backend == "native":
+                assert model._compiled._fast is not None
+        results.append((model, hist))
+    np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-9)
+    for p, q in zip(results[0][0].parameters(), results[1][0].parameters()):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-8, atol=1e-10)
