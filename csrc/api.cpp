@@ -124,6 +124,12 @@ FASTPROP_DEFINE_API(float)
 FASTPROP_DEFINE_API(double)
 #undef FASTPROP_DEFINE_API
 
+void optimizer_update(const OptimizerPlan<float>& plan) noexcept {
+    ops<float>().optimizer_update(plan);
+}
+void optimizer_update(const OptimizerPlan<double>& plan) noexcept {
+    ops<double>().optimizer_update(plan);
+}
 double train_step(const TrainStepPlan<float>& plan, int* status) noexcept {
     return ops<float>().train_step(plan, status);
 }

@@ -36,6 +36,7 @@ constexpr detail::KernelOps<T> make_ops() {
         &layernorm_forward<T>,
         &layernorm_backward<T>,
         &train_step<T>,
+        &optimizer_update<T>,
     };
 }
 

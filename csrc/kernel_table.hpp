@@ -48,6 +48,7 @@ struct KernelOps {
     void (*layernorm_backward)(index_t, index_t, const T*, const T*, const T*, const T*,
                                const T*, T*, T*, T*);
     double (*train_step)(const TrainStepPlan<T>&, int*);
+    void (*optimizer_update)(const OptimizerPlan<T>&);
 };
 
 struct KernelTable {

@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/optim.hpp"
 #include "fastprop/train_step.hpp"
 #include "kernel_table.hpp"
 
@@ -49,6 +50,8 @@ double bce(index_t count, const T* pred, const T* target, bool from_logits, T* g
 template <typename T>
 double mse(index_t count, const T* pred, const T* target, bool half, T* grad);
 
+template <typename T>
+void optimizer_update(const OptimizerPlan<T>& plan);
 template <typename T>
 void sgd_update(index_t size, T* p, const T* g, T* buf, double lr, double momentum,
                 bool nesterov, double weight_decay, bool first);

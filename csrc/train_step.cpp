@@ -8,7 +8,7 @@
 //             dloss/dz_l, then dW_l = a_{l-1}^T g_l, db_l = column sums, and
 //             g_{l-1} = g_l W_l^T (skipped for the first layer: no input gradient)
 //   check     optional: loss and sum of squared gradients finite, else stop
-//   update    one fused optimizer kernel per tensor (optim.cpp)
+//   update    one multi-tensor optimizer pass over every parameter (optim.cpp)
 // Results equal the layer-by-layer path (same kernels, same order), so the compiled
 // step and the Python path agree to the last bit on one backend and thread count.
 #include "fastprop/train_step.hpp"
@@ -33,32 +33,6 @@ double loss_and_grad(const TrainStepPlan<T>& p, const DenseLayerPlan<T>& last) {
 }
 
 inline bool finite(double v) { return v - v == 0.0; }
-
-template <typename T>
-void update(const OptimizerPlan<T>& o) {
-    for (index_t i = 0; i < o.count; ++i) {
-        T* p = o.params[i];
-        const T* g = o.grads[i];
-        const index_t size = o.sizes[i];
-        switch (o.kind) {
-            case kOptSgd:
-                sgd_update<T>(size, p, g, o.state1 ? o.state1[i] : nullptr, o.lr, o.momentum,
-                              o.nesterov, o.weight_decay, o.step == 1);
-                break;
-            case kOptAdam:
-                adam_update<T>(size, p, g, o.state1[i], o.state2[i], o.step, o.lr, o.beta1,
-                               o.beta2, o.eps, o.weight_decay, o.decoupled);
-                break;
-            case kOptRmsprop:
-                rmsprop_update<T>(size, p, g, o.state1[i], o.state2 ? o.state2[i] : nullptr,
-                                  o.lr, o.alpha, o.eps, o.momentum, o.weight_decay);
-                break;
-            default:
-                adagrad_update<T>(size, p, g, o.state1[i], o.lr, o.eps, o.weight_decay);
-                break;
-        }
-    }
-}
 
 }  // namespace
 
@@ -108,7 +82,7 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
             return loss;
         }
     }
-    update(p.opt);
+    optimizer_update<T>(p.opt);
     return loss;
 }
 

@@ -208,6 +208,10 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         OptimizerPlan[T] opt
         cbool check_finite
 
+    void fp_optimizer_update "fastprop::optimizer_update"(
+        const OptimizerPlan[float]& plan) noexcept
+    void fp_optimizer_update "fastprop::optimizer_update"(
+        const OptimizerPlan[double]& plan) noexcept
     double fp_train_step "fastprop::train_step"(const TrainStepPlan[float]& plan,
                                                 int* status) noexcept
     double fp_train_step "fastprop::train_step"(const TrainStepPlan[double]& plan,

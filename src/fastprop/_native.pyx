@@ -570,164 +570,43 @@ cdef Py_ssize_t _list_len(object seq, Py_ssize_t expected, str name) except -1:
 
 def sgd_update(params, grads, bufs, double lr, double momentum, bint nesterov,
                double weight_decay, bint first):
-    """SGD step in place for each (param, grad[, momentum buffer])."""
-    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
-    _list_len(grads, count, "grads")
-    cdef bint use_buf = momentum != 0
-    if use_buf:
-        if bufs is None:
-            raise ValueError("sgd_update: bufs is required when momentum != 0")
-        _list_len(bufs, count, "bufs")
-    cdef _Held held = _Held()
-    cdef Py_buffer* bp
-    cdef Py_buffer* bg
-    cdef Py_buffer* bb
-    cdef void* pbuf
-    cdef int kind
-    cdef int64_t size
-    for i in range(count):
-        p = params[i]
-        kind = _kind(p, f"params[{i}]")
-        try:
-            bp = held.take(p, kind, True, "params", i)
-            bg = held.take(grads[i], kind, False, "grads", i)
-            _same_shape(bp, bg, "params", "grads", i)
-            pbuf = NULL
-            if use_buf:
-                bb = held.take(bufs[i], kind, True, "bufs", i)
-                _same_shape(bp, bb, "params", "bufs", i)
-                pbuf = bb.buf
-            size = _size(bp)
-            with nogil:
-                if kind == 4:
-                    fp_sgd_update(size, <float*>bp.buf, <const float*>bg.buf, <float*>pbuf,
-                                  lr, momentum, nesterov, weight_decay, first)
-                else:
-                    fp_sgd_update(size, <double*>bp.buf, <const double*>bg.buf,
-                                  <double*>pbuf, lr, momentum, nesterov, weight_decay, first)
-        finally:
-            held.release()
+    """SGD step in place for each (param, grad[, momentum buffer]); one C++ call."""
+    if momentum != 0 and bufs is None:
+        raise ValueError("sgd_update: bufs is required when momentum != 0")
+    _optimizer_lists(0, params, grads, bufs if momentum != 0 else None, None,
+                     1 if first else 2, lr, 0.0, 0.0, 0.0, weight_decay, momentum, 0.0,
+                     nesterov, False)
 
 
 def adam_update(params, grads, exp_avgs, exp_avg_sqs, step, double lr, double beta1,
                 double beta2, double eps, double weight_decay, bint decoupled):
-    """Adam (decoupled: AdamW) step in place; step counts from 1."""
+    """Adam (decoupled: AdamW) step in place; step counts from 1; one C++ call."""
     cdef int64_t istep = step
     if istep < 1:
         raise ValueError(f"step must be >= 1, got {step}")
-    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
-    _list_len(grads, count, "grads")
-    _list_len(exp_avgs, count, "exp_avgs")
-    _list_len(exp_avg_sqs, count, "exp_avg_sqs")
-    cdef _Held held = _Held()
-    cdef Py_buffer* bp
-    cdef Py_buffer* bg
-    cdef Py_buffer* bm
-    cdef Py_buffer* bv
-    cdef int kind
-    cdef int64_t size
-    for i in range(count):
-        p = params[i]
-        kind = _kind(p, f"params[{i}]")
-        try:
-            bp = held.take(p, kind, True, "params", i)
-            bg = held.take(grads[i], kind, False, "grads", i)
-            bm = held.take(exp_avgs[i], kind, True, "exp_avgs", i)
-            bv = held.take(exp_avg_sqs[i], kind, True, "exp_avg_sqs", i)
-            _same_shape(bp, bg, "params", "grads", i)
-            _same_shape(bp, bm, "params", "exp_avgs", i)
-            _same_shape(bp, bv, "params", "exp_avg_sqs", i)
-            size = _size(bp)
-            with nogil:
-                if kind == 4:
-                    fp_adam_update(size, <float*>bp.buf, <const float*>bg.buf, <float*>bm.buf,
-                                   <float*>bv.buf, istep, lr, beta1, beta2, eps, weight_decay,
-                                   decoupled)
-                else:
-                    fp_adam_update(size, <double*>bp.buf, <const double*>bg.buf,
-                                   <double*>bm.buf, <double*>bv.buf, istep, lr, beta1, beta2,
-                                   eps, weight_decay, decoupled)
-        finally:
-            held.release()
+    if exp_avgs is None or exp_avg_sqs is None:
+        raise ValueError("adam_update: exp_avgs and exp_avg_sqs are required")
+    _optimizer_lists(1, params, grads, exp_avgs, exp_avg_sqs, istep, lr, beta1, beta2, eps,
+                     weight_decay, 0.0, 0.0, False, decoupled)
 
 
 def rmsprop_update(params, grads, square_avgs, bufs, double lr, double alpha, double eps,
                    double momentum, double weight_decay):
-    """RMSprop step in place; bufs is None when momentum == 0."""
-    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
-    _list_len(grads, count, "grads")
-    _list_len(square_avgs, count, "square_avgs")
-    cdef bint use_buf = momentum > 0
-    if use_buf:
-        if bufs is None:
-            raise ValueError("rmsprop_update: bufs is required when momentum > 0")
-        _list_len(bufs, count, "bufs")
-    cdef _Held held = _Held()
-    cdef Py_buffer* bp
-    cdef Py_buffer* bg
-    cdef Py_buffer* bs
-    cdef Py_buffer* bb
-    cdef void* pbuf
-    cdef int kind
-    cdef int64_t size
-    for i in range(count):
-        p = params[i]
-        kind = _kind(p, f"params[{i}]")
-        try:
-            bp = held.take(p, kind, True, "params", i)
-            bg = held.take(grads[i], kind, False, "grads", i)
-            bs = held.take(square_avgs[i], kind, True, "square_avgs", i)
-            _same_shape(bp, bg, "params", "grads", i)
-            _same_shape(bp, bs, "params", "square_avgs", i)
-            pbuf = NULL
-            if use_buf:
-                bb = held.take(bufs[i], kind, True, "bufs", i)
-                _same_shape(bp, bb, "params", "bufs", i)
-                pbuf = bb.buf
-            size = _size(bp)
-            with nogil:
-                if kind == 4:
-                    fp_rmsprop_update(size, <float*>bp.buf, <const float*>bg.buf,
-                                      <float*>bs.buf, <float*>pbuf, lr, alpha, eps, momentum,
-                                      weight_decay)
-                else:
-                    fp_rmsprop_update(size, <double*>bp.buf, <const double*>bg.buf,
-                                      <double*>bs.buf, <double*>pbuf, lr, alpha, eps,
-                                      momentum, weight_decay)
-        finally:
-            held.release()
+    """RMSprop step in place; bufs is None when momentum == 0; one C++ call."""
+    if square_avgs is None:
+        raise ValueError("rmsprop_update: square_avgs is required")
+    if momentum > 0 and bufs is None:
+        raise ValueError("rmsprop_update: bufs is required when momentum > 0")
+    _optimizer_lists(2, params, grads, square_avgs, bufs if momentum > 0 else None, 1, lr,
+                     0.0, 0.0, eps, weight_decay, momentum, alpha, False, False)
 
 
 def adagrad_update(params, grads, sums, double lr, double eps, double weight_decay):
-    """Adagrad step in place."""
-    cdef Py_ssize_t count = _list_len(params, -1, "params"), i
-    _list_len(grads, count, "grads")
-    _list_len(sums, count, "sums")
-    cdef _Held held = _Held()
-    cdef Py_buffer* bp
-    cdef Py_buffer* bg
-    cdef Py_buffer* bs
-    cdef int kind
-    cdef int64_t size
-    for i in range(count):
-        p = params[i]
-        kind = _kind(p, f"params[{i}]")
-        try:
-            bp = held.take(p, kind, True, "params", i)
-            bg = held.take(grads[i], kind, False, "grads", i)
-            bs = held.take(sums[i], kind, True, "sums", i)
-            _same_shape(bp, bg, "params", "grads", i)
-            _same_shape(bp, bs, "params", "sums", i)
-            size = _size(bp)
-            with nogil:
-                if kind == 4:
-                    fp_adagrad_update(size, <float*>bp.buf, <const float*>bg.buf,
-                                      <float*>bs.buf, lr, eps, weight_decay)
-                else:
-                    fp_adagrad_update(size, <double*>bp.buf, <const double*>bg.buf,
-                                      <double*>bs.buf, lr, eps, weight_decay)
-        finally:
-            held.release()
+    """Adagrad step in place; one C++ call."""
+    if sums is None:
+        raise ValueError("adagrad_update: sums is required")
+    _optimizer_lists(3, params, grads, sums, None, 1, lr, 0.0, 0.0, eps, weight_decay, 0.0,
+                     0.0, False, False)
 
 
 def sum_squares(arrays):

@@ -294,3 +294,124 @@ cdef int _fill_opt64(OptimizerPlan[double]* o, dict h, int64_t step, betas, bint
     o.nesterov = h.get("nesterov", False)
     o.decoupled = decoupled
     return 0
+
+
+cdef class _ArrayLists:
+    """Buffers of up to four parallel lists of arrays (params, grads, two states),
+    held for one call; pointer tables for an OptimizerPlan."""
+    cdef Py_buffer* views
+    cdef void** ptrs
+    cdef int64_t* sizes
+    cdef Py_ssize_t count, held
+
+    def __cinit__(self, Py_ssize_t count):
+        self.count = count
+        self.held = 0
+        self.views = <Py_buffer*>PyMem_Malloc(4 * count * sizeof(Py_buffer) + 1)
+        self.ptrs = <void**>PyMem_Malloc(4 * count * sizeof(void*) + 1)
+        self.sizes = <int64_t*>PyMem_Malloc(count * sizeof(int64_t) + 1)
+        if self.views == NULL or self.ptrs == NULL or self.sizes == NULL:
+            raise MemoryError()
+        memset(self.ptrs, 0, 4 * count * sizeof(void*))
+
+    def __dealloc__(self):
+        while self.held > 0:
+            self.held -= 1
+            PyBuffer_Release(&self.views[self.held])
+        PyMem_Free(self.views)
+        PyMem_Free(self.ptrs)
+        PyMem_Free(self.sizes)
+
+    cdef int take(self, int slot, seq, int kind, bint writable, str name) except -1:
+        """Hold seq[i] for every i as pointer slot*count + i; shapes must match params."""
+        cdef Py_ssize_t i
+        cdef Py_buffer* v
+        cdef int flags = PyBUF_C_CONTIGUOUS | PyBUF_FORMAT
+        if writable:
+            flags |= PyBUF_WRITABLE
+        if len(seq) != self.count:
+            raise ValueError(f"{name} must have {self.count} arrays (one per parameter), "
+                             f"got {len(seq)}")
+        for i in range(self.count):
+            obj = seq[i]
+            _same_kind(obj, kind, f"{name}[{i}]")
+            v = &self.views[self.held]
+            try:
+                PyObject_GetBuffer(obj, v, flags)
+            except (BufferError, ValueError) as exc:
+                raise ValueError(f"{name}[{i}]: {exc}") from None
+            self.held += 1
+            if v.itemsize != kind:
+                raise TypeError(f"{name}[{i}] must have {kind}-byte floats, "
+                                f"got itemsize {v.itemsize}")
+            if slot == 0:
+                self.sizes[i] = _size(v)
+            elif slot > 0 and _size(v) != self.sizes[i]:
+                raise ValueError(f"{name}[{i}] must have the shape of params[{i}]")
+            if slot > 0 and not _same_buffer_shape(v, &self.views[i]):
+                raise ValueError(f"{name}[{i}] must have the shape of params[{i}], "
+                                 f"{_fmt(self.views[i].shape, self.views[i].ndim)}, got "
+                                 f"{_fmt(v.shape, v.ndim)}")
+            self.ptrs[slot * self.count + i] = v.buf
+        return 0
+
+
+cdef bint _same_buffer_shape(Py_buffer* a, Py_buffer* b) noexcept:
+    cdef int i
+    if a.ndim != b.ndim:
+        return False
+    for i in range(a.ndim):
+        if a.shape[i] != b.shape[i]:
+            return False
+    return True
+
+
+cdef int _optimizer_lists(int opt_kind, params, grads, s1, s2, int64_t step, double lr,
+                          double beta1, double beta2, double eps, double weight_decay,
+                          double momentum, double alpha, bint nesterov,
+                          bint decoupled) except -1:
+    """Every parameter in one optimizer_update call (one parallel region)."""
+    cdef Py_ssize_t count = len(params)
+    if count == 0:
+        return 0
+    cdef int kind = _kind(params[0], "params[0]")
+    cdef _ArrayLists lists = _ArrayLists(count)
+    cdef OptimizerPlan[float] o32
+    cdef OptimizerPlan[double] o64
+    lists.take(0, params, kind, True, "params")
+    lists.take(1, grads, kind, False, "grads")
+    if s1 is not None:
+        lists.take(2, s1, kind, True, "state")
+    if s2 is not None:
+        lists.take(3, s2, kind, True, "state")
+    memset(&o32, 0, sizeof(o32))
+    memset(&o64, 0, sizeof(o64))
+    if kind == 4:
+        o32.kind = opt_kind
+        o32.count = count
+        o32.params = <float**>lists.ptrs
+        o32.grads = <const float**>(lists.ptrs + count)
+        o32.state1 = <float**>(lists.ptrs + 2 * count) if s1 is not None else NULL
+        o32.state2 = <float**>(lists.ptrs + 3 * count) if s2 is not None else NULL
+        o32.sizes = lists.sizes
+        o32.step = step
+        o32.lr, o32.beta1, o32.beta2, o32.eps = lr, beta1, beta2, eps
+        o32.weight_decay, o32.momentum, o32.alpha = weight_decay, momentum, alpha
+        o32.nesterov, o32.decoupled = nesterov, decoupled
+        with nogil:
+            fp_optimizer_update(o32)
+    else:
+        o64.kind = opt_kind
+        o64.count = count
+        o64.params = <double**>lists.ptrs
+        o64.grads = <const double**>(lists.ptrs + count)
+        o64.state1 = <double**>(lists.ptrs + 2 * count) if s1 is not None else NULL
+        o64.state2 = <double**>(lists.ptrs + 3 * count) if s2 is not None else NULL
+        o64.sizes = lists.sizes
+        o64.step = step
+        o64.lr, o64.beta1, o64.beta2, o64.eps = lr, beta1, beta2, eps
+        o64.weight_decay, o64.momentum, o64.alpha = weight_decay, momentum, alpha
+        o64.nesterov, o64.decoupled = nesterov, decoupled
+        with nogil:
+            fp_optimizer_update(o64)
+    return 0

@@ -6,9 +6,36 @@
 // as in the NumPy reference.  See fastprop.backends for the exact update rules.
 #pragma once
 
+#include <cstdint>
+
 #include "fastprop/common.hpp"
 
 namespace fastprop {
+
+enum OptimizerKind : int { kOptSgd = 0, kOptAdam = 1, kOptRmsprop = 2, kOptAdagrad = 3 };
+
+// Every tensor of a model in one call (the multi-tensor form the single-tensor
+// functions below also use): count tensors of sizes[i] elements; state1 is the
+// momentum buffer (SGD), exp_avg (Adam), square_avg (RMSprop) or sum (Adagrad);
+// state2 is exp_avg_sq (Adam) or the momentum buffer (RMSprop); either may be null
+// when the update has no such state.  Plain data: the caller zero-fills it.
+template <typename T>
+struct OptimizerPlan {
+    int kind;
+    index_t count;                // parameter tensors
+    T* const* params;             // count pointers each
+    const T* const* grads;
+    T* const* state1;             // momentum buffer / exp_avg / square_avg / sum (or null)
+    T* const* state2;             // exp_avg_sq / RMSprop momentum buffer (or null)
+    const index_t* sizes;
+    std::int64_t step;            // the step being taken, from 1
+    double lr, beta1, beta2, eps, weight_decay;
+    double momentum, alpha;
+    bool nesterov, decoupled;
+};
+
+void optimizer_update(const OptimizerPlan<float>& plan) noexcept;
+void optimizer_update(const OptimizerPlan<double>& plan) noexcept;
 
 // g = grad + wd p; buf = g (first) or momentum buf + g; g = g + momentum buf
 // (nesterov) or buf; p -= lr g.  buf may be null when momentum == 0.

@@ -18,11 +18,11 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/optim.hpp"
 
 namespace fastprop {
 
 enum LossKind : int { kLossSoftmaxXent = 0, kLossMse = 1, kLossBce = 2 };
-enum OptimizerKind : int { kOptSgd = 0, kOptAdam = 1, kOptRmsprop = 2, kOptAdagrad = 3 };
 
 template <typename T>
 struct DenseLayerPlan {
@@ -38,20 +38,6 @@ struct DenseLayerPlan {
     T* g;                         // (n, out) gradient workspace
 };
 
-template <typename T>
-struct OptimizerPlan {
-    int kind;
-    index_t count;                // parameter tensors
-    T* const* params;             // count pointers each
-    const T* const* grads;
-    T* const* state1;             // momentum buffer / exp_avg / square_avg / sum (or null)
-    T* const* state2;             // exp_avg_sq / RMSprop momentum buffer (or null)
-    const index_t* sizes;
-    std::int64_t step;            // the step being taken, from 1
-    double lr, beta1, beta2, eps, weight_decay;
-    double momentum, alpha;
-    bool nesterov, decoupled;
-};
 
 template <typename T>
 struct TrainStepPlan {
