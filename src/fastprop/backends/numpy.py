@@ -25,6 +25,7 @@ _SOFTMAX = ACTIVATIONS["softmax"]
 
 _GELU_C = math.sqrt(2.0 / math.pi)
 _GELU_K = 0.044715
+_GELU_CLIP = 20.0
 
 
 def get_num_threads() -> int:
@@ -102,8 +103,13 @@ def activation_forward(act, alpha, x, y):
     elif act == _TANH:
         np.tanh(x, out=y)
     elif act == _GELU:
-        inner = _GELU_C * (x + _GELU_K * x * x * x)
-        np.copyto(y, 0.5 * x * (1.0 + np.tanh(inner)))
+        # beyond |x| = 20 gelu is x or -0 to the last bit; clamping keeps x^3 and
+        # inf * 0 out of the formula (NaN still propagates)
+        xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
+        inner = _GELU_C * (xc + _GELU_K * xc * xc * xc)
+        with np.errstate(invalid="ignore"):
+            val = 0.5 * x * (1.0 + np.tanh(inner))
+        np.copyto(y, np.where(x < -_GELU_CLIP, -0.0, val))
     elif act == _SOFTMAX:
         _softmax(x, y)
     else:
@@ -123,8 +129,9 @@ def activation_backward(act, alpha, grad_y, x, y, grad_x):
     elif act == _TANH:
         np.multiply(grad_y, 1 - y * y, out=grad_x)
     elif act == _GELU:
-        t = np.tanh(_GELU_C * (x + _GELU_K * x * x * x))
-        d = 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_K * x * x)
+        xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
+        t = np.tanh(_GELU_C * (xc + _GELU_K * xc * xc * xc))
+        d = 0.5 * (1.0 + t) + 0.5 * xc * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_K * xc * xc)
         np.multiply(grad_y, d.astype(grad_x.dtype, copy=False), out=grad_x)
     elif act == _SOFTMAX:
         dot = np.sum(grad_y * y, axis=-1, keepdims=True)
