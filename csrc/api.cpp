@@ -124,6 +124,14 @@ FASTPROP_DEFINE_API(float)
 FASTPROP_DEFINE_API(double)
 #undef FASTPROP_DEFINE_API
 
+double clip_grad_norm(index_t count, float* const* arrays, const index_t* sizes,
+                      double max_norm) noexcept {
+    return ops<float>().clip_grad_norm(count, arrays, sizes, max_norm);
+}
+double clip_grad_norm(index_t count, double* const* arrays, const index_t* sizes,
+                      double max_norm) noexcept {
+    return ops<double>().clip_grad_norm(count, arrays, sizes, max_norm);
+}
 void optimizer_update(const OptimizerPlan<float>& plan) noexcept {
     ops<float>().optimizer_update(plan);
 }

@@ -37,6 +37,7 @@ constexpr detail::KernelOps<T> make_ops() {
         &layernorm_backward<T>,
         &train_step<T>,
         &optimizer_update<T>,
+        &clip_grad_norm<T>,
     };
 }
 

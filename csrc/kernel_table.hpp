@@ -49,6 +49,7 @@ struct KernelOps {
                                const T*, T*, T*, T*);
     double (*train_step)(const TrainStepPlan<T>&, int*);
     void (*optimizer_update)(const OptimizerPlan<T>&);
+    double (*clip_grad_norm)(index_t, T* const*, const index_t*, double);
 };
 
 struct KernelTable {

@@ -68,6 +68,10 @@ void adagrad_update(index_t size, T* p, const T* g, T* sum, double lr, double ep
 template <typename T>
 double sum_squares(index_t size, const T* x);
 template <typename T>
+double sum_squares_multi(index_t count, const T* const* arrays, const index_t* sizes);
+template <typename T>
+double clip_grad_norm(index_t count, T* const* arrays, const index_t* sizes, double max_norm);
+template <typename T>
 void scale(index_t size, T* x, double factor);
 template <typename T>
 void clip(index_t size, T* x, double lo, double hi);

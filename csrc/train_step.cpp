@@ -71,12 +71,7 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
                            grad_prev, d.gw, d.gb, d.g, false);
     }
     if (p.check_finite) {
-        double s = 0.0;
-        for (int l = 0; l < L; ++l) {
-            const DenseLayerPlan<T>& d = p.layer[l];
-            s += sum_squares<T>(d.in * d.out, d.gw);
-            if (d.gb != nullptr) s += sum_squares<T>(d.out, d.gb);
-        }
+        const double s = sum_squares_multi<T>(p.opt.count, p.opt.grads, p.opt.sizes);
         if (!finite(s)) {
             *status = 2;
             return loss;

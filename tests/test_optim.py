@@ -333,3 +333,62 @@ def test_load_state_dict_rejects_invalid_hyperparameters():
     with pytest.raises(ValueError, match="Invalid lr"):
         opt.load_state_dict(sd)
     assert opt.lr == 0.01
+
+
+@pytest.mark.parametrize("name,make,book,gscale", CASES, ids=CASE_IDS)
+def test_fused_native_update_matches_reference_for_20_steps(name, make, book, gscale, dtype):
+    """The native multi-tensor kernel (every parameter in one call) and the NumPy
+    reference backend agree over 20 steps, on tensors big enough to be split across
+    threads mid-tensor (300k elements in all)."""
+    from conftest import NATIVE_BUILT
+    if not NATIVE_BUILT:
+        pytest.skip("fastprop._native is not built")
+    rng = np.random.default_rng(7)
+    shapes = [(300, 700), (700,), (3, 5), (89_000,), (1,)]
+    init = [rng.standard_normal(s).astype(dtype) for s in shapes]
+    grads = [[gscale * rng.standard_normal(s).astype(dtype) for s in shapes] for _ in range(20)]
+    finals = []
+    for backend in ("native", "numpy"):
+        params = [fp.Parameter(a) for a in init]
+        opt = make(params)
+        with fp.use_backend(backend):
+            for g in grads:
+                for p, gi in zip(params, g):
+                    p.grad[...] = gi
+                opt.step()
+        finals.append((params, opt))
+    # float32: the kernels may contract a*b + c into an FMA, so rounding differs from
+    # NumPy's; over 20 momentum-accumulated steps that is ~1e-6 of the parameters'
+    # total movement (~1), hence the absolute term.
+    rtol, atol = (2e-5, 1e-5) if dtype == np.float32 else (1e-11, 1e-13)
+    for p, q in zip(finals[0][0], finals[1][0]):
+        np.testing.assert_allclose(p.value, q.value, rtol=rtol, atol=atol)
+    for s, r in zip(finals[0][1].state, finals[1][1].state):
+        for k in s:
+            np.testing.assert_allclose(s[k], r[k], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e9])
+def test_fused_clip_grad_norm_matches_reference(max_norm, dtype):
+    from conftest import NATIVE_BUILT
+    if not NATIVE_BUILT:
+        pytest.skip("fastprop._native is not built")
+    rng = np.random.default_rng(3)
+    shapes = [(400, 500), (7,), (90_000,)]
+    grads = [rng.standard_normal(s).astype(dtype) * 0.01 for s in shapes]
+    results = []
+    for backend in ("native", "numpy"):
+        params = [fp.Parameter(np.zeros(s, dtype)) for s in shapes]
+        for p, g in zip(params, grads):
+            p.grad[...] = g
+        with fp.use_backend(backend):
+            norm = fp.clip_grad_norm(params, max_norm)
+        results.append((norm, [p.grad.copy() for p in params]))
+    exact = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in grads))
+    assert results[0][0] == pytest.approx(exact, rel=1e-12)
+    assert results[1][0] == pytest.approx(exact, rel=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        np.testing.assert_allclose(a, b, rtol=1e-6 if dtype == np.float32 else 1e-14)
+    if max_norm < exact:
+        clipped = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in results[0][1]))
+        assert clipped == pytest.approx(max_norm, rel=1e-5)

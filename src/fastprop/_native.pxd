@@ -216,3 +216,10 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
                                                 int* status) noexcept
     double fp_train_step "fastprop::train_step"(const TrainStepPlan[double]& plan,
                                                 int* status) noexcept
+
+
+cdef extern from "fastprop/reductions.hpp" namespace "fastprop" nogil:
+    double fp_clip_grad_norm "fastprop::clip_grad_norm"(
+        int64_t count, float** arrays, const int64_t* sizes, double max_norm) noexcept
+    double fp_clip_grad_norm "fastprop::clip_grad_norm"(
+        int64_t count, double** arrays, const int64_t* sizes, double max_norm) noexcept

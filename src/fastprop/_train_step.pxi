@@ -415,3 +415,21 @@ cdef int _optimizer_lists(int opt_kind, params, grads, s1, s2, int64_t step, dou
         with nogil:
             fp_optimizer_update(o64)
     return 0
+
+
+def clip_grad_norm_(arrays, double max_norm):
+    """Global-norm clipping of every array in one C++ call (reduce, then scale);
+    returns the norm before clipping."""
+    cdef Py_ssize_t count = len(arrays)
+    cdef double norm
+    if count == 0:
+        return 0.0
+    cdef int kind = _kind(arrays[0], "arrays[0]")
+    cdef _ArrayLists lists = _ArrayLists(count)
+    lists.take(0, arrays, kind, True, "arrays")
+    with nogil:
+        if kind == 4:
+            norm = fp_clip_grad_norm(count, <float**>lists.ptrs, lists.sizes, max_norm)
+        else:
+            norm = fp_clip_grad_norm(count, <double**>lists.ptrs, lists.sizes, max_norm)
+    return norm

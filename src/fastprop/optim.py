@@ -316,6 +316,9 @@ def clip_grad_norm(params, max_norm) -> float:
     max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
     groups = _grads_by_dtype(params)
     be = backends.current()
+    fused = getattr(be, "clip_grad_norm_", None)
+    if fused is not None and len(groups) == 1:
+        return fused(groups[0], max_norm)  # one pass to reduce, one to scale
     total = math.sqrt(sum(be.sum_squares(g) for g in groups))
     if math.isfinite(total) and total > max_norm:
         coef = max_norm / (total + 1e-6)

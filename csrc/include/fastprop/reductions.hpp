@@ -10,6 +10,14 @@ namespace fastprop {
 double sum_squares(index_t size, const float* x) noexcept;
 double sum_squares(index_t size, const double* x) noexcept;
 
+// Global-norm clipping of `count` arrays (sizes[i] elements each) in one call:
+// returns norm = sqrt(sum of all squares); if finite and > max_norm, scales every
+// element by max_norm / (norm + 1e-6).
+double clip_grad_norm(index_t count, float* const* arrays, const index_t* sizes,
+                      double max_norm) noexcept;
+double clip_grad_norm(index_t count, double* const* arrays, const index_t* sizes,
+                      double max_norm) noexcept;
+
 // x *= factor (factor rounded to T once).
 void scale(index_t size, float* x, double factor) noexcept;
 void scale(index_t size, double* x, double factor) noexcept;

@@ -20,6 +20,7 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     batchnorm_forward_eval,
     bce,
     clip_,
+    clip_grad_norm_,
     gemm,
     get_num_threads,
     layernorm_backward,
