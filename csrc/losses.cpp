@@ -7,7 +7,9 @@
 // libm log/log1p/exp per element (it is evaluated on the network output only).
 //   softmax_xent: per row m = max x, s = sum exp(x - m) (double), lse = log s;
 //     loss_i = lse - (x_label - m) or -sum_j t_j ((x_j - m) - lse);
-//     grad = (exp(x - m) / s - t) / n.  Never overflows: every exponent is <= 0.
+//     grad = (exp(x - m) / s - t) / n, or with target rows (softmax sum_j t_j - t) / n,
+//     the exact gradient when a row does not sum to 1.  Never overflows: every
+//     exponent is <= 0.
 //   bce (probabilities): -(t max(log p, -100) + (1-t) max(log1p(-p), -100)),
 //     grad = (p - t) / max(p (1-p), 1e-12) / N (PyTorch's clamping).
 //   bce (logits): max(x, 0) - x t + log1p(exp(-|x|)), grad = (sigmoid(x) - t) / N.
@@ -44,12 +46,14 @@ double xent_row(index_t c, const T* x, const std::int64_t* label, const T* t, T*
     }
     const double lse = fp_log(s);
     double loss;
+    double tsum = 1.0;  // rows of target probabilities need not sum to 1
     if (label != nullptr) {
         loss = lse - (double(x[*label]) - m);
     } else {
         loss = -lane_sum(0, c, [x, t, m, lse](index_t j) {
             return double(t[j]) * ((double(x[j]) - m) - lse);
         });
+        tsum = lane_sum(0, c, [t](index_t j) { return double(t[j]); });
     }
     if (g != nullptr) {
         const double scale = inv_n / s;
@@ -58,7 +62,8 @@ double xent_row(index_t c, const T* x, const std::int64_t* label, const T* t, T*
             const index_t l = *label;
             g[l] = T((vexp(double(x[l]) - m) / s - 1.0) * inv_n);
         } else {
-            for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * scale - double(t[j]) * inv_n);
+            const double pscale = scale * tsum;
+            for (index_t j = 0; j < c; ++j) g[j] = T(double(g[j]) * pscale - double(t[j]) * inv_n);
         }
     }
     return loss;

@@ -94,7 +94,7 @@ def test_gradcheck_sequential(backend, rng):
     assert fp.gradcheck(model, x64(rng, 6, 4))
 
 
-@pytest.mark.parametrize("kind", ["labels", "onehot", "soft"])
+@pytest.mark.parametrize("kind", ["labels", "onehot", "soft", "unnormalised"])
 def test_gradcheck_softmax_cross_entropy(backend, rng, kind):
     pred = x64(rng, 5, 4, scale=2.0)
     labels = np.array([0, 3, 1, 1, 2])
@@ -102,9 +102,12 @@ def test_gradcheck_softmax_cross_entropy(backend, rng, kind):
         target = labels
     elif kind == "onehot":
         target = np.eye(4)[labels]
-    else:
+    elif kind == "soft":
         t = rng.random((5, 4))
         target = t / t.sum(1, keepdims=True)
+    else:  # rows that do not sum to 1 (and one negative entry): the gradient is exact
+        target = rng.random((5, 4)) * 2
+        target[1, 2] = -0.5
     assert fp.gradcheck(fp.losses.SoftmaxCrossEntropy(), (pred, target))
 
 

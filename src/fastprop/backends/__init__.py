@@ -48,6 +48,7 @@ that mean with respect to the prediction into ``grad`` unless grad is None)::
         logits (n, c); exactly one of labels ((n,) int64 class ids, already checked to
         lie in [0, c)) and targets ((n, c) probabilities) is not None.
         loss = mean_i(-sum_j t_ij log softmax(logits)_ij);  grad = (softmax - t) / n
+        (target rows: (softmax * sum_j t_ij - t) / n, exact when a row does not sum to 1)
     bce(pred, target, from_logits, grad) -> float
         mean over all elements; probabilities: log clamped at -100 as PyTorch,
         grad = (p - t) / max(p (1 - p), 1e-12) / N; logits: the stable form

@@ -154,8 +154,8 @@ def softmax_xent(logits, labels, targets, grad):
         p = np.exp(log_p)
         if labels is not None:
             p[np.arange(n), labels] -= 1.0
-        else:
-            p -= targets
+        else:  # exact for rows that do not sum to 1: d/dx = softmax * sum(t) - t
+            p = p * targets.sum(axis=1, keepdims=True) - targets
         np.divide(p, n, out=grad, casting="unsafe")
     return float(loss)
 
