@@ -35,6 +35,11 @@ const detail::KernelOps<double>& ops<double>() noexcept {
               index_t ldc) noexcept {                                                         \
         ops<T>().gemm(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc);        \
     }                                                                                         \
+    void gemm_ex(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha,        \
+                 const T* a, index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc, \
+                 const GemmEpilogue<T>& ep) noexcept {                                        \
+        ops<T>().gemm_ex(trans_a, trans_b, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, ep); \
+    }                                                                                         \
     void linear_forward(index_t n, index_t in, index_t out, const T* x, const T* w,           \
                         const T* b, int act, double alpha, T* y, T* z) noexcept {             \
         ops<T>().linear_forward(n, in, out, x, w, b, act, alpha, y, z);                       \

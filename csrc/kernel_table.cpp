@@ -16,6 +16,7 @@ template <typename T>
 constexpr detail::KernelOps<T> make_ops() {
     return detail::KernelOps<T>{
         &gemm<T>,
+        &gemm_ex<T>,
         &linear_forward<T>,
         &linear_backward<T>,
         &activation_forward<T>,

@@ -9,6 +9,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/gemm.hpp"
 #include "fastprop/train_step.hpp"
 
 namespace fastprop {
@@ -18,6 +19,8 @@ template <typename T>
 struct KernelOps {
     void (*gemm)(bool, bool, index_t, index_t, index_t, T, const T*, index_t, const T*,
                  index_t, T, T*, index_t);
+    void (*gemm_ex)(bool, bool, index_t, index_t, index_t, T, const T*, index_t, const T*,
+                    index_t, T, T*, index_t, const GemmEpilogue<T>&);
     void (*linear_forward)(index_t, index_t, index_t, const T*, const T*, const T*, int,
                            double, T*, T*);
     void (*linear_backward)(index_t, index_t, index_t, const T*, const T*, const T*,

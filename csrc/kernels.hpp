@@ -11,6 +11,7 @@
 #include <cstdint>
 
 #include "fastprop/common.hpp"
+#include "fastprop/gemm.hpp"
 #include "fastprop/optim.hpp"
 #include "fastprop/train_step.hpp"
 #include "kernel_table.hpp"
@@ -27,6 +28,10 @@ const detail::KernelTable* kernel_table() noexcept;
 template <typename T>
 void gemm(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
           index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc);
+template <typename T>
+void gemm_ex(bool trans_a, bool trans_b, index_t m, index_t n, index_t k, T alpha, const T* a,
+             index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc,
+             const GemmEpilogue<T>& ep);
 
 template <typename T>
 void linear_forward(index_t n, index_t in, index_t out, const T* x, const T* w, const T* b,

@@ -1,0 +1,305 @@
+// gemm/gemm.cpp - the GEMM driver: shape dispatch, BLIS loops, threads (per ISA unit).
+//
+// Computes C = alpha * op(A) * op(B) + beta * C with an optional fused epilogue
+// (include/fastprop/gemm.hpp for the contract).
+//
+// Algorithm (BLIS/GotoBLAS):
+//   for jc over n in NC-wide blocks
+//     for pc over k in KC-deep blocks
+//       pack op(B)[pc:, jc:] into NR-column panels   (all threads, one panel range each)
+//       for ic over this thread's rows in MC-tall blocks
+//         pack op(A)[ic:, pc:] into MR-row panels    (per thread)
+//         macro-kernel: for each NR strip, for each MR tile: micro-kernel
+//                       (gemm/macro_kernel.hpp, gemm/ukernel.hpp), then the epilogue
+//                       on the strip in the last k block
+// Block sizes: gemm/gemm_config.hpp.  Packing (gemm/pack.hpp) absorbs transposes and
+// leading dimensions.  Small products (m*n*k <= kSmallWork) skip packing: the
+// micro-kernel reads A through its strides and B through its rows (NN, TN), and
+// only a transposed B (NT, TT) is packed.  One-row and one-column products use the
+// GEMV forms (gemm/gemv.hpp), then the epilogue.
+//
+// Threads (OpenMP, from kFlopGrain flops per thread): one parallel region around the
+// loop nest; the threads form a tm x tn grid over C (rows split in MR multiples,
+// the B block's NR panels split), pack the shared B block together (two barriers
+// per (jc, pc) block) and their own A blocks.  A column sum in the epilogue forces
+// tm = 1, so that every column is summed by one thread in row order.  Every element
+// of C is computed by the same micro-kernel sequence over the same KC blocks for
+// any thread count, so results are bit-identical across thread counts.
+//
+// Accuracy: each element is a sum of k products accumulated in T, one FMA chain per
+// KC block in increasing k (the avx2 unit), blocks added in order.
+// Speed (2-core Zen4 dev box, shared and noisy; medians, see benchmarks/RESULTS.md
+// for the full table vs NumPy/OpenBLAS in the same run).
+#include "gemm/epilogue.hpp"
+#include "gemm/gemm_config.hpp"
+#include "gemm/gemv.hpp"
+#include "gemm/macro_kernel.hpp"
+#include "gemm/pack.hpp"
+#include "isa_common.hpp"
+#include "kernels.hpp"
+#include "runtime.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+inline index_t round_up(index_t x, index_t to) { return (x + to - 1) / to * to; }
+inline index_t ceil_div(index_t x, index_t d) { return (x + d - 1) / d; }
+
+template <typename T>
+struct GemmArgs {
+    bool ta, tb;
+    index_t m, n, k;
+    T alpha;
+    const T* a;
+    index_t lda;
+    const T* b;
+    index_t ldb;
+    T beta;
+    T* c;
+    index_t ldc;
+    const GemmEpilogue<T>* ep;  // null: none
+};
+
+// C = beta * C over m x n (beta == 0 writes zeros without reading C).
+template <typename T>
+void scale_c(index_t m, index_t n, T beta, T* c, index_t ldc) {
+    if (beta == T(1)) return;
+    for (index_t i = 0; i < m; ++i) {
+        T* ci = c + i * ldc;
+        if (beta == T(0)) {
+            for (index_t j = 0; j < n; ++j) ci[j] = T(0);
+        } else {
+            for (index_t j = 0; j < n; ++j) ci[j] *= beta;
+        }
+    }
+}
+
+// Unpacked scalar fallback, used only if scratch memory cannot be allocated.
+template <typename T>
+void gemm_unpacked(const GemmArgs<T>& g) {
+    for (index_t i = 0; i < g.m; ++i) {
+        for (index_t j = 0; j < g.n; ++j) {
+            T s = T(0);
+            for (index_t p = 0; p < g.k; ++p)
+                s += (g.ta ? g.a[p * g.lda + i] : g.a[i * g.lda + p]) *
+                     (g.tb ? g.b[j * g.ldb + p] : g.b[p * g.ldb + j]);
+            T& cij = g.c[i * g.ldc + j];
+            cij = g.beta == T(0) ? g.alpha * s : g.alpha * s + g.beta * cij;
+        }
+    }
+    if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);
+}
+
+// The thread grid and the packing choices of one call.
+struct Plan {
+    int nt, tm, tn;
+    bool pack_a, pack_b;
+};
+
+template <typename T>
+Plan make_plan(const GemmArgs<T>& g) {
+    using Blk = GemmBlocks<T>;
+    Plan pl{};
+    const index_t work = g.m * g.n * g.k;
+    const bool small = work <= kSmallWork;
+    pl.pack_a = !small;
+    pl.pack_b = !small || g.tb;
+    pl.nt = threads_for(2 * work, kFlopGrain);
+    pl.tm = 1, pl.tn = 1;
+    if (pl.nt <= 1) {
+        pl.nt = 1;
+        return pl;
+    }
+    // tm x tn == nt minimising the largest tile, then the tile perimeter (packing);
+    // tm = 1 when the epilogue sums columns.
+    const bool col_only = g.ep != nullptr && g.ep->colsum != nullptr;
+    index_t best_area = -1, best_perim = 0;
+    const index_t nc = fp_min(g.n, Blk::NC);
+    for (int tm = 1; tm <= pl.nt; ++tm) {
+        if (pl.nt % tm != 0 || (col_only && tm != 1)) continue;
+        const int tn = pl.nt / tm;
+        const index_t rows = round_up(ceil_div(g.m, tm), Blk::MR);
+        const index_t cols = ceil_div(ceil_div(nc, Blk::NR), tn) * Blk::NR;
+        const index_t area = rows * cols, perim = rows + cols;
+        if (best_area < 0 || area < best_area || (area == best_area && perim < best_perim)) {
+            best_area = area, best_perim = perim, pl.tm = tm, pl.tn = tn;
+        }
+    }
+    return pl;
+}
+
+inline void team_barrier(int nt) {
+#if defined(_OPENMP)
+    if (nt > 1) {
+#pragma omp barrier
+    }
+#else
+    (void)nt;
+#endif
+}
+
+// One thread's part of the loop nest.  bp: the shared packed-B buffer (when
+// pack_b); tid: this thread's index in the grid (row ti = tid / tn, column
+// tj = tid % tn).  oks[tid] reports its scratch allocation; if any thread of the
+// team lacks scratch, every thread returns before touching C (returns false).
+template <typename T>
+bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks) {
+    using Blk = GemmBlocks<T>;
+    constexpr int MR = Blk::MR, NR = Blk::NR;
+    const int ti = tid / pl.tn, tj = tid % pl.tn;
+    const index_t rows_per = round_up(ceil_div(g.m, pl.tm), MR);
+    const index_t r0 = fp_min(g.m, ti * rows_per), r1 = fp_min(g.m, r0 + rows_per);
+    const index_t kc_max = fp_min(g.k, Blk::KC);
+    T* ap = nullptr;
+    T* b_edge = nullptr;
+    bool ok = true;
+    if (pl.pack_a && r1 > r0) {
+        const index_t mc_max = round_up(fp_min(r1 - r0, Blk::MC), MR);
+        ap = static_cast<T*>(detail::thread_scratch(0, sizeof(T) * mc_max * kc_max));
+        ok = ap != nullptr;
+    }
+    if (!pl.pack_b) {
+        b_edge = static_cast<T*>(detail::thread_scratch(2, sizeof(T) * NR * kc_max));
+        ok = ok && b_edge != nullptr;
+    }
+    oks[tid] = ok;
+    team_barrier(pl.nt);
+    for (int t = 0; t < pl.nt; ++t)
+        if (!oks[t]) return false;
+
+    for (index_t jc = 0; jc < g.n; jc += Blk::NC) {
+        const index_t nc = fp_min(Blk::NC, g.n - jc);
+        const index_t strips = ceil_div(nc, NR);
+        const index_t per = ceil_div(strips, pl.tn);
+        const index_t s0 = fp_min(strips, tj * per), s1 = fp_min(strips, s0 + per);
+        for (index_t pc = 0; pc < g.k; pc += Blk::KC) {
+            const index_t kc = fp_min(Blk::KC, g.k - pc);
+            const bool last_k = pc + kc >= g.k;
+            const T* b_block = g.tb ? g.b + jc * g.ldb + pc : g.b + pc * g.ldb + jc;
+            if (pl.pack_b) {
+                // The whole team packs the shared block, one panel range per thread;
+                // barriers: nobody still reads the previous block / all panels done.
+                team_barrier(pl.nt);
+                const index_t pper = ceil_div(strips, pl.nt);
+                const index_t p0 = fp_min(strips, tid * pper), p1 = fp_min(strips, p0 + pper);
+                pack_b<T, NR>(g.tb, kc, nc, b_block, g.ldb, bp, p0, p1);
+                team_barrier(pl.nt);
+            } else if (s1 == strips && s1 > s0 && nc % NR != 0) {
+                // Unpacked B: a zero-padded copy of the partial last strip.
+                const index_t j0 = (strips - 1) * NR;
+                pack_b<T, NR>(false, kc, nc - j0, b_block + j0, g.ldb, b_edge, 0, 1);
+            }
+            if (s1 <= s0) continue;
+            const T beta = pc == 0 ? g.beta : T(1);
+            for (index_t ic = r0; ic < r1; ic += Blk::MC) {
+                const index_t mc = fp_min(Blk::MC, r1 - ic);
+                MacroBlock<T> blk{};
+                blk.mc = mc, blk.nc = nc, blk.kc = kc;
+                const T* a_block = g.ta ? g.a + pc * g.lda + ic : g.a + ic * g.lda + pc;
+                if (pl.pack_a) {
+                    pack_a<T, MR>(g.ta, mc, kc, a_block, g.lda, ap);
+                    blk.a = ap, blk.a_packed = true;
+                } else {
+                    blk.a = a_block, blk.a_packed = false;
+                    blk.rs_a = g.ta ? 1 : g.lda;
+                    blk.cs_a = g.ta ? g.lda : 1;
+                }
+                blk.b = pl.pack_b ? bp : b_block;
+                blk.b_packed = pl.pack_b;
+                blk.rs_b = g.ldb;
+                blk.b_edge = b_edge;
+                blk.c = g.c + ic * g.ldc + jc;
+                blk.ldc = g.ldc;
+                blk.alpha = g.alpha, blk.beta = beta;
+                macro_kernel(blk, s0, s1, last_k ? g.ep : nullptr, g.c, ic, jc);
+            }
+        }
+    }
+    return true;
+}
+
+template <typename T>
+void gemm_blocked(const GemmArgs<T>& g) {
+    using Blk = GemmBlocks<T>;
+    constexpr int kMaxThreads = 256;
+    Plan pl = make_plan(g);
+    if (pl.nt > kMaxThreads) pl = Plan{1, 1, 1, pl.pack_a, pl.pack_b};
+    T* bp = nullptr;
+    if (pl.pack_b) {
+        const index_t kc_max = fp_min(g.k, Blk::KC);
+        const index_t nc_max = round_up(fp_min(g.n, Blk::NC), Blk::NR);
+        bp = static_cast<T*>(detail::thread_scratch(1, sizeof(T) * kc_max * nc_max));
+        if (bp == nullptr) return gemm_unpacked(g);
+    }
+    bool oks[kMaxThreads];
+    bool done = false;
+#if defined(_OPENMP)
+    if (pl.nt > 1) {
+        detail::note_thread_pool_started();
+#pragma omp parallel num_threads(pl.nt)
+        {
+            const int tid = omp_get_thread_num();
+            if (omp_get_num_threads() == pl.nt) {
+                const bool r = gemm_thread(g, pl, bp, tid, oks);
+                if (tid == 0) done = r;
+            } else if (tid == 0) {  // fewer threads than asked for: run serially
+                Plan serial{1, 1, 1, pl.pack_a, pl.pack_b};
+                done = gemm_thread(g, serial, bp, 0, oks);
+            }
+        }
+        if (!done) gemm_unpacked(g);
+        return;
+    }
+#endif
+    Plan serial{1, 1, 1, pl.pack_a, pl.pack_b};
+    done = gemm_thread(g, serial, bp, 0, oks);
+    if (!done) gemm_unpacked(g);
+}
+
+template <typename T>
+void gemm_dispatch(const GemmArgs<T>& g) {
+    if (g.m <= 0 || g.n <= 0) return;
+    if (g.k <= 0 || g.alpha == T(0)) {
+        scale_c(g.m, g.n, g.beta, g.c, g.ldc);
+        if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);
+        return;
+    }
+    if ((g.m == 1 || g.n == 1) &&
+        gemv_shapes(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c,
+                    g.ldc)) {
+        if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);
+        return;
+    }
+    gemm_blocked(g);
+}
+
+}  // namespace
+
+template <typename T>
+void gemm(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+          index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    gemm_dispatch(GemmArgs<T>{ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, nullptr});
+}
+
+template <typename T>
+void gemm_ex(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+             index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc,
+             const GemmEpilogue<T>& ep) {
+    const GemmEpilogue<T>* e = epilogue_is_empty(ep) ? nullptr : &ep;
+    gemm_dispatch(GemmArgs<T>{ta, tb, m, n, k, alpha, a, lda, b, ldb, beta, c, ldc, e});
+}
+
+template void gemm<float>(bool, bool, index_t, index_t, index_t, float, const float*,
+                          index_t, const float*, index_t, float, float*, index_t);
+template void gemm<double>(bool, bool, index_t, index_t, index_t, double, const double*,
+                           index_t, const double*, index_t, double, double*, index_t);
+template void gemm_ex<float>(bool, bool, index_t, index_t, index_t, float, const float*,
+                             index_t, const float*, index_t, float, float*, index_t,
+                             const GemmEpilogue<float>&);
+template void gemm_ex<double>(bool, bool, index_t, index_t, index_t, double, const double*,
+                              index_t, const double*, index_t, double, double*, index_t,
+                              const GemmEpilogue<double>&);
+
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

@@ -1,0 +1,64 @@
+// gemm/gemm_config.hpp - the block-size table: register tile and cache blocks per ISA
+// unit and dtype, and the size thresholds of the GEMM driver (per ISA unit).
+//
+// One row per (ISA, dtype), BLIS style; the driver (gemm.cpp) reads nothing else.
+//   MR x NR   register tile of the micro-kernel (MR rows of C, NR columns: NR / VL
+//             vectors of VL lanes; 2 * MR accumulators);
+//   KC        depth of a packed block: one MR x KC sliver of A and one KC x NR
+//             sliver of B stay in L1 (32 KiB) while a tile is computed;
+//   MC        rows of a packed A block (MC x KC stays in L2: 1 MiB per core on Zen4);
+//   NC        columns of a packed B block (KC x NC shared by both cores in L3).
+// Measured on the 2-core Zen4 dev box (float32, avx2, 1 thread, n = 1024): KC 256 ->
+// 384 and MC 120 -> 144 gave +3%; larger KC/MC lost again (L1/L2 misses).
+//
+// Thresholds:
+//   kSmallWork    m*n*k at or below which nothing is packed (the micro-kernel reads
+//                 A through its strides and B through its rows; NT/TT pack only B):
+//                 packing A costs a pass over it that a small product cannot repay.
+//   kFlopGrain    flops per thread before a second thread is used (~100 us of one
+//                 core on a busy machine: waking the OpenMP team must be repaid).
+#pragma once
+
+#include "isa_common.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+template <typename T>
+struct GemmBlocks;
+
+#if defined(__AVX2__) && defined(__FMA__)
+// avx2 unit: gemm/sgemm_avx2_6x16.hpp, gemm/dgemm_avx2_6x8.hpp (16 ymm registers:
+// 12 accumulators, 2 B vectors, 1 A broadcast).
+template <>
+struct GemmBlocks<float> {
+    static constexpr int MR = 6, NR = 16;
+    static constexpr index_t KC = 384, MC = 144, NC = 4080;
+};
+template <>
+struct GemmBlocks<double> {
+    static constexpr int MR = 6, NR = 8;
+    static constexpr index_t KC = 256, MC = 96, NC = 2040;
+};
+#else
+// generic unit: gemm/gemm_ref_6x2v.hpp on the baseline vectors (SSE 16 bytes on
+// x86-64-v2, NEON on aarch64): 6 rows x 2 vectors.
+template <>
+struct GemmBlocks<float> {
+    static constexpr int MR = 6, NR = 8;
+    static constexpr index_t KC = 256, MC = 120, NC = 3072;
+};
+template <>
+struct GemmBlocks<double> {
+    static constexpr int MR = 6, NR = 4;
+    static constexpr index_t KC = 256, MC = 96, NC = 2048;
+};
+#endif
+
+constexpr index_t kSmallWork = index_t(96) * 96 * 96;
+constexpr index_t kFlopGrain = index_t(1) << 22;
+
+}  // namespace
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop

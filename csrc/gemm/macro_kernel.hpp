@@ -1,0 +1,81 @@
+// gemm/macro_kernel.hpp - the BLIS macro-kernel: one mc x nc block of C from an A
+// block and a B block, by micro-kernel tiles (per ISA unit).
+//
+// For each NR-column strip jr (in [s0, s1) of the block's strips) and each MR-row
+// tile ir: the micro-kernel (gemm/ukernel.hpp) computes the MR x NR tile of C over
+// the block's kc.  Operands come either packed (A: MR-row panels, B: NR-column
+// panels; gemm/pack.hpp) or unpacked, described by strides:
+//   A(i, p) = a[i*rs_a + p*cs_a]   (packed: panel r at a + r*MR*kc, rs_a = 1, cs_a = MR)
+//   B(p, j) = b[p*rs_b + j]        (packed: panel s at b + s*NR*kc, rs_b = NR;
+//                                   unpacked: rows of op(B) with unit column stride;
+//                                   a partial last strip comes from `b_edge`, a
+//                                   zero-padded kc x NR copy)
+// After a strip is done in the last k block, the epilogue (when ep is given) runs on
+// it (mc x NR of C, still in L1); row0/col0 place the block in C, whose [0, 0] is c00.  Loop order jr-outer, ir-inner: one B sliver (kc x NR) stays in L1
+// while the A block streams from L2.
+#pragma once
+
+#include "gemm/epilogue.hpp"
+#include "gemm/ukernel.hpp"
+
+namespace fastprop {
+namespace FASTPROP_ISA_NS {
+namespace {
+
+template <typename T>
+struct MacroBlock {
+    index_t mc, nc, kc;        // block size
+    const T* a;                // packed panels, or op(A)[ic, pc] for unpacked
+    index_t rs_a, cs_a;        // strides of unpacked A
+    bool a_packed;
+    const T* b;                // packed panels, or op(B)[pc, jc] for unpacked
+    index_t rs_b;              // row stride of unpacked B
+    bool b_packed;
+    const T* b_edge;           // unpacked B: kc x NR copy of a partial last strip
+    T* c;                      // C[ic, jc]
+    index_t ldc;
+    T alpha, beta;
+};
+
+template <typename T>
+void macro_kernel(const MacroBlock<T>& blk, index_t s0, index_t s1,
+                  const GemmEpilogue<T>* ep, T* c00, index_t row0, index_t col0) {
+    using U = GemmUkr<T>;
+    constexpr int MR = U::MR, NR = U::NR;
+    const index_t kc = blk.kc;
+    for (index_t s = s0; s < s1; ++s) {
+        const index_t jr = s * NR;
+        const index_t nr = fp_min<index_t>(NR, blk.nc - jr);
+        const T* bs;
+        index_t rs_b;
+        if (blk.b_packed) {
+            bs = blk.b + s * NR * kc, rs_b = NR;
+        } else if (nr < NR) {
+            bs = blk.b_edge, rs_b = NR;
+        } else {
+            bs = blk.b + jr, rs_b = blk.rs_b;
+        }
+        T* cs = blk.c + jr;
+        if (blk.a_packed) {
+            for (index_t ir = 0; ir < blk.mc; ir += MR) {
+                const int mr = static_cast<int>(fp_min<index_t>(MR, blk.mc - ir));
+                U::template run<true>(mr, kc, blk.a + ir * kc, 1, MR, bs, rs_b,
+                                      cs + ir * blk.ldc, blk.ldc, nr, blk.alpha, blk.beta);
+            }
+        } else {
+            for (index_t ir = 0; ir < blk.mc; ir += MR) {
+                const int mr = static_cast<int>(fp_min<index_t>(MR, blk.mc - ir));
+                U::template run<false>(mr, kc, blk.a + ir * blk.rs_a, blk.rs_a, blk.cs_a, bs,
+                                       rs_b, cs + ir * blk.ldc, blk.ldc, nr, blk.alpha,
+                                       blk.beta);
+            }
+        }
+        if (ep != nullptr)
+            apply_epilogue(*ep, row0, row0 + blk.mc, col0 + jr, col0 + jr + nr,
+                           c00, blk.ldc);
+    }
+}
+
+}  // namespace
+}  // namespace FASTPROP_ISA_NS
+}  // namespace fastprop
