@@ -61,29 +61,29 @@ inline void ep_activation(int act, T a, T* FASTPROP_RESTRICT y, index_t len) {
     }
 }
 
-// g[0:len] *= act'(d[0:len]) (d: forward output, or pre-activation for gelu).
+// out[0:len] = g[0:len] * act'(d[0:len]) (d: forward output, or pre-activation for
+// gelu).  Element-wise: out may alias g and/or d.
 template <typename T>
-inline void ep_derivative(int act, T a, const T* FASTPROP_RESTRICT d, T* FASTPROP_RESTRICT g,
-                          index_t len) {
+inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t len) {
     switch (act) {
         case kRelu:
-            for (index_t j = 0; j < len; ++j) g[j] = g[j] * (d[j] > T(0) ? T(1) : T(0));
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] > T(0) ? T(1) : T(0));
             break;
         case kLeakyRelu:
-            for (index_t j = 0; j < len; ++j) g[j] = g[j] * (d[j] > T(0) ? T(1) : a);
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] > T(0) ? T(1) : a);
             break;
         case kSigmoid:
-            for (index_t j = 0; j < len; ++j) g[j] = g[j] * (d[j] * (T(1) - d[j]));
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] * (T(1) - d[j]));
             break;
         case kTanh:
-            for (index_t j = 0; j < len; ++j) g[j] = g[j] * (T(1) - d[j] * d[j]);
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (T(1) - d[j] * d[j]);
             break;
         case kGelu:
             for (index_t j = 0; j < len; ++j) {
                 const T xj = d[j];
                 const T s = ep_gelu_sigmoid(xj);
                 const T du = T(kEpGeluC) * (T(1) + T(3 * kEpGeluK) * xj * xj);
-                g[j] = g[j] * (s + T(2) * xj * s * (T(1) - s) * du);
+                out[j] = g[j] * (s + T(2) * xj * s * (T(1) - s) * du);
             }
             break;
         default:
@@ -112,7 +112,7 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
             for (index_t j = 0; j < len; ++j) zi[j] = ci[j];
         }
         if (act != kIdentity) ep_activation(act, a, ci, len);
-        if (dact != kIdentity) ep_derivative(dact, da, ep.dsrc + i * ep.ld_dsrc + j0, ci, len);
+        if (dact != kIdentity) ep_derivative(dact, da, ep.dsrc + i * ep.ld_dsrc + j0, ci, ci, len);
         if (ep.colsum != nullptr) {
             double* FASTPROP_RESTRICT s = ep.colsum + j0;
             for (index_t j = 0; j < len; ++j) s[j] += double(ci[j]);
