@@ -7,8 +7,8 @@ differently, for float32 and float64, with shapes of 1, primes and sizes that ar
 not multiples of any tile, strided (leading-dimension) GEMM operands, aliasing,
 threaded sizes (> 64k elements), numerically extreme inputs and malformed
 arguments.  The whole module also runs once more in a subprocess under
-FASTPROP_ISA=generic so that both kernel sets are checked
-(test_subprocess_generic_isa_suite).
+FASTPROP_ISA=<isa> for every other available ISA, so that every kernel set is
+checked (test_subprocess_isa_suite).
 """
 
 import importlib
@@ -179,11 +179,14 @@ def test_subprocess_isa_env_values():
     assert isa == ("avx2" if "avx2" in avail else "generic")
 
 
-@pytest.mark.skipif(os.environ.get("FASTPROP_ISA", "").strip().lower() == "generic",
-                    reason="this run already uses the generic kernels")
-def test_subprocess_generic_isa_suite():
-    """The whole module again, with the reference (generic) kernels forced."""
-    env = dict(os.environ, FASTPROP_ISA="generic")
+@pytest.mark.skipif(os.environ.get("FASTPROP_NATIVE_ISA_CHILD") == "1",
+                    reason="already a per-ISA child run")
+@pytest.mark.parametrize("isa", _native.available_isas())
+def test_subprocess_isa_suite(isa):
+    """The whole module again for every other available ISA (generic, avx2, ...)."""
+    if isa == _native.isa():
+        pytest.skip(f"{isa} is the ISA of this run")
+    env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_NATIVE_ISA_CHILD="1")
     out = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
          os.path.abspath(__file__), "-k", "not subprocess"],

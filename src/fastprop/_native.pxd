@@ -43,6 +43,28 @@ cdef extern from "fastprop/gemm.hpp" nogil:
                                   const double* b, int64_t ldb, double beta, double* c,
                                   int64_t ldc) noexcept
 
+    cdef cppclass GemmEpilogue "fastprop::GemmEpilogue"[T]:
+        const T* bias
+        T* preact
+        int64_t ld_preact
+        int act
+        double alpha
+        const T* dsrc
+        int64_t ld_dsrc
+        int dact
+        double dalpha
+        double* colsum
+        int* nonfinite
+
+    void fp_gemm_ex "fastprop::gemm_ex"(cbool trans_a, cbool trans_b, int64_t m, int64_t n,
+                                        int64_t k, float alpha, const float* a, int64_t lda,
+                                        const float* b, int64_t ldb, float beta, float* c,
+                                        int64_t ldc, const GemmEpilogue[float]& ep) noexcept
+    void fp_gemm_ex "fastprop::gemm_ex"(cbool trans_a, cbool trans_b, int64_t m, int64_t n,
+                                        int64_t k, double alpha, const double* a, int64_t lda,
+                                        const double* b, int64_t ldb, double beta, double* c,
+                                        int64_t ldc, const GemmEpilogue[double]& ep) noexcept
+
 
 cdef extern from "fastprop/linear.hpp" nogil:
     void fp_linear_forward "fastprop::linear_forward"(

@@ -266,6 +266,88 @@ def gemm(a, b, c, trans_a, trans_b, accumulate):
         _gemm[double](a, b, c, trans_a, trans_b, accumulate)
 
 
+cdef int _gemm_ex(const floating[:, :] a, const floating[:, :] b, floating[:, :] c,
+                  bint trans_a, bint trans_b, double alpha, double beta,
+                  const floating[::1] bias, floating[:, :] preact, int act, double act_alpha,
+                  const floating[:, :] dsrc, int dact, double dalpha, double[::1] colsum,
+                  int[::1] nonfinite) except -1:
+    cdef Py_ssize_t item = sizeof(floating)
+    cdef int64_t m = c.shape[0], n = c.shape[1]
+    cdef int64_t am = a.shape[1] if trans_a else a.shape[0]
+    cdef int64_t k = a.shape[0] if trans_a else a.shape[1]
+    cdef int64_t bk = b.shape[1] if trans_b else b.shape[0]
+    cdef int64_t bn = b.shape[0] if trans_b else b.shape[1]
+    if am != m or bk != k or bn != n:
+        raise ValueError(f"gemm_ex: shapes do not agree: op(a) is ({am}, {k}), op(b) is "
+                         f"({bk}, {bn}), c is ({m}, {n})")
+    cdef GemmEpilogue[floating] ep
+    ep.act = act
+    ep.alpha = act_alpha
+    ep.dact = dact
+    ep.dalpha = dalpha
+    if bias is not None:
+        _need1("bias", &bias.shape[0], n)
+        ep.bias = &bias[0]
+    if preact is not None:
+        _need2("preact", &preact.shape[0], m, n)
+        ep.ld_preact = _lead("preact", preact.shape[0], preact.shape[1], preact.strides[0],
+                             preact.strides[1], item)
+        ep.preact = &preact[0, 0]
+    if dsrc is not None:
+        _need2("dsrc", &dsrc.shape[0], m, n)
+        ep.ld_dsrc = _lead("dsrc", dsrc.shape[0], dsrc.shape[1], dsrc.strides[0],
+                           dsrc.strides[1], item)
+        ep.dsrc = &dsrc[0, 0]
+    if colsum is not None:
+        _need1("colsum", &colsum.shape[0], n)
+        ep.colsum = &colsum[0]
+    if nonfinite is not None:
+        _need1("nonfinite", &nonfinite.shape[0], 1)
+        ep.nonfinite = &nonfinite[0]
+    cdef int64_t lda = _lead("a", a.shape[0], a.shape[1], a.strides[0], a.strides[1], item)
+    cdef int64_t ldb = _lead("b", b.shape[0], b.shape[1], b.strides[0], b.strides[1], item)
+    cdef int64_t ldc = _lead("c", c.shape[0], c.shape[1], c.strides[0], c.strides[1], item)
+    if m == 0 or n == 0:
+        return 0
+    cdef const floating* pa = &a[0, 0] if a.shape[0] > 0 and a.shape[1] > 0 else NULL
+    cdef const floating* pb = &b[0, 0] if b.shape[0] > 0 and b.shape[1] > 0 else NULL
+    cdef floating* pc = &c[0, 0]
+    with nogil:
+        fp_gemm_ex(trans_a, trans_b, m, n, k, <floating>alpha, pa, lda, pb, ldb,
+                   <floating>beta, pc, ldc, ep)
+    return 0
+
+
+def gemm_ex(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, *, bias=None,
+            preact=None, int act=0, double act_alpha=0.01, dsrc=None, int dact=0,
+            double dalpha=0.01, colsum=None, nonfinite=None):
+    """c = alpha op(a) @ op(b) + beta c, then the fused epilogue (C++ gemm_ex).
+
+    Internal (tests and benchmarks of the C++ API that the fused training step uses):
+    bias (n,) added; preact (m, n) receives the biased value; act applied (codes
+    0..5); c *= act'(dsrc) for dact (dsrc: y, or z for gelu); colsum (n,) float64
+    += column sums of the final c; nonfinite (1,) intc set to 1 if c has NaN/Inf.
+    Operands need a unit-stride last axis (any leading dimension).
+    """
+    cdef int kind = _kind(c, "c")
+    _same_kind(a, kind, "a")
+    _same_kind(b, kind, "b")
+    if bias is not None:
+        _same_kind(bias, kind, "bias")
+    if preact is not None:
+        _same_kind(preact, kind, "preact")
+    if dsrc is not None:
+        _same_kind(dsrc, kind, "dsrc")
+    if not 0 <= act < ACT_SOFTMAX or not 0 <= dact < ACT_SOFTMAX:
+        raise ValueError(f"gemm_ex: act and dact must be epilogue codes 0..5, got {act}, {dact}")
+    if kind == 4:
+        _gemm_ex[float](a, b, c, trans_a, trans_b, alpha, beta, bias, preact, act, act_alpha,
+                        dsrc, dact, dalpha, colsum, nonfinite)
+    else:
+        _gemm_ex[double](a, b, c, trans_a, trans_b, alpha, beta, bias, preact, act,
+                         act_alpha, dsrc, dact, dalpha, colsum, nonfinite)
+
+
 cdef int _linear_forward(const floating[:, ::1] x, const floating[:, ::1] w,
                          const floating[::1] b, int act, double alpha, floating[:, ::1] y,
                          floating[:, ::1] z) except -1:

@@ -1,0 +1,335 @@
+"""The native GEMM (csrc/gemm) and its fused epilogue against NumPy.
+
+Every layout (NN, NT, TN, TT) x dtype x shape: all (m, k, n) drawn from
+0, 1, 2, 7, 31, 33, 65, 127, 257 (empty products, the GEMV forms, sizes on either
+side of every tile and block edge, threaded sizes) and the MLP shapes, checked
+against a float64 NumPy product with a per-dtype tolerance relative to |A| |B|.
+Also: strided and offset views for every operand (leading dimensions, C a window
+of a larger array whose border must stay untouched), accumulate and general
+alpha/beta, beta = 0 ignoring NaN in C, bit-identical results for 1 and 2 threads,
+and every epilogue step of gemm_ex (bias, pre-activation, activations 0..5,
+derivative products, column sums, non-finite flag).
+
+The module runs once per ISA path: in-process with the dispatched kernels, and
+again in a subprocess for every other available ISA (test_subprocess_isa_suites).
+"""
+
+import importlib
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+_native = importlib.import_module("fastprop._native")
+nat = importlib.import_module("fastprop.backends.native")
+ref = importlib.import_module("fastprop.backends.numpy")
+
+F32, F64 = np.dtype(np.float32), np.dtype(np.float64)
+DTYPES = [F32, F64]
+DTYPE_IDS = ["f32", "f64"]
+#: max |C - C_exact| / (|A| |B| + |beta C0|) per dtype (a sum of up to ~1000 products).
+RTOL = {F32: 2e-6, F64: 4e-15}
+#: elementwise epilogue results vs the float64 reference: (rtol, atol).
+EP_TOL = {F32: (2e-5, 2e-6), F64: (1e-12, 1e-13)}
+LAYOUTS = [(False, False), (False, True), (True, False), (True, True)]
+LAYOUT_IDS = ["NN", "NT", "TN", "TT"]
+SIZES = [0, 1, 2, 7, 31, 33, 65, 127, 257]
+#: (m, k, n) of the MLP benchmark shapes.
+MLP_SHAPES = [(64, 784, 256), (64, 256, 256), (32, 128, 128), (128, 784, 256), (1, 784, 256),
+              (256, 64, 784), (784, 64, 256), (64, 256, 784)]
+ACT_CODES = list(range(6))  # identity, relu, leaky_relu, sigmoid, tanh, gelu
+ALPHA = 0.01
+
+
+def operands(rng, m, k, n, ta, tb, dtype):
+    a = rng.standard_normal((k, m) if ta else (m, k)).astype(dtype)
+    b = rng.standard_normal((n, k) if tb else (k, n)).astype(dtype)
+    return a, b
+
+
+def expect(a, b, ta, tb, alpha=1.0, beta=0.0, c0=None):
+    """(exact product in float64, error scale |alpha| |A| |B| + |beta C0|)."""
+    oa = (a.T if ta else a).astype(np.float64)
+    ob = (b.T if tb else b).astype(np.float64)
+    exact = alpha * (oa @ ob)
+    scale = abs(alpha) * (np.abs(oa) @ np.abs(ob))
+    if beta != 0.0:
+        exact = exact + beta * c0.astype(np.float64)
+        scale = scale + abs(beta) * np.abs(c0.astype(np.float64))
+    return exact, scale
+
+
+def check(c, exact, scale, dtype, what):
+    err = np.abs(c.astype(np.float64) - exact)
+    bound = RTOL[np.dtype(dtype)] * (scale + 1e-30) + np.finfo(dtype).tiny
+    bad = ~(err <= bound)
+    if bad.any():
+        i = np.unravel_index(np.argmax(np.where(bad, err / (scale + 1e-30), -1)), err.shape)
+        raise AssertionError(f"{what}: {int(bad.sum())}/{err.size} out of tolerance; at {i}: "
+                             f"got {c[i]!r}, want {exact[i]!r} (scale {scale[i]!r})")
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(1234)
+
+
+# ------------------------------------------------------------------ all shapes and layouts
+@pytest.mark.parametrize("m", SIZES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_gemm_every_shape(rng, m, dtype, ta, tb):
+    for k in SIZES:
+        for n in SIZES:
+            a, b = operands(rng, m, k, n, ta, tb, dtype)
+            c = np.full((m, n), np.nan, dtype)  # beta = 0: C is never read
+            nat.gemm(a, b, c, ta, tb, False)
+            exact, scale = expect(a, b, ta, tb)
+            check(c, exact, scale, dtype, f"m={m} k={k} n={n}")
+
+
+@pytest.mark.parametrize("shape", MLP_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_gemm_mlp_shapes(rng, shape, dtype, ta, tb):
+    m, k, n = shape
+    a, b = operands(rng, m, k, n, ta, tb, dtype)
+    c = np.empty((m, n), dtype)
+    nat.gemm(a, b, c, ta, tb, False)
+    check(c, *expect(a, b, ta, tb), dtype, "mlp")
+    c0 = rng.standard_normal((m, n)).astype(dtype)
+    c = c0.copy()
+    nat.gemm(a, b, c, ta, tb, True)  # accumulate: beta = 1
+    check(c, *expect(a, b, ta, tb, 1.0, 1.0, c0), dtype, "mlp accumulate")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("shape", [(1, 33, 17), (7, 1, 9), (31, 65, 33), (127, 300, 129),
+                                   (300, 257, 301)], ids=lambda s: "x".join(map(str, s)))
+def test_gemm_strided_offset_views(rng, dtype, ta, tb, shape):
+    """Every operand a window of a larger array (offset start, leading dim > cols)."""
+    m, k, n = shape
+    a0, b0 = operands(rng, m, k, n, ta, tb, dtype)
+    big_a = rng.standard_normal((a0.shape[0] + 3, a0.shape[1] + 11)).astype(dtype)
+    big_b = rng.standard_normal((b0.shape[0] + 2, b0.shape[1] + 5)).astype(dtype)
+    a = big_a[2:2 + a0.shape[0], 3:3 + a0.shape[1]]
+    b = big_b[1:1 + b0.shape[0], 4:4 + b0.shape[1]]
+    a[...] = a0
+    b[...] = b0
+    big_c = rng.standard_normal((m + 4, n + 7)).astype(dtype)
+    before = big_c.copy()
+    c = big_c[1:1 + m, 5:5 + n]
+    c0 = c.copy()
+    nat.gemm(a, b, c, ta, tb, True)
+    check(c, *expect(a0, b0, ta, tb, 1.0, 1.0, c0), dtype, "strided accumulate")
+    mask = np.ones(big_c.shape, bool)
+    mask[1:1 + m, 5:5 + n] = False
+    np.testing.assert_array_equal(big_c[mask], before[mask], err_msg="wrote outside C")
+    nat.gemm(a, b, c, ta, tb, False)
+    check(c, *expect(a0, b0, ta, tb), dtype, "strided")
+    np.testing.assert_array_equal(big_c[mask], before[mask], err_msg="wrote outside C")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.5, 0.0), (2.0, 1.0), (0.75, -1.5),
+                                        (0.0, 0.5), (1.0, 0.0)])
+def test_gemm_ex_alpha_beta(rng, dtype, ta, tb, alpha, beta):
+    for m, k, n in [(5, 3, 7), (33, 65, 17), (130, 400, 70), (1, 50, 40), (40, 50, 1)]:
+        a, b = operands(rng, m, k, n, ta, tb, dtype)
+        c0 = rng.standard_normal((m, n)).astype(dtype)
+        c = c0.copy() if beta != 0.0 else np.full((m, n), np.nan, dtype)
+        _native.gemm_ex(a, b, c, ta, tb, alpha, beta)
+        check(c, *expect(a, b, ta, tb, alpha, beta, c0), dtype, f"{m}x{k}x{n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_gemm_k_zero_scales_c(rng, dtype):
+    c0 = rng.standard_normal((9, 13)).astype(dtype)
+    a = np.empty((9, 0), dtype)
+    b = np.empty((0, 13), dtype)
+    c = c0.copy()
+    _native.gemm_ex(a, b, c, False, False, 1.0, 0.5)
+    np.testing.assert_array_equal(c, (c0 * dtype.type(0.5)))
+    c = np.full((9, 13), np.nan, dtype)
+    nat.gemm(a, b, c, False, False, False)
+    np.testing.assert_array_equal(c, 0)
+
+
+@pytest.mark.skipif(not _native.openmp(), reason="built without OpenMP")
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
+    before = nat.get_num_threads()
+    for m, k, n in [(300, 500, 260), (64, 784, 256), (1000, 300, 40), (20, 700, 1000)]:
+        a, b = operands(rng, m, k, n, ta, tb, dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        outs = []
+        try:
+            for threads in (1, 2, 3):
+                nat.set_num_threads(threads)
+                c = np.empty((m, n), dtype)
+                cs = np.zeros(n)
+                _native.gemm_ex(a, b, c, ta, tb, bias=bias, act=4, colsum=cs)
+                outs.append((c, cs))
+        finally:
+            nat.set_num_threads(before)
+        for c, cs in outs[1:]:
+            np.testing.assert_array_equal(c, outs[0][0])
+            np.testing.assert_array_equal(cs, outs[0][1])
+
+
+# ------------------------------------------------------------------ fused epilogue
+def act_ref(code, z):
+    y = np.empty_like(z)
+    ref.activation_forward(code, ALPHA, z, y)
+    return y
+
+
+def dact_ref(code, g, z, y):
+    out = np.empty_like(g)
+    ref.activation_backward(code, ALPHA, g, z, y, out)
+    return out
+
+
+def ep_close(actual, expected, dtype, what):
+    rtol, atol = EP_TOL[np.dtype(dtype)]
+    np.testing.assert_allclose(actual.astype(np.float64), expected, rtol=rtol, atol=atol,
+                               err_msg=what)
+
+
+EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACT_CODES)
+def test_epilogue_forward_bias_preact_activation(rng, dtype, act):
+    for m, k, n in EP_SHAPES:
+        x = (rng.standard_normal((m, k)) / np.sqrt(k)).astype(dtype)
+        w = rng.standard_normal((k, n)).astype(dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        y = np.empty((m, n), dtype)
+        z = np.empty((m, n), dtype)
+        _native.gemm_ex(x, w, y, bias=bias, preact=z, act=act, act_alpha=ALPHA)
+        z64 = x.astype(np.float64) @ w.astype(np.float64) + bias
+        ep_close(z, z64, dtype, "preact")
+        # The activation of the kernel's own z: exactly the elementwise kernel's result
+        # up to a few ulp (same formulas, vmath.hpp).
+        y_elem = np.empty_like(z)
+        nat.activation_forward(act, ALPHA, z, y_elem)
+        np.testing.assert_allclose(y, y_elem, rtol=4 * np.finfo(dtype).eps,
+                                   atol=4 * np.finfo(dtype).tiny, err_msg="act(z)")
+        ep_close(y, act_ref(act, z64), dtype, "y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dact", ACT_CODES)
+@pytest.mark.parametrize("ta,tb", [(False, True), (False, False)], ids=["NT", "NN"])
+def test_epilogue_backward_derivative_and_colsum(rng, dtype, dact, ta, tb):
+    """grad_z = (grad_y @ w^T) * act'(.) with the bias gradient summed in the pass."""
+    for m, k, n in EP_SHAPES:
+        g = rng.standard_normal((m, k)).astype(dtype)
+        w = (rng.standard_normal((n, k) if tb else (k, n)) / np.sqrt(k)).astype(dtype)
+        z = rng.standard_normal((m, n)).astype(dtype)
+        y = act_ref(dact, z.astype(np.float64)).astype(dtype)
+        dsrc = z if dact == 5 else y
+        c = np.empty((m, n), dtype)
+        cs = np.full(n, 0.25)
+        _native.gemm_ex(g, w, c, ta, tb, dsrc=dsrc, dact=dact, dalpha=ALPHA, colsum=cs)
+        prod = g.astype(np.float64) @ (w.T if tb else w).astype(np.float64)
+        want = dact_ref(dact, prod, z.astype(np.float64), y.astype(np.float64))
+        ep_close(c, want, dtype, "grad_z")
+        np.testing.assert_allclose(cs, 0.25 + c.astype(np.float64).sum(0), rtol=1e-12,
+                                   atol=1e-12, err_msg="colsum")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_epilogue_colsum_rows_in_order(rng, dtype):
+    """Column sums: double accumulation of the final C, rows in increasing order."""
+    m, k, n = 300, 40, 50
+    a, b = operands(rng, m, k, n, False, False, dtype)
+    c = np.empty((m, n), dtype)
+    cs = np.zeros(n)
+    _native.gemm_ex(a, b, c, colsum=cs)
+    want = np.zeros(n)
+    for i in range(m):
+        want += c[i].astype(np.float64)
+    np.testing.assert_array_equal(cs, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("shape", [(1, 5, 9), (9, 5, 1), (40, 30, 50), (200, 300, 100)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_epilogue_nonfinite_flag(rng, dtype, shape):
+    m, k, n = shape
+    a, b = operands(rng, m, k, n, False, False, dtype)
+    flag = np.zeros(1, np.intc)
+    c = np.empty((m, n), dtype)
+    _native.gemm_ex(a, b, c, nonfinite=flag)
+    assert flag[0] == 0
+    for bad in (np.inf, -np.inf, np.nan):
+        a2 = a.copy()
+        a2[m // 2, k // 3] = bad
+        _native.gemm_ex(a2, b, c, nonfinite=flag)
+        assert flag[0] == 1
+        flag[0] = 0
+    huge = np.finfo(dtype).max
+    a2 = np.full_like(a, huge)
+    b2 = np.full_like(b, huge)
+    _native.gemm_ex(a2, b2, c, nonfinite=flag)  # overflow to inf
+    assert flag[0] == 1
+    flag[0] = 7  # never cleared
+    _native.gemm_ex(a, b, c, nonfinite=flag)
+    assert flag[0] == 7
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_epilogue_all_steps_together_strided(rng, dtype):
+    """Bias, pre-activation, activation, derivative, colsum and flag on views."""
+    m, k, n = 70, 90, 45
+    a, b = operands(rng, m, k, n, True, False, dtype)
+    bias = rng.standard_normal(n).astype(dtype)
+    zbig = np.zeros((m + 2, n + 9), dtype)
+    z = zbig[1:1 + m, 3:3 + n]
+    dbig = rng.standard_normal((m, n + 4)).astype(dtype)
+    d = dbig[:, 2:2 + n]
+    cbig = np.zeros((m + 1, n + 3), dtype)
+    c = cbig[1:, :n]
+    cs = np.zeros(n)
+    flag = np.zeros(1, np.intc)
+    _native.gemm_ex(a, b, c, True, False, 0.5, 0.0, bias=bias, preact=z, act=2, act_alpha=0.2,
+                    dsrc=d, dact=4, colsum=cs, nonfinite=flag)
+    z64 = 0.5 * (a.T.astype(np.float64) @ b.astype(np.float64)) + bias
+    ep_close(z, z64, dtype, "z")
+    y = np.where(z64 > 0, z64, 0.2 * z64) * (1 - d.astype(np.float64) ** 2)
+    ep_close(c, y, dtype, "c")
+    np.testing.assert_allclose(cs, c.astype(np.float64).sum(0), rtol=1e-12, atol=1e-12)
+    assert flag[0] == 0
+    assert not zbig[0].any() and not zbig[:, :3].any() and not zbig[:, 3 + n:].any()
+
+
+def test_gemm_ex_rejects_softmax_epilogue():
+    a = np.ones((2, 2))
+    with pytest.raises(ValueError):
+        _native.gemm_ex(a, a, np.empty((2, 2)), act=6)
+
+
+# ------------------------------------------------------------------ every ISA path
+@pytest.mark.skipif(os.environ.get("FASTPROP_GEMM_ISA_CHILD") == "1",
+                    reason="already a per-ISA child run")
+@pytest.mark.parametrize("isa", [i for i in _native.available_isas()])
+def test_subprocess_isa_suites(isa):
+    """This module again in a subprocess for each available ISA but the current one."""
+    if isa == _native.isa():
+        pytest.skip(f"{isa} is the ISA of this run")
+    env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_GEMM_ISA_CHILD="1")
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         os.path.abspath(__file__), "-k", "not subprocess"],
+        env=env, capture_output=True, text=True, timeout=900,
+        cwd=os.path.dirname(os.path.abspath(__file__)))
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout
