@@ -226,6 +226,35 @@ def test_epilogue_forward_bias_preact_activation(rng, dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", ACT_CODES)
+def test_epilogue_activation_matches_elementwise_kernels_at_extremes(dtype, act):
+    """C = values exactly (k = 1, B = 1): the epilogue's act and act' against the
+    elementwise kernels over the whole range (+-inf, +-max, NaN, the gelu clip)."""
+    big = np.finfo(dtype).max
+    vals = np.array([-np.inf, -big, -1e4, -30, -20.5, -20, -19.5, -3, -1, -1e-3, -0.0, 0.0,
+                     1e-30, 1e-3, 0.5, 1, 3, 19.5, 20, 20.5, 30, 1e4, big, np.inf, np.nan],
+                    dtype)
+    a = vals.reshape(1, -1)
+    one = np.ones((1, 1), dtype)
+    c = np.empty((len(vals), 1), dtype)
+    _native.gemm_ex(a, one, c, True, False, act=act, act_alpha=ALPHA)
+    y = np.empty_like(vals)
+    nat.activation_forward(act, ALPHA, vals, y)
+    np.testing.assert_allclose(c[:, 0], y, rtol=4 * np.finfo(dtype).eps, atol=0,
+                               err_msg="forward")
+    g = np.linspace(-2, 2, len(vals)).astype(dtype).reshape(-1, 1)
+    d = (vals if act == 5 else y).reshape(-1, 1)
+    finite = np.isfinite(d[:, 0]) if act in (3, 4) else np.ones(len(vals), bool)
+    c = np.empty((len(vals), 1), dtype)
+    _native.gemm_ex(g, one, c, False, False, dsrc=np.ascontiguousarray(d), dact=act,
+                    dalpha=ALPHA)
+    want = np.empty_like(g)
+    nat.activation_backward(act, ALPHA, g, d, d, want)
+    np.testing.assert_allclose(c[finite], want[finite], rtol=4 * np.finfo(dtype).eps, atol=0,
+                               err_msg="backward")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("dact", ACT_CODES)
 @pytest.mark.parametrize("ta,tb", [(False, True), (False, False)], ids=["NT", "NN"])
 def test_epilogue_backward_derivative_and_colsum(rng, dtype, dact, ta, tb):
