@@ -584,8 +584,9 @@ def softmax_xent(logits, labels, targets, grad):
     cdef int kind = _kind(logits, "logits")
     _same_kind(targets, kind, "targets", False)
     _same_kind(grad, kind, "grad", False)
-    if labels is not None and labels.dtype != _I64:
-        raise TypeError(f"labels must have dtype int64, got {labels.dtype}")
+    if labels is not None and getattr(labels, "dtype", None) != _I64:
+        raise TypeError(f"labels must be an int64 array, got "
+                        f"{getattr(labels, 'dtype', type(labels).__name__)}")
     if kind == 4:
         return _softmax_xent[float](logits, labels, targets, grad)
     return _softmax_xent[double](logits, labels, targets, grad)
