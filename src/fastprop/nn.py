@@ -9,6 +9,9 @@ compute in their ``dtype`` (float32 by default) and convert their input to it.
 
 from __future__ import annotations
 
+import contextlib
+import threading
+
 import numpy as np
 
 from . import backends
@@ -19,7 +22,25 @@ from .ops import activation_code
 
 __all__ = ["Parameter", "Module", "Dense", "Activation", "ReLU", "LeakyReLU", "Sigmoid",
            "Tanh", "GELU", "Softmax", "Identity", "Dropout", "BatchNorm1d", "LayerNorm",
-           "Residual", "Sequential"]
+           "Residual", "Sequential", "inference_mode"]
+
+_thread = threading.local()
+
+
+@contextlib.contextmanager
+def inference_mode():
+    """Every module runs in eval mode for the calling thread inside this block.
+
+    No module's ``training`` flag is changed for other threads: ``predict`` and
+    ``evaluate`` use this, so that forward passes of one model from several threads
+    at once, or alongside ``fit`` in another thread, see the mode they expect.
+    """
+    prev = getattr(_thread, "inference", False)
+    _thread.inference = True
+    try:
+        yield
+    finally:
+        _thread.inference = prev
 
 
 class Parameter:
@@ -79,6 +100,16 @@ class Module:
 
     def __init__(self):
         self.training = True
+
+    @property
+    def training(self) -> bool:
+        """Training mode (Dropout drops, BatchNorm uses batch statistics); False inside
+        :func:`inference_mode` on this thread."""
+        return self._training and not getattr(_thread, "inference", False)
+
+    @training.setter
+    def training(self, mode) -> None:
+        self._training = bool(mode)
 
     # -- the two passes --------------------------------------------------------
     def forward(self, x):

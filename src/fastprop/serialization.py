@@ -35,7 +35,7 @@ _PREFIX = struct.Struct("<IQ")
 
 def model_to_tree(model: Module) -> dict:
     tree = {"class": type(model).__name__, "config": model.get_config(),
-            "training": model.training}
+            "training": model._training}
     children = model.children()
     if children:
         tree["children"] = [model_to_tree(c) for c in children]

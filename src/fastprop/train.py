@@ -12,17 +12,20 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import os
 import time
 from typing import NamedTuple
 
 import numpy as np
 
 from . import backends
+from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import NonFiniteError
-from .nn import Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential
+from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
+                 inference_mode)
 
 __all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
@@ -88,7 +91,8 @@ class TrainStep:
     (``make_train_step`` in the kernel contract) it does; otherwise the layers'
     own forward/backward run from Python, with the same results.  With
     ``check_finite`` the loss and the gradients are checked before the update; a
-    non-finite one raises :class:`NonFiniteError` and the parameters do not change.
+    non-finite one raises :class:`NonFiniteError`, and the parameters, optimizer
+    state and buffers (BatchNorm running statistics) are as before the step.
     """
 
     def __init__(self, model: Module, loss, optimizer):
@@ -142,17 +146,26 @@ class TrainStep:
             self.output = fast.output
             return value
         model = self.model
-        model.zero_grad()
-        out = model.forward(x)
-        value = self.loss.forward(out, y)
-        self.output = out
-        if self.check_finite and not math.isfinite(value):
-            raise NonFiniteError(f"non-finite loss {value}")
-        model.backward(self.loss.backward(), input_grad=False)
-        if self.check_finite:
-            norm2 = backends.current().sum_squares([p.grad for p in self.optimizer.params])
-            if not math.isfinite(norm2):
-                raise NonFiniteError("non-finite gradient")
+        # buffers a training forward updates (BatchNorm running statistics), restored
+        # when the step turns out non-finite
+        saved = [(b, b.copy()) for m in model.modules() for b in
+                 (getattr(m, a) for a in m._buffers)] if self.check_finite else ()
+        try:
+            model.zero_grad()
+            out = model.forward(x)
+            value = self.loss.forward(out, y)
+            self.output = out
+            if self.check_finite and not math.isfinite(value):
+                raise NonFiniteError(f"non-finite loss {value}")
+            model.backward(self.loss.backward(), input_grad=False)
+            if self.check_finite:
+                norm2 = backends.current().sum_squares([p.grad for p in self.optimizer.params])
+                if not math.isfinite(norm2):
+                    raise NonFiniteError("non-finite gradient")
+        except NonFiniteError:
+            for buf, old in saved:
+                buf[...] = old
+            raise
         self.optimizer.step()
         return value
 
@@ -180,15 +193,6 @@ def _device_aware(fn):
     return wrapper
 
 
-def _mode(model):
-    return [m.training for m in model.modules()]
-
-
-def _restore(model, modes):
-    for m, t in zip(model.modules(), modes):
-        m.training = t
-
-
 def _model_dtype(model):
     dt = model.dtype
     return np.dtype(np.float32) if dt is None else dt
@@ -213,13 +217,8 @@ def _targets(y, name, n):
 
 def _output_shape(model, X):
     """The model's output shape for X, found on one sample in eval mode."""
-    modes = _mode(model)
-    model.eval()
-    try:
-        out = model.forward(X[:1])
-    finally:
-        _restore(model, modes)
-    return out.shape[1:]
+    with inference_mode():
+        return model.forward(X[:1]).shape[1:]
 
 
 def _accuracy_fn(loss):
@@ -242,17 +241,13 @@ def _evaluate(model, X, y, loss, batch_size):
     """(mean loss, correct count or None) over X in eval mode."""
     acc_fn = _accuracy_fn(loss)
     total, correct, n = 0.0, 0, X.shape[0]
-    modes = _mode(model)
-    model.eval()
-    try:
+    with inference_mode():
         for start in range(0, n, batch_size):
             xb, yb = X[start:start + batch_size], y[start:start + batch_size]
             out = model.forward(xb)
             total += loss.value(out, yb) * xb.shape[0]
             if acc_fn is not None:
                 correct += acc_fn(out, yb)
-    finally:
-        _restore(model, modes)
     return total / max(n, 1), (correct if acc_fn is not None else None)
 
 
@@ -270,14 +265,10 @@ def predict(model, X, batch_size=1024):
     _sync_compiled(model)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = as_float(X, "X", _model_dtype(model))
-    modes = _mode(model)
-    model.eval()
-    try:
+    with inference_mode():
         outs = [model.forward(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)]
-    finally:
-        _restore(model, modes)
-    if not outs:
-        return model.forward(X) if X.ndim == 2 else np.empty((0,), X.dtype)
+        if not outs:
+            return model.forward(X) if X.ndim == 2 else np.empty((0,), X.dtype)
     return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
 
 
@@ -302,7 +293,7 @@ def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
 @_device_aware
 def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
-        on_nonfinite="raise"):
+        on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False):
     """Train ``model`` on (X, y) with mini-batch gradient descent.
 
     Args:
@@ -315,9 +306,21 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         shuffle: reshuffle every epoch with a generator seeded by ``seed``; ``seed``
             also reseeds every Dropout layer, so a seeded run is reproducible.
         verbose: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
-        on_nonfinite: "raise" stops with NonFiniteError when a loss or gradient is not
-            finite; "skip" skips that step.  Either way the update is not applied, so
-            the model keeps its last finite parameters.
+        on_nonfinite: what to do when a batch's loss or any gradient is NaN or infinite
+            (checked before the update): "raise" (default) stops with NonFiniteError,
+            "skip" drops that batch and goes on (``History.skipped_steps`` counts them).
+            Either way that update is not applied and BatchNorm running statistics are
+            rolled back, so the model keeps its last finite parameters and buffers.
+        checkpoint: a file path; the model, optimizer state, generator states and
+            history are saved there (atomically, see :func:`fastprop.save`) every
+            ``checkpoint_every`` epochs and after the last one.
+        resume: with ``checkpoint``, continue from that file when it exists (a fresh
+            start otherwise): the finished epochs are skipped and training goes on to
+            ``epochs`` in total.  With the same model architecture, data, settings,
+            backend and thread count, a resumed run ends with bit-identical
+            parameters to one that was never interrupted.  A checkpoint of another
+            architecture, optimizer, sample count, batch size or shuffle setting is
+            rejected (ValueError) before anything changes.
 
     Returns:
         History of per-epoch loss (and accuracy for classification losses, and
@@ -334,6 +337,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
+    checkpoint_every = integer(checkpoint_every, "checkpoint_every", low=1)
+    if checkpoint is not None:
+        checkpoint = _checkpoint.check_path(checkpoint, resume)
+    elif resume:
+        raise ValueError("resume=True needs checkpoint=<path>")
     compiled = getattr(model, "_compiled", None)
     if loss is None or optimizer is None:
         if compiled is None:
@@ -370,6 +378,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     else:
         Xv = yv = None
 
+    settings = {"samples": int(X.shape[0]), "batch_size": batch_size, "shuffle": bool(shuffle)}
+    restore = None
+    if checkpoint is not None and resume and os.path.exists(checkpoint):
+        restore = _checkpoint.prepare_resume(checkpoint, model, step.optimizer, settings)
+
     # --- train
     dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
     seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
@@ -389,13 +402,17 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
     history = History()
+    first_epoch = 0
+    if restore is not None:
+        first_epoch = restore(rng, history)
+        step._fast_key = None  # parameters changed in place: rebind (device copies too)
     n = X.shape[0]
     model.train()
     # shuffled batches are gathered into buffers allocated once
     xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
     ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
     try:
-        for epoch in range(epochs):
+        for epoch in range(first_epoch, epochs):
             order = rng.permutation(n) if shuffle else None
             total, correct, seen = 0.0, 0, 0
             bar = _progress(verbose, n, epoch, epochs)
@@ -446,6 +463,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             elif verbose == 2:
                 parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
                 print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {parts}", flush=True)
+            if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0
+                                           or epoch + 1 == epochs):
+                step.sync()
+                _checkpoint.save(checkpoint, model, step.optimizer, epoch + 1, rng, history,
+                                 settings)
     finally:
         step.sync()
     return history

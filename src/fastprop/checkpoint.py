@@ -1,0 +1,145 @@
+"""Training checkpoints for ``fit(..., checkpoint=path, resume=True)``.
+
+A checkpoint is an ordinary model file (:func:`fastprop.save`: atomic, checksummed;
+``fastprop.load`` reads it as a model) whose extra arrays hold everything else a
+resumed ``fit`` needs to continue exactly where the interrupted one stopped:
+
+* ``opt.<i>.<name>``: the optimizer's per-parameter state arrays;
+* ``fit``: UTF-8 JSON (as uint8) with the format version, the epochs done, the
+  optimizer's type, hyperparameters and step count, the bit-generator states of the
+  shuffling generator and of every Dropout layer, the history so far, and the fit
+  settings that decide which batches are drawn (sample count, batch size, shuffle).
+
+Resuming with the same model architecture, data, settings, backend and thread count
+gives bit-identical parameters to a run that was never interrupted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from . import serialization
+from .nn import Dropout, Module
+
+FORMAT = 1
+
+
+def check_path(path, resume) -> str:
+    """Validate fit's ``checkpoint=`` / ``resume=`` arguments; the path as a str."""
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"checkpoint must be a path (str or os.PathLike), got "
+                        f"{type(path).__name__}")
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"checkpoint directory {directory!r} does not exist")
+    if os.path.isdir(path):
+        raise ValueError(f"checkpoint {path!r} is a directory, not a file path")
+    if not isinstance(resume, (bool, np.bool_)):
+        raise TypeError(f"resume must be a bool, got {type(resume).__name__}")
+    return path
+
+
+def _dropouts(model: Module) -> list:
+    return [m for m in model.modules() if isinstance(m, Dropout)]
+
+
+def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
+    """Write the state after ``epochs_done`` epochs to ``path`` atomically."""
+    sd = optimizer.state_dict()
+    extra = {f"opt.{i}.{k}": v for i, s in enumerate(sd["state"]) for k, v in s.items()}
+    meta = {
+        "format": FORMAT,
+        "epochs_done": int(epochs_done),
+        "settings": settings,
+        "optimizer": {"type": sd["type"], "hyper": sd["hyper"], "step": int(sd["step"])},
+        "rng": rng.bit_generator.state,
+        "dropout_rngs": [m.rng.bit_generator.state for m in _dropouts(model)],
+        "history": {"epoch": history.epoch, "history": history.history,
+                    "skipped_steps": history.skipped_steps},
+    }
+    extra["fit"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
+    serialization.save(model, path, extra=extra)
+
+
+def prepare_resume(path, model, optimizer, settings):
+    """Read and check the checkpoint at ``path`` against ``model``, ``optimizer`` and
+    the fit ``settings``; returns ``restore(rng, history) -> epochs_done``, which
+    applies it.  Nothing changes until ``restore`` is called, so a checkpoint of
+    another architecture, optimizer or fit setting (ValueError) leaves every object
+    as it was.
+    """
+    header, arrays = serialization._read(path)
+    where = f"checkpoint {os.fspath(path)!r}"
+    raw = arrays.get("extra.fit")
+    if raw is None:
+        raise ValueError(f"{where} is a model file, not a fit checkpoint")
+    try:
+        meta = json.loads(bytes(raw).decode())
+        epochs_done = int(meta["epochs_done"])
+        opt_meta = meta["optimizer"]
+        hist = meta["history"]
+        rng_state, drop_states = meta["rng"], meta["dropout_rngs"]
+        if meta.get("format") != FORMAT:
+            raise ValueError(f"format {meta.get('format')}; this fastprop reads {FORMAT}")
+        # generators: build them now, so that a bad state fails before any change
+        new_rng = np.random.default_rng()
+        new_rng.bit_generator.state = rng_state
+        new_drops = []
+        for s in drop_states:
+            g = np.random.default_rng()
+            g.bit_generator.state = s
+            new_drops.append(g)
+        history_epoch = [int(e) for e in hist["epoch"]]
+        history_logs = {str(k): [float(x) for x in v] for k, v in hist["history"].items()}
+        skipped = int(hist["skipped_steps"])
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise ValueError(f"{where} has invalid fit metadata: {exc}") from None
+    if meta.get("settings") != settings:
+        raise ValueError(f"{where} was written by a fit with settings {meta.get('settings')}; "
+                         f"this fit has {settings}: resume with the same data and settings")
+    # the model: same architecture, every array present with its shape and dtype
+    targets = model.state_arrays()
+    names = {e.get("name") for e in header.get("arrays", [])}
+    names = {n for n in names if isinstance(n, str) and not n.startswith("extra.")}
+    if names != {name for name, _ in targets}:
+        raise ValueError(f"{where} holds another architecture than this model")
+    for name, target in targets:
+        src = arrays[name]
+        if src.shape != target.shape or src.dtype != target.dtype:
+            raise ValueError(f"{where}: array {name!r} has shape {src.shape} / {src.dtype}, "
+                             f"the model {target.shape} / {target.dtype}")
+    drops = _dropouts(model)
+    if len(new_drops) != len(drops):
+        raise ValueError(f"{where} has {len(new_drops)} Dropout generators, the model "
+                         f"{len(drops)}")
+    state = [{} for _ in optimizer.params]
+    for key, arr in arrays.items():
+        if key.startswith("extra.opt."):
+            i, _, name = key[len("extra.opt."):].partition(".")
+            if not i.isdigit() or int(i) >= len(state):
+                raise ValueError(f"{where} has optimizer state for parameter {i}; the "
+                                 f"optimizer has {len(state)} parameters")
+            state[int(i)][name] = arr
+    sd = {"type": opt_meta.get("type"), "hyper": opt_meta.get("hyper"),
+          "step": opt_meta.get("step", 0), "state": state}
+    # validate on a throwaway optimizer of the same type over the same parameters
+    optimizer._validate(dict(optimizer.hyper)).load_state_dict(sd)
+
+    def restore(rng, history) -> int:
+        optimizer.load_state_dict(sd)
+        for name, target in targets:
+            target[...] = arrays[name]
+        rng.bit_generator.state = new_rng.bit_generator.state
+        for m, g in zip(drops, new_drops):
+            m.rng = g
+        history.epoch[:] = history_epoch
+        history.history.clear()
+        history.history.update(history_logs)
+        history.skipped_steps = skipped
+        return epochs_done
+
+    return restore

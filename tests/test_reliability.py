@@ -1,0 +1,391 @@
+"""Faults in training, threads, determinism, checkpoints and memory.
+
+* divergence: a batch whose loss overflows stops ``fit`` (or is skipped) with the
+  model left at the parameters, optimizer state and buffers of the last finite step,
+  on the fused whole-step path and on the Python path;
+* checkpoints: a run interrupted (an exception mid-epoch, or epochs split over two
+  fit calls) and resumed from its checkpoint ends bit-identical to one run;
+* threads: forward passes / predict of one model from 4 Python threads at once are
+  correct; eval mode of predict is per thread;
+* determinism: a seeded fit is bit-reproducible, and the native kernels give
+  bit-identical parameters for 1, 2 and 3 OpenMP threads;
+* memory: 10,000 training steps keep the resident set flat.
+"""
+
+import gc
+import os
+import sys
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import nn, optim, train
+from conftest import NATIVE_BUILT
+from _support import snapshot
+
+MODELS = ["dense", "mixed"]  # a dense chain (fused step where the backend has one), other layers
+
+
+def make_model(kind, seed=0, d=6, classes=3, dropout=0.2):
+    if kind == "dense":
+        return nn.Sequential(nn.Dense(d, 16, "relu", rng=seed), nn.Dense(16, classes, rng=seed + 1))
+    return nn.Sequential(nn.Dense(d, 16, rng=seed), nn.BatchNorm1d(16), nn.Tanh(),
+                         nn.Dropout(dropout), nn.LayerNorm(16), nn.Dense(16, classes, rng=seed + 1))
+
+
+def fused_if_available(model, backend, kind):
+    """The dense chain must have run on the backend's whole-step kernel (native)."""
+    step = model._compiled
+    if backend == "native" and kind == "dense":
+        assert step.fused() is not None, "the fused step was not used"
+    if kind == "mixed":
+        assert step.fused() is None
+
+
+def make_data(n=96, d=6, classes=3, seed=3):
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % classes
+    X = rng.standard_normal((n, d)) + 2.0 * np.eye(classes, d)[y]
+    return X, y
+
+
+def params_bytes(model):
+    return [p.value.tobytes() for p in model.parameters()]
+
+
+def state_bytes(model):
+    return [(name, a.tobytes()) for name, a in model.state_arrays()]
+
+
+# ================================================================ divergence
+@pytest.mark.parametrize("kind", MODELS)
+def test_divergence_stops_at_last_finite_parameters(backend, kind):
+    """The 4th batch holds a finite input that overflows float32 in the first layer:
+    fit raises NonFiniteError with the model exactly as after 3 steps."""
+    X, y = make_data()
+    bad = X.copy()
+    bad[3 * 8 + 5] = 3e38  # in batch 3 (0-based) of 8 samples, shuffle=False
+    model = make_model(kind)
+    model[0].weight.value[...] = np.abs(model[0].weight.value) + 0.1  # sums overflow to inf
+    ref = make_model(kind)
+    ref[0].weight.value[...] = model[0].weight.value
+    opt, ref_opt = optim.Adam(model.parameters(), 1e-2), optim.Adam(ref.parameters(), 1e-2)
+    kw = dict(loss="cross_entropy", batch_size=8, shuffle=False, seed=0, verbose=0)
+    ref.fit(X[:24], y[:24], optimizer=ref_opt, **kw)  # the three good batches
+    with np.errstate(all="ignore"), pytest.raises(fp.NonFiniteError, match="non-finite"):
+        model.fit(bad, y, optimizer=opt, **kw)
+    fused_if_available(model, backend, kind)
+    assert state_bytes(model) == state_bytes(ref)  # parameters and BatchNorm statistics
+    assert snapshot(optimizer=opt)[1:] == snapshot(optimizer=ref_opt)[1:]  # hyper, state
+    assert opt.step_count == ref_opt.step_count == 3
+    assert all(np.isfinite(p.value).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_divergence_skip_drops_only_the_bad_batch(backend, kind):
+    """on_nonfinite="skip": the run equals one on the data without the bad batch
+    (no Dropout here: it would draw a mask for the skipped batch too)."""
+    X, y = make_data()
+    bad = X.copy()
+    bad[3 * 8 + 5] = 3e38
+    model = make_model(kind, dropout=0.0)
+    model[0].weight.value[...] = np.abs(model[0].weight.value) + 0.1
+    ref = make_model(kind, dropout=0.0)
+    ref[0].weight.value[...] = model[0].weight.value
+    keep = np.r_[0:24, 32:96]
+    kw = dict(loss="cross_entropy", batch_size=8, shuffle=False, verbose=0)
+    ref_hist = ref.fit(X[keep], y[keep], optimizer=optim.SGD(ref.parameters(), 0.05, 0.9), **kw)
+    with np.errstate(all="ignore"):
+        hist = model.fit(bad, y, optimizer=optim.SGD(model.parameters(), 0.05, 0.9),
+                         on_nonfinite="skip", **kw)
+    fused_if_available(model, backend, kind)
+    assert hist.skipped_steps == 1
+    assert state_bytes(model) == state_bytes(ref)  # parameters and BatchNorm statistics
+    assert hist["loss"] == ref_hist["loss"]
+
+
+def test_skip_keeps_batchnorm_statistics_finite(backend):
+    X, y = make_data()
+    bad = X.copy()
+    bad[5] = 3e38
+    model = make_model("mixed")
+    model[0].weight.value[...] = np.abs(model[0].weight.value) + 0.1
+    with np.errstate(all="ignore"):
+        hist = model.fit(bad, y, loss="cross_entropy", optimizer="adam", batch_size=8,
+                         shuffle=False, verbose=0, on_nonfinite="skip")
+    assert hist.skipped_steps == 1
+    assert all(np.isfinite(a).all() for _, a in model.state_arrays())
+    assert np.isfinite(model.predict(X)).all()
+
+
+# ================================================================ checkpoints
+class Interrupt(Exception):
+    pass
+
+
+def _interrupt_after(monkeypatch, calls):
+    """Make the ``calls``-th training step raise (a crash mid-epoch)."""
+    original = train.TrainStep.__call__
+    count = [0]
+
+    def step(self, x, y):
+        count[0] += 1
+        if count[0] == calls:
+            raise Interrupt(f"step {calls}")
+        return original(self, x, y)
+
+    monkeypatch.setattr(train.TrainStep, "__call__", step)
+    return lambda: monkeypatch.setattr(train.TrainStep, "__call__", original)
+
+
+def _fresh(kind, opt_name):
+    model = make_model(kind)
+    opt = (optim.Adam(model.parameters(), 1e-2) if opt_name == "adam"
+           else optim.SGD(model.parameters(), 0.05, momentum=0.9, nesterov=True))
+    return model, opt
+
+
+@pytest.mark.parametrize("kind", MODELS)
+@pytest.mark.parametrize("opt_name", ["adam", "sgd"])
+def test_resume_after_a_crash_is_bit_identical(backend, kind, opt_name, tmp_path, monkeypatch):
+    X, y = make_data()
+    kw = dict(loss="cross_entropy", epochs=5, batch_size=16, seed=7, verbose=0,
+              validation_split=0.25)
+    model, opt = _fresh(kind, opt_name)
+    ref_hist = model.fit(X, y, optimizer=opt, **kw)
+    expected, expected_opt = state_bytes(model), snapshot(optimizer=opt)
+
+    path = tmp_path / "run.ckpt"
+    model, opt = _fresh(kind, opt_name)
+    undo = _interrupt_after(monkeypatch, 2 * 5 + 3)  # 5 steps per epoch: in epoch 3
+    with pytest.raises(Interrupt):
+        model.fit(X, y, optimizer=opt, checkpoint=path, checkpoint_every=2, **kw)
+    undo()
+    assert fp.load(path) is not None  # a checkpoint is a model file too
+    model, opt = _fresh(kind, opt_name)  # a new process would start from scratch
+    hist = model.fit(X, y, optimizer=opt, checkpoint=path, resume=True, **kw)
+    assert state_bytes(model) == expected
+    assert snapshot(optimizer=opt) == expected_opt
+    assert hist.history == ref_hist.history and hist.epoch == ref_hist.epoch == list(range(5))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_epochs_split_over_two_fits_equal_one_fit(backend, kind, tmp_path):
+    X, y = make_data()
+    kw = dict(loss="cross_entropy", batch_size=10, seed=1, verbose=0)
+    model, opt = _fresh(kind, "adam")
+    model.fit(X, y, optimizer=opt, epochs=4, **kw)
+    expected = state_bytes(model)
+    path = os.fspath(tmp_path / "run.ckpt")
+    model, opt = _fresh(kind, "adam")
+    model.fit(X, y, optimizer=opt, epochs=2, checkpoint=path, **kw)
+    model, opt = _fresh(kind, "adam")
+    hist = model.fit(X, y, optimizer=opt, epochs=4, checkpoint=path, resume=True, **kw)
+    assert state_bytes(model) == expected
+    assert hist.epoch == [0, 1, 2, 3]
+    # finished: resuming again trains nothing and returns the whole history
+    again = model.fit(X, y, optimizer=opt, epochs=4, checkpoint=path, resume=True, **kw)
+    assert state_bytes(model) == expected and again.history == hist.history
+
+
+def test_resume_without_a_checkpoint_file_starts_fresh(tmp_path):
+    X, y = make_data()
+    kw = dict(loss="cross_entropy", epochs=2, batch_size=16, seed=2, verbose=0)
+    a, opt_a = _fresh("dense", "adam")
+    a.fit(X, y, optimizer=opt_a, **kw)
+    b, opt_b = _fresh("dense", "adam")
+    b.fit(X, y, optimizer=opt_b, checkpoint=tmp_path / "new.ckpt", resume=True, **kw)
+    assert state_bytes(a) == state_bytes(b)
+    assert (tmp_path / "new.ckpt").exists()
+
+
+def test_checkpoint_every_n_epochs(tmp_path, monkeypatch):
+    saved = []
+    real = train._checkpoint.save
+    monkeypatch.setattr(train._checkpoint, "save",
+                        lambda path, model, opt, done, *a: (saved.append(done),
+                                                            real(path, model, opt, done, *a)))
+    X, y = make_data()
+    model, opt = _fresh("dense", "sgd")
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=7, verbose=0,
+              checkpoint=tmp_path / "c.fp", checkpoint_every=3)
+    assert saved == [3, 6, 7]
+    assert [p.name for p in tmp_path.iterdir()] == ["c.fp"]  # no temporary files left
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(batch_size=8), "settings"),
+    (dict(shuffle=False), "settings"),
+    (dict(X=slice(0, 90)), "settings"),
+    (dict(model=lambda: nn.Sequential(nn.Dense(6, 17, "relu"), nn.Dense(17, 3))),
+     "shape \\(6, 16\\).*\\(6, 17\\)"),
+    (dict(model=lambda: nn.Sequential(nn.Dense(6, 16, "relu", dtype=np.float64),
+                                      nn.Dense(16, 3, dtype=np.float64))), "float64"),
+    (dict(optimizer="sgd"), "state_dict is for 'Adam', not 'SGD'"),
+])
+def test_resume_rejects_a_mismatched_checkpoint_untouched(tmp_path, change, match):
+    X, y = make_data()
+    path = tmp_path / "run.ckpt"
+    model, opt = _fresh("dense", "adam")
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=16, verbose=0,
+              checkpoint=path)
+    model = change.get("model", lambda: make_model("dense", seed=5))()
+    opt = (optim.SGD(model.parameters(), 0.1) if change.get("optimizer") == "sgd"
+           else optim.Adam(model.parameters()))
+    before = snapshot(model, opt)
+    sl = change.get("X", slice(None))
+    with pytest.raises(ValueError, match=match):
+        model.fit(X[sl], y[sl], loss="cross_entropy", optimizer=opt, epochs=2, verbose=0,
+                  checkpoint=path, resume=True, batch_size=change.get("batch_size", 16),
+                  shuffle=change.get("shuffle", True))
+    assert snapshot(model, opt) == before
+
+
+def test_resume_rejects_corrupt_and_foreign_files(tmp_path):
+    X, y = make_data()
+    path = tmp_path / "run.ckpt"
+    model, opt = _fresh("dense", "adam")
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0, checkpoint=path)
+    blob = bytearray(path.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    before = snapshot(model, opt)
+    kw = dict(loss="cross_entropy", optimizer=opt, epochs=2, verbose=0, resume=True)
+    with pytest.raises(ValueError, match="corrupt or truncated"):
+        model.fit(X, y, checkpoint=path, **kw)
+    fp.save(model, tmp_path / "plain.fp")
+    with pytest.raises(ValueError, match="not a fit checkpoint"):
+        model.fit(X, y, checkpoint=tmp_path / "plain.fp", **kw)
+    assert snapshot(model, opt) == before
+
+
+# ================================================================ threads
+def _threaded(fn, n_threads=4, rounds=8):
+    """fn(i) ``rounds`` times in each of ``n_threads`` threads started together, on
+    the calling thread's backend (use_backend is per thread)."""
+    barrier = threading.Barrier(n_threads)
+    backend = fp.get_backend()
+
+    def work(i):
+        with fp.use_backend(backend):
+            barrier.wait()
+            return [fn(i) for _ in range(rounds)]
+
+    with ThreadPoolExecutor(n_threads) as pool:
+        return [r for rs in pool.map(work, range(n_threads)) for r in rs]
+
+
+def test_forward_of_one_model_from_4_threads(backend):
+    """Kernels release the GIL; one model's forward (a fresh output per call) runs in
+    4 threads at once and every result equals the serial one."""
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Dense(64, 256, "gelu", rng=0), nn.LayerNorm(256),
+                          nn.Dense(256, 128, "relu", rng=1), nn.Dense(128, 10, "softmax", rng=2))
+    xs = [rng.standard_normal((300, 64)).astype(np.float32) for _ in range(4)]
+    expected = [model(x).copy() for x in xs]
+    results = _threaded(lambda i: (i, model(xs[i])))
+    assert all(np.array_equal(out, expected[i]) for i, out in results)
+
+
+def test_predict_from_4_threads_with_batchnorm_and_dropout(backend):
+    """predict's eval mode is per thread: concurrent predict calls neither see another
+    thread's training mode nor update BatchNorm statistics nor change any flag."""
+    X, y = make_data(n=256)
+    model = make_model("mixed")
+    model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0, seed=0)
+    expected = model.predict(X)
+    before = state_bytes(model)
+    results = _threaded(lambda i: model.predict(X, batch_size=64), rounds=6)
+    assert all(np.array_equal(r, expected) for r in results)
+    assert state_bytes(model) == before
+    assert all(m.training for m in model.modules())
+
+
+def test_inference_mode_is_per_thread():
+    layer = nn.Dropout(0.5)
+    seen = {}
+    inside = threading.Event()
+    done = threading.Event()
+
+    def other():
+        inside.wait()
+        seen["other"] = layer.training
+        done.set()
+
+    t = threading.Thread(target=other)
+    t.start()
+    with nn.inference_mode():
+        seen["inside"] = layer.training
+        inside.set()
+        done.wait()
+    t.join()
+    assert seen == {"inside": False, "other": True} and layer.training
+
+
+# ================================================================ determinism
+def _fit_bytes(kind, X, y, seed):
+    model = make_model(kind, d=X.shape[1], classes=10)
+    model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 1e-3),
+              epochs=2, batch_size=256, seed=seed, verbose=0)
+    return state_bytes(model)
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_seeded_fit_is_bit_reproducible(backend, kind):
+    X, y = make_data(n=300, d=20, classes=10)
+    assert _fit_bytes(kind, X, y, 4) == _fit_bytes(kind, X, y, 4)
+    assert _fit_bytes(kind, X, y, 4) != _fit_bytes(kind, X, y, 5)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.parametrize("kind", MODELS)
+def test_native_parameters_do_not_depend_on_the_thread_count(kind):
+    """The README's determinism claim: GEMM partitions output tiles, elementwise and
+    per-column work is split without changing any sum, so 1, 2 and 3 threads give
+    bit-identical parameters (sizes large enough for every kernel to go parallel)."""
+    if not fp.backends.load("native").config()["openmp"]:
+        pytest.skip("built without OpenMP")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1024, 300)).astype(np.float32)
+    y = rng.integers(0, 10, 1024)
+    before = fp.get_num_threads()
+    try:
+        with fp.use_backend("native"):
+            runs = []
+            for t in (1, 2, 3):
+                fp.set_num_threads(t)
+                runs.append(_fit_bytes(kind, X, y, 0))
+    finally:
+        fp.set_num_threads(before)
+    assert runs[0] == runs[1] == runs[2]
+
+
+# ================================================================ memory
+def _rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+@pytest.mark.parametrize("kind", MODELS)
+def test_10000_training_steps_keep_memory_flat(backend, kind):
+    """A leak of one small array per step (>= 200 bytes) would exceed the bound."""
+    if backend == "numpy" and kind == "mixed":
+        pytest.skip("the native kernels are the subject; one numpy run suffices")
+    rng = np.random.default_rng(0)
+    model = make_model(kind, d=32, classes=10)
+    step = model.compile("cross_entropy", optim.Adam(model.parameters(), 1e-3))
+    X = rng.standard_normal((64, 32)).astype(np.float32)
+    y = rng.integers(0, 10, 64)
+    for _ in range(500):  # warm up: workspaces, optimizer state, allocator pools
+        step(X, y)
+    gc.collect()
+    start = _rss()
+    for _ in range(10_000):
+        step(X, y)
+    gc.collect()
+    growth = _rss() - start
+    assert growth < 2 * 2**20, f"resident memory grew by {growth / 2**20:.2f} MiB"
