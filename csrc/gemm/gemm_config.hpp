@@ -15,8 +15,12 @@
 //   kSmallWork    m*n*k at or below which nothing is packed (the micro-kernel reads
 //                 A through its strides and B through its rows; NT/TT pack only B):
 //                 packing A costs a pass over it that a small product cannot repay.
-//   kFlopGrain    flops per thread before a second thread is used (~100 us of one
-//                 core on a busy machine: waking the OpenMP team must be repaid).
+//   kUnpackedRowsA  at most this many rows of op(A): A is never packed (it stays in
+//                 L1/L2 and the strided micro-kernel reads it as fast as panels).
+//   kFlopGrain    flops per thread before a second thread is used: 2 threads from
+//                 1 MFLOP (~10 us of one core).  Measured (float32, 2 threads vs 1):
+//                 32x128x128 126 vs 83 GFLOP/s, 128^3 161 vs 85; 64^3 (0.5 MFLOP)
+//                 gains nothing (75 vs 84: the fork/join and barriers eat it).
 #pragma once
 
 #include "isa_common.hpp"
@@ -57,7 +61,8 @@ struct GemmBlocks<double> {
 #endif
 
 constexpr index_t kSmallWork = index_t(96) * 96 * 96;
-constexpr index_t kFlopGrain = index_t(1) << 22;
+constexpr index_t kUnpackedRowsA = 128;
+constexpr index_t kFlopGrain = index_t(1) << 19;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
