@@ -169,6 +169,20 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
         b_edge = static_cast<T*>(detail::thread_scratch(2, sizeof(T) * NR * kc_max));
         ok = ok && b_edge != nullptr;
     }
+    // B is shared (packed by the team, barriers) only when several thread rows read
+    // it; with a column split (tm == 1) each thread packs its own panels into its own
+    // buffer and the loop nest has no barrier at all (a descheduled thread on a busy
+    // machine then delays only the final join, not every block).
+    const bool shared_b = pl.pack_b && pl.tm > 1;
+    T* bp_own = nullptr;
+    if (pl.pack_b && !shared_b) {
+        const index_t nc_max = fp_min(g.n, Blk::NC);
+        const index_t own = ceil_div(ceil_div(nc_max, NR), pl.tn) * NR;
+        bp_own = pl.nt == 1 && bp != nullptr
+                     ? bp
+                     : static_cast<T*>(detail::thread_scratch(1, sizeof(T) * own * kc_max));
+        ok = ok && bp_own != nullptr;
+    }
     oks[tid] = ok;
     team_barrier(pl.nt);
     for (int t = 0; t < pl.nt; ++t)
@@ -183,7 +197,15 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
             const index_t kc = fp_min(kc_step, g.k - pc);
             const bool last_k = pc + kc >= g.k;
             const T* b_block = g.tb ? g.b + jc * g.ldb + pc : g.b + pc * g.ldb + jc;
-            if (pl.pack_b) {
+            if (pl.pack_b && !shared_b) {
+                // Column split: this thread packs only its own panels, no barrier.
+                if (s1 > s0) {
+                    const index_t j0 = s0 * NR;
+                    const T* src = g.tb ? b_block + j0 * g.ldb : b_block + j0;
+                    pack_b<T, NR>(g.tb, kc, fp_min(nc - j0, (s1 - s0) * NR), src, g.ldb, bp_own,
+                                  0, s1 - s0);
+                }
+            } else if (pl.pack_b) {
                 // The whole team packs the shared block, one panel range per thread;
                 // barriers: nobody still reads the previous block / all panels done.
                 team_barrier(pl.nt);
@@ -211,7 +233,8 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
                     blk.rs_a = g.ta ? 1 : g.lda;
                     blk.cs_a = g.ta ? g.lda : 1;
                 }
-                blk.b = pl.pack_b ? bp : b_block;
+                blk.b = !pl.pack_b ? b_block : (shared_b ? bp : bp_own);
+                blk.b_first = pl.pack_b && !shared_b ? s0 : 0;
                 blk.b_packed = pl.pack_b;
                 blk.rs_b = g.ldb;
                 blk.b_edge = b_edge;
@@ -232,7 +255,7 @@ void gemm_blocked(const GemmArgs<T>& g) {
     Plan pl = make_plan(g);
     if (pl.nt > kMaxThreads) pl = Plan{1, 1, 1, pl.pack_a, pl.pack_b};
     T* bp = nullptr;
-    if (pl.pack_b) {
+    if (pl.pack_b && (pl.tm > 1 || pl.nt == 1)) {  // the shared (or serial) B buffer
         const index_t kc_max = fp_min(g.k, Blk::KC);
         const index_t nc_max = round_up(fp_min(g.n, Blk::NC), Blk::NR);
         bp = static_cast<T*>(detail::thread_scratch(1, sizeof(T) * kc_max * nc_max));

@@ -18,9 +18,13 @@
 //   kUnpackedRowsA  at most this many rows of op(A): A is never packed (it stays in
 //                 L1/L2 and the strided micro-kernel reads it as fast as panels).
 //   kFlopGrain    flops per thread before a second thread is used: 2 threads from
-//                 1 MFLOP (~10 us of one core).  Measured (float32, 2 threads vs 1):
-//                 32x128x128 126 vs 83 GFLOP/s, 128^3 161 vs 85; 64^3 (0.5 MFLOP)
-//                 gains nothing (75 vs 84: the fork/join and barriers eat it).
+//                 4 MFLOP (~40 us of one core, e.g. 128^3, 64x256x256).  On a quiet
+//                 machine 2 threads pay from ~1 MFLOP (float32 32x128x128: 126 vs 83
+//                 GFLOP/s; 64^3, 0.5 MFLOP, gains nothing), but on the shared,
+//                 oversubscribed dev box a worker that is not running when the
+//                 region starts costs a scheduler timeslice (4-20 ms: 1000x a 1 MFLOP
+//                 product; measured), so the threshold sits where that risk is rarer
+//                 and smaller relative to the work.
 #pragma once
 
 #include "isa_common.hpp"
@@ -62,7 +66,7 @@ struct GemmBlocks<double> {
 
 constexpr index_t kSmallWork = index_t(96) * 96 * 96;
 constexpr index_t kUnpackedRowsA = 128;
-constexpr index_t kFlopGrain = index_t(1) << 19;
+constexpr index_t kFlopGrain = index_t(1) << 21;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS

@@ -28,7 +28,9 @@ struct MacroBlock {
     const T* a;                // packed panels, or op(A)[ic, pc] for unpacked
     index_t rs_a, cs_a;        // strides of unpacked A
     bool a_packed;
-    const T* b;                // packed panels, or op(B)[pc, jc] for unpacked
+    const T* b;                // packed panels (panel s at b + (s - b_first)*NR*kc), or
+                               // op(B)[pc, jc] for unpacked
+    index_t b_first;           // first panel held in b (private per-thread packing)
     index_t rs_b;              // row stride of unpacked B
     bool b_packed;
     const T* b_edge;           // unpacked B: kc x NR copy of a partial last strip
@@ -49,7 +51,7 @@ void macro_kernel(const MacroBlock<T>& blk, index_t s0, index_t s1,
         const T* bs;
         index_t rs_b;
         if (blk.b_packed) {
-            bs = blk.b + s * NR * kc, rs_b = NR;
+            bs = blk.b + (s - blk.b_first) * NR * kc, rs_b = NR;
         } else if (nr < NR) {
             bs = blk.b_edge, rs_b = NR;
         } else {
