@@ -45,7 +45,7 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
         for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
         _mm_prefetch(reinterpret_cast<const char*>(c + i * rs_c), _MM_HINT_T0);
     }
-#pragma GCC unroll 4
+#pragma GCC unroll 1
     for (index_t p = 0; p < k; ++p) {
         __m256 bv[NV];
 #pragma GCC unroll 2
