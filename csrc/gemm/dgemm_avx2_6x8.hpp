@@ -8,7 +8,8 @@
 // Algorithm: 2*M ymm accumulators of 4 doubles, two B loads, M broadcasts and 2*M
 // FMAs per k step, k loop unrolled 4x, masked stores for nr < 8.
 // Accuracy: one FMA chain per element over p in increasing order.
-// Speed (Zen4, 1 thread, packed): ~90% of the FMA peak.
+// Speed (2-core Zen4 dev box, 1 thread, float64 NN): ~44-47 GFLOP/s at n = 256..1024
+// (NumPy/OpenBLAS 46-49 in the same runs).
 #pragma once
 
 #include <immintrin.h>
