@@ -57,6 +57,17 @@ double mse(index_t count, const T* pred, const T* target, bool half, T* grad);
 
 template <typename T>
 void optimizer_update(const OptimizerPlan<T>& plan);
+// Scalar factors of one step (bias corrections etc., computed once in double) and the
+// serial update of elements [begin, end) of one tensor.
+template <typename T>
+struct OptimizerScalars {
+    T lr, mom, wd, b1, b2, one_b1, one_b2, step_size, eps, shrink, alpha, one_alpha;
+};
+template <typename T>
+OptimizerScalars<T> optimizer_scalars(const OptimizerPlan<T>& plan);
+template <typename T>
+void optimizer_range(const OptimizerPlan<T>& plan, const OptimizerScalars<T>& s,
+                     index_t tensor, index_t begin, index_t end);
 template <typename T>
 void sgd_update(index_t size, T* p, const T* g, T* buf, double lr, double momentum,
                 bool nesterov, double weight_decay, bool first);
@@ -83,6 +94,8 @@ void clip(index_t size, T* x, double lo, double hi);
 // sums[j] (+)= sum_i x[i, j] over rows x (rows, cols), accumulated in double.
 template <typename T>
 void column_sums(index_t rows, index_t cols, const T* x, T* sums, bool accumulate);
+template <typename T>
+void column_sums_double(index_t rows, index_t cols, const T* x, double* sums);
 
 template <typename T>
 void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T* beta,

@@ -128,6 +128,18 @@ template void scale<float>(index_t, float*, double);
 template void scale<double>(index_t, double*, double);
 template void clip<float>(index_t, float*, double, double);
 template void clip<double>(index_t, double*, double, double);
+// sums[j] += sum_i x[i, j] into double sums (rows in order): the bias gradient of the
+// whole training step, kept in double until it is rounded once.
+template <typename T>
+void column_sums_double(index_t rows, index_t cols, const T* x, double* sums) {
+    for (index_t r = 0; r < rows; ++r) {
+        const T* xr = x + r * cols;
+        for (index_t j = 0; j < cols; ++j) sums[j] += double(xr[j]);
+    }
+}
+
+template void column_sums_double<float>(index_t, index_t, const float*, double*);
+template void column_sums_double<double>(index_t, index_t, const double*, double*);
 template void column_sums<float>(index_t, index_t, const float*, float*, bool);
 template void column_sums<double>(index_t, index_t, const double*, double*, bool);
 

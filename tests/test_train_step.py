@@ -293,3 +293,50 @@ def test_fit_uses_the_fused_step_and_matches_numpy():
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-9)
     for p, q in zip(results[0][0].parameters(), results[1][0].parameters()):
         np.testing.assert_allclose(p.value, q.value, rtol=1e-8, atol=1e-10)
+
+
+@native_only
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_fused_weight_update_matches_python_path(opt_name, batch, dtype):
+    """Small batches of wide layers take the path that applies the optimizer inside
+    the weight-gradient GEMM (n (in + out) <= in out for every layer here); it must
+    agree with the layer-by-layer path, gradients included."""
+    sizes = (40, 48, 36, 24)
+    assert all(batch * (a + b) <= a * b for a, b in zip(sizes[:-1], sizes[1:]))
+    rng = np.random.default_rng(5)
+    X = rng.standard_normal((12, sizes[0]))
+    y = rng.integers(0, sizes[-1], 12)
+    runs = []
+    with fp.use_backend("native"):
+        for fused in (True, False):
+            model = _model(dtype, hidden=("tanh", "gelu"), sizes=sizes)
+            opt = OPTIMIZERS[opt_name](model.parameters())
+            _, values = _train(model, losses.SoftmaxCrossEntropy(), opt, X, y, batch=batch,
+                               fused=fused)
+            runs.append((model, values, opt))
+    (m1, l1, o1), (m2, l2, o2) = runs
+    _assert_agree(m1, m2, l1, l2, dtype)
+    for a, b in zip(o1.state, o2.state):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], **TOL[dtype])
+
+
+@native_only
+def test_fused_weight_update_stops_on_non_finite_gradients():
+    sizes = (40, 48, 36, 24)
+    model = _model(np.float32, hidden=("relu", "relu"), sizes=sizes)
+    opt = optim.Adam(model.parameters(), lr=1e-2)
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2, 40))
+    with fp.use_backend("native"):
+        step = model.compile(losses.MSE(), opt)
+        step(x, np.zeros((2, 24)))
+        step.check_finite = True
+        before = [p.value.copy() for p in model.parameters()]
+        for bad in (np.abs(x) * 1e20 + 1e20, np.where(np.arange(40) == 3, np.inf, x)):
+            with pytest.raises(NonFiniteError, match="gradient|loss"):
+                step(bad, np.zeros((2, 24)))
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+    assert opt.step_count == 1

@@ -118,6 +118,8 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
     const int dact = ep.dsrc != nullptr && ep.dact > kIdentity && ep.dact < kSoftmax
                          ? ep.dact : kIdentity;
     int bad = 0;
+    T lanes[16];
+    for (int l = 0; l < 16; ++l) lanes[l] = T(0);
     for (index_t i = i0; i < i1; ++i) {
         T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
         if (ep.bias != nullptr) {
@@ -135,10 +137,19 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
             for (index_t j = 0; j < len; ++j) s[j] += double(ci[j]);
         }
         if (ep.nonfinite != nullptr) {
-            int row_bad = 0;  // x - x is 0 for finite x, NaN for NaN and +-inf
-            for (index_t j = 0; j < len; ++j) row_bad |= !(ci[j] - ci[j] == T(0));
-            bad |= row_bad;
+            // x - x is 0 for finite x, NaN for NaN and +-inf: summed into 16 lanes that
+            // live across the rows of the block, so the check vectorises (an int |= of
+            // compares per row did not)
+            index_t j = 0;
+            for (; j + 16 <= len; j += 16)
+                for (int l = 0; l < 16; ++l) lanes[l] += ci[j + l] - ci[j + l];
+            for (int l = 0; j < len; ++j, ++l) lanes[l] += ci[j] - ci[j];
         }
+    }
+    if (ep.nonfinite != nullptr) {
+        T total = T(0);
+        for (int l = 0; l < 16; ++l) total += lanes[l];
+        bad = !(total == T(0));
     }
     if (bad) {
 #if defined(__GNUC__) || defined(__clang__)

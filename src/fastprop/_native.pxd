@@ -205,6 +205,8 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         T* y
         T* z
         T* g
+        double* colsum
+        int64_t w_index, b_index
 
     cdef cppclass OptimizerPlan[T]:
         int kind

@@ -22,7 +22,7 @@ cdef class NativeTrainStep:
     cdef void** ptrs          # 4 * count: params, grads, state1, state2
     cdef int64_t* sizes
     cdef int nlayers, count, kind
-    cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype
+    cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype, colsums
     cdef int64_t bound_n
     cdef public object output
 
@@ -48,6 +48,7 @@ cdef class NativeTrainStep:
         self.dtype = self.stages[0].weight.value.dtype
         self.kind = self.dtype.itemsize
         self.workspaces = {}
+        self.colsums = [np.zeros(st.weight.value.shape[1], np.float64) for st in self.stages]
         self.bound = None
         self.bound_n = -1
         self.output = None
@@ -129,6 +130,8 @@ cdef class NativeTrainStep:
             if b is not None and (b.value.shape != (w.value.shape[1],)
                                   or b.grad.shape != b.value.shape):
                 raise ValueError(f"layer {l}: bias must have shape ({w.value.shape[1]},)")
+            if self.colsums[l].shape != (w.value.shape[1],):
+                raise ValueError(f"layer {l} changed width since the step was compiled")
             if self.kind == 4:
                 self.l32[l].n_in = w.value.shape[0]
                 self.l32[l].n_out = w.value.shape[1]
@@ -138,6 +141,7 @@ cdef class NativeTrainStep:
                 self.l32[l].gb = <float*>(self._ptr(b.grad, "bias.grad", True) if b is not None else NULL)
                 self.l32[l].act = st.act
                 self.l32[l].alpha = st.alpha
+                self.l32[l].colsum = <double*><size_t>self.colsums[l].ctypes.data
             else:
                 self.l64[l].n_in = w.value.shape[0]
                 self.l64[l].n_out = w.value.shape[1]
@@ -147,6 +151,15 @@ cdef class NativeTrainStep:
                 self.l64[l].gb = <double*>(self._ptr(b.grad, "bias.grad", True) if b is not None else NULL)
                 self.l64[l].act = st.act
                 self.l64[l].alpha = st.alpha
+                self.l64[l].colsum = <double*><size_t>self.colsums[l].ctypes.data
+        index = {id(q): i for i, q in enumerate(opt.params)}
+        for l, st in enumerate(self.stages):
+            wi = index.get(id(st.weight), -1)
+            bi = index.get(id(st.bias), -1) if st.bias is not None else -1
+            if self.kind == 4:
+                self.l32[l].w_index, self.l32[l].b_index = wi, bi
+            else:
+                self.l64[l].w_index, self.l64[l].b_index = wi, bi
         for l in range(1, self.nlayers):
             if self.stages[l].weight.value.shape[0] != self.stages[l - 1].weight.value.shape[1]:
                 raise ValueError(f"layer {l} expects {self.stages[l].weight.value.shape[0]} "

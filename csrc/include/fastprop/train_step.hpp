@@ -36,6 +36,8 @@ struct DenseLayerPlan {
     T* y;                         // (n, out) forward output
     T* z;                         // (n, out) pre-activation, gelu only (else null)
     T* g;                         // (n, out) gradient workspace
+    double* colsum;               // (out,) scratch: the bias gradient summed in double
+    index_t w_index, b_index;     // the weight's / bias's tensor index in opt (b: -1 if none)
 };
 
 
