@@ -35,6 +35,12 @@ class Ctx:
         self.bn = self.model[1]
         self.a = rng.standard_normal((3, 4))
         self.b = rng.standard_normal((4, 5))
+        # a dense chain: its compiled step is the backend's whole-step kernel where
+        # there is one (native); one real step so that its optimizer state exists
+        self.chain = nn.Sequential(nn.Dense(4, 8, "relu", rng=2), nn.Dense(8, 3, rng=3))
+        self.chain_opt = optim.Adam(self.chain.parameters(), lr=0.01)
+        self.step = self.chain.compile("cross_entropy", self.chain_opt)
+        self.step(self.X[:5], self.y[:5])
 
     def fit(self, X=None, y=None, **kw):
         kw.setdefault("loss", "cross_entropy")
@@ -81,6 +87,17 @@ def _skip_if_cuda_works():
 
 def _complex(c):
     return c.a.astype(np.complex128)
+
+
+def _no_dir(c):
+    return "/nonexistent-dir-of-fastprop/run.ckpt"
+
+
+def _fit_chain(c, **kw):
+    kw.setdefault("loss", "cross_entropy")
+    kw.setdefault("optimizer", c.chain_opt)
+    kw.setdefault("verbose", 0)
+    return c.chain.fit(kw.pop("X", c.X), kw.pop("y", c.y), **kw)
 
 
 R = Row
@@ -407,6 +424,93 @@ ROWS = [
     R("compile-foreign-optimizer", lambda c: c.model.compile(
         "mse", optim.SGD([fp.Parameter(np.zeros(2))], lr=0.1)), ValueError,
       r"optimizer does not hold"),
+    R("fit-shuffle-str", lambda c: c.fit(shuffle="no"), TypeError, r"shuffle must be a bool"),
+    R("fit-seed-negative", lambda c: c.fit(seed=-1), ValueError, r"Invalid seed: -1"),
+    R("fit-seed-str", lambda c: c.fit(seed="0"), TypeError, r"seed must be an int"),
+    R("fit-seed-float", lambda c: c.fit(seed=1.5), TypeError, r"seed must be an int"),
+    # ---------------------------------------------------------------- fit checkpoints
+    R("fit-checkpoint-type", lambda c: c.fit(checkpoint=5), TypeError,
+      r"checkpoint must be a path"),
+    R("fit-checkpoint-no-dir", lambda c: c.fit(checkpoint=_no_dir(c)), ValueError,
+      r"checkpoint directory .* does not exist"),
+    R("fit-checkpoint-is-dir", lambda c: c.fit(checkpoint="."), ValueError, r"is a directory"),
+    R("fit-resume-no-checkpoint", lambda c: c.fit(resume=True), ValueError,
+      r"resume=True needs checkpoint"),
+    R("fit-resume-type", lambda c: c.fit(checkpoint="x.ckpt", resume="yes"), TypeError,
+      r"resume must be a bool"),
+    R("fit-checkpoint-every-zero", lambda c: c.fit(checkpoint_every=0), ValueError,
+      r"Invalid checkpoint_every: 0"),
+    R("fit-checkpoint-every-float", lambda c: c.fit(checkpoint_every=2.0), TypeError,
+      r"checkpoint_every must be an int"),
+    # ---------------------------------------------------------------- compiled step / fused path
+    R("step-x-width", lambda c: c.step(np.ones((5, 3)), c.y[:5]), ValueError, r"\(batch, 4\)",
+      kernels=True),
+    R("step-x-1d", lambda c: c.step(np.ones(4), c.y[:1]), ValueError, r"\(batch, 4\)",
+      kernels=True),
+    R("step-x-complex", lambda c: c.step(c.X[:5].astype(complex), c.y[:5]), TypeError,
+      r"x must hold real", kernels=True),
+    R("step-x-none", lambda c: c.step(None, c.y[:5]), TypeError, r"x must be an array",
+      kernels=True),
+    R("step-labels-count", lambda c: c.step(c.X[:5], c.y[:4]), ValueError,
+      r"labels must have shape \(5,\)", kernels=True),
+    R("step-label-out-of-range", lambda c: c.step(c.X[:5], [0, 1, 2, 3, 0]), ValueError,
+      r"labels must lie in \[0, 3\)", kernels=True),
+    R("step-label-negative", lambda c: c.step(c.X[:5], [0, 1, -2, 1, 0]), ValueError,
+      r"labels must lie in \[0, 3\)", kernels=True),
+    R("step-onehot-shape", lambda c: c.step(c.X[:5], np.eye(4)[:5]), ValueError,
+      r"\(5, 3\)", kernels=True),
+    R("step-labels-str", lambda c: c.step(c.X[:5], np.array(list("abcde"))), TypeError,
+      r"labels must hold real", kernels=True),
+    R("step-empty", lambda c: c.step(np.empty((0, 4)), np.empty(0, int)), ValueError,
+      r"empty", kernels=True),
+    R("bn-step-label-out-of-range", lambda c: c.model.compile("cross_entropy", c.opt)(
+        c.X[:5], [0, 1, 2, 3, 0]), ValueError, r"labels must lie in \[0, 3\)", kernels=True),
+    R("bn-step-mse-shape", lambda c: c.model.compile("mse", c.opt)(c.X[:5], np.zeros((5, 2))),
+      ValueError, r"target must have the prediction's shape \(5, 3\)", kernels=True),
+    R("bn-step-x-width", lambda c: c.model.compile("mse", c.opt)(c.X[:5, :3], np.zeros((5, 3))),
+      ValueError, r"\(batch, 4\)", kernels=True),
+    R("chain-fit-nan", lambda c: _fit_chain(c, X=c.with_last(np.nan)), ValueError,
+      r"X contains 1 NaN", kernels=True),
+    R("chain-fit-labels", lambda c: _fit_chain(c, y=c.with_last(3, "y")), ValueError,
+      r"labels must lie in \[0, 3\)", kernels=True),
+    R("chain-fit-mse-width", lambda c: _fit_chain(c, y=np.zeros((20, 4)), loss="mse"),
+      ValueError, r"\(20, 3\)", kernels=True),
+    # ---------------------------------------------------------------- misc entry points
+    R("parameter-complex", lambda c: fp.Parameter(np.ones(3, complex)), TypeError,
+      r"value must hold real"),
+    R("parameter-str", lambda c: fp.Parameter(["a", "b"]), TypeError, r"value must hold real"),
+    R("optim-set-lr-negative", lambda c: setattr(c.opt, "lr", -1.0), ValueError, r"Invalid lr"),
+    R("optim-set-lr-str", lambda c: setattr(c.opt, "lr", "big"), TypeError, r"lr must be a real"),
+    R("load-state-dict-shape", lambda c: c.opt.load_state_dict(
+        {**c.opt.state_dict(), "state": [{k: np.zeros(3) for k in s} for s in
+                                          c.opt.state_dict()["state"]]}),
+      ValueError, r"has shape \(3,\), expected \(4, 8\)"),
+    R("load-state-dict-count", lambda c: c.opt.load_state_dict(
+        {**c.opt.state_dict(), "state": c.opt.state_dict()["state"][:2]}),
+      ValueError, r"state for 2 parameters, the optimizer has 6"),
+    R("load-state-dict-hyper", lambda c: c.opt.load_state_dict(
+        {**c.opt.state_dict(), "hyper": {**c.opt.hyper, "lr": -1}}), ValueError, r"Invalid lr"),
+    R("gradcheck-eps-zero", lambda c: fp.gradcheck(nn.Dense(2, 2), np.ones((1, 2)), eps=0.0),
+      ValueError, r"Invalid eps"),
+    R("gradcheck-rtol-str", lambda c: fp.gradcheck(nn.Dense(2, 2), np.ones((1, 2)), rtol="1"),
+      TypeError, r"rtol must be a real"),
+    R("load-none", lambda c: fp.load(None), TypeError, r"NoneType"),
+    R("evaluate-length", lambda c: c.model.evaluate(c.X, c.y[:3], loss="cross_entropy"),
+      ValueError, r"y has 3 samples but X has 20"),
+    R("evaluate-batch-size", lambda c: c.model.evaluate(c.X, c.y, loss="mse", batch_size=-1),
+      ValueError, r"Invalid batch_size"),
+    R("predict-none", lambda c: c.model.predict(None), TypeError, r"X must be an array"),
+    R("compile-not-module", lambda c: fp.train.compile_step(3, "mse", c.opt), TypeError,
+      r"model must be a fastprop Module"),
+    R("compile-unknown-loss", lambda c: c.chain.compile("hinge", "sgd"), ValueError,
+      r"unknown loss 'hinge'"),
+    R("init-bad-shape", lambda c: fp.init.xavier_uniform((2, 3, 4)), ValueError,
+      r"shape must be 1-D or 2-D"),
+    R("dense-alpha-str", lambda c: nn.Dense(3, 2, activation="leaky_relu", alpha="0.1"),
+      TypeError, r"alpha must be a real"),
+    R("layernorm-eps-str", lambda c: nn.LayerNorm(3, eps="1e-5"), TypeError, r"eps"),
+    R("batchnorm-momentum-none", lambda c: nn.BatchNorm1d(3, momentum=None), TypeError,
+      r"momentum"),
     # ---------------------------------------------------------------- backends & config
     R("backend-unknown", lambda c: fp.set_backend("tpu"), ValueError,
       r"unknown backend 'tpu'; expected one of \('native', 'numpy', 'cuda'\)"),
@@ -455,7 +559,7 @@ def test_bad_input(backend, row):
     ctx = Ctx()
     if row.setup is not None:
         row.setup(ctx)
-    before = snapshot(ctx.model, ctx.opt)
+    before = snapshot(ctx.model, ctx.opt) + snapshot(ctx.chain, ctx.chain_opt)
     backend_before = fp.get_backend()
     with pytest.raises(row.exc) as info:
         if row.kernels:
@@ -471,7 +575,8 @@ def test_bad_input(backend, row):
         f"expected exactly {row.exc.__name__}, got {type(info.value).__name__}"
     msg = str(info.value)
     assert re.search(row.match, msg), f"message {msg!r} does not match {row.match!r}"
-    assert snapshot(ctx.model, ctx.opt) == before, "a rejected call changed the model/optimizer"
+    assert snapshot(ctx.model, ctx.opt) + snapshot(ctx.chain, ctx.chain_opt) == before, \
+        "a rejected call changed a model or an optimizer"
     assert fp.get_backend() == backend_before
 
 

@@ -18,6 +18,7 @@ import copy
 
 import numpy as np
 
+from ._checks import real
 from .losses import Loss
 from .nn import Dropout, Module
 
@@ -72,6 +73,9 @@ def gradcheck(module_or_fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_except
     Returns:
         True when every gradient matches.
     """
+    eps = real(eps, "eps", low=0, low_inclusive=False)
+    atol = real(atol, "atol", low=0)
+    rtol = real(rtol, "rtol", low=0)
     failures: list = []
     if isinstance(module_or_fn, Module):
         _check_module(module_or_fn, inputs, eps, atol, rtol, seed, failures)

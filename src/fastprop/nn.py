@@ -54,7 +54,7 @@ class Parameter:
     __slots__ = ("value", "grad", "name")
 
     def __init__(self, value, name: str | None = None):
-        value = np.array(value, copy=True)
+        value = np.array(as_array(value, "value"), copy=True)
         if value.dtype not in (np.float32, np.float64):
             value = value.astype(np.float64 if value.dtype.kind in "biu" else np.float32)
         self.value = np.ascontiguousarray(value)

@@ -135,10 +135,13 @@ class TrainStep:
             return self._step(x, y)
 
     def _step(self, x, y) -> float:
+        x = as_array(x, "x")
+        if x.ndim and x.shape[0] == 0:
+            raise ValueError("x is empty: a training step needs at least one sample")
         fast = self.fused()
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
-            x = np.ascontiguousarray(as_array(x, "x"), dtype=dtype)
+            x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
             y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
@@ -146,23 +149,25 @@ class TrainStep:
             self.output = fast.output
             return value
         model = self.model
-        # buffers a training forward updates (BatchNorm running statistics), restored
-        # when the step turns out non-finite
+        # Forward and loss run before the gradients are zeroed, so that bad input
+        # leaves them as they were; buffers a training forward updates (BatchNorm
+        # running statistics) are restored when the step fails (bad targets,
+        # non-finite values).
         saved = [(b, b.copy()) for m in model.modules() for b in
-                 (getattr(m, a) for a in m._buffers)] if self.check_finite else ()
+                 (getattr(m, a) for a in m._buffers)]
         try:
-            model.zero_grad()
             out = model.forward(x)
             value = self.loss.forward(out, y)
-            self.output = out
             if self.check_finite and not math.isfinite(value):
                 raise NonFiniteError(f"non-finite loss {value}")
+            self.output = out
+            model.zero_grad()
             model.backward(self.loss.backward(), input_grad=False)
             if self.check_finite:
                 norm2 = backends.current().sum_squares([p.grad for p in self.optimizer.params])
                 if not math.isfinite(norm2):
                     raise NonFiniteError("non-finite gradient")
-        except NonFiniteError:
+        except BaseException:
             for buf, old in saved:
                 buf[...] = old
             raise
@@ -335,6 +340,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                             high_inclusive=False)
     if verbose not in (0, 1, 2, False, True):
         raise ValueError(f"verbose must be 0, 1 or 2, got {verbose!r}")
+    if not isinstance(shuffle, (bool, np.bool_)):
+        raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
+    if seed is not None:
+        seed = integer(seed, "seed", low=0)
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     checkpoint_every = integer(checkpoint_every, "checkpoint_every", low=1)
