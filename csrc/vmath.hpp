@@ -68,7 +68,10 @@ inline float vexp(float x) {
     p = p * r + 5.0000001201e-1f;
     p = p * r2 + r + 1.0f;
     const std::int32_t n1 = n >> 1, n2 = n - n1;
-    return p * float_from_bits((n1 + 127) << 23) * float_from_bits((n2 + 127) << 23);
+    // shifts on unsigned values: a NaN input gives a huge n, and a signed shift that
+    // overflows would be undefined (the product is NaN either way)
+    return p * float_from_bits(std::int32_t(std::uint32_t(n1 + 127) << 23)) *
+           float_from_bits(std::int32_t(std::uint32_t(n2 + 127) << 23));
 }
 
 inline double vexp(double x) {
@@ -87,7 +90,8 @@ inline double vexp(double x) {
                       2.27265548208155028766e-1) * r2 + 2.00000000000000000009e0;
     const double e = 1.0 + 2.0 * (p / (q - p));
     const std::int64_t n1 = n >> 1, n2 = n - n1;
-    return e * double_from_bits((n1 + 1023) << 52) * double_from_bits((n2 + 1023) << 52);
+    return e * double_from_bits(std::int64_t(std::uint64_t(n1 + 1023) << 52)) *
+           double_from_bits(std::int64_t(std::uint64_t(n2 + 1023) << 52));
 }
 
 inline float vtanh(float x) {

@@ -389,3 +389,25 @@ def test_10000_training_steps_keep_memory_flat(backend, kind):
     gc.collect()
     growth = _rss() - start
     assert growth < 2 * 2**20, f"resident memory grew by {growth / 2**20:.2f} MiB"
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_set_num_threads_applies_to_the_calling_thread():
+    """The README's statement: fp.set_num_threads follows omp_set_num_threads (per
+    calling thread); a new Python thread starts from the process default."""
+    if not fp.backends.load("native").config()["openmp"]:
+        pytest.skip("built without OpenMP")
+    before = fp.get_num_threads()
+    seen = {}
+    t = threading.Thread(target=lambda: seen.setdefault("default", fp.get_num_threads()))
+    t.start()
+    t.join()
+    try:
+        fp.set_num_threads(1 if seen["default"] > 1 else 2)
+        mine = fp.get_num_threads()
+        t = threading.Thread(target=lambda: seen.setdefault("other", fp.get_num_threads()))
+        t.start()
+        t.join()
+    finally:
+        fp.set_num_threads(before)
+    assert mine != seen["default"] and seen["other"] == seen["default"]

@@ -49,8 +49,13 @@ case "$where" in
      exit 2 ;;
 esac
 
-export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1
-export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1
+# Reports go to files (pytest captures the test's stderr and would lose them when the
+# sanitizer aborts the process); any file there fails the run.
+REPORTS=$ROOT/reports
+rm -rf "$REPORTS" "$REPORTS"-*
+mkdir -p "$REPORTS"
+export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$REPORTS/asan
+export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan
 status=0
 for isa in auto generic; do
   echo "== pytest under ASan+UBSan, FASTPROP_ISA=$isa"
@@ -63,10 +68,12 @@ for isa in auto generic; do
   set -e
   tail -n 2 "$log"
   [ $rc = 0 ] || { echo "sanitize.sh: pytest exited with $rc (log: $log)" >&2; status=1; }
-  if grep -E -q "ERROR: AddressSanitizer|runtime error:|SUMMARY: [A-Za-z]+Sanitizer" "$log"; then
-    echo "sanitize.sh: sanitizer reports in $log" >&2
-    grep -E -B2 -A25 "ERROR: AddressSanitizer|runtime error:" "$log" | head -80 >&2
+  if [ -n "$(ls -A "$REPORTS")" ] || grep -E -q "runtime error:|Sanitizer" "$log"; then
+    echo "sanitize.sh: sanitizer reports (FASTPROP_ISA=$isa) in $REPORTS:" >&2
+    for f in "$REPORTS"/*; do [ -e "$f" ] && head -n 40 "$f" >&2; done
+    grep -E -B2 -A25 "runtime error:|Sanitizer" "$log" | head -60 >&2 || true
     status=1
+    mkdir -p "$REPORTS-$isa" && mv "$REPORTS"/* "$REPORTS-$isa"/ 2>/dev/null || true
   fi
 done
 if [ $status = 0 ]; then echo "== sanitize.sh: no ASan/UBSan reports"; fi

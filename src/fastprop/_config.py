@@ -19,7 +19,11 @@ def _native():
 
 
 def set_num_threads(n: int) -> None:
-    """Threads used by the native kernels (OpenMP); n >= 1."""
+    """Threads used by the native kernels (OpenMP); n >= 1.
+
+    Like ``omp_set_num_threads`` (and threadpoolctl) this applies to the calling
+    Python thread; other threads start from ``OMP_NUM_THREADS`` (or every core).
+    """
     n = integer(n, "n", low=1)
     native = _native()
     if native is not None:
