@@ -132,6 +132,42 @@ inline T vsigmoid(T x) {
     return x >= T(0) ? r : e * r;
 }
 
+// GELU, tanh approximation: gelu(x) = 0.5 x (1 + tanh(u)) = x s with
+// u = sqrt(2/pi) (x + 0.044715 x^3) and s = sigmoid(2u) (no cancellation for x << 0);
+// gelu'(x) = s + 2 x s (1 - s) sqrt(2/pi) (1 + 3 * 0.044715 x^2).
+// |x| > kGeluClip: gelu(x) = x (x > 0) or -0 (x < 0) and gelu'(x) = 1 or 0 to the
+// last bit in float and double (s = sigmoid(2u(20)) rounds to 1 or below e^-600), so
+// the formulas run on x clamped to [-20, 20]: no x^3 overflow, no inf * 0 = NaN at
+// +-inf or +-max; NaN still propagates (the comparisons are false for NaN).
+// Used by activations.cpp and the GEMM epilogue (gemm/epilogue.hpp) alike.
+constexpr double kGeluC = 0.7978845608028654;  // sqrt(2 / pi)
+constexpr double kGeluK = 0.044715;
+constexpr double kGeluClip = 20.0;
+
+template <typename T>
+inline T gelu_clamp(T x) {
+    return x < T(-kGeluClip) ? T(-kGeluClip) : (x > T(kGeluClip) ? T(kGeluClip) : x);
+}
+
+template <typename T>
+inline T gelu_sigmoid(T x) {  // s = sigmoid(2u); x already clamped
+    const T u = T(kGeluC) * (x + T(kGeluK) * x * x * x);
+    return vsigmoid(T(2) * u);
+}
+
+template <typename T>
+inline T gelu_value(T x) {
+    return x < T(-kGeluClip) ? T(-0.0) : x * gelu_sigmoid(gelu_clamp(x));
+}
+
+template <typename T>
+inline T gelu_derivative(T x) {
+    const T xc = gelu_clamp(x);
+    const T s = gelu_sigmoid(xc);
+    const T du = T(kGeluC) * (T(1) + T(3 * kGeluK) * xc * xc);
+    return s + T(2) * xc * s * (T(1) - s) * du;
+}
+
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
 }  // namespace fastprop

@@ -7,10 +7,8 @@
 //   bias add, pre-activation copy, activation, activation-derivative product,
 //   column sums (double, rows in increasing order, so a column owned by one thread
 //   is summed in the same order for any thread count), non-finite check.
-// The activation math is that of activations.cpp: vmath.hpp's vexp/vtanh/vsigmoid,
-// and the same gelu form (x s, s = sigmoid(2u), argument clamped to +-20, -0 below
-// -20) and derivative, mirrored here because activations.cpp keeps its helpers
-// file-local (a shared vmath.hpp home for them would remove the copy); results agree with
+// The activation math is that of activations.cpp, from the same vmath.hpp helpers
+// (vexp/vtanh/vsigmoid, gelu_value/gelu_derivative); results agree with
 // activation_forward/activation_backward to the last bit when the compiler emits
 // the same instructions for both (tested to a few ulp).
 #pragma once
@@ -22,35 +20,6 @@
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
-
-constexpr double kEpGeluC = 0.7978845608028654;  // sqrt(2 / pi), as activations.cpp
-constexpr double kEpGeluK = 0.044715;
-
-constexpr double kEpGeluClip = 20.0;  // beyond it gelu is x or -0 to the last bit
-
-template <typename T>
-inline T ep_gelu_clamp(T x) {
-    return x < T(-kEpGeluClip) ? T(-kEpGeluClip) : (x > T(kEpGeluClip) ? T(kEpGeluClip) : x);
-}
-
-template <typename T>
-inline T ep_gelu_sigmoid(T x) {  // s = sigmoid(2u), u = C (x + K x^3); x clamped
-    const T u = T(kEpGeluC) * (x + T(kEpGeluK) * x * x * x);
-    return vsigmoid(T(2) * u);
-}
-
-template <typename T>
-inline T ep_gelu_value(T x) {
-    return x < T(-kEpGeluClip) ? T(-0.0) : x * ep_gelu_sigmoid(ep_gelu_clamp(x));
-}
-
-template <typename T>
-inline T ep_gelu_derivative(T x) {
-    const T xc = ep_gelu_clamp(x);
-    const T s = ep_gelu_sigmoid(xc);
-    const T du = T(kEpGeluC) * (T(1) + T(3 * kEpGeluK) * xc * xc);
-    return s + T(2) * xc * s * (T(1) - s) * du;
-}
 
 template <typename T>
 inline bool epilogue_is_empty(const GemmEpilogue<T>& ep) {
@@ -76,7 +45,7 @@ inline void ep_activation(int act, T a, T* FASTPROP_RESTRICT y, index_t len) {
             for (index_t j = 0; j < len; ++j) y[j] = vtanh(y[j]);
             break;
         case kGelu:
-            for (index_t j = 0; j < len; ++j) y[j] = ep_gelu_value(y[j]);
+            for (index_t j = 0; j < len; ++j) y[j] = gelu_value(y[j]);
             break;
         default:
             break;
@@ -101,7 +70,7 @@ inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t 
             for (index_t j = 0; j < len; ++j) out[j] = g[j] * (T(1) - d[j] * d[j]);
             break;
         case kGelu:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * ep_gelu_derivative(d[j]);
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * gelu_derivative(d[j]);
             break;
         default:
             break;
