@@ -137,6 +137,14 @@ double clip_grad_norm(index_t count, double* const* arrays, const index_t* sizes
                       double max_norm) noexcept {
     return ops<double>().clip_grad_norm(count, arrays, sizes, max_norm);
 }
+double sum_squares_multi(index_t count, const float* const* arrays,
+                         const index_t* sizes) noexcept {
+    return ops<float>().sum_squares_multi(count, arrays, sizes);
+}
+double sum_squares_multi(index_t count, const double* const* arrays,
+                         const index_t* sizes) noexcept {
+    return ops<double>().sum_squares_multi(count, arrays, sizes);
+}
 void optimizer_update(const OptimizerPlan<float>& plan) noexcept {
     ops<float>().optimizer_update(plan);
 }

@@ -39,6 +39,7 @@ constexpr detail::KernelOps<T> make_ops() {
         &train_step<T>,
         &optimizer_update<T>,
         &clip_grad_norm<T>,
+        &sum_squares_multi<T>,
     };
 }
 

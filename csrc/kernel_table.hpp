@@ -53,6 +53,7 @@ struct KernelOps {
     double (*train_step)(const TrainStepPlan<T>&, int*);
     void (*optimizer_update)(const OptimizerPlan<T>&);
     double (*clip_grad_norm)(index_t, T* const*, const index_t*, double);
+    double (*sum_squares_multi)(index_t, const T* const*, const index_t*);
 };
 
 struct KernelTable {

@@ -247,3 +247,7 @@ cdef extern from "fastprop/reductions.hpp" namespace "fastprop" nogil:
         int64_t count, float** arrays, const int64_t* sizes, double max_norm) noexcept
     double fp_clip_grad_norm "fastprop::clip_grad_norm"(
         int64_t count, double** arrays, const int64_t* sizes, double max_norm) noexcept
+    double fp_sum_squares_multi "fastprop::sum_squares_multi"(
+        int64_t count, const float** arrays, const int64_t* sizes) noexcept
+    double fp_sum_squares_multi "fastprop::sum_squares_multi"(
+        int64_t count, const double** arrays, const int64_t* sizes) noexcept

@@ -693,72 +693,61 @@ def adagrad_update(params, grads, sums, double lr, double eps, double weight_dec
 
 
 def sum_squares(arrays):
-    """Sum of squares of every element of every array, accumulated in double."""
+    """Sum of squares of every element of every array, accumulated in double, in one
+    C++ call (one parallel region over all the arrays)."""
+    arrays = list(arrays)
+    cdef Py_ssize_t count = len(arrays)
+    cdef double total = 0.0
+    if count == 0:
+        return 0.0
+    cdef int kind = _kind(arrays[0], "arrays[0]")
+    cdef _ArrayLists lists = _ArrayLists(count)
+    lists.take(-1, arrays, kind, False, "arrays")
+    with nogil:
+        if kind == 4:
+            total = fp_sum_squares_multi(count, <const float**>lists.ptrs, lists.sizes)
+        else:
+            total = fp_sum_squares_multi(count, <const double**>lists.ptrs, lists.sizes)
+    return total
+
+
+cdef int _map_arrays(arrays, int op, double a, double b) except -1:
+    """op 0: x *= a; op 1: x = min(max(x, a), b); in place, array by array."""
     cdef _Held held = _Held()
     cdef Py_buffer* v
-    cdef double total = 0.0, part = 0.0
     cdef int kind
     cdef int64_t size
     cdef Py_ssize_t i = 0
-    for a in arrays:
-        kind = _kind(a, f"arrays[{i}]")
+    for arr in arrays:
+        kind = _kind(arr, f"arrays[{i}]")
         try:
-            v = held.take(a, kind, False, "arrays", i)
+            v = held.take(arr, kind, True, "arrays", i)
             size = _size(v)
             with nogil:
                 if kind == 4:
-                    part = fp_sum_squares(size, <const float*>v.buf)
+                    if op == 0:
+                        fp_scale(size, <float*>v.buf, a)
+                    else:
+                        fp_clip(size, <float*>v.buf, a, b)
                 else:
-                    part = fp_sum_squares(size, <const double*>v.buf)
-            total += part
+                    if op == 0:
+                        fp_scale(size, <double*>v.buf, a)
+                    else:
+                        fp_clip(size, <double*>v.buf, a, b)
         finally:
             held.release()
         i += 1
-    return total
+    return 0
 
 
 def scale_(arrays, double factor):
     """a *= factor in place for every array."""
-    cdef _Held held = _Held()
-    cdef Py_buffer* v
-    cdef int kind
-    cdef int64_t size
-    cdef Py_ssize_t i = 0
-    for a in arrays:
-        kind = _kind(a, f"arrays[{i}]")
-        try:
-            v = held.take(a, kind, True, "arrays", i)
-            size = _size(v)
-            with nogil:
-                if kind == 4:
-                    fp_scale(size, <float*>v.buf, factor)
-                else:
-                    fp_scale(size, <double*>v.buf, factor)
-        finally:
-            held.release()
-        i += 1
+    _map_arrays(arrays, 0, factor, 0.0)
 
 
 def clip_(arrays, double lo, double hi):
     """a = min(max(a, lo), hi) in place for every array."""
-    cdef _Held held = _Held()
-    cdef Py_buffer* v
-    cdef int kind
-    cdef int64_t size
-    cdef Py_ssize_t i = 0
-    for a in arrays:
-        kind = _kind(a, f"arrays[{i}]")
-        try:
-            v = held.take(a, kind, True, "arrays", i)
-            size = _size(v)
-            with nogil:
-                if kind == 4:
-                    fp_clip(size, <float*>v.buf, lo, hi)
-                else:
-                    fp_clip(size, <double*>v.buf, lo, hi)
-        finally:
-            held.release()
-        i += 1
+    _map_arrays(arrays, 1, lo, hi)
 
 
 # ------------------------------------------------------------------ normalisation

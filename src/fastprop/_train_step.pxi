@@ -357,7 +357,7 @@ cdef class _ArrayLists:
             if v.itemsize != kind:
                 raise TypeError(f"{name}[{i}] must have {kind}-byte floats, "
                                 f"got itemsize {v.itemsize}")
-            if slot == 0:
+            if slot <= 0:  # -1: a plain list of arrays (no shapes to match)
                 self.sizes[i] = _size(v)
             elif slot > 0 and _size(v) != self.sizes[i]:
                 raise ValueError(f"{name}[{i}] must have the shape of params[{i}]")
@@ -365,7 +365,7 @@ cdef class _ArrayLists:
                 raise ValueError(f"{name}[{i}] must have the shape of params[{i}], "
                                  f"{_fmt(self.views[i].shape, self.views[i].ndim)}, got "
                                  f"{_fmt(v.shape, v.ndim)}")
-            self.ptrs[slot * self.count + i] = v.buf
+            self.ptrs[(slot if slot > 0 else 0) * self.count + i] = v.buf
         return 0
 
 

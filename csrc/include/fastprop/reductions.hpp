@@ -10,6 +10,12 @@ namespace fastprop {
 double sum_squares(index_t size, const float* x) noexcept;
 double sum_squares(index_t size, const double* x) noexcept;
 
+// Sum of squares of `count` arrays in one call (one parallel region).
+double sum_squares_multi(index_t count, const float* const* arrays,
+                         const index_t* sizes) noexcept;
+double sum_squares_multi(index_t count, const double* const* arrays,
+                         const index_t* sizes) noexcept;
+
 // Global-norm clipping of `count` arrays (sizes[i] elements each) in one call:
 // returns norm = sqrt(sum of all squares); if finite and > max_norm, scales every
 // element by max_norm / (norm + 1e-6).
