@@ -629,3 +629,73 @@ def test_training_steps(n, f, h, c, act, loss, opt, dt, xdt, layout, seed):
         agree(np.float64(a), np.float64(b), 10.0, factor=64, what="step loss", dtype=dt)
     for a, b in zip(got[1], want[1]):
         agree(a, b, 1.0, factor=64, what="parameters after 3 steps")
+
+
+@settings(PROP, max_examples=PROP.max_examples * 4)
+@given(target=st.sampled_from(["weight", "weight.grad", "bias", "bias.grad", "state0", "state1"]),
+       layer=st.integers(0, 1), how=st.sampled_from(MUTATIONS),
+       opt=st.sampled_from(["sgd", "adam", "rmsprop"]), dt=st.sampled_from(FLOATS),
+       seed=st.integers(0, 2**16))
+def test_fused_step_with_replaced_arrays_rejects_or_stays_in_bounds(target, layer, how, opt, dt,
+                                                                    seed):
+    """Parameters, gradients or optimizer state replaced between two compiled steps by
+    arrays of another shape, dtype, layout or writability: the next step (the
+    backend's whole-step kernel where there is one) rebinds to them or raises
+    TypeError/ValueError, and never writes outside them."""
+    model = nn.Sequential(nn.Dense(5, 7, "relu", dtype=dt, rng=seed),
+                          nn.Dense(7, 3, dtype=dt, rng=seed + 1))
+    params = model.parameters()
+    optimizer = {"sgd": lambda: optim.SGD(params, lr=0.1, momentum=0.9),
+                 "adam": lambda: optim.Adam(params),
+                 "rmsprop": lambda: optim.RMSprop(params)}[opt]()
+    step = model.compile("cross_entropy", optimizer)
+    rng = np.random.default_rng(seed)
+    x, y = rng.standard_normal((4, 5)).astype(dt), rng.integers(0, 3, 4)
+    with fp.use_backend("native"):
+        step(x, y)
+        g = Guarded()
+        p = model[layer].weight if target.startswith("weight") else model[layer].bias
+        i = next(k for k, q in enumerate(optimizer.params) if q is p)
+        names = list(optimizer.state[i])
+        if target.startswith("state"):
+            if len(names) <= int(target[-1]):
+                return
+            key = names[int(target[-1])]
+            new = _mutated(optimizer.state[i][key], how, g, dt, seed)
+            if isinstance(new, np.ndarray):
+                optimizer.state[i][key] = new
+        else:
+            attr = "grad" if target.endswith(".grad") else "value"
+            new = _mutated(getattr(p, attr), how, g, dt, seed)
+            if isinstance(new, np.ndarray):
+                setattr(p, attr, new)
+        with contextlib.suppress(TypeError, ValueError), np.errstate(all="ignore"):
+            step(x, y)
+    g.check()
+
+
+@pytest.mark.parametrize("change", ["append_param", "drop_param", "truncate_state",
+                                    "flat_weight"])
+def test_fused_step_rejects_changed_parameter_lists(change):
+    """The fused step's pointer tables are sized when it is built: an optimizer whose
+    lists changed length afterwards is refused, not read or written past the end."""
+    model = nn.Sequential(nn.Dense(5, 7, "relu", rng=0), nn.Dense(7, 3, rng=1))
+    opt = optim.Adam(model.parameters())
+    step = model.compile("cross_entropy", opt)
+    x, y = np.ones((4, 5), np.float32), np.arange(4) % 3
+    with fp.use_backend("native"):
+        step(x, y)
+        fast = step.fused()
+        if change == "append_param":
+            opt.params.append(fp.Parameter(np.zeros(3, np.float32)))
+        elif change == "drop_param":
+            opt.params.pop()
+        elif change == "truncate_state":
+            opt.state = opt.state[:1]
+        else:
+            model[0].weight.value = np.zeros(35, np.float32)
+            with pytest.raises(ValueError, match="must be 2-D"):
+                step(x, y)
+            return
+        with pytest.raises(ValueError, match="changed length"):
+            fast(x, (np.asarray(y, np.int64), None), False)

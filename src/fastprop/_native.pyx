@@ -17,6 +17,7 @@ values before it gets here; these checks only guard memory safety.
 
 from cpython.buffer cimport (PyBUF_C_CONTIGUOUS, PyBUF_FORMAT, PyBUF_WRITABLE,
                              PyBuffer_Release, PyObject_GetBuffer)
+cimport cython
 from cython cimport floating
 from libc.stdint cimport int64_t
 

@@ -38,6 +38,7 @@ cdef class NativeTrainStep:
         PyMem_Free(self.ptrs)
         PyMem_Free(self.sizes)
 
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     def __init__(self, stages, loss, optimizer, int loss_kind, int opt_kind):
         cdef int i
         self.stages = list(stages)
@@ -48,6 +49,10 @@ cdef class NativeTrainStep:
         self.dtype = self.stages[0].weight.value.dtype
         self.kind = self.dtype.itemsize
         self.workspaces = {}
+        for l, st in enumerate(self.stages):  # before any shape[1] below
+            if st.weight.value.ndim != 2:
+                raise ValueError(f"layer {l}: weight must be 2-D, got shape "
+                                 f"{st.weight.value.shape}")
         self.colsums = [np.zeros(st.weight.value.shape[1], np.float64) for st in self.stages]
         self.bound = None
         self.bound_n = -1
@@ -94,11 +99,16 @@ cdef class NativeTrainStep:
             raise ValueError(f"{name} must be a writable C-contiguous {self.dtype} array")
         return <void*><size_t>arr.ctypes.data
 
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     cdef list _current(self):
         """Every array the plan points to, in binding order (creating missing
         optimizer state the way Optimizer.step does)."""
         opt = self.optimizer
         names = opt.state_names
+        # the pointer tables hold self.count entries per list
+        if len(opt.params) != self.count or len(opt.state) != self.count:
+            raise ValueError(f"the optimizer's parameter or state list changed length "
+                             f"({len(opt.params)}/{len(opt.state)}, built for {self.count})")
         arrays = []
         for st in self.stages:
             arrays += [st.weight.value, st.weight.grad]
@@ -112,6 +122,7 @@ cdef class NativeTrainStep:
             arrays += [p.value, p.grad] + [state[key] for key in names]
         return arrays
 
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     cdef int _bind(self) except -1:
         cdef int i, l
         arrays = self._current()
@@ -188,6 +199,7 @@ cdef class NativeTrainStep:
         self.bound_n = -1
         return 0
 
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     cdef int _workspace(self, int64_t n) except -1:
         cdef int l
         if n == self.bound_n:
@@ -216,6 +228,7 @@ cdef class NativeTrainStep:
         self.output = ws[self.nlayers - 1][0]
         return 0
 
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     def __call__(self, x, y, bint check_finite=False):
         """Forward, loss, backward and update on batch (x, y); returns the loss."""
         cdef int status = 0
