@@ -15,7 +15,9 @@ import fastprop as fp
 from fastprop import backends, nn, optim
 from conftest import NATIVE_BUILT
 
-SRC = str(pathlib.Path(__file__).resolve().parents[1] / "src")
+# the directory holding the fastprop this process imported (src/ for an editable
+# install, site-packages for a normal one: src/ has no built extension there)
+SRC = str(pathlib.Path(fp.__file__).resolve().parents[1])
 AVAILABLE = ["native", "numpy"] if NATIVE_BUILT else ["numpy"]
 
 
