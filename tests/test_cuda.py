@@ -622,3 +622,25 @@ def test_python_path_on_cuda_matches_numpy(rng):
     close(results[1][0], results[0][0], F64, factor=100)
     for a, b in zip(results[1][1], results[0][1]):
         close(a, b, F64, factor=100)
+
+
+def test_fit_resumed_from_a_checkpoint_on_cuda(rng, tmp_path):
+    """fit(checkpoint=, resume=True) on a device model whose compiled device step is
+    already running with other parameters: the restored host state reaches the device,
+    and the run ends where an uninterrupted 3-epoch run does."""
+    X, y = randn(rng, (12, 3), F64), rng.integers(0, 2, 12)
+    ends = []
+    for resumed in (False, True):
+        model = _mlp(np.float64, ["tanh"], sizes=(3, 4, 2)).to("cuda")
+        opt = fp.optim.Adam(model.parameters(), lr=0.05)
+        loss = fp.losses.SoftmaxCrossEntropy()  # one loss object: fit reuses the step
+        kw = dict(loss=loss, optimizer=opt, batch_size=4, verbose=0)
+        path = tmp_path / "run.ckpt"
+        if resumed:
+            model.fit(X, y, epochs=1, seed=3, checkpoint=path, **kw)
+            model.fit(X, y, epochs=2, seed=99, **kw)  # the device moves on
+        hist = model.fit(X, y, epochs=3, seed=3, checkpoint=path, resume=resumed, **kw)
+        assert hist.epoch == [0, 1, 2]
+        ends.append([p.value.copy() for p in model.parameters()])
+    for a, b in zip(*ends):
+        close(a, b, F64, factor=10)
