@@ -109,12 +109,22 @@ class TrainStep:
         self._fast = None
         self._fast_key = None
 
+    def _fast_key_is_current(self, be) -> bool:
+        """Same backend and the same parameter arrays as when the kernel was made
+        (checked without allocating: this runs every step)."""
+        key = self._fast_key
+        if key is None or key[0] is not be or len(key[1]) != len(self.optimizer.params):
+            return False
+        for p, value in zip(self.optimizer.params, key[1]):
+            if p.value is not value:
+                return False
+        return True
+
     def fused(self):
         """The backend's whole-step kernel for this model, or None (Python path)."""
         be = backends.current()
-        key = (be, tuple(id(p.value) for p in self.optimizer.params))
-        if key != self._fast_key:
-            self._fast_key = key
+        if not self._fast_key_is_current(be):
+            self._fast_key = (be, [p.value for p in self.optimizer.params])
             self._fast = None
             make = getattr(be, "make_train_step", None)
             stages = dense_stages(self.model) if make is not None else None
