@@ -18,13 +18,14 @@
 //   kUnpackedRowsA  at most this many rows of op(A): A is never packed (it stays in
 //                 L1/L2 and the strided micro-kernel reads it as fast as panels).
 //   kFlopGrain    flops per thread before a second thread is used: 2 threads from
-//                 4 MFLOP (~40 us of one core, e.g. 128^3, 64x256x256).  On a quiet
-//                 machine 2 threads pay from ~1 MFLOP (float32 32x128x128: 126 vs 83
-//                 GFLOP/s; 64^3, 0.5 MFLOP, gains nothing), but on the shared,
-//                 oversubscribed dev box a worker that is not running when the
-//                 region starts costs a scheduler timeslice (4-20 ms: 1000x a 1 MFLOP
-//                 product; measured), so the threshold sits where that risk is rarer
-//                 and smaller relative to the work.
+//                 1 MFLOP.  On a quiet machine 2 threads pay from ~1 MFLOP (float32
+//                 32x128x128: 126 vs 83 GFLOP/s; 64^3, 0.5 MFLOP, gains nothing); the
+//                 MLP training step at batch 32/128/512 went from 433/1082/3828 us
+//                 to 343/857/3118 us with 1 instead of 4 MFLOP.  The cost: on an
+//                 oversubscribed machine a worker that is not running when a region
+//                 starts costs a scheduler timeslice (4-20 ms, measured on the shared
+//                 dev box), which a higher threshold makes rarer; fp.set_num_threads(1)
+//                 is the remedy there.
 #pragma once
 
 #include "isa_common.hpp"
@@ -66,7 +67,7 @@ struct GemmBlocks<double> {
 
 constexpr index_t kSmallWork = index_t(96) * 96 * 96;
 constexpr index_t kUnpackedRowsA = 128;
-constexpr index_t kFlopGrain = index_t(1) << 21;
+constexpr index_t kFlopGrain = index_t(1) << 19;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
