@@ -1,12 +1,13 @@
 // dispatch.cpp - CPU feature detection and the one-time choice of kernel table;
 // OpenMP thread controls; build information (baseline unit only).
 //
-// Detection: cpuid leaves 1 and 7 for SSE4.2, AVX, FMA, AVX2, AVX-512F, and xgetbv
-// (XCR0) to confirm that the OS saves the YMM (and ZMM) state; a feature counts only
-// if both agree.  The avx2 table needs AVX2 and FMA.  Choice: the best available
-// table, or the one the environment variable FASTPROP_ISA names ("generic" forces
-// the reference path; "avx2" without CPU support falls back to generic and records
-// a note; "auto"/unset picks the best).  Made once, thread-safely (function-local
+// Detection: cpuid leaves 1 and 7 for SSE4.2, AVX, FMA, AVX2, AVX-512F/DQ/BW/VL,
+// and xgetbv (XCR0) to confirm that the OS saves the YMM (and ZMM) state; a feature
+// counts only if both agree.  The avx2 table needs AVX2 and FMA, the avx512 table
+// also AVX-512 F, DQ, BW and VL.  Choice: the best available table (avx512 > avx2 >
+// generic), or the one the environment variable FASTPROP_ISA names ("generic"
+// forces the reference path; an ISA the CPU or build lacks falls back to the best
+// lower one and records a note; "auto"/unset picks the best).  Made once, thread-safely (function-local
 // static), on the first kernel call or init_dispatch().
 #include <cstdio>
 #include <cstdlib>
@@ -34,6 +35,12 @@
 #ifndef FASTPROP_BUILD_AVX2
 #define FASTPROP_BUILD_AVX2 0
 #endif
+#ifndef FASTPROP_BUILD_AVX512
+#define FASTPROP_BUILD_AVX512 0
+#endif
+#ifndef FASTPROP_AVX512_FLAGS_STR
+#define FASTPROP_AVX512_FLAGS_STR ""
+#endif
 #ifndef FASTPROP_COMPILER_ID
 #define FASTPROP_COMPILER_ID "unknown"
 #endif
@@ -51,6 +58,11 @@ const detail::KernelTable* kernel_table() noexcept;
 }
 #if FASTPROP_BUILD_AVX2
 namespace avx2 {
+const detail::KernelTable* kernel_table() noexcept;
+}
+#endif
+#if FASTPROP_BUILD_AVX512
+namespace avx512 {
 const detail::KernelTable* kernel_table() noexcept;
 }
 #endif
@@ -80,7 +92,7 @@ unsigned long long xgetbv0() {
 #endif
 
 CpuFeatures detect() {
-    CpuFeatures f{false, false, false, false, false};
+    CpuFeatures f{false, false, false, false, false, false};
 #if FASTPROP_X86
     unsigned r[4];
     cpuid(0, 0, r);
@@ -100,6 +112,8 @@ CpuFeatures detect() {
         const unsigned ebx7 = r[1];
         f.avx2 = f.avx && ((ebx7 >> 5) & 1u);
         f.avx512f = os_zmm && ((ebx7 >> 16) & 1u);
+        const bool dq = (ebx7 >> 17) & 1u, bw = (ebx7 >> 30) & 1u, vl = (ebx7 >> 31) & 1u;
+        f.avx512 = f.avx512f && dq && bw && vl && f.avx2 && f.fma;
     }
 #endif
     return f;
@@ -109,19 +123,28 @@ struct DispatchState {
     CpuFeatures features;
     const detail::KernelTable* table;
     bool avx2_usable;
+    bool avx512_usable;
     char requested[32];
     char note[192];
 };
 
+const detail::KernelTable* table_for(int level) {
+#if FASTPROP_BUILD_AVX512
+    if (level >= 2) return avx512::kernel_table();
+#endif
+#if FASTPROP_BUILD_AVX2
+    if (level >= 1) return avx2::kernel_table();
+#endif
+    (void)level;
+    return generic::kernel_table();
+}
+
 DispatchState choose() {
     DispatchState s{};
     s.features = detect();
-    s.table = generic::kernel_table();
-#if FASTPROP_BUILD_AVX2
-    s.avx2_usable = s.features.avx2 && s.features.fma;
-#else
-    s.avx2_usable = false;
-#endif
+    s.avx2_usable = FASTPROP_BUILD_AVX2 && s.features.avx2 && s.features.fma;
+    s.avx512_usable = FASTPROP_BUILD_AVX512 && s.avx2_usable && s.features.avx512;
+    const int best = s.avx512_usable ? 2 : (s.avx2_usable ? 1 : 0);
     const char* env = std::getenv("FASTPROP_ISA");
     char want[32] = {0};
     if (env != nullptr) {
@@ -136,27 +159,26 @@ DispatchState choose() {
     std::snprintf(s.requested, sizeof(s.requested), "%s", want);
     const bool is_auto = want[0] == '\0' || std::strcmp(want, "auto") == 0 ||
                          std::strcmp(want, "best") == 0;
+    int level = best;
     if (std::strcmp(want, "generic") == 0 || std::strcmp(want, "baseline") == 0) {
-        s.table = generic::kernel_table();
-    } else if (std::strcmp(want, "avx2") == 0) {
-        if (s.avx2_usable) {
-#if FASTPROP_BUILD_AVX2
-            s.table = avx2::kernel_table();
-#endif
-        } else {
-            std::snprintf(s.note, sizeof(s.note), "FASTPROP_ISA=avx2 requested but %s; using generic",
-                          FASTPROP_BUILD_AVX2 ? "this CPU lacks AVX2+FMA"
-                                              : "this build has no avx2 unit");
-        }
-    } else {
-        if (!is_auto)
-            std::snprintf(s.note, sizeof(s.note),
-                          "unknown FASTPROP_ISA=%s (expected generic, avx2 or auto); using auto",
-                          want);
-#if FASTPROP_BUILD_AVX2
-        if (s.avx2_usable) s.table = avx2::kernel_table();
-#endif
+        level = 0;
+    } else if (std::strcmp(want, "avx2") == 0 || std::strcmp(want, "avx512") == 0) {
+        const int asked = want[3] == '5' ? 2 : 1;
+        level = asked <= best ? asked : best;
+        if (asked > best)
+            std::snprintf(s.note, sizeof(s.note), "FASTPROP_ISA=%s requested but %s; using %s",
+                          want,
+                          (asked == 2 ? FASTPROP_BUILD_AVX512 : FASTPROP_BUILD_AVX2)
+                              ? "this CPU lacks it"
+                              : "this build has no such unit",
+                          table_for(level)->name);
+    } else if (!is_auto) {
+        std::snprintf(s.note, sizeof(s.note),
+                      "unknown FASTPROP_ISA=%s (expected generic, avx2, avx512 or auto); "
+                      "using auto",
+                      want);
     }
+    s.table = table_for(level);
     return s;
 }
 
@@ -179,6 +201,7 @@ const char* isa_name() noexcept { return state().table->name; }
 const char* isa_requested() noexcept { return state().requested; }
 const char* dispatch_note() noexcept { return state().note; }
 const char* available_isas() noexcept {
+    if (state().avx512_usable) return "generic,avx2,avx512";
     return state().avx2_usable ? "generic,avx2" : "generic";
 }
 CpuFeatures cpu_features() noexcept { return state().features; }
@@ -210,5 +233,6 @@ void set_num_threads(int n) noexcept {
 const char* compiler_id() noexcept { return FASTPROP_COMPILER_ID; }
 const char* baseline_flags() noexcept { return FASTPROP_BASELINE_FLAGS_STR; }
 const char* avx2_flags() noexcept { return FASTPROP_AVX2_FLAGS_STR; }
+const char* avx512_flags() noexcept { return FASTPROP_AVX512_FLAGS_STR; }
 
 }  // namespace fastprop

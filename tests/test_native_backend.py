@@ -69,24 +69,29 @@ def randn(rng, shape, dtype, scale=1.0):
 def test_config_reports_isa_features_threads():
     cfg = nat.config()
     assert nat.name == "native"
-    assert cfg["isa"] in ("generic", "avx2") and cfg["isa"] == _native.isa()
-    assert set(cfg["cpu_features"]) == {"sse4_2", "avx", "avx2", "fma", "avx512f"}
+    assert cfg["isa"] in ("generic", "avx2", "avx512") and cfg["isa"] == _native.isa()
+    assert set(cfg["cpu_features"]) == {"sse4_2", "avx", "avx2", "fma", "avx512f", "avx512"}
     assert all(isinstance(v, bool) for v in cfg["cpu_features"].values())
     assert isinstance(cfg["openmp"], bool)
     assert cfg["num_threads"] == nat.get_num_threads() >= 1
     assert "generic" in cfg["available_isas"]
-    if cfg["isa"] == "avx2":
+    if cfg["isa"] in ("avx2", "avx512"):
         assert cfg["cpu_features"]["avx2"] and cfg["cpu_features"]["fma"]
+    if cfg["isa"] == "avx512":
+        assert cfg["cpu_features"]["avx512"] and cfg["cpu_features"]["avx512f"]
 
 
 def test_isa_matches_environment():
     want = os.environ.get("FASTPROP_ISA", "").strip().lower()
     avail = _native.available_isas()
+    best = avail[-1]  # generic < avx2 < avx512
     if want == "generic":
         assert _native.isa() == "generic"
-    elif want in ("", "auto", "avx2"):
-        assert _native.isa() == ("avx2" if "avx2" in avail else "generic")
-        assert (_native.isa_note() == "") == (want != "avx2" or "avx2" in avail)
+    elif want in ("", "auto"):
+        assert _native.isa() == best and _native.isa_note() == ""
+    elif want in ("avx2", "avx512"):
+        assert _native.isa() == (want if want in avail else best)
+        assert (_native.isa_note() == "") == (want in avail)
 
 
 def test_set_num_threads_round_trip_and_validation():
@@ -174,9 +179,15 @@ def test_subprocess_isa_env_values():
         assert (isa, note) == ("avx2", "")
     else:
         assert isa == "generic" and "avx2" in note
+    isa, req, note = _isa_probe("avx512")
+    assert req == "avx512"
+    if "avx512" in avail:
+        assert (isa, note) == ("avx512", "")
+    else:
+        assert isa == avail[-1] and "avx512" in note
     isa, req, note = _isa_probe("sse9")
     assert req == "sse9" and "unknown FASTPROP_ISA" in note
-    assert isa == ("avx2" if "avx2" in avail else "generic")
+    assert isa == avail[-1]
 
 
 @pytest.mark.skipif(os.environ.get("FASTPROP_NATIVE_ISA_CHILD") == "1",

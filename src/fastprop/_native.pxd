@@ -18,6 +18,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
         cbool avx2
         cbool fma
         cbool avx512f
+        cbool avx512
 
     void fp_init_dispatch "fastprop::init_dispatch"() noexcept
     const char* fp_isa_name "fastprop::isa_name"() noexcept
@@ -31,6 +32,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
     const char* fp_compiler_id "fastprop::compiler_id"() noexcept
     const char* fp_baseline_flags "fastprop::baseline_flags"() noexcept
     const char* fp_avx2_flags "fastprop::avx2_flags"() noexcept
+    const char* fp_avx512_flags "fastprop::avx512_flags"() noexcept
 
 
 cdef extern from "fastprop/gemm.hpp" nogil:

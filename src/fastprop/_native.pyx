@@ -42,7 +42,7 @@ fp_init_dispatch()  # choose the kernel table now (reads FASTPROP_ISA)
 
 # ------------------------------------------------------------------ configuration
 def isa():
-    """The instruction set of the kernels in use: "generic" or "avx2"."""
+    """The instruction set of the kernels in use: "generic", "avx2" or "avx512"."""
     return fp_isa_name().decode("ascii")
 
 
@@ -57,7 +57,7 @@ def isa_note():
 
 
 def available_isas():
-    """The kernel sets this build and this CPU can run, e.g. ["generic", "avx2"]."""
+    """The kernel sets this build and this CPU can run, e.g. ["generic", "avx2", "avx512"]."""
     return fp_available_isas().decode("ascii").split(",")
 
 
@@ -65,7 +65,7 @@ def cpu_features():
     """CPU features as detected (cpuid, and xgetbv for OS support of AVX state)."""
     cdef CpuFeatures f = fp_cpu_features()
     return {"sse4_2": bool(f.sse4_2), "avx": bool(f.avx), "avx2": bool(f.avx2),
-            "fma": bool(f.fma), "avx512f": bool(f.avx512f)}
+            "fma": bool(f.fma), "avx512f": bool(f.avx512f), "avx512": bool(f.avx512)}
 
 
 def openmp():
@@ -93,7 +93,8 @@ def build_info():
     """Compiler and per-ISA compile flags of the C++ kernels."""
     return {"compiler": fp_compiler_id().decode("ascii", "replace"),
             "baseline_flags": fp_baseline_flags().decode("ascii", "replace"),
-            "avx2_flags": fp_avx2_flags().decode("ascii", "replace")}
+            "avx2_flags": fp_avx2_flags().decode("ascii", "replace"),
+            "avx512_flags": fp_avx512_flags().decode("ascii", "replace")}
 
 
 # ------------------------------------------------------------------ checking helpers

@@ -15,10 +15,11 @@ struct CpuFeatures {
     bool avx2;
     bool fma;
     bool avx512f;
+    bool avx512;  // F + DQ + BW + VL with OS ZMM support: what the avx512 unit needs
 };
 
 void init_dispatch() noexcept;
-const char* isa_name() noexcept;         // "generic" or "avx2"
+const char* isa_name() noexcept;         // "generic", "avx2" or "avx512"
 const char* isa_requested() noexcept;    // FASTPROP_ISA as read ("" when unset)
 const char* dispatch_note() noexcept;    // "" or why the request was not honoured
 const char* available_isas() noexcept;   // e.g. "generic,avx2" (built and usable)
@@ -31,5 +32,6 @@ void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
 const char* compiler_id() noexcept;
 const char* baseline_flags() noexcept;
 const char* avx2_flags() noexcept;
+const char* avx512_flags() noexcept;
 
 }  // namespace fastprop

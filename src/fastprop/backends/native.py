@@ -1,9 +1,9 @@
 """The native backend: C++ kernels through Cython (:mod:`fastprop._native`).
 
 Implements the kernel contract of :mod:`fastprop.backends`.  The kernels are
-compiled once per instruction set (a baseline x86-64-v2 / generic unit and an
-AVX2+FMA unit); one set is chosen at import by CPU detection, and the environment
-variable ``FASTPROP_ISA=generic`` forces the reference path.  Threads: OpenMP,
+compiled once per instruction set (a baseline x86-64-v2 / generic unit, an AVX2+FMA
+unit and an AVX-512 unit); one set is chosen at import by CPU detection, and the
+environment variable ``FASTPROP_ISA=generic`` (or ``avx2``) forces a lower one.  Threads: OpenMP,
 controlled by :func:`set_num_threads` (or ``OMP_NUM_THREADS``, or threadpoolctl).
 """
 
