@@ -110,7 +110,7 @@ Plan make_plan(const GemmArgs<T>& g) {
     // a short A (m <= kUnpackedRowsA) stays in L1/L2 unpacked (measured: 64x256x256
     // float32, 1 thread, 96 vs 80 GFLOP/s unpacked vs packed).
     pl.pack_a = !small && g.m > kUnpackedRowsA && g.n > 4 * Blk::NR;
-    pl.pack_b = !small || g.tb;
+    pl.pack_b = g.tb || (!small && g.m > kUnpackedRowsB);
     pl.nt = threads_for(2 * work, kFlopGrain);
     pl.tm = 1, pl.tn = 1;
     if (pl.nt <= 1) {

@@ -65,11 +65,17 @@ void macro_kernel(const MacroBlock<T>& blk, index_t s0, index_t s1,
                                       cs + ir * blk.ldc, blk.ldc, nr, blk.alpha, blk.beta);
             }
         } else {
-            for (index_t ir = 0; ir < blk.mc; ir += MR) {
-                const int mr = static_cast<int>(fp_min<index_t>(MR, blk.mc - ir));
+            // Unpacked A can be split anywhere: the last MR+1..2MR-1 rows go into two
+            // near-equal tiles (32 rows: 6,6,6,6,4,4 instead of 6,6,6,6,6,2), since a
+            // 1- or 2-row tile has too few independent FMA chains to run at speed.
+            for (index_t ir = 0; ir < blk.mc;) {
+                const index_t rem = blk.mc - ir;
+                const int mr = static_cast<int>(rem >= 2 * MR ? MR
+                                                : rem > MR ? (rem + 1) / 2 : rem);
                 U::template run<false>(mr, kc, blk.a + ir * blk.rs_a, blk.rs_a, blk.cs_a, bs,
                                        rs_b, cs + ir * blk.ldc, blk.ldc, nr, blk.alpha,
                                        blk.beta);
+                ir += mr;
             }
         }
         if (ep != nullptr)
