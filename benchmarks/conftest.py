@@ -10,6 +10,7 @@ Profiles: the default is the quick one (few sizes); ``--bench-full`` runs every 
 """
 
 import os
+import time
 
 import pytest
 
@@ -50,6 +51,15 @@ def _threads():
     yield
     if limiter is not None:
         limiter.restore_original_limits()
+
+
+@pytest.fixture(autouse=True)
+def _quiet_start():
+    """Let the previous benchmark's idle threads go to sleep before this one starts:
+    OpenBLAS workers busy-wait ~0.1 s after a call and OpenMP workers spin too, and on
+    2 cores that steals half the machine from whatever is measured next."""
+    time.sleep(0.3)
+    yield
 
 
 def torch_or_skip():

@@ -1,17 +1,20 @@
-"""Turn a pytest-benchmark JSON file into a Markdown table of medians and ratios.
+"""Turn pytest-benchmark JSON files into a Markdown table of medians and ratios.
 
-    python -m pytest benchmarks/bench_step.py --benchmark-only --benchmark-json=out.json
-    python benchmarks/report.py out.json [--baseline numpy] [--flops]
+    python -m pytest benchmarks/bench_step.py --benchmark-only --benchmark-json=run1.json
+    python benchmarks/report.py run1.json [run2.json ...] [--baseline numpy] [--flops]
 
 For every group (one operation at one shape) it prints each implementation's median
 and its speed relative to the baseline implementation(s) of the same group
-(ratio > 1 means faster than the baseline).  With ``--flops``, groups whose
-benchmarks carry ``extra_info["flops"]`` also get GFLOP/s.
+(ratio > 1 means faster than the baseline).  Given several runs (the machine is
+noisy), each cell is the median over the runs of the per-run medians, and each ratio
+the median of the per-run ratios with its range over the runs in brackets.  With
+``--flops``, groups whose benchmarks carry ``extra_info["flops"]`` also get GFLOP/s.
 """
 
 import argparse
 import json
 import re
+import statistics
 from collections import OrderedDict
 
 
@@ -31,10 +34,20 @@ def fmt_time(s):
     return f"{s:.2f} s"
 
 
-def table(data, baselines, flops):
+def _runs_by_group(runs):
+    """group -> impl -> list of (median seconds, benchmark) over the runs."""
     groups = OrderedDict()
-    for b in data["benchmarks"]:
-        groups.setdefault(b["group"], {})[impl_of(b)] = b
+    for data in runs:
+        for b in data["benchmarks"]:
+            groups.setdefault(b["group"], OrderedDict()).setdefault(impl_of(b), []).append(
+                (b["stats"]["median"], b))
+    return groups
+
+
+def table(runs, baselines, flops):
+    if isinstance(runs, dict):
+        runs = [runs]
+    groups = _runs_by_group(runs)
     impls = []
     for g in groups.values():
         for k in g:
@@ -47,15 +60,19 @@ def table(data, baselines, flops):
     head += [f"{i}/{base} speed" for i, base in ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in groups.items():
-        row = [name]
-        row += [fmt_time(g[i]["stats"]["median"]) if i in g else "" for i in impls]
+        med = {i: statistics.median(t for t, _ in g[i]) for i in g}
+        row = [name] + [fmt_time(med[i]) if i in g else "" for i in impls]
         if flops:
             for i in impls:
-                f = g.get(i, {}).get("extra_info", {}).get("flops")
-                row.append(f"{f / g[i]['stats']['median'] / 1e9:.1f}" if f else "")
+                f = g[i][0][1].get("extra_info", {}).get("flops") if i in g else None
+                row.append(f"{f / med[i] / 1e9:.1f}" if f else "")
         for i, base in ratio_cols:
-            if i in g and base in g:
-                row.append(f"{g[base]['stats']['median'] / g[i]['stats']['median']:.2f}x")
+            if i in g and base in g and len(g[i]) == len(g[base]):
+                ratios = [tb / ti for (ti, _), (tb, _) in zip(g[i], g[base])]
+                cell = f"{statistics.median(ratios):.2f}x"
+                if len(ratios) > 1:
+                    cell += f" [{min(ratios):.2f}-{max(ratios):.2f}]"
+                row.append(cell)
             else:
                 row.append("")
         lines.append("| " + " | ".join(row) + " |")
@@ -64,13 +81,15 @@ def table(data, baselines, flops):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("json")
+    ap.add_argument("json", nargs="+")
     ap.add_argument("--baseline", action="append", help="baseline implementation(s)")
     ap.add_argument("--flops", action="store_true")
     args = ap.parse_args(argv)
-    with open(args.json) as f:
-        data = json.load(f)
-    print(table(data, args.baseline or ["numpy", "torch"], args.flops))
+    runs = []
+    for path in args.json:
+        with open(path) as f:
+            runs.append(json.load(f))
+    print(table(runs, args.baseline or ["numpy", "torch"], args.flops))
 
 
 if __name__ == "__main__":

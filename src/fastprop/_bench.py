@@ -239,6 +239,7 @@ def main(quick=True, plot=None, threads=2) -> int:
     for label, make in cases(quick):
         times = {}
         for impl in impls:
+            time.sleep(0.3)  # idle BLAS/OpenMP workers of the previous run busy-wait
             try:
                 times[impl] = _median_time(make(impl), min_time, repeats)
             except Unavailable:
