@@ -50,14 +50,14 @@ inline double double_from_bits(std::int64_t i) {
     return x;
 }
 
-inline float vexp(float x) {
-    // Clamp: below -104 the result rounds to 0, above 88.8 it overflows to inf.
-    x = x < -104.0f ? -104.0f : x;
-    x = x > 88.8f ? 88.8f : x;
+// e^x = p * 2^n for x in the clamped range: n = round(x log2 e) by the magic-number
+// addition, r = x - n ln2 (ln2 in two parts), p = e^r by the polynomial (float) or the
+// Pade form (double).  The callers apply 2^n.
+inline float exp_reduced(float x, std::int32_t* n) {
     constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
     const float t = x * 1.44269504088896341f + kMagic;
     const float z = t - kMagic;  // round(x log2 e)
-    const std::int32_t n = bits_of(t) - 0x4B400000;
+    *n = bits_of(t) - 0x4B400000;
     float r = x - z * 0.693359375f;
     r = r - z * -2.12194440e-4f;
     const float r2 = r * r;
@@ -67,21 +67,14 @@ inline float vexp(float x) {
     p = p * r + 4.1665795894e-2f;
     p = p * r + 1.6666665459e-1f;
     p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    const std::int32_t n1 = n >> 1, n2 = n - n1;
-    // shifts on unsigned values: a NaN input gives a huge n, and a signed shift that
-    // overflows would be undefined (the product is NaN either way)
-    return p * float_from_bits(std::int32_t(std::uint32_t(n1 + 127) << 23)) *
-           float_from_bits(std::int32_t(std::uint32_t(n2 + 127) << 23));
+    return p * r2 + r + 1.0f;
 }
 
-inline double vexp(double x) {
-    x = x < -746.0 ? -746.0 : x;
-    x = x > 709.8 ? 709.8 : x;
+inline double exp_reduced(double x, std::int64_t* n) {
     constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
     const double t = x * 1.4426950408889634073599 + kMagic;
     const double z = t - kMagic;
-    const std::int64_t n = bits_of(t) - 0x4338000000000000LL;
+    *n = bits_of(t) - 0x4338000000000000LL;
     double r = x - z * 6.93145751953125e-1;
     r = r - z * 1.42860682030941723212e-6;
     const double r2 = r * r;
@@ -89,10 +82,36 @@ inline double vexp(double x) {
                           9.99999999999999999910e-1);
     const double q = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 +
                       2.27265548208155028766e-1) * r2 + 2.00000000000000000009e0;
-    const double e = 1.0 + 2.0 * (p / (q - p));
+    return 1.0 + 2.0 * (p / (q - p));
+}
+
+// 2^k as a float/double, k in the normal exponent range.  Shifts on unsigned values:
+// a NaN input gives a huge k, and a signed shift that overflows would be undefined
+// (the result is NaN either way).
+inline float pow2(std::int32_t k) {
+    return float_from_bits(std::int32_t(std::uint32_t(k + 127) << 23));
+}
+inline double pow2(std::int64_t k) {
+    return double_from_bits(std::int64_t(std::uint64_t(k + 1023) << 52));
+}
+
+inline float vexp(float x) {
+    // Clamp: below -104 the result rounds to 0, above 88.8 it overflows to inf.
+    x = x < -104.0f ? -104.0f : x;
+    x = x > 88.8f ? 88.8f : x;
+    std::int32_t n;
+    const float p = exp_reduced(x, &n);
+    const std::int32_t n1 = n >> 1, n2 = n - n1;
+    return p * pow2(n1) * pow2(n2);
+}
+
+inline double vexp(double x) {
+    x = x < -746.0 ? -746.0 : x;
+    x = x > 709.8 ? 709.8 : x;
+    std::int64_t n;
+    const double e = exp_reduced(x, &n);
     const std::int64_t n1 = n >> 1, n2 = n - n1;
-    return e * double_from_bits(std::int64_t(std::uint64_t(n1 + 1023) << 52)) *
-           double_from_bits(std::int64_t(std::uint64_t(n2 + 1023) << 52));
+    return e * pow2(n1) * pow2(n2);
 }
 
 // exp(x) for x <= 0 (sigmoid, tanh and gelu only need this half): h * h with
@@ -103,42 +122,16 @@ inline double vexp(double x) {
 inline float vexp_nonpos(float x) {
     float hx = x * 0.5f;
     hx = hx < -60.0f ? -60.0f : hx;
-    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-    const float t = hx * 1.44269504088896341f + kMagic;
-    const float z = t - kMagic;
-    const std::int32_t n = bits_of(t) - 0x4B400000;
-    float r = hx - z * 0.693359375f;
-    r = r - z * -2.12194440e-4f;
-    const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    p = p * r2 + r + 1.0f;
-    const float h = p * float_from_bits(static_cast<std::int32_t>(
-                            static_cast<std::uint32_t>(n + 127) << 23));
+    std::int32_t n;
+    const float h = exp_reduced(hx, &n) * pow2(n);
     return h * h;
 }
 
 inline double vexp_nonpos(double x) {
     double hx = x * 0.5;
     hx = hx < -700.0 ? -700.0 : hx;
-    constexpr double kMagic = 6755399441055744.0;  // 1.5 * 2^52
-    const double t = hx * 1.4426950408889634073599 + kMagic;
-    const double z = t - kMagic;
-    const std::int64_t n = bits_of(t) - 0x4338000000000000LL;
-    double r = hx - z * 6.93145751953125e-1;
-    r = r - z * 1.42860682030941723212e-6;
-    const double r2 = r * r;
-    const double p = r * ((1.26177193074810590878e-4 * r2 + 3.02994407707441961300e-2) * r2 +
-                          9.99999999999999999910e-1);
-    const double q = ((3.00198505138664455042e-6 * r2 + 2.52448340349684104192e-3) * r2 +
-                      2.27265548208155028766e-1) * r2 + 2.00000000000000000009e0;
-    const double e = 1.0 + 2.0 * (p / (q - p));
-    const double h = e * double_from_bits(static_cast<std::int64_t>(
-                             static_cast<std::uint64_t>(n + 1023) << 52));
+    std::int64_t n;
+    const double h = exp_reduced(hx, &n) * pow2(n);
     return h * h;
 }
 

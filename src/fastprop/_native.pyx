@@ -869,17 +869,23 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, double eps
         _bn_eval[double](x, gamma, beta, running_mean, running_var, eps, y)
 
 
-def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
-    """Batch-norm backward; grad_gamma/grad_beta accumulate (+=), grad_x is overwritten."""
+cdef int _norm_backward_any(bint layer, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+                            grad_beta) except -1:
     cdef int kind = _kind(x, "x")
     _norm_kinds(kind, (grad_y, gamma, mean, invstd, grad_x, grad_gamma, grad_beta),
                 ("grad_y", "gamma", "mean", "invstd", "grad_x", "grad_gamma", "grad_beta"))
     if kind == 4:
-        _norm_backward[float](False, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+        _norm_backward[float](layer, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
                               grad_beta)
     else:
-        _norm_backward[double](False, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
+        _norm_backward[double](layer, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
                                grad_beta)
+    return 0
+
+
+def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
+    """Batch-norm backward; grad_gamma/grad_beta accumulate (+=), grad_x is overwritten."""
+    _norm_backward_any(False, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
 
 
 def layernorm_forward(x, gamma, beta, double eps, y, mean, invstd):
@@ -894,15 +900,7 @@ def layernorm_forward(x, gamma, beta, double eps, y, mean, invstd):
 
 def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
     """Layer-norm backward; grad_gamma/grad_beta accumulate (+=), grad_x is overwritten."""
-    cdef int kind = _kind(x, "x")
-    _norm_kinds(kind, (grad_y, gamma, mean, invstd, grad_x, grad_gamma, grad_beta),
-                ("grad_y", "gamma", "mean", "invstd", "grad_x", "grad_gamma", "grad_beta"))
-    if kind == 4:
-        _norm_backward[float](True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
-                              grad_beta)
-    else:
-        _norm_backward[double](True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
-                               grad_beta)
+    _norm_backward_any(True, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
 
 
 include "_train_step.pxi"
