@@ -108,7 +108,8 @@ def test_gemm_mlp_shapes(rng, shape, dtype, ta, tb):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("shape", [(1, 33, 17), (7, 1, 9), (31, 65, 33), (127, 300, 129),
-                                   (300, 257, 301)], ids=lambda s: "x".join(map(str, s)))
+                                   (300, 257, 301), (1, 700, 300), (300, 700, 1)],
+                         ids=lambda s: "x".join(map(str, s)))  # last two: threaded GEMV
 def test_gemm_strided_offset_views(rng, dtype, ta, tb, shape):
     """Every operand a window of a larger array (offset start, leading dim > cols)."""
     m, k, n = shape
@@ -164,7 +165,8 @@ def test_gemm_k_zero_scales_c(rng, dtype):
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
     before = nat.get_num_threads()
-    for m, k, n in [(300, 500, 260), (64, 784, 256), (1000, 300, 40), (20, 700, 1000)]:
+    for m, k, n in [(300, 500, 260), (64, 784, 256), (1000, 300, 40), (20, 700, 1000),
+                    (1, 784, 256), (1, 2000, 1000), (999, 700, 1)]:  # last two: GEMV forms
         a, b = operands(rng, m, k, n, ta, tb, dtype)
         bias = rng.standard_normal(n).astype(dtype)
         outs = []
