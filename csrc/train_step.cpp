@@ -91,11 +91,12 @@ void fused_weight_update(const DenseLayerPlan<T>& d, index_t n, const T* a_prev,
                          const OptimizerPlan<T>& plan, const OptimizerScalars<T>& s) {
     const index_t out = fp_max<index_t>(d.out, 1);
     const index_t block = fp_max<index_t>(8, index_t(16384) / out);
-    // Rows per thread: the optimizer's kMathGrain elements, counting each row's GEMM
-    // work (2 n out flops) as n / 16 more optimizer elements per weight; so a
-    // 256 x 128 layer at batch 32 (2.1 MFLOP + 32k Adam elements, ~30 us) uses both
-    // threads instead of one.
-    const index_t grain = fp_max<index_t>(8, kMathGrain / (out + out * n / 16));
+    // Rows per thread: half the optimizer's kMathGrain elements, counting each row's
+    // GEMM work (2 n out flops) as n / 16 more optimizer elements per weight; so a
+    // 256 x 128 layer uses both threads at batch 32 (2.1 MFLOP + 32k Adam elements,
+    // ~30 us: the MLP step 339-398 -> 294-302 us) and at batch 1 (its phase 20 ->
+    // 15 us).
+    const index_t grain = fp_max<index_t>(8, (kMathGrain / 2) / (out + out * n / 16));
     parallel_for(d.in, grain, [&](index_t r0, index_t r1) {
         for (index_t i0 = r0; i0 < r1; i0 += block) {
             const index_t rows = fp_min(block, r1 - i0);
