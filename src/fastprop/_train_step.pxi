@@ -12,6 +12,19 @@ from cpython.mem cimport PyMem_Free, PyMem_Malloc
 from libc.string cimport memset
 
 
+cdef void* _data_ptr(arr) except NULL:
+    """The data pointer of a C-contiguous ndarray whose dtype and flags the caller has
+    checked, read through the buffer protocol (``arr.ctypes.data`` builds a ctypes
+    object: ~1 us per call, several per training step)."""
+    cdef Py_buffer view
+    PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
+    cdef void* p = view.buf
+    PyBuffer_Release(&view)
+    if p == NULL:
+        raise ValueError("array has no data pointer")
+    return p
+
+
 cdef class NativeTrainStep:
     """make_train_step's result for the native backend (see the kernel contract)."""
 
@@ -97,7 +110,7 @@ cdef class NativeTrainStep:
         if (not isinstance(arr, np.ndarray) or arr.dtype != self.dtype
                 or not arr.flags.c_contiguous or (writable and not arr.flags.writeable)):
             raise ValueError(f"{name} must be a writable C-contiguous {self.dtype} array")
-        return <void*><size_t>arr.ctypes.data
+        return _data_ptr(arr)
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     cdef list _current(self):
@@ -152,7 +165,7 @@ cdef class NativeTrainStep:
                 self.l32[l].gb = <float*>(self._ptr(b.grad, "bias.grad", True) if b is not None else NULL)
                 self.l32[l].act = st.act
                 self.l32[l].alpha = st.alpha
-                self.l32[l].colsum = <double*><size_t>self.colsums[l].ctypes.data
+                self.l32[l].colsum = <double*>_data_ptr(self.colsums[l])
             else:
                 self.l64[l].n_in = w.value.shape[0]
                 self.l64[l].n_out = w.value.shape[1]
@@ -162,7 +175,7 @@ cdef class NativeTrainStep:
                 self.l64[l].gb = <double*>(self._ptr(b.grad, "bias.grad", True) if b is not None else NULL)
                 self.l64[l].act = st.act
                 self.l64[l].alpha = st.alpha
-                self.l64[l].colsum = <double*><size_t>self.colsums[l].ctypes.data
+                self.l64[l].colsum = <double*>_data_ptr(self.colsums[l])
         index = {id(q): i for i, q in enumerate(opt.params)}
         for l, st in enumerate(self.stages):
             wi = index.get(id(st.weight), -1)
@@ -263,7 +276,7 @@ cdef class NativeTrainStep:
         if self.kind == 4:
             self.p32.n = n
             self.p32.x = <const float*>self._ptr(x, "x", False)
-            self.p32.labels = <const int64_t*><size_t>labels.ctypes.data if labels is not None else NULL
+            self.p32.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p32.targets = <const float*>self._ptr(targets, "targets", False) if targets is not None else NULL
             self.p32.half = getattr(self.loss, "half", False)
             self.p32.from_logits = getattr(self.loss, "from_logits", False)
@@ -274,7 +287,7 @@ cdef class NativeTrainStep:
         else:
             self.p64.n = n
             self.p64.x = <const double*>self._ptr(x, "x", False)
-            self.p64.labels = <const int64_t*><size_t>labels.ctypes.data if labels is not None else NULL
+            self.p64.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p64.targets = <const double*>self._ptr(targets, "targets", False) if targets is not None else NULL
             self.p64.half = getattr(self.loss, "half", False)
             self.p64.from_logits = getattr(self.loss, "from_logits", False)
