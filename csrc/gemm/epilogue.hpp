@@ -77,6 +77,134 @@ inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t 
     }
 }
 
+// act(v) and act'(.) for one element, the activation a template parameter (the
+// formulas of ep_activation / ep_derivative, so results are the same).
+template <int Act, typename T>
+inline T act_value(T v, T a) {
+    if constexpr (Act == kRelu) return v < T(0) ? T(0) : v;
+    else if constexpr (Act == kLeakyRelu) return v > T(0) ? v : v * a;
+    else if constexpr (Act == kSigmoid) return vsigmoid(v);
+    else if constexpr (Act == kTanh) return vtanh(v);
+    else if constexpr (Act == kGelu) return gelu_value(v);
+    else return v;
+}
+
+template <int DAct, typename T>
+inline T dact_value(T d, T a) {
+    if constexpr (DAct == kRelu) return d > T(0) ? T(1) : T(0);
+    else if constexpr (DAct == kLeakyRelu) return d > T(0) ? T(1) : a;
+    else if constexpr (DAct == kSigmoid) return d * (T(1) - d);
+    else if constexpr (DAct == kTanh) return T(1) - d * d;
+    else return gelu_derivative(d);
+}
+
+// The two epilogues the dense layer uses, each one pass over a row segment with the
+// value in a register: forward (bias, pre-activation copy, activation) and backward
+// (derivative product, column sums).  The general row-by-row form below makes one
+// short loop per step, and a value stored by one loop and loaded by the next with
+// another vector width is not forwarded from the store buffer: bias + relu on a
+// 16-column strip cost ~37 cycles per row that way (2048x10x128 float32: the
+// epilogue 170 us over a 67 us GEMM).
+template <int Act, typename T>
+void epilogue_forward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j0,
+                      index_t len, T* c, index_t ldc) {
+    const T a = T(ep.alpha);
+    const T* FASTPROP_RESTRICT bj = ep.bias != nullptr ? ep.bias + j0 : nullptr;
+    for (index_t i = i0; i < i1; ++i) {
+        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
+        if (ep.preact != nullptr) {
+            T* FASTPROP_RESTRICT zi = ep.preact + i * ep.ld_preact + j0;
+            if (ep.bias != nullptr) {
+                for (index_t j = 0; j < len; ++j) {
+                    const T v = ci[j] + bj[j];
+                    zi[j] = v;
+                    ci[j] = act_value<Act>(v, a);
+                }
+            } else {
+                for (index_t j = 0; j < len; ++j) {
+                    const T v = ci[j];
+                    zi[j] = v;
+                    ci[j] = act_value<Act>(v, a);
+                }
+            }
+        } else if (ep.bias != nullptr) {
+            for (index_t j = 0; j < len; ++j) ci[j] = act_value<Act>(ci[j] + bj[j], a);
+        } else {
+            for (index_t j = 0; j < len; ++j) ci[j] = act_value<Act>(ci[j], a);
+        }
+    }
+}
+
+// Rows [i0, i1) of columns [j0, j0 + len) (len <= 16; W == len when W > 0, so the
+// full-width instantiation has fixed trip counts): the column sums stay in
+// registers across the rows (loaded from and stored to ep.colsum once) instead of a
+// load-add-store chain through memory per row; the same additions in the same order.
+template <int DAct, int W, typename T>
+inline void epilogue_backward_cols(const GemmEpilogue<T>& ep, index_t i0, index_t i1,
+                                   index_t j0, index_t len_rt, T* c, index_t ldc) {
+    const index_t len = W > 0 ? index_t(W) : len_rt;
+    const T da = T(ep.dalpha);
+    double acc[16];
+    for (index_t j = 0; j < len; ++j) acc[j] = ep.colsum[j0 + j];
+    for (index_t i = i0; i < i1; ++i) {
+        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
+        const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
+        for (index_t j = 0; j < len; ++j) {
+            const T v = ci[j] * dact_value<DAct>(di[j], da);
+            ci[j] = v;
+            acc[j] += double(v);
+        }
+    }
+    for (index_t j = 0; j < len; ++j) ep.colsum[j0 + j] = acc[j];
+}
+
+template <int DAct, typename T>
+void epilogue_backward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j0,
+                       index_t len, T* c, index_t ldc) {
+    if (ep.colsum != nullptr) {
+        index_t j = 0;
+        for (; j + 16 <= len; j += 16)
+            epilogue_backward_cols<DAct, 16>(ep, i0, i1, j0 + j, 16, c, ldc);
+        if (j < len) epilogue_backward_cols<DAct, 0>(ep, i0, i1, j0 + j, len - j, c, ldc);
+        return;
+    }
+    const T da = T(ep.dalpha);
+    for (index_t i = i0; i < i1; ++i) {
+        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
+        const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
+        for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
+    }
+}
+
+// The single-pass forms when the epilogue is one of them; false otherwise.
+template <typename T>
+bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i0,
+                         index_t i1, index_t j0, index_t len, T* c, index_t ldc) {
+    if (ep.nonfinite != nullptr) return false;
+    if (dact == kIdentity && ep.dsrc == nullptr && ep.colsum == nullptr) {
+        switch (act) {
+            case kIdentity: epilogue_forward<kIdentity>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kRelu: epilogue_forward<kRelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kLeakyRelu: epilogue_forward<kLeakyRelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kSigmoid: epilogue_forward<kSigmoid>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kTanh: epilogue_forward<kTanh>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kGelu: epilogue_forward<kGelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            default: return false;
+        }
+    }
+    if (act == kIdentity && dact != kIdentity && ep.bias == nullptr && ep.preact == nullptr) {
+        switch (dact) {
+            case kRelu: epilogue_backward<kRelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kLeakyRelu: epilogue_backward<kLeakyRelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kSigmoid: epilogue_backward<kSigmoid>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kTanh: epilogue_backward<kTanh>(ep, i0, i1, j0, len, c, ldc); return true;
+            case kGelu: epilogue_backward<kGelu>(ep, i0, i1, j0, len, c, ldc); return true;
+            default: return false;
+        }
+    }
+    return false;
+}
+
 template <typename T>
 void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j0, index_t j1,
                     T* c, index_t ldc) {
@@ -86,13 +214,14 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
     const int act = ep.act > kIdentity && ep.act < kSoftmax ? ep.act : kIdentity;
     const int dact = ep.dsrc != nullptr && ep.dact > kIdentity && ep.dact < kSoftmax
                          ? ep.dact : kIdentity;
+    if (apply_epilogue_fast(ep, act, dact, i0, i1, j0, len, c, ldc)) return;
     int bad = 0;
     T lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = T(0);
     for (index_t i = i0; i < i1; ++i) {
         T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
         if (ep.bias != nullptr) {
-            const T* FASTPROP_RESTRICT bj = ep.bias + j0;
+            const T* FASTPROP_RESTRICT bj = ep.bias != nullptr ? ep.bias + j0 : nullptr;
             for (index_t j = 0; j < len; ++j) ci[j] += bj[j];
         }
         if (ep.preact != nullptr) {
