@@ -25,6 +25,33 @@ namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
 
+// work[:, j0:j0+w] = grad_y * act'(d) (Act != identity) and acc += its column sums,
+// one pass per row with the value in a register (the derivative loop followed by a
+// sum loop reading it back stalled on store forwarding, as in gemm/epilogue.hpp).
+template <int Act, typename T>
+void grad_z_rows(index_t n, index_t out, index_t j0, index_t w, const T* grad_y, const T* d,
+                 T a, T* work, double* FASTPROP_RESTRICT acc) {
+    for (index_t r = 0; r < n; ++r) {
+        const T* FASTPROP_RESTRICT gy = grad_y + r * out + j0;
+        if constexpr (Act == kIdentity) {
+            if (acc != nullptr)
+                for (index_t j = 0; j < w; ++j) acc[j] += double(gy[j]);
+        } else {
+            const T* di = d + r * out + j0;
+            T* gz = work + r * out + j0;  // may alias d (y recomputed into work)
+            if (acc != nullptr) {
+                for (index_t j = 0; j < w; ++j) {
+                    const T v = gy[j] * dact_value<Act>(di[j], a);
+                    gz[j] = v;
+                    acc[j] += double(v);
+                }
+            } else {
+                for (index_t j = 0; j < w; ++j) gz[j] = gy[j] * dact_value<Act>(di[j], a);
+            }
+        }
+    }
+}
+
 // work = grad_y * act'(d) and grad_b (+)= column sums of work, columns [c0, c1).
 template <typename T>
 void grad_z_and_bias(index_t n, index_t out, index_t c0, index_t c1, const T* grad_y,
@@ -35,14 +62,14 @@ void grad_z_and_bias(index_t n, index_t out, index_t c0, index_t c1, const T* gr
         const index_t w = fp_min(kStrip, c1 - j0);
         double acc[kStrip];
         for (index_t j = 0; j < w; ++j) acc[j] = 0.0;
-        for (index_t r = 0; r < n; ++r) {
-            const T* gy = grad_y + r * out + j0;
-            T* gz = work + r * out + j0;  // may alias d (y recomputed into work)
-            if (act != kIdentity) ep_derivative(act, a, d + r * out + j0, gy, gz, w);
-            if (grad_b != nullptr) {
-                const T* src = act != kIdentity ? gz : gy;
-                for (index_t j = 0; j < w; ++j) acc[j] += double(src[j]);
-            }
+        double* sums = grad_b != nullptr ? acc : nullptr;
+        switch (act) {
+            case kRelu: grad_z_rows<kRelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
+            case kLeakyRelu: grad_z_rows<kLeakyRelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
+            case kSigmoid: grad_z_rows<kSigmoid>(n, out, j0, w, grad_y, d, a, work, sums); break;
+            case kTanh: grad_z_rows<kTanh>(n, out, j0, w, grad_y, d, a, work, sums); break;
+            case kGelu: grad_z_rows<kGelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
+            default: grad_z_rows<kIdentity>(n, out, j0, w, grad_y, d, a, work, sums); break;
         }
         if (grad_b == nullptr) continue;
         T* s = grad_b + j0;
