@@ -144,15 +144,20 @@ inline void epilogue_backward_cols(const GemmEpilogue<T>& ep, index_t i0, index_
                                    index_t j0, index_t len_rt, T* c, index_t ldc) {
     const index_t len = W > 0 ? index_t(W) : len_rt;
     const T da = T(ep.dalpha);
+    (void)da;  // unused for identity (column sums only)
     double acc[16];
     for (index_t j = 0; j < len; ++j) acc[j] = ep.colsum[j0 + j];
     for (index_t i = i0; i < i1; ++i) {
         T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
-        const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
-        for (index_t j = 0; j < len; ++j) {
-            const T v = ci[j] * dact_value<DAct>(di[j], da);
-            ci[j] = v;
-            acc[j] += double(v);
+        if constexpr (DAct == kIdentity) {
+            for (index_t j = 0; j < len; ++j) acc[j] += double(ci[j]);
+        } else {
+            const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
+            for (index_t j = 0; j < len; ++j) {
+                const T v = ci[j] * dact_value<DAct>(di[j], da);
+                ci[j] = v;
+                acc[j] += double(v);
+            }
         }
     }
     for (index_t j = 0; j < len; ++j) ep.colsum[j0 + j] = acc[j];
@@ -168,11 +173,13 @@ void epilogue_backward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_
         if (j < len) epilogue_backward_cols<DAct, 0>(ep, i0, i1, j0 + j, len - j, c, ldc);
         return;
     }
-    const T da = T(ep.dalpha);
-    for (index_t i = i0; i < i1; ++i) {
-        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
-        const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
-        for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
+    if constexpr (DAct != kIdentity) {
+        const T da = T(ep.dalpha);
+        for (index_t i = i0; i < i1; ++i) {
+            T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
+            const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
+            for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
+        }
     }
 }
 
@@ -192,8 +199,10 @@ bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i
             default: return false;
         }
     }
-    if (act == kIdentity && dact != kIdentity && ep.bias == nullptr && ep.preact == nullptr) {
+    if (act == kIdentity && ep.bias == nullptr && ep.preact == nullptr &&
+        (dact != kIdentity || ep.colsum != nullptr)) {
         switch (dact) {
+            case kIdentity: epilogue_backward<kIdentity>(ep, i0, i1, j0, len, c, ldc); return true;
             case kRelu: epilogue_backward<kRelu>(ep, i0, i1, j0, len, c, ldc); return true;
             case kLeakyRelu: epilogue_backward<kLeakyRelu>(ep, i0, i1, j0, len, c, ldc); return true;
             case kSigmoid: epilogue_backward<kSigmoid>(ep, i0, i1, j0, len, c, ldc); return true;
