@@ -28,11 +28,11 @@
 //
 // Accuracy: each element is a sum of k products accumulated in T, one FMA chain per
 // KC block in increasing k (the avx2 unit), blocks added in order.
-// Speed (2-core Zen4 dev box, shared and noisy; benchmarks/RESULTS.md has the tables):
-// float32 NN 1 thread ~96-101 GFLOP/s at n = 256..1024 (NumPy 93-98), 2 threads on a
-// quiet moment 167-179 at n = 256..1024 (NumPy 171-184), 64x784x256 126-129 (NumPy
-// 108-111).  float64 1 thread 0.9-0.95x NumPy.  Small sizes (n <= 64, 32x128x128)
-// 0.8-1.1x NumPy's OpenBLAS small-matrix kernels.
+// Speed (2-vCPU Zen4 VM, noisy; benchmarks/RESULTS.md has the tables): float32 NN 1
+// thread ~96-104 GFLOP/s at n = 256..1024 (NumPy 93-98); 2 threads 173-197 at
+// n = 256..1024 (0.98-1.04x NumPy), the MLP shapes 0.98-1.7x, the GEMV forms
+// 1.3-1.5x (OpenBLAS runs them on one thread).  float64 2 threads 1.1-1.9x at
+// n >= 256.  n = 32 / 64: 1.0-1.2x NumPy's OpenBLAS small-matrix kernels.
 #include "gemm/epilogue.hpp"
 #include "gemm/gemm_config.hpp"
 #include "gemm/gemv.hpp"
