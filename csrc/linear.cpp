@@ -63,14 +63,10 @@ void grad_z_and_bias(index_t n, index_t out, index_t c0, index_t c1, const T* gr
         double acc[kStrip];
         for (index_t j = 0; j < w; ++j) acc[j] = 0.0;
         double* sums = grad_b != nullptr ? acc : nullptr;
-        switch (act) {
-            case kRelu: grad_z_rows<kRelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
-            case kLeakyRelu: grad_z_rows<kLeakyRelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
-            case kSigmoid: grad_z_rows<kSigmoid>(n, out, j0, w, grad_y, d, a, work, sums); break;
-            case kTanh: grad_z_rows<kTanh>(n, out, j0, w, grad_y, d, a, work, sums); break;
-            case kGelu: grad_z_rows<kGelu>(n, out, j0, w, grad_y, d, a, work, sums); break;
-            default: grad_z_rows<kIdentity>(n, out, j0, w, grad_y, d, a, work, sums); break;
-        }
+        const auto rows = [&](auto tag) {
+            grad_z_rows<decltype(tag)::value>(n, out, j0, w, grad_y, d, a, work, sums);
+        };
+        if (!with_activation(act, rows)) rows(ActTag<kIdentity>{});  // (softmax: not here)
         if (grad_b == nullptr) continue;
         T* s = grad_b + j0;
         if (accumulate) {

@@ -77,6 +77,26 @@ inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t 
     }
 }
 
+// f(ActTag<A>{}) for the activation code A in identity..gelu, so that a loop can take
+// the activation as a template parameter; false (f not called) for other codes.
+template <int A>
+struct ActTag {
+    static constexpr int value = A;
+};
+
+template <typename F>
+inline bool with_activation(int act, F&& f) {
+    switch (act) {
+        case kIdentity: f(ActTag<kIdentity>{}); return true;
+        case kRelu: f(ActTag<kRelu>{}); return true;
+        case kLeakyRelu: f(ActTag<kLeakyRelu>{}); return true;
+        case kSigmoid: f(ActTag<kSigmoid>{}); return true;
+        case kTanh: f(ActTag<kTanh>{}); return true;
+        case kGelu: f(ActTag<kGelu>{}); return true;
+        default: return false;
+    }
+}
+
 // act(v) and act'(.) for one element, the activation a template parameter (the
 // formulas of ep_activation / ep_derivative, so results are the same).
 template <int Act, typename T>
@@ -189,27 +209,15 @@ bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i
                          index_t i1, index_t j0, index_t len, T* c, index_t ldc) {
     if (ep.nonfinite != nullptr) return false;
     if (dact == kIdentity && ep.dsrc == nullptr && ep.colsum == nullptr) {
-        switch (act) {
-            case kIdentity: epilogue_forward<kIdentity>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kRelu: epilogue_forward<kRelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kLeakyRelu: epilogue_forward<kLeakyRelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kSigmoid: epilogue_forward<kSigmoid>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kTanh: epilogue_forward<kTanh>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kGelu: epilogue_forward<kGelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            default: return false;
-        }
+        return with_activation(act, [&](auto tag) {
+            epilogue_forward<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
+        });
     }
     if (act == kIdentity && ep.bias == nullptr && ep.preact == nullptr &&
         (dact != kIdentity || ep.colsum != nullptr)) {
-        switch (dact) {
-            case kIdentity: epilogue_backward<kIdentity>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kRelu: epilogue_backward<kRelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kLeakyRelu: epilogue_backward<kLeakyRelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kSigmoid: epilogue_backward<kSigmoid>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kTanh: epilogue_backward<kTanh>(ep, i0, i1, j0, len, c, ldc); return true;
-            case kGelu: epilogue_backward<kGelu>(ep, i0, i1, j0, len, c, ldc); return true;
-            default: return false;
-        }
+        return with_activation(dact, [&](auto tag) {
+            epilogue_backward<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
+        });
     }
     return false;
 }
