@@ -86,7 +86,7 @@ void activation_forward(int act, double alpha, index_t rows, index_t cols, const
                 for (index_t i = i0; i < i1; ++i) y[i] = x[i] > T(0) ? x[i] : x[i] * a;
                 break;
             case kSigmoid:
-                for (index_t i = i0; i < i1; ++i) y[i] = vsigmoid(x[i]);
+                vsigmoid_span(x + i0, y + i0, i1 - i0);
                 break;
             case kTanh:
                 for (index_t i = i0; i < i1; ++i) y[i] = vtanh(x[i]);
