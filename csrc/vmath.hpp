@@ -59,20 +59,22 @@ inline double double_from_bits(std::int64_t i) {
 // e^x = p * 2^n for x in the clamped range: n = round(x log2 e) by the magic-number
 // addition, r = x - n ln2 (ln2 in two parts), p = e^r by the polynomial (float) or the
 // Pade form (double).  The callers apply 2^n.
+// The float reduction's constants (shared with the avx512 vsigmoid16 below).
+constexpr float kExpMagicF = 12582912.0f;  // 1.5 * 2^23
+constexpr float kLog2eF = 1.44269504088896341f;
+constexpr float kLn2HiF = 0.693359375f, kLn2LoF = -2.12194440e-4f;
+constexpr float kExpPolyF[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+
 inline float exp_reduced(float x, std::int32_t* n) {
-    constexpr float kMagic = 12582912.0f;  // 1.5 * 2^23
-    const float t = x * 1.44269504088896341f + kMagic;
-    const float z = t - kMagic;  // round(x log2 e)
+    const float t = x * kLog2eF + kExpMagicF;
+    const float z = t - kExpMagicF;  // round(x log2 e)
     *n = bits_of(t) - 0x4B400000;
-    float r = x - z * 0.693359375f;
-    r = r - z * -2.12194440e-4f;
+    float r = x - z * kLn2HiF;
+    r = r - z * kLn2LoF;
     const float r2 = r * r;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
+    float p = kExpPolyF[0];
+    for (int i = 1; i < 6; ++i) p = p * r + kExpPolyF[i];
     return p * r2 + r + 1.0f;
 }
 
@@ -194,21 +196,17 @@ inline void vsigmoid_span(const T* x, T* y, index_t n) {  // y may be x
 
 #if defined(__AVX512F__)
 inline __m512 vsigmoid16(__m512 v) {
-    const __m512 one = _mm512_set1_ps(1.0f), magic = _mm512_set1_ps(12582912.0f);
+    const __m512 one = _mm512_set1_ps(1.0f), magic = _mm512_set1_ps(kExpMagicF);
     const __m512 neg = _mm512_castsi512_ps(   // -|x| (NaN stays NaN)
         _mm512_or_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
     const __m512 a = _mm512_max_ps(_mm512_set1_ps(-104.0f), neg);  // NaN: 2nd operand
-    const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(1.44269504088896341f), magic);
+    const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(kLog2eF), magic);
     const __m512 z = _mm512_sub_ps(t, magic);
-    __m512 r = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.693359375f), a);
-    r = _mm512_fnmadd_ps(z, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 r = _mm512_fnmadd_ps(z, _mm512_set1_ps(kLn2HiF), a);
+    r = _mm512_fnmadd_ps(z, _mm512_set1_ps(kLn2LoF), r);
     const __m512 r2 = _mm512_mul_ps(r, r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+    __m512 p = _mm512_set1_ps(kExpPolyF[0]);
+    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolyF[i]));
     p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), one);
     const __m512 e = _mm512_scalef_ps(p, z);
     const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);

@@ -28,55 +28,6 @@ inline bool epilogue_is_empty(const GemmEpilogue<T>& ep) {
            ep.colsum == nullptr && ep.nonfinite == nullptr;
 }
 
-// y[0:len] = act(y[0:len]) in place.
-template <typename T>
-inline void ep_activation(int act, T a, T* FASTPROP_RESTRICT y, index_t len) {
-    switch (act) {
-        case kRelu:
-            for (index_t j = 0; j < len; ++j) y[j] = y[j] < T(0) ? T(0) : y[j];
-            break;
-        case kLeakyRelu:
-            for (index_t j = 0; j < len; ++j) y[j] = y[j] > T(0) ? y[j] : y[j] * a;
-            break;
-        case kSigmoid:
-            for (index_t j = 0; j < len; ++j) y[j] = vsigmoid(y[j]);
-            break;
-        case kTanh:
-            for (index_t j = 0; j < len; ++j) y[j] = vtanh(y[j]);
-            break;
-        case kGelu:
-            for (index_t j = 0; j < len; ++j) y[j] = gelu_value(y[j]);
-            break;
-        default:
-            break;
-    }
-}
-
-// out[0:len] = g[0:len] * act'(d[0:len]) (d: forward output, or pre-activation for
-// gelu).  Element-wise: out may alias g and/or d.
-template <typename T>
-inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t len) {
-    switch (act) {
-        case kRelu:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] > T(0) ? T(1) : T(0));
-            break;
-        case kLeakyRelu:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] > T(0) ? T(1) : a);
-            break;
-        case kSigmoid:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (d[j] * (T(1) - d[j]));
-            break;
-        case kTanh:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * (T(1) - d[j] * d[j]);
-            break;
-        case kGelu:
-            for (index_t j = 0; j < len; ++j) out[j] = g[j] * gelu_derivative(d[j]);
-            break;
-        default:
-            break;
-    }
-}
-
 // f(ActTag<A>{}) for the activation code A in identity..gelu, so that a loop can take
 // the activation as a template parameter; false (f not called) for other codes.
 template <int A>
@@ -97,8 +48,8 @@ inline bool with_activation(int act, F&& f) {
     }
 }
 
-// act(v) and act'(.) for one element, the activation a template parameter (the
-// formulas of ep_activation / ep_derivative, so results are the same).
+// act(v) and act'(.) for one element, the activation a template parameter: the one
+// place of these formulas for every epilogue form (and linear.cpp's backward pass).
 template <int Act, typename T>
 inline T act_value(T v, T a) {
     if constexpr (Act == kRelu) return v < T(0) ? T(0) : v;
@@ -116,6 +67,28 @@ inline T dact_value(T d, T a) {
     else if constexpr (DAct == kSigmoid) return d * (T(1) - d);
     else if constexpr (DAct == kTanh) return T(1) - d * d;
     else return gelu_derivative(d);
+}
+
+// y[0:len] = act(y[0:len]) in place (identity and other codes: unchanged).
+template <typename T>
+inline void ep_activation(int act, T a, T* FASTPROP_RESTRICT y, index_t len) {
+    if (act == kIdentity) return;
+    with_activation(act, [&](auto tag) {
+        for (index_t j = 0; j < len; ++j) y[j] = act_value<decltype(tag)::value>(y[j], a);
+    });
+}
+
+// out[0:len] = g[0:len] * act'(d[0:len]) (d: forward output, or pre-activation for
+// gelu); identity and other codes leave out unchanged.  Element-wise: out may alias
+// g and/or d.
+template <typename T>
+inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t len) {
+    if (act == kIdentity) return;
+    with_activation(act, [&](auto tag) {
+        constexpr int A = decltype(tag)::value;
+        if constexpr (A != kIdentity)
+            for (index_t j = 0; j < len; ++j) out[j] = g[j] * dact_value<A>(d[j], a);
+    });
 }
 
 // The two epilogues the dense layer uses, each one pass over a row segment with the
@@ -193,14 +166,9 @@ void epilogue_backward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_
         if (j < len) epilogue_backward_cols<DAct, 0>(ep, i0, i1, j0 + j, len - j, c, ldc);
         return;
     }
-    if constexpr (DAct != kIdentity) {
-        const T da = T(ep.dalpha);
-        for (index_t i = i0; i < i1; ++i) {
-            T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
-            const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
-            for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
-        }
-    }
+    for (index_t i = i0; i < i1; ++i)  // no sums: one derivative pass per row
+        ep_derivative(DAct, T(ep.dalpha), ep.dsrc + i * ep.ld_dsrc + j0, c + i * ldc + j0,
+                      c + i * ldc + j0, len);
 }
 
 // The single-pass forms when the epilogue is one of them; false otherwise.
@@ -238,7 +206,7 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
     for (index_t i = i0; i < i1; ++i) {
         T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
         if (ep.bias != nullptr) {
-            const T* FASTPROP_RESTRICT bj = ep.bias != nullptr ? ep.bias + j0 : nullptr;
+            const T* FASTPROP_RESTRICT bj = ep.bias + j0;
             for (index_t j = 0; j < len; ++j) ci[j] += bj[j];
         }
         if (ep.preact != nullptr) {

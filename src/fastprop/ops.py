@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._checks import (as_array, as_float, check_out, check_shape, class_labels,
-                      compute_dtype, real)
+from ._checks import (FLOAT_DTYPES, as_array, as_float, check_out, check_shape,
+                      class_labels, compute_dtype, real)
 from .backends import ACTIVATIONS
 
 __all__ = ["matmul", "linear", "linear_backward", "activation", "activation_backward",
@@ -54,9 +54,9 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
 
     Shape: ``op(a)`` is (m, k), ``op(b)`` is (k, n), the result (m, n).
     """
-    if (out is None and type(a) is np.ndarray and type(b) is np.ndarray
-            and a.ndim == 2 and b.ndim == 2):
-        fast = _matmul_fast(a, b, bool(trans_a), bool(trans_b), accumulate)
+    if (out is None and not accumulate and type(a) is np.ndarray
+            and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2):
+        fast = _matmul_fast(a, b, bool(trans_a), bool(trans_b))
         if fast is not None:
             return fast
     a = as_array(a, "a")
@@ -97,19 +97,17 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
     return out
 
 
-_FLOATS = (np.dtype(np.float32), np.dtype(np.float64))
-
-
-def _matmul_fast(a, b, trans_a, trans_b, accumulate):
+def _matmul_fast(a, b, trans_a, trans_b):
     """``matmul`` without ``out`` for two same-dtype float32/float64 2-D arrays whose
     rows are contiguous (the common case, checked in a few attribute reads: the
     general path costs ~3 us of Python, more than a 32^3 product); None otherwise."""
     dtype = a.dtype
-    if dtype is not b.dtype or dtype not in _FLOATS or accumulate:
+    if dtype is not b.dtype or dtype not in FLOAT_DTYPES:
         return None
     item = dtype.itemsize
     sa, sb = a.strides, b.strides
-    if sa[1] != item or sb[1] != item or sa[0] < 0 or sb[0] < 0:
+    if (sa[1] != item or sb[1] != item or sa[0] < 0 or sb[0] < 0
+            or sa[0] % item or sb[0] % item):
         return None
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
