@@ -15,13 +15,16 @@
 //             the gradients separately (softmax, a row operation, is the exception).
 //   check     optional: loss, weight gradients (GEMM flags) and bias gradients finite,
 //             else stop before the update
-//   update    one multi-tensor optimizer pass over every parameter (optim.cpp)
+//   update    one parallel region: the fused layers' dW blocks, each followed by its
+//             optimizer update, and the other tensors' updates (update_pieces)
 // The arithmetic equals the layer-by-layer path's (same kernels and epilogue
 // formulas, same summation orders), so the two agree to the last bit or, where the
 // fused epilogue rounds once less, to an ulp.
 #include "fastprop/train_step.hpp"
 #include "isa_common.hpp"
 #include "kernels.hpp"
+
+#include <atomic>
 
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
@@ -82,29 +85,131 @@ double max_abs(const T* x, index_t count, bool* all_finite) {
     return double(mx);
 }
 
-// dW = a^T g computed one block of rows at a time, each block's optimizer update
-// applied while the block is still in cache.  Blocks are ~64 KiB of dW and are split
-// over threads (each thread runs serial GEMMs on its blocks: a GEMM inside a parallel
-// region uses one thread), so p, m, v and dW stream through memory in order.
+// Rows of a fused layer's dW block: ~64 KiB of dW, so that the block's gradient is
+// still in cache when the optimizer reads it.
+inline index_t fused_block_rows(index_t out) {
+    return fp_max<index_t>(8, index_t(16384) / fp_max<index_t>(out, 1));
+}
+
+// dW = a^T g for rows [r0, r1) of a layer (one block), then the optimizer update of
+// those rows while their gradient is still in cache.  Serial: the caller runs it
+// inside the update's parallel region, where a GEMM uses one thread.
 template <typename T>
-void fused_weight_update(const DenseLayerPlan<T>& d, index_t n, const T* a_prev,
-                         const OptimizerPlan<T>& plan, const OptimizerScalars<T>& s) {
-    const index_t out = fp_max<index_t>(d.out, 1);
-    const index_t block = fp_max<index_t>(8, index_t(16384) / out);
-    // Rows per thread: half the optimizer's kMathGrain elements, counting each row's
-    // GEMM work (2 n out flops) as n / 16 more optimizer elements per weight; so a
-    // 256 x 128 layer uses both threads at batch 32 (2.1 MFLOP + 32k Adam elements,
-    // ~30 us: the MLP step 339-398 -> 294-302 us) and at batch 1 (its phase 20 ->
-    // 15 us).
-    const index_t grain = fp_max<index_t>(8, (kMathGrain / 2) / (out + out * n / 16));
-    parallel_for(d.in, grain, [&](index_t r0, index_t r1) {
-        for (index_t i0 = r0; i0 < r1; i0 += block) {
-            const index_t rows = fp_min(block, r1 - i0);
-            gemm<T>(true, false, rows, d.out, n, T(1), a_prev + i0, d.in, d.g, d.out, T(0),
-                    d.gw + i0 * d.out, d.out);
-            optimizer_range(plan, s, d.w_index, i0 * d.out, (i0 + rows) * d.out);
+void fused_weight_rows(const DenseLayerPlan<T>& d, index_t n, const T* a_prev,
+                       const OptimizerPlan<T>& plan, const OptimizerScalars<T>& s,
+                       index_t r0, index_t r1) {
+    gemm<T>(true, false, r1 - r0, d.out, n, T(1), a_prev + r0, d.in, d.g, d.out, T(0),
+            d.gw + r0 * d.out, d.out);
+    optimizer_range(plan, s, d.w_index, r0 * d.out, r1 * d.out);
+}
+
+// One piece of the update: the rows of a fused layer (dW block GEMMs + optimizer) or
+// the elements of a tensor updated from its stored gradient, cut into chunks of
+// `chunk` units (a fused layer's dW blocks; 8k elements).  `cost`: per unit, in
+// optimizer elements (a fused row: out weights, plus its GEMM work 2 n out flops
+// counted as n out / 16 elements).
+struct UpdatePiece {
+    int layer;       // >= 0: fused layer (units are rows); -1: tensor (units are elements)
+    index_t tensor;  // the tensor, for layer == -1
+    index_t units;
+    index_t chunk;
+    index_t cost;
+};
+
+inline index_t piece_chunks(const UpdatePiece& pc) { return (pc.units + pc.chunk - 1) / pc.chunk; }
+
+// A thread's range of chunks [lo, hi) in one word: the owner takes from the front,
+// a thread that has run out takes from the back (CAS on the pair).
+class ChunkRange {
+  public:
+    void set(index_t lo, index_t hi) {
+        word_.store(std::uint64_t(lo) | (std::uint64_t(hi) << 32), std::memory_order_relaxed);
+    }
+    bool take(bool front, index_t* c) {
+        std::uint64_t w = word_.load(std::memory_order_relaxed);
+        for (;;) {
+            const std::uint64_t lo = w & 0xffffffffu, hi = w >> 32;
+            if (lo >= hi) return false;
+            const std::uint64_t next = front ? (lo + 1) | (hi << 32) : lo | ((hi - 1) << 32);
+            if (word_.compare_exchange_weak(w, next, std::memory_order_relaxed)) {
+                *c = index_t(front ? lo : hi - 1);
+                return true;
+            }
         }
-    });
+    }
+
+  private:
+    alignas(64) std::atomic<std::uint64_t> word_{0};
+};
+
+// The whole update in one parallel region.  Each thread starts on its share of the
+// chunks (equal estimated cost, contiguous: each core streams its own part of p, m
+// and v), and a thread that finishes first takes chunks from the back of the
+// others' shares: the estimate is rough (GEMM blocks vs elementwise chunks) and a
+// vCPU of a busy machine may stall; a static split left one thread waiting ~20 us
+// of the ~300 us MLP step at batch 32.  Results do not depend on which thread runs
+// a chunk (elementwise updates; each dW element is one GEMM sum whatever block
+// holds its row).
+template <typename T>
+void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
+                   const UpdatePiece* pieces, int count) {
+    index_t chunks = 0, work = 0;
+    for (int i = 0; i < count; ++i) {
+        chunks += piece_chunks(pieces[i]);
+        work += pieces[i].units * pieces[i].cost;
+    }
+    auto run_chunk = [&](index_t c) {
+        int i = 0;
+        while (c >= piece_chunks(pieces[i])) c -= piece_chunks(pieces[i++]);
+        const UpdatePiece& pc = pieces[i];
+        const index_t u0 = c * pc.chunk, u1 = fp_min(pc.units, u0 + pc.chunk);
+        if (pc.layer >= 0) {
+            const DenseLayerPlan<T>& d = p.layer[pc.layer];
+            const T* a_prev = pc.layer > 0 ? p.layer[pc.layer - 1].y : p.x;
+            fused_weight_rows(d, p.n, a_prev, p.opt, s, u0, u1);
+        } else {
+            optimizer_range(p.opt, s, pc.tensor, u0, u1);
+        }
+    };
+#if defined(_OPENMP)
+    // Threads from half the optimizer's kMathGrain per thread, GEMM work included
+    // (the 256 x 128 layer at batch 32, 2.1 MFLOP + 32k Adam elements, ~30 us, uses both).
+    constexpr int kMaxThreads = 64;
+    const int nt = static_cast<int>(
+        fp_min<index_t>(fp_min(threads_for(work, kMathGrain / 2), kMaxThreads), chunks));
+    if (nt > 1 && chunks < (index_t(1) << 31)) {
+        // Shares of equal estimated cost: share t starts at the first chunk whose
+        // cost before it reaches t work / nt.
+        index_t start[kMaxThreads + 1];
+        index_t c = 0, before = 0;
+        int t = 1;
+        start[0] = 0;
+        for (int i = 0; i < count; ++i) {
+            const UpdatePiece& pc = pieces[i];
+            for (index_t u = 0; u < pc.units; u += pc.chunk, ++c) {
+                for (; t < nt && before * nt >= t * work; ++t) start[t] = c;
+                before += fp_min(pc.chunk, pc.units - u) * pc.cost;
+            }
+        }
+        for (; t <= nt; ++t) start[t] = chunks;
+        ChunkRange ranges[kMaxThreads];
+        for (int k = 0; k < nt; ++k) ranges[k].set(start[k], start[k + 1]);
+        detail::note_thread_pool_started();
+#pragma omp parallel num_threads(nt)
+        {
+            // (a team smaller than nt leaves shares that the others take)
+            const int me = omp_get_thread_num();
+            index_t k;
+            while (ranges[me].take(true, &k)) run_chunk(k);
+            for (int o = 1; o < nt; ++o) {
+                ChunkRange& other = ranges[(me + o) % nt];
+                while (other.take(false, &k)) run_chunk(k);
+            }
+        }
+        return;
+    }
+#endif
+    for (index_t c = 0; c < chunks; ++c) run_chunk(c);
 }
 
 constexpr int kMaxTensors = 256;
@@ -180,7 +285,7 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
         if (prev.gb != nullptr) ok = store_bias_grad(prev) && ok;
     }
     // Weight gradients.  A layer's update is fused with its dW GEMM (block by block,
-    // fused_weight_update) when reading its inputs and gradients (n (in + out)) costs
+    // fused_weight_rows) when reading its inputs and gradients (n (in + out)) costs
     // less than a quarter of a pass over dW (in out): the blocks' small unpacked GEMMs
     // lose to one packed GEMM as n grows (784-256-128-10 at batch 128: fusing layer
     // 1 made the step ~6% slower; at batch 32 neutral, at batch 1 a gain);
@@ -221,39 +326,27 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
         optimizer_update<T>(p.opt);
         return loss;
     }
-    // update: fused layers inside their dW GEMM, every other tensor in one pass
-    const OptimizerScalars<T> scalars = optimizer_scalars(p.opt);
+    // update: fused layers inside their dW GEMM, every other tensor from its stored
+    // gradient, all in one parallel region
+    UpdatePiece pieces[2 * kMaxTensors];
     bool done[kMaxTensors];
+    int count = 0, nfused = 0;
     for (index_t i = 0; i < p.opt.count; ++i) done[i] = false;
     for (int l = 0; l < L; ++l) {
         if (!fused[l]) continue;
         const DenseLayerPlan<T>& d = p.layer[l];
-        fused_weight_update(d, p.n, l > 0 ? p.layer[l - 1].y : p.x, p.opt, scalars);
+        pieces[count++] = UpdatePiece{l, 0, d.in, fused_block_rows(d.out), d.out + d.out * p.n / 16};
         done[d.w_index] = true;
+        ++nfused;
     }
-    T* params[kMaxTensors];
-    const T* grads[kMaxTensors];
-    T* s1[kMaxTensors];
-    T* s2[kMaxTensors];
-    index_t sizes[kMaxTensors];
-    OptimizerPlan<T> rest = p.opt;
-    index_t k = 0;
-    for (index_t i = 0; i < p.opt.count; ++i) {
-        if (done[i]) continue;
-        params[k] = p.opt.params[i];
-        grads[k] = p.opt.grads[i];
-        s1[k] = p.opt.state1 != nullptr ? p.opt.state1[i] : nullptr;
-        s2[k] = p.opt.state2 != nullptr ? p.opt.state2[i] : nullptr;
-        sizes[k] = p.opt.sizes[i];
-        ++k;
-    }
-    rest.count = k;
-    rest.params = params;
-    rest.grads = grads;
-    rest.state1 = p.opt.state1 != nullptr ? s1 : nullptr;
-    rest.state2 = p.opt.state2 != nullptr ? s2 : nullptr;
-    rest.sizes = sizes;
-    if (k > 0) optimizer_update<T>(rest);
+    for (index_t i = 0; i < p.opt.count; ++i)
+        if (!done[i] && p.opt.sizes[i] > 0) {
+            pieces[count++] = UpdatePiece{-1, i, p.opt.sizes[i], 8192, 1};
+        }
+    if (nfused == 0)  // nothing fused: the plain multi-tensor pass
+        optimizer_update<T>(p.opt);
+    else
+        update_pieces(p, optimizer_scalars(p.opt), pieces, count);
     return loss;
 }
 
