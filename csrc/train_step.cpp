@@ -25,6 +25,10 @@
 #include "kernels.hpp"
 
 #include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
 
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
@@ -56,33 +60,27 @@ bool store_bias_grad(const DenseLayerPlan<T>& d) {
     return ok;
 }
 
-// max |x[i]| over count elements; *all_finite = no NaN/inf (16 vectorisable lanes).
+// max |x[i]| over count elements; *all_finite = no NaN/inf.  On the bit patterns
+// with the sign cleared, as signed integers: their order is the order of |x|, and
+// inf and every NaN lie above the largest finite value (an integer max reduction
+// vectorises; a float one without -ffinite-math-only does not: 14 -> ~2 us for the
+// MLP step's checks at batch 32).
 template <typename T>
 double max_abs(const T* x, index_t count, bool* all_finite) {
-    T m[16], z[16];
-    for (int l = 0; l < 16; ++l) m[l] = z[l] = T(0);
-    index_t i = 0;
-    for (; i + 16 <= count; i += 16) {
-        for (int l = 0; l < 16; ++l) {
-            const T v = x[i + l];
-            const T a = v < T(0) ? -v : v;
-            m[l] = m[l] < a ? a : m[l];
-            z[l] += v - v;  // 0, or NaN for NaN/inf
-        }
+    using I = std::conditional_t<sizeof(T) == 4, std::int32_t, std::int64_t>;
+    constexpr I kAbs = std::numeric_limits<I>::max();
+    constexpr I kInf = sizeof(T) == 4 ? I(0x7f800000) : I(0x7ff0000000000000);
+    I m = 0;
+    for (index_t i = 0; i < count; ++i) {
+        I b;
+        std::memcpy(&b, x + i, sizeof(I));
+        b &= kAbs;
+        m = b > m ? b : m;
     }
-    for (int l = 0; i < count; ++i, ++l) {
-        const T v = x[i];
-        const T a = v < T(0) ? -v : v;
-        m[l] = m[l] < a ? a : m[l];
-        z[l] += v - v;
-    }
-    T mx = T(0), zs = T(0);
-    for (int l = 0; l < 16; ++l) {
-        mx = mx < m[l] ? m[l] : mx;
-        zs += z[l];
-    }
-    *all_finite = zs == T(0);
-    return double(mx);
+    *all_finite = m < kInf;
+    T r;
+    std::memcpy(&r, &m, sizeof(T));
+    return double(r);
 }
 
 // Rows of a fused layer's dW block: ~64 KiB of dW, so that the block's gradient is
