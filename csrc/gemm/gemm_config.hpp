@@ -43,10 +43,18 @@ struct GemmBlocks;
 
 #if defined(__AVX2__) && defined(__FMA__)
 // avx2 unit: gemm/sgemm_avx2_6x16.hpp, gemm/dgemm_avx2_6x8.hpp (16 ymm registers:
-// 12 accumulators, 2 B vectors, 1 A broadcast).
+// 12 accumulators, 2 B vectors, 1 A broadcast).  The avx512 unit runs the same
+// 256-bit float kernel with 8 rows: AVX-512VL gives it 32 ymm registers (16
+// accumulators, 2 B vectors, 1 A broadcast), and 8 rows split the small batches of
+// an MLP (32, 64) into whole tiles with a B row loaded per 16 FMAs instead of 12
+// (float32 32x784x128, 1 thread: 70 -> 56-65 us; 32x784x256 128 -> 116 us).
 template <>
 struct GemmBlocks<float> {
+#if defined(__AVX512VL__)
+    static constexpr int MR = 8, NR = 16;
+#else
     static constexpr int MR = 6, NR = 16;
+#endif
     static constexpr index_t KC = 384, MC = 144, NC = 4080;
 };
 template <>

@@ -1,10 +1,11 @@
-// gemm/sgemm_avx2_6x16.hpp - the float32 AVX2+FMA micro-kernel, 6 x 16 (avx2 unit).
+// gemm/sgemm_avx2_6x16.hpp - the float32 AVX2+FMA micro-kernel, 6 x 16 (avx2 unit;
+// 8 x 16 in the avx512 unit, whose AVX-512VL has 32 ymm registers: gemm_config.hpp).
 //
 // Contract (the BLIS micro-kernel, with strides so that the same kernel also runs
 // on unpacked operands):
 //   C[i, j] := alpha * sum_{p<k} A(i, p) B(p, j) + beta * C[i, j]
-//   for i < M (M <= 6 rows, a template parameter) and j < nr (1 <= nr <= 16), where
-//   A(i, p) = a[i*rs_a + p*cs_a]  (packed A: rs_a = 1, cs_a = 6, PackedA = true),
+//   for i < M (M <= MR rows, a template parameter) and j < nr (1 <= nr <= 16), where
+//   A(i, p) = a[i*rs_a + p*cs_a]  (packed A: rs_a = 1, cs_a = MR, PackedA = true),
 //   B(p, j) = b[p*rs_b + j]       (16 readable values per row p, also past nr:
 //                                  packed or zero-padded B),
 //   C[i, j] = c[i*rs_c + j].      beta == 0: C is not read (it may hold NaN).
@@ -19,6 +20,7 @@
 
 #include <immintrin.h>
 
+#include "gemm/gemm_config.hpp"
 #include "isa_common.hpp"
 
 namespace fastprop {
@@ -37,10 +39,11 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
                             index_t cs_a, const float* FASTPROP_RESTRICT b, index_t rs_b,
                             float* FASTPROP_RESTRICT c, index_t rs_c, index_t nr, float alpha,
                             float beta) {
-    static_assert(M >= 1 && M <= 6 && (NV == 1 || NV == 2), "tile is at most 6 x 16");
-    if (PackedA) rs_a = 1, cs_a = 6;
+    constexpr int MR = GemmBlocks<float>::MR;
+    static_assert(M >= 1 && M <= MR && (NV == 1 || NV == 2), "tile is at most MR x 16");
+    if (PackedA) rs_a = 1, cs_a = MR;
     __m256 acc[M][NV];
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_setzero_ps();
@@ -51,7 +54,7 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
         __m256 bv[NV];
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) bv[v] = _mm256_loadu_ps(b + v * 8);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
             const __m256 av = _mm256_broadcast_ss(a + i * rs_a);
 #pragma GCC unroll 2
@@ -63,7 +66,7 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
     const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
     const bool scale = alpha != 1.0f, read_c = beta != 0.0f;
     if (nr == NV * 8) {
-#pragma GCC unroll 6
+#pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
             for (int v = 0; v < NV; ++v) {
@@ -75,10 +78,30 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
         }
         return;
     }
+#if defined(__AVX512VL__)
+    // EVEX masked moves: the VEX vmaskmovps reaches only ymm0-15, and the register
+    // allocator would then keep the accumulators there and spill the 8-row tile.
+    __mmask8 mask[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) {
+        const index_t rem = nr - v * 8;
+        mask[v] = static_cast<__mmask8>(rem <= 0 ? 0 : rem >= 8 ? 0xff : (1u << rem) - 1);
+    }
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+            float* cp = c + i * rs_c + v * 8;
+            __m256 r = scale ? _mm256_mul_ps(va, acc[i][v]) : acc[i][v];
+            if (read_c) r = _mm256_fmadd_ps(vb, _mm256_maskz_loadu_ps(mask[v], cp), r);
+            _mm256_mask_storeu_ps(cp, mask[v], r);
+        }
+    }
+#else
     __m256i mask[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) mask[v] = sgemm_avx2_lane_mask(nr - v * 8);
-#pragma GCC unroll 6
+#pragma GCC unroll 8
     for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
         for (int v = 0; v < NV; ++v) {
@@ -88,6 +111,7 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
             _mm256_maskstore_ps(cp, mask[v], r);
         }
     }
+#endif
 }
 
 }  // namespace

@@ -52,6 +52,10 @@ struct GemmUkr {
     template <bool PackedA, int NV>
     static void run_nv(int m, index_t k, const T* a, index_t rs_a, index_t cs_a, const T* b,
                        index_t rs_b, T* c, index_t rs_c, index_t nr, T alpha, T beta) {
+        if constexpr (MR >= 8) {
+            if (m == 8) return UkrImpl<8, NV, PackedA>::run(k, a, rs_a, cs_a, b, rs_b, c, rs_c, nr, alpha, beta);
+            if (m == 7) return UkrImpl<7, NV, PackedA>::run(k, a, rs_a, cs_a, b, rs_b, c, rs_c, nr, alpha, beta);
+        }
         switch (m) {
             case 6: UkrImpl<6, NV, PackedA>::run(k, a, rs_a, cs_a, b, rs_b, c, rs_c, nr, alpha, beta); break;
             case 5: UkrImpl<5, NV, PackedA>::run(k, a, rs_a, cs_a, b, rs_b, c, rs_c, nr, alpha, beta); break;
