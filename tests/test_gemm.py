@@ -38,7 +38,8 @@ LAYOUT_IDS = ["NN", "NT", "TN", "TT"]
 SIZES = [0, 1, 2, 7, 31, 33, 65, 127, 257]
 #: (m, k, n) of the MLP benchmark shapes.
 MLP_SHAPES = [(64, 784, 256), (64, 256, 256), (32, 128, 128), (128, 784, 256), (1, 784, 256),
-              (256, 64, 784), (784, 64, 256), (64, 256, 784)]
+              (256, 64, 784), (784, 64, 256), (64, 256, 784),
+              (32, 784, 256), (48, 1000, 30)]  # last two: threads split k (short A, deep k)
 ACT_CODES = list(range(6))  # identity, relu, leaky_relu, sigmoid, tanh, gelu
 ALPHA = 0.01
 
@@ -108,8 +109,9 @@ def test_gemm_mlp_shapes(rng, shape, dtype, ta, tb):
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("shape", [(1, 33, 17), (7, 1, 9), (31, 65, 33), (127, 300, 129),
-                                   (300, 257, 301), (1, 700, 300), (300, 700, 1)],
-                         ids=lambda s: "x".join(map(str, s)))  # last two: threaded GEMV
+                                   (300, 257, 301), (1, 700, 300), (300, 700, 1),
+                                   (20, 800, 37)],
+                         ids=lambda s: "x".join(map(str, s)))  # threaded GEMV; split k
 def test_gemm_strided_offset_views(rng, dtype, ta, tb, shape):
     """Every operand a window of a larger array (offset start, leading dim > cols)."""
     m, k, n = shape
@@ -139,7 +141,8 @@ def test_gemm_strided_offset_views(rng, dtype, ta, tb, shape):
 @pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (-0.5, 0.0), (2.0, 1.0), (0.75, -1.5),
                                         (0.0, 0.5), (1.0, 0.0)])
 def test_gemm_ex_alpha_beta(rng, dtype, ta, tb, alpha, beta):
-    for m, k, n in [(5, 3, 7), (33, 65, 17), (130, 400, 70), (1, 50, 40), (40, 50, 1)]:
+    for m, k, n in [(5, 3, 7), (33, 65, 17), (130, 400, 70), (1, 50, 40), (40, 50, 1),
+                    (9, 900, 40)]:
         a, b = operands(rng, m, k, n, ta, tb, dtype)
         c0 = rng.standard_normal((m, n)).astype(dtype)
         c = c0.copy() if beta != 0.0 else np.full((m, n), np.nan, dtype)
@@ -166,7 +169,8 @@ def test_gemm_k_zero_scales_c(rng, dtype):
 def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
     before = nat.get_num_threads()
     for m, k, n in [(300, 500, 260), (64, 784, 256), (1000, 300, 40), (20, 700, 1000),
-                    (1, 784, 256), (1, 2000, 1000), (999, 700, 1)]:  # last two: GEMV forms
+                    (1, 784, 256), (1, 2000, 1000), (999, 700, 1),  # these two: GEMV forms
+                    (32, 784, 256), (7, 1601, 45)]:  # threads split k
         a, b = operands(rng, m, k, n, ta, tb, dtype)
         bias = rng.standard_normal(n).astype(dtype)
         outs = []
@@ -203,7 +207,8 @@ def ep_close(actual, expected, dtype, what):
                                err_msg=what)
 
 
-EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33)]
+EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33),
+             (32, 784, 256)]  # last: threads split k, the epilogue after their sum
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
