@@ -140,27 +140,61 @@ class ChunkRange {
     alignas(64) std::atomic<std::uint64_t> word_{0};
 };
 
-// The whole update in one parallel region.  Each thread starts on its share of the
-// chunks (equal estimated cost, contiguous: each core streams its own part of p, m
-// and v), and a thread that finishes first takes chunks from the back of the
-// others' shares: the estimate is rough (GEMM blocks vs elementwise chunks) and a
-// vCPU of a busy machine may stall; a static split left one thread waiting ~20 us
-// of the ~300 us MLP step at batch 32.  Results do not depend on which thread runs
-// a chunk (elementwise updates; each dW element is one GEMM sum whatever block
-// holds its row).
+// Part t of nt of a piece: units [lo, hi) (element parts start on multiples of 16).
+inline void piece_part(const UpdatePiece& pc, index_t t, index_t nt, index_t* lo, index_t* hi) {
+    auto at = [&](index_t k) {
+        if (k >= nt) return pc.units;
+        const index_t u = pc.units * k / nt;
+        return pc.layer >= 0 ? u : (u & ~index_t(15));
+    };
+    *lo = at(t);
+    *hi = at(t + 1);
+}
+
+inline index_t part_chunks(const UpdatePiece& pc, index_t t, index_t nt) {
+    index_t lo, hi;
+    piece_part(pc, t, nt, &lo, &hi);
+    return (hi - lo + pc.chunk - 1) / pc.chunk;
+}
+
+// The whole update in one parallel region.  Thread t's share is part t of every
+// piece (its rows of each fused layer, its elements of each other tensor): the
+// rows whose weights its core read last (the forward GEMM of a short batch splits
+// k, so each core reads a contiguous half of the weight rows; the backward NT GEMM
+// splits its output columns, i.e. the rows of W), so the update finds them in its
+// own cache.  A thread that finishes its share takes chunks from the back of the
+// others' (a vCPU of a busy machine may stall).  Results do not depend on which
+// thread runs a chunk (elementwise updates; each dW element is one GEMM sum
+// whatever block holds its row).
 template <typename T>
 void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
                    const UpdatePiece* pieces, int count) {
-    index_t chunks = 0, work = 0;
-    for (int i = 0; i < count; ++i) {
-        chunks += piece_chunks(pieces[i]);
-        work += pieces[i].units * pieces[i].cost;
+    index_t work = 0;
+    for (int i = 0; i < count; ++i) work += pieces[i].units * pieces[i].cost;
+    constexpr int kMaxThreads = 64;
+    int nt = 1;
+#if defined(_OPENMP)
+    // Threads from half the optimizer's kMathGrain per thread, GEMM work included
+    // (the 256 x 128 layer at batch 32, 2.1 MFLOP + 32k Adam elements, ~30 us, uses both).
+    nt = fp_min(threads_for(work, kMathGrain / 2), kMaxThreads);
+#endif
+    index_t start[kMaxThreads + 1];  // share t: chunks [start[t], start[t + 1])
+    start[0] = 0;
+    for (int t = 0; t < nt; ++t) {
+        start[t + 1] = start[t];
+        for (int i = 0; i < count; ++i) start[t + 1] += part_chunks(pieces[i], t, nt);
     }
+    const index_t chunks = start[nt];
     auto run_chunk = [&](index_t c) {
+        int t = 0;
+        while (c >= start[t + 1]) ++t;
+        c -= start[t];
         int i = 0;
-        while (c >= piece_chunks(pieces[i])) c -= piece_chunks(pieces[i++]);
+        while (c >= part_chunks(pieces[i], t, nt)) c -= part_chunks(pieces[i++], t, nt);
         const UpdatePiece& pc = pieces[i];
-        const index_t u0 = c * pc.chunk, u1 = fp_min(pc.units, u0 + pc.chunk);
+        index_t lo, hi;
+        piece_part(pc, t, nt, &lo, &hi);
+        const index_t u0 = lo + c * pc.chunk, u1 = fp_min(hi, u0 + pc.chunk);
         if (pc.layer >= 0) {
             const DenseLayerPlan<T>& d = p.layer[pc.layer];
             const T* a_prev = pc.layer > 0 ? p.layer[pc.layer - 1].y : p.x;
@@ -170,26 +204,7 @@ void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
         }
     };
 #if defined(_OPENMP)
-    // Threads from half the optimizer's kMathGrain per thread, GEMM work included
-    // (the 256 x 128 layer at batch 32, 2.1 MFLOP + 32k Adam elements, ~30 us, uses both).
-    constexpr int kMaxThreads = 64;
-    const int nt = static_cast<int>(
-        fp_min<index_t>(fp_min(threads_for(work, kMathGrain / 2), kMaxThreads), chunks));
     if (nt > 1 && chunks < (index_t(1) << 31)) {
-        // Shares of equal estimated cost: share t starts at the first chunk whose
-        // cost before it reaches t work / nt.
-        index_t start[kMaxThreads + 1];
-        index_t c = 0, before = 0;
-        int t = 1;
-        start[0] = 0;
-        for (int i = 0; i < count; ++i) {
-            const UpdatePiece& pc = pieces[i];
-            for (index_t u = 0; u < pc.units; u += pc.chunk, ++c) {
-                for (; t < nt && before * nt >= t * work; ++t) start[t] = c;
-                before += fp_min(pc.chunk, pc.units - u) * pc.cost;
-            }
-        }
-        for (; t <= nt; ++t) start[t] = chunks;
         ChunkRange ranges[kMaxThreads];
         for (int k = 0; k < nt; ++k) ranges[k].set(start[k], start[k + 1]);
         detail::note_thread_pool_started();
