@@ -343,23 +343,19 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
     // gradient, all in one parallel region
     UpdatePiece pieces[2 * kMaxTensors];
     bool done[kMaxTensors];
-    int count = 0, nfused = 0;
+    int count = 0;
     for (index_t i = 0; i < p.opt.count; ++i) done[i] = false;
     for (int l = 0; l < L; ++l) {
         if (!fused[l]) continue;
         const DenseLayerPlan<T>& d = p.layer[l];
         pieces[count++] = UpdatePiece{l, 0, d.in, fused_block_rows(d.out), d.out + d.out * p.n / 16};
         done[d.w_index] = true;
-        ++nfused;
     }
     for (index_t i = 0; i < p.opt.count; ++i)
         if (!done[i] && p.opt.sizes[i] > 0) {
             pieces[count++] = UpdatePiece{-1, i, p.opt.sizes[i], 8192, 1};
         }
-    if (nfused == 0)  // nothing fused: the plain multi-tensor pass
-        optimizer_update<T>(p.opt);
-    else
-        update_pieces(p, optimizer_scalars(p.opt), pieces, count);
+    update_pieces(p, optimizer_scalars(p.opt), pieces, count);
     return loss;
 }
 
