@@ -22,7 +22,7 @@ PYTHON=${PYTHON:-python}
 ROOT=$PWD/build/sanitize
 SITE=$ROOT/site
 TESTS=""
-for t in ${SANITIZE_TESTS:-native_backend ops layers optim bad_input properties train train_step
+for t in ${SANITIZE_TESTS:-native_backend gemm ops layers optim bad_input properties train train_step
   reliability serialization}; do
   [ -e "tests/test_$t.py" ] && TESTS="$TESTS tests/test_$t.py"
 done
