@@ -174,6 +174,21 @@ inline void team_barrier(int nt) {
 #endif
 }
 
+// op(A)[ic, pc] (the block's first element), and a macro block reading A there in
+// place through the micro-kernel's strides.
+template <typename T>
+const T* a_at(const GemmArgs<T>& g, index_t ic, index_t pc) {
+    return g.ta ? g.a + pc * g.lda + ic : g.a + ic * g.lda + pc;
+}
+
+template <typename T>
+void read_a_in_place(MacroBlock<T>& blk, const GemmArgs<T>& g, index_t ic, index_t pc) {
+    blk.a = a_at(g, ic, pc);
+    blk.a_packed = false;
+    blk.rs_a = g.ta ? 1 : g.lda;
+    blk.cs_a = g.ta ? g.lda : 1;
+}
+
 // One thread's part of the loop nest.  bp: the shared packed-B buffer (when
 // pack_b); tid: this thread's index in the grid (row ti = tid / tn, column
 // tj = tid % tn).  oks[tid] reports its scratch allocation; if any thread of the
@@ -254,14 +269,11 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
                 const index_t mc = fp_min(Blk::MC, r1 - ic);
                 MacroBlock<T> blk{};
                 blk.mc = mc, blk.nc = nc, blk.kc = kc;
-                const T* a_block = g.ta ? g.a + pc * g.lda + ic : g.a + ic * g.lda + pc;
                 if (pl.pack_a) {
-                    pack_a<T, MR>(g.ta, mc, kc, a_block, g.lda, ap);
+                    pack_a<T, MR>(g.ta, mc, kc, a_at(g, ic, pc), g.lda, ap);
                     blk.a = ap, blk.a_packed = true;
                 } else {
-                    blk.a = a_block, blk.a_packed = false;
-                    blk.rs_a = g.ta ? 1 : g.lda;
-                    blk.cs_a = g.ta ? g.lda : 1;
+                    read_a_in_place(blk, g, ic, pc);
                 }
                 blk.b = !pl.pack_b ? b_block : (shared_b ? bp : bp_own);
                 blk.b_first = pl.pack_b && !shared_b ? s0 : 0;
@@ -317,10 +329,7 @@ bool gemm_thread_ksplit(const GemmArgs<T>& g, const Plan& pl, int tid, T** parts
             for (index_t ic = 0; ic < g.m; ic += Blk::MC) {
                 MacroBlock<T> blk{};
                 blk.mc = fp_min(Blk::MC, g.m - ic), blk.nc = nc, blk.kc = kc;
-                blk.a = g.ta ? g.a + pc * g.lda + ic : g.a + ic * g.lda + pc;
-                blk.a_packed = false;
-                blk.rs_a = g.ta ? 1 : g.lda;
-                blk.cs_a = g.ta ? g.lda : 1;
+                read_a_in_place(blk, g, ic, pc);
                 blk.b = b_block, blk.b_first = 0, blk.b_packed = false, blk.rs_b = g.ldb;
                 blk.b_edge = b_edge;
                 blk.c = dst + ic * ldd + jc, blk.ldc = ldd;
