@@ -65,23 +65,17 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
     }
     const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
     const bool scale = alpha != 1.0f, read_c = beta != 0.0f;
-    // C = alpha * acc + beta * C, row by row, through load(p, v) / store(p, v, r):
-    // full vectors, or masked past column nr.
-    auto write = [&](auto&& load, auto&& store) {
+    if (nr == NV * 8) {
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
             for (int v = 0; v < NV; ++v) {
                 float* cp = c + i * rs_c + v * 8;
                 __m256 r = scale ? _mm256_mul_ps(va, acc[i][v]) : acc[i][v];
-                if (read_c) r = _mm256_fmadd_ps(vb, load(cp, v), r);
-                store(cp, v, r);
+                if (read_c) r = _mm256_fmadd_ps(vb, _mm256_loadu_ps(cp), r);
+                _mm256_storeu_ps(cp, r);
             }
         }
-    };
-    if (nr == NV * 8) {
-        write([](const float* p, int) { return _mm256_loadu_ps(p); },
-              [](float* p, int, __m256 r) { _mm256_storeu_ps(p, r); });
         return;
     }
 #if defined(__AVX512VL__)
@@ -93,14 +87,30 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
         const index_t rem = nr - v * 8;
         mask[v] = static_cast<__mmask8>(rem <= 0 ? 0 : rem >= 8 ? 0xff : (1u << rem) - 1);
     }
-    write([&](const float* p, int v) { return _mm256_maskz_loadu_ps(mask[v], p); },
-          [&](float* p, int v, __m256 r) { _mm256_mask_storeu_ps(p, mask[v], r); });
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+            float* cp = c + i * rs_c + v * 8;
+            __m256 r = scale ? _mm256_mul_ps(va, acc[i][v]) : acc[i][v];
+            if (read_c) r = _mm256_fmadd_ps(vb, _mm256_maskz_loadu_ps(mask[v], cp), r);
+            _mm256_mask_storeu_ps(cp, mask[v], r);
+        }
+    }
 #else
     __m256i mask[NV];
 #pragma GCC unroll 2
     for (int v = 0; v < NV; ++v) mask[v] = sgemm_avx2_lane_mask(nr - v * 8);
-    write([&](const float* p, int v) { return _mm256_maskload_ps(p, mask[v]); },
-          [&](float* p, int v, __m256 r) { _mm256_maskstore_ps(p, mask[v], r); });
+#pragma GCC unroll 8
+    for (int i = 0; i < M; ++i) {
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) {
+            float* cp = c + i * rs_c + v * 8;
+            __m256 r = scale ? _mm256_mul_ps(va, acc[i][v]) : acc[i][v];
+            if (read_c) r = _mm256_fmadd_ps(vb, _mm256_maskload_ps(cp, mask[v]), r);
+            _mm256_maskstore_ps(cp, mask[v], r);
+        }
+    }
 #endif
 }
 
