@@ -151,7 +151,7 @@ void update_segments(const OptimizerPlan<T>& o, const Scalars<T>& s, index_t i,
     const T* g = o.grads[i];
     T* s1 = o.state1 != nullptr ? o.state1[i] : nullptr;
     T* s2 = o.state2 != nullptr ? o.state2[i] : nullptr;
-    const bool wd = o.weight_decay != 0.0;
+    const bool wd = o.weight_decay != 0.0 && (o.decay == nullptr || o.decay[i] != 0);
 #define FASTPROP_SGD(kDecay, kMode)                                                    \
     segments([&](index_t b, index_t e) {                                               \
         sgd_range<T, kDecay, kMode>(b, e, p, g, s1, s.lr, s.mom, s.wd);                \
@@ -275,6 +275,7 @@ OptimizerPlan<T> single(int kind, index_t* size, T** p, const T** g, T** s1, T**
     o.lr = lr;
     o.beta1 = o.beta2 = o.eps = o.weight_decay = o.momentum = o.alpha = 0.0;
     o.nesterov = o.decoupled = false;
+    o.decay = nullptr;
     return o;
 }
 

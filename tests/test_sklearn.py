@@ -231,6 +231,135 @@ def test_same_trajectory_as_sklearn(case, backend):
                                rtol=1e-6, atol=1e-9)
 
 
+# --------------------------------------------------------------------------- fused step
+FUSED_CASES = {
+    # name: (estimator, params, data, the fused step applies)
+    "adam_softmax": ("MLPClassifier", dict(solver="adam", alpha=0.1), "digits", True),
+    "sgd_nesterov": ("MLPClassifier", dict(solver="sgd", learning_rate_init=0.05,
+                                           alpha=0.1), "digits", True),
+    "sgd_momentum_invscaling": ("MLPClassifier", dict(
+        solver="sgd", nesterovs_momentum=False, momentum=0.5, learning_rate="invscaling",
+        learning_rate_init=0.5), "digits", True),
+    "sgd_plain_adaptive": ("MLPClassifier", dict(
+        solver="sgd", momentum=0.0, learning_rate="adaptive", tol=0.5, n_iter_no_change=1),
+        "digits", True),
+    "binary_logistic_tanh": ("MLPClassifier", dict(solver="adam", activation="tanh",
+                                                   hidden_layer_sizes=(12, 7)),
+                             "breast_cancer", True),
+    "regression_one_output": ("MLPRegressor", dict(solver="adam", activation="logistic",
+                                                   alpha=0.3), "diabetes", True),
+    "no_hidden_layer": ("MLPClassifier", dict(solver="adam", activation="identity",
+                                              hidden_layer_sizes=()), "iris", True),
+    # scikit-learn's delta for k > 1 logistic / identity outputs is k times the mean
+    # loss's gradient, and sample weights / sparse input / Poisson have no fused form
+    "multi_output_regression": ("MLPRegressor", dict(solver="adam"), "multi_output", False),
+    "multilabel": ("MLPClassifier", dict(solver="adam"), "multilabel", False),
+    "sample_weight": ("MLPClassifier", dict(solver="adam"), "weighted", False),
+    "sparse": ("MLPClassifier", dict(solver="adam"), "sparse", False),
+    "poisson": ("MLPRegressor", dict(solver="adam", loss="poisson"), "poisson", False),
+}
+
+
+def _fused_case_data(name):
+    kw = {}
+    if name == "multi_output":
+        X, y = make_regression(n_samples=120, n_features=6, n_targets=3, random_state=0)
+        y = y / 100.0
+    elif name == "multilabel":
+        X, y = make_multilabel_classification(n_samples=120, n_features=8, random_state=0)
+    elif name == "poisson":
+        X, _, _, _ = DATA["diabetes"]
+        y = np.random.default_rng(0).poisson(3.0, X.shape[0]).astype(float)
+    else:
+        base = {"weighted": "digits", "sparse": "digits"}.get(name, name)
+        X, _, y, _ = DATA[base]
+        if name == "weighted":
+            kw["sample_weight"] = np.random.default_rng(0).uniform(0.5, 2.0, X.shape[0])
+        if name == "sparse":
+            X = sp.csr_matrix(np.where(X > 0.5, X, 0.0))
+    return X, y, kw
+
+
+@no_convergence_warning
+@pytest.mark.skipif("native" not in BACKENDS, reason="the fused step is the native backend's")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_step_gives_the_layer_paths_model(case, dtype, monkeypatch):
+    """The whole-step kernel and the layer-by-layer kernels give the same model (same
+    kernels in the same order: to an ulp per step), and the fused step is used exactly
+    where it computes what scikit-learn does."""
+    import fastprop.sklearn as fsk
+    name, params, data, applies = FUSED_CASES[case]
+    X, y, kw = _fused_case_data(data)
+    X = X.astype(dtype)
+    params = dict(hidden_layer_sizes=(20,), max_iter=5, random_state=3, batch_size=50,
+                  **params) if "hidden_layer_sizes" not in params else dict(
+        max_iter=5, random_state=3, batch_size=50, **params)
+    calls = []
+    real_call = fsk._FusedStep.__call__
+
+    def counting(self, *args):
+        calls.append(1)
+        return real_call(self, *args)
+
+    monkeypatch.setattr(fsk._FusedStep, "__call__", counting)
+    est_cls = MLPClassifier if name == "MLPClassifier" else MLPRegressor
+    with fastprop.use_backend("native"):
+        fused = est_cls(**params).fit(X, y, **kw)
+        assert bool(calls) == applies
+        fused.partial_fit(X, y, **kw)          # continues from the same state
+        monkeypatch.setattr(fsk._FusedStep, "make", classmethod(lambda cls, *a: None))
+        layered = est_cls(**params).fit(X, y, **kw)
+        layered.partial_fit(X, y, **kw)
+    rtol, atol = (1e-9, 1e-12) if dtype == np.float64 else (2e-4, 1e-6)
+    assert fused.n_iter_ == layered.n_iter_
+    for a, b in zip(layered.coefs_ + layered.intercepts_, fused.coefs_ + fused.intercepts_):
+        assert b.dtype == dtype
+        np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
+    np.testing.assert_allclose(fused.loss_curve_, layered.loss_curve_, rtol=rtol * 10)
+    if data in ("digits", "iris", "breast_cancer") and hasattr(fused, "_optimizer"):
+        sk = (skn.MLPClassifier if name == "MLPClassifier" else skn.MLPRegressor)(**params)
+        if dtype == np.float64:                # and scikit-learn's own model
+            _assert_same_model(sk.fit(X, y), est_cls(**params).fit(X, y))
+
+
+@pytest.mark.skipif("native" not in BACKENDS, reason="the fused step is the native backend's")
+def test_fused_step_checks_its_decay_mask():
+    """The native step's per-parameter weight-decay mask: the L2 term reaches the
+    weights only, and a malformed mask is refused before anything changes."""
+    import fastprop.sklearn as fsk
+    X, _, y, _ = DATA["iris"]
+    with fastprop.use_backend("native"):
+        est = MLPClassifier(hidden_layer_sizes=(5,), max_iter=1, alpha=50.0,
+                            random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            est.fit(X, y)
+        net = est._network(X.shape[1], [5], np.float64, False)
+        step = fsk._FusedStep.make(fastprop.backends.current(), net, est._optimizer, False)
+        assert step is not None
+        before = net.params.copy()
+        step.opt.decay_mask = np.ones(3, np.uint8)          # 4 parameters
+        with pytest.raises(ValueError, match="decay_mask"):
+            step(fastprop.backends.current(), np.ascontiguousarray(X[:8]),
+                 np.zeros(8, np.int64), 50.0)
+        np.testing.assert_array_equal(net.params, before)
+        # decay on every parameter (intercepts too) gives other intercepts than the
+        # weights-only mask, with the same weights' gradient step otherwise
+        xb, tb = np.ascontiguousarray(X[:8]), np.ascontiguousarray(y[:8], dtype=np.int64)
+        results = []
+        for mask in (np.array([1, 1, 0, 0], np.uint8), np.ones(4, np.uint8)):
+            net.params[...] = before
+            opt = fsk._AdamOptimizer(net, 0.01, 0.9, 0.999, 1e-8)
+            s = fsk._FusedStep.make(fastprop.backends.current(), net, opt, False)
+            s.opt.decay_mask = mask
+            s(fastprop.backends.current(), xb, tb, 50.0)
+            results.append(net.params.copy())
+        n_coef = net.n_coef
+        np.testing.assert_array_equal(results[0][:n_coef], results[1][:n_coef])
+        assert not np.allclose(results[0][n_coef:], results[1][n_coef:])
+
+
 @no_convergence_warning
 def test_adaptive_learning_rate_decreases_like_sklearn():
     X_train, _, y_train, _ = DATA["iris"]

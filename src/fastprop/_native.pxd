@@ -221,6 +221,7 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         int64_t step
         double lr, beta1, beta2, eps, weight_decay, momentum, alpha
         cbool nesterov, decoupled
+        const unsigned char* decay
 
     cdef cppclass TrainStepPlan[T]:
         int64_t n

@@ -241,6 +241,19 @@ cdef class NativeTrainStep:
         self.output = ws[self.nlayers - 1][0]
         return 0
 
+    cdef const unsigned char* _decay_mask(self, opt) except? NULL:
+        """The optimizer's optional ``decay_mask``: a uint8 array with one entry per
+        parameter, 0 where weight_decay does not apply (None: it applies to all)."""
+        mask = getattr(opt, "decay_mask", None)
+        if mask is None:
+            return NULL
+        if (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8
+                or mask.shape != (self.count,) or not mask.flags.c_contiguous):
+            raise ValueError(f"decay_mask must be a C-contiguous uint8 array of shape "
+                             f"({self.count},), got {getattr(mask, 'shape', None)} / "
+                             f"{getattr(mask, 'dtype', None)}")
+        return <const unsigned char*>_data_ptr(mask)
+
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     def __call__(self, x, y, bint check_finite=False):
         """Forward, loss, backward and update on batch (x, y); returns the loss."""
@@ -273,6 +286,7 @@ cdef class NativeTrainStep:
         h = opt.hyper
         step = opt.step_count + 1
         betas = h.get("betas", (0.9, 0.999))
+        cdef const unsigned char* decay = self._decay_mask(opt)
         if self.kind == 4:
             self.p32.n = n
             self.p32.x = <const float*>self._ptr(x, "x", False)
@@ -282,6 +296,7 @@ cdef class NativeTrainStep:
             self.p32.from_logits = getattr(self.loss, "from_logits", False)
             self.p32.check_finite = check_finite
             _fill_opt32(&self.p32.opt, h, step, betas, getattr(opt, "decoupled", False))
+            self.p32.opt.decay = decay
             with nogil:
                 loss = fp_train_step(self.p32, &status)
         else:
@@ -293,6 +308,7 @@ cdef class NativeTrainStep:
             self.p64.from_logits = getattr(self.loss, "from_logits", False)
             self.p64.check_finite = check_finite
             _fill_opt64(&self.p64.opt, h, step, betas, getattr(opt, "decoupled", False))
+            self.p64.opt.decay = decay
             with nogil:
                 loss = fp_train_step(self.p64, &status)
         if status == 3:

@@ -20,7 +20,11 @@ What differs is where the time goes.  Every training step runs on the current
 fastprop backend (``fastprop.backends.current()``): ``linear_forward`` per layer,
 one fused loss-and-gradient kernel (``softmax_xent``, ``bce`` from logits or
 ``mse``), ``linear_backward`` per layer and one ``adam_update`` / ``sgd_update`` for
-all weights plus one for all intercepts.  Parameters, gradients and optimizer state
+all weights plus one for all intercepts.  On the native backend the whole step is
+one call of the compiled training step (``_FusedStep``: the same kernels in the same
+order, each weight gradient's GEMM followed by its update while it is in cache)
+whenever that computes exactly scikit-learn's step: dense input, no sample weights,
+a softmax output or a single logistic / identity output.  Parameters, gradients and optimizer state
 live in flat vectors (``coefs_`` and ``intercepts_`` are views into them), and every
 activation / gradient buffer is allocated once per ``fit``, so a step allocates
 nothing but the batch's index view.  Sparse input runs the first layer with scipy's
@@ -361,12 +365,17 @@ class _AdamOptimizer(_Optimizer):
         self.ms = [np.zeros(net.n_coef, net.dtype), np.zeros(net.params.size - net.n_coef, net.dtype)]
         self.vs = [np.zeros_like(m) for m in self.ms]
 
-    def update(self, be, net, weight_decay):
+    def hyper(self, weight_decay):
+        """Advance to the next update: ``(t, kernel hyperparameters)``."""
         self.t += 1
         t, b1, b2 = self.t, self.beta_1, self.beta_2
         self.learning_rate = self.learning_rate_init * math.sqrt(1 - b2 ** t) / (1 - b1 ** t)
-        eps = self.epsilon / math.sqrt(1 - b2 ** t)
-        lr = self.learning_rate_init
+        return t, {"lr": self.learning_rate_init, "betas": (b1, b2),
+                   "eps": self.epsilon / math.sqrt(1 - b2 ** t), "weight_decay": weight_decay}
+
+    def update(self, be, net, weight_decay):
+        t, h = self.hyper(weight_decay)
+        (b1, b2), lr, eps = h["betas"], h["lr"], h["eps"]
         be.adam_update(net.weights, net.weight_grads, self.ms[:1], self.vs[:1], t, lr, b1, b2,
                        eps, weight_decay, False)
         be.adam_update(net.biases, net.bias_grads, self.ms[1:], self.vs[1:], t, lr, b1, b2,
@@ -400,6 +409,12 @@ class _SGDOptimizer(_Optimizer):
             self.bufs = [np.zeros(net.n_coef, net.dtype),
                          np.zeros(net.params.size - net.n_coef, net.dtype)]
 
+    def hyper(self, weight_decay):
+        """``(step, kernel hyperparameters)`` of the next update; the step is never the
+        first (that would set the buffer to the gradient; it starts at zero instead)."""
+        return 2, {"lr": self.learning_rate, "momentum": self.momentum,
+                   "nesterov": self.nesterov, "weight_decay": weight_decay}
+
     def update(self, be, net, weight_decay):
         bufs, lr, mom, nest = self.bufs, self.learning_rate, self.momentum, self.nesterov
         be.sgd_update(net.weights, net.weight_grads, bufs and bufs[:1], lr, mom, nest,
@@ -430,6 +445,103 @@ class _SGDOptimizer(_Optimizer):
         if verbose:
             print(msg + " Setting learning rate to %f" % self.learning_rate)
         return False
+
+
+# --------------------------------------------------------------------------- fused step
+class _StepParam:
+    """A parameter as the native training step reads it: ``value`` and ``grad``."""
+
+    __slots__ = ("value", "grad")
+
+    def __init__(self, value, grad):
+        self.value, self.grad = value, grad
+
+
+class _StepLoss:
+    """The loss options the native step reads: scikit-learn's squared error is the half
+    mean, its logistic loss takes the output pre-activations (logits)."""
+
+    half = True
+    from_logits = True
+
+
+class _StepOptimizer:
+    """What the native step reads of an optimizer: parameters, per-parameter state
+    arrays, hyperparameters, the step counter, and which parameters weight decay
+    (scikit-learn's L2 term) applies to: the weights, never the intercepts."""
+
+    decoupled = False
+
+    def __init__(self, params, state, state_names, decay_mask):
+        self.params, self.state, self.state_names = params, state, state_names
+        self.decay_mask = decay_mask
+        self.hyper = {}
+        self.step_count = 0
+
+
+def _per_layer(net, pair):
+    """Per-parameter views (weights, then intercepts, shaped like them) of a
+    [weight vector, intercept vector] pair laid out as ``net.params``."""
+    views, start = [], 0
+    for c in net.coefs:
+        views.append(pair[0][start:start + c.size].reshape(c.shape))
+        start += c.size
+    start = 0
+    for b in net.intercepts:
+        views.append(pair[1][start:start + b.size])
+        start += b.size
+    return views
+
+
+class _FusedStep:
+    """One training step of the network (forward, scikit-learn's loss, backward, L2
+    and the optimizer update) in one native call: the compiled training step of
+    csrc/train_step.cpp, which also overlaps each weight gradient's GEMM with its
+    update.  It runs the same kernels in the same order as the layer-by-layer path
+    (``_Network.loss_and_grads`` + ``update``), so both give the same model to the
+    last bit or an ulp.  Used on the native backend when the step computes exactly
+    what scikit-learn does: dense input, no sample weights, and a softmax output or
+    a single logistic / identity output (with k > 1 of those, scikit-learn's delta
+    is k times the mean loss's gradient)."""
+
+    @classmethod
+    def make(cls, be, net, optimizer, weighted):
+        kinds = {"softmax": 0, "identity": 1, "logistic": 2}
+        kind = kinds.get(net.out_activation)
+        if (be.name != "native" or net.sparse or weighted or kind is None
+                or (kind != 0 and net.units[-1] != 1)):
+            return None
+        from . import _native
+        return cls(_native.NativeTrainStep, net, optimizer, kind)
+
+    def __init__(self, make_kernel, net, optimizer, loss_kind):
+        from .train import DenseStage
+        n = net.n_layers
+        grads = list(net.coef_grads) + list(net.intercept_grads)
+        params = [_StepParam(v, g) for v, g in zip(list(net.coefs) + list(net.intercepts), grads)]
+        stages = [DenseStage(params[i], params[n + i], act, 0.0) for i, act in enumerate(net.acts)]
+        if isinstance(optimizer, _AdamOptimizer):
+            names, opt_kind = ("exp_avg", "exp_avg_sq"), 1
+            pairs = (optimizer.ms, optimizer.vs)
+        else:
+            names, opt_kind = (("momentum_buffer",) if optimizer.bufs is not None else ()), 0
+            pairs = (optimizer.bufs,) if optimizer.bufs is not None else ()
+        views = [_per_layer(net, pair) for pair in pairs]
+        state = [{k: v[i] for k, v in zip(names, views)} for i in range(2 * n)]
+        mask = np.array([1] * n + [0] * n, np.uint8)
+        self.net, self.optimizer = net, optimizer
+        self.opt = _StepOptimizer(params, state, names, mask)
+        self.labels = loss_kind == 0
+        self.kernel = make_kernel(stages, _StepLoss(), self.opt, loss_kind, opt_kind)
+
+    def __call__(self, be, x, t, alpha):
+        """The batch's loss, scikit-learn's L2 term included; updates the network."""
+        m = x.shape[0]
+        l2 = 0.5 * alpha * be.sum_squares(self.net.weights) / m if alpha else 0.0
+        step, hyper = self.optimizer.hyper(alpha / m)
+        self.opt.hyper = hyper
+        self.opt.step_count = step - 1
+        return self.kernel(x, (t, None) if self.labels else t) + l2
 
 
 # --------------------------------------------------------------------------- estimators
@@ -620,6 +732,7 @@ class _BaseMLP(BaseEstimator):
                                       self.shuffle)
 
         alpha, do_shuffle, sparse = self.alpha, self.shuffle, net.sparse
+        fused = _FusedStep.make(be, net, optimizer, weighted)
         try:
             self.n_iter_ = 0
             for _ in range(self.max_iter):
@@ -643,9 +756,12 @@ class _BaseMLP(BaseEstimator):
                         xb, tb = X_train[sl], T[sl]
                         if weighted:
                             swb = sw_train[sl]
-                    loss, sw_sum = net.loss_and_grads(be, xb, tb, swb, ws, alpha)
+                    if fused is not None:
+                        loss = fused(be, xb, tb, alpha)
+                    else:
+                        loss, sw_sum = net.loss_and_grads(be, xb, tb, swb, ws, alpha)
+                        optimizer.update(be, net, alpha / sw_sum)
                     accumulated_loss += loss * m
-                    optimizer.update(be, net, alpha / sw_sum)
 
                 self.n_iter_ += 1
                 self.loss_ = accumulated_loss / X_train.shape[0]

@@ -30,6 +30,8 @@ struct OptimizerPlan {
     const index_t* sizes;
     std::int64_t step;            // the step being taken, from 1
     double lr, beta1, beta2, eps, weight_decay;
+    const unsigned char* decay;   // per tensor: 0 exempts it from weight_decay (null: none
+                                  // exempt), e.g. scikit-learn's L2 on weights, not biases
     double momentum, alpha;
     bool nesterov, decoupled;
 };
