@@ -119,8 +119,10 @@ def integer(value, name: str, *, low=None) -> int:
     return v
 
 
-def class_labels(labels, n: int, classes: int, name: str = "labels") -> np.ndarray:
-    """Validate integer class ids of shape (n,) in [0, classes); return int64 array."""
+def class_labels(labels, n: int, classes: int, name: str = "labels",
+                 check_range: bool = True) -> np.ndarray:
+    """Validate integer class ids of shape (n,) in [0, classes); return int64 array.
+    ``check_range=False`` leaves the range to a kernel that checks it itself."""
     arr = as_array(labels, name)
     if arr.shape != (n,):
         raise ValueError(f"{name} must have shape ({n},) to match the batch, got {arr.shape}")
@@ -130,7 +132,7 @@ def class_labels(labels, n: int, classes: int, name: str = "labels") -> np.ndarr
     elif arr.dtype.kind == "b":
         raise TypeError(f"{name} must be integer class ids, got dtype bool")
     out = np.ascontiguousarray(arr, dtype=np.int64)
-    if n and (out.min() < 0 or out.max() >= classes):
+    if check_range and n and (out.min() < 0 or out.max() >= classes):
         raise ValueError(
             f"{name} must lie in [0, {classes}) for {classes} classes, "
             f"got values in [{out.min()}, {out.max()}]")

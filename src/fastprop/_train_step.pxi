@@ -36,6 +36,8 @@ cdef class NativeTrainStep:
     cdef int64_t* sizes
     cdef int nlayers, count, kind
     cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype, colsums
+    cdef object decay_mask
+    cdef bint loss_half, loss_from_logits, decoupled
     cdef int64_t bound_n
     cdef public object output
 
@@ -102,6 +104,11 @@ cdef class NativeTrainStep:
         self.p32.opt.grads = <const float**>(self.ptrs + self.count)
         self.p64.opt.grads = <const double**>(self.ptrs + self.count)
         self.p32.opt.sizes = self.p64.opt.sizes = self.sizes
+
+    @property
+    def checks_labels(self):
+        """Class ids outside [0, classes) are refused before anything runs."""
+        return True
 
     def sync(self):
         """Nothing to copy: the native step works on the host arrays in place."""
@@ -208,6 +215,22 @@ cdef class NativeTrainStep:
         self.p64.opt.state1 = <double**>(self.ptrs + 2 * self.count) if has1 else NULL
         self.p32.opt.state2 = <float**>(self.ptrs + 3 * self.count) if has2 else NULL
         self.p64.opt.state2 = <double**>(self.ptrs + 3 * self.count) if has2 else NULL
+        # the optional per-parameter weight-decay mask (uint8, 0: no decay; absent or
+        # None: decay on every parameter), read when the arrays are bound (not looked
+        # up on every call: a missed attribute costs ~1 us through __getattr__)
+        mask = getattr(opt, "decay_mask", None)
+        if mask is not None and (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8
+                                 or mask.shape != (self.count,) or not mask.flags.c_contiguous):
+            raise ValueError(f"decay_mask must be a C-contiguous uint8 array of shape "
+                             f"({self.count},), got {getattr(mask, 'shape', None)} / "
+                             f"{getattr(mask, 'dtype', None)}")
+        self.p32.opt.decay = self.p64.opt.decay = (
+            <const unsigned char*>_data_ptr(mask) if mask is not None else NULL)
+        self.decay_mask = mask
+        # options read once per binding, like the mask (missing attributes are slow)
+        self.loss_half = getattr(self.loss, "half", False)
+        self.loss_from_logits = getattr(self.loss, "from_logits", False)
+        self.decoupled = getattr(opt, "decoupled", False)
         self.bound = arrays
         self.bound_n = -1
         return 0
@@ -241,19 +264,6 @@ cdef class NativeTrainStep:
         self.output = ws[self.nlayers - 1][0]
         return 0
 
-    cdef const unsigned char* _decay_mask(self, opt) except? NULL:
-        """The optimizer's optional ``decay_mask``: a uint8 array with one entry per
-        parameter, 0 where weight_decay does not apply (None: it applies to all)."""
-        mask = getattr(opt, "decay_mask", None)
-        if mask is None:
-            return NULL
-        if (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8
-                or mask.shape != (self.count,) or not mask.flags.c_contiguous):
-            raise ValueError(f"decay_mask must be a C-contiguous uint8 array of shape "
-                             f"({self.count},), got {getattr(mask, 'shape', None)} / "
-                             f"{getattr(mask, 'dtype', None)}")
-        return <const unsigned char*>_data_ptr(mask)
-
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     def __call__(self, x, y, bint check_finite=False):
         """Forward, loss, backward and update on batch (x, y); returns the loss."""
@@ -286,17 +296,15 @@ cdef class NativeTrainStep:
         h = opt.hyper
         step = opt.step_count + 1
         betas = h.get("betas", (0.9, 0.999))
-        cdef const unsigned char* decay = self._decay_mask(opt)
         if self.kind == 4:
             self.p32.n = n
             self.p32.x = <const float*>self._ptr(x, "x", False)
             self.p32.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p32.targets = <const float*>self._ptr(targets, "targets", False) if targets is not None else NULL
-            self.p32.half = getattr(self.loss, "half", False)
-            self.p32.from_logits = getattr(self.loss, "from_logits", False)
+            self.p32.half = self.loss_half
+            self.p32.from_logits = self.loss_from_logits
             self.p32.check_finite = check_finite
-            _fill_opt32(&self.p32.opt, h, step, betas, getattr(opt, "decoupled", False))
-            self.p32.opt.decay = decay
+            _fill_opt32(&self.p32.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p32, &status)
         else:
@@ -304,15 +312,15 @@ cdef class NativeTrainStep:
             self.p64.x = <const double*>self._ptr(x, "x", False)
             self.p64.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p64.targets = <const double*>self._ptr(targets, "targets", False) if targets is not None else NULL
-            self.p64.half = getattr(self.loss, "half", False)
-            self.p64.from_logits = getattr(self.loss, "from_logits", False)
+            self.p64.half = self.loss_half
+            self.p64.from_logits = self.loss_from_logits
             self.p64.check_finite = check_finite
-            _fill_opt64(&self.p64.opt, h, step, betas, getattr(opt, "decoupled", False))
-            self.p64.opt.decay = decay
+            _fill_opt64(&self.p64.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p64, &status)
-        if status == 3:
-            raise ValueError(f"labels must lie in [0, {n_out})")
+        if status == 3:  # (the message of _checks.class_labels)
+            raise ValueError(f"labels must lie in [0, {n_out}) for {n_out} classes, got "
+                             f"values in [{labels.min()}, {labels.max()}]")
         if status == 1:
             from fastprop.backends import NonFiniteError
             raise NonFiniteError(f"non-finite loss {loss}")

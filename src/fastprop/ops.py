@@ -259,12 +259,13 @@ def softmax_cross_entropy(logits, labels):
     return loss, grad
 
 
-def softmax_targets(labels, shape, dtype):
-    """Split labels into (int64 class ids, None) or (None, float targets)."""
+def softmax_targets(labels, shape, dtype, check_range=True):
+    """Split labels into (int64 class ids, None) or (None, float targets)
+    (``check_range=False``: for a kernel that checks the class ids' range itself)."""
     n, classes = shape
     arr = as_array(labels, "labels")
     if arr.ndim == 1:
-        return class_labels(arr, n, classes), None
+        return class_labels(arr, n, classes, check_range=check_range), None
     if arr.ndim == 2:
         if arr.shape != (n, classes):
             raise ValueError(

@@ -24,6 +24,7 @@ from . import losses as _losses
 from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import NonFiniteError
+from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
                  inference_mode)
 
@@ -134,6 +135,9 @@ class TrainStep:
                         and len({p.dtype for p in owned}) == 1:
                     self._fast = make(stages, self.loss, self.optimizer)
                     self._shape = (stages[0].weight.shape[0], stages[-1].weight.shape[1])
+                    # class ids whose range the kernel checks before it runs
+                    self._kernel_labels = (type(self.loss) is _losses.SoftmaxCrossEntropy
+                                           and getattr(self._fast, "checks_labels", False))
         return self._fast
 
     def sync(self):
@@ -154,7 +158,10 @@ class TrainStep:
             x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
-            y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
+            if self._kernel_labels:
+                y = softmax_targets(y, (x.shape[0], self._shape[1]), dtype, check_range=False)
+            else:
+                y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
             value = fast(x, y, self.check_finite)
             self.output = fast.output
             return value
