@@ -22,10 +22,13 @@
 //                 it (32x784x256 with 2 threads: 95 -> 80 us; the MLP step at batch 32
 //                 337 -> 320 us).
 //   kFlopGrain    flops per thread before a second thread is used: 2 threads from
-//                 1 MFLOP.  On a quiet machine 2 threads pay from ~1 MFLOP (float32
-//                 32x128x128: 126 vs 83 GFLOP/s; 64^3, 0.5 MFLOP, gains nothing); the
-//                 MLP training step at batch 32/128/512 went from 433/1082/3828 us
-//                 to 343/857/3118 us with 1 instead of 4 MFLOP.  The cost: on an
+//                 256 kFLOP.  On a quiet machine 2 threads pay from there (float32, 2
+//                 threads vs 1, us: 64^3 4.4 vs 5.7, 100x100x30 5.5 vs 7.6, the
+//                 n = 10 output layer 200x128x10 6.6 vs 8.8, its NT backward
+//                 200x10x128 7.5 vs 7.9; 32x128x32 at the limit: equal), so the
+//                 scikit-learn digits step (batch 200, 64-256-128-10) went from 365
+//                 to 352 us.  Earlier, 4 -> 1 MFLOP took the MLP training step at
+//                 batch 32/128/512 from 433/1082/3828 to 343/857/3118 us.  The cost: on an
 //                 oversubscribed machine a worker that is not running when a region
 //                 starts costs a scheduler timeslice (4-20 ms, measured on the shared
 //                 dev box), which a higher threshold makes rarer; fp.set_num_threads(1)
@@ -81,7 +84,7 @@ struct GemmBlocks<double> {
 constexpr index_t kSmallWork = index_t(96) * 96 * 96;
 constexpr index_t kUnpackedRowsA = 128;
 constexpr index_t kUnpackedRowsB = 48;
-constexpr index_t kFlopGrain = index_t(1) << 19;
+constexpr index_t kFlopGrain = index_t(1) << 17;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
