@@ -231,6 +231,19 @@ def test_same_trajectory_as_sklearn(case, backend):
                                rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("n", [1, 2, 7, 200, 1347])
+def test_shuffle_is_sklearns(n):
+    """The fit's epoch shuffle draws the permutation scikit-learn's shuffle draws."""
+    from sklearn.utils import check_random_state, shuffle
+
+    import fastprop.sklearn as fsk
+    a = np.arange(n) * 3 + 1
+    for seed in (0, 1, 12345):
+        ours, theirs = check_random_state(seed), check_random_state(seed)
+        for _ in range(3):                      # and leaves the generator alike
+            np.testing.assert_array_equal(fsk._shuffled(a, ours), shuffle(a, random_state=theirs))
+
+
 # --------------------------------------------------------------------------- fused step
 FUSED_CASES = {
     # name: (estimator, params, data, the fused step applies)

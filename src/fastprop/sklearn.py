@@ -74,7 +74,7 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier as _SkMLPClassifier
 from sklearn.neural_network import MLPRegressor as _SkMLPRegressor
 from sklearn.preprocessing import LabelBinarizer
-from sklearn.utils import check_random_state, column_or_1d, gen_batches, shuffle
+from sklearn.utils import check_random_state, column_or_1d, gen_batches
 from sklearn.utils.metaestimators import available_if
 from sklearn.utils.multiclass import _check_partial_fit_first_call, type_of_target, unique_labels
 from sklearn.utils.optimize import _check_optimize_result
@@ -124,6 +124,16 @@ def _coef_dtype(coefs):
     them to anything but float32/float64)."""
     dtype = np.asarray(coefs[0]).dtype
     return dtype if dtype in (np.float32, np.float64) else np.dtype(np.float64)
+
+
+def _shuffled(a, random_state):
+    """``sklearn.utils.shuffle(a, random_state=random_state)`` for a 1-d array: the
+    same permutation from the same draws (``resample`` without replacement shuffles
+    ``arange(n)`` in place and indexes with it) without its input validation, ~100 ->
+    18 us per epoch for 1,347 rows (5% of a digits fit's time otherwise)."""
+    order = np.arange(a.shape[0])
+    random_state.shuffle(order)
+    return a[order]
 
 
 # --------------------------------------------------------------------------- network
@@ -737,7 +747,7 @@ class _BaseMLP(BaseEstimator):
             self.n_iter_ = 0
             for _ in range(self.max_iter):
                 if do_shuffle:
-                    sample_idx = shuffle(sample_idx, random_state=self._random_state)
+                    sample_idx = _shuffled(sample_idx, self._random_state)
                 accumulated_loss = 0.0
                 for sl in batches:
                     m = sl.stop - sl.start
