@@ -103,7 +103,10 @@ Whole training steps (optional; a backend without it gets the Python path)::
         optimizer: a fastprop.optim.Optimizer over exactly the stages' parameters.
         Returns None when the backend cannot run this combination.  The returned
         object is callable as ``step(x, y, check_finite) -> float``: x (n, in) and y
-        already validated and converted (y as the loss's prepare_target returns it);
+        already validated and converted (y as the loss's prepare_target returns it;
+        a step whose ``checks_labels`` attribute is true gets softmax class ids
+        unchecked for range and refuses ids outside [0, classes) itself with
+        ValueError before anything runs);
         it zeroes the gradients, runs forward, loss, backward and the optimizer update
         (incrementing ``optimizer.step_count``), and returns the batch loss.  With
         check_finite, a non-finite loss or gradient raises NonFiniteError *before* the
