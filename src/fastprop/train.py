@@ -109,6 +109,7 @@ class TrainStep:
         self.check_finite = False
         self._fast = None
         self._fast_key = None
+        self._kernel_labels = False
 
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
