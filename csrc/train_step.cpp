@@ -255,6 +255,10 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
     // loss: dloss/da_L into the last layer's g, then dloss/dz_L and db_L
     const DenseLayerPlan<T>& last = p.layer[L - 1];
     const double loss = loss_and_grad(p, last);
+    if (p.grad_scale != 0.0 && p.grad_scale != 1.0) {
+        const T scale = T(p.grad_scale);
+        for (index_t i = 0; i < p.n * last.out; ++i) last.g[i] *= scale;
+    }
     if (p.check_finite && !finite(loss)) {
         *status = 1;
         return loss;

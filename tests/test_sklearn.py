@@ -263,10 +263,13 @@ FUSED_CASES = {
                                                    alpha=0.3), "diabetes", True),
     "no_hidden_layer": ("MLPClassifier", dict(solver="adam", activation="identity",
                                               hidden_layer_sizes=()), "iris", True),
-    # scikit-learn's delta for k > 1 logistic / identity outputs is k times the mean
-    # loss's gradient, and sample weights / sparse input / Poisson have no fused form
-    "multi_output_regression": ("MLPRegressor", dict(solver="adam"), "multi_output", False),
-    "multilabel": ("MLPClassifier", dict(solver="adam"), "multilabel", False),
+    # k > 1 logistic / identity outputs: scikit-learn's delta is k times the gradient
+    # of the mean loss (the kernel's grad_scale), its logistic loss sums over outputs
+    "multi_output_regression": ("MLPRegressor", dict(solver="adam", alpha=0.2),
+                                "multi_output", True),
+    "multilabel": ("MLPClassifier", dict(solver="sgd", learning_rate_init=0.2),
+                   "multilabel", True),
+    # sample weights / sparse input / Poisson have no fused form
     "sample_weight": ("MLPClassifier", dict(solver="adam"), "weighted", False),
     "sparse": ("MLPClassifier", dict(solver="adam"), "sparse", False),
     "poisson": ("MLPRegressor", dict(solver="adam", loss="poisson"), "poisson", False),

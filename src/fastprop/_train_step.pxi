@@ -230,6 +230,7 @@ cdef class NativeTrainStep:
         # options read once per binding, like the mask (missing attributes are slow)
         self.loss_half = getattr(self.loss, "half", False)
         self.loss_from_logits = getattr(self.loss, "from_logits", False)
+        self.p32.grad_scale = self.p64.grad_scale = getattr(self.loss, "grad_scale", 1.0)
         self.decoupled = getattr(opt, "decoupled", False)
         self.bound = arrays
         self.bound_n = -1

@@ -23,8 +23,8 @@ one fused loss-and-gradient kernel (``softmax_xent``, ``bce`` from logits or
 all weights plus one for all intercepts.  On the native backend the whole step is
 one call of the compiled training step (``_FusedStep``: the same kernels in the same
 order, each weight gradient's GEMM followed by its update while it is in cache)
-whenever that computes exactly scikit-learn's step: dense input, no sample weights,
-a softmax output or a single logistic / identity output.  Parameters, gradients and optimizer state
+whenever that computes exactly scikit-learn's step: dense input and no sample
+weights.  Parameters, gradients and optimizer state
 live in flat vectors (``coefs_`` and ``intercepts_`` are views into them), and every
 activation / gradient buffer is allocated once per ``fit``, so a step allocates
 nothing but the batch's index view.  Sparse input runs the first layer with scipy's
@@ -469,10 +469,15 @@ class _StepParam:
 
 class _StepLoss:
     """The loss options the native step reads: scikit-learn's squared error is the half
-    mean, its logistic loss takes the output pre-activations (logits)."""
+    mean, its logistic loss takes the output pre-activations (logits), and its output
+    delta is ``(p - y) / n_samples`` whatever the number of outputs k: k times the
+    gradient of the kernels' mean over all n k elements (``grad_scale``)."""
 
     half = True
     from_logits = True
+
+    def __init__(self, grad_scale):
+        self.grad_scale = float(grad_scale)
 
 
 class _StepOptimizer:
@@ -510,16 +515,16 @@ class _FusedStep:
     update.  It runs the same kernels in the same order as the layer-by-layer path
     (``_Network.loss_and_grads`` + ``update``), so both give the same model to the
     last bit or an ulp.  Used on the native backend when the step computes exactly
-    what scikit-learn does: dense input, no sample weights, and a softmax output or
-    a single logistic / identity output (with k > 1 of those, scikit-learn's delta
-    is k times the mean loss's gradient)."""
+    what scikit-learn does: dense input, no sample weights, and a softmax, logistic
+    or identity output (scikit-learn's logistic loss sums over the k outputs, and its
+    delta for k logistic / identity outputs is k times the gradient of the kernels'
+    mean over all elements: the kernel scales it, the logistic loss is scaled here)."""
 
     @classmethod
     def make(cls, be, net, optimizer, weighted):
         kinds = {"softmax": 0, "identity": 1, "logistic": 2}
         kind = kinds.get(net.out_activation)
-        if (be.name != "native" or net.sparse or weighted or kind is None
-                or (kind != 0 and net.units[-1] != 1)):
+        if be.name != "native" or net.sparse or weighted or kind is None:
             return None
         from . import _native
         return cls(_native.NativeTrainStep, net, optimizer, kind)
@@ -542,7 +547,10 @@ class _FusedStep:
         self.net, self.optimizer = net, optimizer
         self.opt = _StepOptimizer(params, state, names, mask)
         self.labels = loss_kind == 0
-        self.kernel = make_kernel(stages, _StepLoss(), self.opt, loss_kind, opt_kind)
+        k = net.units[-1]
+        self.loss_factor = float(k) if loss_kind == 2 else 1.0
+        self.kernel = make_kernel(stages, _StepLoss(1.0 if self.labels else k), self.opt,
+                                  loss_kind, opt_kind)
 
     def __call__(self, be, x, t, alpha):
         """The batch's loss, scikit-learn's L2 term included; updates the network."""
@@ -551,7 +559,7 @@ class _FusedStep:
         step, hyper = self.optimizer.hyper(alpha / m)
         self.opt.hyper = hyper
         self.opt.step_count = step - 1
-        return self.kernel(x, (t, None) if self.labels else t) + l2
+        return self.kernel(x, (t, None) if self.labels else t) * self.loss_factor + l2
 
 
 # --------------------------------------------------------------------------- estimators

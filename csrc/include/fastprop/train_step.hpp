@@ -50,6 +50,8 @@ struct TrainStepPlan {
     int loss;
     bool half;                    // MSE: 1/2 factor
     bool from_logits;             // BCE
+    double grad_scale;            // dloss/da_L times this (0 or 1: as is), e.g. the
+                                  // output count for scikit-learn's multi-output deltas
     const std::int64_t* labels;   // softmax xent: (n,) class ids, or
     const T* targets;             // (n, out) target rows (all losses)
     OptimizerPlan<T> opt;
