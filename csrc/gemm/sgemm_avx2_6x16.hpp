@@ -65,6 +65,11 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
     }
     const __m256 va = _mm256_set1_ps(alpha), vb = _mm256_set1_ps(beta);
     const bool scale = alpha != 1.0f, read_c = beta != 0.0f;
+    // Three written-out store loops (full, EVEX-masked, VEX-masked) on purpose: one
+    // loop taking the load/store as lambdas that captured acc by reference (724d4e0)
+    // made GCC keep the accumulators in memory, and every FMA above went through the
+    // stack (512^3 on 2 threads: 205 -> 86 GFLOP/s, results still exact).  Check the
+    // GFLOP/s (benchmarks/bench_gemm.py) after any change to this function.
     if (nr == NV * 8) {
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
