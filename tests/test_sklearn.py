@@ -308,9 +308,8 @@ def test_fused_step_gives_the_layer_paths_model(case, dtype, monkeypatch):
     name, params, data, applies = FUSED_CASES[case]
     X, y, kw = _fused_case_data(data)
     X = X.astype(dtype)
-    params = dict(hidden_layer_sizes=(20,), max_iter=5, random_state=3, batch_size=50,
-                  **params) if "hidden_layer_sizes" not in params else dict(
-        max_iter=5, random_state=3, batch_size=50, **params)
+    params = {"hidden_layer_sizes": (20,), "max_iter": 5, "random_state": 3,
+              "batch_size": 50, **params}
     calls = []
     real_call = fsk._FusedStep.__call__
 
@@ -333,10 +332,9 @@ def test_fused_step_gives_the_layer_paths_model(case, dtype, monkeypatch):
         assert b.dtype == dtype
         np.testing.assert_allclose(b, a, rtol=rtol, atol=atol)
     np.testing.assert_allclose(fused.loss_curve_, layered.loss_curve_, rtol=rtol * 10)
-    if data in ("digits", "iris", "breast_cancer") and hasattr(fused, "_optimizer"):
+    if data in ("digits", "iris", "breast_cancer") and dtype == np.float64:
         sk = (skn.MLPClassifier if name == "MLPClassifier" else skn.MLPRegressor)(**params)
-        if dtype == np.float64:                # and scikit-learn's own model
-            _assert_same_model(sk.fit(X, y), est_cls(**params).fit(X, y))
+        _assert_same_model(sk.fit(X, y), est_cls(**params).fit(X, y))  # and sklearn's
 
 
 @pytest.mark.skipif("native" not in BACKENDS, reason="the fused step is the native backend's")

@@ -179,21 +179,26 @@ class _Network:
         total = self.n_coef + sum(units[1:])
         self.params = np.zeros(total, self.dtype)
         self.grads = np.zeros(total, self.dtype)
-        self.coefs, self.coef_grads = [], []
-        start = 0
-        for shape in shapes:
-            end = start + shape[0] * shape[1]
-            self.coefs.append(self.params[start:end].reshape(shape))
-            self.coef_grads.append(self.grads[start:end].reshape(shape))
-            start = end
-        self.intercepts, self.intercept_grads = [], []
-        for u in units[1:]:
-            self.intercepts.append(self.params[start:start + u])
-            self.intercept_grads.append(self.grads[start:start + u])
-            start += u
         self.weights, self.weight_grads = [self.params[:self.n_coef]], [self.grads[:self.n_coef]]
         self.biases, self.bias_grads = [self.params[self.n_coef:]], [self.grads[self.n_coef:]]
+        self.coefs, self.intercepts = self.layer_views(self.weights + self.biases)
+        self.coef_grads, self.intercept_grads = self.layer_views(
+            self.weight_grads + self.bias_grads)
         self._workspaces = {}
+
+    def layer_views(self, pair):
+        """Per-layer views ``(weight matrices, intercept vectors)`` of a [weight vector,
+        intercept vector] pair laid out like ``weights`` / ``biases`` (the parameters,
+        their gradients, or an optimizer's state)."""
+        coefs, intercepts, start = [], [], 0
+        for fan_in, fan_out in zip(self.units[:-1], self.units[1:]):
+            coefs.append(pair[0][start:start + fan_in * fan_out].reshape(fan_in, fan_out))
+            start += fan_in * fan_out
+        start = 0
+        for fan_out in self.units[1:]:
+            intercepts.append(pair[1][start:start + fan_out])
+            start += fan_out
+        return coefs, intercepts
 
     def load(self, coefs, intercepts):
         """Copy ``coefs`` / ``intercepts`` (lists of arrays) into the flat vector."""
@@ -494,20 +499,6 @@ class _StepOptimizer:
         self.step_count = 0
 
 
-def _per_layer(net, pair):
-    """Per-parameter views (weights, then intercepts, shaped like them) of a
-    [weight vector, intercept vector] pair laid out as ``net.params``."""
-    views, start = [], 0
-    for c in net.coefs:
-        views.append(pair[0][start:start + c.size].reshape(c.shape))
-        start += c.size
-    start = 0
-    for b in net.intercepts:
-        views.append(pair[1][start:start + b.size])
-        start += b.size
-    return views
-
-
 class _FusedStep:
     """One training step of the network (forward, scikit-learn's loss, backward, L2
     and the optimizer update) in one native call: the compiled training step of
@@ -541,7 +532,7 @@ class _FusedStep:
         else:
             names, opt_kind = (("momentum_buffer",) if optimizer.bufs is not None else ()), 0
             pairs = (optimizer.bufs,) if optimizer.bufs is not None else ()
-        views = [_per_layer(net, pair) for pair in pairs]
+        views = [sum(net.layer_views(pair), []) for pair in pairs]  # weights, intercepts
         state = [{k: v[i] for k, v in zip(names, views)} for i in range(2 * n)]
         mask = np.array([1] * n + [0] * n, np.uint8)
         self.net, self.optimizer = net, optimizer
