@@ -219,6 +219,10 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
     // buffer and the loop nest has no barrier at all (a descheduled thread on a busy
     // machine then delays only the final join, not every block).
     const bool shared_b = pl.pack_b && pl.tm > 1;
+    // One row block of unpacked A (m <= kUnpackedRowsA per thread) with private B
+    // panels: each panel is packed right before its strip is computed, so it is read
+    // back from L1 instead of after a whole block of packing has pushed it out to L2.
+    const bool interleave = pl.pack_b && !shared_b && !pl.pack_a && r1 - r0 <= Blk::MC;
     T* bp_own = nullptr;
     if (pl.pack_b && !shared_b) {
         const index_t nc_max = fp_min(g.n, Blk::NC);
@@ -244,7 +248,7 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
             const T* b_block = g.tb ? g.b + jc * g.ldb + pc : g.b + pc * g.ldb + jc;
             if (pl.pack_b && !shared_b) {
                 // Column split: this thread packs only its own panels, no barrier.
-                if (s1 > s0) {
+                if (s1 > s0 && !interleave) {
                     const index_t j0 = s0 * NR;
                     const T* src = g.tb ? b_block + j0 * g.ldb : b_block + j0;
                     pack_b<T, NR>(g.tb, kc, fp_min(nc - j0, (s1 - s0) * NR), src, g.ldb, bp_own,
@@ -283,7 +287,19 @@ bool gemm_thread(const GemmArgs<T>& g, const Plan& pl, T* bp, int tid, bool* oks
                 blk.c = g.c + ic * g.ldc + jc;
                 blk.ldc = g.ldc;
                 blk.alpha = g.alpha, blk.beta = beta;
-                macro_kernel(blk, s0, s1, last_k ? g.ep : nullptr, g.c, ic, jc);
+                if (interleave) {
+                    for (index_t q = s0; q < s1; q += kInterleavePanels) {
+                        const index_t q1 = fp_min(s1, q + kInterleavePanels);
+                        const index_t j0 = q * NR;
+                        const T* src = g.tb ? b_block + j0 * g.ldb : b_block + j0;
+                        pack_b<T, NR>(g.tb, kc, fp_min(nc - j0, (q1 - q) * NR), src, g.ldb,
+                                      bp_own, 0, q1 - q);
+                        blk.b_first = q;
+                        macro_kernel(blk, q, q1, last_k ? g.ep : nullptr, g.c, ic, jc);
+                    }
+                } else {
+                    macro_kernel(blk, s0, s1, last_k ? g.ep : nullptr, g.c, ic, jc);
+                }
             }
         }
     }

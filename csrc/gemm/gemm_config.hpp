@@ -85,6 +85,7 @@ constexpr index_t kSmallWork = index_t(96) * 96 * 96;
 constexpr index_t kUnpackedRowsA = 128;
 constexpr index_t kUnpackedRowsB = 48;
 constexpr index_t kFlopGrain = index_t(1) << 17;
+constexpr index_t kInterleavePanels = 1;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
