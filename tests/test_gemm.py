@@ -208,6 +208,7 @@ def ep_close(actual, expected, dtype, what):
 
 
 EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33),
+             (300, 19, 512),  # rows a multiple of 2 KiB apart: the backward epilogue by rows
              (32, 784, 256)]  # last: threads split k, the epilogue after their sum
 
 
@@ -283,9 +284,12 @@ def test_epilogue_backward_derivative_and_colsum(rng, dtype, dact, ta, tb):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-def test_epilogue_colsum_rows_in_order(rng, dtype):
-    """Column sums: double accumulation of the final C, rows in increasing order."""
-    m, k, n = 300, 40, 50
+@pytest.mark.parametrize("n", [50, 512], ids=["strips", "by_rows"])
+def test_epilogue_colsum_rows_in_order(rng, dtype, n):
+    """Column sums: double accumulation of the final C, rows in increasing order, in
+    both forms of the macro-kernel's backward epilogue (per strip, or by rows when
+    rows are a multiple of 2 KiB apart), over several row blocks."""
+    m, k = 300, 40
     a, b = operands(rng, m, k, n, False, False, dtype)
     c = np.empty((m, n), dtype)
     cs = np.zeros(n)

@@ -171,6 +171,41 @@ void epilogue_backward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_
                       c + i * ldc + j0, len);
 }
 
+// The backward form over whole rows: the derivative product and the column sums in
+// one pass per row, the sums in ep.colsum (the same additions in the same order as
+// epilogue_backward_cols).  For the macro-kernel's by-rows form (macro_kernel.hpp).
+template <int DAct, typename T>
+void epilogue_backward_by_rows(const GemmEpilogue<T>& ep, index_t i0, index_t i1,
+                               index_t j0, index_t len, T* c, index_t ldc) {
+    const T da = T(ep.dalpha);
+    (void)da;  // unused for identity (column sums only)
+    double* FASTPROP_RESTRICT s = ep.colsum != nullptr ? ep.colsum + j0 : nullptr;
+    for (index_t i = i0; i < i1; ++i) {
+        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
+        if constexpr (DAct == kIdentity) {
+            for (index_t j = 0; j < len; ++j) s[j] += double(ci[j]);
+        } else {
+            const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
+            if (s != nullptr) {
+                for (index_t j = 0; j < len; ++j) {
+                    const T v = ci[j] * dact_value<DAct>(di[j], da);
+                    ci[j] = v;
+                    s[j] += double(v);
+                }
+            } else {
+                for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
+            }
+        }
+    }
+}
+
+// True when the epilogue reads a second (m, n) array or sums columns (the backward
+// forms): the ones the macro-kernel may run over whole rows.
+template <typename T>
+inline bool epilogue_reads_rows(const GemmEpilogue<T>& ep) {
+    return ep.dsrc != nullptr || ep.colsum != nullptr;
+}
+
 // The single-pass forms when the epilogue is one of them; false otherwise.
 template <typename T>
 bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i0,
@@ -190,15 +225,24 @@ bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i
     return false;
 }
 
+// by_rows: the range is whole rows of a block; the backward form then runs row by
+// row (epilogue_backward_by_rows) instead of in 16-column groups.
 template <typename T>
 void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j0, index_t j1,
-                    T* c, index_t ldc) {
+                    T* c, index_t ldc, bool by_rows = false) {
     const index_t len = j1 - j0;
     if (len <= 0 || i1 <= i0) return;
     const T a = T(ep.alpha), da = T(ep.dalpha);
     const int act = ep.act > kIdentity && ep.act < kSoftmax ? ep.act : kIdentity;
     const int dact = ep.dsrc != nullptr && ep.dact > kIdentity && ep.dact < kSoftmax
                          ? ep.dact : kIdentity;
+    if (by_rows && ep.nonfinite == nullptr && act == kIdentity && ep.bias == nullptr &&
+        ep.preact == nullptr && (dact != kIdentity || ep.colsum != nullptr)) {
+        with_activation(dact, [&](auto tag) {
+            epilogue_backward_by_rows<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
+        });
+        return;
+    }
     if (apply_epilogue_fast(ep, act, dact, i0, i1, j0, len, c, ldc)) return;
     int bad = 0;
     T lanes[16];
