@@ -25,33 +25,6 @@ namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
 
-// work[:, j0:j0+w] = grad_y * act'(d) (Act != identity) and acc += its column sums,
-// one pass per row with the value in a register (the derivative loop followed by a
-// sum loop reading it back stalled on store forwarding, as in gemm/epilogue.hpp).
-template <int Act, typename T>
-void grad_z_rows(index_t n, index_t out, index_t j0, index_t w, const T* grad_y, const T* d,
-                 T a, T* work, double* FASTPROP_RESTRICT acc) {
-    for (index_t r = 0; r < n; ++r) {
-        const T* FASTPROP_RESTRICT gy = grad_y + r * out + j0;
-        if constexpr (Act == kIdentity) {
-            if (acc != nullptr)
-                for (index_t j = 0; j < w; ++j) acc[j] += double(gy[j]);
-        } else {
-            const T* di = d + r * out + j0;
-            T* gz = work + r * out + j0;  // may alias d (y recomputed into work)
-            if (acc != nullptr) {
-                for (index_t j = 0; j < w; ++j) {
-                    const T v = gy[j] * dact_value<Act>(di[j], a);
-                    gz[j] = v;
-                    acc[j] += double(v);
-                }
-            } else {
-                for (index_t j = 0; j < w; ++j) gz[j] = gy[j] * dact_value<Act>(di[j], a);
-            }
-        }
-    }
-}
-
 // work = grad_y * act'(d) and grad_b (+)= column sums of work, columns [c0, c1).
 template <typename T>
 void grad_z_and_bias(index_t n, index_t out, index_t c0, index_t c1, const T* grad_y,
@@ -64,7 +37,11 @@ void grad_z_and_bias(index_t n, index_t out, index_t c0, index_t c1, const T* gr
         for (index_t j = 0; j < w; ++j) acc[j] = 0.0;
         double* sums = grad_b != nullptr ? acc : nullptr;
         const auto rows = [&](auto tag) {
-            grad_z_rows<decltype(tag)::value>(n, out, j0, w, grad_y, d, a, work, sums);
+            // work may alias d (y recomputed into work)
+            backward_rows<decltype(tag)::value>(n, w, grad_y + j0, out,
+                                                d != nullptr ? d + j0 : nullptr, out, a,
+                                                work != nullptr ? work + j0 : nullptr, out,
+                                                sums);
         };
         if (!with_activation(act, rows)) rows(ActTag<kIdentity>{});  // (softmax: not here)
         if (grad_b == nullptr) continue;

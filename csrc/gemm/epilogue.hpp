@@ -171,32 +171,47 @@ void epilogue_backward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_
                       c + i * ldc + j0, len);
 }
 
-// The backward form over whole rows: the derivative product and the column sums in
-// one pass per row, the sums in ep.colsum (the same additions in the same order as
-// epilogue_backward_cols).  For the macro-kernel's by-rows form (macro_kernel.hpp).
-template <int DAct, typename T>
-void epilogue_backward_by_rows(const GemmEpilogue<T>& ep, index_t i0, index_t i1,
-                               index_t j0, index_t len, T* c, index_t ldc) {
-    const T da = T(ep.dalpha);
-    (void)da;  // unused for identity (column sums only)
-    double* FASTPROP_RESTRICT s = ep.colsum != nullptr ? ep.colsum + j0 : nullptr;
-    for (index_t i = i0; i < i1; ++i) {
-        T* FASTPROP_RESTRICT ci = c + i * ldc + j0;
-        if constexpr (DAct == kIdentity) {
-            for (index_t j = 0; j < len; ++j) s[j] += double(ci[j]);
+// out[r, 0:w] = g[r, 0:w] * act'(d[r, 0:w]) for rows r < n (Act != identity) and, when
+// acc != nullptr, acc[0:w] += the rows of out in increasing order (identity: the rows
+// of g; out is not written).  One pass per row with the value in a register (a
+// derivative loop followed by a sum loop reading it back stalls on store
+// forwarding).  out may alias g or d.  Used by the backward epilogue over whole rows
+// and by linear.cpp's layer backward.
+template <int Act, typename T>
+inline void backward_rows(index_t n, index_t w, const T* g, index_t ldg, const T* d,
+                          index_t ldd, T a, T* out, index_t ldo, double* FASTPROP_RESTRICT acc) {
+    (void)a;  // unused for identity
+    for (index_t r = 0; r < n; ++r) {
+        const T* gr = g + r * ldg;
+        if constexpr (Act == kIdentity) {
+            if (acc != nullptr)
+                for (index_t j = 0; j < w; ++j) acc[j] += double(gr[j]);
         } else {
-            const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
-            if (s != nullptr) {
-                for (index_t j = 0; j < len; ++j) {
-                    const T v = ci[j] * dact_value<DAct>(di[j], da);
-                    ci[j] = v;
-                    s[j] += double(v);
+            const T* dr = d + r * ldd;
+            T* o = out + r * ldo;
+            if (acc != nullptr) {
+                for (index_t j = 0; j < w; ++j) {
+                    const T v = gr[j] * dact_value<Act>(dr[j], a);
+                    o[j] = v;
+                    acc[j] += double(v);
                 }
             } else {
-                for (index_t j = 0; j < len; ++j) ci[j] = ci[j] * dact_value<DAct>(di[j], da);
+                for (index_t j = 0; j < w; ++j) o[j] = gr[j] * dact_value<Act>(dr[j], a);
             }
         }
     }
+}
+
+// The backward form over whole rows, the sums in ep.colsum (the same additions in the
+// same order as epilogue_backward_cols).  For the macro-kernel's by-rows form
+// (macro_kernel.hpp).
+template <int DAct, typename T>
+void epilogue_backward_by_rows(const GemmEpilogue<T>& ep, index_t i0, index_t i1,
+                               index_t j0, index_t len, T* c, index_t ldc) {
+    T* ci = c + i0 * ldc + j0;
+    const T* di = DAct == kIdentity ? nullptr : ep.dsrc + i0 * ep.ld_dsrc + j0;
+    backward_rows<DAct>(i1 - i0, len, ci, ldc, di, ep.ld_dsrc, T(ep.dalpha), ci, ldc,
+                        ep.colsum != nullptr ? ep.colsum + j0 : nullptr);
 }
 
 // True when the epilogue reads a second (m, n) array or sums columns (the backward
