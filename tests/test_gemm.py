@@ -234,6 +234,33 @@ def test_epilogue_forward_bias_preact_activation(rng, dtype, act):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("act", [0, 1], ids=["identity", "relu"])
+@pytest.mark.parametrize("with_bias", [True, False], ids=["bias", "nobias"])
+@pytest.mark.parametrize("alpha,beta", [(1.0, 0.0), (0.5, 1.5)], ids=["plain", "scaled"])
+def test_epilogue_bias_relu_in_registers_is_the_pass(rng, dtype, act, with_bias, alpha,
+                                                     beta):
+    """Bias + relu on packed-A full tiles is applied in the micro-kernel's registers
+    (macro_kernel.hpp), elsewhere by the epilogue pass: both must give, bit for bit,
+    the plain product followed by C + bias and relu (r < 0 ? 0 : r, NaN and -0 kept)."""
+    for m, k, n in [(300, 64, 256), (257, 33, 70), (140, 7, 16), (9, 5, 3)]:
+        x = rng.standard_normal((m, k)).astype(dtype)
+        x[3, 0] = np.nan  # row 3 of C is NaN: relu must keep it
+        w = rng.standard_normal((k, n)).astype(dtype)
+        bias = rng.standard_normal(n).astype(dtype) if with_bias else None
+        c0 = rng.standard_normal((m, n)).astype(dtype)
+        want = c0.copy()
+        _native.gemm_ex(x, w, want, False, False, alpha, beta)
+        if with_bias:
+            want = want + bias
+        if act == 1:
+            want = np.where(want < 0, dtype.type(0), want)
+        got = c0.copy()
+        _native.gemm_ex(x, w, got, False, False, alpha, beta, bias=bias, act=act)
+        np.testing.assert_array_equal(got, want, err_msg=f"{m}x{k}x{n}")
+        assert np.isnan(got[3]).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("act", ACT_CODES)
 def test_epilogue_activation_matches_elementwise_kernels_at_extremes(dtype, act):
     """C = values exactly (k = 1, B = 1): the epilogue's act and act' against the

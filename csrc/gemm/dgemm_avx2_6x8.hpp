@@ -26,11 +26,11 @@ inline __m256i dgemm_avx2_lane_mask(index_t rem) {
     return _mm256_cmpgt_epi64(_mm256_set1_epi64x(r), idx);
 }
 
-template <int M, int NV, bool PackedA>
+template <int M, int NV, bool PackedA, bool Tile = false>
 inline void dgemm_avx2_6x8(index_t k, const double* FASTPROP_RESTRICT a, index_t rs_a,
                            index_t cs_a, const double* FASTPROP_RESTRICT b, index_t rs_b,
                            double* FASTPROP_RESTRICT c, index_t rs_c, index_t nr, double alpha,
-                           double beta) {
+                           double beta, const TileEpilogue<double>* tep = nullptr) {
     static_assert(M >= 1 && M <= 6 && (NV == 1 || NV == 2), "tile is at most 6 x 8");
     if (PackedA) rs_a = 1, cs_a = 6;
     __m256d acc[M][NV];
@@ -56,7 +56,13 @@ inline void dgemm_avx2_6x8(index_t k, const double* FASTPROP_RESTRICT a, index_t
     }
     const __m256d va = _mm256_set1_pd(alpha), vb = _mm256_set1_pd(beta);
     const bool scale = alpha != 1.0, read_c = beta != 0.0;
-    if (nr == NV * 4) {
+    if (nr == NV * 4) {  // tep: as in sgemm_avx2_6x16
+        const __m256d zero = _mm256_setzero_pd();
+        const bool add_bias = Tile && tep->bias != nullptr;
+        const bool relu = Tile && tep->relu;
+        __m256d bias[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) bias[v] = add_bias ? _mm256_loadu_pd(tep->bias + v * 4) : zero;
 #pragma GCC unroll 6
         for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
@@ -64,6 +70,8 @@ inline void dgemm_avx2_6x8(index_t k, const double* FASTPROP_RESTRICT a, index_t
                 double* cp = c + i * rs_c + v * 4;
                 __m256d r = scale ? _mm256_mul_pd(va, acc[i][v]) : acc[i][v];
                 if (read_c) r = _mm256_fmadd_pd(vb, _mm256_loadu_pd(cp), r);
+                if (add_bias) r = _mm256_add_pd(r, bias[v]);
+                if (relu) r = _mm256_max_pd(zero, r);
                 _mm256_storeu_pd(cp, r);
             }
         }

@@ -221,6 +221,14 @@ inline bool epilogue_reads_rows(const GemmEpilogue<T>& ep) {
     return ep.dsrc != nullptr || ep.colsum != nullptr;
 }
 
+// True when the epilogue is bias and/or relu (or identity) and nothing else: the
+// TileEpilogue a micro-kernel applies in registers (gemm_config.hpp).
+template <typename T>
+inline bool tile_epilogue_fits(const GemmEpilogue<T>& ep) {
+    return ep.preact == nullptr && ep.nonfinite == nullptr && !epilogue_reads_rows(ep) &&
+           (ep.act <= kRelu || ep.act >= kSoftmax);
+}
+
 // The single-pass forms when the epilogue is one of them; false otherwise.
 template <typename T>
 bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i0,

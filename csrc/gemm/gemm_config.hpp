@@ -44,6 +44,15 @@ namespace {
 template <typename T>
 struct GemmBlocks;
 
+// The part of a forward epilogue that a micro-kernel applies to a full tile in
+// registers, before its store (gemm/ukernel.hpp, macro_kernel.hpp): C += bias[j]
+// (bias at the tile's first column; null: none), then relu.
+template <typename T>
+struct TileEpilogue {
+    const T* bias = nullptr;
+    bool relu = false;
+};
+
 #if defined(__AVX2__) && defined(__FMA__)
 // avx2 unit: gemm/sgemm_avx2_6x16.hpp, gemm/dgemm_avx2_6x8.hpp (16 ymm registers:
 // 12 accumulators, 2 B vectors, 1 A broadcast).  The avx512 unit runs the same

@@ -34,11 +34,11 @@ inline __m256i sgemm_avx2_lane_mask(index_t rem) {
     return _mm256_cmpgt_epi32(_mm256_set1_epi32(r), idx);
 }
 
-template <int M, int NV, bool PackedA>
+template <int M, int NV, bool PackedA, bool Tile = false>
 inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t rs_a,
                             index_t cs_a, const float* FASTPROP_RESTRICT b, index_t rs_b,
                             float* FASTPROP_RESTRICT c, index_t rs_c, index_t nr, float alpha,
-                            float beta) {
+                            float beta, const TileEpilogue<float>* tep = nullptr) {
     constexpr int MR = GemmBlocks<float>::MR;
     static_assert(M >= 1 && M <= MR && (NV == 1 || NV == 2), "tile is at most MR x 16");
     if (PackedA) rs_a = 1, cs_a = MR;
@@ -71,6 +71,15 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
     // stack (512^3 on 2 threads: 205 -> 86 GFLOP/s, results still exact).  Check the
     // GFLOP/s (benchmarks/bench_gemm.py) after any change to this function.
     if (nr == NV * 8) {
+        // tep (full tiles only): bias and relu applied in registers, the same
+        // operations in the same order as the epilogue pass (gemm/epilogue.hpp);
+        // max(0, r) keeps NaN and -0 as relu's r < 0 ? 0 : r does.
+        const __m256 zero = _mm256_setzero_ps();
+        const bool add_bias = Tile && tep->bias != nullptr;
+        const bool relu = Tile && tep->relu;
+        __m256 bias[NV];
+#pragma GCC unroll 2
+        for (int v = 0; v < NV; ++v) bias[v] = add_bias ? _mm256_loadu_ps(tep->bias + v * 8) : zero;
 #pragma GCC unroll 8
         for (int i = 0; i < M; ++i) {
 #pragma GCC unroll 2
@@ -78,6 +87,8 @@ inline void sgemm_avx2_6x16(index_t k, const float* FASTPROP_RESTRICT a, index_t
                 float* cp = c + i * rs_c + v * 8;
                 __m256 r = scale ? _mm256_mul_ps(va, acc[i][v]) : acc[i][v];
                 if (read_c) r = _mm256_fmadd_ps(vb, _mm256_loadu_ps(cp), r);
+                if (add_bias) r = _mm256_add_ps(r, bias[v]);
+                if (relu) r = _mm256_max_ps(zero, r);
                 _mm256_storeu_ps(cp, r);
             }
         }
