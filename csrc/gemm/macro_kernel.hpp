@@ -65,9 +65,9 @@ void macro_kernel(const MacroBlock<T>& blk, index_t s0, index_t s1,
                          (few_l1_sets<T>(blk.ldc) || few_l1_sets<T>(ep->ld_dsrc));
     // A bias + relu/identity epilogue goes into the micro-kernel's stores on full
     // strips of packed A (no reload of C; epilogue.hpp's pass stays for partial strips).
-    // Not with unpacked A: that kernel keeps eight row offsets in registers, and the
-    // extra live values of the fused stores cost more than the pass they save
-    // (float32 128x784x256 + bias + relu, 1 thread: 481 -> 502 us).
+    // Not with unpacked A, where the fused form measured slower than the pass (float32
+    // 128x784x256 + bias + relu, 1 thread: 481 -> 502 us; that kernel also holds
+    // eight row offsets in general registers).
     const bool in_tile = U::kTileEpilogue && blk.a_packed && ep != nullptr &&
                          tile_epilogue_fits(*ep);
     TileEpilogue<T> tep;
