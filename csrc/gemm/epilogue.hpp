@@ -232,7 +232,7 @@ inline bool tile_epilogue_fits(const GemmEpilogue<T>& ep) {
 // The single-pass forms when the epilogue is one of them; false otherwise.
 template <typename T>
 bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i0,
-                         index_t i1, index_t j0, index_t len, T* c, index_t ldc) {
+                         index_t i1, index_t j0, index_t len, T* c, index_t ldc, bool by_rows) {
     if (ep.nonfinite != nullptr) return false;
     if (dact == kIdentity && ep.dsrc == nullptr && ep.colsum == nullptr) {
         return with_activation(act, [&](auto tag) {
@@ -242,7 +242,10 @@ bool apply_epilogue_fast(const GemmEpilogue<T>& ep, int act, int dact, index_t i
     if (act == kIdentity && ep.bias == nullptr && ep.preact == nullptr &&
         (dact != kIdentity || ep.colsum != nullptr)) {
         return with_activation(dact, [&](auto tag) {
-            epilogue_backward<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
+            if (by_rows)
+                epilogue_backward_by_rows<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
+            else
+                epilogue_backward<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
         });
     }
     return false;
@@ -259,14 +262,7 @@ void apply_epilogue(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t j
     const int act = ep.act > kIdentity && ep.act < kSoftmax ? ep.act : kIdentity;
     const int dact = ep.dsrc != nullptr && ep.dact > kIdentity && ep.dact < kSoftmax
                          ? ep.dact : kIdentity;
-    if (by_rows && ep.nonfinite == nullptr && act == kIdentity && ep.bias == nullptr &&
-        ep.preact == nullptr && (dact != kIdentity || ep.colsum != nullptr)) {
-        with_activation(dact, [&](auto tag) {
-            epilogue_backward_by_rows<decltype(tag)::value>(ep, i0, i1, j0, len, c, ldc);
-        });
-        return;
-    }
-    if (apply_epilogue_fast(ep, act, dact, i0, i1, j0, len, c, ldc)) return;
+    if (apply_epilogue_fast(ep, act, dact, i0, i1, j0, len, c, ldc, by_rows)) return;
     int bad = 0;
     T lanes[16];
     for (int l = 0; l < 16; ++l) lanes[l] = T(0);

@@ -105,7 +105,7 @@ void macro_kernel(const MacroBlock<T>& blk, index_t s0, index_t s1,
                                                 : rem > MR ? (rem + 1) / 2 : rem);
                 U::template run<false>(mr, kc, blk.a + ir * blk.rs_a, blk.rs_a, blk.cs_a, bs,
                                        rs_b, cs + ir * blk.ldc, blk.ldc, nr, blk.alpha,
-                                       blk.beta, te);
+                                       blk.beta);  // (no tile epilogue: in_tile needs packed A)
                 ir += mr;
             }
         }
