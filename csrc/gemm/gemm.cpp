@@ -146,19 +146,45 @@ Plan make_plan(const GemmArgs<T>& g) {
         pl.ksplit = true;
         return pl;
     }
-    // tm x tn == nt minimising the largest tile, then the tile perimeter (packing);
-    // tm = 1 when the epilogue sums columns.
+    // The grid tm x tn == nt with the least cost of its busiest thread (tm = 1 when
+    // the epilogue sums columns), ties to the smaller perimeter (packing):
+    //   rows x column units: its MR-rounded rows times its strips, a last strip of at
+    //   most NR / 2 columns counting half (the half-width micro-kernel runs it);
+    //   times (1 + kSharedBRows / rows) for a row split (tm > 1): the threads then
+    //   share one packed B block, each reading the panels that the other core packed
+    //   and waiting at two barriers per block, which pays only when the block serves
+    //   many rows per thread;
+    //   times (1 + (NR / 2) / cols) for a column split of a packed A (tm = 1, nt > 1):
+    //   every thread packs all of A for its share of the columns.
+    // Measured (2 threads, us, row split vs column split, quiet rounds of one process),
+    // where the rule before (least area, then perimeter) took the row split: float32
+    // NT 32x256x784 93 vs 67, NT 64x256x784 149 vs 125, NT 128x256x784 264 vs 239,
+    // 100^3 16.2 vs 14.2; float64 200x256x128 138 vs 132.  Where the row split stays:
+    // float32 2048x784x256 3843 vs 3963, 1000x100x50 57 vs 62 (column shares of 2
+    // strips and 1.1), 256x512x16 (one strip) 25 vs 40.
     const bool col_only = g.ep != nullptr && g.ep->colsum != nullptr;
-    index_t best_area = -1, best_perim = 0;
     const index_t nc = fp_min(g.n, Blk::NC);
+    const index_t strips = ceil_div(nc, Blk::NR);
+    const bool half_last = 2 * (nc - (strips - 1) * Blk::NR) <= Blk::NR;
+    double best_cost = -1;
+    index_t best_perim = 0;
     for (int tm = 1; tm <= pl.nt; ++tm) {
         if (pl.nt % tm != 0 || (col_only && tm != 1)) continue;
         const int tn = pl.nt / tm;
         const index_t rows = round_up(ceil_div(g.m, tm), Blk::MR);
-        const index_t cols = ceil_div(ceil_div(nc, Blk::NR), tn) * Blk::NR;
-        const index_t area = rows * cols, perim = rows + cols;
-        if (best_area < 0 || area < best_area || (area == best_area && perim < best_perim)) {
-            best_area = area, best_perim = perim, pl.tm = tm, pl.tn = tn;
+        const index_t per = ceil_div(strips, tn);
+        index_t units = 0;  // half strips of the busiest column share
+        for (int tj = 0; tj < tn; ++tj) {
+            const index_t s0 = fp_min(strips, tj * per), s1 = fp_min(strips, s0 + per);
+            units = fp_max(units, 2 * (s1 - s0) - (s1 == strips && s1 > s0 && half_last));
+        }
+        const index_t cols = per * Blk::NR;
+        double cost = double(rows) * double(units);
+        if (tm > 1) cost *= 1.0 + double(kSharedBRows) / double(rows);
+        if (tm == 1 && pl.pack_a) cost *= 1.0 + double(Blk::NR / 2) / double(cols);
+        const index_t perim = rows + cols;
+        if (best_cost < 0 || cost < best_cost || (cost == best_cost && perim < best_perim)) {
+            best_cost = cost, best_perim = perim, pl.tm = tm, pl.tn = tn;
         }
     }
     return pl;

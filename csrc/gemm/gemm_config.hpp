@@ -21,6 +21,8 @@
 //                 packed; each B element serves only m FMAs, too few to repay copying
 //                 it (32x784x256 with 2 threads: 95 -> 80 us; the MLP step at batch 32
 //                 337 -> 320 us).
+//   kSharedBRows  rows per thread at which a row split's shared B block costs twice
+//                 its share of the work (gemm.cpp, make_plan: the grid's cost model).
 //   kFlopGrain    flops per thread before a second thread is used: 2 threads from
 //                 256 kFLOP.  On a quiet machine 2 threads pay from there (float32, 2
 //                 threads vs 1, us: 64^3 4.4 vs 5.7, 100x100x30 5.5 vs 7.6, the
@@ -95,6 +97,7 @@ constexpr index_t kUnpackedRowsA = 128;
 constexpr index_t kUnpackedRowsB = 48;
 constexpr index_t kFlopGrain = index_t(1) << 17;
 constexpr index_t kInterleavePanels = 1;
+constexpr index_t kSharedBRows = 32;
 
 }  // namespace
 }  // namespace FASTPROP_ISA_NS
