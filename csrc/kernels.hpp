@@ -52,6 +52,17 @@ double softmax_xent(index_t n, index_t c, const T* logits, const std::int64_t* l
                     const T* targets, T* grad);
 template <typename T>
 double bce(index_t count, const T* pred, const T* target, bool from_logits, T* grad);
+// The same with each row's (softmax_xent) or element's (bce) loss clamped to
+// [-log(1 - clip), -log(clip)] before the sum (clip in (0, 1/2); 0: no clamp): the loss
+// of probabilities clipped to [clip, 1 - clip], scikit-learn's log_loss with clip = eps
+// (the gradient is not clipped, as in scikit-learn).  For softmax rows this is that
+// loss for class ids and one-hot targets.
+template <typename T>
+double softmax_xent_clipped(index_t n, index_t c, const T* logits, const std::int64_t* labels,
+                            const T* targets, T* grad, double clip);
+template <typename T>
+double bce_clipped(index_t count, const T* pred, const T* target, bool from_logits, T* grad,
+                   double clip);
 template <typename T>
 double mse(index_t count, const T* pred, const T* target, bool half, T* grad);
 

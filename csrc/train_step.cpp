@@ -39,11 +39,12 @@ double loss_and_grad(const TrainStepPlan<T>& p, const DenseLayerPlan<T>& last) {
     const index_t count = p.n * last.out;
     switch (p.loss) {
         case kLossSoftmaxXent:
-            return softmax_xent<T>(p.n, last.out, last.y, p.labels, p.targets, last.g);
+            return softmax_xent_clipped<T>(p.n, last.out, last.y, p.labels, p.targets, last.g,
+                                           p.loss_clip);
         case kLossMse:
             return mse<T>(count, last.y, p.targets, p.half, last.g);
         default:
-            return bce<T>(count, last.y, p.targets, p.from_logits, last.g);
+            return bce_clipped<T>(count, last.y, p.targets, p.from_logits, last.g, p.loss_clip);
     }
 }
 

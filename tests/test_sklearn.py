@@ -436,6 +436,50 @@ def test_multilabel(solver):
     assert ours.predict_proba(X).shape == (120, 4)
 
 
+# Confident wrong predictions: scikit-learn's log losses clip the probabilities to
+# [eps, 1 - eps], which caps a sample's loss at -log(eps) (36.04 in float64, 15.94 in
+# float32).  Inputs scaled by 30 saturate the outputs, so loss_curve_, the tol
+# stopping epoch and L-BFGS's line search all depend on the cap.
+CLIP_CASES = {
+    "softmax-adam": ("multiclass", dict(max_iter=5), None),       # the fused native step
+    "softmax-sgd-tol": ("multiclass", dict(max_iter=50, solver="sgd", tol=0.7,
+                                             n_iter_no_change=1), None),
+    "softmax-lbfgs": ("multiclass", dict(max_iter=10, solver="lbfgs", alpha=0.3), None),
+    "softmax-sparse": ("multiclass", dict(max_iter=5), "csr"),    # the layer path
+    "binary-adam": ("binary", dict(max_iter=5), None),
+    "multilabel-adam": ("multilabel", dict(max_iter=5), None),
+    "softmax-adam-float32": ("multiclass", dict(max_iter=5), "float32"),
+}
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("case", list(CLIP_CASES))
+def test_log_losses_are_clipped_like_sklearn(case, backend):
+    target, params, form = CLIP_CASES[case]
+    rng = np.random.RandomState(0)
+    X = rng.randn(60, 4)
+    y = {"multiclass": rng.randint(0, 3, 60), "binary": rng.randint(0, 2, 60),
+         "multilabel": rng.randint(0, 2, (60, 3))}[target]
+    if params.get("solver") != "lbfgs":
+        X = X * 30
+    if form == "csr":
+        X = sp.csr_matrix(X)
+    elif form == "float32":
+        X = X.astype(np.float32)
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(5,), random_state=0,
+                     learning_rate_init=0.01, **params)
+    sk.fit(X, y)
+    with fastprop.use_backend(backend):
+        ours.fit(X, y)
+    # the unclipped loss is far larger here: the first epoch's is > 1.1x sklearn's
+    if form == "float32":
+        np.testing.assert_allclose(ours.loss_curve_, sk.loss_curve_, rtol=1e-4)
+        assert ours.n_iter_ == sk.n_iter_
+    else:
+        _assert_same_model(sk, ours)
+
+
 @no_convergence_warning
 def test_binary_outputs():
     X_train, X_test, y_train, _ = DATA["breast_cancer"]

@@ -212,6 +212,27 @@ def test_replaced_arrays_are_rebound():
 
 
 @native_only
+@pytest.mark.parametrize("loss_name, option", [("mse", "half"), ("bce-logits", "from_logits")])
+def test_loss_options_changed_after_compile_are_used(loss_name, option):
+    """A loss option set between steps (MSE.half, BinaryCrossEntropy.from_logits)
+    applies to the next compiled step as it does to the Python path."""
+    make, last, kind = LOSSES[loss_name]
+    X, y = _data(kind)
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float64, last="sigmoid" if option == "from_logits" else last)
+        loss = make()
+        with fp.use_backend("native"):
+            step, values = _train(model, loss, optim.SGD(model.parameters(), lr=0.05), X, y,
+                                  steps=3, fused=fused)
+            setattr(loss, option, not getattr(loss, option))
+            values = list(values) + [step(X[:12], y[:12]) for _ in range(3)]
+        runs.append((model, np.array(values)))
+    (m1, l1), (m2, l2) = runs
+    _assert_agree(m1, m2, l1, l2, np.dtype(np.float64))
+
+
+@native_only
 def test_bad_labels_are_rejected_by_the_kernel():
     model = _model(np.float32)
     with fp.use_backend("native"):

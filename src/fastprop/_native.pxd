@@ -230,6 +230,7 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         const T* x
         int loss
         cbool half, from_logits
+        double loss_clip
         double grad_scale
         const int64_t* labels
         const T* targets

@@ -37,7 +37,7 @@ cdef class NativeTrainStep:
     cdef int nlayers, count, kind
     cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype, colsums
     cdef object decay_mask
-    cdef bint loss_half, loss_from_logits, decoupled
+    cdef bint decoupled
     cdef int64_t bound_n
     cdef public object output
 
@@ -227,9 +227,8 @@ cdef class NativeTrainStep:
         self.p32.opt.decay = self.p64.opt.decay = (
             <const unsigned char*>_data_ptr(mask) if mask is not None else NULL)
         self.decay_mask = mask
-        # options read once per binding, like the mask (missing attributes are slow)
-        self.loss_half = getattr(self.loss, "half", False)
-        self.loss_from_logits = getattr(self.loss, "from_logits", False)
+        # options read once per binding, like the mask (missing attributes are slow);
+        # the loss's options (half, from_logits, clip) are read on every call
         self.p32.grad_scale = self.p64.grad_scale = getattr(self.loss, "grad_scale", 1.0)
         self.decoupled = getattr(opt, "decoupled", False)
         self.bound = arrays
@@ -297,13 +296,18 @@ cdef class NativeTrainStep:
         h = opt.hyper
         step = opt.step_count + 1
         betas = h.get("betas", (0.9, 0.999))
+        loss_obj = self.loss
+        cdef bint half = getattr(loss_obj, "half", False)
+        cdef bint from_logits = getattr(loss_obj, "from_logits", False)
+        cdef double clip = getattr(loss_obj, "clip", 0.0)
         if self.kind == 4:
             self.p32.n = n
             self.p32.x = <const float*>self._ptr(x, "x", False)
             self.p32.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p32.targets = <const float*>self._ptr(targets, "targets", False) if targets is not None else NULL
-            self.p32.half = self.loss_half
-            self.p32.from_logits = self.loss_from_logits
+            self.p32.half = half
+            self.p32.from_logits = from_logits
+            self.p32.loss_clip = clip
             self.p32.check_finite = check_finite
             _fill_opt32(&self.p32.opt, h, step, betas, self.decoupled)
             with nogil:
@@ -313,8 +317,9 @@ cdef class NativeTrainStep:
             self.p64.x = <const double*>self._ptr(x, "x", False)
             self.p64.labels = <const int64_t*>_data_ptr(labels) if labels is not None else NULL
             self.p64.targets = <const double*>self._ptr(targets, "targets", False) if targets is not None else NULL
-            self.p64.half = self.loss_half
-            self.p64.from_logits = self.loss_from_logits
+            self.p64.half = half
+            self.p64.from_logits = from_logits
+            self.p64.loss_clip = clip
             self.p64.check_finite = check_finite
             _fill_opt64(&self.p64.opt, h, step, betas, self.decoupled)
             with nogil:

@@ -267,15 +267,12 @@ class _Network:
         except for squared error with k > 1 outputs: scikit-learn averages that loss
         over outputs but not its gradient, which is k times larger; kept as is.)"""
         kind = self.out_activation
-        if sw is not None or kind == "exp":
+        if sw is not None or kind != "identity":
+            # (the log losses: scikit-learn clips the probabilities to [eps, 1 - eps],
+            # which the backends' loss kernels do not; the fused step's kernel does)
             return _reference_loss(kind, z, t, sw, grad)
-        if kind == "softmax":
-            return be.softmax_xent(z, t, None, grad)
         k = z.shape[1]
-        if kind == "logistic":       # sklearn sums over outputs, the kernel averages
-            loss = be.bce(z, t, True, grad) * k
-        else:                        # identity: 0.5 * mean over all elements, both
-            loss = be.mse(z, t, True, grad)
+        loss = be.mse(z, t, True, grad)  # 0.5 * mean over all elements, as sklearn
         if k > 1:                    # sklearn's delta is (p - y) / n_samples
             be.scale_([grad], float(k))
         return loss
@@ -476,13 +473,17 @@ class _StepLoss:
     """The loss options the native step reads: scikit-learn's squared error is the half
     mean, its logistic loss takes the output pre-activations (logits), and its output
     delta is ``(p - y) / n_samples`` whatever the number of outputs k: k times the
-    gradient of the kernels' mean over all n k elements (``grad_scale``)."""
+    gradient of the kernels' mean over all n k elements (``grad_scale``).  ``clip``:
+    scikit-learn's log losses clip the probabilities to [eps, 1 - eps] (eps of the
+    computation's dtype), which caps each sample's loss at -log(eps); 0 for the squared
+    error."""
 
     half = True
     from_logits = True
 
-    def __init__(self, grad_scale):
+    def __init__(self, grad_scale, clip):
         self.grad_scale = float(grad_scale)
+        self.clip = float(clip)
 
 
 class _StepOptimizer:
@@ -540,7 +541,8 @@ class _FusedStep:
         self.labels = loss_kind == 0
         k = net.units[-1]
         self.loss_factor = float(k) if loss_kind == 2 else 1.0
-        self.kernel = make_kernel(stages, _StepLoss(1.0 if self.labels else k), self.opt,
+        clip = np.finfo(net.dtype).eps if loss_kind != 1 else 0.0
+        self.kernel = make_kernel(stages, _StepLoss(1.0 if self.labels else k, clip), self.opt,
                                   loss_kind, opt_kind)
 
     def __call__(self, be, x, t, alpha):

@@ -50,6 +50,9 @@ struct TrainStepPlan {
     int loss;
     bool half;                    // MSE: 1/2 factor
     bool from_logits;             // BCE
+    double loss_clip;             // softmax xent / BCE: 0, or each sample's (element's)
+                                  // loss clamped as for probabilities clipped to
+                                  // [clip, 1 - clip] (scikit-learn's eps)
     double grad_scale;            // dloss/da_L times this (0 or 1: as is), e.g. the
                                   // output count for scikit-learn's multi-output deltas
     const std::int64_t* labels;   // softmax xent: (n,) class ids, or
