@@ -325,6 +325,28 @@ def test_setting_a_hyperparameter_takes_effect_and_is_validated(backend):
     assert "momentum_buffer" in sgd.state[0]
 
 
+@pytest.mark.parametrize("make", [lambda p: optim.SGD(p, lr=0.1, momentum=0.9),
+                                  lambda p: optim.RMSprop(p, lr=0.1, momentum=0.5)],
+                         ids=["sgd", "rmsprop"])
+def test_state_dict_round_trip_after_momentum_is_switched_off(backend, make):
+    """Momentum set to 0 mid-training keeps its buffer (as in PyTorch); the optimizer's
+    own state_dict must still load, and training then continues identically."""
+    p, q = fp.Parameter(np.ones(3)), fp.Parameter(np.ones(3))
+    a, b = make([p]), make([q])
+    for opt, par in ((a, p), (b, q)):
+        par.grad[...] = 1.0
+        opt.step()
+        opt.momentum = 0.0
+        opt.step()
+    b.load_state_dict(a.state_dict())
+    assert "momentum_buffer" in b.state[0]
+    for opt in (a, b):
+        opt.momentum = 0.9
+        opt.step()
+    np.testing.assert_array_equal(p.value, q.value)
+    np.testing.assert_array_equal(a.state[0]["momentum_buffer"], b.state[0]["momentum_buffer"])
+
+
 def test_load_state_dict_rejects_invalid_hyperparameters():
     p = fp.Parameter(np.ones(3))
     opt = optim.Adam([p], lr=0.01)

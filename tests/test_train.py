@@ -259,6 +259,31 @@ def test_nonfinite_raises_and_keeps_parameters(backend, rng):
     assert opt.step_count == 0
 
 
+def test_rejected_fit_leaves_dropout_generators_untouched(backend, rng):
+    """fit(seed=...) reseeds Dropout only once every check has passed."""
+    X = rng.standard_normal((5, 4))
+    make = lambda: nn.Sequential(nn.Dense(4, 6, rng=1), nn.BatchNorm1d(6),  # noqa: E731
+                                 nn.Dropout(0.5, seed=123), nn.Dense(6, 2, rng=2))
+    model, ref = make(), make()
+    with pytest.raises(ValueError, match="batch of 1 sample"):
+        model.fit(X, np.zeros((5, 2)), loss="mse", optimizer="sgd", batch_size=2, seed=0,
+                  verbose=0)
+    assert model[2].rng.bit_generator.state == ref[2].rng.bit_generator.state
+
+
+def test_large_finite_gradients_are_not_reported_non_finite(backend):
+    """float64 gradients above ~1e154 overflow a sum of squares; fit's finiteness
+    check must not call them non-finite (it did on the Python step path)."""
+    X = np.array([[1e160, 0.0], [0.0, 1.0]])
+    model = nn.Sequential(nn.Dense(2, 2, rng=0, dtype=np.float64))
+    model[0].weight.value[...] = [[1e-170, 0.0], [0.0, 1.0]]
+    hist = model.fit(X, np.array([0, 1]), loss="cross_entropy",
+                     optimizer=optim.SGD(model.parameters(), lr=0.0), batch_size=2,
+                     shuffle=False, verbose=0)
+    assert np.isfinite(hist["loss"][0])
+    assert np.abs(model[0].weight.grad).max() > 1e159
+
+
 def test_fit_trains_in_training_mode(backend, rng):
     """fit switches an eval-mode model to training mode: BatchNorm updates its running
     statistics, as it only does in training."""

@@ -232,6 +232,45 @@ def test_loss_options_changed_after_compile_are_used(loss_name, option):
     _assert_agree(m1, m2, l1, l2, np.dtype(np.float64))
 
 
+@pytest.mark.parametrize("batch", [4, 1])
+def test_tied_weights_take_the_python_path(batch):
+    """Two layers sharing one weight Parameter: the gradient is the sum of both
+    layers' contributions and one update, on every backend (the fused kernel, which
+    would write one layer's gradient over the other's, is not used)."""
+    rng = np.random.default_rng(0)
+    X, Y = 0.5 * rng.standard_normal((batch, 6)), rng.standard_normal((batch, 6))
+    results = []
+    for backend in (["native"] if NATIVE_BUILT else []) + ["numpy"]:
+        a = nn.Dense(6, 6, "tanh", rng=1, dtype=np.float64)
+        b = nn.Dense(6, 6, rng=2, dtype=np.float64)
+        b.weight = a.weight
+        model = nn.Sequential(a, b)
+        with fp.use_backend(backend):
+            step = model.compile(losses.MSE(), optim.Adam(model.parameters(), lr=0.01))
+            for _ in range(3):
+                step(X, Y)
+            assert step.fused() is None
+        results.append(a.weight.value)
+    # the Python path, written out: W gets both layers' gradients
+    a = nn.Dense(6, 6, "tanh", rng=1, dtype=np.float64)
+    W, b1, b2 = a.weight.value.copy(), a.bias.value.copy(), nn.Dense(6, 6, rng=2).bias.value
+    b2 = b2.astype(np.float64)
+    m = {k: np.zeros_like(v) for k, v in (("W", W), ("b1", b1), ("b2", b2))}
+    v = {k: np.zeros_like(x) for k, x in m.items()}
+    params = {"W": W, "b1": b1, "b2": b2}
+    for t in range(1, 4):
+        h = np.tanh(X @ W + b1)
+        gout = 2 * (h @ W + b2 - Y) / Y.size
+        gh = (gout @ W.T) * (1 - h * h)
+        grads = {"W": h.T @ gout + X.T @ gh, "b1": gh.sum(0), "b2": gout.sum(0)}
+        for k, g in grads.items():
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v[k] = 0.999 * v[k] + 0.001 * g * g
+            params[k] -= 0.01 / (1 - 0.9 ** t) * m[k] / (np.sqrt(v[k] / (1 - 0.999 ** t)) + 1e-8)
+    for got in results:
+        np.testing.assert_allclose(got, W, rtol=1e-10, atol=1e-12)
+
+
 @native_only
 def test_bad_labels_are_rejected_by_the_kernel():
     model = _model(np.float32)

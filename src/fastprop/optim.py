@@ -60,9 +60,13 @@ def _weight_decay(wd):
 
 
 class Optimizer:
-    """Base class.  Subclasses set ``state_names`` and implement ``_update``."""
+    """Base class.  Subclasses set ``state_names`` (the state the current
+    hyperparameters use), ``all_state_names`` (every state the type can hold: a buffer
+    stays when an option turns it off, e.g. ``momentum = 0``, as in PyTorch) and
+    implement ``_update``."""
 
     state_names: tuple = ()
+    all_state_names: tuple = ()
 
     def __init__(self, params, **hyper):
         self.params = _param_list(params)
@@ -170,7 +174,7 @@ class Optimizer:
         for i, (p, s) in enumerate(zip(self.params, states)):
             entry = {}
             for key, arr in s.items():
-                if key not in probe.state_names:
+                if key not in probe.state_names and key not in type(self).all_state_names:
                     raise ValueError(f"unexpected state {key!r} for params[{i}]")
                 arr = np.asarray(arr)
                 if arr.shape != p.value.shape:
@@ -191,6 +195,8 @@ class SGD(Optimizer):
     Update: ``g = grad + wd p``; with momentum ``buf = momentum buf + g`` (``buf = g`` at
     the first step) and ``g = buf`` (Nesterov: ``g = g + momentum buf``); ``p -= lr g``.
     """
+
+    all_state_names = ("momentum_buffer",)
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         lr = _lr(lr)
@@ -227,6 +233,8 @@ class Adagrad(Optimizer):
 class RMSprop(Optimizer):
     """RMSprop: ``s = alpha s + (1 - alpha) g^2``; ``p -= lr g / (sqrt(s) + eps)``
     (with momentum: ``buf = momentum buf + g / (sqrt(s) + eps); p -= lr buf``)."""
+
+    all_state_names = ("square_avg", "momentum_buffer")
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
         lr = _lr(lr)

@@ -132,7 +132,10 @@ class TrainStep:
             stages = dense_stages(self.model) if make is not None else None
             if stages is not None and self.model.training:
                 owned = [p for st in stages for p in (st.weight, st.bias) if p is not None]
-                if {id(p) for p in owned} == {id(p) for p in self.optimizer.params} \
+                ids = {id(p) for p in owned}
+                # (a parameter shared by two layers, tied weights, takes the Python
+                # path: the kernel writes each layer's gradient over the other's)
+                if len(ids) == len(owned) and ids == {id(p) for p in self.optimizer.params} \
                         and len({p.dtype for p in owned}) == 1:
                     self._fast = make(stages, self.loss, self.optimizer)
                     self._shape = (stages[0].weight.shape[0], stages[-1].weight.shape[1])
@@ -182,8 +185,12 @@ class TrainStep:
             model.zero_grad()
             model.backward(self.loss.backward(), input_grad=False)
             if self.check_finite:
-                norm2 = backends.current().sum_squares([p.grad for p in self.optimizer.params])
-                if not math.isfinite(norm2):
+                grads = [p.grad for p in self.optimizer.params]
+                # (the sum of squares overflows for finite gradients above ~1e154 in
+                # float64: confirmed element by element before raising)
+                with np.errstate(over="ignore", invalid="ignore"):
+                    norm2 = backends.current().sum_squares(grads)
+                if not math.isfinite(norm2) and not all(np.isfinite(g).all() for g in grads):
                     raise NonFiniteError("non-finite gradient")
         except BaseException:
             for buf, old in saved:
@@ -411,12 +418,6 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         restore = _checkpoint.prepare_resume(checkpoint, model, step.optimizer, settings)
 
     # --- train
-    dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
-    seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
-    rng = np.random.default_rng(seeds[0])
-    if seed is not None:
-        for m, s in zip(dropouts, seeds[1:]):
-            m.rng = np.random.default_rng(s)
     n = X.shape[0]
     if any(isinstance(m, BatchNorm1d) for m in model.modules()):
         last = n % batch_size or batch_size
@@ -425,6 +426,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 f"BatchNorm1d needs more than 1 sample per batch in training mode: "
                 f"batch_size={batch_size} with {n} training samples leaves a batch of 1 sample; "
                 f"choose another batch_size")
+    # (the last check above: from here on the model is changed)
+    dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
+    seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
+    rng = np.random.default_rng(seeds[0])
+    if seed is not None:
+        for m, s in zip(dropouts, seeds[1:]):
+            m.rng = np.random.default_rng(s)
     model._compiled = step
     step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
