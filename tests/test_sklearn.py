@@ -531,9 +531,64 @@ def test_float32(solver):
     sk, ours = _pair("MLPClassifier", **params)
     sk.fit(X32, y_train)
     ours.fit(X32, y_train)
-    assert all(c.dtype == np.float32 for c in ours.coefs_ + ours.intercepts_)
-    assert ours.predict_proba(X_test.astype(np.float32)).dtype == np.float32
+    # Adam keeps a float32 network; L-BFGS returns scipy's float64 result (below)
+    dtype = np.float32 if solver == "adam" else np.float64
+    assert sk.coefs_[0].dtype == dtype
+    assert all(c.dtype == dtype for c in ours.coefs_ + ours.intercepts_)
+    assert ours.predict_proba(X_test.astype(np.float32)).dtype == dtype
     assert abs(ours.score(X_test, y_test) - sk.score(X_test, y_test)) <= 0.01
+
+
+def _promote_lbfgs_start(monkeypatch):
+    """Make scipy.optimize.minimize take its start in float64, as scipy < 1.11 does
+    (every point it evaluates is then float64); for scikit-learn's MLPs and ours."""
+    import scipy.optimize
+    real = scipy.optimize.minimize
+
+    def promoted(fun, x0, *args, **kwargs):
+        return real(fun, np.asarray(x0, dtype=np.float64), *args, **kwargs)
+
+    monkeypatch.setattr(scipy.optimize, "minimize", promoted)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("points", ["float32", "float64"])
+@pytest.mark.parametrize("form", ["dense", "csr", "warm_start"])
+def test_lbfgs_on_float32_input(form, points, monkeypatch):
+    """scikit-learn's L-BFGS on float32 X: the float32 initialisation is packed and
+    handed to scipy, the loss is evaluated at the points scipy hands back (float32
+    ones from scipy >= 1.11, so the fit computes in float32; float64 ones from older
+    scipy, simulated here, so it computes in float64), and scipy's float64 result
+    becomes coefs_ / intercepts_: a float64 model that predicts in float64.  A warm
+    start then continues that float64 model in float64."""
+    X_train, X_test, y_train, _ = DATA["digits"]
+    X32 = X_train[:400].astype(np.float32)
+    y = y_train[:400]
+    if form == "csr":
+        X32 = sp.csr_matrix(X32)
+    if points == "float64":
+        _promote_lbfgs_start(monkeypatch)
+    params = dict(hidden_layer_sizes=(16,), max_iter=8, random_state=0, solver="lbfgs",
+                  warm_start=form == "warm_start")
+    sk, ours = _pair("MLPClassifier", **params)
+    for _ in range(2 if form == "warm_start" else 1):
+        sk.fit(X32, y)
+        ours.fit(X32, y)
+    for a, b in zip(sk.coefs_ + sk.intercepts_, ours.coefs_ + ours.intercepts_):
+        assert a.dtype == b.dtype == np.float64
+    if points == "float64":
+        _assert_same_model(sk, ours)
+        rtol = 1e-6
+    else:   # float32 products round differently in scikit-learn's BLAS and ours
+        rtol = 1e-3
+        assert ours.n_iter_ == sk.n_iter_
+        np.testing.assert_allclose(ours.loss_, sk.loss_, rtol=1e-5)
+        for a, b in zip(sk.coefs_ + sk.intercepts_, ours.coefs_ + ours.intercepts_):
+            np.testing.assert_allclose(b, a, rtol=rtol, atol=1e-5)
+    proba = ours.predict_proba(X_test.astype(np.float32))
+    assert proba.dtype == np.float64
+    np.testing.assert_allclose(proba, sk.predict_proba(X_test.astype(np.float32)),
+                               rtol=rtol, atol=1e-6)
 
 
 @no_convergence_warning

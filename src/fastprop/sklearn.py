@@ -643,8 +643,12 @@ class _BaseMLP(BaseEstimator):
             self._initialize(y, layer_units, X.dtype)
 
         # computation dtype: the input's (float32 or float64) for a new network, the
-        # network's own when it continues (warm_start, partial_fit)
-        dtype = X.dtype if first_pass else _coef_dtype(self.coefs_)
+        # network's own when it continues (warm_start, partial_fit); for L-BFGS, that
+        # promoted with X's, as scikit-learn's X @ W promotes (see _fit_lbfgs)
+        param_dtype = _coef_dtype(self.coefs_)
+        dtype = X.dtype if first_pass else param_dtype
+        if self.solver not in _STOCHASTIC_SOLVERS:
+            dtype = np.result_type(X.dtype, param_dtype)
         sparse = sp.issparse(X)
         X = X.tocsr().astype(dtype, copy=False) if sparse else _kernel_array(X, dtype)
         if sample_weight is not None:
@@ -656,7 +660,7 @@ class _BaseMLP(BaseEstimator):
             if self.solver in _STOCHASTIC_SOLVERS:
                 self._fit_stochastic(be, net, X, y, sample_weight, incremental)
             else:
-                self._fit_lbfgs(be, net, X, y, sample_weight)
+                self._fit_lbfgs(be, net, X, y, sample_weight, param_dtype)
 
         if not all(np.isfinite(w).all() for w in (*self.coefs_, *self.intercepts_)):
             raise ValueError(
@@ -664,27 +668,53 @@ class _BaseMLP(BaseEstimator):
                 " contain large values and need to be preprocessed.")
         return self
 
-    def _fit_lbfgs(self, be, net, X, y, sample_weight):
-        T = self._targets(y, net.dtype)
-        target_shape = T.shape[1:]
-        ws = net.workspace(X.shape[0], X.shape[1], target_shape, T.dtype, False, False)
+    def _fit_lbfgs(self, be, net, X, y, sample_weight, param_dtype):
+        """scipy's L-BFGS-B on the packed parameters, run as scikit-learn runs it.
+
+        scikit-learn hands scipy its packed parameters in the network's dtype
+        (``param_dtype``) and evaluates the loss at each point scipy hands back, in that
+        point's dtype promoted with X's.  scipy >= 1.11 keeps a float32 start's dtype
+        for those points, so a float32 fit evaluates in float32; older scipy makes them
+        float64, and the fit computes in float64 from the float32-rounded start (the
+        network is rebuilt in float64 at the first such point).  The result scipy
+        returns is float64 either way, and becomes ``coefs_`` / ``intercepts_`` as it
+        is, as scikit-learn's ``_unpack`` does: an L-BFGS model is float64 whatever X
+        was.
+        """
         alpha, n_coef = self.alpha, net.n_coef
+        run = {}
+
+        def bind(net):
+            dt = net.dtype
+            Xd = X.astype(dt, copy=False) if sp.issparse(X) else _kernel_array(X, dt)
+            sw = None if sample_weight is None else _kernel_array(sample_weight, dt)
+            T = self._targets(y, dt)
+            ws = net.workspace(Xd.shape[0], Xd.shape[1], T.shape[1:], T.dtype, False, False)
+            run["net"], run["args"] = net, (Xd, T, sw, ws)
+
+        bind(net)
 
         def loss_grad(theta):
-            np.copyto(net.params, theta, casting="unsafe")
-            loss, sw_sum = net.loss_and_grads(be, X, T, sample_weight, ws, alpha)
+            net = run["net"]
+            if np.result_type(theta.dtype, net.dtype) != net.dtype:
+                bind(_Network(net.units, self.activation, self.out_activation_, theta.dtype,
+                              net.sparse))
+                net = run["net"]
+            np.copyto(net.params, theta)             # exact: net.dtype holds theta's
+            loss, sw_sum = net.loss_and_grads(be, *run["args"], alpha)
             grad = net.grads.astype(np.float64)     # a new array: scipy keeps it
             grad[:n_coef] += (alpha / sw_sum) * net.params[:n_coef]
             return loss, grad
 
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
         opt_res = scipy.optimize.minimize(
-            loss_grad, net.params.astype(np.float64), method="L-BFGS-B", jac=True,
+            loss_grad, net.params.astype(param_dtype), method="L-BFGS-B", jac=True,
             options={"maxfun": self.max_fun, "maxiter": self.max_iter, "gtol": self.tol,
                      **_get_additional_lbfgs_options_dict("iprint", iprint)})
         self.n_iter_ = _check_optimize_result("lbfgs", opt_res, self.max_iter)
         self.loss_ = opt_res.fun
-        np.copyto(net.params, opt_res.x, casting="unsafe")
+        self.coefs_, self.intercepts_ = net.layer_views([opt_res.x[:n_coef],
+                                                         opt_res.x[n_coef:]])
 
     def _fit_stochastic(self, be, net, X, y, sample_weight, incremental):
         if not incremental or not hasattr(self, "_optimizer"):
