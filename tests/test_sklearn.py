@@ -651,6 +651,46 @@ def test_warm_start(solver):
         ours.fit(X_train[y_train < 2], y_train[y_train < 2])
 
 
+WARM_EARLY_STOPPING = {
+    "adam": [{}, {}, {}],
+    "sgd_adaptive": [dict(solver="sgd", learning_rate="adaptive", tol=0.5,
+                          n_iter_no_change=1)] * 3,
+    "lbfgs_between": [{}, dict(solver="lbfgs", max_iter=3), dict(solver="adam", max_iter=5)],
+}
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("case", list(WARM_EARLY_STOPPING))
+def test_warm_start_with_early_stopping(case):
+    """After an early-stopping fit, scikit-learn's coefs_ / intercepts_ are the very
+    lists _best_coefs / _best_intercepts name, and its solvers update those arrays in
+    place: a warm-started fit whose validation score never beats the
+    best_validation_score_ it carries over keeps the weights it trained (the restore
+    of the best weights restores the live ones); one that beats it restores that
+    epoch's copy.  (Random labels: the validation score sits at chance.)"""
+    rng = np.random.RandomState(1)
+    X, y = rng.randn(80, 5), rng.randint(0, 3, 80)
+    sk, ours = _pair("MLPClassifier", hidden_layer_sizes=(6,), random_state=0, max_iter=5,
+                     warm_start=True, batch_size=16, early_stopping=True, n_iter_no_change=2)
+    kept_training = False
+    for params in WARM_EARLY_STOPPING[case]:
+        sk.set_params(**params)
+        ours.set_params(**params)
+        fitted = hasattr(sk, "coefs_")
+        before = sk.coefs_[0].copy() if fitted else None
+        best = getattr(sk, "best_validation_score_", None)
+        sk.fit(X, y)
+        ours.fit(X, y)
+        kept_training |= (fitted and sk.best_validation_score_ == best
+                          and not np.array_equal(before, sk.coefs_[0]))
+        _assert_same_model(sk, ours)
+        np.testing.assert_allclose(ours.validation_scores_, sk.validation_scores_)
+        assert ours.best_validation_score_ == sk.best_validation_score_
+        if hasattr(sk, "_optimizer"):
+            assert ours._optimizer.learning_rate == pytest.approx(sk._optimizer.learning_rate)
+    assert kept_training      # the case this test is about happened
+
+
 @no_convergence_warning
 def test_user_replaced_coefs_are_used():
     X_train, _, y_train, _ = DATA["iris"]

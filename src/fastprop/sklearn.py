@@ -654,6 +654,16 @@ class _BaseMLP(BaseEstimator):
         if sample_weight is not None:
             sample_weight = _kernel_array(sample_weight, dtype)
         net = self._network(n_features, hidden, dtype, sparse)
+        # After an early-stopping fit scikit-learn's coefs_ / intercepts_ ARE the lists
+        # _best_coefs / _best_intercepts (its restore assigns them), and its solvers
+        # update those arrays in place: the "best" weights follow the live ones until a
+        # new best validation score copies them, so a warm-started fit that never beats
+        # the best_validation_score_ it carries over keeps the weights it trained.
+        # net.load copied the weights; the live views take over both names.
+        if getattr(self, "_best_coefs", None) is self.coefs_:
+            self._best_coefs = net.coefs
+        if getattr(self, "_best_intercepts", None) is self.intercepts_:
+            self._best_intercepts = net.intercepts
         self.coefs_, self.intercepts_ = net.coefs, net.intercepts
         be = _host_backend()
         with np.errstate(over="ignore", invalid="ignore", divide="ignore", under="ignore"):
@@ -713,8 +723,14 @@ class _BaseMLP(BaseEstimator):
                      **_get_additional_lbfgs_options_dict("iprint", iprint)})
         self.n_iter_ = _check_optimize_result("lbfgs", opt_res, self.max_iter)
         self.loss_ = opt_res.fun
-        self.coefs_, self.intercepts_ = net.layer_views([opt_res.x[:n_coef],
-                                                         opt_res.x[n_coef:]])
+        coefs, intercepts = net.layer_views([opt_res.x[:n_coef], opt_res.x[n_coef:]])
+        # (_unpack fills scikit-learn's lists in place: _best_coefs / _best_intercepts
+        # still name them if they did; see _fit)
+        if self._best_coefs is self.coefs_:
+            self._best_coefs = coefs
+        if self._best_intercepts is self.intercepts_:
+            self._best_intercepts = intercepts
+        self.coefs_, self.intercepts_ = coefs, intercepts
 
     def _fit_stochastic(self, be, net, X, y, sample_weight, incremental):
         if not incremental or not hasattr(self, "_optimizer"):
