@@ -392,10 +392,35 @@ def test_residual_and_sequential(backend, rng):
     assert len(model) == 2 and model[1] is d2 and list(model) == model.layers
     assert isinstance(model[:1], nn.Sequential) and model[:1][0] is model[0]
     assert model.parameters() == [d1.weight, d1.bias, d2.weight, d2.bias]
-    shared = nn.Sequential(d1, d1)
-    assert len(shared.parameters()) == 2
+    tied = nn.Dense(4, 4, rng=2)
+    tied.weight = d1.weight
+    assert len(nn.Sequential(d1, tied).parameters()) == 3  # a shared Parameter, once
     assert "Residual" in repr(model) and "Dense" in repr(model)
     assert nn.Sequential([d1, d2]).layers == [d1, d2]
+
+
+def test_a_module_instance_used_twice_is_rejected():
+    """A module keeps its last forward's inputs for backward: a second use in the same
+    model would give the first use's backward the wrong inputs (silently wrong
+    gradients), so it is a ValueError wherever a model is put together."""
+    d, act = nn.Dense(4, 4), nn.Tanh()
+    with pytest.raises(ValueError, match="same Dense instance is used twice"):
+        nn.Sequential(d, d)
+    with pytest.raises(ValueError, match="same Tanh instance"):
+        nn.Sequential(nn.Dense(4, 4), act, nn.Dense(4, 4), act)
+    with pytest.raises(ValueError, match="Sequential"):
+        nn.Sequential(d, nn.Residual(d))
+    block = nn.Sequential(d)
+    block.layers.append(d)
+    with pytest.raises(ValueError, match="Residual"):
+        nn.Residual(block)
+    model = nn.Sequential(d, act)
+    with pytest.raises(ValueError, match="append"):
+        model.append(d)
+    assert model.layers == [d, act]  # the failed append left the model as it was
+    model.layers.append(act)         # edited behind its back: compile refuses it
+    with pytest.raises(ValueError, match="compile"):
+        model.compile("mse", "sgd")
 
 
 def test_train_eval_propagate(backend):

@@ -570,6 +570,21 @@ class LayerNorm(_Norm):
         return grad_x
 
 
+def _check_each_module_once(root, where):
+    """ValueError if a module instance occurs twice in ``root``'s tree: each module
+    keeps the inputs of its last forward for its backward, so a second use in the same
+    pass would give the first use's backward the wrong inputs (silently wrong
+    gradients).  Weight tying shares a Parameter between two modules instead."""
+    seen = set()
+    for mod in root.modules():
+        if id(mod) in seen:
+            raise ValueError(
+                f"{where}: the same {type(mod).__name__} instance is used twice; a module "
+                f"keeps its last forward's inputs for backward, so each use needs its own "
+                f"instance (to tie weights, share the Parameter: b.weight = a.weight)")
+        seen.add(id(mod))
+
+
 class Residual(Module):
     """Skip connection ``y = x + block(x)``; the block must keep the shape."""
 
@@ -578,6 +593,7 @@ class Residual(Module):
         if not isinstance(block, Module):
             raise TypeError(f"block must be a fastprop Module, got {type(block).__name__}")
         self.block = block
+        _check_each_module_once(self, "Residual")
 
     def children(self):
         return [self.block]
@@ -606,7 +622,9 @@ class Sequential(Module):
     """Layers applied in order; backward runs them in reverse.
 
     ``.layers`` is the list of modules; a Sequential is iterable, indexable (a slice
-    gives a Sequential sharing the layers) and has ``len``.
+    gives a Sequential sharing the layers) and has ``len``.  Each module instance may
+    occur once in a model (ValueError otherwise: a module keeps its last forward's
+    inputs for backward); tied weights share a Parameter between two modules.
 
     Example:
         >>> model = Sequential(Dense(64, 128, "relu"), Dense(128, 10))
@@ -622,6 +640,7 @@ class Sequential(Module):
             if not isinstance(layer, Module):
                 raise TypeError(f"layer {i} must be a fastprop Module, got {type(layer).__name__}")
         self.layers = list(layers)
+        _check_each_module_once(self, "Sequential")
 
     def children(self):
         return list(self.layers)
@@ -630,6 +649,11 @@ class Sequential(Module):
         if not isinstance(layer, Module):
             raise TypeError(f"layer must be a fastprop Module, got {type(layer).__name__}")
         self.layers.append(layer)
+        try:
+            _check_each_module_once(self, "Sequential.append")
+        except ValueError:
+            self.layers.pop()
+            raise
         return self
 
     def __iter__(self):

@@ -26,6 +26,7 @@ from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
+                 _check_each_module_once,
                  inference_mode)
 
 __all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
@@ -99,6 +100,7 @@ class TrainStep:
     def __init__(self, model: Module, loss, optimizer):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+        _check_each_module_once(model, "compile")  # (.layers may have been edited)
         self.model = model
         self.loss = _losses.get(loss)
         self.optimizer = _optim.get(optimizer, model.parameters())
