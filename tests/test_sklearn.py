@@ -600,6 +600,39 @@ def test_float32_regression_keeps_dtype():
     assert ours.predict(X_train.astype(np.float32)).dtype == np.float32
 
 
+@no_convergence_warning
+@pytest.mark.parametrize("kind", ["multiclass", "binary", "regressor"])
+def test_float32_model_predicts_like_sklearn_on_other_dtypes(kind):
+    """A float32 network on float64, int or bool X: scikit-learn computes X @ W in
+    NumPy's promoted type (float64 for float64 and int64 X, from the unrounded X;
+    float32 for bool X), so predict / predict_proba / predict_log_proba / score do
+    too.  Same weights in both estimators, so the outputs agree to float64 rounding."""
+    X_raw, y = load_digits(return_X_y=True)          # int64 pixel values 0..16
+    X_raw, y = X_raw[:300], y[:300]
+    if kind == "binary":
+        y = y % 2
+    name = "MLPRegressor" if kind == "regressor" else "MLPClassifier"
+    target = y / 9.0 if kind == "regressor" else y
+    sk, ours = _pair(name, hidden_layer_sizes=(12,), max_iter=3, random_state=0)
+    ours.fit((X_raw / 16).astype(np.float32), target)
+    sk.fit((X_raw / 16).astype(np.float32), target)
+    sk.coefs_ = [c.copy() for c in ours.coefs_]
+    sk.intercepts_ = [b.copy() for b in ours.intercepts_]
+    assert sk.coefs_[0].dtype == np.float32
+    for X in (X_raw / 16.3, X_raw, X_raw > 8, (X_raw / 16.3).astype(np.float32)):
+        methods = (["predict"] if kind == "regressor"
+                   else ["predict_proba", "predict_log_proba", "predict"])
+        rtol = 1e-5 if X.dtype in (np.float32, bool) else 1e-12
+        for method in methods:
+            expected, got = getattr(sk, method)(X), getattr(ours, method)(X)
+            assert got.dtype == expected.dtype, (method, X.dtype)
+            if got.dtype.kind == "f":
+                np.testing.assert_allclose(got, expected, rtol=rtol, atol=rtol * 1e-2)
+            else:
+                np.testing.assert_array_equal(got, expected)
+        assert ours.score(X, target) == pytest.approx(sk.score(X, target), rel=rtol)
+
+
 # --------------------------------------------------------------------------- incremental
 @no_convergence_warning
 def test_partial_fit_matches_sklearn():

@@ -908,7 +908,9 @@ class _BaseMLP(BaseEstimator):
         """The network's output activations for X (n_samples, n_outputs)."""
         if check_input:
             X = validate_data(self, X, accept_sparse=["csr", "csc"], reset=False)
-        dtype = _coef_dtype(self.coefs_)
+        # scikit-learn computes X @ W in NumPy's promoted type: a float32 network
+        # predicts in float64 on float64 (or int64) X, from the unrounded X
+        dtype = np.result_type(X.dtype, _coef_dtype(self.coefs_))
         X = X.tocsr().astype(dtype, copy=False) if sp.issparse(X) else _kernel_array(X, dtype)
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             return _forward(_host_backend(), X, self.coefs_, self.intercepts_, self.activation,
