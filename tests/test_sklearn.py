@@ -725,6 +725,47 @@ def test_warm_start_with_early_stopping(case):
 
 
 @no_convergence_warning
+@pytest.mark.parametrize("new_sizes", [(4,), (9,)])
+@pytest.mark.parametrize("solver", ["adam", "sgd"])
+@pytest.mark.parametrize("name", ["MLPClassifier", "MLPRegressor"])
+def test_warm_start_after_hidden_layer_sizes_change(name, solver, new_sizes):
+    """warm_start, then set_params(hidden_layer_sizes=...) with as many hidden layers:
+    scikit-learn's stochastic solvers take the shapes from coefs_ and keep training
+    the fitted network, silently; so do ours (fit and partial_fit)."""
+    X_train, _, y_train, _ = DATA["iris" if name == "MLPClassifier" else "diabetes"]
+    sk, ours = _pair(name, hidden_layer_sizes=(6,), max_iter=5, random_state=0,
+                     warm_start=True, solver=solver)
+    sk.fit(X_train, y_train)
+    ours.fit(X_train, y_train)
+    for est in (sk, ours):
+        est.set_params(hidden_layer_sizes=new_sizes)
+        est.fit(X_train, y_train)
+        est.partial_fit(X_train, y_train)
+    assert ours.coefs_[0].shape == sk.coefs_[0].shape == (X_train.shape[1], 6)
+    _assert_same_model(sk, ours)
+
+
+@no_convergence_warning
+@pytest.mark.parametrize("solver", ["adam", "sgd", "lbfgs"])
+def test_warm_start_hidden_layer_sizes_change_errors(solver):
+    """Where scikit-learn fails on a changed hidden_layer_sizes (another depth, any
+    solver: an unrelated TypeError / IndexError / AttributeError; L-BFGS, which
+    unpacks the fitted parameters by the new sizes: NaN or an error), ours raises a
+    clear error and leaves the fitted network as it was."""
+    X_train, _, y_train, _ = DATA["iris"]
+    changes = [(6, 3), ()] + ([(4,), (9,)] if solver == "lbfgs" else [])
+    for sizes in changes:
+        ours = MLPClassifier(hidden_layer_sizes=(6,), max_iter=5, random_state=0,
+                             warm_start=True, solver=solver).fit(X_train, y_train)
+        fitted = [c.copy() for c in ours.coefs_]
+        ours.set_params(hidden_layer_sizes=sizes)
+        with pytest.raises(ValueError, match="does not match the fitted network"):
+            ours.fit(X_train, y_train)
+        for a, b in zip(fitted, ours.coefs_):
+            np.testing.assert_array_equal(a, b)
+
+
+@no_convergence_warning
 def test_user_replaced_coefs_are_used():
     X_train, _, y_train, _ = DATA["iris"]
     ours = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0,

@@ -606,9 +606,17 @@ class _BaseMLP(BaseEstimator):
 
     def _network(self, n_features, hidden, dtype, sparse):
         units = [n_features] + [np.shape(c)[1] for c in self.coefs_]
-        if units[1:-1] != [int(h) for h in hidden]:
+        fitted = units[1:-1]
+        # hidden_layer_sizes changed since the network was fitted (warm_start,
+        # partial_fit): scikit-learn's stochastic solvers take the shapes from coefs_
+        # and keep training the fitted network, so ours do.  Its L-BFGS unpacks the
+        # parameters by the new sizes (a network of the new sizes from the wrong
+        # values, reading past the packed vector: NaN or an error), and a different
+        # depth fails in every solver with an unrelated error: a clear one here.
+        if fitted != [int(h) for h in hidden] and (
+                len(fitted) != len(hidden) or self.solver not in _STOCHASTIC_SOLVERS):
             raise ValueError(f"hidden_layer_sizes={list(hidden)} does not match the fitted "
-                             f"network's hidden layers {units[1:-1]}; refit without warm_start")
+                             f"network's hidden layers {fitted}; refit without warm_start")
         net = _Network(units, self.activation, self.out_activation_, dtype, sparse)
         net.load(self.coefs_, self.intercepts_)
         return net
