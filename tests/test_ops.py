@@ -486,3 +486,34 @@ def test_activation_keeps_0d_shape(backend, dtype, name):
     assert_close(g, act_grad_ref(name, 2.0, x=x, y=y)[0], dtype, 4.0)
     with pytest.raises(ValueError, match="softmax"):
         fp.ops.activation("softmax", x)
+
+
+def test_activation_out_partially_overlapping_x(backend, dtype, rng):
+    """out may be x itself (in place); an out that overlaps x otherwise must give the
+    same result as separate arrays (the kernel would read inputs it has overwritten)."""
+    buf = rng.standard_normal(41).astype(dtype)
+    x, out = buf[:-1].reshape(5, 8), buf[1:].reshape(5, 8)
+    for name in ("sigmoid", "softmax"):
+        want = fp.ops.activation(name, x.copy())
+        got = fp.ops.activation(name, x, out=out)
+        assert got is out
+        np.testing.assert_array_equal(out, want)
+        buf[...] = rng.standard_normal(41)
+
+
+def test_softmax_backward_rejects_0d_on_every_backend(backend):
+    with pytest.raises(ValueError, match="softmax"):
+        fp.ops.activation_backward("softmax", 1.0, None, 0.5)
+
+
+def test_backward_promotes_like_forward(backend):
+    """A float64 operand makes the backward compute in float64, as linear does."""
+    x = np.ones((3, 2), np.float32)
+    w = np.ones((2, 4), np.float32)
+    gy = np.full((3, 4), 1 + 1e-10)
+    gx, gw, gb = fp.ops.linear_backward(gy, x, w, None)
+    assert gx.dtype == gw.dtype == gb.dtype == np.float64
+    np.testing.assert_allclose(gb - 3, 3e-10, rtol=1e-6)
+    g = fp.ops.activation_backward("tanh", np.ones(3, np.float32), None, np.full(3, 0.5))
+    assert g.dtype == np.float64
+    np.testing.assert_allclose(g, 0.75)

@@ -169,6 +169,13 @@ def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
     act = activation_code(activation)
     alpha = real(alpha, "alpha", low=0)
     x, w, _, dtype = _linear_args(x, w, None)
+    # the computation dtype promotes over every operand (a float64 grad_y with float32
+    # x and w computes in float64, as linear promotes x, w and b)
+    given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (z, "z"))
+             if a is not None]
+    wide = compute_dtype(x, w, *given)
+    if wide != dtype:
+        x, w, dtype = x.astype(wide), w.astype(wide), wide
     n, out_f = x.shape[0], w.shape[1]
     grad_y = as_float(grad_y, "grad_y", dtype)
     check_shape(grad_y, (n, out_f), "grad_y")
@@ -214,7 +221,9 @@ def activation(name, x, *, alpha=0.01, out=None):
         out = np.empty_like(x)
     else:
         check_out(out, x.shape, x.dtype)
-        if not out.flags.c_contiguous:
+        # the kernel may write y over x only when they are the same array: a partial
+        # overlap would read inputs it has already overwritten
+        if not out.flags.c_contiguous or (out is not x and np.may_share_memory(out, x)):
             out[...] = activation(name, x, alpha=alpha)
             return out
     if x.size:
@@ -230,7 +239,11 @@ def activation_backward(name, grad_y, x, y, *, alpha=0.01):
     """
     act = activation_code(name)
     alpha = real(alpha, "alpha", low=0)
-    grad_y = as_float(grad_y, "grad_y")
+    given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (x, "x"))
+             if a is not None]
+    grad_y = as_float(grad_y, "grad_y", compute_dtype(*given))
+    if act == ACTIVATIONS["softmax"] and grad_y.ndim == 0:
+        raise ValueError("softmax needs at least 1-D input")
     y_, x_ = _act_operands(act, y, x, grad_y.shape, grad_y.dtype)
     grad_x = np.empty_like(grad_y)
     if grad_y.size:
