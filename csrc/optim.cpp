@@ -9,8 +9,10 @@
 // one-tensor plans.  Scalar
 // factors (lr, 1 - beta, Adam's bias corrections lr / (1 - beta1^step) and
 // sqrt(1 - beta2^step)) are computed once in double and rounded to T; elementwise
-// arithmetic is in T, in the same order as the NumPy reference, so results agree
-// to a few ulp of T (the avx2 unit may contract a*b + c into one FMA).
+// arithmetic is in T, in the same order as the NumPy reference, each operation
+// rounded (compiled with -ffp-contract=off, CMakeLists.txt: no FMA contraction, so an
+// element's result does not depend on which copy of a loop, vector or scalar, the
+// compiler ran it in), so results agree with the reference to a few ulp of T.
 // Speed (1 thread, 1M float32 parameters, Zen4): Adam ~0.5 ms (NumPy reference
 // 2.5 ms), SGD with momentum ~0.2 ms (0.44 ms): memory-bound.
 #include "isa_common.hpp"
