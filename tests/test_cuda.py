@@ -10,6 +10,7 @@ geometry of ``cuda_kernels`` is the simulator's (the GPU tile shapes get one tes
 import os
 import subprocess
 import sys
+import warnings
 
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM")
 os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
@@ -296,6 +297,31 @@ def test_activation(dtype, act, rng):
     close(gx, want_gx, dtype, np.abs(g) * 2, factor=2, what="backward")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
+def test_activation_extreme_inputs(dtype):
+    """Huge |x|, infinities and NaN as the numpy backend (gelu's backward took x^3 to
+    inf and returned 0 * inf = NaN for |x| > 1.8e19 in float32)."""
+    big = np.finfo(dtype).max
+    x = np.array([[1e20, -1e20, big, -big, np.inf, -np.inf, np.nan, 5.0]], dtype)
+    if dtype == F64:
+        x[0, :2] = [1e160, -1e160]
+    g = np.ones_like(x)
+    for act, code in ACTIVATIONS.items():
+        y, want_y = np.empty_like(x), np.empty_like(x)
+        gx, want_gx = np.empty_like(x), np.empty_like(x)
+        # (the simulator's threads evaluate with NumPy scalars, which warn on inf - inf
+        # as the numpy backend would without its errstate; a GPU does not)
+        with np.errstate(all="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            cu.activation_forward(code, 0.2, x, y)
+            ref.activation_forward(code, 0.2, x, want_y)
+            cu.activation_backward(code, 0.2, g, x, want_y, gx)
+            ref.activation_backward(code, 0.2, g, x, want_y, want_gx)
+        np.testing.assert_allclose(y, want_y, rtol=TOL[dtype][0], err_msg=act)
+        np.testing.assert_allclose(gx, want_gx, rtol=TOL[dtype][0], atol=TOL[dtype][1],
+                                   err_msg=act)
+
+
 def test_activation_in_place(rng):
     x = randn(rng, (4, 3), F32)
     want = np.tanh(x)
@@ -309,7 +335,7 @@ def test_activation_in_place(rng):
 
 # ------------------------------------------------------------------ losses
 @pytest.mark.parametrize("dtype", DTYPES, ids=["f32", "f64"])
-@pytest.mark.parametrize("kind", ["labels", "targets"])
+@pytest.mark.parametrize("kind", ["labels", "targets", "unnormalised"])
 def test_softmax_xent(dtype, kind, rng):
     n, c = 6, 5
     logits = randn(rng, (n, c), dtype) * 3
@@ -318,7 +344,9 @@ def test_softmax_xent(dtype, kind, rng):
         labels = rng.integers(0, c, n).astype(np.int64)
     else:
         targets = rng.random((n, c)).astype(dtype)
-        targets /= targets.sum(1, keepdims=True)
+        if kind == "targets":
+            targets /= targets.sum(1, keepdims=True)
+        # (rows not summing to 1: the contract's gradient softmax * sum(t) - t)
     grad, want_grad = np.empty_like(logits), np.empty_like(logits)
     loss = cu.softmax_xent(logits, labels, targets, grad)
     want = ref.softmax_xent(logits, labels, targets, want_grad)

@@ -177,11 +177,12 @@ def activations(dtype) -> _Activations:
     t = np.dtype(dtype).type
     zero, one, half = t(0), t(1), t(0.5)
     gc, gk, gk3 = t(math.sqrt(2.0 / math.pi)), t(0.044715), t(3 * 0.044715)
+    gclip = t(20.0)
 
     @cuda.jit(device=True)
     def forward(v, act, alpha):
         if act == RELU:
-            return v if v > zero else zero
+            return zero if v < zero else v  # (NaN stays NaN, as on the other backends)
         if act == LEAKY:
             return v if v > zero else v * alpha
         if act == SIGMOID:
@@ -191,7 +192,12 @@ def activations(dtype) -> _Activations:
         if act == TANH:
             return math.tanh(v)
         if act == GELU:
-            return half * v * (one + math.tanh(gc * (v + gk * v * v * v)))
+            # beyond |x| = 20 gelu is x or -0 to the last bit (the numpy backend's
+            # form): clamping keeps x^3 finite and -inf * 0 out (NaN propagates)
+            if v < -gclip:
+                return -zero
+            vc = min(v, gclip)
+            return half * v * (one + math.tanh(gc * (vc + gk * vc * vc * vc)))
         return v
 
     @cuda.jit(device=True)
@@ -205,8 +211,11 @@ def activations(dtype) -> _Activations:
         if act == TANH:
             return g * (one - y * y)
         if act == GELU:
-            th = math.tanh(gc * (x + gk * x * x * x))
-            d = half * (one + th) + half * x * (one - th * th) * gc * (one + gk3 * x * x)
+            # beyond |x| = 20 the derivative is 1 or 0 to the last bit; clamping keeps
+            # x^3 finite (0 * inf = NaN for |x| > 1.8e19 in float32), as the numpy backend
+            xc = min(max(x, -gclip), gclip)
+            th = math.tanh(gc * (xc + gk * xc * xc * xc))
+            d = half * (one + th) + half * xc * (one - th * th) * gc * (one + gk3 * xc * xc)
             return g * d
         return g
 
@@ -575,13 +584,17 @@ def reductions(dtype) -> _Reductions:
                 label = labels[r]
                 if tid == 0:
                     part = lse - (f64(logits[r, label]) - mx)
+            tsum = 1.0  # target rows need not sum to 1: grad = softmax * sum(t) - t
             if targets is not None:
+                ts = 0.0
                 for j in range(tid, c, nt):
                     part -= f64(targets[r, j]) * (f64(logits[r, j]) - mx - lse)
+                    ts += f64(targets[r, j])
                 part = _block_sum(sh, part)
+                tsum = _block_sum(sh, ts)
             if grad is not None:
                 for j in range(tid, c, nt):
-                    p = math.exp(f64(logits[r, j]) - mx - lse)
+                    p = math.exp(f64(logits[r, j]) - mx - lse) * tsum
                     if j == label:
                         p -= 1.0
                     if targets is not None:
