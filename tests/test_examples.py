@@ -53,3 +53,24 @@ def test_info_prints_config(capsys):
     assert main(["info"]) == 0
     out = capsys.readouterr().out
     assert "backend" in out and fp.__version__ in out
+
+
+def test_info_reports_an_unavailable_backend_instead_of_failing(capsys, monkeypatch):
+    from fastprop import backends
+    from fastprop.cli import main
+
+    def unavailable():
+        raise backends.BackendUnavailableError("the cuda backend is unavailable: no GPU")
+    monkeypatch.setattr(backends, "get_backend", unavailable)
+    assert main(["info"]) == 0
+    assert "unavailable (BackendUnavailableError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args", [["--epochs", "-1"], ["--batch-size", "0"],
+                                  ["--epochs", "two"]])
+def test_demo_rejects_bad_arguments_as_usage_errors(args, capsys):
+    from fastprop.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["demo"] + args)
+    assert exc.value.code == 2
+    assert "error: argument" in capsys.readouterr().err

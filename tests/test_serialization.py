@@ -193,6 +193,14 @@ def _craft(header: bytes, data: bytes = b"\0" * 16) -> bytes:
     {"model": {"class": "Sequential", "children": 3}, "arrays": []},
     {"model": {"class": "Residual", "children": []}, "arrays": []},
     {"arrays": []},
+    b"[" * 100000 + b"]" * 100000,                      # nesting past the recursion limit
+    {"model": {"class": "Dense", "config": {"in_features": 1, "out_features": 1}},
+     "arrays": [{"name": "0.weight", "dtype": "<f8", "shape": [1, 1], "offset": 0},
+                {"name": "0.bias", "dtype": "<f8", "shape": [1], "offset": 8}]},  # dtype
+    {"model": {"class": "Dense", "config": {"in_features": 1, "out_features": 1}},
+     "arrays": [{"name": "0.weight", "dtype": "<f4", "shape": [1, 1], "offset": 0},
+                {"name": "0.bias", "dtype": "<f4", "shape": [1], "offset": 4}],
+     "tied": {"0.bias": "7.weight"}},
 ], ids=lambda h: "raw" if isinstance(h, bytes) else json.dumps(h)[:40])
 def test_malformed_header_with_valid_checksum_raises_valueerror(tmp_path, header):
     raw = header if isinstance(header, bytes) else json.dumps(header).encode()
@@ -210,3 +218,29 @@ def test_saved_file_mode_follows_the_umask(tmp_path):
         assert (path.stat().st_mode & 0o777) == 0o644
     finally:
         os.umask(old)
+
+
+def test_tied_weights_stay_tied(backend, rng, tmp_path):
+    """Two layers sharing one weight Parameter load sharing one Parameter, and train
+    on as the original does."""
+    a, b = nn.Dense(4, 4, "tanh", rng=1), nn.Dense(4, 4, rng=2)
+    b.weight = a.weight
+    model = nn.Sequential(a, nn.Dense(4, 4, rng=3), b)
+    fp.save(model, tmp_path / "tied.fp")
+    loaded = fp.load(tmp_path / "tied.fp")
+    assert loaded[0].weight is loaded[2].weight
+    assert len(loaded.parameters()) == len(model.parameters()) == 5
+    X, y = rng.standard_normal((8, 4)), rng.integers(0, 4, 8)
+    for m in (model, loaded):
+        m.fit(X, y, loss="cross_entropy", optimizer=fp.optim.SGD(m.parameters(), lr=0.1),
+              epochs=2, batch_size=4, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
+def test_dropout_seed_survives_a_round_trip(tmp_path):
+    x = np.ones((2, 8))
+    model = nn.Sequential(nn.Dropout(0.5, seed=123))
+    fp.save(model, tmp_path / "d.fp")
+    loaded = fp.load(tmp_path / "d.fp")
+    assert loaded[0].seed == 123
+    np.testing.assert_array_equal(loaded(x), nn.Dropout(0.5, seed=123)(x))

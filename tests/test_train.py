@@ -284,6 +284,20 @@ def test_large_finite_gradients_are_not_reported_non_finite(backend):
     assert np.abs(model[0].weight.grad).max() > 1e159
 
 
+def test_a_trained_model_copies_pickles_and_gradchecks(backend, rng):
+    """fit / compile cache the compiled step on the model; deepcopy, pickle and
+    fp.gradcheck (which copies the module) must still work, without the cache."""
+    import pickle
+    X, y = blobs(rng, n=16)
+    model = mlp(dtype=np.float64)
+    model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0)
+    for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
+        assert getattr(clone, "_compiled", None) is None
+        np.testing.assert_array_equal(clone.predict(X), model.predict(X))
+    assert fp.gradcheck(model, X[:4])
+    assert model._compiled is not None  # the original keeps its step
+
+
 def test_fit_trains_in_training_mode(backend, rng):
     """fit switches an eval-mode model to training mode: BatchNorm updates its running
     statistics, as it only does in training."""

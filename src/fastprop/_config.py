@@ -43,8 +43,11 @@ def config() -> dict:
         "python": sys.version.split()[0],
         "platform": f"{platform.system()} {platform.machine()}",
         "numpy": np.__version__,
-        "backend": backends.get_backend(),
     }
+    try:
+        info["backend"] = backends.get_backend()
+    except Exception as exc:  # e.g. FASTPROP_BACKEND=cuda without a GPU: say so, go on
+        info["backend"] = f"unavailable ({type(exc).__name__}: {exc})"
     native = _native()
     if native is None:
         info["native"] = "not available"

@@ -121,6 +121,18 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def __getstate__(self):
+        """The module without its compiled training step (``compile`` / ``fit`` cache
+        it on the model): a copy or a pickle gets the weights and buffers, and builds
+        its own step when it trains (the step holds native pointers to this model's
+        arrays and cannot be copied)."""
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        state = self.__dict__.copy()
+        state.pop("_compiled", None)
+        return state
+
     # -- structure -------------------------------------------------------------
     def children(self) -> list:
         return []
@@ -424,7 +436,7 @@ class Dropout(Module):
         self.freeze_mask = False  # reuse the last mask (used by gradcheck)
 
     def get_config(self):
-        return {"p": self.p}
+        return {"p": self.p, "seed": self.seed}
 
     def forward(self, x):
         x = _input_dtype(x)

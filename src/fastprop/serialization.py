@@ -72,7 +72,8 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
                         "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
-    header = json.dumps({"model": model_to_tree(model), "arrays": entries}).encode()
+    header = json.dumps({"model": model_to_tree(model), "arrays": entries,
+                         "tied": _tied_parameters(model)}).encode()
     path = os.fspath(path)
     directory = os.path.dirname(os.path.abspath(path))
     digest = hashlib.sha256()
@@ -97,6 +98,47 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         except OSError:
             pass
         raise
+
+
+def _tied_parameters(model: Module) -> dict:
+    """{"j.attr": "i.attr"}: the Parameter of module j's ``attr`` is the one first held
+    by module i (weight tying), in ``model.modules()`` order as ``state_arrays`` names
+    them; ``load`` restores the sharing."""
+    first, tied = {}, {}
+    for i, mod in enumerate(model.modules()):
+        for attr in mod._params:
+            p = getattr(mod, attr)
+            if p is None:
+                continue
+            name = f"{i}.{attr}"
+            if id(p) in first:
+                tied[name] = first[id(p)]
+            else:
+                first[id(p)] = name
+    return tied
+
+
+def _tie_parameters(model: Module, tied, where: str) -> None:
+    mods = list(model.modules())
+
+    def holder(name):
+        try:
+            i, attr = name.split(".", 1)
+            mod = mods[int(i)]
+            if attr not in mod._params or getattr(mod, attr) is None:
+                raise ValueError
+            return mod, attr
+        except (ValueError, IndexError, AttributeError):
+            raise ValueError(f"{where}: corrupt parameter tie {name!r}") from None
+
+    if not isinstance(tied, dict):
+        raise ValueError(f"{where}: corrupt parameter ties")
+    for name, source in tied.items():
+        (mod, attr), (src_mod, src_attr) = holder(name), holder(str(source))
+        p = getattr(src_mod, src_attr)
+        if getattr(mod, attr).value.shape != p.value.shape:
+            raise ValueError(f"{where}: tied parameters {name!r} and {source!r} differ in shape")
+        setattr(mod, attr, p)
 
 
 def _umask() -> int:
@@ -128,8 +170,8 @@ def _read(path):
         raise ValueError(f"{path!r} is corrupt or truncated (checksum mismatch)")
     try:
         header = json.loads(body[head:head + hlen].decode())
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path!r} has a corrupt header: {exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise ValueError(f"{path!r} has a corrupt header: {exc!r}") from None
     data = memoryview(body)[head + hlen:]
     arrays = {}
     try:
@@ -153,15 +195,18 @@ def load(path) -> Module:
         ValueError: the file is not a fastprop model, or is corrupt or truncated.
     """
     header, arrays = _read(path)
+    where = repr(os.fspath(path))
     try:
         model = model_from_tree(header["model"])
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"{os.fspath(path)!r} describes an invalid model: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise ValueError(f"{where} describes an invalid model: {exc!r}") from None
     for name, target in model.state_arrays():
         src = arrays.get(name)
-        if src is None or src.shape != target.shape:
-            raise ValueError(f"{os.fspath(path)!r}: array {name!r} is missing or has the wrong "
-                             f"shape")
+        if src is None or src.shape != target.shape or src.dtype != target.dtype:
+            raise ValueError(f"{where}: array {name!r} is missing or has the wrong shape or "
+                             f"dtype (want {target.shape} {target.dtype}, file has "
+                             f"{getattr(src, 'shape', None)} {getattr(src, 'dtype', None)})")
         target[...] = src
+    _tie_parameters(model, header.get("tied", {}), where)
     model._extra = {k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
     return model
