@@ -271,6 +271,40 @@ def test_tied_weights_take_the_python_path(batch):
         np.testing.assert_allclose(got, W, rtol=1e-10, atol=1e-12)
 
 
+@pytest.mark.parametrize("edit", ["append-sigmoid", "dropout-p", "leaky-alpha", "eval-train"])
+def test_model_edited_after_compile_trains_the_edited_model(edit):
+    """A compiled step follows edits to the model made after compile (a layer
+    appended, a Dropout rate, an activation's alpha, eval/train) as the Python path
+    does; the native kernel kept running the chain it was built for."""
+    rng = np.random.default_rng(0)
+    X, Y = rng.standard_normal((16, 4)), rng.random((16, 3))
+    results = []
+    for backend in (["native"] if NATIVE_BUILT else []) + ["numpy"]:
+        model = nn.Sequential(nn.Dense(4, 8, rng=1, dtype=np.float64), nn.LeakyReLU(0.1),
+                              nn.Dropout(0.0, seed=3), nn.Dense(8, 3, rng=2, dtype=np.float64))
+        with fp.use_backend(backend):
+            step = model.compile(losses.MSE(), optim.SGD(model.parameters(), lr=0.1))
+            step(X, Y)
+            if edit == "append-sigmoid":
+                model.append(nn.Sigmoid())
+            elif edit == "dropout-p":
+                model[2].p = 0.5
+            elif edit == "leaky-alpha":
+                model[1].alpha = 0.3
+            else:
+                model.eval()
+                step(X, Y)
+                model.train()
+            values = [step(X, Y) for _ in range(3)]
+        results.append((values, [p.value.copy() for p in model.parameters()]))
+    for values, params in results[1:]:
+        np.testing.assert_allclose(values, results[0][0], rtol=1e-12)
+        for a, b in zip(params, results[0][1]):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+    if edit == "append-sigmoid":
+        assert 0 < model[-1]._y.min() and model[-1]._y.max() < 1
+
+
 @native_only
 def test_bad_labels_are_rejected_by_the_kernel():
     model = _model(np.float32)

@@ -83,6 +83,36 @@ class Parameter:
 
 _registry: dict = {}
 
+# Bumped by every change that can alter what a model computes: a public attribute set
+# on a module (a Dense's activation, a Dropout's p, a replaced Parameter) and any
+# change to a Sequential's layer list.  A compiled training step compares it with the
+# value it was built at (one integer per step) and rechecks its layer chain when it
+# moved.  (Private attributes, the forward caches, are set on every pass and do not
+# count.)
+_structure = [0]
+
+
+class _LayerList(list):
+    """A Sequential's ``layers``: a list whose changes bump ``_structure``."""
+
+
+def _bumping(name):
+    method = getattr(list, name)
+
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            _structure[0] += 1
+    wrapper.__name__ = name
+    return wrapper
+
+
+for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "reverse",
+              "__setitem__", "__delitem__", "__iadd__", "__imul__"):
+    setattr(_LayerList, _name, _bumping(_name))
+del _name
+
 
 class Module:
     """Base class of every layer.
@@ -120,6 +150,11 @@ class Module:
 
     def __call__(self, x):
         return self.forward(x)
+
+    def __setattr__(self, name, value):
+        if name[0] != "_":
+            _structure[0] += 1
+        object.__setattr__(self, name, value)
 
     def __getstate__(self):
         """The module without its compiled training step (``compile`` / ``fit`` cache
@@ -661,7 +696,7 @@ class Sequential(Module):
         for i, layer in enumerate(layers):
             if not isinstance(layer, Module):
                 raise TypeError(f"layer {i} must be a fastprop Module, got {type(layer).__name__}")
-        self.layers = list(layers)
+        self.layers = _LayerList(layers)
         _check_each_module_once(self, "Sequential")
 
     def children(self):

@@ -26,7 +26,7 @@ from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
-                 _check_each_module_once,
+                 _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
 
 __all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
@@ -111,6 +111,8 @@ class TrainStep:
         self.check_finite = False
         self._fast = None
         self._fast_key = None
+        self._stages_key = None  # the layer chain the kernel was built for
+        self._structure = -1     # nn._structure when that was last checked
         self._kernel_labels = False
 
     def _fast_key_is_current(self, be) -> bool:
@@ -127,6 +129,17 @@ class TrainStep:
     def fused(self):
         """The backend's whole-step kernel for this model, or None (Python path)."""
         be = backends.current()
+        if self._structure != _nn_structure[0]:
+            # a layer, an activation, a Dropout rate or the layer list changed since
+            # the last step (model.append(Sigmoid()), dropout.p = 0.5, ...): rebuild
+            # if the chain the kernel runs is no longer the model's
+            self._structure = _nn_structure[0]
+            stages = dense_stages(self.model)
+            key = None if stages is None else (self.model.training, tuple(
+                (id(st.weight), id(st.bias), st.act, st.alpha) for st in stages))
+            if key != self._stages_key:
+                self._stages_key = key
+                self._fast_key = None
         if not self._fast_key_is_current(be):
             self._fast_key = (be, [p.value for p in self.optimizer.params])
             self._fast = None
