@@ -55,14 +55,16 @@ double sum_squares_multi(index_t count, const T* const* arrays, const index_t* s
 }
 
 // Global-norm clipping, reduce then scale: norm = sqrt(sum of squares of all arrays);
-// if it is finite and above max_norm every element is scaled by
-// max_norm / (norm + 1e-6) (torch.nn.utils.clip_grad_norm_).  Returns the norm.
+// if it is finite, every element is scaled by min(1, max_norm / (norm + 1e-6)), as
+// torch.nn.utils.clip_grad_norm_ (so also a norm within 1e-6 below max_norm, by
+// less than 1e-6 relative).  Returns the norm.
 template <typename T>
 double clip_grad_norm(index_t count, T* const* arrays, const index_t* sizes,
                       double max_norm) {
     const double norm = fp_sqrt(sum_squares_multi<T>(count, arrays, sizes));
-    if (norm - norm == 0.0 && norm > max_norm) {
-        const T coef = T(max_norm / (norm + 1e-6));
+    const double c = max_norm / (norm + 1e-6);
+    if (norm - norm == 0.0 && c < 1.0) {
+        const T coef = T(c);
         index_t total = 0;
         for (index_t i = 0; i < count; ++i) total += sizes[i];
         parallel_for(total, kElementGrain, [&](index_t b, index_t e) {

@@ -227,6 +227,16 @@ def test_clip_grad_norm_below_threshold_is_a_no_op(backend, dtype, rng):
     assert all(np.array_equal(p.grad, b) for p, b in zip(params, before))
 
 
+def test_clip_grad_norm_just_below_max_norm_scales_as_pytorch(backend, dtype):
+    """PyTorch multiplies by min(1, max_norm / (norm + 1e-6)): a norm within 1e-6
+    below max_norm is scaled too (grad [3, 4], max_norm 5: by 5 / (5 + 1e-6))."""
+    p = fp.Parameter(np.zeros(2, dtype))
+    p.grad[...] = [3.0, 4.0]
+    assert fp.clip_grad_norm([p], 5.0) == pytest.approx(5.0)
+    np.testing.assert_allclose(p.grad, np.array([3.0, 4.0]) * (5 / (5 + 1e-6)), rtol=1e-7)
+    assert p.grad[0] < 3.0 and p.grad[1] < 4.0
+
+
 def test_clip_grad_norm_mixed_dtypes_and_nonfinite(backend, rng):
     a = fp.Parameter(np.zeros(3, np.float32))
     b = fp.Parameter(np.zeros(2, np.float64))

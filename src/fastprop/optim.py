@@ -318,8 +318,9 @@ def clip_grad_norm(params, max_norm) -> float:
     """Scale all gradients so that their global L2 norm is at most ``max_norm``.
 
     Returns the total norm *before* clipping (as torch.nn.utils.clip_grad_norm_).
-    Gradients are scaled by ``max_norm / (norm + 1e-6)`` when the norm exceeds
-    ``max_norm``; a non-finite norm is returned and nothing is scaled.
+    Gradients are scaled by ``min(1, max_norm / (norm + 1e-6))``, as PyTorch does
+    (so a norm within 1e-6 below ``max_norm`` is scaled by less than 1e-6 relative);
+    a non-finite norm is returned and nothing is scaled.
     """
     max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
     groups = _grads_by_dtype(params)
@@ -328,8 +329,8 @@ def clip_grad_norm(params, max_norm) -> float:
     if fused is not None and len(groups) == 1:
         return fused(groups[0], max_norm)  # one pass to reduce, one to scale
     total = math.sqrt(sum(be.sum_squares(g) for g in groups))
-    if math.isfinite(total) and total > max_norm:
-        coef = max_norm / (total + 1e-6)
+    coef = max_norm / (total + 1e-6) if math.isfinite(total) else 1.0
+    if coef < 1.0:
         for g in groups:
             be.scale_(g, coef)
     return total

@@ -78,8 +78,8 @@ Optimizers (lists of same-length arrays, updated in place; grads are read only):
     scale_(arrays, factor)         a *= factor, in place
     clip_(arrays, lo, hi)          a = min(max(a, lo), hi), in place
     clip_grad_norm_(arrays, max_norm) -> float   (optional) global-norm clipping in one
-                                   call: norm of all arrays, then scale by
-                                   max_norm / (norm + 1e-6) if finite and > max_norm
+                                   call: norm of all arrays, then, if it is finite,
+                                   scale by min(1, max_norm / (norm + 1e-6)) (PyTorch)
 
 Normalization (x is (n, f); statistics are float arrays of the same dtype)::
 
