@@ -271,7 +271,8 @@ def test_tied_weights_take_the_python_path(batch):
         np.testing.assert_allclose(got, W, rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("edit", ["append-sigmoid", "dropout-p", "leaky-alpha", "eval-train"])
+@pytest.mark.parametrize("edit", ["append-sigmoid", "dropout-p", "leaky-alpha", "eval-train",
+                                  "dense-activation"])
 def test_model_edited_after_compile_trains_the_edited_model(edit):
     """A compiled step follows edits to the model made after compile (a layer
     appended, a Dropout rate, an activation's alpha, eval/train) as the Python path
@@ -291,6 +292,9 @@ def test_model_edited_after_compile_trains_the_edited_model(edit):
                 model[2].p = 0.5
             elif edit == "leaky-alpha":
                 model[1].alpha = 0.3
+            elif edit == "dense-activation":
+                model[3].activation = "tanh"
+                assert model[3].act == fp.backends.ACTIVATIONS["tanh"]
             else:
                 model.eval()
                 step(X, Y)

@@ -325,8 +325,7 @@ class Dense(Module):
         super().__init__()
         self.in_features = integer(in_features, "in_features", low=1)
         self.out_features = integer(out_features, "out_features", low=1)
-        self.act = activation_code(activation)
-        self.activation = activation
+        self.activation = activation  # (sets act, the kernels' code, too)
         self.alpha = real(alpha, "alpha", low=0)
         self._dtype = float_dtype(dtype)
         self.init = init
@@ -342,6 +341,17 @@ class Dense(Module):
         self.weight = Parameter(w, "weight")
         self.bias = Parameter(np.zeros(self.out_features, self._dtype), "bias") if bias else None
         self._x = self._y = self._z = None
+
+    @property
+    def activation(self):
+        """The activation's name (None: identity); setting it changes the layer's
+        activation (``act`` is its kernel code)."""
+        return self._activation
+
+    @activation.setter
+    def activation(self, name):
+        self.act = activation_code(name)
+        self._activation = name
 
     def get_config(self):
         cfg = {"in_features": self.in_features, "out_features": self.out_features,
