@@ -310,6 +310,118 @@ def test_initializer_statistics(name, std):
     assert w.std() == pytest.approx(std(300, 500), rel=0.02)
 
 
+INITS = ["xavier_uniform", "xavier_normal", "he_uniform", "he_normal"]
+
+# (kwargs of a call that must be rejected, exception, message): every argument is named
+BAD_INIT_CALLS = [
+    (dict(shape=5), TypeError, r"^shape must be a tuple"),
+    (dict(shape=None), TypeError, r"^shape must be a tuple"),
+    (dict(shape=(2.7, 3)), TypeError, r"^shape must hold ints"),
+    (dict(shape=(2, "3")), TypeError, r"^shape must hold ints"),
+    (dict(shape=(True, 3)), TypeError, r"^shape must hold ints"),
+    (dict(shape=(2, 3, 4)), ValueError, r"^shape must be 1-D or 2-D"),
+    (dict(shape=()), ValueError, r"^shape must be 1-D or 2-D"),
+    (dict(shape=(0, 3)), ValueError, r"^shape must hold positive sizes"),
+    (dict(shape=(-2, 3)), ValueError, r"^shape must hold positive sizes"),
+    (dict(gain=float("inf")), ValueError, r"gain"),
+    (dict(gain=float("nan")), ValueError, r"gain"),
+    (dict(gain=-1.0), ValueError, r"gain"),
+    (dict(gain=1e300), ValueError, r"gain"),
+    (dict(gain="1"), TypeError, r"^gain must be a real number"),
+    (dict(gain=True), TypeError, r"^gain must be a real number"),
+    (dict(dtype=np.int32), TypeError, r"^dtype must be float32 or float64"),
+    (dict(dtype="not a dtype"), TypeError, r"^dtype must be float32 or float64"),
+    (dict(rng="abc"), TypeError, r"^rng must be"),
+    (dict(rng=True), TypeError, r"^rng must be"),
+]
+
+
+# zeros draws nothing, so a huge finite gain cannot overflow there
+BAD_ZEROS_CALLS = [c for c in BAD_INIT_CALLS if c[0].get("gain") != 1e300]
+
+
+def _ids(calls):
+    return [",".join(f"{k}={v!r}" for k, v in c[0].items()) for c in calls]
+
+
+@pytest.fixture
+def _restore_init_rng():
+    saved = fp.init._rng
+    yield
+    fp.init._rng = saved
+
+
+def _init_call(name, kwargs):
+    kwargs = dict(kwargs)
+    shape = kwargs.pop("shape", (30, 20))
+    return getattr(fp.init, name)(shape, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_INIT_CALLS, ids=_ids(BAD_INIT_CALLS))
+@pytest.mark.parametrize("name", INITS)
+def test_rejected_init_leaves_the_global_generator_untouched(name, kwargs, exc, match,
+                                                             _restore_init_rng):
+    """Arguments are checked before any draw: a caught error does not shift the seeded
+    stream (it used to, e.g. a bad dtype was rejected after the draw)."""
+    fp.init.seed(0)
+    want = getattr(fp.init, name)((30, 20))
+    fp.init.seed(0)
+    with pytest.raises(exc, match=match):
+        _init_call(name, kwargs)
+    assert np.array_equal(getattr(fp.init, name)((30, 20)), want)
+
+
+@pytest.mark.parametrize("kwargs,exc,match", [c for c in BAD_INIT_CALLS if "rng" not in c[0]],
+                         ids=_ids([c for c in BAD_INIT_CALLS if "rng" not in c[0]]))
+@pytest.mark.parametrize("name", INITS)
+def test_rejected_init_leaves_a_given_generator_untouched(name, kwargs, exc, match):
+    gen = np.random.default_rng(7)
+    state = gen.bit_generator.state
+    with pytest.raises(exc, match=match):
+        _init_call(name, dict(kwargs, rng=gen))
+    assert gen.bit_generator.state == state
+    assert np.array_equal(getattr(fp.init, name)((30, 20), rng=gen),
+                          getattr(fp.init, name)((30, 20), rng=np.random.default_rng(7)))
+
+
+@pytest.mark.parametrize("kwargs,exc,match", BAD_ZEROS_CALLS, ids=_ids(BAD_ZEROS_CALLS))
+def test_zeros_checks_its_arguments_like_the_others(kwargs, exc, match):
+    kwargs = dict(kwargs)
+    shape = kwargs.pop("shape", (3, 2))
+    with pytest.raises(exc, match=match):
+        fp.init.zeros(shape, **kwargs)
+    z = fp.init.zeros([3, 2], gain=2.0, rng=0, dtype=np.float64)
+    assert z.shape == (3, 2) and z.dtype == np.float64 and not z.any()
+
+
+def test_init_accepts_numpy_ints_and_lists_and_1d_shapes():
+    w = fp.init.he_uniform([np.int64(4), np.int32(3)], gain=np.float32(1.0), rng=0)
+    assert w.shape == (4, 3) and np.abs(w).max() <= np.sqrt(3.0 / 4)
+    assert np.array_equal(w, fp.init.he_uniform((4, 3), gain=1.0, rng=0))
+    v = fp.init.xavier_normal((5,), rng=1, dtype=np.float64)
+    assert v.shape == (5,) and v.dtype == np.float64
+    assert fp.init.xavier_uniform((2, 3), gain=0.0, rng=0).tolist() == [[0.0] * 3] * 2
+
+
+@pytest.mark.parametrize("param", [True, False, "a", "0.2", [0.2], float("nan"), float("inf")])
+def test_calculate_gain_rejects_a_param_that_is_not_a_number(param):
+    # torch.nn.init.calculate_gain: ValueError "negative_slope ... not a valid number"
+    with pytest.raises(ValueError, match=r"param"):
+        fp.init.calculate_gain("leaky_relu", param)
+
+
+def test_calculate_gain_values():
+    assert fp.init.calculate_gain("leaky_relu", None) == fp.init.calculate_gain("leaky_relu")
+    assert fp.init.calculate_gain("leaky_relu", 0.2) == pytest.approx(np.sqrt(2 / 1.04))
+    assert fp.init.calculate_gain("leaky_relu", np.float32(0.2)) == pytest.approx(
+        np.sqrt(2 / 1.04))
+    assert fp.init.calculate_gain("leaky_relu", 1) == pytest.approx(1.0)
+    assert fp.init.calculate_gain("tanh") == pytest.approx(5 / 3)
+    assert fp.init.calculate_gain("relu") == pytest.approx(np.sqrt(2))
+    with pytest.raises(ValueError, match="no gain known"):
+        fp.init.calculate_gain("swish")
+
+
 def test_batchnorm_train_forward_and_running_stats(backend, dtype, rng):
     bn = nn.BatchNorm1d(4, momentum=0.25, dtype=dtype)
     bn.weight.value[...] = [1.0, 2.0, 0.5, -1.0]

@@ -12,6 +12,7 @@ tanh and softmax, which balances forward and backward variance.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 
@@ -29,25 +30,85 @@ def seed(value) -> None:
     _rng = np.random.default_rng(value)
 
 
+# Every initializer checks all of its arguments before it draws a random number, so a
+# rejected call leaves the generator (the global one or the caller's) where it was.
+
 def _generator(rng):
+    """The generator to draw from; a seed becomes a new generator (TypeError naming
+    ``rng`` for anything np.random.default_rng does not take, and for bool)."""
     if rng is None:
         return _rng
     if isinstance(rng, np.random.Generator):
         return rng
-    return np.random.default_rng(rng)
+    if isinstance(rng, (bool, np.bool_)):
+        raise TypeError(f"rng must be None, an int seed or a numpy.random.Generator, got {rng!r}")
+    try:
+        return np.random.default_rng(rng)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(
+            f"rng must be None, an int seed or a numpy.random.Generator, got {rng!r}: {exc}"
+        ) from exc
+
+
+def _shape(shape) -> tuple:
+    """``shape`` as a tuple of 1 or 2 positive ints (TypeError/ValueError naming it)."""
+    if not isinstance(shape, (tuple, list)):
+        raise TypeError(f"shape must be a tuple of ints (in, out), got "
+                        f"{type(shape).__name__} ({shape!r})")
+    if len(shape) not in (1, 2):
+        raise ValueError(f"shape must be 1-D or 2-D (in, out), got {tuple(shape)}")
+    for s in shape:
+        if isinstance(s, (bool, np.bool_)) or not isinstance(s, numbers.Integral):
+            raise TypeError(f"shape must hold ints, got {type(s).__name__} ({s!r}) in {shape!r}")
+        if s < 1:
+            raise ValueError(f"shape must hold positive sizes, got {tuple(shape)}")
+    return tuple(int(s) for s in shape)
 
 
 def _fans(shape):
-    shape = tuple(int(s) for s in shape)
+    shape = _shape(shape)
     if len(shape) == 1:
         return shape[0], shape[0]
-    if len(shape) != 2:
-        raise ValueError(f"shape must be 1-D or 2-D (in, out), got {shape}")
     return shape[0], shape[1]
 
 
+def _gain(gain) -> float:
+    """A finite gain >= 0 (TypeError/ValueError naming ``gain``)."""
+    g = real(gain, "gain", low=0)
+    if not math.isfinite(g):
+        raise ValueError(f"Invalid gain: {gain!r}; expected a finite gain >= 0")
+    return g
+
+
+def _scale(scale, gain, dtype) -> float:
+    """Reject a gain whose weights would not be finite in ``dtype``."""
+    if not scale <= float(np.finfo(dtype).max) / 16:
+        raise ValueError(f"Invalid gain: {gain!r}; the weights' scale {scale:g} would "
+                         f"overflow {dtype}")
+    return scale
+
+
+def _check(shape, gain, rng, dtype):
+    """Check every argument (nothing is drawn): (fan_in, fan_out, shape, gain,
+    generator, dtype)."""
+    shape = _shape(shape)
+    fan_in, fan_out = _fans(shape)
+    gain = _gain(gain)
+    dtype = float_dtype(dtype)
+    return fan_in, fan_out, shape, gain, _generator(rng), dtype
+
+
 def calculate_gain(nonlinearity: str, param: float = 0.01) -> float:
-    """Recommended gain for an activation (as torch.nn.init.calculate_gain)."""
+    """Recommended gain for an activation (as torch.nn.init.calculate_gain).
+
+    ``param`` is leaky_relu's negative slope (None: 0.01); as in torch, a value that is
+    not a number (a str, a bool, ...) is a ValueError."""
+    if param is None:
+        param = 0.01
+    if isinstance(param, (bool, np.bool_)) or not isinstance(param, numbers.Real):
+        raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not a valid number")
+    if not math.isfinite(float(param)):
+        raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not finite")
     if nonlinearity in ("identity", "linear", "sigmoid", "softmax", None):
         return 1.0
     if nonlinearity == "tanh":
@@ -55,40 +116,47 @@ def calculate_gain(nonlinearity: str, param: float = 0.01) -> float:
     if nonlinearity in ("relu", "gelu"):
         return math.sqrt(2.0)
     if nonlinearity == "leaky_relu":
+        param = float(param)
         return math.sqrt(2.0 / (1.0 + param * param))
     raise ValueError(f"no gain known for nonlinearity {nonlinearity!r}")
 
 
 def xavier_uniform(shape, gain=1.0, rng=None, dtype=np.float32):
     """U(-a, a) with a = gain * sqrt(6 / (fan_in + fan_out))."""
-    fan_in, fan_out = _fans(shape)
-    a = real(gain, "gain", low=0) * math.sqrt(6.0 / max(fan_in + fan_out, 1))
-    return _generator(rng).uniform(-a, a, size=shape).astype(float_dtype(dtype))
+    fan_in, fan_out, shape, gain, gen, dtype = _check(shape, gain, rng, dtype)
+    a = _scale(gain * math.sqrt(6.0 / (fan_in + fan_out)), gain, dtype)
+    return gen.uniform(-a, a, size=shape).astype(dtype)
 
 
 def xavier_normal(shape, gain=1.0, rng=None, dtype=np.float32):
     """N(0, std^2) with std = gain * sqrt(2 / (fan_in + fan_out))."""
-    fan_in, fan_out = _fans(shape)
-    std = real(gain, "gain", low=0) * math.sqrt(2.0 / max(fan_in + fan_out, 1))
-    return (_generator(rng).standard_normal(size=shape) * std).astype(float_dtype(dtype))
+    fan_in, fan_out, shape, gain, gen, dtype = _check(shape, gain, rng, dtype)
+    std = _scale(gain * math.sqrt(2.0 / (fan_in + fan_out)), gain, dtype)
+    return (gen.standard_normal(size=shape) * std).astype(dtype)
 
 
 def he_uniform(shape, gain=math.sqrt(2.0), rng=None, dtype=np.float32):
     """U(-a, a) with a = gain * sqrt(3 / fan_in) (Kaiming, fan_in mode)."""
-    fan_in, _ = _fans(shape)
-    a = real(gain, "gain", low=0) * math.sqrt(3.0 / max(fan_in, 1))
-    return _generator(rng).uniform(-a, a, size=shape).astype(float_dtype(dtype))
+    fan_in, _, shape, gain, gen, dtype = _check(shape, gain, rng, dtype)
+    a = _scale(gain * math.sqrt(3.0 / fan_in), gain, dtype)
+    return gen.uniform(-a, a, size=shape).astype(dtype)
 
 
 def he_normal(shape, gain=math.sqrt(2.0), rng=None, dtype=np.float32):
     """N(0, std^2) with std = gain / sqrt(fan_in) (Kaiming, fan_in mode)."""
-    fan_in, _ = _fans(shape)
-    std = real(gain, "gain", low=0) / math.sqrt(max(fan_in, 1))
-    return (_generator(rng).standard_normal(size=shape) * std).astype(float_dtype(dtype))
+    fan_in, _, shape, gain, gen, dtype = _check(shape, gain, rng, dtype)
+    std = _scale(gain / math.sqrt(fan_in), gain, dtype)
+    return (gen.standard_normal(size=shape) * std).astype(dtype)
 
 
 def zeros(shape, gain=None, rng=None, dtype=np.float32):
-    return np.zeros(shape, dtype=float_dtype(dtype))
+    """All zeros (``gain`` and ``rng`` are checked like the others' but unused)."""
+    shape = _shape(shape)
+    if gain is not None:
+        _gain(gain)
+    dtype = float_dtype(dtype)
+    _generator(rng)
+    return np.zeros(shape, dtype=dtype)
 
 
 _BY_NAME = {
