@@ -1,4 +1,9 @@
-"""GEMM and the dense layer: fastprop native vs NumPy (OpenBLAS), 2 threads each.
+"""GEMM and the dense layer: fastprop native vs NumPy (OpenBLAS).
+
+Threads: 2 for fastprop's OpenMP and for OpenBLAS (benchmarks/conftest.py).  The GEMMs
+run on both threads on either side; the NumPy composition's elementwise steps (bias,
+relu, the relu mask) are ufuncs, which are single-threaded, so in the dense rows the
+NumPy side does that work on 1 thread where native uses 2.
 
 Groups (one operation at one shape; ``benchmarks/report.py --flops`` turns them into
 the GFLOP/s and ratio table of benchmarks/RESULTS.md):
@@ -7,14 +12,17 @@ the GFLOP/s and ratio table of benchmarks/RESULTS.md):
 * ``gemm <dtype> <layout> <m>x<k>x<n>``: the MLP shapes in NN, NT and TN (C = A B,
   A B^T, A^T B: forward, grad_x and grad_w of a dense layer);
 * ``dense_fwd <in>x<out> relu batch=<b>``: y = relu(x @ w + b), fused native kernel vs
-  the NumPy composition ``np.maximum(x @ w + b, 0)``;
+  the NumPy composition (``np.matmul(x, w, out=y)``, ``y += b``,
+  ``np.maximum(y, 0, out=y)``);
 * ``dense_fwd_bwd ...``: forward plus backward (grad_z, grad_w, grad_b, grad_x) vs the
-  NumPy composition.
+  NumPy composition (grad_z = gy * (y > 0) through a preallocated mask, then
+  ``np.matmul``/``np.sum`` with ``out=``).
 
-Both sides are called at the kernel level with preallocated outputs: native through
-``fastprop.backends.native`` (the Cython wrapper: shape checks, GIL release, C++),
-NumPy through ``np.matmul(..., out=)``.  Each case checks its result once before it
-is timed.  ``extra_info["flops"]`` holds the flop count (2 m n k per GEMM).
+Both sides are called at the kernel level and write into preallocated outputs: native
+through ``fastprop.backends.native`` (the Cython wrapper: shape checks, GIL release,
+C++), NumPy through ``np.matmul(..., out=)`` and ufuncs with ``out=`` (no temporary
+arrays on either side).  Each case checks its result once against float64 NumPy
+before it is timed.  ``extra_info["flops"]`` holds the flop count (2 m n k per GEMM).
 
 Run: ``python -m pytest benchmarks/bench_gemm.py --benchmark-only
 --benchmark-json=gemm.json`` (``--bench-full`` adds n = 2048), then
@@ -101,14 +109,19 @@ def _dense_case(impl, batch, backward):
                 nat.linear_backward(gy, x, w, y, None, 1, 0.01, gx, gw, gb, work, False)
             return y
     else:
-        def run():
-            out = np.maximum(x @ w + b, 0)
-            if backward:
-                gz = gy * (out > 0)
-                np.matmul(x.T, gz, out=gw)
-                np.sum(gz, axis=0, out=gb)
-                np.matmul(gz, w.T, out=gx)
-            return out
+        mask = np.empty((batch, n_out), bool)
+
+        def run():  # the same arithmetic as np.maximum(x @ w + b, 0), into y
+            np.matmul(x, w, out=y)
+            np.add(y, b, out=y)
+            np.maximum(y, 0, out=y)
+            if backward:  # grad_z = gy * (y > 0), into work
+                np.greater(y, 0, out=mask)
+                np.multiply(gy, mask, out=work)
+                np.matmul(x.T, work, out=gw)
+                np.sum(work, axis=0, out=gb)
+                np.matmul(work, w.T, out=gx)
+            return y
     out = run()
     want = np.maximum(x.astype(np.float64) @ w + b, 0)
     np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)

@@ -12,10 +12,12 @@ its time, to show the speed is not bought with accuracy):
 Each case runs with the data in float64 (what load_digits / make_classification
 return; both estimators then compute in float64) and in float32 (both compute in
 float32).  Implementations: scikit-learn, fastprop on the native backend, fastprop on
-the numpy backend; rounds alternate between them, the table reports medians.  All
-sides use 2 threads (OpenBLAS through threadpoolctl, fastprop's OpenMP); --threads
-changes that.  The table gives medians and best (minimum) times: on a shared machine
-the best time is the one least disturbed by other processes.
+the numpy backend; rounds alternate between them, the table reports medians.  Every
+thread pool gets 2 threads (OpenBLAS through threadpoolctl, fastprop's OpenMP);
+--threads changes that.  NumPy's elementwise ufuncs are single-threaded, so
+scikit-learn's and the numpy backend's non-GEMM work runs on 1 thread.  The table
+gives medians and best (minimum) times: on a shared machine the best time is the one
+least disturbed by other processes.
 
 Run as a script (prints a Markdown table for benchmarks/RESULTS.md)::
 

@@ -1,9 +1,15 @@
 """Whole training steps, optimizer updates, activations and losses.
 
-fastprop native vs fastprop's numpy backend (for activations: the plain NumPy
-expression) vs PyTorch CPU eager (when installed), 2 threads each, in the same run.
-The cases live in ``fastprop._bench`` (shared with ``fastprop bench``); each checks
-its result once before it is timed.
+fastprop native vs fastprop's numpy backend (for activations: NumPy's ufuncs) vs
+PyTorch CPU eager (when installed), in the same run.  The cases live in
+``fastprop._bench`` (shared with ``fastprop bench``); each checks its result once
+against an independent float64 NumPy reference before it is timed, and every side
+writes into preallocated outputs where its API allows.
+
+Threads: fastprop's OpenMP, OpenBLAS and torch get 2 (benchmarks/conftest.py).  NumPy's
+elementwise ufuncs are single-threaded, so the NumPy side of the Adam, activation and
+softmax cross-entropy groups runs on 1 thread (as do the non-GEMM parts of the numpy
+backend's MLP step): their native/numpy ratios compare 2 threads with 1.
 
 Run: ``python -m pytest benchmarks/bench_step.py --benchmark-only``
 (``--bench-full`` adds batch 512; ``python benchmarks/report.py out.json`` makes the table).

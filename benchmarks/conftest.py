@@ -1,8 +1,12 @@
 """Shared set-up for the benchmark suites.
 
 Every suite compares implementations of the same operation in the same run: fastprop
-native, fastprop's numpy backend (or a plain NumPy expression) and PyTorch when it is
-installed.  All sides use 2 threads (fastprop OpenMP, OpenBLAS, torch intra-op).
+native, fastprop's numpy backend (or NumPy's own functions) and PyTorch when it is
+installed.  Every thread pool gets 2 threads (fastprop OpenMP, OpenBLAS through
+threadpoolctl, torch intra-op; ``FASTPROP_BENCH_THREADS`` changes the count).  NumPy's
+elementwise ufuncs are single-threaded whatever the count, so where a NumPy side is
+elementwise (Adam, activations, softmax cross-entropy, the non-GEMM parts of the numpy
+backend and of the NumPy dense composition) it runs on 1 thread.
 Benchmarks are grouped per operation and shape, so ``benchmarks/report.py`` can turn
 the medians into ratios.
 
@@ -11,6 +15,7 @@ Profiles: the default is the quick one (few sizes); ``--bench-full`` runs every 
 
 import os
 import time
+import warnings
 
 import pytest
 
@@ -36,18 +41,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="session", autouse=True)
 def _threads():
-    import fastprop as fp
-    fp.set_num_threads(THREADS)
-    try:
-        from threadpoolctl import threadpool_limits
-        limiter = threadpool_limits(THREADS, user_api="blas")
-    except ImportError:  # pragma: no cover
-        limiter = None
-    try:
-        import torch
-        torch.set_num_threads(THREADS)
-    except ImportError:
-        pass
+    from fastprop import _bench
+    limiter, note = _bench.limit_threads(THREADS)
+    if note:  # threadpoolctl missing: say so rather than claim a thread count
+        warnings.warn(note, stacklevel=1)
     yield
     if limiter is not None:
         limiter.restore_original_limits()

@@ -2,8 +2,19 @@
 
 Each ``*_case(impl, ...)`` builds the operation for one implementation — "native" or
 "numpy" (fastprop backends) or "torch" (PyTorch CPU eager, when installed) — checks
-its result once, and returns a zero-argument callable to time.  A missing
-implementation raises :class:`Unavailable`.
+its result once against an independent reference (float64 NumPy formulas, not one of
+the implementations under test), and returns a zero-argument callable to time.  A
+missing implementation raises :class:`Unavailable`.
+
+Like for like: where an API can write into a preallocated output, every side does
+(``out=`` for fastprop, torch and NumPy's ufuncs), so no side pays for an allocation
+the others skip.
+
+Threads: :func:`limit_threads` gives fastprop's OpenMP, NumPy's BLAS (through
+threadpoolctl, when installed) and torch the same count.  NumPy's elementwise ufuncs
+are single-threaded whatever that count is, so the NumPy side of the Adam, activation
+and softmax cross-entropy cases, and the non-GEMM parts of the numpy-backend MLP step,
+run on 1 thread while fastprop native and torch use them all.
 """
 
 from __future__ import annotations
@@ -48,16 +59,106 @@ def _mlp_data(batch, seed=0):
     return x, y
 
 
+def _mlp_init():
+    """The initial parameters [w0, b0, w1, b1, ...] (float32, w as (in, out)) every
+    implementation starts from."""
+    fp = _fp()
+    rng = np.random.default_rng(0)
+    pairs = list(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
+    params = []
+    for i, (a, b) in enumerate(pairs):
+        act = "relu" if i < len(pairs) - 1 else None
+        layer = fp.nn.Dense(a, b, activation=act, rng=rng)
+        params += [layer.weight.value.copy(), layer.bias.value.copy()]
+    return params
+
+
+def reference_mlp_step(params, x, y, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
+    """Textbook first step in float64: relu MLP forward, mean softmax cross-entropy,
+    backward, Adam update (t = 1).  Returns (loss, new params, grads, |grad| scale):
+    the scale is each gradient entry's sum of absolute terms, what its float32 rounding
+    error is proportional to."""
+    P = [np.asarray(p, np.float64) for p in params]
+    layers = len(P) // 2
+    h = np.asarray(x, np.float64)
+    acts, zs = [h], []
+    for i in range(layers):
+        z = h @ P[2 * i] + P[2 * i + 1]
+        zs.append(z)
+        h = np.maximum(z, 0.0) if i < layers - 1 else z
+        acts.append(h)
+    n = len(y)
+    z = zs[-1] - zs[-1].max(axis=1, keepdims=True)
+    logp = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    loss = float(-logp[np.arange(n), y].mean())
+    g = np.exp(logp)
+    g[np.arange(n), y] -= 1.0
+    g /= n
+    grads, scales = [None] * len(P), [None] * len(P)
+    for i in reversed(range(layers)):
+        if i < layers - 1:
+            g = g * (zs[i] > 0)
+        grads[2 * i], scales[2 * i] = acts[i].T @ g, np.abs(acts[i]).T @ np.abs(g)
+        grads[2 * i + 1], scales[2 * i + 1] = g.sum(axis=0), np.abs(g).sum(axis=0)
+        g = g @ P[2 * i].T
+    new = []
+    for p, gr in zip(P, grads):
+        m_hat = (1 - b1) * gr / (1 - b1)
+        v_hat = (1 - b2) * gr * gr / (1 - b2)
+        new.append(p - lr * m_hat / (np.sqrt(v_hat) + eps))
+    return loss, new, grads, scales
+
+
+def check_mlp_step(impl, loss, params, ref, lr=1e-3):
+    """One step's loss and every parameter against the float64 reference.
+
+    Adam's first update is lr * g / (|g| + eps), about lr * sign(g): where a gradient
+    is within float32 rounding of 0 its sign (and the update, by up to 2 lr) is not
+    determined by the maths, so those entries are only held to 2 lr; everywhere else
+    (|g| well above its rounding error and above eps) the update must agree to 1% of
+    lr.  An update that is skipped, halved or of the wrong sign fails."""
+    ref_loss, ref_params, grads, scales = ref
+    if not math.isclose(loss, ref_loss, rel_tol=1e-5, abs_tol=1e-6):
+        raise AssertionError(f"{impl}: first-step loss {loss!r}, reference {ref_loss!r}")
+    checked = 0
+    for k, (got, want, g, sc) in enumerate(zip(params, ref_params, grads, scales)):
+        got = np.asarray(got, np.float64)
+        if got.shape != want.shape:
+            raise AssertionError(f"{impl}: parameter {k} has shape {got.shape}, "
+                                 f"expected {want.shape}")
+        err = np.abs(got - want)
+        sure = (np.abs(g) > 1e-3 * sc) & (np.abs(g) > 100 * 1e-8)
+        tight = err[sure] <= 1e-2 * lr + 1e-6 * np.abs(want[sure])
+        loose = err <= 2.01 * lr
+        if not (tight.all() and loose.all()):
+            raise AssertionError(
+                f"{impl}: parameter {k} after the first step differs from the reference "
+                f"(max error {err.max():.3g}, lr {lr})")
+        checked += int(sure.sum())
+    if checked == 0:  # pragma: no cover - the data makes every gradient nonzero
+        raise AssertionError("no parameter update could be checked")
+
+
 def mlp_step_case(impl, batch):
-    """One training step of MLP 784-256-128-10 (ReLU, softmax cross-entropy, Adam)."""
+    """One training step of MLP 784-256-128-10 (ReLU, softmax cross-entropy, Adam).
+
+    Every implementation starts from the same weights; its first step (loss and all
+    parameters after the update) is checked against a float64 NumPy reference."""
     torch = _require(impl)
     x, y = _mlp_data(batch)
+    p0 = _mlp_init()
+    ref = reference_mlp_step(p0, x, y)
     pairs = list(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
     if torch is not None:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        layers = []
+        layers, linears = [], []
         for i, (a, b) in enumerate(pairs):
-            layers.append(torch.nn.Linear(a, b))
+            lin = torch.nn.Linear(a, b)
+            with torch.no_grad():
+                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p0[2 * i].T)))
+                lin.bias.copy_(torch.from_numpy(p0[2 * i + 1]))
+            layers.append(lin)
+            linears.append(lin)
             if i < len(pairs) - 1:
                 layers.append(torch.nn.ReLU())
         model = torch.nn.Sequential(*layers)
@@ -70,81 +171,175 @@ def mlp_step_case(impl, batch):
             loss.backward()
             opt.step()
             return loss.item()
+
+        def params():
+            return [a for lin in linears
+                    for a in (lin.weight.detach().numpy().T, lin.bias.detach().numpy())]
     else:
         fp = _fp()
-        rng = np.random.default_rng(0)
         with fp.use_backend(impl):
-            model = fp.nn.Sequential(*[
-                fp.nn.Dense(a, b, activation="relu" if i < len(pairs) - 1 else None, rng=rng)
-                for i, (a, b) in enumerate(pairs)])
+            layers = []
+            for i, (a, b) in enumerate(pairs):
+                layer = fp.nn.Dense(a, b, activation="relu" if i < len(pairs) - 1 else None,
+                                    rng=0)
+                layer.weight.value[...] = p0[2 * i]
+                layer.bias.value[...] = p0[2 * i + 1]
+                layers.append(layer)
+            model = fp.nn.Sequential(*layers)
             step = model.compile(fp.losses.SoftmaxCrossEntropy(),
-                                 fp.optim.Adam(model.parameters()))
+                                 fp.optim.Adam(model.parameters(), lr=1e-3))
 
         def run():
             with fp.use_backend(impl):
                 return step(x, y)
-    if not math.isfinite(run()):
-        raise AssertionError("non-finite loss")
+
+        def params():
+            return [p.value for p in model.parameters()]
+    check_mlp_step(impl, run(), params(), ref)
     return run
 
 
 def adam_case(impl, n):
-    """One Adam update of ``n`` float32 parameters."""
+    """One Adam update of ``n`` float32 parameters.
+
+    Two steps (with different gradients, so both moments matter) are checked against
+    the textbook Adam update in float64 before the case is timed."""
     torch = _require(impl)
     rng = np.random.default_rng(0)
+    p0 = rng.standard_normal(n).astype(np.float32)
+    g1 = rng.standard_normal(n).astype(np.float32)
+    g2 = rng.standard_normal(n).astype(np.float32)
+    lr = 1e-3
     if torch is not None:
-        p = torch.nn.Parameter(torch.from_numpy(rng.standard_normal(n).astype(np.float32)))
-        p.grad = torch.from_numpy(rng.standard_normal(n).astype(np.float32))
-        opt = torch.optim.Adam([p], lr=1e-3, fused=True)
-        opt.step()
-        return opt.step
-    fp = _fp()
-    p = fp.Parameter(rng.standard_normal(n).astype(np.float32))
-    p.grad[...] = rng.standard_normal(n).astype(np.float32)
-    with fp.use_backend(impl):
-        opt = fp.optim.Adam([p], lr=1e-3)
-        opt.step()
+        p = torch.nn.Parameter(torch.from_numpy(p0.copy()))
+        opt = torch.optim.Adam([p], lr=lr, fused=True)
+        run = opt.step
 
-    def run():
+        def first_steps():
+            for g in (g1, g2):
+                p.grad = torch.from_numpy(g.copy())
+                run()
+            return p.detach().numpy()
+    else:
+        fp = _fp()
+        p = fp.Parameter(p0.copy())
         with fp.use_backend(impl):
-            opt.step()
+            opt = fp.optim.Adam([p], lr=lr)
+
+        def run():
+            with fp.use_backend(impl):
+                opt.step()
+
+        def first_steps():
+            for g in (g1, g2):
+                p.grad[...] = g
+                run()
+            return p.value
+    got = first_steps()
+    want = _reference_adam(p0, (g1, g2), lr=lr)
+    np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * lr,
+                               err_msg=f"{impl}: Adam differs from the textbook update")
     return run
 
 
-def numpy_activation(name):
-    """The plain NumPy expression of an activation (the NumPy baseline)."""
+def _reference_adam(p, grads, lr, b1=0.9, b2=0.999, eps=1e-8):
+    """Kingma & Ba, Algorithm 1, in float64."""
+    p = np.asarray(p, np.float64)
+    m = np.zeros_like(p)
+    v = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = np.asarray(g, np.float64)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat = m / (1 - b1 ** t)
+        v_hat = v / (1 - b2 ** t)
+        p = p - lr * m_hat / (np.sqrt(v_hat) + eps)
+    return p
+
+
+_GELU_C = math.sqrt(2 / math.pi)
+_GELU_K = 0.044715
+
+
+def numpy_activation_out(name):
+    """The NumPy baseline: ``f(x, out)`` computes the activation with ufuncs writing
+    into ``out`` (no temporary arrays), as the other sides write into theirs."""
     if name == "sigmoid":
-        return lambda x: 1.0 / (1.0 + np.exp(-x))
+        def sigmoid(x, out):
+            np.negative(x, out=out)
+            np.exp(out, out=out)
+            out += 1
+            return np.reciprocal(out, out=out)
+        return sigmoid
     if name == "tanh":
-        return np.tanh
-    c = np.float32(math.sqrt(2 / math.pi))
-    k = np.float32(0.044715)
-    return lambda x: 0.5 * x * (1.0 + np.tanh(c * (x + k * x * x * x)))
+        return lambda x, out: np.tanh(x, out=out)
+    c, k = np.float32(_GELU_C), np.float32(_GELU_K)
+
+    def gelu(x, out):  # 0.5 x (1 + tanh(c x (1 + k x^2)))
+        np.multiply(x, x, out=out)
+        out *= k
+        out += 1
+        out *= x
+        out *= c
+        np.tanh(out, out=out)
+        out += 1
+        out *= x
+        out *= 0.5
+        return out
+    return gelu
+
+
+def _reference_activation(name, x):
+    """float64 formulas (the reference every side is checked against)."""
+    x = np.asarray(x, np.float64)
+    if name == "sigmoid":
+        return 1.0 / (1.0 + np.exp(-x))
+    if name == "tanh":
+        return np.tanh(x)
+    return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + _GELU_K * x ** 3)))
+
+
+def _torch_gelu_out(torch):
+    """``f(x, out)``: tanh-approximation gelu into ``out`` (torch's out= variant when
+    this torch has it; else the allocating functional form)."""
+    fn = getattr(getattr(torch._C, "_nn", None), "gelu", None)
+    if fn is not None:
+        try:
+            probe = torch.zeros(2)
+            fn(probe, approximate="tanh", out=torch.empty_like(probe))
+            return lambda x, out: fn(x, approximate="tanh", out=out)
+        except (TypeError, RuntimeError):
+            pass
+    return lambda x, out: torch.nn.functional.gelu(x, approximate="tanh")
 
 
 def activation_case(impl, name, n):
-    """Forward of sigmoid/tanh/gelu (tanh approximation) on n float32 values;
-    impl "numpy" is the plain NumPy expression."""
+    """Forward of sigmoid/tanh/gelu (tanh approximation) on n float32 values into a
+    preallocated output on every side; impl "numpy" is NumPy's ufuncs with ``out=``
+    (single-threaded)."""
     torch = _require(impl)
     x = (np.random.default_rng(0).standard_normal(n) * 3).astype(np.float32)
-    ref = numpy_activation(name)(x)
+    ref = _reference_activation(name, x)
     if torch is not None:
         xt = torch.from_numpy(x)
         out = torch.empty_like(xt)
         if name == "gelu":
-            def run():
-                return torch.nn.functional.gelu(xt, approximate="tanh")
+            fn = _torch_gelu_out(torch)
         else:
             fn = torch.sigmoid if name == "sigmoid" else torch.tanh
 
-            def run():
-                return fn(xt, out=out)
-        got = run().numpy()
-    elif impl == "numpy":
-        fn = numpy_activation(name)
+            def fn(x, out, _f=fn):
+                return _f(x, out=out)
 
         def run():
-            return fn(x)
+            return fn(xt, out)
+        got = run().numpy()
+    elif impl == "numpy":
+        fn = numpy_activation_out(name)
+        out = np.empty_like(x)
+
+        def run():
+            return fn(x, out)
         got = run()
     else:
         fp = _fp()
@@ -154,19 +349,33 @@ def activation_case(impl, name, n):
             with fp.use_backend(impl):
                 return fp.ops.activation(name, x, out=out)
         got = run()
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6,
+                               err_msg=f"{impl} {name} differs from the float64 reference")
     return run
 
 
+def _reference_softmax_xent(logits, labels):
+    """Mean softmax cross-entropy and its gradient in float64 (textbook formulas)."""
+    z = np.asarray(logits, np.float64)
+    n = z.shape[0]
+    z = z - z.max(axis=1, keepdims=True)
+    e = np.exp(z)
+    s = e.sum(axis=1, keepdims=True)
+    loss = float(np.mean(np.log(s[:, 0]) - z[np.arange(n), labels]))
+    grad = e / s
+    grad[np.arange(n), labels] -= 1.0
+    return loss, grad / n
+
+
 def softmax_xent_case(impl, rows, classes):
-    """Softmax cross-entropy forward + backward (loss and grad_logits)."""
+    """Softmax cross-entropy forward + backward (loss and grad_logits), checked against
+    the float64 formula (not against a backend)."""
     torch = _require(impl)
     rng = np.random.default_rng(0)
     logits = rng.standard_normal((rows, classes)).astype(np.float32)
     labels = rng.integers(0, classes, size=rows)
+    ref_loss, ref_grad = _reference_softmax_xent(logits, labels)
     fp = _fp()
-    with fp.use_backend("numpy"):
-        ref_loss, ref_grad = fp.ops.softmax_cross_entropy(logits, labels)
     if torch is not None:
         lt = torch.from_numpy(logits).requires_grad_()
         yt = torch.from_numpy(labels)
@@ -181,8 +390,10 @@ def softmax_xent_case(impl, rows, classes):
             with fp.use_backend(impl):
                 return fp.ops.softmax_cross_entropy(logits, labels)
     loss, grad = run()
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5)
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5,
+                               err_msg=f"{impl}: softmax cross-entropy loss")
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7,
+                               err_msg=f"{impl}: softmax cross-entropy gradient")
     return run
 
 
@@ -220,20 +431,54 @@ def cases(quick=True):
                lambda impl, shape=shape: softmax_xent_case(impl, *shape))
 
 
-def main(quick=True, plot=None, threads=2) -> int:
+def limit_threads(threads, torch=True):
+    """Give fastprop's OpenMP, NumPy's BLAS and (``torch=True``) PyTorch ``threads``
+    threads.  Returns ``(limiter, note)``: the threadpoolctl limiter (call its
+    ``restore_original_limits()`` when done) or None, and a line to print when NumPy's
+    BLAS could not be limited (threadpoolctl, an optional dependency, not installed)."""
     fp = _fp()
     fp.set_num_threads(threads)
+    if torch:
+        try:
+            import torch as _torch
+        except ImportError:
+            pass
+        else:
+            _torch.set_num_threads(threads)
     try:
-        import torch
-        torch.set_num_threads(threads)
+        from threadpoolctl import threadpool_limits
     except ImportError:
-        pass
+        return None, ("threadpoolctl is not installed: the NumPy side's BLAS thread count "
+                      "is not controlled (it uses OpenBLAS's default, often every core)")
+    return threadpool_limits(threads, user_api="blas"), None
+
+
+def main(quick=True, plot=None, threads=2) -> int:
+    limiter, note = limit_threads(threads)
+    try:
+        return _main(quick, plot, threads, note)
+    finally:
+        if limiter is not None:
+            limiter.restore_original_limits()
+
+
+def _main(quick, plot, threads, note):
     impls = ("native", "numpy", "torch")
     min_time, repeats = (0.3, 5) if quick else (1.0, 11)
     rows = []
-    print(f"fastprop bench ({'quick' if quick else 'full'} profile, {threads} threads, "
-          f"median seconds; ratio = other / native time)\n")
-    header = f"{'case':<24}" + "".join(f"{i:>12}" for i in impls) + f"{'vs numpy':>10}{'vs torch':>10}"
+    print(f"fastprop bench ({'quick' if quick else 'full'} profile, median seconds; "
+          f"ratio = other / native time)")
+    blas = "not controlled" if note else f"{threads}"
+    print(f"threads: fastprop {threads}, torch {threads}, NumPy's BLAS {blas}")
+    if threads > 1:
+        print(f"NumPy's elementwise ufuncs are single-threaded: the 'vs numpy' ratios of the "
+              f"adam, activation and softmax xent rows (and the non-GEMM work of the "
+              f"numpy-backend step) compare {threads} native threads with 1 NumPy thread")
+    if note:
+        print(f"note: {note}")
+    print()
+    header = (f"{'case':<24}" + "".join(f"{i:>12}" for i in impls)
+              + f"{'vs numpy':>10}{'vs torch':>10}")
     print(header)
     print("-" * len(header))
     for label, make in cases(quick):

@@ -1,0 +1,193 @@
+"""The benchmark harness itself: ``fastprop bench`` cases (fastprop._bench), the
+benchmark suites' helpers and benchmarks/report.py.  Tiny sizes only: these check
+that every case checks its result against an independent reference (and so rejects a
+broken implementation), writes into preallocated outputs and limits NumPy's BLAS threads."""
+
+import importlib.util
+import pathlib
+import sys
+import warnings
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import _bench
+from conftest import NATIVE_BUILT
+
+BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+FP_IMPLS = ["native", "numpy"] if NATIVE_BUILT else ["numpy"]
+
+
+def _load(name):
+    spec = importlib.util.spec_from_file_location(f"_benchmarks_{name}", BENCH_DIR / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    with warnings.catch_warnings():  # benchmarks/conftest.py registers the "full" mark
+        warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
+        spec.loader.exec_module(mod)
+    return mod
+
+
+# ------------------------------------------------------------------ the cases run and check
+@pytest.mark.parametrize("impl", FP_IMPLS + ["torch"])
+def test_every_case_runs_and_passes_its_check(impl):
+    if impl == "torch":
+        pytest.importorskip("torch")
+    for batch in (1, 5):
+        assert np.isfinite(_bench.mlp_step_case(impl, batch)())
+    _bench.adam_case(impl, 1000)()
+    for name in ("sigmoid", "tanh", "gelu"):
+        _bench.activation_case(impl, name, 1001)()
+    _bench.softmax_xent_case(impl, 16, 40)()
+
+
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_adam_case_rejects_an_adam_that_does_nothing(impl, monkeypatch):
+    monkeypatch.setattr(fp.optim.Adam, "step", lambda self: None)
+    with pytest.raises(AssertionError):
+        _bench.adam_case(impl, 1000)
+
+
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_adam_case_rejects_wrong_hyperparameters(impl, monkeypatch):
+    init = fp.optim.Adam.__init__
+
+    def wrong_betas(self, params, lr=1e-3, betas=(0.9, 0.999), **kw):
+        init(self, params, lr=lr, betas=(0.5, 0.999), **kw)
+
+    monkeypatch.setattr(fp.optim.Adam, "__init__", wrong_betas)
+    with pytest.raises(AssertionError):
+        _bench.adam_case(impl, 1000)
+
+
+def test_adam_case_checks_torch_too(monkeypatch):
+    torch = pytest.importorskip("torch")
+    init = torch.optim.Adam.__init__
+
+    def half_lr(self, params, lr=1e-3, **kw):
+        init(self, params, lr=lr / 2, **kw)
+
+    monkeypatch.setattr(torch.optim.Adam, "__init__", half_lr)
+    with pytest.raises(AssertionError):
+        _bench.adam_case("torch", 1000)
+
+
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_mlp_step_case_compares_parameters_not_just_a_finite_loss(impl, monkeypatch):
+    init = fp.optim.Adam.__init__
+
+    def half_lr(self, params, lr=1e-3, **kw):
+        init(self, params, lr=lr / 2, **kw)
+
+    monkeypatch.setattr(fp.optim.Adam, "__init__", half_lr)
+    with pytest.raises(AssertionError, match="parameter"):
+        _bench.mlp_step_case(impl, 4)
+
+
+def test_mlp_step_check_rejects_a_wrong_loss_or_a_skipped_update():
+    x, y = _bench._mlp_data(3)
+    p0 = _bench._mlp_init()
+    ref = _bench.reference_mlp_step(p0, x, y)
+    assert np.isfinite(ref[0])
+    # a wrong loss and a skipped update are both rejected by the check itself
+    with pytest.raises(AssertionError, match="loss"):
+        _bench.check_mlp_step("x", ref[0] * 1.01, ref[1], ref)
+    with pytest.raises(AssertionError, match="parameter"):
+        _bench.check_mlp_step("x", ref[0], p0, ref)
+    _bench.check_mlp_step("x", ref[0], [p.astype(np.float32) for p in ref[1]], ref)
+
+
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_softmax_xent_case_is_checked_against_a_formula_not_the_numpy_backend(impl,
+                                                                               monkeypatch):
+    real = fp.ops.softmax_cross_entropy
+
+    def off(logits, labels):
+        loss, grad = real(logits, labels)
+        return loss, grad * 1.01
+
+    monkeypatch.setattr(fp.ops, "softmax_cross_entropy", off)
+    with pytest.raises(AssertionError):
+        _bench.softmax_xent_case(impl, 16, 5)
+
+
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_activation_case_is_checked_against_float64(impl, monkeypatch):
+    if impl == "numpy":  # the NumPy baseline: ufuncs, not a fastprop backend
+        real = _bench.numpy_activation_out("gelu")
+        monkeypatch.setattr(_bench, "numpy_activation_out", lambda name: lambda x, out: real(
+            x * np.float32(1.001), out))
+    else:
+        real = fp.ops.activation
+        monkeypatch.setattr(fp.ops, "activation",
+                            lambda name, x, out=None: real(name, x * np.float32(1.001), out=out))
+    with pytest.raises(AssertionError):
+        _bench.activation_case(impl, "gelu", 1000)
+
+
+# ------------------------------------------------------------------ like-for-like outputs
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu"])
+def test_numpy_activation_writes_into_its_preallocated_output(name):
+    run = _bench.activation_case("numpy", name, 1000)
+    first = run()
+    assert run() is first
+    x = (np.random.default_rng(0).standard_normal(1000) * 3).astype(np.float32)
+    np.testing.assert_allclose(first, _bench._reference_activation(name, x), rtol=1e-5,
+                               atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu"])
+def test_torch_activation_writes_into_its_preallocated_output(name):
+    torch = pytest.importorskip("torch")
+    run = _bench.activation_case("torch", name, 1000)
+    if name == "gelu" and not hasattr(getattr(torch._C, "_nn", None), "gelu"):
+        pytest.skip("this torch has no out= gelu")
+    assert run().data_ptr() == run().data_ptr()
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("impl", FP_IMPLS)
+def test_dense_case_numpy_side_writes_into_preallocated_outputs(impl, backward):
+    gemm = _load("bench_gemm")
+    run = gemm._dense_case(impl, 3, backward)
+    assert run() is run()
+
+
+# ------------------------------------------------------------------ threads
+def test_limit_threads_limits_numpys_blas():
+    threadpoolctl = pytest.importorskip("threadpoolctl")
+    limiter, note = _bench.limit_threads(1, torch=False)
+    try:
+        assert note is None
+        blas = [d for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
+        assert blas and all(d["num_threads"] == 1 for d in blas)
+    finally:
+        limiter.restore_original_limits()
+
+
+def test_limit_threads_says_when_numpys_blas_is_not_controlled(monkeypatch):
+    monkeypatch.setitem(sys.modules, "threadpoolctl", None)  # import fails
+    threads = fp.get_num_threads()
+    try:
+        limiter, note = _bench.limit_threads(1, torch=False)
+    finally:
+        fp.set_num_threads(threads)
+    assert limiter is None and "not controlled" in note
+
+
+def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
+    monkeypatch.setattr(_bench, "cases", lambda quick=True: iter(
+        [("softmax xent 4x5", lambda impl: _bench.softmax_xent_case(impl, 4, 5))]))
+    monkeypatch.setattr(_bench, "_median_time", lambda fn, min_time, repeats: 1e-3)
+    monkeypatch.setattr(_bench.time, "sleep", lambda s: None)
+    threads = fp.get_num_threads()
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        assert _bench.main(threads=2) == 0
+    finally:
+        fp.set_num_threads(threads)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+    out = capsys.readouterr().out
+    assert "NumPy's BLAS" in out and "single-threaded" in out
