@@ -8,11 +8,25 @@ Measures, in one run that fits in 5 minutes:
 * one MLP training step (softmax cross-entropy, Adam, float32, batch 4096) for
   784-256-128-10 and 4096-4096-4096-10: fastprop with ``model.to("cuda")`` (the
   device-resident step: batch in, loss and output out) vs the native CPU backend (the
-  numpy backend when native is not built) and vs PyTorch CUDA when importable.
+  numpy backend when native is not built) and vs PyTorch CUDA when importable, with
+  ``torch.optim.Adam(fused=True)`` where this torch supports it on the device (one
+  launch for the update, as fastprop's device step; the table names the variant).
+
+Every result is checked before it is timed: each GEMM (fastprop's and each cuBLAS
+front end's) on 8 rows against float64 NumPy, its error relative to |A| |B| within
+``GEMM_TOL`` (IEEE float32 gives ~1e-7; TF32 left on would give ~1e-4); each MLP
+step (fastprop cuda, the CPU backend, torch), all started from the same weights, on its
+first step's loss and parameters against a float64 NumPy reference
+(``fastprop._bench.reference_mlp_step``).
+
+The table's last column is "<row>/fastprop cuda speed" = t_fastprop / t_row, as in
+``benchmarks/report.py``: a ratio > 1 means the row's implementation (the first-named)
+is faster than fastprop cuda.
 
 Run: ``python benchmarks/bench_cuda.py`` (``--quick`` for fewer repeats, ``--json
 out.json`` to keep the numbers).  Without numba-cuda or without a GPU it prints why
-and exits with status 0.
+and exits with status 0.  ``python -m pytest benchmarks/bench_cuda.py`` runs the same
+checks at small sizes (skipped without a GPU).
 
 ``python benchmarks/bench_cuda.py --compile-only [--cc 9.0]`` needs no GPU (numba-cuda
 and the NVVM/NVRTC wheels only): it compiles every kernel to PTX for that compute
@@ -37,6 +51,7 @@ import numpy as np
 GEMM_SIZES = (1024, 4096, 8192)
 MLPS = {"784-256-128-10": (784, 256, 128, 10), "4096-4096-4096-10": (4096, 4096, 4096, 10)}
 BATCH = 4096
+GEMM_TOL = 1e-5  # max |C - A B| / (|A| |B|) over the checked rows
 
 
 def _best(fn, repeats, sync):
@@ -53,43 +68,62 @@ def _best(fn, repeats, sync):
 
 
 # ------------------------------------------------------------------ GEMM
-def bench_gemm(repeats, rows):
+def _gemm_err(a, b, got_rows):
+    """max |C - A B| / (|A| |B|) over the first rows of C (A B in float64; the whole
+    product would take seconds on the CPU)."""
+    k = len(got_rows)
+    want = a[:k].astype(np.float64) @ b
+    scale = np.abs(a[:k]).astype(np.float64) @ np.abs(b) + 1e-30
+    return float(np.max(np.abs(np.asarray(got_rows, np.float64) - want) / scale))
+
+
+def _check_gemm(impl, n, err):
+    if not err <= GEMM_TOL:
+        raise AssertionError(f"GEMM {impl} n={n}: relative error {err:.2e} > {GEMM_TOL:g}")
+
+
+def bench_gemm(repeats, rows, sizes=GEMM_SIZES):
     from numba import cuda
 
     from fastprop.backends import cuda_kernels as K
     rng = np.random.default_rng(0)
-    for n in GEMM_SIZES:
+    for n in sizes:
         flop = 2.0 * n ** 3
         a = rng.standard_normal((n, n), dtype=np.float32)
         b = rng.standard_normal((n, n), dtype=np.float32)
         da, db = cuda.to_device(a), cuda.to_device(b)
         dc = cuda.device_array((n, n), np.float32)
         reps = max(1, repeats if n < 8192 else repeats // 2)
+        K.gemm(da, db, dc)
+        cuda.synchronize()
+        err = _gemm_err(a, b, dc[:8].copy_to_host())
+        _check_gemm("fastprop cuda", n, err)
         t = _best(lambda: K.gemm(da, db, dc), reps, cuda.synchronize)
-        # check a few rows against NumPy (the whole product would take seconds on the CPU)
-        want = a[:8].astype(np.float64) @ b
-        got = dc[:8].copy_to_host()
-        err = float(np.max(np.abs(got - want) / (np.abs(a[:8]) @ np.abs(b) + 1e-30)))
         tiles = K.choose_tiles(np.dtype(np.float32), n, n)
         rows.append({"bench": "gemm_f32", "n": n, "impl": "fastprop cuda", "seconds": t,
                      "gflops": flop / t / 1e9, "rel_err": err, "tiles": tuple(tiles)})
         del da, db, dc
-        for impl, fn in _cublas_gemms(a, b):
-            t = _best(fn[0], reps, fn[1])
+        for impl, call, sync, first_rows in _cublas_gemms(a, b):
+            call()
+            sync()
+            err = _gemm_err(a, b, first_rows())
+            _check_gemm(impl, n, err)
+            t = _best(call, reps, sync)
             rows.append({"bench": "gemm_f32", "n": n, "impl": impl, "seconds": t,
-                         "gflops": flop / t / 1e9})
+                         "gflops": flop / t / 1e9, "rel_err": err})
         _report_last(rows)
 
 
 def _cublas_gemms(a, b):
-    """(name, (call, sync)) for every importable cuBLAS front end."""
+    """(name, call, sync, first 8 rows of C as NumPy) for every importable cuBLAS front
+    end."""
     out = []
     try:
         import cupy as cp
         ca, cb = cp.asarray(a), cp.asarray(b)
         cc = cp.empty_like(ca)
-        out.append(("cupy (cuBLAS)", (lambda: cp.matmul(ca, cb, out=cc),
-                                      cp.cuda.Device().synchronize)))
+        out.append(("cupy (cuBLAS)", lambda: cp.matmul(ca, cb, out=cc),
+                    cp.cuda.Device().synchronize, lambda: cp.asnumpy(cc[:8])))
     except Exception:
         pass
     try:
@@ -98,8 +132,8 @@ def _cublas_gemms(a, b):
             torch.backends.cuda.matmul.allow_tf32 = False
             ta, tb = torch.from_numpy(a).cuda(), torch.from_numpy(b).cuda()
             tc = torch.empty_like(ta)
-            out.append(("torch (cuBLAS)", (lambda: torch.mm(ta, tb, out=tc),
-                                           torch.cuda.synchronize)))
+            out.append(("torch (cuBLAS)", lambda: torch.mm(ta, tb, out=tc),
+                        torch.cuda.synchronize, lambda: tc[:8].cpu().numpy()))
     except Exception:
         pass
     return out
@@ -115,40 +149,68 @@ def _model(sizes, seed=0):
     return fp.nn.Sequential(*layers)
 
 
-def bench_mlp(repeats, rows, cpu_backend):
+def _initial_params(sizes):
+    """[w0, b0, w1, b1, ...] of ``_model(sizes)``: where every implementation starts."""
+    return [p.value.copy() for p in _model(sizes).parameters()]
+
+
+def bench_mlp(repeats, rows, cpu_backend, mlps=MLPS, batch=BATCH):
     import fastprop as fp
+    from fastprop import _bench
     rng = np.random.default_rng(1)
-    for name, sizes in MLPS.items():
-        X = rng.standard_normal((BATCH, sizes[0]), dtype=np.float32)
-        y = rng.integers(0, sizes[-1], BATCH)
-        flop = 6.0 * BATCH * sum(i * o for i, o in zip(sizes, sizes[1:]))  # fwd + 2x bwd
+    for name, sizes in mlps.items():
+        X = rng.standard_normal((batch, sizes[0]), dtype=np.float32)
+        y = rng.integers(0, sizes[-1], batch)
+        flop = 6.0 * batch * sum(i * o for i, o in zip(sizes, sizes[1:]))  # fwd + 2x bwd
+        p0 = _initial_params(sizes)
+        ref = _bench.reference_mlp_step(p0, X, y, lr=1e-3)  # float64, on the CPU
 
         model = _model(sizes).to("cuda")
         step = model.compile("cross_entropy", fp.optim.Adam(model.parameters(), lr=1e-3))
-        losses = [step(X, y) for _ in range(2)]           # compiles the kernels
-        assert step._fast is not None and np.isfinite(losses).all()
+        loss = step(X, y)                                 # compiles the kernels
+        step.sync()
+        _bench.check_mlp_step("fastprop cuda", loss, [p.value for p in model.parameters()],
+                              ref)
+        assert step._fast is not None and np.isfinite(step(X, y))
         t = _best(lambda: step(X, y), repeats, lambda: None)  # a step ends with a copy out
         step.sync()
         rows.append({"bench": "mlp_step", "mlp": name, "impl": "fastprop cuda", "seconds": t,
-                     "gflops": flop / t / 1e9, "samples_per_s": BATCH / t})
+                     "gflops": flop / t / 1e9, "samples_per_s": batch / t})
 
         cpu = _model(sizes)
         with fp.use_backend(cpu_backend):
             cstep = cpu.compile("cross_entropy", fp.optim.Adam(cpu.parameters(), lr=1e-3))
+            _bench.check_mlp_step(f"fastprop {cpu_backend}", cstep(X, y),
+                                  [p.value for p in cpu.parameters()], ref)
             reps = 1 if sizes[1] >= 4096 else max(2, repeats // 2)
             t = _best(lambda: cstep(X, y), reps, lambda: None)
         rows.append({"bench": "mlp_step", "mlp": name, "impl": f"fastprop {cpu_backend} (CPU)",
-                     "seconds": t, "gflops": flop / t / 1e9, "samples_per_s": BATCH / t})
+                     "seconds": t, "gflops": flop / t / 1e9, "samples_per_s": batch / t})
 
-        torch_step = _torch_step(sizes, X, y)
+        torch_step = _torch_step(sizes, p0, X, y)
         if torch_step is not None:
-            t = _best(torch_step[0], repeats, torch_step[1])
-            rows.append({"bench": "mlp_step", "mlp": name, "impl": "torch cuda (eager)",
-                         "seconds": t, "gflops": flop / t / 1e9, "samples_per_s": BATCH / t})
+            call, sync, params, variant = torch_step
+            _bench.check_mlp_step("torch cuda", call(), params(), ref)
+            t = _best(call, repeats, sync)
+            rows.append({"bench": "mlp_step", "mlp": name,
+                         "impl": f"torch cuda (eager, {variant} Adam)",
+                         "seconds": t, "gflops": flop / t / 1e9, "samples_per_s": batch / t})
         _report_last(rows)
 
 
-def _torch_step(sizes, X, y):
+def _torch_adam(torch, params, lr):
+    """Adam(fused=True) where this torch supports it for these parameters (one kernel
+    launch for the update), else the default (foreach) implementation."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=True), "fused"
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr), "foreach"
+
+
+def _torch_step(sizes, p0, X, y):
+    """(step, sync, parameters as NumPy [w0 (in, out), b0, ...], Adam variant) of the
+    same MLP in PyTorch CUDA from the weights ``p0``; None without torch or CUDA."""
     try:
         import torch
         if not torch.cuda.is_available():
@@ -156,13 +218,18 @@ def _torch_step(sizes, X, y):
     except Exception:
         return None
     torch.backends.cuda.matmul.allow_tf32 = False
-    layers = []
+    layers, linears = [], []
     for k, (i, o) in enumerate(zip(sizes, sizes[1:])):
-        layers.append(torch.nn.Linear(i, o))
+        lin = torch.nn.Linear(i, o)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p0[2 * k].T)))
+            lin.bias.copy_(torch.from_numpy(p0[2 * k + 1]))
+        layers.append(lin)
+        linears.append(lin)
         if k < len(sizes) - 2:
             layers.append(torch.nn.ReLU())
     model = torch.nn.Sequential(*layers).cuda()
-    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt, variant = _torch_adam(torch, model.parameters(), lr=1e-3)
     lossf = torch.nn.CrossEntropyLoss()
 
     def step():  # the same transfers as fastprop's step: batch in, loss out
@@ -174,7 +241,11 @@ def _torch_step(sizes, X, y):
         opt.step()
         return loss.item()
 
-    return step, torch.cuda.synchronize
+    def params():
+        return [a for lin in linears
+                for a in (lin.weight.detach().cpu().numpy().T, lin.bias.detach().cpu().numpy())]
+
+    return step, torch.cuda.synchronize, params, variant
 
 
 # ------------------------------------------------------------------ reporting
@@ -192,13 +263,16 @@ def _report_last(rows):
 
 
 def _summary(rows):
-    print("\n| benchmark | size | implementation | time (ms) | GFLOP/s | vs fastprop cuda |")
+    """Markdown table; the last column is t_fastprop_cuda / t_row (as report.py's
+    "<row>/<base> speed": > 1 means the row's implementation is faster)."""
+    print("\n| benchmark | size | implementation | time (ms) | GFLOP/s "
+          "| <row>/fastprop cuda speed |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:
         key = ("n", r["n"]) if r["bench"] == "gemm_f32" else ("mlp", r["mlp"])
         ours = next(q for q in rows if q["bench"] == r["bench"] and q.get(key[0]) == key[1]
                     and q["impl"] == "fastprop cuda")
-        ratio = ours["gflops"] / r["gflops"]
+        ratio = ours["seconds"] / r["seconds"]
         print(f"| {r['bench']} | {key[1]} | {r['impl']} | {r['seconds'] * 1e3:.2f} | "
               f"{r['gflops']:.1f} | {ratio:.2f}x |")
 
@@ -289,6 +363,50 @@ def compile_only(cc):
     return 0 if ok else 1
 
 
+# ------------------------------------------------------------------ pytest
+def _real_gpu_problem():
+    """None on a real CUDA GPU, else why the checks cannot run (the simulator counts as
+    no GPU: the benchmark's sizes are meant for hardware)."""
+    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
+        return "NUMBA_ENABLE_CUDASIM=1 is set; the benchmark needs a real GPU"
+    from fastprop.backends import cuda_support
+    why = cuda_support.problem()
+    if why is None and cuda_support.is_simulator():
+        return "numba.cuda is the CUDA simulator; the benchmark needs a real GPU"
+    return why
+
+
+def _skip_without_gpu():
+    import pytest
+    why = _real_gpu_problem()
+    if why is not None:
+        pytest.skip(why)
+
+
+def test_gemm_results_are_checked():
+    """Every GEMM (fastprop and the importable cuBLAS front ends) passes its check at a
+    small size (the full run checks the same way before timing)."""
+    _skip_without_gpu()
+    rows: list = []
+    bench_gemm(1, rows, sizes=(256, 1000))
+    assert rows and all(r["rel_err"] <= GEMM_TOL for r in rows)
+
+
+def test_mlp_steps_are_checked():
+    """fastprop cuda, the CPU backend and torch (when importable) agree with the float64
+    reference on the first step of the small MLP, at a small batch."""
+    _skip_without_gpu()
+    import fastprop as fp
+    try:
+        fp.backends.load("native")
+        cpu_backend = "native"
+    except fp.BackendUnavailableError:
+        cpu_backend = "numpy"
+    rows: list = []
+    bench_mlp(1, rows, cpu_backend, mlps={"784-256-128-10": MLPS["784-256-128-10"]}, batch=256)
+    assert {r["impl"] for r in rows} >= {"fastprop cuda", f"fastprop {cpu_backend} (CPU)"}
+
+
 # ------------------------------------------------------------------ main
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -301,14 +419,11 @@ def main(argv=None):
     if args.compile_only:
         return compile_only(tuple(int(v) for v in args.cc.split(".")))
 
-    if os.environ.get("NUMBA_ENABLE_CUDASIM") == "1":
-        print("bench_cuda: NUMBA_ENABLE_CUDASIM=1 is set; the benchmark needs a real GPU.")
-        return 0
-    from fastprop.backends import cuda_support
-    why = cuda_support.problem()
+    why = _real_gpu_problem()
     if why is not None:
         print(f"bench_cuda: skipped: {why}")
         return 0
+    from fastprop.backends import cuda_support
     import fastprop as fp
     print(f"fastprop {fp.__version__}; cuda: {cuda_support.availability()}", flush=True)
     try:

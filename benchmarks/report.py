@@ -5,10 +5,13 @@
 
 For every group (one operation at one shape) it prints each implementation's median
 and its speed relative to the baseline implementation(s) of the same group
-(ratio > 1 means faster than the baseline).  Given several runs (the machine is
-noisy), each cell is the median over the runs of the per-run medians, and each ratio
-the median of the per-run ratios with its range over the runs in brackets.  With
-``--flops``, groups whose benchmarks carry ``extra_info["flops"]`` also get GFLOP/s.
+(ratio > 1 means faster than the baseline: t_baseline / t_impl).  Given several runs
+(the machine is noisy), each cell is the median over the runs of the per-run medians,
+and each ratio the median of the per-run ratios with its range over the runs in
+brackets.  A per-run ratio pairs two implementations measured in the same run (the
+same JSON file), never times from different runs; runs that lack either are left out
+of that ratio.  With ``--flops``, groups whose benchmarks carry
+``extra_info["flops"]`` also get GFLOP/s.
 """
 
 import argparse
@@ -35,13 +38,26 @@ def fmt_time(s):
 
 
 def _runs_by_group(runs):
-    """group -> impl -> list of (median seconds, benchmark) over the runs."""
+    """group -> impl -> {run index: (median seconds, benchmark)}.  A run that holds the
+    same implementation twice in a group counts it once, with the median of its
+    medians."""
     groups = OrderedDict()
-    for data in runs:
+    for k, data in enumerate(runs):
+        seen = {}
         for b in data["benchmarks"]:
-            groups.setdefault(b["group"], OrderedDict()).setdefault(impl_of(b), []).append(
-                (b["stats"]["median"], b))
+            seen.setdefault((b["group"], impl_of(b)), []).append((b["stats"]["median"], b))
+        for (group, impl), entries in seen.items():
+            med = statistics.median(t for t, _ in entries)
+            groups.setdefault(group, OrderedDict()).setdefault(impl, {})[k] = (med, entries[0][1])
     return groups
+
+
+def paired_ratios(g, impl, base):
+    """Per-run speed of ``impl`` relative to ``base`` (t_base / t_impl, so > 1 means
+    ``impl`` is faster), from the runs that measured both: a ratio never pairs one
+    run's time with another run's."""
+    runs = sorted(set(g.get(impl, {})) & set(g.get(base, {})))
+    return [g[base][k][0] / g[impl][k][0] for k in runs]
 
 
 def table(runs, baselines, flops):
@@ -60,15 +76,18 @@ def table(runs, baselines, flops):
     head += [f"{i}/{base} speed" for i, base in ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in groups.items():
-        med = {i: statistics.median(t for t, _ in g[i]) for i in g}
+        med = {i: statistics.median(t for t, _ in g[i].values()) for i in g}
         row = [name] + [fmt_time(med[i]) if i in g else "" for i in impls]
         if flops:
             for i in impls:
-                f = g[i][0][1].get("extra_info", {}).get("flops") if i in g else None
+                f = None
+                if i in g:
+                    f = next((b.get("extra_info", {}).get("flops") for _, b in g[i].values()
+                              if b.get("extra_info", {}).get("flops")), None)
                 row.append(f"{f / med[i] / 1e9:.1f}" if f else "")
         for i, base in ratio_cols:
-            if i in g and base in g and len(g[i]) == len(g[base]):
-                ratios = [tb / ti for (ti, _), (tb, _) in zip(g[i], g[base])]
+            ratios = paired_ratios(g, i, base)
+            if ratios:
                 cell = f"{statistics.median(ratios):.2f}x"
                 if len(ratios) > 1:
                     cell += f" [{min(ratios):.2f}-{max(ratios):.2f}]"

@@ -1,7 +1,8 @@
 """The benchmark harness itself: ``fastprop bench`` cases (fastprop._bench), the
 benchmark suites' helpers and benchmarks/report.py.  Tiny sizes only: these check
 that every case checks its result against an independent reference (and so rejects a
-broken implementation), writes into preallocated outputs and limits NumPy's BLAS threads."""
+broken implementation), writes into preallocated outputs, limits NumPy's BLAS threads,
+and that report.py pairs times of the same run."""
 
 import importlib.util
 import pathlib
@@ -26,6 +27,11 @@ def _load(name):
         warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
         spec.loader.exec_module(mod)
     return mod
+
+
+@pytest.fixture(scope="module")
+def report():
+    return _load("report")
 
 
 # ------------------------------------------------------------------ the cases run and check
@@ -191,3 +197,63 @@ def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
             torch.set_num_threads(torch_threads)
     out = capsys.readouterr().out
     assert "NumPy's BLAS" in out and "single-threaded" in out
+
+
+# ------------------------------------------------------------------ report.py
+def _b(group, impl, median):
+    return {"group": group, "name": f"test_x[{impl}]", "params": {"impl": impl},
+            "stats": {"median": median}}
+
+
+def _ratio_cells(report, runs, baselines):
+    line = report.table(runs, baselines, False).splitlines()[-1]
+    return [c.strip() for c in line.strip("|").split("|")]
+
+
+def test_report_pairs_times_of_the_same_run_only(report):
+    runs = [{"benchmarks": [_b("h", "native", 1.0), _b("h", "numpy", 1.0)]},
+            {"benchmarks": [_b("h", "numpy", 10.0)]},
+            {"benchmarks": [_b("h", "native", 2.0)]}]
+    cells = _ratio_cells(report, runs, ["numpy"])
+    assert cells[-1] == "1.00x"  # run 1 is the only run with both (it said 3.00x)
+
+
+def test_report_keeps_ratios_when_an_implementation_misses_a_run(report):
+    runs = [{"benchmarks": [_b("g", "native", 1.0), _b("g", "numpy", 3.0), _b("g", "torch", 2.0)]},
+            {"benchmarks": [_b("g", "native", 2.0), _b("g", "numpy", 2.0), _b("g", "torch", 8.0)]},
+            {"benchmarks": [_b("g", "native", 1.5), _b("g", "numpy", 6.0)]}]
+    cells = _ratio_cells(report, runs, ["numpy", "torch"])
+    head = [c.strip() for c in report.table(runs, ["numpy", "torch"], False)
+            .splitlines()[0].strip("|").split("|")]
+    got = dict(zip(head, cells))
+    assert got["native/numpy speed"] == "3.00x [1.00-4.00]"
+    assert got["native/torch speed"] == "3.00x [2.00-4.00]"  # runs 1 and 2 (was blank)
+    assert got["native median"] == "1.50 s"
+
+
+def test_report_ratio_is_baseline_time_over_impl_time(report):
+    runs = [{"benchmarks": [_b("g", "native", 1.0), _b("g", "numpy", 4.0)]}]
+    assert _ratio_cells(report, runs, ["numpy"])[-1] == "4.00x"
+
+
+# ------------------------------------------------------------------ bench_cuda.py
+def test_bench_cuda_imports_and_its_ratio_means_the_row_is_faster(capsys):
+    cuda = _load("bench_cuda")
+    rows = [{"bench": "gemm_f32", "n": 8, "impl": "fastprop cuda", "seconds": 2.0, "gflops": 1.0},
+            {"bench": "gemm_f32", "n": 8, "impl": "torch (cuBLAS)", "seconds": 1.0,
+             "gflops": 2.0}]
+    cuda._summary(rows)
+    out = capsys.readouterr().out
+    assert "<row>/fastprop cuda speed" in out
+    assert out.strip().splitlines()[-1].endswith("| 2.00x |")  # torch twice as fast
+
+
+def test_bench_cuda_gemm_check_rejects_a_wrong_product():
+    cuda = _load("bench_cuda")
+    rng = np.random.default_rng(0)
+    a = rng.standard_normal((16, 16), dtype=np.float32)
+    b = rng.standard_normal((16, 16), dtype=np.float32)
+    good = (a.astype(np.float64) @ b)[:8].astype(np.float32)
+    cuda._check_gemm("x", 16, cuda._gemm_err(a, b, good))
+    with pytest.raises(AssertionError, match="relative error"):
+        cuda._check_gemm("x", 16, cuda._gemm_err(a, b, good * np.float32(1.001)))
