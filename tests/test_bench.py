@@ -14,8 +14,8 @@ import pytest
 
 import fastprop as fp
 from fastprop import _bench
-from conftest import NATIVE_BUILT
 
+NATIVE_BUILT = importlib.util.find_spec("fastprop._native") is not None
 BENCH_DIR = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
 FP_IMPLS = ["native", "numpy"] if NATIVE_BUILT else ["numpy"]
 
