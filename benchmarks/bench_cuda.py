@@ -218,17 +218,9 @@ def _torch_step(sizes, p0, X, y):
     except Exception:
         return None
     torch.backends.cuda.matmul.allow_tf32 = False
-    layers, linears = [], []
-    for k, (i, o) in enumerate(zip(sizes, sizes[1:])):
-        lin = torch.nn.Linear(i, o)
-        with torch.no_grad():
-            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p0[2 * k].T)))
-            lin.bias.copy_(torch.from_numpy(p0[2 * k + 1]))
-        layers.append(lin)
-        linears.append(lin)
-        if k < len(sizes) - 2:
-            layers.append(torch.nn.ReLU())
-    model = torch.nn.Sequential(*layers).cuda()
+    from fastprop._bench import torch_mlp
+    model, linears = torch_mlp(torch, sizes, p0)
+    model = model.cuda()
     opt, variant = _torch_adam(torch, model.parameters(), lr=1e-3)
     lossf = torch.nn.CrossEntropyLoss()
 

@@ -73,6 +73,23 @@ def _mlp_init():
     return params
 
 
+def torch_mlp(torch, sizes, params):
+    """``nn.Sequential`` of ``nn.Linear`` / ``nn.ReLU`` for layer widths ``sizes``,
+    holding fastprop's weights ``params`` ([w0, b0, w1, b1, ...], w stored (in, out);
+    torch's Linear stores (out, in)); returns (model, the Linear layers)."""
+    layers, linears = [], []
+    for k, (i, o) in enumerate(zip(sizes, sizes[1:])):
+        lin = torch.nn.Linear(i, o)
+        with torch.no_grad():
+            lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(params[2 * k].T)))
+            lin.bias.copy_(torch.from_numpy(params[2 * k + 1]))
+        layers.append(lin)
+        linears.append(lin)
+        if k < len(sizes) - 2:
+            layers.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*layers), linears
+
+
 def reference_mlp_step(params, x, y, lr=1e-3, b1=0.9, b2=0.999, eps=1e-8):
     """Textbook first step in float64: relu MLP forward, mean softmax cross-entropy,
     backward, Adam update (t = 1).  Returns (loss, new params, grads, |grad| scale):
@@ -151,17 +168,7 @@ def mlp_step_case(impl, batch):
     pairs = list(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
     if torch is not None:
         xt, yt = torch.from_numpy(x), torch.from_numpy(y)
-        layers, linears = [], []
-        for i, (a, b) in enumerate(pairs):
-            lin = torch.nn.Linear(a, b)
-            with torch.no_grad():
-                lin.weight.copy_(torch.from_numpy(np.ascontiguousarray(p0[2 * i].T)))
-                lin.bias.copy_(torch.from_numpy(p0[2 * i + 1]))
-            layers.append(lin)
-            linears.append(lin)
-            if i < len(pairs) - 1:
-                layers.append(torch.nn.ReLU())
-        model = torch.nn.Sequential(*layers)
+        model, linears = torch_mlp(torch, list(MLP_SIZES), p0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         loss_fn = torch.nn.CrossEntropyLoss()
 
