@@ -162,31 +162,43 @@ Plan make_plan(const GemmArgs<T>& g) {
     // 100^3 16.2 vs 14.2; float64 200x256x128 138 vs 132.  Where the row split stays:
     // float32 2048x784x256 3843 vs 3963, 1000x100x50 57 vs 62 (column shares of 2
     // strips and 1.1), 256x512x16 (one strip) 25 vs 40.
+    // Only grids that give every thread work (rows and columns); with none for nt
+    // threads, fewer threads (an idle thread only adds the fork and the barriers:
+    // NT 16 x 15 columns x 784 deep, 2 threads with one idle 12.4 us, 1 thread 11.1).
     const bool col_only = g.ep != nullptr && g.ep->colsum != nullptr;
     const index_t nc = fp_min(g.n, Blk::NC);
     const index_t strips = ceil_div(nc, Blk::NR);
     const bool half_last = 2 * (nc - (strips - 1) * Blk::NR) <= Blk::NR;
     double best_cost = -1;
     index_t best_perim = 0;
-    for (int tm = 1; tm <= pl.nt; ++tm) {
-        if (pl.nt % tm != 0 || (col_only && tm != 1)) continue;
-        const int tn = pl.nt / tm;
-        const index_t rows = round_up(ceil_div(g.m, tm), Blk::MR);
-        const index_t per = ceil_div(strips, tn);
-        index_t units = 0;  // half strips of the busiest column share
-        for (int tj = 0; tj < tn; ++tj) {
-            const index_t s0 = fp_min(strips, tj * per), s1 = fp_min(strips, s0 + per);
-            units = fp_max(units, 2 * (s1 - s0) - (s1 == strips && s1 > s0 && half_last));
+    for (; pl.nt > 1; --pl.nt) {
+        for (int tm = 1; tm <= pl.nt; ++tm) {
+            if (pl.nt % tm != 0 || (col_only && tm != 1)) continue;
+            const int tn = pl.nt / tm;
+            const index_t rows = round_up(ceil_div(g.m, tm), Blk::MR);
+            const index_t per = ceil_div(strips, tn);
+            if ((tm - 1) * rows >= g.m || (tn - 1) * per >= strips) continue;  // an idle thread
+            index_t units = 0;  // half strips of the busiest column share
+            for (int tj = 0; tj < tn; ++tj) {
+                const index_t s0 = fp_min(strips, tj * per), s1 = fp_min(strips, s0 + per);
+                units = fp_max(units, 2 * (s1 - s0) - (s1 == strips && s1 > s0 && half_last));
+            }
+            const index_t cols = per * Blk::NR;
+            double cost = double(rows) * double(units);
+            if (tm > 1) cost *= 1.0 + double(kSharedBRows) / double(rows);
+            if (tm == 1 && pl.pack_a) cost *= 1.0 + double(Blk::NR / 2) / double(cols);
+            const index_t perim = rows + cols;
+            if (best_cost < 0 || cost < best_cost || (cost == best_cost && perim < best_perim)) {
+                best_cost = cost, best_perim = perim, pl.tm = tm, pl.tn = tn;
+            }
         }
-        const index_t cols = per * Blk::NR;
-        double cost = double(rows) * double(units);
-        if (tm > 1) cost *= 1.0 + double(kSharedBRows) / double(rows);
-        if (tm == 1 && pl.pack_a) cost *= 1.0 + double(Blk::NR / 2) / double(cols);
-        const index_t perim = rows + cols;
-        if (best_cost < 0 || cost < best_cost || (cost == best_cost && perim < best_perim)) {
-            best_cost = cost, best_perim = perim, pl.tm = tm, pl.tn = tn;
-        }
+        if (best_cost >= 0) break;
     }
+    // ... and one thread when the best grid's busiest thread costs as much as all the
+    // work on one (a row split of a few rows: the same product split 8 + 8 rows,
+    // 17 us on 2 threads)
+    const double serial = double(round_up(g.m, Blk::MR)) * double(2 * strips - half_last);
+    if (pl.nt <= 1 || best_cost >= serial) pl.nt = 1, pl.tm = 1, pl.tn = 1;
     return pl;
 }
 
