@@ -535,6 +535,13 @@ def test_a_module_instance_used_twice_is_rejected():
     model.layers.append(act)         # edited behind its back: compile refuses it
     with pytest.raises(ValueError, match="compile"):
         model.compile("mse", "sgd")
+    model = nn.Sequential(d, nn.Dense(4, 2))
+    step = model.compile("mse", "sgd")
+    model.layers.insert(0, d)        # after compile: the next step and forward refuse it
+    with pytest.raises(ValueError, match="used twice"):
+        step(np.ones((3, 4)), np.ones((3, 2)))
+    with pytest.raises(ValueError, match="used twice"):
+        model(np.ones((3, 4)))
 
 
 def test_dropout_backward_checks_like_the_other_layers(backend):

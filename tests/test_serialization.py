@@ -244,3 +244,11 @@ def test_dropout_seed_survives_a_round_trip(tmp_path):
     loaded = fp.load(tmp_path / "d.fp")
     assert loaded[0].seed == 123
     np.testing.assert_array_equal(loaded(x), nn.Dropout(0.5, seed=123)(x))
+
+
+def test_dropout_with_a_numpy_or_generator_seed_saves(tmp_path):
+    model = nn.Sequential(nn.Dropout(0.5, seed=np.int64(3)),
+                          nn.Dropout(0.5, seed=np.random.default_rng(0)))
+    fp.save(model, tmp_path / "d.fp")
+    loaded = fp.load(tmp_path / "d.fp")
+    assert loaded[0].seed == 3 and loaded[1].seed is None

@@ -936,3 +936,13 @@ def test_sklearns_own_mlp_test_suite(tmp_path):
          "--deselect", "test_mlp_fastprop.py::test_gradient", str(tmp_path)],
         cwd=tmp_path, capture_output=True, text=True, env=_subprocess_env())
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+
+
+@no_convergence_warning
+def test_long_double_input_predicts_in_float64():
+    X_train, X_test, y_train, _ = DATA["iris"]
+    ours = MLPClassifier(hidden_layer_sizes=(4,), max_iter=3, random_state=0)
+    ours.fit(X_train.astype(np.float32), y_train)
+    proba = ours.predict_proba(X_test.astype(np.longdouble))
+    assert proba.dtype == np.float64
+    np.testing.assert_allclose(proba, ours.predict_proba(X_test), rtol=1e-12)

@@ -481,7 +481,9 @@ class Dropout(Module):
         self.freeze_mask = False  # reuse the last mask (used by gradcheck)
 
     def get_config(self):
-        return {"p": self.p, "seed": self.seed}
+        # (an integer seed is kept; a Generator or SeedSequence cannot be written out)
+        seed = int(self.seed) if isinstance(self.seed, (int, np.integer)) else None
+        return {"p": self.p, "seed": seed}
 
     def forward(self, x):
         x = _input_dtype(x)
@@ -578,10 +580,11 @@ class BatchNorm1d(_Norm):
             xs = x[:, small].astype(np.float64)
             var[small] = ((xs - xs.mean(axis=0)) ** 2).mean(axis=0)
         var_unbiased = var * (n / (n - 1))
-        self.running_mean *= 1 - m
-        self.running_mean += m * mean
-        self.running_var *= 1 - m
-        self.running_var += (m * var_unbiased).astype(self._dtype)
+        rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
+        rm *= 1 - m
+        rm += m * mean
+        rv *= 1 - m
+        rv += (m * var_unbiased).astype(self._dtype)
         self._cache = (x, mean, invstd)
         return y
 
@@ -740,6 +743,10 @@ class Sequential(Module):
         return "Sequential(\n" + "\n".join(lines) + "\n)" if lines else "Sequential()"
 
     def forward(self, x):
+        if self.__dict__.get("_checked_at") != _structure[0]:
+            # the layer list may have been edited in place since (insert, +=, ...)
+            _check_each_module_once(self, "Sequential")
+            self._checked_at = _structure[0]
         for layer in self.layers:
             x = layer.forward(x)
         return x

@@ -919,6 +919,8 @@ class _BaseMLP(BaseEstimator):
         # scikit-learn computes X @ W in NumPy's promoted type: a float32 network
         # predicts in float64 on float64 (or int64) X, from the unrounded X
         dtype = np.result_type(X.dtype, _coef_dtype(self.coefs_))
+        if dtype.kind != "f" or dtype.itemsize > 8:
+            dtype = np.dtype(np.float64)  # (long double X: the kernels compute in float64)
         X = X.tocsr().astype(dtype, copy=False) if sp.issparse(X) else _kernel_array(X, dtype)
         with np.errstate(over="ignore", invalid="ignore", under="ignore"):
             return _forward(_host_backend(), X, self.coefs_, self.intercepts_, self.activation,

@@ -134,6 +134,7 @@ class TrainStep:
             # the last step (model.append(Sigmoid()), dropout.p = 0.5, ...): rebuild
             # if the chain the kernel runs is no longer the model's
             self._structure = _nn_structure[0]
+            _check_each_module_once(self.model, "compile")  # (a layer may have been added)
             stages = dense_stages(self.model)
             key = None if stages is None else (self.model.training, tuple(
                 (id(st.weight), id(st.bias), st.act, st.alpha) for st in stages))
