@@ -196,7 +196,7 @@ def activations(dtype) -> _Activations:
             # form): clamping keeps x^3 finite and -inf * 0 out (NaN propagates)
             if v < -gclip:
                 return -zero
-            vc = min(v, gclip)
+            vc = gclip if v > gclip else v  # (comparisons, not min: NaN stays NaN)
             return half * v * (one + math.tanh(gc * (vc + gk * vc * vc * vc)))
         return v
 
@@ -213,7 +213,7 @@ def activations(dtype) -> _Activations:
         if act == GELU:
             # beyond |x| = 20 the derivative is 1 or 0 to the last bit; clamping keeps
             # x^3 finite (0 * inf = NaN for |x| > 1.8e19 in float32), as the numpy backend
-            xc = min(max(x, -gclip), gclip)
+            xc = gclip if x > gclip else (-gclip if x < -gclip else x)  # NaN stays NaN
             th = math.tanh(gc * (xc + gk * xc * xc * xc))
             d = half * (one + th) + half * xc * (one - th * th) * gc * (one + gk3 * xc * xc)
             return g * d
