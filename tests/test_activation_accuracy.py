@@ -142,3 +142,54 @@ def test_numpy_reference_agrees_on_special_values(dtype):
         ref.activation_forward(ACTIVATIONS[name], 0.01, x, a)
         _nat().activation_forward(ACTIVATIONS[name], 0.01, x, b)
         np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gelu_derivative_whole_range(dtype):
+    """gelu' = s + 2 x s (1 - s) c (1 + 3k x^2), s = sigmoid(w), w = 2u, within
+    (8 + 2|w|) eps of its terms' magnitude: the terms cancel near x = -0.75, so the
+    bound is on them, not on the result; and w is rounded before exp, whose relative
+    error then grows with |w| (exp's condition number).  Where s rounds to 1 the
+    slope is 1 + 2e-6 at x = 5 in float32, not 1: s (1 - s) must not be 1 - s."""
+    x = _sweep(dtype)
+    gy = np.ones_like(x)
+    g = np.empty_like(x)
+    _nat().activation_backward(ACTIVATIONS["gelu"], 0.01, gy, x, _run("gelu", x), g)
+    xc = np.clip(x.astype(np.longdouble), -40, 40)
+    c = np.sqrt(np.longdouble(2) / np.pi)
+    k = np.longdouble(0.044715)
+    w = 2 * c * (xc + k * xc ** 3)
+    e = np.exp(-np.abs(w))  # no cancellation on either side
+    s = np.where(w >= 0, 1 / (1 + e), e / (1 + e))
+    second = 2 * xc * (e / (1 + e) ** 2) * c * (1 + 3 * k * xc ** 2)
+    exact = (s + second).astype(np.float64)
+    scale = (np.abs(s) + np.abs(second)).astype(np.float64)
+    cond = 8 + 2 * np.abs(w).astype(np.float64)
+    # absolute slack for results that are 0 in effect: s (1 - s) in the subnormals is
+    # rounded to a subnormal step and then multiplied by 2 x c (1 + 3k x^2) (~300 at
+    # x = -10); below the clamp x = -20 the slope is taken as 0, below e^-590 in double
+    atol = 1e3 * float(np.finfo(np.float32).smallest_subnormal) if dtype == np.float32 else 1e-250
+    bound = cond * np.finfo(dtype).eps * scale + atol
+    err = np.abs(g.astype(np.float64) - exact)
+    worst = np.argmax(err - bound)
+    assert np.all(err <= bound), (x[worst], g[worst], exact[worst])
+    assert np.all(g[(x > 4.5) & (x < 5)] > 1) and np.all(g[x >= 20] == 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu"])
+def test_result_does_not_depend_on_position(dtype, name):
+    """A value's result is the same bits wherever it lies: in a full vector, in the
+    masked tail, or in another thread's share (offsets 1..17 shift every lane)."""
+    x = np.random.default_rng(3).standard_normal(70_001).astype(dtype) * 4
+    y = _run(name, x)
+    gy = np.random.default_rng(4).standard_normal(x.size).astype(dtype)
+    g = np.empty_like(x)
+    _nat().activation_backward(ACTIVATIONS[name], 0.01, gy, x, y, g)
+    for k in list(range(1, 18)) + [35_003]:
+        np.testing.assert_array_equal(_run(name, x[k:]), y[k:], err_msg=f"offset {k}")
+        gk = np.empty_like(x[k:])
+        _nat().activation_backward(ACTIVATIONS[name], 0.01, gy[k:], x[k:], y[k:], gk)
+        np.testing.assert_array_equal(gk, g[k:], err_msg=f"backward, offset {k}")
+    for n in range(1, 20):  # arrays shorter than a vector: the tail alone
+        np.testing.assert_array_equal(_run(name, x[:n].copy()), y[:n], err_msg=f"n={n}")
