@@ -193,3 +193,27 @@ def test_result_does_not_depend_on_position(dtype, name):
         np.testing.assert_array_equal(gk, g[k:], err_msg=f"backward, offset {k}")
     for n in range(1, 20):  # arrays shorter than a vector: the tail alone
         np.testing.assert_array_equal(_run(name, x[:n].copy()), y[:n], err_msg=f"n={n}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_numpy_backend_gelu_relative_accuracy(dtype):
+    """The numpy backend (the oracle of the other tests) computes gelu and gelu' with
+    relative accuracy for x << 0 too: 0.5 (1 + tanh(u)) cancels there (4% relative
+    error at x = -5 in float32), sigmoid(2u) does not; nor does s (1 - s) = e/(1+e)^2."""
+    import fastprop.backends.numpy as ref
+    x = np.linspace(-9, 9, 20_001).astype(dtype)
+    xl = x.astype(np.longdouble)
+    w = 2 * np.sqrt(np.longdouble(2) / np.pi) * (xl + np.longdouble(0.044715) * xl ** 3)
+    e = np.exp(-np.abs(w))
+    s = np.where(w >= 0, 1 / (1 + e), e / (1 + e))
+    y = np.empty_like(x)
+    ref.activation_forward(ACTIVATIONS["gelu"], 0.01, x, y)
+    cond = (8 + 2 * np.abs(w)).astype(np.float64) * np.finfo(dtype).eps
+    exact = (xl * s).astype(np.float64)
+    assert np.all(np.abs(y - exact) <= cond * np.abs(exact) + np.finfo(dtype).tiny)
+    g = np.empty_like(x)
+    ref.activation_backward(ACTIVATIONS["gelu"], 0.01, np.ones_like(x), x, y, g)
+    second = 2 * xl * (e / (1 + e) ** 2) * np.sqrt(np.longdouble(2) / np.pi) * (
+        1 + 3 * np.longdouble(0.044715) * xl ** 2)
+    scale = (np.abs(s) + np.abs(second)).astype(np.float64)
+    assert np.all(np.abs(g - (s + second).astype(np.float64)) <= cond * scale)

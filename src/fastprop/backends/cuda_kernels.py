@@ -175,8 +175,9 @@ class _Activations(NamedTuple):
 def activations(dtype) -> _Activations:
     """Device functions of the elementwise activations in ``dtype`` arithmetic."""
     t = np.dtype(dtype).type
-    zero, one, half = t(0), t(1), t(0.5)
-    gc, gk, gk3 = t(math.sqrt(2.0 / math.pi)), t(0.044715), t(3 * 0.044715)
+    zero, one = t(0), t(1)
+    gk3 = t(3 * 0.044715)
+    gc2, gck2 = t(2 * math.sqrt(2.0 / math.pi)), t(2 * math.sqrt(2.0 / math.pi) * 0.044715)
     gclip = t(20.0)
 
     @cuda.jit(device=True)
@@ -197,7 +198,11 @@ def activations(dtype) -> _Activations:
             if v < -gclip:
                 return -zero
             vc = gclip if v > gclip else v  # (comparisons, not min: NaN stays NaN)
-            return half * v * (one + math.tanh(gc * (vc + gk * vc * vc * vc)))
+            # 0.5 (1 + tanh(u)) as sigmoid(2u): no cancellation for v << 0
+            w = vc * (gc2 + gck2 * vc * vc)
+            e = math.exp(-abs(w))
+            r = one / (one + e)
+            return v * (r if w >= zero else e * r)
         return v
 
     @cuda.jit(device=True)
@@ -214,9 +219,12 @@ def activations(dtype) -> _Activations:
             # beyond |x| = 20 the derivative is 1 or 0 to the last bit; clamping keeps
             # x^3 finite (0 * inf = NaN for |x| > 1.8e19 in float32), as the numpy backend
             xc = gclip if x > gclip else (-gclip if x < -gclip else x)  # NaN stays NaN
-            th = math.tanh(gc * (xc + gk * xc * xc * xc))
-            d = half * (one + th) + half * xc * (one - th * th) * gc * (one + gk3 * xc * xc)
-            return g * d
+            # s (1 - s) = e / (1 + e)^2: 1 - s would cancel where s rounds to 1
+            w = xc * (gc2 + gck2 * xc * xc)
+            e = math.exp(-abs(w))
+            r = one / (one + e)
+            s = r if w >= zero else e * r
+            return g * (s + xc * (e * r * r) * gc2 * (one + gk3 * xc * xc))
         return g
 
     return _Activations(forward, backward)

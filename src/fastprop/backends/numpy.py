@@ -84,6 +84,16 @@ def _sigmoid(x, out):
     np.copyto(out, np.where(x >= 0, r, e * r))
 
 
+def _gelu_parts(x):
+    """s = sigmoid(2u), s (1 - s) and x clamped to [-20, 20], u = c (x + k x^3)."""
+    xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
+    w = xc * (2 * _GELU_C + (2 * _GELU_C * _GELU_K) * (xc * xc))
+    e = np.exp(-np.abs(w))
+    r = 1.0 / (1.0 + e)
+    er = e * r
+    return np.where(w >= 0, r, er), er * r, xc
+
+
 def _softmax(x, out):
     shifted = x - x.max(axis=-1, keepdims=True)
     e = np.exp(shifted)
@@ -104,11 +114,11 @@ def activation_forward(act, alpha, x, y):
         np.tanh(x, out=y)
     elif act == _GELU:
         # beyond |x| = 20 gelu is x or -0 to the last bit; clamping keeps x^3 and
-        # inf * 0 out of the formula (NaN still propagates)
-        xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
-        inner = _GELU_C * (xc + _GELU_K * xc * xc * xc)
+        # inf * 0 out of the formula (NaN still propagates).  0.5 (1 + tanh(u)) is
+        # sigmoid(2u): no cancellation for x << 0 (the tanh form loses all digits there)
+        s, _, _ = _gelu_parts(x)
         with np.errstate(invalid="ignore"):
-            val = 0.5 * x * (1.0 + np.tanh(inner))
+            val = x * s
         np.copyto(y, np.where(x < -_GELU_CLIP, -0.0, val))
     elif act == _SOFTMAX:
         _softmax(x, y)
@@ -129,9 +139,10 @@ def activation_backward(act, alpha, grad_y, x, y, grad_x):
     elif act == _TANH:
         np.multiply(grad_y, 1 - y * y, out=grad_x)
     elif act == _GELU:
-        xc = np.clip(x, -_GELU_CLIP, _GELU_CLIP)
-        t = np.tanh(_GELU_C * (xc + _GELU_K * xc * xc * xc))
-        d = 0.5 * (1.0 + t) + 0.5 * xc * (1.0 - t * t) * _GELU_C * (1.0 + 3.0 * _GELU_K * xc * xc)
+        # gelu' = s + 2 x s (1 - s) du/dx with s (1 - s) = e / (1 + e)^2 (1 - s would
+        # cancel where s rounds to 1)
+        s, ss, xc = _gelu_parts(x)
+        d = s + xc * ss * (2 * _GELU_C) * (1.0 + 3.0 * _GELU_K * xc * xc)
         np.multiply(grad_y, d.astype(grad_x.dtype, copy=False), out=grad_x)
     elif act == _SOFTMAX:
         dot = np.sum(grad_y * y, axis=-1, keepdims=True)
