@@ -252,3 +252,31 @@ def test_dropout_with_a_numpy_or_generator_seed_saves(tmp_path):
     fp.save(model, tmp_path / "d.fp")
     loaded = fp.load(tmp_path / "d.fp")
     assert loaded[0].seed == 3 and loaded[1].seed is None
+
+
+def test_pickles_of_an_older_fastprop_still_load():
+    """Unpickling calls __setstate__ with the old attribute dict: a Dense whose
+    activation name lived in `activation` (before it was a property) and a Dropout
+    without `_shape` (before backward checked it) work after loading."""
+    import pickle
+    rng = np.random.default_rng(0)
+    dense = fp.nn.Dense(3, 2, activation="tanh", rng=rng)
+    drop = fp.nn.Dropout(0.5, seed=1)
+    x = rng.standard_normal((4, 3)).astype(np.float32)
+    y = drop(dense(x))
+    old = []
+    for m in (dense, drop):
+        state = m.__getstate__()
+        if "_activation" in state:
+            state["activation"] = state.pop("_activation")
+        state.pop("_shape", None)
+        fresh = type(m).__new__(type(m))
+        fresh.__setstate__(state)
+        old.append(pickle.loads(pickle.dumps(fresh)))
+    d2, p2 = old
+    assert d2.activation == "tanh" and d2.act == dense.act
+    np.testing.assert_array_equal(d2.forward(x), dense.forward(x))
+    g = np.ones_like(y)
+    np.testing.assert_array_equal(p2.backward(g), drop.backward(g))
+    with pytest.raises(ValueError, match="shape"):
+        p2.backward(np.ones((1, 1), np.float32))

@@ -342,6 +342,14 @@ class Dense(Module):
         self.bias = Parameter(np.zeros(self.out_features, self._dtype), "bias") if bias else None
         self._x = self._y = self._z = None
 
+    def __setstate__(self, state):
+        # a Dense pickled before `activation` became a property kept the name in
+        # `activation` itself
+        if "_activation" not in state and "activation" in state:
+            state = dict(state)
+            state["_activation"] = state.pop("activation")
+        self.__dict__.update(state)
+
     @property
     def activation(self):
         """The activation's name (None: identity); setting it changes the layer's
@@ -479,6 +487,11 @@ class Dropout(Module):
         self._mask = None
         self._shape = None        # the last forward's shape (backward checks against it)
         self.freeze_mask = False  # reuse the last mask (used by gradcheck)
+
+    def __setstate__(self, state):
+        # a Dropout pickled before backward checked its input has no `_shape`
+        self.__dict__.update(state)
+        self.__dict__.setdefault("_shape", None if self._mask is None else self._mask.shape)
 
     def get_config(self):
         # (an integer seed is kept; a Generator or SeedSequence cannot be written out)
