@@ -224,12 +224,15 @@ def test_epilogue_forward_bias_preact_activation(rng, dtype, act):
         _native.gemm_ex(x, w, y, bias=bias, preact=z, act=act, act_alpha=ALPHA)
         z64 = x.astype(np.float64) @ w.astype(np.float64) + bias
         ep_close(z, z64, dtype, "preact")
-        # The activation of the kernel's own z: exactly the elementwise kernel's result
-        # up to a few ulp (same formulas, vmath.hpp).
+        # The activation of the kernel's own z: the elementwise kernel's result up to a
+        # few ulp (same formulas, vmath.hpp); bit for bit for float32 in the avx2 and
+        # avx512 units, where both run the same intrinsics (epilogue.hpp).
         y_elem = np.empty_like(z)
         nat.activation_forward(act, ALPHA, z, y_elem)
         np.testing.assert_allclose(y, y_elem, rtol=4 * np.finfo(dtype).eps,
                                    atol=4 * np.finfo(dtype).tiny, err_msg="act(z)")
+        if dtype == np.float32 and _native.isa() != "generic":
+            np.testing.assert_array_equal(y, y_elem, err_msg="act(z), bit for bit")
         ep_close(y, act_ref(act, z64), dtype, "y")
 
 
@@ -277,6 +280,7 @@ def test_epilogue_activation_matches_elementwise_kernels_at_extremes(dtype, act)
     nat.activation_forward(act, ALPHA, vals, y)
     np.testing.assert_allclose(c[:, 0], y, rtol=4 * np.finfo(dtype).eps, atol=0,
                                err_msg="forward")
+    c1 = c[:, 0].copy()
     g = np.linspace(-2, 2, len(vals)).astype(dtype).reshape(-1, 1)
     d = (vals if act == 5 else y).reshape(-1, 1)
     finite = np.isfinite(d[:, 0]) if act in (3, 4) else np.ones(len(vals), bool)
@@ -287,6 +291,11 @@ def test_epilogue_activation_matches_elementwise_kernels_at_extremes(dtype, act)
     nat.activation_backward(act, ALPHA, g, d, d, want)
     np.testing.assert_allclose(c[finite], want[finite], rtol=4 * np.finfo(dtype).eps, atol=0,
                                err_msg="backward")
+    if dtype == np.float32 and _native.isa() != "generic" and act in (3, 4, 5):
+        # the same intrinsics in both (epilogue.hpp, vmath.hpp): the same bits
+        np.testing.assert_array_equal(c1, y, err_msg="forward, bit for bit")
+        if act == 5:
+            np.testing.assert_array_equal(c, want, err_msg="backward, bit for bit")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
