@@ -21,13 +21,14 @@
 // the avx512 unit's sigmoid activation loop (vsigmoid_span) uses vscalefps instead:
 // <= 2 ulp, 25% faster.
 // The activation loops over float arrays (vsigmoid_span, vtanh_span, vgelu_span,
-// vgelu_grad_span) are written with intrinsics in the avx512 (16 lanes, vscalefps) and
-// avx2 (8 lanes, the half-argument square) units, the same arithmetic lane by lane with
-// masked tails, so a value's result does not depend on where it lies in the array.
+// vgelu_grad_span) and the GEMM epilogue's float sigmoid/tanh/gelu rows are written
+// once with intrinsics over VecF (below): 16 lanes and vscalefps in the avx512 unit, 8
+// lanes and the half-argument square in the avx2 unit, the same arithmetic lane by
+// lane with masked tails, so a value's result does not depend on where it lies.
 // GCC's own vectorisation of the scalar forms ran tanh at 0.60 and gelu at 0.67
-// ns/element (1 thread, avx512 unit, Zen4); the intrinsics run them at 0.53 and 0.47
-// (gelu's backward 1.05 -> 0.53).  Elsewhere (double, the generic unit, the GEMM
-// epilogue) the scalar forms are vectorised by the compiler.
+// ns/element (1 thread, avx512 unit, Zen4); the intrinsics run them at 0.45 and 0.48
+// (gelu's backward 1.05 -> 0.53).  Elsewhere (double, the generic unit) the scalar
+// forms are vectorised by the compiler.
 #pragma once
 
 #include <cstdint>
@@ -67,7 +68,7 @@ inline double double_from_bits(std::int64_t i) {
 // e^x = p * 2^n for x in the clamped range: n = round(x log2 e) by the magic-number
 // addition, r = x - n ln2 (ln2 in two parts), p = e^r by the polynomial (float) or the
 // Pade form (double).  The callers apply 2^n.
-// The float reduction's constants (shared with the avx512 vsigmoid16 below).
+// The float reduction's constants (shared with the vector vexp_nonpos_v below).
 constexpr float kExpMagicF = 12582912.0f;  // 1.5 * 2^23
 constexpr float kLog2eF = 1.44269504088896341f;
 constexpr float kLn2HiF = 0.693359375f, kLn2LoF = -2.12194440e-4f;
@@ -269,245 +270,212 @@ inline void vgelu_grad_span(const T* gy, const T* x, T* gx, index_t n) {
     for (index_t i = 0; i < n; ++i) gx[i] = gy[i] * gelu_derivative(x[i]);
 }
 
+// ------------------------------------------------------------------ float vectors
+// The float activation loops in intrinsics, written once over VecF, the unit's vector
+// type and the handful of operations they need: 16 lanes with k-masks in the avx512
+// unit, 8 lanes with vector masks in the avx2 unit (no VecF in the generic unit).
+// The units differ in one place, 2^n (VecF::exp_finish): vscalefps applies it in one
+// rounding, exact into the subnormals; without it, exp(a) = h * h with h = exp(a/2)
+// scaled by 2^n built from bits (a/2 >= -60 keeps 2^n normal, the square underflows
+// gracefully), as the scalar vexp_nonpos does.
 #if defined(__AVX512F__)
-// e^a for a <= 0 (or NaN, which propagates): exp_reduced's reduction and polynomial,
-// with 2^n applied by vscalefps (one rounding, exact into the subnormals).
-inline __m512 vexp_nonpos16(__m512 a) {
-    const __m512 magic = _mm512_set1_ps(kExpMagicF);
-    a = _mm512_max_ps(_mm512_set1_ps(-104.0f), a);  // NaN: the 2nd operand is returned
-    const __m512 t = _mm512_fmadd_ps(a, _mm512_set1_ps(kLog2eF), magic);
-    const __m512 z = _mm512_sub_ps(t, magic);
-    __m512 r = _mm512_fnmadd_ps(z, _mm512_set1_ps(kLn2HiF), a);
-    r = _mm512_fnmadd_ps(z, _mm512_set1_ps(kLn2LoF), r);
-    const __m512 r2 = _mm512_mul_ps(r, r);
-    __m512 p = _mm512_set1_ps(kExpPolyF[0]);
-    for (int i = 1; i < 6; ++i) p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kExpPolyF[i]));
-    p = _mm512_add_ps(_mm512_fmadd_ps(p, r2, r), _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, z);
+#define FASTPROP_VECF 1
+struct VecF {
+    using V = __m512;
+    using M = __mmask16;
+    static constexpr index_t N = 16;
+    static constexpr bool kFreeMasks = true;  // a masked load/store costs a plain one
+    static V set1(float x) { return _mm512_set1_ps(x); }
+    static V add(V a, V b) { return _mm512_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm512_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm512_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm512_div_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+    static V fnmadd(V a, V b, V c) { return _mm512_fnmadd_ps(a, b, c); }
+    // max/min return the 2nd operand when either is NaN: put x second to keep NaN
+    static V max(V a, V b) { return _mm512_max_ps(a, b); }
+    static V min(V a, V b) { return _mm512_min_ps(a, b); }
+    static V bits_and(V a, std::int32_t m) {
+        return _mm512_castsi512_ps(_mm512_and_si512(_mm512_castps_si512(a), _mm512_set1_epi32(m)));
+    }
+    static V bits_or(V a, V b) { return _mm512_or_ps(a, b); }
+    static M lt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_LT_OQ); }
+    static M ge(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GE_OQ); }
+    static M gt(V a, V b) { return _mm512_cmp_ps_mask(a, b, _CMP_GT_OQ); }
+    static V select(M m, V if_true, V if_false) { return _mm512_mask_blend_ps(m, if_false, if_true); }
+    // exp's argument before the reduction, and p * 2^n after it (vscalefps: n = z)
+    static V exp_prepare(V a) { return max(set1(-104.0f), a); }
+    static V exp_finish(V p, V z, V /*t*/) { return _mm512_scalef_ps(p, z); }
+    // loads and stores of the first r lanes (r in 1..N; masked lanes are not touched)
+    using Tail = __mmask16;
+    static Tail tail(index_t r) {
+        return r >= 16 ? Tail(0xFFFF) : static_cast<Tail>((1u << r) - 1u);
+    }
+    static V load(const float* p) { return _mm512_loadu_ps(p); }
+    static void store(float* p, V v) { _mm512_storeu_ps(p, v); }
+    static V load(Tail m, const float* p) { return _mm512_maskz_loadu_ps(m, p); }
+    static void store(Tail m, float* p, V v) { _mm512_mask_storeu_ps(p, m, v); }
+};
+#elif defined(__AVX2__) && defined(__FMA__)
+#define FASTPROP_VECF 1
+struct VecF {
+    using V = __m256;
+    using M = __m256;
+    static constexpr index_t N = 8;
+    static constexpr bool kFreeMasks = false;
+    static V set1(float x) { return _mm256_set1_ps(x); }
+    static V add(V a, V b) { return _mm256_add_ps(a, b); }
+    static V sub(V a, V b) { return _mm256_sub_ps(a, b); }
+    static V mul(V a, V b) { return _mm256_mul_ps(a, b); }
+    static V div(V a, V b) { return _mm256_div_ps(a, b); }
+    static V fmadd(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+    static V fnmadd(V a, V b, V c) { return _mm256_fnmadd_ps(a, b, c); }
+    static V max(V a, V b) { return _mm256_max_ps(a, b); }
+    static V min(V a, V b) { return _mm256_min_ps(a, b); }
+    static V bits_and(V a, std::int32_t m) {
+        return _mm256_castsi256_ps(_mm256_and_si256(_mm256_castps_si256(a), _mm256_set1_epi32(m)));
+    }
+    static V bits_or(V a, V b) { return _mm256_or_ps(a, b); }
+    static M lt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_LT_OQ); }
+    static M ge(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GE_OQ); }
+    static M gt(V a, V b) { return _mm256_cmp_ps(a, b, _CMP_GT_OQ); }
+    static V select(M m, V if_true, V if_false) { return _mm256_blendv_ps(if_false, if_true, m); }
+    // exp(a) = h * h: the reduction runs on a / 2, and h = p * 2^n with 2^n built from
+    // t = n + magic (1.5 * 2^23, whose low bits hold n): (bits - magic + 127) << 23
+    static V exp_prepare(V a) { return max(set1(-60.0f), mul(a, set1(0.5f))); }
+    static V exp_finish(V p, V /*z*/, V t) {
+        const V h = mul(p, _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127)), 23)));
+        return mul(h, h);
+    }
+    using Tail = __m256i;
+    static Tail tail(index_t r) {
+        return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(r < 8 ? r : 8)),
+                                  _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    }
+    static V load(const float* p) { return _mm256_loadu_ps(p); }
+    static void store(float* p, V v) { _mm256_storeu_ps(p, v); }
+    static V load(Tail m, const float* p) { return _mm256_maskload_ps(p, m); }
+    static void store(Tail m, float* p, V v) { _mm256_maskstore_ps(p, m, v); }
+};
+#endif
+
+#if defined(FASTPROP_VECF)
+using VF = VecF::V;
+
+// e^a for a <= 0 (or NaN, which propagates): exp_reduced's reduction and polynomial.
+inline VF vexp_nonpos_v(VF a) {
+    using O = VecF;
+    const VF magic = O::set1(kExpMagicF);
+    const VF h = O::exp_prepare(a);
+    const VF t = O::fmadd(h, O::set1(kLog2eF), magic);
+    const VF z = O::sub(t, magic);
+    VF r = O::fnmadd(z, O::set1(kLn2HiF), h);
+    r = O::fnmadd(z, O::set1(kLn2LoF), r);
+    const VF r2 = O::mul(r, r);
+    VF p = O::set1(kExpPolyF[0]);
+    for (int i = 1; i < 6; ++i) p = O::fmadd(p, r, O::set1(kExpPolyF[i]));
+    p = O::add(O::fmadd(p, r2, r), O::set1(1.0f));
+    return O::exp_finish(p, z, t);
 }
 
-inline __m512 abs16(__m512 v) {
-    return _mm512_castsi512_ps(
-        _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MAX)));
+inline VF neg_abs_v(VF v) {  // -|v|
+    return VecF::sub(VecF::set1(0.0f), VecF::bits_and(v, INT32_MAX));
 }
 
 // sigmoid(v): e = exp(-|v|), then 1 / (1 + e) for v >= 0 and e / (1 + e) otherwise.
-inline __m512 vsigmoid16(__m512 v) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 e = vexp_nonpos16(_mm512_sub_ps(_mm512_setzero_ps(), abs16(v)));
-    const __mmask16 pos = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GE_OQ);
-    return _mm512_div_ps(_mm512_mask_blend_ps(pos, e, one), _mm512_add_ps(one, e));
+inline VF vsigmoid_v(VF v) {
+    using O = VecF;
+    const VF one = O::set1(1.0f);
+    const VF e = vexp_nonpos_v(neg_abs_v(v));
+    return O::div(O::select(O::ge(v, O::set1(0.0f)), one, e), O::add(one, e));
 }
 
-// vtanh's two branches on 16 lanes: the odd polynomial below 0.625, else
-// sign(v) (1 - e) / (1 + e) with e = exp(-2|v|); NaN takes the second branch.
-inline __m512 vtanh16(__m512 v) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    const __m512 av = abs16(v);
-    const __m512 x2 = _mm512_mul_ps(v, v);
-    __m512 p = _mm512_set1_ps(-5.70498872745e-3f);
-    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(2.06390887954e-2f));
-    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-5.37397155531e-2f));
-    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(1.33314422036e-1f));
-    p = _mm512_fmadd_ps(p, x2, _mm512_set1_ps(-3.33332819422e-1f));
-    const __m512 small = _mm512_fmadd_ps(_mm512_mul_ps(v, x2), p, v);
-    const __m512 e = vexp_nonpos16(_mm512_mul_ps(_mm512_set1_ps(-2.0f), av));
-    const __m512 big = _mm512_div_ps(_mm512_sub_ps(one, e), _mm512_add_ps(one, e));
-    const __m512 sign = _mm512_castsi512_ps(
-        _mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(INT32_MIN)));
-    const __m512 signed_big = _mm512_or_ps(big, sign);
-    const __mmask16 is_small = _mm512_cmp_ps_mask(av, _mm512_set1_ps(0.625f), _CMP_LT_OQ);
-    return _mm512_mask_blend_ps(is_small, signed_big, small);
+// vtanh's two branches: the odd polynomial below 0.625, else sign(v) (1 - e) / (1 + e)
+// with e = exp(-2|v|); NaN takes the second branch.
+inline VF vtanh_v(VF v) {
+    using O = VecF;
+    const VF one = O::set1(1.0f);
+    const VF av = O::bits_and(v, INT32_MAX);
+    const VF x2 = O::mul(v, v);
+    VF p = O::set1(-5.70498872745e-3f);
+    p = O::fmadd(p, x2, O::set1(2.06390887954e-2f));
+    p = O::fmadd(p, x2, O::set1(-5.37397155531e-2f));
+    p = O::fmadd(p, x2, O::set1(1.33314422036e-1f));
+    p = O::fmadd(p, x2, O::set1(-3.33332819422e-1f));
+    const VF small = O::fmadd(O::mul(v, x2), p, v);
+    const VF e = vexp_nonpos_v(O::mul(O::set1(-2.0f), av));
+    const VF big = O::div(O::sub(one, e), O::add(one, e));
+    const VF signed_big = O::bits_or(big, O::bits_and(v, INT32_MIN));
+    return O::select(O::lt(av, O::set1(0.625f)), small, signed_big);
 }
 
-// gelu on 16 lanes: xc = v clamped to [-20, 20] (NaN kept), s = sigmoid(2u(xc)), and
-// *s_out = s; returns xc.  2u = xc (2c + 2ck xc^2).
-inline __m512 gelu_s16(__m512 v, __m512* s_out) {
-    __m512 xc = _mm512_max_ps(_mm512_set1_ps(float(-kGeluClip)), v);  // NaN: v
-    xc = _mm512_min_ps(_mm512_set1_ps(float(kGeluClip)), xc);
-    const __m512 x2 = _mm512_mul_ps(xc, xc);
-    const __m512 u2 = _mm512_mul_ps(
-        xc, _mm512_fmadd_ps(x2, _mm512_set1_ps(float(2 * kGeluC * kGeluK)),
-                            _mm512_set1_ps(float(2 * kGeluC))));
-    *s_out = vsigmoid16(u2);
-    return xc;
+// v clamped to [-20, 20] (NaN kept) and w = 2u = xc (2c + 2ck xc^2) (gelu_w).
+inline VF gelu_clamp_v(VF v) {
+    using O = VecF;
+    return O::min(O::set1(float(kGeluClip)), O::max(O::set1(float(-kGeluClip)), v));
+}
+inline VF gelu_w_v(VF xc) {
+    using O = VecF;
+    return O::mul(xc, O::fmadd(O::mul(xc, xc), O::set1(float(2 * kGeluC * kGeluK)),
+                               O::set1(float(2 * kGeluC))));
 }
 
-// gelu(v) = xc s, or v itself above the clamp (s = 1 there; v may be +inf); below -20
-// xc s = -20 * 0 = -0.
-inline __m512 vgelu16(__m512 v) {
-    __m512 s;
-    const __m512 xc = gelu_s16(v, &s);
-    const __mmask16 above = _mm512_cmp_ps_mask(v, _mm512_set1_ps(float(kGeluClip)), _CMP_GT_OQ);
-    return _mm512_mask_blend_ps(above, _mm512_mul_ps(xc, s), v);
+// gelu(v) = xc sigmoid(w), or v itself above the clamp (s = 1 there; v may be +inf);
+// below -20 xc s = -20 * 0 = -0.
+inline VF vgelu_v(VF v) {
+    using O = VecF;
+    const VF xc = gelu_clamp_v(v);
+    const VF y = O::mul(xc, vsigmoid_v(gelu_w_v(xc)));
+    return O::select(O::gt(v, O::set1(float(kGeluClip))), v, y);
 }
 
-// gelu'(v) = s + 2 xc s (1 - s) c (1 + 3k xc^2).
-// gelu'(v) = s + 2 xc s (1 - s) c (1 + 3k xc^2), s (1 - s) = e r^2 (gelu_derivative).
-inline __m512 vgelu_grad16(__m512 v) {
-    const __m512 one = _mm512_set1_ps(1.0f);
-    __m512 xc = _mm512_max_ps(_mm512_set1_ps(float(-kGeluClip)), v);  // NaN: v
-    xc = _mm512_min_ps(_mm512_set1_ps(float(kGeluClip)), xc);
-    const __m512 x2 = _mm512_mul_ps(xc, xc);
-    const __m512 w = _mm512_mul_ps(
-        xc, _mm512_fmadd_ps(x2, _mm512_set1_ps(float(2 * kGeluC * kGeluK)),
-                            _mm512_set1_ps(float(2 * kGeluC))));
-    const __m512 e = vexp_nonpos16(_mm512_sub_ps(_mm512_setzero_ps(), abs16(w)));
-    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(one, e));
-    const __m512 er = _mm512_mul_ps(e, r);
-    const __mmask16 pos = _mm512_cmp_ps_mask(w, _mm512_setzero_ps(), _CMP_GE_OQ);
-    const __m512 s = _mm512_mask_blend_ps(pos, er, r);
-    const __m512 du2 = _mm512_fmadd_ps(x2, _mm512_set1_ps(float(2 * kGeluC * 3 * kGeluK)),
-                                       _mm512_set1_ps(float(2 * kGeluC)));
-    return _mm512_fmadd_ps(_mm512_mul_ps(xc, _mm512_mul_ps(er, r)), du2, s);
+// gelu'(v) = s + 2 xc s (1 - s) c (1 + 3k xc^2) with s (1 - s) = e r^2, r = 1 / (1 + e)
+// (gelu_derivative).
+inline VF vgelu_grad_v(VF v) {
+    using O = VecF;
+    const VF one = O::set1(1.0f);
+    const VF xc = gelu_clamp_v(v);
+    const VF w = gelu_w_v(xc);
+    const VF e = vexp_nonpos_v(neg_abs_v(w));
+    const VF r = O::div(one, O::add(one, e));
+    const VF er = O::mul(e, r);
+    const VF s = O::select(O::ge(w, O::set1(0.0f)), r, er);
+    const VF du2 = O::fmadd(O::mul(xc, xc), O::set1(float(2 * kGeluC * 3 * kGeluK)),
+                            O::set1(float(2 * kGeluC)));
+    return O::fmadd(O::mul(xc, O::mul(er, r)), du2, s);
 }
 
-// y[i] = f(x[i]) for i < n, 16 lanes at a time; the tail with masked loads/stores.
+// y[0:n] = f(x[0:n]), the tail with masked loads and stores (so every lane runs the
+// same arithmetic); y may be x.
 template <typename F>
-inline void map16(const float* x, float* y, index_t n, F f) {  // y may be x
+inline void map_v(const float* x, float* y, index_t n, F f) {
+    using O = VecF;
     index_t i = 0;
-    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(y + i, f(_mm512_loadu_ps(x + i)));
+    for (; i + O::N <= n; i += O::N) O::store(y + i, f(O::load(x + i)));
     if (i < n) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-        _mm512_mask_storeu_ps(y + i, m, f(_mm512_maskz_loadu_ps(m, x + i)));
+        const O::Tail m = O::tail(n - i);
+        O::store(m, y + i, f(O::load(m, x + i)));
     }
 }
 
-inline void vsigmoid_span(const float* x, float* y, index_t n) { map16(x, y, n, vsigmoid16); }
-inline void vtanh_span(const float* x, float* y, index_t n) { map16(x, y, n, vtanh16); }
-inline void vgelu_span(const float* x, float* y, index_t n) { map16(x, y, n, vgelu16); }
+// gx[0:n] = gy * gelu'(x); gx may be gy or x.
+inline void gelu_grad_map_v(const float* gy, const float* x, float* gx, index_t n) {
+    using O = VecF;
+    index_t i = 0;
+    for (; i + O::N <= n; i += O::N)
+        O::store(gx + i, O::mul(O::load(gy + i), vgelu_grad_v(O::load(x + i))));
+    if (i < n) {
+        const O::Tail m = O::tail(n - i);
+        O::store(m, gx + i, O::mul(O::load(m, gy + i), vgelu_grad_v(O::load(m, x + i))));
+    }
+}
 
+inline void vsigmoid_span(const float* x, float* y, index_t n) { map_v(x, y, n, vsigmoid_v); }
+inline void vtanh_span(const float* x, float* y, index_t n) { map_v(x, y, n, vtanh_v); }
+inline void vgelu_span(const float* x, float* y, index_t n) { map_v(x, y, n, vgelu_v); }
 inline void vgelu_grad_span(const float* gy, const float* x, float* gx, index_t n) {
-    index_t i = 0;
-    for (; i + 16 <= n; i += 16)
-        _mm512_storeu_ps(gx + i, _mm512_mul_ps(_mm512_loadu_ps(gy + i),
-                                               vgelu_grad16(_mm512_loadu_ps(x + i))));
-    if (i < n) {
-        const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1u);
-        _mm512_mask_storeu_ps(gx + i, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, gy + i),
-                                                       vgelu_grad16(_mm512_maskz_loadu_ps(m, x + i))));
-    }
-}
-#endif
-
-#if defined(__AVX2__) && defined(__FMA__) && !defined(__AVX512F__)
-// The avx2 unit's float spans: the same arithmetic as the avx512 ones on 8 lanes, but
-// without vscalefps: e^a = h * h with h = e^(a/2) scaled by 2^n built from bits (a/2 >=
-// -60 keeps 2^n normal; the square underflows gracefully), as vexp_nonpos does.
-inline __m256 vexp_nonpos8(__m256 a) {
-    const __m256 magic = _mm256_set1_ps(kExpMagicF);
-    const __m256 h = _mm256_max_ps(_mm256_set1_ps(-60.0f),  // NaN: the 2nd operand
-                                   _mm256_mul_ps(a, _mm256_set1_ps(0.5f)));
-    const __m256 t = _mm256_fmadd_ps(h, _mm256_set1_ps(kLog2eF), magic);
-    const __m256 z = _mm256_sub_ps(t, magic);
-    __m256 r = _mm256_fnmadd_ps(z, _mm256_set1_ps(kLn2HiF), h);
-    r = _mm256_fnmadd_ps(z, _mm256_set1_ps(kLn2LoF), r);
-    const __m256 r2 = _mm256_mul_ps(r, r);
-    __m256 p = _mm256_set1_ps(kExpPolyF[0]);
-    for (int i = 1; i < 6; ++i) p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kExpPolyF[i]));
-    p = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0f));
-    // 2^n: t's low bits hold n + 0x400000 (magic 1.5 * 2^23), so (bits - magic + 127) << 23
-    const __m256i scale = _mm256_slli_epi32(
-        _mm256_sub_epi32(_mm256_castps_si256(t), _mm256_set1_epi32(0x4B400000 - 127)), 23);
-    const __m256 hv = _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
-    return _mm256_mul_ps(hv, hv);
-}
-
-inline __m256 abs8(__m256 v) {
-    return _mm256_castsi256_ps(
-        _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MAX)));
-}
-
-inline __m256 vsigmoid8(__m256 v) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 e = vexp_nonpos8(_mm256_sub_ps(_mm256_setzero_ps(), abs8(v)));
-    const __m256 pos = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_GE_OQ);
-    return _mm256_div_ps(_mm256_blendv_ps(e, one, pos), _mm256_add_ps(one, e));
-}
-
-inline __m256 vtanh8(__m256 v) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    const __m256 av = abs8(v);
-    const __m256 x2 = _mm256_mul_ps(v, v);
-    __m256 p = _mm256_set1_ps(-5.70498872745e-3f);
-    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(2.06390887954e-2f));
-    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-5.37397155531e-2f));
-    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(1.33314422036e-1f));
-    p = _mm256_fmadd_ps(p, x2, _mm256_set1_ps(-3.33332819422e-1f));
-    const __m256 small = _mm256_fmadd_ps(_mm256_mul_ps(v, x2), p, v);
-    const __m256 e = vexp_nonpos8(_mm256_mul_ps(_mm256_set1_ps(-2.0f), av));
-    const __m256 big = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-    const __m256 sign = _mm256_castsi256_ps(
-        _mm256_and_si256(_mm256_castps_si256(v), _mm256_set1_epi32(INT32_MIN)));
-    const __m256 is_small = _mm256_cmp_ps(av, _mm256_set1_ps(0.625f), _CMP_LT_OQ);
-    return _mm256_blendv_ps(_mm256_or_ps(big, sign), small, is_small);
-}
-
-inline __m256 gelu_s8(__m256 v, __m256* s_out) {
-    __m256 xc = _mm256_max_ps(_mm256_set1_ps(float(-kGeluClip)), v);  // NaN: v
-    xc = _mm256_min_ps(_mm256_set1_ps(float(kGeluClip)), xc);
-    const __m256 x2 = _mm256_mul_ps(xc, xc);
-    const __m256 u2 = _mm256_mul_ps(
-        xc, _mm256_fmadd_ps(x2, _mm256_set1_ps(float(2 * kGeluC * kGeluK)),
-                            _mm256_set1_ps(float(2 * kGeluC))));
-    *s_out = vsigmoid8(u2);
-    return xc;
-}
-
-inline __m256 vgelu8(__m256 v) {
-    __m256 s;
-    const __m256 xc = gelu_s8(v, &s);
-    const __m256 above = _mm256_cmp_ps(v, _mm256_set1_ps(float(kGeluClip)), _CMP_GT_OQ);
-    return _mm256_blendv_ps(_mm256_mul_ps(xc, s), v, above);
-}
-
-inline __m256 vgelu_grad8(__m256 v) {
-    const __m256 one = _mm256_set1_ps(1.0f);
-    __m256 xc = _mm256_max_ps(_mm256_set1_ps(float(-kGeluClip)), v);  // NaN: v
-    xc = _mm256_min_ps(_mm256_set1_ps(float(kGeluClip)), xc);
-    const __m256 x2 = _mm256_mul_ps(xc, xc);
-    const __m256 w = _mm256_mul_ps(
-        xc, _mm256_fmadd_ps(x2, _mm256_set1_ps(float(2 * kGeluC * kGeluK)),
-                            _mm256_set1_ps(float(2 * kGeluC))));
-    const __m256 e = vexp_nonpos8(_mm256_sub_ps(_mm256_setzero_ps(), abs8(w)));
-    const __m256 r = _mm256_div_ps(one, _mm256_add_ps(one, e));
-    const __m256 er = _mm256_mul_ps(e, r);
-    const __m256 pos = _mm256_cmp_ps(w, _mm256_setzero_ps(), _CMP_GE_OQ);
-    const __m256 s = _mm256_blendv_ps(er, r, pos);
-    const __m256 du2 = _mm256_fmadd_ps(x2, _mm256_set1_ps(float(2 * kGeluC * 3 * kGeluK)),
-                                       _mm256_set1_ps(float(2 * kGeluC)));
-    return _mm256_fmadd_ps(_mm256_mul_ps(xc, _mm256_mul_ps(er, r)), du2, s);
-}
-
-// lanes [0, m) of a vmaskmovps mask, 0 < m < 8
-inline __m256i lanes8(index_t m) {
-    return _mm256_cmpgt_epi32(_mm256_set1_epi32(int(m)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-}
-
-template <typename F>
-inline void map8(const float* x, float* y, index_t n, F f) {  // y may be x
-    index_t i = 0;
-    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(y + i, f(_mm256_loadu_ps(x + i)));
-    if (i < n) {
-        const __m256i m = lanes8(n - i);
-        _mm256_maskstore_ps(y + i, m, f(_mm256_maskload_ps(x + i, m)));
-    }
-}
-
-inline void vsigmoid_span(const float* x, float* y, index_t n) { map8(x, y, n, vsigmoid8); }
-inline void vtanh_span(const float* x, float* y, index_t n) { map8(x, y, n, vtanh8); }
-inline void vgelu_span(const float* x, float* y, index_t n) { map8(x, y, n, vgelu8); }
-
-inline void vgelu_grad_span(const float* gy, const float* x, float* gx, index_t n) {
-    index_t i = 0;
-    for (; i + 8 <= n; i += 8)
-        _mm256_storeu_ps(gx + i, _mm256_mul_ps(_mm256_loadu_ps(gy + i),
-                                               vgelu_grad8(_mm256_loadu_ps(x + i))));
-    if (i < n) {
-        const __m256i m = lanes8(n - i);
-        _mm256_maskstore_ps(gx + i, m, _mm256_mul_ps(_mm256_maskload_ps(gy + i, m),
-                                                     vgelu_grad8(_mm256_maskload_ps(x + i, m))));
-    }
+    gelu_grad_map_v(gy, x, gx, n);
 }
 #endif
 

@@ -73,82 +73,61 @@ inline T dact_value(T d, T a) {
 }
 
 // Float rows of sigmoid, tanh and gelu use the activation kernels' own vector
-// functions (vmath.hpp: vsigmoid16/vtanh16/vgelu16 in the avx512 unit, the 8-lane
-// ones in the avx2 unit), so a fused layer's output equals fp.ops.activation of its
+// functions (vmath.hpp: vsigmoid_v/vtanh_v/vgelu_v on VecF, 16 lanes in the avx512
+// unit, 8 in the avx2 unit), so a fused layer's output equals fp.ops.activation of its
 // pre-activation bit for bit, and the row costs what the kernel's loop costs (GCC's
 // vectorisation of the scalar forms was 1.3-1.4x slower for tanh and gelu).
 template <int Act, typename T>
 constexpr bool kVectorAct =
     std::is_same<T, float>::value && (Act == kSigmoid || Act == kTanh || Act == kGelu);
 
-#if defined(__AVX512F__)
+#if defined(FASTPROP_VECF)
+#define FASTPROP_EP_VECTOR_ACT 1
 template <int Act>
-inline __m512 act_vector(__m512 v) {
-    if constexpr (Act == kSigmoid) return vsigmoid16(v);
-    else if constexpr (Act == kTanh) return vtanh16(v);
-    else return vgelu16(v);
+inline VF act_vector(VF v) {
+    if constexpr (Act == kSigmoid) return vsigmoid_v(v);
+    else if constexpr (Act == kTanh) return vtanh_v(v);
+    else return vgelu_v(v);
 }
 
 // c[0:len] = act(c + b) (b may be null), z[0:len] = c + b first when z is not null.
+// With k-masks (avx512) every vector is a masked one: one copy of the activation's
+// code in the loop (two copies, plain and tail, made the tanh row 9% slower).  In the
+// avx2 unit full vectors use plain loads and stores (AMD's vmaskmovps stores are
+// slow) and only the tail is masked.
 template <int Act>
 inline void act_row_vector(float* c, const float* b, float* z, index_t len) {
-    for (index_t j = 0; j < len; j += 16) {
-        const index_t r = len - j;
-        const __mmask16 m = r >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
-        __m512 v = _mm512_maskz_loadu_ps(m, c + j);
-        if (b != nullptr) v = _mm512_add_ps(v, _mm512_maskz_loadu_ps(m, b + j));
-        if (z != nullptr) _mm512_mask_storeu_ps(z + j, m, v);
-        _mm512_mask_storeu_ps(c + j, m, act_vector<Act>(v));
+    using O = VecF;
+    if constexpr (O::kFreeMasks) {
+        for (index_t j = 0; j < len; j += O::N) {
+            const O::Tail m = O::tail(len - j);
+            VF v = O::load(m, c + j);
+            if (b != nullptr) v = O::add(v, O::load(m, b + j));
+            if (z != nullptr) O::store(m, z + j, v);
+            O::store(m, c + j, act_vector<Act>(v));
+        }
+        return;
     }
-}
-// out[0:len] = g * gelu'(d); out may alias g or d.
-inline void gelu_grad_row_vector(const float* g, const float* d, float* out, index_t len) {
-    for (index_t j = 0; j < len; j += 16) {
-        const index_t r = len - j;
-        const __mmask16 m = r >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << r) - 1u);
-        const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, g + j),
-                                       vgelu_grad16(_mm512_maskz_loadu_ps(m, d + j)));
-        _mm512_mask_storeu_ps(out + j, m, v);
+    index_t j = 0;
+    for (; j + O::N <= len; j += O::N) {
+        VF v = O::load(c + j);
+        if (b != nullptr) v = O::add(v, O::load(b + j));
+        if (z != nullptr) O::store(z + j, v);
+        O::store(c + j, act_vector<Act>(v));
     }
-}
-#define FASTPROP_EP_VECTOR_ACT 1
-#elif defined(__AVX2__) && defined(__FMA__)
-template <int Act>
-inline __m256 act_vector(__m256 v) {
-    if constexpr (Act == kSigmoid) return vsigmoid8(v);
-    else if constexpr (Act == kTanh) return vtanh8(v);
-    else return vgelu8(v);
+    if (j < len) {
+        const O::Tail m = O::tail(len - j);
+        VF v = O::load(m, c + j);
+        if (b != nullptr) v = O::add(v, O::load(m, b + j));
+        if (z != nullptr) O::store(m, z + j, v);
+        O::store(m, c + j, act_vector<Act>(v));
+    }
 }
 
-template <int Act>
-inline void act_row_vector(float* c, const float* b, float* z, index_t len) {
-    index_t j = 0;
-    for (; j + 8 <= len; j += 8) {
-        __m256 v = _mm256_loadu_ps(c + j);
-        if (b != nullptr) v = _mm256_add_ps(v, _mm256_loadu_ps(b + j));
-        if (z != nullptr) _mm256_storeu_ps(z + j, v);
-        _mm256_storeu_ps(c + j, act_vector<Act>(v));
-    }
-    if (j < len) {
-        const __m256i m = lanes8(len - j);
-        __m256 v = _mm256_maskload_ps(c + j, m);
-        if (b != nullptr) v = _mm256_add_ps(v, _mm256_maskload_ps(b + j, m));
-        if (z != nullptr) _mm256_maskstore_ps(z + j, m, v);
-        _mm256_maskstore_ps(c + j, m, act_vector<Act>(v));
-    }
-}
+// out[0:len] = g * gelu'(d); out may alias g or d.
 inline void gelu_grad_row_vector(const float* g, const float* d, float* out, index_t len) {
-    index_t j = 0;
-    for (; j + 8 <= len; j += 8)
-        _mm256_storeu_ps(out + j, _mm256_mul_ps(_mm256_loadu_ps(g + j),
-                                                vgelu_grad8(_mm256_loadu_ps(d + j))));
-    if (j < len) {
-        const __m256i m = lanes8(len - j);
-        _mm256_maskstore_ps(out + j, m, _mm256_mul_ps(_mm256_maskload_ps(g + j, m),
-                                                      vgelu_grad8(_mm256_maskload_ps(d + j, m))));
-    }
+    gelu_grad_map_v(g, d, out, len);
 }
-#define FASTPROP_EP_VECTOR_ACT 1
 #else
 #define FASTPROP_EP_VECTOR_ACT 0
 #endif
