@@ -184,6 +184,84 @@ inline double vtanh(double x) {
     return ax < 0.625 ? small : signed_big;
 }
 
+// log(x) in double, branch-free so that loops calling it vectorise (fdlibm's e_log.c):
+// x = 2^k m with m in [sqrt(2)/2, sqrt(2)), f = m - 1, s = f / (2 + f),
+// log(m) = f - f^2/2 + s (f^2/2 + R(s^2)) with fdlibm's Lg1..Lg7, plus k ln2 in two
+// parts; < 1 ulp.  Subnormal x is scaled by 2^54 first; k is turned into a double
+// through the 2^52 bit pattern (no int64 -> double conversion, which AVX2 lacks).
+// x = 0: -inf; x < 0 or NaN: NaN; +inf: +inf.
+inline double vlog(double x) {
+    constexpr double kTwo54 = 18014398509481984.0, kTwo52 = 4503599627370496.0;
+    const bool sub = x < 2.2250738585072014e-308;  // (0 and negatives too: fixed below)
+    const double xs = sub ? x * kTwo54 : x;
+    const std::int64_t bits = bits_of(xs);
+    const std::int64_t ebits = (bits >> 52) & 0x7FF;
+    double m = double_from_bits((bits & 0x000FFFFFFFFFFFFFLL) | 0x3FF0000000000000LL);
+    double k = double_from_bits(0x4330000000000000LL | ebits) - (kTwo52 + 1023.0);
+    k = sub ? k - 54.0 : k;
+    const bool big = m > 1.4142135623730951;
+    m = big ? m * 0.5 : m;
+    k = big ? k + 1.0 : k;
+    const double f = m - 1.0;
+    const double s = f / (2.0 + f);
+    const double z = s * s, w = z * z;
+    const double t1 = w * (3.999999999940941908e-01 +
+                           w * (2.222219843214978396e-01 + w * 1.531383769920937332e-01));
+    const double t2 = z * (6.666666666666735130e-01 +
+                           w * (2.857142874366239149e-01 +
+                                w * (1.818357216161805012e-01 + w * 1.479819860511658591e-01)));
+    const double hfsq = 0.5 * f * f;
+    double r = k * 6.93147180369123816490e-01 -
+               ((hfsq - (s * (hfsq + t1 + t2) + k * 1.90821492927058770002e-10)) - f);
+    constexpr double kInf = __builtin_huge_val();
+    r = x == 0.0 ? -kInf : r;
+    r = x < 0.0 ? __builtin_nan("") : r;
+    r = x == kInf ? kInf : r;
+    return x != x ? x : r;
+}
+
+// log(x) in float (Cephes logf): x = 2^e m with m in [sqrt(2)/2, sqrt(2)), f = m - 1,
+// log = f - f^2/2 + f^3 P(f) + e ln2 in two parts; ~1-2 ulp.  Specials as vlog.
+inline float vlog(float x) {
+    const bool sub = x < 1.17549435e-38f;  // (0 and negatives too: fixed below)
+    const float xs = sub ? x * 33554432.0f : x;  // 2^25
+    const std::int32_t bits = bits_of(xs);
+    float e = float(((bits >> 23) & 0xFF) - 126);
+    e = sub ? e - 25.0f : e;
+    float m = float_from_bits((bits & 0x007FFFFF) | 0x3F000000);  // [0.5, 1)
+    const bool lowm = m < 0.707106781186547524f;
+    e = lowm ? e - 1.0f : e;
+    const float f = lowm ? m + m - 1.0f : m - 1.0f;
+    const float z = f * f;
+    float p = 7.0376836292e-2f;
+    p = p * f - 1.1514610310e-1f;
+    p = p * f + 1.1676998740e-1f;
+    p = p * f - 1.2420140846e-1f;
+    p = p * f + 1.4249322787e-1f;
+    p = p * f - 1.6668057665e-1f;
+    p = p * f + 2.0000714765e-1f;
+    p = p * f - 2.4999993993e-1f;
+    p = p * f + 3.3333331174e-1f;
+    float y = p * f * z;
+    y += e * -2.12194440e-4f;
+    y += -0.5f * z;
+    float r = (f + y) + e * 0.693359375f;
+    constexpr float kInf = __builtin_huge_valf();
+    r = x == 0.0f ? -kInf : r;
+    r = x < 0.0f ? __builtin_nanf("") : r;
+    r = x == kInf ? kInf : r;
+    return x != x ? x : r;
+}
+
+// log(1 + y) for y > -1 from vlog, in T (Goldberg's correction: u = 1 + y rounded, then
+// log(u) y / (u - 1), exact where u = 1); a few ulp.  y = -1: -inf; y < -1: NaN.
+template <typename T>
+inline T vlog1p(T y) {
+    const T u = T(1) + y;
+    const T l = vlog(u);
+    return u == T(1) ? y : (u == T(__builtin_huge_val()) ? u : l * (y / (u - T(1))));
+}
+
 // Logistic sigmoid, stable for any x: e = exp(-|x|) never overflows;
 // 1/(1+e) for x >= 0, e/(1+e) for x < 0.
 template <typename T>
