@@ -57,3 +57,10 @@ def test_softmax_xent(benchmark, impl, shape):
     """Softmax cross-entropy forward + backward (loss and grad_logits)."""
     benchmark.group = f"softmax_xent {shape[0]}x{shape[1]}"
     benchmark(_case(_bench.softmax_xent_case, impl, *shape))
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bce_logits(benchmark, impl):
+    """Binary cross-entropy from logits, forward + backward, 512 x 1000 (multilabel)."""
+    benchmark.group = "bce_logits 512x1000"
+    benchmark(_case(_bench.bce_logits_case, impl, 512, 1000))

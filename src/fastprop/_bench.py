@@ -404,6 +404,41 @@ def softmax_xent_case(impl, rows, classes):
     return run
 
 
+def bce_logits_case(impl, rows, cols):
+    """Binary cross-entropy from logits, forward + backward (loss and grad_logits), as
+    in multilabel classification; checked against the float64 formula."""
+    torch = _require(impl)
+    rng = np.random.default_rng(0)
+    logits = (rng.standard_normal((rows, cols)) * 3).astype(np.float32)
+    targets = (rng.random((rows, cols)) < 0.3).astype(np.float32)
+    x, t = logits.astype(np.float64), targets.astype(np.float64)
+    ref_loss = float(np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))))
+    ref_grad = (1 / (1 + np.exp(-x)) - t) / x.size
+    if torch is not None:
+        lt = torch.from_numpy(logits).requires_grad_()
+        tt = torch.from_numpy(targets)
+
+        def run():
+            lt.grad = None
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(lt, tt)
+            loss.backward()
+            return loss.item(), lt.grad.numpy()
+    else:
+        fp = _fp()
+        with fp.use_backend(impl):
+            loss_fn = fp.losses.BinaryCrossEntropy(from_logits=True)
+
+        def run():
+            with fp.use_backend(impl):
+                return loss_fn.forward(logits, targets), loss_fn.backward()
+    loss, grad = run()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5,
+                               err_msg=f"{impl}: binary cross-entropy loss")
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-10,
+                               err_msg=f"{impl}: binary cross-entropy gradient")
+    return run
+
+
 # ------------------------------------------------------------------ `fastprop bench`
 def _median_time(fn, min_time, repeats):
     fn()
@@ -436,6 +471,7 @@ def cases(quick=True):
     for shape in ((128, 10), (512, 1000)):
         yield (f"softmax xent {shape[0]}x{shape[1]}",
                lambda impl, shape=shape: softmax_xent_case(impl, *shape))
+    yield "bce logits 512x1000", lambda impl: bce_logits_case(impl, 512, 1000)
 
 
 def limit_threads(threads, torch=True):
