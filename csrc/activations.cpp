@@ -19,9 +19,10 @@
 //   softmax    = exp(x - max) / sum, sum accumulated in double.
 // Speed (1 thread, float32, avx512 unit, Zen4): relu ~7-11 Gelem/s, sigmoid ~3,
 // tanh/gelu ~2, softmax ~1.0-1.3 Gelem/s (NumPy: tanh 2.7, sigmoid expression 0.25).
-// Accuracy: elementwise results are within a few ulp of T (vmath.hpp); the
-// gelu form has no cancellation for x << 0, so it is more accurate there than the
-// literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
+// Accuracy: elementwise results are within a few ulp of T (vmath.hpp), except gelu
+// and gelu' in the far negative tail, where exp's conditioning gives a relative error
+// ~|2u| eps on values below ~1e-20 (vmath.hpp); the gelu form has no cancellation for
+// x << 0, so it is more accurate there than the literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
 #include "isa_common.hpp"
 #include "kernels.hpp"
 #include "vmath.hpp"

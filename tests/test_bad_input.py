@@ -174,6 +174,9 @@ ROWS = [
       r"labels must lie in \[0, 4\).*\[0, 4\]"),
     R("xent-label-negative", lambda c: ops.softmax_cross_entropy(c.a, [0, -1, 2]), ValueError,
       r"labels must lie in \[0, 4\)"),
+    R("xent-label-uint64-huge", lambda c: ops.softmax_cross_entropy(
+        c.a, np.array([0, 2**63 + 1, 2], np.uint64)), ValueError,
+      r"labels must lie in \[0, 4\).*\[0, 9223372036854775809\]"),
     R("xent-label-fraction", lambda c: ops.softmax_cross_entropy(c.a, [0, 1.5, 2]), ValueError,
       r"integer class ids"),
     R("xent-label-nan", lambda c: ops.softmax_cross_entropy(c.a, [0, np.nan, 2]), ValueError,

@@ -36,6 +36,23 @@ def test_gradcheck_detects_a_wrong_backward(backend, rng):
         fp.gradcheck(DenseForgetsBias(3, 2, dtype=np.float64, rng=0), x64(rng, 4, 3))
 
 
+def test_gradcheck_fails_on_nan_gradients(rng):
+    """A NaN gradient, analytic or numeric, is a failure (NaN compares False with any
+    tolerance, which had counted it as a pass); equal infinities agree."""
+    x = np.array([0.5, -1.0, 2.0])
+    assert not fp.gradcheck(lambda x: (float(x @ x), np.full_like(x, np.nan)), (x,),
+                            raise_exception=False)
+    assert not fp.gradcheck(lambda x: (float("nan"), 2 * x), (x,), raise_exception=False)
+
+    class NanBackward(nn.Tanh):
+        def backward(self, grad_out, input_grad=True):
+            return np.full_like(super().backward(grad_out, input_grad), np.nan)
+
+    with pytest.raises(fp.GradcheckError, match="nan"):
+        fp.gradcheck(NanBackward(), x64(rng, 3, 4))
+    assert fp.gradcheck(lambda x: (float(x @ x), 2 * x), (x,))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_dense(backend, rng, act, bias):

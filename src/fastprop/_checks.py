@@ -135,5 +135,5 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
     if check_range and n and (out.min() < 0 or out.max() >= classes):
         raise ValueError(
             f"{name} must lie in [0, {classes}) for {classes} classes, "
-            f"got values in [{out.min()}, {out.max()}]")
+            f"got values in [{arr.min()}, {arr.max()}]")  # (arr: uint64 unwrapped)
     return out

@@ -50,10 +50,13 @@ def _compare(name, analytic, numeric, atol, rtol, failures):
         failures.append(f"{name}: analytic gradient has shape {analytic.shape}, "
                         f"expected {numeric.shape}")
         return
-    err = np.abs(analytic - numeric)
-    bad = err > atol + rtol * np.abs(numeric)
+    with np.errstate(invalid="ignore"):
+        err = np.abs(analytic - numeric)
+        # NaN on either side fails (err <= tol is False for NaN); equal infinities pass
+        bad = ~((analytic == numeric) | (err <= atol + rtol * np.abs(numeric)))
     if bad.any():
-        i = np.unravel_index(np.argmax(err - rtol * np.abs(numeric)), err.shape)
+        score = np.where(np.isnan(err), np.inf, err - rtol * np.abs(numeric))
+        i = np.unravel_index(np.argmax(np.where(bad, score, -np.inf)), err.shape)
         failures.append(f"{name}: {int(bad.sum())} of {err.size} elements differ; worst at "
                         f"{tuple(int(j) for j in i)}: analytic {analytic[i]!r}, "
                         f"numeric {numeric[i]!r}")

@@ -312,6 +312,9 @@ class Dense(Module):
     Shape: input (batch, in_features) -> output (batch, out_features).
         ``weight`` is (in_features, out_features), ``bias`` (out_features,).
 
+    ``forward`` keeps a reference to its input (no copy) for ``backward``: modifying
+    that array in place between the two changes the weight gradient.
+
     Example:
         >>> layer = Dense(4, 3, activation="relu")
         >>> layer(np.ones((2, 4))).shape
