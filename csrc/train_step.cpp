@@ -237,6 +237,15 @@ template <typename T>
 double train_step(const TrainStepPlan<T>& p, int* status) {
     *status = 0;
     const int L = p.layers;
+    {   // NaN or inf in x is bad input: refused before anything runs (one vectorised
+        // integer max over x, ~1 us for 32 x 784 floats)
+        bool finite_x = true;
+        max_abs(p.x, p.n * p.layer[0].in, &finite_x);
+        if (!finite_x) {
+            *status = 4;
+            return 0.0;
+        }
+    }
     if (p.labels != nullptr) {  // class ids index the gradient rows: never trust them
         const index_t classes = p.layer[L - 1].out;
         for (index_t i = 0; i < p.n; ++i) {

@@ -93,6 +93,13 @@ def _no_dir(c):
     return "/nonexistent-dir-of-fastprop/run.ckpt"
 
 
+def _with(a, index, value):
+    """A copy of a with one element set."""
+    a = np.array(a, copy=True)
+    a[index] = value
+    return a
+
+
 def _fit_chain(c, **kw):
     kw.setdefault("loss", "cross_entropy")
     kw.setdefault("optimizer", c.chain_opt)
@@ -466,6 +473,13 @@ ROWS = [
       r"labels must hold real", kernels=True),
     R("step-empty", lambda c: c.step(np.empty((0, 4)), np.empty(0, int)), ValueError,
       r"empty", kernels=True),
+    R("step-x-nan", lambda c: c.step(_with(c.X[:5], (3, 1), np.nan), c.y[:5]), ValueError,
+      r"x contains 1 NaN or infinite", kernels=True),
+    R("step-x-inf", lambda c: c.step(_with(c.X[:5], (0, 0), -np.inf), c.y[:5]), ValueError,
+      r"x contains 1 NaN or infinite", kernels=True),
+    R("bn-step-x-nan", lambda c: c.model.compile("cross_entropy", c.opt)(
+        _with(c.X[:5], (4, 3), np.nan), c.y[:5]), ValueError, r"x contains 1 NaN",
+      kernels=True),
     R("bn-step-label-out-of-range", lambda c: c.model.compile("cross_entropy", c.opt)(
         c.X[:5], [0, 1, 2, 3, 0]), ValueError, r"labels must lie in \[0, 3\)", kernels=True),
     R("bn-step-mse-shape", lambda c: c.model.compile("mse", c.opt)(c.X[:5], np.zeros((5, 2))),

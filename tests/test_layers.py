@@ -53,6 +53,11 @@ def test_gradcheck_fails_on_nan_gradients(rng):
     assert fp.gradcheck(lambda x: (float(x @ x), 2 * x), (x,))
 
 
+def test_gradcheck_says_what_fn_must_return():
+    with pytest.raises(TypeError, match=r"fn must return \(value, grads\).*got float"):
+        fp.gradcheck(lambda x: float(x @ x), (np.ones(3),))
+
+
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
 @pytest.mark.parametrize("act", ACTS)
 def test_gradcheck_dense(backend, rng, act, bias):
@@ -610,3 +615,26 @@ def test_gradcheck_batchnorm_eval_mode(backend, rng):
     bn.weight.value[...] = rng.uniform(0.5, 2.0, 4)
     bn.eval()
     assert fp.gradcheck(bn, rng.standard_normal((5, 4)))
+
+
+def test_parameter_value_assignment_keeps_shape_and_dtype(backend):
+    """`p.value = array` converts to the parameter's dtype and C order (a transposed
+    PyTorch weight, a float64 array in a float32 layer work on every backend) and
+    refuses another shape, naming the parameter."""
+    rng = np.random.default_rng(0)
+    w_torch = rng.standard_normal((3, 6)).astype(np.float32)  # (out, in), torch layout
+    x = rng.standard_normal((5, 6)).astype(np.float32)
+    d = nn.Dense(6, 3, bias=False)
+    d.weight.value = w_torch.T  # an F-ordered view
+    assert d.weight.value.flags.c_contiguous and d.weight.dtype == np.float32
+    np.testing.assert_allclose(d(x), x @ w_torch.T, rtol=1e-5, atol=1e-6)
+    d.weight.value = w_torch.T.astype(np.float64)
+    assert d.weight.dtype == np.float32
+    np.testing.assert_allclose(d(x), x @ w_torch.T, rtol=1e-5, atol=1e-6)
+    own = np.ascontiguousarray(w_torch.T)
+    d.weight.value = own  # already right: no copy (the layer trains the caller's array)
+    assert d.weight.value is own
+    with pytest.raises(ValueError, match=r"Parameter 'weight': value must have the "
+                                         r"parameter's shape \(6, 3\), got \(3, 6\)"):
+        d.weight.value = w_torch
+    assert d.weight.value is own

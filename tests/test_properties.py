@@ -668,7 +668,11 @@ def test_fused_step_with_replaced_arrays_rejects_or_stays_in_bounds(target, laye
             attr = "grad" if target.endswith(".grad") else "value"
             new = _mutated(getattr(p, attr), how, g, dt, seed)
             if isinstance(new, np.ndarray):
-                setattr(p, attr, new)
+                try:
+                    setattr(p, attr, new)
+                except ValueError:  # a Parameter's value keeps its shape (its setter
+                    assert attr == "value" and new.shape != p.shape  # converts the rest)
+                    return
         with contextlib.suppress(TypeError, ValueError), np.errstate(all="ignore"):
             step(x, y)
     g.check()
@@ -693,7 +697,9 @@ def test_fused_step_rejects_changed_parameter_lists(change):
         elif change == "truncate_state":
             opt.state = opt.state[:1]
         else:
-            model[0].weight.value = np.zeros(35, np.float32)
+            with pytest.raises(ValueError, match=r"shape \(5, 7\), got \(35,\)"):
+                model[0].weight.value = np.zeros(35, np.float32)  # (the setter refuses)
+            model[0].weight._value = np.zeros(35, np.float32)  # (past the setter)
             with pytest.raises(ValueError, match="must be 2-D"):
                 step(x, y)
             return

@@ -107,6 +107,20 @@ def test_divergence_skip_drops_only_the_bad_batch(backend, kind):
     assert hist["loss"] == ref_hist["loss"]
 
 
+def test_an_epoch_with_every_batch_skipped_reports_nan(backend):
+    """No batch trained: the epoch's loss and accuracy are NaN, not 0 (a perfect
+    cross-entropy, which would read as a converged model)."""
+    X, y = make_data()
+    model = make_model("dense", dropout=0.0)
+    model[0].weight.value[...] = np.abs(model[0].weight.value) + 0.1
+    bad = np.full_like(X, 3e38)  # finite input whose forward overflows
+    with np.errstate(all="ignore"):
+        hist = model.fit(bad, y, loss="cross_entropy", optimizer="sgd", batch_size=32,
+                         epochs=2, shuffle=False, verbose=0, on_nonfinite="skip")
+    assert hist.skipped_steps == 2 * -(-len(X) // 32)
+    assert np.isnan(hist["loss"]).all() and np.isnan(hist["accuracy"]).all()
+
+
 def test_skip_keeps_batchnorm_statistics_finite(backend):
     X, y = make_data()
     bad = X.copy()

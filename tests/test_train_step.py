@@ -159,8 +159,9 @@ def test_bce_on_probabilities_needs_a_bounded_output():
 @native_only
 @pytest.mark.parametrize("where", ["loss", "gradient"])
 def test_non_finite_stops_before_the_update(where):
-    """A NaN loss, or a finite loss (accumulated in double) whose float32 weight
-    gradients overflow, stops the step before anything is updated."""
+    """A non-finite loss (finite x whose forward overflows: NaN in x itself is bad
+    input, a ValueError), or a finite loss (accumulated in double) whose float32
+    weight gradients overflow, stops the step before anything is updated."""
     model = _model(np.float32, hidden=("relu", "relu"))
     opt = optim.Adam(model.parameters(), lr=1e-2)
     X, _ = _data("real")
@@ -174,7 +175,7 @@ def test_non_finite_stops_before_the_update(where):
         state = [{k: v.copy() for k, v in s.items()} for s in opt.state]
         bad = X[:8].copy()
         if where == "loss":
-            bad[0, 0] = np.nan
+            bad[:] = 3e38  # finite; the first layer's outputs overflow to inf
         else:
             bad = np.abs(bad) * 1e20 + 1e20   # loss ~1e40 is finite in double,
             #                                   a^T g ~1e40 overflows float32
@@ -432,9 +433,11 @@ def test_fused_weight_update_stops_on_non_finite_gradients():
         step(x, np.zeros((2, 24)))
         step.check_finite = True
         before = [p.value.copy() for p in model.parameters()]
-        for bad in (np.abs(x) * 1e20 + 1e20, np.where(np.arange(40) == 3, np.inf, x)):
+        for bad in (np.abs(x) * 1e20 + 1e20, np.full_like(x, 3e38)):  # (overflows)
             with pytest.raises(NonFiniteError, match="gradient|loss"):
                 step(bad, np.zeros((2, 24)))
+        with pytest.raises(ValueError, match="x contains 2 NaN or infinite"):  # bad input
+            step(np.where(np.arange(40) == 3, np.inf, x), np.zeros((2, 24)))
     for p, b in zip(model.parameters(), before):
         np.testing.assert_array_equal(p.value, b)
     assert opt.step_count == 1

@@ -106,6 +106,11 @@ cdef class NativeTrainStep:
         self.p32.opt.sizes = self.p64.opt.sizes = self.sizes
 
     @property
+    def checks_x(self):
+        """The kernel refuses NaN/inf in x itself (status 4)."""
+        return True
+
+    @property
     def checks_labels(self):
         """Class ids outside [0, classes) are refused before anything runs."""
         return True
@@ -324,6 +329,10 @@ cdef class NativeTrainStep:
             _fill_opt64(&self.p64.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p64, &status)
+        if status == 4:  # (the message of _checks.check_finite)
+            from fastprop._checks import check_finite as _check_finite_array
+            _check_finite_array(x, "x")
+            raise ValueError("x must be finite, got NaN or inf")
         if status == 3:  # (the message of _checks.class_labels)
             raise ValueError(f"labels must lie in [0, {n_out}) for {n_out} classes, got "
                              f"values in [{labels.min()}, {labels.max()}]")

@@ -68,8 +68,9 @@ def demo(args) -> int:
         print(f"{backend:>7}: accuracy {acc:.4f}  time {secs:.3f} s")
     if len(results) == 2:
         ratio = results["numpy"][1] / results["native"][1]
+        how = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
         print(f"native/numpy training-time ratio: {results['native'][1] / results['numpy'][1]:.3f}"
-              f" (native is {ratio:.2f}x faster)")
+              f" (native is {how})")
     return 0
 
 

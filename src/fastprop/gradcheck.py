@@ -135,7 +135,12 @@ def _check_fn(fn, inputs, eps, atol, rtol, failures):
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
     arrays = [np.array(a, dtype=np.float64) for a in inputs]
-    _, grads = fn(*arrays)
+    out = fn(*arrays)
+    if not (isinstance(out, (tuple, list)) and len(out) == 2):
+        raise TypeError("fn must return (value, grads): the scalar value and the gradient "
+                        f"of each input, got {type(out).__name__}"
+                        + (f" of length {len(out)}" if isinstance(out, (tuple, list)) else ""))
+    grads = out[1]
     if isinstance(grads, np.ndarray):
         grads = (grads,)
     if len(grads) != len(arrays):

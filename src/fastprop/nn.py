@@ -51,15 +51,35 @@ class Parameter:
         grad: np.ndarray of the same shape and dtype, zeros until backward adds to it.
     """
 
-    __slots__ = ("value", "grad", "name")
+    __slots__ = ("_value", "grad", "name")
 
     def __init__(self, value, name: str | None = None):
         value = np.array(as_array(value, "value"), copy=True)
         if value.dtype not in (np.float32, np.float64):
             value = value.astype(np.float64 if value.dtype.kind in "biu" else np.float32)
-        self.value = np.ascontiguousarray(value)
-        self.grad = np.zeros_like(self.value)
+        self._value = np.ascontiguousarray(value)
+        self.grad = np.zeros_like(self._value)
         self.name = name
+
+    @property
+    def value(self) -> np.ndarray:
+        return self._value
+
+    @value.setter
+    def value(self, new):
+        """Assigning keeps the parameter's shape and dtype: the array is converted to
+        them (C order; no copy when it already is), so ``p.value = w_torch.numpy().T``
+        works like ``p.value[...] = ...``; another shape is a ValueError."""
+        old = getattr(self, "_value", None)
+        label = f"Parameter {self.name!r}" if getattr(self, "name", None) else "Parameter"
+        arr = as_array(new, "value")
+        if old is None:  # (unpickling an older Parameter, whose slot was `value`)
+            self._value = np.ascontiguousarray(arr)
+            return
+        if arr.shape != old.shape:
+            raise ValueError(f"{label}: value must have the parameter's shape {old.shape}, "
+                             f"got {arr.shape}")
+        self._value = np.ascontiguousarray(arr, dtype=old.dtype)
 
     @property
     def shape(self):
@@ -244,7 +264,7 @@ class Module:
             for attr in mod._params:
                 p = getattr(mod, attr)
                 if p is not None:
-                    p.value = p.value.astype(dtype)
+                    p._value = p.value.astype(dtype)
                     p.grad = np.zeros_like(p.value)
             for attr in mod._buffers:
                 buf = getattr(mod, attr)

@@ -197,7 +197,8 @@ def _act_operands(act, y, z, shape, dtype):
     name = next(k for k, v in ACTIVATIONS.items() if v == act)
     if act == ACTIVATIONS["gelu"]:
         if z is None:
-            raise ValueError("gelu backward needs the pre-activation: pass z (or x)")
+            raise ValueError("gelu backward needs the pre-activation: pass x "
+                             "(activation_backward) or z (linear_backward)")
         z = as_float(z, "z", dtype)
         check_shape(z, shape, "z")
         return None, z

@@ -178,6 +178,8 @@ class TrainStep:
             x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
+            if not getattr(fast, "checks_x", False):  # (the native kernel checks x itself)
+                check_finite(x, "x")
             if self._kernel_labels:
                 y = softmax_targets(y, (x.shape[0], self._shape[1]), dtype, check_range=False)
             else:
@@ -190,6 +192,7 @@ class TrainStep:
         # leaves them as they were; buffers a training forward updates (BatchNorm
         # running statistics) are restored when the step fails (bad targets,
         # non-finite values).
+        check_finite(x, "x")  # NaN/inf in the batch is bad input, refused before anything
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
         try:
@@ -495,9 +498,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     if now - last_post > 0.2:
                         bar.set_postfix(_postfix(total, correct, seen, acc_fn), refresh=False)
                         last_post = now
-            logs = {"loss": total / max(seen, 1)}
+            # an epoch whose every batch was skipped (on_nonfinite="skip") trained on
+            # nothing: its loss and accuracy are NaN, not 0 (which reads as perfect)
+            logs = {"loss": total / seen if seen else math.nan}
             if acc_fn is not None:
-                logs["accuracy"] = correct / max(seen, 1)
+                logs["accuracy"] = correct / seen if seen else math.nan
             if Xv is not None:
                 step.sync()
                 vloss, vcorrect = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
@@ -525,9 +530,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
 
 
 def _postfix(total, correct, seen, acc_fn):
-    post = {"loss": f"{total / max(seen, 1):.4f}"}
+    post = {"loss": f"{total / seen if seen else math.nan:.4f}"}
     if acc_fn is not None:
-        post["acc"] = f"{correct / max(seen, 1):.4f}"
+        post["acc"] = f"{correct / seen if seen else math.nan:.4f}"
     return post
 
 

@@ -12,7 +12,8 @@
 // The structs are plain data (no initialisers: the caller zero-fills them).
 // With check_finite, a non-finite loss or gradient stops the step before the update
 // and is reported in *status (1: loss, 2: gradient); a class id outside
-// [0, classes) stops it before anything runs (*status = 3); otherwise *status = 0.
+// [0, classes) stops it before anything runs (*status = 3), as does NaN or inf in x
+// (*status = 4); otherwise *status = 0.
 #pragma once
 
 #include <cstdint>
