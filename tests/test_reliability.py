@@ -141,8 +141,8 @@ class Interrupt(Exception):
 
 
 def _interrupt_after(monkeypatch, calls):
-    """Make the ``calls``-th training step raise (a crash mid-epoch)."""
-    original = train.TrainStep.__call__
+    """Make the ``calls``-th training step of fit raise (a crash mid-epoch)."""
+    original = train.TrainStep._fit_batch
     count = [0]
 
     def step(self, x, y):
@@ -151,8 +151,8 @@ def _interrupt_after(monkeypatch, calls):
             raise Interrupt(f"step {calls}")
         return original(self, x, y)
 
-    monkeypatch.setattr(train.TrainStep, "__call__", step)
-    return lambda: monkeypatch.setattr(train.TrainStep, "__call__", original)
+    monkeypatch.setattr(train.TrainStep, "_fit_batch", step)
+    return lambda: monkeypatch.setattr(train.TrainStep, "_fit_batch", original)
 
 
 def _fresh(kind, opt_name):

@@ -236,6 +236,7 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         const T* targets
         OptimizerPlan[T] opt
         cbool check_finite
+        cbool check_x
 
     void fp_optimizer_update "fastprop::optimizer_update"(
         const OptimizerPlan[float]& plan) noexcept

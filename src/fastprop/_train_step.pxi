@@ -270,8 +270,9 @@ cdef class NativeTrainStep:
         return 0
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
-    def __call__(self, x, y, bint check_finite=False):
-        """Forward, loss, backward and update on batch (x, y); returns the loss."""
+    def __call__(self, x, y, bint check_finite=False, bint check_x=True):
+        """Forward, loss, backward and update on batch (x, y); returns the loss.
+        check_x=False skips the NaN/inf check of x (the caller validated X)."""
         cdef int status = 0
         cdef double loss
         cdef int64_t n, n_in, n_out
@@ -314,6 +315,7 @@ cdef class NativeTrainStep:
             self.p32.from_logits = from_logits
             self.p32.loss_clip = clip
             self.p32.check_finite = check_finite
+            self.p32.check_x = check_x
             _fill_opt32(&self.p32.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p32, &status)
@@ -326,6 +328,7 @@ cdef class NativeTrainStep:
             self.p64.from_logits = from_logits
             self.p64.loss_clip = clip
             self.p64.check_finite = check_finite
+            self.p64.check_x = check_x
             _fill_opt64(&self.p64.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p64, &status)

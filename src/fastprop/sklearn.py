@@ -552,7 +552,9 @@ class _FusedStep:
         step, hyper = self.optimizer.hyper(alpha / m)
         self.opt.hyper = hyper
         self.opt.step_count = step - 1
-        return self.kernel(x, (t, None) if self.labels else t) * self.loss_factor + l2
+        # (check_x=False: X was validated whole by check_array, in this dtype)
+        return (self.kernel(x, (t, None) if self.labels else t, False, False)
+                * self.loss_factor + l2)
 
 
 # --------------------------------------------------------------------------- estimators

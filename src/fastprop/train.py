@@ -168,7 +168,12 @@ class TrainStep:
         with _on_device(self.model):
             return self._step(x, y)
 
-    def _step(self, x, y) -> float:
+    def _fit_batch(self, x, y) -> float:
+        """A step on a batch of an X that fit validated whole (no NaN/inf check)."""
+        with _on_device(self.model):
+            return self._step(x, y, x_checked=True)
+
+    def _step(self, x, y, x_checked=False) -> float:
         x = as_array(x, "x")
         if x.ndim and x.shape[0] == 0:
             raise ValueError("x is empty: a training step needs at least one sample")
@@ -178,13 +183,15 @@ class TrainStep:
             x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
-            if not getattr(fast, "checks_x", False):  # (the native kernel checks x itself)
+            checks_x = getattr(fast, "checks_x", False)  # (the native kernel checks x)
+            if not (x_checked or checks_x):
                 check_finite(x, "x")
             if self._kernel_labels:
                 y = softmax_targets(y, (x.shape[0], self._shape[1]), dtype, check_range=False)
             else:
                 y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
-            value = fast(x, y, self.check_finite)
+            value = (fast(x, y, self.check_finite, not x_checked) if checks_x
+                     else fast(x, y, self.check_finite))
             self.output = fast.output
             return value
         model = self.model
@@ -192,7 +199,8 @@ class TrainStep:
         # leaves them as they were; buffers a training forward updates (BatchNorm
         # running statistics) are restored when the step fails (bad targets,
         # non-finite values).
-        check_finite(x, "x")  # NaN/inf in the batch is bad input, refused before anything
+        if not x_checked:  # NaN/inf in the batch is bad input, refused before anything
+            check_finite(x, "x")
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
         try:
@@ -479,7 +487,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     xb = np.take(X, idx, axis=0, out=xbuf[:idx.shape[0]])
                     yb = np.take(y, idx, axis=0, out=ybuf[:idx.shape[0]])
                 try:
-                    value = step(xb, yb)
+                    value = step._fit_batch(xb, yb)  # (X was validated whole)
                 except NonFiniteError:
                     if on_nonfinite == "raise":
                         if bar is not None:

@@ -13,7 +13,7 @@
 // With check_finite, a non-finite loss or gradient stops the step before the update
 // and is reported in *status (1: loss, 2: gradient); a class id outside
 // [0, classes) stops it before anything runs (*status = 3), as does NaN or inf in x
-// (*status = 4); otherwise *status = 0.
+// with check_x (*status = 4); otherwise *status = 0.
 #pragma once
 
 #include <cstdint>
@@ -60,6 +60,8 @@ struct TrainStepPlan {
     const T* targets;             // (n, out) target rows (all losses)
     OptimizerPlan<T> opt;
     bool check_finite;
+    bool check_x;                 // refuse NaN/inf in x (*status = 4); false when the
+                                  // caller validated all of X beforehand (fit)
 };
 
 double train_step(const TrainStepPlan<float>& plan, int* status) noexcept;
