@@ -374,6 +374,28 @@ def _reference_softmax_xent(logits, labels):
     return loss, grad / n
 
 
+def _checked_loss_run(run, ref_loss, ref_grad, grad_atol, what):
+    """run, after its loss and gradient were checked against the float64 reference."""
+    loss, grad = run()
+    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=f"{what} loss")
+    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=grad_atol,
+                               err_msg=f"{what} gradient")
+    return run
+
+
+def _torch_loss_run(torch, loss_fn, logits, target):
+    """PyTorch's side of a loss case: run() -> (loss, grad_logits), forward + backward."""
+    lt = torch.from_numpy(logits).requires_grad_()
+    tt = torch.from_numpy(target)
+
+    def run():
+        lt.grad = None
+        loss = loss_fn(lt, tt)
+        loss.backward()
+        return loss.item(), lt.grad.numpy()
+    return run
+
+
 def softmax_xent_case(impl, rows, classes):
     """Softmax cross-entropy forward + backward (loss and grad_logits), checked against
     the float64 formula (not against a backend)."""
@@ -384,24 +406,12 @@ def softmax_xent_case(impl, rows, classes):
     ref_loss, ref_grad = _reference_softmax_xent(logits, labels)
     fp = _fp()
     if torch is not None:
-        lt = torch.from_numpy(logits).requires_grad_()
-        yt = torch.from_numpy(labels)
-
-        def run():
-            lt.grad = None
-            loss = torch.nn.functional.cross_entropy(lt, yt)
-            loss.backward()
-            return loss.item(), lt.grad.numpy()
+        run = _torch_loss_run(torch, torch.nn.functional.cross_entropy, logits, labels)
     else:
         def run():
             with fp.use_backend(impl):
                 return fp.ops.softmax_cross_entropy(logits, labels)
-    loss, grad = run()
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5,
-                               err_msg=f"{impl}: softmax cross-entropy loss")
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-7,
-                               err_msg=f"{impl}: softmax cross-entropy gradient")
-    return run
+    return _checked_loss_run(run, ref_loss, ref_grad, 1e-7, f"{impl}: softmax cross-entropy")
 
 
 def bce_logits_case(impl, rows, cols):
@@ -415,14 +425,8 @@ def bce_logits_case(impl, rows, cols):
     ref_loss = float(np.mean(np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))))
     ref_grad = (1 / (1 + np.exp(-x)) - t) / x.size
     if torch is not None:
-        lt = torch.from_numpy(logits).requires_grad_()
-        tt = torch.from_numpy(targets)
-
-        def run():
-            lt.grad = None
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(lt, tt)
-            loss.backward()
-            return loss.item(), lt.grad.numpy()
+        run = _torch_loss_run(torch, torch.nn.functional.binary_cross_entropy_with_logits,
+                              logits, targets)
     else:
         fp = _fp()
         with fp.use_backend(impl):
@@ -431,12 +435,7 @@ def bce_logits_case(impl, rows, cols):
         def run():
             with fp.use_backend(impl):
                 return loss_fn.forward(logits, targets), loss_fn.backward()
-    loss, grad = run()
-    np.testing.assert_allclose(loss, ref_loss, rtol=1e-5,
-                               err_msg=f"{impl}: binary cross-entropy loss")
-    np.testing.assert_allclose(grad, ref_grad, rtol=1e-4, atol=1e-10,
-                               err_msg=f"{impl}: binary cross-entropy gradient")
-    return run
+    return _checked_loss_run(run, ref_loss, ref_grad, 1e-10, f"{impl}: binary cross-entropy")
 
 
 # ------------------------------------------------------------------ `fastprop bench`
