@@ -78,6 +78,8 @@ inline float fp_sqrt(float x) { return __builtin_sqrtf(x); }
 inline double fp_sqrt(double x) { return __builtin_sqrt(x); }
 inline float fp_abs(float x) { return __builtin_fabsf(x); }
 inline double fp_abs(double x) { return __builtin_fabs(x); }
+inline float fp_copysign(float x, float s) { return __builtin_copysignf(x, s); }
+inline double fp_copysign(double x, double s) { return __builtin_copysign(x, s); }
 #else
 inline float fp_exp(float x) { return ::expf(x); }
 inline double fp_exp(double x) { return ::exp(x); }
@@ -90,6 +92,8 @@ inline float fp_sqrt(float x) { return ::sqrtf(x); }
 inline double fp_sqrt(double x) { return ::sqrt(x); }
 inline float fp_abs(float x) { return ::fabsf(x); }
 inline double fp_abs(double x) { return ::fabs(x); }
+inline float fp_copysign(float x, float s) { return ::copysignf(x, s); }
+inline double fp_copysign(double x, double s) { return ::copysign(x, s); }
 #endif
 
 // ------------------------------------------------------------------ row helpers

@@ -33,6 +33,7 @@
 
 #include <cstdint>
 #include <cstring>
+#include <limits>
 
 #include "isa_common.hpp"
 
@@ -152,36 +153,35 @@ inline double vexp_nonpos(double x) {
     return h * h;
 }
 
+// tanh(|x|) with the sign of x put back last (copysign), so tanh(-0) = -0.
 inline float vtanh(float x) {
-    const float ax = x < 0.0f ? -x : x;
-    // |x| < 0.625: x + x^3 P(x^2)
+    const float ax = fp_abs(x);
+    // |x| < 0.625: |x| + |x|^3 P(x^2)
     const float x2 = x * x;
     float p = -5.70498872745e-3f;
     p = p * x2 + 2.06390887954e-2f;
     p = p * x2 - 5.37397155531e-2f;
     p = p * x2 + 1.33314422036e-1f;
     p = p * x2 - 3.33332819422e-1f;
-    const float small = x + x * x2 * p;
-    // otherwise: (1 - e) / (1 + e), e = e^(-2|x|) <= 0.29 (no cancellation), with the
-    // sign of x; saturates to exactly 1 as e underflows
+    const float small = ax + ax * x2 * p;
+    // otherwise: (1 - e) / (1 + e), e = e^(-2|x|) <= 0.29 (no cancellation); saturates
+    // to exactly 1 as e underflows
     const float e = vexp_nonpos(-2.0f * ax);
     const float big = (1.0f - e) / (1.0f + e);
-    const float signed_big = x < 0.0f ? -big : big;
-    return ax < 0.625f ? small : signed_big;
+    return fp_copysign(ax < 0.625f ? small : big, x);
 }
 
 inline double vtanh(double x) {
-    const double ax = x < 0.0 ? -x : x;
+    const double ax = fp_abs(x);
     const double x2 = x * x;
     const double p = (-9.64399179425052238628e-1 * x2 - 9.92877231001918586564e1) * x2 -
                      1.61468768441708447952e3;
     const double q = ((x2 + 1.12811678491632931402e2) * x2 + 2.23548839060100448583e3) * x2 +
                      4.84406305325125486048e3;
-    const double small = x + x * x2 * (p / q);
+    const double small = ax + ax * x2 * (p / q);
     const double e = vexp_nonpos(-2.0 * ax);
     const double big = (1.0 - e) / (1.0 + e);
-    const double signed_big = x < 0.0 ? -big : big;
-    return ax < 0.625 ? small : signed_big;
+    return fp_copysign(ax < 0.625 ? small : big, x);
 }
 
 // log(x) in double, branch-free so that loops calling it vectorise (fdlibm's e_log.c):
@@ -213,9 +213,9 @@ inline double vlog(double x) {
     const double hfsq = 0.5 * f * f;
     double r = k * 6.93147180369123816490e-01 -
                ((hfsq - (s * (hfsq + t1 + t2) + k * 1.90821492927058770002e-10)) - f);
-    constexpr double kInf = __builtin_huge_val();
+    constexpr double kInf = std::numeric_limits<double>::infinity();
     r = x == 0.0 ? -kInf : r;
-    r = x < 0.0 ? __builtin_nan("") : r;
+    r = x < 0.0 ? std::numeric_limits<double>::quiet_NaN() : r;
     r = x == kInf ? kInf : r;
     return x != x ? x : r;
 }
@@ -246,9 +246,9 @@ inline float vlog(float x) {
     y += e * -2.12194440e-4f;
     y += -0.5f * z;
     float r = (f + y) + e * 0.693359375f;
-    constexpr float kInf = __builtin_huge_valf();
+    constexpr float kInf = std::numeric_limits<float>::infinity();
     r = x == 0.0f ? -kInf : r;
-    r = x < 0.0f ? __builtin_nanf("") : r;
+    r = x < 0.0f ? std::numeric_limits<float>::quiet_NaN() : r;
     r = x == kInf ? kInf : r;
     return x != x ? x : r;
 }
@@ -259,7 +259,7 @@ template <typename T>
 inline T vlog1p(T y) {
     const T u = T(1) + y;
     const T l = vlog(u);
-    return u == T(1) ? y : (u == T(__builtin_huge_val()) ? u : l * (y / (u - T(1))));
+    return u == T(1) ? y : (u == std::numeric_limits<T>::infinity() ? u : l * (y / (u - T(1))));
 }
 
 // Logistic sigmoid, stable for any x: e = exp(-|x|) never overflows;
@@ -472,8 +472,8 @@ inline VF vsigmoid_v(VF v) {
     return O::div(O::select(O::ge(v, O::set1(0.0f)), one, e), O::add(one, e));
 }
 
-// vtanh's two branches: the odd polynomial below 0.625, else sign(v) (1 - e) / (1 + e)
-// with e = exp(-2|v|); NaN takes the second branch.
+// vtanh's two branches on |v|: the odd polynomial below 0.625, else (1 - e) / (1 + e)
+// with e = exp(-2|v|); then v's sign (tanh(-0) = -0); NaN takes the second branch.
 inline VF vtanh_v(VF v) {
     using O = VecF;
     const VF one = O::set1(1.0f);
@@ -484,11 +484,11 @@ inline VF vtanh_v(VF v) {
     p = O::fmadd(p, x2, O::set1(-5.37397155531e-2f));
     p = O::fmadd(p, x2, O::set1(1.33314422036e-1f));
     p = O::fmadd(p, x2, O::set1(-3.33332819422e-1f));
-    const VF small = O::fmadd(O::mul(v, x2), p, v);
+    const VF small = O::fmadd(O::mul(av, x2), p, av);
     const VF e = vexp_nonpos_v(O::mul(O::set1(-2.0f), av));
     const VF big = O::div(O::sub(one, e), O::add(one, e));
-    const VF signed_big = O::bits_or(big, O::bits_and(v, INT32_MIN));
-    return O::select(O::lt(av, O::set1(0.625f)), small, signed_big);
+    return O::bits_or(O::select(O::lt(av, O::set1(0.625f)), small, big),
+                      O::bits_and(v, INT32_MIN));
 }
 
 // v clamped to [-20, 20] (NaN kept) and w = 2u = xc (2c + 2ck xc^2) (gelu_w).

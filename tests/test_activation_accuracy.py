@@ -120,6 +120,16 @@ def test_special_values(dtype, name):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_tanh_keeps_the_sign_of_zero(dtype):
+    """tanh(-0) = -0, as NumPy and PyTorch (the polynomial branch gave +0), in full
+    vectors and in tails alike."""
+    x = np.zeros(37, dtype)
+    x[::2] = -0.0
+    y = _run("tanh", x)
+    np.testing.assert_array_equal(np.signbit(y), np.signbit(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_rows_with_extremes(dtype):
     info = np.finfo(dtype)
     x = np.array([[info.max, info.max, -info.max], [1e4, 0, -1e4], [0, 0, 0],

@@ -946,3 +946,23 @@ def test_long_double_input_predicts_in_float64():
     proba = ours.predict_proba(X_test.astype(np.longdouble))
     assert proba.dtype == np.float64
     np.testing.assert_allclose(proba, ours.predict_proba(X_test), rtol=1e-12)
+
+
+def test_continued_fit_refuses_x_that_overflows_the_network_dtype():
+    """partial_fit / warm_start on a float32 network compute in float32: a float64 X
+    that check_array passed but that overflows float32 is a ValueError, and the
+    network is left as it was (it had become NaN)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 5)).astype(np.float32)
+    y = (X[:, 0] > 0).astype(int)
+    clf = MLPClassifier(hidden_layer_sizes=(8,), max_iter=5, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        clf.fit(X, y)
+    before = [w.copy() for w in clf.coefs_]
+    X2 = X.astype(np.float64)
+    X2[0, 0] = 1e39
+    with pytest.raises(ValueError, match=r"too large for dtype\('float32'\)"):
+        clf.partial_fit(X2, y)
+    for w, b in zip(clf.coefs_, before):
+        np.testing.assert_array_equal(w, b)

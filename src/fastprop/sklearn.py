@@ -552,7 +552,8 @@ class _FusedStep:
         step, hyper = self.optimizer.hyper(alpha / m)
         self.opt.hyper = hyper
         self.opt.step_count = step - 1
-        # (check_x=False: X was validated whole by check_array, in this dtype)
+        # (check_x=False: X was validated whole, by check_array and, where it was
+        # narrowed to the network's dtype, again after the cast in _fit)
         return (self.kernel(x, (t, None) if self.labels else t, False, False)
                 * self.loss_factor + l2)
 
@@ -660,7 +661,14 @@ class _BaseMLP(BaseEstimator):
         if self.solver not in _STOCHASTIC_SOLVERS:
             dtype = np.result_type(X.dtype, param_dtype)
         sparse = sp.issparse(X)
-        X = X.tocsr().astype(dtype, copy=False) if sparse else _kernel_array(X, dtype)
+        narrowed = np.dtype(dtype).itemsize < X.dtype.itemsize
+        with np.errstate(over="ignore"):  # (checked just below)
+            X = X.tocsr().astype(dtype, copy=False) if sparse else _kernel_array(X, dtype)
+        if narrowed and not np.isfinite(X.data if sparse else X).all():
+            # float64 X continued on a float32 network (warm_start, partial_fit):
+            # check_array saw finite float64 values, some of which overflow here
+            raise ValueError("Input X contains infinity or a value too large for "
+                             f"dtype('{np.dtype(dtype).name}'), the network's dtype.")
         if sample_weight is not None:
             sample_weight = _kernel_array(sample_weight, dtype)
         net = self._network(n_features, hidden, dtype, sparse)

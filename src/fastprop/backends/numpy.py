@@ -176,7 +176,11 @@ def bce(pred, target, from_logits, grad):
     x = pred.astype(np.float64)
     t = target.astype(np.float64)
     if from_logits:
-        loss = (np.maximum(x, 0) - x * t + np.log1p(np.exp(-np.abs(x)))).sum() / count
+        # max(x, 0) - x t as x (1 - t) or -x t (the native kernel's form: no
+        # cancellation, and +-inf logits give inf or NaN the same way on both)
+        with np.errstate(invalid="ignore"):
+            lin = np.where(x >= 0, x * (1 - t), -x * t)
+        loss = (lin + np.log1p(np.exp(-np.abs(x)))).sum() / count
         if grad is not None:
             s = np.empty_like(x)
             _sigmoid(x, s)
