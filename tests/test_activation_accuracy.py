@@ -13,6 +13,10 @@ gelu(inf) = inf, gelu(-inf) = -0, and NaN in gives NaN out for every activation
 (relu's backward gives 0 for NaN, as PyTorch: the mask y > 0 is false).
 """
 
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -227,3 +231,31 @@ def test_numpy_backend_gelu_relative_accuracy(dtype):
         1 + 3 * np.longdouble(0.044715) * xl ** 2)
     scale = (np.abs(s) + np.abs(second)).astype(np.float64)
     assert np.all(np.abs(g - (s + second).astype(np.float64)) <= cond * scale)
+
+
+# ------------------------------------------------------------------ every ISA path
+@pytest.mark.skipif(os.environ.get("FASTPROP_ACT_ISA_CHILD") == "1",
+                    reason="already a per-ISA child run")
+def test_subprocess_isa_suites():
+    """This module again in a subprocess for each available kernel unit but the
+    current one: the avx512 and avx2 units have their own intrinsics (vmath.hpp), and
+    CI's runs cover only the auto unit and generic."""
+    from fastprop import _native
+    for isa in _native.available_isas():
+        if isa == _native.isa():
+            continue
+        env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_ACT_ISA_CHILD="1")
+        out = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+             os.path.abspath(__file__), "-k", "not subprocess"],
+            env=env, capture_output=True, text=True, timeout=600,
+            cwd=os.path.dirname(os.path.abspath(__file__)))
+        assert out.returncode == 0, isa + "\n" + out.stdout[-4000:] + out.stderr[-2000:]
+        assert " passed" in out.stdout and " failed" not in out.stdout, isa
+
+
+@pytest.mark.skipif(os.environ.get("FASTPROP_ACT_ISA_CHILD") != "1",
+                    reason="only in a per-ISA child run")
+def test_child_runs_the_requested_isa():
+    from fastprop import _native
+    assert _native.isa() == os.environ["FASTPROP_ISA"]
