@@ -1,6 +1,9 @@
 """Tolerances and comparison helpers shared by the tests."""
 
 import math
+import os
+import subprocess
+import sys
 
 import numpy as np
 
@@ -82,3 +85,17 @@ def act_ref(name, x, alpha=ALPHA):
         e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))
         return e / e.sum(axis=-1, keepdims=True)
     raise AssertionError(name)
+
+
+def run_module_on_isa(path, isa, child_flag, select="not subprocess", timeout=900):
+    """Run the test module at ``path`` in a subprocess with FASTPROP_ISA=isa (and the
+    environment variable ``child_flag`` set to 1, so the child does not recurse);
+    assert that it passed."""
+    env = dict(os.environ, FASTPROP_ISA=isa, **{child_flag: "1"})
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
+         os.path.abspath(path), "-k", select],
+        env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=os.path.dirname(os.path.abspath(path)))
+    assert out.returncode == 0, f"{isa}\n" + out.stdout[-4000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and " failed" not in out.stdout, isa

@@ -14,12 +14,11 @@ gelu(inf) = inf, gelu(-inf) = -0, and NaN in gives NaN out for every activation
 """
 
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 
+from _support import run_module_on_isa
 from conftest import NATIVE_BUILT
 from fastprop.backends import ACTIVATIONS
 
@@ -242,16 +241,8 @@ def test_subprocess_isa_suites():
     CI's runs cover only the auto unit and generic."""
     from fastprop import _native
     for isa in _native.available_isas():
-        if isa == _native.isa():
-            continue
-        env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_ACT_ISA_CHILD="1")
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-             os.path.abspath(__file__), "-k", "not subprocess"],
-            env=env, capture_output=True, text=True, timeout=600,
-            cwd=os.path.dirname(os.path.abspath(__file__)))
-        assert out.returncode == 0, isa + "\n" + out.stdout[-4000:] + out.stderr[-2000:]
-        assert " passed" in out.stdout and " failed" not in out.stdout, isa
+        if isa != _native.isa():
+            run_module_on_isa(__file__, isa, "FASTPROP_ACT_ISA_CHILD")
 
 
 @pytest.mark.skipif(os.environ.get("FASTPROP_ACT_ISA_CHILD") != "1",

@@ -16,11 +16,11 @@ again in a subprocess for every other available ISA (test_subprocess_isa_suites)
 
 import importlib
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
+
+from _support import run_module_on_isa
 
 _native = importlib.import_module("fastprop._native")
 nat = importlib.import_module("fastprop.backends.native")
@@ -401,11 +401,4 @@ def test_subprocess_isa_suites(isa):
     """This module again in a subprocess for each available ISA but the current one."""
     if isa == _native.isa():
         pytest.skip(f"{isa} is the ISA of this run")
-    env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_GEMM_ISA_CHILD="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         os.path.abspath(__file__), "-k", "not subprocess"],
-        env=env, capture_output=True, text=True, timeout=900,
-        cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout and " failed" not in out.stdout
+    run_module_on_isa(__file__, isa, "FASTPROP_GEMM_ISA_CHILD")

@@ -20,6 +20,8 @@ import warnings
 import numpy as np
 import pytest
 
+from _support import run_module_on_isa
+
 _native = importlib.import_module("fastprop._native")
 nat = importlib.import_module("fastprop.backends.native")
 ref = importlib.import_module("fastprop.backends.numpy")
@@ -197,14 +199,7 @@ def test_subprocess_isa_suite(isa):
     """The whole module again for every other available ISA (generic, avx2, ...)."""
     if isa == _native.isa():
         pytest.skip(f"{isa} is the ISA of this run")
-    env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_NATIVE_ISA_CHILD="1")
-    out = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-         os.path.abspath(__file__), "-k", "not subprocess"],
-        env=env, capture_output=True, text=True, timeout=900,
-        cwd=os.path.dirname(os.path.abspath(__file__)))
-    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
-    assert " passed" in out.stdout
+    run_module_on_isa(__file__, isa, "FASTPROP_NATIVE_ISA_CHILD")
 
 
 # =========================================================== GEMM
@@ -908,22 +903,3 @@ def test_norms_reject_bad_arguments(rng):
         nat.batchnorm_forward(x, g, b.astype(np.float32), 1e-5, y, np.empty(3), np.empty(3))
     with pytest.raises(TypeError):
         nat.batchnorm_backward(x, x, g, None, np.ones(3), y, np.zeros(3), np.zeros(3))
-
-
-@pytest.mark.skipif(os.environ.get("FASTPROP_LOSS_ISA_CHILD") == "1",
-                    reason="already a per-ISA child run")
-def test_subprocess_loss_tests_on_every_isa():
-    """The loss tests again for each available kernel unit but the current one (the
-    vectorised log/exp of the losses differ per unit; CI's runs cover auto and
-    generic)."""
-    for isa in _native.available_isas():
-        if isa == _native.isa():
-            continue
-        env = dict(os.environ, FASTPROP_ISA=isa, FASTPROP_LOSS_ISA_CHILD="1")
-        out = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-x",
-             os.path.abspath(__file__), "-k", "(bce or xent or mse) and not subprocess"],
-            env=env, capture_output=True, text=True, timeout=600,
-            cwd=os.path.dirname(os.path.abspath(__file__)))
-        assert out.returncode == 0, isa + "\n" + out.stdout[-4000:] + out.stderr[-2000:]
-        assert " passed" in out.stdout and " failed" not in out.stdout, isa
