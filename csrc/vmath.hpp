@@ -271,11 +271,11 @@ inline T vsigmoid(T x) {
     return x >= T(0) ? r : e * r;
 }
 
-// y[i] = sigmoid(x[i]) for i < n.  The avx512 unit's float version computes
-// e = exp(-|x|) with the same reduction and polynomial as exp_reduced but applies 2^n
-// with vscalefps (one rounding, exact into the subnormals, so no half-argument square)
-// and selects 1 or e before the one division: 0.44 -> 0.33 ns/element (1 thread) and
-// max 2.0 ulp instead of 3.6 (normal results, every 4099th float bit pattern).
+// y[i] = sigmoid(x[i]) for i < n.  The avx512 and avx2 units have float overloads
+// (VecF, below); the avx512 one applies 2^n with vscalefps (one rounding, exact into
+// the subnormals, so no half-argument square) and selects 1 or e before the one
+// division: 0.44 -> 0.33 ns/element (1 thread) and max 2.0 ulp instead of 3.6 (normal
+// results, every 4099th float bit pattern).
 template <typename T>
 inline void vsigmoid_span(const T* x, T* y, index_t n) {  // y may be x
     for (index_t i = 0; i < n; ++i) y[i] = vsigmoid(x[i]);
@@ -334,7 +334,8 @@ inline T gelu_derivative(T x) {
     return xc * (er * r) * du2 + s;
 }
 
-// Span forms of tanh, gelu and gelu' (the avx512 unit has float overloads below).
+// Span forms of tanh, gelu and gelu' (the avx512 and avx2 units have float overloads
+// below).
 template <typename T>
 inline void vtanh_span(const T* x, T* y, index_t n) {  // y may be x
     for (index_t i = 0; i < n; ++i) y[i] = vtanh(x[i]);
@@ -540,8 +541,12 @@ inline void map_v(const float* x, float* y, index_t n, F f) {
     }
 }
 
+inline void vsigmoid_span(const float* x, float* y, index_t n) { map_v(x, y, n, vsigmoid_v); }
+inline void vtanh_span(const float* x, float* y, index_t n) { map_v(x, y, n, vtanh_v); }
+inline void vgelu_span(const float* x, float* y, index_t n) { map_v(x, y, n, vgelu_v); }
+
 // gx[0:n] = gy * gelu'(x); gx may be gy or x.
-inline void gelu_grad_map_v(const float* gy, const float* x, float* gx, index_t n) {
+inline void vgelu_grad_span(const float* gy, const float* x, float* gx, index_t n) {
     using O = VecF;
     index_t i = 0;
     for (; i + O::N <= n; i += O::N)
@@ -550,13 +555,6 @@ inline void gelu_grad_map_v(const float* gy, const float* x, float* gx, index_t 
         const O::Tail m = O::tail(n - i);
         O::store(m, gx + i, O::mul(O::load(m, gy + i), vgelu_grad_v(O::load(m, x + i))));
     }
-}
-
-inline void vsigmoid_span(const float* x, float* y, index_t n) { map_v(x, y, n, vsigmoid_v); }
-inline void vtanh_span(const float* x, float* y, index_t n) { map_v(x, y, n, vtanh_v); }
-inline void vgelu_span(const float* x, float* y, index_t n) { map_v(x, y, n, vgelu_v); }
-inline void vgelu_grad_span(const float* gy, const float* x, float* gx, index_t n) {
-    gelu_grad_map_v(gy, x, gx, n);
 }
 #endif
 

@@ -11,7 +11,7 @@
 // (vexp/vtanh/vsigmoid, gelu_value/gelu_derivative); results agree with
 // activation_forward/activation_backward to a few ulp, and bit for bit for float
 // sigmoid/tanh/gelu (and gelu') in the avx2 and avx512 units, where both run the same
-// intrinsics (act_row_vector, gelu_grad_row_vector; tested).
+// intrinsics (act_row_vector, vgelu_grad_span; tested).
 #pragma once
 
 #include <type_traits>
@@ -82,7 +82,6 @@ constexpr bool kVectorAct =
     std::is_same<T, float>::value && (Act == kSigmoid || Act == kTanh || Act == kGelu);
 
 #if defined(FASTPROP_VECF)
-#define FASTPROP_EP_VECTOR_ACT 1
 template <int Act>
 inline VF act_vector(VF v) {
     if constexpr (Act == kSigmoid) return vsigmoid_v(v);
@@ -123,13 +122,6 @@ inline void act_row_vector(float* c, const float* b, float* z, index_t len) {
         O::store(m, c + j, act_vector<Act>(v));
     }
 }
-
-// out[0:len] = g * gelu'(d); out may alias g or d.
-inline void gelu_grad_row_vector(const float* g, const float* d, float* out, index_t len) {
-    gelu_grad_map_v(g, d, out, len);
-}
-#else
-#define FASTPROP_EP_VECTOR_ACT 0
 #endif
 
 // y[0:len] = act(y[0:len]) in place (identity and other codes: unchanged).
@@ -138,7 +130,7 @@ inline void ep_activation(int act, T a, T* FASTPROP_RESTRICT y, index_t len) {
     if (act == kIdentity) return;
     with_activation(act, [&](auto tag) {
         constexpr int A = decltype(tag)::value;
-#if FASTPROP_EP_VECTOR_ACT
+#if defined(FASTPROP_VECF)
         if constexpr (kVectorAct<A, T>) {
             act_row_vector<A>(y, nullptr, nullptr, len);
             return;
@@ -156,9 +148,9 @@ inline void ep_derivative(int act, T a, const T* d, const T* g, T* out, index_t 
     if (act == kIdentity) return;
     with_activation(act, [&](auto tag) {
         constexpr int A = decltype(tag)::value;
-#if FASTPROP_EP_VECTOR_ACT
+#if defined(FASTPROP_VECF)
         if constexpr (A == kGelu && std::is_same<T, float>::value) {
-            gelu_grad_row_vector(g, d, out, len);
+            vgelu_grad_span(g, d, out, len);
             return;
         }
 #endif
@@ -179,7 +171,7 @@ void epilogue_forward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t
                       index_t len, T* c, index_t ldc) {
     const T a = T(ep.alpha);
     const T* FASTPROP_RESTRICT bj = ep.bias != nullptr ? ep.bias + j0 : nullptr;
-#if FASTPROP_EP_VECTOR_ACT
+#if defined(FASTPROP_VECF)
     if constexpr (kVectorAct<Act, T>) {
         for (index_t i = i0; i < i1; ++i)
             act_row_vector<Act>(c + i * ldc + j0, bj,
@@ -231,9 +223,9 @@ inline void epilogue_backward_cols(const GemmEpilogue<T>& ep, index_t i0, index_
             for (index_t j = 0; j < len; ++j) acc[j] += double(ci[j]);
         } else {
             const T* FASTPROP_RESTRICT di = ep.dsrc + i * ep.ld_dsrc + j0;
-#if FASTPROP_EP_VECTOR_ACT
+#if defined(FASTPROP_VECF)
             if constexpr (DAct == kGelu && std::is_same<T, float>::value) {
-                gelu_grad_row_vector(ci, di, ci, len);
+                vgelu_grad_span(ci, di, ci, len);
                 for (index_t j = 0; j < len; ++j) acc[j] += double(ci[j]);
                 continue;
             }
@@ -281,9 +273,9 @@ inline void backward_rows(index_t n, index_t w, const T* g, index_t ldg, const T
         } else {
             const T* dr = d + r * ldd;
             T* o = out + r * ldo;
-#if FASTPROP_EP_VECTOR_ACT
+#if defined(FASTPROP_VECF)
             if constexpr (Act == kGelu && std::is_same<T, float>::value) {
-                gelu_grad_row_vector(gr, dr, o, w);
+                vgelu_grad_span(gr, dr, o, w);
                 if (acc != nullptr)
                     for (index_t j = 0; j < w; ++j) acc[j] += double(o[j]);
                 continue;
