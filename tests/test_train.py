@@ -310,6 +310,50 @@ def test_fit_trains_in_training_mode(backend, rng):
     assert all(m.training for m in model.modules())
 
 
+def test_fit_keeps_a_frozen_submodule_in_eval_mode(backend, rng):
+    """model.train(); bn.eval(): fit trains the rest and leaves that BatchNorm frozen
+    (running statistics unchanged, normalising with them), as the same steps by hand
+    do; a batch of 1 is allowed since no BatchNorm uses batch statistics."""
+    X, y = blobs(rng, n=33)
+
+    def make():
+        model = nn.Sequential(nn.Dense(2, 4, rng=0, dtype=np.float64), nn.BatchNorm1d(4, dtype=np.float64),
+                              nn.Dense(4, 2, rng=1, dtype=np.float64))
+        model[1].running_mean[:] = [0.5, -0.25, 1.0, 0.0]
+        model[1].running_var[:] = [2.0, 0.5, 1.0, 3.0]
+        model.train()
+        model[1].eval()
+        return model
+
+    model = make()
+    stats = model[1].running_mean.copy(), model[1].running_var.copy()
+    w0 = model[0].weight.value.copy()
+    model.fit(X, y, loss="cross_entropy", optimizer=fp.optim.SGD(model.parameters(), lr=0.1),
+              epochs=2, batch_size=8, shuffle=False, verbose=0)
+    np.testing.assert_array_equal(model[1].running_mean, stats[0])
+    np.testing.assert_array_equal(model[1].running_var, stats[1])
+    assert model.training and model[0].training and not model[1].training
+    assert not np.array_equal(model[0].weight.value, w0)
+
+    ref = make()  # the same steps by hand
+    opt = fp.optim.SGD(ref.parameters(), lr=0.1)
+    loss = fp.losses.SoftmaxCrossEntropy()
+    for _ in range(2):
+        for s in range(0, 33, 8):
+            ref.zero_grad()
+            loss.forward(ref(X[s:s + 8]), y[s:s + 8])
+            ref.backward(loss.backward())
+            opt.step()
+    for a, b in zip(model.parameters(), ref.parameters()):
+        np.testing.assert_allclose(a.value, b.value, rtol=1e-12, atol=1e-14)
+
+    # the last batch holds 1 sample: fine with the BatchNorm frozen, refused otherwise
+    model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=16, verbose=0)
+    model[1].train()
+    with pytest.raises(ValueError, match="BatchNorm1d needs more than 1 sample"):
+        model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=16, verbose=0)
+
+
 def test_evaluate_is_batch_size_independent(backend, rng):
     X, y = blobs(rng, n=37, classes=3)
     model = mlp(out=3, dtype=np.float64)

@@ -356,7 +356,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     Args:
         X: (samples, features) inputs; y: targets as the loss expects them.
         loss: a Loss or its name (default: the compiled one).
-        optimizer: an Optimizer or its name (default: the compiled one).
+        optimizer: an Optimizer or its name (default: the compiled one).  A name
+            builds a new optimizer, with fresh state, on every call; to continue
+            training with the optimizer's state (Adam's moments, momentum), pass the
+            Optimizer object or ``model.compile`` once and call ``fit`` without it.
         epochs: passes over the data (>= 0); batch_size: samples per step (>= 1).
         validation_data: (X_val, y_val) evaluated after each epoch, or
         validation_split: fraction in [0, 1) of the *last* samples held out instead.
@@ -378,6 +381,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             parameters to one that was never interrupted.  A checkpoint of another
             architecture, optimizer, sample count, batch size or shuffle setting is
             rejected (ValueError) before anything changes.
+
+    Training mode: a model in eval mode is put in training mode (``model.train()``).
+    A model already in training mode is trained as its modules' modes are: a
+    submodule set to eval mode after ``model.train()`` (``bn.eval()``, to freeze a
+    BatchNorm's running statistics while fine-tuning) stays in eval mode.
 
     Returns:
         History of per-epoch loss (and accuracy for classification losses, and
@@ -446,7 +454,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
 
     # --- train
     n = X.shape[0]
-    if any(isinstance(m, BatchNorm1d) for m in model.modules()):
+    # Training mode: a model in eval mode is switched to training mode whole
+    # (model.train()).  In a model already in training mode, a submodule put in eval
+    # mode on purpose stays so: model.train(); bn.eval() freezes that BatchNorm's
+    # statistics while the rest trains (as in PyTorch fine-tuning).
+    to_train = not model._training
+    if any(isinstance(m, BatchNorm1d) and (to_train or m._training)
+           for m in model.modules()):
         last = n % batch_size or batch_size
         if min(last, batch_size, n) < 2:
             raise ValueError(
@@ -469,7 +483,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         first_epoch = restore(rng, history)
         step._fast_key = None  # parameters changed in place: rebind (device copies too)
     n = X.shape[0]
-    model.train()
+    if to_train:
+        model.train()
     # shuffled batches are gathered into buffers allocated once
     xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
     ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
