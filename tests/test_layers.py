@@ -631,10 +631,23 @@ def test_parameter_value_assignment_keeps_shape_and_dtype(backend):
     d.weight.value = w_torch.T.astype(np.float64)
     assert d.weight.dtype == np.float32
     np.testing.assert_allclose(d(x), x @ w_torch.T, rtol=1e-5, atol=1e-6)
+    # the parameter gets its own copy even of an array already in its layout: training
+    # never writes into the caller's array, and two layers set from one array stay apart
     own = np.ascontiguousarray(w_torch.T)
-    d.weight.value = own  # already right: no copy (the layer trains the caller's array)
-    assert d.weight.value is own
+    kept = own.copy()
+    d2 = nn.Dense(6, 3, bias=False)
+    d.weight.value = own
+    d2.weight.value = own
+    assert d.weight.value is not own and not np.shares_memory(d.weight.value, d2.weight.value)
+    opt = fp.optim.SGD(d.parameters() + d2.parameters(), lr=0.1)
+    for layer in (d, d2):
+        layer.backward(np.ones((5, 3), np.float32) - layer(x))
+    opt.step()
+    np.testing.assert_array_equal(own, kept)
+    np.testing.assert_allclose(d.weight.value, kept - 0.1 * d.weight.grad, rtol=1e-6)
+    np.testing.assert_allclose(d2.weight.value, kept - 0.1 * d2.weight.grad, rtol=1e-6)
+    before = d.weight.value
     with pytest.raises(ValueError, match=r"Parameter 'weight': value must have the "
                                          r"parameter's shape \(6, 3\), got \(3, 6\)"):
         d.weight.value = w_torch
-    assert d.weight.value is own
+    assert d.weight.value is before

@@ -67,9 +67,11 @@ class Parameter:
 
     @value.setter
     def value(self, new):
-        """Assigning keeps the parameter's shape and dtype: the array is converted to
-        them (C order; no copy when it already is), so ``p.value = w_torch.numpy().T``
-        works like ``p.value[...] = ...``; another shape is a ValueError."""
+        """Assigning keeps the parameter's shape and dtype: the parameter gets a copy
+        of the array, converted to them (C order), so ``p.value = w_torch.numpy().T``
+        sets the values as ``Parameter(...)`` does and training never writes into the
+        caller's array (nor ties two parameters set from one array); another shape is
+        a ValueError."""
         old = getattr(self, "_value", None)
         label = f"Parameter {self.name!r}" if getattr(self, "name", None) else "Parameter"
         arr = as_array(new, "value")
@@ -79,7 +81,7 @@ class Parameter:
         if arr.shape != old.shape:
             raise ValueError(f"{label}: value must have the parameter's shape {old.shape}, "
                              f"got {arr.shape}")
-        self._value = np.ascontiguousarray(arr, dtype=old.dtype)
+        self._value = np.array(arr, dtype=old.dtype, order="C", copy=True)
 
     @property
     def shape(self):
