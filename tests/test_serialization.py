@@ -183,6 +183,10 @@ def _craft(header: bytes, data: bytes = b"\0" * 16) -> bytes:
                                              "offset": 0}]},
     {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "|O", "shape": [1],
                                              "offset": 0}]},
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "<f8", "shape": [10**20],
+                                             "offset": 0}]},   # (was an OverflowError)
+    {"model": {"class": "ReLU"}, "arrays": [{"name": "x", "dtype": "<f8", "shape": [2**62, 4],
+                                             "offset": 0}]},
     {"model": [1], "arrays": []},
     {"model": {"class": "NoSuchLayer"}, "arrays": []},
     {"model": {"class": "Dense", "config": [1]}, "arrays": []},

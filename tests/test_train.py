@@ -354,6 +354,28 @@ def test_fit_keeps_a_frozen_submodule_in_eval_mode(backend, rng):
         model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=16, verbose=0)
 
 
+def test_fit_wrong_width_names_x_and_rejected_fit_keeps_caches(backend, rng):
+    """A fit rejected for X's width names X and its real shape; any rejected fit
+    leaves the layers' caches of the user's own last forward, so its backward works."""
+    model = nn.Sequential(nn.Dense(4, 8, rng=0), nn.BatchNorm1d(8), nn.Dense(8, 3, rng=1))
+    with pytest.raises(ValueError, match=r"X has 3 features \(shape \(40, 3\)\) but the "
+                                         r"model's first layer Dense\(in_features=4.* expects 4"):
+        model.fit(np.zeros((40, 3)), np.zeros(40, int), loss="cross_entropy",
+                  optimizer="sgd", verbose=0)
+    x = rng.standard_normal((5, 4)).astype(np.float32)
+    out = model(x)
+    g = rng.standard_normal(out.shape).astype(np.float32)
+    model.zero_grad()
+    expected = model.backward(g).copy()
+    model(x)
+    model.zero_grad()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="labels must lie in"):  # rejected after the probe
+        model.fit(x, np.array([0, 1, 2, 3, 0]), loss="cross_entropy", optimizer="sgd", verbose=0)
+    assert snapshot(model) == before
+    np.testing.assert_array_equal(model.backward(g), expected)
+
+
 def test_evaluate_is_batch_size_independent(backend, rng):
     X, y = blobs(rng, n=37, classes=3)
     model = mlp(out=3, dtype=np.float64)

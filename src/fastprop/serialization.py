@@ -182,7 +182,7 @@ def _read(path):
                 raise ValueError(f"{path!r} is truncated: array {e['name']!r} runs past the end")
             arrays[e["name"]] = np.frombuffer(data, dtype=dt, count=count,
                                               offset=e["offset"]).reshape(e["shape"])
-    except (AttributeError, KeyError, TypeError) as exc:
+    except (AttributeError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         raise ValueError(f"{path!r} has a corrupt array table: {exc!r}") from None
     return header, arrays
 

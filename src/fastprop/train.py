@@ -272,10 +272,35 @@ def _targets(y, name, n):
     return np.ascontiguousarray(y)
 
 
-def _output_shape(model, X):
-    """The model's output shape for X, found on one sample in eval mode."""
-    with inference_mode():
-        return model.forward(X[:1]).shape[1:]
+def _input_width(model):
+    """(width, layer): the input width the model's first sized layer expects (Dense
+    in_features, a norm's num_features; what comes before it keeps the width), or
+    (None, None)."""
+    for mod in model.modules():
+        width = getattr(mod, "in_features", None) or getattr(mod, "num_features", None)
+        if width is not None:
+            return width, mod
+    return None, None
+
+
+def _output_shape(model, X, name="X"):
+    """The model's output shape for X, found on one sample in eval mode.  The probe
+    leaves the modules as they were (their caches of the last forward included), so
+    a fit rejected after it has changed nothing."""
+    width, layer = _input_width(model)
+    if width is not None and X.shape[1] != width:
+        raise ValueError(f"{name} has {X.shape[1]} features (shape {X.shape}) but the "
+                         f"model's first layer {layer!r} expects {width}")
+    saved = [(mod, dict(mod.__dict__)) for mod in model.modules()]
+    try:
+        with inference_mode():
+            return model.forward(X[:1]).shape[1:]
+    except ValueError as exc:
+        raise ValueError(f"{name} of shape {X.shape} does not fit the model: {exc}") from None
+    finally:
+        for mod, state in saved:
+            mod.__dict__.clear()
+            mod.__dict__.update(state)
 
 
 def _accuracy_fn(loss):
