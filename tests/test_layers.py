@@ -440,8 +440,25 @@ def test_calculate_gain_values():
     assert fp.init.calculate_gain("leaky_relu", 1) == pytest.approx(1.0)
     assert fp.init.calculate_gain("tanh") == pytest.approx(5 / 3)
     assert fp.init.calculate_gain("relu") == pytest.approx(np.sqrt(2))
+    assert fp.init.calculate_gain("selu") == 0.75
+    assert fp.init.calculate_gain("conv2d") == fp.init.calculate_gain("linear") == 1.0
+    assert fp.init.calculate_gain("relu", "ignored") == pytest.approx(np.sqrt(2))  # as torch
     with pytest.raises(ValueError, match="no gain known"):
         fp.init.calculate_gain("swish")
+
+
+def test_calculate_gain_matches_torch():
+    torch = pytest.importorskip("torch")
+    cases = [("linear", None), ("conv1d", None), ("conv_transpose3d", None), ("sigmoid", None),
+             ("tanh", None), ("relu", None), ("relu", "abc"), ("selu", None),
+             ("leaky_relu", None), ("leaky_relu", 0.2), ("leaky_relu", 3), ("tanh", [1])]
+    for name, param in cases:
+        assert fp.init.calculate_gain(name, param) == pytest.approx(
+            torch.nn.init.calculate_gain(name, param), rel=1e-15), (name, param)
+    for name, param in [("swish", None), ("leaky_relu", "a"), ("leaky_relu", True)]:
+        for fn in (fp.init.calculate_gain, torch.nn.init.calculate_gain):
+            with pytest.raises(ValueError):
+                fn(name, param)
 
 
 def test_batchnorm_train_forward_and_running_stats(backend, dtype, rng):

@@ -399,3 +399,21 @@ def test_binary_accuracy_with_several_outputs_is_a_fraction(backend, rng):
     assert hist["accuracy"][0] == pytest.approx(train_acc)
     assert hist["val_accuracy"][0] == pytest.approx(val_acc)
     assert all(type(v) is float for v in hist["accuracy"] + hist["val_accuracy"])
+
+
+def test_module_methods_document_and_take_the_train_functions_arguments():
+    """model.fit/predict/evaluate/compile take exactly fastprop.train's arguments (a
+    typo such as epoch=3 is a TypeError) and carry their documentation."""
+    import inspect
+
+    from fastprop import train
+    pairs = [(nn.Module.fit, train.fit), (nn.Module.predict, train.predict),
+             (nn.Module.evaluate, train.evaluate), (nn.Module.compile, train.compile_step)]
+    for method, function in pairs:
+        m = list(inspect.signature(method).parameters.values())[1:]
+        f = list(inspect.signature(function).parameters.values())[1:]
+        assert [(p.name, p.kind, p.default) for p in m] == [(p.name, p.kind, p.default) for p in f]
+        assert method.__doc__ == function.__doc__ and len(function.__doc__) > 40
+    with pytest.raises(TypeError, match="epoch"):
+        mlp().fit(np.zeros((4, 2)), np.zeros(4, int), loss="cross_entropy", optimizer="sgd",
+                  epoch=3)

@@ -99,17 +99,21 @@ def _count(low):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="fastprop", description=__doc__)
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="fastprop", description="fastprop's command line: demo, info and bench.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("demo", help="train an MLP on digits with the native and numpy backends")
-    p.add_argument("--epochs", type=_count(0), default=30)
-    p.add_argument("--batch-size", type=_count(1), default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="train an MLP on digits with the native and numpy backends",
+                       formatter_class=fmt)
+    p.add_argument("--epochs", type=_count(0), default=30, help="passes over the training set")
+    p.add_argument("--batch-size", type=_count(1), default=32, help="samples per step")
+    p.add_argument("--seed", type=int, default=0, help="seeds the split, weights and shuffles")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="print the configuration (show_config)")
     p.set_defaults(func=info)
-    p = sub.add_parser("bench", help="quick benchmark table: native vs numpy vs torch")
+    p = sub.add_parser("bench", help="quick benchmark table: native vs numpy vs torch",
+                       formatter_class=fmt)
     p.add_argument("--full", action="store_true", help="more sizes and repeats")
     p.add_argument("--plot", default="fastprop-bench.png",
                    help="PNG bar chart of the ratios (needs matplotlib)")

@@ -98,24 +98,34 @@ def _check(shape, gain, rng, dtype):
     return fan_in, fan_out, shape, gain, _generator(rng), dtype
 
 
-def calculate_gain(nonlinearity: str, param: float = 0.01) -> float:
-    """Recommended gain for an activation (as torch.nn.init.calculate_gain).
+_LINEAR_GAIN = ("linear", "identity", "sigmoid", "softmax", None, "conv1d", "conv2d",
+                "conv3d", "conv_transpose1d", "conv_transpose2d", "conv_transpose3d")
 
-    ``param`` is leaky_relu's negative slope (None: 0.01); as in torch, a value that is
-    not a number (a str, a bool, ...) is a ValueError."""
-    if param is None:
-        param = 0.01
-    if isinstance(param, (bool, np.bool_)) or not isinstance(param, numbers.Real):
-        raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not a valid number")
-    if not math.isfinite(float(param)):
-        raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not finite")
-    if nonlinearity in ("identity", "linear", "sigmoid", "softmax", None):
+
+def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
+    """Recommended gain for an activation, as ``torch.nn.init.calculate_gain``: 1 for
+    linear (and torch's conv names) and sigmoid, 5/3 for tanh, sqrt(2) for relu,
+    sqrt(2 / (1 + slope^2)) for leaky_relu, 3/4 for selu.  fastprop adds identity,
+    softmax and None (1) and gelu (sqrt(2), relu's).
+
+    ``param`` is leaky_relu's negative slope (None: 0.01) and, as in torch, is looked at
+    only for leaky_relu, where a value that is not a finite number (a str, a bool,
+    NaN, ...) is a ValueError.  Another nonlinearity is a ValueError."""
+    if nonlinearity in _LINEAR_GAIN:
         return 1.0
     if nonlinearity == "tanh":
         return 5.0 / 3.0
     if nonlinearity in ("relu", "gelu"):
         return math.sqrt(2.0)
+    if nonlinearity == "selu":
+        return 0.75
     if nonlinearity == "leaky_relu":
+        if param is None:
+            param = 0.01
+        if isinstance(param, (bool, np.bool_)) or not isinstance(param, numbers.Real):
+            raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not a valid number")
+        if not math.isfinite(float(param)):
+            raise ValueError(f"param (leaky_relu's negative slope) {param!r} is not finite")
         param = float(param)
         return math.sqrt(2.0 / (1.0 + param * param))
     raise ValueError(f"no gain known for nonlinearity {nonlinearity!r}")

@@ -63,15 +63,17 @@ class Parameter:
 
     @property
     def value(self) -> np.ndarray:
-        return self._value
+        """The parameter's array (C-contiguous), updated in place by optimizers.
 
-    @value.setter
-    def value(self, new):
-        """Assigning keeps the parameter's shape and dtype: the parameter gets a copy
+        Assigning keeps the parameter's shape and dtype: the parameter gets a copy
         of the array, converted to them (C order), so ``p.value = w_torch.numpy().T``
         sets the values as ``Parameter(...)`` does and training never writes into the
         caller's array (nor ties two parameters set from one array); another shape is
         a ValueError."""
+        return self._value
+
+    @value.setter
+    def value(self, new):
         old = getattr(self, "_value", None)
         label = f"Parameter {self.name!r}" if getattr(self, "name", None) else "Parameter"
         arr = as_array(new, "value")
@@ -165,9 +167,13 @@ class Module:
 
     # -- the two passes --------------------------------------------------------
     def forward(self, x):
+        """The module's output for the batch ``x``; keeps what backward needs."""
         raise NotImplementedError
 
     def backward(self, grad_out, input_grad: bool = True):
+        """Given the gradient of the loss with respect to the last forward's output,
+        add the parameters' gradients to their ``.grad`` and return the gradient with
+        respect to the input (None when ``input_grad`` is False)."""
         raise NotImplementedError
 
     def __call__(self, x):
@@ -223,15 +229,19 @@ class Module:
         return out
 
     def zero_grad(self) -> None:
+        """Set every parameter's ``.grad`` to zeros."""
         for p in self.parameters():
             p.grad.fill(0)
 
     def train(self, mode: bool = True):
+        """Put this module and all its submodules in training mode (eval mode when
+        ``mode`` is False); returns the module."""
         for mod in self.modules():
             mod.training = bool(mode)
         return self
 
     def eval(self):
+        """Put this module and all its submodules in eval mode; returns the module."""
         return self.train(False)
 
     def to(self, device: str):
@@ -280,19 +290,30 @@ class Module:
         return f"{type(self).__name__}({args})"
 
     # -- training helpers (implemented in fastprop.train) -----------------------
-    def fit(self, X, y, **kwargs):
+    # (each one's full docstring is :mod:`fastprop.train`'s, copied there at import)
+    def fit(self, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
+            validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
+            on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False):
+        """Train on (X, y) with mini-batch gradient descent (:func:`fastprop.train.fit`)."""
         from .train import fit
-        return fit(self, X, y, **kwargs)
+        return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
+                   batch_size=batch_size, validation_data=validation_data,
+                   validation_split=validation_split, shuffle=shuffle, seed=seed,
+                   verbose=verbose, on_nonfinite=on_nonfinite, checkpoint=checkpoint,
+                   checkpoint_every=checkpoint_every, resume=resume)
 
     def predict(self, X, batch_size=1024):
+        """The forward pass of X in eval mode (:func:`fastprop.train.predict`)."""
         from .train import predict
         return predict(self, X, batch_size=batch_size)
 
     def evaluate(self, X, y, loss=None, batch_size=1024):
+        """Mean loss on (X, y) in eval mode (:func:`fastprop.train.evaluate`)."""
         from .train import evaluate
         return evaluate(self, X, y, loss=loss, batch_size=batch_size)
 
     def compile(self, loss, optimizer):
+        """A whole training step ``step(x, y) -> loss`` (:func:`fastprop.train.compile_step`)."""
         from .train import compile_step
         return compile_step(self, loss, optimizer)
 

@@ -3,7 +3,8 @@
 Every function checks and converts its arguments (dtype, ndim, shapes, layout),
 allocates its outputs, and calls the backend kernel named in the contract of
 :mod:`fastprop.backends`.  Inputs of other real dtypes are converted following NumPy
-promotion (integers -> float64); float32 and float64 are computed natively.
+promotion (integers -> float64), except float16, computed in float32; float32 and
+float64 are computed natively.
 """
 
 from __future__ import annotations

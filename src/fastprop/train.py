@@ -404,8 +404,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             ``epochs`` in total.  With the same model architecture, data, settings,
             backend and thread count, a resumed run ends with bit-identical
             parameters to one that was never interrupted.  A checkpoint of another
-            architecture, optimizer, sample count, batch size or shuffle setting is
-            rejected (ValueError) before anything changes.
+            architecture, optimizer type, sample count, batch size or shuffle setting
+            is rejected (ValueError) before anything changes; the optimizer's
+            hyperparameters (lr, ...) are restored from it, as its state is.
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
@@ -590,3 +591,10 @@ def _progress(verbose, n, epoch, epochs):
     from tqdm.auto import tqdm
     return tqdm(total=n, desc=f"Epoch {epoch + 1}/{epochs}", unit="samples", leave=True,
                 dynamic_ncols=True)
+
+
+# ``model.fit(...)`` etc. show the full documentation in help() and IDEs
+Module.fit.__doc__ = fit.__doc__
+Module.predict.__doc__ = predict.__doc__
+Module.evaluate.__doc__ = evaluate.__doc__
+Module.compile.__doc__ = compile_step.__doc__
