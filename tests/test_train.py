@@ -417,3 +417,28 @@ def test_module_methods_document_and_take_the_train_functions_arguments():
     with pytest.raises(TypeError, match="epoch"):
         mlp().fit(np.zeros((4, 2)), np.zeros(4, int), loss="cross_entropy", optimizer="sgd",
                   epoch=3)
+
+
+def test_softmax_output_with_softmax_cross_entropy_warns():
+    """A model ending in a softmax trained with a loss that applies softmax itself
+    (a Keras port: Dense(..., "softmax") + "categorical_crossentropy") warns; so does a
+    sigmoid output with BCE from logits.  The right pairs do not."""
+    X, y = np.zeros((4, 2)), np.array([0, 1, 0, 1])
+    for last in (nn.Softmax(), None):
+        layers = [nn.Dense(2, 2, "softmax" if last is None else None), nn.Dropout(0.0)]
+        model = nn.Sequential(*layers, *([last] if last is not None else []))
+        for loss in ("categorical_crossentropy", "cross_entropy", fp.losses.SoftmaxCrossEntropy()):
+            with pytest.warns(UserWarning, match="ends in a softmax.*takes logits"):
+                model.compile(loss, "sgd")
+            with pytest.warns(UserWarning, match="ends in a softmax"):
+                model.fit(X, y, loss=loss, optimizer="sgd", verbose=0)
+    sig = nn.Sequential(nn.Dense(2, 1), nn.Sigmoid())
+    with pytest.warns(UserWarning, match="ends in a sigmoid"):
+        sig.compile(fp.losses.BinaryCrossEntropy(from_logits=True), "sgd")
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sig.compile("binary_crossentropy", "sgd")            # probabilities: right
+        nn.Sequential(nn.Dense(2, 2), nn.Identity()).compile("cross_entropy", "sgd")
+        nn.Sequential(nn.Dense(2, 2, "softmax"), nn.Dense(2, 2)).compile("cross_entropy", "sgd")
+        nn.Sequential(nn.Dense(2, 1)).compile(fp.losses.BinaryCrossEntropy(from_logits=True), "sgd")

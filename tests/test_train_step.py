@@ -114,7 +114,8 @@ def test_fused_step_matches_python_path(opt_name, loss_name, dtype):
 @pytest.mark.parametrize("acts", [("identity", "leaky_relu"), ("sigmoid", "tanh"),
                                   ("gelu", "relu")])
 @pytest.mark.parametrize("last", [None, "softmax", "sigmoid"])
-def test_fused_step_every_activation(acts, last):
+@pytest.mark.filterwarnings("ignore:the model ends in a softmax")  # (on purpose: the kernel's
+def test_fused_step_every_activation(acts, last):                  # softmax-output rows)
     X, y = _data("onehot")
     runs = []
     with fp.use_backend("native"):
@@ -214,7 +215,8 @@ def test_replaced_arrays_are_rebound():
 
 @native_only
 @pytest.mark.parametrize("loss_name, option", [("mse", "half"), ("bce-logits", "from_logits")])
-def test_loss_options_changed_after_compile_are_used(loss_name, option):
+@pytest.mark.filterwarnings("ignore:the model ends in a sigmoid")  # (a sigmoid output and BCE
+def test_loss_options_changed_after_compile_are_used(loss_name, option):  # from logits first)
     """A loss option set between steps (MSE.half, BinaryCrossEntropy.from_logits)
     applies to the next compiled step as it does to the Python path."""
     make, last, kind = LOSSES[loss_name]

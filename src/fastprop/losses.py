@@ -159,7 +159,13 @@ _ALIASES = {
 
 
 def get(loss) -> Loss:
-    """A Loss from an instance or a name ("mse", "bce", "cross_entropy", ...)."""
+    """A Loss from an instance or a name ("mse", "bce", "cross_entropy", ...).
+
+    Every softmax cross-entropy name, the Keras-named "categorical_crossentropy" and
+    "sparse_categorical_crossentropy" included, is :class:`SoftmaxCrossEntropy`,
+    which takes logits (Keras' default takes probabilities: drop a final softmax;
+    compile and fit warn about one).  "binary_crossentropy"/"bce" take
+    probabilities, as in Keras; for logits use ``BinaryCrossEntropy(from_logits=True)``."""
     if isinstance(loss, Loss):
         return loss
     if isinstance(loss, type) and issubclass(loss, Loss):

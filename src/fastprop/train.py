@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import time
+import warnings
 from typing import NamedTuple
 
 import numpy as np
@@ -23,7 +24,7 @@ from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
-from .backends import NonFiniteError
+from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
                  _check_each_module_once, _structure as _nn_structure,
@@ -85,6 +86,39 @@ def dense_stages(model) -> list | None:
     return stages or None
 
 
+def _output_act(model):
+    """The kernel code of the activation the model's output passes through last (a
+    Dense layer's or an activation layer's; Dropout and Identity skipped), or None."""
+    layer = model
+    while isinstance(layer, Sequential):
+        rest = [m for m in layer.layers
+                if not isinstance(m, Dropout) and not (isinstance(m, Activation) and m.act == 0)]
+        if not rest:
+            return None
+        layer = rest[-1]
+    return layer.act if isinstance(layer, (Dense, Activation)) else None
+
+
+def _warn_double_activation(model, loss):
+    """A softmax (sigmoid) output trained with a loss that applies it itself: softmax
+    twice trains, silently, towards the wrong optimum (a Keras model ported with its
+    softmax output and "categorical_crossentropy", which takes logits here)."""
+    act = _output_act(model)
+    if isinstance(loss, _losses.SoftmaxCrossEntropy) and act == ACTIVATIONS["softmax"]:
+        warnings.warn(
+            "the model ends in a softmax, and SoftmaxCrossEntropy (also named "
+            "'cross_entropy' and 'categorical_crossentropy') applies softmax itself: it "
+            "takes logits, as PyTorch's CrossEntropyLoss does. Remove the final softmax "
+            "(the predicted classes stay the same) or softmax the outputs of predict.",
+            UserWarning, stacklevel=4)
+    if (isinstance(loss, _losses.BinaryCrossEntropy) and loss.from_logits
+            and act == ACTIVATIONS["sigmoid"]):
+        warnings.warn(
+            "the model ends in a sigmoid, and BinaryCrossEntropy(from_logits=True) applies "
+            "sigmoid itself: remove the final sigmoid or use from_logits=False.",
+            UserWarning, stacklevel=4)
+
+
 class TrainStep:
     """One training step on a batch: zero grads, forward, loss, backward, update.
 
@@ -104,6 +138,7 @@ class TrainStep:
         self.model = model
         self.loss = _losses.get(loss)
         self.optimizer = _optim.get(optimizer, model.parameters())
+        _warn_double_activation(model, self.loss)
         params = {id(p) for p in model.parameters()}
         if params and not params & {id(p) for p in self.optimizer.params}:
             raise ValueError("optimizer does not hold any parameter of this model")
