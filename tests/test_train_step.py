@@ -351,6 +351,38 @@ def test_step_allocates_nothing_after_the_first():
     assert peak - base < 4096
 
 
+@native_only
+def test_step_keeps_workspaces_for_two_batch_sizes_only():
+    """Batches of ever new sizes do not pile up workspaces (each (n, 1000) size holds
+    ~1.6 MB here): the step keeps the buffers of the last two sizes, which covers fit's
+    full batches and its last one, and allocates nothing while those repeat."""
+    model = nn.Sequential(nn.Dense(8, 1000, "relu", dtype=np.float64),
+                          nn.Dense(1000, 10, dtype=np.float64))
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((130, 8)), np.arange(130) % 10
+    with fp.use_backend("native"):
+        step = model.compile(losses.SoftmaxCrossEntropy(), optim.SGD(model.parameters(), lr=0.01))
+        step(X[:100], y[:100])
+        tracemalloc.start()
+        try:
+            base, _ = tracemalloc.get_traced_memory()
+            for n in range(101, 131):
+                step(X[:n], y[:n])
+            grown, _ = tracemalloc.get_traced_memory()
+            for _ in range(5):          # two sizes alternating: no new buffers
+                for n in (128, 130):
+                    step(X[:n], y[:n])
+            tracemalloc.reset_peak()
+            for n in (128, 130):
+                step(X[:n], y[:n])
+            current, peak = tracemalloc.get_traced_memory()
+        finally:
+            tracemalloc.stop()
+    ws = 2 * 130 * 1000 * 8   # one size's (y, g) for the wide layer
+    assert grown - base < 3 * ws, f"{(grown - base) / ws:.1f} workspaces kept"
+    assert peak - current < 4096
+
+
 def test_python_path_would_fail_the_allocation_check():
     """The yardstick above can fail: the layer-by-layer path allocates per step."""
     model = nn.Sequential(nn.Dense(64, 128, "relu"), nn.Dense(128, 64, "relu"),

@@ -157,31 +157,37 @@ inline void store_scaled(index_t len, const T* v, T alpha, T beta, T* c, index_t
 template <typename T>
 bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                  index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    // The sums go straight into C when C is contiguous and the product is stored
+    // as it is (alpha 1, beta 0: the usual forward pass); otherwise into per-thread
+    // scratch, then scaled into C.  (Scratch for every shape kept a buffer as large
+    // as the largest output ever computed for the life of the thread.)
+    const bool direct = alpha == T(1) && beta == T(0);
     if (m == 1) {
         // u = op(A)[0, :] (stride lda when transposed); c[0, :] has unit stride.
         const T* u = contiguous(a, ta ? lda : 1, k, 2);
-        T* acc = static_cast<T*>(detail::thread_scratch(3, sizeof(T) * n));
+        T* acc = direct ? c : static_cast<T*>(detail::thread_scratch(3, sizeof(T) * n));
         if (u == nullptr || acc == nullptr) return false;
         gemv_split(k, n, [&](index_t j0, index_t j1) {
             if (!tb)
                 axpy_rows(k, j1 - j0, u, b + j0, ldb, acc + j0);  // op(B) rows: rows of b
             else
                 dot_rows(k, j1 - j0, u, b + j0 * ldb, ldb, acc + j0);
-            store_scaled(j1 - j0, acc + j0, alpha, beta, c + j0, 1);
+            if (!direct) store_scaled(j1 - j0, acc + j0, alpha, beta, c + j0, 1);
         });
         return true;
     }
     if (n == 1) {
         // v = op(B)[:, 0] (stride ldb unless transposed); c[:, 0] has stride ldc.
         const T* v = contiguous(b, tb ? 1 : ldb, k, 2);
-        T* acc = static_cast<T*>(detail::thread_scratch(3, sizeof(T) * m));
+        const bool into_c = direct && ldc == 1;
+        T* acc = into_c ? c : static_cast<T*>(detail::thread_scratch(3, sizeof(T) * m));
         if (v == nullptr || acc == nullptr) return false;
         gemv_split(k, m, [&](index_t i0, index_t i1) {
             if (ta)
                 axpy_rows(k, i1 - i0, v, a + i0, lda, acc + i0);  // op(A)^T rows: rows of a
             else
                 dot_rows(k, i1 - i0, v, a + i0 * lda, lda, acc + i0);
-            store_scaled(i1 - i0, acc + i0, alpha, beta, c + i0 * ldc, ldc);
+            if (!into_c) store_scaled(i1 - i0, acc + i0, alpha, beta, c + i0 * ldc, ldc);
         });
         return true;
     }

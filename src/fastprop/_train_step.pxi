@@ -247,6 +247,10 @@ cdef class NativeTrainStep:
             return 0
         ws = self.workspaces.get(n)
         if ws is None:
+            # buffers for the last two batch sizes (fit's full batches and its last,
+            # smaller one): a loop over ever new sizes does not keep them all
+            if len(self.workspaces) >= 2:
+                self.workspaces.pop(next(iter(self.workspaces)))
             ws = []
             for st in self.stages:
                 out = st.weight.value.shape[1]

@@ -217,6 +217,8 @@ class _Network:
     def workspace(self, m, n_features, target_shape, target_dtype, weighted, gather):
         ws = self._workspaces.get(m)
         if ws is None:
+            if len(self._workspaces) >= 2:  # the full batches' size and the last one's
+                self._workspaces.pop(next(iter(self._workspaces)))
             ws = _Workspace(self, m, n_features, target_shape, target_dtype, weighted, gather)
             self._workspaces[m] = ws
         return ws
