@@ -442,3 +442,34 @@ def test_softmax_output_with_softmax_cross_entropy_warns():
         nn.Sequential(nn.Dense(2, 2), nn.Identity()).compile("cross_entropy", "sgd")
         nn.Sequential(nn.Dense(2, 2, "softmax"), nn.Dense(2, 2)).compile("cross_entropy", "sgd")
         nn.Sequential(nn.Dense(2, 1)).compile(fp.losses.BinaryCrossEntropy(from_logits=True), "sgd")
+
+
+def test_astype_converts_a_model_and_mixed_dtypes_warn(backend, rng):
+    """A float64 model with a default (float32) BatchNorm warns at compile/fit; after
+    model.astype(np.float64) every parameter, gradient and buffer is float64, the model
+    trains without the warning and passes a float64 gradient check; an optimizer made
+    before the cast refuses to step."""
+    import warnings
+    X, y = blobs(rng, n=16)
+    model = nn.Sequential(nn.Dense(2, 4, rng=0, dtype=np.float64), nn.BatchNorm1d(4),
+                          nn.Dense(4, 2, rng=1, dtype=np.float64))
+    with pytest.warns(UserWarning, match=r"mixes float32 and float64 layers .*BatchNorm1d"):
+        model.compile("cross_entropy", "sgd")
+    old = optim.Adam(model.parameters())
+    old.step()
+    before = model.predict(X)
+    assert model.astype(np.float64) is model
+    for p in model.parameters():
+        assert p.value.dtype == p.grad.dtype == np.float64 and not p.grad.any()
+    assert all(a.dtype == np.float64 for _, a in model.state_arrays())
+    np.testing.assert_allclose(model.predict(X), before, rtol=1e-5, atol=1e-6)  # (BN: float32)
+    with pytest.raises(ValueError, match="optimizer state"):
+        old.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, batch_size=8, verbose=0)
+    assert fp.gradcheck(model, X[:4])
+    model.astype("float32")
+    assert {p.dtype for p in model.parameters()} == {np.dtype(np.float32)}
+    with pytest.raises(TypeError, match="dtype must be float32 or float64"):
+        model.astype(np.int32)

@@ -269,6 +269,19 @@ class Module:
         """Constructor arguments (JSON-able) that rebuild this module's architecture."""
         return {}
 
+    def astype(self, dtype):
+        """Convert every parameter and buffer of this module and its submodules to
+        ``dtype`` (float32 or float64) in place, and return the module (as PyTorch's
+        ``model.double()`` / ``model.float()``).  Gradients are reset to zeros.  Make
+        the optimizer afterwards: one whose state was made in the old dtype refuses
+        to step (ValueError)."""
+        dtype = float_dtype(dtype)
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        self._cast(dtype)
+        return self
+
     def _cast(self, dtype) -> None:
         """Convert parameters and buffers to ``dtype`` in place (gradients reset)."""
         dtype = float_dtype(dtype)

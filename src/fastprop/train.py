@@ -119,6 +119,26 @@ def _warn_double_activation(model, loss):
             UserWarning, stacklevel=4)
 
 
+def _warn_mixed_dtypes(model):
+    """float32 and float64 layers in one model: the float64 ones' values are rounded
+    at every float32 layer, silently (BatchNorm1d/LayerNorm/Dense default to float32,
+    so a float64 model needs dtype= on each)."""
+    first = {}
+    for mod in model.modules():
+        for attr in mod._params:
+            p = getattr(mod, attr)
+            if p is not None:
+                first.setdefault(p.dtype, mod)
+                break
+    if len(first) > 1:
+        names = ", ".join(f"{mod!r} is {dt}" for dt, mod in first.items())
+        warnings.warn(
+            f"the model mixes float32 and float64 layers ({names}): values are rounded to "
+            f"float32 at each float32 layer. Give every layer the same dtype= or call "
+            f"model.astype(np.float64) (or np.float32) before making the optimizer.",
+            UserWarning, stacklevel=4)
+
+
 class TrainStep:
     """One training step on a batch: zero grads, forward, loss, backward, update.
 
@@ -139,6 +159,7 @@ class TrainStep:
         self.loss = _losses.get(loss)
         self.optimizer = _optim.get(optimizer, model.parameters())
         _warn_double_activation(model, self.loss)
+        _warn_mixed_dtypes(model)
         params = {id(p) for p in model.parameters()}
         if params and not params & {id(p) for p in self.optimizer.params}:
             raise ValueError("optimizer does not hold any parameter of this model")
