@@ -473,3 +473,76 @@ def test_astype_converts_a_model_and_mixed_dtypes_warn(backend, rng):
     assert {p.dtype for p in model.parameters()} == {np.dtype(np.float32)}
     with pytest.raises(TypeError, match="dtype must be float32 or float64"):
         model.astype(np.int32)
+
+
+def test_fit_callbacks_schedule_the_lr_and_stop(backend, rng, tmp_path):
+    """Callbacks run after each epoch with its logs: an lr schedule set there is used
+    from the next epoch on (the same parameters as fits of one epoch each with that
+    lr, on the fused and the Python path); one returning True stops the fit, recorded
+    in History.stopped_epoch; a stopped run's checkpoint resumes as finished."""
+    X, y = blobs(rng, n=40)
+
+    def run(fused):
+        model = mlp(dtype=np.float64)
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        seen = []
+
+        def schedule(epoch, logs):
+            seen.append((epoch, sorted(logs)))
+            opt.lr = 0.1 * 0.5 ** (epoch + 1)
+
+        step = model.compile("cross_entropy", opt)
+        if not fused:
+            step.fused = lambda: None
+        h = model.fit(X, y, epochs=3, batch_size=8, shuffle=False, verbose=0,
+                      callbacks=[schedule])
+        return model, seen, h
+
+    model, seen, h = run(True)
+    assert seen == [(e, ["accuracy", "loss"]) for e in range(3)] and h.stopped_epoch is None
+    ref = mlp(dtype=np.float64)
+    for e in range(3):
+        ref.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(ref.parameters(), lr=0.1 * 0.5 ** e),
+                epochs=1, batch_size=8, shuffle=False, verbose=0)
+    python_path, _, _ = run(False)
+    for a, b, c in zip(model.parameters(), ref.parameters(), python_path.parameters()):
+        np.testing.assert_array_equal(a.value, b.value)
+        np.testing.assert_allclose(a.value, c.value, rtol=1e-12, atol=1e-14)
+
+    # stopping, and a checkpoint of a stopped run
+    calls = []
+    model = mlp()
+    h = model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=10, verbose=0,
+                  checkpoint=tmp_path / "run.ckpt", checkpoint_every=100,
+                  callbacks=[lambda e, logs: calls.append(e), lambda e, logs: e == 2])
+    assert calls == [0, 1, 2] and h.epoch == [0, 1, 2] and h.stopped_epoch == 2
+    weights = [p.value.copy() for p in model.parameters()]
+    again = model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=10, verbose=0,
+                      checkpoint=tmp_path / "run.ckpt", resume=True,
+                      callbacks=[lambda e, logs: calls.append(e)])
+    assert again.epoch == [0, 1, 2] and again.stopped_epoch == 2 and calls == [0, 1, 2]
+    for p, w in zip(model.parameters(), weights):
+        np.testing.assert_array_equal(p.value, w)
+
+    for bad in (print, [1], "cb"):
+        with pytest.raises(TypeError, match="callbacks"):
+            model.fit(X, y, loss="cross_entropy", optimizer="sgd", verbose=0, callbacks=bad)
+
+
+def test_early_stopping(rng):
+    es = fp.EarlyStopping(monitor="val_loss", patience=2, min_delta=0.01)
+    stops = [es(e, {"val_loss": v}) for e, v in enumerate([1.0, 0.8, 0.795, 0.792])]
+    assert stops == [False, False, False, True] and (es.best, es.best_epoch) == (0.8, 1)
+    acc = fp.EarlyStopping(monitor="val_accuracy", patience=0)
+    assert [acc(e, {"val_accuracy": v}) for e, v in enumerate([0.5, 0.6, 0.6])] == [False, False, True]
+    assert fp.EarlyStopping(monitor="loss", patience=1)(0, {"loss": 1.0}) is False
+    with pytest.raises(KeyError, match="val_loss.*needs validation data"):
+        fp.EarlyStopping()(0, {"loss": 1.0})
+    X, y = blobs(rng, n=60)
+    model = mlp()
+    h = model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.0),
+                  epochs=20, verbose=0, validation_split=0.2,
+                  callbacks=[fp.EarlyStopping(patience=3)])
+    assert h.stopped_epoch == 3 and len(h["val_loss"]) == 4  # lr 0: epochs 1-3 do not improve
+    with pytest.raises(ValueError, match="mode"):
+        fp.EarlyStopping(mode="up")

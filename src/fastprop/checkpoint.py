@@ -59,7 +59,8 @@ def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
         "rng": rng.bit_generator.state,
         "dropout_rngs": [m.rng.bit_generator.state for m in _dropouts(model)],
         "history": {"epoch": history.epoch, "history": history.history,
-                    "skipped_steps": history.skipped_steps},
+                    "skipped_steps": history.skipped_steps,
+                    "stopped_epoch": history.stopped_epoch},
     }
     extra["fit"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     serialization.save(model, path, extra=extra)
@@ -96,6 +97,8 @@ def prepare_resume(path, model, optimizer, settings):
         history_epoch = [int(e) for e in hist["epoch"]]
         history_logs = {str(k): [float(x) for x in v] for k, v in hist["history"].items()}
         skipped = int(hist["skipped_steps"])
+        stopped = hist.get("stopped_epoch")  # (absent before callbacks existed)
+        stopped = None if stopped is None else int(stopped)
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
         raise ValueError(f"{where} has invalid fit metadata: {exc}") from None
     if meta.get("settings") != settings:
@@ -140,6 +143,7 @@ def prepare_resume(path, model, optimizer, settings):
         history.history.clear()
         history.history.update(history_logs)
         history.skipped_steps = skipped
+        history.stopped_epoch = stopped
         return epochs_done
 
     return restore

@@ -30,7 +30,7 @@ from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Para
                  _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
 
-__all__ = ["History", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
+__all__ = ["History", "EarlyStopping", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
 
 
@@ -42,6 +42,7 @@ class History:
         self.history: dict = {}
         self.epoch: list = []
         self.skipped_steps = 0
+        self.stopped_epoch = None  # the epoch after which a callback stopped the fit
 
     def append(self, epoch: int, logs: dict) -> None:
         self.epoch.append(epoch)
@@ -431,7 +432,8 @@ def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
 @_device_aware
 def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
-        on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False):
+        on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
+        callbacks=None):
     """Train ``model`` on (X, y) with mini-batch gradient descent.
 
     Args:
@@ -464,6 +466,17 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             is rejected (ValueError) before anything changes; the optimizer's
             hyperparameters (lr, ...) are restored from it, as its state is.
 
+        callbacks: callables ``cb(epoch, logs)`` run after each epoch (``epoch``
+            counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
+            figures, as in the History), in order.  One returning True stops the
+            training after that epoch (``History.stopped_epoch``).  A learning-rate
+            schedule sets the next epoch's rate:
+            ``lambda epoch, logs: setattr(opt, "lr", 1e-3 * 0.9 ** (epoch + 1))``;
+            :class:`EarlyStopping` stops when a figure stops improving.  With
+            ``checkpoint``, the checkpoint is written after the callbacks (a stopped
+            run is saved as stopped: resuming it trains no more), but a callback's
+            own state is not saved.
+
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
     submodule set to eval mode after ``model.train()`` (``bn.eval()``, to freeze a
@@ -489,6 +502,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if on_nonfinite not in ("raise", "skip"):
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     checkpoint_every = integer(checkpoint_every, "checkpoint_every", low=1)
+    callbacks = _check_callbacks(callbacks)
     if checkpoint is not None:
         checkpoint = _checkpoint.check_path(checkpoint, resume)
     elif resume:
@@ -571,6 +585,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
     ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
     try:
+        if history.stopped_epoch is not None:
+            first_epoch = epochs  # (resumed from a run that a callback stopped)
         for epoch in range(first_epoch, epochs):
             order = rng.permutation(n) if shuffle else None
             total, correct, seen = 0.0, 0, 0
@@ -624,14 +640,68 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             elif verbose == 2:
                 parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
                 print(f"Epoch {epoch + 1}/{epochs} - {elapsed:.2f}s - {parts}", flush=True)
+            stop = False
+            if callbacks:
+                step.sync()  # (parameters trained on a device: the callbacks see them)
+                for cb in callbacks:
+                    stop = bool(cb(epoch, dict(logs))) or stop
+                if stop:
+                    history.stopped_epoch = epoch
             if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0
-                                           or epoch + 1 == epochs):
+                                           or epoch + 1 == epochs or stop):
                 step.sync()
                 _checkpoint.save(checkpoint, model, step.optimizer, epoch + 1, rng, history,
                                  settings)
+            if stop:
+                break
     finally:
         step.sync()
     return history
+
+
+def _check_callbacks(callbacks) -> list:
+    if callbacks is None:
+        return []
+    if callable(callbacks) or not isinstance(callbacks, (list, tuple)):
+        raise TypeError(f"callbacks must be a list of callables cb(epoch, logs), got "
+                        f"{type(callbacks).__name__}")
+    for i, cb in enumerate(callbacks):
+        if not callable(cb):
+            raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs), got "
+                            f"{type(cb).__name__}")
+    return list(callbacks)
+
+
+class EarlyStopping:
+    """A ``fit`` callback that stops the training when ``monitor`` (a History key:
+    "val_loss", "loss", "val_accuracy", ...) has not improved by more than
+    ``min_delta`` for ``patience`` epochs, as Keras' EarlyStopping.  ``mode`` "min",
+    "max" or "auto" (max for accuracies, min otherwise).  ``best`` and
+    ``best_epoch`` say where the best value was; a missing key is a KeyError naming
+    the keys there are."""
+
+    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto"):
+        if mode not in ("auto", "min", "max"):
+            raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
+        self.monitor = str(monitor)
+        self.patience = integer(patience, "patience", low=0)
+        self.min_delta = real(min_delta, "min_delta", low=0)
+        self.sign = (1.0 if "acc" in self.monitor else -1.0) if mode == "auto" else (
+            1.0 if mode == "max" else -1.0)
+        self.best = None
+        self.best_epoch = None
+        self.wait = 0
+
+    def __call__(self, epoch, logs) -> bool:
+        if self.monitor not in logs:
+            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch's logs "
+                           f"hold {sorted(logs)} (val_* needs validation data)")
+        value = logs[self.monitor]
+        if self.best is None or self.sign * (value - self.best) > self.min_delta:
+            self.best, self.best_epoch, self.wait = value, epoch, 0
+            return False
+        self.wait += 1
+        return self.wait >= self.patience
 
 
 def _postfix(total, correct, seen, acc_fn):
