@@ -546,3 +546,69 @@ def test_early_stopping(rng):
     assert h.stopped_epoch == 3 and len(h["val_loss"]) == 4  # lr 0: epochs 1-3 do not improve
     with pytest.raises(ValueError, match="mode"):
         fp.EarlyStopping(mode="up")
+
+
+def test_frozen_parameters(backend, rng):
+    """requires_grad_(False) freezes a layer as in PyTorch: backward leaves its grads
+    at zero (a frozen first layer computes nothing), optimizers and clipping skip it,
+    and training equals training with it left out of the optimizer; a compiled step
+    notices a freeze or unfreeze between steps; Keras' `trainable` is refused."""
+    X, y = blobs(rng, n=32, classes=3)
+
+    def make():
+        return nn.Sequential(nn.Dense(2, 8, "tanh", rng=0, dtype=np.float64),
+                             nn.LayerNorm(8, dtype=np.float64),
+                             nn.BatchNorm1d(8, dtype=np.float64),
+                             nn.Dense(8, 3, rng=1, dtype=np.float64))
+
+    model = make()
+    assert model[0].requires_grad_(False) is model[0]
+    model[2].requires_grad_(False)
+    frozen = model[0].parameters() + model[2].parameters()
+    assert not any(p.requires_grad for p in frozen) and model[3].weight.requires_grad
+    before = [p.value.copy() for p in frozen]
+    opt = optim.Adam(model.parameters(), lr=0.05)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=8, verbose=0,
+              shuffle=False)
+    for p, b in zip(frozen, before):
+        np.testing.assert_array_equal(p.value, b)
+        assert not p.grad.any()
+    ref = make()
+    live = ref[1].parameters() + ref[3].parameters()
+    ref.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(live, lr=0.05), epochs=3,
+            batch_size=8, verbose=0, shuffle=False)
+    for a, b in zip(model.parameters(), ref.parameters()):
+        np.testing.assert_allclose(a.value, b.value, rtol=1e-13, atol=1e-15)
+    # the running statistics of a frozen BatchNorm still move in training mode
+    assert not np.array_equal(model[2].running_mean, np.zeros(8))
+
+    # clipping and a manual backward skip frozen parameters
+    model.zero_grad()
+    model[0].weight.grad[...] = 100.0
+    out = model(X[:4])
+    assert model.backward(np.ones_like(out), input_grad=False) is None
+    np.testing.assert_array_equal(model[0].weight.grad, 100.0)  # untouched by backward
+    live_norm = np.sqrt(sum((p.grad.astype(np.float64) ** 2).sum()
+                            for p in model.parameters() if p.requires_grad))
+    assert fp.clip_grad_norm(model.parameters(), 1e9) == pytest.approx(live_norm, rel=1e-12)
+    fp.clip_grad_value(model.parameters(), 1.0)
+    np.testing.assert_array_equal(model[0].weight.grad, 100.0)
+
+    # a compiled (fused on native) step: freezing between steps is honoured
+    m = mlp(out=3, dtype=np.float64)
+    step = m.compile("cross_entropy", optim.SGD(m.parameters(), lr=0.1))
+    step(X, y)
+    w = m[0].weight.value.copy()
+    m[0].weight.requires_grad = False
+    step(X, y)
+    np.testing.assert_array_equal(m[0].weight.value, w)
+    m[0].weight.requires_grad = True
+    step(X, y)
+    assert not np.array_equal(m[0].weight.value, w)
+    with pytest.raises(TypeError, match="requires_grad must be a bool"):
+        m[0].weight.requires_grad = 0
+    with pytest.raises(AttributeError, match="requires_grad_"):
+        m[0].trainable = False
+    p = fp.Parameter(np.ones(2))
+    object.__delattr__(p, "_frozen")  # (a Parameter pickled before the flag existed)
+    assert p.requires_grad

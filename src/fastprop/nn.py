@@ -49,9 +49,11 @@ class Parameter:
     Attributes:
         value: the parameter (np.ndarray), updated in place by optimizers.
         grad: np.ndarray of the same shape and dtype, zeros until backward adds to it.
+        requires_grad: False freezes the parameter (as in PyTorch): backward leaves
+            its ``grad`` alone (zeros), optimizers and the gradient clipping skip it.
     """
 
-    __slots__ = ("_value", "grad", "name")
+    __slots__ = ("_value", "grad", "name", "_frozen")
 
     def __init__(self, value, name: str | None = None):
         value = np.array(as_array(value, "value"), copy=True)
@@ -60,6 +62,20 @@ class Parameter:
         self._value = np.ascontiguousarray(value)
         self.grad = np.zeros_like(self._value)
         self.name = name
+        self._frozen = False
+
+    @property
+    def requires_grad(self) -> bool:
+        """Whether backward accumulates into ``grad`` and optimizers update this
+        parameter (True unless frozen)."""
+        return not getattr(self, "_frozen", False)  # (older pickles: no slot value)
+
+    @requires_grad.setter
+    def requires_grad(self, flag) -> None:
+        if not isinstance(flag, (bool, np.bool_)):
+            raise TypeError(f"requires_grad must be a bool, got {type(flag).__name__}")
+        self._frozen = not flag
+        _structure[0] += 1  # (a compiled step rechecks whether it can run fused)
 
     @property
     def value(self) -> np.ndarray:
@@ -181,6 +197,10 @@ class Module:
 
     def __setattr__(self, name, value):
         if name[0] != "_":
+            if name == "trainable":  # (Keras' flag would be a silently ignored attribute)
+                raise AttributeError(
+                    "fastprop modules have no 'trainable': freeze a layer's parameters with "
+                    "layer.requires_grad_(False) (and a BatchNorm's statistics with bn.eval())")
             _structure[0] += 1
         object.__setattr__(self, name, value)
 
@@ -227,6 +247,15 @@ class Module:
             for attr in mod._buffers:
                 out.append((f"{i}.{attr}", getattr(mod, attr)))
         return out
+
+    def requires_grad_(self, requires_grad: bool = True):
+        """Freeze (False) or unfreeze every parameter of this module and its
+        submodules, as PyTorch's ``module.requires_grad_``; returns the module.  A
+        frozen BatchNorm still updates its running statistics in training mode: put
+        it in eval mode too (``bn.eval()``) to freeze those."""
+        for p in self.parameters():
+            p.requires_grad = requires_grad
+        return self
 
     def zero_grad(self) -> None:
         """Set every parameter's ``.grad`` to zeros."""
@@ -330,6 +359,14 @@ class Module:
         """A whole training step ``step(x, y) -> loss`` (:func:`fastprop.train.compile_step`)."""
         from .train import compile_step
         return compile_step(self, loss, optimizer)
+
+
+def _grad_out(p):
+    """Where a backward adds ``p``'s gradient: ``p.grad``, or a scratch array that is
+    dropped when ``p`` is frozen (None for no parameter)."""
+    if p is None:
+        return None
+    return p.grad if p.requires_grad else np.zeros_like(p.grad)
 
 
 def _need(cache, name, module):
@@ -454,12 +491,14 @@ class Dense(Module):
         g = _grad_like(grad_out, self._y, self)
         n = x.shape[0]
         grad_x = np.empty_like(x) if input_grad else None
-        if n == 0:
+        frozen = not self.weight.requires_grad and (self.bias is None
+                                                    or not self.bias.requires_grad)
+        if n == 0 or (frozen and not input_grad):  # (a frozen first layer: nothing to do)
             return grad_x
         work = None if self.act == 0 else np.empty_like(g)
         backends.current().linear_backward(
             g, x, self.weight.value, self._y, self._z, self.act, self.alpha, grad_x,
-            self.weight.grad, None if self.bias is None else self.bias.grad, work, True)
+            _grad_out(self.weight), _grad_out(self.bias), work, True)
         return grad_x
 
 
@@ -670,14 +709,16 @@ class BatchNorm1d(_Norm):
             g = _grad_like(grad_out, x, self).astype(np.float64)
             inv = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             xhat = (x - self.running_mean) * inv
-            self.weight.grad += (g * xhat).sum(axis=0).astype(self._dtype)
-            self.bias.grad += g.sum(axis=0).astype(self._dtype)
+            if self.weight.requires_grad:
+                self.weight.grad += (g * xhat).sum(axis=0).astype(self._dtype)
+            if self.bias.requires_grad:
+                self.bias.grad += g.sum(axis=0).astype(self._dtype)
             return (g * (self.weight.value * inv)).astype(self._dtype)
         x, mean, invstd = self._cache
         g = _grad_like(grad_out, x, self)
         grad_x = np.empty_like(x)
         backends.current().batchnorm_backward(g, x, self.weight.value, mean, invstd, grad_x,
-                                              self.weight.grad, self.bias.grad)
+                                              _grad_out(self.weight), _grad_out(self.bias))
         return grad_x
 
 
@@ -709,7 +750,8 @@ class LayerNorm(_Norm):
         grad_x = np.empty_like(x)
         if x.shape[0]:
             backends.current().layernorm_backward(g, x, self.weight.value, mean, invstd,
-                                                  grad_x, self.weight.grad, self.bias.grad)
+                                                  grad_x, _grad_out(self.weight),
+                                                  _grad_out(self.bias))
         return grad_x
 
 

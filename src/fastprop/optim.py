@@ -118,10 +118,12 @@ class Optimizer:
                         f"{arr.dtype}, the parameter {p.value.shape} / {p.value.dtype}")
 
     def _groups(self):
-        """Indices of parameters grouped by dtype (a backend call takes one dtype)."""
+        """Indices of the parameters to update (frozen ones skipped, as PyTorch skips
+        a parameter without a gradient), grouped by dtype (a backend call takes one)."""
         groups: dict = {}
         for i, p in enumerate(self.params):
-            groups.setdefault(p.value.dtype, []).append(i)
+            if p.requires_grad:
+                groups.setdefault(p.value.dtype, []).append(i)
         return groups.values()
 
     def step(self) -> None:
@@ -310,7 +312,8 @@ def _grads_by_dtype(params):
     params = _param_list(params)
     groups: dict = {}
     for p in params:
-        groups.setdefault(p.grad.dtype, []).append(p.grad)
+        if p.requires_grad:  # (frozen parameters are skipped, as in PyTorch)
+            groups.setdefault(p.grad.dtype, []).append(p.grad)
     return list(groups.values())
 
 

@@ -194,7 +194,8 @@ class TrainStep:
             _check_each_module_once(self.model, "compile")  # (a layer may have been added)
             stages = dense_stages(self.model)
             key = None if stages is None else (self.model.training, tuple(
-                (id(st.weight), id(st.bias), st.act, st.alpha) for st in stages))
+                (id(st.weight), id(st.bias), st.act, st.alpha, st.weight.requires_grad,
+                 st.bias is None or st.bias.requires_grad) for st in stages))
             if key != self._stages_key:
                 self._stages_key = key
                 self._fast_key = None
@@ -208,8 +209,10 @@ class TrainStep:
                 ids = {id(p) for p in owned}
                 # (a parameter shared by two layers, tied weights, takes the Python
                 # path: the kernel writes each layer's gradient over the other's)
+                # (so does a frozen parameter: the kernel updates every one)
                 if len(ids) == len(owned) and ids == {id(p) for p in self.optimizer.params} \
-                        and len({p.dtype for p in owned}) == 1:
+                        and len({p.dtype for p in owned}) == 1 \
+                        and all(p.requires_grad for p in owned):
                     self._fast = make(stages, self.loss, self.optimizer)
                     self._shape = (stages[0].weight.shape[0], stages[-1].weight.shape[1])
                     # class ids whose range the kernel checks before it runs
