@@ -353,7 +353,7 @@ def test_fused_step_checks_its_decay_mask():
         step = fsk._FusedStep.make(fastprop.backends.current(), net, est._optimizer, False)
         assert step is not None
         before = net.params.copy()
-        step.opt.decay_mask = np.ones(3, np.uint8)          # 4 parameters
+        step.opt._decay_mask = np.ones(3, np.uint8)          # 4 parameters
         with pytest.raises(ValueError, match="decay_mask"):
             step(fastprop.backends.current(), np.ascontiguousarray(X[:8]),
                  np.zeros(8, np.int64), 50.0)
@@ -366,7 +366,7 @@ def test_fused_step_checks_its_decay_mask():
             net.params[...] = before
             opt = fsk._AdamOptimizer(net, 0.01, 0.9, 0.999, 1e-8)
             s = fsk._FusedStep.make(fastprop.backends.current(), net, opt, False)
-            s.opt.decay_mask = mask
+            s.opt._decay_mask = mask
             s(fastprop.backends.current(), xb, tb, 50.0)
             results.append(net.params.copy())
         n_coef = net.n_coef

@@ -515,3 +515,20 @@ def test_fused_update_is_the_same_on_any_thread_count(opt_name):
             for k in a:
                 np.testing.assert_array_equal(a[k], b[k])
     _assert_agree(runs[3][0], m1, runs[3][1], l1, np.dtype(np.float32))
+
+
+@native_only
+def test_a_public_optimizer_attribute_named_decay_mask_changes_nothing():
+    """The native step's weight-decay mask is fastprop.sklearn's private attribute: an
+    AdamW given a `decay_mask` attribute trains the same on the fused and the layer
+    path (the fused one used to honour it alone)."""
+    X, y = _data("labels")
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float64)
+        opt = optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+        opt.decay_mask = np.zeros(len(opt.params), np.uint8)
+        with fp.use_backend("native"):
+            step, values = _train(model, losses.SoftmaxCrossEntropy(), opt, X, y, fused=fused)
+        runs.append((model, values))
+    _assert_agree(runs[0][0], runs[1][0], runs[0][1], runs[1][1], np.dtype(np.float64))

@@ -223,7 +223,7 @@ cdef class NativeTrainStep:
         # the optional per-parameter weight-decay mask (uint8, 0: no decay; absent or
         # None: decay on every parameter), read when the arrays are bound (not looked
         # up on every call: a missed attribute costs ~1 us through __getattr__)
-        mask = getattr(opt, "decay_mask", None)
+        mask = getattr(opt, "_decay_mask", None)  # (fastprop.sklearn's)
         if mask is not None and (not isinstance(mask, np.ndarray) or mask.dtype != np.uint8
                                  or mask.shape != (self.count,) or not mask.flags.c_contiguous):
             raise ValueError(f"decay_mask must be a C-contiguous uint8 array of shape "

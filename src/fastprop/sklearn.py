@@ -497,7 +497,7 @@ class _StepOptimizer:
 
     def __init__(self, params, state, state_names, decay_mask):
         self.params, self.state, self.state_names = params, state, state_names
-        self.decay_mask = decay_mask
+        self._decay_mask = decay_mask  # (read by the native step only)
         self.hyper = {}
         self.step_count = 0
 
