@@ -376,6 +376,28 @@ def test_fit_wrong_width_names_x_and_rejected_fit_keeps_caches(backend, rng):
     np.testing.assert_array_equal(model.backward(g), expected)
 
 
+def test_fit_a_model_whose_custom_first_module_changes_the_width(backend, rng):
+    """The width message is given only when the model refuses X: a user module that
+    widens the input before the first Dense (x -> [x, x^2]) trains as before."""
+    class Square(nn.Module):
+        def forward(self, x):
+            self._x = np.asarray(x, np.float32)
+            return np.hstack([self._x, self._x ** 2])
+
+        def backward(self, g, input_grad=True):
+            d = self._x.shape[1]
+            return g[:, :d] + 2 * self._x * g[:, d:]
+
+    X = rng.standard_normal((32, 3)).astype(np.float32)
+    model = nn.Sequential(Square(), nn.Dense(6, 1, rng=0))
+    h = model.fit(X, (X ** 2).sum(1, keepdims=True), loss="mse", optimizer="adam", epochs=2,
+                  verbose=0)
+    assert len(h["loss"]) == 2
+    with pytest.raises(ValueError, match=r"X of shape \(32, 2\) does not fit the model: "
+                                         r"Dense\(6, 1\): expected input of shape"):
+        model.fit(X[:, :2], X[:, :1], loss="mse", optimizer="adam", verbose=0)
+
+
 def test_evaluate_is_batch_size_independent(backend, rng):
     X, y = blobs(rng, n=37, classes=3)
     model = mlp(out=3, dtype=np.float64)
@@ -433,8 +455,9 @@ def test_softmax_output_with_softmax_cross_entropy_warns():
             with pytest.warns(UserWarning, match="ends in a softmax"):
                 model.fit(X, y, loss=loss, optimizer="sgd", verbose=0)
     sig = nn.Sequential(nn.Dense(2, 1), nn.Sigmoid())
-    with pytest.warns(UserWarning, match="ends in a sigmoid"):
+    with pytest.warns(UserWarning, match="ends in a sigmoid") as record:
         sig.compile(fp.losses.BinaryCrossEntropy(from_logits=True), "sgd")
+    assert record[0].filename == __file__  # (the user's line, not fastprop's)
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -455,6 +478,9 @@ def test_astype_converts_a_model_and_mixed_dtypes_warn(backend, rng):
                           nn.Dense(4, 2, rng=1, dtype=np.float64))
     with pytest.warns(UserWarning, match=r"mixes float32 and float64 layers .*BatchNorm1d"):
         model.compile("cross_entropy", "sgd")
+    with pytest.warns(UserWarning, match="mixes"):  # (trains; the native fit's gradient
+        model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=8,
+                  verbose=0)                       # check raised TypeError on two dtypes)
     old = optim.Adam(model.parameters())
     old.step()
     before = model.predict(X)
@@ -536,14 +562,21 @@ def test_early_stopping(rng):
     acc = fp.EarlyStopping(monitor="val_accuracy", patience=0)
     assert [acc(e, {"val_accuracy": v}) for e, v in enumerate([0.5, 0.6, 0.6])] == [False, False, True]
     assert fp.EarlyStopping(monitor="loss", patience=1)(0, {"loss": 1.0}) is False
-    with pytest.raises(KeyError, match="val_loss.*needs validation data"):
-        fp.EarlyStopping()(0, {"loss": 1.0})
+    nan = fp.EarlyStopping(monitor="loss", patience=1)
+    assert [nan(e, {"loss": v}) for e, v in enumerate([np.nan, 2.0, np.nan])] == [False, False, True]
+    assert nan.best == 2.0 and fp.EarlyStopping().patience == 0  # (Keras' default)
     X, y = blobs(rng, n=60)
     model = mlp()
-    h = model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.0),
-                  epochs=20, verbose=0, validation_split=0.2,
-                  callbacks=[fp.EarlyStopping(patience=3)])
-    assert h.stopped_epoch == 3 and len(h["val_loss"]) == 4  # lr 0: epochs 1-3 do not improve
+    w = [p.value.copy() for p in model.parameters()]
+    with pytest.raises(ValueError, match="monitors 'val_loss'.*needs validation data"):
+        model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=3, verbose=0,
+                  callbacks=[fp.EarlyStopping()])          # refused before training
+    assert all(np.array_equal(p.value, a) for p, a in zip(model.parameters(), w))
+    es = fp.EarlyStopping(patience=3)
+    for _ in range(2):  # the same object in a second fit starts afresh
+        h = model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(), lr=0.0),
+                      epochs=20, verbose=0, validation_split=0.2, callbacks=[es])
+        assert h.stopped_epoch == 3 and len(h["val_loss"]) == 4  # lr 0: epochs 1-3 no better
     with pytest.raises(ValueError, match="mode"):
         fp.EarlyStopping(mode="up")
 
@@ -612,3 +645,59 @@ def test_frozen_parameters(backend, rng):
     p = fp.Parameter(np.ones(2))
     object.__delattr__(p, "_frozen")  # (a Parameter pickled before the flag existed)
     assert p.requires_grad
+
+
+def test_a_device_step_is_synced_when_the_layer_setup_changes(monkeypatch):
+    """A whole-step kernel that keeps the parameters on a device (the CUDA backend's:
+    host arrays written only by sync) is synced before the compiled step drops it for
+    a changed layer setup (a freeze between steps), so no step is lost.  A stand-in
+    backend with that contract (no GPU needed)."""
+    import types
+    from fastprop import backends
+    npb = backends.load("numpy")
+
+    class DeviceStep:
+        def __init__(self, stages, loss, optimizer):
+            self.opt, self.dirty, self.output = optimizer, False, None
+            self.dev = [p.value.copy() for p in optimizer.params]
+
+        def __call__(self, x, y, check_finite=False):
+            for d in self.dev:
+                d -= 1.0
+            self.opt.step_count += 1
+            self.dirty = True
+            return 0.0
+
+        def sync(self):
+            if self.dirty:
+                for p, d in zip(self.opt.params, self.dev):
+                    np.copyto(p.value, d)
+                self.dirty = False
+
+    fake = types.SimpleNamespace(**{k: getattr(npb, k) for k in dir(npb) if not k.startswith("__")})
+    fake.make_train_step = DeviceStep
+    with fp.use_backend("numpy"):
+        monkeypatch.setattr(backends._state, "backend", fake)
+        m = nn.Sequential(nn.Dense(2, 2, rng=0), nn.Dense(2, 1, rng=1))
+        w0 = m[1].weight.value.copy()
+        step = m.compile("mse", optim.SGD(m.parameters(), lr=0.0))
+        X, Y = np.ones((4, 2), np.float32), np.ones((4, 1), np.float32)
+        for _ in range(3):
+            step(X, Y)
+        m[0].requires_grad_(False)
+        step(X, Y)  # the layer path now (lr 0: changes nothing)
+        step.sync()
+    np.testing.assert_array_equal(m[1].weight.value, w0 - 3)
+
+
+def test_gradcheck_skips_frozen_parameters_and_user_modules_may_use_trainable(rng):
+    model = nn.Sequential(nn.Dense(3, 4, "tanh", rng=0), nn.Dense(4, 2, rng=1))
+    model[0].requires_grad_(False)
+    assert fp.gradcheck(model, rng.standard_normal((5, 3)))
+
+    class Mine(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.trainable = False  # (only fastprop's own layers refuse Keras' flag)
+
+    assert Mine().trainable is False

@@ -115,6 +115,8 @@ def _check_module(module, inputs, eps, atol, rtol, seed, failures):
 
     _compare("input", grad_x, _numeric(f, x, eps), atol, rtol, failures)
     for k, p in enumerate(params):
+        if not p.requires_grad:  # frozen: no gradient to check (as in PyTorch)
+            continue
         label = f"parameter {k} ({p.name or 'unnamed'}, shape {p.shape})"
         _compare(label, analytic[k], _numeric(f, p.value, eps), atol, rtol, failures)
 

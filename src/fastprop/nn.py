@@ -197,7 +197,8 @@ class Module:
 
     def __setattr__(self, name, value):
         if name[0] != "_":
-            if name == "trainable":  # (Keras' flag would be a silently ignored attribute)
+            if name == "trainable" and type(self).__module__ == __name__:
+                # (Keras' flag would be a silently ignored attribute on fastprop's layers)
                 raise AttributeError(
                     "fastprop modules have no 'trainable': freeze a layer's parameters with "
                     "layer.requires_grad_(False) (and a BatchNorm's statistics with bn.eval())")

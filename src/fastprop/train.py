@@ -26,7 +26,8 @@ from . import optim as _optim
 from ._checks import as_array, as_float, check_finite, integer, real
 from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
-from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Sequential,
+from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
+                 Sequential,
                  _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
 
@@ -38,11 +39,14 @@ class History:
     """Per-epoch metrics of a ``fit`` run: ``history["loss"]``, ``["accuracy"]``,
     ``["val_loss"]``, ``["val_accuracy"]`` (the keys that apply), and ``epoch``."""
 
+    stopped_epoch = None  # the epoch after which a callback stopped the fit (class
+                          # default: a History pickled before callbacks has none)
+
     def __init__(self):
         self.history: dict = {}
         self.epoch: list = []
         self.skipped_steps = 0
-        self.stopped_epoch = None  # the epoch after which a callback stopped the fit
+        self.stopped_epoch = None
 
     def append(self, epoch: int, logs: dict) -> None:
         self.epoch.append(epoch)
@@ -106,18 +110,27 @@ def _warn_double_activation(model, loss):
     softmax output and "categorical_crossentropy", which takes logits here)."""
     act = _output_act(model)
     if isinstance(loss, _losses.SoftmaxCrossEntropy) and act == ACTIVATIONS["softmax"]:
-        warnings.warn(
+        _warn_user(
             "the model ends in a softmax, and SoftmaxCrossEntropy (also named "
             "'cross_entropy' and 'categorical_crossentropy') applies softmax itself: it "
             "takes logits, as PyTorch's CrossEntropyLoss does. Remove the final softmax "
-            "(the predicted classes stay the same) or softmax the outputs of predict.",
-            UserWarning, stacklevel=4)
+            "(the predicted classes stay the same) or softmax the outputs of predict.")
     if (isinstance(loss, _losses.BinaryCrossEntropy) and loss.from_logits
             and act == ACTIVATIONS["sigmoid"]):
-        warnings.warn(
+        _warn_user(
             "the model ends in a sigmoid, and BinaryCrossEntropy(from_logits=True) applies "
-            "sigmoid itself: remove the final sigmoid or use from_logits=False.",
-            UserWarning, stacklevel=4)
+            "sigmoid itself: remove the final sigmoid or use from_logits=False.")
+
+
+def _warn_user(message):
+    """A UserWarning attributed to the first caller outside fastprop (the user's
+    line that called compile or fit)."""
+    import sys
+    package = os.path.dirname(os.path.abspath(__file__))
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _warn_mixed_dtypes(model):
@@ -133,11 +146,10 @@ def _warn_mixed_dtypes(model):
                 break
     if len(first) > 1:
         names = ", ".join(f"{mod!r} is {dt}" for dt, mod in first.items())
-        warnings.warn(
+        _warn_user(
             f"the model mixes float32 and float64 layers ({names}): values are rounded to "
             f"float32 at each float32 layer. Give every layer the same dtype= or call "
-            f"model.astype(np.float64) (or np.float32) before making the optimizer.",
-            UserWarning, stacklevel=4)
+            f"model.astype(np.float64) (or np.float32) before making the optimizer.")
 
 
 class TrainStep:
@@ -197,6 +209,10 @@ class TrainStep:
                 (id(st.weight), id(st.bias), st.act, st.alpha, st.weight.requires_grad,
                  st.bias is None or st.bias.requires_grad) for st in stages))
             if key != self._stages_key:
+                if self._fast is not None:
+                    # (a device kernel holds the parameters trained so far: bring them
+                    # to the host arrays the layer path or the next kernel starts from)
+                    self._fast.sync()
                 self._stages_key = key
                 self._fast_key = None
         if not self._fast_key_is_current(be):
@@ -274,9 +290,14 @@ class TrainStep:
             if self.check_finite:
                 grads = [p.grad for p in self.optimizer.params]
                 # (the sum of squares overflows for finite gradients above ~1e154 in
-                # float64: confirmed element by element before raising)
+                # float64: confirmed element by element before raising; one call per
+                # dtype, as a kernel takes one)
+                by_dtype: dict = {}
+                for g in grads:
+                    by_dtype.setdefault(g.dtype, []).append(g)
+                be = backends.current()
                 with np.errstate(over="ignore", invalid="ignore"):
-                    norm2 = backends.current().sum_squares(grads)
+                    norm2 = sum(be.sum_squares(gs) for gs in by_dtype.values())
                 if not math.isfinite(norm2) and not all(np.isfinite(g).all() for g in grads):
                     raise NonFiniteError("non-finite gradient")
         except BaseException:
@@ -335,32 +356,43 @@ def _targets(y, name, n):
 def _input_width(model):
     """(width, layer): the input width the model's first sized layer expects (Dense
     in_features, a norm's num_features; what comes before it keeps the width), or
-    (None, None)."""
+    (None, None) when a module of unknown kind comes first."""
     for mod in model.modules():
         width = getattr(mod, "in_features", None) or getattr(mod, "num_features", None)
         if width is not None:
             return width, mod
+        if not isinstance(mod, (Sequential, Residual, Activation, Dropout)):
+            break  # (a module of the user's may change the width)
     return None, None
+
+
+_MISSING = object()
 
 
 def _output_shape(model, X, name="X"):
     """The model's output shape for X, found on one sample in eval mode.  The probe
-    leaves the modules as they were (their caches of the last forward included), so
-    a fit rejected after it has changed nothing."""
-    width, layer = _input_width(model)
-    if width is not None and X.shape[1] != width:
-        raise ValueError(f"{name} has {X.shape[1]} features (shape {X.shape}) but the "
-                         f"model's first layer {layer!r} expects {width}")
+    leaves the modules' attributes as they were (the caches of the user's last
+    forward included), so a fit rejected after it has changed nothing."""
     saved = [(mod, dict(mod.__dict__)) for mod in model.modules()]
     try:
         with inference_mode():
             return model.forward(X[:1]).shape[1:]
     except ValueError as exc:
+        width, layer = _input_width(model)
+        if width is not None and X.shape[1] != width:
+            raise ValueError(f"{name} has {X.shape[1]} features (shape {X.shape}) but the "
+                             f"model's first layer {layer!r} expects {width}") from None
         raise ValueError(f"{name} of shape {X.shape} does not fit the model: {exc}") from None
     finally:
+        # key by key, never emptying a module's dict (a predict in another thread
+        # may be reading it)
         for mod, state in saved:
-            mod.__dict__.clear()
-            mod.__dict__.update(state)
+            attrs = mod.__dict__
+            for key in [k for k in attrs if k not in state]:
+                attrs.pop(key, None)
+            for key, value in state.items():
+                if attrs.get(key, _MISSING) is not value:
+                    attrs[key] = value
 
 
 def _accuracy_fn(loss):
@@ -472,7 +504,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         callbacks: callables ``cb(epoch, logs)`` run after each epoch (``epoch``
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
-            training after that epoch (``History.stopped_epoch``).  A learning-rate
+            training after that epoch (``History.stopped_epoch``).  A callback with
+            an ``on_train_begin(keys)`` method has it called first, before anything
+            changes, with the names the logs will hold (to reset, or refuse with a
+            ValueError).  A learning-rate
             schedule sets the next epoch's rate:
             ``lambda epoch, logs: setattr(opt, "lr", 1e-3 * 0.9 ** (epoch + 1))``;
             :class:`EarlyStopping` stops when a figure stops improving.  With
@@ -566,6 +601,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 f"BatchNorm1d needs more than 1 sample per batch in training mode: "
                 f"batch_size={batch_size} with {n} training samples leaves a batch of 1 sample; "
                 f"choose another batch_size")
+    if callbacks:  # (may refuse, e.g. an EarlyStopping watching a key this fit lacks)
+        keys = ["loss"] + (["accuracy"] if _accuracy_fn(step.loss) is not None else [])
+        keys += [f"val_{k}" for k in keys] if Xv is not None else []
+        for cb in callbacks:
+            begin = getattr(cb, "on_train_begin", None)
+            if begin is not None:
+                begin(list(keys))
     # (the last check above: from here on the model is changed)
     dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
     seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
@@ -678,12 +720,13 @@ def _check_callbacks(callbacks) -> list:
 class EarlyStopping:
     """A ``fit`` callback that stops the training when ``monitor`` (a History key:
     "val_loss", "loss", "val_accuracy", ...) has not improved by more than
-    ``min_delta`` for ``patience`` epochs, as Keras' EarlyStopping.  ``mode`` "min",
-    "max" or "auto" (max for accuracies, min otherwise).  ``best`` and
-    ``best_epoch`` say where the best value was; a missing key is a KeyError naming
-    the keys there are."""
+    ``min_delta`` for ``patience`` epochs in a row, as Keras' EarlyStopping (also its
+    defaults).  ``mode`` "min", "max" or "auto" (max for accuracies, min otherwise).
+    A NaN value never counts as an improvement.  Each ``fit`` starts it afresh
+    (``on_train_begin``), and refuses, before training, a ``monitor`` its logs will
+    not hold (ValueError).  ``best`` and ``best_epoch`` say where the best value was."""
 
-    def __init__(self, monitor="val_loss", patience=5, min_delta=0.0, mode="auto"):
+    def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto"):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         self.monitor = str(monitor)
@@ -691,20 +734,25 @@ class EarlyStopping:
         self.min_delta = real(min_delta, "min_delta", low=0)
         self.sign = (1.0 if "acc" in self.monitor else -1.0) if mode == "auto" else (
             1.0 if mode == "max" else -1.0)
+        self.on_train_begin()
+
+    def on_train_begin(self, keys=None) -> None:
+        """Reset (called by ``fit`` before its first epoch with its logs' keys)."""
+        if keys is not None and self.monitor not in keys:
+            raise ValueError(f"EarlyStopping monitors {self.monitor!r}, but this fit's logs "
+                             f"hold {sorted(keys)} (val_* needs validation data)")
         self.best = None
         self.best_epoch = None
         self.wait = 0
 
     def __call__(self, epoch, logs) -> bool:
-        if self.monitor not in logs:
-            raise KeyError(f"EarlyStopping monitors {self.monitor!r}, but the epoch's logs "
-                           f"hold {sorted(logs)} (val_* needs validation data)")
         value = logs[self.monitor]
-        if self.best is None or self.sign * (value - self.best) > self.min_delta:
+        if not math.isnan(value) and (
+                self.best is None or self.sign * (value - self.best) > self.min_delta):
             self.best, self.best_epoch, self.wait = value, epoch, 0
             return False
         self.wait += 1
-        return self.wait >= self.patience
+        return self.wait >= self.patience and epoch > 0  # (as Keras)
 
 
 def _postfix(total, correct, seen, acc_fn):
