@@ -674,3 +674,26 @@ def test_fit_resumed_from_a_checkpoint_on_cuda(rng, tmp_path):
         ends.append([p.value.copy() for p in model.parameters()])
     for a, b in zip(*ends):
         close(a, b, F64, factor=10)
+
+
+def test_assigning_a_value_and_freezing_between_device_steps(rng):
+    """Device steps, then `layer.weight.value = pretrained` and a freeze: the device's
+    steps reach the other parameters (synced before the kernel is dropped) and the
+    assigned value stays (it was overwritten by the device's copy); the same on the
+    CPU backend."""
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+        step = model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+        with fp.use_backend("numpy"):
+            for _ in range(3):
+                step(X, y)
+            model[0].weight.value = np.full((3, 4), 7.0)
+            model[0].requires_grad_(False)
+            step(X, y)
+            step.sync()
+        np.testing.assert_array_equal(model[0].weight.value, 7.0)
+        results.append([p.value.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        close(b, a, F64, factor=100)

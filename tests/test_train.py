@@ -701,3 +701,36 @@ def test_gradcheck_skips_frozen_parameters_and_user_modules_may_use_trainable(rn
             self.trainable = False  # (only fastprop's own layers refuse Keras' flag)
 
     assert Mine().trainable is False
+
+
+def test_callbacks_edge_cases_and_early_stopping_across_a_resume(rng, tmp_path):
+    """Only True stops (a schedule may return its rate); a class instead of an
+    instance and a monitor that is not a str are TypeErrors; min_delta counts by its
+    magnitude (Keras); an interrupted run resumed with EarlyStopping stops where the
+    uninterrupted one did, with the same weights (on_resume rebuilds its count)."""
+    X = rng.standard_normal((128, 4)).astype(np.float32)
+    y = X @ np.array([[1.0], [2.0], [0.0], [-1.0]], np.float32)
+    model = nn.Dense(4, 1, rng=0)
+    h = model.fit(X, y, loss="mse", optimizer="sgd", epochs=3, verbose=0,
+                  callbacks=[lambda e, logs: 0.5 ** e])        # returns a float: no stop
+    assert h.epoch == [0, 1, 2] and h.stopped_epoch is None
+    with pytest.raises(TypeError, match="class EarlyStopping; pass an instance"):
+        model.fit(X, y, loss="mse", optimizer="sgd", verbose=0, callbacks=[fp.EarlyStopping])
+    with pytest.raises(TypeError, match="monitor must be"):
+        fp.EarlyStopping(monitor=None)
+    assert fp.EarlyStopping(min_delta=-0.5).min_delta == 0.5
+
+    def run(epochs, path, resume):
+        m = nn.Dense(4, 1, rng=0)
+        es = fp.EarlyStopping("loss", patience=2, min_delta=0.05)
+        hist = m.fit(X, y, loss="mse", optimizer=optim.SGD(m.parameters(), lr=0.02),
+                     epochs=epochs, seed=0, verbose=0, callbacks=[es], checkpoint=path,
+                     resume=resume)
+        return hist, m
+
+    full, m1 = run(40, tmp_path / "a.ckpt", False)
+    assert full.stopped_epoch is not None and full.stopped_epoch < 39
+    run(full.stopped_epoch, tmp_path / "b.ckpt", False)      # interrupted just before
+    resumed, m2 = run(40, tmp_path / "b.ckpt", True)
+    assert resumed.stopped_epoch == full.stopped_epoch and resumed.epoch == full.epoch
+    np.testing.assert_array_equal(m1.weight.value, m2.weight.value)

@@ -126,7 +126,7 @@ def _warn_user(message):
     """A UserWarning attributed to the first caller outside fastprop (the user's
     line that called compile or fit)."""
     import sys
-    package = os.path.dirname(os.path.abspath(__file__))
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
         frame, level = frame.f_back, level + 1
@@ -216,6 +216,8 @@ class TrainStep:
                 self._stages_key = key
                 self._fast_key = None
         if not self._fast_key_is_current(be):
+            if self._fast is not None:
+                self._fast.sync()  # (a device kernel's steps: to the arrays it came from)
             self._fast_key = (be, [p.value for p in self.optimizer.params])
             self._fast = None
             make = getattr(be, "make_train_step", None)
@@ -504,7 +506,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         callbacks: callables ``cb(epoch, logs)`` run after each epoch (``epoch``
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
-            training after that epoch (``History.stopped_epoch``).  A callback with
+            training after that epoch (``History.stopped_epoch``; True itself, so a
+            schedule may return its rate).  A callback with
             an ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
             ValueError).  A learning-rate
@@ -513,7 +516,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             :class:`EarlyStopping` stops when a figure stops improving.  With
             ``checkpoint``, the checkpoint is written after the callbacks (a stopped
             run is saved as stopped: resuming it trains no more), but a callback's
-            own state is not saved.
+            own state is not saved: on resume, one with an ``on_resume(history)``
+            method gets the restored history (EarlyStopping rebuilds its count
+            from it).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
@@ -622,6 +627,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     first_epoch = 0
     if restore is not None:
         first_epoch = restore(rng, history)
+        for cb in callbacks:  # (EarlyStopping rebuilds its count from the history)
+            resume_cb = getattr(cb, "on_resume", None)
+            if resume_cb is not None:
+                resume_cb(history)
         step._fast_key = None  # parameters changed in place: rebind (device copies too)
     n = X.shape[0]
     if to_train:
@@ -688,8 +697,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             stop = False
             if callbacks:
                 step.sync()  # (parameters trained on a device: the callbacks see them)
-                for cb in callbacks:
-                    stop = bool(cb(epoch, dict(logs))) or stop
+                for cb in callbacks:  # (True itself: a schedule may return its rate)
+                    stop = (cb(epoch, dict(logs)) is True) or stop
                 if stop:
                     history.stopped_epoch = epoch
             if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0
@@ -711,6 +720,9 @@ def _check_callbacks(callbacks) -> list:
         raise TypeError(f"callbacks must be a list of callables cb(epoch, logs), got "
                         f"{type(callbacks).__name__}")
     for i, cb in enumerate(callbacks):
+        if isinstance(cb, type):
+            raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance "
+                            f"({cb.__name__}(...))")
         if not callable(cb):
             raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs), got "
                             f"{type(cb).__name__}")
@@ -729,9 +741,11 @@ class EarlyStopping:
     def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto"):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
-        self.monitor = str(monitor)
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a History key (str), got {type(monitor).__name__}")
+        self.monitor = monitor
         self.patience = integer(patience, "patience", low=0)
-        self.min_delta = real(min_delta, "min_delta", low=0)
+        self.min_delta = abs(real(min_delta, "min_delta"))  # (as Keras: its magnitude)
         self.sign = (1.0 if "acc" in self.monitor else -1.0) if mode == "auto" else (
             1.0 if mode == "max" else -1.0)
         self.on_train_begin()
@@ -744,6 +758,13 @@ class EarlyStopping:
         self.best = None
         self.best_epoch = None
         self.wait = 0
+
+    def on_resume(self, history) -> None:
+        """Rebuild ``best`` and the epochs without improvement from the history a
+        resumed fit restored, so it stops where an uninterrupted run would."""
+        self.on_train_begin()
+        for epoch, value in zip(history.epoch, history.history.get(self.monitor, [])):
+            self(epoch, {self.monitor: value})
 
     def __call__(self, epoch, logs) -> bool:
         value = logs[self.monitor]

@@ -419,6 +419,9 @@ class DeviceTrainStep:
         if names != self._names:
             self._state = {k: _cuda.device_array(self._total, self.dtype) for k in names}
             self._names = names
+        # (the host arrays uploaded from: sync writes back into these only, so a value
+        # the user assigned since, p.value = w, is not overwritten by the device's)
+        self._hosts = [(p.value, p.grad) for p in self.params]
         self._p.copy_to_device(self._pack([p.value for p in self.params]))
         for k, d in self._state.items():
             arrays = [s.get(k) for s in opt.state]
@@ -437,9 +440,11 @@ class DeviceTrainStep:
             for i, (p, (o, size)) in enumerate(zip(self.params, self._layout)):
                 part = host[o:o + size].reshape(p.shape)
                 if role == "value":
-                    np.copyto(p.value, part)
+                    if p.value is self._hosts[i][0]:
+                        np.copyto(p.value, part)
                 elif role == "grad":
-                    np.copyto(p.grad, part)
+                    if p.grad is self._hosts[i][1]:
+                        np.copyto(p.grad, part)
                 else:
                     arr = opt.state[i].get(role)
                     if arr is None or arr.shape != p.shape or arr.dtype != p.dtype:
