@@ -597,7 +597,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     # (model.train()).  In a model already in training mode, a submodule put in eval
     # mode on purpose stays so: model.train(); bn.eval() freezes that BatchNorm's
     # statistics while the rest trains (as in PyTorch fine-tuning).
-    to_train = not model._training
+    to_train = not getattr(model, "_training", False)  # (a module whose __init__ skipped
+    # Module.__init__ has no mode yet: train() gives it one, as before)
     if any(isinstance(m, BatchNorm1d) and (to_train or m._training)
            for m in model.modules()):
         last = n % batch_size or batch_size
