@@ -697,3 +697,25 @@ def test_assigning_a_value_and_freezing_between_device_steps(rng):
         results.append([p.value.copy() for p in model.parameters()])
     for a, b in zip(*results):
         close(b, a, F64, factor=100)
+
+
+def test_state_dict_and_load_state_dict_between_device_steps(rng):
+    """state_dict() after compiled device steps holds the trained values (synced), and
+    a load_state_dict between steps is what the next device step trains from: the same
+    as on the CPU backend."""
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+        step = model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+        with fp.use_backend("numpy"):
+            step(X, y)
+            kept = model.state_dict()
+            for _ in range(2):
+                step(X, y)
+            model.load_state_dict(kept)
+            step(X, y)
+            results.append((kept, model.state_dict()))
+    for name in results[0][0]:
+        close(results[1][0][name], results[0][0][name], F64, factor=100)
+        close(results[1][1][name], results[0][1][name], F64, factor=100)

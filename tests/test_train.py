@@ -734,3 +734,37 @@ def test_callbacks_edge_cases_and_early_stopping_across_a_resume(rng, tmp_path):
     resumed, m2 = run(40, tmp_path / "b.ckpt", True)
     assert resumed.stopped_epoch == full.stopped_epoch and resumed.epoch == full.epoch
     np.testing.assert_array_equal(m1.weight.value, m2.weight.value)
+
+
+def test_module_state_dict_round_trip(backend, rng):
+    """state_dict() copies every parameter and buffer by name; load_state_dict puts a
+    kept one back in place (the compiled step trains on from it), checking names,
+    shapes and dtypes before anything changes; named_parameters matches the names."""
+    X, y = blobs(rng, n=32)
+    model = nn.Sequential(nn.Dense(2, 8, "relu", rng=0), nn.BatchNorm1d(8), nn.Dense(8, 2, rng=1))
+    opt = optim.Adam(model.parameters(), lr=0.05)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0)
+    best = model.state_dict()
+    assert [n for n, _ in model.named_parameters()] == [
+        "1.weight", "1.bias", "2.weight", "2.bias", "3.weight", "3.bias"]
+    assert set(best) == {n for n, _ in model.state_arrays()} >= {"2.running_mean"}
+    params = [p.value for p in model.parameters()]
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, verbose=0)
+    assert not np.array_equal(best["1.weight"], model[0].weight.value)  # a copy, kept
+    snap = snapshot(model)
+    bad = dict(best, **{"1.weight": np.zeros((8, 2))})
+    with pytest.raises(ValueError, match=r"state_dict\['1.weight'\] has shape \(8, 2\)"):
+        model.load_state_dict(bad)
+    with pytest.raises(ValueError, match="missing \\['3.bias'\\]"):
+        model.load_state_dict({k: v for k, v in best.items() if k != "3.bias"})
+    with pytest.raises(TypeError, match="dict"):
+        model.load_state_dict([1])
+    assert snapshot(model) == snap  # refused: nothing changed
+    assert model.load_state_dict(dict(best, extra=np.zeros(1)), strict=False) == ([], ["extra"])
+    for name, arr in model.state_arrays():
+        np.testing.assert_array_equal(arr, best[name])
+    assert all(p.value is v for p, v in zip(model.parameters(), params))  # in place
+    h = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0)
+    assert np.isfinite(h["loss"][0])
+    opt.zero_grad(set_to_none=True)
+    model.zero_grad(set_to_none=False)

@@ -249,6 +249,64 @@ class Module:
                 out.append((f"{i}.{attr}", getattr(mod, attr)))
         return out
 
+    def named_parameters(self) -> list:
+        """(name, Parameter) for every trainable parameter, once each, named as in
+        :meth:`state_dict`."""
+        seen, out = set(), []
+        for i, mod in enumerate(self.modules()):
+            for attr in mod._params:
+                p = getattr(mod, attr)
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    out.append((f"{i}.{attr}", p))
+        return out
+
+    def state_dict(self) -> dict:
+        """Every parameter value and buffer by name, as PyTorch's ``state_dict``, but
+        copies: one kept aside (the best epoch's) does not change as training goes
+        on.  A name is ``"<index>.<attribute>"``, the index of the module in
+        :meth:`modules` order (the names :func:`fastprop.save` uses)."""
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        return {name: arr.copy() for name, arr in self.state_arrays()}
+
+    def load_state_dict(self, state_dict, strict: bool = True):
+        """Copy the arrays of ``state_dict`` into the parameters and buffers, in place
+        (converted to their dtypes).  Everything is checked before anything changes:
+        a name missing or unknown (with ``strict``; else skipped) or a shape that
+        differs is a ValueError, a non-numeric array a TypeError.  Returns
+        ``(missing, unexpected)``, the names skipped on either side."""
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict of arrays (from state_dict()), got "
+                            f"{type(state_dict).__name__}")
+        targets = self.state_arrays()
+        names = {name for name, _ in targets}
+        missing = [name for name, _ in targets if name not in state_dict]
+        unexpected = [name for name in state_dict if name not in names]
+        if strict and (missing or unexpected):
+            raise ValueError(f"state_dict does not match the model: missing {missing}, "
+                             f"unexpected {unexpected} (strict=False skips them)")
+        pairs = []
+        for name, target in targets:
+            if name not in state_dict:
+                continue
+            src = as_array(state_dict[name], f"state_dict[{name!r}]")
+            if src.dtype.kind not in "biuf":
+                raise TypeError(f"state_dict[{name!r}] must be numeric, got dtype {src.dtype}")
+            if src.shape != target.shape:
+                raise ValueError(f"state_dict[{name!r}] has shape {src.shape}, the model's "
+                                 f"array {target.shape}")
+            pairs.append((target, src))
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            compiled.sync()  # (parameters trained on a device: host first, then ours)
+        for target, src in pairs:
+            np.copyto(target, src, casting="unsafe")
+        if compiled is not None:
+            compiled._fast_key = None  # (changed in place: a device kernel re-uploads)
+        return missing, unexpected
+
     def requires_grad_(self, requires_grad: bool = True):
         """Freeze (False) or unfreeze every parameter of this module and its
         submodules, as PyTorch's ``module.requires_grad_``; returns the module.  A
@@ -258,8 +316,9 @@ class Module:
             p.requires_grad = requires_grad
         return self
 
-    def zero_grad(self) -> None:
-        """Set every parameter's ``.grad`` to zeros."""
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Set every parameter's ``.grad`` to zeros (``set_to_none`` is accepted for
+        PyTorch code: gradients here are always arrays, so it zeros them too)."""
         for p in self.parameters():
             p.grad.fill(0)
 

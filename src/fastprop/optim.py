@@ -98,7 +98,9 @@ class Optimizer:
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
         return f"{type(self).__name__}({len(self.params)} params, {args})"
 
-    def zero_grad(self) -> None:
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero every parameter's ``.grad`` (``set_to_none`` accepted for PyTorch
+        code: gradients are always arrays here)."""
         for p in self.params:
             p.grad.fill(0)
 
