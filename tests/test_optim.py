@@ -498,3 +498,152 @@ def test_update_bits_do_not_depend_on_memory_layout(backend, dtype, name):
                 update(be, [p], [g], [[x] for x in st], step)
             results.append(np.concatenate([p] + st).tobytes())
         assert results[0] == results[1] == results[2], (name, size)
+
+
+# ------------------------------------------------------------------ parameter groups
+def _groups_model(seed=0):
+    return fp.nn.Sequential(fp.nn.Dense(5, 7, "tanh", rng=seed, dtype=np.float64),
+                            fp.nn.Dense(7, 3, rng=seed + 1, dtype=np.float64))
+
+
+def _grads_step(model, X, Y):
+    model.zero_grad()
+    out = model(X)
+    model.backward(2 * (out - Y) / out.size)
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "RMSprop", "Adagrad"])
+def test_param_groups_equal_one_optimizer_per_group(backend, name, rng):
+    """PyTorch-style groups (weights decayed, biases not, another lr for the last
+    layer) give the same parameters, bit for bit, as one optimizer per group."""
+    cls = getattr(optim, name)
+    kw = {"lr": 0.05, "momentum": 0.9} if name in ("SGD", "RMSprop") else {"lr": 0.05}
+    X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    a, b = _groups_model(), _groups_model()
+    wa = [a[0].weight, a[1].weight]
+    opt = cls([{"params": wa, "weight_decay": 0.1},
+               {"params": [a[0].bias]},
+               {"params": [a[1].bias], "lr": 0.2}], **kw)
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0 if name != "AdamW" else 0.01, opt.hyper["weight_decay"]]
+    assert opt.param_groups[2]["lr"] == 0.2 and opt.param_groups[0]["params"] == wa
+    separate = [cls([b[0].weight, b[1].weight], **{**kw, "weight_decay": 0.1}),
+                cls([b[0].bias], **kw), cls([b[1].bias], **{**kw, "lr": 0.2})]
+    for _ in range(4):
+        _grads_step(a, X, Y)
+        opt.step()
+        _grads_step(b, X, Y)
+        for o in separate:
+            o.step()
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+def test_param_groups_match_torch_adamw(rng):
+    torch = pytest.importorskip("torch")
+    X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    model = _groups_model()
+    opt = optim.AdamW([{"params": [model[0].weight, model[1].weight]},
+                       {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}],
+                      lr=0.01, weight_decay=0.1)
+    tw = [torch.tensor(p.value.T.copy(), requires_grad=True) if p.value.ndim == 2
+          else torch.tensor(p.value.copy(), requires_grad=True) for p in model.parameters()]
+    topt = torch.optim.AdamW([{"params": [tw[0], tw[2]]},
+                              {"params": [tw[1], tw[3]], "weight_decay": 0.0}],
+                             lr=0.01, weight_decay=0.1)
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for _ in range(5):
+        _grads_step(model, X, Y)
+        opt.step()
+        topt.zero_grad()
+        out = torch.tanh(tx @ tw[0].T + tw[1]) @ tw[2].T + tw[3]
+        ((out - ty) ** 2).mean().backward()
+        topt.step()
+    for p, t in zip(model.parameters(), tw):
+        ref = t.detach().numpy()
+        np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
+                                   rtol=1e-12, atol=1e-14)
+
+
+def test_param_group_changes_are_checked_and_used(backend, rng):
+    """A group's value changed in param_groups is used from the next step; a bad one
+    is refused by that step with nothing changed; opt.lr sets every group; the
+    compiled step runs fused while the groups agree (a torch-style schedule writing
+    every group's lr) and takes the layer path, with the same results, when not."""
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((12, 3))
+    runs = []
+    for fused in (True, False):
+        model = _groups_model()
+        opt = optim.SGD([{"params": model[0].parameters()}, {"params": model[1].parameters()}],
+                        lr=0.1)
+        step = model.compile("mse", opt)
+        if not fused:
+            step.fused = lambda: None
+        for i in range(6):
+            for g in opt.param_groups:
+                g["lr"] = 0.1 * 0.5 ** i           # a schedule, as in PyTorch
+            if i == 4:
+                opt.param_groups[1]["lr"] = 0.3    # the groups now differ
+            step(X, Y)
+        runs.append(model)
+    for p, q in zip(*[m.parameters() for m in runs]):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-13, atol=1e-15)
+    model = runs[0]
+    opt = optim.Adam([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    opt.lr = 0.5
+    assert [g["lr"] for g in opt.param_groups] == [0.5, 0.5]
+    _grads_step(model, X, Y)
+    opt.step()
+    before = snapshot(model, opt)
+    opt.param_groups[1]["betas"] = (0.9, 1.5)
+    with pytest.raises(ValueError, match="beta"):
+        opt.step()
+    assert snapshot(model, opt) == before
+    opt.param_groups[1]["betas"] = [0.8, 0.99]
+    opt.step()
+    assert opt.param_groups[1]["betas"] == (0.8, 0.99)
+
+
+def test_param_groups_state_dict_and_bad_groups(rng):
+    model = _groups_model()
+    groups = [{"params": model[0].parameters(), "lr": 0.5}, {"params": model[1].parameters()}]
+    opt = optim.Adam(groups, lr=0.01)
+    X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    _grads_step(model, X, Y)
+    opt.step()
+    sd = opt.state_dict()
+    assert [g["lr"] for g in sd["param_groups"]] == [0.5, 0.01]
+    other = optim.Adam([{"params": model[0].parameters()}, {"params": model[1].parameters()}])
+    other.load_state_dict(sd)
+    assert [g["lr"] for g in other.param_groups] == [0.5, 0.01] and other.step_count == 1
+    one = optim.Adam(model.parameters())
+    with pytest.raises(ValueError, match="2 parameter groups, the optimizer 1"):
+        one.load_state_dict(sd)
+    with pytest.raises(ValueError, match="unknown hyperparameters \\['momentum'\\]"):
+        optim.Adam([{"params": model.parameters(), "momentum": 0.9}])
+    with pytest.raises(ValueError, match="no 'params'"):
+        optim.Adam([{"lr": 0.1}])
+    with pytest.raises(ValueError, match="more than once"):
+        optim.Adam([{"params": model.parameters()}, {"params": model[0].parameters()}])
+    with pytest.raises(ValueError, match="lr"):
+        optim.SGD([{"params": model.parameters(), "lr": -1.0}], lr=0.1)
+
+
+def test_fit_resumes_with_param_groups_bit_identical(rng, tmp_path):
+    X = rng.standard_normal((40, 5))
+    y = np.arange(40) % 3
+
+    def run(epochs, path, resume):
+        model = _groups_model()
+        opt = optim.AdamW([{"params": [model[0].weight, model[1].weight]},
+                           {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0,
+                            "lr": 0.02}], lr=0.01)
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=epochs, batch_size=8,
+                  seed=1, verbose=0, checkpoint=path, resume=resume)
+        return model, opt
+
+    full, _ = run(4, tmp_path / "a.ckpt", False)
+    run(2, tmp_path / "b.ckpt", False)
+    resumed, opt = run(4, tmp_path / "b.ckpt", True)
+    assert opt.param_groups[1]["lr"] == 0.02
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)

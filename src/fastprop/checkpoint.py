@@ -55,7 +55,8 @@ def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
         "format": FORMAT,
         "epochs_done": int(epochs_done),
         "settings": settings,
-        "optimizer": {"type": sd["type"], "hyper": sd["hyper"], "step": int(sd["step"])},
+        "optimizer": {"type": sd["type"], "hyper": sd["hyper"], "step": int(sd["step"]),
+                      "groups": sd["param_groups"]},
         "rng": rng.bit_generator.state,
         "dropout_rngs": [m.rng.bit_generator.state for m in _dropouts(model)],
         "history": {"epoch": history.epoch, "history": history.history,
@@ -129,8 +130,10 @@ def prepare_resume(path, model, optimizer, settings):
             state[int(i)][name] = arr
     sd = {"type": opt_meta.get("type"), "hyper": opt_meta.get("hyper"),
           "step": opt_meta.get("step", 0), "state": state}
+    if opt_meta.get("groups") is not None:  # (absent before parameter groups)
+        sd["param_groups"] = opt_meta["groups"]
     # validate on a throwaway optimizer of the same type over the same parameters
-    optimizer._validate(dict(optimizer.hyper)).load_state_dict(sd)
+    optimizer._probe().load_state_dict(sd)
 
     def restore(rng, history) -> int:
         optimizer.load_state_dict(sd)

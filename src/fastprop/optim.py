@@ -59,20 +59,64 @@ def _weight_decay(wd):
     return real(wd, "weight_decay", low=0)
 
 
+def _group_specs(params):
+    """[(parameters, overrides)] when ``params`` is a list of PyTorch-style parameter
+    groups (dicts with "params" and hyperparameters), else None."""
+    if not isinstance(params, (list, tuple)) or not params or not all(
+            isinstance(g, dict) for g in params):
+        return None
+    specs = []
+    for i, g in enumerate(params):
+        if "params" not in g:
+            raise ValueError(f"parameter group {i} has no 'params'")
+        plist = g["params"]
+        specs.append((_param_list([plist] if isinstance(plist, Parameter) else plist),
+                      {k: v for k, v in g.items() if k != "params"}))
+    return specs
+
+
 class Optimizer:
     """Base class.  Subclasses set ``state_names`` (the state the current
     hyperparameters use), ``all_state_names`` (every state the type can hold: a buffer
     stays when an option turns it off, e.g. ``momentum = 0``, as in PyTorch) and
-    implement ``_update``."""
+    implement ``_update``.
+
+    ``params`` is a list of Parameters, or of parameter groups as in PyTorch: dicts
+    with "params" and any hyperparameters that differ from the defaults given, e.g.
+    ``AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=1e-3)``.
+    ``param_groups`` lists the groups, each a dict with its "params" and every
+    hyperparameter; a value changed there (``opt.param_groups[1]["lr"] = 0.1``) is
+    checked and used from the next step.  ``opt.lr = x`` sets it in every group.  A
+    group's parameters are fixed when the optimizer is made.
+    """
 
     state_names: tuple = ()
     all_state_names: tuple = ()
 
     def __init__(self, params, **hyper):
-        self.params = _param_list(params)
+        specs = _group_specs(params)
+        if specs is None:
+            specs = [(_param_list(params), {})]
+        self.params = _param_list([p for plist, _ in specs for p in plist])
         self.hyper = hyper
         self.state: list = [dict() for _ in self.params]
         self.step_count = 0
+        index = {id(p): i for i, p in enumerate(self.params)}
+        groups, members = [], []
+        for i, (plist, overrides) in enumerate(specs):
+            unknown = sorted(set(overrides) - set(hyper))
+            if unknown:
+                raise ValueError(f"parameter group {i}: unknown hyperparameters {unknown}; "
+                                 f"{type(self).__name__} has {sorted(hyper)}")
+            values = dict(hyper)
+            if overrides:  # (checked as the constructor checks them)
+                values.update(type(self)(plist, **{**hyper, **overrides}).hyper)
+            groups.append({"params": plist, **values})
+            members.append([index[id(p)] for p in plist])
+        self.param_groups = groups
+        self._members = members
+        self._checked = [None] * len(groups)
+        self._hyper_seen = dict(hyper)
 
     def __getattr__(self, name):
         hyper = self.__dict__.get("hyper")
@@ -83,12 +127,61 @@ class Optimizer:
     def __setattr__(self, name, value):
         hyper = self.__dict__.get("hyper")
         if hyper is not None and name in hyper:
-            # e.g. ``opt.lr = 0.01`` in a schedule: validated as in __init__
+            # e.g. ``opt.lr = 0.01`` in a schedule: validated as in __init__, and set in
+            # every parameter group
             probe = self._validate({**hyper, name: value})
             hyper[name] = probe.hyper[name]
             object.__setattr__(self, "state_names", probe.state_names)
+            for g in self.__dict__.get("param_groups", ()):
+                g[name] = probe.hyper[name]
         else:
             object.__setattr__(self, name, value)
+
+    def _pull_hyper(self) -> None:
+        """Values written into ``hyper`` itself since the last look (``opt.hyper["lr"]
+        = x``) go to every group, as ``opt.lr = x`` does."""
+        seen = self._hyper_seen
+        if seen != self.hyper:
+            changed = {k: v for k, v in self.hyper.items() if k not in seen or seen[k] != v}
+            for g in self.param_groups:
+                g.update(changed)
+            self._hyper_seen = dict(self.hyper)
+
+    def _probe(self) -> "Optimizer":
+        """A throwaway optimizer of this type with the same groups (to check a
+        state_dict on)."""
+        return type(self)([{"params": g["params"]} for g in self.param_groups], **self.hyper)
+
+    def _group_hyper(self, i):
+        """(hyperparameters, state names) of parameter group ``i`` as it is now,
+        checked (ValueError/TypeError) when it changed since the last check."""
+        g = self.param_groups[i]
+        try:
+            h = {k: g[k] for k in self.hyper}
+        except KeyError as exc:
+            raise ValueError(f"param_groups[{i}] lost its hyperparameter {exc}") from None
+        cached = self._checked[i]
+        if cached is None or cached[0] != h:
+            probe = self._validate(h)
+            h = dict(probe.hyper)
+            g.update(h)  # (normalised: betas as a tuple, ...)
+            cached = self._checked[i] = (h, probe.state_names)
+        return cached
+
+    def _uniform(self) -> bool:
+        """Whether every group has the same hyperparameters, which are then also
+        ``hyper`` and ``state_names`` (what a whole-step kernel reads); False sends a
+        compiled step to the layer path, which updates group by group."""
+        self._pull_hyper()
+        checked = [self._group_hyper(i) for i in range(len(self.param_groups))]
+        h0, names0 = checked[0]
+        if any(h != h0 for h, _ in checked[1:]):
+            return False
+        if h0 != self.hyper:  # (a value changed in param_groups only)
+            self.hyper.update(h0)
+            self._hyper_seen = dict(self.hyper)
+            object.__setattr__(self, "state_names", names0)
+        return True
 
     def _validate(self, hyper: dict) -> "Optimizer":
         """Check hyperparameters by building a throwaway optimizer of this type."""
@@ -119,39 +212,47 @@ class Optimizer:
                         f"optimizer state {key!r} of params[{i}] has shape {arr.shape} / dtype "
                         f"{arr.dtype}, the parameter {p.value.shape} / {p.value.dtype}")
 
-    def _groups(self):
-        """Indices of the parameters to update (frozen ones skipped, as PyTorch skips
-        a parameter without a gradient), grouped by dtype (a backend call takes one)."""
+    def _groups(self, members):
+        """Indices (of ``members``) of the parameters to update (frozen ones skipped,
+        as PyTorch skips a parameter without a gradient), grouped by dtype (a backend
+        call takes one)."""
         groups: dict = {}
-        for i, p in enumerate(self.params):
+        for i in members:
+            p = self.params[i]
             if p.requires_grad:
                 groups.setdefault(p.value.dtype, []).append(i)
         return groups.values()
 
     def step(self) -> None:
         """Apply one update to every parameter from its ``.grad``."""
+        self._pull_hyper()
+        checked = [self._group_hyper(g) for g in range(len(self.param_groups))]
         self._check()
-        for i, p in enumerate(self.params):
-            for key in self.state_names:
-                if key not in self.state[i]:
-                    self.state[i][key] = np.zeros_like(p.value)
+        for (_, names), members in zip(checked, self._members):
+            for i in members:
+                for key in names:
+                    if key not in self.state[i]:
+                        self.state[i][key] = np.zeros_like(self.params[i].value)
         self.step_count += 1
         be = backends.current()
-        for idx in self._groups():
-            params = [self.params[i].value for i in idx]
-            grads = [self.params[i].grad for i in idx]
-            states = {k: [self.state[i][k] for i in idx] for k in self.state_names}
-            self._update(be, params, grads, states)
+        for (h, names), members in zip(checked, self._members):
+            for idx in self._groups(members):
+                params = [self.params[i].value for i in idx]
+                grads = [self.params[i].grad for i in idx]
+                states = {k: [self.state[i][k] for i in idx] for k in names}
+                self._update(be, params, grads, states, h)
 
-    def _update(self, be, params, grads, states) -> None:
+    def _update(self, be, params, grads, states, h) -> None:
         raise NotImplementedError
 
     # -- checkpointing ----------------------------------------------------------
     def state_dict(self) -> dict:
-        """A copy of hyperparameters, step count and per-parameter state."""
+        """A copy of hyperparameters (each parameter group's too), step count and
+        per-parameter state."""
         return {
             "type": type(self).__name__,
             "hyper": dict(self.hyper),
+            "param_groups": [{k: g[k] for k in self.hyper if k in g} for g in self.param_groups],
             "step": self.step_count,
             "state": [{k: v.copy() for k, v in s.items()} for s in self.state],
         }
@@ -174,6 +275,25 @@ class Optimizer:
             probe = self._validate(hyper)
         except TypeError as exc:
             raise ValueError(f"state_dict has invalid hyperparameters: {exc}") from None
+        groups = state_dict.get("param_groups")
+        if groups is None:  # (a state_dict from before parameter groups: one for all)
+            group_hypers = [dict(probe.hyper) for _ in self.param_groups]
+        else:
+            if not isinstance(groups, list) or len(groups) != len(self.param_groups):
+                raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else groups!r} "
+                                 f"parameter groups, the optimizer {len(self.param_groups)}")
+            group_hypers = []
+            for i, gh in enumerate(groups):
+                gh = dict(gh) if isinstance(gh, dict) else {}
+                if isinstance(gh.get("betas"), list):
+                    gh["betas"] = tuple(gh["betas"])
+                if set(gh) != set(self.hyper):
+                    raise ValueError(f"state_dict's parameter group {i} has hyperparameters "
+                                     f"{sorted(gh)}, expected {sorted(self.hyper)}")
+                try:
+                    group_hypers.append(dict(self._validate(gh).hyper))
+                except TypeError as exc:
+                    raise ValueError(f"state_dict's parameter group {i} is invalid: {exc}") from None
         new = []
         for i, (p, s) in enumerate(zip(self.params, states)):
             entry = {}
@@ -191,6 +311,10 @@ class Optimizer:
         self.hyper.update(probe.hyper)
         self.state_names = probe.state_names
         self.step_count = step
+        for g, gh in zip(self.param_groups, group_hypers):
+            g.update(gh)
+        self._checked = [None] * len(self.param_groups)
+        self._hyper_seen = dict(self.hyper)
 
 
 class SGD(Optimizer):
@@ -214,8 +338,7 @@ class SGD(Optimizer):
                          weight_decay=wd)
         self.state_names = ("momentum_buffer",) if momentum > 0 else ()
 
-    def _update(self, be, params, grads, states):
-        h = self.hyper
+    def _update(self, be, params, grads, states, h):
         bufs = states.get("momentum_buffer")
         be.sgd_update(params, grads, bufs, h["lr"], h["momentum"], h["nesterov"],
                       h["weight_decay"], self.step_count == 1)
@@ -229,8 +352,7 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0):
         super().__init__(params, lr=_lr(lr), eps=_eps(eps), weight_decay=_weight_decay(weight_decay))
 
-    def _update(self, be, params, grads, states):
-        h = self.hyper
+    def _update(self, be, params, grads, states, h):
         be.adagrad_update(params, grads, states["sum"], h["lr"], h["eps"], h["weight_decay"])
 
 
@@ -248,8 +370,7 @@ class RMSprop(Optimizer):
                          weight_decay=_weight_decay(weight_decay))
         self.state_names = ("square_avg", "momentum_buffer") if momentum > 0 else ("square_avg",)
 
-    def _update(self, be, params, grads, states):
-        h = self.hyper
+    def _update(self, be, params, grads, states, h):
         be.rmsprop_update(params, grads, states["square_avg"], states.get("momentum_buffer"),
                           h["lr"], h["alpha"], h["eps"], h["momentum"], h["weight_decay"])
 
@@ -277,8 +398,7 @@ class Adam(Optimizer):
         super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
                          weight_decay=_weight_decay(weight_decay))
 
-    def _update(self, be, params, grads, states):
-        h = self.hyper
+    def _update(self, be, params, grads, states, h):
         b1, b2 = h["betas"]
         be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], self.step_count,
                        h["lr"], b1, b2, h["eps"], h["weight_decay"], self.decoupled)

@@ -256,6 +256,8 @@ class TrainStep:
         if x.ndim and x.shape[0] == 0:
             raise ValueError("x is empty: a training step needs at least one sample")
         fast = self.fused()
+        if fast is not None and not self.optimizer._uniform():
+            fast = None  # (parameter groups that differ: the layer path, group by group)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
             x = np.ascontiguousarray(x, dtype=dtype)
