@@ -647,3 +647,53 @@ def test_fit_resumes_with_param_groups_bit_identical(rng, tmp_path):
     assert opt.param_groups[1]["lr"] == 0.02
     for p, q in zip(full.parameters(), resumed.parameters()):
         np.testing.assert_array_equal(p.value, q.value)
+
+
+@pytest.mark.parametrize("name", ["SGD", "RMSprop"])
+def test_param_groups_hyper_writes_reach_the_fused_step_and_opt_lr_follows(name, rng):
+    """opt.hyper["momentum"] = 0.9 written directly reaches the fused step (it bound no
+    momentum buffer); a group's lr set after opt.lr = x is kept; a schedule writing
+    every group's lr is seen in opt.lr on the layer path too (opt.lr *= 0.5 decays)."""
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((12, 3))
+    runs = []
+    for fused in (True, False):
+        model = _groups_model()
+        opt = getattr(optim, name)([{"params": model[0].parameters()},
+                                    {"params": model[1].parameters()}], lr=0.01)
+        step = model.compile("mse", opt)
+        if not fused:
+            step.fused = lambda: None
+        step(X, Y)
+        opt.hyper["momentum"] = 0.9
+        for _ in range(3):
+            step(X, Y)
+        for g in opt.param_groups:
+            g["lr"] = 0.02
+        step(X, Y)
+        assert opt.lr == 0.02
+        opt.lr *= 0.5
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.01]
+        opt.param_groups[1]["lr"] = 0.05
+        step(X, Y)
+        assert [g["lr"] for g in opt.param_groups] == [0.01, 0.05]
+        runs.append(model)
+    for p, q in zip(*[m.parameters() for m in runs]):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-13, atol=1e-15)
+
+
+def test_param_groups_refusals(rng):
+    """opt.momentum = 0 is refused while a group uses Nesterov (nothing changes); a
+    state_dict from before groups (one group) is refused by a two-group optimizer;
+    groups may come from a generator."""
+    model = _groups_model()
+    opt = optim.SGD([{"params": model[0].parameters(), "nesterov": True},
+                     {"params": model[1].parameters()}], lr=0.1, momentum=0.9)
+    with pytest.raises(ValueError, match="Nesterov"):
+        opt.momentum = 0.0
+    assert opt.momentum == 0.9 and [g["momentum"] for g in opt.param_groups] == [0.9, 0.9]
+    old = optim.SGD(model.parameters(), lr=0.1, momentum=0.9).state_dict()
+    old.pop("param_groups")
+    with pytest.raises(ValueError, match="no parameter groups"):
+        opt.load_state_dict(old)
+    gen = optim.Adam({"params": m.parameters()} for m in model)
+    assert len(gen.param_groups) == 2 and "2 parameter groups" in repr(gen)

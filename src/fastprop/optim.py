@@ -94,6 +94,12 @@ class Optimizer:
     all_state_names: tuple = ()
 
     def __init__(self, params, **hyper):
+        if not isinstance(params, (list, tuple, Module, Parameter)):
+            try:
+                params = list(params)  # (a generator of parameters or of groups)
+            except TypeError:
+                raise TypeError(f"params must be an iterable of Parameters, got "
+                                f"{type(params).__name__}") from None
         specs = _group_specs(params)
         if specs is None:
             specs = [(_param_list(params), {})]
@@ -130,10 +136,14 @@ class Optimizer:
             # e.g. ``opt.lr = 0.01`` in a schedule: validated as in __init__, and set in
             # every parameter group
             probe = self._validate({**hyper, name: value})
+            groups = self.__dict__.get("param_groups", ())
+            for i in range(len(groups)):  # (each group with it must be valid too)
+                self._validate({**self._group_hyper(i)[0], name: value})
             hyper[name] = probe.hyper[name]
             object.__setattr__(self, "state_names", probe.state_names)
-            for g in self.__dict__.get("param_groups", ()):
+            for g in groups:
                 g[name] = probe.hyper[name]
+            self.__dict__["_hyper_seen"][name] = probe.hyper[name]
         else:
             object.__setattr__(self, name, value)
 
@@ -173,14 +183,19 @@ class Optimizer:
         ``hyper`` and ``state_names`` (what a whole-step kernel reads); False sends a
         compiled step to the layer path, which updates group by group."""
         self._pull_hyper()
-        checked = [self._group_hyper(i) for i in range(len(self.param_groups))]
+        return self._agree([self._group_hyper(i) for i in range(len(self.param_groups))])
+
+    def _agree(self, checked) -> bool:
+        """Whether the groups' checked hyperparameters agree; if so they become
+        ``hyper`` and ``state_names`` too (a schedule that wrote every group's lr is
+        seen in ``opt.lr``, and a kernel reads what the groups hold)."""
         h0, names0 = checked[0]
         if any(h != h0 for h, _ in checked[1:]):
             return False
-        if h0 != self.hyper:  # (a value changed in param_groups only)
+        if h0 != self.hyper:
             self.hyper.update(h0)
             self._hyper_seen = dict(self.hyper)
-            object.__setattr__(self, "state_names", names0)
+        object.__setattr__(self, "state_names", names0)
         return True
 
     def _validate(self, hyper: dict) -> "Optimizer":
@@ -189,7 +204,9 @@ class Optimizer:
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
-        return f"{type(self).__name__}({len(self.params)} params, {args})"
+        groups = (f", {len(self.param_groups)} parameter groups"
+                  if len(self.__dict__.get("param_groups", ())) > 1 else "")
+        return f"{type(self).__name__}({len(self.params)} params, {args}{groups})"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero every parameter's ``.grad`` (``set_to_none`` accepted for PyTorch
@@ -227,6 +244,7 @@ class Optimizer:
         """Apply one update to every parameter from its ``.grad``."""
         self._pull_hyper()
         checked = [self._group_hyper(g) for g in range(len(self.param_groups))]
+        self._agree(checked)
         self._check()
         for (_, names), members in zip(checked, self._members):
             for i in members:
@@ -276,8 +294,11 @@ class Optimizer:
         except TypeError as exc:
             raise ValueError(f"state_dict has invalid hyperparameters: {exc}") from None
         groups = state_dict.get("param_groups")
-        if groups is None:  # (a state_dict from before parameter groups: one for all)
-            group_hypers = [dict(probe.hyper) for _ in self.param_groups]
+        if groups is None:  # (a state_dict from before parameter groups: one group)
+            if len(self.param_groups) != 1:
+                raise ValueError(f"state_dict has no parameter groups (it predates them: "
+                                 f"one group), the optimizer {len(self.param_groups)}")
+            group_hypers = [dict(probe.hyper)]
         else:
             if not isinstance(groups, list) or len(groups) != len(self.param_groups):
                 raise ValueError(f"state_dict has {len(groups) if isinstance(groups, list) else groups!r} "
