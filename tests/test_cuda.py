@@ -676,16 +676,21 @@ def test_fit_resumed_from_a_checkpoint_on_cuda(rng, tmp_path):
         close(a, b, F64, factor=10)
 
 
+def _sgd_step_on(device):
+    """A 3-4-2 float64 model on ``device`` and its compiled SGD step."""
+    model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+    return model, model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+
+
 def test_assigning_a_value_and_freezing_between_device_steps(rng):
     """Device steps, then `layer.weight.value = pretrained` and a freeze: the device's
     steps reach the other parameters (synced before the kernel is dropped) and the
-    assigned value stays (it was overwritten by the device's copy); the same on the
-    CPU backend."""
+    assigned value stays (the device's copy used to be written over it); the same on
+    the CPU backend."""
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
     results = []
     for device in ("cpu", "cuda"):
-        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
-        step = model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+        model, step = _sgd_step_on(device)
         with fp.use_backend("numpy"):
             for _ in range(3):
                 step(X, y)
@@ -706,8 +711,7 @@ def test_state_dict_and_load_state_dict_between_device_steps(rng):
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
     results = []
     for device in ("cpu", "cuda"):
-        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
-        step = model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+        model, step = _sgd_step_on(device)
         with fp.use_backend("numpy"):
             step(X, y)
             kept = model.state_dict()
