@@ -532,3 +532,34 @@ def test_a_public_optimizer_attribute_named_decay_mask_changes_nothing():
             step, values = _train(model, losses.SoftmaxCrossEntropy(), opt, X, y, fused=fused)
         runs.append((model, values))
     _assert_agree(runs[0][0], runs[1][0], runs[0][1], runs[1][1], np.dtype(np.float64))
+
+
+@native_only
+@pytest.mark.parametrize("name", ["AdamW", "Adam", "SGD"])
+def test_groups_that_differ_only_in_weight_decay_run_fused(name):
+    """No weight decay on biases (the common parameter-group setup) keeps the fused
+    native step, through its per-parameter decay mask: the same results as the layer
+    path, also after a group's decay changes mid-training; groups that differ in
+    anything else take the layer path."""
+    X, y = _data("labels")
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float64)
+        weights = [layer.weight for layer in model]
+        biases = [layer.bias for layer in model]
+        kw = {"momentum": 0.9} if name == "SGD" else {}
+        opt = getattr(optim, name)([{"params": weights, "weight_decay": 0.1},
+                                    {"params": biases, "weight_decay": 0.0}], lr=0.01, **kw)
+        with fp.use_backend("native"):
+            step, values = _train(model, losses.SoftmaxCrossEntropy(), opt, X, y, steps=6,
+                                  fused=fused)
+            if fused:
+                assert step._fast is not None and step._mask_key is not None
+            opt.param_groups[1]["weight_decay"] = 0.05   # two nonzero values: layer path
+            more = [step(X[:12], y[:12]) for _ in range(2)]
+            opt.param_groups[1]["weight_decay"] = 0.1    # agree again: fused, no mask
+            more += [step(X[:12], y[:12]) for _ in range(2)]
+            if fused:
+                assert step._mask_key is None
+        runs.append((model, np.concatenate([values, more])))
+    _assert_agree(runs[0][0], runs[1][0], runs[0][1], runs[1][1], np.dtype(np.float64))

@@ -185,6 +185,37 @@ class Optimizer:
         self._pull_hyper()
         return self._agree([self._group_hyper(i) for i in range(len(self.param_groups))])
 
+    def _fused_setup(self):
+        """(runs fused, decay mask) for a whole-step kernel: groups that agree run as
+        one (mask None); groups that differ only in weight decay, between 0 and one
+        other value (no decay on biases), run with that value and a per-parameter
+        mask (1: decayed) that the native kernel takes; anything else: (False, None).
+        ``hyper`` and ``state_names`` are set to what the kernel is to read."""
+        self._pull_hyper()
+        checked = [self._group_hyper(i) for i in range(len(self.param_groups))]
+        if self._agree(checked):
+            return True, None
+        h0, names0 = checked[0]
+        if "weight_decay" not in h0:
+            return False, None
+        rest = {k: v for k, v in h0.items() if k != "weight_decay"}
+        for h, names in checked:
+            if names != names0 or {k: v for k, v in h.items() if k != "weight_decay"} != rest:
+                return False, None
+        decays = {h["weight_decay"] for h, _ in checked} - {0.0}
+        if len(decays) != 1:
+            return False, None
+        wd = decays.pop()
+        mask = np.zeros(len(self.params), np.uint8)
+        for (h, _), members in zip(checked, self._members):
+            if h["weight_decay"] != 0:
+                mask[members] = 1
+        if self.hyper != {**rest, "weight_decay": wd}:
+            self.hyper.update(rest, weight_decay=wd)
+            self._hyper_seen = dict(self.hyper)
+        object.__setattr__(self, "state_names", names0)
+        return True, mask
+
     def _agree(self, checked) -> bool:
         """Whether the groups' checked hyperparameters agree; if so they become
         ``hyper`` and ``state_names`` too (a schedule that wrote every group's lr is

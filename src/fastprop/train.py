@@ -183,6 +183,7 @@ class TrainStep:
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
         self._kernel_labels = False
+        self._mask_key = None    # the weight-decay mask the kernel was bound with
 
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
@@ -238,6 +239,25 @@ class TrainStep:
                                            and getattr(self._fast, "checks_labels", False))
         return self._fast
 
+    def _group_gate(self, fast):
+        """The kernel when the optimizer's parameter groups allow one (they agree, or,
+        on the native backend, differ only in weight decay, e.g. none on biases: a
+        per-parameter mask, read when the kernel binds), else None (the layer path,
+        group by group)."""
+        opt = self.optimizer
+        ok, mask = opt._fused_setup()
+        if not ok:
+            return None
+        key = None if mask is None else mask.tobytes()
+        if key != self._mask_key:
+            if mask is not None and backends.current().name != "native":
+                return None  # (the CUDA kernel has no decay mask)
+            self._mask_key = key
+            opt._decay_mask = mask
+            self._fast_key = None  # rebuild: the kernel reads the mask when it binds
+            fast = self.fused()
+        return fast
+
     def sync(self):
         if self._fast is not None:
             self._fast.sync()
@@ -256,8 +276,8 @@ class TrainStep:
         if x.ndim and x.shape[0] == 0:
             raise ValueError("x is empty: a training step needs at least one sample")
         fast = self.fused()
-        if fast is not None and not self.optimizer._uniform():
-            fast = None  # (parameter groups that differ: the layer path, group by group)
+        if fast is not None:
+            fast = self._group_gate(fast)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
             x = np.ascontiguousarray(x, dtype=dtype)
