@@ -210,12 +210,18 @@ class Module:
         it on the model): a copy or a pickle gets the weights and buffers, and builds
         its own step when it trains (the step holds native pointers to this model's
         arrays and cannot be copied)."""
-        compiled = self.__dict__.get("_compiled")
-        if compiled is not None:
-            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
         return state
+
+    def _sync_device(self):
+        """Bring the host arrays up to date when the model's compiled step trains on a
+        device (a no-op otherwise); returns that step or None."""
+        compiled = self.__dict__.get("_compiled")
+        if compiled is not None:
+            compiled.sync()
+        return compiled
 
     # -- structure -------------------------------------------------------------
     def children(self) -> list:
@@ -266,9 +272,7 @@ class Module:
         copies: one kept aside (the best epoch's) does not change as training goes
         on.  A name is ``"<index>.<attribute>"``, the index of the module in
         :meth:`modules` order (the names :func:`fastprop.save` uses)."""
-        compiled = self.__dict__.get("_compiled")
-        if compiled is not None:
-            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        self._sync_device()
         return {name: arr.copy() for name, arr in self.state_arrays()}
 
     def load_state_dict(self, state_dict, strict: bool = True):
@@ -298,9 +302,7 @@ class Module:
                 raise ValueError(f"state_dict[{name!r}] has shape {src.shape}, the model's "
                                  f"array {target.shape}")
             pairs.append((target, src))
-        compiled = self.__dict__.get("_compiled")
-        if compiled is not None:
-            compiled.sync()  # (parameters trained on a device: host first, then ours)
+        compiled = self._sync_device()  # (device-trained values first, then ours)
         for target, src in pairs:
             np.copyto(target, src, casting="unsafe")
         if compiled is not None:
@@ -365,9 +367,7 @@ class Module:
         the optimizer afterwards: one whose state was made in the old dtype refuses
         to step (ValueError)."""
         dtype = float_dtype(dtype)
-        compiled = self.__dict__.get("_compiled")
-        if compiled is not None:
-            compiled.sync()  # (parameters trained on a device: bring the host copy up)
+        self._sync_device()
         self._cast(dtype)
         return self
 

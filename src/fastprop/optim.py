@@ -178,13 +178,6 @@ class Optimizer:
             cached = self._checked[i] = (h, probe.state_names)
         return cached
 
-    def _uniform(self) -> bool:
-        """Whether every group has the same hyperparameters, which are then also
-        ``hyper`` and ``state_names`` (what a whole-step kernel reads); False sends a
-        compiled step to the layer path, which updates group by group."""
-        self._pull_hyper()
-        return self._agree([self._group_hyper(i) for i in range(len(self.param_groups))])
-
     def _fused_setup(self):
         """(runs fused, decay mask) for a whole-step kernel: groups that agree run as
         one (mask None); groups that differ only in weight decay, between 0 and one
@@ -206,24 +199,28 @@ class Optimizer:
         if len(decays) != 1:
             return False, None
         wd = decays.pop()
-        mask = np.zeros(len(self.params), np.uint8)
-        for (h, _), members in zip(checked, self._members):
-            if h["weight_decay"] != 0:
-                mask[members] = 1
+        key = tuple(h["weight_decay"] != 0 for h, _ in checked)
+        mask = self.__dict__.get("_mask_made")
+        if mask is None or mask[0] != key:  # (made again only when a group's changed)
+            arr = np.zeros(len(self.params), np.uint8)
+            for decayed, members in zip(key, self._members):
+                if decayed:
+                    arr[members] = 1
+            mask = self._mask_made = (key, arr)
         if self.hyper != {**rest, "weight_decay": wd}:
             self.hyper.update(rest, weight_decay=wd)
             self._hyper_seen = dict(self.hyper)
         object.__setattr__(self, "state_names", names0)
-        return True, mask
+        return True, mask[1]
 
     def _agree(self, checked) -> bool:
         """Whether the groups' checked hyperparameters agree; if so they become
         ``hyper`` and ``state_names`` too (a schedule that wrote every group's lr is
-        seen in ``opt.lr``, and a kernel reads what the groups hold)."""
+        seen in ``opt.lr``, and a whole-step kernel reads what the groups hold)."""
         h0, names0 = checked[0]
         if any(h != h0 for h, _ in checked[1:]):
             return False
-        if h0 != self.hyper:
+        if h0 != self.hyper:  # (a value changed in the groups only)
             self.hyper.update(h0)
             self._hyper_seen = dict(self.hyper)
         object.__setattr__(self, "state_names", names0)

@@ -13,6 +13,7 @@ import contextlib
 import functools
 import math
 import os
+import sys
 import time
 import warnings
 from typing import NamedTuple
@@ -125,7 +126,6 @@ def _warn_double_activation(model, loss):
 def _warn_user(message):
     """A UserWarning attributed to the first caller outside fastprop (the user's
     line that called compile or fit)."""
-    import sys
     package = os.path.dirname(os.path.abspath(__file__)) + os.sep
     frame, level = sys._getframe(1), 2
     while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
@@ -183,7 +183,7 @@ class TrainStep:
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
         self._kernel_labels = False
-        self._mask_key = None    # the weight-decay mask the kernel was bound with
+        self._mask_key = None    # the weight-decay mask array the kernel was bound with
 
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
@@ -245,14 +245,13 @@ class TrainStep:
         per-parameter mask, read when the kernel binds), else None (the layer path,
         group by group)."""
         opt = self.optimizer
-        ok, mask = opt._fused_setup()
+        ok, mask = opt._fused_setup()  # (the same mask object while the groups' decays stay)
         if not ok:
             return None
-        key = None if mask is None else mask.tobytes()
-        if key != self._mask_key:
+        if mask is not self._mask_key:
             if mask is not None and backends.current().name != "native":
                 return None  # (the CUDA kernel has no decay mask)
-            self._mask_key = key
+            self._mask_key = mask
             opt._decay_mask = mask
             self._fast_key = None  # rebuild: the kernel reads the mask when it binds
             fast = self.fused()
@@ -450,17 +449,10 @@ def _evaluate(model, X, y, loss, batch_size):
 
 
 # ------------------------------------------------------------------ public API
-def _sync_compiled(model):
-    """Bring host parameters up to date after compiled steps ran on a device."""
-    compiled = getattr(model, "_compiled", None)
-    if compiled is not None:
-        compiled.sync()
-
-
 @_device_aware
 def predict(model, X, batch_size=1024):
     """Forward ``X`` in eval mode, in batches; returns a new NumPy array."""
-    _sync_compiled(model)
+    model._sync_device()  # (compiled steps on a device: their parameters)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = as_float(X, "X", _model_dtype(model))
     with inference_mode():
@@ -473,8 +465,7 @@ def predict(model, X, batch_size=1024):
 @_device_aware
 def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     """Mean loss of ``model`` on (X, y) in eval mode."""
-    _sync_compiled(model)
-    compiled = getattr(model, "_compiled", None)
+    compiled = model._sync_device()  # (compiled steps on a device: their parameters)
     if loss is None:
         if compiled is None:
             raise ValueError("evaluate needs loss= (or a model compiled with a loss)")
@@ -529,11 +520,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
             training after that epoch (``History.stopped_epoch``; True itself, so a
-            schedule may return its rate).  A callback with
-            an ``on_train_begin(keys)`` method has it called first, before anything
+            schedule may return its rate).  A callback with an
+            ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
-            ValueError).  A learning-rate
-            schedule sets the next epoch's rate:
+            ValueError).  A learning-rate schedule sets the next epoch's rate:
             ``lambda epoch, logs: setattr(opt, "lr", 1e-3 * 0.9 ** (epoch + 1))``;
             :class:`EarlyStopping` stops when a figure stops improving.  With
             ``checkpoint``, the checkpoint is written after the callbacks (a stopped
