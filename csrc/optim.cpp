@@ -147,8 +147,19 @@ namespace {
 // every segment runs the same inlined, vectorised loop: the fused training step
 // passes the rows of a GEMM block (16 elements each), whole-tensor updates one range.
 template <typename T, typename Segments>
-void update_segments(const OptimizerPlan<T>& o, const Scalars<T>& s, index_t i,
+void update_segments(const OptimizerPlan<T>& o, const Scalars<T>& plan_scalars, index_t i,
                      Segments&& segments) {
+    // a tensor that sat out steps (frozen for a while) takes its own step count: Adam's
+    // bias corrections of that count (a few multiplications; per range, rare)
+    const std::int64_t step =
+        o.lag != nullptr ? fp_max<std::int64_t>(1, o.step - o.lag[i]) : o.step;
+    Scalars<T> own;
+    if (step != o.step && o.kind == kOptAdam) {
+        OptimizerPlan<T> mine = o;
+        mine.step = step;
+        own = optimizer_scalars(mine);
+    }
+    const Scalars<T>& s = step != o.step && o.kind == kOptAdam ? own : plan_scalars;
     T* p = o.params[i];
     const T* g = o.grads[i];
     T* s1 = o.state1 != nullptr ? o.state1[i] : nullptr;
@@ -162,7 +173,7 @@ void update_segments(const OptimizerPlan<T>& o, const Scalars<T>& s, index_t i,
         case kOptSgd: {
             const int mode = (o.momentum == 0.0 || s1 == nullptr)
                                  ? 0
-                                 : (o.step == 1 ? 1 : 2) + (o.nesterov ? 2 : 0);
+                                 : (step == 1 ? 1 : 2) + (o.nesterov ? 2 : 0);
             switch (mode + (wd ? 5 : 0)) {
                 case 0: FASTPROP_SGD(false, 0); break;
                 case 1: FASTPROP_SGD(false, 1); break;
@@ -278,6 +289,7 @@ OptimizerPlan<T> single(int kind, index_t* size, T** p, const T** g, T** s1, T**
     o.beta1 = o.beta2 = o.eps = o.weight_decay = o.momentum = o.alpha = 0.0;
     o.nesterov = o.decoupled = false;
     o.decay = nullptr;
+    o.lag = nullptr;
     return o;
 }
 

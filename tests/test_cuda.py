@@ -704,6 +704,31 @@ def test_assigning_a_value_and_freezing_between_device_steps(rng):
         close(b, a, F64, factor=100)
 
 
+def test_unfrozen_layer_counts_its_own_steps_on_the_device(rng):
+    """Adam after a freeze and unfreeze: the device step (one step count for every
+    parameter) hands the steps to the layer path while the unfrozen layer's own
+    count lags, so its bias corrections are those of its own steps, as on the CPU."""
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+        opt = fp.optim.Adam(model.parameters(), lr=0.05)
+        step = model.compile("mse", opt)
+        with fp.use_backend("numpy"):
+            step(X, y)
+            model[0].requires_grad_(False)
+            for _ in range(2):
+                step(X, y)
+            model[0].requires_grad_(True)
+            for _ in range(3):
+                step(X, y)
+            step.sync()
+        assert opt.state_dict()["steps"] == [4, 4, 6, 6]
+        results.append([p.value.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        close(b, a, F64, factor=100)
+
+
 def test_state_dict_and_load_state_dict_between_device_steps(rng):
     """state_dict() after compiled device steps holds the trained values (synced), and
     a load_state_dict between steps is what the next device step trains from: the same

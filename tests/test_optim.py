@@ -697,3 +697,173 @@ def test_param_groups_refusals(rng):
         opt.load_state_dict(old)
     gen = optim.Adam({"params": m.parameters()} for m in model)
     assert len(gen.param_groups) == 2 and "2 parameter groups" in repr(gen)
+
+
+# ------------------------------------------- per-parameter step counts, add_param_group
+def _mse_step(model, step, X, Y, opts):
+    """One step: the compiled step when given, else backward and every optimizer."""
+    if step is not None:
+        return step(X, Y)
+    _grads_step(model, X, Y)
+    for o in opts:
+        o.step()
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "layers"])
+def test_unfrozen_layer_counts_its_own_steps(backend, name, compiled, rng):
+    """As in PyTorch, a parameter counts its own steps: a layer frozen for 3 steps and
+    then unfrozen takes its first update with Adam's bias corrections of step 1, as
+    an optimizer made for it at that point would (PyTorch's per-parameter 'step').
+    The compiled step (fused on native, with the frozen steps taken on the layer
+    path) agrees.  With the optimizer's count instead (step 4) the first update of
+    the unfrozen layer is ~2.9x too large and this fails."""
+    cls = getattr(optim, name)
+    kw = {"lr": 0.05, "momentum": 0.9} if name == "SGD" else {"lr": 0.05}
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((12, 3))
+    a, b = _groups_model(), _groups_model()
+    opt = cls(a.parameters(), **kw)
+    step = a.compile("mse", opt) if compiled else None
+    a[0].requires_grad_(False)
+    head = cls(b[1].parameters(), **kw)
+    for _ in range(3):
+        _mse_step(a, step, X, Y, [opt])
+        _grads_step(b, X, Y)
+        head.step()
+    a[0].requires_grad_(True)
+    body = cls(b[0].parameters(), **kw)  # (PyTorch: its step counts start now)
+    for _ in range(4):
+        _mse_step(a, step, X, Y, [opt])
+        _grads_step(b, X, Y)
+        head.step()
+        body.step()
+    if compiled and backend == "native":
+        assert step._fast is not None  # (the fused kernel ran the last steps)
+    for p, q in zip(a.parameters(), b.parameters()):
+        np.testing.assert_allclose(p.value, q.value, rtol=1e-12, atol=1e-14)
+    assert opt.step_count == 7
+    assert opt.state_dict()["steps"] == [4, 4, 7, 7]
+
+
+def test_own_step_counts_survive_state_dict_and_checkpoint(rng, tmp_path):
+    """state_dict carries each parameter's count ("steps"); a state_dict without it
+    (older) means every parameter took every step; bad counts are refused with
+    nothing changed; a resumed fit with a layer frozen for a while then trained ends
+    bit-identical to an uninterrupted one."""
+    X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    model = _groups_model()
+    opt = optim.Adam(model.parameters(), lr=0.05)
+    model[1].requires_grad_(False)
+    for _ in range(2):
+        _grads_step(model, X, Y)
+        opt.step()
+    model[1].requires_grad_(True)
+    _grads_step(model, X, Y)
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["step"] == 3 and sd["steps"] == [3, 3, 1, 1]
+    twin = _groups_model()
+    for p, q in zip(twin.parameters(), model.parameters()):
+        p.value = q.value
+    other = optim.Adam(twin.parameters(), lr=0.05)
+    other.load_state_dict(sd)
+    for m, o in ((model, opt), (twin, other)):
+        _grads_step(m, X, Y)
+        o.step()
+    for p, q in zip(model.parameters(), twin.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    old = dict(sd)
+    old.pop("steps")
+    other.load_state_dict(old)
+    assert other.state_dict()["steps"] == [3, 3, 3, 3]
+    before = snapshot(twin, other)
+    for bad in ([3, 3, 4, 1], [3, 3, 1], [3, 3, -1, 1], "x"):
+        with pytest.raises(ValueError, match="step count"):
+            other.load_state_dict({**sd, "steps": bad})
+        assert snapshot(twin, other) == before
+
+    Xc = rng.standard_normal((40, 5))
+    yc = np.arange(40) % 3
+
+    def run(epochs, path, resume):
+        m = _groups_model()
+        o = optim.Adam(m.parameters(), lr=0.02)
+        if not resume:  # a head trained alone first: its body's count lags 5 steps
+            m[0].requires_grad_(False)
+            m.fit(Xc, yc, loss="cross_entropy", optimizer=o, epochs=1, batch_size=8,
+                  verbose=0, shuffle=False)
+            m[0].requires_grad_(True)
+        else:
+            m.fit(Xc, yc, loss="cross_entropy", optimizer=o, epochs=1, batch_size=8,
+                  verbose=0, shuffle=False)
+        m.fit(Xc, yc, loss="cross_entropy", optimizer=o, epochs=epochs, batch_size=8,
+              seed=1, verbose=0, checkpoint=path, resume=resume)
+        return m, o
+
+    full, _ = run(4, tmp_path / "a.ckpt", False)
+    run(2, tmp_path / "b.ckpt", False)
+    resumed, o = run(4, tmp_path / "b.ckpt", True)
+    assert o.state_dict()["steps"] == [20, 20, 25, 25]  # (the lag came from the checkpoint)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "layers"])
+def test_add_param_group_as_pytorch(backend, compiled, rng):
+    """add_param_group adds layers to train later, each new parameter starting with no
+    state and its own count at 0, hyperparameters not given taken from the
+    constructor's (defaults, not a later opt.lr = x): the same parameters as a
+    separate optimizer made for them at that point.  The compiled step picks the new
+    group up (fused on native when the groups agree)."""
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((12, 3))
+    for given in (None, 0.03):  # lr from defaults (0.05: layer path), the head's (fused)
+        a, b = _groups_model(), _groups_model()
+        opt = optim.Adam(a[1].parameters(), lr=0.05, betas=(0.8, 0.99))
+        opt.lr = 0.03  # (a schedule's write: not a default for a new group)
+        step = a.compile("mse", opt) if compiled else None
+        head = optim.Adam(b[1].parameters(), lr=0.03, betas=(0.8, 0.99))
+        w0 = a[0].weight.value.copy()
+        for _ in range(3):
+            _mse_step(a, step, X, Y, [opt])
+            _grads_step(b, X, Y)
+            head.step()
+        np.testing.assert_array_equal(a[0].weight.value, w0)  # not in the optimizer
+        group = {"params": a[0].parameters()}
+        if given is not None:
+            group["lr"] = given
+        opt.add_param_group(group)
+        lr = 0.05 if given is None else given
+        assert opt.param_groups[1]["betas"] == (0.8, 0.99) and opt.param_groups[1]["lr"] == lr
+        body = optim.Adam(b[0].parameters(), lr=lr, betas=(0.8, 0.99))
+        for _ in range(3):
+            _mse_step(a, step, X, Y, [opt])
+            _grads_step(b, X, Y)
+            head.step()
+            body.step()
+        if compiled and backend == "native":
+            assert (step._group_gate(step.fused()) is not None) == (given is not None)
+        for p, q in zip(a.parameters(), b.parameters()):
+            np.testing.assert_allclose(p.value, q.value, rtol=1e-12, atol=1e-14)
+        assert opt.state_dict()["steps"] == [6, 6, 3, 3]
+
+
+def test_add_param_group_refusals_change_nothing(rng):
+    model = _groups_model()
+    opt = optim.SGD(model[1].parameters(), lr=0.1, momentum=0.9)
+    extra = fp.Parameter(np.ones(3))
+    before = (list(opt.params), len(opt.param_groups), opt.state_dict()["steps"])
+    for group, exc, match in (
+            ({"params": model[1].parameters()}, ValueError, "more than one parameter group"),
+            ({"params": [extra, model[1].bias]}, ValueError, "more than one parameter group"),
+            ({"params": model[0].parameters(), "momentum": -1.0}, ValueError, "momentum"),
+            ({"params": model[0].parameters(), "betas": (0.9, 0.9)}, ValueError, "unknown"),
+            ({"lr": 0.1}, ValueError, "no 'params'"),
+            ([{"params": model[0].parameters()}], TypeError, "dict"),
+            ({"params": [model[0].weight, model[0].weight]}, ValueError, "more than once"),
+            ({"params": [1.0]}, TypeError, "Parameter")):
+        with pytest.raises(exc, match=match):
+            opt.add_param_group(group)
+        assert (opt.params, len(opt.param_groups), opt.state_dict()["steps"]) == before
+    opt.add_param_group({"params": extra, "nesterov": True})  # (a single Parameter)
+    assert opt.param_groups[1]["params"] == [extra] and opt.param_groups[1]["nesterov"]
+    assert opt.params[-1] is extra and opt.defaults["nesterov"] is False

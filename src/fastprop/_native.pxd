@@ -222,6 +222,7 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         double lr, beta1, beta2, eps, weight_decay, momentum, alpha
         cbool nesterov, decoupled
         const unsigned char* decay
+        const int64_t* lag
 
     cdef cppclass TrainStepPlan[T]:
         int64_t n

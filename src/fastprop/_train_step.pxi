@@ -145,6 +145,7 @@ cdef class NativeTrainStep:
                 if key not in state:
                     state[key] = np.zeros_like(p.value)
             arrays += [p.value, p.grad] + [state[key] for key in names]
+        arrays.append(opt._lag)  # (per-parameter steps sat out; None: none)
         return arrays
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
@@ -232,6 +233,15 @@ cdef class NativeTrainStep:
         self.p32.opt.decay = self.p64.opt.decay = (
             <const unsigned char*>_data_ptr(mask) if mask is not None else NULL)
         self.decay_mask = mask
+        # the steps each parameter sat out while frozen (int64; its own step count is
+        # step - lag, for Adam's bias corrections); updated in place by Optimizer.step
+        lag = opt._lag
+        if lag is not None and (not isinstance(lag, np.ndarray) or lag.dtype != _I64
+                                or lag.shape != (self.count,) or not lag.flags.c_contiguous):
+            raise ValueError(f"the optimizer's step lags must be a C-contiguous int64 array "
+                             f"of shape ({self.count},)")
+        self.p32.opt.lag = self.p64.opt.lag = (
+            <const int64_t*>_data_ptr(lag) if lag is not None and self.count > 0 else NULL)
         # options read once per binding, like the mask (missing attributes are slow);
         # the loss's options (half, from_logits, clip) are read on every call
         self.p32.grad_scale = self.p64.grad_scale = getattr(self.loss, "grad_scale", 1.0)

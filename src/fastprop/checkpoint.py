@@ -56,7 +56,7 @@ def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
         "epochs_done": int(epochs_done),
         "settings": settings,
         "optimizer": {"type": sd["type"], "hyper": sd["hyper"], "step": int(sd["step"]),
-                      "groups": sd["param_groups"]},
+                      "steps": sd["steps"], "groups": sd["param_groups"]},
         "rng": rng.bit_generator.state,
         "dropout_rngs": [m.rng.bit_generator.state for m in _dropouts(model)],
         "history": {"epoch": history.epoch, "history": history.history,
@@ -132,6 +132,8 @@ def prepare_resume(path, model, optimizer, settings):
           "step": opt_meta.get("step", 0), "state": state}
     if opt_meta.get("groups") is not None:  # (absent before parameter groups)
         sd["param_groups"] = opt_meta["groups"]
+    if opt_meta.get("steps") is not None:  # (absent before per-parameter step counts)
+        sd["steps"] = opt_meta["steps"]
     # validate on a throwaway optimizer of the same type over the same parameters
     optimizer._probe().load_state_dict(sd)
 

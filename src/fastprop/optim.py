@@ -86,12 +86,19 @@ class Optimizer:
     ``AdamW([{"params": weights}, {"params": biases, "weight_decay": 0.0}], lr=1e-3)``.
     ``param_groups`` lists the groups, each a dict with its "params" and every
     hyperparameter; a value changed there (``opt.param_groups[1]["lr"] = 0.1``) is
-    checked and used from the next step.  ``opt.lr = x`` sets it in every group.  A
-    group's parameters are fixed when the optimizer is made.
+    checked and used from the next step.  ``opt.lr = x`` sets it in every group.
+    :meth:`add_param_group` adds a group (``defaults``, the constructor's values, fill
+    in what it does not give).
+
+    ``step_count`` counts the steps taken.  As in PyTorch, each parameter also counts
+    its own: a frozen parameter (``requires_grad`` False) sits a step out, so a layer
+    unfrozen after n steps, or added by ``add_param_group``, takes its first update
+    with Adam's bias corrections of step 1, not n + 1.
     """
 
     state_names: tuple = ()
     all_state_names: tuple = ()
+    _lag = None  # (an optimizer pickled before per-parameter step counts: none sat out)
 
     def __init__(self, params, **hyper):
         if not isinstance(params, (list, tuple, Module, Parameter)):
@@ -107,6 +114,10 @@ class Optimizer:
         self.hyper = hyper
         self.state: list = [dict() for _ in self.params]
         self.step_count = 0
+        # per parameter, the steps it sat out (frozen): its own count is step_count -
+        # _lag[i]; int64, updated in place (the native step reads it)
+        self._lag = np.zeros(len(self.params), np.int64)
+        self.defaults = dict(hyper)
         index = {id(p): i for i, p in enumerate(self.params)}
         groups, members = [], []
         for i, (plist, overrides) in enumerate(specs):
@@ -257,16 +268,25 @@ class Optimizer:
                         f"optimizer state {key!r} of params[{i}] has shape {arr.shape} / dtype "
                         f"{arr.dtype}, the parameter {p.value.shape} / {p.value.dtype}")
 
-    def _groups(self, members):
-        """Indices (of ``members``) of the parameters to update (frozen ones skipped,
-        as PyTorch skips a parameter without a gradient), grouped by dtype (a backend
-        call takes one)."""
+    def _lags(self) -> np.ndarray:
+        if self._lag is None:
+            self._lag = np.zeros(len(self.params), np.int64)
+        return self._lag
+
+    def _groups(self, members, lag):
+        """[(indices, own step)]: the parameters of ``members`` to update, grouped by
+        dtype and by their own step count (a backend call takes one of each).  Frozen
+        ones are skipped, as PyTorch skips a parameter without a gradient, and sit
+        the step out (``lag``)."""
         groups: dict = {}
         for i in members:
             p = self.params[i]
             if p.requires_grad:
-                groups.setdefault(p.value.dtype, []).append(i)
-        return groups.values()
+                groups.setdefault((p.value.dtype, int(lag[i])), []).append(i)
+            else:
+                lag[i] += 1
+        return [(idx, max(1, self.step_count - behind))
+                for (_, behind), idx in groups.items()]
 
     def step(self) -> None:
         """Apply one update to every parameter from its ``.grad``."""
@@ -279,27 +299,60 @@ class Optimizer:
                 for key in names:
                     if key not in self.state[i]:
                         self.state[i][key] = np.zeros_like(self.params[i].value)
+        lag = self._lags()
         self.step_count += 1
         be = backends.current()
         for (h, names), members in zip(checked, self._members):
-            for idx in self._groups(members):
+            for idx, step in self._groups(members, lag):
                 params = [self.params[i].value for i in idx]
                 grads = [self.params[i].grad for i in idx]
                 states = {k: [self.state[i][k] for i in idx] for k in names}
-                self._update(be, params, grads, states, h)
+                self._update(be, params, grads, states, h, step)
 
-    def _update(self, be, params, grads, states, h) -> None:
+    def _update(self, be, params, grads, states, h, step) -> None:
+        """One backend call for parameters of one dtype whose own step count (from
+        1) is ``step``."""
         raise NotImplementedError
+
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a parameter group, as PyTorch's: a dict with "params" and any
+        hyperparameters that differ from ``defaults`` (the constructor's values), e.g.
+        layers unfrozen for fine-tuning with a smaller lr.  Its parameters start with no
+        state and their own step count at 0.  Checked before anything changes."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if "params" not in param_group:
+            raise ValueError("param_group has no 'params'")
+        plist = param_group["params"]
+        plist = _param_list([plist] if isinstance(plist, Parameter) else plist)
+        overrides = {k: v for k, v in param_group.items() if k != "params"}
+        if any(id(p) in {id(q) for q in self.params} for p in plist):
+            raise ValueError("some parameters appear in more than one parameter group")
+        unknown = sorted(set(overrides) - set(self.hyper))
+        if unknown:
+            raise ValueError(f"param_group: unknown hyperparameters {unknown}; "
+                             f"{type(self).__name__} has {sorted(self.hyper)}")
+        defaults = self.__dict__.get("defaults", self.hyper)
+        values = dict(type(self)(plist, **{**defaults, **overrides}).hyper)
+        lag = np.concatenate([self._lags(), np.full(len(plist), self.step_count, np.int64)])
+        start = len(self.params)
+        self.params = self.params + plist
+        self.state = self.state + [dict() for _ in plist]
+        self._lag = lag
+        self.param_groups.append({"params": plist, **values})
+        self._members.append(list(range(start, start + len(plist))))
+        self._checked.append(None)
 
     # -- checkpointing ----------------------------------------------------------
     def state_dict(self) -> dict:
-        """A copy of hyperparameters (each parameter group's too), step count and
-        per-parameter state."""
+        """A copy of hyperparameters (each parameter group's too), the step count,
+        each parameter's own step count ("steps") and per-parameter state."""
         return {
             "type": type(self).__name__,
             "hyper": dict(self.hyper),
             "param_groups": [{k: g[k] for k in self.hyper if k in g} for g in self.param_groups],
             "step": self.step_count,
+            "steps": [self.step_count - int(lag) for lag in self._lags()],
             "state": [{k: v.copy() for k, v in s.items()} for s in self.state],
         }
 
@@ -355,11 +408,20 @@ class Optimizer:
                                      f"expected {p.value.shape}")
                 entry[key] = np.array(arr, dtype=p.value.dtype, order="C")
             new.append(entry)
-        step = int(state_dict.get("step", 0))
+        try:
+            step = int(state_dict.get("step", 0))
+            steps = state_dict.get("steps")  # (absent before per-parameter counts)
+            steps = [step] * len(self.params) if steps is None else [int(t) for t in steps]
+        except (TypeError, ValueError, OverflowError) as exc:
+            raise ValueError(f"state_dict has an invalid step count: {exc}") from None
+        if step < 0 or len(steps) != len(self.params) or not all(0 <= t <= step for t in steps):
+            raise ValueError(f"state_dict's per-parameter step counts must be {len(self.params)} "
+                             f"integers in [0, step={step}], got {state_dict.get('steps')!r}")
         self.state = new
         self.hyper.update(probe.hyper)
         self.state_names = probe.state_names
         self.step_count = step
+        self._lags()[...] = [step - t for t in steps]  # (in place: a bound kernel reads it)
         for g, gh in zip(self.param_groups, group_hypers):
             g.update(gh)
         self._checked = [None] * len(self.param_groups)
@@ -387,10 +449,10 @@ class SGD(Optimizer):
                          weight_decay=wd)
         self.state_names = ("momentum_buffer",) if momentum > 0 else ()
 
-    def _update(self, be, params, grads, states, h):
+    def _update(self, be, params, grads, states, h, step):
         bufs = states.get("momentum_buffer")
         be.sgd_update(params, grads, bufs, h["lr"], h["momentum"], h["nesterov"],
-                      h["weight_decay"], self.step_count == 1)
+                      h["weight_decay"], step == 1)
 
 
 class Adagrad(Optimizer):
@@ -401,7 +463,7 @@ class Adagrad(Optimizer):
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0):
         super().__init__(params, lr=_lr(lr), eps=_eps(eps), weight_decay=_weight_decay(weight_decay))
 
-    def _update(self, be, params, grads, states, h):
+    def _update(self, be, params, grads, states, h, step):
         be.adagrad_update(params, grads, states["sum"], h["lr"], h["eps"], h["weight_decay"])
 
 
@@ -419,7 +481,7 @@ class RMSprop(Optimizer):
                          weight_decay=_weight_decay(weight_decay))
         self.state_names = ("square_avg", "momentum_buffer") if momentum > 0 else ("square_avg",)
 
-    def _update(self, be, params, grads, states, h):
+    def _update(self, be, params, grads, states, h, step):
         be.rmsprop_update(params, grads, states["square_avg"], states.get("momentum_buffer"),
                           h["lr"], h["alpha"], h["eps"], h["momentum"], h["weight_decay"])
 
@@ -447,9 +509,9 @@ class Adam(Optimizer):
         super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
                          weight_decay=_weight_decay(weight_decay))
 
-    def _update(self, be, params, grads, states, h):
+    def _update(self, be, params, grads, states, h, step):
         b1, b2 = h["betas"]
-        be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], self.step_count,
+        be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], step,
                        h["lr"], b1, b2, h["eps"], h["weight_decay"], self.decoupled)
 
 

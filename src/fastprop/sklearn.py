@@ -494,6 +494,7 @@ class _StepOptimizer:
     (scikit-learn's L2 term) applies to: the weights, never the intercepts."""
 
     decoupled = False
+    _lag = None  # (every parameter takes every step)
 
     def __init__(self, params, state, state_names, decay_mask):
         self.params, self.state, self.state_names = params, state, state_names

@@ -248,6 +248,8 @@ class TrainStep:
         ok, mask = opt._fused_setup()  # (the same mask object while the groups' decays stay)
         if not ok:
             return None
+        if opt._lag is not None and backends.current().name != "native" and opt._lag.any():
+            return None  # (the CUDA kernel takes one step count for every parameter)
         if mask is not self._mask_key:
             if mask is not None and backends.current().name != "native":
                 return None  # (the CUDA kernel has no decay mask)

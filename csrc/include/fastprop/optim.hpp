@@ -32,6 +32,9 @@ struct OptimizerPlan {
     double lr, beta1, beta2, eps, weight_decay;
     const unsigned char* decay;   // per tensor: 0 exempts it from weight_decay (null: none
                                   // exempt), e.g. scikit-learn's L2 on weights, not biases
+    const std::int64_t* lag;      // per tensor: steps it sat out (frozen), so its own
+                                  // step is step - lag[i], as PyTorch's per-parameter
+                                  // count (Adam's bias corrections); null: none
     double momentum, alpha;
     bool nesterov, decoupled;
 };
