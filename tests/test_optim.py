@@ -867,3 +867,41 @@ def test_add_param_group_refusals_change_nothing(rng):
     opt.add_param_group({"params": extra, "nesterov": True})  # (a single Parameter)
     assert opt.param_groups[1]["params"] == [extra] and opt.param_groups[1]["nesterov"]
     assert opt.params[-1] is extra and opt.defaults["nesterov"] is False
+
+
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "layers"])
+def test_unfreeze_and_add_param_group_match_torch(compiled, rng):
+    """Freeze, unfreeze and add_param_group against PyTorch's Adam itself."""
+    torch = pytest.importorskip("torch")
+    X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
+    model = _groups_model()
+    extra = _groups_model(seed=7)[1]  # a layer added to the optimizer later (unused)
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    step = model.compile("mse", opt) if compiled else None
+    tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
+                       requires_grad=True) for p in model.parameters()]
+    te = [torch.tensor(p.value.copy(), requires_grad=True) for p in extra.parameters()]
+    topt = torch.optim.Adam(tw, lr=0.01)
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for i in range(8):
+        frozen = 1 <= i < 4
+        model[0].requires_grad_(not frozen)
+        for t in tw[:2]:
+            t.requires_grad_(not frozen)
+        if i == 5:
+            opt.add_param_group({"params": extra.parameters(), "lr": 0.02})
+            topt.add_param_group({"params": te, "lr": 0.02})
+        if step is not None:
+            step(X, Y)
+        else:
+            _grads_step(model, X, Y)
+            opt.step()
+        topt.zero_grad()
+        out = torch.tanh(tx @ tw[0].T + tw[1]) @ tw[2].T + tw[3]
+        ((out - ty) ** 2).mean().backward()
+        topt.step()
+    for p, t in zip(model.parameters(), tw):
+        ref = t.detach().numpy()
+        np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
+                                   rtol=1e-11, atol=1e-13)
+    assert [int(topt.state[t]["step"]) for t in tw] == opt.state_dict()["steps"][:4]
