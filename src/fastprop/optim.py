@@ -578,3 +578,6 @@ def clip_grad_value(params, value) -> None:
     be = backends.current()
     for g in _grads_by_dtype(params):
         be.clip_(g, -value, value)
+
+
+from . import lr_scheduler  # noqa: E402  (fp.optim.lr_scheduler, as torch.optim's)

@@ -526,7 +526,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
             ValueError).  A learning-rate schedule sets the next epoch's rate:
-            ``lambda epoch, logs: setattr(opt, "lr", 1e-3 * 0.9 ** (epoch + 1))``;
+            ``lambda epoch, logs: setattr(opt, "lr", 1e-3 * 0.9 ** (epoch + 1))``,
+            or a scheduler of :mod:`fastprop.optim.lr_scheduler` itself
+            (``callbacks=[CosineAnnealingLR(opt, T_max=epochs)]``);
             :class:`EarlyStopping` stops when a figure stops improving.  With
             ``checkpoint``, the checkpoint is written after the callbacks (a stopped
             run is saved as stopped: resuming it trains no more), but a callback's

@@ -1,0 +1,427 @@
+"""Learning-rate schedules, as ``torch.optim.lr_scheduler`` (also ``fp.optim.lr_scheduler``).
+
+A scheduler sets the ``"lr"`` of each of an optimizer's parameter groups:
+``sched.step()`` once per epoch (or per batch, in a loop of your own), after
+``optimizer.step()``.  Making one sets the rates of epoch 0 (a warm-up starts low).
+Each group's base rate is its ``"initial_lr"`` (its lr when the first scheduler on
+the optimizer was made), so several schedulers on one optimizer share one base.
+
+The rates are PyTorch's closed forms (its ``_get_closed_form_lr``): epoch ``t``'s
+rate is the formula's, whatever was written into the groups in between.  They equal
+PyTorch's chained updates up to rounding (tested against it).
+
+Every scheduler is also a ``fit`` callback: ``model.fit(..., callbacks=[sched])``
+steps it after each epoch; a resumed fit (``checkpoint=..., resume=True``) puts it
+at the restored epoch.  :class:`ReduceLROnPlateau` reads its ``monitor`` from the
+epoch's logs there ("val_loss" by default).
+
+A rate that is not a finite number >= 0 is refused (ValueError) before any group
+changes.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+
+from ._checks import integer, real
+
+__all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR",
+           "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
+           "SequentialLR", "ReduceLROnPlateau"]
+
+
+def _optimizer(optimizer):
+    from .optim import Optimizer
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a fastprop.optim.Optimizer, got "
+                        f"{type(optimizer).__name__}")
+    return optimizer
+
+
+def _set_rates(optimizer, rates, who) -> None:
+    """Write one rate per group, all checked first."""
+    groups = optimizer.param_groups
+    if len(rates) != len(groups):
+        raise ValueError(f"{who} was made for {len(rates)} parameter groups, the optimizer "
+                         f"has {len(groups)} now (make the scheduler after add_param_group)")
+    rates = [float(r) for r in rates]
+    for i, r in enumerate(rates):
+        if not (math.isfinite(r) and r >= 0):
+            raise ValueError(f"{who} computed lr={r!r} for parameter group {i}; a rate must "
+                             f"be a finite number >= 0")
+    if len(set(rates)) == 1:
+        optimizer.lr = rates[0]  # (every group, and opt.lr reads it at once)
+    else:
+        for g, r in zip(groups, rates):
+            g["lr"] = r
+
+
+class LRScheduler:
+    """Base class: subclasses give ``_rate(base, t, i)``, group ``i``'s rate at epoch
+    ``t`` (>= 0) from its base rate.
+
+    ``last_epoch`` is the epoch whose rates are set (0 after making one; -1 as the
+    argument makes it from the groups' current rates, a value >= 0 resumes at that
+    epoch from their ``"initial_lr"``).
+    """
+
+    def __init__(self, optimizer, last_epoch=-1):
+        self.optimizer = _optimizer(optimizer)
+        last_epoch = integer(last_epoch, "last_epoch", low=-1)
+        groups = self.optimizer.param_groups
+        if last_epoch == -1:
+            for g in groups:
+                g.setdefault("initial_lr", g["lr"])
+        else:
+            for i, g in enumerate(groups):
+                if "initial_lr" not in g:
+                    raise KeyError(f"param 'initial_lr' is not specified in param_groups[{i}] "
+                                   f"when resuming a scheduler (last_epoch={last_epoch})")
+        self.base_lrs = [float(g["initial_lr"]) for g in groups]
+        self.last_epoch = last_epoch
+        self._last_lr = [float(g["lr"]) for g in groups]
+        self.step()
+
+    def __repr__(self):
+        return f"{type(self).__name__}(last_epoch={self.last_epoch}, lr={self._last_lr})"
+
+    def _rate(self, base, t, i):
+        raise NotImplementedError
+
+    def _rates(self, t):
+        return [self._rate(base, t, i) for i, base in enumerate(self.base_lrs)]
+
+    def get_last_lr(self) -> list:
+        """The rates the last step set, one per parameter group."""
+        return list(self._last_lr)
+
+    def step(self) -> None:
+        """Move to the next epoch and set its rates."""
+        t = self.last_epoch + 1
+        rates = self._rates(t)
+        _set_rates(self.optimizer, rates, type(self).__name__)
+        self.last_epoch = t
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    # -- as a fit callback --------------------------------------------------------
+    def __call__(self, epoch, logs=None):
+        """``fit``'s callback: step after each epoch (returns None: never stops it)."""
+        self.step()
+
+    def on_resume(self, history) -> None:
+        """A resumed fit restored the optimizer's rates of epoch len(history.epoch):
+        continue from there."""
+        self.last_epoch = len(history.epoch)
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    # -- checkpointing ------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """Everything but the optimizer (and functions: a LambdaLR's are not kept)."""
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
+                if k not in ("optimizer", "lr_lambdas", "_schedulers")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"state_dict has keys {unknown} a {type(self).__name__} does "
+                             f"not have")
+        self.__dict__.update(state_dict)
+
+
+def _lambdas(fn, optimizer, name):
+    groups = len(optimizer.param_groups)
+    fns = list(fn) if isinstance(fn, (list, tuple)) else [fn] * groups
+    if len(fns) != groups:
+        raise ValueError(f"Expected {groups} {name}s (one per parameter group), got {len(fns)}")
+    for f in fns:
+        if not callable(f):
+            raise TypeError(f"{name} must be callable, got {type(f).__name__}")
+    return fns
+
+
+class LambdaLR(LRScheduler):
+    """``lr = base * lr_lambda(t)``; one function, or one per parameter group."""
+
+    def __init__(self, optimizer, lr_lambda, last_epoch=-1):
+        self.lr_lambdas = _lambdas(lr_lambda, _optimizer(optimizer), "lr_lambda")
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * self.lr_lambdas[i](t)
+
+
+class MultiplicativeLR(LRScheduler):
+    """``lr *= lr_lambda(t)`` at each step after the first (epoch 0 keeps the groups'
+    rates): the one schedule here that builds on the groups' current rate."""
+
+    def __init__(self, optimizer, lr_lambda, last_epoch=-1):
+        self.lr_lambdas = _lambdas(lr_lambda, _optimizer(optimizer), "lr_lambda")
+        super().__init__(optimizer, last_epoch)
+
+    def _rates(self, t):
+        groups = self.optimizer.param_groups
+        if t == 0:
+            return [g["lr"] for g in groups]
+        return [g["lr"] * f(t) for g, f in zip(groups, self.lr_lambdas)]
+
+
+class StepLR(LRScheduler):
+    """``lr = base * gamma ** (t // step_size)``."""
+
+    def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
+        self.step_size = integer(step_size, "step_size", low=1)
+        self.gamma = real(gamma, "gamma", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * self.gamma ** (t // self.step_size)
+
+
+class MultiStepLR(LRScheduler):
+    """``lr = base * gamma ** (milestones passed)`` (a milestone given twice counts
+    twice, as in PyTorch)."""
+
+    def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
+        self.milestones = sorted(integer(m, "milestones[i]", low=0) for m in milestones)
+        self.gamma = real(gamma, "gamma", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * self.gamma ** bisect.bisect_right(self.milestones, t)
+
+
+class ConstantLR(LRScheduler):
+    """``lr = base * factor`` for the first ``total_iters`` epochs, then ``base``."""
+
+    def __init__(self, optimizer, factor=1.0 / 3, total_iters=5, last_epoch=-1):
+        self.factor = real(factor, "factor", low=0, high=1)
+        self.total_iters = integer(total_iters, "total_iters", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * (self.factor + (t >= self.total_iters) * (1 - self.factor))
+
+
+class LinearLR(LRScheduler):
+    """Linear warm-up (or decay) of the factor from ``start_factor`` to ``end_factor``
+    over ``total_iters`` epochs: ``lr = base * (start + (end - start) *
+    min(t, total_iters) / total_iters)``."""
+
+    def __init__(self, optimizer, start_factor=1.0 / 3, end_factor=1.0, total_iters=5,
+                 last_epoch=-1):
+        self.start_factor = real(start_factor, "start_factor", low=0, low_inclusive=False,
+                                 high=1)
+        self.end_factor = real(end_factor, "end_factor", low=0, high=1)
+        self.total_iters = integer(total_iters, "total_iters", low=1)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * (self.start_factor + (self.end_factor - self.start_factor)
+                       * min(self.total_iters, t) / self.total_iters)
+
+
+class ExponentialLR(LRScheduler):
+    """``lr = base * gamma ** t``."""
+
+    def __init__(self, optimizer, gamma, last_epoch=-1):
+        self.gamma = real(gamma, "gamma", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * self.gamma ** t
+
+
+class PolynomialLR(LRScheduler):
+    """``lr = base * (1 - min(t, total_iters) / total_iters) ** power``."""
+
+    def __init__(self, optimizer, total_iters=5, power=1.0, last_epoch=-1):
+        self.total_iters = integer(total_iters, "total_iters", low=1)
+        self.power = real(power, "power", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return base * (1.0 - min(self.total_iters, t) / self.total_iters) ** self.power
+
+
+class CosineAnnealingLR(LRScheduler):
+    """``lr = eta_min + (base - eta_min) (1 + cos(pi t / T_max)) / 2`` (SGDR without
+    restarts; past ``T_max`` it rises again, as PyTorch's)."""
+
+    def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
+        self.T_max = integer(T_max, "T_max", low=1)
+        self.eta_min = real(eta_min, "eta_min", low=0)
+        super().__init__(optimizer, last_epoch)
+
+    def _rate(self, base, t, i):
+        return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
+
+
+class SequentialLR(LRScheduler):
+    """``schedulers[k]`` from epoch ``milestones[k - 1]`` on, counting its own epochs
+    from 0 there (e.g. ``LinearLR`` warm-up for 5 epochs, then ``CosineAnnealingLR``:
+    ``milestones=[5]``).  The schedulers must be made on the same optimizer (making
+    one sets its epoch-0 rates; this sets the first's again)."""
+
+    def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
+        optimizer = _optimizer(optimizer)
+        schedulers = list(schedulers)
+        if not schedulers:
+            raise ValueError("SequentialLR expects at least one scheduler")
+        for i, s in enumerate(schedulers):
+            if not isinstance(s, LRScheduler) or isinstance(s, (SequentialLR, MultiplicativeLR)):
+                raise TypeError(f"schedulers[{i}] must be a closed-form LRScheduler "
+                                f"(not SequentialLR or MultiplicativeLR), got {type(s).__name__}")
+            if s.optimizer is not optimizer:
+                raise ValueError(f"schedulers[{i}] belongs to another optimizer")
+        milestones = [integer(m, "milestones[i]", low=1) for m in milestones]
+        if len(milestones) != len(schedulers) - 1:
+            raise ValueError(f"SequentialLR expects {len(schedulers) - 1} milestones for "
+                             f"{len(schedulers)} schedulers, got {len(milestones)}")
+        if milestones != sorted(set(milestones)):
+            raise ValueError(f"milestones must increase, got {milestones}")
+        self._schedulers = schedulers
+        self.milestones = milestones
+        super().__init__(optimizer, last_epoch)
+
+    def _rates(self, t):
+        k = bisect.bisect_right(self.milestones, t)
+        start = self.milestones[k - 1] if k else 0
+        sched = self._schedulers[k]
+        return [sched._rate(base, t - start, i) for i, base in enumerate(sched.base_lrs)]
+
+    def step(self) -> None:
+        super().step()
+        k = bisect.bisect_right(self.milestones, self.last_epoch)
+        sched = self._schedulers[k]
+        sched.last_epoch = self.last_epoch - (self.milestones[k - 1] if k else 0)
+        sched._last_lr = self.get_last_lr()
+
+    def on_resume(self, history) -> None:
+        super().on_resume(history)
+        k = bisect.bisect_right(self.milestones, self.last_epoch)
+        self._schedulers[k].last_epoch = self.last_epoch - (self.milestones[k - 1] if k else 0)
+
+
+class ReduceLROnPlateau:
+    """Multiply every group's rate by ``factor`` (not below ``min_lr``) when the
+    monitored figure has not improved for more than ``patience`` epochs, as PyTorch's
+    (same arguments, thresholds and cooldown; a NaN is never an improvement; a change
+    smaller than ``eps`` is not made).  ``step(metric)`` in a loop of your own; as a
+    ``fit`` callback it reads ``logs[monitor]`` (a fastprop addition, "val_loss" by
+    default), refuses before training a fit whose logs lack it, and rebuilds its
+    counts from the history of a resumed fit."""
+
+    def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
+                 threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, *,
+                 monitor="val_loss"):
+        self.optimizer = _optimizer(optimizer)
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if threshold_mode not in ("rel", "abs"):
+            raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
+        self.factor = real(factor, "factor", low=0, high=1, high_inclusive=False,
+                           message=f"Factor should be < 1.0 (and >= 0), got {factor!r}")
+        groups = len(self.optimizer.param_groups)
+        if isinstance(min_lr, (list, tuple)):
+            if len(min_lr) != groups:
+                raise ValueError(f"expected {groups} min_lrs (one per parameter group), got "
+                                 f"{len(min_lr)}")
+            self.min_lrs = [real(m, "min_lr", low=0) for m in min_lr]
+        else:
+            self.min_lrs = [real(min_lr, "min_lr", low=0)] * groups
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a History key (str), got {type(monitor).__name__}")
+        self.mode, self.threshold_mode, self.monitor = mode, threshold_mode, monitor
+        self.patience = integer(patience, "patience", low=0)
+        self.threshold = real(threshold, "threshold", low=0)
+        self.cooldown = integer(cooldown, "cooldown", low=0)
+        self.eps = real(eps, "eps", low=0)
+        self._reset()
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _reset(self):
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.num_bad_epochs = 0
+        self.cooldown_counter = 0
+        self.last_epoch = 0
+
+    def __repr__(self):
+        return (f"ReduceLROnPlateau(monitor={self.monitor!r}, best={self.best}, "
+                f"num_bad_epochs={self.num_bad_epochs}, lr={self._last_lr})")
+
+    def _is_better(self, a, best):
+        if self.mode == "min":
+            return a < (best * (1 - self.threshold) if self.threshold_mode == "rel"
+                        else best - self.threshold)
+        return a > (best * (self.threshold + 1) if self.threshold_mode == "rel"
+                    else best + self.threshold)
+
+    def get_last_lr(self) -> list:
+        return list(self._last_lr)
+
+    def step(self, metrics) -> None:
+        """One epoch's figure (a float)."""
+        if isinstance(metrics, (bool, str)):
+            raise TypeError(f"metrics must be a number, got {type(metrics).__name__}")
+        try:
+            value = float(metrics)  # (NaN allowed: never an improvement)
+        except (TypeError, ValueError):
+            raise TypeError(f"metrics must be a number, got {type(metrics).__name__}") from None
+        self._observe(value, apply=True)
+
+    def _observe(self, current, apply):
+        self.last_epoch += 1
+        if self._is_better(current, self.best):
+            self.best = current
+            self.num_bad_epochs = 0
+        else:
+            self.num_bad_epochs += 1
+        if self.cooldown_counter > 0:
+            self.cooldown_counter -= 1
+            self.num_bad_epochs = 0
+        if self.num_bad_epochs > self.patience:
+            if apply:
+                groups = self.optimizer.param_groups
+                if len(groups) != len(self.min_lrs):
+                    raise ValueError(f"ReduceLROnPlateau was made for {len(self.min_lrs)} "
+                                     f"parameter groups, the optimizer has {len(groups)} now")
+                for g, low in zip(groups, self.min_lrs):
+                    old = float(g["lr"])
+                    new = max(old * self.factor, low)
+                    if old - new > self.eps:
+                        g["lr"] = new
+            self.cooldown_counter = self.cooldown
+            self.num_bad_epochs = 0
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    # -- as a fit callback --------------------------------------------------------
+    def on_train_begin(self, keys=None) -> None:
+        """Refuse, before training, a fit whose logs will not hold ``monitor``."""
+        if keys is not None and self.monitor not in keys:
+            raise ValueError(f"ReduceLROnPlateau monitors {self.monitor!r}, but this fit's "
+                             f"logs hold {sorted(keys)} (val_* needs validation data)")
+
+    def __call__(self, epoch, logs):
+        self._observe(float(logs[self.monitor]), apply=True)
+
+    def on_resume(self, history) -> None:
+        """Rebuild best, bad epochs and cooldown from a resumed fit's history (the
+        rates themselves were restored with the optimizer)."""
+        self._reset()
+        for value in history.history.get(self.monitor, []):
+            self._observe(float(value), apply=False)
+
+    def state_dict(self) -> dict:
+        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
+                if k != "optimizer"}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict):
+            raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
+        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        if unknown:
+            raise ValueError(f"state_dict has keys {unknown} a ReduceLROnPlateau does not have")
+        self.__dict__.update(state_dict)

@@ -1,0 +1,237 @@
+"""Learning-rate schedulers against their formulas written out here and, when
+PyTorch is installed, against torch.optim.lr_scheduler itself (rates per epoch)."""
+
+import math
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+from fastprop import nn, optim
+from fastprop.optim import lr_scheduler as sched
+
+EPOCHS = 14
+
+
+def blobs(rng, n, classes):
+    centers = 4 * rng.standard_normal((classes, 2))
+    y = np.arange(n) % classes
+    return centers[y] + 0.5 * rng.standard_normal((n, 2)), y
+
+
+def _two_groups(lib="fp"):
+    """An SGD with two parameter groups (lr 0.1 and 0.02), in fastprop or torch."""
+    if lib == "fp":
+        model = nn.Sequential(nn.Dense(3, 4, rng=0), nn.Dense(4, 2, rng=1))
+        return optim.SGD([{"params": model[0].parameters()},
+                          {"params": model[1].parameters(), "lr": 0.02}], lr=0.1, momentum=0.9)
+    import torch
+    a, b = torch.nn.Linear(3, 4), torch.nn.Linear(4, 2)
+    return torch.optim.SGD([{"params": a.parameters()},
+                            {"params": b.parameters(), "lr": 0.02}], lr=0.1, momentum=0.9)
+
+
+# name: (arguments, the rate at epoch t from base rate b)
+CASES = {
+    "StepLR": ({"step_size": 3, "gamma": 0.5}, lambda b, t: b * 0.5 ** (t // 3)),
+    "MultiStepLR": ({"milestones": [2, 5, 5, 9], "gamma": 0.1},
+                    lambda b, t: b * 0.1 ** ((t >= 2) + 2 * (t >= 5) + (t >= 9))),
+    "ConstantLR": ({"factor": 0.25, "total_iters": 4}, lambda b, t: b * (0.25 if t < 4 else 1.0)),
+    "LinearLR": ({"start_factor": 0.1, "end_factor": 1.0, "total_iters": 5},
+                 lambda b, t: b * (0.1 + 0.9 * min(t, 5) / 5)),
+    "ExponentialLR": ({"gamma": 0.8}, lambda b, t: b * 0.8 ** t),
+    "PolynomialLR": ({"total_iters": 8, "power": 2.0}, lambda b, t: b * (1 - min(t, 8) / 8) ** 2),
+    "CosineAnnealingLR": ({"T_max": 6, "eta_min": 0.001},
+                          lambda b, t: 0.001 + (b - 0.001) * (1 + math.cos(math.pi * t / 6)) / 2),
+}
+
+
+def _rates(opt_lib, make, epochs=EPOCHS):
+    opt = _two_groups(opt_lib)
+    s = make(opt)
+    out = [list(s.get_last_lr())]
+    for _ in range(epochs):
+        opt.step()
+        s.step()
+        out.append(list(s.get_last_lr()))
+    return out, opt
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_scheduler_rates_match_formula_and_torch(name):
+    kw, formula = CASES[name]
+    ours, opt = _rates("fp", lambda o: getattr(sched, name)(o, **kw))
+    for t, rates in enumerate(ours):
+        np.testing.assert_allclose(rates, [formula(0.1, t), formula(0.02, t)], rtol=1e-13)
+    assert [g["lr"] for g in opt.param_groups] == ours[-1]
+    assert opt.lr == ours[-1][0] or len(set(ours[-1])) == 2
+    torch = pytest.importorskip("torch")
+    theirs, _ = _rates("torch", lambda o: getattr(torch.optim.lr_scheduler, name)(o, **kw))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
+
+
+def test_lambda_multiplicative_and_sequential_schedulers():
+    ours, _ = _rates("fp", lambda o: sched.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9 ** t]))
+    assert ours[3] == pytest.approx([0.1 / 4, 0.02 * 0.9 ** 3], rel=1e-14)
+    mult, _ = _rates("fp", lambda o: sched.MultiplicativeLR(o, lambda t: 0.5))
+    assert mult[0] == [0.1, 0.02] and mult[2] == pytest.approx([0.025, 0.005], rel=1e-14)
+
+    def warm_then_cosine(o, lib=sched):
+        warm = lib.LinearLR(o, start_factor=0.2, total_iters=3)
+        cos = lib.CosineAnnealingLR(o, T_max=8)
+        return lib.SequentialLR(o, [warm, cos], milestones=[3])
+
+    seq, _ = _rates("fp", warm_then_cosine)
+    for t in range(EPOCHS + 1):
+        f = 0.2 + 0.8 * t / 3 if t < 3 else (1 + math.cos(math.pi * (t - 3) / 8)) / 2
+        assert seq[t] == pytest.approx([0.1 * f, 0.02 * f], rel=1e-13, abs=1e-16), t
+    torch = pytest.importorskip("torch")
+    for make_ours, make_theirs in (
+            (lambda o: sched.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9 ** t]),
+             lambda o: torch.optim.lr_scheduler.LambdaLR(o, [lambda t: 1 / (t + 1),
+                                                             lambda t: 0.9 ** t])),
+            (lambda o: sched.MultiplicativeLR(o, lambda t: 0.5),
+             lambda o: torch.optim.lr_scheduler.MultiplicativeLR(o, lambda t: 0.5)),
+            (warm_then_cosine, lambda o: warm_then_cosine(o, torch.optim.lr_scheduler))):
+        ours, _ = _rates("fp", make_ours)
+        theirs, _ = _rates("torch", make_theirs)
+        np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
+
+
+PLATEAU = [1.0, 0.9, 0.95, 0.9, 0.91, 0.92, float("nan"), 0.5, 0.6, 0.7, 0.8, 0.9, 0.49999]
+
+
+@pytest.mark.parametrize("kw", [{}, {"patience": 1, "cooldown": 2, "factor": 0.5},
+                                {"mode": "max", "patience": 0, "threshold_mode": "abs",
+                                 "threshold": 0.05, "min_lr": [0.05, 0.0]}])
+def test_reduce_lr_on_plateau_matches_torch(kw):
+    kw = {"patience": 2, **kw}
+
+    def run(lib, opt):
+        s = lib.ReduceLROnPlateau(opt, **kw)
+        out = []
+        for m in PLATEAU:
+            s.step(m)
+            out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    ours = run(sched, _two_groups())
+    if kw == {"patience": 2}:  # bad: 0.95, 0.9 (not 1e-4 better than 0.9), 0.91: cut
+        assert ours[4] == [pytest.approx(0.01), pytest.approx(0.002)] and ours[3] == [0.1, 0.02]
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(ours, run(torch.optim.lr_scheduler, _two_groups("torch")),
+                               rtol=1e-14)
+
+
+def test_schedulers_refuse_bad_input_and_change_nothing():
+    opt = _two_groups()
+    s = sched.LambdaLR(opt, lambda t: 1.0 - t)  # negative from epoch 2
+    s.step()
+    with pytest.raises(ValueError, match="lr=-0.1.*group 0"):
+        s.step()
+    assert [g["lr"] for g in opt.param_groups] == [0.0, 0.0] and s.last_epoch == 1
+    with pytest.raises(TypeError, match="Optimizer"):
+        sched.StepLR(object(), 2)
+    with pytest.raises(ValueError, match="step_size"):
+        sched.StepLR(opt, 0)
+    with pytest.raises(ValueError, match="Expected 2 lr_lambdas"):
+        sched.LambdaLR(opt, [lambda t: 1.0])
+    with pytest.raises(ValueError, match="Factor should be < 1.0"):
+        sched.ReduceLROnPlateau(opt, factor=1.0)
+    with pytest.raises(ValueError, match="milestones"):
+        sched.SequentialLR(opt, [sched.StepLR(opt, 2), sched.StepLR(opt, 3)], milestones=[])
+    with pytest.raises(KeyError, match="initial_lr"):
+        sched.StepLR(_two_groups(), 2, last_epoch=3)
+    grown = _two_groups()
+    s = sched.ExponentialLR(grown, 0.5)
+    grown.add_param_group({"params": [fp.Parameter(np.ones(2))]})
+    with pytest.raises(ValueError, match="made for 2 parameter groups"):
+        s.step()
+    # a state_dict round trip resumes the schedule
+    a, b = _two_groups(), _two_groups()
+    sa, sb = sched.CosineAnnealingLR(a, T_max=5), sched.CosineAnnealingLR(b, T_max=5)
+    for _ in range(3):
+        sa.step()
+    sb.load_state_dict(sa.state_dict())
+    sa.step()
+    sb.step()
+    assert sa.get_last_lr() == sb.get_last_lr()
+    with pytest.raises(ValueError, match="keys"):
+        sb.load_state_dict({"nope": 1})
+
+
+def test_schedulers_as_fit_callbacks_and_resume(rng, tmp_path):
+    """A scheduler passed to fit steps after each epoch (the epochs train at the
+    scheduled rates); ReduceLROnPlateau reads val_loss, refuses a fit without it before
+    anything changes; a resumed fit with either ends bit-identical to an uninterrupted
+    one."""
+    X, y = blobs(rng, n=60, classes=3)
+    X = X.astype(np.float32)
+
+    def make():
+        return nn.Sequential(nn.Dense(2, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
+
+    model = make()
+    opt = optim.SGD(model.parameters(), lr=0.2)
+    seen = []
+    cos = sched.CosineAnnealingLR(opt, T_max=4)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=4, verbose=0,
+              callbacks=[lambda e, logs: seen.append(opt.lr), cos])
+    assert seen == pytest.approx([0.2 * (1 + math.cos(math.pi * t / 4)) / 2 for t in range(4)])
+    assert cos.last_epoch == 4 and opt.lr == pytest.approx(0.0, abs=1e-17)
+
+    plateau = sched.ReduceLROnPlateau(opt, patience=0)
+    before = [p.value.copy() for p in model.parameters()]
+    with pytest.raises(ValueError, match="monitors 'val_loss'"):
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, verbose=0,
+                  callbacks=[plateau])
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+
+    for make_sched in (lambda o: sched.StepLR(o, 2, 0.5),
+                       lambda o: sched.ReduceLROnPlateau(o, patience=0, factor=0.5)):
+        ends = []
+        for resumed in (False, True):
+            m = make()
+            o = optim.SGD(m.parameters(), lr=0.3, momentum=0.9)
+            s = make_sched(o)
+            kw = dict(loss="cross_entropy", optimizer=o, batch_size=16, seed=2, verbose=0,
+                      validation_split=0.25, checkpoint=tmp_path / f"{resumed}.ckpt")
+            if resumed:
+                m.fit(X, y, epochs=3, callbacks=[s], **kw)
+                m2 = make()  # a new process: new model, optimizer and scheduler
+                o2 = optim.SGD(m2.parameters(), lr=0.3, momentum=0.9)
+                s2 = make_sched(o2)
+                m2.fit(X, y, epochs=6, callbacks=[s2], resume=True, **{**kw, "optimizer": o2})
+                m, o, s = m2, o2, s2
+            else:
+                m.fit(X, y, epochs=6, callbacks=[s], **kw)
+            ends.append(([p.value.copy() for p in m.parameters()], o.lr, s.get_last_lr()))
+        for a, b in zip(ends[0][0], ends[1][0]):
+            np.testing.assert_array_equal(a, b)
+        assert ends[0][1:] == ends[1][1:]
+
+
+def test_reduce_lr_on_plateau_rebuilds_its_counts_on_resume():
+    """on_resume replays the restored history's figures into best / bad epochs /
+    cooldown without touching the rates (restored with the optimizer), so the next
+    epoch cuts where an uninterrupted run would."""
+    import types
+    opt = _two_groups()
+    s = sched.ReduceLROnPlateau(opt, patience=2, cooldown=1, factor=0.5)
+    history = types.SimpleNamespace(epoch=[0, 1, 2, 3, 4],
+                                    history={"val_loss": [1.0, 1.1, 1.2, 1.3, 0.9]})
+    for v in history.history["val_loss"][:3]:
+        s(0, {"val_loss": v})
+    s(0, {"val_loss": 1.3})  # cut (3 bad epochs), cooldown 1
+    s(0, {"val_loss": 0.9})
+    uninterrupted = (s.best, s.num_bad_epochs, s.cooldown_counter, s.last_epoch)
+    fresh = sched.ReduceLROnPlateau(_two_groups(), patience=2, cooldown=1, factor=0.5)
+    lrs = [g["lr"] for g in fresh.optimizer.param_groups]
+    fresh.on_resume(history)
+    assert (fresh.best, fresh.num_bad_epochs, fresh.cooldown_counter, fresh.last_epoch) == \
+        uninterrupted == (0.9, 0, 0, 5)
+    assert [g["lr"] for g in fresh.optimizer.param_groups] == lrs
+    s(0, {"val_loss": 1.0})
+    fresh(0, {"val_loss": 1.0})
+    assert fresh.num_bad_epochs == s.num_bad_epochs == 1
