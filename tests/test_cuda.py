@@ -523,6 +523,18 @@ def test_train_cross_entropy_adam_f32(rng):
     _compare_training(cpu, gpu, F32, factor=20)
 
 
+def test_train_cross_entropy_label_smoothing(rng):
+    X = randn(rng, (7, 5), F64)
+    y = rng.integers(0, 3, 7)
+    cpu, gpu = _train_both(lambda: _mlp(np.float64, ["relu", "tanh", None]),
+                           lambda ps: fp.optim.Adam(ps, lr=0.01),
+                           fp.losses.SoftmaxCrossEntropy(label_smoothing=0.2), X, y)
+    _compare_training(cpu, gpu, F64, factor=100)
+    plain, _ = _train_both(lambda: _mlp(np.float64, ["relu", "tanh", None]),
+                           lambda ps: fp.optim.Adam(ps, lr=0.01), "cross_entropy", X, y)
+    assert not np.allclose(plain["losses"], gpu["losses"])  # (the smoothing was applied)
+
+
 def test_train_mse_sgd_momentum_f64(rng):
     X = randn(rng, (6, 5), F64)
     y = randn(rng, (6, 3), F64)

@@ -668,3 +668,34 @@ def test_parameter_value_assignment_keeps_shape_and_dtype(backend):
                                          r"parameter's shape \(6, 3\), got \(3, 6\)"):
         d.weight.value = w_torch
     assert d.weight.value is before
+
+
+@pytest.mark.parametrize("targets", ["labels", "probs"])
+def test_label_smoothing_as_pytorch(backend, rng, targets):
+    """SoftmaxCrossEntropy(label_smoothing=e): the target becomes (1 - e) target + e / K,
+    as PyTorch's CrossEntropyLoss (against its formula, and against PyTorch itself
+    when installed); 0 changes nothing; a value outside [0, 1] is refused."""
+    n, k, eps = 9, 5, 0.15
+    logits = 3 * rng.standard_normal((n, k))
+    y = rng.integers(0, k, n) if targets == "labels" else rng.dirichlet(np.ones(k), n)
+    loss = fp.losses.SoftmaxCrossEntropy(label_smoothing=eps)
+    value, grad = loss(logits, y), loss.backward()
+    onehot = np.eye(k)[y] if targets == "labels" else y
+    q = (1 - eps) * onehot + eps / k
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    assert value == pytest.approx(-(q * logp).sum() / n, rel=1e-13)
+    np.testing.assert_allclose(grad, (np.exp(logp) - q) / n, rtol=1e-12, atol=1e-15)
+    assert fp.losses.SoftmaxCrossEntropy(label_smoothing=0.0)(logits, y) == pytest.approx(
+        fp.losses.SoftmaxCrossEntropy()(logits, y), rel=1e-15)
+    assert "label_smoothing=0.15" in repr(loss)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="label_smoothing"):
+            fp.losses.SoftmaxCrossEntropy(label_smoothing=bad)
+    torch = pytest.importorskip("torch")
+    tl = torch.tensor(logits, requires_grad=True)
+    ty = torch.tensor(y)
+    ref = torch.nn.functional.cross_entropy(tl, ty, label_smoothing=eps)
+    ref.backward()
+    assert value == pytest.approx(ref.item(), rel=1e-13)
+    np.testing.assert_allclose(grad, tl.grad.numpy(), rtol=1e-12, atol=1e-15)

@@ -37,6 +37,9 @@ LOSSES = {
     "xent-labels": (losses.SoftmaxCrossEntropy, None, "labels"),
     "xent-onehot": (losses.SoftmaxCrossEntropy, None, "onehot"),
     "xent-soft": (losses.SoftmaxCrossEntropy, None, "soft"),
+    "xent-labels-smoothed": (lambda: losses.SoftmaxCrossEntropy(label_smoothing=0.2), None,
+                             "labels"),
+    "xent-soft-smoothed": (lambda: losses.SoftmaxCrossEntropy(label_smoothing=0.1), None, "soft"),
     "mse": (lambda: losses.MSE(), None, "real"),
     "mse-half-tanh": (lambda: losses.MSE(half=True), "tanh", "real"),
     "bce-logits": (lambda: losses.BinaryCrossEntropy(from_logits=True), None, "binary"),
@@ -231,6 +234,30 @@ def test_loss_options_changed_after_compile_are_used(loss_name, option):  # from
             setattr(loss, option, not getattr(loss, option))
             values = list(values) + [step(X[:12], y[:12]) for _ in range(3)]
         runs.append((model, np.array(values)))
+    (m1, l1), (m2, l2) = runs
+    _assert_agree(m1, m2, l1, l2, np.dtype(np.float64))
+
+
+@native_only
+def test_a_subclassed_loss_takes_the_python_path():
+    """A user's subclass of a built-in loss computes what its own methods say: the
+    compiled step does not run the parent's kernel in its place (it did: MSE's)."""
+
+    class DoubledMSE(losses.MSE):
+        def _kernel(self, pred, target, grad):
+            value = super()._kernel(pred, target, grad)
+            if grad is not None:
+                grad *= 2
+            return 2 * value
+
+    X, y = _data("real")
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float64)
+        with fp.use_backend("native"):
+            _, values = _train(model, DoubledMSE(), optim.SGD(model.parameters(), lr=0.05),
+                               X, y, steps=3, fused=fused)
+        runs.append((model, values))
     (m1, l1), (m2, l2) = runs
     _assert_agree(m1, m2, l1, l2, np.dtype(np.float64))
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._checks import as_array, as_float, check_finite
+from ._checks import as_array, as_float, check_finite, real
 from .ops import softmax_targets
 
 __all__ = ["Loss", "MSE", "BinaryCrossEntropy", "SoftmaxCrossEntropy", "get"]
@@ -132,7 +132,21 @@ class SoftmaxCrossEntropy(Loss):
     """Softmax followed by cross-entropy, from logits, averaged over the batch.
 
     Targets: (n,) integer class ids, or (n, classes) probabilities / one-hot rows.
+
+    Args:
+        label_smoothing: in [0, 1], as PyTorch's CrossEntropyLoss: the target of each
+            row becomes ``(1 - label_smoothing) target + label_smoothing / classes``
+            (class ids as one-hot rows).
     """
+
+    label_smoothing = 0.0  # (instances pickled before the option)
+
+    def __init__(self, label_smoothing=0.0):
+        super().__init__()
+        self.label_smoothing = real(label_smoothing, "label_smoothing", low=0, high=1)
+
+    def get_config(self):
+        return {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
 
     def _pred(self, pred):
         pred = super()._pred(pred)
@@ -141,7 +155,16 @@ class SoftmaxCrossEntropy(Loss):
         return pred
 
     def prepare_target(self, target, pred_shape, dtype):
-        return softmax_targets(target, pred_shape, dtype)
+        labels, probs = softmax_targets(target, pred_shape, dtype)
+        eps = self.label_smoothing
+        if not eps:
+            return labels, probs
+        if labels is not None:
+            smooth = np.full(pred_shape, eps / pred_shape[1], dtype)
+            smooth[np.arange(pred_shape[0]), labels] += 1 - eps
+        else:
+            smooth = probs * np.asarray(1 - eps, dtype) + np.asarray(eps / pred_shape[1], dtype)
+        return None, smooth
 
     def _kernel(self, pred, target, grad):
         labels, probs = target

@@ -287,7 +287,7 @@ class TrainStep:
             checks_x = getattr(fast, "checks_x", False)  # (the native kernel checks x)
             if not (x_checked or checks_x):
                 check_finite(x, "x")
-            if self._kernel_labels:
+            if self._kernel_labels and not self.loss.label_smoothing:
                 y = softmax_targets(y, (x.shape[0], self._shape[1]), dtype, check_range=False)
             else:
                 y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)

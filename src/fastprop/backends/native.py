@@ -43,11 +43,13 @@ def make_train_step(stages, loss, optimizer):
     """The whole training step in one C++ call (csrc/train_step.cpp), or None."""
     from .. import losses, optim
     from . import ACTIVATIONS
-    if isinstance(loss, losses.SoftmaxCrossEntropy):
+    # (exact types: a user's subclass may compute something else; it takes the layer
+    # path, which calls its own methods)
+    if type(loss) is losses.SoftmaxCrossEntropy:
         loss_kind = 0
-    elif isinstance(loss, losses.MSE):
+    elif type(loss) is losses.MSE:
         loss_kind = 1
-    elif isinstance(loss, losses.BinaryCrossEntropy):
+    elif type(loss) is losses.BinaryCrossEntropy:
         # probabilities must lie in [0, 1]: only a sigmoid/softmax output guarantees it
         if not loss.from_logits and stages[-1].act not in (ACTIVATIONS["sigmoid"],
                                                            ACTIVATIONS["softmax"]):
