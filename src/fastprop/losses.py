@@ -13,7 +13,8 @@ from . import backends
 from ._checks import as_array, as_float, check_finite, real
 from .ops import softmax_targets
 
-__all__ = ["Loss", "MSE", "BinaryCrossEntropy", "SoftmaxCrossEntropy", "get"]
+__all__ = ["Loss", "MSE", "L1", "Huber", "SmoothL1", "BinaryCrossEntropy", "SoftmaxCrossEntropy",
+           "get"]
 
 
 class Loss:
@@ -171,8 +172,80 @@ class SoftmaxCrossEntropy(Loss):
         return backends.current().softmax_xent(pred, labels, probs, grad)
 
 
+class _Robust(Loss):
+    """A regression loss of ``d = pred - target`` that grows linearly for large ``|d|``
+    (outliers pull less than with MSE), averaged over all elements as PyTorch's
+    ``reduction="mean"``.  NumPy on every backend (the sum in float64, the gradient in
+    the prediction's dtype); the compiled step takes the layer path with it."""
+
+    def prepare_target(self, target, pred_shape, dtype):
+        return _elementwise_target(target, pred_shape, dtype)
+
+    def _kernel(self, pred, target, grad):
+        d = pred - target
+        terms, slope = self._terms(d)
+        if grad is not None:
+            np.divide(slope, d.size, out=grad, casting="unsafe")
+        return float(np.sum(terms, dtype=np.float64) / d.size)
+
+    def _terms(self, d):
+        """(the per-element losses, their derivatives in d)"""
+        raise NotImplementedError
+
+
+class L1(_Robust):
+    """Mean absolute error ``mean(|pred - target|)`` (PyTorch's L1Loss, Keras' MAE);
+    its gradient is ``sign(pred - target) / n`` (0 where they are equal)."""
+
+    def _terms(self, d):
+        return np.abs(d), np.sign(d)
+
+
+class Huber(_Robust):
+    """Huber loss (PyTorch's HuberLoss, Keras' Huber): ``d^2 / 2`` where ``|d| < delta``,
+    ``delta (|d| - delta / 2)`` elsewhere; the gradient is ``d`` clipped to
+    ``[-delta, delta]``, over n."""
+
+    def __init__(self, delta=1.0):
+        super().__init__()
+        self.delta = real(delta, "delta", low=0, low_inclusive=False)
+
+    def get_config(self):
+        return {"delta": self.delta}
+
+    def _terms(self, d):
+        z = np.abs(d)
+        delta = d.dtype.type(self.delta)
+        small = z < delta
+        terms = np.where(small, 0.5 * d * d, delta * (z - 0.5 * delta))
+        return terms, np.clip(d, -delta, delta)
+
+
+class SmoothL1(_Robust):
+    """Smooth L1 loss (PyTorch's SmoothL1Loss): ``d^2 / (2 beta)`` where ``|d| < beta``,
+    ``|d| - beta / 2`` elsewhere (Huber divided by beta; beta = 0 is L1); the gradient
+    is ``d / beta`` clipped to ``[-1, 1]``, over n."""
+
+    def __init__(self, beta=1.0):
+        super().__init__()
+        self.beta = real(beta, "beta", low=0)
+
+    def get_config(self):
+        return {"beta": self.beta}
+
+    def _terms(self, d):
+        if self.beta == 0:
+            return np.abs(d), np.sign(d)
+        z = np.abs(d)
+        beta = d.dtype.type(self.beta)
+        terms = np.where(z < beta, 0.5 * d * d / beta, z - 0.5 * beta)
+        return terms, np.clip(d / beta, -1, 1)
+
+
 _ALIASES = {
     "mse": MSE, "mean_squared_error": MSE,
+    "l1": L1, "mae": L1, "mean_absolute_error": L1,
+    "huber": Huber, "smooth_l1": SmoothL1,
     "bce": BinaryCrossEntropy, "binary_cross_entropy": BinaryCrossEntropy,
     "binary_crossentropy": BinaryCrossEntropy,
     "cross_entropy": SoftmaxCrossEntropy, "softmax_cross_entropy": SoftmaxCrossEntropy,
