@@ -768,3 +768,72 @@ def test_module_state_dict_round_trip(backend, rng):
     assert np.isfinite(h["loss"][0])
     opt.zero_grad(set_to_none=True)
     model.zero_grad(set_to_none=False)
+
+
+def test_backward_skips_a_frozen_body(backend, rng, monkeypatch):
+    """A frozen leading part of a model (a pretrained body under a new head) is not
+    run backward at all, as PyTorch builds no graph for it: the same parameters as
+    before after training, no backward call below the first trainable layer, and a
+    user's module in that part ends the skipping (its backward runs, with no input
+    gradient asked of it)."""
+    X, y = blobs(rng, n=32, classes=3)
+
+    def make(extra=None):
+        layers = [nn.Dense(2, 8, "tanh", rng=0, dtype=np.float64),
+                  nn.BatchNorm1d(8, dtype=np.float64), nn.ReLU(),
+                  nn.Dense(8, 8, rng=1, dtype=np.float64),
+                  nn.Dense(8, 3, rng=2, dtype=np.float64)]
+        if extra is not None:
+            layers.insert(2, extra)
+        model = nn.Sequential(*layers)
+        for layer in layers[:4 if extra is None else 5]:
+            layer.requires_grad_(False)
+        return model
+
+    calls = []
+    for cls in (nn.Dense, nn.BatchNorm1d, nn.Activation):
+        orig = cls.backward
+
+        def counted(self, g, input_grad=True, _orig=orig):
+            calls.append((type(self).__name__, input_grad))
+            return _orig(self, g, input_grad)
+        monkeypatch.setattr(cls, "backward", counted)
+    model = make()
+    ref = make()
+    opt = optim.Adam([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ref_opt = optim.Adam(ref[4].parameters(), lr=0.05)
+    for _ in range(3):
+        calls.clear()
+        out = model(X)
+        loss = fp.losses.SoftmaxCrossEntropy()
+        loss(out, y)
+        model.zero_grad()
+        assert model.backward(loss.backward(), input_grad=False) is None
+        assert calls == [("Dense", False)]  # the head only
+        opt.step()
+        r = ref(X)
+        loss(r, y)
+        ref.zero_grad()
+        ref[4].backward(loss.backward(), input_grad=False)
+        ref_opt.step()
+    for p, q in zip(model.parameters(), ref.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    assert model.backward(loss.backward()) is not None  # (an input gradient: all layers)
+
+    class Mine(nn.Module):
+        def forward(self, x):
+            return x
+
+        def backward(self, g, input_grad=True):
+            calls.append(("Mine", input_grad))
+            return g
+
+    model = make(Mine())
+    loss(model(X), y)
+    calls.clear()
+    model.backward(loss.backward(), input_grad=False)
+    assert calls == [("Dense", True), ("Dense", True), ("ReLU", True), ("Mine", False)]
+    model[0].requires_grad_(True)  # (a change of the flags is seen)
+    calls.clear()
+    model.backward(loss.backward(), input_grad=False)
+    assert calls[-1] == ("Dense", False) and len(calls) == 6

@@ -926,9 +926,27 @@ class Sequential(Module):
             x = layer.forward(x)
         return x
 
+    def _frozen_prefix(self) -> int:
+        """How many leading layers backward may skip when no input gradient is asked
+        for: fastprop's own modules without a trainable parameter (a frozen
+        pretrained body: nothing there needs a gradient, as PyTorch builds no graph
+        for it).  A user's module ends the prefix (its backward may do more)."""
+        cached = self.__dict__.get("_prefix_at")
+        if cached is not None and cached[0] == _structure[0]:
+            return cached[1]
+        count = 0
+        for layer in self.layers:
+            mods = layer.modules()
+            if any(type(m).__module__ != __name__ for m in mods) or any(
+                    p.requires_grad for p in layer.parameters()):
+                break
+            count += 1
+        self.__dict__["_prefix_at"] = (_structure[0], count)
+        return count
+
     def backward(self, grad_out, input_grad=True):
         g = grad_out
-        last = len(self.layers) - 1
-        for i in range(last, -1, -1):
-            g = self.layers[i].backward(g, input_grad if i == 0 else True)
-        return g
+        first = 0 if input_grad else self._frozen_prefix()
+        for i in range(len(self.layers) - 1, first - 1, -1):
+            g = self.layers[i].backward(g, input_grad if i == first else True)
+        return None if first and not input_grad else g
