@@ -741,6 +741,39 @@ def test_unfrozen_layer_counts_its_own_steps_on_the_device(rng):
         close(b, a, F64, factor=100)
 
 
+@pytest.mark.parametrize("change", ["lags", "decay", "groups"])
+def test_device_steps_handed_to_the_layer_path_are_synced_first(change, rng):
+    """After device steps, a change the device kernel cannot run (per-parameter step
+    counts that differ, from a state_dict; a weight decay on one group only; groups
+    with different lrs) hands the next steps to the layer path: what the device
+    trained reaches the host arrays first (it was lost: the layer path trained the
+    stale host values, and a later sync wrote the device's over them)."""
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+        opt = fp.optim.Adam([{"params": [model[0].weight, model[1].weight]},
+                             {"params": [model[0].bias, model[1].bias]}], lr=0.05)
+        step = model.compile("mse", opt)
+        with fp.use_backend("numpy"):
+            for _ in range(3):
+                step(X, y)
+            if change == "lags":
+                sd = opt.state_dict()
+                sd["steps"] = [1, 3, 1, 3]
+                opt.load_state_dict(sd)
+            elif change == "decay":
+                opt.param_groups[0]["weight_decay"] = 0.1
+            else:
+                opt.param_groups[1]["lr"] = 0.01
+            losses = [step(X, y) for _ in range(3)]
+            step.sync()
+        results.append((losses, [p.value.copy() for p in model.parameters()]))
+    close(results[1][0], results[0][0], F64, factor=100)
+    for a, b in zip(results[0][1], results[1][1]):
+        close(b, a, F64, factor=100)
+
+
 def test_state_dict_and_load_state_dict_between_device_steps(rng):
     """state_dict() after compiled device steps holds the trained values (synced), and
     a load_state_dict between steps is what the next device step trains from: the same

@@ -247,17 +247,28 @@ class TrainStep:
         opt = self.optimizer
         ok, mask = opt._fused_setup()  # (the same mask object while the groups' decays stay)
         if not ok:
-            return None
-        if opt._lag is not None and backends.current().name != "native" and opt._lag.any():
-            return None  # (the CUDA kernel takes one step count for every parameter)
+            return self._layer_path(fast)
+        if (opt._lag is not None and isinstance(opt, _optim.Adam)
+                and backends.current().name != "native" and opt._lag.any()):
+            # (the CUDA kernel takes one step count, hence one bias correction, for every
+            # parameter; the others' updates do not depend on a parameter's count)
+            return self._layer_path(fast)
         if mask is not self._mask_key:
             if mask is not None and backends.current().name != "native":
-                return None  # (the CUDA kernel has no decay mask)
+                return self._layer_path(fast)  # (the CUDA kernel has no decay mask)
             self._mask_key = mask
             opt._decay_mask = mask
             self._fast_key = None  # rebuild: the kernel reads the mask when it binds
             fast = self.fused()
         return fast
+
+    @staticmethod
+    def _layer_path(fast):
+        """None (this step takes the layer path), after bringing what a device kernel
+        trained so far to the host arrays the layer path trains."""
+        if fast is not None:
+            fast.sync()
+        return None
 
     def sync(self):
         if self._fast is not None:
