@@ -140,18 +140,22 @@ def test_schedulers_refuse_bad_input_and_change_nothing():
         sched.ReduceLROnPlateau(opt, factor=1.0)
     with pytest.raises(ValueError, match="milestones"):
         sched.SequentialLR(opt, [sched.StepLR(opt, 2), sched.StepLR(opt, 3)], milestones=[])
+    with pytest.raises(TypeError, match="LRScheduler"):
+        sched.SequentialLR(opt, [sched.ReduceLROnPlateau(opt)], milestones=[])
     with pytest.raises(KeyError, match="initial_lr"):
         sched.StepLR(_two_groups(), 2, last_epoch=3)
-    grown = _two_groups()
-    s = sched.ExponentialLR(grown, 0.5)
-    grown.add_param_group({"params": [fp.Parameter(np.ones(2))]})
-    with pytest.raises(ValueError, match="made for 2 parameter groups"):
-        s.step()
+    with pytest.raises(ValueError, match="lr=-0.1"):
+        sched.LambdaLR(_two_groups(), lambda t: t - 1.0)
+    fresh = _two_groups()
+    with pytest.raises(ValueError):
+        sched.LambdaLR(fresh, lambda t: t - 1.0)
+    assert all("initial_lr" not in g for g in fresh.param_groups)  # (left as they were)
     # a state_dict round trip resumes the schedule
     a, b = _two_groups(), _two_groups()
     sa, sb = sched.CosineAnnealingLR(a, T_max=5), sched.CosineAnnealingLR(b, T_max=5)
     for _ in range(3):
         sa.step()
+    b.load_state_dict(a.state_dict())  # (the rates: a step goes on from the current one)
     sb.load_state_dict(sa.state_dict())
     sa.step()
     sb.step()
@@ -235,3 +239,86 @@ def test_reduce_lr_on_plateau_rebuilds_its_counts_on_resume():
     s(0, {"val_loss": 1.0})
     fresh(0, {"val_loss": 1.0})
     assert fresh.num_bad_epochs == s.num_bad_epochs == 1
+
+
+def _pair(lib, opt):
+    return [lib.ExponentialLR(opt, gamma=0.9), lib.MultiStepLR(opt, milestones=[3], gamma=0.1)]
+
+
+def test_schedulers_chain_and_build_on_the_current_rate_as_torch():
+    """Two schedulers stepped together multiply (PyTorch's chaining); a rate set by hand
+    between steps is what the next step starts from; step(epoch) jumps with the closed
+    form; a group added later is scheduled from its rate then; the PyTorch resume
+    pattern (load the optimizer's state_dict, then last_epoch=k) works."""
+    def run(lib, opt):
+        a, b = _pair(lib, opt)
+        out = []
+        for t in range(6):
+            opt.step()
+            a.step()
+            b.step()
+            if t == 1:
+                for g in opt.param_groups:
+                    g["lr"] = 0.5 * g["lr"]  # by hand
+            out.append([g["lr"] for g in opt.param_groups])
+        return out
+
+    ours = run(sched, _two_groups())
+    f = [0.9, 0.81 / 2, 0.729 / 2 * 0.1, 0.6561 / 2 * 0.1, 0.59049 / 2 * 0.1, 0.531441 / 2 * 0.1]
+    np.testing.assert_allclose(ours, [[0.1 * x, 0.02 * x] for x in f], rtol=1e-14)
+    s = sched.StepLR(_two_groups(), step_size=2, gamma=0.5)
+    s.step(5)
+    assert s.get_last_lr() == [0.1 * 0.25, 0.02 * 0.25] and s.last_epoch == 5
+
+    opt = _two_groups()
+    s = sched.StepLR(opt, step_size=2, gamma=0.5)
+    s.step()
+    opt.add_param_group({"params": [fp.Parameter(np.ones(2))], "lr": 0.4, "name": "late"})
+    s.step()
+    assert s.get_last_lr() == [0.05, 0.01, 0.2] and opt.param_groups[2]["initial_lr"] == 0.4
+    sd = opt.state_dict()
+    assert sd["param_groups"][2]["name"] == "late" and sd["param_groups"][0]["initial_lr"] == 0.1
+    model = nn.Sequential(nn.Dense(3, 4, rng=0), nn.Dense(4, 2, rng=1))
+    again = optim.SGD([{"params": model[0].parameters()},
+                       {"params": model[1].parameters(), "lr": 0.02},
+                       {"params": [fp.Parameter(np.ones(2))], "lr": 0.4}], lr=0.1, momentum=0.9)
+    again.load_state_dict(sd)
+    resumed = sched.StepLR(again, step_size=2, gamma=0.5, last_epoch=2)
+    assert resumed.get_last_lr() == [0.05, 0.01, 0.2]  # (epoch 3: no change)
+    resumed.step()
+    assert resumed.get_last_lr() == [0.025, 0.005, 0.1]
+    with pytest.raises(TypeError, match="'name' must be a str"):
+        optim.SGD([{"params": model.parameters(), "name": 3}], lr=0.1)
+
+    torch = pytest.importorskip("torch")
+    np.testing.assert_allclose(ours, run(torch.optim.lr_scheduler, _two_groups("torch")),
+                               rtol=1e-15)
+    topt = _two_groups("torch")
+    ts = torch.optim.lr_scheduler.StepLR(topt, step_size=2, gamma=0.5)
+    topt.step()
+    ts.step()
+    topt.add_param_group({"params": [torch.ones(2, requires_grad=True)], "lr": 0.4})
+    topt.step()
+    ts.step()
+    assert ts.get_last_lr() == [0.05, 0.01, 0.2]
+
+
+def test_sequential_state_dict_keeps_its_schedulers():
+    def make(opt):
+        warm = sched.LinearLR(opt, start_factor=0.2, total_iters=3)
+        cos = sched.CosineAnnealingLR(opt, T_max=8)
+        return sched.SequentialLR(opt, [warm, cos], milestones=[3])
+
+    a, b = _two_groups(), _two_groups()
+    sa, sb = make(a), make(b)
+    for _ in range(5):
+        sa.step()
+    sd = sa.state_dict()
+    assert len(sd["_schedulers"]) == 2
+    for g, h in zip(b.param_groups, a.param_groups):
+        g["lr"] = h["lr"]
+    sb.load_state_dict(sd)
+    for _ in range(3):
+        sa.step()
+        sb.step()
+    assert sa.get_last_lr() == sb.get_last_lr()

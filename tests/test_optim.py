@@ -905,3 +905,47 @@ def test_unfreeze_and_add_param_group_match_torch(compiled, rng):
         np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
                                    rtol=1e-11, atol=1e-13)
     assert [int(topt.state[t]["step"]) for t in tw] == opt.state_dict()["steps"][:4]
+
+
+def test_an_optimizer_written_before_own_step_counts_still_works(rng):
+    """A user's optimizer whose _update has the older signature (no step: it reads
+    self.step_count) still runs; a step whose update raises leaves the counts as they
+    were; an optimizer pickled before `defaults` existed answers with its current
+    values."""
+    import pickle
+
+    class Old(optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, lr=lr)
+
+        def _update(self, be, params, grads, states, h):
+            for p, g in zip(params, grads):
+                p -= h["lr"] * self.step_count * g
+
+    p = fp.Parameter(np.ones(3))
+    frozen = fp.Parameter(np.ones(2))
+    frozen.requires_grad = False
+    opt = Old([p, frozen])
+    p.grad[...] = 1.0
+    opt.step()
+    opt.step()
+    np.testing.assert_allclose(p.value, 1 - 0.1 * (1 + 2))
+    assert opt.state_dict()["steps"] == [2, 0]
+
+    class Broken(Old):
+        def _update(self, be, params, grads, states, h, step):
+            raise RuntimeError("kernel refused")
+
+    bad = Broken([p, frozen])
+    with pytest.raises(RuntimeError):
+        bad.step()
+    assert bad.step_count == 0 and bad.state_dict()["steps"] == [0, 0]
+
+    adam = optim.Adam([p], lr=0.01)
+    state = adam.__dict__.copy()
+    del state["defaults"]
+    old = object.__new__(optim.Adam)
+    old.__dict__.update(state)
+    old.lr = 0.5
+    assert old.defaults["lr"] == 0.5  # (the constructor's values are gone)
+    assert pickle.loads(pickle.dumps(adam)).defaults == adam.defaults

@@ -6,9 +6,12 @@ A scheduler sets the ``"lr"`` of each of an optimizer's parameter groups:
 Each group's base rate is its ``"initial_lr"`` (its lr when the first scheduler on
 the optimizer was made), so several schedulers on one optimizer share one base.
 
-The rates are PyTorch's closed forms (its ``_get_closed_form_lr``): epoch ``t``'s
-rate is the formula's, whatever was written into the groups in between.  They equal
-PyTorch's chained updates up to rounding (tested against it).
+The rates are computed as PyTorch computes them, step by step from each group's
+current rate (its "chainable" forms: two schedulers stepped together multiply, and a
+rate written by hand between steps is what the next step starts from), and equal
+its rates (tested against it).  ``step(epoch)`` jumps to an epoch with the closed
+form.  A group added with ``add_param_group`` after the scheduler was made is
+scheduled too, from its rate then.
 
 Every scheduler is also a ``fit`` callback: ``model.fit(..., callbacks=[sched])``
 steps it after each epoch; a resumed fit (``checkpoint=..., resume=True``) puts it
@@ -58,66 +61,104 @@ def _set_rates(optimizer, rates, who) -> None:
 
 
 class LRScheduler:
-    """Base class: subclasses give ``_rate(base, t, i)``, group ``i``'s rate at epoch
-    ``t`` (>= 0) from its base rate.
+    """Base class, as PyTorch's: subclasses give ``get_lr()`` (the rates of epoch
+    ``last_epoch`` from the groups' current rates) and, where one exists,
+    ``_closed_form(base, t)`` (group rate at epoch ``t`` from its base rate).
 
     ``last_epoch`` is the epoch whose rates are set (0 after making one; -1 as the
-    argument makes it from the groups' current rates, a value >= 0 resumes at that
-    epoch from their ``"initial_lr"``).
+    argument starts from the groups' current rates, a value >= 0 resumes at the epoch
+    after it from their ``"initial_lr"``, e.g. after ``opt.load_state_dict``).
     """
 
     def __init__(self, optimizer, last_epoch=-1):
         self.optimizer = _optimizer(optimizer)
         last_epoch = integer(last_epoch, "last_epoch", low=-1)
         groups = self.optimizer.param_groups
+        added = []
         if last_epoch == -1:
             for g in groups:
-                g.setdefault("initial_lr", g["lr"])
+                if "initial_lr" not in g:
+                    g["initial_lr"] = g["lr"]
+                    added.append(g)
         else:
             for i, g in enumerate(groups):
                 if "initial_lr" not in g:
                     raise KeyError(f"param 'initial_lr' is not specified in param_groups[{i}] "
-                                   f"when resuming a scheduler (last_epoch={last_epoch})")
+                                   f"when resuming a scheduler (last_epoch={last_epoch}): load "
+                                   f"the optimizer's state_dict first")
         self.base_lrs = [float(g["initial_lr"]) for g in groups]
         self.last_epoch = last_epoch
         self._last_lr = [float(g["lr"]) for g in groups]
-        self.step()
+        try:
+            self._initial_step()
+        except BaseException:
+            for g in added:  # (a refused scheduler leaves the groups as they were)
+                g.pop("initial_lr", None)
+            raise
+
+    def _initial_step(self):
+        self._step_count = 0
+        self._is_initial = True
+        try:
+            self.step()
+        finally:
+            self._is_initial = False
 
     def __repr__(self):
         return f"{type(self).__name__}(last_epoch={self.last_epoch}, lr={self._last_lr})"
 
-    def _rate(self, base, t, i):
+    def _current(self):
+        return [g["lr"] for g in self.optimizer.param_groups]
+
+    def get_lr(self) -> list:
+        """The rates of epoch ``last_epoch`` (what ``step`` sets)."""
         raise NotImplementedError
 
-    def _rates(self, t):
-        return [self._rate(base, t, i) for i, base in enumerate(self.base_lrs)]
+    _closed_form = None  # (base, t) -> rate, where the schedule has one
 
     def get_last_lr(self) -> list:
         """The rates the last step set, one per parameter group."""
         return list(self._last_lr)
 
-    def step(self) -> None:
-        """Move to the next epoch and set its rates."""
-        t = self.last_epoch + 1
-        rates = self._rates(t)
-        _set_rates(self.optimizer, rates, type(self).__name__)
-        self.last_epoch = t
-        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+    def step(self, epoch=None) -> None:
+        """Move to the next epoch (or to ``epoch``, with the closed form) and set its
+        rates; refused (nothing changes) when a rate is not finite and >= 0."""
+        groups = self.optimizer.param_groups
+        for g in groups[len(self.base_lrs):]:  # (added by add_param_group since)
+            self.base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+        saved = (self.last_epoch, self._step_count)
+        self._step_count += 1
+        try:
+            if epoch is None:
+                self.last_epoch += 1
+                rates = self.get_lr()
+            else:
+                self.last_epoch = integer(epoch, "epoch", low=0)
+                rates = ([self._closed_form(b, self.last_epoch) for b in self.base_lrs]
+                         if self._closed_form is not None else self.get_lr())
+            _set_rates(self.optimizer, rates, type(self).__name__)
+        except BaseException:
+            self.last_epoch, self._step_count = saved
+            raise
+        self._last_lr = [float(g["lr"]) for g in groups]
 
     # -- as a fit callback --------------------------------------------------------
     def __call__(self, epoch, logs=None):
         """``fit``'s callback: step after each epoch (returns None: never stops it)."""
         self.step()
 
+    def _resume_at(self, epoch) -> None:
+        self.last_epoch = epoch
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+
     def on_resume(self, history) -> None:
         """A resumed fit restored the optimizer's rates of epoch len(history.epoch):
-        continue from there."""
-        self.last_epoch = len(history.epoch)
-        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
+        go on from there."""
+        self._resume_at(len(history.epoch))
 
     # -- checkpointing ------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything but the optimizer (and functions: a LambdaLR's are not kept)."""
+        """Everything but the optimizer and functions (a LambdaLR's lambdas)."""
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
                 if k not in ("optimizer", "lr_lambdas", "_schedulers")}
 
@@ -149,47 +190,67 @@ class LambdaLR(LRScheduler):
         self.lr_lambdas = _lambdas(lr_lambda, _optimizer(optimizer), "lr_lambda")
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
-        return base * self.lr_lambdas[i](t)
+    def get_lr(self):
+        fns = self.lr_lambdas
+        if len(fns) != len(self.base_lrs):
+            if len(set(map(id, fns))) != 1:
+                raise ValueError(f"{type(self).__name__} has {len(fns)} lr_lambdas for "
+                                 f"{len(self.base_lrs)} parameter groups")
+            fns = [fns[0]] * len(self.base_lrs)  # (one function for every group)
+        return [b * f(self.last_epoch) for b, f in zip(self.base_lrs, fns)]
 
 
-class MultiplicativeLR(LRScheduler):
+class MultiplicativeLR(LambdaLR):
     """``lr *= lr_lambda(t)`` at each step after the first (epoch 0 keeps the groups'
-    rates): the one schedule here that builds on the groups' current rate."""
+    rates)."""
 
-    def __init__(self, optimizer, lr_lambda, last_epoch=-1):
-        self.lr_lambdas = _lambdas(lr_lambda, _optimizer(optimizer), "lr_lambda")
-        super().__init__(optimizer, last_epoch)
-
-    def _rates(self, t):
-        groups = self.optimizer.param_groups
-        if t == 0:
-            return [g["lr"] for g in groups]
-        return [g["lr"] * f(t) for g, f in zip(groups, self.lr_lambdas)]
+    def get_lr(self):
+        if self._is_initial:
+            return self._current()
+        fns = self.lr_lambdas
+        if len(fns) != len(self.base_lrs):
+            if len(set(map(id, fns))) != 1:
+                raise ValueError(f"MultiplicativeLR has {len(fns)} lr_lambdas for "
+                                 f"{len(self.base_lrs)} parameter groups")
+            fns = [fns[0]] * len(self.base_lrs)
+        return [g["lr"] * f(self.last_epoch) for g, f in zip(self.optimizer.param_groups, fns)]
 
 
 class StepLR(LRScheduler):
-    """``lr = base * gamma ** (t // step_size)``."""
+    """``lr = base * gamma ** (t // step_size)`` (``lr *= gamma`` every
+    ``step_size`` epochs)."""
 
     def __init__(self, optimizer, step_size, gamma=0.1, last_epoch=-1):
         self.step_size = integer(step_size, "step_size", low=1)
         self.gamma = real(gamma, "gamma", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        t = self.last_epoch
+        if t == 0 or t % self.step_size:
+            return self._current()
+        return [lr * self.gamma for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * self.gamma ** (t // self.step_size)
 
 
 class MultiStepLR(LRScheduler):
-    """``lr = base * gamma ** (milestones passed)`` (a milestone given twice counts
-    twice, as in PyTorch)."""
+    """``lr *= gamma`` at each milestone (a milestone given twice counts twice, as in
+    PyTorch): ``lr = base * gamma ** (milestones passed)``."""
 
     def __init__(self, optimizer, milestones, gamma=0.1, last_epoch=-1):
         self.milestones = sorted(integer(m, "milestones[i]", low=0) for m in milestones)
         self.gamma = real(gamma, "gamma", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        hits = self.milestones.count(self.last_epoch)
+        if not hits:
+            return self._current()
+        return [lr * self.gamma ** hits for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * self.gamma ** bisect.bisect_right(self.milestones, t)
 
 
@@ -201,7 +262,17 @@ class ConstantLR(LRScheduler):
         self.total_iters = integer(total_iters, "total_iters", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        t = self.last_epoch
+        if t == 0:
+            return [lr * self.factor for lr in self._current()]
+        if t != self.total_iters:
+            return self._current()
+        if self.factor == 0:  # (PyTorch divides by zero here)
+            return list(self.base_lrs)
+        return [lr * (1.0 / self.factor) for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * (self.factor + (t >= self.total_iters) * (1 - self.factor))
 
 
@@ -218,7 +289,16 @@ class LinearLR(LRScheduler):
         self.total_iters = integer(total_iters, "total_iters", low=1)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        t = self.last_epoch
+        if t == 0:
+            return [lr * self.start_factor for lr in self._current()]
+        if self._is_initial or t > self.total_iters:
+            return self._current()
+        a, b, n = self.start_factor, self.end_factor, self.total_iters
+        return [lr * (1.0 + (b - a) / (n * a + (t - 1) * (b - a))) for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * (self.start_factor + (self.end_factor - self.start_factor)
                        * min(self.total_iters, t) / self.total_iters)
 
@@ -230,7 +310,12 @@ class ExponentialLR(LRScheduler):
         self.gamma = real(gamma, "gamma", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        if self._is_initial:
+            return self._current()
+        return [lr * self.gamma for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * self.gamma ** t
 
 
@@ -242,7 +327,14 @@ class PolynomialLR(LRScheduler):
         self.power = real(power, "power", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        t, n = self.last_epoch, self.total_iters
+        if self._is_initial or t > n:
+            return self._current()
+        decay = ((1.0 - t / n) / (1.0 - (t - 1) / n)) ** self.power
+        return [lr * decay for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return base * (1.0 - min(self.total_iters, t) / self.total_iters) ** self.power
 
 
@@ -251,19 +343,32 @@ class CosineAnnealingLR(LRScheduler):
     restarts; past ``T_max`` it rises again, as PyTorch's)."""
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
-        self.T_max = integer(T_max, "T_max", low=1)
+        self.T_max = real(T_max, "T_max", low=0, low_inclusive=False)
         self.eta_min = real(eta_min, "eta_min", low=0)
         super().__init__(optimizer, last_epoch)
 
-    def _rate(self, base, t, i):
+    def get_lr(self):
+        t, T, low = self.last_epoch, self.T_max, self.eta_min
+        if self._is_initial:
+            return self._current()
+        if self._step_count == 1 and t > 0:
+            return [self._closed_form(b, t) for b in self.base_lrs]
+        if (t - 1 - T) % (2 * T) == 0:
+            return [lr + (b - low) * (1 - math.cos(math.pi / T)) / 2
+                    for lr, b in zip(self._current(), self.base_lrs)]
+        return [(1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
+                * (lr - low) + low for lr in self._current()]
+
+    def _closed_form(self, base, t):
         return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
 
 
 class SequentialLR(LRScheduler):
     """``schedulers[k]`` from epoch ``milestones[k - 1]`` on, counting its own epochs
     from 0 there (e.g. ``LinearLR`` warm-up for 5 epochs, then ``CosineAnnealingLR``:
-    ``milestones=[5]``).  The schedulers must be made on the same optimizer (making
-    one sets its epoch-0 rates; this sets the first's again)."""
+    ``milestones=[5]``), as PyTorch's.  The schedulers must be made on the same
+    optimizer (making them set their epoch-0 rates; this undoes that and starts the
+    first)."""
 
     def __init__(self, optimizer, schedulers, milestones, last_epoch=-1):
         optimizer = _optimizer(optimizer)
@@ -271,38 +376,64 @@ class SequentialLR(LRScheduler):
         if not schedulers:
             raise ValueError("SequentialLR expects at least one scheduler")
         for i, s in enumerate(schedulers):
-            if not isinstance(s, LRScheduler) or isinstance(s, (SequentialLR, MultiplicativeLR)):
-                raise TypeError(f"schedulers[{i}] must be a closed-form LRScheduler "
-                                f"(not SequentialLR or MultiplicativeLR), got {type(s).__name__}")
+            if not isinstance(s, LRScheduler) or isinstance(s, SequentialLR):
+                raise TypeError(f"schedulers[{i}] must be an LRScheduler (not "
+                                f"ReduceLROnPlateau, which needs a figure, nor a "
+                                f"SequentialLR), got {type(s).__name__}")
             if s.optimizer is not optimizer:
                 raise ValueError(f"schedulers[{i}] belongs to another optimizer")
-        milestones = [integer(m, "milestones[i]", low=1) for m in milestones]
+        milestones = [integer(m, "milestones[i]", low=0) for m in milestones]
         if len(milestones) != len(schedulers) - 1:
             raise ValueError(f"SequentialLR expects {len(schedulers) - 1} milestones for "
                              f"{len(schedulers)} schedulers, got {len(milestones)}")
-        if milestones != sorted(set(milestones)):
-            raise ValueError(f"milestones must increase, got {milestones}")
+        if milestones != sorted(milestones):
+            raise ValueError(f"milestones must not decrease, got {milestones}")
+        last_epoch = integer(last_epoch, "last_epoch", low=-1)
         self._schedulers = schedulers
-        self.milestones = milestones
-        super().__init__(optimizer, last_epoch)
+        self._milestones = milestones
+        self.optimizer = optimizer
+        self.last_epoch = last_epoch + 1
+        for g in optimizer.param_groups:  # (undo the schedulers' own first steps)
+            g["lr"] = g["initial_lr"]
+        for s in schedulers:
+            s.last_epoch -= 1
+        self._schedulers[bisect.bisect_right(milestones, 0)]._initial_step()
+        self.base_lrs = [float(g["initial_lr"]) for g in optimizer.param_groups]
+        self._step_count = 1
+        self._last_lr = [float(g["lr"]) for g in optimizer.param_groups]
 
-    def _rates(self, t):
-        k = bisect.bisect_right(self.milestones, t)
-        start = self.milestones[k - 1] if k else 0
-        sched = self._schedulers[k]
-        return [sched._rate(base, t - start, i) for i, base in enumerate(sched.base_lrs)]
+    def step(self) -> None:  # (no epoch argument, as PyTorch's)
+        t = self.last_epoch + 1
+        idx = bisect.bisect_right(self._milestones, t)
+        sched = self._schedulers[idx]
+        if idx > 0 and self._milestones[idx - 1] == t:
+            sched.step(0)
+        else:
+            sched.step()
+        self.last_epoch = t
+        self._last_lr = sched.get_last_lr()
 
-    def step(self) -> None:
-        super().step()
-        k = bisect.bisect_right(self.milestones, self.last_epoch)
-        sched = self._schedulers[k]
-        sched.last_epoch = self.last_epoch - (self.milestones[k - 1] if k else 0)
-        sched._last_lr = self.get_last_lr()
+    def _resume_at(self, epoch) -> None:
+        self.last_epoch = epoch
+        idx = bisect.bisect_right(self._milestones, epoch)
+        self._schedulers[idx]._resume_at(epoch - (self._milestones[idx - 1] if idx else 0))
+        self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
 
-    def on_resume(self, history) -> None:
-        super().on_resume(history)
-        k = bisect.bisect_right(self.milestones, self.last_epoch)
-        self._schedulers[k].last_epoch = self.last_epoch - (self.milestones[k - 1] if k else 0)
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["_schedulers"] = [s.state_dict() for s in self._schedulers]
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if not isinstance(state_dict, dict) or not isinstance(
+                state_dict.get("_schedulers"), list) or len(
+                state_dict["_schedulers"]) != len(self._schedulers):
+            raise ValueError(f"state_dict must be a SequentialLR's with "
+                             f"{len(self._schedulers)} schedulers")
+        own = {k: v for k, v in state_dict.items() if k != "_schedulers"}
+        super().load_state_dict(own)
+        for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
+            s.load_state_dict(sd)
 
 
 class ReduceLROnPlateau:
@@ -330,8 +461,10 @@ class ReduceLROnPlateau:
                 raise ValueError(f"expected {groups} min_lrs (one per parameter group), got "
                                  f"{len(min_lr)}")
             self.min_lrs = [real(m, "min_lr", low=0) for m in min_lr]
+            self.default_min_lr = None
         else:
-            self.min_lrs = [real(min_lr, "min_lr", low=0)] * groups
+            self.default_min_lr = real(min_lr, "min_lr", low=0)
+            self.min_lrs = [self.default_min_lr] * groups
         if not isinstance(monitor, str):
             raise TypeError(f"monitor must be a History key (str), got {type(monitor).__name__}")
         self.mode, self.threshold_mode, self.monitor = mode, threshold_mode, monitor
@@ -373,6 +506,12 @@ class ReduceLROnPlateau:
         self._observe(value, apply=True)
 
     def _observe(self, current, apply):
+        groups = self.optimizer.param_groups
+        if apply and len(groups) != len(self.min_lrs):  # (add_param_group since)
+            if self.default_min_lr is None:
+                raise ValueError(f"ReduceLROnPlateau has {len(self.min_lrs)} min_lrs, the "
+                                 f"optimizer {len(groups)} parameter groups now: set min_lrs")
+            self.min_lrs = [self.default_min_lr] * len(groups)
         self.last_epoch += 1
         if self._is_better(current, self.best):
             self.best = current
@@ -384,10 +523,6 @@ class ReduceLROnPlateau:
             self.num_bad_epochs = 0
         if self.num_bad_epochs > self.patience:
             if apply:
-                groups = self.optimizer.param_groups
-                if len(groups) != len(self.min_lrs):
-                    raise ValueError(f"ReduceLROnPlateau was made for {len(self.min_lrs)} "
-                                     f"parameter groups, the optimizer has {len(groups)} now")
                 for g, low in zip(groups, self.min_lrs):
                     old = float(g["lr"])
                     new = max(old * self.factor, low)

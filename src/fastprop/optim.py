@@ -12,6 +12,7 @@ parameters and state unchanged.
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import numpy as np
@@ -45,6 +46,23 @@ def _param_list(params) -> list:
             raise ValueError(f"params[{i}] appears more than once in the parameter list")
         seen.add(id(p))
     return params
+
+
+_UPDATE_TAKES_STEP: dict = {}
+
+#: keys a parameter group may hold besides "params" and hyperparameters, as in
+#: PyTorch: a label, and the base rate a learning-rate scheduler keeps there
+_GROUP_EXTRAS = ("name", "initial_lr")
+
+
+def _group_extras(group: dict, where: str) -> dict:
+    """The checked extra keys of a parameter group."""
+    extras = {k: group[k] for k in _GROUP_EXTRAS if k in group}
+    if "name" in extras and not isinstance(extras["name"], str):
+        raise TypeError(f"{where}: 'name' must be a str, got {type(extras['name']).__name__}")
+    if "initial_lr" in extras:
+        extras["initial_lr"] = real(extras["initial_lr"], "initial_lr", low=0)
+    return extras
 
 
 def _lr(lr):
@@ -88,7 +106,9 @@ class Optimizer:
     hyperparameter; a value changed there (``opt.param_groups[1]["lr"] = 0.1``) is
     checked and used from the next step.  ``opt.lr = x`` sets it in every group.
     :meth:`add_param_group` adds a group (``defaults``, the constructor's values, fill
-    in what it does not give).
+    in what it does not give).  Besides hyperparameters a group may hold "name" (a
+    str label) and "initial_lr" (a scheduler's base rate); both are kept in
+    ``state_dict``.
 
     ``step_count`` counts the steps taken.  As in PyTorch, each parameter also counts
     its own: a frozen parameter (``requires_grad`` False) sits a step out, so a layer
@@ -121,6 +141,8 @@ class Optimizer:
         index = {id(p): i for i, p in enumerate(self.params)}
         groups, members = [], []
         for i, (plist, overrides) in enumerate(specs):
+            extras = _group_extras(overrides, f"parameter group {i}")
+            overrides = {k: v for k, v in overrides.items() if k not in extras}
             unknown = sorted(set(overrides) - set(hyper))
             if unknown:
                 raise ValueError(f"parameter group {i}: unknown hyperparameters {unknown}; "
@@ -128,7 +150,7 @@ class Optimizer:
             values = dict(hyper)
             if overrides:  # (checked as the constructor checks them)
                 values.update(type(self)(plist, **{**hyper, **overrides}).hyper)
-            groups.append({"params": plist, **values})
+            groups.append({"params": plist, **values, **extras})
             members.append([index[id(p)] for p in plist])
         self.param_groups = groups
         self._members = members
@@ -139,6 +161,10 @@ class Optimizer:
         hyper = self.__dict__.get("hyper")
         if hyper is not None and name in hyper:
             return hyper[name]
+        if name == "defaults" and hyper is not None:
+            # (an optimizer pickled before `defaults`: its constructor's values are
+            # gone; the current ones stand in)
+            return dict(hyper)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __setattr__(self, name, value):
@@ -273,20 +299,35 @@ class Optimizer:
             self._lag = np.zeros(len(self.params), np.int64)
         return self._lag
 
-    def _groups(self, members, lag):
+    def _groups(self, members, lag, frozen):
         """[(indices, own step)]: the parameters of ``members`` to update, grouped by
         dtype and by their own step count (a backend call takes one of each).  Frozen
-        ones are skipped, as PyTorch skips a parameter without a gradient, and sit
-        the step out (``lag``)."""
+        ones are skipped, as PyTorch skips a parameter without a gradient, and listed
+        in ``frozen`` (they sit the step out)."""
         groups: dict = {}
         for i in members:
             p = self.params[i]
             if p.requires_grad:
                 groups.setdefault((p.value.dtype, int(lag[i])), []).append(i)
             else:
-                lag[i] += 1
-        return [(idx, max(1, self.step_count - behind))
+                frozen.append(i)
+        return [(idx, max(1, self.step_count + 1 - behind))
                 for (_, behind), idx in groups.items()]
+
+    def _takes_step(self) -> bool:
+        """Whether this type's ``_update`` takes the parameters' own step count (an
+        optimizer written before it did reads ``self.step_count``)."""
+        cls = type(self)
+        known = _UPDATE_TAKES_STEP.get(cls)
+        if known is None:
+            try:
+                sig = inspect.signature(cls._update)
+                known = "step" in sig.parameters or any(
+                    q.kind is q.VAR_POSITIONAL for q in sig.parameters.values())
+            except (TypeError, ValueError):
+                known = True
+            _UPDATE_TAKES_STEP[cls] = known
+        return known
 
     def step(self) -> None:
         """Apply one update to every parameter from its ``.grad``."""
@@ -300,14 +341,27 @@ class Optimizer:
                     if key not in self.state[i]:
                         self.state[i][key] = np.zeros_like(self.params[i].value)
         lag = self._lags()
+        frozen: list = []
+        plan = [(h, names, self._groups(members, lag, frozen))
+                for (h, names), members in zip(checked, self._members)]
+        takes_step = self._takes_step()
         self.step_count += 1
+        lag[frozen] += 1
         be = backends.current()
-        for (h, names), members in zip(checked, self._members):
-            for idx, step in self._groups(members, lag):
-                params = [self.params[i].value for i in idx]
-                grads = [self.params[i].grad for i in idx]
-                states = {k: [self.state[i][k] for i in idx] for k in names}
-                self._update(be, params, grads, states, h, step)
+        try:
+            for h, names, parts in plan:
+                for idx, step in parts:
+                    params = [self.params[i].value for i in idx]
+                    grads = [self.params[i].grad for i in idx]
+                    states = {k: [self.state[i][k] for i in idx] for k in names}
+                    if takes_step:
+                        self._update(be, params, grads, states, h, step)
+                    else:
+                        self._update(be, params, grads, states, h)
+        except BaseException:
+            self.step_count -= 1  # (the counts as before; a kernel refuses before writing)
+            lag[frozen] -= 1
+            raise
 
     def _update(self, be, params, grads, states, h, step) -> None:
         """One backend call for parameters of one dtype whose own step count (from
@@ -325,21 +379,22 @@ class Optimizer:
             raise ValueError("param_group has no 'params'")
         plist = param_group["params"]
         plist = _param_list([plist] if isinstance(plist, Parameter) else plist)
-        overrides = {k: v for k, v in param_group.items() if k != "params"}
+        extras = _group_extras(param_group, "param_group")
+        overrides = {k: v for k, v in param_group.items() if k != "params" and k not in extras}
         if any(id(p) in {id(q) for q in self.params} for p in plist):
             raise ValueError("some parameters appear in more than one parameter group")
         unknown = sorted(set(overrides) - set(self.hyper))
         if unknown:
             raise ValueError(f"param_group: unknown hyperparameters {unknown}; "
                              f"{type(self).__name__} has {sorted(self.hyper)}")
-        defaults = self.__dict__.get("defaults", self.hyper)
+        defaults = self.defaults
         values = dict(type(self)(plist, **{**defaults, **overrides}).hyper)
         lag = np.concatenate([self._lags(), np.full(len(plist), self.step_count, np.int64)])
         start = len(self.params)
         self.params = self.params + plist
         self.state = self.state + [dict() for _ in plist]
         self._lag = lag
-        self.param_groups.append({"params": plist, **values})
+        self.param_groups.append({"params": plist, **values, **extras})
         self._members.append(list(range(start, start + len(plist))))
         self._checked.append(None)
 
@@ -350,7 +405,8 @@ class Optimizer:
         return {
             "type": type(self).__name__,
             "hyper": dict(self.hyper),
-            "param_groups": [{k: g[k] for k in self.hyper if k in g} for g in self.param_groups],
+            "param_groups": [{k: g[k] for k in (*self.hyper, *_GROUP_EXTRAS) if k in g}
+                             for g in self.param_groups],
             "step": self.step_count,
             "steps": [self.step_count - int(lag) for lag in self._lags()],
             "state": [{k: v.copy() for k, v in s.items()} for s in self.state],
@@ -389,11 +445,16 @@ class Optimizer:
                 gh = dict(gh) if isinstance(gh, dict) else {}
                 if isinstance(gh.get("betas"), list):
                     gh["betas"] = tuple(gh["betas"])
+                try:
+                    extras = _group_extras(gh, f"state_dict's parameter group {i}")
+                except TypeError as exc:
+                    raise ValueError(str(exc)) from None
+                gh = {k: v for k, v in gh.items() if k not in extras}
                 if set(gh) != set(self.hyper):
                     raise ValueError(f"state_dict's parameter group {i} has hyperparameters "
                                      f"{sorted(gh)}, expected {sorted(self.hyper)}")
                 try:
-                    group_hypers.append(dict(self._validate(gh).hyper))
+                    group_hypers.append({**self._validate(gh).hyper, **extras})
                 except TypeError as exc:
                     raise ValueError(f"state_dict's parameter group {i} is invalid: {exc}") from None
         new = []
