@@ -1,5 +1,7 @@
 """Layers and losses: gradcheck in float64, forward values against NumPy, API details."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -763,3 +765,76 @@ def test_robust_losses_gradcheck_and_torch(backend, rng, kind):
     value.backward()
     assert loss(p, t) == pytest.approx(value.item(), rel=1e-13)
     np.testing.assert_allclose(loss.backward(), tp.grad.numpy(), rtol=1e-13, atol=1e-16)
+
+
+@pytest.mark.parametrize("name", ["xavier_uniform_", "xavier_normal_", "kaiming_uniform_",
+                                  "kaiming_normal_"])
+def test_in_place_initializers_as_torch(name, rng):
+    """torch.nn.init's in-place forms on a Parameter (its value replaced, dtype kept)
+    or an array (written in place): the bound / std of torch's formulas, with fan_in
+    the weight's inputs (shape[0] here, torch's size(1)); model.apply reaches every
+    layer; bad arguments are refused with nothing drawn or written."""
+    fn = getattr(fp.init, name)
+    shape = (400, 300)  # fan_in 400, fan_out 300
+    kw = {"nonlinearity": "relu"} if name.startswith("kaiming") else {"gain": 2.0}
+    expect = {"xavier_uniform_": 2.0 * math.sqrt(6 / 700), "xavier_normal_": 2.0 * math.sqrt(2 / 700),
+              "kaiming_uniform_": math.sqrt(2) * math.sqrt(3 / 400),
+              "kaiming_normal_": math.sqrt(2) / math.sqrt(400)}[name]
+    p = fp.Parameter(np.zeros(shape, np.float32))
+    assert fn(p, rng=1, **kw) is p and p.value.dtype == np.float32
+    v = p.value.astype(np.float64)
+    if "uniform" in name:
+        assert np.abs(v).max() <= expect and np.abs(v).max() > 0.99 * expect
+    else:
+        assert v.std() == pytest.approx(expect, rel=0.02)
+    arr = np.zeros(shape)
+    fn(arr, rng=1, **kw)
+    np.testing.assert_allclose(arr, p.value, rtol=1e-6)  # (same draws, float64 kept)
+    if name.startswith("kaiming"):
+        out = np.zeros(shape)
+        fn(out, mode="fan_out", nonlinearity="relu", rng=1)
+        np.testing.assert_allclose(out, arr * math.sqrt(400 / 300), rtol=1e-9, atol=1e-15)
+        with pytest.raises(ValueError, match="mode"):
+            fn(out, mode="fan", rng=1)
+    gen = np.random.default_rng(5)
+    before = gen.bit_generator.state
+    with pytest.raises(ValueError, match="2-D"):
+        fn(fp.Parameter(np.zeros(3)), rng=gen)
+    with pytest.raises(TypeError, match="Parameter or a float32/float64 ndarray"):
+        fn([[0.0]], rng=gen)
+    assert gen.bit_generator.state == before
+
+    model = fp.nn.Sequential(fp.nn.Dense(4, 8, "relu"), fp.nn.Dense(8, 2))
+    seen = []
+    assert model.apply(lambda m: seen.append(type(m).__name__)) is model
+    assert seen == ["Dense", "Dense", "Sequential"]  # (children first, as PyTorch)
+    model.apply(lambda m: fp.init.zeros_(m.bias) if isinstance(m, fp.nn.Dense) else None)
+    assert not model[0].bias.value.any()
+    assert [n for n, _ in model.named_modules()] == ["0", "1", "2"]
+    assert {name.split(".")[0] for name in model.state_dict()} == {"1", "2"}
+    torch = pytest.importorskip("torch")
+    t = torch.empty(300, 400)  # torch's (out, in) layout of the same weight
+    getattr(torch.nn.init, name)(t, **kw)
+    ref = t.numpy().T.astype(np.float64)
+    if "uniform" in name:
+        assert np.abs(ref).max() <= expect * (1 + 1e-6)
+    else:
+        assert ref.std() == pytest.approx(expect, rel=0.02)
+
+
+def test_simple_in_place_initializers(rng):
+    p = fp.Parameter(np.ones((50, 40)))
+    fp.init.uniform_(p, -0.5, 0.25, rng=0)
+    assert p.value.min() >= -0.5 and p.value.max() <= 0.25
+    fp.init.normal_(p, mean=3.0, std=0.1, rng=0)
+    assert p.value.mean() == pytest.approx(3.0, abs=0.01)
+    fp.init.constant_(p, 0.7)
+    assert (p.value == 0.7).all()
+    fp.init.ones_(p)
+    assert (p.value == 1).all()
+    for call, match in ((lambda: fp.init.uniform_(p, 1.0, 0.0), "a <= b"),
+                        (lambda: fp.init.normal_(p, std=-1.0), "std >= 0"),
+                        (lambda: fp.init.constant_(p, float("nan")), "finite")):
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert (p.value == 1).all()

@@ -19,7 +19,9 @@ import numpy as np
 from ._checks import float_dtype, real
 
 __all__ = ["xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros",
-           "calculate_gain", "seed", "default_for", "get"]
+           "calculate_gain", "seed", "default_for", "get",
+           "xavier_uniform_", "xavier_normal_", "kaiming_uniform_", "kaiming_normal_",
+           "uniform_", "normal_", "constant_", "zeros_", "ones_"]
 
 _rng = np.random.default_rng()
 
@@ -167,6 +169,129 @@ def zeros(shape, gain=None, rng=None, dtype=np.float32):
     dtype = float_dtype(dtype)
     _generator(rng)
     return np.zeros(shape, dtype=dtype)
+
+
+# ------------------------------------------------- in place, as torch.nn.init's "_" forms
+def _target(tensor):
+    """(the array to fill, its shape, its dtype) of a Parameter or a float ndarray."""
+    from .nn import Parameter
+    if isinstance(tensor, Parameter):
+        arr = tensor.value
+    elif isinstance(tensor, np.ndarray) and tensor.dtype in (np.float32, np.float64):
+        if not tensor.flags.writeable:
+            raise ValueError("tensor is a read-only array")
+        arr = tensor
+    else:
+        raise TypeError(f"tensor must be a fastprop Parameter or a float32/float64 ndarray, "
+                        f"got {type(tensor).__name__}")
+    if arr.size == 0:
+        raise ValueError(f"tensor is empty (shape {arr.shape})")
+    return arr
+
+
+def _write(tensor, values):
+    from .nn import Parameter
+    if isinstance(tensor, Parameter):
+        tensor.value = values  # (a copy, in the parameter's dtype)
+    else:
+        np.copyto(tensor, values, casting="unsafe")
+    return tensor
+
+
+def _fans_of(arr, where):
+    if arr.ndim != 2:
+        raise ValueError(f"{where}: fan in and fan out need a 2-D weight (in, out), got "
+                         f"shape {arr.shape}")
+    return arr.shape[0], arr.shape[1]
+
+
+def xavier_uniform_(tensor, gain=1.0, rng=None):
+    """Fill a weight (in, out) from U(-a, a), a = gain sqrt(6 / (fan_in + fan_out)),
+    in place, as ``torch.nn.init.xavier_uniform_``; returns it.  ``tensor`` is a
+    Parameter (its value replaced by a filled copy) or a float ndarray (written in
+    place)."""
+    arr = _target(tensor)
+    fan_in, fan_out = _fans_of(arr, "xavier_uniform_")
+    gain, gen = _gain(gain), _generator(rng)
+    a = _scale(gain * math.sqrt(6.0 / (fan_in + fan_out)), gain, arr.dtype)
+    return _write(tensor, gen.uniform(-a, a, size=arr.shape))
+
+
+def xavier_normal_(tensor, gain=1.0, rng=None):
+    """N(0, std^2), std = gain sqrt(2 / (fan_in + fan_out)), in place."""
+    arr = _target(tensor)
+    fan_in, fan_out = _fans_of(arr, "xavier_normal_")
+    gain, gen = _gain(gain), _generator(rng)
+    std = _scale(gain * math.sqrt(2.0 / (fan_in + fan_out)), gain, arr.dtype)
+    return _write(tensor, gen.standard_normal(size=arr.shape) * std)
+
+
+def _kaiming(tensor, a, mode, nonlinearity, where):
+    arr = _target(tensor)
+    fan_in, fan_out = _fans_of(arr, where)
+    if mode not in ("fan_in", "fan_out"):
+        raise ValueError(f"mode must be 'fan_in' or 'fan_out', got {mode!r}")
+    gain = calculate_gain(nonlinearity, a)
+    return arr, gain, fan_in if mode == "fan_in" else fan_out
+
+
+def kaiming_uniform_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", rng=None):
+    """U(-b, b), b = gain sqrt(3 / fan), gain = calculate_gain(nonlinearity, a), in
+    place, as ``torch.nn.init.kaiming_uniform_`` (same defaults; fan_in is the
+    weight's ``shape[0]`` here, its inputs)."""
+    arr, gain, fan = _kaiming(tensor, a, mode, nonlinearity, "kaiming_uniform_")
+    gen = _generator(rng)
+    b = _scale(gain * math.sqrt(3.0 / fan), gain, arr.dtype)
+    return _write(tensor, gen.uniform(-b, b, size=arr.shape))
+
+
+def kaiming_normal_(tensor, a=0.0, mode="fan_in", nonlinearity="leaky_relu", rng=None):
+    """N(0, std^2), std = gain / sqrt(fan), in place, as
+    ``torch.nn.init.kaiming_normal_``."""
+    arr, gain, fan = _kaiming(tensor, a, mode, nonlinearity, "kaiming_normal_")
+    gen = _generator(rng)
+    std = _scale(gain / math.sqrt(fan), gain, arr.dtype)
+    return _write(tensor, gen.standard_normal(size=arr.shape) * std)
+
+
+def _finite(value, name):
+    v = real(value, name, message=f"Invalid {name}: {value!r}; expected a finite number")
+    if not math.isfinite(v):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number")
+    return v
+
+
+def uniform_(tensor, a=0.0, b=1.0, rng=None):
+    """U(a, b) in place (a <= b)."""
+    arr = _target(tensor)
+    a, b = _finite(a, "a"), _finite(b, "b")
+    if a > b:
+        raise ValueError(f"uniform_ needs a <= b, got a={a}, b={b}")
+    return _write(tensor, _generator(rng).uniform(a, b, size=arr.shape))
+
+
+def normal_(tensor, mean=0.0, std=1.0, rng=None):
+    """N(mean, std^2) in place (std >= 0)."""
+    arr = _target(tensor)
+    mean, std = _finite(mean, "mean"), _finite(std, "std")
+    if std < 0:
+        raise ValueError(f"normal_ needs std >= 0, got {std}")
+    return _write(tensor, mean + std * _generator(rng).standard_normal(size=arr.shape))
+
+
+def constant_(tensor, val):
+    """Every element ``val``, in place."""
+    arr = _target(tensor)
+    return _write(tensor, np.full(arr.shape, _finite(val, "val")))
+
+
+def zeros_(tensor):
+    """Zeros in place (a bias, typically)."""
+    return constant_(tensor, 0.0)
+
+
+def ones_(tensor):
+    return constant_(tensor, 1.0)
 
 
 _BY_NAME = {

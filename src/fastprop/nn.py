@@ -232,6 +232,22 @@ class Module:
         for child in self.children():
             yield from child.modules()
 
+    def named_modules(self) -> list:
+        """(name, module) for this module and every submodule, in :meth:`modules`
+        order; a name is the module's index there, the prefix of its parameters'
+        names in :meth:`state_dict` ("0" is this module)."""
+        return [(str(i), mod) for i, mod in enumerate(self.modules())]
+
+    def apply(self, fn):
+        """Call ``fn(module)`` on every submodule, then on this one (children first,
+        as PyTorch's ``Module.apply``), e.g. to initialise weights; returns self."""
+        if not callable(fn):
+            raise TypeError(f"fn must be callable, got {type(fn).__name__}")
+        for child in self.children():
+            child.apply(fn)
+        fn(self)
+        return self
+
     def parameters(self) -> list:
         """Every trainable Parameter of this module and its children, once each."""
         seen, out = set(), []
