@@ -46,3 +46,11 @@ def _restore_backend_state():
 @pytest.fixture
 def rng():
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(params=["formulas", "torch"])
+def peer(request):
+    """For a test that checks against formulas and then against PyTorch: None (the
+    formulas' checks only, always run), or torch's module (those and PyTorch's own
+    results; skipped without torch, an optional peer)."""
+    return pytest.importorskip("torch") if request.param == "torch" else None

@@ -58,19 +58,21 @@ def _rates(opt_lib, make, epochs=EPOCHS):
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
-def test_scheduler_rates_match_formula_and_torch(name):
+def test_scheduler_rates_match_formula_and_torch(name, peer):
     kw, formula = CASES[name]
     ours, opt = _rates("fp", lambda o: getattr(sched, name)(o, **kw))
     for t, rates in enumerate(ours):
         np.testing.assert_allclose(rates, [formula(0.1, t), formula(0.02, t)], rtol=1e-13)
     assert [g["lr"] for g in opt.param_groups] == ours[-1]
     assert opt.lr == ours[-1][0] or len(set(ours[-1])) == 2
-    torch = pytest.importorskip("torch")
+    if peer is None:
+        return
+    torch = peer
     theirs, _ = _rates("torch", lambda o: getattr(torch.optim.lr_scheduler, name)(o, **kw))
     np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-15)
 
 
-def test_lambda_multiplicative_and_sequential_schedulers():
+def test_lambda_multiplicative_and_sequential_schedulers(peer):
     ours, _ = _rates("fp", lambda o: sched.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9 ** t]))
     assert ours[3] == pytest.approx([0.1 / 4, 0.02 * 0.9 ** 3], rel=1e-14)
     mult, _ = _rates("fp", lambda o: sched.MultiplicativeLR(o, lambda t: 0.5))
@@ -85,7 +87,9 @@ def test_lambda_multiplicative_and_sequential_schedulers():
     for t in range(EPOCHS + 1):
         f = 0.2 + 0.8 * t / 3 if t < 3 else (1 + math.cos(math.pi * (t - 3) / 8)) / 2
         assert seq[t] == pytest.approx([0.1 * f, 0.02 * f], rel=1e-13, abs=1e-16), t
-    torch = pytest.importorskip("torch")
+    if peer is None:
+        return
+    torch = peer
     for make_ours, make_theirs in (
             (lambda o: sched.LambdaLR(o, [lambda t: 1 / (t + 1), lambda t: 0.9 ** t]),
              lambda o: torch.optim.lr_scheduler.LambdaLR(o, [lambda t: 1 / (t + 1),
@@ -104,7 +108,7 @@ PLATEAU = [1.0, 0.9, 0.95, 0.9, 0.91, 0.92, float("nan"), 0.5, 0.6, 0.7, 0.8, 0.
 @pytest.mark.parametrize("kw", [{}, {"patience": 1, "cooldown": 2, "factor": 0.5},
                                 {"mode": "max", "patience": 0, "threshold_mode": "abs",
                                  "threshold": 0.05, "min_lr": [0.05, 0.0]}])
-def test_reduce_lr_on_plateau_matches_torch(kw):
+def test_reduce_lr_on_plateau_matches_torch(kw, peer):
     kw = {"patience": 2, **kw}
 
     def run(lib, opt):
@@ -118,7 +122,9 @@ def test_reduce_lr_on_plateau_matches_torch(kw):
     ours = run(sched, _two_groups())
     if kw == {"patience": 2}:  # bad: 0.95, 0.9 (not 1e-4 better than 0.9), 0.91: cut
         assert ours[4] == [pytest.approx(0.01), pytest.approx(0.002)] and ours[3] == [0.1, 0.02]
-    torch = pytest.importorskip("torch")
+    if peer is None:
+        return
+    torch = peer
     np.testing.assert_allclose(ours, run(torch.optim.lr_scheduler, _two_groups("torch")),
                                rtol=1e-14)
 
@@ -245,7 +251,7 @@ def _pair(lib, opt):
     return [lib.ExponentialLR(opt, gamma=0.9), lib.MultiStepLR(opt, milestones=[3], gamma=0.1)]
 
 
-def test_schedulers_chain_and_build_on_the_current_rate_as_torch():
+def test_schedulers_chain_and_build_on_the_current_rate_as_torch(peer):
     """Two schedulers stepped together multiply (PyTorch's chaining); a rate set by hand
     between steps is what the next step starts from; step(epoch) jumps with the closed
     form; a group added later is scheduled from its rate then; the PyTorch resume
@@ -290,7 +296,9 @@ def test_schedulers_chain_and_build_on_the_current_rate_as_torch():
     with pytest.raises(TypeError, match="'name' must be a str"):
         optim.SGD([{"params": model.parameters(), "name": 3}], lr=0.1)
 
-    torch = pytest.importorskip("torch")
+    if peer is None:
+        return
+    torch = peer
     np.testing.assert_allclose(ours, run(torch.optim.lr_scheduler, _two_groups("torch")),
                                rtol=1e-15)
     topt = _two_groups("torch")
@@ -322,3 +330,73 @@ def test_sequential_state_dict_keeps_its_schedulers():
         sa.step()
         sb.step()
     assert sa.get_last_lr() == sb.get_last_lr()
+
+
+def test_one_cycle_and_warm_restarts(peer):
+    """OneCycleLR (rates and the momentum it cycles, SGD's or Adam's beta1) and
+    CosineAnnealingWarmRestarts against their formulas and, when installed, PyTorch's;
+    stepping OneCycleLR past total_steps is refused with nothing changed."""
+    opt = _two_groups()
+    s = sched.OneCycleLR(opt, max_lr=1.0, total_steps=10, pct_start=0.3)
+    rates, momenta = [s.get_last_lr()[0]], [opt.param_groups[0]["momentum"]]
+    for _ in range(9):
+        opt.step()
+        s.step()
+        rates.append(s.get_last_lr()[0])
+        momenta.append(opt.param_groups[0]["momentum"])
+
+    def cos(a, b, pct):
+        return b + (a - b) / 2 * (math.cos(math.pi * pct) + 1)
+
+    up, total = 0.3 * 10 - 1, 9
+    want = [cos(0.04, 1.0, t / up) if t <= up else cos(1.0, 0.04 / 1e4, (t - up) / (total - up))
+            for t in range(10)]
+    np.testing.assert_allclose(rates, want, rtol=1e-13)
+    assert momenta[0] == 0.95 and min(momenta) == pytest.approx(0.85)
+    assert rates[-1] == pytest.approx(0.04 / 1e4)
+    s.step()  # (step 10 of 10: the last one allowed)
+    before = [(g["lr"], g["momentum"]) for g in opt.param_groups]
+    with pytest.raises(ValueError, match="Tried to step 11 times"):
+        s.step()
+    assert s.last_epoch == 10 and [(g["lr"], g["momentum"]) for g in opt.param_groups] == before
+    adam = optim.Adam(nn.Dense(2, 2, rng=0).parameters(), lr=0.1, betas=(0.9, 0.99))
+    sched.OneCycleLR(adam, max_lr=0.1, total_steps=5, base_momentum=0.8, max_momentum=0.9)
+    assert adam.param_groups[0]["betas"] == (0.9, 0.99)
+    with pytest.raises(ValueError, match="momentum or beta1"):
+        sched.OneCycleLR(optim.Adagrad(nn.Dense(2, 2).parameters()), max_lr=0.1, total_steps=5)
+    fresh = _two_groups()
+    with pytest.raises(ValueError, match="total_steps"):
+        sched.OneCycleLR(fresh, max_lr=0.1)
+    with pytest.raises(ValueError, match="max_lr"):
+        sched.OneCycleLR(fresh, max_lr=[0.1], total_steps=5)
+    assert [g["momentum"] for g in fresh.param_groups] == [0.9, 0.9]
+    assert all("initial_lr" not in g for g in fresh.param_groups)
+
+    opt = _two_groups()
+    w = sched.CosineAnnealingWarmRestarts(opt, T_0=2, T_mult=2, eta_min=0.001)
+    got = [w.get_last_lr()[0]]
+    for _ in range(7):
+        w.step()
+        got.append(w.get_last_lr()[0])
+    phase = [(0, 2), (1, 2), (0, 4), (1, 4), (2, 4), (3, 4), (0, 8), (1, 8)]
+    np.testing.assert_allclose(
+        got, [0.001 + 0.099 * (1 + math.cos(math.pi * c / T)) / 2 for c, T in phase], rtol=1e-13)
+    w.step(4.5)  # (a fractional epoch: 2.5 into the second cycle of 4)
+    assert w.get_last_lr()[0] == pytest.approx(0.001 + 0.099 * (1 + math.cos(math.pi * 2.5 / 4)) / 2)
+
+    if peer is None:
+        return
+    torch = peer
+    for kw in ({"max_lr": 0.5, "total_steps": 20},
+               {"max_lr": [0.5, 0.1], "total_steps": 17, "anneal_strategy": "linear",
+                "three_phase": True}):
+        ours, theirs = _two_groups(), _two_groups("torch")
+        a = sched.OneCycleLR(ours, **kw)
+        b = torch.optim.lr_scheduler.OneCycleLR(theirs, **kw)
+        for _ in range(kw["total_steps"] - 1):
+            ours.step()
+            theirs.step()
+            a.step()
+            b.step()
+            assert [(g["lr"], g["momentum"]) for g in ours.param_groups] == \
+                [(g["lr"], g["momentum"]) for g in theirs.param_groups]

@@ -31,7 +31,7 @@ from ._checks import integer, real
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR",
            "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
-           "SequentialLR", "ReduceLROnPlateau"]
+           "CosineAnnealingWarmRestarts", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
 
 
 def _optimizer(optimizer):
@@ -361,6 +361,183 @@ class CosineAnnealingLR(LRScheduler):
 
     def _closed_form(self, base, t):
         return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2
+
+
+class CosineAnnealingWarmRestarts(LRScheduler):
+    """Cosine annealing from the base rate to ``eta_min`` over ``T_0`` epochs, then
+    again from the base over ``T_0 T_mult``, ... (SGDR), as PyTorch's.  ``step(epoch)``
+    also takes a fractional epoch (``epoch + batch / batches``, per batch)."""
+
+    def __init__(self, optimizer, T_0, T_mult=1, eta_min=0.0, last_epoch=-1):
+        self.T_0 = integer(T_0, "T_0", low=1)
+        self.T_mult = integer(T_mult, "T_mult", low=1)
+        self.eta_min = real(eta_min, "eta_min", low=0)
+        self.T_i = self.T_0
+        self.T_cur = integer(last_epoch, "last_epoch", low=-1)
+        super().__init__(optimizer, last_epoch)
+
+    def get_lr(self):
+        return [self.eta_min + (b - self.eta_min) * (1 + math.cos(math.pi * self.T_cur / self.T_i)) / 2
+                for b in self.base_lrs]
+
+    def _place(self, epoch):
+        """(T_cur, T_i) at ``epoch`` (>= 0), as PyTorch's step(epoch)."""
+        if epoch >= self.T_0:
+            if self.T_mult == 1:
+                return epoch % self.T_0, self.T_0
+            n = int(math.log(epoch / self.T_0 * (self.T_mult - 1) + 1, self.T_mult))
+            return (epoch - self.T_0 * (self.T_mult ** n - 1) / (self.T_mult - 1),
+                    self.T_0 * self.T_mult ** n)
+        return epoch, self.T_0
+
+    def step(self, epoch=None) -> None:
+        groups = self.optimizer.param_groups
+        for g in groups[len(self.base_lrs):]:
+            self.base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+        saved = (self.last_epoch, self._step_count, self.T_cur, self.T_i)
+        self._step_count += 1
+        try:
+            if epoch is None and self.last_epoch < 0:
+                epoch = 0
+            if epoch is None:
+                epoch = self.last_epoch + 1
+                self.T_cur = self.T_cur + 1
+                if self.T_cur >= self.T_i:
+                    self.T_cur = self.T_cur % self.T_i
+                    self.T_i = self.T_i * self.T_mult
+            else:
+                epoch = real(epoch, "epoch", low=0)
+                self.T_cur, self.T_i = self._place(epoch)
+            self.last_epoch = math.floor(epoch)
+            _set_rates(self.optimizer, self.get_lr(), "CosineAnnealingWarmRestarts")
+        except BaseException:
+            self.last_epoch, self._step_count, self.T_cur, self.T_i = saved
+            raise
+        self._last_lr = [float(g["lr"]) for g in groups]
+
+    def _resume_at(self, epoch) -> None:
+        super()._resume_at(epoch)
+        self.T_cur, self.T_i = self._place(epoch)
+
+
+class OneCycleLR(LRScheduler):
+    """The 1cycle policy (Smith & Topin), as PyTorch's, stepped once per batch: the
+    rate rises from ``max_lr / div_factor`` to ``max_lr`` over the first
+    ``pct_start`` of ``total_steps`` (or ``epochs * steps_per_epoch``), then anneals
+    ("cos" or "linear") to ``initial / final_div_factor``; with ``cycle_momentum`` the
+    momentum (SGD's, or Adam's beta1) moves inversely between ``max_momentum`` and
+    ``base_momentum``.  ``three_phase`` as PyTorch's.  Stepping past ``total_steps``
+    is a ValueError.  (As a ``fit`` callback it steps once per epoch: give
+    ``total_steps=epochs``.)  Its per-group rates and momenta are kept in the
+    scheduler (PyTorch keeps them in the groups)."""
+
+    def __init__(self, optimizer, max_lr, total_steps=None, epochs=None, steps_per_epoch=None,
+                 pct_start=0.3, anneal_strategy="cos", cycle_momentum=True,
+                 base_momentum=0.85, max_momentum=0.95, div_factor=25.0,
+                 final_div_factor=1e4, three_phase=False, last_epoch=-1):
+        optimizer = _optimizer(optimizer)
+        if total_steps is not None:
+            self.total_steps = integer(total_steps, "total_steps", low=1)
+        elif epochs is not None and steps_per_epoch is not None:
+            self.total_steps = (integer(epochs, "epochs", low=1)
+                                * integer(steps_per_epoch, "steps_per_epoch", low=1))
+        else:
+            raise ValueError("You must define either total_steps OR (epochs AND steps_per_epoch)")
+        pct_start = real(pct_start, "pct_start", low=0, high=1)
+        if anneal_strategy not in ("cos", "linear"):
+            raise ValueError(f"anneal_strategy must be one of 'cos' or 'linear', got "
+                             f"{anneal_strategy!r}")
+        self.anneal_strategy = anneal_strategy
+        div_factor = real(div_factor, "div_factor", low=0, low_inclusive=False)
+        final_div_factor = real(final_div_factor, "final_div_factor", low=0, low_inclusive=False)
+        groups = optimizer.param_groups
+        n = len(groups)
+
+        def per_group(value, name):
+            values = list(value) if isinstance(value, (list, tuple)) else [value] * n
+            if len(values) != n:
+                raise ValueError(f"expected {n} values for {name}, got {len(values)}")
+            return [real(v, name, low=0) for v in values]
+
+        max_lrs = per_group(max_lr, "max_lr")
+        T = self.total_steps
+        if three_phase:
+            self._phases = [(float(pct_start * T) - 1, "initial", "max", "max_m", "base_m"),
+                            (float(2 * pct_start * T) - 2, "max", "initial", "base_m", "max_m"),
+                            (T - 1, "initial", "min", "max_m", "max_m")]
+        else:
+            self._phases = [(float(pct_start * T) - 1, "initial", "max", "max_m", "base_m"),
+                            (T - 1, "max", "min", "base_m", "max_m")]
+        self.cycle_momentum = bool(cycle_momentum)
+        self.use_beta1 = "betas" in optimizer.hyper
+        if self.cycle_momentum:
+            if "momentum" not in optimizer.hyper and not self.use_beta1:
+                raise ValueError("optimizer must support momentum or beta1 with "
+                                 "`cycle_momentum` option enabled")
+            max_ms = per_group(max_momentum, "max_momentum")
+            base_ms = per_group(base_momentum, "base_momentum")
+        else:
+            max_ms = base_ms = [0.0] * n
+        last_epoch = integer(last_epoch, "last_epoch", low=-1)
+        self._levels = [{"initial": m / div_factor, "max": m, "min": m / div_factor / final_div_factor,
+                         "max_m": a, "base_m": b} for m, a, b in zip(max_lrs, max_ms, base_ms)]
+        saved = [{k: g[k] for k in ("initial_lr", "momentum", "betas") if k in g} for g in groups]
+        try:
+            if last_epoch == -1:
+                for g, lv in zip(groups, self._levels):
+                    g["initial_lr"] = lv["initial"]
+                if self.cycle_momentum:
+                    self._set_momenta([lv["max_m"] for lv in self._levels], optimizer)
+            super().__init__(optimizer, last_epoch)
+        except BaseException:  # (a refused scheduler leaves the groups as they were)
+            for g, old in zip(groups, saved):
+                g.pop("initial_lr", None)
+                g.update(old)
+            raise
+
+    def _set_momenta(self, values, optimizer=None):
+        opt = optimizer or self.optimizer
+        for g, m in zip(opt.param_groups, values):
+            if self.use_beta1:
+                g["betas"] = (m, *tuple(g["betas"])[1:])
+            else:
+                g["momentum"] = m
+
+    def _anneal(self, start, end, pct):
+        if self.anneal_strategy == "cos":
+            return end + (start - end) / 2.0 * (math.cos(math.pi * pct) + 1)
+        return (end - start) * pct + start
+
+    def get_lr(self):
+        t = self.last_epoch
+        if t > self.total_steps:
+            raise ValueError(f"Tried to step {t} times. The specified number of total steps "
+                             f"is {self.total_steps}")
+        groups = self.optimizer.param_groups
+        while len(self._levels) < len(groups):  # (a group added since: its rate's cycle)
+            lr = groups[len(self._levels)]["lr"]
+            self._levels.append({"initial": lr, "max": lr, "min": lr, "max_m": 0.0,
+                                 "base_m": 0.0})
+        rates, momenta = [], []
+        for lv in self._levels:
+            start = 0.0
+            for i, (end, lr0, lr1, m0, m1) in enumerate(self._phases):
+                if t <= end or i == len(self._phases) - 1:
+                    pct = (t - start) / (end - start)
+                    rates.append(self._anneal(lv[lr0], lv[lr1], pct))
+                    momenta.append(self._anneal(lv[m0], lv[m1], pct))
+                    break
+                start = end
+        if self.cycle_momentum:
+            self._pending_momenta = momenta
+        return rates
+
+    def step(self, epoch=None) -> None:
+        self._pending_momenta = None
+        super().step(epoch)
+        if self._pending_momenta is not None:  # (the rates were accepted)
+            self._set_momenta(self._pending_momenta)
+        self._pending_momenta = None
 
 
 class SequentialLR(LRScheduler):
