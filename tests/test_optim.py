@@ -949,3 +949,43 @@ def test_an_optimizer_written_before_own_step_counts_still_works(rng):
     old.lr = 0.5
     assert old.defaults["lr"] == 0.5  # (the constructor's values are gone)
     assert pickle.loads(pickle.dumps(adam)).defaults == adam.defaults
+
+
+def test_values_a_schedule_sets_are_checked_cheaply_and_still_refused():
+    """lr, betas, eps, weight_decay and alpha set between steps (a per-batch schedule)
+    are checked alone, as the constructor checks them (bad values refused with nothing
+    changed, betas normalised to a tuple); a user's subclass with its own rule for lr
+    still has every value checked by its constructor."""
+    model = fp.nn.Dense(3, 1, rng=0)
+    p = model.weight
+    opt = optim.Adam([{"params": model.parameters()}], lr=0.1)
+    p.grad[...] = 1.0
+    opt.step()
+    opt.lr = 0.05
+    opt.param_groups[0]["betas"] = [0.8, 0.9]
+    opt.step()
+    assert opt.param_groups[0]["betas"] == (0.8, 0.9) and opt.lr == 0.05
+    before = snapshot(model, opt)
+    for key, bad, exc in (("lr", -1.0, ValueError), ("betas", (0.9, 1.0), ValueError),
+                          ("eps", "x", TypeError), ("weight_decay", float("nan"), ValueError)):
+        old = opt.param_groups[0][key]
+        opt.param_groups[0][key] = bad
+        with pytest.raises(exc):
+            opt.step()
+        opt.param_groups[0][key] = old
+        with pytest.raises(exc):
+            setattr(opt, key, bad)
+        assert snapshot(model, opt) == before
+
+    class Capped(optim.SGD):
+        def __init__(self, params, lr, **kw):
+            if lr > 1:
+                raise ValueError("Capped: lr must be <= 1")
+            super().__init__(params, lr=lr, **kw)
+
+    capped = Capped([p], lr=0.5)
+    with pytest.raises(ValueError, match="Capped"):
+        capped.lr = 2.0
+    capped.param_groups[0]["lr"] = 3.0
+    with pytest.raises(ValueError, match="Capped"):
+        capped.step()

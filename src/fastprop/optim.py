@@ -169,9 +169,16 @@ class Optimizer:
 
     def __setattr__(self, name, value):
         hyper = self.__dict__.get("hyper")
-        if hyper is not None and name in hyper:
-            # e.g. ``opt.lr = 0.01`` in a schedule: validated as in __init__, and set in
-            # every parameter group
+        if hyper is not None and name in hyper and name in _CHEAP_CHECKS and self._own_type():
+            # (a schedule's ``opt.lr = x`` at every step: checked alone, see _CHEAP_CHECKS)
+            v = _CHEAP_CHECKS[name](value)
+            hyper[name] = v
+            for g in self.__dict__.get("param_groups", ()):
+                g[name] = v
+            self.__dict__["_hyper_seen"][name] = v
+        elif hyper is not None and name in hyper:
+            # e.g. ``opt.momentum = 0.9``: validated as in __init__, and set in every
+            # parameter group
             probe = self._validate({**hyper, name: value})
             groups = self.__dict__.get("param_groups", ())
             for i in range(len(groups)):  # (each group with it must be valid too)
@@ -209,11 +216,34 @@ class Optimizer:
             raise ValueError(f"param_groups[{i}] lost its hyperparameter {exc}") from None
         cached = self._checked[i]
         if cached is None or cached[0] != h:
-            probe = self._validate(h)
-            h = dict(probe.hyper)
+            new = self._checked_alone(cached[0], h) if cached is not None else None
+            if new is not None:  # (only values checked alone changed: lr, betas, ...)
+                h, names = new, cached[1]
+            else:
+                probe = self._validate(h)
+                h, names = dict(probe.hyper), probe.state_names
             g.update(h)  # (normalised: betas as a tuple, ...)
-            cached = self._checked[i] = (h, probe.state_names)
+            cached = self._checked[i] = (h, names)
         return cached
+
+    def _own_type(self) -> bool:
+        """One of fastprop's optimizers (a user's subclass may check its values its
+        own way: those always go through its constructor)."""
+        return type(self).__module__ == __name__
+
+    def _checked_alone(self, old: dict, h: dict):
+        """``h`` checked, when it differs from the checked ``old`` only in values of
+        :data:`_CHEAP_CHECKS`; else None (check it whole)."""
+        if not self._own_type():
+            return None
+        new = dict(old)
+        for k, v in h.items():
+            if v != old[k]:
+                check = _CHEAP_CHECKS.get(k)
+                if check is None:
+                    return None
+                new[k] = check(v)
+        return new
 
     def _fused_setup(self):
         """(runs fused, decay mask) for a whole-step kernel: groups that agree run as
@@ -536,7 +566,7 @@ class RMSprop(Optimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
         lr = _lr(lr)
-        alpha = real(alpha, "alpha", low=0, high=1)
+        alpha = _alpha(alpha)
         momentum = real(momentum, "momentum", low=0)
         super().__init__(params, lr=lr, alpha=alpha, eps=_eps(eps), momentum=momentum,
                          weight_decay=_weight_decay(weight_decay))
@@ -554,6 +584,19 @@ def _betas(betas):
         real(b, f"betas[{i}]", low=0, high=1, high_inclusive=False,
              message=f"Invalid beta parameter at index {i}: {b!r}; expected 0 <= betas[{i}] < 1")
         for i, b in enumerate(betas))
+
+
+def _alpha(alpha):
+    return real(alpha, "alpha", low=0, high=1)
+
+
+#: Hyperparameters whose check does not involve the others and whose change leaves the
+#: state an optimizer keeps as it is (unlike momentum, which can add a buffer): on
+#: fastprop's own optimizers a new value is checked alone, as its constructor checks
+#: it, instead of by building a throwaway optimizer (a per-batch schedule sets lr, and
+#: OneCycleLR Adam's betas, at every step).
+_CHEAP_CHECKS = {"lr": _lr, "eps": _eps, "weight_decay": _weight_decay, "betas": _betas,
+                 "alpha": _alpha}
 
 
 class Adam(Optimizer):
