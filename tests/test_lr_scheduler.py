@@ -400,3 +400,55 @@ def test_one_cycle_and_warm_restarts(peer):
             b.step()
             assert [(g["lr"], g["momentum"]) for g in ours.param_groups] == \
                 [(g["lr"], g["momentum"]) for g in theirs.param_groups]
+
+
+def test_every_batch_steps_a_scheduler_per_update_in_fit_and_resumes(rng, tmp_path):
+    """every_batch(sched) steps it after each update of a fit (a warm-up over updates,
+    OneCycleLR over all of them); a resumed fit puts it at the restored update count
+    and ends bit-identical to an uninterrupted one."""
+    X, y = blobs(rng, n=50, classes=3)
+    X = X.astype(np.float32)
+
+    def make():
+        m = nn.Sequential(nn.Dense(2, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
+        o = optim.Adam(m.parameters(), lr=0.01)
+        return m, o
+
+    model, opt = make()
+    warm = sched.LinearLR(opt, start_factor=0.1, total_iters=10)
+    seen = []
+
+    class Spy:
+        def on_train_batch_end(self, batch, logs):
+            seen.append((batch, opt.lr, logs["loss"]))
+
+        def __call__(self, epoch, logs):
+            pass
+
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=16, verbose=0,
+              shuffle=False, callbacks=[sched.every_batch(warm), Spy()])
+    assert [b for b, _, _ in seen] == [0, 1, 2, 3] * 2  # (4 batches of 50 per epoch)
+    assert [lr for _, lr, _ in seen] == pytest.approx(
+        [0.01 * (0.1 + 0.9 * min(t, 10) / 10) for t in range(1, 9)])
+    assert warm.last_epoch == opt.step_count == 8
+    with pytest.raises(TypeError, match="LRScheduler"):
+        sched.every_batch(sched.ReduceLROnPlateau(opt))
+
+    ends = []
+    for resumed in (False, True):
+        m, o = make()
+        cyc = sched.every_batch(sched.OneCycleLR(o, max_lr=0.05, total_steps=24))
+        kw = dict(loss="cross_entropy", optimizer=o, batch_size=16, seed=4, verbose=0,
+                  checkpoint=tmp_path / f"{resumed}.ckpt")
+        if resumed:
+            m.fit(X, y, epochs=3, callbacks=[cyc], **kw)
+            m, o = make()  # (a new process)
+            cyc = sched.every_batch(sched.OneCycleLR(o, max_lr=0.05, total_steps=24))
+            m.fit(X, y, epochs=6, callbacks=[cyc], resume=True, **{**kw, "optimizer": o})
+        else:
+            m.fit(X, y, epochs=6, callbacks=[cyc], **kw)
+        assert cyc.scheduler.last_epoch == o.step_count == 24
+        ends.append(([p.value.copy() for p in m.parameters()], o.lr, o.param_groups[0]["betas"]))
+    for a, b in zip(ends[0][0], ends[1][0]):
+        np.testing.assert_array_equal(a, b)
+    assert ends[0][1:] == ends[1][1:]

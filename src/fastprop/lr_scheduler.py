@@ -14,8 +14,9 @@ form.  A group added with ``add_param_group`` after the scheduler was made is
 scheduled too, from its rate then.
 
 Every scheduler is also a ``fit`` callback: ``model.fit(..., callbacks=[sched])``
-steps it after each epoch; a resumed fit (``checkpoint=..., resume=True``) puts it
-at the restored epoch.  :class:`ReduceLROnPlateau` reads its ``monitor`` from the
+steps it after each epoch, ``callbacks=[every_batch(sched)]`` after each batch's
+update; a resumed fit (``checkpoint=..., resume=True``) puts it at the restored
+epoch (or update).  :class:`ReduceLROnPlateau` reads its ``monitor`` from the
 epoch's logs there ("val_loss" by default).
 
 A rate that is not a finite number >= 0 is refused (ValueError) before any group
@@ -31,7 +32,8 @@ from ._checks import integer, real
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR",
            "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
-           "CosineAnnealingWarmRestarts", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau"]
+           "CosineAnnealingWarmRestarts", "OneCycleLR", "SequentialLR", "ReduceLROnPlateau",
+           "every_batch"]
 
 
 def _optimizer(optimizer):
@@ -737,3 +739,31 @@ class ReduceLROnPlateau:
         if unknown:
             raise ValueError(f"state_dict has keys {unknown} a ReduceLROnPlateau does not have")
         self.__dict__.update(state_dict)
+
+
+class every_batch:
+    """A ``fit`` callback that steps ``scheduler`` after each batch's update instead of
+    after each epoch (a warm-up over updates, ``OneCycleLR(total_steps=epochs *
+    batches)``): ``fit(..., callbacks=[every_batch(sched)])``.  On a resumed fit it
+    is put at the restored optimizer's update count (batches skipped for a
+    non-finite loss took no update, and no step here)."""
+
+    def __init__(self, scheduler):
+        if not isinstance(scheduler, LRScheduler):
+            raise TypeError(f"every_batch needs an LRScheduler (ReduceLROnPlateau watches an "
+                            f"epoch's figure), got {type(scheduler).__name__}")
+        self.scheduler = scheduler
+        # the optimizer's update count when the scheduler was at its epoch 0
+        self._offset = scheduler.optimizer.step_count - scheduler.last_epoch
+
+    def __repr__(self):
+        return f"every_batch({self.scheduler!r})"
+
+    def on_train_batch_end(self, batch, logs=None) -> None:
+        self.scheduler.step()
+
+    def __call__(self, epoch, logs=None) -> None:
+        """(nothing at an epoch's end)"""
+
+    def on_resume(self, history) -> None:
+        self.scheduler._resume_at(self.scheduler.optimizer.step_count - self._offset)

@@ -545,7 +545,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             run is saved as stopped: resuming it trains no more), but a callback's
             own state is not saved: on resume, one with an ``on_resume(history)``
             method gets the restored history (EarlyStopping rebuilds its count
-            from it).
+            from it).  One with an ``on_train_batch_end(batch, logs)`` method (as
+            Keras') has it called after each batch's update too (``logs``: the
+            batch's loss); ``lr_scheduler.every_batch(sched)`` steps a scheduler
+            there (warm-up, OneCycleLR).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
@@ -661,6 +664,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 resume_cb(history)
         step._fast_key = None  # parameters changed in place: rebind (device copies too)
     n = X.shape[0]
+    batch_callbacks = [cb for cb in callbacks if hasattr(cb, "on_train_batch_end")]
     if to_train:
         model.train()
     # shuffled batches are gathered into buffers allocated once
@@ -690,6 +694,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                         raise
                     history.skipped_steps += 1
                     continue
+                for cb in batch_callbacks:  # (after each applied update)
+                    cb.on_train_batch_end(start // batch_size, {"loss": value})
                 m = xb.shape[0]
                 total += value * m
                 seen += m
