@@ -814,7 +814,7 @@ def test_in_place_initializers_as_torch(name, rng, peer):
     assert seen == ["Dense", "Dense", "Sequential"]  # (children first, as PyTorch)
     model.apply(lambda m: fp.init.zeros_(m.bias) if isinstance(m, fp.nn.Dense) else None)
     assert not model[0].bias.value.any()
-    assert [n for n, _ in model.named_modules()] == ["0", "1", "2"]
+    assert [n for n, _ in model.named_modules()] == ["", "1", "2"]
     assert {name.split(".")[0] for name in model.state_dict()} == {"1", "2"}
     if peer is None:
         return

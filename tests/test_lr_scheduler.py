@@ -452,3 +452,28 @@ def test_every_batch_steps_a_scheduler_per_update_in_fit_and_resumes(rng, tmp_pa
     for a, b in zip(ends[0][0], ends[1][0]):
         np.testing.assert_array_equal(a, b)
     assert ends[0][1:] == ends[1][1:]
+
+
+def test_review_edge_cases():
+    """A refused SequentialLR.load_state_dict changes nothing; OneCycleLR refuses a
+    phase of no length (PyTorch divides by zero); SmoothL1 with a beta that rounds to
+    0 in float32 is L1 (no 0/0)."""
+    opt = _two_groups()
+    seq = sched.SequentialLR(opt, [sched.LinearLR(opt, total_iters=2), sched.ExponentialLR(opt, 0.9)],
+                             milestones=[2])
+    sd = seq.state_dict()
+    sd["_schedulers"][1] = {**sd["_schedulers"][1], "T_max": 3}
+    for _ in range(3):
+        seq.step()
+    before = (seq.last_epoch, [s.last_epoch for s in seq._schedulers])
+    with pytest.raises(ValueError, match="T_max"):
+        seq.load_state_dict(sd)
+    assert (seq.last_epoch, [s.last_epoch for s in seq._schedulers]) == before
+    fresh = _two_groups()
+    with pytest.raises(ValueError, match="no length"):
+        sched.OneCycleLR(fresh, max_lr=1.0, total_steps=10, pct_start=0.1)
+    assert [g["momentum"] for g in fresh.param_groups] == [0.9, 0.9]
+    p = np.array([[0.5, 1.0, -1.0]], np.float32)
+    loss = fp.losses.SmoothL1(beta=1e-50)
+    assert loss(p, np.array([[0.5, 0.0, 0.0]], np.float32)) == pytest.approx(2 / 3)
+    np.testing.assert_array_equal(loss.backward(), np.float32([[0, 1 / 3, -1 / 3]]))

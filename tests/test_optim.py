@@ -989,3 +989,41 @@ def test_values_a_schedule_sets_are_checked_cheaply_and_still_refused():
     capped.param_groups[0]["lr"] = 3.0
     with pytest.raises(ValueError, match="Capped"):
         capped.step()
+
+
+def test_group_values_of_other_types_are_checked_and_old_update_signatures():
+    """A group value equal to the checked one but of another type (True for 1.0, a 0-d
+    array) is checked again (a bool lr refused), an array of betas is a TypeError as
+    in the constructor; an _update of the older signature is told by its positional
+    parameters, whatever their names."""
+    model = fp.nn.Dense(2, 1, rng=0)
+    opt = optim.SGD(model.parameters(), lr=1.0)
+    opt.step()
+    opt.param_groups[0]["lr"] = True
+    with pytest.raises(TypeError, match="lr"):
+        opt.step()
+    opt.param_groups[0]["lr"] = np.array(0.5)
+    with pytest.raises(TypeError, match="lr"):
+        opt.step()
+    opt.param_groups[0]["lr"] = 0.5
+    adam = optim.Adam(model.parameters())
+    adam.step()
+    adam.param_groups[0]["betas"] = np.array([0.9, 0.99])
+    with pytest.raises(TypeError, match="betas"):
+        adam.step()
+
+    class OldNames(optim.Optimizer):
+        def __init__(self, params, lr=0.1):
+            super().__init__(params, lr=lr)
+
+        def _update(self, be, ps, gs, st, hyper, t):  # (the new signature, other names)
+            for p, g in zip(ps, gs):
+                p -= hyper["lr"] * t * g
+
+    p = fp.Parameter(np.ones(2))
+    p.grad[...] = 1.0
+    o = OldNames([p])
+    o.step()
+    o.step()
+    np.testing.assert_allclose(p.value, 1 - 0.1 * (1 + 2))
+    assert [n for n, _ in fp.nn.Sequential(fp.nn.Dense(2, 2)).named_modules()] == ["", "1"]

@@ -837,3 +837,26 @@ def test_backward_skips_a_frozen_body(backend, rng, monkeypatch):
     calls.clear()
     model.backward(loss.backward(), input_grad=False)
     assert calls[-1] == ("Dense", False) and len(calls) == 6
+
+
+def test_frozen_prefix_follows_a_plain_layer_list_and_pickling(rng):
+    """The frozen-prefix cache follows in-place edits of a plain list assigned to
+    .layers (a trainable layer inserted first is trained), and is not pickled (the
+    structure counter of another process may match it)."""
+    import pickle
+    X = rng.standard_normal((8, 3))
+    model = nn.Sequential(nn.Dense(3, 3, rng=0, dtype=np.float64),
+                          nn.Dense(3, 2, rng=1, dtype=np.float64))
+    model[0].requires_grad_(False)
+    model.backward(np.ones_like(model(X)), input_grad=False)
+    assert model._frozen_prefix() == 1
+    model.layers = list(model.layers)
+    new = nn.Dense(3, 3, rng=2, dtype=np.float64)
+    model.layers.insert(0, new)
+    out = model(X)
+    model.zero_grad()
+    model.backward(np.ones_like(out), input_grad=False)
+    assert np.abs(new.weight.grad).sum() > 0
+    state = model.__getstate__()
+    assert "_prefix_at" not in state and "_checked_at" not in state
+    assert pickle.loads(pickle.dumps(model))._frozen_prefix() == 0

@@ -183,7 +183,8 @@ class _Robust(Loss):
 
     def _kernel(self, pred, target, grad):
         d = pred - target
-        terms, slope = self._terms(d)
+        with np.errstate(over="ignore", invalid="ignore"):  # (np.where's unused branch)
+            terms, slope = self._terms(d)
         if grad is not None:
             np.divide(slope, d.size, out=grad, casting="unsafe")
         return float(np.sum(terms, dtype=np.float64) / d.size)
@@ -234,10 +235,10 @@ class SmoothL1(_Robust):
         return {"beta": self.beta}
 
     def _terms(self, d):
-        if self.beta == 0:
+        beta = d.dtype.type(self.beta)
+        if beta == 0:  # (also a beta below the dtype's smallest value)
             return np.abs(d), np.sign(d)
         z = np.abs(d)
-        beta = d.dtype.type(self.beta)
         terms = np.where(z < beta, 0.5 * d * d / beta, z - 0.5 * beta)
         return terms, np.clip(d / beta, -1, 1)
 

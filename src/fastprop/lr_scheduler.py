@@ -164,13 +164,17 @@ class LRScheduler:
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
                 if k not in ("optimizer", "lr_lambdas", "_schedulers")}
 
-    def load_state_dict(self, state_dict: dict) -> None:
+    def _check_state(self, state_dict) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         unknown = sorted(set(state_dict) - set(self.state_dict()))
         if unknown:
-            raise ValueError(f"state_dict has keys {unknown} a {type(self).__name__} does "
-                             f"not have")
+            raise ValueError(f"state_dict has keys {unknown} that {type(self).__name__} "
+                             f"does not have")
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from :meth:`state_dict` (checked first)."""
+        self._check_state(state_dict)
         self.__dict__.update(state_dict)
 
 
@@ -470,6 +474,12 @@ class OneCycleLR(LRScheduler):
         else:
             self._phases = [(float(pct_start * T) - 1, "initial", "max", "max_m", "base_m"),
                             (T - 1, "max", "min", "base_m", "max_m")]
+        start = 0.0
+        for end, *_ in self._phases:  # (a phase of no length: PyTorch divides by zero)
+            if end == start:
+                raise ValueError(f"OneCycleLR: pct_start={pct_start} with total_steps={T} "
+                                 f"makes a phase of no length; change either")
+            start = end
         self.cycle_momentum = bool(cycle_momentum)
         self.use_beta1 = "betas" in optimizer.hyper
         if self.cycle_momentum:
@@ -610,7 +620,10 @@ class SequentialLR(LRScheduler):
             raise ValueError(f"state_dict must be a SequentialLR's with "
                              f"{len(self._schedulers)} schedulers")
         own = {k: v for k, v in state_dict.items() if k != "_schedulers"}
-        super().load_state_dict(own)
+        self._check_state(own)
+        for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
+            s._check_state(sd)  # (all checked before any changes)
+        self.__dict__.update(own)
         for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
             s.load_state_dict(sd)
 
@@ -737,7 +750,8 @@ class ReduceLROnPlateau:
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         unknown = sorted(set(state_dict) - set(self.state_dict()))
         if unknown:
-            raise ValueError(f"state_dict has keys {unknown} a ReduceLROnPlateau does not have")
+            raise ValueError(f"state_dict has keys {unknown} that ReduceLROnPlateau does "
+                             f"not have")
         self.__dict__.update(state_dict)
 
 

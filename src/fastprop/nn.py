@@ -213,6 +213,10 @@ class Module:
         self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
+        # (caches keyed by this process's structure counter: another process's
+        # counter may happen to match)
+        state.pop("_checked_at", None)
+        state.pop("_prefix_at", None)
         return state
 
     def _sync_device(self):
@@ -233,10 +237,12 @@ class Module:
             yield from child.modules()
 
     def named_modules(self) -> list:
-        """(name, module) for this module and every submodule, in :meth:`modules`
-        order; a name is the module's index there, the prefix of its parameters'
-        names in :meth:`state_dict` ("0" is this module)."""
-        return [(str(i), mod) for i, mod in enumerate(self.modules())]
+        """(name, module) for this module ("", as PyTorch's) and every submodule, in
+        :meth:`modules` order.  A submodule's name is its index there, the prefix of
+        its parameters' names in :meth:`state_dict` (not PyTorch's dotted paths:
+        ``Sequential(Dense, Dense)`` names its layers "1" and "2", their weights
+        "1.weight" and "2.weight")."""
+        return [(str(i) if i else "", mod) for i, mod in enumerate(self.modules())]
 
     def apply(self, fn):
         """Call ``fn(module)`` on every submodule, then on this one (children first,
@@ -934,10 +940,12 @@ class Sequential(Module):
         return "Sequential(\n" + "\n".join(lines) + "\n)" if lines else "Sequential()"
 
     def forward(self, x):
-        if self.__dict__.get("_checked_at") != _structure[0]:
-            # the layer list may have been edited in place since (insert, +=, ...)
+        key = (_structure[0], tuple(map(id, self.layers)))
+        if self.__dict__.get("_checked_at") != key:
+            # the layer list may have been edited in place since (insert, +=, ...; a
+            # plain list assigned to .layers does not bump the counter)
             _check_each_module_once(self, "Sequential")
-            self._checked_at = _structure[0]
+            self._checked_at = key
         for layer in self.layers:
             x = layer.forward(x)
         return x
@@ -947,8 +955,11 @@ class Sequential(Module):
         for: fastprop's own modules without a trainable parameter (a frozen
         pretrained body: nothing there needs a gradient, as PyTorch builds no graph
         for it).  A user's module ends the prefix (its backward may do more)."""
+        # (keyed by the layers too: a plain list assigned to .layers and edited in place
+        # does not bump the structure counter)
+        key = (_structure[0], tuple(map(id, self.layers)))
         cached = self.__dict__.get("_prefix_at")
-        if cached is not None and cached[0] == _structure[0]:
+        if cached is not None and cached[0] == key:
             return cached[1]
         count = 0
         for layer in self.layers:
@@ -957,7 +968,7 @@ class Sequential(Module):
                     p.requires_grad for p in layer.parameters()):
                 break
             count += 1
-        self.__dict__["_prefix_at"] = (_structure[0], count)
+        self.__dict__["_prefix_at"] = (key, count)
         return count
 
     def backward(self, grad_out, input_grad=True):

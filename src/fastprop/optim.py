@@ -55,13 +55,25 @@ _UPDATE_TAKES_STEP: dict = {}
 _GROUP_EXTRAS = ("name", "initial_lr")
 
 
+def _same_values(old: dict, new: dict) -> bool:
+    """Whether ``new`` holds the checked values of ``old``, of the same types (True, a
+    0-d array or a list equal to a checked float or tuple is checked again)."""
+    try:
+        return all(type(v) is type(old[k]) and v == old[k] for k, v in new.items())
+    except (ValueError, TypeError):  # (an array compares elementwise)
+        return False
+
+
 def _group_extras(group: dict, where: str) -> dict:
     """The checked extra keys of a parameter group."""
     extras = {k: group[k] for k in _GROUP_EXTRAS if k in group}
     if "name" in extras and not isinstance(extras["name"], str):
         raise TypeError(f"{where}: 'name' must be a str, got {type(extras['name']).__name__}")
     if "initial_lr" in extras:
-        extras["initial_lr"] = real(extras["initial_lr"], "initial_lr", low=0)
+        v = extras["initial_lr"]
+        extras["initial_lr"] = real(v, "initial_lr", low=0)
+        if not math.isfinite(extras["initial_lr"]):
+            raise ValueError(f"Invalid initial_lr: {v!r}; expected a finite rate >= 0")
     return extras
 
 
@@ -215,7 +227,7 @@ class Optimizer:
         except KeyError as exc:
             raise ValueError(f"param_groups[{i}] lost its hyperparameter {exc}") from None
         cached = self._checked[i]
-        if cached is None or cached[0] != h:
+        if cached is None or not _same_values(cached[0], h):
             new = self._checked_alone(cached[0], h) if cached is not None else None
             if new is not None:  # (only values checked alone changed: lr, betas, ...)
                 h, names = new, cached[1]
@@ -238,7 +250,7 @@ class Optimizer:
             return None
         new = dict(old)
         for k, v in h.items():
-            if v != old[k]:
+            if not _same_values({k: old[k]}, {k: v}):
                 check = _CHEAP_CHECKS.get(k)
                 if check is None:
                     return None
@@ -350,10 +362,10 @@ class Optimizer:
         cls = type(self)
         known = _UPDATE_TAKES_STEP.get(cls)
         if known is None:
-            try:
-                sig = inspect.signature(cls._update)
-                known = "step" in sig.parameters or any(
-                    q.kind is q.VAR_POSITIONAL for q in sig.parameters.values())
+            try:  # (by the count of positional parameters: self, be, ..., h[, step])
+                params = inspect.signature(cls._update).parameters.values()
+                known = any(q.kind is q.VAR_POSITIONAL for q in params) or sum(
+                    q.kind in (q.POSITIONAL_ONLY, q.POSITIONAL_OR_KEYWORD) for q in params) >= 7
             except (TypeError, ValueError):
                 known = True
             _UPDATE_TAKES_STEP[cls] = known
@@ -378,6 +390,7 @@ class Optimizer:
         self.step_count += 1
         lag[frozen] += 1
         be = backends.current()
+        written = False
         try:
             for h, names, parts in plan:
                 for idx, step in parts:
@@ -388,9 +401,12 @@ class Optimizer:
                         self._update(be, params, grads, states, h, step)
                     else:
                         self._update(be, params, grads, states, h)
+                    written = True
         except BaseException:
-            self.step_count -= 1  # (the counts as before; a kernel refuses before writing)
-            lag[frozen] -= 1
+            if not written:  # (the first call refused: nothing changed, counts included;
+                # after a part was updated the counts stay with it)
+                self.step_count -= 1
+                lag[frozen] -= 1
             raise
 
     def _update(self, be, params, grads, states, h, step) -> None:
