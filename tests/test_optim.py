@@ -538,6 +538,21 @@ def test_param_groups_equal_one_optimizer_per_group(backend, name, rng):
         np.testing.assert_array_equal(p.value, q.value)
 
 
+def _torch_step(topt, tw, tx, ty):
+    """One step of _groups_model's twin in torch (weights (out, in)) on the MSE."""
+    topt.zero_grad()
+    out = (tx @ tw[0].T + tw[1]).tanh() @ tw[2].T + tw[3]
+    ((out - ty) ** 2).mean().backward()
+    topt.step()
+
+
+def _assert_matches_torch(model, tw, rtol, atol):
+    for p, t in zip(model.parameters(), tw):
+        ref = t.detach().numpy()
+        np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
+                                   rtol=rtol, atol=atol)
+
+
 def test_param_groups_match_torch_adamw(rng):
     torch = pytest.importorskip("torch")
     X, Y = rng.standard_normal((8, 5)), rng.standard_normal((8, 3))
@@ -554,14 +569,8 @@ def test_param_groups_match_torch_adamw(rng):
     for _ in range(5):
         _grads_step(model, X, Y)
         opt.step()
-        topt.zero_grad()
-        out = torch.tanh(tx @ tw[0].T + tw[1]) @ tw[2].T + tw[3]
-        ((out - ty) ** 2).mean().backward()
-        topt.step()
-    for p, t in zip(model.parameters(), tw):
-        ref = t.detach().numpy()
-        np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
-                                   rtol=1e-12, atol=1e-14)
+        _torch_step(topt, tw, tx, ty)
+    _assert_matches_torch(model, tw, rtol=1e-12, atol=1e-14)
 
 
 def test_param_group_changes_are_checked_and_used(backend, rng):
@@ -628,6 +637,17 @@ def test_param_groups_state_dict_and_bad_groups(rng):
         optim.SGD([{"params": model.parameters(), "lr": -1.0}], lr=0.1)
 
 
+def _full_and_resumed(run, tmp_path):
+    """run(epochs, path, resume) -> (model, optimizer): 4 epochs straight, and 2 then
+    resumed to 4; asserts the two end bit-identical; returns the resumed optimizer."""
+    full, _ = run(4, tmp_path / "a.ckpt", False)
+    run(2, tmp_path / "b.ckpt", False)
+    resumed, opt = run(4, tmp_path / "b.ckpt", True)
+    for p, q in zip(full.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    return opt
+
+
 def test_fit_resumes_with_param_groups_bit_identical(rng, tmp_path):
     X = rng.standard_normal((40, 5))
     y = np.arange(40) % 3
@@ -641,12 +661,8 @@ def test_fit_resumes_with_param_groups_bit_identical(rng, tmp_path):
                   seed=1, verbose=0, checkpoint=path, resume=resume)
         return model, opt
 
-    full, _ = run(4, tmp_path / "a.ckpt", False)
-    run(2, tmp_path / "b.ckpt", False)
-    resumed, opt = run(4, tmp_path / "b.ckpt", True)
+    opt = _full_and_resumed(run, tmp_path)
     assert opt.param_groups[1]["lr"] == 0.02
-    for p, q in zip(full.parameters(), resumed.parameters()):
-        np.testing.assert_array_equal(p.value, q.value)
 
 
 @pytest.mark.parametrize("name", ["SGD", "RMSprop"])
@@ -709,6 +725,16 @@ def _mse_step(model, step, X, Y, opts):
         o.step()
 
 
+def _twin_steps(n, a, step, opt, b, refs, X, Y):
+    """n steps of model a (its compiled step, or its optimizer) and of its twin b
+    (backward, then each of the reference optimizers)."""
+    for _ in range(n):
+        _mse_step(a, step, X, Y, [opt])
+        _grads_step(b, X, Y)
+        for r in refs:
+            r.step()
+
+
 @pytest.mark.parametrize("name", ["Adam", "AdamW", "SGD"])
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "layers"])
 def test_unfrozen_layer_counts_its_own_steps(backend, name, compiled, rng):
@@ -726,17 +752,10 @@ def test_unfrozen_layer_counts_its_own_steps(backend, name, compiled, rng):
     step = a.compile("mse", opt) if compiled else None
     a[0].requires_grad_(False)
     head = cls(b[1].parameters(), **kw)
-    for _ in range(3):
-        _mse_step(a, step, X, Y, [opt])
-        _grads_step(b, X, Y)
-        head.step()
+    _twin_steps(3, a, step, opt, b, [head], X, Y)
     a[0].requires_grad_(True)
     body = cls(b[0].parameters(), **kw)  # (PyTorch: its step counts start now)
-    for _ in range(4):
-        _mse_step(a, step, X, Y, [opt])
-        _grads_step(b, X, Y)
-        head.step()
-        body.step()
+    _twin_steps(4, a, step, opt, b, [head, body], X, Y)
     if compiled and backend == "native":
         assert step._fast is not None  # (the fused kernel ran the last steps)
     for p, q in zip(a.parameters(), b.parameters()):
@@ -800,12 +819,8 @@ def test_own_step_counts_survive_state_dict_and_checkpoint(rng, tmp_path):
               seed=1, verbose=0, checkpoint=path, resume=resume)
         return m, o
 
-    full, _ = run(4, tmp_path / "a.ckpt", False)
-    run(2, tmp_path / "b.ckpt", False)
-    resumed, o = run(4, tmp_path / "b.ckpt", True)
+    o = _full_and_resumed(run, tmp_path)
     assert o.state_dict()["steps"] == [20, 20, 25, 25]  # (the lag came from the checkpoint)
-    for p, q in zip(full.parameters(), resumed.parameters()):
-        np.testing.assert_array_equal(p.value, q.value)
 
 
 @pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "layers"])
@@ -823,10 +838,7 @@ def test_add_param_group_as_pytorch(backend, compiled, rng):
         step = a.compile("mse", opt) if compiled else None
         head = optim.Adam(b[1].parameters(), lr=0.03, betas=(0.8, 0.99))
         w0 = a[0].weight.value.copy()
-        for _ in range(3):
-            _mse_step(a, step, X, Y, [opt])
-            _grads_step(b, X, Y)
-            head.step()
+        _twin_steps(3, a, step, opt, b, [head], X, Y)
         np.testing.assert_array_equal(a[0].weight.value, w0)  # not in the optimizer
         group = {"params": a[0].parameters()}
         if given is not None:
@@ -835,11 +847,7 @@ def test_add_param_group_as_pytorch(backend, compiled, rng):
         lr = 0.05 if given is None else given
         assert opt.param_groups[1]["betas"] == (0.8, 0.99) and opt.param_groups[1]["lr"] == lr
         body = optim.Adam(b[0].parameters(), lr=lr, betas=(0.8, 0.99))
-        for _ in range(3):
-            _mse_step(a, step, X, Y, [opt])
-            _grads_step(b, X, Y)
-            head.step()
-            body.step()
+        _twin_steps(3, a, step, opt, b, [head, body], X, Y)
         if compiled and backend == "native":
             assert (step._group_gate(step.fused()) is not None) == (given is not None)
         for p, q in zip(a.parameters(), b.parameters()):
@@ -896,14 +904,8 @@ def test_unfreeze_and_add_param_group_match_torch(compiled, rng):
         else:
             _grads_step(model, X, Y)
             opt.step()
-        topt.zero_grad()
-        out = torch.tanh(tx @ tw[0].T + tw[1]) @ tw[2].T + tw[3]
-        ((out - ty) ** 2).mean().backward()
-        topt.step()
-    for p, t in zip(model.parameters(), tw):
-        ref = t.detach().numpy()
-        np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
-                                   rtol=1e-11, atol=1e-13)
+        _torch_step(topt, tw, tx, ty)
+    _assert_matches_torch(model, tw, rtol=1e-11, atol=1e-13)
     assert [int(topt.state[t]["step"]) for t in tw] == opt.state_dict()["steps"][:4]
 
 
