@@ -55,13 +55,22 @@ _UPDATE_TAKES_STEP: dict = {}
 _GROUP_EXTRAS = ("name", "initial_lr")
 
 
-def _same_values(old: dict, new: dict) -> bool:
-    """Whether ``new`` holds the checked values of ``old``, of the same types (True, a
-    0-d array or a list equal to a checked float or tuple is checked again)."""
+def _same(old, new) -> bool:
+    """Whether ``new`` is the checked value ``old``, of the same type (True, a 0-d
+    array or a list equal to a checked float or tuple is checked again)."""
+    if type(new) is not type(old):
+        return False
     try:
-        return all(type(v) is type(old[k]) and v == old[k] for k, v in new.items())
+        return bool(new == old)
     except (ValueError, TypeError):  # (an array compares elementwise)
         return False
+
+
+def _same_values(old: dict, new: dict) -> bool:
+    for k, v in new.items():
+        if not _same(old[k], v):
+            return False
+    return True
 
 
 def _group_extras(group: dict, where: str) -> dict:
@@ -250,7 +259,7 @@ class Optimizer:
             return None
         new = dict(old)
         for k, v in h.items():
-            if not _same_values({k: old[k]}, {k: v}):
+            if not _same(old[k], v):
                 check = _CHEAP_CHECKS.get(k)
                 if check is None:
                     return None
