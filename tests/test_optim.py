@@ -30,9 +30,10 @@ class TextbookSGD:
 
 
 class TextbookAdam:
-    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False):
+    def __init__(self, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, decoupled=False,
+                 amsgrad=False):
         self.lr, (self.b1, self.b2), self.eps, self.wd = lr, betas, eps, weight_decay
-        self.decoupled = decoupled
+        self.decoupled, self.amsgrad = decoupled, amsgrad
 
     def step(self, t, p, g, state):
         if self.decoupled:
@@ -42,6 +43,8 @@ class TextbookAdam:
         m = self.b1 * state.get("exp_avg", 0.0) + (1 - self.b1) * g
         v = self.b2 * state.get("exp_avg_sq", 0.0) + (1 - self.b2) * g * g
         state["exp_avg"], state["exp_avg_sq"] = m, v
+        if self.amsgrad:  # (Reddi et al.: the running maximum of v, as torch's)
+            v = state["max_exp_avg_sq"] = np.maximum(state.get("max_exp_avg_sq", 0.0), v)
         m_hat = m / (1 - self.b1 ** t)
         v_hat = v / (1 - self.b2 ** t)
         return p - self.lr * m_hat / (np.sqrt(v_hat) + self.eps)
@@ -101,6 +104,11 @@ CASES = [
     ("adamw-strong", lambda ps: optim.AdamW(ps, lr=0.1, betas=(0.5, 0.6), eps=1e-2,
                                             weight_decay=0.5),
      TextbookAdam(0.1, (0.5, 0.6), 1e-2, 0.5, decoupled=True), 0.01),
+    ("adam-amsgrad", lambda ps: optim.Adam(ps, lr=0.1, betas=(0.5, 0.6), eps=1e-2,
+                                           weight_decay=0.1, amsgrad=True),
+     TextbookAdam(0.1, (0.5, 0.6), 1e-2, 0.1, amsgrad=True), 0.01),
+    ("adamw-amsgrad", lambda ps: optim.AdamW(ps, lr=0.1, betas=(0.5, 0.6), amsgrad=True),
+     TextbookAdam(0.1, (0.5, 0.6), weight_decay=1e-2, decoupled=True, amsgrad=True), 1.0),
     ("rmsprop", lambda ps: optim.RMSprop(ps, lr=0.01), TextbookRMSprop(0.01), 1.0),
     ("rmsprop-eps-wd", lambda ps: optim.RMSprop(ps, lr=0.01, alpha=0.9, eps=1e-2,
                                                 weight_decay=0.1),
@@ -1029,3 +1037,51 @@ def test_group_values_of_other_types_are_checked_and_old_update_signatures():
     o.step()
     np.testing.assert_allclose(p.value, 1 - 0.1 * (1 + 2))
     assert [n for n, _ in fp.nn.Sequential(fp.nn.Dense(2, 2)).named_modules()] == ["", "1"]
+
+
+
+@pytest.mark.parametrize("name", ["Adam", "AdamW"])
+def test_amsgrad_as_torch_fused_fallback_and_old_state_dicts(name, rng, peer):
+    """Adam/AdamW(amsgrad=True): the compiled step takes the layer path (no kernel
+    keeps the maximum) with the same results; a state_dict from before the option
+    loads as amsgrad=False; against torch's when installed."""
+    X, Y = rng.standard_normal((12, 5)), rng.standard_normal((12, 3))
+    cls = getattr(optim, name)
+    runs = []
+    for fused in (True, False):
+        model = _groups_model()
+        opt = cls(model.parameters(), lr=0.05, weight_decay=0.1, amsgrad=True)
+        step = model.compile("mse", opt)
+        if not fused:
+            step.fused = lambda: None
+        for _ in range(6):
+            step(X, Y)
+        assert step._group_gate(step.fused()) is None
+        runs.append((model, opt))
+    for p, q in zip(runs[0][0].parameters(), runs[1][0].parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    opt = runs[0][1]
+    assert set(opt.state[0]) == {"exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+    old = optim.Adam(_groups_model().parameters()).state_dict()
+    old["hyper"].pop("amsgrad")
+    for g in old["param_groups"]:
+        g.pop("amsgrad")
+    fresh = optim.Adam(_groups_model().parameters(), amsgrad=True)
+    fresh.load_state_dict(old)
+    assert fresh.amsgrad is False and fresh.param_groups[0]["amsgrad"] is False
+    with pytest.raises(TypeError, match="amsgrad"):
+        optim.Adam(_groups_model().parameters(), amsgrad=1)
+    if peer is None:
+        return
+    torch = peer
+    model = _groups_model()
+    opt = cls(model.parameters(), lr=0.05, weight_decay=0.1, amsgrad=True)
+    tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
+                       requires_grad=True) for p in model.parameters()]
+    topt = getattr(torch.optim, name)(tw, lr=0.05, weight_decay=0.1, amsgrad=True)
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for _ in range(6):
+        _grads_step(model, X, Y)
+        opt.step()
+        _torch_step(topt, tw, tx, ty)
+    _assert_matches_torch(model, tw, rtol=1e-12, atol=1e-14)

@@ -478,7 +478,8 @@ class Optimizer:
         if len(states) != len(self.params):
             raise ValueError(f"state_dict has state for {len(states)} parameters, "
                              f"the optimizer has {len(self.params)}")
-        hyper = dict(state_dict.get("hyper", self.hyper))
+        added = getattr(type(self), "_added_hyper", {})
+        hyper = {**added, **dict(state_dict.get("hyper", self.hyper))}
         if isinstance(hyper.get("betas"), list):
             hyper["betas"] = tuple(hyper["betas"])
         try:
@@ -497,7 +498,7 @@ class Optimizer:
                                  f"parameter groups, the optimizer {len(self.param_groups)}")
             group_hypers = []
             for i, gh in enumerate(groups):
-                gh = dict(gh) if isinstance(gh, dict) else {}
+                gh = {**added, **gh} if isinstance(gh, dict) else {}
                 if isinstance(gh.get("betas"), list):
                     gh["betas"] = tuple(gh["betas"])
                 try:
@@ -629,17 +630,35 @@ class Adam(Optimizer):
 
     ``m = b1 m + (1 - b1) g``, ``v = b2 v + (1 - b2) g^2``,
     ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``, ``g = grad + wd p``.
+    ``amsgrad``: v in the denominator is the running maximum of v (Reddi et al.;
+    "max_exp_avg_sq"), computed with NumPy on every backend; the compiled step runs
+    layer by layer while it is on.
     """
 
     state_names = ("exp_avg", "exp_avg_sq")
+    all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
     decoupled = False
+    # hyperparameters added after state_dicts were first written: an older one lacks
+    # them, and means these values
+    _added_hyper = {"amsgrad": False}
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
+                 amsgrad=False):
+        if not isinstance(amsgrad, (bool, np.bool_)):
+            raise TypeError(f"amsgrad must be a bool, got {type(amsgrad).__name__}")
         super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
-                         weight_decay=_weight_decay(weight_decay))
+                         weight_decay=_weight_decay(weight_decay), amsgrad=bool(amsgrad))
+        if amsgrad:
+            self.state_names = self.all_state_names
 
     def _update(self, be, params, grads, states, h, step):
         b1, b2 = h["betas"]
+        if h.get("amsgrad"):
+            be = backends.load("numpy")  # (the reference kernel takes the maximum)
+            be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], step,
+                           h["lr"], b1, b2, h["eps"], h["weight_decay"], self.decoupled,
+                           states["max_exp_avg_sq"])
+            return
         be.adam_update(params, grads, states["exp_avg"], states["exp_avg_sq"], step,
                        h["lr"], b1, b2, h["eps"], h["weight_decay"], self.decoupled)
 
@@ -650,8 +669,10 @@ class AdamW(Adam):
 
     decoupled = True
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2):
-        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
+                 amsgrad=False):
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                         amsgrad=amsgrad)
 
 
 _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}

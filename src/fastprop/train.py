@@ -246,7 +246,7 @@ class TrainStep:
         group by group)."""
         opt = self.optimizer
         ok, mask = opt._fused_setup()  # (the same mask object while the groups' decays stay)
-        if not ok:
+        if not ok or opt.hyper.get("amsgrad"):  # (no kernel takes AMSGrad's maximum)
             return self._layer_path(fast)
         if (opt._lag is not None and isinstance(opt, _optim.Adam)
                 and backends.current().name != "native" and opt._lag.any()):

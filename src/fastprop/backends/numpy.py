@@ -226,11 +226,15 @@ def sgd_update(params, grads, bufs, lr, momentum, nesterov, weight_decay, first)
 
 
 def adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, eps,
-                weight_decay, decoupled):
+                weight_decay, decoupled, max_exp_avg_sqs=None):
+    """Adam (AdamW when decoupled); with ``max_exp_avg_sqs`` AMSGrad, which divides by
+    the running maximum of v (fastprop.optim.Adam(amsgrad=True) calls this on every
+    backend)."""
     bias_c1 = 1.0 - beta1 ** step
     bias_c2_sqrt = math.sqrt(1.0 - beta2 ** step)
     step_size = lr / bias_c1
-    for p, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    maxes = max_exp_avg_sqs if max_exp_avg_sqs is not None else [None] * len(params)
+    for p, g, m, v, vmax in zip(params, grads, exp_avgs, exp_avg_sqs, maxes):
         t = p.dtype.type
         if decoupled:
             if weight_decay != 0:
@@ -241,6 +245,9 @@ def adam_update(params, grads, exp_avgs, exp_avg_sqs, step, lr, beta1, beta2, ep
         m += t(1.0 - beta1) * g
         v *= t(beta2)
         v += t(1.0 - beta2) * g * g
+        if vmax is not None:
+            np.maximum(vmax, v, out=vmax)
+            v = vmax
         denom = np.sqrt(v) / t(bias_c2_sqrt) + t(eps)
         p -= t(step_size) * m / denom
 
