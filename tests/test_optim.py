@@ -1085,3 +1085,40 @@ def test_amsgrad_as_torch_fused_fallback_and_old_state_dicts(name, rng, peer):
         opt.step()
         _torch_step(topt, tw, tx, ty)
     _assert_matches_torch(model, tw, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, 3.0, math.inf, "inf"])
+def test_clip_grad_norm_types_as_torch(backend, rng, norm_type, peer):
+    """clip_grad_norm(_) with norm_type 1, 2, 3 and inf: the total norm of the
+    per-element magnitudes over every (unfrozen) gradient, the scale min(1, max /
+    (norm + 1e-6)); error_if_nonfinite raises NonFiniteError with nothing changed;
+    against torch.nn.utils.clip_grad_norm_ when installed."""
+    grads = [rng.standard_normal((4, 3)), rng.standard_normal(5)]
+    params = [fp.Parameter(np.zeros_like(g)) for g in grads]
+    for p, g in zip(params, grads):
+        p.grad[...] = g
+    flat = np.concatenate([g.ravel() for g in grads])
+    order = math.inf if norm_type == "inf" else norm_type
+    want = np.abs(flat).max() if math.isinf(order) else (np.abs(flat) ** order).sum() ** (1 / order)
+    got = fp.clip_grad_norm_(params, 0.5, norm_type=norm_type)
+    assert got == pytest.approx(want, rel=1e-12)
+    for p, g in zip(params, grads):
+        np.testing.assert_allclose(p.grad, g * min(1.0, 0.5 / (want + 1e-6)), rtol=1e-12)
+    params[1].grad[0] = np.nan
+    before = [p.grad.copy() for p in params]
+    with pytest.raises(fp.NonFiniteError, match="non-finite"):
+        fp.clip_grad_norm(params, 0.5, norm_type=norm_type, error_if_nonfinite=True)
+    for p, b in zip(params, before):
+        np.testing.assert_array_equal(p.grad, b)
+    with pytest.raises(ValueError, match="norm_type"):
+        fp.clip_grad_norm(params, 0.5, norm_type=0)
+    if peer is None:
+        return
+    torch = peer
+    ts = [torch.zeros(g.shape, dtype=torch.float64, requires_grad=True) for g in grads]
+    for t, g in zip(ts, grads):
+        t.grad = torch.tensor(g)
+    assert torch.nn.utils.clip_grad_norm_(ts, 0.5, norm_type=norm_type).item() == \
+        pytest.approx(want, rel=1e-12)
+    for p, g, t in zip(params[:1], grads, ts):
+        np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-12)

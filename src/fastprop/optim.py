@@ -22,7 +22,7 @@ from ._checks import real
 from .nn import Module, Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "clip_grad_norm",
-           "clip_grad_value", "get"]
+           "clip_grad_value", "clip_grad_norm_", "clip_grad_value_", "get"]
 
 
 def _param_list(params) -> list:
@@ -700,34 +700,63 @@ def _grads_by_dtype(params):
     return list(groups.values())
 
 
-def clip_grad_norm(params, max_norm) -> float:
-    """Scale all gradients so that their global L2 norm is at most ``max_norm``.
+def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                   foreach=None) -> float:
+    """Scale all gradients so that their global ``norm_type`` norm (2 by default, inf:
+    the largest magnitude) is at most ``max_norm``; as
+    ``torch.nn.utils.clip_grad_norm_`` (also named so here; ``foreach`` is accepted
+    and ignored).
 
-    Returns the total norm *before* clipping (as torch.nn.utils.clip_grad_norm_).
-    Gradients are scaled by ``min(1, max_norm / (norm + 1e-6))``, as PyTorch does
-    (so a norm within 1e-6 below ``max_norm`` is scaled by less than 1e-6 relative);
-    a non-finite norm is returned and nothing is scaled.
+    Returns the total norm *before* clipping.  Gradients are scaled by
+    ``min(1, max_norm / (norm + 1e-6))``, as PyTorch does (so a norm within 1e-6 below
+    ``max_norm`` is scaled by less than 1e-6 relative).  A non-finite norm is a
+    :class:`~fastprop.NonFiniteError` with ``error_if_nonfinite``; otherwise it is
+    returned and nothing is scaled (PyTorch would turn every gradient into NaN).
     """
     max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
+    if isinstance(norm_type, str) and norm_type == "inf":
+        norm_type = math.inf
+    norm_type = real(norm_type, "norm_type", low=0, low_inclusive=False)
+    if not isinstance(error_if_nonfinite, (bool, np.bool_)):
+        raise TypeError(f"error_if_nonfinite must be a bool, got {type(error_if_nonfinite).__name__}")
     groups = _grads_by_dtype(params)
     be = backends.current()
     fused = getattr(be, "clip_grad_norm_", None)
-    if fused is not None and len(groups) == 1:
+    if norm_type == 2.0 and fused is not None and len(groups) == 1 and not error_if_nonfinite:
         return fused(groups[0], max_norm)  # one pass to reduce, one to scale
-    total = math.sqrt(sum(be.sum_squares(g) for g in groups))
-    coef = max_norm / (total + 1e-6) if math.isfinite(total) else 1.0
+    grads = [g for gs in groups for g in gs]
+    if norm_type == 2.0:
+        total = math.sqrt(sum(be.sum_squares(g) for g in groups))
+    elif math.isinf(norm_type):
+        peaks = [float(np.abs(g).max()) for g in grads if g.size]
+        total = math.nan if any(v != v for v in peaks) else max(peaks, default=0.0)
+    else:
+        total = float(sum(np.sum(np.abs(g, dtype=np.float64) ** norm_type) for g in grads)
+                      ) ** (1.0 / norm_type)
+    if not math.isfinite(total):
+        if error_if_nonfinite:
+            raise backends.NonFiniteError(
+                f"the total norm of order {norm_type} of the gradients is non-finite "
+                f"({total}), so it cannot be clipped")
+        return total
+    coef = max_norm / (total + 1e-6)
     if coef < 1.0:
         for g in groups:
             be.scale_(g, coef)
     return total
 
 
-def clip_grad_value(params, value) -> None:
-    """Clamp every gradient element to [-value, value] (value > 0)."""
+def clip_grad_value(params, value, foreach=None) -> None:
+    """Clamp every gradient element to [-value, value] (value > 0), as
+    ``torch.nn.utils.clip_grad_value_`` (also named so here)."""
     value = real(value, "value", low=0, low_inclusive=False)
     be = backends.current()
     for g in _grads_by_dtype(params):
         be.clip_(g, -value, value)
+
+
+clip_grad_norm_ = clip_grad_norm    # (PyTorch's names: they work in place there too)
+clip_grad_value_ = clip_grad_value
 
 
 from . import lr_scheduler  # noqa: E402  (fp.optim.lr_scheduler, as torch.optim's)
