@@ -74,3 +74,14 @@ def test_demo_rejects_bad_arguments_as_usage_errors(args, capsys):
         main(["demo"] + args)
     assert exc.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finetune_example(backend):
+    """Pretrain with a per-update OneCycleLR, freeze the body (asserted unchanged in
+    the example), train a new head, unfreeze with add_param_group and a cosine
+    schedule: the unfrozen body improves the held-out accuracy."""
+    example = _load_example("finetune")
+    with fp.use_backend(backend):
+        acc_a, acc_head, acc_tuned = example.main(verbose=False)
+    assert acc_a >= 0.95 and acc_head >= 0.8 and acc_tuned >= acc_head
