@@ -1122,3 +1122,88 @@ def test_clip_grad_norm_types_as_torch(backend, rng, norm_type, peer):
         pytest.approx(want, rel=1e-12)
     for p, g, t in zip(params[:1], grads, ts):
         np.testing.assert_allclose(p.grad, t.grad.numpy(), rtol=1e-12)
+
+
+def test_third_review_compatibility_cases(monkeypatch):
+    """A user's Adam subclass whose constructor predates amsgrad still steps, takes
+    opt.lr = x, groups, add_param_group and load_state_dict (amsgrad=True it cannot
+    take is refused); an Adam pickled before amsgrad gains it (False, and setting it
+    works); parts of a step not reached when a later part raises sit the step out;
+    a momentum change that keeps it above 0 is checked without a throwaway optimizer;
+    clip_grad_norm_/clip_grad_value_ take PyTorch's argument names and one Parameter
+    (an empty list stays refused)."""
+    import pickle
+
+    class MyAdam(optim.Adam):
+        def __init__(self, params, lr=3e-4, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+            super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+
+    model = _groups_model()
+    opt = MyAdam([{"params": model[0].parameters(), "lr": 0.01},
+                  {"params": [model[1].weight]}])
+    X, Y = np.ones((4, 5)), np.zeros((4, 3))
+    _grads_step(model, X, Y)
+    opt.step()
+    opt.lr = 0.02
+    opt.add_param_group({"params": [model[1].bias], "eps": 1e-6})
+    opt.step()
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[1]["amsgrad"] = True
+    with pytest.raises(ValueError, match="does not take 'amsgrad'"):
+        opt.step()
+    opt.param_groups[1]["amsgrad"] = False
+
+    adam = optim.Adam(model.parameters(), lr=0.01)
+    state = pickle.loads(pickle.dumps(adam)).__dict__
+    state["hyper"].pop("amsgrad")
+    state["_hyper_seen"].pop("amsgrad")
+    for g in state["param_groups"]:
+        g.pop("amsgrad")
+    old = object.__new__(optim.Adam)
+    old.__setstate__(state)
+    assert old.amsgrad is False and old.param_groups[0]["amsgrad"] is False
+    old.amsgrad = True
+    _grads_step(model, X, Y)
+    old.step()
+    assert "max_exp_avg_sq" in old.state[0]
+
+    a = fp.Parameter(np.ones(2, np.float32))
+    b = fp.Parameter(np.ones(2, np.float64))
+    a.grad[...] = b.grad[...] = 1.0
+    mixed = optim.SGD([a, b], lr=0.1)
+    calls = []
+    real_update = optim.SGD._update
+
+    def flaky(self, be, params, grads, states, h, step):
+        calls.append(params[0].dtype)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real_update(self, be, params, grads, states, h, step)
+    monkeypatch.setattr(optim.SGD, "_update", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        mixed.step()
+    assert mixed.step_count == 1 and mixed.state_dict()["steps"] == [1, 0]
+    monkeypatch.undo()
+
+    sgd = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    built = []
+    real_construct = optim.Optimizer._construct
+    monkeypatch.setattr(optim.Optimizer, "_construct",
+                        lambda self, ps, h: built.append(1) or real_construct(self, ps, h))
+    sgd.step()
+    built.clear()  # (the first step checks the group whole)
+    sgd.param_groups[0]["momentum"] = 0.85
+    sgd.step()
+    assert not built and sgd.momentum == 0.85
+    sgd.param_groups[0]["momentum"] = 0.0  # (no buffer needed: checked whole)
+    sgd.step()
+    assert built
+    monkeypatch.undo()
+
+    p = fp.Parameter(np.zeros(3))
+    p.grad[...] = [3.0, 4.0, 0.0]
+    assert fp.clip_grad_norm_(parameters=p, max_norm=1.0) == pytest.approx(5.0)
+    fp.clip_grad_value_(parameters=[p], clip_value=0.1)
+    assert np.abs(p.grad).max() <= 0.1
+    with pytest.raises(ValueError, match="empty"):  # (torch: 0; here most often a bug)
+        fp.clip_grad_norm_([], 1.0)

@@ -49,6 +49,7 @@ def _param_list(params) -> list:
 
 
 _UPDATE_TAKES_STEP: dict = {}
+_INIT_ACCEPTS: dict = {}
 
 #: keys a parameter group may hold besides "params" and hyperparameters, as in
 #: PyTorch: a label, and the base rate a learning-rate scheduler keeps there
@@ -170,13 +171,26 @@ class Optimizer:
                                  f"{type(self).__name__} has {sorted(hyper)}")
             values = dict(hyper)
             if overrides:  # (checked as the constructor checks them)
-                values.update(type(self)(plist, **{**hyper, **overrides}).hyper)
+                values.update(self._construct(plist, {**hyper, **overrides}).hyper)
             groups.append({"params": plist, **values, **extras})
             members.append([index[id(p)] for p in plist])
         self.param_groups = groups
         self._members = members
         self._checked = [None] * len(groups)
         self._hyper_seen = dict(hyper)
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        # an optimizer pickled before a hyperparameter was added (Adam's amsgrad): it
+        # had the default
+        hyper = self.__dict__.get("hyper")
+        if hyper is not None:
+            for key, default in getattr(type(self), "_added_hyper", {}).items():
+                if key not in hyper:
+                    hyper[key] = default
+                    self.__dict__.get("_hyper_seen", {}).setdefault(key, default)
+                    for g in self.__dict__.get("param_groups", ()):
+                        g.setdefault(key, default)
 
     def __getattr__(self, name):
         hyper = self.__dict__.get("hyper")
@@ -225,7 +239,7 @@ class Optimizer:
     def _probe(self) -> "Optimizer":
         """A throwaway optimizer of this type with the same groups (to check a
         state_dict on)."""
-        return type(self)([{"params": g["params"]} for g in self.param_groups], **self.hyper)
+        return self._construct([{"params": g["params"]} for g in self.param_groups], self.hyper)
 
     def _group_hyper(self, i):
         """(hyperparameters, state names) of parameter group ``i`` as it is now,
@@ -260,6 +274,12 @@ class Optimizer:
         new = dict(old)
         for k, v in h.items():
             if not _same(old[k], v):
+                if k == "momentum":  # (its buffer stays while it stays > 0, or 0)
+                    m = real(v, "momentum", low=0)
+                    if (m > 0) != (old[k] > 0):
+                        return None
+                    new[k] = m
+                    continue
                 check = _CHEAP_CHECKS.get(k)
                 if check is None:
                     return None
@@ -314,9 +334,36 @@ class Optimizer:
         object.__setattr__(self, "state_names", names0)
         return True
 
+    def _construct(self, params, hyper: dict) -> "Optimizer":
+        """An optimizer of this type over ``params`` with ``hyper`` (how values are
+        checked).  A user's subclass whose constructor predates a hyperparameter added
+        since (``_added_hyper``, e.g. Adam's amsgrad) is built without it while it
+        holds its default; another value is refused, the subclass cannot take it."""
+        cls = type(self)
+        added = getattr(cls, "_added_hyper", {})
+        if added and not self._own_type():
+            accepts = _INIT_ACCEPTS.get(cls)
+            if accepts is None:
+                try:
+                    sig = inspect.signature(cls.__init__).parameters
+                    accepts = (None if any(q.kind is q.VAR_KEYWORD for q in sig.values())
+                               else frozenset(sig))
+                except (TypeError, ValueError):
+                    accepts = None
+                _INIT_ACCEPTS[cls] = accepts
+            if accepts is not None:
+                hyper = dict(hyper)
+                for key, default in added.items():
+                    if key in hyper and key not in accepts:
+                        if hyper[key] != default:
+                            raise ValueError(f"{cls.__name__} does not take {key!r} (its "
+                                             f"constructor has no such argument)")
+                        del hyper[key]
+        return cls(params, **hyper)
+
     def _validate(self, hyper: dict) -> "Optimizer":
         """Check hyperparameters by building a throwaway optimizer of this type."""
-        return type(self)(self.params, **hyper)
+        return self._construct(self.params, hyper)
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.hyper.items())
@@ -399,23 +446,25 @@ class Optimizer:
         self.step_count += 1
         lag[frozen] += 1
         be = backends.current()
-        written = False
+        work = [(h, names, idx, step) for h, names, parts in plan for idx, step in parts]
+        done = 0
         try:
-            for h, names, parts in plan:
-                for idx, step in parts:
-                    params = [self.params[i].value for i in idx]
-                    grads = [self.params[i].grad for i in idx]
-                    states = {k: [self.state[i][k] for i in idx] for k in names}
-                    if takes_step:
-                        self._update(be, params, grads, states, h, step)
-                    else:
-                        self._update(be, params, grads, states, h)
-                    written = True
+            for h, names, idx, step in work:
+                params = [self.params[i].value for i in idx]
+                grads = [self.params[i].grad for i in idx]
+                states = {k: [self.state[i][k] for i in idx] for k in names}
+                if takes_step:
+                    self._update(be, params, grads, states, h, step)
+                else:
+                    self._update(be, params, grads, states, h)
+                done += 1
         except BaseException:
-            if not written:  # (the first call refused: nothing changed, counts included;
-                # after a part was updated the counts stay with it)
+            if not done:  # (the first call refused: nothing changed, counts included)
                 self.step_count -= 1
                 lag[frozen] -= 1
+            else:  # (the parts not reached sat this step out; the others took it)
+                for _, _, idx, _ in work[done:]:
+                    lag[idx] += 1
             raise
 
     def _update(self, be, params, grads, states, h, step) -> None:
@@ -443,7 +492,7 @@ class Optimizer:
             raise ValueError(f"param_group: unknown hyperparameters {unknown}; "
                              f"{type(self).__name__} has {sorted(self.hyper)}")
         defaults = self.defaults
-        values = dict(type(self)(plist, **{**defaults, **overrides}).hyper)
+        values = dict(self._construct(plist, {**defaults, **overrides}).hyper)
         lag = np.concatenate([self._lags(), np.full(len(plist), self.step_count, np.int64)])
         start = len(self.params)
         self.params = self.params + plist
@@ -692,6 +741,16 @@ def get(optimizer, params) -> Optimizer:
 
 # ------------------------------------------------------------------ gradient clipping
 def _grads_by_dtype(params):
+    if isinstance(params, Parameter):  # (one, as torch takes one tensor)
+        params = [params]
+    elif not isinstance(params, Module):
+        try:
+            params = list(params)
+        except TypeError:
+            raise TypeError(f"params must be an iterable of Parameters, got "
+                            f"{type(params).__name__}") from None
+        # (an empty list stays a ValueError, unlike torch's norm of 0: it is most often
+        # an exhausted generator, a silent no-op otherwise)
     params = _param_list(params)
     groups: dict = {}
     for p in params:
@@ -711,7 +770,8 @@ def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False,
     ``min(1, max_norm / (norm + 1e-6))``, as PyTorch does (so a norm within 1e-6 below
     ``max_norm`` is scaled by less than 1e-6 relative).  A non-finite norm is a
     :class:`~fastprop.NonFiniteError` with ``error_if_nonfinite``; otherwise it is
-    returned and nothing is scaled (PyTorch would turn every gradient into NaN).
+    returned and nothing is scaled (PyTorch scales by NaN, or by 0 for an infinite
+    norm).  Unlike PyTorch, a ``norm_type`` or ``max_norm`` <= 0 is refused.
     """
     max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
     if isinstance(norm_type, str) and norm_type == "inf":
@@ -755,8 +815,15 @@ def clip_grad_value(params, value, foreach=None) -> None:
         be.clip_(g, -value, value)
 
 
-clip_grad_norm_ = clip_grad_norm    # (PyTorch's names: they work in place there too)
-clip_grad_value_ = clip_grad_value
+def clip_grad_norm_(parameters, max_norm, norm_type=2.0, error_if_nonfinite=False,
+                    foreach=None) -> float:
+    """:func:`clip_grad_norm` under PyTorch's name and argument names."""
+    return clip_grad_norm(parameters, max_norm, norm_type, error_if_nonfinite, foreach)
+
+
+def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
+    """:func:`clip_grad_value` under PyTorch's name and argument names."""
+    clip_grad_value(parameters, clip_value, foreach)
 
 
 from . import lr_scheduler  # noqa: E402  (fp.optim.lr_scheduler, as torch.optim's)

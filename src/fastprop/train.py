@@ -545,10 +545,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             run is saved as stopped: resuming it trains no more), but a callback's
             own state is not saved: on resume, one with an ``on_resume(history)``
             method gets the restored history (EarlyStopping rebuilds its count
-            from it).  One with an ``on_train_batch_end(batch, logs)`` method (as
-            Keras') has it called after each batch's update too (``logs``: the
-            batch's loss); ``lr_scheduler.every_batch(sched)`` steps a scheduler
-            there (warm-up, OneCycleLR).
+            from it).  One with an ``on_train_batch_end(batch, logs)`` method (Keras'
+            name) has it called after each batch's update too, with the batch's
+            index in the epoch and ``logs = {"loss": that batch's loss}`` (Keras
+            passes the epoch's running figures); ``lr_scheduler.every_batch(sched)``
+            steps a scheduler there (warm-up, OneCycleLR).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
