@@ -554,6 +554,21 @@ def _torch_step(topt, tw, tx, ty):
     topt.step()
 
 
+def _torch_twin(torch, model):
+    """The model's parameters as torch leaves (weights transposed to (out, in))."""
+    return [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
+                         requires_grad=True) for p in model.parameters()]
+
+
+def _train_both(torch, model, opt, topt, tw, X, Y, steps):
+    """``steps`` MSE steps of the model (backward, opt.step) and of its torch twin."""
+    tx, ty = torch.tensor(X), torch.tensor(Y)
+    for _ in range(steps):
+        _grads_step(model, X, Y)
+        opt.step()
+        _torch_step(topt, tw, tx, ty)
+
+
 def _assert_matches_torch(model, tw, rtol, atol):
     for p, t in zip(model.parameters(), tw):
         ref = t.detach().numpy()
@@ -568,16 +583,11 @@ def test_param_groups_match_torch_adamw(rng):
     opt = optim.AdamW([{"params": [model[0].weight, model[1].weight]},
                        {"params": [model[0].bias, model[1].bias], "weight_decay": 0.0}],
                       lr=0.01, weight_decay=0.1)
-    tw = [torch.tensor(p.value.T.copy(), requires_grad=True) if p.value.ndim == 2
-          else torch.tensor(p.value.copy(), requires_grad=True) for p in model.parameters()]
+    tw = _torch_twin(torch, model)
     topt = torch.optim.AdamW([{"params": [tw[0], tw[2]]},
                               {"params": [tw[1], tw[3]], "weight_decay": 0.0}],
                              lr=0.01, weight_decay=0.1)
-    tx, ty = torch.tensor(X), torch.tensor(Y)
-    for _ in range(5):
-        _grads_step(model, X, Y)
-        opt.step()
-        _torch_step(topt, tw, tx, ty)
+    _train_both(torch, model, opt, topt, tw, X, Y, 5)
     _assert_matches_torch(model, tw, rtol=1e-12, atol=1e-14)
 
 
@@ -894,8 +904,7 @@ def test_unfreeze_and_add_param_group_match_torch(compiled, rng):
     extra = _groups_model(seed=7)[1]  # a layer added to the optimizer later (unused)
     opt = optim.Adam(model.parameters(), lr=0.01)
     step = model.compile("mse", opt) if compiled else None
-    tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
-                       requires_grad=True) for p in model.parameters()]
+    tw = _torch_twin(torch, model)
     te = [torch.tensor(p.value.copy(), requires_grad=True) for p in extra.parameters()]
     topt = torch.optim.Adam(tw, lr=0.01)
     tx, ty = torch.tensor(X), torch.tensor(Y)
@@ -1076,14 +1085,9 @@ def test_amsgrad_as_torch_fused_fallback_and_old_state_dicts(name, rng, peer):
     torch = peer
     model = _groups_model()
     opt = cls(model.parameters(), lr=0.05, weight_decay=0.1, amsgrad=True)
-    tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
-                       requires_grad=True) for p in model.parameters()]
+    tw = _torch_twin(torch, model)
     topt = getattr(torch.optim, name)(tw, lr=0.05, weight_decay=0.1, amsgrad=True)
-    tx, ty = torch.tensor(X), torch.tensor(Y)
-    for _ in range(6):
-        _grads_step(model, X, Y)
-        opt.step()
-        _torch_step(topt, tw, tx, ty)
+    _train_both(torch, model, opt, topt, tw, X, Y, 6)
     _assert_matches_torch(model, tw, rtol=1e-12, atol=1e-14)
 
 
