@@ -153,13 +153,14 @@ void update_segments(const OptimizerPlan<T>& o, const Scalars<T>& plan_scalars, 
     // bias corrections of that count (a few multiplications; per range, rare)
     const std::int64_t step =
         o.lag != nullptr ? fp_max<std::int64_t>(1, o.step - o.lag[i]) : o.step;
+    const bool own_step = step != o.step && o.kind == kOptAdam;
     Scalars<T> own;
-    if (step != o.step && o.kind == kOptAdam) {
+    if (own_step) {
         OptimizerPlan<T> mine = o;
         mine.step = step;
         own = optimizer_scalars(mine);
     }
-    const Scalars<T>& s = step != o.step && o.kind == kOptAdam ? own : plan_scalars;
+    const Scalars<T>& s = own_step ? own : plan_scalars;
     T* p = o.params[i];
     const T* g = o.grads[i];
     T* s1 = o.state1 != nullptr ? o.state1[i] : nullptr;

@@ -47,9 +47,8 @@ def _optimizer(optimizer):
 def _set_rates(optimizer, rates, who) -> None:
     """Write one rate per group, all checked first."""
     groups = optimizer.param_groups
-    if len(rates) != len(groups):
-        raise ValueError(f"{who} was made for {len(rates)} parameter groups, the optimizer "
-                         f"has {len(groups)} now (make the scheduler after add_param_group)")
+    if len(rates) != len(groups):  # (a subclass's get_lr)
+        raise ValueError(f"{who} computed {len(rates)} rates for {len(groups)} parameter groups")
     rates = [float(r) for r in rates]
     for i, r in enumerate(rates):
         if not (math.isfinite(r) and r >= 0):
@@ -112,6 +111,11 @@ class LRScheduler:
     def _current(self):
         return [g["lr"] for g in self.optimizer.param_groups]
 
+    def _take_new_groups(self):
+        """Base rates for groups added by add_param_group since: their rate then."""
+        for g in self.optimizer.param_groups[len(self.base_lrs):]:
+            self.base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+
     def get_lr(self) -> list:
         """The rates of epoch ``last_epoch`` (what ``step`` sets)."""
         raise NotImplementedError
@@ -126,8 +130,7 @@ class LRScheduler:
         """Move to the next epoch (or to ``epoch``, with the closed form) and set its
         rates; refused (nothing changes) when a rate is not finite and >= 0."""
         groups = self.optimizer.param_groups
-        for g in groups[len(self.base_lrs):]:  # (added by add_param_group since)
-            self.base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+        self._take_new_groups()
         saved = (self.last_epoch, self._step_count)
         self._step_count += 1
         try:
@@ -196,14 +199,18 @@ class LambdaLR(LRScheduler):
         self.lr_lambdas = _lambdas(lr_lambda, _optimizer(optimizer), "lr_lambda")
         super().__init__(optimizer, last_epoch)
 
-    def get_lr(self):
+    def _fns(self):
+        """One function per group (one given for all serves groups added since)."""
         fns = self.lr_lambdas
         if len(fns) != len(self.base_lrs):
             if len(set(map(id, fns))) != 1:
                 raise ValueError(f"{type(self).__name__} has {len(fns)} lr_lambdas for "
                                  f"{len(self.base_lrs)} parameter groups")
-            fns = [fns[0]] * len(self.base_lrs)  # (one function for every group)
-        return [b * f(self.last_epoch) for b, f in zip(self.base_lrs, fns)]
+            fns = [fns[0]] * len(self.base_lrs)
+        return fns
+
+    def get_lr(self):
+        return [b * f(self.last_epoch) for b, f in zip(self.base_lrs, self._fns())]
 
 
 class MultiplicativeLR(LambdaLR):
@@ -213,13 +220,7 @@ class MultiplicativeLR(LambdaLR):
     def get_lr(self):
         if self._is_initial:
             return self._current()
-        fns = self.lr_lambdas
-        if len(fns) != len(self.base_lrs):
-            if len(set(map(id, fns))) != 1:
-                raise ValueError(f"MultiplicativeLR has {len(fns)} lr_lambdas for "
-                                 f"{len(self.base_lrs)} parameter groups")
-            fns = [fns[0]] * len(self.base_lrs)
-        return [g["lr"] * f(self.last_epoch) for g, f in zip(self.optimizer.param_groups, fns)]
+        return [lr * f(self.last_epoch) for lr, f in zip(self._current(), self._fns())]
 
 
 class StepLR(LRScheduler):
@@ -398,8 +399,7 @@ class CosineAnnealingWarmRestarts(LRScheduler):
 
     def step(self, epoch=None) -> None:
         groups = self.optimizer.param_groups
-        for g in groups[len(self.base_lrs):]:
-            self.base_lrs.append(float(g.setdefault("initial_lr", g["lr"])))
+        self._take_new_groups()
         saved = (self.last_epoch, self._step_count, self.T_cur, self.T_i)
         self._step_count += 1
         try:

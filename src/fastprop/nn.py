@@ -939,11 +939,16 @@ class Sequential(Module):
                  for i, layer in enumerate(self.layers)]
         return "Sequential(\n" + "\n".join(lines) + "\n)" if lines else "Sequential()"
 
+    def _layers_key(self):
+        """What the Sequential's caches are keyed by: the structure counter and the
+        layers themselves (a plain list assigned to .layers and edited in place does not
+        bump the counter)."""
+        return _structure[0], tuple(map(id, self.layers))
+
     def forward(self, x):
-        key = (_structure[0], tuple(map(id, self.layers)))
+        key = self._layers_key()
         if self.__dict__.get("_checked_at") != key:
-            # the layer list may have been edited in place since (insert, +=, ...; a
-            # plain list assigned to .layers does not bump the counter)
+            # the layer list may have been edited in place since (insert, +=, ...)
             _check_each_module_once(self, "Sequential")
             self._checked_at = key
         for layer in self.layers:
@@ -955,9 +960,7 @@ class Sequential(Module):
         for: fastprop's own modules without a trainable parameter (a frozen
         pretrained body: nothing there needs a gradient, as PyTorch builds no graph
         for it).  A user's module ends the prefix (its backward may do more)."""
-        # (keyed by the layers too: a plain list assigned to .layers and edited in place
-        # does not bump the structure counter)
-        key = (_structure[0], tuple(map(id, self.layers)))
+        key = self._layers_key()
         cached = self.__dict__.get("_prefix_at")
         if cached is not None and cached[0] == key:
             return cached[1]

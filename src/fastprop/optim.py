@@ -440,13 +440,12 @@ class Optimizer:
                         self.state[i][key] = np.zeros_like(self.params[i].value)
         lag = self._lags()
         frozen: list = []
-        plan = [(h, names, self._groups(members, lag, frozen))
-                for (h, names), members in zip(checked, self._members)]
+        work = [(h, names, idx, step) for (h, names), members in zip(checked, self._members)
+                for idx, step in self._groups(members, lag, frozen)]
         takes_step = self._takes_step()
         self.step_count += 1
         lag[frozen] += 1
         be = backends.current()
-        work = [(h, names, idx, step) for h, names, parts in plan for idx, step in parts]
         done = 0
         try:
             for h, names, idx, step in work:
@@ -485,14 +484,14 @@ class Optimizer:
         plist = _param_list([plist] if isinstance(plist, Parameter) else plist)
         extras = _group_extras(param_group, "param_group")
         overrides = {k: v for k, v in param_group.items() if k != "params" and k not in extras}
-        if any(id(p) in {id(q) for q in self.params} for p in plist):
+        held = {id(q) for q in self.params}
+        if any(id(p) in held for p in plist):
             raise ValueError("some parameters appear in more than one parameter group")
         unknown = sorted(set(overrides) - set(self.hyper))
         if unknown:
             raise ValueError(f"param_group: unknown hyperparameters {unknown}; "
                              f"{type(self).__name__} has {sorted(self.hyper)}")
-        defaults = self.defaults
-        values = dict(self._construct(plist, {**defaults, **overrides}).hyper)
+        values = dict(self._construct(plist, {**self.defaults, **overrides}).hyper)
         lag = np.concatenate([self._lags(), np.full(len(plist), self.step_count, np.int64)])
         start = len(self.params)
         self.params = self.params + plist
@@ -743,14 +742,8 @@ def get(optimizer, params) -> Optimizer:
 def _grads_by_dtype(params):
     if isinstance(params, Parameter):  # (one, as torch takes one tensor)
         params = [params]
-    elif not isinstance(params, Module):
-        try:
-            params = list(params)
-        except TypeError:
-            raise TypeError(f"params must be an iterable of Parameters, got "
-                            f"{type(params).__name__}") from None
-        # (an empty list stays a ValueError, unlike torch's norm of 0: it is most often
-        # an exhausted generator, a silent no-op otherwise)
+    # (an empty list stays a ValueError, unlike torch's norm of 0: it is most often an
+    # exhausted generator, a silent no-op otherwise)
     params = _param_list(params)
     groups: dict = {}
     for p in params:
