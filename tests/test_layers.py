@@ -717,6 +717,172 @@ def test_label_smoothing_as_pytorch(backend, rng, targets, peer):
     np.testing.assert_allclose(grad, tl.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
+def _central_diff(f, p, h=1e-6):
+    num = np.zeros_like(p)
+    for i in np.ndindex(p.shape):
+        e = np.zeros_like(p)
+        e[i] = h
+        num[i] = (f(p + e) - f(p - e)) / (2 * h)
+    return num
+
+
+@pytest.mark.parametrize("targets", ["labels", "labels-ignored", "probs"])
+@pytest.mark.parametrize("eps", [0.0, 0.15])
+def test_cross_entropy_class_weights_as_pytorch(backend, rng, targets, eps, peer):
+    """SoftmaxCrossEntropy(weight=, ignore_index=): the term of class c counts
+    weight[c] times; with class ids the mean is over the rows' class weights and an
+    ignored row counts for nothing; with probability targets the mean is over the
+    rows (PyTorch's CrossEntropyLoss).  Against the formula, central differences and
+    PyTorch; float32 logits give the float64 result to float32 precision."""
+    n, k = 11, 5
+    logits = 3 * rng.standard_normal((n, k))
+    w = rng.random(k) + 0.2
+    if targets == "probs":
+        y = rng.dirichlet(np.ones(k), n)
+        kw = {}
+    else:
+        y = rng.integers(0, k, n)
+        kw = {"ignore_index": -100} if targets == "labels-ignored" else {}
+        if kw:
+            y[[2, 7]] = -100
+    loss = fp.losses.SoftmaxCrossEntropy(eps, weight=w, **kw)
+    value, grad = loss(logits, y), loss.backward()
+    logp = logits - logits.max(1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(1, keepdims=True))
+    if targets == "probs":
+        a, den = ((1 - eps) * y + eps / k) * w, n
+    else:
+        keep = y != -100
+        a = ((1 - eps) * np.eye(k)[np.where(keep, y, 0)] + eps / k) * w * keep[:, None]
+        den = w[y[keep]].sum()
+    assert value == pytest.approx(-(a * logp).sum() / den, rel=1e-13)
+    np.testing.assert_allclose(grad, (a.sum(1, keepdims=True) * np.exp(logp) - a) / den,
+                               rtol=1e-12, atol=1e-15)
+    np.testing.assert_allclose(grad, _central_diff(lambda z: loss.value(z, y), logits),
+                               rtol=1e-6, atol=1e-9)
+    v32 = loss(logits.astype(np.float32), y)
+    assert loss.backward().dtype == np.float32
+    assert v32 == pytest.approx(value, rel=1e-5)
+    assert "weight=[" in repr(loss)
+    if peer is None:
+        return
+    torch = peer
+    tl = torch.tensor(logits, requires_grad=True)
+    ref = torch.nn.functional.cross_entropy(tl, torch.tensor(y), weight=torch.tensor(w),
+                                            label_smoothing=eps, **kw)
+    ref.backward()
+    assert value == pytest.approx(ref.item(), rel=1e-13)
+    np.testing.assert_allclose(grad, tl.grad.numpy(), rtol=1e-12, atol=1e-15)
+
+
+def test_cross_entropy_ignore_index_and_bad_options(backend, rng):
+    """ignore_index alone (unit weights) is the mean over the rows kept; every row
+    ignored gives NaN and a zero gradient (as PyTorch); an id that is neither a class
+    nor ignore_index, and bad weights, are refused naming the argument."""
+    logits = rng.standard_normal((6, 4))
+    y = np.array([0, 3, -1, 2, -1, 1])
+    loss = fp.losses.SoftmaxCrossEntropy(ignore_index=-1)
+    keep = y != -1
+    assert loss(logits, y) == pytest.approx(
+        fp.losses.SoftmaxCrossEntropy()(logits[keep], y[keep]), rel=1e-13)
+    g = loss.backward()
+    assert np.all(g[~keep] == 0)
+    np.testing.assert_allclose(g[keep].sum(1), 0, atol=1e-15)
+    assert math.isnan(loss(logits, np.full(6, -1)))
+    assert np.all(loss.backward() == 0)
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\).*ignore_index=-1"):
+        loss(logits, np.array([0, 3, -2, 2, 1, 1]))
+    with pytest.raises(ValueError, match=r"labels must lie in \[0, 4\)"):
+        fp.losses.SoftmaxCrossEntropy(weight=np.ones(4))(logits, np.array([0, 3, 4, 2, 1, 1]))
+    with pytest.raises(ValueError, match="weight has 3 entries, the logits 4 classes"):
+        fp.losses.SoftmaxCrossEntropy(weight=[1, 2, 3])(logits, y[keep].repeat(2)[:6])
+    for bad, exc, match in (([[1.0, 2.0]], ValueError, "weight must be 1-D"),
+                            ([1.0, -2.0], ValueError, "weight must be finite and >= 0"),
+                            ([1.0, np.nan], ValueError, "weight must be finite"),
+                            (["a", "b"], TypeError, "weight must hold real numbers")):
+        with pytest.raises(exc, match=match):
+            fp.losses.SoftmaxCrossEntropy(weight=bad)
+    for bad in (1.5, "x", True):
+        with pytest.raises(TypeError, match="ignore_index must be an int"):
+            fp.losses.SoftmaxCrossEntropy(ignore_index=bad)
+    w = np.array([1.0, 2.0, 3.0, 4.0])
+    held = fp.losses.SoftmaxCrossEntropy(weight=w)
+    w[0] = 100.0  # (a copy is kept)
+    assert held.weight[0] == 1.0 and not held.weight.flags.writeable
+
+
+def test_bce_pos_weight_as_pytorch(backend, rng, peer):
+    """BinaryCrossEntropy(from_logits=True, pos_weight=w): each positive target's term
+    counts w times (w broadcast over the rows, PyTorch's BCEWithLogitsLoss), exact at
+    large |logits|; against the formula, central differences and PyTorch."""
+    n, k = 8, 3
+    x = 4 * rng.standard_normal((n, k))
+    x[0, 0], x[1, 1] = 60.0, -80.0
+    t = (rng.random((n, k)) > 0.5).astype(float)
+    t[0, 0], t[1, 1] = 0.0, 1.0  # (the large logits on the wrong side: large terms)
+    pw = np.array([0.5, 2.0, 7.0])
+    loss = fp.losses.BinaryCrossEntropy(from_logits=True, pos_weight=pw)
+    value, grad = loss(x, t), loss.backward()
+    sp = np.logaddexp(0, x)  # -log(1 - s(x))
+    ref = (pw * t * (sp - x) + (1 - t) * sp).mean()
+    assert value == pytest.approx(ref, rel=1e-13)
+    s = 1 / (1 + np.exp(-x))
+    np.testing.assert_allclose(grad, (pw * t * (s - 1) + (1 - t) * s) / x.size,
+                               rtol=1e-12, atol=1e-17)
+    small = x.copy()
+    small[0, 0], small[1, 1] = 1.0, -1.0  # (central differences away from the flat tails)
+    loss(small, t)
+    np.testing.assert_allclose(loss.backward(), _central_diff(lambda z: loss.value(z, t), small),
+                               rtol=1e-6, atol=1e-9)
+    plain = fp.losses.BinaryCrossEntropy(from_logits=True)
+    assert fp.losses.BinaryCrossEntropy(from_logits=True, pos_weight=1.0)(x, t) == \
+        pytest.approx(plain(x, t), rel=1e-12)
+    with pytest.raises(ValueError, match="pos_weight needs from_logits=True"):
+        fp.losses.BinaryCrossEntropy(pos_weight=pw)
+    with pytest.raises(ValueError, match=r"pos_weight of shape \(2,\) does not broadcast"):
+        fp.losses.BinaryCrossEntropy(from_logits=True, pos_weight=[1.0, 2.0])(x, t)
+    if peer is None:
+        return
+    torch = peer
+    tx = torch.tensor(x, requires_grad=True)
+    r = torch.nn.functional.binary_cross_entropy_with_logits(tx, torch.tensor(t),
+                                                             pos_weight=torch.tensor(pw))
+    r.backward()
+    assert value == pytest.approx(r.item(), rel=1e-13)
+    np.testing.assert_allclose(grad, tx.grad.numpy(), rtol=1e-12, atol=1e-17)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: fp.losses.SoftmaxCrossEntropy(0.1, weight=[1.0, 3.0, 0.5], ignore_index=-1),
+    lambda: fp.losses.BinaryCrossEntropy(from_logits=True, pos_weight=[4.0, 1.0, 0.2])])
+def test_weighted_losses_in_a_compiled_step(backend, make, rng):
+    """A compiled step with a weighted loss takes the layer path (the fused kernels
+    have no weights) and computes exactly forward, the weighted loss, backward and the
+    update; fit with it trains."""
+    X = rng.standard_normal((40, 6))
+    if isinstance(make(), fp.losses.SoftmaxCrossEntropy):
+        y = rng.integers(0, 3, 40)
+        y[::7] = -1
+    else:
+        y = (rng.random((40, 3)) > 0.5).astype(float)
+    models = [fp.nn.Sequential(fp.nn.Dense(6, 8, "relu", rng=1), fp.nn.Dense(8, 3, rng=2))
+              for _ in range(2)]
+    step = models[0].compile(make(), fp.optim.Adam(models[0].parameters(), lr=0.01))
+    loss, opt = make(), fp.optim.Adam(models[1].parameters(), lr=0.01)
+    for i in range(5):
+        xb, yb = X[8 * i:8 * i + 8], y[8 * i:8 * i + 8]
+        got = step(xb, yb)
+        opt.zero_grad()
+        want = loss(models[1](xb), yb)
+        models[1].backward(loss.backward())
+        opt.step()
+        assert got == want
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    hist = models[0].fit(X, y, epochs=30, batch_size=8, verbose=0)
+    assert hist.history["loss"][-1] < 0.7 * hist.history["loss"][0]
+
+
 @pytest.mark.parametrize("kind", ["l1", "huber", "smooth_l1"])
 def test_robust_losses_gradcheck_and_torch(backend, rng, kind, peer):
     """L1, Huber and SmoothL1: gradients against central differences in float64 (away

@@ -60,6 +60,11 @@ class Loss:
     def get_config(self) -> dict:
         return {}
 
+    def _layer_only(self) -> bool:
+        """True when an option asks for more than the backend's fused loss kernels
+        compute (a compiled step then takes the layer path, which calls ``forward``)."""
+        return False
+
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
@@ -108,12 +113,26 @@ class BinaryCrossEntropy(Loss):
     Targets must lie in [0, 1].
     """
 
-    def __init__(self, from_logits=False):
+    pos_weight = None  # (instances pickled before the option)
+
+    def __init__(self, from_logits=False, *, pos_weight=None):
         super().__init__()
         self.from_logits = bool(from_logits)
+        if pos_weight is not None:
+            if not self.from_logits:
+                raise ValueError("pos_weight needs from_logits=True (as PyTorch, which has it "
+                                 "on BCEWithLogitsLoss only)")
+            pos_weight = _weights(pos_weight, "pos_weight", ndim=None)
+        self.pos_weight = pos_weight
 
     def get_config(self):
-        return {"from_logits": self.from_logits}
+        config = {"from_logits": self.from_logits}
+        if self.pos_weight is not None:
+            config["pos_weight"] = self.pos_weight.tolist()
+        return config
+
+    def _layer_only(self):
+        return self.pos_weight is not None
 
     def prepare_target(self, target, pred_shape, dtype):
         t = _elementwise_target(target, pred_shape, dtype)
@@ -126,7 +145,28 @@ class BinaryCrossEntropy(Loss):
             raise ValueError(
                 "pred must be probabilities in [0, 1] (use from_logits=True for logits), "
                 f"got values in [{pred.min()}, {pred.max()}]")
+        if self.pos_weight is not None:
+            return self._weighted(pred, target, grad)
         return backends.current().bce(pred, target, self.from_logits, grad)
+
+    def _weighted(self, pred, target, grad):
+        """PyTorch's BCEWithLogitsLoss(pos_weight): ``-(w t log s(x) + (1 - t) log(1 - s(x)))``
+        with ``w`` broadcast over the rows, averaged (NumPy, in float64)."""
+        w = self.pos_weight
+        try:
+            w = np.broadcast_to(w, pred.shape)
+        except ValueError:
+            raise ValueError(f"pos_weight of shape {self.pos_weight.shape} does not broadcast "
+                             f"to the predictions' shape {pred.shape}") from None
+        x = pred.astype(np.float64)
+        t = target.astype(np.float64)
+        # -log s(x) = softplus(-x), -log(1 - s(x)) = softplus(x); s(x) = exp(-softplus(-x))
+        sp_neg, sp_pos = np.logaddexp(0.0, -x), np.logaddexp(0.0, x)
+        terms = w * t * sp_neg + (1 - t) * sp_pos
+        if grad is not None:
+            np.divide((1 - t) * np.exp(-sp_neg) - w * t * np.exp(-sp_pos), x.size, out=grad,
+                      casting="unsafe")
+        return float(terms.sum() / x.size)
 
 
 class SoftmaxCrossEntropy(Loss):
@@ -138,16 +178,46 @@ class SoftmaxCrossEntropy(Loss):
         label_smoothing: in [0, 1], as PyTorch's CrossEntropyLoss: the target of each
             row becomes ``(1 - label_smoothing) target + label_smoothing / classes``
             (class ids as one-hot rows).
+        weight: per-class weights, shape (classes,), finite and >= 0, as PyTorch's
+            ``weight``: the term of class c counts ``weight[c]`` times.  With class ids
+            the mean is taken over the weights of the rows' classes (``sum_i
+            weight[y_i] loss_i / sum_i weight[y_i]``); with probability targets over
+            the rows, as in PyTorch.
+        ignore_index: a class id whose rows count for nothing (neither in the loss
+            nor in the mean), as PyTorch's ``ignore_index`` (whose default, -100, is
+            ``None`` here: every id must then be a class).  Class-id targets only.
+            When every row is ignored the loss is NaN and the gradient 0, as in PyTorch.
+
+    With ``weight`` or ``ignore_index`` the loss is computed with NumPy (in float64) on
+    every backend, and a compiled step takes the layer path.
     """
 
-    label_smoothing = 0.0  # (instances pickled before the option)
+    label_smoothing = 0.0  # (instances pickled before the options)
+    weight = None
+    ignore_index = None
 
-    def __init__(self, label_smoothing=0.0):
+    def __init__(self, label_smoothing=0.0, *, weight=None, ignore_index=None):
         super().__init__()
         self.label_smoothing = real(label_smoothing, "label_smoothing", low=0, high=1)
+        self.weight = None if weight is None else _weights(weight, "weight", ndim=1)
+        if ignore_index is not None:
+            if isinstance(ignore_index, (bool, np.bool_)) or not isinstance(
+                    ignore_index, (int, np.integer)):
+                raise TypeError(f"ignore_index must be an int or None, got "
+                                f"{type(ignore_index).__name__}")
+            ignore_index = int(ignore_index)
+        self.ignore_index = ignore_index
 
     def get_config(self):
-        return {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        config = {"label_smoothing": self.label_smoothing} if self.label_smoothing else {}
+        if self.weight is not None:
+            config["weight"] = self.weight.tolist()
+        if self.ignore_index is not None:
+            config["ignore_index"] = self.ignore_index
+        return config
+
+    def _layer_only(self):
+        return self.weight is not None or self.ignore_index is not None
 
     def _pred(self, pred):
         pred = super()._pred(pred)
@@ -156,6 +226,8 @@ class SoftmaxCrossEntropy(Loss):
         return pred
 
     def prepare_target(self, target, pred_shape, dtype):
+        if self._layer_only():
+            return self._weighted_targets(target, pred_shape, dtype)
         labels, probs = softmax_targets(target, pred_shape, dtype)
         eps = self.label_smoothing
         if not eps:
@@ -168,8 +240,80 @@ class SoftmaxCrossEntropy(Loss):
         return None, smooth
 
     def _kernel(self, pred, target, grad):
+        if self._layer_only():
+            return self._weighted(pred, target, grad)
         labels, probs = target
         return backends.current().softmax_xent(pred, labels, probs, grad)
+
+    def _weighted_targets(self, target, pred_shape, dtype):
+        """(class ids or None, probabilities or None, rows kept or None): the targets
+        with ``weight``/``ignore_index``, checked (an ignored row may hold any id)."""
+        n, classes = pred_shape
+        if self.weight is not None and self.weight.shape[0] != classes:
+            raise ValueError(f"weight has {self.weight.shape[0]} entries, the logits "
+                             f"{classes} classes")
+        labels, probs = softmax_targets(target, pred_shape, dtype, check_range=False)
+        keep = None
+        if labels is not None:
+            keep = labels != self.ignore_index if self.ignore_index is not None else None
+            used = labels if keep is None else labels[keep]
+            if used.size and (used.min() < 0 or used.max() >= classes):
+                ignored = ("" if self.ignore_index is None
+                           else f" (or ignore_index={self.ignore_index})")
+                raise ValueError(f"labels must lie in [0, {classes}) for {classes} classes"
+                                 f"{ignored}, got values in [{used.min()}, {used.max()}]")
+            if keep is not None:
+                labels = np.where(keep, labels, 0)
+        return labels, probs, keep
+
+    def _weighted(self, pred, target, grad):
+        """``-sum_c a_c log p_c`` per row, ``a`` the (smoothed) target times the class
+        weights, over the normaliser above; its gradient ``(sum_c a_c) p - a``."""
+        labels, probs, keep = target
+        n, classes = pred.shape
+        x = pred.astype(np.float64)
+        x = x - x.max(axis=1, keepdims=True)
+        logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+        eps = self.label_smoothing
+        w = self.weight if self.weight is not None else np.ones(classes)
+        if labels is not None:
+            a = np.full((n, classes), eps / classes)
+            a[np.arange(n), labels] += 1 - eps
+            row_w = w[labels]
+            if keep is not None:
+                a[~keep] = 0.0
+                row_w = row_w[keep]
+            den = row_w.sum()
+        else:
+            a = probs.astype(np.float64)
+            if eps:
+                a = (1 - eps) * a + eps / classes
+            den = float(n)
+        a *= w
+        with np.errstate(invalid="ignore", divide="ignore"):
+            loss = float(-(a * logp).sum() / den)
+        if grad is not None:
+            if den == 0:
+                grad[...] = 0
+            else:
+                np.divide(a.sum(axis=1, keepdims=True) * np.exp(logp) - a, den, out=grad,
+                          casting="unsafe")
+        return loss
+
+
+def _weights(value, name, ndim):
+    """Class or positive-class weights: a finite float64 array >= 0 (read-only, a copy);
+    ``ndim`` its required number of dimensions (None: any, for broadcasting)."""
+    arr = as_array(value, name)
+    if arr.dtype.kind not in "iuf":
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    if ndim is not None and arr.ndim != ndim:
+        raise ValueError(f"{name} must be {ndim}-D, got shape {arr.shape}")
+    arr = np.array(arr, dtype=np.float64)
+    if not np.isfinite(arr).all() or (arr < 0).any():
+        raise ValueError(f"{name} must be finite and >= 0")
+    arr.flags.writeable = False
+    return arr
 
 
 class _Robust(Loss):

@@ -289,7 +289,8 @@ class TrainStep:
             raise ValueError("x is empty: a training step needs at least one sample")
         fast = self.fused()
         if fast is not None:
-            fast = self._group_gate(fast)
+            # (a loss option the fused kernels lack, e.g. class weights: the layer path)
+            fast = self._layer_path(fast) if self.loss._layer_only() else self._group_gate(fast)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
             x = np.ascontiguousarray(x, dtype=dtype)
