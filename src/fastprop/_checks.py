@@ -66,7 +66,24 @@ def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
     dt = compute_dtype(arr) if dtype is None else np.dtype(dtype)
-    return np.asarray(arr, dtype=dt, order="C")  # ascontiguousarray would make 0-d 1-d
+    with np.errstate(over="ignore"):  # (beyond float32's range: inf, which callers refuse)
+        return np.asarray(arr, dtype=dt, order="C")  # ascontiguousarray would make 0-d 1-d
+
+
+def finite_float(x, name: str, dtype) -> np.ndarray:
+    """:func:`as_float` to ``dtype``, refusing NaN and infinities (ValueError), and
+    saying so when a value is finite but beyond ``dtype``'s range."""
+    arr = as_array(x, name)
+    out = as_float(arr, name, dtype)
+    try:
+        check_finite(out, name)
+    except ValueError:
+        if out is not arr and arr.dtype.kind == "f" and np.isfinite(arr).all():
+            raise ValueError(
+                f"{name} has values beyond the range of {out.dtype} (the model's dtype): "
+                f"largest magnitude {float(np.abs(arr).max())!r}") from None
+        raise
+    return out
 
 
 def check_shape(arr: np.ndarray, shape: tuple, name: str) -> None:
@@ -90,6 +107,16 @@ def check_finite(arr: np.ndarray, name: str) -> None:
     if arr.dtype.kind == "f" and arr.size and not np.isfinite(arr).all():
         bad = int(arr.size - np.count_nonzero(np.isfinite(arr)))
         raise ValueError(f"{name} contains {bad} NaN or infinite value(s)")
+
+
+def flag(value, name: str) -> bool:
+    """A yes/no option: a bool (or NumPy bool, or the integer 0 or 1); a string such as
+    "False", which ``bool()`` would take as True, is refused (TypeError)."""
+    if isinstance(value, (bool, np.bool_)):
+        return bool(value)
+    if isinstance(value, numbers.Integral) and value in (0, 1):
+        return bool(value)
+    raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
 
 
 def real(value, name: str, *, low=None, low_inclusive=True, high=None, high_inclusive=True,
@@ -131,7 +158,11 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
             raise ValueError(f"{name} must be integer class ids, got non-integral values")
     elif arr.dtype.kind == "b":
         raise TypeError(f"{name} must be integer class ids, got dtype bool")
-    out = np.ascontiguousarray(arr, dtype=np.int64)
+    if n and arr.dtype.kind in "fu" and np.abs(arr).max() >= 2 ** 63:  # (no int64: the
+        check_range = True                                    # range error, on arr's values)
+        out = np.full(1, -1)
+    else:
+        out = np.ascontiguousarray(arr, dtype=np.int64)
     if check_range and n and (out.min() < 0 or out.max() >= classes):
         raise ValueError(
             f"{name} must lie in [0, {classes}) for {classes} classes, "

@@ -31,16 +31,15 @@ class GradcheckError(AssertionError):
 
 def _numeric(f, x, eps):
     """Central differences of scalar f() with respect to array x (perturbed in place)."""
-    grad = np.zeros_like(x)
-    flat, gflat = x.reshape(-1), grad.reshape(-1)
-    for i in range(flat.size):
-        orig = flat[i]
-        flat[i] = orig + eps
+    grad = np.zeros(x.shape)
+    for i in np.ndindex(x.shape):  # (x itself, whatever its memory order)
+        orig = x[i]
+        x[i] = orig + eps
         fp = f()
-        flat[i] = orig - eps
+        x[i] = orig - eps
         fm = f()
-        flat[i] = orig
-        gflat[i] = (fp - fm) / (2 * eps)
+        x[i] = orig
+        grad[i] = (fp - fm) / (2 * eps)
     return grad
 
 
@@ -95,8 +94,12 @@ def gradcheck(module_or_fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_except
 
 
 def _check_module(module, inputs, eps, atol, rtol, seed, failures):
-    x = inputs[0] if isinstance(inputs, (tuple, list)) else inputs
-    x = np.array(x, dtype=np.float64)
+    # (a tuple holds the inputs, as torch's gradcheck takes them; a list is an array,
+    # unless it holds exactly one array)
+    if isinstance(inputs, tuple) or (isinstance(inputs, list) and len(inputs) == 1
+                                     and isinstance(inputs[0], np.ndarray)):
+        inputs = inputs[0]
+    x = np.array(inputs, dtype=np.float64, order="C")
     model = copy.deepcopy(module)
     model._cast(np.float64)
     out = model.forward(x)
@@ -123,7 +126,7 @@ def _check_module(module, inputs, eps, atol, rtol, seed, failures):
 
 def _check_loss(loss, inputs, eps, atol, rtol, failures):
     pred, target = inputs
-    pred = np.array(pred, dtype=np.float64)
+    pred = np.array(pred, dtype=np.float64, order="C")
     target = np.asarray(target)
     if target.dtype.kind == "f":
         target = target.astype(np.float64)
@@ -136,7 +139,7 @@ def _check_loss(loss, inputs, eps, atol, rtol, failures):
 def _check_fn(fn, inputs, eps, atol, rtol, failures):
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
-    arrays = [np.array(a, dtype=np.float64) for a in inputs]
+    arrays = [np.array(a, dtype=np.float64, order="C") for a in inputs]
     out = fn(*arrays)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError("fn must return (value, grads): the scalar value and the gradient "

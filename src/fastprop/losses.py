@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._checks import as_array, as_float, check_finite, real
+from ._checks import as_array, as_float, check_finite, flag, real
 from .ops import softmax_targets
 
 __all__ = ["Loss", "MSE", "L1", "Huber", "SmoothL1", "BinaryCrossEntropy", "SoftmaxCrossEntropy",
@@ -92,7 +92,7 @@ class MSE(Loss):
 
     def __init__(self, half=False):
         super().__init__()
-        self.half = bool(half)
+        self.half = flag(half, "half")
 
     def get_config(self):
         return {"half": self.half}
@@ -117,7 +117,7 @@ class BinaryCrossEntropy(Loss):
 
     def __init__(self, from_logits=False, *, pos_weight=None):
         super().__init__()
-        self.from_logits = bool(from_logits)
+        self.from_logits = flag(from_logits, "from_logits")
         if pos_weight is not None:
             if not self.from_logits:
                 raise ValueError("pos_weight needs from_logits=True (as PyTorch, which has it "

@@ -28,7 +28,7 @@ from __future__ import annotations
 import bisect
 import math
 
-from ._checks import integer, real
+from ._checks import flag, integer, real
 
 __all__ = ["LRScheduler", "LambdaLR", "MultiplicativeLR", "StepLR", "MultiStepLR",
            "ConstantLR", "LinearLR", "ExponentialLR", "PolynomialLR", "CosineAnnealingLR",
@@ -480,7 +480,7 @@ class OneCycleLR(LRScheduler):
                 raise ValueError(f"OneCycleLR: pct_start={pct_start} with total_steps={T} "
                                  f"makes a phase of no length; change either")
             start = end
-        self.cycle_momentum = bool(cycle_momentum)
+        self.cycle_momentum = flag(cycle_momentum, "cycle_momentum")
         self.use_beta1 = "betas" in optimizer.hyper
         if self.cycle_momentum:
             if "momentum" not in optimizer.hyper and not self.use_beta1:

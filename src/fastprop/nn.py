@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backends
 from . import init as _init
-from ._checks import as_array, as_float, float_dtype, integer, real
+from ._checks import as_array, as_float, flag, float_dtype, integer, real
 from .backends import ACTIVATIONS
 from .ops import activation_code
 
@@ -57,8 +57,9 @@ class Parameter:
 
     def __init__(self, value, name: str | None = None):
         value = np.array(as_array(value, "value"), copy=True)
-        if value.dtype not in (np.float32, np.float64):
-            value = value.astype(np.float64 if value.dtype.kind in "biu" else np.float32)
+        if value.dtype not in (np.float32, np.float64):  # (also a byte-swapped float64)
+            wide = value.dtype.kind in "biu" or value.dtype.itemsize >= 8
+            value = value.astype(np.float64 if wide else np.float32)
         self._value = np.ascontiguousarray(value)
         self.grad = np.zeros_like(self._value)
         self.name = name
@@ -179,7 +180,7 @@ class Module:
 
     @training.setter
     def training(self, mode) -> None:
-        self._training = bool(mode)
+        self._training = flag(mode, "training")
 
     # -- the two passes --------------------------------------------------------
     def forward(self, x):
@@ -349,8 +350,9 @@ class Module:
     def train(self, mode: bool = True):
         """Put this module and all its submodules in training mode (eval mode when
         ``mode`` is False); returns the module."""
+        mode = flag(mode, "mode")
         for mod in self.modules():
-            mod.training = bool(mode)
+            mod.training = mode
         return self
 
     def eval(self):
@@ -578,9 +580,17 @@ class Dense(Module):
         if n == 0 or (frozen and not input_grad):  # (a frozen first layer: nothing to do)
             return grad_x
         work = None if self.act == 0 else np.empty_like(g)
+        grad_w, grad_b = _grad_out(self.weight), _grad_out(self.bias)
+        # (an input that is one of the gradients written, e.g. backward(layer.weight.grad):
+        # the kernels read it while they write those, so read a copy)
+        written = [a for a in (grad_w, grad_b) if a is not None]
+        if any(np.may_share_memory(g, a) for a in written):
+            g = g.copy()
+        if any(np.may_share_memory(x, a) for a in written):
+            x = x.copy()
         backends.current().linear_backward(
             g, x, self.weight.value, self._y, self._z, self.act, self.alpha, grad_x,
-            _grad_out(self.weight), _grad_out(self.bias), work, True)
+            grad_w, grad_b, work, True)
         return grad_x
 
 

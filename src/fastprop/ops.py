@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._checks import (FLOAT_DTYPES, as_array, as_float, check_out, check_shape,
+from ._checks import (FLOAT_DTYPES, as_array, as_float, check_out, check_shape, flag,
                       class_labels, compute_dtype, real)
 from .backends import ACTIVATIONS
 
@@ -57,9 +57,11 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
     """
     if (out is None and not accumulate and type(a) is np.ndarray
             and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2):
-        fast = _matmul_fast(a, b, bool(trans_a), bool(trans_b))
+        fast = _matmul_fast(a, b, flag(trans_a, "trans_a"), flag(trans_b, "trans_b"))
         if fast is not None:
             return fast
+    trans_a, trans_b = flag(trans_a, "trans_a"), flag(trans_b, "trans_b")
+    accumulate = flag(accumulate, "accumulate")
     a = as_array(a, "a")
     b = as_array(b, "b")
     for name, arr in (("a", a), ("b", b)):
@@ -86,13 +88,13 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
         if not accumulate:
             out.fill(0)
         return out
-    a, trans_a = _gemm_operand(a, bool(trans_a))
-    b, trans_b = _gemm_operand(b, bool(trans_b))
+    a, trans_a = _gemm_operand(a, trans_a)
+    b, trans_b = _gemm_operand(b, trans_b)
     target = out
     if (out.strides[1] != out.itemsize or out.strides[0] < n * out.itemsize
-            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+            or out.strides[0] % out.itemsize or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         target = out.copy() if accumulate else np.empty((m, n), dtype=dtype)
-    backends.current().gemm(a, b, target, trans_a, trans_b, bool(accumulate))
+    backends.current().gemm(a, b, target, trans_a, trans_b, accumulate)
     if target is not out:
         out[...] = target
     return out
@@ -146,6 +148,7 @@ def linear(x, w, b=None, *, activation=None, return_preact=False, alpha=0.01):
     """
     act = activation_code(activation)
     alpha = real(alpha, "alpha", low=0)
+    return_preact = flag(return_preact, "return_preact")
     x, w, b, dtype = _linear_args(x, w, b)
     n, out_f = x.shape[0], w.shape[1]
     y = np.empty((n, out_f), dtype=dtype)
@@ -279,6 +282,8 @@ def softmax_targets(labels, shape, dtype, check_range=True):
     (``check_range=False``: for a kernel that checks the class ids' range itself)."""
     n, classes = shape
     arr = as_array(labels, "labels")
+    if arr.ndim == 2 and arr.shape == (n, 1) and classes > 1:  # (a column of class ids,
+        arr = arr[:, 0]                                         # as Keras' sparse labels)
     if arr.ndim == 1:
         return class_labels(arr, n, classes, check_range=check_range), None
     if arr.ndim == 2:

@@ -24,7 +24,7 @@ from . import backends
 from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
-from ._checks import as_array, as_float, check_finite, integer, real
+from ._checks import as_array, as_float, check_finite, finite_float, integer, real
 from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
@@ -293,7 +293,8 @@ class TrainStep:
             fast = self._layer_path(fast) if self.loss._layer_only() else self._group_gate(fast)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
-            x = np.ascontiguousarray(x, dtype=dtype)
+            with np.errstate(over="ignore"):  # (beyond float32's range: inf, refused below)
+                x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
             checks_x = getattr(fast, "checks_x", False)  # (the native kernel checks x)
@@ -313,7 +314,11 @@ class TrainStep:
         # running statistics) are restored when the step fails (bad targets,
         # non-finite values).
         if not x_checked:  # NaN/inf in the batch is bad input, refused before anything
-            check_finite(x, "x")
+            dt = model.dtype  # (in the model's dtype: 1e39 in float64 is inf in float32)
+            if dt is None:
+                check_finite(x, "x")
+            else:
+                x = finite_float(x, "x", dt)
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
         try:
@@ -374,11 +379,10 @@ def _model_dtype(model):
 
 
 def _features(X, name, dtype):
-    X = as_float(X, name, dtype)
+    X = as_array(X, name)
     if X.ndim != 2:
         raise ValueError(f"{name} must be 2-D (samples, features), got shape {X.shape}")
-    check_finite(X, name)
-    return X
+    return finite_float(X, name, dtype)
 
 
 def _targets(y, name, n):
@@ -469,10 +473,12 @@ def predict(model, X, batch_size=1024):
     model._sync_device()  # (compiled steps on a device: their parameters)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = as_float(X, "X", _model_dtype(model))
+    if X.ndim != 2:
+        raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
     with inference_mode():
         outs = [model.forward(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)]
         if not outs:
-            return model.forward(X) if X.ndim == 2 else np.empty((0,), X.dtype)
+            return model.forward(X)  # (no rows: the output's shape, checked)
     return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
 
 

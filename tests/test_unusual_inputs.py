@@ -1,0 +1,197 @@
+"""Unusual but legal inputs give the result of their plain equivalents; illegal ones a
+clear TypeError/ValueError, with nothing changed (found by a review of every entry
+point with such inputs)."""
+
+import re
+
+import numpy as np
+import pytest
+
+import fastprop as fp
+
+
+def _snapshot(model, opt=None):
+    arrays = [a.copy() for p in model.parameters() for a in (p.value, p.grad)]
+    if opt is not None:
+        arrays += [v.copy() for st in opt.state for v in st.values()
+                   if isinstance(v, np.ndarray)]
+    return arrays
+
+
+def _same(before, after):
+    return len(before) == len(after) and all(np.array_equal(a, b, equal_nan=True)
+                                             for a, b in zip(before, after))
+
+
+@pytest.mark.parametrize("layout", ["fortran", "transposed-view"])
+def test_gradcheck_any_memory_order(backend, rng, layout):
+    """gradcheck perturbs the input itself: a Fortran-ordered input (or a transposed
+    view) passes as its C-ordered copy does (it used to perturb a flat copy and report
+    a zero numeric gradient)."""
+    base = rng.standard_normal((4, 5))
+    x = np.asfortranarray(base) if layout == "fortran" else base.T.copy().T
+    assert not x.flags.c_contiguous
+    layer = fp.nn.Dense(5, 3, "tanh", rng=0, dtype=np.float64)
+    assert fp.gradcheck(layer, x)
+    assert fp.gradcheck(fp.losses.MSE(), (x, rng.standard_normal((4, 5))))
+    assert fp.gradcheck(lambda a: (float(np.sum(a ** 3)), [3 * a ** 2]), (x,))
+    # a nested list is the module's input array, a tuple holds the inputs
+    assert fp.gradcheck(layer, base.tolist()) and fp.gradcheck(layer, (base,))
+    broken = fp.nn.Dense(5, 3, rng=0, dtype=np.float64)
+    broken.backward = lambda g, input_grad=True: np.zeros((4, 5))
+    assert not fp.gradcheck(broken, x, raise_exception=False)
+
+
+@pytest.mark.parametrize("path", ["fused", "layers"])
+def test_step_refuses_x_beyond_float32_range(backend, rng, path):
+    """A float64 x whose values are finite but beyond float32's range becomes inf in a
+    float32 model: every step refuses it (ValueError) before anything changes (the
+    layer path checked x before the cast, and trained on inf); fit says why."""
+    x = rng.standard_normal((8, 4))
+    x[2, 1] = 1e39
+    y = rng.integers(0, 3, 8)
+    layers = [fp.nn.Dense(4, 5, "relu", rng=1), fp.nn.Dense(5, 3, rng=2)]
+    if path == "layers":
+        layers.insert(1, fp.nn.LayerNorm(5))
+    model = fp.nn.Sequential(*layers)
+    opt = fp.optim.Adam(model.parameters(), lr=0.1)
+    step = model.compile("cross_entropy", opt)
+    step(x[:2], y[:2])  # (state to protect)
+    before = _snapshot(model, opt)
+    with pytest.raises(ValueError, match="x"):
+        step(x, y)
+    assert _same(before, _snapshot(model, opt))
+    with pytest.raises(ValueError, match=r"X has values beyond the range of float32 \(the "
+                                         r"model's dtype\): largest magnitude 1e\+39"):
+        model.fit(x, y, verbose=0)
+    assert _same(before, _snapshot(model, opt))
+
+
+def test_parameter_keeps_a_byte_swapped_float64():
+    """A big-endian float64 value stays float64 (native byte order), without rounding;
+    wider floats become float64, narrower ones float32."""
+    v = np.array([1 + 2 ** -40, -3.0], dtype=">f8")
+    p = fp.Parameter(v)
+    assert p.dtype == np.float64 and p.value.dtype.isnative
+    assert p.value[0] == 1 + 2 ** -40
+    assert fp.Parameter(np.ones(2, ">f4")).dtype == np.float32
+    assert fp.Parameter(np.ones(2, np.float16)).dtype == np.float32
+    assert fp.Parameter(np.ones(2, np.longdouble)).dtype == np.float64
+
+
+@pytest.mark.parametrize("case", ["x-is-weight-grad", "grad-out-is-weight-grad",
+                                  "grad-out-is-bias-grad"])
+def test_dense_backward_reads_aliased_inputs_safely(backend, rng, case):
+    """An input (x or grad_out) that is one of the gradient arrays backward adds to
+    gives the gradients computed from its value before the call."""
+    n = 33
+    layer = fp.nn.Dense(n, n, dtype=np.float64, rng=0)
+    layer.weight.grad[...] = rng.standard_normal((n, n))
+    layer.bias.grad[...] = rng.standard_normal(n)
+    gw0, gb0 = layer.weight.grad.copy(), layer.bias.grad.copy()
+    x, g = rng.standard_normal((n, n)), rng.standard_normal((n, n))
+    if case == "x-is-weight-grad":
+        x = layer.weight.grad
+    x_val = x.copy()
+    layer.forward(x)
+    if case == "grad-out-is-weight-grad":
+        g = layer.weight.grad
+    elif case == "grad-out-is-bias-grad":  # (a one-output layer's bias gradient, broadcast)
+        layer = fp.nn.Dense(n, 1, dtype=np.float64, rng=0)
+        layer.bias.grad[...] = 0.5
+        layer.forward(x_val)
+        gx = layer.backward(np.broadcast_to(layer.bias.grad, (n, 1)))
+        np.testing.assert_allclose(layer.bias.grad, [0.5 + 0.5 * n], rtol=1e-12)
+        np.testing.assert_allclose(gx, np.full((n, 1), 0.5) @ layer.weight.value.T, rtol=1e-12)
+        return
+    g_val = g.copy()
+    gx = layer.backward(g)
+    np.testing.assert_allclose(layer.weight.grad, gw0 + x_val.T @ g_val, rtol=1e-12)
+    np.testing.assert_allclose(layer.bias.grad, gb0 + g_val.sum(0), rtol=1e-12)
+    np.testing.assert_allclose(gx, g_val @ layer.weight.value.T, rtol=1e-12)
+
+
+def test_matmul_out_with_odd_row_stride(backend):
+    """An out whose rows are not a whole number of items apart (a field of a packed
+    structured array) is written through a temporary, as any other unusual out."""
+    rec = np.zeros(6, dtype=[("a", "f4", (3,)), ("b", "i1")])
+    out = rec["a"]
+    assert out.strides == (13, 4)
+    a = np.arange(18, dtype=np.float32).reshape(6, 3)
+    b = np.arange(9, dtype=np.float32).reshape(3, 3)
+    fp.ops.matmul(a, b, out=out)
+    np.testing.assert_array_equal(rec["a"], a @ b)
+    fp.ops.matmul(a, b, out=out, accumulate=True)
+    np.testing.assert_array_equal(rec["a"], 2 * (a @ b))
+
+
+@pytest.mark.parametrize("X", [np.float32(1.0), np.zeros(4), np.zeros(0), [],
+                               np.zeros((2, 4, 2)), np.zeros((0, 4, 2))],
+                         ids=["0-d", "1-d", "1-d-empty", "list-empty", "3-d", "3-d-empty"])
+def test_predict_needs_2d(backend, X):
+    """predict takes (samples, features), empty or not; anything else is refused
+    naming X and its shape (0-d gave an IndexError, an empty 1-d array a silent (0,))."""
+    model = fp.nn.Sequential(fp.nn.Dense(4, 3, rng=0))
+    with pytest.raises(ValueError, match=r"X must be 2-D \(samples, features\), got shape"):
+        model.predict(X)
+    assert model.predict(np.zeros((0, 4))).shape == (0, 3)
+
+
+@pytest.mark.parametrize("y", [np.array([0, 1, 1e20, 2, 0.0]),
+                               np.array([0, 1, 2 ** 64 - 1, 2, 0], np.uint64),
+                               np.array([0, 1, -1e30, 2, 0.0])])
+def test_label_range_error_shows_the_given_values(backend, y):
+    """Class ids beyond int64 are refused with the values given (they were converted
+    first, with a cast warning, and reported as -9223372036854775808)."""
+    model = fp.nn.Sequential(fp.nn.Dense(4, 3, rng=0))
+    step = model.compile("cross_entropy", fp.optim.SGD(model.parameters(), lr=0.1))
+    before = _snapshot(model)
+    shown = re.escape(f"{y.min()}, {y.max()}")
+    for call in (lambda: step(np.ones((5, 4)), y),
+                 lambda: fp.ops.softmax_cross_entropy(np.ones((5, 3)), y)):
+        with pytest.raises(ValueError, match=rf"labels must lie in \[0, 3\) for 3 classes, "
+                                             rf"got values in \[{shown}\]"):
+            call()
+    assert _same(before, _snapshot(model))
+
+
+def test_yes_no_options_refuse_strings(backend):
+    """Flags take bools (or 0/1); a string such as "False", which bool() reads as True,
+    is refused naming the option."""
+    a = np.ones((2, 3), np.float32)
+    cases = [
+        ("trans_a", lambda: fp.ops.matmul(a, a, trans_a="False")),
+        ("trans_b", lambda: fp.ops.matmul(a, a.T, out=np.empty((2, 2), np.float32),
+                                          trans_b="no")),
+        ("accumulate", lambda: fp.ops.matmul(a, a.T, out=np.empty((2, 2), np.float32),
+                                             accumulate="False")),
+        ("return_preact", lambda: fp.ops.linear(a, a.T, return_preact="yes")),
+        ("half", lambda: fp.losses.MSE(half="no")),
+        ("from_logits", lambda: fp.losses.BinaryCrossEntropy(from_logits="False")),
+        ("nesterov", lambda: fp.optim.SGD([fp.Parameter(a)], lr=0.1, momentum=0.9,
+                                          nesterov="True")),
+        ("amsgrad", lambda: fp.optim.Adam([fp.Parameter(a)], amsgrad="False")),
+        ("mode", lambda: fp.nn.Dense(3, 2).train("False")),
+    ]
+    for name, call in cases:
+        with pytest.raises(TypeError, match=rf"{name} must be a bool, got str"):
+            call()
+    assert fp.losses.MSE(half=np.True_).half is True
+    assert fp.losses.MSE(half=1).half is True and fp.losses.MSE(half=0).half is False
+    np.testing.assert_array_equal(fp.ops.matmul(a, a, trans_a=True), a.T @ a)
+
+
+def test_class_ids_as_a_column(backend, rng):
+    """(n, 1) class ids (Keras' sparse labels) are the (n,) ids for more than one class."""
+    logits = rng.standard_normal((6, 4))
+    y = rng.integers(0, 4, 6)
+    loss = fp.losses.SoftmaxCrossEntropy()
+    assert loss(logits, y[:, None]) == loss(logits, y)
+    model = fp.nn.Sequential(fp.nn.Dense(5, 4, rng=0))
+    X = rng.standard_normal((6, 5))
+    h1 = model.fit(X, y[:, None], loss="cross_entropy", optimizer="sgd", epochs=2,
+                   verbose=0, shuffle=False)
+    model2 = fp.nn.Sequential(fp.nn.Dense(5, 4, rng=0))
+    h2 = model2.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, verbose=0,
+                    shuffle=False)
+    assert h1.history["loss"] == h2.history["loss"]
