@@ -12,7 +12,11 @@
 #include <cstdlib>
 
 #if !defined(_WIN32)
+#include <fcntl.h>
 #include <pthread.h>
+#include <unistd.h>
+
+#include <cstring>
 #endif
 
 #if defined(_WIN32)
@@ -55,9 +59,38 @@ thread_local ScratchOwner tls_scratch;
 std::atomic<bool> g_pool_started{false};
 std::atomic<bool> g_forked_after_pool{false};
 
+std::atomic<bool> g_fork_with_threads{false};
+
 #if !defined(_WIN32)
+// Threads of this process (field 20 of /proc/self/stat), or -1 when unknown.  Read
+// with plain system calls: it runs in fork()'s prepare handler.
+int process_threads() noexcept {
+    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char buf[1024];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = '\0';
+    const char* p = std::strrchr(buf, ')');  // (the command name may hold spaces)
+    if (p == nullptr) return -1;
+    int field = 2;
+    for (++p; *p != '\0'; ++p) {
+        if (*p == ' ' && ++field == 20) return std::atoi(p + 1);
+    }
+    return -1;
+}
+
+// Another library's OpenMP pool (PyTorch's, when it shares this libgomp) breaks a
+// fork child as fastprop's own does, and cannot be seen from here: a process with
+// more than one thread at fork() gives a serial child too.
+extern "C" void fastprop_before_fork() {
+    g_fork_with_threads.store(process_threads() > 1, std::memory_order_relaxed);
+}
+
 extern "C" void fastprop_after_fork_child() {
-    if (g_pool_started.load(std::memory_order_relaxed))
+    if (g_pool_started.load(std::memory_order_relaxed)
+            || g_fork_with_threads.load(std::memory_order_relaxed))
         g_forked_after_pool.store(true, std::memory_order_relaxed);
 }
 #endif
@@ -73,7 +106,8 @@ bool threads_usable() noexcept { return !g_forked_after_pool.load(std::memory_or
 
 void install_fork_handler() noexcept {
 #if !defined(_WIN32)
-    static const int registered = pthread_atfork(nullptr, nullptr, &fastprop_after_fork_child);
+    static const int registered =
+        pthread_atfork(&fastprop_before_fork, nullptr, &fastprop_after_fork_child);
     (void)registered;
 #endif
 }

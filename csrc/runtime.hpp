@@ -17,9 +17,10 @@ void* thread_scratch(int slot, std::size_t bytes) noexcept;
 // Fork safety.  GNU OpenMP's thread pool does not survive fork(): a child that
 // enters a parallel region after its parent started the pool deadlocks.  The
 // kernels call note_thread_pool_started() before every parallel region;
-// install_fork_handler() (called once at import) registers a pthread_atfork child
-// handler, and in a child forked after the pool started threads_usable() is false
-// and every kernel runs serially (as PyTorch does for the same reason).
+// install_fork_handler() (called once at import) registers pthread_atfork handlers,
+// and in a child forked after the pool started, or from a process that had more
+// than one thread (another library's pool may share this libgomp), threads_usable()
+// is false and every kernel runs serially (as PyTorch does for the same reason).
 void note_thread_pool_started() noexcept;
 bool threads_usable() noexcept;
 void install_fork_handler() noexcept;

@@ -161,6 +161,82 @@ def test_fork_after_threaded_kernels_does_not_deadlock():
     assert proc.exitcode == 0
 
 
+_FORK_PROBE = """
+import os, sys, threading, time
+import fastprop._native as nat
+if sys.argv[1] == "thread":
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+threads = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[17])
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, str(nat.get_num_threads()).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+print(threads, nat.get_num_threads(), os.read(r, 16).decode())
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
+                    reason="needs fork() and /proc")
+def test_fork_from_a_process_with_threads_gives_a_serial_child():
+    """A child forked from a process with more than one thread runs serially, even
+    when fastprop never started its own pool: another library's OpenMP pool (PyTorch's,
+    sharing this libgomp) hung the child's first parallel kernel.  A child of a
+    single-threaded process that never ran a parallel kernel keeps its threads."""
+    if not _native.openmp() or (os.cpu_count() or 1) < 2:
+        pytest.skip("needs OpenMP and 2 cores")
+    # (NumPy's BLAS threads count too: one BLAS thread keeps the plain probe single-threaded)
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", MKL_NUM_THREADS="1",
+               OMP_NUM_THREADS="2")
+    results = {}
+    for mode in ("thread", "plain"):
+        out = subprocess.run([sys.executable, "-c", _FORK_PROBE, mode], capture_output=True,
+                             text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        results[mode] = [int(v) for v in out.stdout.strip().splitlines()[-1].split()]
+    threads, parent, child = results["thread"]
+    assert threads >= 2 and parent == 2 and child == 1
+    threads, parent, child = results["plain"]
+    if threads == 1:
+        assert child == parent == 2
+    else:  # (some library started a thread at import: a serial child, as above)
+        assert child == 1
+
+
+def test_fork_after_another_librarys_openmp_pool():
+    """The case itself: torch imported first (its libgomp serves fastprop), a parallel
+    torch op, fork, a parallel fastprop kernel in the child: it finishes."""
+    pytest.importorskip("torch")
+    if not hasattr(os, "fork"):
+        pytest.skip("needs fork()")
+    code = """
+import os, sys, time
+import torch
+torch.set_num_threads(2)
+import numpy as np
+import fastprop._native as nat
+torch.exp(torch.randn(1 << 22)).sum()
+a = np.ones((400, 400), np.float32)
+pid = os.fork()
+if pid == 0:
+    c = np.zeros_like(a)
+    nat.gemm(a, a, c, False, False, False)
+    os._exit(0 if c[0, 0] == 400 else 3)
+deadline = time.time() + 60
+while time.time() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        sys.exit(os.waitstatus_to_exitcode(status))
+    time.sleep(0.05)
+os.kill(pid, 9)
+sys.exit(9)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, ("the child hung" if out.returncode == 9 else out.stderr)
+
+
 def _isa_probe(env_value):
     env = dict(os.environ, FASTPROP_ISA=env_value)
     code = ("import fastprop._native as n, json; "

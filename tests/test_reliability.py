@@ -339,6 +339,129 @@ def test_inference_mode_is_per_thread():
     assert seen == {"inside": False, "other": True} and layer.training
 
 
+def _layer_path_model(seed=0):
+    """A model whose compiled step runs layer by layer (LayerNorm, Dropout)."""
+    return nn.Sequential(nn.Dense(12, 16, "relu", rng=seed), nn.LayerNorm(16),
+                         nn.Dropout(0.2, seed=seed), nn.Dense(16, 4, rng=seed + 1))
+
+
+def test_predict_between_forward_and_backward_leaves_training_alone(backend):
+    """Forward passes inside inference_mode (predict, evaluate) keep nothing for
+    backward: a predict on other rows between a training forward and its backward
+    (here, in the same thread) changes no gradient; they overwrote the layers'
+    caches, giving wrong gradients or a shape error."""
+    rng = np.random.default_rng(0)
+    x, xv = rng.standard_normal((8, 12)), rng.standard_normal((8, 12))
+    y = rng.integers(0, 4, 8)
+    grads = []
+    for interleave in (None, xv, xv[:5]):
+        model = _layer_path_model()
+        loss = fp.losses.SoftmaxCrossEntropy()
+        loss(model(x), y)
+        if interleave is not None:
+            model.predict(interleave)
+            model.evaluate(interleave, y[:len(interleave)], loss="cross_entropy")
+        model.backward(loss.backward())
+        grads.append([p.grad.copy() for p in model.parameters()])
+    for other in grads[1:]:
+        assert all(np.array_equal(a, b) for a, b in zip(grads[0], other))
+
+
+def test_training_beside_predict_of_the_same_model(backend):
+    """Training a model on the layer path while other threads predict with it gives
+    the parameters of training alone (the predictions may see any mix of them)."""
+    rng = np.random.default_rng(1)
+    X, y = rng.standard_normal((96, 12)), rng.integers(0, 4, 96)
+
+    def train(model, stop=None):
+        with fp.use_backend(backend):  # (per thread)
+            model.fit(X, y, loss="cross_entropy", epochs=4, batch_size=16, seed=3, verbose=0,
+                      optimizer=optim.Adam(model.parameters(), 1e-2))
+        if stop is not None:
+            stop.set()
+        return [p.value.copy() for p in model.parameters()]
+
+    alone = train(_layer_path_model())
+    model = _layer_path_model()
+    stop = threading.Event()
+
+    def predictor(rows):
+        count = 0
+        with fp.use_backend(backend):
+            while not stop.is_set():
+                model.predict(X[:rows])
+                count += 1
+        return count
+
+    with ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(predictor, rows) for rows in (16, 7)]
+        trained = pool.submit(train, model, stop).result()
+        assert all(f.result() > 0 for f in futures)
+    assert all(np.array_equal(a, b) for a, b in zip(alone, trained))
+
+
+def test_one_loss_object_shared_by_steps_in_two_threads(backend):
+    """A training step keeps its loss gradient to itself: two models trained in two
+    threads with one shared loss object end as when trained one after the other."""
+    rng = np.random.default_rng(2)
+    data = [(rng.standard_normal((64, 12)), rng.integers(0, 4, 64)) for _ in range(2)]
+    shared = fp.losses.SoftmaxCrossEntropy(label_smoothing=0.1)
+
+    def run(i, loss):
+        model = _layer_path_model(seed=i)
+        step = model.compile(loss, optim.SGD(model.parameters(), lr=0.05))
+        X, y = data[i]
+        for _ in range(40):
+            for s in range(0, 64, 8):
+                step(X[s:s + 8], y[s:s + 8])
+        return [p.value.copy() for p in model.parameters()]
+
+    serial = [run(i, shared) for i in range(2)]
+    backend_name = fp.get_backend()
+
+    def threaded(i):
+        with fp.use_backend(backend_name):
+            return run(i, shared)
+
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(threaded, range(2)))
+    for a, b in zip(serial, together):
+        assert all(np.array_equal(p, q) for p, q in zip(a, b))
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_one_compiled_step_from_two_threads_is_refused():
+    """The native step's plan is one per step: a call from a second thread while one
+    runs raises RuntimeError (it rebound the workspaces under the running kernel and
+    crashed the process)."""
+    rng = np.random.default_rng(3)
+    model = nn.Sequential(nn.Dense(64, 256, "relu", rng=0), nn.Dense(256, 10, rng=1))
+    with fp.use_backend("native"):
+        step = model.compile("cross_entropy", optim.Adam(model.parameters(), 1e-3))
+        batches = [(rng.standard_normal((n, 64)), rng.integers(0, 10, n)) for n in (256, 32)]
+        step(*batches[0])
+        assert type(step._fast).__name__ == "NativeTrainStep"
+    errors, done = [], []
+
+    def hammer(i):
+        with fp.use_backend("native"):
+            for _ in range(200):
+                try:
+                    step(*batches[i])
+                    done.append(i)
+                except RuntimeError as exc:
+                    errors.append(str(exc))
+
+    threads = [threading.Thread(target=hammer, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) + len(errors) == 400 and done
+    assert all("already running in another thread" in e for e in errors)
+    assert all(np.isfinite(p.value).all() for p in model.parameters())
+
+
 # ================================================================ determinism
 def _fit_bytes(kind, X, y, seed):
     model = make_model(kind, d=X.shape[1], classes=10)

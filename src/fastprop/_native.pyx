@@ -75,8 +75,9 @@ def openmp():
 
 def get_num_threads():
     """Threads a kernel may use: omp_get_max_threads() (1 without OpenMP, and 1 in a
-    process forked after the OpenMP thread pool started, which GNU OpenMP cannot
-    reuse: such a child runs every kernel serially instead of deadlocking)."""
+    process forked after the OpenMP thread pool started, or from a process with more
+    than one thread: GNU OpenMP cannot reuse a pool across fork, so such a child runs
+    every kernel serially instead of deadlocking)."""
     return fp_get_num_threads()
 
 

@@ -37,7 +37,7 @@ cdef class NativeTrainStep:
     cdef int nlayers, count, kind
     cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype, colsums
     cdef object decay_mask
-    cdef bint decoupled
+    cdef bint decoupled, busy
     cdef int64_t bound_n
     cdef public object output
 
@@ -283,10 +283,25 @@ cdef class NativeTrainStep:
         self.output = ws[self.nlayers - 1][0]
         return 0
 
-    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     def __call__(self, x, y, bint check_finite=False, bint check_x=True):
         """Forward, loss, backward and update on batch (x, y); returns the loss.
-        check_x=False skips the NaN/inf check of x (the caller validated X)."""
+        check_x=False skips the NaN/inf check of x (the caller validated X).
+
+        One call at a time: the plan (batch size, workspace pointers) is shared, and
+        the kernel runs without the GIL, so a second thread's call is refused
+        (RuntimeError) rather than let it rebind the buffers under the first."""
+        if self.busy:
+            raise RuntimeError("this compiled step is already running in another thread: "
+                               "a compiled step (and its model) trains on one thread at a "
+                               "time; give each thread its own model")
+        self.busy = True
+        try:
+            return self._run(x, y, check_finite, check_x)
+        finally:
+            self.busy = False
+
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
+    cdef double _run(self, x, y, bint check_finite, bint check_x) except? -1.0:
         cdef int status = 0
         cdef double loss
         cdef int64_t n, n_in, n_out

@@ -47,6 +47,22 @@ class Loss:
         self._grad = grad
         return loss
 
+    def _value_and_grad(self, pred, target):
+        """(loss, gradient) for a training step: the gradient is returned, so that
+        steps in several threads may share one loss object (``forward`` keeps it on
+        the object for ``backward``; it is still left there).  A subclass that
+        overrides ``forward`` or ``backward`` is called through them."""
+        cls = type(self)
+        if cls.forward is not Loss.forward or cls.backward is not Loss.backward:
+            value = self.forward(pred, target)
+            return value, self.backward()
+        pred = self._pred(pred)
+        target = self.prepare_target(target, pred.shape, pred.dtype)
+        grad = np.empty_like(pred)
+        value = self._kernel(pred, target, grad)
+        self._grad = grad
+        return value, grad
+
     def value(self, pred, target) -> float:
         """The loss alone (no gradient kept)."""
         pred = self._pred(pred)

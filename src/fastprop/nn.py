@@ -43,6 +43,13 @@ def inference_mode():
         _thread.inference = prev
 
 
+def _keeps() -> bool:
+    """Whether a forward keeps what backward needs: not inside :func:`inference_mode`,
+    so that ``predict`` (from this or another thread) between a training forward and
+    its backward leaves that forward's caches alone."""
+    return not getattr(_thread, "inference", False)
+
+
 class Parameter:
     """A trainable array and its accumulated gradient.
 
@@ -567,7 +574,8 @@ class Dense(Module):
             b = self.bias.value if self.bias is not None else None
             backends.current().linear_forward(x, self.weight.value, b, self.act, self.alpha,
                                               y, z)
-        self._x, self._y, self._z = x, y, z
+        if _keeps():
+            self._x, self._y, self._z = x, y, z
         return y
 
     def backward(self, grad_out, input_grad=True):
@@ -612,7 +620,8 @@ class Activation(Module):
         y = np.empty_like(x)
         if x.size:
             backends.current().activation_forward(self.act, self.alpha, x, y)
-        self._x, self._y = x, y
+        if _keeps():
+            self._x, self._y = x, y
         return y
 
     def backward(self, grad_out, input_grad=True):
@@ -691,10 +700,11 @@ class Dropout(Module):
 
     def forward(self, x):
         x = _input_dtype(x)
-        self._shape = x.shape
         if not self.training or self.p == 0:
-            self._mask = None
+            if _keeps():
+                self._shape, self._mask = x.shape, None
             return x.copy()
+        self._shape = x.shape
         if not (self.freeze_mask and self._mask is not None and self._mask.shape == x.shape):
             keep = self.rng.random(x.shape) >= self.p
             scale = 0.0 if self.p >= 1 else 1.0 / (1.0 - self.p)
@@ -766,7 +776,8 @@ class BatchNorm1d(_Norm):
             if n:
                 be.batchnorm_forward_eval(x, self.weight.value, self.bias.value,
                                           self.running_mean, self.running_var, self.eps, y)
-            self._cache = ("eval", x)
+            if _keeps():
+                self._cache = ("eval", x)
             return y
         if n < 2:
             raise ValueError(
@@ -833,7 +844,8 @@ class LayerNorm(_Norm):
         if n:
             backends.current().layernorm_forward(x, self.weight.value, self.bias.value,
                                                  self.eps, y, mean, invstd)
-        self._cache = (x, mean, invstd)
+        if _keeps():
+            self._cache = (x, mean, invstd)
         return y
 
     def backward(self, grad_out, input_grad=True):

@@ -323,12 +323,12 @@ class TrainStep:
                  (getattr(m, a) for a in m._buffers)]
         try:
             out = model.forward(x)
-            value = self.loss.forward(out, y)
+            value, grad = self.loss._value_and_grad(out, y)
             if self.check_finite and not math.isfinite(value):
                 raise NonFiniteError(f"non-finite loss {value}")
             self.output = out
             model.zero_grad()
-            model.backward(self.loss.backward(), input_grad=False)
+            model.backward(grad, input_grad=False)
             if self.check_finite:
                 grads = [p.grad for p in self.optimizer.params]
                 # (the sum of squares overflows for finite gradients above ~1e154 in
