@@ -1211,3 +1211,38 @@ def test_third_review_compatibility_cases(monkeypatch):
     assert np.abs(p.grad).max() <= 0.1
     with pytest.raises(ValueError, match="empty"):  # (torch: 0; here most often a bug)
         fp.clip_grad_norm_([], 1.0)
+
+
+def test_load_state_dict_checks_group_sizes_step_counts_and_state_keys():
+    """As PyTorch: a state_dict whose groups hold other numbers of parameters is
+    refused (the rates landed on other parameters); a fractional step count and a
+    parameter with part of its state (Adam's exp_avg without exp_avg_sq) too; nothing
+    changes on a refusal."""
+    ps = [fp.Parameter(np.ones(3)) for _ in range(3)]
+    src = fp.optim.Adam([{"params": ps[:1], "lr": 0.1}, {"params": ps[1:]}], lr=1e-3)
+    for p in ps:
+        p.grad[...] = 1.0
+    src.step()
+    sd = src.state_dict()
+    assert [g["size"] for g in sd["param_groups"]] == [1, 2]
+    dst = fp.optim.Adam([{"params": ps[:2], "lr": 0.1}, {"params": ps[2:]}], lr=1e-3)
+    before = dst.state_dict()
+    with pytest.raises(ValueError, match="parameter group 0 has 1 parameters, the "
+                                         "optimizer's 2"):
+        dst.load_state_dict(sd)
+    same = fp.optim.Adam([{"params": ps[:1], "lr": 0.1}, {"params": ps[1:]}], lr=1e-3)
+    for bad, match in (({**sd, "step": 2.5}, "whole number"),
+                       ({**sd, "steps": [1, 1.5, 1]}, "whole number"),
+                       ({**sd, "step": "1"}, "must be an integer"),
+                       ({**sd, "state": [{"exp_avg": s["exp_avg"]} for s in sd["state"]]},
+                        "has all of")):
+        with pytest.raises(ValueError, match=match):
+            same.load_state_dict(bad)
+        assert same.step_count == 0 and same.state == [{}, {}, {}]
+    same.load_state_dict({**sd, "step": 1.0})  # (a whole float: 1)
+    assert same.step_count == 1
+    legacy = {**sd, "param_groups": [{k: v for k, v in g.items() if k != "size"}
+                                     for g in sd["param_groups"]]}
+    fp.optim.Adam([{"params": ps[:1], "lr": 0.1}, {"params": ps[1:]}],
+                  lr=1e-3).load_state_dict(legacy)  # (saved before sizes: not checked)
+    assert dst.state_dict()["step"] == before["step"]

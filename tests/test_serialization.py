@@ -284,3 +284,125 @@ def test_pickles_of_an_older_fastprop_still_load():
     np.testing.assert_array_equal(p2.backward(g), drop.backward(g))
     with pytest.raises(ValueError, match="shape"):
         p2.backward(np.ones((1, 1), np.float32))
+
+
+# ------------------------------------------------ from a review of crafted files and flags
+@pytest.mark.parametrize("config", [
+    {"class": "Dense", "config": {"in_features": 20000, "out_features": 20000}},
+    {"class": "Dense", "config": {"in_features": 10**6, "out_features": 10**6}},
+    {"class": "Sequential", "children": [
+        {"class": "Dense", "config": {"in_features": 2, "out_features": 2}},
+        {"class": "BatchNorm1d", "config": {"num_features": 10**9}}]},
+], ids=["dense-1.6GB", "dense-4TB", "batchnorm-16GB"])
+def test_crafted_config_cannot_make_load_allocate(tmp_path, config):
+    """A layer whose configuration needs more array bytes than the file holds is
+    refused before it is built (a 200-byte file took 4.6 GB and 19 s, or leaked a
+    MemoryError)."""
+    path = tmp_path / "crafted.fp"
+    path.write_bytes(_craft(json.dumps({"model": config, "arrays": []}).encode()))
+    with pytest.raises(ValueError, match="needs .* bytes of arrays; the file holds 16"):
+        fp.load(path)
+
+
+def test_load_draws_no_initialisation_and_keeps_values(tmp_path, rng):
+    """Loaded weights are the file's; the layer's init setting is the default."""
+    model = nn.Sequential(nn.Dense(5, 4, "relu", init="xavier_normal", rng=1),
+                          nn.Dense(4, 2, rng=2))
+    fp.save(model, tmp_path / "m.fp")
+    back = fp.load(tmp_path / "m.fp")
+    for (n1, a), (n2, b) in zip(model.state_arrays(), back.state_arrays()):
+        assert n1 == n2 and np.array_equal(a, b)
+    assert back.layers[0].init is None
+
+
+class Dense(nn.Module):  # (a user's layer that happens to share a built-in's name)
+    def __init__(self, width=3):
+        super().__init__()
+        self.width = width
+
+    def get_config(self):
+        return {"width": self.width}
+
+    def forward(self, x):
+        return 2 * np.asarray(x)
+
+
+def test_a_users_class_named_like_a_builtin_does_not_replace_it(tmp_path, rng):
+    """Files name a user's class by module and name, fastprop's by name: a user class
+    called Dense neither changes how fastprop's Dense loads nor loses its own
+    identity; private bases are not loadable."""
+    assert nn._registry["Dense"] is nn.Dense
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    builtin = nn.Dense(4, 2, rng=0)
+    fp.save(builtin, tmp_path / "b.fp")
+    np.testing.assert_array_equal(fp.load(tmp_path / "b.fp")(x), builtin(x))
+    fp.save(nn.Sequential(Dense(5), nn.ReLU()), tmp_path / "u.fp")
+    back = fp.load(tmp_path / "u.fp")
+    assert type(back.layers[0]) is Dense and back.layers[0].width == 5
+    for name in ("_Norm", "Module"):
+        path = tmp_path / f"{name}.fp"
+        path.write_bytes(_craft(json.dumps({"model": {"class": name, "config": {}},
+                                            "arrays": []}).encode()))
+        with pytest.raises(ValueError):
+            fp.load(path)
+
+
+def test_a_file_naming_a_user_class_by_its_bare_name_still_loads(tmp_path):
+    """Files written before classes were saved with their module name a user's class
+    by its bare name; it is found when only one registered class has that name."""
+    class OldStyleLayer(nn.Module):
+        def forward(self, x):
+            return x
+
+    path = tmp_path / "old.fp"
+    path.write_bytes(_craft(json.dumps({"model": {"class": "OldStyleLayer", "config": {}},
+                                        "arrays": []}).encode()))
+    assert type(fp.load(path)) is OldStyleLayer
+
+
+@pytest.mark.parametrize("entry", [
+    {"name": 5, "dtype": "<f4", "shape": [1], "offset": 0},
+    {"name": "x", "dtype": "<f4", "shape": [1.5], "offset": 0},
+    {"name": "x", "dtype": "<f4", "shape": 1, "offset": 0},
+    {"name": "x", "dtype": "<f4", "shape": [1], "offset": "0"},
+])
+def test_array_table_entries_of_the_wrong_type(tmp_path, entry):
+    path = tmp_path / "crafted.fp"
+    path.write_bytes(_craft(json.dumps({"model": {"class": "ReLU"},
+                                        "arrays": [entry]}).encode()))
+    with pytest.raises(ValueError, match="corrupt array table"):
+        fp.load(path)
+
+
+def test_training_flag_must_be_a_bool(tmp_path):
+    path = tmp_path / "crafted.fp"
+    path.write_bytes(_craft(json.dumps({"model": {"class": "ReLU", "training": "false"},
+                                        "arrays": []}).encode()))
+    with pytest.raises(ValueError, match="training must be a bool"):
+        fp.load(path)
+
+
+def test_requires_grad_flags_survive_save_and_load(tmp_path):
+    """Frozen parameters load frozen (pickle kept them; the file did not)."""
+    model = nn.Sequential(nn.Dense(4, 3, rng=0), nn.Dense(3, 2, rng=1))
+    model.layers[0].weight.requires_grad = False
+    model.layers[1].bias.requires_grad = False
+    fp.save(model, tmp_path / "m.fp")
+    back = fp.load(tmp_path / "m.fp")
+    assert [p.requires_grad for p in back.parameters()] == [False, True, True, False]
+
+
+def test_save_keeps_the_mode_and_writes_through_a_link(tmp_path):
+    """Re-saving a 0600 file keeps 0600; saving to a symbolic link replaces its
+    target and keeps the link."""
+    path = tmp_path / "m.fp"
+    fp.save(nn.Dense(2, 2, rng=0), path)
+    os.chmod(path, 0o600)
+    fp.save(nn.Dense(2, 2, rng=1), path)
+    assert (path.stat().st_mode & 0o777) == 0o600
+    link = tmp_path / "link.fp"
+    link.symlink_to(path)
+    model = nn.Dense(2, 2, rng=2)
+    fp.save(model, link)
+    assert link.is_symlink()
+    np.testing.assert_array_equal(fp.load(path).weight.value, model.weight.value)

@@ -860,3 +860,131 @@ def test_frozen_prefix_follows_a_plain_layer_list_and_pickling(rng):
     state = model.__getstate__()
     assert "_prefix_at" not in state and "_checked_at" not in state
     assert pickle.loads(pickle.dumps(model))._frozen_prefix() == 0
+
+
+# ------------------------------------------------ checkpoints: from a review of crafted files
+@pytest.mark.parametrize("bits", [None, np.random.MT19937, np.random.Philox,
+                                  np.random.SFC64, np.random.PCG64DXSM],
+                         ids=["seeded", "mt19937", "philox", "sfc64", "pcg64dxsm"])
+def test_resume_with_any_bit_generator_and_a_layer_unfrozen_midway(tmp_path, bits):
+    """A Dropout drawing from any NumPy bit generator checkpoints and resumes (MT19937,
+    Philox, SFC64 failed to save, PCG64DXSM to resume); the flags of a layer unfrozen by
+    a callback are restored on resume (it came back frozen): a run stopped after
+    epoch 2 and resumed equals an uninterrupted one bit for bit."""
+    def run(epochs, resume, path):
+        path.mkdir(exist_ok=True)
+        rng = np.random.default_rng(0)
+        X, y = rng.standard_normal((48, 6)), rng.integers(0, 3, 48)
+        gen = np.random.Generator(bits(7)) if bits else 7
+        model = nn.Sequential(nn.Dense(6, 8, "relu", rng=1), nn.Dropout(0.3, seed=gen),
+                              nn.Dense(8, 3, rng=2))
+        model.layers[0].weight.requires_grad = False
+
+        def unfreeze(epoch, logs):
+            if epoch == 0:
+                model.layers[0].weight.requires_grad = True
+
+        model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters(), 1e-2),
+                  epochs=epochs, batch_size=8, verbose=0, checkpoint=path / "c.ckpt",
+                  resume=resume, callbacks=[unfreeze],
+                  # (a seed would reseed the Dropout with a PCG64: no seed, no shuffle)
+                  **({"shuffle": False} if bits else {"seed": 3}))
+        return model
+
+    whole = run(4, False, tmp_path / "a")
+    run(2, False, tmp_path / "b")
+    resumed = run(4, True, tmp_path / "b")
+    assert resumed.layers[0].weight.requires_grad
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+
+
+def _rewrite_fit_meta(path, change):
+    """Rewrite a checkpoint's fit metadata with ``change(meta)`` (a crafted file)."""
+    import json
+    from fastprop import serialization
+    header, arrays, _ = serialization._read(path)
+    model = fp.load(path)
+    meta = json.loads(bytes(arrays["extra.fit"]).decode())
+    change(meta)
+    extra = {k[len("extra."):]: v for k, v in arrays.items() if k.startswith("extra.")}
+    extra["fit"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    serialization.save(model, path, extra=extra)
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.update(epochs_done=-200),
+    lambda m: m.update(epochs_done=-2 ** 70),
+    lambda m: m.update(optimizer=[]),
+    lambda m: m["optimizer"].update(hyper=None),
+    lambda m: m["optimizer"].update(step=2.5),
+    lambda m: m["rng"]["state"].update(state=-1),
+    lambda m: m["rng"].update(has_uint32=2 ** 70),
+    lambda m: m["rng"].update(bit_generator="os"),
+], ids=["epochs-negative", "epochs-huge-negative", "optimizer-list", "hyper-null",
+        "fractional-step", "rng-negative", "rng-overflow", "rng-not-a-generator"])
+def test_crafted_checkpoint_metadata_is_a_valueerror(tmp_path, change):
+    """Every crafted value is refused with ValueError before anything changes (a
+    negative epochs_done trained on for ever; others leaked AttributeError,
+    TypeError or OverflowError)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
+    path = tmp_path / "c.ckpt"
+    model = nn.Sequential(nn.Dense(5, 3, rng=0))
+    model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0,
+              checkpoint=path)
+    _rewrite_fit_meta(path, change)
+    fresh = nn.Sequential(nn.Dense(5, 3, rng=0))
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="checkpoint"):
+        fresh.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=3, verbose=0,
+                  checkpoint=path, resume=True)
+    assert snapshot(fresh) == before
+
+
+@pytest.mark.parametrize("where", ["weight", "exp_avg_sq"])
+def test_checkpoint_holding_nan_is_refused(tmp_path, where):
+    """A fit never writes NaN or inf into a checkpoint: one that holds them is corrupt
+    and refused before the model changes (it was loaded, then failed, or trained on)."""
+    from fastprop import checkpoint
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
+    model = nn.Sequential(nn.Dense(5, 3, rng=0))
+    opt = optim.Adam(model.parameters(), 1e-2)
+    h = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0)
+    if where == "weight":
+        model.layers[0].weight.value[0, 0] = np.nan
+    else:
+        opt.state[0]["exp_avg_sq"][0, 0] = np.inf
+    path = tmp_path / "c.ckpt"
+    checkpoint.save(path, model, opt, 1, np.random.default_rng(0), h,
+                    {"samples": 40, "batch_size": 32, "shuffle": True})
+    fresh = nn.Sequential(nn.Dense(5, 3, rng=0))
+    before = snapshot(fresh)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        fresh.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, verbose=0,
+                  checkpoint=path, resume=True)
+    assert snapshot(fresh) == before
+
+
+@pytest.mark.parametrize("path", ["fused", "layers"])
+def test_a_compiled_step_pickles_and_deep_copies(backend, path):
+    """A compiled step (its model and optimizer with it) pickles and deep-copies; the
+    copy rebuilds its kernel and trains on exactly as the original."""
+    import pickle
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
+    layers = [nn.Dense(5, 4, "relu", rng=0), nn.Dense(4, 3, rng=1)]
+    if path == "layers":
+        layers.insert(1, nn.LayerNorm(4))
+    model = nn.Sequential(*layers)
+    step = model.compile("cross_entropy", optim.Adam(model.parameters(), 1e-2))
+    step(X, y)
+    copies = [pickle.loads(pickle.dumps(step)), copy.deepcopy(step)]
+    for _ in range(3):
+        want = step(X, y)
+        for c in copies:
+            assert c(X, y) == want
+    for c in copies:
+        for p, q in zip(model.parameters(), c.model.parameters()):
+            np.testing.assert_array_equal(p.value, q.value)

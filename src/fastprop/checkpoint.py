@@ -47,6 +47,37 @@ def _dropouts(model: Module) -> list:
     return [m for m in model.modules() if isinstance(m, Dropout)]
 
 
+def _rng_state(gen) -> dict:
+    """A generator's bit-generator state as JSON (arrays, e.g. MT19937's key, as
+    tagged lists)."""
+    def enc(v):
+        if isinstance(v, dict):
+            return {k: enc(x) for k, x in v.items()}
+        if isinstance(v, np.ndarray):
+            return {"__ndarray__": v.tolist(), "dtype": v.dtype.str}
+        if isinstance(v, np.integer):
+            return int(v)
+        return v
+    return enc(gen.bit_generator.state)
+
+
+def _rng_from_state(state) -> np.random.Generator:
+    """A new generator of the bit generator a saved state names, in that state."""
+    def dec(v):
+        if isinstance(v, dict):
+            if set(v) == {"__ndarray__", "dtype"}:
+                return np.array(v["__ndarray__"], dtype=np.dtype(v["dtype"]))
+            return {k: dec(x) for k, x in v.items()}
+        return v
+    state = dec(state)
+    kind = getattr(np.random, str(state["bit_generator"]), None)
+    if not (isinstance(kind, type) and issubclass(kind, np.random.BitGenerator)):
+        raise ValueError(f"unknown bit generator {state['bit_generator']!r}")
+    bits = kind()
+    bits.state = state
+    return np.random.Generator(bits)
+
+
 def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
     """Write the state after ``epochs_done`` epochs to ``path`` atomically."""
     sd = optimizer.state_dict()
@@ -57,8 +88,8 @@ def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
         "settings": settings,
         "optimizer": {"type": sd["type"], "hyper": sd["hyper"], "step": int(sd["step"]),
                       "steps": sd["steps"], "groups": sd["param_groups"]},
-        "rng": rng.bit_generator.state,
-        "dropout_rngs": [m.rng.bit_generator.state for m in _dropouts(model)],
+        "rng": _rng_state(rng),
+        "dropout_rngs": [_rng_state(m.rng) for m in _dropouts(model)],
         "history": {"epoch": history.epoch, "history": history.history,
                     "skipped_steps": history.skipped_steps,
                     "stopped_epoch": history.stopped_epoch},
@@ -74,7 +105,7 @@ def prepare_resume(path, model, optimizer, settings):
     another architecture, optimizer or fit setting (ValueError) leaves every object
     as it was.
     """
-    header, arrays = serialization._read(path)
+    header, arrays, _ = serialization._read(path)
     where = f"checkpoint {os.fspath(path)!r}"
     raw = arrays.get("extra.fit")
     if raw is None:
@@ -83,24 +114,24 @@ def prepare_resume(path, model, optimizer, settings):
         meta = json.loads(bytes(raw).decode())
         epochs_done = int(meta["epochs_done"])
         opt_meta = meta["optimizer"]
+        if not isinstance(opt_meta, dict):
+            raise TypeError(f"optimizer entry {opt_meta!r}")
         hist = meta["history"]
         rng_state, drop_states = meta["rng"], meta["dropout_rngs"]
         if meta.get("format") != FORMAT:
             raise ValueError(f"format {meta.get('format')}; this fastprop reads {FORMAT}")
         # generators: build them now, so that a bad state fails before any change
-        new_rng = np.random.default_rng()
-        new_rng.bit_generator.state = rng_state
-        new_drops = []
-        for s in drop_states:
-            g = np.random.default_rng()
-            g.bit_generator.state = s
-            new_drops.append(g)
+        new_rng = _rng_from_state(rng_state)
+        new_drops = [_rng_from_state(s) for s in drop_states]
         history_epoch = [int(e) for e in hist["epoch"]]
+        if not 0 <= epochs_done == len(history_epoch):
+            raise ValueError(f"{epochs_done} epochs done, {len(history_epoch)} in the history")
         history_logs = {str(k): [float(x) for x in v] for k, v in hist["history"].items()}
         skipped = int(hist["skipped_steps"])
         stopped = hist.get("stopped_epoch")  # (absent before callbacks existed)
         stopped = None if stopped is None else int(stopped)
-    except (UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+    except (UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError,
+            OverflowError) as exc:
         raise ValueError(f"{where} has invalid fit metadata: {exc}") from None
     if meta.get("settings") != settings:
         raise ValueError(f"{where} was written by a fit with settings {meta.get('settings')}; "
@@ -116,6 +147,14 @@ def prepare_resume(path, model, optimizer, settings):
         if src.shape != target.shape or src.dtype != target.dtype:
             raise ValueError(f"{where}: array {name!r} has shape {src.shape} / {src.dtype}, "
                              f"the model {target.shape} / {target.dtype}")
+    # (a fit never writes NaN or inf: the step that makes one is not applied)
+    for key, arr in arrays.items():
+        if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            raise ValueError(f"{where}: array {key!r} holds NaN or infinite values")
+    frozen = header.get("frozen")  # (absent before the flags were saved)
+    params = dict(model.named_parameters())
+    if frozen is not None:
+        frozen = serialization.frozen_names(params, frozen, where)
     drops = _dropouts(model)
     if len(new_drops) != len(drops):
         raise ValueError(f"{where} has {len(new_drops)} Dropout generators, the model "
@@ -135,10 +174,16 @@ def prepare_resume(path, model, optimizer, settings):
     if opt_meta.get("steps") is not None:  # (absent before per-parameter step counts)
         sd["steps"] = opt_meta["steps"]
     # validate on a throwaway optimizer of the same type over the same parameters
-    optimizer._probe().load_state_dict(sd)
+    try:
+        optimizer._probe().load_state_dict(sd)
+    except (ValueError, TypeError, KeyError, AttributeError, OverflowError) as exc:
+        raise ValueError(f"{where} has an invalid optimizer state: {exc}") from None
 
     def restore(rng, history) -> int:
         optimizer.load_state_dict(sd)
+        if frozen is not None:
+            for name, p in params.items():
+                p.requires_grad = name not in frozen
         for name, target in targets:
             target[...] = arrays[name]
         rng.bit_generator.state = new_rng.bit_generator.state
@@ -152,3 +197,4 @@ def prepare_resume(path, model, optimizer, settings):
         return epochs_done
 
     return restore
+

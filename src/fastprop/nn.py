@@ -131,6 +131,16 @@ class Parameter:
 
 _registry: dict = {}
 
+
+def _registry_key(cls) -> str:
+    """The name model files give a layer class: fastprop's own by their class name,
+    any other by module and qualified name (a user's class named ``Dense`` does not
+    take the place of fastprop's)."""
+    module = cls.__module__ or ""
+    if module == "fastprop" or module.startswith("fastprop."):
+        return cls.__name__
+    return f"{module}.{cls.__qualname__}"
+
 # Bumped by every change that can alter what a model computes: a public attribute set
 # on a module (a Dense's activation, a Dropout's p, a replaced Parameter) and any
 # change to a Sequential's layer list.  A compiled training step compares it with the
@@ -174,7 +184,26 @@ class Module:
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
-        _registry[cls.__name__] = cls
+        key = _registry_key(cls)
+        if not key.startswith("_"):  # (fastprop's private bases are no layers to load)
+            _registry[key] = cls
+
+    @classmethod
+    def _from_file(cls, config: dict, budget: list) -> "Module":
+        """The module a model file's ``config`` describes (its arrays are filled in
+        next).  ``budget[0]``: the bytes of array data the file holds; a config whose
+        parameters need more is refused (ValueError) before anything is allocated."""
+        need = cls._file_bytes(config)
+        if need > budget[0]:
+            raise ValueError(f"{cls.__name__} with config {config} needs {need} bytes of "
+                             f"arrays; the file holds {budget[0]}")
+        budget[0] -= need
+        return cls(**config)
+
+    @classmethod
+    def _file_bytes(cls, config: dict) -> int:
+        """A lower bound on the bytes of the arrays ``config`` makes (0: unknown)."""
+        return 0
 
     def __init__(self):
         self.training = True
@@ -549,6 +578,22 @@ class Dense(Module):
         self.act = activation_code(name)
         self._activation = name
 
+    @classmethod
+    def _file_bytes(cls, config):
+        n_in, n_out = config.get("in_features", 0), config.get("out_features", 0)
+        if not all(isinstance(v, int) and v > 0 for v in (n_in, n_out)):
+            return 0  # (the constructor refuses them)
+        return 4 * (n_in * n_out + (n_out if config.get("bias", True) else 0))
+
+    @classmethod
+    def _from_file(cls, config, budget):
+        # the file's arrays replace the weights: no random initialisation drawn for it
+        config = dict(config)
+        config.setdefault("init", "zeros")
+        layer = super()._from_file(config, budget)
+        layer.init = None
+        return layer
+
     def get_config(self):
         cfg = {"in_features": self.in_features, "out_features": self.out_features,
                "activation": self.activation, "bias": self.bias is not None,
@@ -733,6 +778,12 @@ class _Norm(Module):
         self.weight = Parameter(np.ones(self.num_features, self._dtype), "weight")
         self.bias = Parameter(np.zeros(self.num_features, self._dtype), "bias")
         self._cache = None
+
+    @classmethod
+    def _file_bytes(cls, config):
+        n = config.get("num_features", 0)
+        arrays = 2 + len(cls._buffers)
+        return 4 * arrays * n if isinstance(n, int) and n > 0 else 0
 
     def _check_input(self, x):
         arr = as_array(x, "x")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 
 import numpy as np
 
@@ -72,6 +73,17 @@ def _same_values(old: dict, new: dict) -> bool:
         if not _same(old[k], v):
             return False
     return True
+
+
+def _count(value) -> int:
+    """A step count from a state_dict: a whole number (2.0 is 2; 2.7 is refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"a step count must be an integer, got {type(value).__name__}")
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if not float(value).is_integer():
+        raise ValueError(f"a step count must be a whole number, got {value!r}")
+    return int(value)
 
 
 def _group_extras(group: dict, where: str) -> dict:
@@ -508,7 +520,8 @@ class Optimizer:
         return {
             "type": type(self).__name__,
             "hyper": dict(self.hyper),
-            "param_groups": [{k: g[k] for k in (*self.hyper, *_GROUP_EXTRAS) if k in g}
+            "param_groups": [{**{k: g[k] for k in (*self.hyper, *_GROUP_EXTRAS) if k in g},
+                              "size": len(g["params"])}  # (checked when loaded)
                              for g in self.param_groups],
             "step": self.step_count,
             "steps": [self.step_count - int(lag) for lag in self._lags()],
@@ -547,6 +560,11 @@ class Optimizer:
             group_hypers = []
             for i, gh in enumerate(groups):
                 gh = {**added, **gh} if isinstance(gh, dict) else {}
+                size = gh.pop("size", None)  # (absent before it was saved)
+                if size is not None and size != len(self.param_groups[i]["params"]):
+                    raise ValueError(f"state_dict's parameter group {i} has {size!r} "
+                                     f"parameters, the optimizer's "
+                                     f"{len(self.param_groups[i]['params'])}")
                 if isinstance(gh.get("betas"), list):
                     gh["betas"] = tuple(gh["betas"])
                 try:
@@ -572,11 +590,14 @@ class Optimizer:
                     raise ValueError(f"state {key!r} of params[{i}] has shape {arr.shape}, "
                                      f"expected {p.value.shape}")
                 entry[key] = np.array(arr, dtype=p.value.dtype, order="C")
+            if entry and not set(probe.state_names) <= set(entry):
+                raise ValueError(f"state of params[{i}] has {sorted(entry)}; a parameter "
+                                 f"that has state has all of {list(probe.state_names)}")
             new.append(entry)
         try:
-            step = int(state_dict.get("step", 0))
+            step = _count(state_dict.get("step", 0))
             steps = state_dict.get("steps")  # (absent before per-parameter counts)
-            steps = [step] * len(self.params) if steps is None else [int(t) for t in steps]
+            steps = [step] * len(self.params) if steps is None else [_count(t) for t in steps]
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"state_dict has an invalid step count: {exc}") from None
         if step < 0 or len(steps) != len(self.params) or not all(0 <= t <= step for t in steps):

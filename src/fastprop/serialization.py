@@ -19,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import struct
 import tempfile
 
 import numpy as np
 
-from .nn import Module, Residual, Sequential, _registry
+from ._checks import flag
+from .nn import Module, Residual, Sequential, _registry, _registry_key
 
 __all__ = ["save", "load", "model_to_tree", "model_from_tree"]
 
@@ -34,7 +36,7 @@ _PREFIX = struct.Struct("<IQ")
 
 
 def model_to_tree(model: Module) -> dict:
-    tree = {"class": type(model).__name__, "config": model.get_config(),
+    tree = {"class": _registry_key(type(model)), "config": model.get_config(),
             "training": model._training}
     children = model.children()
     if children:
@@ -42,12 +44,29 @@ def model_to_tree(model: Module) -> dict:
     return tree
 
 
-def model_from_tree(tree: dict) -> Module:
-    try:
-        cls = _registry[tree["class"]]
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"unknown layer in model file: {exc}") from None
-    children = [model_from_tree(c) for c in tree.get("children", [])]
+def _layer_class(name):
+    """The registered class a file names; a bare name that is not fastprop's (a file
+    written before user classes were saved with their module) finds the user's
+    class of that name when exactly one is registered."""
+    cls = _registry.get(name) if isinstance(name, str) else None
+    if cls is None and isinstance(name, str) and "." not in name:
+        found = [c for key, c in _registry.items() if "." in key and c.__name__ == name]
+        cls = found[0] if len(found) == 1 else None
+    if cls is None:
+        raise ValueError(f"unknown layer in model file: {name!r}")
+    return cls
+
+
+def model_from_tree(tree: dict, budget: list | None = None) -> Module:
+    """The model a file's tree describes (unfilled).  ``budget``: ``[bytes]`` of array
+    data the file holds, which the layers' configurations may not exceed (a crafted
+    file cannot make the loader allocate more than the file itself provides)."""
+    if budget is None:
+        budget = [float("inf")]
+    if not isinstance(tree, dict):
+        raise ValueError(f"corrupt model file: a layer entry is {type(tree).__name__}")
+    cls = _layer_class(tree.get("class"))
+    children = [model_from_tree(c, budget) for c in tree.get("children", [])]
     if cls is Sequential:
         model = Sequential(*children)
     elif cls is Residual:
@@ -55,8 +74,14 @@ def model_from_tree(tree: dict) -> Module:
             raise ValueError("corrupt model file: Residual needs exactly one block")
         model = Residual(children[0])
     else:
-        model = cls(**tree.get("config", {}))
-    model.training = bool(tree.get("training", True))
+        config = tree.get("config", {})
+        if not isinstance(config, dict):
+            raise ValueError(f"corrupt model file: a config is {type(config).__name__}")
+        model = cls._from_file(config, budget)
+    try:
+        model.training = flag(tree.get("training", True), "training")
+    except TypeError as exc:
+        raise ValueError(f"corrupt model file: {exc}") from None
     return model
 
 
@@ -72,14 +97,20 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
                         "offset": offset, "nbytes": a.nbytes})
         offset += a.nbytes
+    frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     header = json.dumps({"model": model_to_tree(model), "arrays": entries,
-                         "tied": _tied_parameters(model)}).encode()
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
+                         "tied": _tied_parameters(model), "frozen": frozen}).encode()
+    # (through a symbolic link: its target is replaced, and the link kept)
+    path = os.path.realpath(os.fspath(path))
+    directory = os.path.dirname(path)
+    try:  # a file replaced keeps its permissions (mkstemp makes 0600)
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        mode = 0o666 & ~_umask()
     digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual mode
+        os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
             for chunk in (MAGIC, _PREFIX.pack(VERSION, len(header)), header):
                 f.write(chunk)
@@ -98,6 +129,14 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         except OSError:
             pass
         raise
+    try:  # the rename itself on disk (where the file system allows)
+        dfd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+    except OSError:
+        pass
 
 
 def _tied_parameters(model: Module) -> dict:
@@ -141,6 +180,23 @@ def _tie_parameters(model: Module, tied, where: str) -> None:
         setattr(mod, attr, p)
 
 
+def frozen_names(params: dict, names, where: str) -> set:
+    """The names of the frozen parameters a file lists, checked against ``params``
+    (``named_parameters``)."""
+    if not isinstance(names, list) or not all(isinstance(n, str) and n in params
+                                              for n in names):
+        raise ValueError(f"{where}: corrupt list of frozen parameters {names!r}")
+    return set(names)
+
+
+def freeze(model: Module, names, where: str) -> None:
+    """Set ``requires_grad=False`` on the parameters a file lists as frozen (every
+    name checked first; older files list none)."""
+    params = dict(model.named_parameters())
+    for name in frozen_names(params, names, where):
+        params[name].requires_grad = False
+
+
 def _umask() -> int:
     """The process umask, read without changing it where /proc allows."""
     try:
@@ -156,6 +212,7 @@ def _umask() -> int:
 
 
 def _read(path):
+    """(header, {name: read-only array view}, bytes of array data) of a model file."""
     path = os.fspath(path)
     with open(path, "rb") as f:  # OSError (FileNotFoundError, ...) propagates
         blob = f.read()
@@ -165,26 +222,33 @@ def _read(path):
     version, hlen = _PREFIX.unpack_from(blob, len(MAGIC))
     if version != VERSION:
         raise ValueError(f"{path!r} has format version {version}; this fastprop reads {VERSION}")
-    body, digest = blob[:-32], blob[-32:]
+    body, digest = memoryview(blob)[:-32], blob[-32:]  # (no copy of the body)
     if hashlib.sha256(body).digest() != digest:
         raise ValueError(f"{path!r} is corrupt or truncated (checksum mismatch)")
     try:
-        header = json.loads(body[head:head + hlen].decode())
+        header = json.loads(bytes(body[head:head + hlen]).decode())
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ValueError(f"{path!r} has a corrupt header: {exc!r}") from None
-    data = memoryview(body)[head + hlen:]
+    if not isinstance(header, dict):
+        raise ValueError(f"{path!r} has a corrupt header: not an object")
+    data = body[head + hlen:]
     arrays = {}
     try:
         for e in header.get("arrays", []):
+            name, shape, offset = e["name"], e["shape"], e["offset"]
+            if (not isinstance(name, str) or not isinstance(shape, list)
+                    or not all(type(d) is int and d >= 0 for d in shape)
+                    or type(offset) is not int or offset < 0):
+                raise TypeError(f"entry {e!r}")
             dt = np.dtype(e["dtype"])
-            count = int(np.prod(e["shape"], dtype=np.int64))
-            if e["offset"] + count * dt.itemsize > len(data):
-                raise ValueError(f"{path!r} is truncated: array {e['name']!r} runs past the end")
-            arrays[e["name"]] = np.frombuffer(data, dtype=dt, count=count,
-                                              offset=e["offset"]).reshape(e["shape"])
+            count = int(np.prod(shape, dtype=np.int64))
+            if offset + count * dt.itemsize > len(data):
+                raise ValueError(f"{path!r} is truncated: array {name!r} runs past the end")
+            arrays[name] = np.frombuffer(data, dtype=dt, count=count,
+                                         offset=offset).reshape(shape)
     except (AttributeError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         raise ValueError(f"{path!r} has a corrupt array table: {exc!r}") from None
-    return header, arrays
+    return header, arrays, len(data)
 
 
 def load(path) -> Module:
@@ -194,11 +258,12 @@ def load(path) -> Module:
         OSError: the file cannot be opened (e.g. it does not exist).
         ValueError: the file is not a fastprop model, or is corrupt or truncated.
     """
-    header, arrays = _read(path)
+    header, arrays, data_bytes = _read(path)
     where = repr(os.fspath(path))
     try:
-        model = model_from_tree(header["model"])
-    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        model = model_from_tree(header["model"], [data_bytes])
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError,
+            MemoryError) as exc:
         raise ValueError(f"{where} describes an invalid model: {exc!r}") from None
     for name, target in model.state_arrays():
         src = arrays.get(name)
@@ -208,5 +273,6 @@ def load(path) -> Module:
                              f"{getattr(src, 'shape', None)} {getattr(src, 'dtype', None)})")
         target[...] = src
     _tie_parameters(model, header.get("tied", {}), where)
+    freeze(model, header.get("frozen", []), where)
     model._extra = {k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
     return model

@@ -185,6 +185,15 @@ class TrainStep:
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
 
+    def __getstate__(self):
+        """Pickled (and deep-copied) without the backend's kernel, which the next call
+        rebuilds (a device step's values are brought to the host first)."""
+        self.sync()
+        state = dict(self.__dict__)
+        state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
+                     _mask_key=None, output=None)
+        return state
+
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
         (checked without allocating: this runs every step)."""
