@@ -38,7 +38,8 @@ def make_model(kind, seed=0, d=6, classes=3, dropout=0.2):
 
 def fused_if_available(model, backend, kind):
     """The dense chain must have run on the backend's whole-step kernel (native)."""
-    step = model._compiled
+    # (fit's step is gone, held weakly: the same model, loss and optimizer make it)
+    step = model._compiled_step() or train.TrainStep(model, *model._compile_args)
     if backend == "native" and kind == "dense":
         assert step.fused() is not None, "the fused step was not used"
     if kind == "mixed":

@@ -295,7 +295,7 @@ def test_a_trained_model_copies_pickles_and_gradchecks(backend, rng):
         assert getattr(clone, "_compiled", None) is None
         np.testing.assert_array_equal(clone.predict(X), model.predict(X))
     assert fp.gradcheck(model, X[:4])
-    assert model._compiled is not None  # the original keeps its step
+    assert model._compile_args is not None  # the original keeps its loss and optimizer
 
 
 def test_fit_trains_in_training_mode(backend, rng):
@@ -988,3 +988,88 @@ def test_a_compiled_step_pickles_and_deep_copies(backend, path):
     for c in copies:
         for p, q in zip(model.parameters(), c.model.parameters()):
             np.testing.assert_array_equal(p.value, q.value)
+
+
+@pytest.mark.parametrize("how", ["compile", "fit", "fit-layer-path"])
+def test_a_trained_model_is_freed_by_del(backend, how):
+    """A model and its compiled step form no reference cycle: ``del`` frees a trained
+    model and its arrays at once (they waited for the cyclic collector, which a loop of
+    large models rarely triggers), while fit without loss/optimizer still finds the
+    compiled ones and a step kept by the user keeps training the model."""
+    import gc
+    import weakref
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((32, 6)), rng.integers(0, 3, 32)
+
+    def build():
+        layers = [nn.Dense(6, 8, "relu", rng=0), nn.Dense(8, 3, rng=1)]
+        if how == "fit-layer-path":
+            layers.insert(1, nn.LayerNorm(8))
+        model = nn.Sequential(*layers)
+        if how == "compile":
+            step = model.compile("cross_entropy", optim.Adam(model.parameters(), 1e-2))
+            step(X, y)
+        else:
+            model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0)
+        return model
+
+    gc.disable()
+    try:
+        model = build()
+        ref = weakref.ref(model)
+        del model
+        assert ref() is None
+    finally:
+        gc.enable()
+    model = build()
+    opt = model._compile_args[1]
+    model.fit(X, y, epochs=1, verbose=0)  # (the compiled loss and optimizer)
+    assert model._compile_args[1] is opt and opt.step_count == 2
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+    before = [p.value.copy() for p in model.parameters()]
+    del model
+    step(X, y)  # (the step holds its model)
+    assert any(not np.array_equal(a, p.value) for a, p in zip(before, step.model.parameters()))
+
+
+def test_a_training_step_keeps_no_batch_alive(backend):
+    """The layer path drops the layers' caches once backward has run: a step on a
+    slice of a large X keeps neither the slice nor X alive (a view keeps its base),
+    and a trained model's pickle and deep copy carry no activations."""
+    import gc
+    import pickle
+    import weakref
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((4000, 6)).astype(np.float32), rng.integers(0, 3, 4000)
+    model = nn.Sequential(nn.Dense(6, 8, "relu", rng=0), nn.LayerNorm(8), nn.Dropout(0.1),
+                          nn.Dense(8, 3, rng=1))
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+    base = X.copy()
+    ref = weakref.ref(base)
+    step(base[:32], y[:32])
+    del base
+    gc.collect()
+    assert ref() is None
+    model.fit(X, y, epochs=1, batch_size=500, shuffle=False, verbose=0)
+    for m in model.modules():
+        assert all(getattr(m, name) is None for name in m._caches)
+    model.train()
+    model(X)  # (a forward outside a step keeps its caches, for a backward)
+    size = len(pickle.dumps(model))
+    assert size < 4 * 4000 * 8 / 10  # (no activations: the parameters are ~0.2 kB)
+    clone = copy.deepcopy(model)
+    assert all(getattr(m, name) is None for m in clone.modules() for name in m._caches)
+
+
+def test_a_checkpoint_loaded_as_a_model_leaves_the_fit_state(tmp_path):
+    """fp.load of a checkpoint gives the model without the optimizer's moments and
+    the fit metadata (it carried them for its lifetime); a model file's own extra
+    arrays stay."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
+    model = nn.Sequential(nn.Dense(5, 3, rng=0))
+    model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0,
+              checkpoint=tmp_path / "c.ckpt")
+    assert fp.load(tmp_path / "c.ckpt")._extra == {}
+    fp.save(model, tmp_path / "m.fp", extra={"fit": np.arange(3), "opt.0.x": np.ones(2)})
+    assert sorted(fp.load(tmp_path / "m.fp")._extra) == ["fit", "opt.0.x"]

@@ -336,7 +336,7 @@ def test_model_edited_after_compile_trains_the_edited_model(edit):
         for a, b in zip(params, results[0][1]):
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     if edit == "append-sigmoid":
-        assert 0 < model[-1]._y.min() and model[-1]._y.max() < 1
+        assert 0 < step.output.min() and step.output.max() < 1  # (the sigmoid's output)
 
 
 @native_only
@@ -445,10 +445,11 @@ def test_fit_uses_the_fused_step_and_matches_numpy():
     for backend in ("native", "numpy"):
         model = _model(np.float64)
         with fp.use_backend(backend):
-            hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters()),
-                             epochs=3, batch_size=16, seed=3, verbose=0)
+            step = model.compile("cross_entropy", optim.Adam(model.parameters()))
+            hist = model.fit(X, y, epochs=3, batch_size=16, seed=3, verbose=0)
+            assert model._compiled_step() is step  # (fit trained with the live step)
             if backend == "native":
-                assert model._compiled._fast is not None
+                assert step._fast is not None
         results.append((model, hist))
     np.testing.assert_allclose(results[0][1]["loss"], results[1][1]["loss"], rtol=1e-9)
     for p, q in zip(results[0][0].parameters(), results[1][0].parameters()):

@@ -95,7 +95,7 @@ def save(path, model, optimizer, epochs_done, rng, history, settings) -> None:
                     "stopped_epoch": history.stopped_epoch},
     }
     extra["fit"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    serialization.save(model, path, extra=extra)
+    serialization.save(model, path, extra=extra, checkpoint=True)
 
 
 def prepare_resume(path, model, optimizer, settings):

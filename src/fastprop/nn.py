@@ -181,6 +181,7 @@ class Module:
 
     _params: tuple = ()
     _buffers: tuple = ()
+    _caches: tuple = ()  # what forward keeps for backward (dropped after a step, not pickled)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -250,6 +251,9 @@ class Module:
         self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
+        state.pop("_compile_args", None)
+        for name in self._kept_caches():  # (activations of the last forward: not state)
+            state[name] = None
         # (caches keyed by this process's structure counter: another process's
         # counter may happen to match)
         state.pop("_checked_at", None)
@@ -259,10 +263,31 @@ class Module:
     def _sync_device(self):
         """Bring the host arrays up to date when the model's compiled step trains on a
         device (a no-op otherwise); returns that step or None."""
-        compiled = self.__dict__.get("_compiled")
+        compiled = self._compiled_step()
         if compiled is not None:
             compiled.sync()
         return compiled
+
+    def _kept_caches(self):
+        """The cache attributes :meth:`_drop_caches` clears (a Dropout reusing its
+        mask for gradcheck keeps it)."""
+        return self._caches
+
+    def _drop_caches(self) -> None:
+        """Forget what the last forward kept for backward, in this module and its
+        submodules (a training step does once backward has run: the caches would
+        otherwise keep the batch, and with it the whole array it is a view of)."""
+        for mod in self.modules():
+            for name in mod._kept_caches():
+                mod.__dict__[name] = None
+
+    def _compiled_step(self):
+        """The training step ``compile``/``fit`` made for this model while it lives
+        (held weakly: a model and its step would otherwise form a cycle, and a model
+        dropped after ``fit`` would wait for the cyclic garbage collector, with all
+        its arrays, to be freed), else None."""
+        ref = self.__dict__.get("_compiled")
+        return ref() if ref is not None else None
 
     # -- structure -------------------------------------------------------------
     def children(self) -> list:
@@ -536,6 +561,7 @@ class Dense(Module):
     """
 
     _params = ("weight", "bias")
+    _caches = ("_x", "_y", "_z")
 
     def __init__(self, in_features, out_features, activation=None, bias=True, init=None,
                  dtype=np.float32, alpha=0.01, rng=None):
@@ -650,6 +676,7 @@ class Dense(Module):
 class Activation(Module):
     """Elementwise activation layer (softmax: over the last axis)."""
 
+    _caches = ("_x", "_y")
     name = "identity"
 
     def __init__(self):
@@ -724,6 +751,11 @@ class Dropout(Module):
         seed: seed of the layer's own generator (fit(seed=...) reseeds it).
     """
 
+    _caches = ("_mask", "_shape")
+
+    def _kept_caches(self):
+        return () if self.freeze_mask else self._caches
+
     def __init__(self, p=0.5, seed=None):
         super().__init__()
         self.p = real(p, "p", low=0, high=1)
@@ -769,6 +801,7 @@ class Dropout(Module):
 
 class _Norm(Module):
     _params = ("weight", "bias")
+    _caches = ("_cache",)
 
     def __init__(self, num_features, eps, dtype):
         super().__init__()

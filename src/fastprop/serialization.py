@@ -85,8 +85,10 @@ def model_from_tree(tree: dict, budget: list | None = None) -> Module:
     return model
 
 
-def save(model: Module, path, extra: dict | None = None) -> None:
-    """Write ``model`` (architecture, parameters, buffers) to ``path`` atomically."""
+def save(model: Module, path, extra: dict | None = None, checkpoint: bool = False) -> None:
+    """Write ``model`` (architecture, parameters, buffers) to ``path`` atomically
+    (``checkpoint``: the extra arrays are a fit checkpoint's, which ``load`` leaves
+    out of the model)."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
     arrays = [(name, np.ascontiguousarray(a)) for name, a in model.state_arrays()]
@@ -99,7 +101,8 @@ def save(model: Module, path, extra: dict | None = None) -> None:
         offset += a.nbytes
     frozen = [name for name, p in model.named_parameters() if not p.requires_grad]
     header = json.dumps({"model": model_to_tree(model), "arrays": entries,
-                         "tied": _tied_parameters(model), "frozen": frozen}).encode()
+                         "tied": _tied_parameters(model), "frozen": frozen,
+                         "checkpoint": bool(checkpoint)}).encode()
     # (through a symbolic link: its target is replaced, and the link kept)
     path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(path)
@@ -274,5 +277,8 @@ def load(path) -> Module:
         target[...] = src
     _tie_parameters(model, header.get("tied", {}), where)
     freeze(model, header.get("frozen", []), where)
-    model._extra = {k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
+    # (a fit checkpoint's own extras, the optimizer state and fit metadata, are not
+    # the model's: a checkpoint loaded for inference does not carry them)
+    model._extra = {} if header.get("checkpoint") is True else {
+        k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
     return model

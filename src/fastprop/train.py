@@ -16,6 +16,7 @@ import os
 import sys
 import time
 import warnings
+import weakref
 from typing import NamedTuple
 
 import numpy as np
@@ -184,6 +185,14 @@ class TrainStep:
         self._structure = -1     # nn._structure when that was last checked
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
+
+    def __del__(self):
+        # a step training on a device holds the newest values there: bring them to
+        # the model's arrays before they go (the model may outlive its step)
+        try:
+            self.sync()
+        except Exception:  # (interpreter shutdown, a half-built step)
+            pass
 
     def __getstate__(self):
         """Pickled (and deep-copied) without the backend's kernel, which the next call
@@ -355,6 +364,8 @@ class TrainStep:
             for buf, old in saved:
                 buf[...] = old
             raise
+        finally:
+            model._drop_caches()  # (backward has run: keep no batch alive)
         self.optimizer.step()
         return value
 
@@ -363,8 +374,15 @@ def compile_step(model, loss, optimizer) -> TrainStep:
     """The training step of ``model`` with ``loss`` and ``optimizer`` (names allowed:
     ``loss="cross_entropy"``, ``optimizer="adam"``)."""
     step = TrainStep(model, loss, optimizer)
-    model._compiled = step
+    _remember(model, step)
     return step
+
+
+def _remember(model, step) -> None:
+    """Keep ``step``'s loss and optimizer on the model (for ``fit`` without them) and
+    the step itself weakly (no model-step cycle)."""
+    model._compiled = weakref.ref(step)
+    model._compile_args = (step.loss, step.optimizer)
 
 
 # ------------------------------------------------------------------ helpers
@@ -597,15 +615,15 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         checkpoint = _checkpoint.check_path(checkpoint, resume)
     elif resume:
         raise ValueError("resume=True needs checkpoint=<path>")
-    compiled = getattr(model, "_compiled", None)
-    if loss is None or optimizer is None:
+    compiled = model.__dict__.get("_compile_args")  # (loss, optimizer) of the last
+    if loss is None or optimizer is None:              # compile or fit
         if compiled is None:
             raise ValueError("fit needs loss= and optimizer= (or call model.compile first)")
-    step = compiled
-    if step is None or (loss is not None and _losses.get(loss) is not step.loss) or (
-            optimizer is not None and not (optimizer is step.optimizer)):
-        step = TrainStep(model, loss if loss is not None else compiled.loss,
-                         optimizer if optimizer is not None else compiled.optimizer)
+        loss = compiled[0] if loss is None else loss
+        optimizer = compiled[1] if optimizer is None else optimizer
+    step = model._compiled_step()
+    if step is None or _losses.get(loss) is not step.loss or optimizer is not step.optimizer:
+        step = TrainStep(model, loss, optimizer)
     dtype = _model_dtype(model)
     X = _features(X, "X", dtype)
     y = _targets(y, "y", X.shape[0])
@@ -668,7 +686,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if seed is not None:
         for m, s in zip(dropouts, seeds[1:]):
             m.rng = np.random.default_rng(s)
-    model._compiled = step
+    _remember(model, step)
     step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
     history = History()
