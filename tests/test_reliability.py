@@ -340,6 +340,37 @@ def test_inference_mode_is_per_thread():
     assert seen == {"inside": False, "other": True} and layer.training
 
 
+def test_inference_mode_and_use_backend_are_per_asyncio_task():
+    """A coroutine suspended inside inference_mode / use_backend leaves another task on
+    the same thread in its own mode and backend (a fit meanwhile trained with BatchNorm
+    frozen)."""
+    import asyncio
+    bn = nn.BatchNorm1d(3)
+    seen = {}
+
+    async def serving(inside, done):
+        with nn.inference_mode(), fp.use_backend("numpy"):
+            seen["serving"] = (bn.training, fp.get_backend())
+            inside.set()
+            await done.wait()
+
+    async def training(inside, done):
+        await inside.wait()
+        seen["training"] = (bn.training, fp.get_backend())
+        before = bn.running_mean.copy()
+        bn(np.arange(12.0).reshape(4, 3))  # (a training forward: statistics move)
+        seen["moved"] = not np.array_equal(before, bn.running_mean)
+        done.set()
+
+    async def main():
+        inside, done = asyncio.Event(), asyncio.Event()
+        await asyncio.gather(serving(inside, done), training(inside, done))
+
+    default = fp.get_backend()
+    asyncio.run(main())
+    assert seen == {"serving": (False, "numpy"), "training": (True, default), "moved": True}
+
+
 def _layer_path_model(seed=0):
     """A model whose compiled step runs layer by layer (LayerNorm, Dropout)."""
     return nn.Sequential(nn.Dense(12, 16, "relu", rng=seed), nn.LayerNorm(16),

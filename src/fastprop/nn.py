@@ -10,7 +10,7 @@ compute in their ``dtype`` (float32 by default) and convert their input to it.
 from __future__ import annotations
 
 import contextlib
-import threading
+import contextvars
 
 import numpy as np
 
@@ -24,30 +24,34 @@ __all__ = ["Parameter", "Module", "Dense", "Activation", "ReLU", "LeakyReLU", "S
            "Tanh", "GELU", "Softmax", "Identity", "Dropout", "BatchNorm1d", "LayerNorm",
            "Residual", "Sequential", "inference_mode"]
 
-_thread = threading.local()
+# inference_mode's flag, per thread and, within one, per asyncio task (a coroutine
+# suspended inside the block leaves the others' modules in their own mode)
+_inference: contextvars.ContextVar = contextvars.ContextVar("fastprop_inference",
+                                                            default=False)
 
 
 @contextlib.contextmanager
 def inference_mode():
-    """Every module runs in eval mode for the calling thread inside this block.
+    """Every module runs in eval mode for the calling thread (and asyncio task) inside
+    this block, and keeps nothing for backward.
 
     No module's ``training`` flag is changed for other threads: ``predict`` and
     ``evaluate`` use this, so that forward passes of one model from several threads
     at once, or alongside ``fit`` in another thread, see the mode they expect.
     """
-    prev = getattr(_thread, "inference", False)
-    _thread.inference = True
+    prev = _inference.get()
+    _inference.set(True)
     try:
         yield
     finally:
-        _thread.inference = prev
+        _inference.set(prev)
 
 
 def _keeps() -> bool:
     """Whether a forward keeps what backward needs: not inside :func:`inference_mode`,
     so that ``predict`` (from this or another thread) between a training forward and
     its backward leaves that forward's caches alone."""
-    return not getattr(_thread, "inference", False)
+    return not _inference.get()
 
 
 class Parameter:
@@ -213,7 +217,7 @@ class Module:
     def training(self) -> bool:
         """Training mode (Dropout drops, BatchNorm uses batch statistics); False inside
         :func:`inference_mode` on this thread."""
-        return self._training and not getattr(_thread, "inference", False)
+        return self._training and not _inference.get()
 
     @training.setter
     def training(self, mode) -> None:
