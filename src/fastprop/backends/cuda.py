@@ -21,6 +21,7 @@ GPU is missing (the CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``, counts as a GPU)
 from __future__ import annotations
 
 import math
+import threading
 
 import numpy as np
 
@@ -370,6 +371,9 @@ class DeviceTrainStep:
     """
 
     def __init__(self, stages, loss, optimizer):
+        # (sync from a predicting thread and a step in the training one, serialised: a
+        # step between sync's copy and its flag had its update undone by a re-upload)
+        self._lock = threading.RLock()
         self.stages = list(stages)
         self.loss = loss
         self.optimizer = optimizer
@@ -432,6 +436,10 @@ class DeviceTrainStep:
     def sync(self):
         """Copy parameters, gradients and optimizer state into the host arrays (in
         place; missing optimizer state arrays are created).  Cheap when nothing changed."""
+        with self._lock:
+            self._sync()
+
+    def _sync(self):
         if not self._dirty:
             return
         opt = self.optimizer
@@ -471,6 +479,10 @@ class DeviceTrainStep:
 
     # -- the step --------------------------------------------------------------------
     def __call__(self, x, y, check_finite=False) -> float:
+        with self._lock:
+            return self._call(x, y, check_finite)
+
+    def _call(self, x, y, check_finite):
         K = _K
         if self._upload_needed or tuple(self.optimizer.state_names) != self._names:
             if self._dirty:
