@@ -50,13 +50,15 @@ double loss_and_grad(const TrainStepPlan<T>& p, const DenseLayerPlan<T>& last) {
 
 inline bool finite(double v) { return v - v == 0.0; }
 
-// db = colsum (rounded to T); false if any is not finite.
+// db = colsum (rounded to T); false if any is not finite, as rounded (a float32 sum
+// above FLT_MAX is finite in double and inf once stored).
 template <typename T>
 bool store_bias_grad(const DenseLayerPlan<T>& d) {
     bool ok = true;
     for (index_t j = 0; j < d.out; ++j) {
-        d.gb[j] = T(d.colsum[j]);
-        ok = ok && finite(d.colsum[j]);
+        const T v = T(d.colsum[j]);
+        d.gb[j] = v;
+        ok = ok && finite(double(v));
     }
     return ok;
 }

@@ -6,11 +6,14 @@ checked here against float64/longdouble NumPy on a sweep spanning every binade f
 the smallest subnormal to the largest finite value, both signs, plus +-inf and NaN:
 
     tanh     <= 4 ulp          sigmoid  <= 6 ulp (normal results; subnormal: 4 steps)
-    gelu     <= 8 ulp of the result, or 8 ulp of |x| where the result is tiny
+    gelu     8 ulp of min(|x|, 1): of the result where |result| >= 0.1; relative to
+             smaller results more (measured over every float32 input: 9-14 ulp near
+             1e-2, ~20 near 1e-4: the cancellation in x * (1 + tanh(u)) for x < 0)
     softmax  rows sum to 1 within a few ulp; +-inf and NaN propagate as in NumPy
 Special values: sigmoid(-inf) = 0, sigmoid(inf) = 1, tanh(+-inf) = +-1,
 gelu(inf) = inf, gelu(-inf) = -0, and NaN in gives NaN out for every activation
-(relu's backward gives 0 for NaN, as PyTorch: the mask y > 0 is false).
+(relu's backward gives 0 where y is NaN, the mask y > 0 being false; PyTorch passes
+the gradient there, its mask being not y <= 0).
 """
 
 import os

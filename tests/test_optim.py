@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fastprop as fp
-from fastprop import optim
+from fastprop import nn, optim
 from _support import assert_close, snapshot
 
 SHAPES = [(3, 4), (5,), (1,)]
@@ -1246,3 +1246,68 @@ def test_load_state_dict_checks_group_sizes_step_counts_and_state_keys():
     fp.optim.Adam([{"params": ps[:1], "lr": 0.1}, {"params": ps[1:]}],
                   lr=1e-3).load_state_dict(legacy)  # (saved before sizes: not checked)
     assert dst.state_dict()["step"] == before["step"]
+
+
+@pytest.mark.parametrize("kind", ["adam", "adam-compiled", "rmsprop"])
+@pytest.mark.parametrize("dtype,g,eps", [(np.float32, 1e-20, 1e-30), (np.float32, 1e-20, 0.0),
+                                         (np.float32, 3e-18, 1e-20),
+                                         (np.float64, 1e-160, 0.0)])
+def test_tiny_gradients_take_a_full_adam_step(backend, kind, dtype, g, eps):
+    """Adam is scale invariant: a gradient of 1e-20 moves a parameter by about lr, on
+    every backend.  Its square is subnormal, and the native kernels flushed the second
+    moment to 0, making the step m / eps (1e7 too large) or inf with eps = 0."""
+    lr = 1e-3 if kind != "rmsprop" else 1e-2
+    if kind == "adam-compiled":
+        # (a compiled step, MSE: one output, weight 0, x = 1, target -g n / 2: grad g)
+        model = nn.Sequential(nn.Dense(1, 1, bias=False, dtype=dtype, init="zeros"))
+        step = model.compile(fp.losses.MSE(half=True),
+                             fp.optim.Adam(model.parameters(), lr=lr, eps=eps))
+        step(np.ones((1, 1), dtype), np.full((1, 1), -g, dtype))
+        moved = model.parameters()[0].value[0, 0]
+    else:
+        p = fp.Parameter(np.zeros(4, dtype))
+        p.grad[...] = g
+        opt = (fp.optim.Adam([p], lr=lr, eps=eps) if kind == "adam"
+               else fp.optim.RMSprop([p], lr=lr, eps=eps))
+        opt.step()
+        moved = p.value[0]
+    if kind == "rmsprop":
+        want = -lr * g / (np.sqrt(0.01 * g * g) + eps)  # (alpha 0.99)
+    else:
+        want = -lr * g / (g + eps)  # (bias-corrected m / sqrt(v) = g / |g|)
+    # (g^2 is subnormal: sqrt(v) keeps few bits, ~0.3% here, as in PyTorch)
+    assert moved == pytest.approx(want, rel=1e-2)
+
+
+def test_fused_step_refuses_a_bias_gradient_beyond_float32(backend):
+    """A float32 bias gradient whose float64 column sum lies between FLT_MAX and
+    DBL_MAX is inf once stored: fit raises NonFiniteError and keeps the parameters
+    (the fused kernel checked the float64 sum and applied the inf update)."""
+    X = np.full((4, 2), 1e-30, np.float32)
+    y = np.full((4, 1), -3e38, np.float32)
+    model = nn.Sequential(nn.Dense(2, 1, init="zeros"))
+    with pytest.raises(fp.NonFiniteError, match="non-finite gradient"):
+        model.fit(X, y, loss=fp.losses.MSE(), optimizer=fp.optim.SGD(model.parameters(), lr=1e-3),
+                  batch_size=4, shuffle=False, verbose=0)
+    assert all(np.all(p.value == 0) for p in model.parameters())
+
+
+def test_bias_gradient_of_many_rows_is_accurate(backend):
+    """The bias gradient (a column sum) of 400,000 float32 rows is accurate to float32
+    rounding on every backend (the numpy backend summed row by row: ~3e-5)."""
+    rng = np.random.default_rng(0)
+    g = (rng.random((400_000, 3)) + 0.5).astype(np.float32)
+    x = np.ones((400_000, 2), np.float32)
+    w = np.zeros((2, 3), np.float32)
+    grad_w, grad_b = np.empty_like(w), np.empty(3, np.float32)
+    fp.backends.current().linear_backward(g, x, w, np.empty_like(g), None, 0, 0.01, None,
+                                          grad_w, grad_b, None, False)
+    exact = g.astype(np.float64).sum(axis=0)
+    np.testing.assert_allclose(grad_b, exact, rtol=3e-7)
+
+
+def test_robust_loss_mean_of_huge_terms_is_finite(backend):
+    """L1's mean of terms near float64's largest value is finite (the sum overflowed
+    before the division)."""
+    p = np.full(1000, 1.7e308)
+    assert fp.losses.L1()(p, -p * 0) == pytest.approx(1.7e308, rel=1e-12)

@@ -347,7 +347,8 @@ class _Robust(Loss):
             terms, slope = self._terms(d)
         if grad is not None:
             np.divide(slope, d.size, out=grad, casting="unsafe")
-        return float(np.sum(terms, dtype=np.float64) / d.size)
+        # (each term over n first: the sum of huge terms overflows before a finite mean)
+        return float(np.sum(terms / np.float64(d.size), dtype=np.float64))
 
     def _terms(self, d):
         """(the per-element losses, their derivatives in d)"""
