@@ -36,14 +36,14 @@ inline double pow_int(double base, std::int64_t e) {  // base^e, e >= 0, by squa
 // parameter whose gradient stays 0 (a dead ReLU unit) shrinks geometrically into the
 // subnormal range, where arithmetic on Zen4 is several times slower: after ~1000
 // steps 28% of a 784-256-128-10 MLP's Adam state was subnormal and the update took
-// 2.4x as long.  State values below the smallest normal are stored as 0; a compare
-// and a select per element.  Momentum-like state (SGD's buffer, Adam's m) moves a
-// parameter by itself, so flushing it changes an update by less than lr * 1e-38.
-// A second moment (Adam's v, RMSprop's average) divides the update: Adam is scale
-// invariant, and a gradient of 1e-20 gives a v of 1e-40 that still matters (flushed,
-// the update became m / eps, or inf with eps = 0), so v is flushed only once m is 0
-// (RMSprop's only where the gradient is 0): a dead unit's m reaches the subnormal
-// range ~100x sooner than its v, which keeps the speed.
+// 2.4x as long.  Momentum-like state (SGD's buffer, Adam's m, RMSprop's buffer)
+// below the smallest normal is stored as 0 (a compare and a select per element): it
+// moves a parameter by itself, so flushing changes an update by under lr * 1e-38.
+// A second moment (Adam's v, RMSprop's average) is never flushed: it divides the
+// update, and Adam is scale invariant (a gradient of 1e-20 gives a v of 1e-40 that
+// still matters: flushed, the step was m / eps, 1e7 too large, or inf with eps = 0).
+// A dead unit's m reaches the subnormals ~100x sooner than its v, which keeps most
+// of the speed (any flush of v that depends on m compiled to scalar code: 16x slower).
 template <typename T>
 inline T flush_subnormal(T x) {
     constexpr T tiny = sizeof(T) == 4 ? T(1.17549435e-38f) : T(2.2250738585072014e-308);
@@ -78,8 +78,7 @@ void adam_range(index_t b, index_t e, T* p, const T* g, T* m, T* v, T b1, T b2, 
         if (kDecay == 1) pi *= decay;
         if (kDecay == 2) gi = gi + decay * pi;
         const T mi = flush_subnormal(b1 * m[i] + one_b1 * gi);
-        const T vr = b2 * v[i] + one_b2 * gi * gi;
-        const T vi = mi == T(0) ? flush_subnormal(vr) : vr;
+        const T vi = b2 * v[i] + one_b2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         p[i] = pi - step_size * mi / (fp_sqrt(vi) + eps);
@@ -91,8 +90,7 @@ void rmsprop_range(index_t b, index_t e, T* p, const T* g, T* s, T* buf, T lr, T
                    T eps, T mom, T wd) {
     for (index_t i = b; i < e; ++i) {
         const T gi = kDecay ? g[i] + wd * p[i] : g[i];
-        const T sr = a * s[i] + one_a * gi * gi;
-        const T si = gi == T(0) ? flush_subnormal(sr) : sr;
+        const T si = a * s[i] + one_a * gi * gi;
         s[i] = si;
         const T avg = fp_sqrt(si) + eps;
         if (kMomentum) {
