@@ -934,9 +934,14 @@ def test_crafted_checkpoint_metadata_is_a_valueerror(tmp_path, change):
     model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=1, verbose=0,
               checkpoint=path)
     _rewrite_fit_meta(path, change)
+    _assert_resume_refused(path, X, y, "checkpoint")
+
+
+def _assert_resume_refused(path, X, y, match):
+    """Resuming a fresh model from ``path`` raises ValueError and changes nothing."""
     fresh = nn.Sequential(nn.Dense(5, 3, rng=0))
     before = snapshot(fresh)
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ValueError, match=match):
         fresh.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=3, verbose=0,
                   checkpoint=path, resume=True)
     assert snapshot(fresh) == before
@@ -959,12 +964,7 @@ def test_checkpoint_holding_nan_is_refused(tmp_path, where):
     path = tmp_path / "c.ckpt"
     checkpoint.save(path, model, opt, 1, np.random.default_rng(0), h,
                     {"samples": 40, "batch_size": 32, "shuffle": True})
-    fresh = nn.Sequential(nn.Dense(5, 3, rng=0))
-    before = snapshot(fresh)
-    with pytest.raises(ValueError, match="NaN or infinite"):
-        fresh.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, verbose=0,
-                  checkpoint=path, resume=True)
-    assert snapshot(fresh) == before
+    _assert_resume_refused(path, X, y, "NaN or infinite")
 
 
 @pytest.mark.parametrize("path", ["fused", "layers"])
