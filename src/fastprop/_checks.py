@@ -66,8 +66,10 @@ def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
     dt = compute_dtype(arr) if dtype is None else np.dtype(dtype)
+    if arr.dtype == dt:  # (no conversion: no errstate, ~1 us, on every layer's forward)
+        return np.asarray(arr, order="C")  # ascontiguousarray would make 0-d 1-d
     with np.errstate(over="ignore"):  # (beyond float32's range: inf, which callers refuse)
-        return np.asarray(arr, dtype=dt, order="C")  # ascontiguousarray would make 0-d 1-d
+        return np.asarray(arr, dtype=dt, order="C")
 
 
 def finite_float(x, name: str, dtype) -> np.ndarray:
@@ -158,12 +160,10 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
             raise ValueError(f"{name} must be integer class ids, got non-integral values")
     elif arr.dtype.kind == "b":
         raise TypeError(f"{name} must be integer class ids, got dtype bool")
-    if n and arr.dtype.kind in "fu" and np.abs(arr).max() >= 2 ** 63:  # (no int64: the
-        check_range = True                                    # range error, on arr's values)
-        out = np.full(1, -1)
-    else:
-        out = np.ascontiguousarray(arr, dtype=np.int64)
-    if check_range and n and (out.min() < 0 or out.max() >= classes):
+    # (ids beyond int64 have no conversion: the range error, on the values given)
+    beyond = bool(n) and arr.dtype.kind in "fu" and np.abs(arr).max() >= 2 ** 63
+    out = None if beyond else np.ascontiguousarray(arr, dtype=np.int64)
+    if beyond or (check_range and n and (out.min() < 0 or out.max() >= classes)):
         raise ValueError(
             f"{name} must lie in [0, {classes}) for {classes} classes, "
             f"got values in [{arr.min()}, {arr.max()}]")  # (arr: uint64 unwrapped)

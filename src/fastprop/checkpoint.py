@@ -197,4 +197,3 @@ def prepare_resume(path, model, optimizer, settings):
         return epochs_done
 
     return restore
-

@@ -39,12 +39,15 @@ class Loss:
     def _kernel(self, pred, target, grad) -> float:
         raise NotImplementedError
 
-    def forward(self, pred, target) -> float:
+    def _compute(self, pred, target):
+        """(loss, gradient), kept nowhere."""
         pred = self._pred(pred)
         target = self.prepare_target(target, pred.shape, pred.dtype)
         grad = np.empty_like(pred)
-        loss = self._kernel(pred, target, grad)
-        self._grad = grad
+        return self._kernel(pred, target, grad), grad
+
+    def forward(self, pred, target) -> float:
+        loss, self._grad = self._compute(pred, target)
         return loss
 
     def _value_and_grad(self, pred, target):
@@ -56,10 +59,7 @@ class Loss:
         if cls.forward is not Loss.forward or cls.backward is not Loss.backward:
             value = self.forward(pred, target)
             return value, self.backward()
-        pred = self._pred(pred)
-        target = self.prepare_target(target, pred.shape, pred.dtype)
-        grad = np.empty_like(pred)
-        value = self._kernel(pred, target, grad)
+        value, grad = self._compute(pred, target)
         self._grad = grad
         return value, grad
 

@@ -92,7 +92,8 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
     b, trans_b = _gemm_operand(b, trans_b)
     target = out
     if (out.strides[1] != out.itemsize or out.strides[0] < n * out.itemsize
-            or out.strides[0] % out.itemsize or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+            or out.strides[0] % out.itemsize
+            or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         target = out.copy() if accumulate else np.empty((m, n), dtype=dtype)
     backends.current().gemm(a, b, target, trans_a, trans_b, accumulate)
     if target is not out:

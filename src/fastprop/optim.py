@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 from . import backends
-from ._checks import flag, real
+from ._checks import real
 from .nn import Module, Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "clip_grad_norm",
@@ -631,7 +631,7 @@ class SGD(Optimizer):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
         if nesterov and momentum <= 0:
             raise ValueError(f"Nesterov momentum requires momentum > 0, got momentum={momentum}")
-        super().__init__(params, lr=lr, momentum=momentum, nesterov=flag(nesterov, "nesterov"),
+        super().__init__(params, lr=lr, momentum=momentum, nesterov=bool(nesterov),
                          weight_decay=wd)
         self.state_names = ("momentum_buffer",) if momentum > 0 else ()
 
@@ -716,7 +716,7 @@ class Adam(Optimizer):
         if not isinstance(amsgrad, (bool, np.bool_)):
             raise TypeError(f"amsgrad must be a bool, got {type(amsgrad).__name__}")
         super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
-                         weight_decay=_weight_decay(weight_decay), amsgrad=flag(amsgrad, "amsgrad"))
+                         weight_decay=_weight_decay(weight_decay), amsgrad=bool(amsgrad))
         if amsgrad:
             self.state_names = self.all_state_names
 

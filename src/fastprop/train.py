@@ -311,8 +311,11 @@ class TrainStep:
             fast = self._layer_path(fast) if self.loss._layer_only() else self._group_gate(fast)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
-            with np.errstate(over="ignore"):  # (beyond float32's range: inf, refused below)
-                x = np.ascontiguousarray(x, dtype=dtype)
+            if x.dtype == dtype:
+                x = np.ascontiguousarray(x)
+            else:
+                with np.errstate(over="ignore"):  # (beyond float32: inf, refused below)
+                    x = np.ascontiguousarray(x, dtype=dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
             checks_x = getattr(fast, "checks_x", False)  # (the native kernel checks x)
