@@ -884,6 +884,48 @@ def test_weighted_losses_in_a_compiled_step(backend, make, rng):
     assert hist.history["loss"][-1] < 0.5 * hist.history["loss"][0]
 
 
+@pytest.mark.parametrize("labels", ["ids", "column"])
+def test_fit_and_evaluate_weigh_batches_by_the_loss_normaliser(backend, rng, labels):
+    """With class weights and ignore_index, fit's epoch loss and evaluate are the loss
+    of the whole data (each batch weighs the sum of its counted rows' weights, not its
+    row count), the accuracies count the rows not ignored only, a batch of ignored
+    rows alone trains nothing (its mean is NaN: fit skipped it rather than stopping
+    with NonFiniteError), and a column of class ids is read as ids."""
+    X = rng.standard_normal((40, 5))
+    y = rng.integers(0, 3, 40)
+    y[:10] = -100  # (the first batch of 10, unshuffled, is ignored rows only)
+    y[25:29] = -100
+    loss = fp.losses.SoftmaxCrossEntropy(weight=[1.0, 3.0, 0.25], ignore_index=-100)
+    model = fp.nn.Sequential(fp.nn.Dense(5, 3, rng=0))
+    model.astype(np.float64)
+    yy = y[:, None] if labels == "column" else y
+    keep = y != -100
+
+    def scores(model):
+        out = model.predict(X)
+        return loss.value(out, y), np.mean(out.argmax(axis=1)[keep] == y[keep])
+
+    want = scores(model)
+    assert model.evaluate(X, yy, loss=loss, batch_size=7) == pytest.approx(want[0], rel=1e-12)
+    assert model.evaluate(X, yy, loss=loss, batch_size=10) == pytest.approx(want[0], rel=1e-12)
+    # (a fit with lr=0: the epoch's loss and accuracy are those of the model as it is)
+    frozen = fp.optim.SGD(model.parameters(), lr=0.0)
+    hist = model.fit(X, yy, loss=loss, optimizer=frozen, epochs=1, batch_size=10,
+                     shuffle=False, verbose=0, validation_data=(X, yy))
+    assert hist.skipped_steps == 0
+    assert hist["loss"][0] == pytest.approx(want[0], rel=1e-12)
+    assert hist["val_loss"][0] == pytest.approx(want[0], rel=1e-12)
+    assert hist["accuracy"][0] == pytest.approx(want[1], rel=1e-12)
+    assert hist["val_accuracy"][0] == pytest.approx(want[1], rel=1e-12)
+    # the ignored batch moves nothing, even with momentum (PyTorch's loop would step)
+    before = [p.value.copy() for p in model.parameters()]
+    opt = fp.optim.Adam(model.parameters(), lr=0.1)
+    model.fit(X[:10], yy[:10], loss=loss, optimizer=opt, epochs=3, batch_size=10, verbose=0)
+    for p, b in zip(model.parameters(), before):
+        np.testing.assert_array_equal(p.value, b)
+    assert np.isnan(model.evaluate(X[:10], yy[:10], loss=loss))
+
+
 @pytest.mark.parametrize("kind", ["l1", "huber", "smooth_l1"])
 def test_robust_losses_gradcheck_and_torch(backend, rng, kind, peer):
     """L1, Huber and SmoothL1: gradients against central differences in float64 (away

@@ -76,6 +76,12 @@ class Loss:
     def get_config(self) -> dict:
         return {}
 
+    def _batch_weight(self, target) -> float:
+        """The weight of a batch's mean loss in a mean over several batches: the
+        normaliser of that mean (its rows, unless an option weighs them), so that
+        fit's epoch loss and ``evaluate`` are the loss of the whole data."""
+        return float(len(target))
+
     def _layer_only(self) -> bool:
         """True when an option asks for more than the backend's fused loss kernels
         compute (a compiled step then takes the layer path, which calls ``forward``)."""
@@ -234,6 +240,29 @@ class SoftmaxCrossEntropy(Loss):
 
     def _layer_only(self):
         return self.weight is not None or self.ignore_index is not None
+
+    def _batch_weight(self, target):
+        """With class ids, ``weight``/``ignore_index`` set the normaliser: the sum of
+        the weights of the rows that count (0 for a batch of ignored rows only, whose
+        mean loss is NaN, as PyTorch's, and whose gradient is 0)."""
+        labels = np.asarray(target)
+        if labels.ndim == 2 and labels.shape[1] == 1:
+            labels = labels[:, 0]
+        n = float(len(target))
+        if not self._layer_only() or labels.ndim != 1 or labels.dtype.kind not in "iuf":
+            return n
+        if self.ignore_index is not None:
+            labels = labels[labels != self.ignore_index]
+        if self.weight is None:
+            return float(labels.shape[0])
+        # (ids out of range or not integral: the loss itself says so)
+        if labels.size and not (labels.min() >= 0 and labels.max() < self.weight.shape[0]):
+            return n
+        if labels.dtype.kind == "f":
+            if np.any(labels != np.floor(labels)):
+                return n
+            labels = labels.astype(np.int64)
+        return float(self.weight[labels].sum())
 
     def _pred(self, pred):
         pred = super()._pred(pred)

@@ -467,33 +467,50 @@ def _output_shape(model, X, name="X"):
 
 
 def _accuracy_fn(loss):
+    """A function (outputs, targets) -> (hits, count) for a classification loss, or
+    None: the rows SoftmaxCrossEntropy ignores (``ignore_index``) count for nothing;
+    BinaryCrossEntropy counts every output (multilabel: each label)."""
     if isinstance(loss, _losses.SoftmaxCrossEntropy):
+        ignore = loss.ignore_index
         def acc(out, y):
             pred = out.argmax(axis=1)
-            truth = y if y.ndim == 1 else y.argmax(axis=1)
-            return int(np.count_nonzero(pred == truth))
+            if y.ndim == 2 and y.shape[1] == 1 and out.shape[1] > 1:
+                y = y[:, 0]  # (a column of class ids)
+            if y.ndim != 1:
+                return int(np.count_nonzero(pred == y.argmax(axis=1))), y.shape[0]
+            if ignore is None:
+                return int(np.count_nonzero(pred == y)), y.shape[0]
+            keep = y != ignore
+            return int(np.count_nonzero((pred == y) & keep)), int(np.count_nonzero(keep))
         return acc
     if isinstance(loss, _losses.BinaryCrossEntropy):
         threshold = 0.0 if loss.from_logits else 0.5
-        def acc(out, y):  # per element, in units of samples (callers divide by samples)
+        def acc(out, y):
             hits = np.count_nonzero((out > threshold) == (y.reshape(out.shape) > 0.5))
-            return int(hits) * out.shape[0] / max(out.size, 1)
+            return int(hits), out.size
         return acc
     return None
 
 
 def _evaluate(model, X, y, loss, batch_size):
-    """(mean loss, correct count or None) over X in eval mode."""
+    """(mean loss, accuracy or None) over X in eval mode: the batches' means weighted
+    by their normalisers (rows, or with class weights the weights' sum), so that the
+    result is the loss of the whole of X."""
     acc_fn = _accuracy_fn(loss)
-    total, correct, n = 0.0, 0, X.shape[0]
+    total, weight, hits, count = 0.0, 0.0, 0, 0
     with inference_mode():
-        for start in range(0, n, batch_size):
+        for start in range(0, X.shape[0], batch_size):
             xb, yb = X[start:start + batch_size], y[start:start + batch_size]
             out = model.forward(xb)
-            total += loss.value(out, yb) * xb.shape[0]
+            w = loss._batch_weight(yb)
+            if w:  # (a batch of ignored rows only counts for nothing: its mean is NaN)
+                total += loss.value(out, yb) * w
+                weight += w
             if acc_fn is not None:
-                correct += acc_fn(out, yb)
-    return total / max(n, 1), (correct if acc_fn is not None else None)
+                h, c = acc_fn(out, yb)
+                hits, count = hits + h, count + c
+    mean = total / weight if weight else math.nan
+    return mean, (None if acc_fn is None else hits / count if count else math.nan)
 
 
 # ------------------------------------------------------------------ public API
@@ -692,6 +709,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     _remember(model, step)
     step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
+    weighs = step.loss._layer_only()  # (class weights: batches weigh their weights' sum)
     history = History()
     first_epoch = 0
     if restore is not None:
@@ -713,7 +731,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             first_epoch = epochs  # (resumed from a run that a callback stopped)
         for epoch in range(first_epoch, epochs):
             order = rng.permutation(n) if shuffle else None
-            total, correct, seen = 0.0, 0, 0
+            total, weight, hits, count, seen = 0.0, 0.0, 0, 0, 0
             bar = _progress(verbose, n, epoch, epochs)
             t0 = last_post = time.perf_counter()
             for start in range(0, n, batch_size):
@@ -723,6 +741,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     idx = order[start:start + batch_size]
                     xb = np.take(X, idx, axis=0, out=xbuf[:idx.shape[0]])
                     yb = np.take(y, idx, axis=0, out=ybuf[:idx.shape[0]])
+                w = step.loss._batch_weight(yb) if weighs else float(xb.shape[0])
+                if not w:
+                    # (ignored rows only: nothing to learn from, a NaN mean and a zero
+                    # gradient, with which an optimizer's momentum would still move)
+                    if bar is not None:
+                        bar.update(xb.shape[0])
+                    continue
                 try:
                     value = step._fit_batch(xb, yb)  # (X was validated whole)
                 except NonFiniteError:
@@ -735,27 +760,30 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 for cb in batch_callbacks:  # (after each applied update)
                     cb.on_train_batch_end(start // batch_size, {"loss": value})
                 m = xb.shape[0]
-                total += value * m
+                total += value * w
+                weight += w
                 seen += m
                 if acc_fn is not None:
-                    correct += acc_fn(step.output, yb)
+                    h, c = acc_fn(step.output, yb)
+                    hits, count = hits + h, count + c
                 if bar is not None:
                     bar.update(m)
                     now = time.perf_counter()
                     if now - last_post > 0.2:
-                        bar.set_postfix(_postfix(total, correct, seen, acc_fn), refresh=False)
+                        bar.set_postfix(_postfix(total / weight, hits, count, acc_fn),
+                                        refresh=False)
                         last_post = now
             # an epoch whose every batch was skipped (on_nonfinite="skip") trained on
             # nothing: its loss and accuracy are NaN, not 0 (which reads as perfect)
-            logs = {"loss": total / seen if seen else math.nan}
+            logs = {"loss": total / weight if weight else math.nan}
             if acc_fn is not None:
-                logs["accuracy"] = correct / seen if seen else math.nan
+                logs["accuracy"] = hits / count if count else math.nan
             if Xv is not None:
                 step.sync()
-                vloss, vcorrect = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
+                vloss, vacc = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
                 logs["val_loss"] = vloss
-                if vcorrect is not None:
-                    logs["val_accuracy"] = vcorrect / Xv.shape[0]
+                if vacc is not None:
+                    logs["val_accuracy"] = vacc
             history.append(epoch, logs)
             elapsed = time.perf_counter() - t0
             if bar is not None:
@@ -848,10 +876,10 @@ class EarlyStopping:
         return self.wait >= self.patience and epoch > 0  # (as Keras)
 
 
-def _postfix(total, correct, seen, acc_fn):
-    post = {"loss": f"{total / seen if seen else math.nan:.4f}"}
+def _postfix(loss, hits, count, acc_fn):
+    post = {"loss": f"{loss:.4f}"}
     if acc_fn is not None:
-        post["acc"] = f"{correct / seen if seen else math.nan:.4f}"
+        post["acc"] = f"{hits / count if count else math.nan:.4f}"
     return post
 
 
