@@ -1,6 +1,7 @@
 """fp.save / fp.load: identical predictions, clear errors, atomic writes."""
 
 import hashlib
+import io
 import json
 import os
 import pathlib
@@ -60,6 +61,32 @@ def test_round_trip_eval_mode_and_str_path(backend, rng, tmp_path):
     loaded = fp.load(path)
     assert not any(m.training for m in loaded.modules())
     assert np.array_equal(loaded(X.astype(np.float32)), model(X.astype(np.float32)))
+
+
+def test_file_objects(rng, tmp_path):
+    """save and load take binary file objects, as torch.save/torch.load: the bytes are
+    those save writes to a path, and a text-mode file or a truncated stream is a clear error."""
+    model, X = _trained_model(rng)
+    buf = io.BytesIO()
+    fp.save(model, buf)
+    fp.save(model, tmp_path / "m.fp")
+    assert buf.getvalue() == (tmp_path / "m.fp").read_bytes()
+    buf.seek(0)
+    loaded = fp.load(buf)
+    assert np.array_equal(loaded.predict(X), model.predict(X))
+    with open(tmp_path / "f.fp", "wb") as f:
+        fp.save(model, f)
+    with open(tmp_path / "f.fp", "rb") as f:
+        assert np.array_equal(fp.load(f).predict(X), model.predict(X))
+    with open(tmp_path / "f.fp", encoding="latin-1") as f:
+        with pytest.raises(TypeError, match="binary mode"):
+            fp.load(f)
+    with pytest.raises(ValueError, match=r"'<BytesIO>'.*checksum"):
+        fp.load(io.BytesIO(buf.getvalue()[:-1]))
+    with pytest.raises(ValueError, match=r"f\.fp'.*not a fastprop model"):
+        with open(tmp_path / "f.fp", "rb") as f:
+            f.seek(3)
+            fp.load(f)
 
 
 def test_single_layer_and_extra_arrays(tmp_path, rng):

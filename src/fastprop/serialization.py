@@ -88,7 +88,9 @@ def model_from_tree(tree: dict, budget: list | None = None) -> Module:
 def save(model: Module, path, extra: dict | None = None, checkpoint: bool = False) -> None:
     """Write ``model`` (architecture, parameters, buffers) to ``path`` atomically
     (``checkpoint``: the extra arrays are a fit checkpoint's, which ``load`` leaves
-    out of the model)."""
+    out of the model).  ``path`` may also be a binary file object (``io.BytesIO``, a
+    file opened ``"wb"``), as ``torch.save`` takes: written from its position, not
+    atomically."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
     arrays = [(name, np.ascontiguousarray(a)) for name, a in model.state_arrays()]
@@ -103,6 +105,10 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     header = json.dumps({"model": model_to_tree(model), "arrays": entries,
                          "tied": _tied_parameters(model), "frozen": frozen,
                          "checkpoint": bool(checkpoint)}).encode()
+    if _is_stream(path, "write"):  # a file object, as torch.save takes (no atomic rename)
+        for chunk in _chunks(header, arrays):
+            path.write(chunk)
+        return
     # (through a symbolic link: its target is replaced, and the link kept)
     path = os.path.realpath(os.fspath(path))
     directory = os.path.dirname(path)
@@ -110,19 +116,12 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    digest = hashlib.sha256()
     fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
     try:
         os.chmod(tmp, mode)
         with os.fdopen(fd, "wb") as f:
-            for chunk in (MAGIC, _PREFIX.pack(VERSION, len(header)), header):
+            for chunk in _chunks(header, arrays):
                 f.write(chunk)
-                digest.update(chunk)
-            for _, a in arrays:
-                buf = memoryview(a.reshape(-1)).cast("B") if a.size else b""
-                f.write(buf)
-                digest.update(buf)
-            f.write(digest.digest())
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -140,6 +139,26 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
             os.close(dfd)
     except OSError:
         pass
+
+
+def _is_stream(obj, method) -> bool:
+    """A file object (with ``read``/``write``), not a path."""
+    return not isinstance(obj, (str, bytes, os.PathLike)) and callable(
+        getattr(obj, method, None))
+
+
+def _chunks(header: bytes, arrays):
+    """The file's bytes, in pieces: magic, version and header length, header, the
+    arrays' data, and the SHA-256 of all that."""
+    digest = hashlib.sha256()
+    for chunk in (MAGIC, _PREFIX.pack(VERSION, len(header)), header):
+        digest.update(chunk)
+        yield chunk
+    for _, a in arrays:
+        buf = memoryview(a.reshape(-1)).cast("B") if a.size else b""
+        digest.update(buf)
+        yield buf
+    yield digest.digest()
 
 
 def _tied_parameters(model: Module) -> dict:
@@ -216,9 +235,16 @@ def _umask() -> int:
 
 def _read(path):
     """(header, {name: read-only array view}, bytes of array data) of a model file."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:  # OSError (FileNotFoundError, ...) propagates
-        blob = f.read()
+    if _is_stream(path, "read"):  # a file object opened in binary mode, at the start
+        blob = path.read()
+        if not isinstance(blob, (bytes, bytearray)):
+            raise TypeError(f"the file object must be opened in binary mode ('rb'): its "
+                            f"read() returned {type(blob).__name__}, not bytes")
+        path = getattr(path, "name", None) or f"<{type(path).__name__}>"
+    else:
+        path = os.fspath(path)
+        with open(path, "rb") as f:  # OSError (FileNotFoundError, ...) propagates
+            blob = f.read()
     head = len(MAGIC) + _PREFIX.size
     if len(blob) < head + 32 or not blob.startswith(MAGIC):
         raise ValueError(f"{path!r} is not a fastprop model file (bad magic or truncated)")
@@ -255,14 +281,16 @@ def _read(path):
 
 
 def load(path) -> Module:
-    """Read a model written by :func:`save`.
+    """Read a model written by :func:`save`, from a path or a binary file object
+    (read from its position to its end).
 
     Raises:
         OSError: the file cannot be opened (e.g. it does not exist).
         ValueError: the file is not a fastprop model, or is corrupt or truncated.
     """
     header, arrays, data_bytes = _read(path)
-    where = repr(os.fspath(path))
+    where = repr(os.fspath(path) if not _is_stream(path, "read")
+                 else getattr(path, "name", None) or f"<{type(path).__name__}>")
     try:
         model = model_from_tree(header["model"], [data_bytes])
     except (TypeError, ValueError, KeyError, AttributeError, RecursionError,
