@@ -230,6 +230,10 @@ void set_num_threads(int n) noexcept {
 #endif
 }
 
+int threads_free(int nt) noexcept { return detail::threads_free(nt); }
+bool backoff_enabled() noexcept { return detail::backoff_enabled(); }
+void set_backoff(bool on) noexcept { detail::set_backoff(on); }
+
 const char* compiler_id() noexcept { return FASTPROP_COMPILER_ID; }
 const char* baseline_flags() noexcept { return FASTPROP_BASELINE_FLAGS_STR; }
 const char* avx2_flags() noexcept { return FASTPROP_AVX2_FLAGS_STR; }

@@ -161,12 +161,14 @@ inline int max_threads() {
 #endif
 }
 
-// Number of threads worth using for `work` units when each thread needs `grain`.
-inline int threads_for(index_t work, index_t grain) {
+// Number of threads worth using for `work` units when each thread needs `grain`
+// (``busy``: also no more than the cores other processes leave free, runtime.hpp).
+inline int threads_for(index_t work, index_t grain, bool busy = true) {
     const int nt = max_threads();
     if (nt <= 1 || work < 2 * grain) return 1;
     const index_t useful = work / grain;
-    return useful < nt ? static_cast<int>(useful) : nt;
+    const int want = useful < nt ? static_cast<int>(useful) : nt;
+    return busy ? detail::threads_free(want) : want;
 }
 
 // body(begin, end) over one contiguous chunk of [0, n) per thread.  Chunk
@@ -176,7 +178,7 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
 #if defined(_OPENMP)
     const int nt = threads_for(n, grain);
     if (nt > 1) {
-        detail::note_thread_pool_started();
+        detail::note_thread_pool_started(nt);
 #pragma omp parallel num_threads(nt)
         {
             const index_t t = omp_get_thread_num();
@@ -194,32 +196,39 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
     body(index_t(0), n);
 }
 
-// Sum of body(begin, end) -> double over per-thread chunks, combined in order.
+// Sum of body(begin, end) -> double over per-thread chunks, combined in order.  The
+// chunks follow the thread count (max_threads()), not the cores free now: when
+// other processes keep the cores busy the same chunks run on fewer threads (in
+// turn), and the sum is the same.
 template <typename F>
 inline double parallel_sum(index_t n, index_t grain, F&& body) {
 #if defined(_OPENMP)
     constexpr int kMaxThreads = 256;
-    int nt = threads_for(n, grain);
-    if (nt > kMaxThreads) nt = kMaxThreads;
-    if (nt > 1) {
+    int parts = threads_for(n, grain, false);
+    if (parts > kMaxThreads) parts = kMaxThreads;
+    if (parts > 1) {
+        index_t chunk = (n + parts - 1) / parts;
+        chunk = (chunk + 15) & ~index_t(15);
         double partial[kMaxThreads];
-        for (int i = 0; i < nt; ++i) partial[i] = 0.0;
-        int used = nt;
-        detail::note_thread_pool_started();
-#pragma omp parallel num_threads(nt)
-        {
-            const index_t t = omp_get_thread_num();
-            const index_t nthreads = omp_get_num_threads();
-#pragma omp single
-            used = static_cast<int>(nthreads);
-            index_t chunk = (n + nthreads - 1) / nthreads;
-            chunk = (chunk + 15) & ~index_t(15);
+        for (int i = 0; i < parts; ++i) partial[i] = 0.0;
+        auto run = [&](int t) {
             const index_t begin = t * chunk;
             const index_t end = fp_min(n, begin + chunk);
             if (begin < end) partial[t] = body(begin, end);
+        };
+        const int nt = detail::threads_free(parts);
+        if (nt > 1) {
+            detail::note_thread_pool_started(nt);
+#pragma omp parallel num_threads(nt)
+            {
+                const int team = omp_get_num_threads();
+                for (int t = omp_get_thread_num(); t < parts; t += team) run(t);
+            }
+        } else {
+            for (int t = 0; t < parts; ++t) run(t);
         }
         double total = 0.0;
-        for (int i = 0; i < used; ++i) total += partial[i];
+        for (int i = 0; i < parts; ++i) total += partial[i];
         return total;
     }
 #endif

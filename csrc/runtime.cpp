@@ -10,6 +10,8 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <cstring>
+#include <ctime>
 
 #if !defined(_WIN32)
 #include <fcntl.h>
@@ -61,6 +63,54 @@ std::atomic<bool> g_forked_after_pool{false};
 
 std::atomic<bool> g_fork_with_threads{false};
 
+// busy cores (runtime.hpp)
+constexpr long long kCheckEveryNs = 10000000;  // /proc/loadavg at most every 10 ms
+constexpr long long kSpinNs = 3000000;  // GNU OpenMP workers spin ~300k pauses (> 3 ms)
+std::atomic<long long> g_next_check_ns{0};
+std::atomic<long long> g_last_region_ns{-(1LL << 62)};
+std::atomic<int> g_last_team{1};
+std::atomic<int> g_free_cpus{1 << 30};
+
+long long now_ns() noexcept {
+#if !defined(_WIN32)
+    timespec ts;  // (the coarse clock, ~5 ns a call: ticks of 1-4 ms are enough here)
+#if defined(CLOCK_MONOTONIC_COARSE)
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+#else
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+#endif
+    return static_cast<long long>(ts.tv_sec) * 1000000000LL + ts.tv_nsec;
+#else
+    return 0;
+#endif
+}
+
+#if !defined(_WIN32)
+const int g_online_cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+
+// Runnable threads machine-wide, this one included (the fourth field of
+// /proc/loadavg, "runnable/total"), or -1 when unknown.
+int runnable_threads() noexcept {
+    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -1;
+    char buf[128];
+    ssize_t n = read(fd, buf, sizeof buf - 1);
+    close(fd);
+    if (n <= 0) return -1;
+    buf[n] = '\0';
+    const char* p = buf;
+    for (int spaces = 0; spaces < 3; ++p) {
+        if (*p == '\0') return -1;
+        if (*p == ' ') ++spaces;
+    }
+    if (*p < '0' || *p > '9') return -1;
+    return std::atoi(p);
+}
+#else
+const int g_online_cpus = -1;
+int runnable_threads() noexcept { return -1; }
+#endif
+
 #if !defined(_WIN32)
 // Threads of this process (field 20 of /proc/self/stat), or -1 when unknown.  Read
 // with plain system calls: it runs in fork()'s prepare handler.
@@ -97,9 +147,53 @@ extern "C" void fastprop_after_fork_child() {
 
 }  // namespace
 
-void note_thread_pool_started() noexcept {
+void note_thread_pool_started(int team) noexcept {
     if (!g_pool_started.load(std::memory_order_relaxed))
         g_pool_started.store(true, std::memory_order_relaxed);
+    g_last_team.store(team, std::memory_order_relaxed);
+    g_last_region_ns.store(now_ns(), std::memory_order_relaxed);
+}
+
+namespace {
+std::atomic<int> g_backoff{-1};  // -1: FASTPROP_BACKOFF not read yet
+}  // namespace
+
+bool backoff_enabled() noexcept {
+    int on = g_backoff.load(std::memory_order_relaxed);
+    if (on < 0) {
+        const char* v = std::getenv("FASTPROP_BACKOFF");
+        on = v == nullptr || std::strcmp(v, "0") != 0;
+        int unset = -1;  // (a set_backoff() that came first wins)
+        if (!g_backoff.compare_exchange_strong(unset, on, std::memory_order_relaxed))
+            on = unset;
+    }
+    return on != 0;
+}
+
+void set_backoff(bool on) noexcept { g_backoff.store(on ? 1 : 0, std::memory_order_relaxed); }
+
+int threads_free(int nt) noexcept {
+    if (nt <= 1 || !backoff_enabled()) return nt;
+    const long long now = now_ns();
+    long long next = g_next_check_ns.load(std::memory_order_relaxed);
+    // (one caller reads /proc at a time; the others use the last reading)
+    if (now >= next && g_next_check_ns.compare_exchange_strong(
+            next, now + kCheckEveryNs, std::memory_order_relaxed)) {
+        const int runnable = runnable_threads();
+        int free_cpus = 1 << 30;  // (unknown: no limit)
+        if (runnable > 0 && g_online_cpus > 0) {
+            // this process' own share of the count: the caller, and the workers of
+            // a region that ended less than a spin period ago (still spinning)
+            int ours = 1;
+            if (now - g_last_region_ns.load(std::memory_order_relaxed) < kSpinNs)
+                ours += g_last_team.load(std::memory_order_relaxed) - 1;
+            const int others = runnable > ours ? runnable - ours : 0;
+            free_cpus = g_online_cpus > others ? g_online_cpus - others : 1;
+        }
+        g_free_cpus.store(free_cpus, std::memory_order_relaxed);
+    }
+    const int f = g_free_cpus.load(std::memory_order_relaxed);
+    return nt < f ? nt : f;
 }
 
 bool threads_usable() noexcept { return !g_forked_after_pool.load(std::memory_order_relaxed); }

@@ -21,9 +21,25 @@ void* thread_scratch(int slot, std::size_t bytes) noexcept;
 // and in a child forked after the pool started, or from a process that had more
 // than one thread (another library's pool may share this libgomp), threads_usable()
 // is false and every kernel runs serially (as PyTorch does for the same reason).
-void note_thread_pool_started() noexcept;
+void note_thread_pool_started(int team) noexcept;
 bool threads_usable() noexcept;
 void install_fork_handler() noexcept;
+
+// Busy cores.  An OpenMP team meets at barriers, and GNU OpenMP's workers spin for
+// milliseconds after each region: when other processes keep the cores busy, every
+// barrier waits for a scheduler time slice and the spinning workers take the cores
+// from the master's serial code (measured on 2 cores beside one busy process: the
+// digits MLP at batch 32 trains 45x slower with 2 threads than with 1).  So a kernel
+// runs with at most threads_free(nt) threads: the online CPUs less the threads of
+// other processes (and of this process' other callers) that are runnable, read from
+// /proc/loadavg at most every 10 ms (a few microseconds; never from a parallel
+// region), and never less than 1.  Results do not depend on it: every kernel whose
+// sums depend on the thread count keeps its split and runs the parts serially.
+// FASTPROP_BACKOFF=0 in the environment, or set_backoff(false), turns this off
+// (then threads_free(nt) == nt).  Without /proc (not Linux) it returns nt.
+int threads_free(int nt) noexcept;
+bool backoff_enabled() noexcept;
+void set_backoff(bool on) noexcept;  // (process-wide; for tests and benchmarks)
 
 }  // namespace detail
 }  // namespace fastprop

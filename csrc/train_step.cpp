@@ -207,7 +207,7 @@ void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
     if (nt > 1 && chunks < (index_t(1) << 31)) {
         ChunkRange ranges[kMaxThreads];
         for (int k = 0; k < nt; ++k) ranges[k].set(start[k], start[k + 1]);
-        detail::note_thread_pool_started();
+        detail::note_thread_pool_started(nt);
 #pragma omp parallel num_threads(nt)
         {
             // (a team smaller than nt leaves shares that the others take)

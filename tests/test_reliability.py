@@ -16,6 +16,7 @@ import gc
 import os
 import sys
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -521,6 +522,8 @@ def test_native_parameters_do_not_depend_on_the_thread_count(kind):
     X = rng.standard_normal((1024, 300)).astype(np.float32)
     y = rng.integers(0, 10, 1024)
     before = fp.get_num_threads()
+    native = fp.backends.load("native")._native
+    native.set_backoff(False)  # (the threads asked for, even on a busy machine)
     try:
         with fp.use_backend("native"):
             runs = []
@@ -529,7 +532,74 @@ def test_native_parameters_do_not_depend_on_the_thread_count(kind):
                 runs.append(_fit_bytes(kind, X, y, 0))
     finally:
         fp.set_num_threads(before)
+        native.set_backoff(True)
     assert runs[0] == runs[1] == runs[2]
+
+
+def _busy_processes(count):
+    import subprocess
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"])
+            for _ in range(count)]
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not os.path.exists("/proc/loadavg"), reason="reads /proc/loadavg")
+def test_kernels_back_off_while_other_processes_keep_the_cores_busy():
+    """With every core kept busy by other processes, a kernel runs with fewer threads
+    (a team meeting at barriers beside busy processes waits for time slices: 45x
+    slower on 2 cores), with the same results: the fit's parameters and a large
+    loss (a sum split per thread) are bit-identical to those with the back-off off."""
+    native = fp.backends.load("native")._native
+    if not native.openmp() or fp.get_num_threads() < 2:
+        pytest.skip("needs OpenMP and 2 threads")
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((1024, 300)).astype(np.float32)
+    y = rng.integers(0, 10, 1024)
+    big = rng.standard_normal((1024, 1024)).astype(np.float32)
+
+    def results():
+        with fp.use_backend("native"):
+            value = fp.losses.MSE().value(big, np.zeros_like(big))
+            return _fit_bytes("mlp", X, y, 0), value
+
+    native.set_backoff(False)
+    try:
+        assert native.threads_free(2) == 2
+        quiet = results()
+    finally:
+        native.set_backoff(True)
+    procs = _busy_processes(os.cpu_count() or 2)
+    try:
+        deadline = time.monotonic() + 5
+        while native.threads_free(2) != 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert native.threads_free(2) == 1
+        busy = results()
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait()
+    assert busy == quiet
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_backoff_switch():
+    """FASTPROP_BACKOFF=0 turns the back-off off (threads_free(n) == n), and
+    show_config says which; bad values of the switch are refused."""
+    import subprocess
+    code = ("import fastprop as fp; n = fp.backends.load('native')._native; "
+            "print(n.backoff(), n.threads_free(7), fp._config.config()['native.backoff'])")
+    env = dict(os.environ, FASTPROP_BACKOFF="0")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True).stdout.splitlines()[-1].split(maxsplit=2)
+    assert out == ["False", "7", "off (FASTPROP_BACKOFF=0)"]
+    native = fp.backends.load("native")._native
+    assert native.backoff() and fp._config.config()["native.backoff"] == "on"
+    assert 1 <= native.threads_free(3) <= 3
+    with pytest.raises(TypeError, match="on must be a bool"):
+        native.set_backoff("no")
+    with pytest.raises(ValueError, match="nt must be an int >= 1"):
+        native.threads_free(0)
 
 
 # ================================================================ memory

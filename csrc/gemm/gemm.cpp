@@ -428,7 +428,7 @@ void gemm_blocked(const GemmArgs<T>& g) {
     bool done = false;
 #if defined(_OPENMP)
     if (pl.nt > 1) {
-        detail::note_thread_pool_started();
+        detail::note_thread_pool_started(pl.nt);
 #pragma omp parallel num_threads(pl.nt)
         {
             const int tid = omp_get_thread_num();

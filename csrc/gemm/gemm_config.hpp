@@ -30,11 +30,11 @@
 //                 200x10x128 7.5 vs 7.9; 32x128x32 at the limit: equal), so the
 //                 scikit-learn digits step (batch 200, 64-256-128-10) went from 365
 //                 to 352 us.  Earlier, 4 -> 1 MFLOP took the MLP training step at
-//                 batch 32/128/512 from 433/1082/3828 to 343/857/3118 us.  The cost: on an
+//                 batch 32/128/512 from 433/1082/3828 to 343/857/3118 us.  On an
 //                 oversubscribed machine a worker that is not running when a region
 //                 starts costs a scheduler timeslice (4-20 ms, measured on the shared
-//                 dev box), which a higher threshold makes rarer; fp.set_num_threads(1)
-//                 is the remedy there.
+//                 dev box): there threads_free() (runtime.hpp) runs the kernels with
+//                 fewer threads, whatever this threshold.
 #pragma once
 
 #include "isa_common.hpp"

@@ -90,6 +90,30 @@ def set_num_threads(n):
     fp_set_num_threads(<int>min(int(n), 1 << 20))
 
 
+def threads_free(nt):
+    """Threads a kernel that asks for ``nt`` would use now: ``nt``, or fewer while
+    other processes keep the cores busy (the online CPUs less the other runnable
+    threads of /proc/loadavg, read at most every 10 ms; at least 1).  Results do not
+    depend on it.  ``FASTPROP_BACKOFF=0`` turns it off."""
+    if isinstance(nt, bool) or not isinstance(nt, (int, np.integer)) or nt < 1:
+        raise ValueError(f"nt must be an int >= 1, got {nt!r}")
+    return fp_threads_free(<int>min(int(nt), 1 << 20))
+
+
+def backoff():
+    """Whether kernels use fewer threads while other processes keep the cores busy
+    (on unless FASTPROP_BACKOFF=0 was set at start, or ``set_backoff(False)``)."""
+    return bool(fp_backoff_enabled())
+
+
+def set_backoff(on):
+    """Turn the back-off of :func:`threads_free` on or off, for the whole process (a
+    benchmark that measures the threads' speed-up on a machine it knows is quiet)."""
+    if not isinstance(on, (bool, np.bool_)):
+        raise TypeError(f"on must be a bool, got {type(on).__name__}")
+    fp_set_backoff(bool(on))
+
+
 def build_info():
     """Compiler and per-ISA compile flags of the C++ kernels."""
     return {"compiler": fp_compiler_id().decode("ascii", "replace"),

@@ -28,6 +28,12 @@ CpuFeatures cpu_features() noexcept;
 bool openmp_enabled() noexcept;
 int get_num_threads() noexcept;          // omp_get_max_threads(), 1 without OpenMP
 void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
+// Threads a kernel asking for nt would use now, with other processes keeping cores
+// busy (csrc/runtime.hpp: at most the online CPUs less the other runnable threads;
+// nt when FASTPROP_BACKOFF=0), and whether that back-off is on.
+int threads_free(int nt) noexcept;
+bool backoff_enabled() noexcept;
+void set_backoff(bool on) noexcept;
 
 const char* compiler_id() noexcept;
 const char* baseline_flags() noexcept;

@@ -73,6 +73,8 @@ def config() -> dict:
         "cpu_features": _native.cpu_features(),
         "num_threads": _native.get_num_threads(),
         "openmp": _native.openmp(),
+        # (fewer threads while other processes keep the cores busy; FASTPROP_BACKOFF=0)
+        "backoff": "on" if _native.backoff() else "off (FASTPROP_BACKOFF=0)",
     }
     note = _native.isa_note()
     if note:
