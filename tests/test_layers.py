@@ -884,6 +884,65 @@ def test_weighted_losses_in_a_compiled_step(backend, make, rng):
     assert hist.history["loss"][-1] < 0.5 * hist.history["loss"][0]
 
 
+class _UserBlock(fp.nn.Module):
+    """A PyTorch-style module of the user's: submodules and a Parameter as attributes."""
+
+    def __init__(self, dtype=np.float64):
+        super().__init__()
+        self.fc1 = fp.nn.Dense(4, 8, "tanh", rng=0, dtype=dtype)
+        self.drop = fp.nn.Dropout(0.5, seed=0)
+        self.fc2 = fp.nn.Dense(8, 4, rng=1, dtype=dtype)
+        self.scale = fp.Parameter(np.linspace(0.5, 2.0, 4).astype(dtype))
+
+    def forward(self, x):
+        self._h = self.fc2(self.drop(self.fc1(x)))
+        return self._h * self.scale.value
+
+    def backward(self, grad_out, input_grad=True):
+        self.scale.grad += (grad_out * self._h).sum(axis=0)
+        g = self.fc2.backward(grad_out * self.scale.value)
+        return self.fc1.backward(self.drop.backward(g), input_grad)
+
+
+def test_a_users_module_registers_its_attributes(backend, rng, tmp_path):
+    """As PyTorch's Module.__setattr__: submodules and Parameters set as attributes of
+    a user's module are in parameters(), state_dict() and modules(), follow
+    train()/eval(), train in fit, pass gradcheck and survive save/load; assigning a
+    wrong type or a Parameter of another dtype to a layer is a TypeError."""
+    block = _UserBlock()
+    model = fp.nn.Sequential(block, fp.nn.Dense(4, 3, rng=2, dtype=np.float64))
+    params = model.parameters()
+    assert len(params) == 7 and any(p is block.scale for p in params)
+    assert any(p is block.fc1.weight for p in params)
+    assert sorted(model.state_dict()) == ["1.scale", "2.bias", "2.weight", "4.bias",
+                                          "4.weight", "5.bias", "5.weight"]
+    assert block.children() == [block.fc1, block.drop, block.fc2]
+    model.eval()
+    assert not block.drop.training
+    assert fp.gradcheck(model, rng.standard_normal((5, 4)))
+    model.train()
+    X = rng.standard_normal((128, 4))
+    y = (X[:, 0] > 0).astype(int) + (X[:, 1] > 0)
+    before = {k: v.copy() for k, v in model.state_dict().items()}
+    model.fit(X, y, loss="cross_entropy", optimizer=fp.optim.Adam(model.parameters(), 0.01),
+              epochs=2, batch_size=16, seed=0, verbose=0)
+    after = model.state_dict()
+    assert all(not np.array_equal(before[k], after[k]) for k in before)
+    fp.save(model, tmp_path / "m.fp")
+    loaded = fp.load(tmp_path / "m.fp")
+    model.eval()
+    np.testing.assert_array_equal(loaded.eval().predict(X), model.predict(X))
+    block.drop = None  # (None unregisters nothing, and is skipped)
+    assert block.children() == [block.fc1, block.fc2]
+    with pytest.raises(TypeError, match="cannot assign int as child module 'fc1'"):
+        block.fc1 = 3
+    with pytest.raises(TypeError, match="cannot assign ndarray as parameter 'scale'"):
+        block.scale = np.ones(4)
+    with pytest.raises(TypeError, match="float32 Parameter as 'weight' of a float64 Dense"):
+        block.fc1.weight = fp.Parameter(np.ones((4, 8), np.float32))
+    assert block.fc1.weight.dtype == np.float64
+
+
 @pytest.mark.parametrize("labels", ["ids", "column"])
 def test_fit_and_evaluate_weigh_batches_by_the_loss_normaliser(backend, rng, labels):
     """With class weights and ignore_index, fit's epoch loss and evaluate are the loss

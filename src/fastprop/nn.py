@@ -180,7 +180,11 @@ class Module:
     """Base class of every layer.
 
     Subclasses implement ``forward`` and ``backward`` and list their parameters in
-    ``_params`` (attribute names) and their non-trainable state in ``_buffers``.
+    ``_params`` (attribute names) and their non-trainable state in ``_buffers``.  As
+    in PyTorch, a Parameter or a Module set as a public attribute (``self.fc =
+    Dense(...)``, ``self.scale = Parameter(...)``) is registered: it is in
+    ``parameters()``, ``state_dict()``, ``children()``, ``train()``/``eval()`` and
+    saved files.
     """
 
     _params: tuple = ()
@@ -245,6 +249,31 @@ class Module:
                     "fastprop modules have no 'trainable': freeze a layer's parameters with "
                     "layer.requires_grad_(False) (and a BatchNorm's statistics with bn.eval())")
             _structure[0] += 1
+            params = self._params
+            if name in params:
+                if value is not None and not isinstance(value, Parameter):
+                    raise TypeError(f"cannot assign {type(value).__name__} as parameter "
+                                    f"{name!r} of {type(self).__name__} (a fastprop "
+                                    f"Parameter or None expected)")
+                dtype = self.__dict__.get("_dtype")
+                if value is not None and dtype is not None and value.dtype != dtype:
+                    raise TypeError(
+                        f"cannot assign a {value.dtype} Parameter as {name!r} of a {dtype} "
+                        f"{type(self).__name__} (convert it, or the whole model with "
+                        f"model.astype({value.dtype.name!r}))")
+            elif isinstance(value, Parameter):
+                # (as PyTorch's Module.__setattr__: a Parameter or a module set on a
+                # module of the user's is registered, so that parameters(), state_dict,
+                # train/eval, save and fit see it)
+                object.__setattr__(self, "_params", params + (name,))
+            elif isinstance(value, Module):
+                kids = self.__dict__.get("_children", ())
+                if name not in kids:
+                    object.__setattr__(self, "_children", kids + (name,))
+            elif value is not None and name in self.__dict__.get("_children", ()):
+                raise TypeError(f"cannot assign {type(value).__name__} as child module "
+                                f"{name!r} of {type(self).__name__} (a Module or None "
+                                f"expected)")
         object.__setattr__(self, name, value)
 
     def __getstate__(self):
@@ -295,7 +324,10 @@ class Module:
 
     # -- structure -------------------------------------------------------------
     def children(self) -> list:
-        return []
+        """The direct submodules: those set as attributes (in the order they were
+        first set), as PyTorch's; containers list theirs."""
+        kids = (self.__dict__.get(n) for n in self.__dict__.get("_children", ()))
+        return [m for m in kids if m is not None]
 
     def modules(self):
         yield self
