@@ -1,6 +1,7 @@
 """fit / predict / evaluate / compile and History."""
 
 import copy
+import gc
 
 import numpy as np
 import pytest
@@ -93,6 +94,47 @@ def test_validation_split_trains_only_on_the_first_samples(backend, rng):
     opt.step()
     for p, q in zip(model.parameters(), twin.parameters()):
         assert np.allclose(p.value, q.value, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("n, split, held", [(100, 0.29, 29), (100, 0.57, 57), (5, 0.1, 1),
+                                             (9, 0.2, 2)])
+def test_validation_split_holds_out_as_keras(rng, n, split, held):
+    """validation_split holds out n - int(n (1 - split)) samples, as Keras: 0.29 of 100
+    is 29 (floor(100 x 0.29) was 28), and 0.1 of 5 is 1 (it was refused)."""
+    X, y = blobs(rng, n=n, classes=2)
+    runs = []
+    for kw in ({"validation_split": split},
+               {"validation_data": (X[n - held:], y[n - held:])}):
+        model = mlp(dtype=np.float64)
+        data = (X, y) if "validation_split" in kw else (X[:n - held], y[:n - held])
+        runs.append(model.fit(*data, loss="cross_entropy", optimizer="sgd", epochs=2,
+                              batch_size=4, shuffle=False, verbose=0, **kw).history)
+    assert runs[0] == runs[1]
+
+
+def test_fit_leaves_the_step_and_reads_the_remembered_loss(backend, rng):
+    """fit gives a compiled step its own check_finite setting back; evaluate without
+    loss= uses the loss of the last compile or fit even when its step is no longer
+    held; a callback returning a NumPy True stops the training, as True does."""
+    X, y = blobs(rng, n=64, classes=2)
+    model = mlp()
+    step = model.compile("cross_entropy", "adam")
+    assert step.check_finite is False
+    model.fit(X, y, epochs=1, verbose=0)
+    assert step.check_finite is False
+    del step
+    gc.collect()
+    want = fp.losses.SoftmaxCrossEntropy().value(model.predict(X), y)
+    assert model.evaluate(X, y) == pytest.approx(want, rel=1e-6)
+    other = mlp()
+    other.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, verbose=0)
+    gc.collect()
+    assert other.evaluate(X, y) > 0
+    hist = other.fit(X, y, epochs=5, verbose=0,
+                     callbacks=[lambda epoch, logs: np.float64(epoch) >= 1])
+    assert hist.stopped_epoch == 1 and len(hist["loss"]) == 2
+    with pytest.raises(ValueError, match="evaluate needs loss="):
+        mlp().evaluate(X, y)
 
 
 def test_validation_data(backend, rng):

@@ -532,11 +532,13 @@ def predict(model, X, batch_size=1024):
 @_device_aware
 def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     """Mean loss of ``model`` on (X, y) in eval mode."""
-    compiled = model._sync_device()  # (compiled steps on a device: their parameters)
+    model._sync_device()  # (compiled steps on a device: their parameters)
     if loss is None:
-        if compiled is None:
+        # (the loss of the last compile or fit, whether its step is still held or not)
+        args = model.__dict__.get("_compile_args")
+        if args is None:
             raise ValueError("evaluate needs loss= (or a model compiled with a loss)")
-        loss = compiled.loss
+        loss = args[0]
     loss = _losses.get(loss)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = _features(X, "X", _model_dtype(model))
@@ -586,7 +588,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         callbacks: callables ``cb(epoch, logs)`` run after each epoch (``epoch``
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
-            training after that epoch (``History.stopped_epoch``; True itself, so a
+            training after that epoch (``History.stopped_epoch``; True itself or a NumPy True, so a
             schedule may return its rate).  A callback with an
             ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
@@ -662,7 +664,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             raise ValueError(f"validation_data[0] has {Xv.shape[1]} features, X has {X.shape[1]}")
         step.loss.prepare_target(yv, (Xv.shape[0],) + out_shape[1:], dtype)
     elif validation_split > 0:
-        n_val = int(math.floor(X.shape[0] * validation_split))
+        # (as Keras: the first int(n (1 - split)) samples train; 0.29 of 100 holds 29
+        # out, not floor(28.999...) = 28, and 0.1 of 5 holds 1 out)
+        n_val = X.shape[0] - int(X.shape[0] * (1.0 - validation_split))
         if n_val < 1 or n_val >= X.shape[0]:
             raise ValueError(f"validation_split={validation_split} leaves {n_val} validation "
                              f"and {X.shape[0] - n_val} training samples; both must be >= 1")
@@ -707,7 +711,6 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         for m, s in zip(dropouts, seeds[1:]):
             m.rng = np.random.default_rng(s)
     _remember(model, step)
-    step.check_finite = True
     acc_fn = _accuracy_fn(step.loss)
     weighs = step.loss._layer_only()  # (class weights: batches weigh their weights' sum)
     history = History()
@@ -726,6 +729,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     # shuffled batches are gathered into buffers allocated once
     xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
     ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
+    checked = step.check_finite  # (the step's own setting, given back at the end)
+    step.check_finite = True
     try:
         if history.stopped_epoch is not None:
             first_epoch = epochs  # (resumed from a run that a callback stopped)
@@ -798,7 +803,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             if callbacks:
                 step.sync()  # (parameters trained on a device: the callbacks see them)
                 for cb in callbacks:  # (True itself: a schedule may return its rate)
-                    stop = (cb(epoch, dict(logs)) is True) or stop
+                    said = cb(epoch, dict(logs))
+                    stop = said is True or type(said) is np.bool_ and bool(said) or stop
                 if stop:
                     history.stopped_epoch = epoch
             if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0
@@ -809,6 +815,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             if stop:
                 break
     finally:
+        step.check_finite = checked
         step.sync()
     return history
 
