@@ -1115,3 +1115,51 @@ def test_a_checkpoint_loaded_as_a_model_leaves_the_fit_state(tmp_path):
     assert fp.load(tmp_path / "c.ckpt")._extra == {}
     fp.save(model, tmp_path / "m.fp", extra={"fit": np.arange(3), "opt.0.x": np.ones(2)})
     assert sorted(fp.load(tmp_path / "m.fp")._extra) == ["fit", "opt.0.x"]
+
+
+@pytest.mark.parametrize("norm", [False, True])
+def test_a_fit_refused_by_the_optimizer_changes_nothing(backend, rng, norm):
+    """An optimizer whose state is in the old dtype after model.astype is refused by
+    fit before anything changes: parameters, BatchNorm statistics, gradients, the
+    step count and the model's eval mode stay as they were (the refusal came from
+    optimizer.step, after forward and backward); so does a direct step call."""
+    X, y = blobs(rng, n=40, classes=3)
+    layers = [nn.Dense(2, 8, "relu", rng=1)] + ([nn.BatchNorm1d(8)] if norm else [])
+    model = nn.Sequential(*layers, nn.Dense(8, 3, rng=2))
+    opt = optim.Adam(model.parameters(), 1e-2)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0, seed=0)
+    model.astype(np.float64)
+    model.eval()
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"optimizer state 'exp_avg' of params\[0\]"):
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0, seed=0)
+    assert snapshot(model, opt) == before
+    assert not any(m.training for m in model.modules())
+    model.train()
+    before = snapshot(model, opt)
+    step = model.compile("cross_entropy", opt)
+    with pytest.raises(ValueError, match=r"optimizer state 'exp_avg' of params\[0\]"):
+        step(X[:8], y[:8])
+    assert snapshot(model, opt) == before
+
+
+def test_a_step_that_makes_the_running_variance_infinite_is_refused(backend, rng):
+    """Finite float32 inputs of ~1e20 give a finite loss and gradients but square to
+    inf in BatchNorm's running variance: the step is refused as non-finite (fit's
+    on_nonfinite), the statistics rolled back, so the model keeps finite buffers and
+    its checkpoints stay loadable."""
+    X = (rng.standard_normal((64, 4)) * 1e20).astype(np.float32)
+    y = rng.integers(0, 2, 64)
+    model = nn.Sequential(nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+    bn = model[0]
+    mean, var = bn.running_mean.copy(), bn.running_var.copy()
+    with pytest.raises(fp.NonFiniteError, match="running statistics"):
+        with np.errstate(over="ignore"):  # (the numpy backend's cast says so too)
+            model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1, batch_size=32,
+                      verbose=0, seed=0)
+    np.testing.assert_array_equal(bn.running_mean, mean)
+    np.testing.assert_array_equal(bn.running_var, var)
+    with np.errstate(over="ignore"):
+        hist = model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1,
+                         batch_size=32, verbose=0, seed=0, on_nonfinite="skip")
+    assert hist.skipped_steps == 2 and np.isfinite(bn.running_var).all()

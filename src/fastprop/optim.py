@@ -439,12 +439,20 @@ class Optimizer:
             _UPDATE_TAKES_STEP[cls] = known
         return known
 
-    def step(self) -> None:
-        """Apply one update to every parameter from its ``.grad``."""
+    def _precheck(self) -> list:
+        """What ``step`` checks before it changes anything (hyperparameters, gradient
+        and state shapes and dtypes), so that a training step can refuse before its
+        forward and backward change buffers and gradients; returns the groups'
+        checked hyperparameters."""
         self._pull_hyper()
         checked = [self._group_hyper(g) for g in range(len(self.param_groups))]
         self._agree(checked)
         self._check()
+        return checked
+
+    def step(self) -> None:
+        """Apply one update to every parameter from its ``.grad``."""
+        checked = self._precheck()
         for (_, names), members in zip(checked, self._members):
             for i in members:
                 for key in names:

@@ -325,8 +325,14 @@ class TrainStep:
                 y = softmax_targets(y, (x.shape[0], self._shape[1]), dtype, check_range=False)
             else:
                 y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
-            value = (fast(x, y, self.check_finite, not x_checked) if checks_x
-                     else fast(x, y, self.check_finite))
+            try:
+                value = (fast(x, y, self.check_finite, not x_checked) if checks_x
+                         else fast(x, y, self.check_finite))
+            except ValueError:  # (refused before it ran: the optimizer's own message,
+                precheck = getattr(self.optimizer, "_precheck", None)  # naming the
+                if precheck is not None:                                # parameter)
+                    precheck()
+                raise
             self.output = fast.output
             return value
         model = self.model
@@ -340,10 +346,18 @@ class TrainStep:
                 check_finite(x, "x")
             else:
                 x = finite_float(x, "x", dt)
+        precheck = getattr(self.optimizer, "_precheck", None)
+        if precheck is not None:  # (a state of another dtype: refused before anything)
+            precheck()
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
         try:
             out = model.forward(x)
+            if self.check_finite and saved and not all(
+                    np.isfinite(b).all() for b, _ in saved if b.dtype.kind == "f"):
+                # (finite activations of ~1e20 square to inf in a float32 running
+                # variance: the model would keep it, and predict garbage)
+                raise NonFiniteError("non-finite BatchNorm running statistics")
             value, grad = self.loss._value_and_grad(out, y)
             if self.check_finite and not math.isfinite(value):
                 raise NonFiniteError(f"non-finite loss {value}")
@@ -363,13 +377,13 @@ class TrainStep:
                     norm2 = sum(be.sum_squares(gs) for gs in by_dtype.values())
                 if not math.isfinite(norm2) and not all(np.isfinite(g).all() for g in grads):
                     raise NonFiniteError("non-finite gradient")
+            self.optimizer.step()
         except BaseException:
             for buf, old in saved:
                 buf[...] = old
             raise
         finally:
             model._drop_caches()  # (backward has run: keep no batch alive)
-        self.optimizer.step()
         return value
 
 
@@ -703,6 +717,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             begin = getattr(cb, "on_train_begin", None)
             if begin is not None:
                 begin(list(keys))
+    precheck = getattr(step.optimizer, "_precheck", None)
+    if precheck is not None:  # (e.g. a state made before model.astype: refused now)
+        precheck()
     # (the last check above: from here on the model is changed)
     dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
     seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
