@@ -1112,3 +1112,41 @@ def test_simple_in_place_initializers(rng):
         with pytest.raises(ValueError, match=match):
             call()
         assert (p.value == 1).all()
+
+
+def test_hyperparameters_set_after_construction_are_checked():
+    """layer.p = 1.5, bn.momentum = 5, bn.eps = -1, dense.alpha = -1 are the
+    constructor's errors (a forward with them gave silently wrong results), and a
+    string for a yes/no option is a TypeError."""
+    drop, bn, ln = fp.nn.Dropout(0.5), fp.nn.BatchNorm1d(3), fp.nn.LayerNorm(3)
+    dense, leaky = fp.nn.Dense(3, 2, "leaky_relu"), fp.nn.LeakyReLU()
+    for obj, name, bad, err in [(drop, "p", 1.5, ValueError), (drop, "p", -0.5, ValueError),
+                                (drop, "p", float("nan"), ValueError),
+                                (drop, "p", "0.5", TypeError),
+                                (bn, "momentum", 5, ValueError), (bn, "eps", -1e3, ValueError),
+                                (ln, "eps", 0.0, ValueError), (dense, "alpha", -1, ValueError),
+                                (leaky, "alpha", "x", TypeError)]:
+        before = getattr(obj, name)
+        with pytest.raises(err, match=name):
+            setattr(obj, name, bad)
+        assert getattr(obj, name) == before
+    drop.p, bn.momentum, dense.alpha = 0.25, 0.5, 0.2
+    assert (drop.p, bn.momentum, dense.alpha) == (0.25, 0.5, 0.2)
+    with pytest.raises(TypeError, match="bias"):
+        fp.nn.Dense(3, 2, bias="False")
+    with pytest.raises(TypeError, match="strict"):
+        dense.load_state_dict(dense.state_dict(), strict="False")
+
+
+def test_batchnorm_of_an_empty_batch_in_training_mode(backend):
+    """As PyTorch's: an empty batch gives an empty output and leaves the running
+    statistics alone; its backward gives an empty input gradient and no parameter
+    gradient."""
+    bn = fp.nn.BatchNorm1d(4)
+    y = bn(np.zeros((0, 4), np.float32))
+    assert y.shape == (0, 4)
+    np.testing.assert_array_equal(bn.running_mean, 0)
+    np.testing.assert_array_equal(bn.running_var, 1)
+    g = bn.backward(np.zeros((0, 4), np.float32))
+    assert g.shape == (0, 4)
+    assert not bn.weight.grad.any() and not bn.bias.grad.any()

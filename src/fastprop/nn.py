@@ -190,6 +190,9 @@ class Module:
     _params: tuple = ()
     _buffers: tuple = ()
     _caches: tuple = ()  # what forward keeps for backward (dropped after a step, not pickled)
+    # hyperparameters checked whenever they are set (layer.p = 1.5 after construction
+    # is the constructor's ValueError, not a silently wrong forward): name -> check
+    _attr_checks: dict = {}
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -249,6 +252,9 @@ class Module:
                     "fastprop modules have no 'trainable': freeze a layer's parameters with "
                     "layer.requires_grad_(False) (and a BatchNorm's statistics with bn.eval())")
             _structure[0] += 1
+            check = type(self)._attr_checks.get(name)
+            if check is not None:
+                value = check(value)
             params = self._params
             if name in params:
                 if value is not None and not isinstance(value, Parameter):
@@ -401,6 +407,7 @@ class Module:
         a name missing or unknown (with ``strict``; else skipped) or a shape that
         differs is a ValueError, a non-numeric array a TypeError.  Returns
         ``(missing, unexpected)``, the names skipped on either side."""
+        strict = flag(strict, "strict")
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict of arrays (from state_dict()), got "
                             f"{type(state_dict).__name__}")
@@ -598,6 +605,7 @@ class Dense(Module):
 
     _params = ("weight", "bias")
     _caches = ("_x", "_y", "_z")
+    _attr_checks = {"alpha": lambda v: real(v, "alpha", low=0)}
 
     def __init__(self, in_features, out_features, activation=None, bias=True, init=None,
                  dtype=np.float32, alpha=0.01, rng=None):
@@ -618,6 +626,7 @@ class Dense(Module):
         if w.shape != shape:
             raise ValueError(f"init returned an array of shape {w.shape}, expected {shape}")
         self.weight = Parameter(w, "weight")
+        bias = flag(bias, "bias")
         self.bias = Parameter(np.zeros(self.out_features, self._dtype), "bias") if bias else None
         self._x = self._y = self._z = None
 
@@ -769,6 +778,7 @@ class Softmax(Activation):
 class LeakyReLU(Activation):
     """max(x, 0) + alpha min(x, 0), alpha >= 0."""
     name = "leaky_relu"
+    _attr_checks = {"alpha": lambda v: real(v, "alpha", low=0)}
 
     def __init__(self, alpha=0.01):
         super().__init__()
@@ -788,6 +798,7 @@ class Dropout(Module):
     """
 
     _caches = ("_mask", "_shape")
+    _attr_checks = {"p": lambda v: real(v, "p", low=0, high=1)}
 
     def _kept_caches(self):
         return () if self.freeze_mask else self._caches
@@ -835,9 +846,14 @@ class Dropout(Module):
         return g * self._mask.astype(g.dtype, copy=False)
 
 
+def _check_eps(v):
+    return real(v, "eps", low=0, low_inclusive=False)
+
+
 class _Norm(Module):
     _params = ("weight", "bias")
     _caches = ("_cache",)
+    _attr_checks = {"eps": _check_eps}
 
     def __init__(self, num_features, eps, dtype):
         super().__init__()
@@ -876,6 +892,8 @@ class BatchNorm1d(_Norm):
     """
 
     _buffers = ("running_mean", "running_var")
+    _attr_checks = {"eps": _check_eps,
+                    "momentum": lambda v: real(v, "momentum", low=0, high=1)}
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
         super().__init__(num_features, eps, dtype)
@@ -892,8 +910,8 @@ class BatchNorm1d(_Norm):
         n = x.shape[0]
         y = np.empty_like(x)
         be = backends.current()
-        if not self.training:
-            if n:
+        if not self.training or n == 0:  # (an empty batch: an empty output, as PyTorch's,
+            if n:                        # and no statistics to update)
                 be.batchnorm_forward_eval(x, self.weight.value, self.bias.value,
                                           self.running_mean, self.running_var, self.eps, y)
             if _keeps():
