@@ -608,7 +608,7 @@ def test_dropout_backward_checks_like_the_other_layers(backend):
     np.testing.assert_array_equal(d.backward(np.full((4, 3), 2.0)), np.full((4, 3), 2.0))
     res = nn.Residual(nn.Dropout(0.5)).eval()
     res(np.ones((4, 3)))
-    with pytest.raises(ValueError, match="Dropout"):
+    with pytest.raises(ValueError, match=r"Residual.backward: grad_out must have the output"):
         res.backward(np.ones(5))
 
 
@@ -1150,3 +1150,20 @@ def test_batchnorm_of_an_empty_batch_in_training_mode(backend):
     g = bn.backward(np.zeros((0, 4), np.float32))
     assert g.shape == (0, 4)
     assert not bn.weight.grad.any() and not bn.bias.grad.any()
+
+
+def test_residual_and_empty_sequential_check_the_gradient(backend, rng):
+    """Residual checks grad_out against its output's shape (an identity block checked
+    nothing: a (1,) gradient for a (2, 2) output came back broadcast), before its
+    forward is a RuntimeError, and an empty Sequential's backward converts grad_out."""
+    res = fp.nn.Residual(fp.nn.Sequential())
+    with pytest.raises(RuntimeError, match="Residual.backward called before forward"):
+        res.backward(np.ones((2, 2)))
+    res(np.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"output's shape \(2, 2\), got \(1,\)"):
+        res.backward(np.ones(1))
+    np.testing.assert_array_equal(res.backward(np.full((2, 2), 3.0)), 6.0)
+    with pytest.raises(TypeError, match="grad_out must hold real numbers"):
+        fp.nn.Sequential().backward("abc")
+    assert fp.gradcheck(fp.nn.Residual(fp.nn.Dense(3, 3, "tanh", rng=0, dtype=np.float64)),
+                        rng.standard_normal((4, 3)))

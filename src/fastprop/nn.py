@@ -1015,6 +1015,8 @@ def _check_each_module_once(root, where):
 class Residual(Module):
     """Skip connection ``y = x + block(x)``; the block must keep the shape."""
 
+    _caches = ("_out",)  # (an empty array of the output's shape and dtype: no data)
+
     def __init__(self, block):
         super().__init__()
         if not isinstance(block, Module):
@@ -1038,10 +1040,12 @@ class Residual(Module):
         if h.shape != x.shape:
             raise ValueError(
                 f"Residual: the block maps shape {x.shape} to {h.shape}; they must match")
+        if _keeps():
+            self._out = np.broadcast_to(np.empty((), h.dtype), h.shape)
         return h + x
 
     def backward(self, grad_out, input_grad=True):
-        g = as_float(grad_out, "grad_out")
+        g = _grad_like(grad_out, _need(self.__dict__.get("_out"), "_out", self), self)
         return g + self.block.backward(g)
 
 
@@ -1135,6 +1139,8 @@ class Sequential(Module):
         return count
 
     def backward(self, grad_out, input_grad=True):
+        if not self.layers:  # (the identity: its gradient is grad_out, checked)
+            return as_float(grad_out, "grad_out")
         g = grad_out
         first = 0 if input_grad else self._frozen_prefix()
         for i in range(len(self.layers) - 1, first - 1, -1):
