@@ -766,6 +766,33 @@ def test_warm_start_hidden_layer_sizes_change_errors(solver):
 
 
 @no_convergence_warning
+@pytest.mark.parametrize("solver, kw", [("adam", {}), ("lbfgs", {}),
+                                        ("adam", {"loss": "poisson"}), ("sgd", {"w": 1})])
+def test_continued_fit_with_other_outputs_is_refused(solver, kw):
+    """A continued regressor fit on y with fewer outputs than the fitted network: one
+    clear ValueError on every path (the kernels' own messages on some, a silent
+    broadcast on others, as scikit-learn's), the network left as it was; the loss
+    figures are NumPy floats, as scikit-learn's."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((60, 3))
+    Y = np.abs(rng.standard_normal((60, 2)))
+    weights = np.ones(60) if kw.pop("w", None) else None
+    ours = MLPRegressor(hidden_layer_sizes=(5,), max_iter=3, random_state=0, solver=solver,
+                        warm_start=True, **kw).fit(X, Y, sample_weight=weights)
+    assert type(ours.loss_) is np.float64 and type(ours.loss_curve_[-1] if solver != "lbfgs"
+                                                  else ours.loss_) is np.float64
+    fitted = [c.copy() for c in ours.coefs_]
+    for refit in (lambda: ours.fit(X, Y[:, 0], sample_weight=weights),
+                  lambda: ours.partial_fit(X, Y[:, 1]) if solver != "lbfgs" else
+                  ours.fit(X, Y[:, 1])):
+        with pytest.raises(ValueError, match="y has 1 outputs, the fitted network 2"):
+            refit()
+    for a, b in zip(fitted, ours.coefs_):
+        np.testing.assert_array_equal(a, b)
+    assert ours.n_outputs_ == 2
+
+
+@no_convergence_warning
 def test_user_replaced_coefs_are_used():
     X_train, _, y_train, _ = DATA["iris"]
     ours = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0,

@@ -650,6 +650,12 @@ class _BaseMLP(BaseEstimator):
             sample_weight = _check_sample_weight(sample_weight, X)
         if y.ndim == 1:
             y = y.reshape((-1, 1))
+        if not first_pass and np.shape(self.coefs_[-1])[1] != y.shape[1]:
+            # (scikit-learn broadcasts the fitted outputs against y's and goes on with
+            # n_outputs_ not matching what predict returns; or our kernels refused
+            # with a message about their own arrays)
+            raise ValueError(f"y has {y.shape[1]} outputs, the fitted network "
+                             f"{np.shape(self.coefs_[-1])[1]}; refit without warm_start")
         self.n_outputs_ = y.shape[1]
         layer_units = [n_features] + hidden + [self.n_outputs_]
         self._random_state = check_random_state(self.random_state)
@@ -735,7 +741,7 @@ class _BaseMLP(BaseEstimator):
             loss, sw_sum = net.loss_and_grads(be, *run["args"], alpha)
             grad = net.grads.astype(np.float64)     # a new array: scipy keeps it
             grad[:n_coef] += (alpha / sw_sum) * net.params[:n_coef]
-            return loss, grad
+            return np.float64(loss), grad  # (loss_ a NumPy float, as scikit-learn's)
 
         iprint = 1 if (self.verbose is True or self.verbose >= 1) else -1
         opt_res = scipy.optimize.minimize(
@@ -842,7 +848,7 @@ class _BaseMLP(BaseEstimator):
                     accumulated_loss += loss * m
 
                 self.n_iter_ += 1
-                self.loss_ = accumulated_loss / X_train.shape[0]
+                self.loss_ = np.float64(accumulated_loss / X_train.shape[0])
                 self.t_ += n_samples
                 self.loss_curve_.append(self.loss_)
                 if self.verbose:
@@ -1052,7 +1058,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
             Sample weights.
         classes : array of shape (n_classes,), default=None
             Classes across all calls to partial_fit; required on the first call
-            (for multilabel targets it may be omitted).
+            (for multilabel targets too: ``np.arange(n_labels)``).
 
         Returns
         -------
