@@ -66,14 +66,25 @@ def test_info_reports_an_unavailable_backend_instead_of_failing(capsys, monkeypa
     assert "unavailable (BackendUnavailableError" in capsys.readouterr().out
 
 
-@pytest.mark.parametrize("args", [["--epochs", "-1"], ["--batch-size", "0"],
-                                  ["--epochs", "two"]])
-def test_demo_rejects_bad_arguments_as_usage_errors(args, capsys):
+@pytest.mark.parametrize("args", [["demo", "--epochs", "-1"], ["demo", "--batch-size", "0"],
+                                  ["demo", "--epochs", "two"], ["demo", "--seed", "-1"],
+                                  ["demo", "--seed", str(2**32)],
+                                  ["bench", "--plot", "/no/such/folder/chart.png"]])
+def test_cli_rejects_bad_arguments_as_usage_errors(args, capsys):
+    """Before any work: a seed scikit-learn's split would refuse with a traceback, and
+    a chart path whose folder is missing (found after the whole benchmark ran)."""
     from fastprop.cli import main
     with pytest.raises(SystemExit) as exc:
-        main(["demo"] + args)
+        main(args)
     assert exc.value.code == 2
     assert "error: argument" in capsys.readouterr().err
+
+
+def test_demo_without_epochs_prints_no_ratio(capsys):
+    pytest.importorskip("sklearn")
+    from fastprop.cli import main
+    assert main(["demo", "--epochs", "0", "--quiet"]) == 0
+    assert "ratio" not in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

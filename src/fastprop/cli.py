@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 
@@ -66,7 +67,7 @@ def demo(args) -> int:
         print(f"[{backend}] test accuracy {acc:.4f}, training time {secs:.3f} s\n")
     for backend, (acc, secs) in results.items():
         print(f"{backend:>7}: accuracy {acc:.4f}  time {secs:.3f} s")
-    if len(results) == 2:
+    if len(results) == 2 and args.epochs:  # (no epochs: no training time to compare)
         ratio = results["numpy"][1] / results["native"][1]
         how = f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
         print(f"native/numpy training-time ratio: {results['native'][1] / results['numpy'][1]:.3f}"
@@ -85,8 +86,8 @@ def bench(args) -> int:
     return _bench.main(quick=not args.full, plot=args.plot)
 
 
-def _count(low):
-    """argparse type: an int >= low (a usage error otherwise, not a traceback)."""
+def _count(low, high=None):
+    """argparse type: an int in [low, high] (a usage error otherwise, not a traceback)."""
     def parse(text):
         try:
             value = int(text)
@@ -94,8 +95,18 @@ def _count(low):
             raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
         if value < low:
             raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        if high is not None and value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {value}")
         return value
     return parse
+
+
+def _png_path(text):
+    """argparse type: a path whose directory exists (checked before a long run)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"the directory of {text!r} does not exist")
+    return text
 
 
 def main(argv=None) -> int:
@@ -107,7 +118,8 @@ def main(argv=None) -> int:
                        formatter_class=fmt)
     p.add_argument("--epochs", type=_count(0), default=30, help="passes over the training set")
     p.add_argument("--batch-size", type=_count(1), default=32, help="samples per step")
-    p.add_argument("--seed", type=int, default=0, help="seeds the split, weights and shuffles")
+    p.add_argument("--seed", type=_count(0, 2**32 - 1), default=0,
+                   help="seeds the split, weights and shuffles")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=demo)
     p = sub.add_parser("info", help="print the configuration (show_config)")
@@ -115,7 +127,7 @@ def main(argv=None) -> int:
     p = sub.add_parser("bench", help="quick benchmark table: native vs numpy vs torch",
                        formatter_class=fmt)
     p.add_argument("--full", action="store_true", help="more sizes and repeats")
-    p.add_argument("--plot", default="fastprop-bench.png",
+    p.add_argument("--plot", type=_png_path, default="fastprop-bench.png",
                    help="PNG bar chart of the ratios (needs matplotlib)")
     p.set_defaults(func=bench)
     args = parser.parse_args(argv)

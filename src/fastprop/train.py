@@ -903,7 +903,7 @@ class EarlyStopping:
 def _postfix(loss, hits, count, acc_fn):
     post = {"loss": f"{loss:.4f}"}
     if acc_fn is not None:
-        post["acc"] = f"{hits / count if count else math.nan:.4f}"
+        post["accuracy"] = f"{hits / count if count else math.nan:.4f}"
     return post
 
 
