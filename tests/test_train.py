@@ -623,6 +623,45 @@ def test_early_stopping(rng):
         fp.EarlyStopping(mode="up")
 
 
+def test_early_stopping_baseline_warm_up_and_best_weights(backend, rng):
+    """Keras' options: ``baseline`` (an improvement that does not beat it does not
+    restart the patience), ``start_from_epoch`` (earlier epochs unwatched) and
+    ``restore_best_weights`` (the model ends with the parameters and buffers of its
+    best epoch, stopped or not, on both the fused and the layer path)."""
+    values = [1.0, 0.9, 0.95, 0.97]
+    plain = fp.EarlyStopping(monitor="loss", patience=2)
+    assert [plain(e, {"loss": v}) for e, v in enumerate(values)] == [False] * 3 + [True]
+    base = fp.EarlyStopping(monitor="loss", patience=2, baseline=0.5)
+    assert [base(e, {"loss": v}) for e, v in enumerate(values)] == [False, False, True, True]
+    assert (base.best, base.best_epoch) == (0.9, 1)
+    warm = fp.EarlyStopping(monitor="loss", patience=1, start_from_epoch=2)
+    assert [warm(e, {"loss": v}) for e, v in enumerate([0.1, 0.2, 5.0, 6.0])] == [
+        False, False, False, True]
+    assert (warm.best, warm.best_epoch) == (5.0, 2)
+    for bad, err in [({"baseline": "x"}, TypeError), ({"start_from_epoch": -1}, ValueError),
+                     ({"restore_best_weights": "yes"}, TypeError)]:
+        with pytest.raises(err):
+            fp.EarlyStopping(**bad)
+    # validation labels opposite to the training ones: val_loss worsens as it learns
+    X = np.random.default_rng(0).standard_normal((80, 2))
+    y = (X[:, 0] > 0).astype(int)
+    for norm in (False, True):  # (BatchNorm: buffers restored too; the layer path)
+        layers = [nn.Dense(2, 8, "relu", rng=0)] + ([nn.BatchNorm1d(8)] if norm else [])
+        model = nn.Sequential(*layers, nn.Dense(8, 2, rng=1))
+        seen = {}
+        es = fp.EarlyStopping(patience=2, restore_best_weights=True)
+        hist = model.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(model.parameters(),
+                         lr=0.5), epochs=30, batch_size=16, verbose=0, seed=0,
+                         validation_data=(X, 1 - y),
+                         callbacks=[lambda e, logs: seen.setdefault(e, model.state_dict()),
+                                    es])
+        assert hist.stopped_epoch == es.best_epoch + 2
+        assert es.best == min(hist["val_loss"])
+        final = model.state_dict()
+        assert all(np.array_equal(final[k], seen[es.best_epoch][k]) for k in final)
+        assert not all(np.array_equal(final[k], seen[hist.stopped_epoch][k]) for k in final)
+
+
 def test_frozen_parameters(backend, rng):
     """requires_grad_(False) freezes a layer as in PyTorch: backward leaves its grads
     at zero (a frozen first layer computes nothing), optimizers and clipping skip it,

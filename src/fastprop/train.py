@@ -25,7 +25,7 @@ from . import backends
 from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
-from ._checks import as_array, as_float, check_finite, finite_float, integer, real
+from ._checks import as_array, as_float, check_finite, finite_float, flag, integer, real
 from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
@@ -619,7 +619,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             name) has it called after each batch's update too, with the batch's
             index in the epoch and ``logs = {"loss": that batch's loss}`` (Keras
             passes the epoch's running figures); ``lr_scheduler.every_batch(sched)``
-            steps a scheduler there (warm-up, OneCycleLR).
+            steps a scheduler there (warm-up, OneCycleLR).  One with a
+            ``set_model(model)`` method gets the model before the first epoch, and
+            one with ``on_train_end()`` has it called after the last epoch (or the
+            stop) once the parameters are final, as Keras' (EarlyStopping's
+            ``restore_best_weights`` uses both).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
@@ -717,6 +721,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             begin = getattr(cb, "on_train_begin", None)
             if begin is not None:
                 begin(list(keys))
+        for cb in callbacks:
+            set_model = getattr(cb, "set_model", None)
+            if set_model is not None:
+                set_model(model)
     precheck = getattr(step.optimizer, "_precheck", None)
     if precheck is not None:  # (e.g. a state made before model.astype: refused now)
         precheck()
@@ -834,6 +842,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     finally:
         step.check_finite = checked
         step.sync()
+    for cb in callbacks:  # (after the sync: they see, and may set, the final parameters)
+        end = getattr(cb, "on_train_end", None)
+        if end is not None:
+            end()
     return history
 
 
@@ -860,9 +872,18 @@ class EarlyStopping:
     defaults).  ``mode`` "min", "max" or "auto" (max for accuracies, min otherwise).
     A NaN value never counts as an improvement.  Each ``fit`` starts it afresh
     (``on_train_begin``), and refuses, before training, a ``monitor`` its logs will
-    not hold (ValueError).  ``best`` and ``best_epoch`` say where the best value was."""
+    not hold (ValueError).  ``best`` and ``best_epoch`` say where the best value was.
 
-    def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto"):
+    As Keras': ``baseline``: an improvement restarts the patience only when it also
+    beats this value (so training stops after ``patience`` epochs that never reach
+    it); ``start_from_epoch``: the epochs before it are not watched (a warm-up);
+    ``restore_best_weights``: at the end of the fit (stopped or not), the model gets
+    the parameters and buffers of its best epoch back (kept as a copy in memory; a
+    resumed fit restores the best of the epochs it ran itself, since the copy is not
+    in the checkpoint)."""
+
+    def __init__(self, monitor="val_loss", patience=0, min_delta=0.0, mode="auto", *,
+                 baseline=None, restore_best_weights=False, start_from_epoch=0):
         if mode not in ("auto", "min", "max"):
             raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
         if not isinstance(monitor, str):
@@ -872,7 +893,15 @@ class EarlyStopping:
         self.min_delta = abs(real(min_delta, "min_delta"))  # (as Keras: its magnitude)
         self.sign = (1.0 if "acc" in self.monitor else -1.0) if mode == "auto" else (
             1.0 if mode == "max" else -1.0)
+        self.baseline = None if baseline is None else real(baseline, "baseline")
+        self.restore_best_weights = flag(restore_best_weights, "restore_best_weights")
+        self.start_from_epoch = integer(start_from_epoch, "start_from_epoch", low=0)
+        self.model = None
         self.on_train_begin()
+
+    def set_model(self, model) -> None:
+        """The model whose best weights ``restore_best_weights`` keeps (fit calls it)."""
+        self.model = model
 
     def on_train_begin(self, keys=None) -> None:
         """Reset (called by ``fit`` before its first epoch with its logs' keys)."""
@@ -881,21 +910,45 @@ class EarlyStopping:
                              f"hold {sorted(keys)} (val_* needs validation data)")
         self.best = None
         self.best_epoch = None
+        self.best_weights = None
         self.wait = 0
 
     def on_resume(self, history) -> None:
         """Rebuild ``best`` and the epochs without improvement from the history a
-        resumed fit restored, so it stops where an uninterrupted run would."""
-        self.on_train_begin()
-        for epoch, value in zip(history.epoch, history.history.get(self.monitor, [])):
-            self(epoch, {self.monitor: value})
+        resumed fit restored, so it stops where an uninterrupted run would (the
+        best weights of those epochs are not known: none are kept from them)."""
+        model, self.model = self.model, None
+        try:
+            self.on_train_begin()
+            for epoch, value in zip(history.epoch, history.history.get(self.monitor, [])):
+                self(epoch, {self.monitor: value})
+        finally:
+            self.model = model
+
+    def on_train_end(self) -> None:
+        """With ``restore_best_weights``: the best epoch's parameters and buffers back."""
+        if self.restore_best_weights and self.best_weights is not None and self.model:
+            self.model.load_state_dict(self.best_weights)
+
+    def _better(self, value, than) -> bool:
+        return self.sign * (value - than) > self.min_delta
 
     def __call__(self, epoch, logs) -> bool:
-        value = logs[self.monitor]
-        if not math.isnan(value) and (
-                self.best is None or self.sign * (value - self.best) > self.min_delta):
-            self.best, self.best_epoch, self.wait = value, epoch, 0
+        if epoch < self.start_from_epoch:
             return False
+        value = logs[self.monitor]
+        keep = self.restore_best_weights and self.model is not None
+        if not math.isnan(value) and (self.best is None or self._better(value, self.best)):
+            self.best, self.best_epoch = value, epoch
+            if keep:
+                self.best_weights = self.model.state_dict()
+            # (as Keras: the patience restarts only when the baseline is beaten too,
+            # and an improvement never stops)
+            beaten = self.baseline is None or self._better(value, self.baseline)
+            self.wait = 0 if beaten else self.wait + 1
+            return False
+        if keep and self.best_weights is None:  # (Keras: the first watched epoch's)
+            self.best_weights = self.model.state_dict()
         self.wait += 1
         return self.wait >= self.patience and epoch > 0  # (as Keras)
 
