@@ -1167,3 +1167,23 @@ def test_residual_and_empty_sequential_check_the_gradient(backend, rng):
         fp.nn.Sequential().backward("abc")
     assert fp.gradcheck(fp.nn.Residual(fp.nn.Dense(3, 3, "tanh", rng=0, dtype=np.float64)),
                         rng.standard_normal((4, 3)))
+
+
+@pytest.mark.parametrize("fill", [lambda t: fp.init.constant_(t, 1e300),
+                                  lambda t: fp.init.uniform_(t, -1e300, 1e300),
+                                  lambda t: fp.init.normal_(t, 0.0, 1e300)],
+                         ids=["constant", "uniform", "normal"])
+def test_in_place_initializers_refuse_values_that_overflow(fill):
+    """As xavier_uniform_ with a huge gain: values that overflow the array's dtype
+    (float32 here) are a ValueError, and the array or Parameter keeps its values
+    (constant_(w32, 1e300) wrote inf)."""
+    arr = np.ones(4, np.float32)
+    p = fp.Parameter(np.ones(4, np.float32))
+    for target in (arr, p):
+        with pytest.raises(ValueError, match="overflow float32"):
+            fill(target)
+    np.testing.assert_array_equal(arr, 1.0)
+    np.testing.assert_array_equal(p.value, 1.0)
+    d64 = np.ones(4)
+    fill(d64)  # (float64 holds them)
+    assert np.isfinite(d64).all()

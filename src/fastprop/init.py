@@ -191,6 +191,13 @@ def _target(tensor):
 
 def _write(tensor, values):
     from .nn import Parameter
+    dtype = _target(tensor).dtype
+    with np.errstate(over="ignore"):
+        cast = np.asarray(values).astype(dtype)
+    if not np.isfinite(cast).all():  # (1e300 in float32: inf, refused as the gains are)
+        raise ValueError(f"Invalid values: they overflow {dtype} (largest "
+                         f"{float(np.max(np.abs(values))):g})")
+    values = cast
     if isinstance(tensor, Parameter):
         tensor.value = values  # (a copy, in the parameter's dtype)
     else:
