@@ -1187,3 +1187,43 @@ def test_in_place_initializers_refuse_values_that_overflow(fill):
     d64 = np.ones(4)
     fill(d64)  # (float64 holds them)
     assert np.isfinite(d64).all()
+
+
+def test_container_and_module_api_as_pytorch(backend, rng):
+    """Sequential's insert / extend / pop / item assignment and deletion (each undone
+    when it would hold a non-module or a module twice), named_children, buffers and
+    named_buffers, and load_state_dict's (missing_keys, unexpected_keys) pair from
+    any mapping."""
+    a, b, c = fp.nn.Dense(3, 3, rng=0), fp.nn.ReLU(), fp.nn.Dense(3, 2, rng=1)
+    model = fp.nn.Sequential(a, c)
+    x = rng.standard_normal((4, 3))
+    before = model(x)
+    assert model.insert(1, b) is model and list(model) == [a, b, c]
+    np.testing.assert_array_equal(model(x), fp.nn.Sequential(a, fp.nn.ReLU(), c)(x))
+    assert model.pop(1) is b and list(model) == [a, c]
+    np.testing.assert_array_equal(model(x), before)
+    norm = fp.nn.BatchNorm1d(2)
+    model.extend([norm])
+    model[2] = fp.nn.Tanh()
+    del model[2]
+    assert list(model) == [a, c]
+    for bad, err in [(lambda: model.insert(0, a), ValueError),
+                     (lambda: model.extend([fp.nn.ReLU(), "x"]), TypeError),
+                     (lambda: model.__setitem__(0, c), ValueError),
+                     (lambda: model.__setitem__(slice(0, 1), [3]), TypeError)]:
+        with pytest.raises(err):
+            bad()
+        assert list(model) == [a, c]
+    model.append(norm)
+    assert [n for n, _ in model.named_children()] == ["0", "1", "2"]
+    assert [n for n, _ in _UserBlock().named_children()] == ["fc1", "drop", "fc2"]
+    assert [n for n, _ in model.named_buffers()] == ["3.running_mean", "3.running_var"]
+    assert model.buffers()[1] is norm.running_var
+    state = model.state_dict()
+    del state["1.weight"]
+    state["extra"] = np.zeros(1)
+    from types import MappingProxyType
+    result = model.load_state_dict(MappingProxyType(state), strict=False)
+    assert result.missing_keys == ["1.weight"] and result.unexpected_keys == ["extra"]
+    missing, unexpected = result
+    assert (missing, unexpected) == (["1.weight"], ["extra"])

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+from collections.abc import Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -52,6 +54,13 @@ def _keeps() -> bool:
     so that ``predict`` (from this or another thread) between a training forward and
     its backward leaves that forward's caches alone."""
     return not _inference.get()
+
+
+class _IncompatibleKeys(NamedTuple):
+    """What ``load_state_dict`` skipped, as PyTorch's (a pair: ``missing, unexpected =
+    model.load_state_dict(d, strict=False)`` unpacks it)."""
+    missing_keys: list
+    unexpected_keys: list
 
 
 class Parameter:
@@ -348,6 +357,26 @@ class Module:
         "1.weight" and "2.weight")."""
         return [(str(i) if i else "", mod) for i, mod in enumerate(self.modules())]
 
+    def named_children(self) -> list:
+        """(name, module) for each direct submodule: its attribute name, or its index
+        in a container."""
+        kids = self.children()
+        names = self.__dict__.get("_children", ())
+        if len(names) == len(kids) and all(self.__dict__.get(n) is m
+                                           for n, m in zip(names, kids)):
+            return list(zip(names, kids))
+        return [(str(i), m) for i, m in enumerate(kids)]
+
+    def buffers(self) -> list:
+        """Every buffer array (BatchNorm's running statistics) of this module and its
+        submodules, as PyTorch's ``buffers()``."""
+        return [arr for _, arr in self.named_buffers()]
+
+    def named_buffers(self) -> list:
+        """(name, buffer array) for every buffer, named as in :meth:`state_dict`."""
+        return [(f"{i}.{attr}", getattr(mod, attr))
+                for i, mod in enumerate(self.modules()) for attr in mod._buffers]
+
     def apply(self, fn):
         """Call ``fn(module)`` on every submodule, then on this one (children first,
         as PyTorch's ``Module.apply``), e.g. to initialise weights; returns self."""
@@ -408,7 +437,7 @@ class Module:
         differs is a ValueError, a non-numeric array a TypeError.  Returns
         ``(missing, unexpected)``, the names skipped on either side."""
         strict = flag(strict, "strict")
-        if not isinstance(state_dict, dict):
+        if not isinstance(state_dict, Mapping):
             raise TypeError(f"state_dict must be a dict of arrays (from state_dict()), got "
                             f"{type(state_dict).__name__}")
         targets = self.state_arrays()
@@ -434,7 +463,7 @@ class Module:
             np.copyto(target, src, casting="unsafe")
         if compiled is not None:
             compiled._fast_key = None  # (changed in place: a device kernel re-uploads)
-        return missing, unexpected
+        return _IncompatibleKeys(missing, unexpected)
 
     def requires_grad_(self, requires_grad: bool = True):
         """Freeze (False) or unfreeze every parameter of this module and its
@@ -1086,6 +1115,45 @@ class Sequential(Module):
             self.layers.pop()
             raise
         return self
+
+    def _edit(self, edit, where):
+        """Apply ``edit`` to the layer list; undone if the result holds a non-module
+        or a module twice (TypeError / ValueError)."""
+        before = list(self.layers)
+        try:
+            edit(self.layers)
+            for i, layer in enumerate(self.layers):
+                if not isinstance(layer, Module):
+                    raise TypeError(f"layer {i} must be a fastprop Module, got "
+                                    f"{type(layer).__name__}")
+            _check_each_module_once(self, where)
+        except BaseException:
+            self.layers[:] = before
+            raise
+        return self
+
+    def insert(self, index, layer):
+        """Insert ``layer`` before ``index`` (as PyTorch's); returns self."""
+        return self._edit(lambda ls: ls.insert(index, layer), "Sequential.insert")
+
+    def extend(self, layers):
+        """Append each of ``layers`` (as PyTorch's); returns self."""
+        layers = list(layers)
+        return self._edit(lambda ls: ls.extend(layers), "Sequential.extend")
+
+    def pop(self, index=-1):
+        """Remove and return the layer at ``index``."""
+        layer = self.layers[index]
+        self._edit(lambda ls: ls.pop(index), "Sequential.pop")
+        return layer
+
+    def __setitem__(self, index, layer):
+        if isinstance(index, slice):
+            layer = list(layer)
+        self._edit(lambda ls: ls.__setitem__(index, layer), "Sequential[...] =")
+
+    def __delitem__(self, index):
+        self._edit(lambda ls: ls.__delitem__(index), "del Sequential[...]")
 
     def __iter__(self):
         return iter(self.layers)
