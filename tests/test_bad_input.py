@@ -527,8 +527,12 @@ ROWS = [
     R("dense-alpha-str", lambda c: nn.Dense(3, 2, activation="leaky_relu", alpha="0.1"),
       TypeError, r"alpha must be a real"),
     R("layernorm-eps-str", lambda c: nn.LayerNorm(3, eps="1e-5"), TypeError, r"eps"),
-    R("batchnorm-momentum-none", lambda c: nn.BatchNorm1d(3, momentum=None), TypeError,
+    R("batchnorm-momentum-str", lambda c: nn.BatchNorm1d(3, momentum="0.1"), TypeError,
       r"momentum"),
+    R("batchnorm-affine-str", lambda c: nn.BatchNorm1d(3, affine="False"), TypeError,
+      r"affine must be a bool"),
+    R("layernorm-bias-str", lambda c: nn.LayerNorm(3, bias="no"), TypeError,
+      r"bias must be a bool"),
     # ---------------------------------------------------------------- backends & config
     R("backend-unknown", lambda c: fp.set_backend("tpu"), ValueError,
       r"unknown backend 'tpu'; expected one of \('native', 'numpy', 'cuda'\)"),

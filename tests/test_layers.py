@@ -1,5 +1,6 @@
 """Layers and losses: gradcheck in float64, forward values against NumPy, API details."""
 
+import copy
 import math
 
 import numpy as np
@@ -1227,3 +1228,80 @@ def test_container_and_module_api_as_pytorch(backend, rng):
     assert result.missing_keys == ["1.weight"] and result.unexpected_keys == ["extra"]
     missing, unexpected = result
     assert (missing, unexpected) == (["1.weight"], ["extra"])
+
+
+_NORM_OPTIONS = [
+    ("bn", {"affine": False}), ("bn", {"track_running_stats": False}),
+    ("bn", {"momentum": None}), ("bn", {"affine": False, "momentum": None}),
+    ("ln", {"elementwise_affine": False}), ("ln", {"bias": False})]
+
+
+@pytest.mark.parametrize("kind, options", _NORM_OPTIONS,
+                         ids=[f"{k}-{'-'.join(f'{a}={b}' for a, b in o.items())}"
+                              for k, o in _NORM_OPTIONS])
+def test_norm_options_as_pytorch(backend, rng, kind, options, peer, tmp_path):
+    """BatchNorm1d(affine=, track_running_stats=, momentum=None) and
+    LayerNorm(elementwise_affine=, bias=): the parameters and buffers PyTorch has,
+    gradients against central differences, outputs, input gradients and running
+    statistics over 3 training steps and an eval forward against PyTorch's, and a
+    save/load round trip."""
+    make = fp.nn.BatchNorm1d if kind == "bn" else fp.nn.LayerNorm
+    layer = make(5, dtype=np.float64, **options)
+    names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+    affine = options.get("affine", True) and options.get("elementwise_affine", True)
+    want = (["0.weight"] if affine else []) + (
+        ["0.bias"] if affine and options.get("bias", True) else [])
+    if kind == "bn" and options.get("track_running_stats", True):
+        want += ["0.running_mean", "0.running_var"] + (
+            ["0.num_batches_tracked"] if "momentum" in options else [])
+    assert names == want
+    if layer.weight is not None:
+        layer.weight.value = rng.uniform(0.5, 2, 5)
+    if layer.bias is not None:
+        layer.bias.value = rng.standard_normal(5)
+    xs = [rng.standard_normal((8, 5)) * 3 + 1 for _ in range(4)]
+    assert fp.gradcheck(copy.deepcopy(layer), xs[0])
+    outs = []
+    for x in xs[:3]:
+        y = layer(x)
+        g = np.cos(y)
+        outs.append((y, layer.backward(g)))
+    layer.eval()
+    eval_out = layer(xs[3])
+    fp.save(layer, tmp_path / "n.fp")
+    np.testing.assert_array_equal(fp.load(tmp_path / "n.fp").eval()(xs[3]), eval_out)
+    model = fp.nn.Sequential(fp.nn.Dense(5, 5, "relu", rng=0, dtype=np.float64),
+                             make(5, dtype=np.float64, **options),
+                             fp.nn.Dense(5, 2, rng=1, dtype=np.float64))
+    X = np.concatenate(xs)
+    y = (X[:, 0] > 1).astype(int)
+    hist = model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=8, batch_size=8,
+                     verbose=0, seed=0, validation_split=0.25)
+    assert hist["loss"][-1] < hist["loss"][0] and np.isfinite(hist["val_loss"]).all()
+    if peer is None:
+        return
+    torch = peer
+    if kind == "bn":
+        ref = torch.nn.BatchNorm1d(5, dtype=torch.float64, **options)
+    else:
+        ref = torch.nn.LayerNorm(5, dtype=torch.float64, **options)
+    fresh = make(5, dtype=np.float64, **options)  # (the scale and shift set above)
+    for p, q in zip(fresh.parameters(), layer.parameters()):
+        p.value = q.value
+    for p, q in zip(fresh.parameters(), ref.parameters()):
+        with torch.no_grad():
+            q.copy_(torch.from_numpy(p.value))
+    for x, (y, gx) in zip(xs[:3], outs):
+        t = torch.from_numpy(x).requires_grad_(True)
+        ty = ref(t)
+        ty.backward(torch.cos(ty.detach()))
+        fy = fresh(x)
+        np.testing.assert_allclose(fy, ty.detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(fresh.backward(np.cos(fy)), t.grad.numpy(), rtol=1e-9,
+                                   atol=1e-12)
+    for name, arr in fresh.named_buffers():
+        np.testing.assert_allclose(arr, getattr(ref, name.split(".")[1]).numpy(), rtol=1e-12)
+    ref.eval()
+    fresh.eval()
+    np.testing.assert_allclose(fresh(xs[3]), ref(torch.from_numpy(xs[3])).detach().numpy(),
+                               rtol=1e-10, atol=1e-12)

@@ -884,20 +884,42 @@ class _Norm(Module):
     _caches = ("_cache",)
     _attr_checks = {"eps": _check_eps}
 
-    def __init__(self, num_features, eps, dtype):
+    def __init__(self, num_features, eps, dtype, weight=True, bias=True):
         super().__init__()
         self.num_features = integer(num_features, "num_features", low=1)
         self.eps = real(eps, "eps", low=0, low_inclusive=False)
         self._dtype = float_dtype(dtype)
-        self.weight = Parameter(np.ones(self.num_features, self._dtype), "weight")
-        self.bias = Parameter(np.zeros(self.num_features, self._dtype), "bias")
+        self.weight = (Parameter(np.ones(self.num_features, self._dtype), "weight")
+                       if weight else None)
+        self.bias = (Parameter(np.zeros(self.num_features, self._dtype), "bias")
+                     if bias else None)
         self._cache = None
 
     @classmethod
     def _file_bytes(cls, config):
         n = config.get("num_features", 0)
-        arrays = 2 + len(cls._buffers)
+        arrays = (config.get("affine", True) is not False) * 2
+        if cls is LayerNorm:
+            affine = config.get("elementwise_affine", True) is not False
+            arrays = affine + (affine and config.get("bias", True) is not False)
+        elif config.get("track_running_stats", True) is not False:
+            arrays += 2
         return 4 * arrays * n if isinstance(n, int) and n > 0 else 0
+
+    def _scale_shift(self):
+        """(scale, shift) arrays for the kernels: the parameters', or ones / zeros
+        for those the layer does not have (affine=False, bias=False)."""
+        w, b = self.weight, self.bias
+        if w is not None and b is not None:
+            return w.value, b.value
+        return (np.ones(self.num_features, self._dtype) if w is None else w.value,
+                np.zeros(self.num_features, self._dtype) if b is None else b.value)
+
+    def _grads(self):
+        """Where the kernels add the scale and shift gradients (scratch arrays for a
+        frozen or absent parameter)."""
+        return tuple(np.zeros(self.num_features, self._dtype) if p is None else _grad_out(p)
+                     for p in (self.weight, self.bias))
 
     def _check_input(self, x):
         arr = as_array(x, "x")
@@ -906,6 +928,10 @@ class _Norm(Module):
                 f"{type(self).__name__}({self.num_features}): expected input of shape "
                 f"(batch, {self.num_features}), got {arr.shape}")
         return np.ascontiguousarray(arr, dtype=self._dtype)
+
+
+def _check_momentum(v):
+    return None if v is None else real(v, "momentum", low=0, high=1)
 
 
 class BatchNorm1d(_Norm):
@@ -917,32 +943,53 @@ class BatchNorm1d(_Norm):
 
     Args:
         num_features: feature count; eps: added to the variance; momentum: weight of
-        the new batch statistic in the running averages, in [0, 1].
+        the new batch statistic in the running averages, in [0, 1], or None for
+        their cumulative average (as PyTorch's, counted in the buffer
+        ``num_batches_tracked``); affine: learn a scale and shift (``weight``,
+        ``bias``); track_running_stats: keep running statistics (False: batch
+        statistics in eval mode too, and no buffers), as PyTorch's.
     """
 
     _buffers = ("running_mean", "running_var")
-    _attr_checks = {"eps": _check_eps,
-                    "momentum": lambda v: real(v, "momentum", low=0, high=1)}
+    _attr_checks = {"eps": _check_eps, "momentum": _check_momentum}
 
-    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32):
-        super().__init__(num_features, eps, dtype)
-        self.momentum = real(momentum, "momentum", low=0, high=1)
+    def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32, *,
+                 affine=True, track_running_stats=True):
+        affine = flag(affine, "affine")
+        track = flag(track_running_stats, "track_running_stats")
+        super().__init__(num_features, eps, dtype, affine, affine)
+        self.affine, self.track_running_stats = affine, track
+        self.momentum = _check_momentum(momentum)
+        if not track:
+            self._buffers = ()
+            self.running_mean = self.running_var = None
+            return
         self.running_mean = np.zeros(self.num_features, self._dtype)
         self.running_var = np.ones(self.num_features, self._dtype)
+        if self.momentum is None:
+            self._buffers = ("running_mean", "running_var", "num_batches_tracked")
+            self.num_batches_tracked = np.zeros((), np.int64)
 
     def get_config(self):
-        return {"num_features": self.num_features, "eps": self.eps,
-                "momentum": self.momentum, "dtype": self._dtype.name}
+        config = {"num_features": self.num_features, "eps": self.eps,
+                  "momentum": self.momentum, "dtype": self._dtype.name}
+        if not getattr(self, "affine", True):
+            config["affine"] = False
+        if not getattr(self, "track_running_stats", True):
+            config["track_running_stats"] = False
+        return config
 
     def forward(self, x):
         x = self._check_input(x)
         n = x.shape[0]
         y = np.empty_like(x)
         be = backends.current()
-        if not self.training or n == 0:  # (an empty batch: an empty output, as PyTorch's,
-            if n:                        # and no statistics to update)
-                be.batchnorm_forward_eval(x, self.weight.value, self.bias.value,
-                                          self.running_mean, self.running_var, self.eps, y)
+        gamma, beta = self._scale_shift()
+        tracks = self.running_mean is not None
+        if (not self.training and tracks) or n == 0:  # (an empty batch: an empty output,
+            if n:                                      # as PyTorch's, no statistics)
+                be.batchnorm_forward_eval(x, gamma, beta, self.running_mean,
+                                          self.running_var, self.eps, y)
             if _keeps():
                 self._cache = ("eval", x)
             return y
@@ -951,8 +998,18 @@ class BatchNorm1d(_Norm):
                 f"BatchNorm1d needs more than 1 sample per batch in training mode, got {n}")
         mean = np.empty(self.num_features, self._dtype)
         invstd = np.empty_like(mean)
-        be.batchnorm_forward(x, self.weight.value, self.bias.value, self.eps, y, mean, invstd)
+        be.batchnorm_forward(x, gamma, beta, self.eps, y, mean, invstd)
+        if self.training and tracks:
+            self._track(x, n, mean, invstd)
+        if _keeps():
+            self._cache = (x, mean, invstd)
+        return y
+
+    def _track(self, x, n, mean, invstd):
         m = self.momentum
+        if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
+            self.num_batches_tracked += 1
+            m = 1.0 / float(self.num_batches_tracked)
         var = np.maximum(1.0 / (invstd.astype(np.float64) ** 2) - self.eps, 0.0)
         # var from invstd carries invstd's rounding times (var + eps) / var: features
         # whose variance is small next to eps get it from x instead (float32, std
@@ -967,40 +1024,52 @@ class BatchNorm1d(_Norm):
         rm += m * mean
         rv *= 1 - m
         rv += (m * var_unbiased).astype(self._dtype)
-        self._cache = (x, mean, invstd)
-        return y
 
     def backward(self, grad_out, input_grad=True):
         if self._cache is None:
             raise RuntimeError("BatchNorm1d.backward called before forward")
+        gamma, _ = self._scale_shift()
         if len(self._cache) == 2:
             # eval mode is an affine map with the running statistics (frozen BN)
             x = self._cache[1]
             g = _grad_like(grad_out, x, self).astype(np.float64)
+            if x.shape[0] == 0 or self.running_mean is None:  # (an empty batch)
+                return g.astype(self._dtype)
             inv = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             xhat = (x - self.running_mean) * inv
-            if self.weight.requires_grad:
+            if self.weight is not None and self.weight.requires_grad:
                 self.weight.grad += (g * xhat).sum(axis=0).astype(self._dtype)
-            if self.bias.requires_grad:
+            if self.bias is not None and self.bias.requires_grad:
                 self.bias.grad += g.sum(axis=0).astype(self._dtype)
-            return (g * (self.weight.value * inv)).astype(self._dtype)
+            return (g * (gamma * inv)).astype(self._dtype)
         x, mean, invstd = self._cache
         g = _grad_like(grad_out, x, self)
         grad_x = np.empty_like(x)
-        backends.current().batchnorm_backward(g, x, self.weight.value, mean, invstd, grad_x,
-                                              _grad_out(self.weight), _grad_out(self.bias))
+        backends.current().batchnorm_backward(g, x, gamma, mean, invstd, grad_x,
+                                              *self._grads())
         return grad_x
 
 
 class LayerNorm(_Norm):
     """Layer normalization over the feature axis of (batch, features) input, with a
-    learned per-feature scale (``weight``) and shift (``bias``)."""
+    learned per-feature scale (``weight``) and shift (``bias``); as PyTorch's,
+    ``elementwise_affine=False`` learns neither and ``bias=False`` no shift."""
 
-    def __init__(self, num_features, eps=1e-5, dtype=np.float32):
-        super().__init__(num_features, eps, dtype)
+    def __init__(self, num_features, eps=1e-5, dtype=np.float32, *,
+                 elementwise_affine=True, bias=True):
+        affine = flag(elementwise_affine, "elementwise_affine")
+        shift = flag(bias, "bias")
+        super().__init__(num_features, eps, dtype, affine, affine and shift)
+        self.elementwise_affine = affine
 
     def get_config(self):
-        return {"num_features": self.num_features, "eps": self.eps, "dtype": self._dtype.name}
+        config = {"num_features": self.num_features, "eps": self.eps,
+                  "dtype": self._dtype.name}
+        if not getattr(self, "elementwise_affine", True):
+            config["elementwise_affine"] = False
+        elif self.bias is None:
+            config["bias"] = False
+        return config
 
     def forward(self, x):
         x = self._check_input(x)
@@ -1009,8 +1078,8 @@ class LayerNorm(_Norm):
         mean = np.empty(n, self._dtype)
         invstd = np.empty(n, self._dtype)
         if n:
-            backends.current().layernorm_forward(x, self.weight.value, self.bias.value,
-                                                 self.eps, y, mean, invstd)
+            gamma, beta = self._scale_shift()
+            backends.current().layernorm_forward(x, gamma, beta, self.eps, y, mean, invstd)
         if _keeps():
             self._cache = (x, mean, invstd)
         return y
@@ -1020,9 +1089,8 @@ class LayerNorm(_Norm):
         g = _grad_like(grad_out, x, self)
         grad_x = np.empty_like(x)
         if x.shape[0]:
-            backends.current().layernorm_backward(g, x, self.weight.value, mean, invstd,
-                                                  grad_x, _grad_out(self.weight),
-                                                  _grad_out(self.bias))
+            backends.current().layernorm_backward(g, x, self._scale_shift()[0], mean,
+                                                  invstd, grad_x, *self._grads())
         return grad_x
 
 

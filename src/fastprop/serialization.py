@@ -93,7 +93,7 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     atomically."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
-    arrays = [(name, np.ascontiguousarray(a)) for name, a in model.state_arrays()]
+    arrays = [(name, np.asarray(a, order="C")) for name, a in model.state_arrays()]
     if extra:
         arrays += [(f"extra.{k}", np.ascontiguousarray(v)) for k, v in extra.items()]
     entries, offset = [], 0

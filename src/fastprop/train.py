@@ -455,13 +455,14 @@ _MISSING = object()
 
 
 def _output_shape(model, X, name="X"):
-    """The model's output shape for X, found on one sample in eval mode.  The probe
+    """The model's output shape for X, found on two samples in eval mode (a
+    BatchNorm1d without running statistics normalizes by the batch's).  The probe
     leaves the modules' attributes as they were (the caches of the user's last
     forward included), so a fit rejected after it has changed nothing."""
     saved = [(mod, dict(mod.__dict__)) for mod in model.modules()]
     try:
         with inference_mode():
-            return model.forward(X[:1]).shape[1:]
+            return model.forward(X[:2]).shape[1:]
     except ValueError as exc:
         width, layer = _input_width(model)
         if width is not None and X.shape[1] != width:
