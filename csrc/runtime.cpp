@@ -88,16 +88,23 @@ long long now_ns() noexcept {
 #if !defined(_WIN32)
 const int g_online_cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
 
+// The start of a /proc file, NUL-terminated, into buf; false when it cannot be read.
+// Plain system calls: it runs in fork()'s prepare handler too.
+bool read_proc(const char* path, char* buf, std::size_t size) noexcept {
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return false;
+    ssize_t n = read(fd, buf, size - 1);
+    close(fd);
+    if (n <= 0) return false;
+    buf[n] = '\0';
+    return true;
+}
+
 // Runnable threads machine-wide, this one included (the fourth field of
 // /proc/loadavg, "runnable/total"), or -1 when unknown.
 int runnable_threads() noexcept {
-    int fd = open("/proc/loadavg", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
     char buf[128];
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
+    if (!read_proc("/proc/loadavg", buf, sizeof buf)) return -1;
     const char* p = buf;
     for (int spaces = 0; spaces < 3; ++p) {
         if (*p == '\0') return -1;
@@ -115,13 +122,8 @@ int runnable_threads() noexcept { return -1; }
 // Threads of this process (field 20 of /proc/self/stat), or -1 when unknown.  Read
 // with plain system calls: it runs in fork()'s prepare handler.
 int process_threads() noexcept {
-    int fd = open("/proc/self/stat", O_RDONLY | O_CLOEXEC);
-    if (fd < 0) return -1;
     char buf[1024];
-    ssize_t n = read(fd, buf, sizeof buf - 1);
-    close(fd);
-    if (n <= 0) return -1;
-    buf[n] = '\0';
+    if (!read_proc("/proc/self/stat", buf, sizeof buf)) return -1;
     const char* p = std::strrchr(buf, ')');  // (the command name may hold spaces)
     if (p == nullptr) return -1;
     int field = 2;
