@@ -189,6 +189,7 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
             const index_t end = fp_min(n, begin + chunk);
             if (begin < end) body(begin, end);
         }
+        detail::note_team_done();
         return;
     }
 #endif
@@ -224,6 +225,7 @@ inline double parallel_sum(index_t n, index_t grain, F&& body) {
                 const int team = omp_get_num_threads();
                 for (int t = omp_get_thread_num(); t < parts; t += team) run(t);
             }
+            detail::note_team_done();
         } else {
             for (int t = 0; t < parts; ++t) run(t);
         }

@@ -74,7 +74,11 @@ template <typename T>
 void linear_backward(index_t n, index_t in, index_t out, const T* grad_y, const T* x,
                      const T* w, const T* y, const T* z, int act, double alpha, T* grad_x,
                      T* grad_w, T* grad_b, T* work, bool accumulate) {
-    if (out <= 0) return;
+    if (out <= 0) {  // (no outputs: grad_x = grad_z w^T is zeros)
+        if (grad_x != nullptr)
+            for (index_t i = 0; i < n * in; ++i) grad_x[i] = T(0);
+        return;
+    }
     const T* grad_z = grad_y;
     if (n > 0 && act == kSoftmax) {
         if (y == nullptr) {

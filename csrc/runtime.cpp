@@ -30,6 +30,9 @@ namespace detail {
 namespace {
 
 constexpr int kSlots = 4;
+// Scratch kept for the life of a thread at most (larger: freed by trim_scratch after
+// the call that needed it, e.g. a matrix-vector product gathering 2^26 elements).
+constexpr std::size_t kKeepBytes = std::size_t(16) << 20;
 
 void* aligned_alloc_bytes(std::size_t bytes) noexcept {
 #if defined(_WIN32)
@@ -65,7 +68,10 @@ std::atomic<bool> g_fork_with_threads{false};
 
 // busy cores (runtime.hpp)
 constexpr long long kCheckEveryNs = 10000000;  // /proc/loadavg at most every 10 ms
-constexpr long long kSpinNs = 3000000;  // GNU OpenMP workers spin ~300k pauses (> 3 ms)
+// GNU OpenMP workers spin 300k pauses after a region ends (~5 ms on Zen, ~12 ms where
+// a pause is ~140 cycles) before they sleep: for that long after the last region
+// they are runnable, and counted as this process'.
+constexpr long long kSpinNs = 15000000;
 std::atomic<long long> g_next_check_ns{0};
 std::atomic<long long> g_last_region_ns{-(1LL << 62)};
 std::atomic<int> g_last_team{1};
@@ -160,6 +166,10 @@ namespace {
 std::atomic<int> g_backoff{-1};  // -1: FASTPROP_BACKOFF not read yet
 }  // namespace
 
+void note_team_done() noexcept {
+    g_last_region_ns.store(now_ns(), std::memory_order_relaxed);
+}
+
 bool backoff_enabled() noexcept {
     int on = g_backoff.load(std::memory_order_relaxed);
     if (on < 0) {
@@ -213,12 +223,25 @@ void* thread_scratch(int slot, std::size_t bytes) noexcept {
     ScratchOwner& s = tls_scratch;
     if (bytes == 0) bytes = 64;
     if (s.size[slot] >= bytes) return s.ptr[slot];
-    std::size_t want = s.size[slot] * 2 > bytes ? s.size[slot] * 2 : bytes;
+    // (geometric growth for the small sizes of repeated calls; a large request gets
+    // its own size, and trim_scratch gives it back after the call)
+    std::size_t want = s.size[slot] * 2 > bytes && bytes <= kKeepBytes ? s.size[slot] * 2
+                                                                       : bytes;
     want = (want + 63) & ~std::size_t(63);
     aligned_free(s.ptr[slot]);
     s.ptr[slot] = aligned_alloc_bytes(want);
     s.size[slot] = s.ptr[slot] != nullptr ? want : 0;
     return s.ptr[slot];
+}
+
+void trim_scratch(int slot) noexcept {
+    if (slot < 0 || slot >= kSlots) return;
+    ScratchOwner& s = tls_scratch;
+    if (s.size[slot] > kKeepBytes) {
+        aligned_free(s.ptr[slot]);
+        s.ptr[slot] = nullptr;
+        s.size[slot] = 0;
+    }
 }
 
 }  // namespace detail

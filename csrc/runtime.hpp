@@ -13,6 +13,9 @@ namespace detail {
 // one per slot (0 <= slot < 4), kept and grown across calls and freed at thread
 // exit.  Contents are undefined.  Returns nullptr if the allocation fails.
 void* thread_scratch(int slot, std::size_t bytes) noexcept;
+// Free the calling thread's buffer of `slot` if it is larger than 16 MiB (what a
+// kernel that took scratch sized by its problem calls before it returns).
+void trim_scratch(int slot) noexcept;
 
 // Fork safety.  GNU OpenMP's thread pool does not survive fork(): a child that
 // enters a parallel region after its parent started the pool deadlocks.  The
@@ -22,6 +25,7 @@ void* thread_scratch(int slot, std::size_t bytes) noexcept;
 // than one thread (another library's pool may share this libgomp), threads_usable()
 // is false and every kernel runs serially (as PyTorch does for the same reason).
 void note_thread_pool_started(int team) noexcept;
+void note_team_done() noexcept;  // (after the region: its workers spin from now)
 bool threads_usable() noexcept;
 void install_fork_handler() noexcept;
 

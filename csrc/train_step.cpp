@@ -219,6 +219,7 @@ void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
                 while (other.take(false, &k)) run_chunk(k);
             }
         }
+        detail::note_team_done();
         return;
     }
 #endif

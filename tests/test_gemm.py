@@ -402,3 +402,25 @@ def test_subprocess_isa_suites(isa):
     if isa == _native.isa():
         pytest.skip(f"{isa} is the ISA of this run")
     run_module_on_isa(__file__, isa, "FASTPROP_GEMM_ISA_CHILD")
+
+
+def test_matrix_vector_shapes_sum_long_k_in_blocks(rng):
+    """The one-row / one-column forms sum k > 2^24 products in blocks (a single float32
+    chain per output stops growing at 2^24 terms: all-ones sums of 2^24 + 2^22 came out
+    2^24, and random dot products had 3e-4 relative error; now exact here)."""
+    import fastprop as fp
+    k = 2**24 + 2**22
+    ones = np.ones(k, np.float32)
+    with fp.use_backend("native"):
+        assert fp.ops.matmul(ones[:, None], np.ones((k, 2), np.float32), trans_a=True)[0, 0] == k
+        assert fp.ops.matmul(ones[None, :], np.ones((k, 3), np.float32))[0, 2] == k
+    u = rng.random(k, dtype=np.float32)
+    v = rng.random(k, dtype=np.float32)
+    exact = float(u.astype(np.float64) @ v.astype(np.float64))
+    with fp.use_backend("native"):
+        got_all = (fp.ops.matmul(u[None, :], v[None, :], trans_b=True)[0, 0],
+                   fp.ops.matmul(u[None, :], np.tile(v, (4, 1)), trans_b=True)[0, 3],
+                   fp.ops.matmul(np.tile(u, (4, 1)), v[:, None])[3, 0],
+                   fp.ops.matmul(u[None, :], v[:, None])[0, 0])
+    for got in got_all:
+        assert abs(got - exact) <= 2e-6 * exact

@@ -650,3 +650,60 @@ def test_set_num_threads_applies_to_the_calling_thread():
     finally:
         fp.set_num_threads(before)
     assert mine != seen["default"] and seen["other"] == seen["default"]
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_gemm_asked_for_more_than_256_threads_uses_256():
+    """A GEMM planned for more than 256 threads ran on one (its grid search allows
+    256); it is capped at 256 instead.  In a subprocess: it starts 256 threads."""
+    if not fp.backends.load("native").config()["openmp"]:
+        pytest.skip("built without OpenMP")
+    import subprocess
+    code = """if True:
+        import numpy as np, fastprop as fp
+        native = fp.backends.load("native")._native
+        native.set_backoff(False)
+        fp.set_num_threads(300)
+        def threads():
+            with open("/proc/self/status") as f:
+                return next(int(l.split()[1]) for l in f if l.startswith("Threads:"))
+        a = np.ones((512, 512), np.float32)
+        before = threads()
+        with fp.use_backend("native"):
+            c = fp.ops.matmul(a, a)
+        print("RESULT", threads() - before, bool((c == 512).all()))
+    """
+    env = dict(os.environ, OPENBLAS_NUM_THREADS="1", OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True,
+                         text=True, check=True, timeout=120).stdout
+    started, right = out.split("RESULT")[-1].split()
+    assert int(started) == 255 and right == "True"
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
+def test_large_matrix_vector_scratch_is_not_kept():
+    """A one-column GEMM with accumulate (C read into per-thread scratch) of 2^24 rows
+    kept 64 MiB for the life of the thread, and a 16-row larger one mapped twice
+    that; scratch above 16 MiB is now given back after the call.  Also: a layer
+    with no outputs writes a zero input gradient on both backends."""
+    native = fp.backends.load("native")._native
+    a = np.ones((2**24, 2), np.float32)
+    b = np.ones((2, 1), np.float32)
+    gc.collect()
+    start = _rss()
+    for m in (2**24, 2**24 - 16):
+        c = np.ones((m, 1), np.float32)
+        native.gemm(a[:m], b, c, False, False, True)
+        assert c[0, 0] == 3.0 and c[-1, 0] == 3.0
+        del c
+    gc.collect()
+    assert _rss() - start < 8 * 2**20
+    x = np.ones((3, 4), np.float32)
+    for be in (native, fp.backends.load("numpy")):
+        gx = np.full((3, 4), 7, np.float32)
+        be.linear_backward(np.ones((3, 0), np.float32), x, np.ones((4, 0), np.float32), None,
+                           None, 0, 0.0, gx, np.empty((4, 0), np.float32),
+                           np.empty(0, np.float32), None, False)
+        np.testing.assert_array_equal(gx, 0.0)

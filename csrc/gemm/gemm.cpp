@@ -126,7 +126,10 @@ Plan make_plan(const GemmArgs<T>& g) {
     // float32, 1 thread, 96 vs 80 GFLOP/s unpacked vs packed).
     pl.pack_a = !small && g.m > kUnpackedRowsA && g.n > 4 * Blk::NR;
     pl.pack_b = g.tb || (!small && g.m > kUnpackedRowsB);
-    pl.nt = threads_for(2 * work, kFlopGrain);
+    // (at most kPlanThreads: a larger team fell back to one thread; the grid search
+    // below is over divisors of nt)
+    constexpr int kPlanThreads = 256;
+    pl.nt = fp_min(threads_for(2 * work, kFlopGrain), kPlanThreads);
     pl.tm = 1, pl.tn = 1;
     if (pl.nt <= 1) {
         pl.nt = 1;
@@ -441,6 +444,7 @@ void gemm_blocked(const GemmArgs<T>& g) {
                 done = gemm_thread(g, serial, bp, 0, oks);
             }
         }
+        detail::note_team_done();
         if (!done) gemm_unpacked(g);
         return;
     }

@@ -11,7 +11,8 @@
 // A strided vector operand is first gathered into thread-local scratch.  The
 // outputs are split over threads (gemv_split) from 128k matrix elements: the
 // product is bound by reading the matrix from L2, and two cores have two L2s.
-// Accuracy: sums of k products in T, as in the blocked GEMM (different order);
+// Accuracy: sums of k products in T, in blocks of kSumBlock as in the blocked GEMM
+// (different order);
 // each output is computed by one thread, so results do not depend on the thread
 // count.
 // Speed (Zen4 VM, float32 1x784x256, median of interleaved runs): 1 thread
@@ -26,19 +27,40 @@ namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
 
+// Long sums are blocked as the packed GEMM's KC blocks are: each output's running
+// sum takes block sums of at most kSumBlock products (of kSumBlock per lane in the
+// 16-lane forms), not every product (a float32 chain stops growing at 2^24 times
+// the terms: a one-output layer's weight gradient over 2^22 samples had 9e-4
+// relative error, all-ones sums of 2^25 terms gave 2^24).  Sums of up to one
+// block are computed exactly as before.
+constexpr index_t kSumBlock = 512;
+
 // Dot product in T over 16 interleaved partial sums (vectorisable).
 template <typename T>
-inline T dot_lanes(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y, index_t k) {
+inline T dot_lanes_plain(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y,
+                         index_t k) {
     constexpr int kLanes = 16;
     T acc[kLanes];
     for (int l = 0; l < kLanes; ++l) acc[l] = T(0);
     index_t p = 0;
     for (; p + kLanes <= k; p += kLanes)
         for (int l = 0; l < kLanes; ++l) acc[l] += x[p + l] * y[p + l];
-    for (int l = 0; p < k; ++p, ++l) acc[l] += x[p] * y[p];
+    for (int l = 0; l < kLanes && p + l < k; ++l) acc[l] += x[p + l] * y[p + l];
     for (int w = kLanes / 2; w > 0; w /= 2)
         for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
     return acc[0];
+}
+
+// The 16-lane forms' block: kSumBlock products per lane.
+constexpr index_t kDotBlock = 16 * kSumBlock;
+
+template <typename T>
+inline T dot_lanes(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y, index_t k) {
+    if (k < 2 * kDotBlock) return dot_lanes_plain(x, y, k);
+    T sum = T(0);
+    for (index_t p = 0; p < k; p += kDotBlock)
+        sum += dot_lanes_plain(x + p, y + p, fp_min(kDotBlock, k - p));
+    return sum;
 }
 
 // out[0:len] = sum_p vec[p] * rows[p*ld + 0:len]  (out must not alias rows).
@@ -47,8 +69,8 @@ inline T dot_lanes(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y, i
 // one load and one store of out per four matrix loads, the matrix read as four
 // sequential streams.
 template <typename T>
-inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
-                      const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
+inline void axpy_block(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
+                       const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
     for (index_t j = 0; j < len; ++j) out[j] = T(0);
     index_t p = 0;
     for (; p + 4 <= k; p += 4) {
@@ -66,18 +88,40 @@ inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
             out[j] = acc;
         }
     }
-    for (; p < k; ++p) {
-        const T s = vec[p];
-        const T* row = rows + p * ld;
+    for (index_t t = 0, rem = k - p; t < rem && t < 4; ++t) {  // (fewer than 4 rows)
+        const T s = vec[p + t];
+        const T* row = rows + (p + t) * ld;
         for (index_t j = 0; j < len; ++j) out[j] += s * row[j];
+    }
+}
+
+// axpy_block over blocks of kSumBlock rows: the block sums of a tile of columns
+// (on the stack) are added to out.
+template <typename T>
+inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
+                      const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
+    if (k <= kSumBlock) {
+        axpy_block(k, len, vec, rows, ld, out);
+        return;
+    }
+    constexpr index_t kTile = 1024;
+    T part[kTile];
+    for (index_t j0 = 0; j0 < len; j0 += kTile) {
+        const index_t w = fp_min(kTile, len - j0);
+        axpy_block(kSumBlock, w, vec, rows + j0, ld, out + j0);
+        for (index_t p = kSumBlock; p < k; p += kSumBlock) {
+            axpy_block(fp_min(kSumBlock, k - p), w, vec + p, rows + p * ld + j0, ld, part);
+            for (index_t j = 0; j < w; ++j) out[j0 + j] += part[j];
+        }
     }
 }
 
 // out[i] = dot(u, rows[i*ld + 0:k]) for i < len, four rows at a time so that each
 // load of u serves four products (16 partial sums per row, as dot_lanes).
 template <typename T>
-inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
-                     const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
+inline void dot_rows_plain(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
+                           const T* FASTPROP_RESTRICT rows, index_t ld,
+                           T* FASTPROP_RESTRICT out) {
     // 16 lanes for float and double: GCC 12 leaves the 8-lane double form scalar
     // (float64 1x784x256 76 us vs 19 us, 1 thread).
     constexpr int kLanes = 16;
@@ -99,12 +143,12 @@ inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
                 a3[l] += x * r3[p + l];
             }
         }
-        for (int l = 0; p < k; ++p, ++l) {
-            const T x = u[p];
-            a0[l] += x * r0[p];
-            a1[l] += x * r1[p];
-            a2[l] += x * r2[p];
-            a3[l] += x * r3[p];
+        for (int l = 0; l < kLanes && p + l < k; ++l) {  // (the last < 16 columns)
+            const T x = u[p + l];
+            a0[l] += x * r0[p + l];
+            a1[l] += x * r1[p + l];
+            a2[l] += x * r2[p + l];
+            a3[l] += x * r3[p + l];
         }
         for (int w = kLanes / 2; w > 0; w /= 2) {
             for (int l = 0; l < w; ++l) {
@@ -116,7 +160,28 @@ inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
         }
         out[i] = a0[0], out[i + 1] = a1[0], out[i + 2] = a2[0], out[i + 3] = a3[0];
     }
-    for (; i < len; ++i) out[i] = dot_lanes(u, rows + i * ld, k);
+    for (; i < len; ++i) out[i] = dot_lanes_plain(u, rows + i * ld, k);
+}
+
+// dot_rows_plain over blocks of kDotBlock columns, the block dots of a tile of rows
+// (on the stack) added to out.
+template <typename T>
+inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
+                     const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
+    if (k < 2 * kDotBlock) {
+        dot_rows_plain(k, len, u, rows, ld, out);
+        return;
+    }
+    constexpr index_t kTile = 256;
+    T part[kTile];
+    for (index_t i0 = 0; i0 < len; i0 += kTile) {
+        const index_t w = fp_min(kTile, len - i0);
+        dot_rows_plain(kDotBlock, w, u, rows + i0 * ld, ld, out + i0);
+        for (index_t p = kDotBlock; p < k; p += kDotBlock) {
+            dot_rows_plain(fp_min(kDotBlock, k - p), w, u + p, rows + i0 * ld + p, ld, part);
+            for (index_t j = 0; j < w; ++j) out[i0 + j] += part[j];
+        }
+    }
 }
 
 // Threads for a matrix-vector product reading a k x len matrix: one contiguous
@@ -174,6 +239,8 @@ bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
                 dot_rows(k, j1 - j0, u, b + j0 * ldb, ldb, acc + j0);
             if (!direct) store_scaled(j1 - j0, acc + j0, alpha, beta, c + j0, 1);
         });
+        detail::trim_scratch(2);  // (scratch sized by the problem: not kept if large)
+        detail::trim_scratch(3);
         return true;
     }
     if (n == 1) {
@@ -189,6 +256,8 @@ bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
                 dot_rows(k, i1 - i0, v, a + i0 * lda, lda, acc + i0);
             if (!into_c) store_scaled(i1 - i0, acc + i0, alpha, beta, c + i0 * ldc, ldc);
         });
+        detail::trim_scratch(2);
+        detail::trim_scratch(3);
         return true;
     }
     return false;

@@ -452,7 +452,9 @@ cdef int _linear_backward(const floating[:, ::1] grad_y, const floating[:, ::1] 
         if y is None and z is None:
             raise ValueError("linear_backward: this activation needs the forward output y "
                              "(or the pre-activation z)")
-    if n_out == 0:
+    if n_out == 0:  # (no outputs: grad_x = grad_z @ w.T is zeros)
+        if grad_x is not None and n > 0 and n_in > 0:
+            grad_x[:, :] = 0
         return 0
     cdef const floating* pgy = &grad_y[0, 0]
     cdef const floating* px = &x[0, 0]
