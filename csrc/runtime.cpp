@@ -16,6 +16,7 @@
 #if !defined(_WIN32)
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -92,7 +93,21 @@ long long now_ns() noexcept {
 }
 
 #if !defined(_WIN32)
-const int g_online_cpus = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+// The online CPUs when this process may run on all of them, else -1: /proc/loadavg
+// counts the whole machine, which says nothing about the cores of a process pinned
+// to some (a cpuset container on a busy host would run serially for the host's
+// load); the back-off is off there.
+int usable_cpus() noexcept {
+    const int online = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
+#if defined(__linux__)
+    cpu_set_t mask;
+    CPU_ZERO(&mask);
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0 || CPU_COUNT(&mask) != online)
+        return -1;
+#endif
+    return online;
+}
+const int g_online_cpus = usable_cpus();
 
 // The start of a /proc file, NUL-terminated, into buf; false when it cannot be read.
 // Plain system calls: it runs in fork()'s prepare handler too.

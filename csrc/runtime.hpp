@@ -40,7 +40,9 @@ void install_fork_handler() noexcept;
 // region), and never less than 1.  Results do not depend on it: every kernel whose
 // sums depend on the thread count keeps its split and runs the parts serially.
 // FASTPROP_BACKOFF=0 in the environment, or set_backoff(false), turns this off
-// (then threads_free(nt) == nt).  Without /proc (not Linux) it returns nt.
+// (then threads_free(nt) == nt).  Without /proc (not Linux), or in a process whose
+// CPU affinity leaves out some online CPUs (taskset, a cpuset container: the
+// machine-wide count says nothing about its cores), it returns nt.
 int threads_free(int nt) noexcept;
 bool backoff_enabled() noexcept;
 void set_backoff(bool on) noexcept;  // (process-wide; for tests and benchmarks)
