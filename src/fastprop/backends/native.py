@@ -9,6 +9,8 @@ controlled by :func:`set_num_threads` (or ``OMP_NUM_THREADS``, or threadpoolctl)
 
 from __future__ import annotations
 
+import os
+
 from .. import _native
 from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     activation_backward,
@@ -64,6 +66,15 @@ def make_train_step(stages, loss, optimizer):
     return _native.NativeTrainStep(stages, loss, optimizer, loss_kind, opt_kind)
 
 
+def _backoff_state() -> str:
+    if not _native.backoff():
+        return "off (FASTPROP_BACKOFF=0)"
+    affinity = getattr(os, "sched_getaffinity", None)
+    if affinity is not None and len(affinity(0)) != os.cpu_count():
+        return "off (the process is pinned to some CPUs)"
+    return "on"
+
+
 def config() -> dict:
     """What ``fastprop.show_config()`` prints for this backend."""
     info = {
@@ -74,7 +85,7 @@ def config() -> dict:
         "num_threads": _native.get_num_threads(),
         "openmp": _native.openmp(),
         # (fewer threads while other processes keep the cores busy; FASTPROP_BACKOFF=0)
-        "backoff": "on" if _native.backoff() else "off (FASTPROP_BACKOFF=0)",
+        "backoff": _backoff_state(),
     }
     note = _native.isa_note()
     if note:
