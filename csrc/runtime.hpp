@@ -37,7 +37,8 @@ void install_fork_handler() noexcept;
 // runs with at most threads_free(nt) threads: the online CPUs less the threads of
 // other processes (and of this process' other callers) that are runnable, read from
 // /proc/loadavg at most every 10 ms (a few microseconds; never from a parallel
-// region), and never less than 1.  Results do not depend on it: every kernel whose
+// region) and averaged over the last readings (a process that runs now and then does
+// not count), and never less than 1.  Results do not depend on it: every kernel whose
 // sums depend on the thread count keeps its split and runs the parts serially.
 // FASTPROP_BACKOFF=0 in the environment, or set_backoff(false), turns this off
 // (then threads_free(nt) == nt).  Without /proc (not Linux), or in a process whose
