@@ -1305,3 +1305,77 @@ def test_norm_options_as_pytorch(backend, rng, kind, options, peer, tmp_path):
     fresh.eval()
     np.testing.assert_allclose(fresh(xs[3]), ref(torch.from_numpy(xs[3])).detach().numpy(),
                                rtol=1e-10, atol=1e-12)
+
+
+class _MaskedDense(fp.nn.Dense):
+    """A user's layer with a buffer holding -inf (an additive mask)."""
+
+    _buffers = ("mask",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.mask = np.zeros(self.out_features, self._dtype)
+        self.mask[-1] = -np.inf
+
+    def forward(self, x):
+        self._masked = super().forward(x)
+        return np.maximum(self._masked + self.mask, -30.0)
+
+    def backward(self, grad_out, input_grad=True):
+        return super().backward(np.where(self._masked + self.mask > -30.0, grad_out, 0.0),
+                                input_grad)
+
+
+class _BNWithCount(fp.nn.BatchNorm1d):
+    _buffers = fp.nn.BatchNorm1d._buffers + ("seen",)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.seen = np.zeros(1)
+
+
+def test_buffers_and_registration_edge_cases(backend, rng):
+    """A user's buffer that holds inf does not make every step non-finite (only a
+    buffer that becomes non-finite does); BatchNorm1d keeps a subclass' buffers with
+    momentum=None or without running statistics, and momentum set to None after
+    construction counts batches (the counter's update changes no structure); a list
+    _params, named_children after a child is set to None, modules() of a model with a
+    back-reference (each module once), and Sequential.insert out of range."""
+    X = rng.standard_normal((64, 3))
+    y = rng.integers(0, 2, 64)
+    model = fp.nn.Sequential(_MaskedDense(3, 3, rng=0, dtype=np.float64))
+    hist = model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, verbose=0)
+    assert hist.skipped_steps == 0 and np.isfinite(hist["loss"]).all()
+    for kw, want in [({"momentum": None}, ["running_mean", "running_var", "seen",
+                                           "num_batches_tracked"]),
+                     ({"track_running_stats": False}, ["seen"])]:
+        assert [n.split(".")[1] for n, _ in _BNWithCount(3, **kw).named_buffers()] == want
+    bn = fp.nn.BatchNorm1d(3)
+    bn.momentum = None
+    structure = fp.nn._structure[0]
+    for _ in range(3):
+        bn(rng.standard_normal((8, 3)))
+    assert int(bn.num_batches_tracked) == 3 and fp.nn._structure[0] == structure
+    assert "0.num_batches_tracked" in bn.state_dict()
+
+    class Listed(fp.nn.Module):
+        _params = ["w"]
+
+        def __init__(self):
+            super().__init__()
+            self.w = fp.Parameter(np.ones(2))
+            self.extra = fp.Parameter(np.ones(3))
+            self.a = fp.nn.ReLU()
+            self.b = fp.nn.Tanh()
+            self.a = None
+            self.b.owner = self  # (a back-reference)
+
+    listed = Listed()
+    assert [p.size for p in listed.parameters()] == [2, 3]
+    assert [n for n, _ in listed.named_children()] == ["b"]
+    assert [type(m).__name__ for m in listed.modules()] == ["Listed", "Tanh"]
+    seq = fp.nn.Sequential(fp.nn.ReLU())
+    for bad in (2, -2):
+        with pytest.raises(IndexError, match="out of range"):
+            seq.insert(bad, fp.nn.Tanh())
+    assert len(seq.insert(-1, fp.nn.Tanh())) == 2

@@ -280,7 +280,7 @@ class Module:
                 # (as PyTorch's Module.__setattr__: a Parameter or a module set on a
                 # module of the user's is registered, so that parameters(), state_dict,
                 # train/eval, save and fit see it)
-                object.__setattr__(self, "_params", params + (name,))
+                object.__setattr__(self, "_params", tuple(params) + (name,))
             elif isinstance(value, Module):
                 kids = self.__dict__.get("_children", ())
                 if name not in kids:
@@ -345,9 +345,19 @@ class Module:
         return [m for m in kids if m is not None]
 
     def modules(self):
-        yield self
-        for child in self.children():
-            yield from child.modules()
+        """This module and every submodule, each once (as PyTorch's: one reached
+        again, a back-reference or an alias in a second attribute, is not repeated; a
+        model that holds one twice is refused when it runs, see the README)."""
+        seen: set = set()
+
+        def walk(mod):
+            if id(mod) in seen:
+                return
+            seen.add(id(mod))
+            yield mod
+            for child in mod.children():
+                yield from walk(child)
+        return walk(self)
 
     def named_modules(self) -> list:
         """(name, module) for this module ("", as PyTorch's) and every submodule, in
@@ -361,10 +371,10 @@ class Module:
         """(name, module) for each direct submodule: its attribute name, or its index
         in a container."""
         kids = self.children()
-        names = self.__dict__.get("_children", ())
-        if len(names) == len(kids) and all(self.__dict__.get(n) is m
-                                           for n, m in zip(names, kids)):
-            return list(zip(names, kids))
+        named = [(n, self.__dict__.get(n)) for n in self.__dict__.get("_children", ())]
+        named = [(n, m) for n, m in named if m is not None]
+        if len(named) == len(kids) and all(m is k for (_, m), k in zip(named, kids)):
+            return named
         return [(str(i), m) for i, m in enumerate(kids)]
 
     def buffers(self) -> list:
@@ -960,15 +970,22 @@ class BatchNorm1d(_Norm):
         super().__init__(num_features, eps, dtype, affine, affine)
         self.affine, self.track_running_stats = affine, track
         self.momentum = _check_momentum(momentum)
-        if not track:
-            self._buffers = ()
+        if not track:  # (a subclass' own buffers stay)
+            self._buffers = tuple(b for b in type(self)._buffers
+                                  if b not in ("running_mean", "running_var"))
             self.running_mean = self.running_var = None
             return
         self.running_mean = np.zeros(self.num_features, self._dtype)
         self.running_var = np.ones(self.num_features, self._dtype)
         if self.momentum is None:
-            self._buffers = ("running_mean", "running_var", "num_batches_tracked")
-            self.num_batches_tracked = np.zeros((), np.int64)
+            self._count_batches()
+
+    def _count_batches(self):
+        """The buffer ``num_batches_tracked`` of the cumulative average (momentum None,
+        also when set so after construction)."""
+        if "num_batches_tracked" not in self._buffers:
+            self._buffers = tuple(self._buffers) + ("num_batches_tracked",)
+            self.__dict__["num_batches_tracked"] = np.zeros((), np.int64)
 
     def get_config(self):
         config = {"num_features": self.num_features, "eps": self.eps,
@@ -1008,8 +1025,10 @@ class BatchNorm1d(_Norm):
     def _track(self, x, n, mean, invstd):
         m = self.momentum
         if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
-            self.num_batches_tracked += 1
-            m = 1.0 / float(self.num_batches_tracked)
+            self._count_batches()
+            count = self.num_batches_tracked
+            np.add(count, 1, out=count)  # (in place: no attribute set)
+            m = 1.0 / float(count)
         var = np.maximum(1.0 / (invstd.astype(np.float64) ** 2) - self.eps, 0.0)
         # var from invstd carries invstd's rounding times (var + eps) / var: features
         # whose variance is small next to eps get it from x instead (float32, std
@@ -1100,13 +1119,18 @@ def _check_each_module_once(root, where):
     pass would give the first use's backward the wrong inputs (silently wrong
     gradients).  Weight tying shares a Parameter between two modules instead."""
     seen = set()
-    for mod in root.modules():
+
+    def walk(mod):  # (every edge: modules() lists each module once)
         if id(mod) in seen:
             raise ValueError(
                 f"{where}: the same {type(mod).__name__} instance is used twice; a module "
                 f"keeps its last forward's inputs for backward, so each use needs its own "
-                f"instance (to tie weights, share the Parameter: b.weight = a.weight)")
+                f"instance (to tie weights, share the Parameter: b.weight = a.weight; a "
+                f"module of yours holding one twice, as an alias, is refused too)")
         seen.add(id(mod))
+        for child in mod.children():
+            walk(child)
+    walk(root)
 
 
 class Residual(Module):
@@ -1201,7 +1225,12 @@ class Sequential(Module):
         return self
 
     def insert(self, index, layer):
-        """Insert ``layer`` before ``index`` (as PyTorch's); returns self."""
+        """Insert ``layer`` before ``index`` (as PyTorch's: -len <= index <= len, an
+        IndexError otherwise); returns self."""
+        index = integer(index, "index")
+        if not -len(self.layers) <= index <= len(self.layers):
+            raise IndexError(f"Sequential.insert: index {index} out of range for "
+                             f"{len(self.layers)} layers")
         return self._edit(lambda ls: ls.insert(index, layer), "Sequential.insert")
 
     def extend(self, layers):

@@ -353,11 +353,14 @@ class TrainStep:
                  (getattr(m, a) for a in m._buffers)]
         try:
             out = model.forward(x)
-            if self.check_finite and saved and not all(
-                    np.isfinite(b).all() for b, _ in saved if b.dtype.kind == "f"):
+            if self.check_finite and saved and any(
+                    b.dtype.kind == "f" and not np.isfinite(b).all() and np.isfinite(old).all()
+                    for b, old in saved):
                 # (finite activations of ~1e20 square to inf in a float32 running
-                # variance: the model would keep it, and predict garbage)
-                raise NonFiniteError("non-finite BatchNorm running statistics")
+                # variance: the model would keep it, and predict garbage; a buffer
+                # that held inf before, a user's -inf mask, is the user's)
+                raise NonFiniteError("a buffer (BatchNorm running statistics) became "
+                                     "non-finite")
             value, grad = self.loss._value_and_grad(out, y)
             if self.check_finite and not math.isfinite(value):
                 raise NonFiniteError(f"non-finite loss {value}")
