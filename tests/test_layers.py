@@ -1379,3 +1379,29 @@ def test_buffers_and_registration_edge_cases(backend, rng):
         with pytest.raises(IndexError, match="out of range"):
             seq.insert(bad, fp.nn.Tanh())
     assert len(seq.insert(-1, fp.nn.Tanh())) == 2
+
+
+def test_batchnorm_without_running_statistics_in_batched_eval(backend, rng):
+    """predict, evaluate and fit's validation split X into batches: a last batch of one
+    row joins the one before (a BatchNorm1d without running statistics cannot take a
+    single row: predict of 1025 rows, or 257 validation rows, failed, the latter after
+    an epoch had changed the weights); a single validation row is refused before
+    training."""
+    model = fp.nn.Sequential(fp.nn.Dense(3, 4, rng=0),
+                             fp.nn.BatchNorm1d(4, track_running_stats=False),
+                             fp.nn.Dense(4, 2, rng=1))
+    X = rng.standard_normal((1025, 3))
+    y = rng.integers(0, 2, 1025)
+    assert model.predict(X).shape == (1025, 2)
+    assert np.isfinite(model.evaluate(X, y, loss="cross_entropy"))
+    hist = model.fit(X[:320], y[:320], loss="cross_entropy", optimizer="sgd",
+                     epochs=1, batch_size=32, verbose=0, validation_data=(X[:257], y[:257]))
+    assert np.isfinite(hist["val_loss"][0])
+    before = model.state_dict()
+    with pytest.raises(ValueError, match="needs more than 1 validation sample"):
+        model.fit(X[:64], y[:64], loss="cross_entropy", optimizer="sgd", epochs=1,
+                  verbose=0, validation_data=(X[:1], y[:1]))
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    plain = fp.nn.Sequential(fp.nn.Dense(3, 2, rng=0))
+    np.testing.assert_array_equal(plain.predict(X, batch_size=4), plain.predict(X))

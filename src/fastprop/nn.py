@@ -1012,7 +1012,9 @@ class BatchNorm1d(_Norm):
             return y
         if n < 2:
             raise ValueError(
-                f"BatchNorm1d needs more than 1 sample per batch in training mode, got {n}")
+                f"BatchNorm1d needs more than 1 sample per batch in training mode"
+                f"{'' if tracks else ' (and without running statistics, in eval mode)'}"
+                f", got {n}")
         mean = np.empty(self.num_features, self._dtype)
         invstd = np.empty_like(mean)
         be.batchnorm_forward(x, gamma, beta, self.eps, y, mean, invstd)

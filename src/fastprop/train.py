@@ -510,6 +510,16 @@ def _accuracy_fn(loss):
     return None
 
 
+def _batches(n, batch_size):
+    """(start, stop) of the eval batches over n rows: a last batch of one row joins the
+    one before (a BatchNorm1d without running statistics normalizes by the batch's
+    and cannot take a single row; any other model gives the same rows either way)."""
+    bounds = [(s, min(s + batch_size, n)) for s in range(0, n, batch_size)]
+    if len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
 def _evaluate(model, X, y, loss, batch_size):
     """(mean loss, accuracy or None) over X in eval mode: the batches' means weighted
     by their normalisers (rows, or with class weights the weights' sum), so that the
@@ -517,8 +527,8 @@ def _evaluate(model, X, y, loss, batch_size):
     acc_fn = _accuracy_fn(loss)
     total, weight, hits, count = 0.0, 0.0, 0, 0
     with inference_mode():
-        for start in range(0, X.shape[0], batch_size):
-            xb, yb = X[start:start + batch_size], y[start:start + batch_size]
+        for start, stop in _batches(X.shape[0], batch_size):
+            xb, yb = X[start:stop], y[start:stop]
             out = model.forward(xb)
             w = loss._batch_weight(yb)
             if w:  # (a batch of ignored rows only counts for nothing: its mean is NaN)
@@ -541,7 +551,7 @@ def predict(model, X, batch_size=1024):
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
     with inference_mode():
-        outs = [model.forward(X[s:s + batch_size]) for s in range(0, X.shape[0], batch_size)]
+        outs = [model.forward(X[s:e]) for s, e in _batches(X.shape[0], batch_size)]
         if not outs:
             return model.forward(X)  # (no rows: the output's shape, checked)
     return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
@@ -710,6 +720,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     # statistics while the rest trains (as in PyTorch fine-tuning).
     to_train = not getattr(model, "_training", False)  # (a module whose __init__ skipped
     # Module.__init__ has no mode yet: train() gives it one, as before)
+    if Xv is not None and Xv.shape[0] < 2 and any(
+            isinstance(m, BatchNorm1d) and m.running_mean is None for m in model.modules()):
+        raise ValueError("a BatchNorm1d without running statistics normalizes validation "
+                         "batches by their own statistics: it needs more than 1 validation "
+                         f"sample, got {Xv.shape[0]}")
     if any(isinstance(m, BatchNorm1d) and (to_train or m._training)
            for m in model.modules()):
         last = n % batch_size or batch_size
