@@ -495,6 +495,36 @@ def test_one_compiled_step_from_two_threads_is_refused():
     assert all(np.isfinite(p.value).all() for p in model.parameters())
 
 
+def test_a_layer_path_step_from_two_threads_is_refused(backend):
+    """The same guard on the layer path (BatchNorm: no fused kernel): two threads in
+    one step shared the layers' caches and gradients ("backward called before
+    forward", or silently mixed gradients); a second thread's call is refused."""
+    rng = np.random.default_rng(3)
+    model = nn.Sequential(nn.Dense(16, 64, "relu", rng=0), nn.BatchNorm1d(64),
+                          nn.Dense(64, 10, rng=1))
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), 1e-3))
+    x, y = rng.standard_normal((64, 16)), rng.integers(0, 10, 64)
+    errors, done = [], []
+
+    def hammer():
+        with fp.use_backend(backend):
+            for _ in range(60):
+                try:
+                    step(x, y)
+                    done.append(1)
+                except Exception as exc:  # (any other error is the failure)
+                    errors.append(f"{type(exc).__name__}: {exc}")
+
+    threads = [threading.Thread(target=hammer) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(done) + len(errors) == 120 and done
+    assert all(e.startswith("RuntimeError: this training step is already running")
+               for e in errors), errors[:3]
+
+
 # ================================================================ determinism
 def _fit_bytes(kind, X, y, seed):
     model = make_model(kind, d=X.shape[1], classes=10)

@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import sys
+import threading
 import time
 import warnings
 import weakref
@@ -185,6 +186,7 @@ class TrainStep:
         self._structure = -1     # nn._structure when that was last checked
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
+        self._busy = threading.Lock()  # (a second thread's call is refused)
 
     def __del__(self):
         # a step training on a device holds the newest values there: bring them to
@@ -201,7 +203,25 @@ class TrainStep:
         state = dict(self.__dict__)
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
                      _mask_key=None, output=None)
+        state.pop("_busy", None)
         return state
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._busy = threading.Lock()
+
+    def _take(self):
+        """The step's lock, taken: one call at a time, a second thread's call while one
+        runs is a RuntimeError (on every path: the fused kernel's own guard covers
+        only that path; two layer-path steps shared the layers' caches and
+        gradients)."""
+        lock = self.__dict__.get("_busy")
+        if lock is None:  # (a step unpickled from before the guard)
+            lock = self.__dict__.setdefault("_busy", threading.Lock())
+        if not lock.acquire(False):
+            raise RuntimeError("this training step is already running in another thread; "
+                               "a model is trained from one thread at a time")
+        return lock
 
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
@@ -293,13 +313,21 @@ class TrainStep:
             self._fast.sync()
 
     def __call__(self, x, y) -> float:
-        with _on_device(self.model):
-            return self._step(x, y)
+        lock = self._take()
+        try:
+            with _on_device(self.model):
+                return self._step(x, y)
+        finally:
+            lock.release()
 
     def _fit_batch(self, x, y) -> float:
         """A step on a batch of an X that fit validated whole (no NaN/inf check)."""
-        with _on_device(self.model):
-            return self._step(x, y, x_checked=True)
+        lock = self._take()
+        try:
+            with _on_device(self.model):
+                return self._step(x, y, x_checked=True)
+        finally:
+            lock.release()
 
     def _step(self, x, y, x_checked=False) -> float:
         x = as_array(x, "x")
