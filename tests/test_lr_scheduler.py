@@ -477,3 +477,21 @@ def test_review_edge_cases():
     loss = fp.losses.SmoothL1(beta=1e-50)
     assert loss(p, np.array([[0.5, 0.0, 0.0]], np.float32)) == pytest.approx(2 / 3)
     np.testing.assert_array_equal(loss.backward(), np.float32([[0, 1 / 3, -1 / 3]]))
+
+
+@pytest.mark.parametrize("strategy", ["linear", "cos"])
+def test_one_cycle_per_batch_over_exactly_total_steps_in_fit(strategy):
+    """The documented recipe every_batch(OneCycleLR(total_steps=epochs * batches)): the
+    step after the last update (t == total_steps, never used) is past the anneal's
+    end, where PyTorch's linear rate is negative; fit raised there, after training.
+    That rate is 0 now (cos: PyTorch's own, small and positive; the rates before it
+    are PyTorch's, test_one_cycle_and_warm_restarts)."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((64, 4)), rng.integers(0, 3, 64)
+    model = fp.nn.Sequential(fp.nn.Dense(4, 8, "relu", rng=0), fp.nn.Dense(8, 3, rng=1))
+    opt = fp.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    cycle = sched.OneCycleLR(opt, max_lr=0.01, total_steps=12, anneal_strategy=strategy)
+    hist = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=3, batch_size=16,
+                     verbose=0, callbacks=[sched.every_batch(cycle)])
+    assert len(hist["loss"]) == 3 and opt.step_count == 12
+    assert opt.lr >= 0.0 and (opt.lr == 0.0) == (strategy == "linear")

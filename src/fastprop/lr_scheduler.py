@@ -536,7 +536,11 @@ class OneCycleLR(LRScheduler):
             for i, (end, lr0, lr1, m0, m1) in enumerate(self._phases):
                 if t <= end or i == len(self._phases) - 1:
                     pct = (t - start) / (end - start)
-                    rates.append(self._anneal(lv[lr0], lv[lr1], pct))
+                    rate = self._anneal(lv[lr0], lv[lr1], pct)
+                    # (the step after the last update, t == total_steps, lies past the
+                    # anneal's end: PyTorch's linear rate there may be negative, and is
+                    # never used; 0 here, which the optimizer accepts)
+                    rates.append(max(rate, 0.0) if t == self.total_steps else rate)
                     momenta.append(self._anneal(lv[m0], lv[m1], pct))
                     break
                 start = end
