@@ -498,6 +498,14 @@ ROWS = [
       r"value must hold real"),
     R("parameter-str", lambda c: fp.Parameter(["a", "b"]), TypeError, r"value must hold real"),
     R("optim-set-lr-negative", lambda c: setattr(c.opt, "lr", -1.0), ValueError, r"Invalid lr"),
+    R("optim-set-lr-inf", lambda c: setattr(c.opt, "lr", float("inf")), ValueError,
+      r"Invalid lr: inf; expected a finite number"),
+    R("sgd-momentum-inf", lambda c: optim.SGD(c.params, lr=0.1, momentum=float("inf")),
+      ValueError, r"Invalid momentum: inf"),
+    R("adam-eps-inf", lambda c: optim.Adam(c.params, eps=float("inf")), ValueError,
+      r"Invalid eps: inf"),
+    R("adamw-decay-inf", lambda c: optim.AdamW(c.params, weight_decay=float("inf")),
+      ValueError, r"Invalid weight_decay: inf"),
     R("optim-set-lr-str", lambda c: setattr(c.opt, "lr", "big"), TypeError, r"lr must be a real"),
     R("load-state-dict-shape", lambda c: c.opt.load_state_dict(
         {**c.opt.state_dict(), "state": [{k: np.zeros(3) for k in s} for s in

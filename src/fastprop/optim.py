@@ -99,16 +99,25 @@ def _group_extras(group: dict, where: str) -> dict:
     return extras
 
 
+def _finite(value, name):
+    """A hyperparameter >= 0 and finite (lr = inf turned the parameters into inf/NaN in
+    one step; the schedulers already refused such a rate)."""
+    v = real(value, name, low=0)
+    if not math.isfinite(v):
+        raise ValueError(f"Invalid {name}: {value!r}; expected a finite number >= 0")
+    return v
+
+
 def _lr(lr):
-    return real(lr, "lr", low=0)
+    return _finite(lr, "lr")
 
 
 def _eps(eps):
-    return real(eps, "eps", low=0)
+    return _finite(eps, "eps")
 
 
 def _weight_decay(wd):
-    return real(wd, "weight_decay", low=0)
+    return _finite(wd, "weight_decay")
 
 
 def _group_specs(params):
@@ -633,7 +642,7 @@ class SGD(Optimizer):
 
     def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
         lr = _lr(lr)
-        momentum = real(momentum, "momentum", low=0)
+        momentum = _finite(momentum, "momentum")
         wd = _weight_decay(weight_decay)
         if not isinstance(nesterov, (bool, np.bool_)):
             raise TypeError(f"nesterov must be a bool, got {type(nesterov).__name__}")
@@ -670,7 +679,7 @@ class RMSprop(Optimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
         lr = _lr(lr)
         alpha = _alpha(alpha)
-        momentum = real(momentum, "momentum", low=0)
+        momentum = _finite(momentum, "momentum")
         super().__init__(params, lr=lr, alpha=alpha, eps=_eps(eps), momentum=momentum,
                          weight_decay=_weight_decay(weight_decay))
         self.state_names = ("square_avg", "momentum_buffer") if momentum > 0 else ("square_avg",)
