@@ -247,7 +247,8 @@ class Module:
     def backward(self, grad_out, input_grad: bool = True):
         """Given the gradient of the loss with respect to the last forward's output,
         add the parameters' gradients to their ``.grad`` and return the gradient with
-        respect to the input (None when ``input_grad`` is False)."""
+        respect to the input (with ``input_grad`` False a layer may skip computing it
+        and return None, as Dense does)."""
         raise NotImplementedError
 
     def __call__(self, x):
@@ -398,7 +399,8 @@ class Module:
         return self
 
     def parameters(self) -> list:
-        """Every trainable Parameter of this module and its children, once each."""
+        """Every Parameter of this module and its children (frozen ones too, as
+        PyTorch's), once each."""
         seen, out = set(), []
         for mod in self.modules():
             for attr in mod._params:
@@ -421,7 +423,7 @@ class Module:
         return out
 
     def named_parameters(self) -> list:
-        """(name, Parameter) for every trainable parameter, once each, named as in
+        """(name, Parameter) for every parameter (frozen ones too), once each, named as in
         :meth:`state_dict`."""
         seen, out = set(), []
         for i, mod in enumerate(self.modules()):
