@@ -241,6 +241,7 @@ def test_checkpoint_every_n_epochs(tmp_path, monkeypatch):
     (dict(model=lambda: nn.Sequential(nn.Dense(6, 16, "relu", dtype=np.float64),
                                       nn.Dense(16, 3, dtype=np.float64))), "float64"),
     (dict(optimizer="sgd"), "state_dict is for 'Adam', not 'SGD'"),
+    (dict(loss=fp.losses.SoftmaxCrossEntropy(label_smoothing=0.1)), "settings"),
 ])
 def test_resume_rejects_a_mismatched_checkpoint_untouched(tmp_path, change, match):
     X, y = make_data()
@@ -254,7 +255,8 @@ def test_resume_rejects_a_mismatched_checkpoint_untouched(tmp_path, change, matc
     before = snapshot(model, opt)
     sl = change.get("X", slice(None))
     with pytest.raises(ValueError, match=match):
-        model.fit(X[sl], y[sl], loss="cross_entropy", optimizer=opt, epochs=2, verbose=0,
+        model.fit(X[sl], y[sl], loss=change.get("loss", "cross_entropy"), optimizer=opt,
+                  epochs=2, verbose=0,
                   checkpoint=path, resume=True, batch_size=change.get("batch_size", 16),
                   shuffle=change.get("shuffle", True))
     assert snapshot(model, opt) == before

@@ -133,7 +133,10 @@ def prepare_resume(path, model, optimizer, settings):
     except (UnicodeDecodeError, KeyError, TypeError, ValueError, AttributeError,
             OverflowError) as exc:
         raise ValueError(f"{where} has invalid fit metadata: {exc}") from None
-    if meta.get("settings") != settings:
+    saved = meta.get("settings")
+    if isinstance(saved, dict) and "loss" not in saved:  # (written before it was saved)
+        settings = {k: v for k, v in settings.items() if k != "loss"}
+    if saved != settings:
         raise ValueError(f"{where} was written by a fit with settings {meta.get('settings')}; "
                          f"this fit has {settings}: resume with the same data and settings")
     # the model: same architecture, every array present with its shape and dtype

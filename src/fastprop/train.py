@@ -637,7 +637,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             ``epochs`` in total.  With the same model architecture, data, settings,
             backend and thread count, a resumed run ends with bit-identical
             parameters to one that was never interrupted.  A checkpoint of another
-            architecture, optimizer type, sample count, batch size or shuffle setting
+            architecture, loss, optimizer type, sample count, batch size or shuffle setting
             is rejected (ValueError) before anything changes; the optimizer's
             hyperparameters (lr, ...) are restored from it, as its state is.
 
@@ -735,7 +735,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     else:
         Xv = yv = None
 
-    settings = {"samples": int(X.shape[0]), "batch_size": batch_size, "shuffle": bool(shuffle)}
+    settings = {"samples": int(X.shape[0]), "batch_size": batch_size, "shuffle": bool(shuffle),
+                "loss": repr(step.loss)}  # (a resume with another loss is refused)
     restore = None
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         restore = _checkpoint.prepare_resume(checkpoint, model, step.optimizer, settings)
