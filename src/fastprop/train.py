@@ -210,18 +210,13 @@ class TrainStep:
         self.__dict__.update(state)
         self._busy = threading.Lock()
 
-    def _take(self):
-        """The step's lock, taken: one call at a time, a second thread's call while one
-        runs is a RuntimeError (on every path: the fused kernel's own guard covers
-        only that path; two layer-path steps shared the layers' caches and
-        gradients)."""
-        lock = self.__dict__.get("_busy")
-        if lock is None:  # (a step unpickled from before the guard)
-            lock = self.__dict__.setdefault("_busy", threading.Lock())
-        if not lock.acquire(False):
-            raise RuntimeError("this training step is already running in another thread; "
-                               "a model is trained from one thread at a time")
-        return lock
+    @staticmethod
+    def _refuse():
+        """One call at a time (``_busy``, a lock): a second thread's call while one runs
+        is refused on every path (the fused kernel's own guard covers only that path;
+        two layer-path steps shared the layers' caches and gradients)."""
+        raise RuntimeError("this training step is already running in another thread; "
+                           "a model is trained from one thread at a time")
 
     def _fast_key_is_current(self, be) -> bool:
         """Same backend and the same parameter arrays as when the kernel was made
@@ -313,7 +308,9 @@ class TrainStep:
             self._fast.sync()
 
     def __call__(self, x, y) -> float:
-        lock = self._take()
+        lock = self._busy
+        if not lock.acquire(False):
+            self._refuse()
         try:
             with _on_device(self.model):
                 return self._step(x, y)
@@ -322,7 +319,9 @@ class TrainStep:
 
     def _fit_batch(self, x, y) -> float:
         """A step on a batch of an X that fit validated whole (no NaN/inf check)."""
-        lock = self._take()
+        lock = self._busy
+        if not lock.acquire(False):
+            self._refuse()
         try:
             with _on_device(self.model):
                 return self._step(x, y, x_checked=True)
