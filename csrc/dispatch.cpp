@@ -233,6 +233,7 @@ void set_num_threads(int n) noexcept {
 int threads_free(int nt) noexcept { return detail::threads_free(nt); }
 bool backoff_enabled() noexcept { return detail::backoff_enabled(); }
 void set_backoff(bool on) noexcept { detail::set_backoff(on); }
+int backoff_state() noexcept { return detail::backoff_state(); }
 
 const char* compiler_id() noexcept { return FASTPROP_COMPILER_ID; }
 const char* baseline_flags() noexcept { return FASTPROP_BASELINE_FLAGS_STR; }

@@ -17,6 +17,7 @@
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
+#include <strings.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -76,14 +77,21 @@ constexpr long long kCheckEveryNs = 10000000;  // /proc/loadavg at most every 10
 // (always counted as this process', once a team has started).
 long long spin_ns() noexcept {
     const char* policy = std::getenv("OMP_WAIT_POLICY");
-    if (policy != nullptr && (std::strcmp(policy, "passive") == 0
-                              || std::strcmp(policy, "PASSIVE") == 0))
-        return 0;
-    if ((policy != nullptr && (std::strcmp(policy, "active") == 0
-                               || std::strcmp(policy, "ACTIVE") == 0))
-            || std::getenv("GOMP_SPINCOUNT") != nullptr)
-        return 1LL << 62;
-    return 15000000;
+    if (policy != nullptr && strcasecmp(policy, "passive") == 0) return 0;
+    const bool active = policy != nullptr && strcasecmp(policy, "active") == 0;
+    double count = active ? 3e10 : 3e5;  // (libgomp's defaults)
+    if (const char* env = std::getenv("GOMP_SPINCOUNT")) {  // e.g. "10000", "2M", "infinite"
+        if (strncasecmp(env, "infinit", 7) == 0) return 1LL << 62;
+        char* end = nullptr;
+        const double v = std::strtod(env, &end);
+        if (end != env && v >= 0) {
+            const char unit = *end;
+            count = v * (unit == 'k' || unit == 'K' ? 1e3 : unit == 'M' ? 1e6
+                         : unit == 'G' ? 1e9 : unit == 'T' ? 1e12 : 1.0);
+        }
+    }
+    const double ns = count * 50.0;  // (a pause and a load: 20-50 ns)
+    return ns >= 4e18 ? (1LL << 62) : static_cast<long long>(ns);
 }
 const long long kSpinNs = spin_ns();
 // The other processes' runnable threads, averaged over the readings (weight 1/4 for
@@ -125,7 +133,6 @@ int usable_cpus() noexcept {
 #endif
     return online;
 }
-const int g_online_cpus = usable_cpus();
 
 // The start of a /proc file, NUL-terminated, into buf; false when it cannot be read.
 // Plain system calls: it runs in fork()'s prepare handler too.
@@ -153,7 +160,7 @@ int runnable_threads() noexcept {
     return std::atoi(p);
 }
 #else
-const int g_online_cpus = -1;
+int usable_cpus() noexcept { return -1; }
 int runnable_threads() noexcept { return -1; }
 #endif
 
@@ -215,6 +222,11 @@ bool backoff_enabled() noexcept {
     return on != 0;
 }
 
+int backoff_state() noexcept {
+    if (!backoff_enabled()) return 0;
+    return usable_cpus() > 0 ? 1 : 2;
+}
+
 void set_backoff(bool on) noexcept { g_backoff.store(on ? 1 : 0, std::memory_order_relaxed); }
 
 int threads_free(int nt) noexcept {
@@ -224,9 +236,10 @@ int threads_free(int nt) noexcept {
     // (one caller reads /proc at a time; the others use the last reading)
     if (now >= next && g_next_check_ns.compare_exchange_strong(
             next, now + kCheckEveryNs, std::memory_order_relaxed)) {
-        const int runnable = runnable_threads();
-        int free_cpus = 1 << 30;  // (unknown: no limit)
-        if (runnable > 0 && g_online_cpus > 0) {
+        const int cpus = usable_cpus();  // (re-read: an affinity set since counts)
+        const int runnable = cpus > 0 ? runnable_threads() : -1;
+        int free_cpus = 1 << 30;  // (unknown, or pinned: no limit)
+        if (runnable > 0) {
             // this process' own share of the count: the caller, and the workers of
             // a region that ended less than a spin period ago (still spinning)
             int ours = 1;
@@ -238,7 +251,7 @@ int threads_free(int nt) noexcept {
                              + 16 * now_others) / 4;
             g_others_x16.store(x16, std::memory_order_relaxed);
             const int others = (x16 + 8) / 16;  // (busy half the time or more: a core)
-            free_cpus = g_online_cpus > others ? g_online_cpus - others : 1;
+            free_cpus = cpus > others ? cpus - others : 1;
         }
         g_free_cpus.store(free_cpus, std::memory_order_relaxed);
     }

@@ -47,6 +47,7 @@ void install_fork_handler() noexcept;
 int threads_free(int nt) noexcept;
 bool backoff_enabled() noexcept;
 void set_backoff(bool on) noexcept;  // (process-wide; for tests and benchmarks)
+int backoff_state() noexcept;  // 0 off (switch), 1 on, 2 off (the process is pinned)
 
 }  // namespace detail
 }  // namespace fastprop

@@ -1403,5 +1403,12 @@ def test_batchnorm_without_running_statistics_in_batched_eval(backend, rng):
                   verbose=0, validation_data=(X[:1], y[:1]))
     after = model.state_dict()
     assert all(np.array_equal(before[k], after[k]) for k in before)
+    model.train()
+    model[1].eval()  # (without running statistics it still normalizes by the batch's)
+    with pytest.raises(ValueError, match="leaves a batch of 1 sample"):
+        model.fit(X[:33], y[:33], loss="cross_entropy", optimizer="sgd", epochs=1,
+                  batch_size=32, verbose=0)
+    after = model.state_dict()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
     plain = fp.nn.Sequential(fp.nn.Dense(3, 2, rng=0))
     np.testing.assert_array_equal(plain.predict(X, batch_size=4), plain.predict(X))

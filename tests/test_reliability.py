@@ -744,3 +744,89 @@ def test_large_matrix_vector_scratch_is_not_kept():
                            None, 0, 0.0, gx, np.empty((4, 0), np.float32),
                            np.empty(0, np.float32), None, False)
         np.testing.assert_array_equal(gx, 0.0)
+
+
+def _step_in_child(step, x, y, conn):
+    try:
+        conn.send(("ok", float(step(x, y))))
+    except Exception as exc:  # (reported to the parent)
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_step_guard_in_a_fork_child_and_from_inside_itself(backend):
+    """A child forked while another thread ran a step (its lock held) can train: the
+    thread does not exist there and the lock is free; a call from inside the step
+    itself is refused with a message saying so (not "another thread")."""
+    import multiprocessing as mp
+    import warnings
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Dense(4, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), 0.1))
+    x, y = rng.standard_normal((16, 4)), rng.integers(0, 3, 16)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    step._busy.acquire()  # (as a thread inside the step at fork time)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+            proc = ctx.Process(target=_step_in_child, args=(step, x, y, child))
+            proc.start()
+        assert parent.poll(60)
+        status, value = parent.recv()
+        proc.join(10)
+    finally:
+        step._busy.release()
+    assert status == "ok" and np.isfinite(value), value
+
+    class Reentrant(fp.losses.SoftmaxCrossEntropy):
+        def forward(self, pred, target):
+            return inner(x, y)
+
+    outer = nn.Sequential(nn.Dense(4, 3, rng=2)).compile(Reentrant(), "sgd")
+    inner = outer
+    with pytest.raises(RuntimeError, match="called from inside itself"):
+        outer(x, y)
+    with pytest.raises(RuntimeError, match="called from inside itself"):
+        outer(x, y)  # (again: the lock was released after the first error)
+
+
+def test_aliases_keep_their_state_names_and_batch_counts_roll_back(backend, rng, tmp_path):
+    """A module held twice by a user's module (an alias) is listed at both places, as
+    state names and saved files always counted it (a file saved before keeps its
+    arrays' places: b's weights stay b's); a BatchNorm1d whose momentum is set to None
+    after construction has its batch count from then on, so a refused step rolls the
+    count back with the running statistics."""
+    class Aliased(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Dense(3, 3, rng=0)
+            self.alias = self.a
+            self.b = nn.Dense(3, 2, rng=1)
+
+        def forward(self, x):
+            return self.b(self.a(x))
+
+    m = Aliased()
+    m.b.weight.value = np.full((3, 2), 2.0)
+    assert list(m.state_dict()) == ["1.weight", "1.bias", "2.weight", "2.bias", "3.weight",
+                                    "3.bias"]
+    assert len(m.parameters()) == 4
+    fp.save(m, tmp_path / "a.fp")
+    loaded = fp.load(tmp_path / "a.fp")
+    np.testing.assert_array_equal(loaded.b.weight.value, 2.0)
+    assert loaded.a.weight is not loaded.b.weight and loaded.alias is loaded.a
+    bn_model = nn.Sequential(nn.Dense(3, 4, rng=0), nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+    bn = bn_model[1]
+    bn.momentum = None
+    assert int(bn.num_batches_tracked) == 0
+    step = bn_model.compile("cross_entropy", optim.SGD(bn_model.parameters(), 0.1))
+    x = rng.standard_normal((8, 3))
+    with pytest.raises(ValueError):
+        step(x, np.full(8, 5))  # (class 5 of 2: refused after the forward)
+    assert int(bn.num_batches_tracked) == 0
+    np.testing.assert_array_equal(bn.running_mean, 0.0)
+    want = bn_model[0](x).mean(axis=0)  # (the first batch weighs 1: its mean)
+    step(x, np.zeros(8, int))
+    assert int(bn.num_batches_tracked) == 1
+    np.testing.assert_allclose(bn.running_mean, want, rtol=1e-5, atol=1e-6)

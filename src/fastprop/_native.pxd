@@ -32,6 +32,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
     int fp_threads_free "fastprop::threads_free"(int nt) noexcept
     cbool fp_backoff_enabled "fastprop::backoff_enabled"() noexcept
     void fp_set_backoff "fastprop::set_backoff"(cbool on) noexcept
+    int fp_backoff_state "fastprop::backoff_state"() noexcept
     const char* fp_compiler_id "fastprop::compiler_id"() noexcept
     const char* fp_baseline_flags "fastprop::baseline_flags"() noexcept
     const char* fp_avx2_flags "fastprop::avx2_flags"() noexcept

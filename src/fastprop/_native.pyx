@@ -106,6 +106,13 @@ def backoff():
     return bool(fp_backoff_enabled())
 
 
+def backoff_state():
+    """"on", "off" (FASTPROP_BACKOFF=0 or set_backoff(False)) or "pinned" (off: the
+    process' CPU affinity leaves out some online CPUs, or there is no /proc/loadavg),
+    as the kernels see it now."""
+    return ("off", "on", "pinned")[fp_backoff_state()]
+
+
 def set_backoff(on):
     """Turn the back-off of :func:`threads_free` on or off, for the whole process (a
     benchmark that measures the threads' speed-up on a machine it knows is quiet)."""

@@ -346,18 +346,20 @@ class Module:
         return [m for m in kids if m is not None]
 
     def modules(self):
-        """This module and every submodule, each once (as PyTorch's: one reached
-        again, a back-reference or an alias in a second attribute, is not repeated; a
-        model that holds one twice is refused when it runs, see the README)."""
-        seen: set = set()
+        """This module and every submodule, in pre-order.  A module held twice (an
+        alias in a second attribute) is listed at both places, as the names of
+        ``state_dict`` and saved files have always counted it (a model holding one
+        twice is refused when it trains, see the README); a back-reference to a
+        module on the way down (a cycle) is not followed."""
+        path: set = set()
 
         def walk(mod):
-            if id(mod) in seen:
-                return
-            seen.add(id(mod))
+            path.add(id(mod))
             yield mod
             for child in mod.children():
-                yield from walk(child)
+                if id(child) not in path:
+                    yield from walk(child)
+            path.discard(id(mod))
         return walk(self)
 
     def named_modules(self) -> list:
@@ -981,6 +983,11 @@ class BatchNorm1d(_Norm):
         self.running_var = np.ones(self.num_features, self._dtype)
         if self.momentum is None:
             self._count_batches()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "momentum" and value is None and "running_mean" in self._buffers:
+            self._count_batches()  # (now: a failed step's rollback includes the count)
 
     def _count_batches(self):
         """The buffer ``num_batches_tracked`` of the cumulative average (momentum None,

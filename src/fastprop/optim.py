@@ -296,7 +296,7 @@ class Optimizer:
         for k, v in h.items():
             if not _same(old[k], v):
                 if k == "momentum":  # (its buffer stays while it stays > 0, or 0)
-                    m = real(v, "momentum", low=0)
+                    m = _finite(v, "momentum")
                     if (m > 0) != (old[k] > 0):
                         return None
                     new[k] = m

@@ -154,6 +154,21 @@ def _warn_mixed_dtypes(model):
             f"model.astype(np.float64) (or np.float32) before making the optimizer.")
 
 
+# Every live step: a child forked while another thread ran one gets free locks (the
+# thread that held it does not exist there).
+_STEPS: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _free_locks_in_child():
+    for step in list(_STEPS):
+        step._busy = threading.Lock()
+        step.__dict__.pop("_owner", None)
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_free_locks_in_child)
+
+
 class TrainStep:
     """One training step on a batch: zero grads, forward, loss, backward, update.
 
@@ -187,6 +202,7 @@ class TrainStep:
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
         self._busy = threading.Lock()  # (a second thread's call is refused)
+        _STEPS.add(self)  # (a fork child gets free locks)
 
     def __del__(self):
         # a step training on a device holds the newest values there: bring them to
@@ -204,17 +220,23 @@ class TrainStep:
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
                      _mask_key=None, output=None)
         state.pop("_busy", None)
+        state.pop("_owner", None)
         return state
 
     def __setstate__(self, state):
         self.__dict__.update(state)
         self._busy = threading.Lock()
+        _STEPS.add(self)
 
-    @staticmethod
-    def _refuse():
+    def _refuse(self):
         """One call at a time (``_busy``, a lock): a second thread's call while one runs
         is refused on every path (the fused kernel's own guard covers only that path;
-        two layer-path steps shared the layers' caches and gradients)."""
+        two layer-path steps shared the layers' caches and gradients), and so is a
+        call from inside the step (a loss or layer calling it).  Two threads that
+        both find it free take turns."""
+        if self.__dict__.get("_owner") == threading.get_ident():
+            raise RuntimeError("this training step was called from inside itself (a "
+                               "loss or layer of its model calling it)")
         raise RuntimeError("this training step is already running in another thread; "
                            "a model is trained from one thread at a time")
 
@@ -309,24 +331,22 @@ class TrainStep:
 
     def __call__(self, x, y) -> float:
         lock = self._busy
-        if not lock.acquire(False):
+        if lock.locked():
             self._refuse()
-        try:
+        with lock:  # (no gap between taking it and the release a Ctrl-C could fall in)
+            self._owner = threading.get_ident()
             with _on_device(self.model):
                 return self._step(x, y)
-        finally:
-            lock.release()
 
     def _fit_batch(self, x, y) -> float:
         """A step on a batch of an X that fit validated whole (no NaN/inf check)."""
         lock = self._busy
-        if not lock.acquire(False):
+        if lock.locked():
             self._refuse()
-        try:
+        with lock:
+            self._owner = threading.get_ident()
             with _on_device(self.model):
                 return self._step(x, y, x_checked=True)
-        finally:
-            lock.release()
 
     def _step(self, x, y, x_checked=False) -> float:
         x = as_array(x, "x")
@@ -753,8 +773,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         raise ValueError("a BatchNorm1d without running statistics normalizes validation "
                          "batches by their own statistics: it needs more than 1 validation "
                          f"sample, got {Xv.shape[0]}")
-    if any(isinstance(m, BatchNorm1d) and (to_train or m._training)
-           for m in model.modules()):
+    if any(isinstance(m, BatchNorm1d) and (to_train or m._training or m.running_mean is None)
+           for m in model.modules()):  # (without running statistics: batch ones, any mode)
         last = n % batch_size or batch_size
         if min(last, batch_size, n) < 2:
             raise ValueError(

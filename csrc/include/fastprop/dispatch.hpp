@@ -34,6 +34,7 @@ void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
 int threads_free(int nt) noexcept;
 bool backoff_enabled() noexcept;
 void set_backoff(bool on) noexcept;
+int backoff_state() noexcept;  // 0 off (FASTPROP_BACKOFF=0 / set_backoff), 1 on, 2 pinned
 
 const char* compiler_id() noexcept;
 const char* baseline_flags() noexcept;

@@ -9,8 +9,6 @@ controlled by :func:`set_num_threads` (or ``OMP_NUM_THREADS``, or threadpoolctl)
 
 from __future__ import annotations
 
-import os
-
 from .. import _native
 from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     activation_backward,
@@ -67,12 +65,8 @@ def make_train_step(stages, loss, optimizer):
 
 
 def _backoff_state() -> str:
-    if not _native.backoff():
-        return "off (FASTPROP_BACKOFF=0)"
-    affinity = getattr(os, "sched_getaffinity", None)
-    if affinity is not None and len(affinity(0)) != os.cpu_count():
-        return "off (the process is pinned to some CPUs)"
-    return "on"
+    return {"on": "on", "off": "off (FASTPROP_BACKOFF=0)",
+            "pinned": "off (the process is pinned to some CPUs)"}[_native.backoff_state()]
 
 
 def config() -> dict:
