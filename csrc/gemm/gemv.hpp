@@ -95,8 +95,25 @@ inline void axpy_block(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
     }
 }
 
-// axpy_block over blocks of kSumBlock rows: the block sums of a tile of columns
-// (on the stack) are added to out.
+// out[0:len] = the sum over blocks of k of block_sums(p, kb, i0, w, dst), which writes
+// the sums of block [p, p + kb) for outputs [i0, i0 + w) into dst: the first block
+// straight into out, the others through a tile on the stack added to it.
+template <typename T, typename F>
+inline void sum_in_blocks(index_t k, index_t len, index_t block, T* FASTPROP_RESTRICT out,
+                          F&& block_sums) {
+    constexpr index_t kTile = 256;
+    T part[kTile];
+    for (index_t i0 = 0; i0 < len; i0 += kTile) {
+        const index_t w = fp_min(kTile, len - i0);
+        block_sums(index_t(0), fp_min(block, k), i0, w, out + i0);
+        for (index_t p = block; p < k; p += block) {
+            block_sums(p, fp_min(block, k - p), i0, w, part);
+            for (index_t j = 0; j < w; ++j) out[i0 + j] += part[j];
+        }
+    }
+}
+
+// axpy_block over blocks of kSumBlock rows.
 template <typename T>
 inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
                       const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
@@ -104,16 +121,10 @@ inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
         axpy_block(k, len, vec, rows, ld, out);
         return;
     }
-    constexpr index_t kTile = 1024;
-    T part[kTile];
-    for (index_t j0 = 0; j0 < len; j0 += kTile) {
-        const index_t w = fp_min(kTile, len - j0);
-        axpy_block(kSumBlock, w, vec, rows + j0, ld, out + j0);
-        for (index_t p = kSumBlock; p < k; p += kSumBlock) {
-            axpy_block(fp_min(kSumBlock, k - p), w, vec + p, rows + p * ld + j0, ld, part);
-            for (index_t j = 0; j < w; ++j) out[j0 + j] += part[j];
-        }
-    }
+    sum_in_blocks(k, len, kSumBlock, out, [&](index_t p, index_t kb, index_t j0, index_t w,
+                                              T* dst) {
+        axpy_block(kb, w, vec + p, rows + p * ld + j0, ld, dst);
+    });
 }
 
 // out[i] = dot(u, rows[i*ld + 0:k]) for i < len, four rows at a time so that each
@@ -163,8 +174,7 @@ inline void dot_rows_plain(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
     for (; i < len; ++i) out[i] = dot_lanes_plain(u, rows + i * ld, k);
 }
 
-// dot_rows_plain over blocks of kDotBlock columns, the block dots of a tile of rows
-// (on the stack) added to out.
+// dot_rows_plain over blocks of kDotBlock columns.
 template <typename T>
 inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
                      const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
@@ -172,16 +182,10 @@ inline void dot_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
         dot_rows_plain(k, len, u, rows, ld, out);
         return;
     }
-    constexpr index_t kTile = 256;
-    T part[kTile];
-    for (index_t i0 = 0; i0 < len; i0 += kTile) {
-        const index_t w = fp_min(kTile, len - i0);
-        dot_rows_plain(kDotBlock, w, u, rows + i0 * ld, ld, out + i0);
-        for (index_t p = kDotBlock; p < k; p += kDotBlock) {
-            dot_rows_plain(fp_min(kDotBlock, k - p), w, u + p, rows + i0 * ld + p, ld, part);
-            for (index_t j = 0; j < w; ++j) out[i0 + j] += part[j];
-        }
-    }
+    sum_in_blocks(k, len, kDotBlock, out, [&](index_t p, index_t kb, index_t i0, index_t w,
+                                              T* dst) {
+        dot_rows_plain(kb, w, u + p, rows + i0 * ld + p, ld, dst);
+    });
 }
 
 // Threads for a matrix-vector product reading a k x len matrix: one contiguous
