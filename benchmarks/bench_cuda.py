@@ -273,7 +273,11 @@ def _summary(rows):
 def compile_only(cc):
     """Compile every kernel to PTX for ``cc`` without a GPU; report what matters."""
     os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
-    from numba import cuda, types
+    try:
+        from numba import cuda, types
+    except ImportError as exc:
+        print(f"--compile-only needs numba-cuda (pip install numba-cuda): {exc}")
+        return 1
     from numba.cuda import boolean, float32, float64, int64
     import numba.cuda.dispatcher as dispatcher
 

@@ -19,20 +19,23 @@ scikit-learn's and the numpy backend's non-GEMM work runs on 1 thread.  The tabl
 gives medians and best (minimum) times: on a shared machine the best time is the one
 least disturbed by other processes.
 
-Run as a script (prints a Markdown table for benchmarks/RESULTS.md)::
+Run as a script with fastprop installed (prints a Markdown table for
+benchmarks/RESULTS.md)::
 
-    PYTHONPATH=src python benchmarks/bench_sklearn.py            # 3 rounds
-    PYTHONPATH=src python benchmarks/bench_sklearn.py --rounds 1 --cases digits
+    python benchmarks/bench_sklearn.py            # 3 rounds
+    python benchmarks/bench_sklearn.py --rounds 1 --cases digits
 
-or with pytest-benchmark (one round per implementation and case)::
+or with pytest-benchmark (one round per implementation and case; ratios with
+``python benchmarks/report.py out.json --baseline sklearn``)::
 
-    PYTHONPATH=src python -m pytest benchmarks/bench_sklearn.py --benchmark-only
+    python -m pytest benchmarks/bench_sklearn.py --benchmark-only --benchmark-json=out.json
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 import warnings
 
@@ -97,12 +100,14 @@ def _limit_threads(threads=THREADS):
     return threadpool_limits(threads, user_api="blas")
 
 
-def _available(impl):
+def _available(impl, say=False):
     import fastprop as fp
     if impl == "fastprop-native":
         try:
             fp.backends.load("native")
-        except Exception:  # not built, or (editable install) a rebuild that failed
+        except Exception as exc:  # not built, or (editable install) a rebuild that failed
+            if say:
+                print(f"fastprop-native left out: {exc}", file=sys.stderr)
             return False
     return True
 
@@ -149,7 +154,7 @@ def main(argv=None):
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--threads", type=int, default=THREADS)
     args = parser.parse_args(argv)
-    impls = [i for i in args.impls if _available(i)]
+    impls = [i for i in args.impls if _available(i, say=True)]
     limiter = _limit_threads(args.threads)
     try:
         results = run(args.cases, args.dtypes, impls, args.rounds)

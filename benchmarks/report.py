@@ -72,7 +72,8 @@ def table(runs, baselines, flops):
     head = ["group"] + [f"{i} median" for i in impls]
     if flops:
         head += [f"{i} GFLOP/s" for i in impls]
-    ratio_cols = [(i, base) for base in baselines for i in impls if i != base]
+    ratio_cols = [(i, base) for base in baselines if base in impls  # (baselines run)
+                  for i in impls if i != base]
     head += [f"{i}/{base} speed" for i, base in ratio_cols]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, g in groups.items():
