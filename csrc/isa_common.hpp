@@ -38,6 +38,14 @@
 #define FASTPROP_RESTRICT
 #endif
 
+#if defined(__GNUC__) || defined(__clang__)
+#define FASTPROP_NOINLINE __attribute__((noinline))
+#elif defined(_MSC_VER)
+#define FASTPROP_NOINLINE __declspec(noinline)
+#else
+#define FASTPROP_NOINLINE
+#endif
+
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
