@@ -1202,3 +1202,39 @@ def test_a_step_that_makes_the_running_variance_infinite_is_refused(backend, rng
         hist = model.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=1,
                          batch_size=32, verbose=0, seed=0, on_nonfinite="skip")
     assert hist.skipped_steps == 2 and np.isfinite(bn.running_var).all()
+
+
+def test_keras_style_callback_objects(backend, rng):
+    """A callback object with Keras' methods (set_model, on_epoch_end returning None,
+    model.stop_training = True to stop) works as in Keras; a batch callback that runs
+    the step itself on a batch of another size leaves the epoch's accuracy alone
+    (it was counted from the step's output, overwritten by that call)."""
+    X, y = blobs(rng, n=64, classes=2)
+
+    class StopAtOne:
+        def set_model(self, model):
+            self.model = model
+
+        def on_epoch_end(self, epoch, logs):
+            self.seen = epoch
+            if epoch == 1:
+                self.model.stop_training = True
+
+    model = mlp()
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+
+    class Probe:
+        def __call__(self, epoch, logs):
+            return None
+
+        def on_train_batch_end(self, batch, logs):
+            step(X[:3], y[:3])  # (the step's output is now 3 rows)
+
+    cb = StopAtOne()
+    hist = model.fit(X, y, epochs=5, batch_size=16, verbose=0, callbacks=[cb, Probe()])
+    assert hist.stopped_epoch == 1 and cb.seen == 1 and len(hist["accuracy"]) == 2
+    assert 0.0 <= hist["accuracy"][-1] <= 1.0
+    hist = model.fit(X, y, epochs=2, batch_size=16, verbose=0, callbacks=[StopAtOne()])
+    assert hist.stopped_epoch == 1  # (the flag is reset by each fit: it ran epoch 1)
+    with pytest.raises(TypeError, match="on_epoch_end"):
+        model.fit(X, y, epochs=1, verbose=0, callbacks=[object()])

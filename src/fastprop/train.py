@@ -792,6 +792,7 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             set_model = getattr(cb, "set_model", None)
             if set_model is not None:
                 set_model(model)
+    model.__dict__["stop_training"] = False  # (Keras' flag, for callbacks to set)
     precheck = getattr(step.optimizer, "_precheck", None)
     if precheck is not None:  # (e.g. a state made before model.astype: refused now)
         precheck()
@@ -854,15 +855,15 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                         raise
                     history.skipped_steps += 1
                     continue
-                for cb in batch_callbacks:  # (after each applied update)
-                    cb.on_train_batch_end(start // batch_size, {"loss": value})
                 m = xb.shape[0]
                 total += value * w
                 weight += w
                 seen += m
-                if acc_fn is not None:
+                if acc_fn is not None:  # (before the callbacks: one may run the step)
                     h, c = acc_fn(step.output, yb)
                     hits, count = hits + h, count + c
+                for cb in batch_callbacks:  # (after each applied update)
+                    cb.on_train_batch_end(start // batch_size, {"loss": value})
                 if bar is not None:
                     bar.update(m)
                     now = time.perf_counter()
@@ -895,8 +896,11 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             if callbacks:
                 step.sync()  # (parameters trained on a device: the callbacks see them)
                 for cb in callbacks:  # (True itself: a schedule may return its rate)
-                    said = cb(epoch, dict(logs))
+                    said = cb(epoch, dict(logs)) if callable(cb) else cb.on_epoch_end(
+                        epoch, dict(logs))
                     stop = said is True or type(said) is np.bool_ and bool(said) or stop
+                # (Keras' way: a callback given the model sets model.stop_training)
+                stop = stop or model.__dict__.get("stop_training") is True
                 if stop:
                     history.stopped_epoch = epoch
             if checkpoint is not None and ((epoch + 1) % checkpoint_every == 0
@@ -926,9 +930,9 @@ def _check_callbacks(callbacks) -> list:
         if isinstance(cb, type):
             raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance "
                             f"({cb.__name__}(...))")
-        if not callable(cb):
-            raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs), got "
-                            f"{type(cb).__name__}")
+        if not callable(cb) and not callable(getattr(cb, "on_epoch_end", None)):
+            raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs) (or have "
+                            f"Keras' on_epoch_end(epoch, logs)), got {type(cb).__name__}")
     return list(callbacks)
 
 
