@@ -1412,3 +1412,30 @@ def test_batchnorm_without_running_statistics_in_batched_eval(backend, rng):
     assert all(np.array_equal(before[k], after[k]) for k in before)
     plain = fp.nn.Sequential(fp.nn.Dense(3, 2, rng=0))
     np.testing.assert_array_equal(plain.predict(X, batch_size=4), plain.predict(X))
+
+
+def test_a_subclass_of_sequential_registers_its_own_attributes(backend, rng):
+    """A subclass of Sequential (or Residual) that sets a module of its own as an
+    attribute has it among its children, parameters and state (the container's own
+    list alone was used); plain containers are unchanged."""
+    class WithHead(fp.nn.Sequential):
+        def __init__(self):
+            super().__init__(fp.nn.Dense(3, 4, "relu", rng=0))
+            self.head = fp.nn.Dense(4, 2, rng=1)
+
+        def forward(self, x):
+            return self.head(super().forward(x))
+
+        def backward(self, grad_out, input_grad=True):
+            return super().backward(self.head.backward(grad_out), input_grad)
+
+    model = WithHead()
+    assert model.children() == [model.layers[0], model.head]
+    assert len(model.parameters()) == 4 and "2.weight" in model.state_dict()
+    X, y = rng.standard_normal((32, 3)), rng.integers(0, 2, 32)
+    before = model.head.weight.value.copy()
+    model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, verbose=0)
+    assert not np.array_equal(before, model.head.weight.value)
+    plain = fp.nn.Sequential(fp.nn.ReLU())
+    plain.extra = fp.nn.Tanh()
+    assert plain.children() == [plain.layers[0]]

@@ -2,6 +2,7 @@
 with the Python path, checks finiteness before updating, rebinds replaced arrays and
 allocates nothing per step."""
 
+import copy
 import tracemalloc
 
 import numpy as np
@@ -591,3 +592,44 @@ def test_groups_that_differ_only_in_weight_decay_run_fused(name):
                 assert step._mask_key is None
         runs.append((model, np.concatenate([values, more])))
     _assert_agree(runs[0][0], runs[1][0], runs[0][1], runs[1][1], np.dtype(np.float64))
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_a_users_subclass_of_a_fused_layer_runs_its_own_code():
+    """A subclass of Dense (or Sequential, or an activation) that changes forward or
+    backward is not fused as the plain layer (its code was ignored by the native
+    step: a layer zeroing its output trained as a plain Dense); one that only adds
+    attributes still is."""
+
+    class Zeroed(fp.nn.Dense):
+        def forward(self, x):
+            return super().forward(x) * 0.0
+
+        def backward(self, grad_out, input_grad=True):
+            return super().backward(grad_out * 0.0, input_grad)
+
+    class Named(fp.nn.Dense):
+        label = "plain"
+
+    class Doubled(fp.nn.ReLU):
+        def forward(self, x):
+            return 2.0 * super().forward(x)
+
+        def backward(self, grad_out, input_grad=True):
+            return super().backward(2.0 * grad_out, input_grad)
+
+    x = np.random.default_rng(0).standard_normal((8, 3))
+    y = np.zeros(8, int)
+    with fp.use_backend("native"):
+        step = fp.nn.Sequential(Zeroed(3, 2, rng=0)).compile("cross_entropy", "sgd")
+        assert step(x, y) == pytest.approx(np.log(2), rel=1e-7)
+        assert step._fast is None
+        for model, fused in [(fp.nn.Sequential(Named(3, 2, rng=0)), True),
+                             (fp.nn.Sequential(fp.nn.Dense(3, 4, rng=0), Doubled(),
+                                               fp.nn.Dense(4, 2, rng=1)), False)]:
+            ref = copy.deepcopy(model)
+            compiled = model.compile("cross_entropy", "sgd")
+            got = compiled(x, y)
+            want = fp.losses.SoftmaxCrossEntropy()(ref(x), y)
+            assert got == pytest.approx(want, rel=1e-6)
+            assert (compiled._fast is not None) == fused

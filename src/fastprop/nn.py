@@ -370,6 +370,15 @@ class Module:
         "1.weight" and "2.weight")."""
         return [(str(i) if i else "", mod) for i, mod in enumerate(self.modules())]
 
+    def _extra_children(self, held) -> list:
+        """For a subclass of a container: the modules its own code set as attributes
+        besides those the container holds (registered as any module's; the base
+        containers have none, and their files list their layers only)."""
+        if type(self).__module__ == __name__:
+            return []
+        ids = {id(m) for m in held}
+        return [m for m in Module.children(self) if id(m) not in ids]
+
     def named_children(self) -> list:
         """(name, module) for each direct submodule: its attribute name, or its index
         in a container."""
@@ -1157,7 +1166,7 @@ class Residual(Module):
         _check_each_module_once(self, "Residual")
 
     def children(self):
-        return [self.block]
+        return [self.block] + self._extra_children([self.block])
 
     def get_config(self):
         return {}
@@ -1206,7 +1215,8 @@ class Sequential(Module):
         _check_each_module_once(self, "Sequential")
 
     def children(self):
-        return list(self.layers)
+        layers = list(self.layers)
+        return layers + self._extra_children(layers)
 
     def append(self, layer):
         if not isinstance(layer, Module):

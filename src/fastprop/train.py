@@ -72,12 +72,28 @@ class DenseStage(NamedTuple):
     alpha: float
 
 
+def _as_built(layer) -> bool:
+    """Whether ``layer`` computes what fastprop's own class of it does: its class keeps
+    that class's forward and backward (a user's subclass that changes them is run as
+    it is, layer by layer: a subclass of Dense was fused as a plain Dense, its own
+    code ignored)."""
+    cls = type(layer)
+    base = next((c for c in cls.__mro__ if c.__module__ == Module.__module__), None)
+    return base is not None and all(
+        getattr(cls, name) is getattr(base, name) for name in ("forward", "backward"))
+
+
 def dense_stages(model) -> list | None:
     """The model as a chain of dense stages (activation layers folded into the dense
-    layer before them), or None when it holds any other kind of layer."""
+    layer before them), or None when it holds any other kind of layer (or a layer
+    whose class changes forward or backward)."""
+    if not _as_built(model):
+        return None
     layers = list(model.layers) if isinstance(model, Sequential) else [model]
     stages: list = []
     for layer in layers:
+        if not _as_built(layer):
+            return None
         if isinstance(layer, Sequential):
             inner = dense_stages(layer)
             if inner is None:
