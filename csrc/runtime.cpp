@@ -19,8 +19,6 @@
 #include <sched.h>
 #include <strings.h>
 #include <unistd.h>
-
-#include <cstring>
 #endif
 
 #if defined(_WIN32)

@@ -12,9 +12,8 @@
 // outputs are split over threads (gemv_split) from 128k matrix elements: the
 // product is bound by reading the matrix from L2, and two cores have two L2s.
 // Accuracy: sums of k products in T, in blocks of kSumBlock as in the blocked GEMM
-// (different order);
-// each output is computed by one thread, so results do not depend on the thread
-// count.
+// (different order); each output is computed by one thread, so results do not
+// depend on the thread count.
 // Speed (Zen4 VM, float32 1x784x256, median of interleaved runs): 1 thread
 // 10.5-11.5 us (NumPy/OpenBLAS 9.8-11.2), 2 threads 6.5-6.8 us (NumPy 9.2-10.2:
 // OpenBLAS runs this GEMV on one thread).
@@ -72,7 +71,8 @@ inline T dot_lanes(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y, i
 // read the matrix 1.45x slower, 1x100000x64 in 1.2 ms against 0.82)
 template <typename T>
 FASTPROP_NOINLINE void axpy_block(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
-                       const T* FASTPROP_RESTRICT rows, index_t ld, T* FASTPROP_RESTRICT out) {
+                                  const T* FASTPROP_RESTRICT rows, index_t ld,
+                                  T* FASTPROP_RESTRICT out) {
     for (index_t j = 0; j < len; ++j) out[j] = T(0);
     index_t p = 0;
     for (; p + 4 <= k; p += 4) {

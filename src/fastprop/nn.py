@@ -921,13 +921,7 @@ class _Norm(Module):
     @classmethod
     def _file_bytes(cls, config):
         n = config.get("num_features", 0)
-        arrays = (config.get("affine", True) is not False) * 2
-        if cls is LayerNorm:
-            affine = config.get("elementwise_affine", True) is not False
-            arrays = affine + (affine and config.get("bias", True) is not False)
-        elif config.get("track_running_stats", True) is not False:
-            arrays += 2
-        return 4 * arrays * n if isinstance(n, int) and n > 0 else 0
+        return 4 * cls._file_arrays(config) * n if isinstance(n, int) and n > 0 else 0
 
     def _scale_shift(self):
         """(scale, shift) arrays for the kernels: the parameters', or ones / zeros
@@ -982,16 +976,20 @@ class BatchNorm1d(_Norm):
         track = flag(track_running_stats, "track_running_stats")
         super().__init__(num_features, eps, dtype, affine, affine)
         self.affine, self.track_running_stats = affine, track
-        self.momentum = _check_momentum(momentum)
-        if not track:  # (a subclass' own buffers stay)
+        if track:
+            self.running_mean = np.zeros(self.num_features, self._dtype)
+            self.running_var = np.ones(self.num_features, self._dtype)
+        else:  # (a subclass' own buffers stay)
             self._buffers = tuple(b for b in type(self)._buffers
                                   if b not in ("running_mean", "running_var"))
             self.running_mean = self.running_var = None
-            return
-        self.running_mean = np.zeros(self.num_features, self._dtype)
-        self.running_var = np.ones(self.num_features, self._dtype)
-        if self.momentum is None:
-            self._count_batches()
+        self.momentum = _check_momentum(momentum)  # (None: the batch count, __setattr__)
+
+    @staticmethod
+    def _file_arrays(config) -> int:
+        """The per-feature arrays a file of this config holds."""
+        affine = 2 * (config.get("affine", True) is not False)
+        return affine + 2 * (config.get("track_running_stats", True) is not False)
 
     def __setattr__(self, name, value):
         super().__setattr__(name, value)
@@ -1045,7 +1043,6 @@ class BatchNorm1d(_Norm):
     def _track(self, x, n, mean, invstd):
         m = self.momentum
         if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
-            self._count_batches()
             count = self.num_batches_tracked
             np.add(count, 1, out=count)  # (in place: no attribute set)
             m = 1.0 / float(count)
@@ -1101,6 +1098,12 @@ class LayerNorm(_Norm):
         super().__init__(num_features, eps, dtype, affine, affine and shift)
         self.elementwise_affine = affine
 
+    @staticmethod
+    def _file_arrays(config) -> int:
+        """The per-feature arrays a file of this config holds."""
+        affine = config.get("elementwise_affine", True) is not False
+        return affine + (affine and config.get("bias", True) is not False)
+
     def get_config(self):
         config = {"num_features": self.num_features, "eps": self.eps,
                   "dtype": self._dtype.name}
@@ -1140,7 +1143,7 @@ def _check_each_module_once(root, where):
     gradients).  Weight tying shares a Parameter between two modules instead."""
     seen = set()
 
-    def walk(mod):  # (every edge: modules() lists each module once)
+    def walk(mod):  # (every edge, back-references too: modules() skips those)
         if id(mod) in seen:
             raise ValueError(
                 f"{where}: the same {type(mod).__name__} instance is used twice; a module "
@@ -1219,15 +1222,8 @@ class Sequential(Module):
         return layers + self._extra_children(layers)
 
     def append(self, layer):
-        if not isinstance(layer, Module):
-            raise TypeError(f"layer must be a fastprop Module, got {type(layer).__name__}")
-        self.layers.append(layer)
-        try:
-            _check_each_module_once(self, "Sequential.append")
-        except ValueError:
-            self.layers.pop()
-            raise
-        return self
+        """Append ``layer``; returns self."""
+        return self._edit(lambda ls: ls.append(layer), "Sequential.append")
 
     def _edit(self, edit, where):
         """Apply ``edit`` to the layer list; undone if the result holds a non-module

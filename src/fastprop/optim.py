@@ -461,7 +461,10 @@ class Optimizer:
 
     def step(self) -> None:
         """Apply one update to every parameter from its ``.grad``."""
-        checked = self._precheck()
+        self._apply(self._precheck())
+
+    def _apply(self, checked) -> None:
+        """The update, once ``_precheck`` (which returned ``checked``) has passed."""
         for (_, names), members in zip(checked, self._members):
             for i in members:
                 for key in names:

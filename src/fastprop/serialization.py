@@ -141,6 +141,11 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
         pass
 
 
+def _stream_name(stream) -> str:
+    """What messages call a file object: its name, or its type."""
+    return getattr(stream, "name", None) or f"<{type(stream).__name__}>"
+
+
 def _is_stream(obj, method) -> bool:
     """A file object (with ``read``/``write``), not a path."""
     return not isinstance(obj, (str, bytes, os.PathLike)) and callable(
@@ -240,7 +245,7 @@ def _read(path):
         if not isinstance(blob, (bytes, bytearray)):
             raise TypeError(f"the file object must be opened in binary mode ('rb'): its "
                             f"read() returned {type(blob).__name__}, not bytes")
-        path = getattr(path, "name", None) or f"<{type(path).__name__}>"
+        path = _stream_name(path)
     else:
         path = os.fspath(path)
         with open(path, "rb") as f:  # OSError (FileNotFoundError, ...) propagates
@@ -289,8 +294,7 @@ def load(path) -> Module:
         ValueError: the file is not a fastprop model, or is corrupt or truncated.
     """
     header, arrays, data_bytes = _read(path)
-    where = repr(os.fspath(path) if not _is_stream(path, "read")
-                 else getattr(path, "name", None) or f"<{type(path).__name__}>")
+    where = repr(_stream_name(path) if _is_stream(path, "read") else os.fspath(path))
     try:
         model = model_from_tree(header["model"], [data_bytes])
     except (TypeError, ValueError, KeyError, AttributeError, RecursionError,

@@ -392,9 +392,7 @@ class TrainStep:
                 value = (fast(x, y, self.check_finite, not x_checked) if checks_x
                          else fast(x, y, self.check_finite))
             except ValueError:  # (refused before it ran: the optimizer's own message,
-                precheck = getattr(self.optimizer, "_precheck", None)  # naming the
-                if precheck is not None:                                # parameter)
-                    precheck()
+                self.optimizer._precheck()  # naming the parameter, where it has one)
                 raise
             self.output = fast.output
             return value
@@ -409,9 +407,10 @@ class TrainStep:
                 check_finite(x, "x")
             else:
                 x = finite_float(x, "x", dt)
-        precheck = getattr(self.optimizer, "_precheck", None)
-        if precheck is not None:  # (a state of another dtype: refused before anything)
-            precheck()
+        # (a state of another dtype: refused before anything; checked once, the
+        # update below runs on it)
+        opt = self.optimizer
+        checked = opt._precheck()
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
         try:
@@ -443,7 +442,10 @@ class TrainStep:
                     norm2 = sum(be.sum_squares(gs) for gs in by_dtype.values())
                 if not math.isfinite(norm2) and not all(np.isfinite(g).all() for g in grads):
                     raise NonFiniteError("non-finite gradient")
-            self.optimizer.step()
+            if type(opt).step is _optim.Optimizer.step:
+                opt._apply(checked)
+            else:  # (a subclass' own step)
+                opt.step()
         except BaseException:
             for buf, old in saved:
                 buf[...] = old
@@ -672,15 +674,15 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             ``epochs`` in total.  With the same model architecture, data, settings,
             backend and thread count, a resumed run ends with bit-identical
             parameters to one that was never interrupted.  A checkpoint of another
-            architecture, loss, optimizer type, sample count, batch size or shuffle setting
-            is rejected (ValueError) before anything changes; the optimizer's
+            architecture, loss, optimizer type, sample count, batch size or shuffle
+            setting is rejected (ValueError) before anything changes; the optimizer's
             hyperparameters (lr, ...) are restored from it, as its state is.
 
         callbacks: callables ``cb(epoch, logs)`` run after each epoch (``epoch``
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
-            training after that epoch (``History.stopped_epoch``; True itself or a NumPy True, so a
-            schedule may return its rate).  A callback with an
+            training after that epoch (``History.stopped_epoch``; True itself or a
+            NumPy True, so a schedule may return its rate).  A callback with an
             ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
             ValueError).  A learning-rate schedule sets the next epoch's rate:
@@ -808,11 +810,9 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             set_model = getattr(cb, "set_model", None)
             if set_model is not None:
                 set_model(model)
-    model.__dict__["stop_training"] = False  # (Keras' flag, for callbacks to set)
-    precheck = getattr(step.optimizer, "_precheck", None)
-    if precheck is not None:  # (e.g. a state made before model.astype: refused now)
-        precheck()
+    step.optimizer._precheck()  # (e.g. a state made before model.astype: refused now)
     # (the last check above: from here on the model is changed)
+    model.__dict__["stop_training"] = False  # (Keras' flag, for callbacks to set)
     dropouts = [mod for mod in model.modules() if isinstance(mod, Dropout)]
     seeds = np.random.SeedSequence(seed).spawn(1 + len(dropouts))
     rng = np.random.default_rng(seeds[0])
