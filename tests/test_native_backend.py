@@ -13,6 +13,9 @@ checked (test_subprocess_isa_suite).
 
 import importlib
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 import warnings
@@ -266,6 +269,43 @@ def test_subprocess_isa_env_values():
     isa, req, note = _isa_probe("sse9")
     assert req == "sse9" and "unknown FASTPROP_ISA" in note
     assert isa == avail[-1]
+
+
+_BASELINE_ISA_OPS = re.compile(
+    r"%[yz]mm|%k[0-7]\b"                     # 256/512-bit registers, AVX-512 masks
+    r"|^v(?!err|erw)[a-z]"                   # VEX/EVEX-encoded instructions
+    r"|^(andn|bextr|blsi|blsmsk|blsr|bzhi|mulx|pdep|pext|rorx|sarx|shlx|shrx"
+    r"|lzcnt|tzcnt|movbe)\b")                # BMI1/BMI2/LZCNT/MOVBE: not in x86-64-v2
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="an x86-64 check")
+@pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
+def test_only_isa_units_hold_instructions_beyond_x86_64_v2():
+    """The wheel runs on any x86-64-v2 CPU: outside the avx2/avx512 namespaces the
+    module holds no AVX, AVX-512 or BMI instruction.  This also catches the inline
+    or template function that an ISA unit and the baseline both emit, of which the
+    linker keeps one copy: if it kept the AVX2 one, the generic path would run it."""
+    out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", _native.__file__],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    func, isa_funcs, offenders = None, 0, {}
+    for line in out.stdout.splitlines():
+        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        if head:
+            func = head.group(1)
+            isa_funcs += "::avx2::" in func or "::avx512::" in func
+            continue
+        parts = line.split("\t")
+        if func is None or len(parts) < 2 or "::avx2::" in func or "::avx512::" in func:
+            continue
+        insn = parts[-1].strip()
+        if _BASELINE_ISA_OPS.search(insn):
+            offenders.setdefault(func, insn)
+    if "avx2" in _native.available_isas():
+        assert isa_funcs > 50, "no ISA-unit functions found: the namespaces moved?"
+    assert not offenders, "instructions beyond x86-64-v2 outside the ISA units:\n" + \
+        "\n".join(f"{f[:120]}: {i}" for f, i in list(offenders.items())[:20])
 
 
 @pytest.mark.skipif(os.environ.get("FASTPROP_NATIVE_ISA_CHILD") == "1",
