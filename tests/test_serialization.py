@@ -5,6 +5,8 @@ import io
 import json
 import os
 import pathlib
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -373,6 +375,47 @@ def test_a_users_class_named_like_a_builtin_does_not_replace_it(tmp_path, rng):
                                             "arrays": []}).encode()))
         with pytest.raises(ValueError):
             fp.load(path)
+
+
+_SCRIPT_LAYER = """
+import sys
+import numpy as np
+import fastprop as fp
+
+class Gated(fp.nn.Module):
+    def __init__(self, n=3):
+        super().__init__()
+        self.n = n
+        self.scale = fp.Parameter(np.arange(n, dtype=np.float32))
+
+    def get_config(self):
+        return {"n": self.n}
+
+    def forward(self, x):
+        return x * self.scale.value
+
+path = sys.argv[2]
+if sys.argv[1] == "save":
+    model = fp.nn.Sequential(fp.nn.Dense(2, 3, rng=0), Gated())
+    model.layers[1].scale.value = [5.0, 6.0, 7.0]
+    fp.save(model, path)
+back = fp.load(path)
+assert type(back.layers[1]) is Gated, type(back.layers[1])
+print(back.layers[1].scale.value.tolist())
+"""
+
+
+def test_a_layer_class_defined_in_the_script_run_saves_and_loads(tmp_path):
+    """A class defined in the script being run (module ``__main__``) loads back, in the
+    same process and in a later run of the script (its key "__main__.Gated" starts with
+    "_", as fastprop's private bases do: they alone are left unregistered)."""
+    script = tmp_path / "train.py"
+    script.write_text(_SCRIPT_LAYER)
+    for mode in ("save", "load"):
+        out = subprocess.run([sys.executable, str(script), mode, str(tmp_path / "m.fp")],
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr
+        assert out.stdout.split() == ["[5.0,", "6.0,", "7.0]"]
 
 
 def test_a_file_naming_a_user_class_by_its_bare_name_still_loads(tmp_path):

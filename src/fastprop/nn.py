@@ -206,7 +206,9 @@ class Module:
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
         key = _registry_key(cls)
-        if not key.startswith("_"):  # (fastprop's private bases are no layers to load)
+        # (fastprop's private bases are no layers to load; a user's class is, a
+        # script's too, whose key "__main__.Name" also starts with "_")
+        if key != cls.__name__ or not key.startswith("_"):
             _registry[key] = cls
 
     @classmethod
