@@ -1311,3 +1311,117 @@ def test_robust_loss_mean_of_huge_terms_is_finite(backend):
     before the division)."""
     p = np.full(1000, 1.7e308)
     assert fp.losses.L1()(p, -p * 0) == pytest.approx(1.7e308, rel=1e-12)
+
+
+# ------------------------------------------------ parameters without a gradient (None)
+_NO_GRAD_OPTS = {
+    "sgd": (lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05),
+            lambda t, ps: t.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.05)),
+    "adam": (lambda ps: optim.Adam(ps, lr=0.05, weight_decay=0.05),
+             lambda t, ps: t.optim.Adam(ps, lr=0.05, weight_decay=0.05)),
+    "adamw": (lambda ps: optim.AdamW(ps, lr=0.05, weight_decay=0.1),
+              lambda t, ps: t.optim.AdamW(ps, lr=0.05, weight_decay=0.1)),
+    "rmsprop": (lambda ps: optim.RMSprop(ps, lr=0.01, momentum=0.5, weight_decay=0.05),
+                lambda t, ps: t.optim.RMSprop(ps, lr=0.01, momentum=0.5, weight_decay=0.05)),
+    "adagrad": (lambda ps: optim.Adagrad(ps, lr=0.1, weight_decay=0.05),
+                lambda t, ps: t.optim.Adagrad(ps, lr=0.1, weight_decay=0.05)),
+}
+_HEADS = [0, 0, 1, 0, 1, 1, 0]  # which head each step trains
+
+
+@pytest.mark.parametrize("name", sorted(_NO_GRAD_OPTS))
+def test_a_branch_a_step_does_not_use_is_skipped_as_in_pytorch(backend, name, rng):
+    """A shared trunk with two heads, one head per step (multi-task training): after
+    ``zero_grad()`` the unused head has no gradient and the step leaves it, its state
+    and its own step count alone, as PyTorch's step skips a None gradient.  Every
+    parameter matches torch after each step (it moved by momentum and weight decay
+    before).  With ``zero_grad(set_to_none=False)`` both, as torch, update it once it
+    has had a gradient."""
+    torch = pytest.importorskip("torch")
+    X, Y = rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
+    for set_to_none in (True, False):
+        trunk = nn.Dense(4, 5, "tanh", dtype=np.float64, rng=1)
+        heads = [nn.Dense(5, 2, dtype=np.float64, rng=2 + i) for i in range(2)]
+        params = trunk.parameters() + heads[0].parameters() + heads[1].parameters()
+        opt = _NO_GRAD_OPTS[name][0](params)
+        tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
+                           requires_grad=True) for p in params]
+        topt = _NO_GRAD_OPTS[name][1](torch, tw)
+        tx, ty, loss = torch.tensor(X), torch.tensor(Y), fp.losses.MSE()
+        for k, h in enumerate(_HEADS):
+            before = heads[1 - h].weight.value.copy()
+            opt.zero_grad(set_to_none=set_to_none)
+            out = heads[h](trunk(X))
+            loss.forward(out, Y)
+            trunk.backward(heads[h].backward(loss.backward()))
+            topt.zero_grad(set_to_none=set_to_none)
+            hid = (tx @ tw[0].T + tw[1]).tanh()
+            tout = hid @ tw[2 + 2 * h].T + tw[3 + 2 * h]
+            ((tout - ty) ** 2).mean().backward()
+            assert [p.has_grad for p in params] == [t.grad is not None for t in tw]
+            assert heads[1 - h].weight.has_grad == (not set_to_none and 1 - h in _HEADS[:k])
+            opt.step()
+            topt.step()
+            for p, t in zip(params, tw):
+                ref = t.detach().numpy()
+                np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
+                                           rtol=1e-11, atol=1e-13, err_msg=f"step {k} param {params.index(p)}")
+            if set_to_none:
+                np.testing.assert_array_equal(heads[1 - h].weight.value, before)
+        if set_to_none:  # (its own step count: the steps it took)
+            assert opt._lags()[-1] == _HEADS.count(0) and opt._lags()[0] == 0
+
+
+def test_grad_none_and_grad_assignment():
+    """``p.grad = None`` (PyTorch's idiom) zeros the gradient and leaves the parameter
+    out of the next step; training then works (it raised TypeError/AttributeError in
+    backward, zero_grad and the compiled step); ``p.grad = g`` copies g into the
+    gradient (converted to its dtype), another shape is a ValueError; a fresh
+    parameter has no gradient until something uses ``grad``."""
+    model = nn.Sequential(nn.Dense(3, 4, "relu", rng=0), nn.Dense(4, 2, rng=1))
+    w = model[0].weight
+    assert not w.has_grad  # (fresh, as torch's None)
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    start = [p.value.copy() for p in model.parameters()]
+    opt.step()  # nothing has a gradient: nothing moves (torch: all None)
+    for p, s in zip(model.parameters(), start):
+        np.testing.assert_array_equal(p.value, s)
+    x, y = np.ones((5, 3), np.float32), np.arange(5) % 2
+    step = model.compile("cross_entropy", opt)
+    step(x, y)
+    array = w.grad
+    w.grad = None
+    assert not w.has_grad and not array.any()
+    assert w.grad is array and w.has_grad  # (a use of .grad marks it)
+    w.grad = None
+    frozen_value = w.value.copy()
+    model[1].weight.grad[...] = 1.0  # a user's gradient, written through .grad
+    opt.step()
+    np.testing.assert_array_equal(w.value, frozen_value)  # no gradient: left alone
+    assert model[1].weight.has_grad
+    model.zero_grad()
+    step(x, y)  # the compiled step, and the layer path, run after grad = None
+    out = model(x)
+    model.backward(np.ones_like(out))
+    assert w.has_grad and w.grad.any()
+    g64 = np.full(w.shape, 0.5)
+    w.grad = g64
+    assert w.grad is array and w.grad.dtype == np.float32 and (w.grad == 0.5).all()
+    g64[...] = 2.0  # (a copy: the caller's array is not the gradient)
+    assert (w.grad == 0.5).all()
+    w.grad = [[1.0] * 4] * 3
+    assert (w.grad == 1.0).all()
+    with pytest.raises(ValueError, match=r"shape \(3, 4\), got \(4, 3\)"):
+        w.grad = np.zeros((4, 3))
+    assert (w.grad == 1.0).all()
+
+
+def test_clip_grad_norm_leaves_out_parameters_without_a_gradient():
+    """Clipping reads and scales only parameters with a gradient (torch: not None),
+    and does not give the others one."""
+    a = fp.Parameter(np.zeros(2))
+    b = fp.Parameter(np.zeros(2))
+    a.grad[...] = [3.0, 4.0]
+    assert fp.clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
+    assert not b.has_grad
+    np.testing.assert_allclose(a.grad, [0.6, 0.6 * 4 / 3], rtol=1e-5)

@@ -668,11 +668,14 @@ def test_fused_step_with_replaced_arrays_rejects_or_stays_in_bounds(target, laye
             attr = "grad" if target.endswith(".grad") else "value"
             new = _mutated(getattr(p, attr), how, g, dt, seed)
             if isinstance(new, np.ndarray):
-                try:
-                    setattr(p, attr, new)
-                except ValueError:  # a Parameter's value keeps its shape (its setter
-                    assert attr == "value" and new.shape != p.shape  # converts the rest)
-                    return
+                if attr == "grad":  # (`p.grad = new` copies into the array: the
+                    p._grad = new   # array itself replaced, as only code inside could)
+                else:
+                    try:
+                        p.value = new
+                    except ValueError:  # a Parameter's value keeps its shape (its
+                        assert new.shape != p.shape  # setter converts the rest)
+                        return
         with contextlib.suppress(TypeError, ValueError), np.errstate(all="ignore"):
             step(x, y)
     g.check()

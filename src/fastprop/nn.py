@@ -71,9 +71,19 @@ class Parameter:
         grad: np.ndarray of the same shape and dtype, zeros until backward adds to it.
         requires_grad: False freezes the parameter (as in PyTorch): backward leaves
             its ``grad`` alone (zeros), optimizers and the gradient clipping skip it.
+
+    As PyTorch's optimizers skip a parameter whose gradient is None, fastprop's skip
+    one that has no gradient: one whose ``grad`` nothing has used since the parameter
+    was made, since ``zero_grad()`` (``set_to_none=True``, the default, as PyTorch's)
+    or since ``p.grad = None``.  Backward marks each gradient it adds to, and so does
+    any use of ``p.grad`` (a user's ``p.grad += g`` or ``p.grad[...] = g``), so a
+    branch of a model that a step does not use keeps its values, its optimizer state
+    and its own step count, as in PyTorch.  ``grad`` itself is always an array (zeros
+    when there is no gradient): ``p.grad = g`` copies ``g`` into it (the parameter's
+    shape; converted to its dtype).
     """
 
-    __slots__ = ("_value", "grad", "name", "_frozen")
+    __slots__ = ("_value", "_grad", "name", "_frozen", "_no_grad")
 
     def __init__(self, value, name: str | None = None):
         value = np.array(as_array(value, "value"), copy=True)
@@ -81,9 +91,43 @@ class Parameter:
             wide = value.dtype.kind in "biu" or value.dtype.itemsize >= 8
             value = value.astype(np.float64 if wide else np.float32)
         self._value = np.ascontiguousarray(value)
-        self.grad = np.zeros_like(self._value)
+        self._grad = np.zeros_like(self._value)
         self.name = name
         self._frozen = False
+        self._no_grad = True
+
+    @property
+    def grad(self) -> np.ndarray:
+        """The accumulated gradient (an array of the parameter's shape and dtype).
+        Using it marks the parameter as having a gradient for the next optimizer
+        step (see the class docstring)."""
+        self._no_grad = False
+        return self._grad
+
+    @grad.setter
+    def grad(self, new) -> None:
+        old = getattr(self, "_grad", None)
+        if old is None:  # (unpickling an older Parameter, whose slot was `grad`)
+            self._grad = new
+            return
+        if new is None:  # (PyTorch's idiom for "no gradient")
+            old.fill(0)
+            self._no_grad = True
+            return
+        arr = as_array(new, "grad")
+        if arr.shape != old.shape:
+            label = f"Parameter {self.name!r}" if getattr(self, "name", None) else "Parameter"
+            raise ValueError(f"{label}: grad must have the parameter's shape {old.shape}, "
+                             f"got {arr.shape}")
+        np.copyto(old, arr, casting="unsafe")
+        self._no_grad = False
+
+    @property
+    def has_grad(self) -> bool:
+        """Whether the next optimizer step updates this parameter: False when nothing
+        used ``grad`` since ``zero_grad()`` (or ``p.grad = None``), where PyTorch's
+        ``p.grad`` is None.  (Reading this does not count as a use.)"""
+        return not getattr(self, "_no_grad", False)
 
     @property
     def requires_grad(self) -> bool:
@@ -134,8 +178,13 @@ class Parameter:
     def size(self):
         return self.value.size
 
-    def zero_grad(self) -> None:
-        self.grad.fill(0)
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Zero ``grad``; with ``set_to_none`` (as PyTorch) the parameter also has no
+        gradient until something uses ``grad`` again (an optimizer step skips it).
+        Without, one that had none still has none, as PyTorch's None stays None."""
+        self._grad.fill(0)
+        if set_to_none:
+            self._no_grad = True
 
     def __repr__(self):
         label = f"{self.name}, " if self.name else ""
@@ -500,10 +549,12 @@ class Module:
         return self
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Set every parameter's ``.grad`` to zeros (``set_to_none`` is accepted for
-        PyTorch code: gradients here are always arrays, so it zeros them too)."""
+        """Set every parameter's ``.grad`` to zeros.  With ``set_to_none`` (the default,
+        as PyTorch's) a parameter that the next backward does not reach has no
+        gradient, and an optimizer step skips it as PyTorch's skips a None gradient
+        (see :class:`Parameter`); gradients stay arrays."""
         for p in self.parameters():
-            p.grad.fill(0)
+            p.zero_grad(set_to_none)
 
     def train(self, mode: bool = True):
         """Put this module and all its submodules in training mode (eval mode when
@@ -561,7 +612,7 @@ class Module:
                 p = getattr(mod, attr)
                 if p is not None:
                     p._value = p.value.astype(dtype)
-                    p.grad = np.zeros_like(p.value)
+                    p._grad = np.zeros_like(p.value)
             for attr in mod._buffers:
                 buf = getattr(mod, attr)
                 if buf.dtype.kind == "f":

@@ -393,14 +393,15 @@ class Optimizer:
         return f"{type(self).__name__}({len(self.params)} params, {args}{groups})"
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        """Zero every parameter's ``.grad`` (``set_to_none`` accepted for PyTorch
-        code: gradients are always arrays here)."""
+        """Zero every parameter's ``.grad``; with ``set_to_none`` (the default, as
+        PyTorch's) a parameter that no backward reaches before the next step is
+        skipped by it (:class:`~fastprop.nn.Parameter`)."""
         for p in self.params:
-            p.grad.fill(0)
+            p.zero_grad(set_to_none)
 
     def _check(self) -> None:
         for i, p in enumerate(self.params):
-            g = p.grad
+            g = p._grad
             if not isinstance(g, np.ndarray) or g.shape != p.value.shape or g.dtype != p.value.dtype:
                 raise ValueError(
                     f"params[{i}].grad must be an array of shape {p.value.shape} and dtype "
@@ -421,12 +422,12 @@ class Optimizer:
     def _groups(self, members, lag, frozen):
         """[(indices, own step)]: the parameters of ``members`` to update, grouped by
         dtype and by their own step count (a backend call takes one of each).  Frozen
-        ones are skipped, as PyTorch skips a parameter without a gradient, and listed
-        in ``frozen`` (they sit the step out)."""
+        ones and ones without a gradient are skipped, as PyTorch skips a parameter
+        whose gradient is None, and listed in ``frozen`` (they sit the step out)."""
         groups: dict = {}
         for i in members:
             p = self.params[i]
-            if p.requires_grad:
+            if p.requires_grad and p.has_grad:
                 groups.setdefault((p.value.dtype, int(lag[i])), []).append(i)
             else:
                 frozen.append(i)
@@ -482,7 +483,7 @@ class Optimizer:
         try:
             for h, names, idx, step in work:
                 params = [self.params[i].value for i in idx]
-                grads = [self.params[i].grad for i in idx]
+                grads = [self.params[i]._grad for i in idx]
                 states = {k: [self.state[i][k] for i in idx] for k in names}
                 if takes_step:
                     self._update(be, params, grads, states, h, step)
@@ -788,8 +789,9 @@ def _grads_by_dtype(params):
     params = _param_list(params)
     groups: dict = {}
     for p in params:
-        if p.requires_grad:  # (frozen parameters are skipped, as in PyTorch)
-            groups.setdefault(p.grad.dtype, []).append(p.grad)
+        # (frozen parameters and ones without a gradient are skipped, as in PyTorch)
+        if p.requires_grad and p.has_grad:
+            groups.setdefault(p._grad.dtype, []).append(p._grad)
     return list(groups.values())
 
 

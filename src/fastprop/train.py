@@ -430,7 +430,7 @@ class TrainStep:
             model.zero_grad()
             model.backward(grad, input_grad=False)
             if self.check_finite:
-                grads = [p.grad for p in self.optimizer.params]
+                grads = [p._grad for p in self.optimizer.params]
                 # (the sum of squares overflows for finite gradients above ~1e154 in
                 # float64: confirmed element by element before raising; one call per
                 # dtype, as a kernel takes one)
