@@ -158,6 +158,16 @@ ROWS = [
     R("linear-backward-y-shape", lambda c: ops.linear_backward(
         np.ones((3, 5)), c.a, c.b, np.ones((3, 4)), activation="tanh"), ValueError,
       r"y must have shape \(3, 5\)"),
+    # (an operand given but not needed is checked too: a wrong shape is a mistake)
+    R("linear-backward-unused-z-shape", lambda c: ops.linear_backward(
+        np.ones((3, 5)), c.a, c.b, np.ones((3, 5)), activation="relu", z=np.ones(15)),
+      ValueError, r"z must have shape \(3, 5\), got \(15,\)"),
+    R("linear-backward-unused-y-shape", lambda c: ops.linear_backward(
+        np.ones((3, 5)), c.a, c.b, np.ones((5, 3)), activation="gelu", z=np.ones((3, 5))),
+      ValueError, r"y must have shape \(3, 5\), got \(5, 3\)"),
+    R("activation-backward-unused-x-shape", lambda c: ops.activation_backward(
+        "relu", np.ones((2, 3)), np.ones((3, 2)), np.ones((2, 3))), ValueError,
+      r"x must have shape \(2, 3\), got \(3, 2\)"),
     R("activation-unknown", lambda c: ops.activation("Relu", c.a), ValueError,
       r"unknown activation 'Relu'"),
     R("activation-none-name", lambda c: ops.activation(["relu"], c.a), TypeError,

@@ -197,23 +197,24 @@ def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
     return grad_x, grad_w, grad_b
 
 
-def _act_operands(act, y, z, shape, dtype):
-    """Check the forward values an activation's backward needs."""
+def _act_operands(act, y, z, shape, dtype, z_name="z"):
+    """Check the forward values an activation's backward needs (and the shape of one
+    given but not needed: a wrong one is a mistake, not a value to ignore)."""
     name = next(k for k, v in ACTIVATIONS.items() if v == act)
+    for arr, arg in ((y, "y"), (z, z_name)):
+        if arr is not None:
+            check_shape(as_array(arr, arg), shape, arg)
     if act == ACTIVATIONS["gelu"]:
         if z is None:
             raise ValueError("gelu backward needs the pre-activation: pass x "
                              "(activation_backward) or z (linear_backward)")
-        z = as_float(z, "z", dtype)
-        check_shape(z, shape, "z")
+        z = as_float(z, z_name, dtype)
         return None, z
     if act == 0:
         return None, None
     if y is None:
         raise ValueError(f"{name} backward needs the forward output y")
-    y = as_float(y, "y", dtype)
-    check_shape(y, shape, "y")
-    return y, None
+    return as_float(y, "y", dtype), None
 
 
 def activation(name, x, *, alpha=0.01, out=None):
@@ -250,7 +251,7 @@ def activation_backward(name, grad_y, x, y, *, alpha=0.01):
     grad_y = as_float(grad_y, "grad_y", compute_dtype(*given))
     if act == ACTIVATIONS["softmax"] and grad_y.ndim == 0:
         raise ValueError("softmax needs at least 1-D input")
-    y_, x_ = _act_operands(act, y, x, grad_y.shape, grad_y.dtype)
+    y_, x_ = _act_operands(act, y, x, grad_y.shape, grad_y.dtype, "x")
     grad_x = np.empty_like(grad_y)
     if grad_y.size:
         backends.current().activation_backward(act, alpha, grad_y, x_, y_, grad_x)
