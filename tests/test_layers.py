@@ -1230,6 +1230,46 @@ def test_container_and_module_api_as_pytorch(backend, rng):
     assert (missing, unexpected) == (["1.weight"], ["extra"])
 
 
+def test_pytorch_spellings(backend, rng, tmp_path):
+    """What a port from PyTorch writes: ReLU/LeakyReLU/Dropout(inplace=...),
+    LeakyReLU(negative_slope=), Softmax(dim=) (the last axis; another is refused at
+    forward, and a chain with it is not fused as a row softmax), GELU(approximate=
+    "tanh") (its exact form refused, not silently replaced), module.double() / .float()
+    / .cpu(), Parameter.data."""
+    x = rng.standard_normal((4, 3))
+    np.testing.assert_array_equal(fp.nn.ReLU(inplace=True)(x), np.maximum(x, 0))
+    leaky = fp.nn.LeakyReLU(negative_slope=0.2, inplace=True)
+    assert leaky.alpha == 0.2 and fp.nn.LeakyReLU(0.3).alpha == 0.3
+    np.testing.assert_allclose(leaky(x), np.where(x > 0, x, 0.2 * x))
+    assert fp.nn.Dropout(0.1, inplace=False).p == 0.1
+    with pytest.raises(TypeError, match="inplace"):
+        fp.nn.ReLU(inplace="yes")
+    expect = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)
+    for dim in (-1, 1, None):
+        np.testing.assert_allclose(fp.nn.Softmax(dim=dim)(x), expect, rtol=1e-12)
+    with pytest.raises(ValueError, match=r"Softmax\(dim=0\) on a 2-D input"):
+        fp.nn.Softmax(dim=0)(x)
+    with pytest.raises(TypeError, match="dim"):
+        fp.nn.Softmax(dim=0.5)
+    model = fp.nn.Sequential(fp.nn.Dense(3, 2, dtype=np.float64, rng=0), fp.nn.Softmax(dim=0))
+    assert fp.train.dense_stages(model) is None
+    assert fp.train.dense_stages(fp.nn.Sequential(model[0], fp.nn.Softmax(dim=1)))[0].act \
+        == fp.backends.ACTIVATIONS["softmax"]
+    fp.save(fp.nn.Sequential(model[0], fp.nn.Softmax(dim=1)), tmp_path / "s.fp")
+    assert fp.load(tmp_path / "s.fp")[1].dim == 1
+    np.testing.assert_array_equal(fp.nn.GELU(approximate="tanh")(x), fp.nn.GELU()(x))
+    with pytest.raises(ValueError, match="approximate must be 'tanh'"):
+        fp.nn.GELU(approximate="none")
+    net = fp.nn.Sequential(fp.nn.Dense(3, 2, rng=0))
+    assert net.double() is net and net[0].weight.dtype == np.float64
+    assert net.float() is net and net[0].weight.dtype == np.float32
+    assert net.cpu() is net
+    w = net[0].weight
+    assert w.data is w.value
+    w.data = np.ones((3, 2))
+    assert w.value.dtype == np.float32 and (w.value == 1).all()
+
+
 _NORM_OPTIONS = [
     ("bn", {"affine": False}), ("bn", {"track_running_stats": False}),
     ("bn", {"momentum": None}), ("bn", {"affine": False, "momentum": None}),

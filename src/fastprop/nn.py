@@ -167,6 +167,15 @@ class Parameter:
         self._value = np.array(arr, dtype=old.dtype, order="C", copy=True)
 
     @property
+    def data(self) -> np.ndarray:
+        """``value`` under PyTorch's name (assigning copies in, as ``value`` does)."""
+        return self._value
+
+    @data.setter
+    def data(self, new) -> None:
+        self.value = new
+
+    @property
     def shape(self):
         return self.value.shape
 
@@ -593,6 +602,22 @@ class Module:
         """Constructor arguments (JSON-able) that rebuild this module's architecture."""
         return {}
 
+    def double(self):
+        """``astype(np.float64)``, as PyTorch's ``module.double()``."""
+        return self.astype(np.float64)
+
+    def float(self):
+        """``astype(np.float32)``, as PyTorch's ``module.float()``."""
+        return self.astype(np.float32)
+
+    def cpu(self):
+        """``to("cpu")``, as PyTorch's."""
+        return self.to("cpu")
+
+    def cuda(self):
+        """``to("cuda")``, as PyTorch's."""
+        return self.to("cuda")
+
     def astype(self, dtype):
         """Convert every parameter and buffer of this module and its submodules to
         ``dtype`` (float32 or float64) in place, and return the module (as PyTorch's
@@ -860,7 +885,12 @@ class Identity(Activation):
 
 
 class ReLU(Activation):
+    """max(x, 0).  ``inplace`` is accepted for PyTorch code and has no effect."""
     name = "relu"
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        flag(inplace, "inplace")
 
 
 class Sigmoid(Activation):
@@ -872,21 +902,54 @@ class Tanh(Activation):
 
 
 class GELU(Activation):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))."""
+    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
+
+    ``approximate`` is PyTorch's argument: "tanh" (this form) is the one there is;
+    PyTorch's default "none" (the exact erf form, within 4.7e-4 of this one) is a
+    ValueError rather than a silently different function."""
     name = "gelu"
+
+    def __init__(self, approximate: str = "tanh"):
+        super().__init__()
+        if approximate != "tanh":
+            raise ValueError(f"approximate must be 'tanh' (fastprop's GELU is the tanh "
+                             f"approximation; PyTorch's exact 'none' form is not "
+                             f"available), got {approximate!r}")
 
 
 class Softmax(Activation):
+    """Softmax over the last axis.  ``dim`` is PyTorch's argument: any value naming
+    the last axis of the input (-1, or 1 for the usual (batch, classes)); another
+    axis is a ValueError at forward."""
     name = "softmax"
+    _attr_checks = {"dim": lambda v: integer(v, "dim")}
+
+    def __init__(self, dim: int = -1):
+        super().__init__()
+        self.dim = integer(-1 if dim is None else dim, "dim")
+
+    def get_config(self):
+        return {} if self.dim == -1 else {"dim": self.dim}
+
+    def forward(self, x):
+        ndim = np.ndim(x)
+        if ndim and self.dim not in (-1, ndim - 1):
+            raise ValueError(f"Softmax(dim={self.dim}) on a {ndim}-D input: fastprop's "
+                             f"Softmax normalises the last axis (dim=-1 or {ndim - 1})")
+        return super().forward(x)
 
 
 class LeakyReLU(Activation):
-    """max(x, 0) + alpha min(x, 0), alpha >= 0."""
+    """max(x, 0) + alpha min(x, 0), alpha >= 0 (``negative_slope``, PyTorch's name for
+    alpha, is accepted too; ``inplace`` is accepted and has no effect)."""
     name = "leaky_relu"
     _attr_checks = {"alpha": lambda v: real(v, "alpha", low=0)}
 
-    def __init__(self, alpha=0.01):
+    def __init__(self, alpha=0.01, inplace: bool = False, *, negative_slope=None):
         super().__init__()
+        flag(inplace, "inplace")
+        if negative_slope is not None:
+            alpha = negative_slope
         self.alpha = real(alpha, "alpha", low=0)
 
     def get_config(self):
@@ -908,8 +971,9 @@ class Dropout(Module):
     def _kept_caches(self):
         return () if self.freeze_mask else self._caches
 
-    def __init__(self, p=0.5, seed=None):
+    def __init__(self, p=0.5, seed=None, *, inplace: bool = False):
         super().__init__()
+        flag(inplace, "inplace")  # (PyTorch's; no effect)
         self.p = real(p, "p", low=0, high=1)
         self.seed = seed
         self.rng = np.random.default_rng(seed)

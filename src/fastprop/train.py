@@ -101,7 +101,8 @@ def dense_stages(model) -> list | None:
             stages.extend(inner)
         elif isinstance(layer, Dense):
             stages.append(DenseStage(layer.weight, layer.bias, layer.act, layer.alpha))
-        elif isinstance(layer, Activation) and stages and stages[-1].act == 0:
+        elif (isinstance(layer, Activation) and stages and stages[-1].act == 0
+              and getattr(layer, "dim", -1) in (-1, 1)):  # (a Softmax over the rows)
             stages[-1] = stages[-1]._replace(act=layer.act, alpha=layer.alpha)
         elif isinstance(layer, Identity) or (isinstance(layer, Dropout) and layer.p == 0):
             continue
