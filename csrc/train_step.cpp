@@ -169,7 +169,7 @@ inline index_t part_chunks(const UpdatePiece& pc, index_t t, index_t nt) {
 template <typename T>
 void update_pieces(const TrainStepPlan<T>& p, const OptimizerScalars<T>& s,
                    const UpdatePiece* pieces, int count) {
-    index_t work = 0;
+    [[maybe_unused]] index_t work = 0;  // (sizes the thread count; none without OpenMP)
     for (int i = 0; i < count; ++i) work += pieces[i].units * pieces[i].cost;
     constexpr int kMaxThreads = 64;
     int nt = 1;

@@ -427,7 +427,7 @@ void gemm_blocked(const GemmArgs<T>& g) {
         if (bp == nullptr) return gemm_unpacked(g);
     }
     bool oks[kMaxThreads];
-    T* parts[kMaxThreads];
+    [[maybe_unused]] T* parts[kMaxThreads];  // (the threaded branch's; none without OpenMP)
     bool done = false;
 #if defined(_OPENMP)
     if (pl.nt > 1) {

@@ -8,6 +8,7 @@ shapes.  Messages name the argument, what was expected and what was received.
 from __future__ import annotations
 
 import numbers
+import warnings
 
 import numpy as np
 
@@ -42,6 +43,19 @@ def compute_dtype(*arrays) -> np.dtype:
     raise TypeError(f"expected real numeric arrays, got dtype {dt}")
 
 
+# NumPy < 1.24 makes an object array of a ragged list with a VisibleDeprecationWarning
+# (an error under -W error, in place of as_array's TypeError); later ones raise
+_RAGGED_WARNS = np.lib.NumpyVersion(np.__version__) < "1.24.0"
+
+
+def _asarray(x) -> np.ndarray:
+    if not _RAGGED_WARNS:
+        return np.asarray(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", np.VisibleDeprecationWarning)
+        return np.asarray(x)
+
+
 def as_array(x, name: str) -> np.ndarray:
     """np.asarray with a TypeError naming the argument for non-numeric input."""
     if isinstance(x, np.ndarray):
@@ -50,7 +64,7 @@ def as_array(x, name: str) -> np.ndarray:
         if x is None:
             raise TypeError(f"{name} must be an array, got None")
         try:
-            arr = np.asarray(x)
+            arr = _asarray(x)
         except (TypeError, ValueError) as exc:
             raise TypeError(f"{name} must be array-like of numbers: {exc}") from exc
     if arr.dtype.kind not in "biuf":

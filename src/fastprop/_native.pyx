@@ -680,13 +680,6 @@ def mse(pred, target, half, grad):
 
 
 # ------------------------------------------------------------------ optimizers
-cdef Py_ssize_t _list_len(object seq, Py_ssize_t expected, str name) except -1:
-    cdef Py_ssize_t count = len(seq)
-    if expected >= 0 and count != expected:
-        raise ValueError(f"{name} must have {expected} arrays (one per parameter), got {count}")
-    return count
-
-
 def sgd_update(params, grads, bufs, double lr, double momentum, bint nesterov,
                double weight_decay, bint first):
     """SGD step in place for each (param, grad[, momentum buffer]); one C++ call."""

@@ -63,11 +63,26 @@ def _rng_state(gen) -> dict:
 
 def _rng_from_state(state) -> np.random.Generator:
     """A new generator of the bit generator a saved state names, in that state."""
-    def dec(v):
+    def ints(v, low, high, what):
+        # (every integer of a bit generator's state is unsigned; NumPy 1.x wraps a
+        # negative or oversized one silently where NumPy 2 raises: checked here)
+        if isinstance(v, list):
+            for x in v:
+                ints(x, low, high, what)
+        elif isinstance(v, int) and not low <= v < high:
+            raise ValueError(f"the saved random state's {what} holds {v}, outside "
+                             f"[{low}, {high})")
+
+    def dec(v, key="state"):
         if isinstance(v, dict):
             if set(v) == {"__ndarray__", "dtype"}:
-                return np.array(v["__ndarray__"], dtype=np.dtype(v["dtype"]))
-            return {k: dec(x) for k, x in v.items()}
+                dtype = np.dtype(v["dtype"])
+                if dtype.kind in "ui":
+                    info = np.iinfo(dtype)
+                    ints(v["__ndarray__"], int(info.min), int(info.max) + 1, key)
+                return np.array(v["__ndarray__"], dtype=dtype)
+            return {k: dec(x, k) for k, x in v.items()}
+        ints(v, 0, 2 ** 128, key)
         return v
     state = dec(state)
     kind = getattr(np.random, str(state["bit_generator"]), None)

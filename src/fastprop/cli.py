@@ -16,7 +16,7 @@ def _digits(seed):
         from sklearn.model_selection import train_test_split
     except ImportError:  # pragma: no cover - the demo extra installs it
         sys.exit("fastprop demo needs scikit-learn for its bundled digits data: "
-                 "pip install 'fastprop[demo]'")
+                 "pip install scikit-learn (the demo extra)")
     data = load_digits()
     X = (data.data / 16.0).astype(np.float32)
     return train_test_split(X, data.target, test_size=0.2, random_state=seed,

@@ -42,7 +42,8 @@ How scikit-learn's optimizers map onto the kernel contract:
 * L2: the kernels' ``weight_decay`` (``g + wd p``) with ``wd = alpha / sum(weights)``
   on the weight vector, ``0`` on the intercept vector.
 
-Requires scikit-learn >= 1.6 and scipy: ``pip install "fastprop[sklearn]"``.
+Requires scikit-learn >= 1.6 and scipy (the ``sklearn`` extra: ``pip install ".[sklearn]"``
+in a checkout, or ``pip install scikit-learn scipy``).
 ``import fastprop`` does not import this module (nor scikit-learn).
 
 Example:
@@ -64,7 +65,7 @@ try:
     import sklearn  # noqa: F401
 except ImportError as exc:  # pragma: no cover - depends on the install
     raise ImportError(f"fastprop.sklearn needs scikit-learn >= 1.6 and scipy "
-                      f"(pip install \"fastprop[sklearn]\"): {exc}") from exc
+                      f"(pip install scikit-learn scipy, the sklearn extra): {exc}") from exc
 import scipy.sparse as sp
 from scipy.special import expit, xlogy
 from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin, _fit_context, is_classifier

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 
-INSTALL_HINT = 'pip install "fastprop[cuda]"'
+# (the cuda extra's requirements by name: "fastprop" on PyPI is another project)
+INSTALL_HINT = 'pip install "numba-cuda[cu12]>=0.30" (the cuda extra; Python 3.10+)'
 
 
 def _numba_cuda():
