@@ -96,6 +96,9 @@ void activation_forward(int act, double alpha, index_t rows, index_t cols, const
             case kGelu:
                 vgelu_span(x + i0, y + i0, i1 - i0);
                 break;
+            case kGeluErf:
+                for (index_t i = i0; i < i1; ++i) y[i] = gelu_erf_value(x[i]);
+                break;
             default:
                 break;
         }
@@ -113,7 +116,8 @@ void activation_backward(int act, double alpha, index_t rows, index_t cols, cons
         });
         return;
     }
-    parallel_for(size, act == kGelu ? kExpGrain : kElementGrain, [=](index_t i0, index_t i1) {
+    const bool cheap_grad = act != kGelu && act != kGeluErf;
+    parallel_for(size, cheap_grad ? kElementGrain : kExpGrain, [=](index_t i0, index_t i1) {
         const T a = T(alpha);  // a local: a captured T could alias the stores to gx
         switch (act) {
             case kIdentity:
@@ -134,6 +138,9 @@ void activation_backward(int act, double alpha, index_t rows, index_t cols, cons
                 break;
             case kGelu:
                 vgelu_grad_span(gy + i0, x + i0, gx + i0, i1 - i0);
+                break;
+            case kGeluErf:
+                for (index_t i = i0; i < i1; ++i) gx[i] = gy[i] * gelu_erf_derivative(x[i]);
                 break;
             default:
                 break;

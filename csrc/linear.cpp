@@ -89,12 +89,12 @@ void linear_backward(index_t n, index_t in, index_t out, const T* grad_y, const 
         grad_z = work;
         if (grad_b != nullptr) column_sums<T>(n, out, grad_z, grad_b, accumulate);
     } else if (n > 0 && (act != kIdentity || grad_b != nullptr)) {
-        const bool needs_y = act != kGelu && act != kIdentity;
+        const bool needs_y = act != kGelu && act != kGeluErf && act != kIdentity;
         if (needs_y && y == nullptr) {  // recompute the forward output from z
             activation_forward<T>(act, alpha, n, out, z, work);
             y = work;
         }
-        const T* d = act == kGelu ? z : y;
+        const T* d = act == kGelu || act == kGeluErf ? z : y;
         // One chunk of columns per thread: each column summed by one thread.
         const index_t grain = fp_max<index_t>(16, kElementGrain / fp_max<index_t>(n, 1));
         parallel_for(out, grain, [=](index_t c0, index_t c1) {

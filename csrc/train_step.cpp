@@ -295,7 +295,7 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
         if (fuse && prev.act != kIdentity) {
             eg.dact = prev.act;
             eg.dalpha = prev.alpha;
-            eg.dsrc = prev.act == kGelu ? prev.z : prev.y;
+            eg.dsrc = prev.act == kGelu || prev.act == kGeluErf ? prev.z : prev.y;
             eg.ld_dsrc = prev.out;
         }
         if (prev.gb != nullptr) {

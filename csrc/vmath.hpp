@@ -32,6 +32,7 @@
 // forms are vectorised by the compiler.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -333,6 +334,34 @@ inline T gelu_derivative(T x) {
     const T s = w >= T(0) ? r : er;
     const T du2 = T(2 * kGeluC * 3 * kGeluK) * (xc * xc) + T(2 * kGeluC);  // 2 du/dx
     return xc * (er * r) * du2 + s;
+}
+
+// GELU's exact form (PyTorch's default, approximate="none"): x Phi(x) with the normal
+// CDF Phi(x) = erfc(-x / sqrt 2) / 2, and gelu'(x) = Phi(x) + x phi(x).  libm's erfc
+// (scalar calls): erfc(-x / sqrt 2) keeps its relative accuracy in the
+// negative tail, where 1 + erf(x / sqrt 2) cancels.  Beyond |x| = 40 (past the tail of
+// either float type) the limits: -0 and 0 below, x and 1 above (-inf gives -0, not
+// -inf * 0).
+constexpr double kSqrtHalf = 0.70710678118654752440;     // 1 / sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;   // 1 / sqrt(2 pi)
+constexpr double kGeluErfClip = 40.0;
+
+// Computed in double for float too: erfc(t)'s relative condition number is ~2 t^2, so
+// a float t = -x / sqrt 2 alone would cost ~85 ulp at x = -12 (double: < 1 ulp).
+template <typename T>
+inline T gelu_erf_value(T x) {
+    if (x < T(-kGeluErfClip)) return T(-0.0);
+    if (x > T(kGeluErfClip)) return x;
+    const double xd = x;
+    return T(0.5 * xd * std::erfc(-xd * kSqrtHalf));
+}
+
+template <typename T>
+inline T gelu_erf_derivative(T x) {
+    if (x < T(-kGeluErfClip)) return T(0);
+    if (x > T(kGeluErfClip)) return T(1);
+    const double xd = x;
+    return T(0.5 * std::erfc(-xd * kSqrtHalf) + xd * (kInvSqrt2Pi * std::exp(-0.5 * (xd * xd))));
 }
 
 // Span forms of tanh, gelu and gelu' (the avx512 and avx2 units have float overloads

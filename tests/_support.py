@@ -81,6 +81,9 @@ def act_ref(name, x, alpha=ALPHA):
         return np.tanh(x)
     if name == "gelu":
         return 0.5 * x * (1.0 + np.tanh(GELU_C * (x + 0.044715 * x ** 3)))
+    if name == "gelu_erf":  # (through erf, where the kernels use erfc)
+        erf = np.vectorize(math.erf, otypes=[np.float64])
+        return 0.5 * x * (1.0 + erf(x / math.sqrt(2.0))) if x.size else x.copy()
     if name == "softmax":
         e = np.exp(x - x.max(axis=-1, keepdims=True, initial=-np.inf))
         return e / e.sum(axis=-1, keepdims=True)

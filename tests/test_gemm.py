@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from _support import run_module_on_isa
+from fastprop.backends import ACTIVATIONS
 
 _native = importlib.import_module("fastprop._native")
 nat = importlib.import_module("fastprop.backends.native")
@@ -40,7 +41,7 @@ SIZES = [0, 1, 2, 7, 31, 33, 65, 127, 257]
 MLP_SHAPES = [(64, 784, 256), (64, 256, 256), (32, 128, 128), (128, 784, 256), (1, 784, 256),
               (256, 64, 784), (784, 64, 256), (64, 256, 784),
               (32, 784, 256), (48, 1000, 30)]  # last two: threads split k (short A, deep k)
-ACT_CODES = list(range(6))  # identity, relu, leaky_relu, sigmoid, tanh, gelu
+ACT_CODES = list(range(7))  # identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_erf
 ALPHA = 0.01
 
 
@@ -282,7 +283,7 @@ def test_epilogue_activation_matches_elementwise_kernels_at_extremes(dtype, act)
                                err_msg="forward")
     c1 = c[:, 0].copy()
     g = np.linspace(-2, 2, len(vals)).astype(dtype).reshape(-1, 1)
-    d = (vals if act == 5 else y).reshape(-1, 1)
+    d = (vals if act in (5, 6) else y).reshape(-1, 1)  # (gelu and gelu_erf read z)
     finite = np.isfinite(d[:, 0]) if act in (3, 4) else np.ones(len(vals), bool)
     c = np.empty((len(vals), 1), dtype)
     _native.gemm_ex(g, one, c, False, False, dsrc=np.ascontiguousarray(d), dact=act,
@@ -308,7 +309,7 @@ def test_epilogue_backward_derivative_and_colsum(rng, dtype, dact, ta, tb):
         w = (rng.standard_normal((n, k) if tb else (k, n)) / np.sqrt(k)).astype(dtype)
         z = rng.standard_normal((m, n)).astype(dtype)
         y = act_ref(dact, z.astype(np.float64)).astype(dtype)
-        dsrc = z if dact == 5 else y
+        dsrc = z if dact in (5, 6) else y  # (gelu and gelu_erf read z)
         c = np.empty((m, n), dtype)
         cs = np.full(n, 0.25)
         _native.gemm_ex(g, w, c, ta, tb, dsrc=dsrc, dact=dact, dalpha=ALPHA, colsum=cs)
@@ -390,7 +391,7 @@ def test_epilogue_all_steps_together_strided(rng, dtype):
 def test_gemm_ex_rejects_softmax_epilogue():
     a = np.ones((2, 2))
     with pytest.raises(ValueError):
-        _native.gemm_ex(a, a, np.empty((2, 2)), act=6)
+        _native.gemm_ex(a, a, np.empty((2, 2)), act=ACTIVATIONS["softmax"])
 
 
 # ------------------------------------------------------------------ every ISA path

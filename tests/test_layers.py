@@ -1258,8 +1258,8 @@ def test_pytorch_spellings(backend, rng, tmp_path):
     fp.save(fp.nn.Sequential(model[0], fp.nn.Softmax(dim=1)), tmp_path / "s.fp")
     assert fp.load(tmp_path / "s.fp")[1].dim == 1
     np.testing.assert_array_equal(fp.nn.GELU(approximate="tanh")(x), fp.nn.GELU()(x))
-    with pytest.raises(ValueError, match="approximate must be 'tanh'"):
-        fp.nn.GELU(approximate="none")
+    with pytest.raises(ValueError, match="approximate must be 'tanh' or 'none'"):
+        fp.nn.GELU(approximate="erf")
     net = fp.nn.Sequential(fp.nn.Dense(3, 2, rng=0))
     assert net.double() is net and net[0].weight.dtype == np.float64
     assert net.float() is net and net[0].weight.dtype == np.float32
@@ -1268,6 +1268,61 @@ def test_pytorch_spellings(backend, rng, tmp_path):
     assert w.data is w.value
     w.data = np.ones((3, 2))
     assert w.value.dtype == np.float32 and (w.value == 1).all()
+
+
+def test_exact_gelu_as_pytorch(backend, rng, tmp_path):
+    """GELU(approximate="none") and Dense(activation="gelu_erf") are PyTorch's default
+    nn.GELU (x Phi(x)), forward and backward, as a layer and fused into Dense; a model
+    with them trains as torch's does, on the compiled (fused) step and layer by layer;
+    the option is saved (a file without it is the tanh form)."""
+    torch = pytest.importorskip("torch")
+    x = 3 * rng.standard_normal((6, 5))
+    gelu = fp.nn.GELU(approximate="none")
+    assert gelu.approximate == "none" and gelu.act == fp.backends.ACTIVATIONS["gelu_erf"]
+    tx = torch.tensor(x, requires_grad=True)
+    ty = torch.nn.functional.gelu(tx)
+    g = rng.standard_normal(x.shape)
+    ty.backward(torch.tensor(g))
+    np.testing.assert_allclose(gelu(x), ty.detach().numpy(), rtol=1e-14, atol=1e-15)
+    np.testing.assert_allclose(gelu.backward(g), tx.grad.numpy(), rtol=1e-13, atol=1e-15)
+    tanh_form = fp.nn.GELU()(x)
+    assert 1e-5 < np.abs(tanh_form - gelu(x)).max() < 5e-4
+    gelu.approximate = "tanh"
+    np.testing.assert_array_equal(gelu(x), tanh_form)
+    X, Y = rng.standard_normal((16, 5)), rng.integers(0, 3, 16)
+    losses = []
+    for build in (lambda: fp.nn.Sequential(fp.nn.Dense(5, 7, dtype=np.float64, rng=0),
+                                           fp.nn.GELU(approximate="none"),
+                                           fp.nn.Dense(7, 3, dtype=np.float64, rng=1)),
+                  lambda: fp.nn.Sequential(fp.nn.Dense(5, 7, "gelu_erf", dtype=np.float64,
+                                                       rng=0),
+                                           fp.nn.Dense(7, 3, dtype=np.float64, rng=1))):
+        model = build()
+        tw = [torch.tensor(p.value.T.copy() if p.value.ndim == 2 else p.value.copy(),
+                           requires_grad=True) for p in model.parameters()]
+        topt = torch.optim.Adam(tw, lr=0.05)
+        step = model.compile("cross_entropy", fp.optim.Adam(model.parameters(), lr=0.05))
+        if backend == "native":
+            assert step.fused() is not None  # (the fused kernel runs gelu_erf)
+        for _ in range(5):
+            losses.append(step(X, Y))
+            topt.zero_grad()
+            out = torch.nn.functional.gelu(torch.tensor(X) @ tw[0].T + tw[1]) @ tw[2].T + tw[3]
+            tl = torch.nn.functional.cross_entropy(out, torch.tensor(Y))
+            tl.backward()
+            topt.step()
+            assert losses[-1] == pytest.approx(tl.item(), rel=1e-12)
+        for p, t in zip(model.parameters(), tw):
+            ref = t.detach().numpy()
+            np.testing.assert_allclose(p.value, ref.T if p.value.ndim == 2 else ref,
+                                       rtol=1e-10, atol=1e-12)
+        fp.save(model, tmp_path / "g.fp")
+        back = fp.load(tmp_path / "g.fp")
+        np.testing.assert_array_equal(back.predict(X), model.predict(X))
+        if isinstance(model[1], fp.nn.GELU):
+            assert back[1].approximate == "none" and model[1].get_config() == {
+                "approximate": "none"}
+    assert fp.nn.GELU().get_config() == {}  # (the files written before: the tanh form)
 
 
 _NORM_OPTIONS = [

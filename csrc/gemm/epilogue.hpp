@@ -31,7 +31,7 @@ inline bool epilogue_is_empty(const GemmEpilogue<T>& ep) {
            ep.colsum == nullptr && ep.nonfinite == nullptr;
 }
 
-// f(ActTag<A>{}) for the activation code A in identity..gelu, so that a loop can take
+// f(ActTag<A>{}) for the activation code A in identity..gelu_erf, so that a loop can take
 // the activation as a template parameter; false (f not called) for other codes.
 template <int A>
 struct ActTag {
@@ -47,6 +47,7 @@ inline bool with_activation(int act, F&& f) {
         case kSigmoid: f(ActTag<kSigmoid>{}); return true;
         case kTanh: f(ActTag<kTanh>{}); return true;
         case kGelu: f(ActTag<kGelu>{}); return true;
+        case kGeluErf: f(ActTag<kGeluErf>{}); return true;
         default: return false;
     }
 }
@@ -60,6 +61,7 @@ inline T act_value(T v, T a) {
     else if constexpr (Act == kSigmoid) return vsigmoid(v);
     else if constexpr (Act == kTanh) return vtanh(v);
     else if constexpr (Act == kGelu) return gelu_value(v);
+    else if constexpr (Act == kGeluErf) return gelu_erf_value(v);
     else return v;
 }
 
@@ -69,6 +71,7 @@ inline T dact_value(T d, T a) {
     else if constexpr (DAct == kLeakyRelu) return d > T(0) ? T(1) : a;
     else if constexpr (DAct == kSigmoid) return d * (T(1) - d);
     else if constexpr (DAct == kTanh) return T(1) - d * d;
+    else if constexpr (DAct == kGeluErf) return gelu_erf_derivative(d);
     else return gelu_derivative(d);
 }
 

@@ -34,8 +34,9 @@ cdef enum:
     ACT_SIGMOID = 3
     ACT_TANH = 4
     ACT_GELU = 5
-    ACT_SOFTMAX = 6
-    N_ACTIVATIONS = 7
+    ACT_GELU_ERF = 6
+    ACT_SOFTMAX = 7
+    N_ACTIVATIONS = 8
 
 fp_init_dispatch()  # choose the kernel table now (reads FASTPROP_ISA)
 
@@ -359,7 +360,7 @@ def gemm_ex(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, *, bias=
 
     Internal (tests and benchmarks of the C++ API that the fused training step uses):
     bias (n,) added; preact (m, n) receives the biased value; act applied (codes
-    0..5); c *= act'(dsrc) for dact (dsrc: y, or z for gelu); colsum (n,) float64
+    0..6); c *= act'(dsrc) for dact (dsrc: y, or z for gelu); colsum (n,) float64
     += column sums of the final c; nonfinite (1,) intc set to 1 if c has NaN/Inf.
     Operands need a unit-stride last axis (any leading dimension).
     """
@@ -373,7 +374,7 @@ def gemm_ex(a, b, c, trans_a=False, trans_b=False, alpha=1.0, beta=0.0, *, bias=
     if dsrc is not None:
         _same_kind(dsrc, kind, "dsrc")
     if not 0 <= act < ACT_SOFTMAX or not 0 <= dact < ACT_SOFTMAX:
-        raise ValueError(f"gemm_ex: act and dact must be epilogue codes 0..5, got {act}, {dact}")
+        raise ValueError(f"gemm_ex: act and dact must be epilogue codes 0..6, got {act}, {dact}")
     if kind == 4:
         _gemm_ex[float](a, b, c, trans_a, trans_b, alpha, beta, bias, preact, act, act_alpha,
                         dsrc, dact, dalpha, colsum, nonfinite)
@@ -454,7 +455,7 @@ cdef int _linear_backward(const floating[:, ::1] grad_y, const floating[:, ::1] 
         if work is None:
             raise ValueError("linear_backward: work (n, out) is required for a non-identity "
                              "activation")
-        if act == ACT_GELU and z is None:
+        if (act == ACT_GELU or act == ACT_GELU_ERF) and z is None:
             raise ValueError("linear_backward: gelu needs the pre-activation z")
         if y is None and z is None:
             raise ValueError("linear_backward: this activation needs the forward output y "
@@ -553,7 +554,7 @@ def activation_backward(int act, double alpha, grad_y, x, y, grad_x):
         _same_shape(bgy, bgx, "grad_y", "grad_x")
         if act == ACT_SOFTMAX and bgy.ndim == 0:
             raise ValueError("softmax needs an array of at least 1 dimension")
-        if act == ACT_GELU:
+        if act == ACT_GELU or act == ACT_GELU_ERF:
             if x is None:
                 raise ValueError("activation_backward: gelu needs x")
             bin = held.take(x, kind, False, "x")

@@ -266,7 +266,8 @@ cdef class NativeTrainStep:
                 out = st.weight.value.shape[1]
                 y = np.empty((n, out), self.dtype)
                 g = np.empty((n, out), self.dtype)
-                z = np.empty((n, out), self.dtype) if st.act == ACT_GELU else None
+                z = (np.empty((n, out), self.dtype)
+                     if st.act == ACT_GELU or st.act == ACT_GELU_ERF else None)
                 ws.append((y, z, g))
             self.workspaces[n] = ws
         for l in range(self.nlayers):

@@ -117,7 +117,7 @@ def calculate_gain(nonlinearity: str, param: float | None = None) -> float:
         return 1.0
     if nonlinearity == "tanh":
         return 5.0 / 3.0
-    if nonlinearity in ("relu", "gelu"):
+    if nonlinearity in ("relu", "gelu", "gelu_erf"):
         return math.sqrt(2.0)
     if nonlinearity == "selu":
         return 0.75
@@ -321,7 +321,7 @@ def get(init):
 
 def default_for(activation, alpha=0.01):
     """(initializer, gain) suited to ``activation``."""
-    if activation in ("relu", "gelu"):
+    if activation in ("relu", "gelu", "gelu_erf"):
         return he_uniform, math.sqrt(2.0)
     if activation == "leaky_relu":
         return he_uniform, calculate_gain("leaky_relu", alpha)

@@ -687,6 +687,10 @@ def _grad_out(p):
     return p.grad if p.requires_grad else np.zeros_like(p.grad)
 
 
+#: activation codes whose backward reads the pre-activation (kept by forward)
+_KEEPS_Z = (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"])
+
+
 def _need(cache, name, module):
     if cache is None:
         raise RuntimeError(f"{type(module).__name__}.backward called before forward")
@@ -713,7 +717,8 @@ class Dense(Module):
     Args:
         in_features, out_features: input and output widths.
         activation: None or one of "identity", "relu", "leaky_relu", "sigmoid", "tanh",
-            "gelu" (tanh approximation), "softmax".
+            "gelu" (tanh approximation), "gelu_erf" (exact, PyTorch's default GELU),
+            "softmax".
         bias: whether to learn an additive bias.
         init: initializer name or callable for the weight; None picks He uniform for
             relu-like activations and Xavier uniform otherwise.
@@ -815,7 +820,7 @@ class Dense(Module):
         x = self._check_input(x)
         n = x.shape[0]
         y = np.empty((n, self.out_features), self._dtype)
-        z = np.empty_like(y) if self.act == ACTIVATIONS["gelu"] else None
+        z = np.empty_like(y) if self.act in _KEEPS_Z else None
         if n:
             b = self.bias.value if self.bias is not None else None
             backends.current().linear_forward(x, self.weight.value, b, self.act, self.alpha,
@@ -902,19 +907,28 @@ class Tanh(Activation):
 
 
 class GELU(Activation):
-    """GELU, tanh approximation: 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))).
-
-    ``approximate`` is PyTorch's argument: "tanh" (this form) is the one there is;
-    PyTorch's default "none" (the exact erf form, within 4.7e-4 of this one) is a
-    ValueError rather than a silently different function."""
+    """GELU.  ``approximate="tanh"`` (the default here, kept for the models written
+    with it): 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), activation "gelu";
+    ``approximate="none"`` (PyTorch's default): the exact x Phi(x), Phi the normal CDF,
+    activation "gelu_erf".  The two differ by up to 4.7e-4."""
     name = "gelu"
 
     def __init__(self, approximate: str = "tanh"):
         super().__init__()
-        if approximate != "tanh":
-            raise ValueError(f"approximate must be 'tanh' (fastprop's GELU is the tanh "
-                             f"approximation; PyTorch's exact 'none' form is not "
-                             f"available), got {approximate!r}")
+        self.approximate = approximate
+
+    @property
+    def approximate(self) -> str:
+        return "tanh" if self.act == ACTIVATIONS["gelu"] else "none"
+
+    @approximate.setter
+    def approximate(self, value) -> None:
+        if value not in ("tanh", "none"):
+            raise ValueError(f"approximate must be 'tanh' or 'none', got {value!r}")
+        self.act = ACTIVATIONS["gelu" if value == "tanh" else "gelu_erf"]
+
+    def get_config(self):
+        return {} if self.approximate == "tanh" else {"approximate": "none"}
 
 
 class Softmax(Activation):

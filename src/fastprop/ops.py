@@ -169,7 +169,7 @@ def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
     """Gradients of a dense layer ``y = act(x @ w + b)``: ``(grad_x, grad_w, grad_b)``.
 
     ``y`` is the forward output (needed by relu, leaky_relu, sigmoid, tanh, softmax);
-    ``z`` the pre-activation (needed by gelu).
+    ``z`` the pre-activation (needed by gelu and gelu_erf).
     """
     act = activation_code(activation)
     alpha = real(alpha, "alpha", low=0)
@@ -204,7 +204,7 @@ def _act_operands(act, y, z, shape, dtype, z_name="z"):
     for arr, arg in ((y, "y"), (z, z_name)):
         if arr is not None:
             check_shape(as_array(arr, arg), shape, arg)
-    if act == ACTIVATIONS["gelu"]:
+    if act in (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"]):
         if z is None:
             raise ValueError("gelu backward needs the pre-activation: pass x "
                              "(activation_backward) or z (linear_backward)")
@@ -241,7 +241,8 @@ def activation(name, x, *, alpha=0.01, out=None):
 def activation_backward(name, grad_y, x, y, *, alpha=0.01):
     """Gradient with respect to the activation input.
 
-    relu, leaky_relu, sigmoid, tanh and softmax read the output ``y``; gelu reads the
+    relu, leaky_relu, sigmoid, tanh and softmax read the output ``y``; gelu and gelu_erf
+    read the
     input ``x``; pass None for the one not needed.
     """
     act = activation_code(name)

@@ -20,8 +20,9 @@ enum Activation : int {
     kLeakyRelu = 2,
     kSigmoid = 3,
     kTanh = 4,
-    kGelu = 5,
-    kSoftmax = 6,
+    kGelu = 5,      // tanh approximation
+    kGeluErf = 6,   // exact (erf) form, PyTorch's default
+    kSoftmax = 7,
 };
 
 }  // namespace fastprop

@@ -135,8 +135,9 @@ ACTIVATIONS = {
     "leaky_relu": 2,
     "sigmoid": 3,
     "tanh": 4,
-    "gelu": 5,
-    "softmax": 6,
+    "gelu": 5,        # tanh approximation
+    "gelu_erf": 6,    # exact form (PyTorch's default GELU)
+    "softmax": 7,
 }
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
 

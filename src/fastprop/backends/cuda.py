@@ -348,7 +348,8 @@ class _Workspace:
         for st in stages:
             shape = (n, st.weight.shape[1])
             self.y.append(cuda.device_array(shape, dtype))
-            self.z.append(cuda.device_array(shape, dtype) if st.act == ACTIVATIONS["gelu"]
+            self.z.append(cuda.device_array(shape, dtype)
+                          if st.act in (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"])
                           else None)
             self.g.append(cuda.device_array(shape, dtype))  # grad of y, then grad of z
         cols = max(K.colsum_partial_rows(n, st.weight.shape[1]) * st.weight.shape[1]

@@ -55,6 +55,7 @@ LEAKY = ACTIVATIONS["leaky_relu"]
 SIGMOID = ACTIVATIONS["sigmoid"]
 TANH = ACTIVATIONS["tanh"]
 GELU = ACTIVATIONS["gelu"]
+GELU_ERF = ACTIVATIONS["gelu_erf"]
 SOFTMAX = ACTIVATIONS["softmax"]
 
 SIMULATOR = is_simulator()
@@ -179,6 +180,7 @@ def activations(dtype) -> _Activations:
     gk3 = t(3 * 0.044715)
     gc2, gck2 = t(2 * math.sqrt(2.0 / math.pi)), t(2 * math.sqrt(2.0 / math.pi) * 0.044715)
     gclip = t(20.0)
+    half, rsqrt2, rsqrt2pi, eclip = t(0.5), t(math.sqrt(0.5)), t(1 / math.sqrt(2 * math.pi)), t(40.0)
 
     @cuda.jit(device=True)
     def forward(v, act, alpha):
@@ -203,6 +205,13 @@ def activations(dtype) -> _Activations:
             e = math.exp(-abs(w))
             r = one / (one + e)
             return v * (r if w >= zero else e * r)
+        if act == GELU_ERF:
+            # x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (the other backends' form)
+            if v < -eclip:
+                return -zero
+            if v > eclip:
+                return v
+            return v * (half * math.erfc(-v * rsqrt2))
         return v
 
     @cuda.jit(device=True)
@@ -225,6 +234,12 @@ def activations(dtype) -> _Activations:
             r = one / (one + e)
             s = r if w >= zero else e * r
             return g * (s + xc * (e * r * r) * gc2 * (one + gk3 * xc * xc))
+        if act == GELU_ERF:
+            if x < -eclip:
+                return g * zero
+            if x > eclip:
+                return g
+            return g * (half * math.erfc(-x * rsqrt2) + x * (rsqrt2pi * math.exp(-half * x * x)))
         return g
 
     return _Activations(forward, backward)
