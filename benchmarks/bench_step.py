@@ -44,7 +44,7 @@ def test_adam_update(benchmark, impl, n):
     benchmark(_case(_bench.adam_case, impl, n))
 
 
-@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu"])
+@pytest.mark.parametrize("name", ["sigmoid", "tanh", "gelu", "gelu_erf"])
 @pytest.mark.parametrize("impl", IMPLS)
 def test_activation_forward(benchmark, impl, name):
     benchmark.group = f"activation {name} n=4M"

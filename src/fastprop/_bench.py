@@ -280,6 +280,20 @@ def numpy_activation_out(name):
         return sigmoid
     if name == "tanh":
         return lambda x, out: np.tanh(x, out=out)
+    if name == "gelu_erf":  # (NumPy has no erf: SciPy's ufunc, the NumPy world's one)
+        try:
+            from scipy.special import erfc
+        except ImportError:
+            raise Unavailable("the NumPy side of gelu_erf needs SciPy's erfc") from None
+        r = np.float32(-np.sqrt(0.5))
+
+        def gelu_erf(x, out):  # 0.5 x erfc(-x / sqrt 2)
+            np.multiply(x, r, out=out)
+            erfc(out, out=out)
+            out *= 0.5
+            out *= x
+            return out
+        return gelu_erf
     c, k = np.float32(_GELU_C), np.float32(_GELU_K)
 
     def gelu(x, out):  # 0.5 x (1 + tanh(c x (1 + k x^2)))
@@ -303,25 +317,27 @@ def _reference_activation(name, x):
         return 1.0 / (1.0 + np.exp(-x))
     if name == "tanh":
         return np.tanh(x)
+    if name == "gelu_erf":
+        return 0.5 * x * np.frompyfunc(math.erfc, 1, 1)(x * -math.sqrt(0.5)).astype(np.float64)
     return 0.5 * x * (1.0 + np.tanh(_GELU_C * (x + _GELU_K * x ** 3)))
 
 
-def _torch_gelu_out(torch):
-    """``f(x, out)``: tanh-approximation gelu into ``out`` (torch's out= variant when
-    this torch has it; else the allocating functional form)."""
+def _torch_gelu_out(torch, approximate="tanh"):
+    """``f(x, out)``: gelu (by default the tanh approximation) into ``out`` (torch's
+    out= variant when this torch has it; else the allocating functional form)."""
     fn = getattr(getattr(torch._C, "_nn", None), "gelu", None)
     if fn is not None:
         try:
             probe = torch.zeros(2)
-            fn(probe, approximate="tanh", out=torch.empty_like(probe))
-            return lambda x, out: fn(x, approximate="tanh", out=out)
+            fn(probe, approximate=approximate, out=torch.empty_like(probe))
+            return lambda x, out: fn(x, approximate=approximate, out=out)
         except (TypeError, RuntimeError):
             pass
-    return lambda x, out: torch.nn.functional.gelu(x, approximate="tanh")
+    return lambda x, out: torch.nn.functional.gelu(x, approximate=approximate)
 
 
 def activation_case(impl, name, n):
-    """Forward of sigmoid/tanh/gelu (tanh approximation) on n float32 values into a
+    """Forward of sigmoid/tanh/gelu (tanh approximation)/gelu_erf on n float32 values into a
     preallocated output on every side; impl "numpy" is NumPy's ufuncs with ``out=``
     (single-threaded)."""
     torch = _require(impl)
@@ -332,6 +348,8 @@ def activation_case(impl, name, n):
         out = torch.empty_like(xt)
         if name == "gelu":
             fn = _torch_gelu_out(torch)
+        elif name == "gelu_erf":
+            fn = _torch_gelu_out(torch, "none")
         else:
             fn = torch.sigmoid if name == "sigmoid" else torch.tanh
 
