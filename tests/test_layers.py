@@ -1242,6 +1242,8 @@ def test_pytorch_spellings(backend, rng, tmp_path):
     assert leaky.alpha == 0.2 and fp.nn.LeakyReLU(0.3).alpha == 0.3
     np.testing.assert_allclose(leaky(x), np.where(x > 0, x, 0.2 * x))
     assert fp.nn.Dropout(0.1, inplace=False).p == 0.1
+    with pytest.raises(TypeError, match="inplace=True"):  # (torch's Dropout(p, inplace))
+        fp.nn.Dropout(0.5, True)
     with pytest.raises(TypeError, match="inplace"):
         fp.nn.ReLU(inplace="yes")
     expect = np.exp(x) / np.exp(x).sum(axis=1, keepdims=True)

@@ -1425,3 +1425,26 @@ def test_clip_grad_norm_leaves_out_parameters_without_a_gradient():
     assert fp.clip_grad_norm([a, b], 1.0) == pytest.approx(5.0)
     assert not b.has_grad
     np.testing.assert_allclose(a.grad, [0.6, 0.6 * 4 / 3], rtol=1e-5)
+
+
+def test_an_empty_batch_gives_zero_gradients_not_none():
+    """A backward over 0 rows gives PyTorch zero gradients (not None): the step then
+    updates those parameters (weight decay here), on Dense, LayerNorm and BatchNorm1d
+    in eval mode; a frozen parameter stays without a gradient, as torch's None."""
+    for layer in (nn.Dense(3, 2, rng=0), nn.LayerNorm(3), nn.BatchNorm1d(3).eval()):
+        layer.zero_grad()
+        ps = layer.parameters()
+        for p in ps:
+            p.value = p.value + 0.5
+        before = [p.value.copy() for p in ps]
+        x = np.zeros((0, 3), np.float32)
+        layer.backward(np.zeros_like(layer(x)))
+        assert all(p.has_grad for p in ps), type(layer).__name__
+        optim.SGD(ps, lr=0.1, weight_decay=0.1).step()
+        for p, b in zip(ps, before):
+            np.testing.assert_allclose(p.value, b * (1 - 0.01), rtol=1e-6)
+    dense = nn.Dense(3, 2, rng=0)
+    dense.weight.requires_grad = False
+    dense.zero_grad()
+    dense.backward(np.ones_like(dense(np.ones((4, 3), np.float32))))
+    assert not dense.weight.has_grad and dense.bias.has_grad

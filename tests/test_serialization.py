@@ -316,6 +316,28 @@ def test_pickles_of_an_older_fastprop_still_load():
         p2.backward(np.ones((1, 1), np.float32))
 
 
+def test_pickles_made_before_gelu_erf_keep_their_activations():
+    """The kernel codes were renumbered when gelu_erf came (softmax 6 -> 7): a Dense or
+    an activation layer pickled before keeps its activation (a softmax unpickled as
+    code 6 ran gelu_erf: rows no longer summing to 1, silently), and a Softmax from
+    before its ``dim`` is the last axis."""
+    import pickle
+    x = np.random.default_rng(0).standard_normal((4, 3))
+    layers = [fp.nn.Dense(3, 5, activation="softmax", dtype=np.float64, rng=0),
+              fp.nn.Softmax(), fp.nn.GELU(), fp.nn.Tanh()]
+    for m in layers:
+        want = m.forward(x)
+        state = pickle.loads(pickle.dumps(m)).__dict__
+        if m.act == fp.backends.ACTIVATIONS["softmax"]:
+            state["act"] = 6  # (the old code)
+            state.pop("dim", None)  # (a Softmax had no dim then)
+        fresh = type(m).__new__(type(m))
+        fresh.__setstate__(dict(state))
+        np.testing.assert_array_equal(fresh.forward(x), want, err_msg=type(m).__name__)
+    exact = fp.nn.GELU(approximate="none")
+    assert pickle.loads(pickle.dumps(exact)).approximate == "none"
+
+
 # ------------------------------------------------ from a review of crafted files and flags
 @pytest.mark.parametrize("config", [
     {"class": "Dense", "config": {"in_features": 20000, "out_features": 20000}},

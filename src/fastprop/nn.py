@@ -681,10 +681,20 @@ class Module:
 
 def _grad_out(p):
     """Where a backward adds ``p``'s gradient: ``p.grad``, or a scratch array that is
-    dropped when ``p`` is frozen (None for no parameter)."""
+    dropped when ``p`` is frozen (None for no parameter).  (Only a trainable one is
+    marked as having a gradient: PyTorch's frozen one keeps grad None.)"""
     if p is None:
         return None
-    return p.grad if p.requires_grad else np.zeros_like(p.grad)
+    return p.grad if p.requires_grad else np.zeros_like(p._grad)
+
+
+def _mark_grads(*params):
+    """Mark trainable parameters as having a gradient (zeros) where a backward adds
+    nothing, an empty batch: PyTorch's gradient is a zero tensor there, not None, and
+    its optimizer step updates them (momentum, weight decay)."""
+    for p in params:
+        if p is not None and p.requires_grad:
+            p._no_grad = False
 
 
 #: activation codes whose backward reads the pre-activation (kept by forward)
@@ -768,9 +778,13 @@ class Dense(Module):
     def __setstate__(self, state):
         # a Dense pickled before `activation` became a property kept the name in
         # `activation` itself
+        state = dict(state)
         if "_activation" not in state and "activation" in state:
-            state = dict(state)
             state["_activation"] = state.pop("activation")
+        # the kernel code from the name: codes are renumbered as activations are added
+        # (softmax was 6 before gelu_erf took it)
+        if "_activation" in state:
+            state["act"] = activation_code(state["_activation"])
         self.__dict__.update(state)
 
     @property
@@ -837,6 +851,7 @@ class Dense(Module):
         frozen = not self.weight.requires_grad and (self.bias is None
                                                     or not self.bias.requires_grad)
         if n == 0 or (frozen and not input_grad):  # (a frozen first layer: nothing to do)
+            _mark_grads(self.weight, self.bias)
             return grad_x
         work = None if self.act == 0 else np.empty_like(g)
         grad_w, grad_b = _grad_out(self.weight), _grad_out(self.bias)
@@ -864,6 +879,15 @@ class Activation(Module):
         self.act = ACTIVATIONS[self.name]
         self.alpha = 0.01
         self._x = self._y = None
+
+    def __setstate__(self, state):
+        # the kernel code from the class's activation: codes are renumbered as
+        # activations are added (softmax was 6 before gelu_erf took it; a GELU's code
+        # says which form, and both have kept theirs)
+        state = dict(state)
+        if type(self).name != "gelu" and type(self).name in ACTIVATIONS:
+            state["act"] = ACTIVATIONS[type(self).name]
+        self.__dict__.update(state)
 
     def forward(self, x):
         x = _input_dtype(x)
@@ -937,6 +961,7 @@ class Softmax(Activation):
     axis is a ValueError at forward."""
     name = "softmax"
     _attr_checks = {"dim": lambda v: integer(v, "dim")}
+    dim = -1  # (a Softmax pickled before it had dim)
 
     def __init__(self, dim: int = -1):
         super().__init__()
@@ -988,6 +1013,9 @@ class Dropout(Module):
     def __init__(self, p=0.5, seed=None, *, inplace: bool = False):
         super().__init__()
         flag(inplace, "inplace")  # (PyTorch's; no effect)
+        if isinstance(seed, (bool, np.bool_)):  # (PyTorch's Dropout(p, True) is inplace)
+            raise TypeError("seed must be an int, a Generator or None, got a bool (PyTorch's "
+                            "second argument, inplace, is inplace=True here)")
         self.p = real(p, "p", low=0, high=1)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
@@ -1201,6 +1229,7 @@ class BatchNorm1d(_Norm):
             x = self._cache[1]
             g = _grad_like(grad_out, x, self).astype(np.float64)
             if x.shape[0] == 0 or self.running_mean is None:  # (an empty batch)
+                _mark_grads(self.weight, self.bias)
                 return g.astype(self._dtype)
             inv = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
             xhat = (x - self.running_mean) * inv
@@ -1264,6 +1293,8 @@ class LayerNorm(_Norm):
         if x.shape[0]:
             backends.current().layernorm_backward(g, x, self._scale_shift()[0], mean,
                                                   invstd, grad_x, *self._grads())
+        else:
+            _mark_grads(self.weight, self.bias)
         return grad_x
 
 

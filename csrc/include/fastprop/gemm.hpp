@@ -27,9 +27,9 @@ struct GemmEpilogue {
     // while the tile is in registers/cache, in this order:
     const T* bias = nullptr;                    // 1. C[i][j] += bias[j]               (forward)
     T* preact = nullptr; index_t ld_preact = 0;  // 2. preact[i][j] = C[i][j]  (forward, gelu keeps z)
-    int act = 0; double alpha = 0.01;           // 3. C = act(C) for act codes 0..5 (identity, relu,
-                                                //    leaky_relu, sigmoid, tanh, gelu-tanh); softmax (6)
-                                                //    is NOT an epilogue (ignored here)
+    int act = 0; double alpha = 0.01;           // 3. C = act(C) for act codes 0..6 (identity, relu,
+                                                //    leaky_relu, sigmoid, tanh, gelu-tanh, gelu-erf);
+                                                //    softmax (7) is NOT an epilogue (ignored here)
     const T* dsrc = nullptr; index_t ld_dsrc = 0; int dact = 0; double dalpha = 0.01;
                                                 // 4. backward: C[i][j] *= act'(dsrc[i][j]) where dsrc
                                                 //    is the forward output y for relu/leaky_relu/

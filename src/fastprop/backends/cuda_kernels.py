@@ -180,7 +180,7 @@ def activations(dtype) -> _Activations:
     gk3 = t(3 * 0.044715)
     gc2, gck2 = t(2 * math.sqrt(2.0 / math.pi)), t(2 * math.sqrt(2.0 / math.pi) * 0.044715)
     gclip = t(20.0)
-    half, rsqrt2, rsqrt2pi, eclip = t(0.5), t(math.sqrt(0.5)), t(1 / math.sqrt(2 * math.pi)), t(40.0)
+    rsqrt2, rsqrt2pi, eclip = math.sqrt(0.5), 1 / math.sqrt(2 * math.pi), t(40.0)
 
     @cuda.jit(device=True)
     def forward(v, act, alpha):
@@ -206,12 +206,15 @@ def activations(dtype) -> _Activations:
             r = one / (one + e)
             return v * (r if w >= zero else e * r)
         if act == GELU_ERF:
-            # x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (the other backends' form)
+            # x Phi(x), Phi(x) = erfc(-x / sqrt 2) / 2 (the other backends' form), in
+            # double for float32 too (erfc's condition number 2 t^2: a float t alone
+            # costs ~85 ulp at x = -12)
             if v < -eclip:
                 return -zero
             if v > eclip:
                 return v
-            return v * (half * math.erfc(-v * rsqrt2))
+            vd = float(v)
+            return t(vd * (0.5 * math.erfc(-vd * rsqrt2)))
         return v
 
     @cuda.jit(device=True)
@@ -239,7 +242,8 @@ def activations(dtype) -> _Activations:
                 return g * zero
             if x > eclip:
                 return g
-            return g * (half * math.erfc(-x * rsqrt2) + x * (rsqrt2pi * math.exp(-half * x * x)))
+            xd = float(x)
+            return g * t(0.5 * math.erfc(-xd * rsqrt2) + xd * (rsqrt2pi * math.exp(-0.5 * xd * xd)))
         return g
 
     return _Activations(forward, backward)
