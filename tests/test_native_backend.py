@@ -291,6 +291,52 @@ def test_only_isa_units_hold_instructions_beyond_x86_64_v2():
         assert int(out.stdout.split(": ")[1].split()[0]) > 50, out.stdout
 
 
+_ISA_PROBE = r"""
+#include <immintrin.h>
+namespace fastprop { namespace avx2 {
+__attribute__((target("avx2,fma"))) float unit_sum(const float* x) {
+    __m256 v = _mm256_loadu_ps(x);
+    v = _mm256_fmadd_ps(v, v, v);
+    float out[8]; _mm256_storeu_ps(out, v); return out[0] + out[7];
+}
+}
+__attribute__((target("avx2"))) float leaked(const float* x) {  // outside the units
+    __m256 v = _mm256_loadu_ps(x);
+    float out[8]; _mm256_storeu_ps(out, _mm256_add_ps(v, v)); return out[3];
+}
+__attribute__((target("bmi2"))) unsigned shifted(unsigned a, unsigned b) { return a << b; }
+float plain(const float* x) { return x[0] * 2.0f; }
+}
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="an x86-64 check")
+@pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("g++") is None,
+                    reason="needs binutils' objdump and g++")
+@pytest.mark.skipif(not _ISA_CHECK.exists(), reason="tools/ is not beside tests/")
+def test_isa_check_finds_what_it_looks_for(tmp_path):
+    """The check itself: in a small module it names the AVX2 and BMI2 functions outside
+    fastprop::avx2 (exit 1), passes the one inside, and says when a module is stripped."""
+    src = tmp_path / "probe.cpp"
+    src.write_text(_ISA_PROBE)
+    so = tmp_path / "probe.so"
+    subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", str(src), "-o",
+                    str(so)], check=True,
+                   timeout=120)
+    out = subprocess.run([sys.executable, str(_ISA_CHECK), str(so)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 1, out.stdout + out.stderr
+    flagged = out.stdout.splitlines()[1:]
+    assert any("leaked" in line for line in flagged), out.stdout
+    assert any("shifted" in line for line in flagged), out.stdout
+    assert not any("unit_sum" in line or "plain" in line for line in flagged), out.stdout
+    subprocess.run(["strip", str(so)], check=True, timeout=60)
+    out = subprocess.run([sys.executable, str(_ISA_CHECK), str(so)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 2 and "stripped" in out.stdout, out.stdout
+
+
 @pytest.mark.skipif(os.environ.get("FASTPROP_NATIVE_ISA_CHILD") == "1",
                     reason="already a per-ISA child run")
 @pytest.mark.parametrize("isa", _native.available_isas())
