@@ -278,7 +278,7 @@ _ISA_CHECK = pathlib.Path(__file__).resolve().parent.parent / "tools" / "check_i
                     reason="an x86-64 check")
 @pytest.mark.skipif(shutil.which("objdump") is None, reason="needs binutils' objdump")
 @pytest.mark.skipif(not _ISA_CHECK.exists(), reason="tools/ is not beside tests/")
-def test_only_isa_units_hold_instructions_beyond_x86_64_v2():
+def test_subprocess_objdump_only_isa_units_hold_instructions_beyond_x86_64_v2():
     """The wheel runs on any x86-64-v2 CPU: outside the avx2/avx512 namespaces the
     module holds no AVX, AVX-512 or BMI instruction (tools/check_isa_units.py, which
     .ci/run also runs on an unstripped build: an installed module is stripped)."""
@@ -315,7 +315,7 @@ float plain(const float* x) { return x[0] * 2.0f; }
 @pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("g++") is None,
                     reason="needs binutils' objdump and g++")
 @pytest.mark.skipif(not _ISA_CHECK.exists(), reason="tools/ is not beside tests/")
-def test_isa_check_finds_what_it_looks_for(tmp_path):
+def test_subprocess_objdump_isa_check_finds_what_it_looks_for(tmp_path):
     """The check itself: in a small module it names the AVX2 and BMI2 functions outside
     fastprop::avx2 (exit 1), passes the one inside, and says when a module is stripped."""
     src = tmp_path / "probe.cpp"
