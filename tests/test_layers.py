@@ -1240,6 +1240,9 @@ def test_pytorch_spellings(backend, rng, tmp_path):
     np.testing.assert_array_equal(fp.nn.ReLU(inplace=True)(x), np.maximum(x, 0))
     leaky = fp.nn.LeakyReLU(negative_slope=0.2, inplace=True)
     assert leaky.alpha == 0.2 and fp.nn.LeakyReLU(0.3).alpha == 0.3
+    assert fp.nn.LeakyReLU().alpha == 0.01
+    with pytest.raises(TypeError, match="not both"):
+        fp.nn.LeakyReLU(0.1, negative_slope=0.2)
     np.testing.assert_allclose(leaky(x), np.where(x > 0, x, 0.2 * x))
     assert fp.nn.Dropout(0.1, inplace=False).p == 0.1
     with pytest.raises(TypeError, match="inplace=True"):  # (torch's Dropout(p, inplace))

@@ -984,12 +984,13 @@ class LeakyReLU(Activation):
     name = "leaky_relu"
     _attr_checks = {"alpha": lambda v: real(v, "alpha", low=0)}
 
-    def __init__(self, alpha=0.01, inplace: bool = False, *, negative_slope=None):
+    def __init__(self, alpha=None, inplace: bool = False, *, negative_slope=None):
         super().__init__()
         flag(inplace, "inplace")
-        if negative_slope is not None:
-            alpha = negative_slope
-        self.alpha = real(alpha, "alpha", low=0)
+        if alpha is not None and negative_slope is not None:
+            raise TypeError("give alpha or negative_slope (PyTorch's name for it), not both")
+        alpha = negative_slope if alpha is None else alpha
+        self.alpha = real(0.01 if alpha is None else alpha, "alpha", low=0)
 
     def get_config(self):
         return {"alpha": self.alpha}
