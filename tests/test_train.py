@@ -1205,7 +1205,8 @@ def test_a_step_that_makes_the_running_variance_infinite_is_refused(backend, rng
 
 
 def test_keras_style_callback_objects(backend, rng):
-    """A callback object with Keras' methods (set_model, on_epoch_end returning None,
+    """A callback object with Keras' methods (set_model, then on_train_begin, which may
+    use the model; on_epoch_end returning None,
     model.stop_training = True to stop) works as in Keras; a batch callback that runs
     the step itself on a batch of another size leaves the epoch's accuracy alone
     (it was counted from the step's output, overwritten by that call)."""
@@ -1214,6 +1215,9 @@ def test_keras_style_callback_objects(backend, rng):
     class StopAtOne:
         def set_model(self, model):
             self.model = model
+
+        def on_train_begin(self, keys):  # (Keras calls set_model first)
+            self.start_mode = self.model.training
 
         def on_epoch_end(self, epoch, logs):
             self.seen = epoch
@@ -1233,6 +1237,7 @@ def test_keras_style_callback_objects(backend, rng):
     cb = StopAtOne()
     hist = model.fit(X, y, epochs=5, batch_size=16, verbose=0, callbacks=[cb, Probe()])
     assert hist.stopped_epoch == 1 and cb.seen == 1 and len(hist["accuracy"]) == 2
+    assert cb.start_mode is True
     assert 0.0 <= hist["accuracy"][-1] <= 1.0
     hist = model.fit(X, y, epochs=2, batch_size=16, verbose=0, callbacks=[StopAtOne()])
     assert hist.stopped_epoch == 1  # (the flag is reset by each fit: it ran epoch 1)

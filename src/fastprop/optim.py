@@ -200,6 +200,19 @@ class Optimizer:
         self._checked = [None] * len(groups)
         self._hyper_seen = dict(hyper)
 
+    def __getstate__(self):
+        state = self.__dict__.copy()
+        state.pop("_device_step", None)  # (a weak reference: not picklable, nor wanted)
+        return state
+
+    def _sync_device(self) -> None:
+        """Bring the state up to date when a compiled step trains on a device with
+        this optimizer (it holds the moments there between syncs)."""
+        ref = self.__dict__.get("_device_step")
+        step = ref() if ref is not None else None
+        if step is not None:
+            step.sync()
+
     def __setstate__(self, state):
         self.__dict__.update(state)
         # an optimizer pickled before a hyperparameter was added (Adam's amsgrad): it
@@ -538,6 +551,7 @@ class Optimizer:
     def state_dict(self) -> dict:
         """A copy of hyperparameters (each parameter group's too), the step count,
         each parameter's own step count ("steps") and per-parameter state."""
+        self._sync_device()
         return {
             "type": type(self).__name__,
             "hyper": dict(self.hyper),

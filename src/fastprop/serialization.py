@@ -93,6 +93,7 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     atomically."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+    model._sync_device()  # (a compiled step training on a device holds the values)
     arrays = [(name, np.asarray(a, order="C")) for name, a in model.state_arrays()]
     if extra:
         arrays += [(f"extra.{k}", np.ascontiguousarray(v)) for k, v in extra.items()]

@@ -700,7 +700,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             index in the epoch and ``logs = {"loss": that batch's loss}`` (Keras
             passes the epoch's running figures); ``lr_scheduler.every_batch(sched)``
             steps a scheduler there (warm-up, OneCycleLR).  One with a
-            ``set_model(model)`` method gets the model before the first epoch, and
+            ``set_model(model)`` method gets the model before ``on_train_begin`` (as
+            Keras'), and
             one with ``on_train_end()`` has it called after the last epoch (or the
             stop) once the parameters are final, as Keras' (EarlyStopping's
             ``restore_best_weights`` uses both).
@@ -803,14 +804,14 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if callbacks:  # (may refuse, e.g. an EarlyStopping watching a key this fit lacks)
         keys = ["loss"] + (["accuracy"] if _accuracy_fn(step.loss) is not None else [])
         keys += [f"val_{k}" for k in keys] if Xv is not None else []
+        for cb in callbacks:  # (set_model first, as Keras: on_train_begin may use it)
+            set_model = getattr(cb, "set_model", None)
+            if set_model is not None:
+                set_model(model)
         for cb in callbacks:
             begin = getattr(cb, "on_train_begin", None)
             if begin is not None:
                 begin(list(keys))
-        for cb in callbacks:
-            set_model = getattr(cb, "set_model", None)
-            if set_model is not None:
-                set_model(model)
     step.optimizer._precheck()  # (e.g. a state made before model.astype: refused now)
     # (the last check above: from here on the model is changed)
     model.__dict__["stop_training"] = False  # (Keras' flag, for callbacks to set)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import math
 import threading
+import weakref
 
 import numpy as np
 
@@ -378,6 +379,8 @@ class DeviceTrainStep:
         self.stages = list(stages)
         self.loss = loss
         self.optimizer = optimizer
+        # (the optimizer's state_dict syncs this step first: the moments live here)
+        optimizer._device_step = weakref.ref(self)
         self.params = list(optimizer.params)
         self.dtype = self.params[0].dtype
         cuda = _cuda
