@@ -338,8 +338,9 @@ inline T gelu_derivative(T x) {
 
 // GELU's exact form (PyTorch's default, approximate="none"): x Phi(x) with the normal
 // CDF Phi(x) = erfc(-x / sqrt 2) / 2, and gelu'(x) = Phi(x) + x phi(x).
-//   double: libm's erfc (scalar calls, ~1 ulp); erfc(-x / sqrt 2) keeps its relative
-//     accuracy in the negative tail, where 1 + erf(x / sqrt 2) cancels.  Beyond
+//   double: libm's erfc (scalar calls, ~1 ulp) with the rounding of its argument
+//     corrected (erfc_of_scaled); erfc(-x / sqrt 2) keeps its relative accuracy in the
+//     negative tail, where 1 + erf(x / sqrt 2) cancels.  Beyond
 //     |x| = 40 the limits: -0 and 0 below, x and 1 above (-inf gives -0, not -inf * 0).
 //   float: branch-free double arithmetic that the loops vectorise (a libm call per
 //     element ran ~12 ns): erfc(z) = exp(-z^2) Q(u), u = 1 / (1 + z / 2), Q a degree-12
@@ -358,16 +359,36 @@ constexpr double kErfcPoly[13] = {
     -1.3903337938375702, 1.4101079381748238, -0.81469783503781379, 0.2567935772190193,
     -0.034737196085018816};
 
+constexpr double kSqrtHalfLo = -4.833646656726457e-17;  // 1/sqrt(2) - kSqrtHalf
+constexpr double kTwoOverSqrtPi = 1.1283791670955126;
+
+// erfc(-x / sqrt 2) in double with the argument's rounding corrected: t = -x/sqrt 2 =
+// th + tl exactly enough (th rounded, tl from an FMA and the constant's own error),
+// and erfc(th + tl) = erfc(th) - tl (2/sqrt pi) exp(-th^2) to first order (the next
+// term is ~1e-30 relative).  Rounding t alone cost up to 2 t^2 ulp: ~700 at x = -38.
+inline double erfc_of_scaled(double x) {
+    const double th = -x * kSqrtHalf;
+    const double tl = std::fma(-x, kSqrtHalf, -th) - x * kSqrtHalfLo;
+    return std::erfc(th) - tl * (kTwoOverSqrtPi * std::exp(-th * th));
+}
+
+// exp(-x^2 / 2) with x^2 = h + l split exactly by an FMA: exp(-h/2) (1 - l/2).
+inline double exp_neg_half_square(double x) {
+    const double h = x * x;
+    const double l = std::fma(x, x, -h);
+    return std::exp(-0.5 * h) * (1.0 - 0.5 * l);
+}
+
 inline double gelu_erf_value(double x) {
     if (x < -kGeluErfClip) return -0.0;
     if (x > kGeluErfClip) return x;
-    return 0.5 * x * std::erfc(-x * kSqrtHalf);
+    return 0.5 * x * erfc_of_scaled(x);
 }
 
 inline double gelu_erf_derivative(double x) {
     if (x < -kGeluErfClip) return 0.0;
     if (x > kGeluErfClip) return 1.0;
-    return 0.5 * std::erfc(-x * kSqrtHalf) + x * (kInvSqrt2Pi * std::exp(-0.5 * (x * x)));
+    return 0.5 * erfc_of_scaled(x) + x * (kInvSqrt2Pi * exp_neg_half_square(x));
 }
 
 struct GeluErfParts {
