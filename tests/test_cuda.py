@@ -643,6 +643,42 @@ def test_save_and_optimizer_state_after_compiled_device_steps(rng):
     assert pickle.loads(pickle.dumps(opt)).state_dict()["step"] == 3
 
 
+def test_optimizer_state_loaded_or_copied_between_device_steps(rng):
+    """Between compiled device steps: a pickle or copy of the optimizer holds the
+    moments (it held step 3 with none); a state loaded into it is what its state_dict
+    returns (the device's moments were synced over it) and what the next step uses,
+    also when the model's state is loaded after it (that load synced over it too): the
+    step then equals a CPU step from the same states."""
+    import copy
+    import pickle
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    model = _mlp(np.float64, ["tanh"], sizes=(3, 2)).to("cuda")
+    opt = fp.optim.Adam(model.parameters(), lr=0.1)
+    step = model.compile("mse", opt)
+    with fp.use_backend("numpy"):
+        step(X, y)
+        step(X, y)
+        for clone in (pickle.loads(pickle.dumps(opt)), copy.deepcopy(opt)):
+            assert clone.step_count == 2 and all("exp_avg" in st for st in clone.state)
+        sd1, msd1 = opt.state_dict(), model.state_dict()
+        step(X, y)
+        step(X, y)
+        opt.load_state_dict(sd1)
+        for got, want in zip(opt.state_dict()["state"], sd1["state"]):
+            np.testing.assert_array_equal(got["exp_avg"], want["exp_avg"])
+        model.load_state_dict(msd1)
+        step(X, y)
+        after = list(model.state_dict().values())
+    cpu = _mlp(np.float64, ["tanh"], sizes=(3, 2))
+    cpu.load_state_dict(msd1)
+    copt = fp.optim.Adam(cpu.parameters(), lr=0.1)
+    copt.load_state_dict(sd1)
+    with fp.use_backend("numpy"):
+        cpu.compile("mse", copt)(X, y)
+    for got, want in zip(after, cpu.state_dict().values()):
+        close(got, want, F64, factor=100)
+
+
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the simulator's NumPy sees inf * 0
 def test_nonfinite_step_raises_before_update(rng):
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)

@@ -312,8 +312,8 @@ float plain(const float* x) { return x[0] * 2.0f; }
 
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
                     reason="an x86-64 check")
-@pytest.mark.skipif(shutil.which("objdump") is None or shutil.which("g++") is None,
-                    reason="needs binutils' objdump and g++")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("objdump", "strip", "g++")),
+                    reason="needs binutils' objdump and strip, and g++")
 @pytest.mark.skipif(not _ISA_CHECK.exists(), reason="tools/ is not beside tests/")
 def test_subprocess_objdump_isa_check_finds_what_it_looks_for(tmp_path):
     """The check itself: in a small module it names the AVX2 and BMI2 functions outside
@@ -321,9 +321,9 @@ def test_subprocess_objdump_isa_check_finds_what_it_looks_for(tmp_path):
     src = tmp_path / "probe.cpp"
     src.write_text(_ISA_PROBE)
     so = tmp_path / "probe.so"
-    subprocess.run(["g++", "-O2", "-shared", "-fPIC", "-fvisibility=hidden", str(src), "-o",
-                    str(so)], check=True,
-                   timeout=120)
+    # (-march=x86-64: a compiler whose default is x86-64-v3 would put AVX in plain())
+    subprocess.run(["g++", "-O2", "-march=x86-64", "-shared", "-fPIC", "-fvisibility=hidden",
+                    str(src), "-o", str(so)], check=True, timeout=120)
     out = subprocess.run([sys.executable, str(_ISA_CHECK), str(so)], capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 1, out.stdout + out.stderr

@@ -201,13 +201,15 @@ class Optimizer:
         self._hyper_seen = dict(hyper)
 
     def __getstate__(self):
+        self._sync_device()  # (a pickle or a copy holds the moments, as state_dict)
         state = self.__dict__.copy()
         state.pop("_device_step", None)  # (a weak reference: not picklable, nor wanted)
         return state
 
     def _sync_device(self) -> None:
         """Bring the state up to date when a compiled step trains on a device with
-        this optimizer (it holds the moments there between syncs)."""
+        this optimizer (it holds the moments there between syncs; after a sync its
+        next step uploads the host's, so a state loaded here is the one it uses)."""
         ref = self.__dict__.get("_device_step")
         step = ref() if ref is not None else None
         if step is not None:
@@ -565,6 +567,9 @@ class Optimizer:
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from :meth:`state_dict`; checks everything before changing anything."""
+        # (a device step's moments first: a later sync would write them over the loaded
+        # state, and its next step would not upload it)
+        self._sync_device()
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise ValueError("state_dict must be a dict produced by Optimizer.state_dict()")
         if state_dict.get("type") != type(self).__name__:
