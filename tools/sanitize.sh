@@ -14,7 +14,8 @@
 # runtime must come first in the process: it is put in LD_PRELOAD.  Leak detection is
 # off (detect_leaks=0): CPython and NumPy keep allocations alive until exit by design,
 # and fastprop's own buffers are covered by the 10,000-step RSS test -- which is
-# skipped here, as ASan's quarantine of freed memory grows the resident set by design
+# skipped here (as is the large-scratch RSS test, through ASAN_OPTIONS), as ASan's
+# quarantine of freed memory grows the resident set by design
 # (so are the tests that start subprocesses).
 set -euo pipefail
 cd "$(dirname "$0")/.."
