@@ -721,7 +721,7 @@ def test_a_gemm_asked_for_more_than_256_threads_uses_256():
 @pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/statm")
 @pytest.mark.skipif("ASAN_OPTIONS" in os.environ,  # (tools/sanitize.sh sets it)
-                    reason="AddressSanitizer's quarantine keeps freed memory resident")
+                    reason="ASan's quarantine keeps freed memory resident")
 def test_large_matrix_vector_scratch_is_not_kept():
     """A one-column GEMM with accumulate (C read into per-thread scratch) of 2^24 rows
     kept 64 MiB for the life of the thread, and a 16-row larger one mapped twice
