@@ -19,7 +19,7 @@ import numpy as np
 from . import backends
 from . import init as _init
 from ._checks import as_array, as_float, flag, float_dtype, integer, real
-from .backends import ACTIVATIONS
+from .backends import ACTIVATIONS, PREACT_ACTIVATIONS
 from .ops import activation_code
 
 __all__ = ["Parameter", "Module", "Dense", "Activation", "ReLU", "LeakyReLU", "Sigmoid",
@@ -697,10 +697,6 @@ def _mark_grads(*params):
             p._no_grad = False
 
 
-#: activation codes whose backward reads the pre-activation (kept by forward)
-_KEEPS_Z = (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"])
-
-
 def _need(cache, name, module):
     if cache is None:
         raise RuntimeError(f"{type(module).__name__}.backward called before forward")
@@ -834,7 +830,7 @@ class Dense(Module):
         x = self._check_input(x)
         n = x.shape[0]
         y = np.empty((n, self.out_features), self._dtype)
-        z = np.empty_like(y) if self.act in _KEEPS_Z else None
+        z = np.empty_like(y) if self.act in PREACT_ACTIVATIONS else None
         if n:
             b = self.bias.value if self.bias is not None else None
             backends.current().linear_forward(x, self.weight.value, b, self.act, self.alpha,

@@ -204,7 +204,7 @@ def _act_operands(act, y, z, shape, dtype, z_name="z"):
     for arr, arg in ((y, "y"), (z, z_name)):
         if arr is not None:
             check_shape(as_array(arr, arg), shape, arg)
-    if act in (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"]):
+    if act in backends.PREACT_ACTIVATIONS:
         if z is None:
             raise ValueError("gelu backward needs the pre-activation: pass x "
                              "(activation_backward) or z (linear_backward)")

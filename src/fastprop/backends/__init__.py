@@ -140,6 +140,8 @@ ACTIVATIONS = {
     "softmax": 7,
 }
 ACTIVATION_NAMES = {code: name for name, code in ACTIVATIONS.items()}
+#: the codes whose backward reads the pre-activation z (the others read the output y)
+PREACT_ACTIVATIONS = (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"])
 
 BACKENDS = ("native", "numpy", "cuda")
 

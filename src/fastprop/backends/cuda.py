@@ -26,7 +26,7 @@ import weakref
 
 import numpy as np
 
-from . import ACTIVATIONS, BackendUnavailableError, NonFiniteError
+from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError
 from . import cuda_support
 
 name = "cuda"
@@ -350,7 +350,7 @@ class _Workspace:
             shape = (n, st.weight.shape[1])
             self.y.append(cuda.device_array(shape, dtype))
             self.z.append(cuda.device_array(shape, dtype)
-                          if st.act in (ACTIVATIONS["gelu"], ACTIVATIONS["gelu_erf"])
+                          if st.act in PREACT_ACTIVATIONS
                           else None)
             self.g.append(cuda.device_array(shape, dtype))  # grad of y, then grad of z
         cols = max(K.colsum_partial_rows(n, st.weight.shape[1]) * st.weight.shape[1]
