@@ -50,12 +50,15 @@ def snapshot(model=None, optimizer=None):
     if model is not None:
         for p in model.parameters():
             snap.append(("value", p.value.dtype.str, p.value.shape, p.value.tobytes()))
-            g = p.grad
-            snap.append(("grad", g.dtype.str, g.shape, g.tobytes()) if isinstance(g, np.ndarray)
-                        else ("grad", repr(g)))
+            g = p._grad  # (not p.grad: reading that gives the parameter a gradient)
+            snap.append(("grad", g.dtype.str, g.shape, g.tobytes(), p.has_grad)
+                        if isinstance(g, np.ndarray) else ("grad", repr(g)))
         for name, arr in model.state_arrays():
             snap.append((name, arr.dtype.str, arr.shape, arr.tobytes()))
         snap.append(("training", tuple(m.training for m in model.modules())))
+        # (a Dropout's generator: a refused call draws no masks)
+        snap.extend(("rng", repr(m.rng.bit_generator.state)) for m in model.modules()
+                    if isinstance(getattr(m, "rng", None), np.random.Generator))
     if optimizer is not None:
         sd = optimizer.state_dict()
         snap.append(("step", sd["step"]))

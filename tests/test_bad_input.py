@@ -572,6 +572,42 @@ ROWS = [
     R("threads-float", lambda c: fp.set_num_threads(1.5), TypeError, r"n must be an int"),
     R("save-non-module", lambda c: fp.save(c.params, "/nonexistent-dir/never.fp"), TypeError,
       r"model must be a fastprop Module"),
+    # a compiled step that runs layer by layer (the model has BatchNorm and Dropout):
+    # the forward runs before the loss sees the labels; the Dropout masks it drew are
+    # given back with the running statistics
+    R("layer-step-labels-out-of-range",
+      lambda c: c.model.compile("cross_entropy", c.opt)(c.X[:5], np.full(5, 7)), ValueError,
+      r"labels must lie in \[0, 3\)", kernels=True),
+    R("layer-step-labels-none",
+      lambda c: c.model.compile("cross_entropy", c.opt)(c.X[:5], None), TypeError,
+      r"labels must be an array", kernels=True),
+    # backward after the first layer ran alone on another batch: refused before the
+    # later layers add to their gradients
+    R("seq-backward-layer-run-alone", lambda c: c.model.backward(np.ones((5, 3))), ValueError,
+      r"layer 0 \(Dense\)'s last forward gave shape \(7, 8\), but layer 1 "
+      r"\(BatchNorm1d\)'s last forward took \(5, 8\)",
+      setup=lambda c: (c.model(c.X[:5]), c.model[0](c.X[:7]))),
+    R("zero-grad-set-to-none-str", lambda c: c.model.zero_grad(set_to_none="no"), TypeError,
+      r"set_to_none must be a bool, got str"),
+    R("opt-zero-grad-set-to-none-str", lambda c: c.opt.zero_grad("no"), TypeError,
+      r"set_to_none must be a bool, got str"),
+    R("backward-input-grad-str", lambda c: c.model.backward(np.ones((5, 3)), input_grad="no"),
+      TypeError, r"input_grad must be a bool, got str", setup=lambda c: c.model(c.X[:5])),
+    R("loss-get-int", lambda c: losses.get(3), TypeError,
+      r"loss must be a fastprop.losses.Loss or a name, got int"),
+    R("load-path-int", lambda c: fp.load(3), TypeError,
+      r"path must be a file path \(str or os.PathLike\) or a binary file object with "
+      r"read\(\), got int"),
+    R("save-path-none", lambda c: fp.save(c.model, None), TypeError,
+      r"path must be a file path .* with write\(\), got NoneType"),
+    R("dense-weight-of-another-shape", lambda c: setattr(c.dense, "weight",
+                                                          fp.Parameter(np.ones(32, np.float32))),
+      ValueError, r"Parameter of shape \(32,\) as 'weight' of Dense: expected shape \(4, 8\)"),
+    R("bn-running-mean-of-another-shape",
+      lambda c: setattr(c.bn, "running_mean", np.zeros(3, np.float32)), ValueError,
+      r"array of shape \(3,\) as buffer 'running_mean' of BatchNorm1d: expected shape \(8,\)"),
+    R("gradcheck-nan-input", lambda c: fp.gradcheck(c.dense, _with(c.a, (0, 0), np.nan)),
+      ValueError, r"inputs contains 1 NaN"),
     R("gradcheck-non-callable", lambda c: fp.gradcheck(3, np.ones(2)), TypeError,
       r"gradcheck needs a Module"),
 ]

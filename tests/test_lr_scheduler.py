@@ -495,3 +495,47 @@ def test_one_cycle_per_batch_over_exactly_total_steps_in_fit(strategy):
                      verbose=0, callbacks=[sched.every_batch(cycle)])
     assert len(hist["loss"]) == 3 and opt.step_count == 12
     assert opt.lr >= 0.0 and (opt.lr == 0.0) == (strategy == "linear")
+
+
+def test_load_state_dict_checks_the_values_before_anything_changes():
+    """Each loaded entry is of the kind the scheduler holds (as its constructor checks
+    them: step_size >= 1, a finite gamma, base rates >= 0) and the next epoch's rate a
+    copy computes is a valid one: a refused state_dict changes nothing, where PyTorch
+    would load it and fail (or train on) at a later step."""
+    opt = _two_groups()
+    s = sched.StepLR(opt, step_size=1, gamma=0.5)
+    s.step()
+    sd = s.state_dict()
+    before = (s.state_dict(), [g["lr"] for g in opt.param_groups])
+    for key, value, exc, match in [
+            ("step_size", 0, ValueError, r"'step_size'\] must be >= 1, got 0"),
+            ("step_size", -1, ValueError, r"must be >= 1"),
+            ("step_size", 2.0, TypeError, r"'step_size'\] must be an integer, got float"),
+            ("last_epoch", "x", TypeError, r"'last_epoch'\] must be an integer, got str"),
+            ("last_epoch", -2, ValueError, r"'last_epoch'\] must be >= -1"),
+            ("gamma", math.nan, ValueError, r"'gamma'\] must be finite"),
+            ("gamma", True, TypeError, r"'gamma'\] must be a real number, got bool"),
+            ("gamma", -2.0, ValueError, r"gives lr=-0\.\d+ for parameter group 0"),
+            ("base_lrs", [-1.0, 0.1], ValueError, r"'base_lrs'\] must hold finite rates >= 0"),
+            ("base_lrs", [0.1], ValueError, r"must hold 2 entries"),
+            ("_is_initial", 1, TypeError, r"must be a bool")]:
+        with pytest.raises(exc, match=match):
+            s.load_state_dict({**sd, key: value})
+        assert (s.state_dict(), [g["lr"] for g in opt.param_groups]) == before
+    plateau = sched.ReduceLROnPlateau(_two_groups(), patience=2)
+    psd = plateau.state_dict()
+    for key, value, match in [("mode", "maximum", r"'mode'\] must be one of \['min', 'max'\]"),
+                              ("factor", 1.5, r"'factor'\] must be in \[0, 1\)"),
+                              ("patience", -1, r"'patience'\] must be >= 0")]:
+        with pytest.raises(ValueError, match=match):
+            plateau.load_state_dict({**psd, key: value})
+    assert plateau.state_dict() == psd
+    plateau.load_state_dict({**psd, "best": 0.5})  # (best may be inf, and is a number)
+    s.load_state_dict(sd)  # (the good one still loads, and any scheduler's own)
+    for make in (lambda o: sched.OneCycleLR(o, max_lr=1.0, total_steps=10),
+                 lambda o: sched.CosineAnnealingWarmRestarts(o, T_0=3),
+                 lambda o: sched.MultiStepLR(o, [2, 4]), lambda o: sched.PolynomialLR(o)):
+        a = make(_two_groups())
+        for _ in range(3):
+            a.step()
+        make(_two_groups()).load_state_dict(a.state_dict())

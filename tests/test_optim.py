@@ -2,6 +2,7 @@
 written out below in plain float64 NumPy, over 5 steps with changing gradients."""
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -1246,6 +1247,75 @@ def test_load_state_dict_checks_group_sizes_step_counts_and_state_keys():
     fp.optim.Adam([{"params": ps[:1], "lr": 0.1}, {"params": ps[1:]}],
                   lr=1e-3).load_state_dict(legacy)  # (saved before sizes: not checked)
     assert dst.state_dict()["step"] == before["step"]
+
+
+@pytest.mark.parametrize("edit", ["replace", "append", "remove", "item", "group"])
+def test_edited_group_parameter_lists_are_refused(backend, edit):
+    """PyTorch code edits opt.param_groups[i]["params"] to stop or start training a
+    parameter; here state and step counts are kept by position, and the edit was
+    silently ignored (a removed parameter kept training).  It is refused, at step,
+    in a compiled step and in fit, before anything changes."""
+    model = nn.Sequential(nn.Dense(3, 4, "relu", rng=0), nn.Dense(4, 2, rng=1))
+    opt = fp.optim.Adam(model.parameters(), lr=0.1)
+    x, y = np.random.default_rng(0).standard_normal((6, 3)), np.arange(6) % 2
+    step = model.compile("cross_entropy", opt)
+    step(x, y)
+    extra = fp.Parameter(np.ones(3))
+    plist = opt.param_groups[0]["params"]
+    if edit == "replace":
+        opt.param_groups[0]["params"] = plist[:2]
+    elif edit == "append":
+        plist.append(extra)
+    elif edit == "remove":
+        plist.remove(plist[-1])
+    elif edit == "item":
+        plist[0] = extra
+    else:
+        opt.param_groups.append({"params": [extra], **opt.defaults})
+    before = snapshot(model, opt)
+    match = r"param_groups\[0\]\['params'\] no longer holds" if edit != "group" else \
+        r"param_groups holds 2 groups, the optimizer was given 1"
+    for call in (opt.step, lambda: step(x, y),
+                 lambda: model.fit(x, y, loss="cross_entropy", optimizer=opt, verbose=0)):
+        with pytest.raises(ValueError, match=match):
+            call()
+        assert snapshot(model, opt) == before
+    opt2 = fp.optim.Adam(model[1].parameters(), lr=0.1)
+    opt2.add_param_group({"params": [extra]})  # (the way to add: still steps)
+    extra.grad = np.ones(3)
+    opt2.step()
+    assert extra.value[0] < 1
+
+
+def test_load_state_dict_refuses_non_numeric_state_and_malformed_entries():
+    """A moment held as an object, complex or string array (NaN, a dropped imaginary
+    part) or a state entry that is no dict is a TypeError naming it, as
+    Module.load_state_dict's; nothing changes."""
+    ps = [fp.Parameter(np.ones(3)) for _ in range(2)]
+    opt = fp.optim.Adam(ps, lr=1e-3)
+    for p in ps:
+        p.grad[...] = 1.0
+    opt.step()
+    sd = opt.state_dict()
+    before = snapshot(None, opt)
+    bad_arrays = [(np.array([1, None, 2], dtype=object), "dtype object"),
+                  (np.array([1 + 5j, 2, 3]), "dtype complex128"),
+                  (np.array(["a", "b", "c"]), "dtype <U1")]
+    for arr, match in bad_arrays:
+        state = [dict(s) for s in sd["state"]]
+        state[1]["exp_avg"] = arr
+        with pytest.raises(TypeError, match=r"state 'exp_avg' of params\[1\] must hold real "
+                                            r"numbers.*" + re.escape(match)):
+            opt.load_state_dict({**sd, "state": state})
+    for bad, match in (({**sd, "state": [sd["state"][0], None]},
+                        r"state_dict\['state'\]\[1\] must be a dict of arrays, got NoneType"),
+                       ({**sd, "state": {0: sd["state"][0]}},
+                        r"state_dict\['state'\] must be a list"),
+                       ({**sd, "hyper": None}, r"state_dict\['hyper'\] must be a dict")):
+        with pytest.raises(TypeError, match=match):
+            opt.load_state_dict(bad)
+    assert snapshot(None, opt) == before
+    opt.load_state_dict(sd)  # (the good one still loads)
 
 
 @pytest.mark.parametrize("kind", ["adam", "adam-compiled", "rmsprop"])

@@ -14,6 +14,7 @@
 
 import gc
 import os
+import signal
 import sys
 import threading
 import time
@@ -791,6 +792,126 @@ def test_step_guard_in_a_fork_child_and_from_inside_itself(backend):
         outer(x, y)
     with pytest.raises(RuntimeError, match="called from inside itself"):
         outer(x, y)  # (again: the lock was released after the first error)
+
+
+class _BusyKernel:
+    """A whole-step kernel as a parent's thread leaves it at fork time: inside a call
+    (its own busy flag set), so every call is refused."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __call__(self, *args, **kwargs):
+        raise RuntimeError("this compiled step is already running in another thread")
+
+    def __getattr__(self, name):
+        return getattr(self._real, name)
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_child_binds_its_own_kernel():
+    """The native kernel object has a busy flag of its own, copied set into a child
+    forked while a thread of the parent ran the step: the child could never train
+    with that step (nor fit with the compiled loss and optimizer).  The child now
+    binds a kernel of its own."""
+    import multiprocessing as mp
+    import warnings
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Dense(4, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), 0.1))
+    x, y = rng.standard_normal((16, 4)), rng.integers(0, 3, 16)
+    with fp.use_backend("native"):
+        step(x, y)
+    if step._fast is None:
+        pytest.skip("the native backend has no whole-step kernel here")
+    step._fast = _BusyKernel(step._fast)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    with fp.use_backend("native"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+        proc = ctx.Process(target=_step_in_child, args=(step, x, y, child))
+        proc.start()
+        assert parent.poll(60)
+        status, value = parent.recv()
+        proc.join(10)
+    assert status == "ok" and np.isfinite(value), value
+
+
+class _SetThenInterrupt:
+    """A context variable whose set(value) is interrupted just after it took effect
+    (a KeyboardInterrupt from a signal handler, which Python runs right after a C
+    call returns)."""
+
+    def __init__(self, var, value):
+        self.var, self.value, self.armed = var, value, True
+
+    def get(self):
+        return self.var.get()
+
+    def set(self, value):
+        token = self.var.set(value)
+        if self.armed and value is self.value:
+            self.armed = False
+            raise KeyboardInterrupt
+        return token
+
+
+def test_an_interrupt_entering_inference_mode_or_use_backend_restores_the_mode(monkeypatch):
+    """A Ctrl-C landing just after inference_mode (predict, evaluate, fit's validation)
+    set its flag left the thread in inference mode for good: every later training
+    step failed with "backward called before forward".  use_backend likewise left
+    the thread on the other backend."""
+    from fastprop import backends
+    monkeypatch.setattr(nn, "_inference", _SetThenInterrupt(nn._inference, True))
+    with pytest.raises(KeyboardInterrupt):
+        with nn.inference_mode():
+            pass
+    monkeypatch.undo()
+    assert nn._inference.get() is False
+    model = nn.Sequential(nn.Dense(4, 3, rng=0), nn.Dropout(0.2))  # (the layer path)
+    model.fit(np.ones((8, 4)), np.arange(8) % 3, loss="cross_entropy", optimizer="sgd",
+              verbose=0)
+    before = fp.get_backend()
+    other = "numpy" if before != "numpy" else "native"
+    monkeypatch.setattr(backends, "_backend_var",
+                        _SetThenInterrupt(backends._backend_var, backends.load(other)))
+    with pytest.raises(KeyboardInterrupt):
+        with fp.use_backend(other):
+            pass
+    monkeypatch.undo()
+    assert fp.get_backend() == before
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+def test_interrupted_saves_leave_no_temporary_files_or_descriptors(tmp_path):
+    """A signal handler raising during fp.save (Ctrl-C, a timer) at any point: the
+    target stays whole, and no temporary file or file descriptor is left behind (one
+    between making the temporary file and handing its descriptor on left both)."""
+    model = nn.Sequential(nn.Dense(10, 16, "relu", rng=0), nn.Dense(16, 3, rng=1))
+    path = tmp_path / "model.fp"
+    fp.save(model, path)
+
+    def interrupt(*args):
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGALRM, interrupt)
+    fds = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    gen = np.random.default_rng(0)
+    try:
+        for _ in range(300):
+            try:
+                signal.setitimer(signal.ITIMER_REAL, gen.uniform(1e-5, 1e-3))
+                while True:
+                    fp.save(model, path)
+            except KeyboardInterrupt:
+                pass
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.fp"]
+    if fds is not None:
+        assert len(os.listdir("/proc/self/fd")) == fds
+    fp.load(path)
 
 
 def test_aliases_keep_their_state_names_and_batch_counts_roll_back(backend, rng, tmp_path):

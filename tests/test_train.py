@@ -785,15 +785,16 @@ def test_gradcheck_skips_frozen_parameters_and_user_modules_may_use_trainable(rn
 
 
 def test_callbacks_edge_cases_and_early_stopping_across_a_resume(rng, tmp_path):
-    """Only True stops (a schedule may return its rate); a class instead of an
+    """Only True stops (a returned rate is warned about, not a stop); a class instead of an
     instance and a monitor that is not a str are TypeErrors; min_delta counts by its
     magnitude (Keras); an interrupted run resumed with EarlyStopping stops where the
     uninterrupted one did, with the same weights (on_resume rebuilds its count)."""
     X = rng.standard_normal((128, 4)).astype(np.float32)
     y = X @ np.array([[1.0], [2.0], [0.0], [-1.0]], np.float32)
     model = nn.Dense(4, 1, rng=0)
-    h = model.fit(X, y, loss="mse", optimizer="sgd", epochs=3, verbose=0,
-                  callbacks=[lambda e, logs: 0.5 ** e])        # returns a float: no stop
+    with pytest.warns(UserWarning, match="returned 1.0, which fit ignores"):  # (once)
+        h = model.fit(X, y, loss="mse", optimizer="sgd", epochs=3, verbose=0,
+                      callbacks=[lambda e, logs: 0.5 ** e])    # returns a float: no stop
     assert h.epoch == [0, 1, 2] and h.stopped_epoch is None
     with pytest.raises(TypeError, match="class EarlyStopping; pass an instance"):
         model.fit(X, y, loss="mse", optimizer="sgd", verbose=0, callbacks=[fp.EarlyStopping])

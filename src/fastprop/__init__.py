@@ -19,7 +19,7 @@ from .gradcheck import GradcheckError, gradcheck
 from .nn import Parameter, Sequential
 from .optim import clip_grad_norm, clip_grad_norm_, clip_grad_value, clip_grad_value_
 from .serialization import load, save
-from .train import EarlyStopping, History, NonFiniteError
+from .train import EarlyStopping, History, LearningRateScheduler, NonFiniteError
 
 __version__ = "0.1.0"
 
@@ -28,6 +28,7 @@ __all__ = [
     "get_num_threads", "set_num_threads", "show_config",
     "get_backend", "set_backend", "use_backend", "BackendUnavailableError",
     "gradcheck", "GradcheckError", "Parameter", "Sequential",
-    "clip_grad_norm", "clip_grad_value", "clip_grad_norm_", "clip_grad_value_", "load", "save", "History", "EarlyStopping", "NonFiniteError",
+    "clip_grad_norm", "clip_grad_value", "clip_grad_norm_", "clip_grad_value_", "load", "save", "History", "EarlyStopping", "LearningRateScheduler",
+    "NonFiniteError",
     "__version__",
 ]

@@ -7,7 +7,10 @@ shapes.  Messages name the argument, what was expected and what was received.
 
 from __future__ import annotations
 
+import collections.abc
 import numbers
+import os
+import sys
 import warnings
 
 import numpy as np
@@ -63,6 +66,12 @@ def as_array(x, name: str) -> np.ndarray:
     else:
         if x is None:
             raise TypeError(f"{name} must be an array, got None")
+        if isinstance(x, collections.abc.Iterator):  # (np.asarray: a 0-d object array)
+            raise TypeError(
+                f"{name} must be an array, got {type(x).__name__}, an iterator: fastprop's "
+                f"fit, predict and evaluate take whole arrays; to train batch by batch, "
+                f"make the step once, step = model.compile(loss, optimizer), and call "
+                f"step(xb, yb) for each batch")
         try:
             arr = _asarray(x)
         except (TypeError, ValueError) as exc:
@@ -182,3 +191,13 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
             f"{name} must lie in [0, {classes}) for {classes} classes, "
             f"got values in [{arr.min()}, {arr.max()}]")  # (arr: uint64 unwrapped)
     return out
+
+
+def warn_user(message) -> None:
+    """A UserWarning attributed to the first caller outside fastprop (the user's
+    line that called compile, fit or a constructor)."""
+    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
+    frame, level = sys._getframe(1), 2
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)

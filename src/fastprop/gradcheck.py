@@ -18,7 +18,7 @@ import copy
 
 import numpy as np
 
-from ._checks import real
+from ._checks import as_array, check_finite, real
 from .losses import Loss
 from .nn import Dropout, Module
 
@@ -93,13 +93,21 @@ def gradcheck(module_or_fn, inputs, eps=1e-6, atol=1e-5, rtol=1e-3, raise_except
     return not failures
 
 
+def _float64(a, name) -> np.ndarray:
+    """A finite float64 copy of ``a`` (NaN or inf is bad input, not a failed check:
+    the finite differences through it are NaN)."""
+    arr = as_array(a, name)
+    check_finite(arr, name)
+    return np.array(arr, dtype=np.float64, order="C")
+
+
 def _check_module(module, inputs, eps, atol, rtol, seed, failures):
     # (a tuple holds the inputs, as torch's gradcheck takes them; a list is an array,
     # unless it holds exactly one array)
     if isinstance(inputs, tuple) or (isinstance(inputs, list) and len(inputs) == 1
                                      and isinstance(inputs[0], np.ndarray)):
         inputs = inputs[0]
-    x = np.array(inputs, dtype=np.float64, order="C")
+    x = _float64(inputs, "inputs")
     model = copy.deepcopy(module)
     model._cast(np.float64)
     out = model.forward(x)
@@ -126,7 +134,7 @@ def _check_module(module, inputs, eps, atol, rtol, seed, failures):
 
 def _check_loss(loss, inputs, eps, atol, rtol, failures):
     pred, target = inputs
-    pred = np.array(pred, dtype=np.float64, order="C")
+    pred = _float64(pred, "pred")
     target = np.asarray(target)
     if target.dtype.kind == "f":
         target = target.astype(np.float64)
@@ -139,7 +147,7 @@ def _check_loss(loss, inputs, eps, atol, rtol, failures):
 def _check_fn(fn, inputs, eps, atol, rtol, failures):
     if not isinstance(inputs, (tuple, list)):
         inputs = (inputs,)
-    arrays = [np.array(a, dtype=np.float64, order="C") for a in inputs]
+    arrays = [_float64(a, f"inputs[{i}]") for i, a in enumerate(inputs)]
     out = fn(*arrays)
     if not (isinstance(out, (tuple, list)) and len(out) == 2):
         raise TypeError("fn must return (value, grads): the scalar value and the gradient "

@@ -459,5 +459,8 @@ def get(loss) -> Loss:
         return loss()
     if isinstance(loss, str) and loss.lower() in _ALIASES:
         return _ALIASES[loss.lower()]()
+    if not isinstance(loss, str):
+        raise TypeError(f"loss must be a fastprop.losses.Loss or a name, got "
+                        f"{type(loss).__name__}; names: {sorted(_ALIASES)}")
     raise ValueError(f"unknown loss {loss!r}; expected a fastprop.losses.Loss or one of "
                      f"{sorted(_ALIASES)}")

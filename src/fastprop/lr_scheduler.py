@@ -26,7 +26,9 @@ changes.
 from __future__ import annotations
 
 import bisect
+import copy
 import math
+import numbers
 
 from ._checks import flag, integer, real
 
@@ -42,6 +44,52 @@ def _optimizer(optimizer):
         raise TypeError(f"optimizer must be a fastprop.optim.Optimizer, got "
                         f"{type(optimizer).__name__}")
     return optimizer
+
+
+# (state entries that count something from 1; every other integer counts from 0,
+# last_epoch from -1)
+_POSITIVE = frozenset(("step_size", "T_0", "T_mult", "T_i", "total_steps", "total_iters"))
+_CHOICES = {"mode": ("min", "max"), "threshold_mode": ("rel", "abs"),
+            "anneal_strategy": ("cos", "linear")}
+
+
+def _check_entries(state_dict, current, who) -> None:
+    """Each loaded entry of the kind the scheduler holds there now (a bool, an integer,
+    a real number, one of a string's choices, a list as long where it has one entry
+    per parameter group), counts in range and numbers other than ``best`` finite
+    (TypeError / ValueError naming the entry)."""
+    for key, v in state_dict.items():
+        ref, name = current.get(key), f"{who} state_dict[{key!r}]"
+        if ref is None:
+            continue
+        if isinstance(ref, bool):
+            if not isinstance(v, bool):
+                raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
+        elif isinstance(ref, numbers.Integral):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+                raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
+            low = -1 if key == "last_epoch" else 1 if key in _POSITIVE else 0
+            if v < low:
+                raise ValueError(f"{name} must be >= {low}, got {v}")
+        elif isinstance(ref, numbers.Real):
+            if isinstance(v, bool) or not isinstance(v, numbers.Real):
+                raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
+            if key != "best" and not math.isfinite(v):
+                raise ValueError(f"{name} must be finite, got {v!r}")
+        elif isinstance(ref, str):
+            if not isinstance(v, str) or v not in _CHOICES.get(key, (v,)):
+                raise ValueError(f"{name} must be one of {list(_CHOICES.get(key, [ref]))}, "
+                                 f"got {v!r}")
+        elif isinstance(ref, list):
+            if not isinstance(v, (list, tuple)):
+                raise TypeError(f"{name} must be a list, got {type(v).__name__}")
+            if key in ("base_lrs", "_last_lr", "min_lrs", "_levels") and len(v) != len(ref):
+                raise ValueError(f"{name} must hold {len(ref)} entries (one per parameter "
+                                 f"group), got {len(v)}")
+            if key in ("base_lrs", "_last_lr", "min_lrs") and not all(
+                    isinstance(r, numbers.Real) and not isinstance(r, bool)
+                    and math.isfinite(r) and r >= 0 for r in v):
+                raise ValueError(f"{name} must hold finite rates >= 0, got {list(v)!r}")
 
 
 def _set_rates(optimizer, rates, who) -> None:
@@ -170,15 +218,38 @@ class LRScheduler:
     def _check_state(self, state_dict) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        current = self.state_dict()
+        unknown = sorted(set(state_dict) - set(current))
         if unknown:
             raise ValueError(f"state_dict has keys {unknown} that {type(self).__name__} "
                              f"does not have")
+        _check_entries(state_dict, current, type(self).__name__)
+        self._probe(state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from :meth:`state_dict` (checked first)."""
+        """Restore from :meth:`state_dict` (checked first: each entry's kind and range,
+        and the next epoch's rates, computed on a copy, must be finite and >= 0;
+        nothing changes on a refusal)."""
         self._check_state(state_dict)
         self.__dict__.update(state_dict)
+
+    def _probe(self, state_dict) -> None:
+        """The next epoch's rates with ``state_dict`` loaded, on a copy."""
+        if type(self).get_lr is LRScheduler.get_lr:  # (SequentialLR: its parts are probed)
+            return
+        probe = copy.copy(self)
+        probe.__dict__.update(copy.deepcopy(state_dict))
+        probe.last_epoch += 1
+        who = f"{type(self).__name__}.load_state_dict"
+        try:
+            rates = [float(r) for r in probe.get_lr()]
+        except (ArithmeticError, TypeError, ValueError, IndexError, KeyError) as exc:
+            raise ValueError(f"{who}: the state_dict gives no next rate ({type(exc).__name__}: "
+                             f"{exc})") from None
+        for i, r in enumerate(rates):
+            if not (math.isfinite(r) and r >= 0):
+                raise ValueError(f"{who}: the state_dict gives lr={r!r} for parameter group "
+                                 f"{i} at the next epoch; a rate must be a finite number >= 0")
 
 
 def _lambdas(fn, optimizer, name):
@@ -639,14 +710,16 @@ class ReduceLROnPlateau:
     smaller than ``eps`` is not made).  ``step(metric)`` in a loop of your own; as a
     ``fit`` callback it reads ``logs[monitor]`` (a fastprop addition, "val_loss" by
     default), refuses before training a fit whose logs lack it, and rebuilds its
-    counts from the history of a resumed fit."""
+    counts from the history of a resumed fit.  ``mode`` "min" or "max"; "auto" (the
+    default, as Keras') is "max" for a ``monitor`` naming an accuracy, "min"
+    otherwise (PyTorch's default "min", for the default "val_loss")."""
 
-    def __init__(self, optimizer, mode="min", factor=0.1, patience=10, threshold=1e-4,
+    def __init__(self, optimizer, mode="auto", factor=0.1, patience=10, threshold=1e-4,
                  threshold_mode="rel", cooldown=0, min_lr=0.0, eps=1e-8, *,
                  monitor="val_loss"):
         self.optimizer = _optimizer(optimizer)
-        if mode not in ("min", "max"):
-            raise ValueError(f"mode must be 'min' or 'max', got {mode!r}")
+        if mode not in ("min", "max", "auto"):
+            raise ValueError(f"mode must be 'min', 'max' or 'auto', got {mode!r}")
         if threshold_mode not in ("rel", "abs"):
             raise ValueError(f"threshold_mode must be 'rel' or 'abs', got {threshold_mode!r}")
         self.factor = real(factor, "factor", low=0, high=1, high_inclusive=False,
@@ -663,6 +736,8 @@ class ReduceLROnPlateau:
             self.min_lrs = [self.default_min_lr] * groups
         if not isinstance(monitor, str):
             raise TypeError(f"monitor must be a History key (str), got {type(monitor).__name__}")
+        if mode == "auto":  # (Keras': accuracies grow)
+            mode = "max" if "acc" in monitor else "min"
         self.mode, self.threshold_mode, self.monitor = mode, threshold_mode, monitor
         self.patience = integer(patience, "patience", low=0)
         self.threshold = real(threshold, "threshold", low=0)
@@ -719,11 +794,13 @@ class ReduceLROnPlateau:
             self.num_bad_epochs = 0
         if self.num_bad_epochs > self.patience:
             if apply:
+                rates = []
                 for g, low in zip(groups, self.min_lrs):
                     old = float(g["lr"])
                     new = max(old * self.factor, low)
-                    if old - new > self.eps:
-                        g["lr"] = new
+                    rates.append(new if old - new > self.eps else old)
+                # (as the other schedulers set them: one rate for all is opt.lr at once)
+                _set_rates(self.optimizer, rates, "ReduceLROnPlateau")
             self.cooldown_counter = self.cooldown
             self.num_bad_epochs = 0
         self._last_lr = [float(g["lr"]) for g in self.optimizer.param_groups]
@@ -752,10 +829,16 @@ class ReduceLROnPlateau:
     def load_state_dict(self, state_dict: dict) -> None:
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
-        unknown = sorted(set(state_dict) - set(self.state_dict()))
+        current = self.state_dict()
+        unknown = sorted(set(state_dict) - set(current))
         if unknown:
             raise ValueError(f"state_dict has keys {unknown} that ReduceLROnPlateau does "
                              f"not have")
+        _check_entries(state_dict, current, "ReduceLROnPlateau")
+        factor = state_dict.get("factor", self.factor)
+        if not 0 <= factor < 1:
+            raise ValueError(f"ReduceLROnPlateau state_dict['factor'] must be in [0, 1), "
+                             f"got {factor!r}")
         self.__dict__.update(state_dict)
 
 

@@ -18,7 +18,7 @@ import numpy as np
 
 from . import backends
 from . import init as _init
-from ._checks import as_array, as_float, flag, float_dtype, integer, real
+from ._checks import as_array, as_float, flag, float_dtype, integer, real, warn_user
 from .backends import ACTIVATIONS, PREACT_ACTIVATIONS
 from .ops import activation_code
 
@@ -42,8 +42,8 @@ def inference_mode():
     at once, or alongside ``fit`` in another thread, see the mode they expect.
     """
     prev = _inference.get()
-    _inference.set(True)
-    try:
+    try:  # (set inside: a KeyboardInterrupt right after the set still restores it)
+        _inference.set(True)
         yield
     finally:
         _inference.set(prev)
@@ -191,6 +191,9 @@ class Parameter:
         """Zero ``grad``; with ``set_to_none`` (as PyTorch) the parameter also has no
         gradient until something uses ``grad`` again (an optimizer step skips it).
         Without, one that had none still has none, as PyTorch's None stays None."""
+        self._zero_grad(flag(set_to_none, "set_to_none"))
+
+    def _zero_grad(self, set_to_none: bool) -> None:
         self._grad.fill(0)
         if set_to_none:
             self._no_grad = True
@@ -314,6 +317,15 @@ class Module:
     def __call__(self, x):
         return self.forward(x)
 
+    def _backward_shapes(self):
+        """The shapes of the last forward's input and output, which backward will take
+        its gradients in: None for either where the module cannot tell (a user's
+        module).  A fastprop layer without a kept forward raises backward's own
+        RuntimeError, and a container whose parts no longer chain (a part run alone on
+        another batch since) a ValueError: Sequential.backward asks before any layer
+        adds to a gradient, so that a refused backward changes none."""
+        return None, None
+
     def __setattr__(self, name, value):
         if name[0] != "_":
             if name == "trainable" and type(self).__module__ == __name__:
@@ -337,6 +349,19 @@ class Module:
                         f"cannot assign a {value.dtype} Parameter as {name!r} of a {dtype} "
                         f"{type(self).__name__} (convert it, or the whole model with "
                         f"model.astype({value.dtype.name!r}))")
+                old = self.__dict__.get(name)
+                if (isinstance(old, Parameter) and value is not None
+                        and value.shape != old.shape and type(self).__module__ == __name__):
+                    # (fastprop's layers have fixed shapes: the kernels would fail later)
+                    raise ValueError(
+                        f"cannot assign a Parameter of shape {value.shape} as {name!r} of "
+                        f"{type(self).__name__}: expected shape {old.shape}")
+            elif name in self._buffers and value is not None:
+                old = self.__dict__.get(name)
+                if isinstance(old, np.ndarray) and np.shape(value) != old.shape:
+                    raise ValueError(
+                        f"cannot assign an array of shape {np.shape(value)} as buffer "
+                        f"{name!r} of {type(self).__name__}: expected shape {old.shape}")
             elif isinstance(value, Parameter):
                 # (as PyTorch's Module.__setattr__: a Parameter or a module set on a
                 # module of the user's is registered, so that parameters(), state_dict,
@@ -361,6 +386,7 @@ class Module:
         state = self.__dict__.copy()
         state.pop("_compiled", None)
         state.pop("_compile_args", None)
+        state.pop("_compiled_ids", None)
         for name in self._kept_caches():  # (activations of the last forward: not state)
             state[name] = None
         # (caches keyed by this process's structure counter: another process's
@@ -562,8 +588,9 @@ class Module:
         as PyTorch's) a parameter that the next backward does not reach has no
         gradient, and an optimizer step skips it as PyTorch's skips a None gradient
         (see :class:`Parameter`); gradients stay arrays."""
+        set_to_none = flag(set_to_none, "set_to_none")
         for p in self.parameters():
-            p.zero_grad(set_to_none)
+            p._zero_grad(set_to_none)
 
     def train(self, mode: bool = True):
         """Put this module and all its submodules in training mode (eval mode when
@@ -651,7 +678,7 @@ class Module:
 
     # -- training helpers (implemented in fastprop.train) -----------------------
     # (each one's full docstring is :mod:`fastprop.train`'s, copied there at import)
-    def fit(self, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
+    def fit(self, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
             on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
             callbacks=None):
@@ -668,10 +695,11 @@ class Module:
         from .train import predict
         return predict(self, X, batch_size=batch_size)
 
-    def evaluate(self, X, y, loss=None, batch_size=1024):
-        """Mean loss on (X, y) in eval mode (:func:`fastprop.train.evaluate`)."""
+    def evaluate(self, X, y, loss=None, batch_size=1024, return_dict=False):
+        """Mean loss on (X, y) in eval mode; ``return_dict``: with the accuracy
+        (:func:`fastprop.train.evaluate`)."""
         from .train import evaluate
-        return evaluate(self, X, y, loss=loss, batch_size=batch_size)
+        return evaluate(self, X, y, loss=loss, batch_size=batch_size, return_dict=return_dict)
 
     def compile(self, loss, optimizer):
         """A whole training step ``step(x, y) -> loss`` (:func:`fastprop.train.compile_step`)."""
@@ -791,6 +819,8 @@ class Dense(Module):
 
     @activation.setter
     def activation(self, name):
+        if name == "linear":  # (Keras' name)
+            name = "identity"
         self.act = activation_code(name)
         self._activation = name
 
@@ -863,6 +893,9 @@ class Dense(Module):
             grad_w, grad_b, work, True)
         return grad_x
 
+    def _backward_shapes(self):
+        return _need(self._x, "x", self).shape, self._y.shape
+
 
 class Activation(Module):
     """Elementwise activation layer (softmax: over the last axis)."""
@@ -903,6 +936,10 @@ class Activation(Module):
         if g.size:
             backends.current().activation_backward(self.act, self.alpha, g, self._x, y, grad_x)
         return grad_x
+
+    def _backward_shapes(self):
+        shape = _need(self._y, "y", self).shape
+        return shape, shape
 
 
 class Identity(Activation):
@@ -1053,12 +1090,21 @@ class Dropout(Module):
             return g.copy()
         return g * self._mask.astype(g.dtype, copy=False)
 
+    def _backward_shapes(self):
+        shape = _need(self._shape, "shape", self)
+        return shape, shape
+
 
 def _check_eps(v):
     return real(v, "eps", low=0, low_inclusive=False)
 
 
 class _Norm(Module):
+    def _backward_shapes(self):
+        cache = _need(self._cache, "cache", self)
+        shape = (cache[1] if len(cache) == 2 else cache[0]).shape  # (BN eval: ("eval", x))
+        return shape, shape
+
     _params = ("weight", "bias")
     _caches = ("_cache",)
     _attr_checks = {"eps": _check_eps}
@@ -1104,7 +1150,16 @@ class _Norm(Module):
 
 
 def _check_momentum(v):
-    return None if v is None else real(v, "momentum", low=0, high=1)
+    if v is None:
+        return None
+    v = real(v, "momentum", low=0, high=1)
+    if 0.5 < v < 1:  # (Keras' 0.99 or 0.9 ported as is: inference on the last few
+        # batches; 1, the last batch alone, is a PyTorch idiom)
+        warn_user(
+            f"BatchNorm1d momentum={v} weighs each new batch by {v} in the running "
+            f"statistics (PyTorch's meaning); Keras' momentum is the weight of the old "
+            f"value: its momentum={v} is momentum={1 - v:.3g} here")
+    return v
 
 
 class BatchNorm1d(_Norm):
@@ -1139,7 +1194,7 @@ class BatchNorm1d(_Norm):
             self._buffers = tuple(b for b in type(self)._buffers
                                   if b not in ("running_mean", "running_var"))
             self.running_mean = self.running_var = None
-        self.momentum = _check_momentum(momentum)  # (None: the batch count, __setattr__)
+        self.momentum = momentum  # (checked by __setattr__; None: the batch count)
 
     @staticmethod
     def _file_arrays(config) -> int:
@@ -1351,6 +1406,16 @@ class Residual(Module):
         g = _grad_like(grad_out, _need(self.__dict__.get("_out"), "_out", self), self)
         return g + self.block.backward(g)
 
+    def _backward_shapes(self):
+        shape = _need(self.__dict__.get("_out"), "_out", self).shape
+        for got in self.block._backward_shapes():
+            if got is not None and tuple(got) != shape:
+                raise ValueError(
+                    f"Residual.backward: its block's last forward was on shape {tuple(got)}, "
+                    f"the Residual's on {shape} (was the block run alone since?); "
+                    f"run the model's forward again")
+        return shape, shape
+
 
 class Sequential(Module):
     """Layers applied in order; backward runs them in reverse.
@@ -1479,11 +1544,33 @@ class Sequential(Module):
         self.__dict__["_prefix_at"] = (key, count)
         return count
 
+    def _chain(self, first=0):
+        """The backward shapes of layers[first:], checked to chain (see
+        :meth:`Module._backward_shapes`)."""
+        layers = self.layers
+        start, prev = layers[first]._backward_shapes() if first < len(layers) else (None,
+                                                                                   None)
+        for i in range(first + 1, len(layers)):
+            shape_in, shape_out = layers[i]._backward_shapes()
+            if prev != shape_in and prev is not None and shape_in is not None:
+                raise ValueError(
+                    f"Sequential.backward: layer {i - 1} ({type(layers[i - 1]).__name__})'s "
+                    f"last forward gave shape {tuple(prev)}, but layer {i} "
+                    f"({type(layers[i]).__name__})'s last forward took {tuple(shape_in)} "
+                    f"(was a layer run alone since?); run the model's forward again")
+            prev = shape_out
+        return start, prev
+
+    def _backward_shapes(self):
+        return self._chain() if self.layers else (None, None)
+
     def backward(self, grad_out, input_grad=True):
         if not self.layers:  # (the identity: its gradient is grad_out, checked)
             return as_float(grad_out, "grad_out")
         g = grad_out
+        input_grad = flag(input_grad, "input_grad")
         first = 0 if input_grad else self._frozen_prefix()
+        self._chain(first)  # (refused before any layer adds to a gradient)
         for i in range(len(self.layers) - 1, first - 1, -1):
             g = self.layers[i].backward(g, input_grad if i == first else True)
         return None if first and not input_grad else g

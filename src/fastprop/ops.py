@@ -26,6 +26,8 @@ def activation_code(name) -> int:
         return 0
     if not isinstance(name, str):
         raise TypeError(f"activation must be a str or None, got {type(name).__name__}")
+    if name == "linear":  # (Keras' name of the identity)
+        return 0
     try:
         return ACTIVATIONS[name]
     except KeyError:

@@ -19,7 +19,7 @@ import numbers
 import numpy as np
 
 from . import backends
-from ._checks import real
+from ._checks import as_array, flag, real
 from .nn import Module, Parameter
 
 __all__ = ["Optimizer", "SGD", "Adam", "AdamW", "RMSprop", "Adagrad", "clip_grad_norm",
@@ -204,6 +204,7 @@ class Optimizer:
         self._sync_device()  # (a pickle or a copy holds the moments, as state_dict)
         state = self.__dict__.copy()
         state.pop("_device_step", None)  # (a weak reference: not picklable, nor wanted)
+        state.pop("_member_ids", None)  # (ids of this process's objects: made again)
         return state
 
     def _sync_device(self) -> None:
@@ -264,13 +265,41 @@ class Optimizer:
 
     def _pull_hyper(self) -> None:
         """Values written into ``hyper`` itself since the last look (``opt.hyper["lr"]
-        = x``) go to every group, as ``opt.lr = x`` does."""
+        = x``) go to every group, as ``opt.lr = x`` does.  (First, groups whose
+        parameter lists were edited are refused.)"""
+        self._check_members()
         seen = self._hyper_seen
         if seen != self.hyper:
             changed = {k: v for k, v in self.hyper.items() if k not in seen or seen[k] != v}
             for g in self.param_groups:
                 g.update(changed)
             self._hyper_seen = dict(self.hyper)
+
+    def _check_members(self) -> None:
+        """ValueError when ``param_groups`` or a group's ``"params"`` list no longer
+        holds the parameters the optimizer was made with (PyTorch code removes or adds
+        parameters there; here state and step counts are kept by position, so an edit
+        would be ignored, or worse)."""
+        ids = self.__dict__.get("_member_ids")
+        if ids is None:
+            ids = self._member_ids = [tuple(id(self.params[j]) for j in members)
+                                      for members in self._members]
+        groups = self.param_groups
+        if len(groups) != len(ids):
+            raise ValueError(f"param_groups holds {len(groups)} groups, the optimizer was "
+                             f"given {len(ids)}: add a group with opt.add_param_group(...)")
+        for i, g in enumerate(groups):
+            try:
+                same = tuple(map(id, g["params"])) == ids[i]
+            except (TypeError, KeyError):
+                same = False
+            if not same:
+                raise ValueError(
+                    f"param_groups[{i}]['params'] no longer holds the parameters it was "
+                    f"made with; to stop training a parameter, freeze it "
+                    f"(p.requires_grad = False) or leave it without a gradient "
+                    f"(p.grad = None), add parameters with opt.add_param_group(...), or "
+                    f"make a new optimizer")
 
     def _probe(self) -> "Optimizer":
         """A throwaway optimizer of this type with the same groups (to check a
@@ -411,8 +440,9 @@ class Optimizer:
         """Zero every parameter's ``.grad``; with ``set_to_none`` (the default, as
         PyTorch's) a parameter that no backward reaches before the next step is
         skipped by it (:class:`~fastprop.nn.Parameter`)."""
+        set_to_none = flag(set_to_none, "set_to_none")
         for p in self.params:
-            p.zero_grad(set_to_none)
+            p._zero_grad(set_to_none)
 
     def _check(self) -> None:
         for i, p in enumerate(self.params):
@@ -547,6 +577,7 @@ class Optimizer:
         self._lag = lag
         self.param_groups.append({"params": plist, **values, **extras})
         self._members.append(list(range(start, start + len(plist))))
+        self.__dict__.pop("_member_ids", None)
         self._checked.append(None)
 
     # -- checkpointing ----------------------------------------------------------
@@ -576,11 +607,18 @@ class Optimizer:
             raise ValueError(f"state_dict is for {state_dict.get('type')!r}, "
                              f"not {type(self).__name__!r}")
         states = state_dict["state"]
+        if not isinstance(states, (list, tuple)):
+            raise TypeError(f"state_dict['state'] must be a list (one dict per parameter), "
+                            f"got {type(states).__name__}")
         if len(states) != len(self.params):
             raise ValueError(f"state_dict has state for {len(states)} parameters, "
                              f"the optimizer has {len(self.params)}")
         added = getattr(type(self), "_added_hyper", {})
-        hyper = {**added, **dict(state_dict.get("hyper", self.hyper))}
+        saved_hyper = state_dict.get("hyper", self.hyper)
+        if not isinstance(saved_hyper, dict):
+            raise TypeError(f"state_dict['hyper'] must be a dict, got "
+                            f"{type(saved_hyper).__name__}")
+        hyper = {**added, **saved_hyper}
         if isinstance(hyper.get("betas"), list):
             hyper["betas"] = tuple(hyper["betas"])
         try:
@@ -621,11 +659,14 @@ class Optimizer:
                     raise ValueError(f"state_dict's parameter group {i} is invalid: {exc}") from None
         new = []
         for i, (p, s) in enumerate(zip(self.params, states)):
+            if not isinstance(s, dict):
+                raise TypeError(f"state_dict['state'][{i}] must be a dict of arrays, got "
+                                f"{type(s).__name__}")
             entry = {}
             for key, arr in s.items():
                 if key not in probe.state_names and key not in type(self).all_state_names:
                     raise ValueError(f"unexpected state {key!r} for params[{i}]")
-                arr = np.asarray(arr)
+                arr = as_array(arr, f"state {key!r} of params[{i}]")  # (real numbers)
                 if arr.shape != p.value.shape:
                     raise ValueError(f"state {key!r} of params[{i}] has shape {arr.shape}, "
                                      f"expected {p.value.shape}")
@@ -793,8 +834,13 @@ def get(optimizer, params) -> Optimizer:
     if isinstance(optimizer, Optimizer):
         return optimizer
     if isinstance(optimizer, str) and optimizer.lower() in _BY_NAME:
-        cls = _BY_NAME[optimizer.lower()]
-        return cls(params, lr=0.01) if cls is SGD else cls(params)
+        optimizer = _BY_NAME[optimizer.lower()]
+    if isinstance(optimizer, type) and issubclass(optimizer, Optimizer):
+        # (a class, as a Loss class is taken: made over params with its defaults)
+        return optimizer(params, lr=0.01) if optimizer is SGD else optimizer(params)
+    if not isinstance(optimizer, str):
+        raise TypeError(f"optimizer must be a fastprop.optim.Optimizer or a name, got "
+                        f"{type(optimizer).__name__}; names: {sorted(_BY_NAME)}")
     raise ValueError(f"unknown optimizer {optimizer!r}; expected a fastprop.optim.Optimizer "
                      f"or one of {sorted(_BY_NAME)}")
 

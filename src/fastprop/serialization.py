@@ -16,12 +16,15 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
 import stat
 import struct
 import tempfile
+import threading
 
 import numpy as np
 
@@ -111,35 +114,64 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
             path.write(chunk)
         return
     # (through a symbolic link: its target is replaced, and the link kept)
-    path = os.path.realpath(os.fspath(path))
+    path = os.path.realpath(_fspath(path, "write"))
     directory = os.path.dirname(path)
     try:  # a file replaced keeps its permissions (mkstemp makes 0600)
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
-    try:
-        os.chmod(tmp, mode)
-        with os.fdopen(fd, "wb") as f:
-            for chunk in _chunks(header, arrays):
-                f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
+    with _interrupts_deferred():
+        fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
         try:
-            os.unlink(tmp)
+            os.chmod(tmp, mode)
+            with os.fdopen(fd, "wb") as f:
+                for chunk in _chunks(header, arrays):
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+            raise
+        try:  # the rename itself on disk (where the file system allows)
+            dfd = os.open(directory, os.O_RDONLY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
         except OSError:
             pass
-        raise
-    try:  # the rename itself on disk (where the file system allows)
-        dfd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
-    except OSError:
-        pass
+
+
+@contextlib.contextmanager
+def _interrupts_deferred():
+    """Signals with a Python handler (Ctrl-C's SIGINT, a timer's SIGALRM), which may
+    raise anywhere, run when the block ends, in the main thread (where Python runs
+    them): an exception between making the temporary file and handing its
+    descriptor on would leave both behind (the target stays whole either way).  The
+    handlers are swapped for one that notes the signal (also one that came just
+    before the block and is still pending), and the notes are handed to the real
+    handlers afterwards."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    noted = []
+    handlers = {}
+    try:
+        for s in signal.valid_signals():
+            h = signal.getsignal(s)
+            if callable(h):
+                handlers[s] = h
+                signal.signal(s, lambda signum, frame: noted.append((signum, frame)))
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for signum, frame in noted:  # (raises, e.g. KeyboardInterrupt, as it would have)
+            handlers[signum](signum, frame)
 
 
 def _stream_name(stream) -> str:
@@ -151,6 +183,16 @@ def _is_stream(obj, method) -> bool:
     """A file object (with ``read``/``write``), not a path."""
     return not isinstance(obj, (str, bytes, os.PathLike)) and callable(
         getattr(obj, method, None))
+
+
+def _fspath(path, method) -> str:
+    """``os.fspath(path)``, with a TypeError naming ``path`` for anything that is neither
+    a path nor a binary file object."""
+    try:
+        return os.fspath(path)
+    except TypeError:
+        raise TypeError(f"path must be a file path (str or os.PathLike) or a binary file "
+                        f"object with {method}(), got {type(path).__name__}") from None
 
 
 def _chunks(header: bytes, arrays):
@@ -248,7 +290,7 @@ def _read(path):
                             f"read() returned {type(blob).__name__}, not bytes")
         path = _stream_name(path)
     else:
-        path = os.fspath(path)
+        path = _fspath(path, "read")
         with open(path, "rb") as f:  # OSError (FileNotFoundError, ...) propagates
             blob = f.read()
     head = len(MAGIC) + _PREFIX.size

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import math
+import numbers
 import os
-import sys
 import threading
 import time
-import warnings
 import weakref
 from typing import NamedTuple
 
@@ -26,7 +26,8 @@ from . import backends
 from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
-from ._checks import as_array, as_float, check_finite, finite_float, flag, integer, real
+from ._checks import (as_array, as_float, check_finite, finite_float, flag, integer, real,
+                      warn_user as _warn_user)
 from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
@@ -34,7 +35,7 @@ from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Para
                  _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
 
-__all__ = ["History", "EarlyStopping", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
+__all__ = ["History", "EarlyStopping", "LearningRateScheduler", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
 
 
@@ -142,15 +143,6 @@ def _warn_double_activation(model, loss):
             "sigmoid itself: remove the final sigmoid or use from_logits=False.")
 
 
-def _warn_user(message):
-    """A UserWarning attributed to the first caller outside fastprop (the user's
-    line that called compile or fit)."""
-    package = os.path.dirname(os.path.abspath(__file__)) + os.sep
-    frame, level = sys._getframe(1), 2
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(package):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
-
 
 def _warn_mixed_dtypes(model):
     """float32 and float64 layers in one model: the float64 ones' values are rounded
@@ -180,6 +172,10 @@ def _free_locks_in_child():
     for step in list(_STEPS):
         step._busy = threading.Lock()
         step.__dict__.pop("_owner", None)
+        # (the kernel object has its own busy flag, copied set from a parent thread
+        # that was running it: the child binds a kernel of its own)
+        step._fast = None
+        step._fast_key = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -203,6 +199,10 @@ class TrainStep:
             raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
         _check_each_module_once(model, "compile")  # (.layers may have been edited)
         self.model = model
+        if isinstance(loss, str) and loss.lower() in _optim._BY_NAME:
+            raise ValueError(f"loss {loss!r} is an optimizer's name: compile takes the loss "
+                             f"first, compile(loss, optimizer) (Keras' order is the other "
+                             f"way round); or name them: compile(loss=..., optimizer=...)")
         self.loss = _losses.get(loss)
         self.optimizer = _optim.get(optimizer, model.parameters())
         _warn_double_activation(model, self.loss)
@@ -414,6 +414,10 @@ class TrainStep:
         checked = opt._precheck()
         saved = [(b, b.copy()) for m in model.modules() for b in
                  (getattr(m, a) for a in m._buffers)]
+        # (and the Dropout generators: a refused step draws no masks, so that the
+        # next step, and a seeded run, is as if it had not been called)
+        draws = [(m.rng, m.rng.bit_generator.state) for m in model.modules()
+                 if isinstance(m, Dropout) and isinstance(m.rng, np.random.Generator)]
         try:
             out = model.forward(x)
             if self.check_finite and saved and any(
@@ -450,6 +454,8 @@ class TrainStep:
         except BaseException:
             for buf, old in saved:
                 buf[...] = old
+            for gen, state in draws:
+                gen.bit_generator.state = state
             raise
         finally:
             model._drop_caches()  # (backward has run: keep no batch alive)
@@ -469,6 +475,27 @@ def _remember(model, step) -> None:
     the step itself weakly (no model-step cycle)."""
     model._compiled = weakref.ref(step)
     model._compile_args = (step.loss, step.optimizer)
+    model._compiled_ids = frozenset(id(p) for p in model.parameters())
+
+
+def _warn_untrained(model, optimizer) -> None:
+    """Warn when the model gained trainable parameters that ``optimizer`` (the one of
+    its last compile or fit) does not hold: a layer replaced or added since (Keras
+    refuses; here fit would leave them untrained)."""
+    before = model.__dict__.get("_compiled_ids")
+    params = model.named_parameters()
+    if before is None or before == frozenset(id(p) for _, p in params):
+        return
+    held = {id(p) for p in optimizer.params}
+    missing = [name for name, p in params if p.requires_grad and id(p) not in held]
+    if missing:
+        _warn_user(
+            f"the model has changed since its optimizer was made: {len(missing)} trainable "
+            f"parameter(s) ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}) "
+            f"are not in it, and fit leaves them as they are; make a new optimizer "
+            f"(fit(..., optimizer=fp.optim.Adam(model.parameters())) or compile again), "
+            f"add them with opt.add_param_group({{'params': [...]}}), or freeze them "
+            f"(requires_grad_(False))")
 
 
 # ------------------------------------------------------------------ helpers
@@ -624,8 +651,11 @@ def predict(model, X, batch_size=1024):
 
 
 @_device_aware
-def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
-    """Mean loss of ``model`` on (X, y) in eval mode."""
+def evaluate(model, X, y, loss=None, batch_size=1024, return_dict=False):
+    """Mean loss of ``model`` on (X, y) in eval mode; with ``return_dict`` (Keras'),
+    ``{"loss": ..., "accuracy": ...}`` (the accuracy for classification losses, as
+    fit's History)."""
+    return_dict = flag(return_dict, "return_dict")
     model._sync_device()  # (compiled steps on a device: their parameters)
     if loss is None:
         # (the loss of the last compile or fit, whether its step is still held or not)
@@ -639,11 +669,14 @@ def evaluate(model, X, y, loss=None, batch_size=1024) -> float:
     y = _targets(y, "y", X.shape[0])
     if X.shape[0] == 0:
         raise ValueError("X is empty")
-    return _evaluate(model, X, y, loss, batch_size)[0]
+    value, acc = _evaluate(model, X, y, loss, batch_size)
+    if not return_dict:
+        return value
+    return {"loss": value} if acc is None else {"loss": value, "accuracy": acc}
 
 
 @_device_aware
-def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
+def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
         on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
         callbacks=None):
@@ -683,7 +716,12 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             counts from 0; ``logs`` holds that epoch's loss, accuracy and validation
             figures, as in the History), in order.  One returning True stops the
             training after that epoch (``History.stopped_epoch``; True itself or a
-            NumPy True, so a schedule may return its rate).  A callback with an
+            NumPy True: a returned number does not stop, and is warned about, as it
+            is most often a Keras schedule(epoch, lr), which goes in
+            :class:`LearningRateScheduler`).  Keras' ``set_params``,
+            ``on_epoch_begin`` and ``on_train_batch_begin`` (or ``on_batch_begin``)
+            hooks are called too; a callback with other ``on_*`` hooks is warned
+            about.  A callback with an
             ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
             ValueError).  A learning-rate schedule sets the next epoch's rate:
@@ -742,6 +780,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             raise ValueError("fit needs loss= and optimizer= (or call model.compile first)")
         loss = compiled[0] if loss is None else loss
         optimizer = compiled[1] if optimizer is None else optimizer
+    if compiled is not None and optimizer is compiled[1]:
+        _warn_untrained(model, optimizer)
     step = model._compiled_step()
     if step is None or _losses.get(loss) is not step.loss or optimizer is not step.optimizer:
         step = TrainStep(model, loss, optimizer)
@@ -804,10 +844,16 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if callbacks:  # (may refuse, e.g. an EarlyStopping watching a key this fit lacks)
         keys = ["loss"] + (["accuracy"] if _accuracy_fn(step.loss) is not None else [])
         keys += [f"val_{k}" for k in keys] if Xv is not None else []
+        params = {"epochs": epochs, "steps": -(-X.shape[0] // batch_size), "verbose": verbose}
         for cb in callbacks:  # (set_model first, as Keras: on_train_begin may use it)
             set_model = getattr(cb, "set_model", None)
             if set_model is not None:
                 set_model(model)
+            set_params = getattr(cb, "set_params", None)
+            if set_params is not None:
+                set_params(dict(params))
+            if isinstance(cb, LearningRateScheduler):
+                cb.optimizer = step.optimizer
         for cb in callbacks:
             begin = getattr(cb, "on_train_begin", None)
             if begin is not None:
@@ -834,7 +880,13 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 resume_cb(history)
         step._fast_key = None  # parameters changed in place: rebind (device copies too)
     n = X.shape[0]
-    batch_callbacks = [cb for cb in callbacks if hasattr(cb, "on_train_batch_end")]
+    # (Keras' hooks; on_batch_begin/end are its older names of the train_batch ones)
+    epoch_begins = [cb.on_epoch_begin for cb in callbacks if hasattr(cb, "on_epoch_begin")]
+    batch_begins = [_hook(cb, "on_train_batch_begin", "on_batch_begin") for cb in callbacks]
+    batch_begins = [h for h in batch_begins if h is not None]
+    batch_ends = [_hook(cb, "on_train_batch_end", "on_batch_end") for cb in callbacks]
+    batch_ends = [h for h in batch_ends if h is not None]
+    warned = set()  # (callbacks warned about a return value)
     if to_train:
         model.train()
     # shuffled batches are gathered into buffers allocated once
@@ -848,6 +900,10 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         for epoch in range(first_epoch, epochs):
             order = rng.permutation(n) if shuffle else None
             total, weight, hits, count, seen = 0.0, 0.0, 0, 0, 0
+            if epoch_begins:
+                step.sync()  # (a device step: the callbacks see, and may set, the values)
+                for hook in epoch_begins:
+                    hook(epoch, {})
             bar = _progress(verbose, n, epoch, epochs)
             t0 = last_post = time.perf_counter()
             for start in range(0, n, batch_size):
@@ -864,6 +920,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     if bar is not None:
                         bar.update(xb.shape[0])
                     continue
+                for hook in batch_begins:
+                    hook(start // batch_size, {})
                 try:
                     value = step._fit_batch(xb, yb)  # (X was validated whole)
                 except NonFiniteError:
@@ -880,8 +938,8 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 if acc_fn is not None:  # (before the callbacks: one may run the step)
                     h, c = acc_fn(step.output, yb)
                     hits, count = hits + h, count + c
-                for cb in batch_callbacks:  # (after each applied update)
-                    cb.on_train_batch_end(start // batch_size, {"loss": value})
+                for hook in batch_ends:  # (after each applied update)
+                    hook(start // batch_size, {"loss": value})
                 if bar is not None:
                     bar.update(m)
                     now = time.perf_counter()
@@ -913,10 +971,21 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             stop = False
             if callbacks:
                 step.sync()  # (parameters trained on a device: the callbacks see them)
-                for cb in callbacks:  # (True itself: a schedule may return its rate)
-                    said = cb(epoch, dict(logs)) if callable(cb) else cb.on_epoch_end(
-                        epoch, dict(logs))
+                for i, cb in enumerate(callbacks):  # (True itself stops: not a rate)
+                    if callable(cb):
+                        said = cb(epoch, dict(logs))
+                    else:  # (an object with other hooks only: nothing here)
+                        end = getattr(cb, "on_epoch_end", None)
+                        said = end(epoch, dict(logs)) if end is not None else None
                     stop = said is True or type(said) is np.bool_ and bool(said) or stop
+                    if (isinstance(said, numbers.Real) and not isinstance(said, (bool, np.bool_))
+                            and i not in warned):  # (a number: a Keras schedule's rate)
+                        warned.add(i)
+                        _warn_user(
+                            f"callbacks[{i}] returned {said!r}, which fit ignores (a "
+                            f"callback returns True to stop, or nothing); a Keras "
+                            f"schedule(epoch, lr) goes in "
+                            f"fp.LearningRateScheduler(schedule)")
                 # (Keras' way: a callback given the model sets model.stop_training)
                 stop = stop or model.__dict__.get("stop_training") is True
                 if stop:
@@ -938,6 +1007,17 @@ def fit(model, X, y, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     return history
 
 
+_HOOKS = frozenset(("on_train_begin", "on_train_end", "on_epoch_begin", "on_epoch_end",
+                    "on_train_batch_begin", "on_train_batch_end", "on_batch_begin",
+                    "on_batch_end", "on_resume"))
+
+
+def _hook(cb, name, older):
+    """A callback's Keras hook ``name``, else its older name, else None."""
+    hook = getattr(cb, name, None)
+    return hook if hook is not None else getattr(cb, older, None)
+
+
 def _check_callbacks(callbacks) -> list:
     if callbacks is None:
         return []
@@ -948,10 +1028,53 @@ def _check_callbacks(callbacks) -> list:
         if isinstance(cb, type):
             raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance "
                             f"({cb.__name__}(...))")
-        if not callable(cb) and not callable(getattr(cb, "on_epoch_end", None)):
+        hooks = [a for a in dir(cb) if a.startswith("on_") and callable(getattr(cb, a, None))]
+        if not callable(cb) and not hooks:
             raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs) (or have "
                             f"Keras' on_epoch_end(epoch, logs)), got {type(cb).__name__}")
+        ignored = sorted(set(hooks) - _HOOKS)
+        if ignored:  # (Keras calls them in evaluate and predict, which take no callbacks)
+            _warn_user(f"callbacks[{i}] ({type(cb).__name__}) has {ignored}, which fit "
+                       f"does not call (it calls {sorted(_HOOKS)})")
     return list(callbacks)
+
+
+class LearningRateScheduler:
+    """A ``fit`` callback setting the learning rate at the start of each epoch to
+    ``schedule(epoch, lr)`` (epoch from 0, lr the current rate; or ``schedule(epoch)``
+    for a function of one argument), as Keras' LearningRateScheduler.  The rate goes
+    to every parameter group of the fit's optimizer; one that is not a finite number
+    >= 0 is refused (ValueError) before it is set.  ``verbose``: print each rate set.
+    (PyTorch's schedulers are in :mod:`fastprop.optim.lr_scheduler`, and work as
+    callbacks too.)"""
+
+    def __init__(self, schedule, verbose=0):
+        if not callable(schedule):
+            raise TypeError(f"schedule must be callable as schedule(epoch, lr), got "
+                            f"{type(schedule).__name__}")
+        self.schedule = schedule
+        self.verbose = integer(verbose, "verbose", low=0)
+        try:
+            positional = [p for p in inspect.signature(schedule).parameters.values()
+                          if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD,
+                                        p.VAR_POSITIONAL)]
+            self._takes_lr = len(positional) >= 2 or any(
+                p.kind is p.VAR_POSITIONAL for p in positional)
+        except (TypeError, ValueError):  # (a builtin without a signature)
+            self._takes_lr = True
+        self.optimizer = None  # (fit sets it)
+
+    def on_epoch_begin(self, epoch, logs=None) -> None:
+        opt = self.optimizer
+        if opt is None:
+            raise RuntimeError("LearningRateScheduler runs as a fit callback "
+                               "(fit(..., callbacks=[LearningRateScheduler(schedule)]))")
+        lr = self.schedule(epoch, float(opt.lr)) if self._takes_lr else self.schedule(epoch)
+        lr = real(lr, f"the rate schedule({epoch}, ...) returned", low=0)
+        opt.lr = lr
+        if self.verbose:
+            print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to "
+                  f"{lr}.", flush=True)
 
 
 class EarlyStopping:

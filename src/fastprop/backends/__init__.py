@@ -241,8 +241,8 @@ def use_backend(name: str):
     calling asyncio task)."""
     mod = load(name)
     prev = _backend_var.get()
-    _backend_var.set(mod)
-    try:
+    try:  # (set inside: a KeyboardInterrupt right after the set still restores it)
+        _backend_var.set(mod)
         yield mod
     finally:
         _backend_var.set(prev)
