@@ -254,3 +254,19 @@ def test_linear_activation_and_evaluate_return_dict(backend, rng):
     assert set(reg) == {"loss"}
     with pytest.raises(TypeError, match="return_dict must be a bool"):
         model.evaluate(X, y, return_dict="yes")
+
+
+def test_keras_only_fit_arguments_say_what_does_their_job(rng):
+    X, y = blobs(rng, n=20)
+    model = mlp()
+    before = [p.value.copy() for p in model.parameters()]
+    for name, match in [("class_weight", r"'class_weight' \(Keras'\): weigh the classes in "
+                                         r"the loss instead: SoftmaxCrossEntropy\(weight="),
+                        ("sample_weight", r"'sample_weight' \(Keras'\)"),
+                        ("initial_epoch", r"resume=True"),
+                        ("nonsense", r"unexpected keyword argument 'nonsense'")]:
+        with pytest.raises(TypeError, match=match):
+            model.fit(X, y, loss="cross_entropy", optimizer="sgd", verbose=0, **{name: 1})
+        with pytest.raises(TypeError, match=match):
+            fp.train.fit(model, X, y, loss="cross_entropy", optimizer="sgd", **{name: 1})
+    assert all(np.array_equal(a, p.value) for a, p in zip(before, model.parameters()))

@@ -681,14 +681,15 @@ class Module:
     def fit(self, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
             on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
-            callbacks=None):
+            callbacks=None, **unsupported):
         """Train on (X, y) with mini-batch gradient descent (:func:`fastprop.train.fit`)."""
         from .train import fit
         return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
                    batch_size=batch_size, validation_data=validation_data,
                    validation_split=validation_split, shuffle=shuffle, seed=seed,
                    verbose=verbose, on_nonfinite=on_nonfinite, checkpoint=checkpoint,
-                   checkpoint_every=checkpoint_every, resume=resume, callbacks=callbacks)
+                   checkpoint_every=checkpoint_every, resume=resume, callbacks=callbacks,
+                   **unsupported)
 
     def predict(self, X, batch_size=1024):
         """The forward pass of X in eval mode (:func:`fastprop.train.predict`)."""

@@ -679,7 +679,7 @@ def evaluate(model, X, y, loss=None, batch_size=1024, return_dict=False):
 def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
         on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
-        callbacks=None):
+        callbacks=None, **unsupported):
     """Train ``model`` on (X, y) with mini-batch gradient descent.
 
     Args:
@@ -754,6 +754,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         val_loss / val_accuracy with validation data).
     """
     # --- validate everything before touching the model
+    if unsupported:
+        _refuse_keras_arguments(unsupported)
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
     epochs = integer(epochs, "epochs", low=0)
@@ -1016,6 +1018,31 @@ def _hook(cb, name, older):
     """A callback's Keras hook ``name``, else its older name, else None."""
     hook = getattr(cb, name, None)
     return hook if hook is not None else getattr(cb, older, None)
+
+
+_KERAS_ONLY = {
+    "class_weight": "weigh the classes in the loss instead: "
+                    "SoftmaxCrossEntropy(weight=...) or BinaryCrossEntropy(from_logits=True, "
+                    "pos_weight=...) (PyTorch's weighted mean, divided by the weights' sum "
+                    "where Keras divides by the batch size)",
+    "sample_weight": "per-class weights go in the loss (SoftmaxCrossEntropy(weight=...)); "
+                     "for per-sample weights, train with a loop of your own over "
+                     "fp.ops kernels",
+    "initial_epoch": "resume a run from its checkpoint: fit(..., checkpoint=path, "
+                     "resume=True)",
+    "steps_per_epoch": "each epoch goes once over X in batches of batch_size",
+    "validation_freq": "validation runs after every epoch",
+}
+
+
+def _refuse_keras_arguments(unsupported) -> None:
+    """TypeError for keyword arguments fit does not take; Keras' get a pointer to what
+    does their job here."""
+    name = sorted(unsupported)[0]
+    hint = _KERAS_ONLY.get(name)
+    if hint is None:
+        raise TypeError(f"fit() got an unexpected keyword argument {name!r}")
+    raise TypeError(f"fit() has no {name!r} (Keras'): {hint}")
 
 
 def _check_callbacks(callbacks) -> list:
