@@ -855,3 +855,28 @@ def test_state_dict_and_load_state_dict_between_device_steps(rng):
     for name in results[0][0]:
         close(results[1][0][name], results[0][0][name], F64, factor=100)
         close(results[1][1][name], results[0][1][name], F64, factor=100)
+
+
+def test_one_optimizer_shared_by_two_device_steps(rng):
+    """Two compiled device steps of one model and one optimizer (two losses), used in
+    turn: each starts from the other's trained values and moments (the second used to
+    upload host arrays the first had not synced, and trained from stale values); the
+    same as on the CPU backend."""
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    results = []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to(device)
+        opt = fp.optim.Adam(model.parameters(), lr=0.05)
+        mse, huber = model.compile("mse", opt), model.compile(fp.losses.MSE(), opt)
+        with fp.use_backend("numpy"):
+            losses = [mse(X, y), huber(X, y), mse(X, y), huber(X, y)]
+            mse.sync()
+            huber.sync()
+        results.append((losses, model.state_dict(), opt.state_dict()))
+    close(np.array(results[1][0]), np.array(results[0][0]), F64, factor=100)
+    for name in results[0][1]:
+        close(results[1][1][name], results[0][1][name], F64, factor=100)
+    for s_gpu, s_cpu in zip(results[1][2]["state"], results[0][2]["state"]):
+        for k in s_cpu:
+            close(s_gpu[k], s_cpu[k], F64, factor=100)
+    assert results[1][2]["step"] == results[0][2]["step"] == 4

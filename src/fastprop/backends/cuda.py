@@ -378,9 +378,7 @@ class DeviceTrainStep:
         self._lock = threading.RLock()
         self.stages = list(stages)
         self.loss = loss
-        self.optimizer = optimizer
-        # (the optimizer's state_dict syncs this step first: the moments live here)
-        optimizer._device_step = weakref.ref(self)
+        self.optimizer = optimizer  # (which holds this step once it uploads: _upload)
         self.params = list(optimizer.params)
         self.dtype = self.params[0].dtype
         cuda = _cuda
@@ -423,6 +421,15 @@ class DeviceTrainStep:
 
     def _upload(self):
         opt = self.optimizer
+        # (another device step of this optimizer, e.g. a second compile of the model
+        # with another loss, may hold newer values: bring them to the host arrays
+        # uploaded here; it uploads again when it next runs)
+        ref = opt.__dict__.get("_device_step")
+        other = ref() if ref is not None else None
+        if other is not None and other is not self:
+            other.sync()
+        # (the optimizer's state_dict syncs this step first: the moments live here)
+        opt._device_step = weakref.ref(self)
         names = tuple(opt.state_names)
         if names != self._names:
             self._state = {k: _cuda.device_array(self._total, self.dtype) for k in names}
