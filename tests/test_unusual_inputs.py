@@ -186,3 +186,88 @@ def test_class_ids_as_a_column(backend, rng):
     h2 = model2.fit(X, y, loss="cross_entropy", optimizer="sgd", epochs=2, verbose=0,
                     shuffle=False)
     assert h1.history["loss"] == h2.history["loss"]
+
+
+# ---- data as users have it: pandas, scipy.sparse, torch, float16 labels, big values
+def _clf_model():
+    return fp.nn.Sequential(fp.nn.Dense(3, 8, "relu", rng=0), fp.nn.Dense(8, 3, rng=1))
+
+
+def _clf_data(n=40):
+    rng = np.random.default_rng(0)
+    return rng.standard_normal((n, 3)).astype(np.float32), np.arange(n) % 3
+
+
+def test_pandas_nullable_and_mixed_columns_train_as_their_numbers():
+    """pandas' nullable Int64/Float64 columns, or bool mixed with float, make object
+    arrays: they were refused as "dtype object"; they train as the numbers they hold
+    (bit-identical), and a pd.NA is refused as a NaN is."""
+    pd = pytest.importorskip("pandas")
+    X, y = _clf_data()
+    frame = pd.DataFrame({"a": pd.array(np.round(X[:, 0] * 4), dtype="Int64"),
+                          "b": pd.array(X[:, 1], dtype="Float64"),
+                          "c": X[:, 2] > 0})
+    plain = np.column_stack([np.round(X[:, 0] * 4), X[:, 1], X[:, 2] > 0]).astype(np.float32)
+    runs = []
+    for data in (frame, plain):
+        model = _clf_model()
+        model.fit(data, pd.Series(pd.array(y, dtype="Int64")) if data is frame else y,
+                  loss="cross_entropy", optimizer="adam", epochs=2, seed=0, verbose=0)
+        runs.append((model.predict(data), model.evaluate(data, y)))
+    np.testing.assert_array_equal(runs[0][0], runs[1][0])
+    assert runs[0][1] == runs[1][1]
+    frame.loc[3, "a"] = pd.NA
+    with pytest.raises(ValueError, match="X contains 1 NaN"):
+        _clf_model().fit(frame, y, loss="cross_entropy", optimizer="adam", verbose=0)
+
+
+def test_sparse_and_grad_tracking_inputs_are_named_type_errors():
+    sparse = pytest.importorskip("scipy.sparse")
+    X, y = _clf_data()
+    model = _clf_model()
+    for call in (lambda: model.predict(sparse.csr_matrix(X)),
+                 lambda: model.fit(sparse.csc_array(X), y, loss="cross_entropy",
+                                   optimizer="sgd", verbose=0),
+                 lambda: model(sparse.coo_matrix(X))):
+        with pytest.raises(TypeError, match=r"X is a scipy.sparse matrix; .* pass "
+                                            r"X.toarray\(\)|x is a scipy.sparse matrix"):
+            call()
+    torch = pytest.importorskip("torch")
+    t = torch.tensor(X).requires_grad_()
+    with pytest.raises(TypeError, match="X must be array-like of numbers: .*requires grad"):
+        model.predict(t)
+    np.testing.assert_array_equal(model.predict(t.detach()), model.predict(X))
+
+
+def test_fit_names_the_target_argument_and_values_beyond_float32():
+    """fit's y and validation_data[1] errors name the argument (the loss says
+    "labels" or "target" for both); a finite float64 target beyond float32's range
+    is said to be so, not "NaN or infinite", with no overflow warning; so is a batch
+    of such x in a compiled step that runs its kernel."""
+    X, y = _clf_data()
+    model = _clf_model()
+    fit = dict(loss="cross_entropy", optimizer="sgd", verbose=0)
+    with pytest.raises(ValueError, match=r"^y: labels must lie in \[0, 3\)"):
+        model.fit(X, y + 3, **fit)
+    with pytest.raises(ValueError, match=r"^validation_data\[1\]: labels must lie in \[0, 3\)"):
+        model.fit(X, y, validation_data=(X, y + 3), **fit)
+    with pytest.raises(ValueError, match=r"^y: target has values beyond the range of float32 "
+                                         r"\(the model's dtype\): largest magnitude 1e\+39"):
+        model.fit(X, np.full((40, 3), 1e39), loss="mse", optimizer="sgd", verbose=0)
+    step = model.compile("cross_entropy", "sgd")
+    with pytest.raises(ValueError, match=r"x has values beyond the range of float32"):
+        step(np.full((4, 3), 1e39), y[:4])
+    # float16 class ids: no RuntimeWarning from comparing with 2 ** 63 in float16
+    model.fit(X, y.astype(np.float16), **fit)
+    fp.ops.softmax_cross_entropy(model(X), y.astype(np.float16))
+
+
+def test_sklearn_regressor_targets_strings_and_beyond_float32():
+    pytest.importorskip("sklearn")
+    from fastprop.sklearn import MLPRegressor
+    X, _ = _clf_data()
+    with pytest.raises(ValueError, match="y must hold numbers for regression, got dtype <U1"):
+        MLPRegressor(max_iter=2).fit(X, np.array(list("abcd") * 10))
+    with pytest.raises(ValueError, match=r"Input y contains a value too large for "
+                                         r"dtype\('float32'\), the network's dtype"):
+        MLPRegressor(max_iter=2).fit(X, np.full(40, 1e39))

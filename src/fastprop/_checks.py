@@ -72,9 +72,17 @@ def as_array(x, name: str) -> np.ndarray:
                 f"fit, predict and evaluate take whole arrays; to train batch by batch, "
                 f"make the step once, step = model.compile(loss, optimizer), and call "
                 f"step(xb, yb) for each batch")
+        if callable(getattr(x, "tocsr", None)) and callable(getattr(x, "toarray", None)):
+            raise TypeError(f"{name} is a scipy.sparse matrix; fastprop's layers take dense "
+                            f"arrays: pass {name}.toarray() (fastprop.sklearn's estimators "
+                            f"take sparse input)")
         try:
             arr = _asarray(x)
-        except (TypeError, ValueError) as exc:
+            if arr.dtype == object and callable(getattr(x, "to_numpy", None)):
+                # (pandas' nullable Int64/Float64/boolean columns, or bool mixed with
+                # float: object arrays; pd.NA becomes NaN, refused as NaN is)
+                arr = x.to_numpy(dtype=np.float64, na_value=np.nan)
+        except (TypeError, ValueError, RuntimeError) as exc:  # (torch: requires grad)
             raise TypeError(f"{name} must be array-like of numbers: {exc}") from exc
     if arr.dtype.kind not in "biuf":
         raise TypeError(
@@ -184,7 +192,8 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
     elif arr.dtype.kind == "b":
         raise TypeError(f"{name} must be integer class ids, got dtype bool")
     # (ids beyond int64 have no conversion: the range error, on the values given)
-    beyond = bool(n) and arr.dtype.kind in "fu" and np.abs(arr).max() >= 2 ** 63
+    # (float(): 2 ** 63 promoted to float16 overflows, with a RuntimeWarning)
+    beyond = bool(n) and arr.dtype.kind in "fu" and float(np.abs(arr).max()) >= 2.0 ** 63
     out = None if beyond else np.ascontiguousarray(arr, dtype=np.int64)
     if beyond or (check_range and n and (out.min() < 0 or out.max() >= classes)):
         raise ValueError(

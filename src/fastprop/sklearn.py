@@ -679,6 +679,14 @@ class _BaseMLP(BaseEstimator):
             # check_array saw finite float64 values, some of which overflow here
             raise ValueError("Input X contains infinity or a value too large for "
                              f"dtype('{np.dtype(dtype).name}'), the network's dtype.")
+        if (self.out_activation_ != "softmax" and y.dtype.kind == "f" and y.size
+                and np.dtype(dtype).itemsize < y.dtype.itemsize
+                and float(np.abs(y).max()) > float(np.finfo(dtype).max)):
+            # (the loss kernels take y in the network's dtype: inf there, and a
+            # "non-finite weights" error after training, blaming the weights)
+            raise ValueError("Input y contains a value too large for "
+                             f"dtype('{np.dtype(dtype).name}'), the network's dtype; "
+                             "fit float64 X to train in float64.")
         if sample_weight is not None:
             sample_weight = _kernel_array(sample_weight, dtype)
         net = self._network(n_features, hidden, dtype, sparse)
@@ -1144,6 +1152,8 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
     def _validate_input(self, X, y, incremental, reset):
         X, y = validate_data(self, X, y, accept_sparse=["csr", "csc"], multi_output=True,
                              y_numeric=True, dtype=(np.float64, np.float32), reset=reset)
+        if y.dtype.kind not in "biuf":  # (strings: NumPy's conversion error, mid-fit)
+            raise ValueError(f"y must hold numbers for regression, got dtype {y.dtype}")
         if y.ndim == 2 and y.shape[1] == 1:
             y = column_or_1d(y, warn=True)
         return X, y

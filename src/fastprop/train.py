@@ -377,6 +377,8 @@ class TrainStep:
             dtype = self.optimizer.params[0].dtype
             if x.dtype == dtype:
                 x = np.ascontiguousarray(x)
+            elif not x_checked and x.dtype.kind == "f" and x.dtype.itemsize > dtype.itemsize:
+                x = finite_float(x, "x", dtype)  # (narrowed: beyond float32's range said so)
             else:
                 with np.errstate(over="ignore"):  # (beyond float32: inf, refused below)
                     x = np.ascontiguousarray(x, dtype=dtype)
@@ -793,7 +795,7 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     if X.shape[0] == 0:
         raise ValueError("X is empty: fit needs at least one sample")
     out_shape = (X.shape[0],) + tuple(_output_shape(model, X))
-    step.loss.prepare_target(y, out_shape, dtype)
+    _prepare_named(step.loss, y, out_shape, dtype, "y")
     if validation_data is not None:
         if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
             raise TypeError("validation_data must be a pair (X_val, y_val)")
@@ -803,7 +805,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             raise ValueError("validation_data[0] is empty: it needs at least one sample")
         if Xv.shape[1] != X.shape[1]:
             raise ValueError(f"validation_data[0] has {Xv.shape[1]} features, X has {X.shape[1]}")
-        step.loss.prepare_target(yv, (Xv.shape[0],) + out_shape[1:], dtype)
+        _prepare_named(step.loss, yv, (Xv.shape[0],) + out_shape[1:], dtype,
+                       "validation_data[1]")
     elif validation_split > 0:
         # (as Keras: the first int(n (1 - split)) samples train; 0.29 of 100 holds 29
         # out, not floor(28.999...) = 28, and 0.1 of 5 holds 1 out)
@@ -1018,6 +1021,15 @@ def _hook(cb, name, older):
     """A callback's Keras hook ``name``, else its older name, else None."""
     hook = getattr(cb, name, None)
     return hook if hook is not None else getattr(cb, older, None)
+
+
+def _prepare_named(loss, y, shape, dtype, name):
+    """The loss's target check, its message prefixed with the argument it is about (the
+    loss names "labels" or "target": fit's y and validation_data[1] look alike)."""
+    try:
+        loss.prepare_target(y, shape, dtype)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(f"{name}: {exc}") from None
 
 
 _KERAS_ONLY = {
