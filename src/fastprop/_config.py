@@ -1,4 +1,5 @@
-"""Process-wide configuration: threads and the configuration report."""
+"""Configuration: the thread count (per Python thread, as OpenMP's) and the
+configuration report."""
 
 from __future__ import annotations
 

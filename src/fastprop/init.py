@@ -298,6 +298,7 @@ def zeros_(tensor):
 
 
 def ones_(tensor):
+    """Fill with 1, in place, as ``torch.nn.init.ones_`` (see :func:`constant_`)."""
     return constant_(tensor, 1.0)
 
 

@@ -47,6 +47,8 @@ class Loss:
         return self._kernel(pred, target, grad), grad
 
     def forward(self, pred, target) -> float:
+        """The mean loss of ``pred`` against ``target``; its gradient with respect to
+        ``pred`` is kept for :meth:`backward`."""
         loss, self._grad = self._compute(pred, target)
         return loss
 
@@ -69,11 +71,14 @@ class Loss:
         return self._kernel(pred, self.prepare_target(target, pred.shape, pred.dtype), None)
 
     def backward(self):
+        """The gradient of the last :meth:`forward`'s loss with respect to ``pred``."""
         if self._grad is None:
             raise RuntimeError(f"{type(self).__name__}.backward called before forward")
         return self._grad
 
     def get_config(self) -> dict:
+        """The constructor arguments that differ from the defaults (what a saved
+        model or checkpoint records of the loss)."""
         return {}
 
     def _batch_weight(self, target) -> float:

@@ -764,6 +764,7 @@ class ReduceLROnPlateau:
                     else best + self.threshold)
 
     def get_last_lr(self) -> list:
+        """The groups' rates after the last step."""
         return list(self._last_lr)
 
     def step(self, metrics) -> None:
@@ -823,10 +824,13 @@ class ReduceLROnPlateau:
             self._observe(float(value), apply=False)
 
     def state_dict(self) -> dict:
+        """Everything but the optimizer."""
         return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
                 if k != "optimizer"}
 
     def load_state_dict(self, state_dict: dict) -> None:
+        """Restore from :meth:`state_dict` (each entry's kind and range checked
+        first; nothing changes on a refusal)."""
         if not isinstance(state_dict, dict):
             raise TypeError(f"state_dict must be a dict, got {type(state_dict).__name__}")
         current = self.state_dict()
@@ -861,10 +865,12 @@ class every_batch:
         return f"every_batch({self.scheduler!r})"
 
     def on_train_batch_end(self, batch, logs=None) -> None:
+        """Step the scheduler (fit calls it after each batch's update)."""
         self.scheduler.step()
 
     def __call__(self, epoch, logs=None) -> None:
         """(nothing at an epoch's end)"""
 
     def on_resume(self, history) -> None:
+        """Put the scheduler at the restored optimizer's update count (a resumed fit)."""
         self.scheduler._resume_at(self.scheduler.optimizer.step_count - self._offset)

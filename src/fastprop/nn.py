@@ -177,14 +177,17 @@ class Parameter:
 
     @property
     def shape(self):
+        """The value's shape."""
         return self.value.shape
 
     @property
     def dtype(self):
+        """The value's dtype (its gradient's too)."""
         return self.value.dtype
 
     @property
     def size(self):
+        """The value's number of elements."""
         return self.value.size
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -618,10 +621,13 @@ class Module:
 
     @property
     def device(self) -> str:
+        """"cpu", or "cuda" after ``to("cuda")``."""
         return getattr(self, "_device", None) or "cpu"
 
     @property
     def dtype(self):
+        """The dtype of the module's first parameter (None for a module without
+        parameters: an activation takes any float input)."""
         params = self.parameters()
         return params[0].dtype if params else None
 
@@ -944,6 +950,7 @@ class Activation(Module):
 
 
 class Identity(Activation):
+    """The identity (a copy of its input); Keras' "linear"."""
     name = "identity"
 
 
@@ -957,10 +964,12 @@ class ReLU(Activation):
 
 
 class Sigmoid(Activation):
+    """1 / (1 + exp(-x)), elementwise."""
     name = "sigmoid"
 
 
 class Tanh(Activation):
+    """tanh(x), elementwise."""
     name = "tanh"
 
 
@@ -977,6 +986,7 @@ class GELU(Activation):
 
     @property
     def approximate(self) -> str:
+        """"tanh" or "none" (exact); settable."""
         return "tanh" if self.act == ACTIVATIONS["gelu"] else "none"
 
     @approximate.setter
@@ -1037,6 +1047,8 @@ class Dropout(Module):
     Args:
         p: drop probability in [0, 1].
         seed: seed of the layer's own generator (fit(seed=...) reseeds it).
+        inplace: PyTorch's; accepted and without effect (the output is a new array,
+            the input is left alone).
     """
 
     _caches = ("_mask", "_shape")

@@ -53,6 +53,7 @@ class History:
         self.stopped_epoch = None
 
     def append(self, epoch: int, logs: dict) -> None:
+        """Record ``epoch``'s figures (fit calls it after each epoch)."""
         self.epoch.append(epoch)
         for k, v in logs.items():
             self.history.setdefault(k, []).append(v)
@@ -189,9 +190,11 @@ class TrainStep:
     output.  When the current backend can run the whole step in one call
     (``make_train_step`` in the kernel contract) it does; otherwise the layers'
     own forward/backward run from Python, with the same results.  With
-    ``check_finite`` the loss and the gradients are checked before the update; a
+    ``step.check_finite = True`` (an attribute, False by default; ``fit`` sets it
+    for its run) the loss and the gradients are checked before the update; a
     non-finite one raises :class:`NonFiniteError`, and the parameters, optimizer
     state and buffers (BatchNorm running statistics) are as before the step.
+    Without it, a step whose loss overflows applies its non-finite update.
     """
 
     def __init__(self, model: Module, loss, optimizer):
@@ -343,6 +346,8 @@ class TrainStep:
         return None
 
     def sync(self):
+        """Bring the parameters and optimizer state a device kernel trained to the
+        host arrays (a no-op on the CPU backends, whose kernels train them in place)."""
         if self._fast is not None:
             self._fast.sync()
 
@@ -466,7 +471,9 @@ class TrainStep:
 
 def compile_step(model, loss, optimizer) -> TrainStep:
     """The training step of ``model`` with ``loss`` and ``optimizer`` (names allowed:
-    ``loss="cross_entropy"``, ``optimizer="adam"``)."""
+    ``loss="cross_entropy"``, ``optimizer="adam"``): a :class:`TrainStep`; set its
+    ``check_finite = True`` to have a non-finite loss or gradient refused before the
+    update (``fit`` does)."""
     step = TrainStep(model, loss, optimizer)
     _remember(model, step)
     return step
@@ -1104,6 +1111,7 @@ class LearningRateScheduler:
         self.optimizer = None  # (fit sets it)
 
     def on_epoch_begin(self, epoch, logs=None) -> None:
+        """Set the optimizer's rate for ``epoch`` (fit calls it)."""
         opt = self.optimizer
         if opt is None:
             raise RuntimeError("LearningRateScheduler runs as a fit callback "

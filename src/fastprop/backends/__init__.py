@@ -223,7 +223,10 @@ def current():
 
 
 def set_backend(name: str) -> None:
-    """Select the backend used by every later call (process wide)."""
+    """Set the process' default backend, used by every later call of every thread
+    outside a ``use_backend`` block (a thread or asyncio task inside one keeps that
+    block's backend until it leaves it; in the calling thread, an enclosing block's
+    choice is dropped)."""
     global _default
     mod = load(name)
     _default = mod
