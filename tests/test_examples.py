@@ -96,3 +96,32 @@ def test_finetune_example(backend):
     with fp.use_backend(backend):
         acc_a, acc_head, acc_tuned = example.main(verbose=False)
     assert acc_a >= 0.95 and acc_head >= 0.8 and acc_tuned >= acc_head
+
+
+def test_every_public_class_function_method_and_property_has_a_docstring():
+    """help() on anything public says what it does (an override inherits its base's
+    text, as inspect.getdoc finds it)."""
+    import inspect
+    from fastprop import init, losses, lr_scheduler, nn, ops, optim, train
+    sk = pytest.importorskip("fastprop.sklearn")
+    missing = set()
+    for mod in (fp, nn, ops, optim, losses, init, train, lr_scheduler, sk):
+        for name in getattr(mod, "__all__", [n for n in dir(mod) if not n.startswith("_")]):
+            obj = getattr(mod, name, None)
+            if not (getattr(obj, "__module__", None) or "").startswith("fastprop"):
+                continue
+            if (inspect.isfunction(obj) or inspect.isclass(obj)) and not inspect.getdoc(obj):
+                missing.add(f"{obj.__module__}.{obj.__qualname__}")
+            if inspect.isclass(obj):
+                for k, v in vars(obj).items():
+                    if k.startswith("_"):
+                        continue
+                    if isinstance(v, property):
+                        doc = inspect.getdoc(v)
+                    elif inspect.isfunction(v) or isinstance(v, (staticmethod, classmethod)):
+                        doc = inspect.getdoc(getattr(obj, k))
+                    else:
+                        continue
+                    if not doc:
+                        missing.add(f"{obj.__module__}.{obj.__qualname__}.{k}")
+    assert not missing, sorted(missing)
