@@ -160,14 +160,23 @@ def _interrupts_deferred():
         return
     noted = []
     handlers = {}
+    open_ = [True]
+
+    def note(signum, frame):
+        if open_[0]:
+            noted.append((signum, frame))
+        else:  # (still installed after the block: a restore cut short by a signal)
+            handlers[signum](signum, frame)
+
     try:
         for s in signal.valid_signals():
             h = signal.getsignal(s)
             if callable(h):
                 handlers[s] = h
-                signal.signal(s, lambda signum, frame: noted.append((signum, frame)))
+                signal.signal(s, note)
         yield
     finally:
+        open_[0] = False  # (from here a signal reaches its handler, swapped back or not)
         for s, h in handlers.items():
             signal.signal(s, h)
         for signum, frame in noted:  # (raises, e.g. KeyboardInterrupt, as it would have)
