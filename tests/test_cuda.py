@@ -880,3 +880,38 @@ def test_one_optimizer_shared_by_two_device_steps(rng):
         for k in s_cpu:
             close(s_gpu[k], s_cpu[k], F64, factor=100)
     assert results[1][2]["step"] == results[0][2]["step"] == 4
+
+
+def _device_step_in_child(step, X, y, conn):
+    try:
+        with fp.use_backend("numpy"):
+            conn.send(("ok", float(step(X, y))))
+    except Exception as exc:  # (reported to the parent)
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_child_goes_on_from_the_device_steps_values(rng):
+    """A fork child keeps a device step's kernel (its values are newer than the host
+    arrays'; dropping it lost the parent's updates and moments): the child's next
+    loss is the parent's next one."""
+    import multiprocessing as mp
+    import warnings
+    X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
+    model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to("cuda")
+    step = model.compile("mse", fp.optim.Adam(model.parameters(), lr=0.05))
+    with fp.use_backend("numpy"):
+        step(X, y)
+        step(X, y)
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+        proc = ctx.Process(target=_device_step_in_child, args=(step, X, y, child))
+        proc.start()
+        assert parent.poll(120)
+        status, value = parent.recv()
+        proc.join(10)
+    with fp.use_backend("numpy"):
+        expected = float(step(X, y))
+    assert status == "ok" and value == expected, (status, value, expected)

@@ -5,6 +5,7 @@ warnings where Keras' spelling would otherwise do something else silently (a
 schedule function passed as a callback, BatchNorm's momentum, a head replaced
 after compile, a generator, compile's argument order)."""
 
+import io
 import warnings
 
 import numpy as np
@@ -72,8 +73,8 @@ def test_every_keras_training_hook_is_called_in_keras_order(backend, rng):
 
 
 def test_older_batch_hook_names_and_hooks_fit_does_not_call(rng):
-    """Keras' on_batch_begin/on_batch_end are its train-batch hooks; a hook fit never
-    calls (Keras' evaluate and predict hooks) is warned about, not silently ignored."""
+    """Keras' on_batch_begin/on_batch_end are its train-batch hooks; a callback built on
+    a base class with every Keras hook (evaluate's and predict's too) is quiet."""
     X, y = blobs(rng, n=40)
     seen = []
 
@@ -88,16 +89,20 @@ def test_older_batch_hook_names_and_hooks_fit_does_not_call(rng):
               verbose=0, callbacks=[Old()])
     assert seen == [("begin", 0), ("end", 0, ["loss"]), ("begin", 1), ("end", 1, ["loss"])]
 
-    class Tester:
+    class KerasBase:  # (every hook a no-op, as keras.callbacks.Callback)
         def on_epoch_end(self, epoch, logs=None):
             pass
 
-        def on_test_end(self, logs=None):
+        def on_test_begin(self, logs=None):
             pass
 
-    with pytest.warns(UserWarning, match=r"callbacks\[0\] \(Tester\) has \['on_test_end'\], "
-                                         r"which fit does not call"):
-        mlp().fit(X, y, loss="cross_entropy", optimizer="sgd", verbose=0, callbacks=[Tester()])
+        def on_predict_end(self, logs=None):
+            pass
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (no warning for hooks fit does not call)
+        mlp().fit(X, y, loss="cross_entropy", optimizer="sgd", verbose=0,
+                  callbacks=[KerasBase()])
 
 
 def test_a_callback_returning_a_value_is_warned_about(rng):
@@ -140,6 +145,18 @@ def test_learning_rate_scheduler_sets_each_epochs_rate(backend, rng, two_args):
         assert calls == [(0,), (1,), (2,), (3,)]
         assert used == [0.1, 0.05, 0.025, 0.0125]
     assert all(g["lr"] == used[-1] for g in opt.param_groups)
+
+
+def test_learning_rate_scheduler_keeps_the_groups_ratios(rng):
+    """Each group gets schedule(epoch, its rate): a decay keeps a 10x smaller rate on
+    the second group (opt.lr for all collapsed them)."""
+    X, y = blobs(rng, n=40)
+    model = mlp()
+    opt = optim.SGD([{"params": model[0].parameters()},
+                     {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
+    model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, verbose=0,
+              callbacks=[fp.LearningRateScheduler(lambda e, lr: lr * 0.5)])
+    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.0025]
 
 
 def test_learning_rate_scheduler_refuses_a_bad_rate_and_use_outside_fit(rng):
@@ -206,8 +223,15 @@ def test_batchnorm_momentum_in_keras_meaning_is_warned_about():
     bn = nn.BatchNorm1d(4)
     with pytest.warns(UserWarning, match="momentum=0.9 weighs each new batch"):
         bn.momentum = 0.9
+    saved = fp.nn.Sequential(fp.nn.Dense(4, 4))
+    with pytest.warns(UserWarning):
+        saved.append(nn.BatchNorm1d(4, momentum=0.9))
+    buf = io.BytesIO()
+    fp.save(saved, buf)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
+        buf.seek(0)
+        assert fp.load(buf)[1].momentum == 0.9  # (warned when made, not on each load)
         nn.BatchNorm1d(4, momentum=0.1)
         nn.BatchNorm1d(4, momentum=0.5)
         nn.BatchNorm1d(4, momentum=None)

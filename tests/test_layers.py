@@ -1539,3 +1539,111 @@ def test_a_subclass_of_sequential_registers_its_own_attributes(backend, rng):
     plain = fp.nn.Sequential(fp.nn.ReLU())
     plain.extra = fp.nn.Tanh()
     assert plain.children() == [plain.layers[0]]
+
+
+# ---- user subclasses and net surgery (the backward chain check leaves them alone)
+class _FlatDense(nn.Dense):
+    """A Dense that flattens its input first."""
+
+    def forward(self, x):
+        self._in = np.shape(x)
+        return super().forward(np.reshape(x, (len(x), -1)))
+
+    def backward(self, g, input_grad=True):
+        return super().backward(g, input_grad).reshape(self._in)
+
+
+class _Swish(nn.Activation):
+    """An activation of the user's, keeping its own caches."""
+
+    def forward(self, x):
+        x = np.asarray(x, np.float64)
+        self._x, self._s = x, 1 / (1 + np.exp(-x))
+        return x * self._s
+
+    def backward(self, g, input_grad=True):
+        s = self._s
+        return g * (s + self._x * s * (1 - s))
+
+
+class _FlatSeq(nn.Sequential):
+    def forward(self, x):
+        self._in = np.shape(x)
+        return super().forward(np.reshape(x, (len(x), -1)))
+
+    def backward(self, g, input_grad=True):
+        return super().backward(g, input_grad).reshape(self._in)
+
+
+@pytest.mark.parametrize("case", ["flat-dense", "swish", "flat-sequential"])
+def test_backward_through_user_subclasses_of_fastprop_layers(case):
+    """Sequential.backward checks that its layers' last forwards chain only for
+    fastprop's own classes: a user's subclass may reshape, or keep other caches (all
+    three were refused when it asked them too)."""
+    rng = np.random.default_rng(0)
+    if case == "flat-dense":
+        m = nn.Sequential(nn.Tanh(), _FlatDense(6, 2, dtype=np.float64, rng=0))
+        x = rng.standard_normal((4, 2, 3))
+    elif case == "swish":
+        m = nn.Sequential(nn.Dense(3, 4, dtype=np.float64, rng=0), _Swish(),
+                          nn.Dense(4, 1, dtype=np.float64, rng=1))
+        x = rng.standard_normal((5, 3))
+    else:
+        m = nn.Sequential(nn.ReLU(), _FlatSeq(nn.Dense(6, 2, dtype=np.float64, rng=0)))
+        x = rng.standard_normal((4, 2, 3)) + 0.5
+    assert fp.gradcheck(m, x)
+
+
+def test_net_surgery_pruning_units_in_place():
+    """Pruning hidden units: new, smaller Parameters and statistics assigned, the
+    layers' sizes set (in either order, as in PyTorch); a layer whose arrays do not
+    match its sizes is refused at forward with a message naming them."""
+    keep = np.array([0, 2, 3, 5])
+    m = nn.Sequential(nn.Dense(3, 8, "relu", rng=0), nn.BatchNorm1d(8), nn.Dense(8, 2, rng=1))
+    x = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    a, bn, b = m[0], m[1], m[2]
+    a.weight = fp.Parameter(a.weight.value[:, keep])
+    a.bias = fp.Parameter(a.bias.value[keep])
+    with pytest.raises(ValueError, match=r"Dense\(3, 8\): weight must have shape \(3, 8\) "
+                                         r"and bias \(8,\), got \(3, 4\) and \(4,\)"):
+        m(x)
+    a.out_features = 4
+    bn.num_features = 4
+    bn.weight = fp.Parameter(bn.weight.value[keep])
+    bn.bias = fp.Parameter(bn.bias.value[keep])
+    full = bn.running_mean
+    bn.running_mean = full[:5]
+    with pytest.raises(ValueError, match=r"BatchNorm1d\(4\): running_mean must have shape "
+                                         r"\(4,\), got \(5,\)"):
+        m(x)
+    bn.running_mean = full[keep]
+    bn.running_var = bn.running_var[keep]
+    b.in_features = 4
+    b.weight = fp.Parameter(b.weight.value[keep, :])
+    out = m(x)
+    m.backward(np.ones_like(out))
+    assert out.shape == (5, 2) and m[0].weight.grad.shape == (3, 4)
+
+
+def test_deeply_nested_containers_check_their_chain_once():
+    """Each container's backward used to check its whole subtree again: nested
+    depth d cost d^2 shape checks.  The outermost backward checks once."""
+    depth = 30
+    block = nn.Sequential(nn.Dense(4, 4, rng=0))
+    for i in range(depth):
+        block = nn.Sequential(nn.Residual(block))
+    x = np.ones((2, 4), np.float32)
+    out = block(x)
+    calls = [0]
+    real = nn.Dense._backward_shapes
+
+    def counted(self):
+        calls[0] += 1
+        return real(self)
+
+    nn.Dense._backward_shapes = counted
+    try:
+        block.backward(np.ones_like(out))
+    finally:
+        nn.Dense._backward_shapes = real
+    assert calls[0] <= 2, calls[0]

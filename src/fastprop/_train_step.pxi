@@ -284,6 +284,11 @@ cdef class NativeTrainStep:
         self.output = ws[self.nlayers - 1][0]
         return 0
 
+    def _after_fork(self):
+        """In a fork child, where no thread is inside the kernel: a parent thread's
+        call in progress at the fork left ``busy`` set."""
+        self.busy = False
+
     def __call__(self, x, y, bint check_finite=False, bint check_x=True):
         """Forward, loss, backward and update on batch (x, y); returns the loss.
         check_x=False skips the NaN/inf check of x (the caller validated X).

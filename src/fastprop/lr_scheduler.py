@@ -26,7 +26,6 @@ changes.
 from __future__ import annotations
 
 import bisect
-import copy
 import math
 import numbers
 
@@ -46,18 +45,20 @@ def _optimizer(optimizer):
     return optimizer
 
 
-# (state entries that count something from 1; every other integer counts from 0,
-# last_epoch from -1)
-_POSITIVE = frozenset(("step_size", "T_0", "T_mult", "T_i", "total_steps", "total_iters"))
+# (state entries that count something: integers, from 1 for these, from 0 for the
+# rest, from -1 for last_epoch; every other number may be fractional, as T_cur after a
+# fractional step(epoch), and is a finite number >= 0 but for ``best``)
+_POSITIVE = frozenset(("step_size", "T_0", "T_mult", "T_i", "total_steps"))
+_COUNTS = _POSITIVE | {"last_epoch", "_step_count", "total_iters", "patience", "cooldown",
+                       "num_bad_epochs", "cooldown_counter"}
 _CHOICES = {"mode": ("min", "max"), "threshold_mode": ("rel", "abs"),
             "anneal_strategy": ("cos", "linear")}
 
 
 def _check_entries(state_dict, current, who) -> None:
-    """Each loaded entry of the kind the scheduler holds there now (a bool, an integer,
-    a real number, one of a string's choices, a list as long where it has one entry
-    per parameter group), counts in range and numbers other than ``best`` finite
-    (TypeError / ValueError naming the entry)."""
+    """Each loaded entry of the kind the scheduler holds there (a bool, a count, a
+    number, one of a string's choices, a list as long where it has one entry per
+    parameter group), in range (TypeError / ValueError naming the entry)."""
     for key, v in state_dict.items():
         ref, name = current.get(key), f"{who} state_dict[{key!r}]"
         if ref is None:
@@ -65,7 +66,7 @@ def _check_entries(state_dict, current, who) -> None:
         if isinstance(ref, bool):
             if not isinstance(v, bool):
                 raise TypeError(f"{name} must be a bool, got {type(v).__name__}")
-        elif isinstance(ref, numbers.Integral):
+        elif key in _COUNTS:
             if isinstance(v, bool) or not isinstance(v, numbers.Integral):
                 raise TypeError(f"{name} must be an integer, got {type(v).__name__}")
             low = -1 if key == "last_epoch" else 1 if key in _POSITIVE else 0
@@ -74,8 +75,8 @@ def _check_entries(state_dict, current, who) -> None:
         elif isinstance(ref, numbers.Real):
             if isinstance(v, bool) or not isinstance(v, numbers.Real):
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
-            if key != "best" and not math.isfinite(v):
-                raise ValueError(f"{name} must be finite, got {v!r}")
+            if key != "best" and not (math.isfinite(v) and v >= (-1 if key == "T_cur" else 0)):
+                raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
         elif isinstance(ref, str):
             if not isinstance(v, str) or v not in _CHOICES.get(key, (v,)):
                 raise ValueError(f"{name} must be one of {list(_CHOICES.get(key, [ref]))}, "
@@ -224,32 +225,12 @@ class LRScheduler:
             raise ValueError(f"state_dict has keys {unknown} that {type(self).__name__} "
                              f"does not have")
         _check_entries(state_dict, current, type(self).__name__)
-        self._probe(state_dict)
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Restore from :meth:`state_dict` (checked first: each entry's kind and range,
-        and the next epoch's rates, computed on a copy, must be finite and >= 0;
+        """Restore from :meth:`state_dict` (each entry's kind and range checked first;
         nothing changes on a refusal)."""
         self._check_state(state_dict)
         self.__dict__.update(state_dict)
-
-    def _probe(self, state_dict) -> None:
-        """The next epoch's rates with ``state_dict`` loaded, on a copy."""
-        if type(self).get_lr is LRScheduler.get_lr:  # (SequentialLR: its parts are probed)
-            return
-        probe = copy.copy(self)
-        probe.__dict__.update(copy.deepcopy(state_dict))
-        probe.last_epoch += 1
-        who = f"{type(self).__name__}.load_state_dict"
-        try:
-            rates = [float(r) for r in probe.get_lr()]
-        except (ArithmeticError, TypeError, ValueError, IndexError, KeyError) as exc:
-            raise ValueError(f"{who}: the state_dict gives no next rate ({type(exc).__name__}: "
-                             f"{exc})") from None
-        for i, r in enumerate(rates):
-            if not (math.isfinite(r) and r >= 0):
-                raise ValueError(f"{who}: the state_dict gives lr={r!r} for parameter group "
-                                 f"{i} at the next epoch; a rate must be a finite number >= 0")
 
 
 def _lambdas(fn, optimizer, name):

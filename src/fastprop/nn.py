@@ -49,6 +49,11 @@ def inference_mode():
         _inference.set(prev)
 
 
+# (set while a model file is being read: a saved model's settings were warned about
+# when they were made)
+_loading = contextvars.ContextVar("fastprop_loading", default=False)
+
+
 def _keeps() -> bool:
     """Whether a forward keeps what backward needs: not inside :func:`inference_mode`,
     so that ``predict`` (from this or another thread) between a training forward and
@@ -352,19 +357,6 @@ class Module:
                         f"cannot assign a {value.dtype} Parameter as {name!r} of a {dtype} "
                         f"{type(self).__name__} (convert it, or the whole model with "
                         f"model.astype({value.dtype.name!r}))")
-                old = self.__dict__.get(name)
-                if (isinstance(old, Parameter) and value is not None
-                        and value.shape != old.shape and type(self).__module__ == __name__):
-                    # (fastprop's layers have fixed shapes: the kernels would fail later)
-                    raise ValueError(
-                        f"cannot assign a Parameter of shape {value.shape} as {name!r} of "
-                        f"{type(self).__name__}: expected shape {old.shape}")
-            elif name in self._buffers and value is not None:
-                old = self.__dict__.get(name)
-                if isinstance(old, np.ndarray) and np.shape(value) != old.shape:
-                    raise ValueError(
-                        f"cannot assign an array of shape {np.shape(value)} as buffer "
-                        f"{name!r} of {type(self).__name__}: expected shape {old.shape}")
             elif isinstance(value, Parameter):
                 # (as PyTorch's Module.__setattr__: a Parameter or a module set on a
                 # module of the user's is registered, so that parameters(), state_dict,
@@ -861,6 +853,16 @@ class Dense(Module):
             raise ValueError(
                 f"Dense({self.in_features}, {self.out_features}): expected input of shape "
                 f"(batch, {self.in_features}), got {arr.shape}")
+        # (parameters assigned since, e.g. pruned: checked here, where the shapes the
+        # layer says it has must hold, rather than on assignment, which comes first
+        # in a net surgery that sets out_features after the arrays)
+        shape = (self.in_features, self.out_features)
+        if self.weight.value.shape != shape or (
+                self.bias is not None and self.bias.value.shape != shape[1:]):
+            raise ValueError(
+                f"Dense({self.in_features}, {self.out_features}): weight must have shape "
+                f"{shape} and bias {shape[1:]}, got {self.weight.value.shape} and "
+                f"{None if self.bias is None else self.bias.value.shape}")
         return np.ascontiguousarray(arr, dtype=self._dtype)
 
     def forward(self, x):
@@ -1159,6 +1161,13 @@ class _Norm(Module):
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}): expected input of shape "
                 f"(batch, {self.num_features}), got {arr.shape}")
+        shape = (self.num_features,)  # (parameters and statistics assigned since)
+        for name in self._params + tuple(self._buffers):
+            a = getattr(self, name, None)
+            a = a.value if isinstance(a, Parameter) else a
+            if isinstance(a, np.ndarray) and a.ndim and a.shape != shape:
+                raise ValueError(f"{type(self).__name__}({self.num_features}): {name} must "
+                                 f"have shape {shape}, got {a.shape}")
         return np.ascontiguousarray(arr, dtype=self._dtype)
 
 
@@ -1166,7 +1175,7 @@ def _check_momentum(v):
     if v is None:
         return None
     v = real(v, "momentum", low=0, high=1)
-    if 0.5 < v < 1:  # (Keras' 0.99 or 0.9 ported as is: inference on the last few
+    if 0.5 < v < 1 and not _loading.get():  # (Keras' 0.99 or 0.9 ported as is: inference on the last few
         # batches; 1, the last batch alone, is a PyTorch idiom)
         warn_user(
             f"BatchNorm1d momentum={v} weighs each new batch by {v} in the running "
@@ -1363,6 +1372,19 @@ class LayerNorm(_Norm):
         return grad_x
 
 
+def _shapes_of(module):
+    """``module._backward_shapes()`` for fastprop's own classes; (None, None) for any
+    other, a user's subclass included (its forward may reshape, or keep other caches)."""
+    if type(module).__module__ != __name__:
+        return None, None
+    return module._backward_shapes()
+
+
+# (set while a Sequential's backward runs: the containers inside it were checked with
+# it, and skip their own check, which would make deep nesting quadratic)
+_chain_checked = contextvars.ContextVar("fastprop_chain_checked", default=False)
+
+
 def _check_each_module_once(root, where):
     """ValueError if a module instance occurs twice in ``root``'s tree: each module
     keeps the inputs of its last forward for its backward, so a second use in the same
@@ -1421,7 +1443,7 @@ class Residual(Module):
 
     def _backward_shapes(self):
         shape = _need(self.__dict__.get("_out"), "_out", self).shape
-        for got in self.block._backward_shapes():
+        for got in _shapes_of(self.block):
             if got is not None and tuple(got) != shape:
                 raise ValueError(
                     f"Residual.backward: its block's last forward was on shape {tuple(got)}, "
@@ -1561,10 +1583,9 @@ class Sequential(Module):
         """The backward shapes of layers[first:], checked to chain (see
         :meth:`Module._backward_shapes`)."""
         layers = self.layers
-        start, prev = layers[first]._backward_shapes() if first < len(layers) else (None,
-                                                                                   None)
+        start, prev = _shapes_of(layers[first]) if first < len(layers) else (None, None)
         for i in range(first + 1, len(layers)):
-            shape_in, shape_out = layers[i]._backward_shapes()
+            shape_in, shape_out = _shapes_of(layers[i])
             if prev != shape_in and prev is not None and shape_in is not None:
                 raise ValueError(
                     f"Sequential.backward: layer {i - 1} ({type(layers[i - 1]).__name__})'s "
@@ -1583,7 +1604,15 @@ class Sequential(Module):
         g = grad_out
         input_grad = flag(input_grad, "input_grad")
         first = 0 if input_grad else self._frozen_prefix()
-        self._chain(first)  # (refused before any layer adds to a gradient)
-        for i in range(len(self.layers) - 1, first - 1, -1):
-            g = self.layers[i].backward(g, input_grad if i == first else True)
+        checked = _chain_checked.get()
+        if not checked:
+            self._chain(first)  # (refused before any layer adds to a gradient)
+        try:
+            if not checked:
+                _chain_checked.set(True)
+            for i in range(len(self.layers) - 1, first - 1, -1):
+                g = self.layers[i].backward(g, input_grad if i == first else True)
+        finally:
+            if not checked:
+                _chain_checked.set(False)
         return None if first and not input_grad else g

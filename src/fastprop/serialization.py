@@ -16,20 +16,17 @@ never leaves a half-written file behind.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
-import signal
+import secrets
 import stat
 import struct
-import tempfile
-import threading
 
 import numpy as np
 
 from ._checks import flag
-from .nn import Module, Residual, Sequential, _registry, _registry_key
+from .nn import Module, Residual, Sequential, _loading, _registry, _registry_key
 
 __all__ = ["save", "load", "model_to_tree", "model_from_tree"]
 
@@ -66,6 +63,12 @@ def model_from_tree(tree: dict, budget: list | None = None) -> Module:
     file cannot make the loader allocate more than the file itself provides)."""
     if budget is None:
         budget = [float("inf")]
+    if not _loading.get():
+        try:
+            _loading.set(True)
+            return model_from_tree(tree, budget)
+        finally:
+            _loading.set(False)
     if not isinstance(tree, dict):
         raise ValueError(f"corrupt model file: a layer entry is {type(tree).__name__}")
     cls = _layer_class(tree.get("class"))
@@ -116,71 +119,39 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     # (through a symbolic link: its target is replaced, and the link kept)
     path = os.path.realpath(_fspath(path, "write"))
     directory = os.path.dirname(path)
-    try:  # a file replaced keeps its permissions (mkstemp makes 0600)
+    try:  # a file replaced keeps its permissions (the temporary file is made 0600)
         mode = stat.S_IMODE(os.stat(path).st_mode)
     except OSError:
         mode = 0o666 & ~_umask()
-    with _interrupts_deferred():
-        fd, tmp = tempfile.mkstemp(prefix=".fastprop-", suffix=".tmp", dir=directory)
-        try:
+    # (a name of our own, created inside the try: an exception anywhere after this
+    # point, Ctrl-C included, removes the file; mkstemp's descriptor, handed on
+    # outside any try, could leak with its file)
+    tmp = os.path.join(directory, f".fastprop-{secrets.token_hex(16)}.tmp")
+    try:
+        # (exclusive: never another's file; 0600 while it is written; the opener's
+        # descriptor is the file object's as open returns)
+        with open(tmp, "xb", opener=lambda p, flags: os.open(p, flags, 0o600)) as f:
             os.chmod(tmp, mode)
-            with os.fdopen(fd, "wb") as f:
-                for chunk in _chunks(header, arrays):
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
-        try:  # the rename itself on disk (where the file system allows)
-            dfd = os.open(directory, os.O_RDONLY)
-            try:
-                os.fsync(dfd)
-            finally:
-                os.close(dfd)
+            for chunk in _chunks(header, arrays):
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
         except OSError:
             pass
-
-
-@contextlib.contextmanager
-def _interrupts_deferred():
-    """Signals with a Python handler (Ctrl-C's SIGINT, a timer's SIGALRM), which may
-    raise anywhere, run when the block ends, in the main thread (where Python runs
-    them): an exception between making the temporary file and handing its
-    descriptor on would leave both behind (the target stays whole either way).  The
-    handlers are swapped for one that notes the signal (also one that came just
-    before the block and is still pending), and the notes are handed to the real
-    handlers afterwards."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    noted = []
-    handlers = {}
-    open_ = [True]
-
-    def note(signum, frame):
-        if open_[0]:
-            noted.append((signum, frame))
-        else:  # (still installed after the block: a restore cut short by a signal)
-            handlers[signum](signum, frame)
-
-    try:
-        for s in signal.valid_signals():
-            h = signal.getsignal(s)
-            if callable(h):
-                handlers[s] = h
-                signal.signal(s, note)
-        yield
+        raise
+    dfd = -1
+    try:  # the rename itself on disk (where the file system allows)
+        dfd = os.open(directory, os.O_RDONLY)
+        os.fsync(dfd)
+    except OSError:
+        pass
     finally:
-        open_[0] = False  # (from here a signal reaches its handler, swapped back or not)
-        for s, h in handlers.items():
-            signal.signal(s, h)
-        for signum, frame in noted:  # (raises, e.g. KeyboardInterrupt, as it would have)
-            handlers[signum](signum, frame)
+        if dfd >= 0:
+            os.close(dfd)
 
 
 def _stream_name(stream) -> str:

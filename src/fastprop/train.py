@@ -30,6 +30,7 @@ from ._checks import (as_array, as_float, check_finite, finite_float, flag, inte
                       warn_user as _warn_user)
 from .backends import ACTIVATIONS, NonFiniteError
 from .ops import softmax_targets
+from .lr_scheduler import _set_rates
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
                  Sequential,
                  _check_each_module_once, _structure as _nn_structure,
@@ -174,9 +175,15 @@ def _free_locks_in_child():
         step._busy = threading.Lock()
         step.__dict__.pop("_owner", None)
         # (the kernel object has its own busy flag, copied set from a parent thread
-        # that was running it: the child binds a kernel of its own)
-        step._fast = None
-        step._fast_key = None
+        # that was running it; a device kernel holds the newest values, so it is kept)
+        fast = step._fast
+        if fast is not None:
+            after = getattr(fast, "_after_fork", None)
+            if after is not None:
+                after()
+            else:  # (a kernel of another backend: the child binds its own)
+                step._fast = None
+                step._fast_key = None
 
 
 if hasattr(os, "register_at_fork"):
@@ -729,8 +736,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             is most often a Keras schedule(epoch, lr), which goes in
             :class:`LearningRateScheduler`).  Keras' ``set_params``,
             ``on_epoch_begin`` and ``on_train_batch_begin`` (or ``on_batch_begin``)
-            hooks are called too; a callback with other ``on_*`` hooks is warned
-            about.  A callback with an
+            hooks are called too (Keras' evaluate and predict hooks are not: fit's
+            validation pass calls none).  A callback with an
             ``on_train_begin(keys)`` method has it called first, before anything
             changes, with the names the logs will hold (to reset, or refuse with a
             ValueError).  A learning-rate schedule sets the next epoch's rate:
@@ -1074,23 +1081,20 @@ def _check_callbacks(callbacks) -> list:
         if isinstance(cb, type):
             raise TypeError(f"callbacks[{i}] is the class {cb.__name__}; pass an instance "
                             f"({cb.__name__}(...))")
-        hooks = [a for a in dir(cb) if a.startswith("on_") and callable(getattr(cb, a, None))]
-        if not callable(cb) and not hooks:
+        if not callable(cb) and not any(callable(getattr(cb, h, None)) for h in _HOOKS):
             raise TypeError(f"callbacks[{i}] must be callable as cb(epoch, logs) (or have "
                             f"Keras' on_epoch_end(epoch, logs)), got {type(cb).__name__}")
-        ignored = sorted(set(hooks) - _HOOKS)
-        if ignored:  # (Keras calls them in evaluate and predict, which take no callbacks)
-            _warn_user(f"callbacks[{i}] ({type(cb).__name__}) has {ignored}, which fit "
-                       f"does not call (it calls {sorted(_HOOKS)})")
     return list(callbacks)
 
 
 class LearningRateScheduler:
     """A ``fit`` callback setting the learning rate at the start of each epoch to
     ``schedule(epoch, lr)`` (epoch from 0, lr the current rate; or ``schedule(epoch)``
-    for a function of one argument), as Keras' LearningRateScheduler.  The rate goes
-    to every parameter group of the fit's optimizer; one that is not a finite number
-    >= 0 is refused (ValueError) before it is set.  ``verbose``: print each rate set.
+    for a function of one argument), as Keras' LearningRateScheduler.  Each parameter
+    group of the fit's optimizer gets ``schedule(epoch, its rate)`` (so a decay keeps
+    the groups' ratios; ``schedule(epoch)`` gives them all its rate); a rate that is
+    not a finite number >= 0 is refused (ValueError) before any is set.  ``verbose``:
+    print the rates set.
     (PyTorch's schedulers are in :mod:`fastprop.optim.lr_scheduler`, and work as
     callbacks too.)"""
 
@@ -1116,12 +1120,16 @@ class LearningRateScheduler:
         if opt is None:
             raise RuntimeError("LearningRateScheduler runs as a fit callback "
                                "(fit(..., callbacks=[LearningRateScheduler(schedule)]))")
-        lr = self.schedule(epoch, float(opt.lr)) if self._takes_lr else self.schedule(epoch)
-        lr = real(lr, f"the rate schedule({epoch}, ...) returned", low=0)
-        opt.lr = lr
+        if self._takes_lr:
+            rates = [self.schedule(epoch, float(g["lr"])) for g in opt.param_groups]
+        else:
+            rates = [self.schedule(epoch)] * len(opt.param_groups)
+        rates = [real(r, f"the rate schedule({epoch}, ...) returned", low=0) for r in rates]
+        _set_rates(opt, rates, "LearningRateScheduler")
         if self.verbose:
+            shown = rates[0] if len(set(rates)) == 1 else rates
             print(f"\nEpoch {epoch + 1}: LearningRateScheduler setting learning rate to "
-                  f"{lr}.", flush=True)
+                  f"{shown}.", flush=True)
 
 
 class EarlyStopping:

@@ -412,6 +412,10 @@ class DeviceTrainStep:
         self._last = None
         self._output = None
 
+    def _after_fork(self):
+        """In a fork child: a lock a parent thread held at the fork stays held there."""
+        self._lock = threading.RLock()
+
     # -- host <-> device ---------------------------------------------------------
     def _pack(self, arrays):
         flat = np.empty(self._total, self.dtype)
