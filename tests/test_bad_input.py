@@ -604,6 +604,7 @@ ROWS = [
     # forward refuses a layer whose arrays do not match its sizes, naming them)
     R("dense-weight-of-another-shape", lambda c: c.dense(c.X[:2]), ValueError,
       r"Dense\(4, 8\): weight must have shape \(4, 8\) and bias \(8,\), got \(32,\)",
+      kernels=True,  # (the kernel refuses it; the layer then names the arrays)
       setup=lambda c: setattr(c.dense, "weight", fp.Parameter(np.ones(32, np.float32)))),
     R("bn-running-mean-of-another-shape", lambda c: c.bn(np.ones((3, 8))), ValueError,
       r"BatchNorm1d\(8\): running_mean must have shape \(8,\), got \(3,\)",

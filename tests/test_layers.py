@@ -1647,3 +1647,15 @@ def test_deeply_nested_containers_check_their_chain_once():
     finally:
         nn.Dense._backward_shapes = real
     assert calls[0] <= 2, calls[0]
+
+
+def test_a_bias_of_one_element_is_refused_on_every_backend(backend):
+    """A (1,) bias broadcast silently over the outputs on the numpy backend (the native
+    kernel refused it): both refuse, and the layer names its arrays."""
+    d = nn.Dense(4, 3, rng=0)
+    d.bias = fp.Parameter(np.zeros(1, np.float32))
+    with pytest.raises(ValueError, match=r"Dense\(4, 3\): weight must have shape \(4, 3\) "
+                                         r"and bias \(3,\), got \(4, 3\) and \(1,\)"):
+        d(np.ones((2, 4), np.float32))
+    with pytest.raises(ValueError, match=r"b must have shape \(3,\), got \(1,\)"):
+        fp.ops.linear(np.ones((2, 4), np.float32), d.weight.value, d.bias.value)

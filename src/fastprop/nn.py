@@ -853,9 +853,13 @@ class Dense(Module):
             raise ValueError(
                 f"Dense({self.in_features}, {self.out_features}): expected input of shape "
                 f"(batch, {self.in_features}), got {arr.shape}")
-        # (parameters assigned since, e.g. pruned: checked here, where the shapes the
-        # layer says it has must hold, rather than on assignment, which comes first
-        # in a net surgery that sets out_features after the arrays)
+        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+    def _check_params(self):
+        """ValueError naming the arrays when the parameters (assigned since, e.g.
+        pruned) do not have the shapes the layer's sizes say; asked when a kernel
+        refused them, not on assignment, which in a net surgery comes before the
+        sizes are set."""
         shape = (self.in_features, self.out_features)
         if self.weight.value.shape != shape or (
                 self.bias is not None and self.bias.value.shape != shape[1:]):
@@ -863,7 +867,6 @@ class Dense(Module):
                 f"Dense({self.in_features}, {self.out_features}): weight must have shape "
                 f"{shape} and bias {shape[1:]}, got {self.weight.value.shape} and "
                 f"{None if self.bias is None else self.bias.value.shape}")
-        return np.ascontiguousarray(arr, dtype=self._dtype)
 
     def forward(self, x):
         x = self._check_input(x)
@@ -872,8 +875,14 @@ class Dense(Module):
         z = np.empty_like(y) if self.act in PREACT_ACTIVATIONS else None
         if n:
             b = self.bias.value if self.bias is not None else None
-            backends.current().linear_forward(x, self.weight.value, b, self.act, self.alpha,
-                                              y, z)
+            try:
+                backends.current().linear_forward(x, self.weight.value, b, self.act,
+                                                  self.alpha, y, z)
+            except ValueError:
+                self._check_params()  # (the parameters' shapes, named, where they are off)
+                raise
+        else:
+            self._check_params()  # (no kernel ran to refuse them)
         if _keeps():
             self._x, self._y, self._z = x, y, z
         return y
@@ -903,7 +912,10 @@ class Dense(Module):
         return grad_x
 
     def _backward_shapes(self):
-        return _need(self._x, "x", self).shape, self._y.shape
+        x = self._x
+        if x is None:
+            _need(x, "x", self)
+        return x.shape, self._y.shape
 
 
 class Activation(Module):
@@ -1583,10 +1595,18 @@ class Sequential(Module):
         """The backward shapes of layers[first:], checked to chain (see
         :meth:`Module._backward_shapes`)."""
         layers = self.layers
-        start, prev = _shapes_of(layers[first]) if first < len(layers) else (None, None)
-        for i in range(first + 1, len(layers)):
-            shape_in, shape_out = _shapes_of(layers[i])
-            if prev != shape_in and prev is not None and shape_in is not None:
+        start = prev = None
+        for i in range(first, len(layers)):
+            layer = layers[i]
+            # (fastprop's own classes only: a user's subclass may reshape, or keep
+            # other caches; _shapes_of, inlined: this runs on every backward)
+            if type(layer).__module__ == __name__:
+                shape_in, shape_out = layer._backward_shapes()
+            else:
+                shape_in = shape_out = None
+            if i == first:
+                start = shape_in
+            elif prev != shape_in and prev is not None and shape_in is not None:
                 raise ValueError(
                     f"Sequential.backward: layer {i - 1} ({type(layers[i - 1]).__name__})'s "
                     f"last forward gave shape {tuple(prev)}, but layer {i} "
@@ -1602,7 +1622,8 @@ class Sequential(Module):
         if not self.layers:  # (the identity: its gradient is grad_out, checked)
             return as_float(grad_out, "grad_out")
         g = grad_out
-        input_grad = flag(input_grad, "input_grad")
+        if input_grad is not True and input_grad is not False:
+            input_grad = flag(input_grad, "input_grad")
         first = 0 if input_grad else self._frozen_prefix()
         checked = _chain_checked.get()
         if not checked:

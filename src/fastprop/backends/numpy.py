@@ -55,6 +55,8 @@ def linear_forward(x, w, b, act, alpha, y, z):
     pre = z if z is not None else y
     np.matmul(x, w, out=pre)
     if b is not None:
+        if b.shape != (pre.shape[1],):  # (as the native kernel: a (1,) b would broadcast)
+            raise ValueError(f"b must have shape ({pre.shape[1]},), got shape {b.shape}")
         pre += b
     activation_forward(act, alpha, pre, y)
 
