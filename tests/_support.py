@@ -105,3 +105,20 @@ def run_module_on_isa(path, isa, child_flag, select="not subprocess", timeout=90
         cwd=os.path.dirname(os.path.abspath(path)))
     assert out.returncode == 0, f"{isa}\n" + out.stdout[-4000:] + out.stderr[-2000:]
     assert " passed" in out.stdout and " failed" not in out.stdout, isa
+
+
+def in_fork_child(target, *args, timeout=60):
+    """``target(*args, conn)`` run in a forked child; returns what it sent on ``conn``
+    (the fork warning about threads, which fastprop's OpenMP pool has, silenced)."""
+    import multiprocessing as mp
+    import warnings
+    ctx = mp.get_context("fork")
+    parent, child = ctx.Pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
+        proc = ctx.Process(target=target, args=args + (child,))
+        proc.start()
+    assert parent.poll(timeout), "the child sent nothing"
+    result = parent.recv()
+    proc.join(10)
+    return result

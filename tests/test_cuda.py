@@ -30,6 +30,7 @@ import pytest  # noqa: E402
 import fastprop as fp  # noqa: E402
 from fastprop import backends  # noqa: E402
 from fastprop.backends import ACTIVATIONS, cuda_support  # noqa: E402
+from _support import in_fork_child  # noqa: E402
 from fastprop.backends import numpy as ref  # noqa: E402
 
 if _numba_cuda is None:
@@ -895,23 +896,13 @@ def test_a_fork_child_goes_on_from_the_device_steps_values(rng):
     """A fork child keeps a device step's kernel (its values are newer than the host
     arrays'; dropping it lost the parent's updates and moments): the child's next
     loss is the parent's next one."""
-    import multiprocessing as mp
-    import warnings
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
     model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to("cuda")
     step = model.compile("mse", fp.optim.Adam(model.parameters(), lr=0.05))
     with fp.use_backend("numpy"):
         step(X, y)
         step(X, y)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
-        proc = ctx.Process(target=_device_step_in_child, args=(step, X, y, child))
-        proc.start()
-        assert parent.poll(120)
-        status, value = parent.recv()
-        proc.join(10)
+    status, value = in_fork_child(_device_step_in_child, step, X, y, timeout=120)
     with fp.use_backend("numpy"):
         expected = float(step(X, y))
     assert status == "ok" and value == expected, (status, value, expected)

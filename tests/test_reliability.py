@@ -26,7 +26,7 @@ import pytest
 import fastprop as fp
 from fastprop import nn, optim, train
 from conftest import NATIVE_BUILT
-from _support import snapshot
+from _support import in_fork_child, snapshot
 
 MODELS = ["dense", "mixed"]  # a dense chain (fused step where the backend has one), other layers
 
@@ -761,23 +761,13 @@ def test_step_guard_in_a_fork_child_and_from_inside_itself(backend):
     """A child forked while another thread ran a step (its lock held) can train: the
     thread does not exist there and the lock is free; a call from inside the step
     itself is refused with a message saying so (not "another thread")."""
-    import multiprocessing as mp
-    import warnings
     rng = np.random.default_rng(0)
     model = nn.Sequential(nn.Dense(4, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
     step = model.compile("cross_entropy", optim.SGD(model.parameters(), 0.1))
     x, y = rng.standard_normal((16, 4)), rng.integers(0, 3, 16)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe()
     step._busy.acquire()  # (as a thread inside the step at fork time)
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
-            proc = ctx.Process(target=_step_in_child, args=(step, x, y, child))
-            proc.start()
-        assert parent.poll(60)
-        status, value = parent.recv()
-        proc.join(10)
+        status, value = in_fork_child(_step_in_child, step, x, y)
     finally:
         step._busy.release()
     assert status == "ok" and np.isfinite(value), value
@@ -822,8 +812,6 @@ def test_a_fork_child_clears_the_kernels_busy_flag():
     with that step (nor fit with the compiled loss and optimizer).  The child clears
     it (keeping the kernel: a device kernel holds the newest values) and trains on
     from the parent's state: its loss is the parent's next one."""
-    import multiprocessing as mp
-    import warnings
     rng = np.random.default_rng(0)
     model = nn.Sequential(nn.Dense(4, 8, "relu", rng=0), nn.Dense(8, 3, rng=1))
     step = model.compile("cross_entropy", optim.SGD(model.parameters(), 0.1))
@@ -835,15 +823,8 @@ def test_a_fork_child_clears_the_kernels_busy_flag():
     assert callable(getattr(step._fast, "_after_fork", None))
     real = step._fast
     step._fast = _BusyKernel(real)
-    ctx = mp.get_context("fork")
-    parent, child = ctx.Pipe()
-    with fp.use_backend("native"), warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)  # fork() with threads
-        proc = ctx.Process(target=_step_in_child, args=(step, x, y, child))
-        proc.start()
-        assert parent.poll(60)
-        status, value = parent.recv()
-        proc.join(10)
+    with fp.use_backend("native"):
+        status, value = in_fork_child(_step_in_child, step, x, y)
         step._fast = real
         expected = step(x, y)
     assert status == "ok" and value == expected, (status, value, expected)
