@@ -154,9 +154,16 @@ def test_learning_rate_scheduler_keeps_the_groups_ratios(rng):
     model = mlp()
     opt = optim.SGD([{"params": model[0].parameters()},
                      {"params": model[1].parameters(), "lr": 0.01}], lr=0.1)
+    calls = []
+
+    def halve(epoch, lr):
+        calls.append((epoch, lr))
+        return lr * 0.5
+
     model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, verbose=0,
-              callbacks=[fp.LearningRateScheduler(lambda e, lr: lr * 0.5)])
-    assert [g["lr"] for g in opt.param_groups] == [0.025, 0.0025]
+              callbacks=[fp.LearningRateScheduler(halve)])
+    assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.025, 0.0025])
+    assert calls == [(0, 0.1), (1, 0.05)]  # (once per epoch, as Keras)
 
 
 def test_learning_rate_scheduler_refuses_a_bad_rate_and_use_outside_fit(rng):
@@ -280,6 +287,22 @@ def test_linear_activation_and_evaluate_return_dict(backend, rng):
         model.evaluate(X, y, return_dict="yes")
 
 
+def test_a_user_losss_own_errors_reach_the_user_unchanged(rng):
+    """fit prefixes its targets' errors with the argument's name; a user loss's own
+    exception type (here with a constructor of its own) is passed on as it is."""
+    class LabelError(ValueError):
+        def __init__(self, label, known):
+            super().__init__(f"unknown label {label}; known: {known}")
+
+    class Strict(fp.losses.SoftmaxCrossEntropy):
+        def prepare_target(self, target, pred_shape, dtype):
+            raise LabelError(7, [0, 1])
+
+    X, y = blobs(rng, n=20)
+    with pytest.raises(LabelError, match="unknown label 7"):
+        mlp().fit(X, y, loss=Strict(), optimizer="sgd", verbose=0)
+
+
 def test_keras_only_fit_arguments_say_what_does_their_job(rng):
     X, y = blobs(rng, n=20)
     model = mlp()
@@ -288,6 +311,7 @@ def test_keras_only_fit_arguments_say_what_does_their_job(rng):
                                          r"the loss instead: SoftmaxCrossEntropy\(weight="),
                         ("sample_weight", r"'sample_weight' \(Keras'\)"),
                         ("initial_epoch", r"resume=True"),
+                        ("workers", r"'workers' \(Keras'\): fit takes whole arrays"),
                         ("nonsense", r"unexpected keyword argument 'nonsense'")]:
         with pytest.raises(TypeError, match=match):
             model.fit(X, y, loss="cross_entropy", optimizer="sgd", verbose=0, **{name: 1})

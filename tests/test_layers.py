@@ -1659,3 +1659,56 @@ def test_a_bias_of_one_element_is_refused_on_every_backend(backend):
         d(np.ones((2, 4), np.float32))
     with pytest.raises(ValueError, match=r"b must have shape \(3,\), got \(1,\)"):
         fp.ops.linear(np.ones((2, 4), np.float32), d.weight.value, d.bias.value)
+
+
+class _Wrap(nn.Module):
+    """A user's module holding a Sequential."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Sequential(nn.Dense(3, 4, rng=0), nn.Dense(4, 2, rng=1))
+
+    def forward(self, x):
+        return self.inner(x)
+
+    def backward(self, g, input_grad=True):
+        return self.inner.backward(g, input_grad)
+
+
+def test_a_sequential_inside_a_users_module_checks_its_chain_inside_a_sequential():
+    """The outer check does not look inside a user's module; the Sequential there
+    checked nothing (the outer one had set "checked"), and its second layer added to
+    its gradient before the first refused."""
+    rng = np.random.default_rng(0)
+    wrap = _Wrap()
+    outer = nn.Sequential(nn.Identity(), wrap)
+    outer(rng.standard_normal((5, 3)).astype(np.float32))
+    wrap.inner[1](rng.standard_normal((7, 4)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"layer 0 \(Dense\)'s last forward gave shape \(5, 4\)"):
+        outer.backward(np.ones((7, 2), np.float32))
+    assert not any(p.has_grad for p in wrap.parameters())
+
+
+def test_per_feature_arrays_of_another_size_are_refused_on_every_backend(backend):
+    """A (1,) scale, shift or statistic broadcast silently on the numpy backend (the
+    native kernels refused it): every backend refuses, and the layer names it."""
+    x = np.random.default_rng(0).random((3, 4)).astype(np.float32)
+    for make, name in ((lambda: nn.BatchNorm1d(4), "weight"), (lambda: nn.LayerNorm(4), "bias"),
+                       (lambda: nn.BatchNorm1d(4).eval(), "running_var")):
+        layer = make()
+        one = np.ones(1, np.float32)
+        setattr(layer, name, fp.Parameter(one) if name in ("weight", "bias") else one)
+        with pytest.raises(ValueError, match=rf"\(4\): {name} must have shape \(4,\), "
+                                             rf"got \(1,\)"):
+            layer(x)
+
+
+def test_a_compiled_step_refuses_a_dense_whose_arrays_do_not_fit_it(backend):
+    """The whole-step kernel trained a Dense(3, 2) holding a (3, 5) weight, which the
+    layer's own forward refuses; it is refused when the kernel binds."""
+    model = nn.Sequential(nn.Dense(3, 2, rng=0))
+    model[0].weight = fp.Parameter(np.ones((3, 5), np.float32))
+    model[0].bias = fp.Parameter(np.ones(5, np.float32))
+    step = model.compile("mse", "sgd")
+    with pytest.raises(ValueError, match=r"Dense\(3, 2\): weight must have shape \(3, 2\)"):
+        step(np.ones((4, 3), np.float32), np.ones((4, 2), np.float32))

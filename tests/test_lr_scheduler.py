@@ -547,3 +547,12 @@ def test_load_state_dict_checks_the_values_before_anything_changes():
     for i in range(4):
         cawr.step(1 + i / 4)  # (PyTorch's per-batch fractional epochs: T_cur a float)
     sched.CosineAnnealingWarmRestarts(_two_groups(), T_0=3).load_state_dict(cawr.state_dict())
+
+
+def test_load_state_dict_refuses_what_a_schedule_divides_by():
+    for make, key in ((lambda o: sched.CosineAnnealingLR(o, T_max=5), "T_max"),
+                      (lambda o: sched.LinearLR(o), "start_factor")):
+        s = make(_two_groups())
+        sd = s.state_dict()
+        with pytest.raises(ValueError, match=rf"'{key}'\] must be > 0, got 0"):
+            s.load_state_dict({**sd, key: 0.0 if isinstance(sd[key], float) else 0})

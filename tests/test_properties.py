@@ -703,8 +703,10 @@ def test_fused_step_rejects_changed_parameter_lists(change):
             with pytest.raises(ValueError, match=r"shape \(5, 7\), got \(35,\)"):
                 model[0].weight.value = np.zeros(35, np.float32)  # (the setter refuses)
             model[0].weight._value = np.zeros(35, np.float32)  # (past the setter)
+            with pytest.raises(ValueError, match=r"Dense\(5, 7\): weight must have shape"):
+                step(x, y)  # (refused as the kernel binds)
             with pytest.raises(ValueError, match="must be 2-D"):
-                step(x, y)
+                fast(x, (np.asarray(y, np.int64), None), False)  # (the kernel's own check)
             return
         with pytest.raises(ValueError, match="changed length"):
             fast(x, (np.asarray(y, np.int64), None), False)

@@ -252,7 +252,7 @@ def test_fit_names_the_target_argument_and_values_beyond_float32():
     with pytest.raises(ValueError, match=r"^validation_data\[1\]: labels must lie in \[0, 3\)"):
         model.fit(X, y, validation_data=(X, y + 3), **fit)
     with pytest.raises(ValueError, match=r"^y: target has values beyond the range of float32 "
-                                         r"\(the model's dtype\): largest magnitude 1e\+39"):
+                                         r"\(the prediction's dtype\): largest magnitude 1e\+39"):
         model.fit(X, np.full((40, 3), 1e39), loss="mse", optimizer="sgd", verbose=0)
     step = model.compile("cross_entropy", "sgd")
     with pytest.raises(ValueError, match=r"x has values beyond the range of float32"):
@@ -271,3 +271,17 @@ def test_sklearn_regressor_targets_strings_and_beyond_float32():
     with pytest.raises(ValueError, match=r"Input y contains a value too large for "
                                          r"dtype\('float32'\), the network's dtype"):
         MLPRegressor(max_iter=2).fit(X, np.full(40, 1e39))
+
+
+def test_pandas_columns_that_are_not_numbers_are_refused():
+    """Only numeric and bool pandas columns train as numbers: a datetime column mixed
+    with floats trained on raw nanosecond counts, and numeric strings were parsed,
+    where the same data as a NumPy array is refused."""
+    pd = pytest.importorskip("pandas")
+    X, y = _clf_data(4)
+    for frame in (pd.DataFrame({"a": X[:, 0], "b": pd.date_range("2020", periods=4),
+                                "c": X[:, 2]}),
+                  pd.DataFrame({"a": X[:, 0], "b": ["1.5", "2", " 3 ", "4"], "c": X[:, 2]}),
+                  pd.Series(["1.5", "2", "3", "4"], dtype="string")):
+        with pytest.raises(TypeError, match="X must hold real numbers"):
+            _clf_model().predict(frame)

@@ -59,6 +59,15 @@ def _asarray(x) -> np.ndarray:
         return np.asarray(x)
 
 
+def _pandas_dtypes(x) -> list:
+    """The dtypes of a pandas DataFrame's columns, or a Series' dtype ([] otherwise)."""
+    dtypes = getattr(x, "dtypes", None)
+    if dtypes is not None and hasattr(dtypes, "tolist"):
+        return list(dtypes.tolist())
+    dt = getattr(x, "dtype", None)
+    return [dt] if dt is not None else []
+
+
 def as_array(x, name: str) -> np.ndarray:
     """np.asarray with a TypeError naming the argument for non-numeric input."""
     if isinstance(x, np.ndarray):
@@ -78,9 +87,11 @@ def as_array(x, name: str) -> np.ndarray:
                             f"take sparse input)")
         try:
             arr = _asarray(x)
-            if arr.dtype == object and callable(getattr(x, "to_numpy", None)):
+            if arr.dtype == object and callable(getattr(x, "to_numpy", None)) and all(
+                    getattr(dt, "kind", "O") in "biuf" for dt in _pandas_dtypes(x)):
                 # (pandas' nullable Int64/Float64/boolean columns, or bool mixed with
-                # float: object arrays; pd.NA becomes NaN, refused as NaN is)
+                # float: object arrays; pd.NA becomes NaN, refused as NaN is; a
+                # datetime or string column is not a number)
                 arr = x.to_numpy(dtype=np.float64, na_value=np.nan)
         except (TypeError, ValueError, RuntimeError) as exc:  # (torch: requires grad)
             raise TypeError(f"{name} must be array-like of numbers: {exc}") from exc
@@ -103,9 +114,9 @@ def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
         return np.asarray(arr, dtype=dt, order="C")
 
 
-def finite_float(x, name: str, dtype) -> np.ndarray:
+def finite_float(x, name: str, dtype, whose="the model's dtype") -> np.ndarray:
     """:func:`as_float` to ``dtype``, refusing NaN and infinities (ValueError), and
-    saying so when a value is finite but beyond ``dtype``'s range."""
+    saying so when a value is finite but beyond ``dtype``'s range (``whose``)."""
     arr = as_array(x, name)
     out = as_float(arr, name, dtype)
     try:
@@ -113,8 +124,8 @@ def finite_float(x, name: str, dtype) -> np.ndarray:
     except ValueError:
         if out is not arr and arr.dtype.kind == "f" and np.isfinite(arr).all():
             raise ValueError(
-                f"{name} has values beyond the range of {out.dtype} (the model's dtype): "
-                f"largest magnitude {float(np.abs(arr).max())!r}") from None
+                f"{name} has values beyond the range of {out.dtype} ({whose}): "
+                f"largest magnitude {np.abs(arr).max()}") from None
         raise
     return out
 

@@ -105,7 +105,14 @@ def _elementwise_target(target, pred_shape, dtype):
         else:
             raise ValueError(f"target must have the prediction's shape {tuple(pred_shape)}, "
                              f"got {t.shape}")
-    return finite_float(t, "target", dtype)  # (beyond float32's range: said so)
+    if t.dtype == dtype:
+        out = np.asarray(t, order="C")
+    else:
+        with np.errstate(over="ignore"):  # (beyond float32: inf, said so below)
+            out = np.asarray(t, dtype=dtype, order="C")
+    if out.size and not np.isfinite(out).all():
+        finite_float(t, "target", dtype, "the prediction's dtype")  # (the message)
+    return out
 
 
 class MSE(Loss):

@@ -51,6 +51,8 @@ def _optimizer(optimizer):
 _POSITIVE = frozenset(("step_size", "T_0", "T_mult", "T_i", "total_steps"))
 _COUNTS = _POSITIVE | {"last_epoch", "_step_count", "total_iters", "patience", "cooldown",
                        "num_bad_epochs", "cooldown_counter"}
+# (numbers a constructor requires > 0: a schedule divides by them)
+_POSITIVE_REAL = frozenset(("T_max", "start_factor"))
 _CHOICES = {"mode": ("min", "max"), "threshold_mode": ("rel", "abs"),
             "anneal_strategy": ("cos", "linear")}
 
@@ -77,6 +79,8 @@ def _check_entries(state_dict, current, who) -> None:
                 raise TypeError(f"{name} must be a real number, got {type(v).__name__}")
             if key != "best" and not (math.isfinite(v) and v >= (-1 if key == "T_cur" else 0)):
                 raise ValueError(f"{name} must be a finite number >= 0, got {v!r}")
+            if key in _POSITIVE_REAL and not v > 0:
+                raise ValueError(f"{name} must be > 0, got {v!r}")
         elif isinstance(ref, str):
             if not isinstance(v, str) or v not in _CHOICES.get(key, (v,)):
                 raise ValueError(f"{name} must be one of {list(_CHOICES.get(key, [ref]))}, "

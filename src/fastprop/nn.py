@@ -1173,14 +1173,25 @@ class _Norm(Module):
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}): expected input of shape "
                 f"(batch, {self.num_features}), got {arr.shape}")
-        shape = (self.num_features,)  # (parameters and statistics assigned since)
+        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+    def _check_arrays(self):
+        """ValueError naming the parameter or statistic whose shape (assigned since,
+        e.g. pruned) is not (num_features,); asked when a kernel refused them."""
+        shape = (self.num_features,)
         for name in self._params + tuple(self._buffers):
             a = getattr(self, name, None)
             a = a.value if isinstance(a, Parameter) else a
             if isinstance(a, np.ndarray) and a.ndim and a.shape != shape:
                 raise ValueError(f"{type(self).__name__}({self.num_features}): {name} must "
                                  f"have shape {shape}, got {a.shape}")
-        return np.ascontiguousarray(arr, dtype=self._dtype)
+
+    def forward(self, x):
+        try:
+            return self._forward(x)
+        except ValueError:
+            self._check_arrays()  # (arrays of other sizes assigned: named)
+            raise
 
 
 def _check_momentum(v):
@@ -1257,7 +1268,7 @@ class BatchNorm1d(_Norm):
             config["track_running_stats"] = False
         return config
 
-    def forward(self, x):
+    def _forward(self, x):
         x = self._check_input(x)
         n = x.shape[0]
         y = np.empty_like(x)
@@ -1301,6 +1312,8 @@ class BatchNorm1d(_Norm):
             var[small] = ((xs - xs.mean(axis=0)) ** 2).mean(axis=0)
         var_unbiased = var * (n / (n - 1))
         rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
+        if rm.shape != mean.shape or rv.shape != mean.shape:  # (before either changes)
+            raise ValueError("running statistics of another size")  # (named by forward)
         rm *= 1 - m
         rm += m * mean
         rv *= 1 - m
@@ -1359,7 +1372,7 @@ class LayerNorm(_Norm):
             config["bias"] = False
         return config
 
-    def forward(self, x):
+    def _forward(self, x):
         x = self._check_input(x)
         n = x.shape[0]
         y = np.empty_like(x)
@@ -1395,6 +1408,18 @@ def _shapes_of(module):
 # (set while a Sequential's backward runs: the containers inside it were checked with
 # it, and skip their own check, which would make deep nesting quadratic)
 _chain_checked = contextvars.ContextVar("fastprop_chain_checked", default=False)
+
+
+def _unchecked_backward(module, *args):
+    """``module.backward(*args)`` for a user's module inside a checked
+    Sequential: the containers inside it check their own chain (the outer check does
+    not look inside a user's class)."""
+    prev = _chain_checked.get()
+    try:
+        _chain_checked.set(False)
+        return module.backward(*args)
+    finally:
+        _chain_checked.set(prev)
 
 
 def _check_each_module_once(root, where):
@@ -1451,7 +1476,10 @@ class Residual(Module):
 
     def backward(self, grad_out, input_grad=True):
         g = _grad_like(grad_out, _need(self.__dict__.get("_out"), "_out", self), self)
-        return g + self.block.backward(g)
+        block = self.block
+        if type(block).__module__ == __name__:
+            return g + block.backward(g)
+        return g + _unchecked_backward(block, g)
 
     def _backward_shapes(self):
         shape = _need(self.__dict__.get("_out"), "_out", self).shape
@@ -1632,7 +1660,11 @@ class Sequential(Module):
             if not checked:
                 _chain_checked.set(True)
             for i in range(len(self.layers) - 1, first - 1, -1):
-                g = self.layers[i].backward(g, input_grad if i == first else True)
+                layer = self.layers[i]
+                if type(layer).__module__ == __name__:
+                    g = layer.backward(g, input_grad if i == first else True)
+                else:  # (a user's module: the containers inside it were not checked)
+                    g = _unchecked_backward(layer, g, input_grad if i == first else True)
         finally:
             if not checked:
                 _chain_checked.set(False)

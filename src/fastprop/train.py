@@ -305,6 +305,10 @@ class TrainStep:
             self._fast = None
             make = getattr(be, "make_train_step", None)
             stages = dense_stages(self.model) if make is not None else None
+            if stages is not None:  # (arrays of other sizes assigned: refused, named, as
+                for m in self.model.modules():  # the layer's own forward refuses them)
+                    if isinstance(m, Dense):
+                        m._check_params()
             if stages is not None and self.model.training:
                 owned = [p for st in stages for p in (st.weight, st.bias) if p is not None]
                 ids = {id(p) for p in owned}
@@ -387,10 +391,9 @@ class TrainStep:
             fast = self._layer_path(fast) if self.loss._layer_only() else self._group_gate(fast)
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
+            given = x
             if x.dtype == dtype:
                 x = np.ascontiguousarray(x)
-            elif not x_checked and x.dtype.kind == "f" and x.dtype.itemsize > dtype.itemsize:
-                x = finite_float(x, "x", dtype)  # (narrowed: beyond float32's range said so)
             else:
                 with np.errstate(over="ignore"):  # (beyond float32: inf, refused below)
                     x = np.ascontiguousarray(x, dtype=dtype)
@@ -408,6 +411,8 @@ class TrainStep:
                          else fast(x, y, self.check_finite))
             except ValueError:  # (refused before it ran: the optimizer's own message,
                 self.optimizer._precheck()  # naming the parameter, where it has one)
+                if given is not x:  # (finite values beyond float32's range: said so)
+                    finite_float(given, "x", dtype)
                 raise
             self.output = fast.output
             return value
@@ -1043,7 +1048,9 @@ def _prepare_named(loss, y, shape, dtype, name):
     try:
         loss.prepare_target(y, shape, dtype)
     except (TypeError, ValueError) as exc:
-        raise type(exc)(f"{name}: {exc}") from None
+        if type(exc) not in (TypeError, ValueError):  # (a user loss's own error: as is)
+            raise
+        raise type(exc)(f"{name}: {exc}") from exc
 
 
 _KERAS_ONLY = {
@@ -1058,6 +1065,15 @@ _KERAS_ONLY = {
                      "resume=True)",
     "steps_per_epoch": "each epoch goes once over X in batches of batch_size",
     "validation_freq": "validation runs after every epoch",
+    "validation_steps": "validation goes over all of validation_data, in batches of "
+                        "max(batch_size, 256)",
+    "validation_batch_size": "validation goes over validation_data in batches of "
+                             "max(batch_size, 256)",
+    "workers": "fit takes whole arrays in this process; the kernels use "
+               "fp.set_num_threads(n) threads",
+    "use_multiprocessing": "fit takes whole arrays in this process; the kernels use "
+                           "fp.set_num_threads(n) threads",
+    "max_queue_size": "fit takes whole arrays in this process, no queue",
 }
 
 
@@ -1090,9 +1106,9 @@ def _check_callbacks(callbacks) -> list:
 class LearningRateScheduler:
     """A ``fit`` callback setting the learning rate at the start of each epoch to
     ``schedule(epoch, lr)`` (epoch from 0, lr the current rate; or ``schedule(epoch)``
-    for a function of one argument), as Keras' LearningRateScheduler.  Each parameter
-    group of the fit's optimizer gets ``schedule(epoch, its rate)`` (so a decay keeps
-    the groups' ratios; ``schedule(epoch)`` gives them all its rate); a rate that is
+    for a function of one argument), as Keras' LearningRateScheduler, called once per
+    epoch with the first parameter group's rate; the fit's optimizer's first group gets
+    the rate it returns and the other groups keep their ratio to it.  A rate that is
     not a finite number >= 0 is refused (ValueError) before any is set.  ``verbose``:
     print the rates set.
     (PyTorch's schedulers are in :mod:`fastprop.optim.lr_scheduler`, and work as
@@ -1120,11 +1136,13 @@ class LearningRateScheduler:
         if opt is None:
             raise RuntimeError("LearningRateScheduler runs as a fit callback "
                                "(fit(..., callbacks=[LearningRateScheduler(schedule)]))")
-        if self._takes_lr:
-            rates = [self.schedule(epoch, float(g["lr"])) for g in opt.param_groups]
-        else:
-            rates = [self.schedule(epoch)] * len(opt.param_groups)
-        rates = [real(r, f"the rate schedule({epoch}, ...) returned", low=0) for r in rates]
+        groups = opt.param_groups
+        lr = float(groups[0]["lr"])
+        new = self.schedule(epoch, lr) if self._takes_lr else self.schedule(epoch)
+        new = real(new, f"the rate schedule({epoch}, ...) returned", low=0)
+        # (once per epoch, as Keras; the other groups keep their ratio to the first)
+        rates = [new * float(g["lr"]) / lr if lr > 0 else new for g in groups]
+        rates[0] = new
         _set_rates(opt, rates, "LearningRateScheduler")
         if self.verbose:
             shown = rates[0] if len(set(rates)) == 1 else rates

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError
 from . import cuda_support
+from .numpy import _check_features  # (the same refusals as the host kernels)
 
 name = "cuda"
 
@@ -116,6 +117,11 @@ def gemm(a, b, c, trans_a, trans_b, accumulate):
 
 
 def linear_forward(x, w, b, act, alpha, y, z):
+    # (the device kernels read out of bounds where the numpy and native ones refuse)
+    if w.shape != (x.shape[1], y.shape[1]):
+        raise ValueError(f"w must have shape {(x.shape[1], y.shape[1])}, got shape {w.shape}")
+    if b is not None and b.shape != (y.shape[1],):
+        raise ValueError(f"b must have shape ({y.shape[1]},), got shape {b.shape}")
     K = ensure_available()
     dy = _empty(y)
     dz = None if z is None else _empty(z)
@@ -266,6 +272,7 @@ def clip_(arrays, lo, hi):
 
 # --------------------------------------------------------------------- normalization
 def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    _check_features(x, gamma=gamma, beta=beta)
     K = ensure_available()
     dy, dmean, dinv = _empty(y), _empty(mean), _empty(invstd)
     K.batchnorm_forward(_dev(x), _dev(gamma), _dev(beta), eps, dy, dmean, dinv)
@@ -275,6 +282,8 @@ def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
 
 
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
+    _check_features(x, gamma=gamma, beta=beta, running_mean=running_mean,
+                    running_var=running_var)
     K = ensure_available()
     dy = _empty(y)
     K.batchnorm_forward_eval(_dev(x), _dev(gamma), _dev(beta), _dev(running_mean),
@@ -293,6 +302,7 @@ def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_
 
 
 def layernorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    _check_features(x, gamma=gamma, beta=beta)
     K = ensure_available()
     dy, dmean, dinv = _empty(y), _empty(mean), _empty(invstd)
     K.layernorm_forward(_dev(x), _dev(gamma), _dev(beta), eps, dy, dmean, dinv)

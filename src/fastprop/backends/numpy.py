@@ -351,7 +351,16 @@ def clip_(arrays, lo, hi):
 
 
 # --------------------------------------------------------------------- normalization
+def _check_features(x, **arrays):
+    """ValueError for a per-feature array not of shape (features,), as the native
+    kernels refuse it (a (1,) array would broadcast)."""
+    for name, a in arrays.items():
+        if a.shape != (x.shape[-1],):
+            raise ValueError(f"{name} must have shape ({x.shape[-1]},), got shape {a.shape}")
+
+
 def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    _check_features(x, gamma=gamma, beta=beta)
     x64 = x.astype(np.float64)
     mu = x64.mean(axis=0)
     var = ((x64 - mu) ** 2).mean(axis=0)
@@ -361,6 +370,8 @@ def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
 
 
 def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
+    _check_features(x, gamma=gamma, beta=beta, running_mean=running_mean,
+                    running_var=running_var)
     scale = gamma / np.sqrt(running_var.astype(np.float64) + eps)
     np.copyto(y, (x - running_mean) * scale + beta, casting="unsafe")
 
@@ -378,6 +389,7 @@ def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_
 
 
 def layernorm_forward(x, gamma, beta, eps, y, mean, invstd):
+    _check_features(x, gamma=gamma, beta=beta)
     x64 = x.astype(np.float64)
     mu = x64.mean(axis=-1, keepdims=True)
     var = ((x64 - mu) ** 2).mean(axis=-1, keepdims=True)
