@@ -280,18 +280,24 @@ class Optimizer:
         holds the parameters the optimizer was made with (PyTorch code removes or adds
         parameters there; here state and step counts are kept by position, so an edit
         would be ignored, or worse)."""
-        ids = self.__dict__.get("_member_ids")
-        if ids is None:
-            ids = self._member_ids = [tuple(id(self.params[j]) for j in members)
-                                      for members in self._members]
+        held = self.__dict__.get("_member_ids")
+        if held is None:
+            held = self._member_ids = [[self.params[j] for j in members]
+                                       for members in self._members]
         groups = self.param_groups
-        if len(groups) != len(ids):
+        if len(groups) != len(held):
             raise ValueError(f"param_groups holds {len(groups)} groups, the optimizer was "
-                             f"given {len(ids)}: add a group with opt.add_param_group(...)")
+                             f"given {len(held)}: add a group with opt.add_param_group(...)")
         for i, g in enumerate(groups):
+            plist = g.get("params")
+            # (list == list compares element by element, by identity first, in C; a
+            # Parameter equals only itself)
+            if type(plist) is list and plist == held[i]:
+                continue
             try:
-                same = tuple(map(id, g["params"])) == ids[i]
-            except (TypeError, KeyError):
+                same = len(plist) == len(held[i]) and all(
+                    a is b for a, b in zip(plist, held[i]))
+            except TypeError:
                 same = False
             if not same:
                 raise ValueError(

@@ -431,11 +431,11 @@ class TrainStep:
         # update below runs on it)
         opt = self.optimizer
         checked = opt._precheck()
-        saved = [(b, b.copy()) for m in model.modules() for b in
-                 (getattr(m, a) for a in m._buffers)]
+        mods = list(model.modules())
+        saved = [(b, b.copy()) for m in mods for b in (getattr(m, a) for a in m._buffers)]
         # (and the Dropout generators: a refused step draws no masks, so that the
         # next step, and a seeded run, is as if it had not been called)
-        draws = [(m.rng, m.rng.bit_generator.state) for m in model.modules()
+        draws = [(m.rng, m.rng.bit_generator.state) for m in mods
                  if isinstance(m, Dropout) and isinstance(m.rng, np.random.Generator)]
         try:
             out = model.forward(x)
