@@ -1542,8 +1542,8 @@ def test_a_subclass_of_sequential_registers_its_own_attributes(backend, rng):
 
 
 # ---- user subclasses and net surgery (the backward chain check leaves them alone)
-class _FlatDense(nn.Dense):
-    """A Dense that flattens its input first."""
+class _Flattening:
+    """A user's subclass that flattens its input first (and reshapes its gradient)."""
 
     def forward(self, x):
         self._in = np.shape(x)
@@ -1551,6 +1551,10 @@ class _FlatDense(nn.Dense):
 
     def backward(self, g, input_grad=True):
         return super().backward(g, input_grad).reshape(self._in)
+
+
+class _FlatDense(_Flattening, nn.Dense):
+    pass
 
 
 class _Swish(nn.Activation):
@@ -1566,13 +1570,8 @@ class _Swish(nn.Activation):
         return g * (s + self._x * s * (1 - s))
 
 
-class _FlatSeq(nn.Sequential):
-    def forward(self, x):
-        self._in = np.shape(x)
-        return super().forward(np.reshape(x, (len(x), -1)))
-
-    def backward(self, g, input_grad=True):
-        return super().backward(g, input_grad).reshape(self._in)
+class _FlatSeq(_Flattening, nn.Sequential):
+    pass
 
 
 @pytest.mark.parametrize("case", ["flat-dense", "swish", "flat-sequential"])

@@ -1127,14 +1127,14 @@ def _check_eps(v):
 
 
 class _Norm(Module):
+    _params = ("weight", "bias")
+    _caches = ("_cache",)
+    _attr_checks = {"eps": _check_eps}
+
     def _backward_shapes(self):
         cache = _need(self._cache, "cache", self)
         shape = (cache[1] if len(cache) == 2 else cache[0]).shape  # (BN eval: ("eval", x))
         return shape, shape
-
-    _params = ("weight", "bias")
-    _caches = ("_cache",)
-    _attr_checks = {"eps": _check_eps}
 
     def __init__(self, num_features, eps, dtype, weight=True, bias=True):
         super().__init__()
@@ -1198,8 +1198,9 @@ def _check_momentum(v):
     if v is None:
         return None
     v = real(v, "momentum", low=0, high=1)
-    if 0.5 < v < 1 and not _loading.get():  # (Keras' 0.99 or 0.9 ported as is: inference on the last few
-        # batches; 1, the last batch alone, is a PyTorch idiom)
+    # (Keras' 0.99 or 0.9 ported as is: inference on the last few batches; 1, the
+    # last batch alone, is a PyTorch idiom; a saved model was warned about when made)
+    if 0.5 < v < 1 and not _loading.get():
         warn_user(
             f"BatchNorm1d momentum={v} weighs each new batch by {v} in the running "
             f"statistics (PyTorch's meaning); Keras' momentum is the weight of the old "

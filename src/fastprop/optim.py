@@ -204,7 +204,7 @@ class Optimizer:
         self._sync_device()  # (a pickle or a copy holds the moments, as state_dict)
         state = self.__dict__.copy()
         state.pop("_device_step", None)  # (a weak reference: not picklable, nor wanted)
-        state.pop("_member_ids", None)  # (ids of this process's objects: made again)
+        state.pop("_member_params", None)  # (derived from params: made again)
         return state
 
     def _sync_device(self) -> None:
@@ -280,10 +280,10 @@ class Optimizer:
         holds the parameters the optimizer was made with (PyTorch code removes or adds
         parameters there; here state and step counts are kept by position, so an edit
         would be ignored, or worse)."""
-        held = self.__dict__.get("_member_ids")
+        held = self.__dict__.get("_member_params")
         if held is None:
-            held = self._member_ids = [[self.params[j] for j in members]
-                                       for members in self._members]
+            held = self._member_params = [[self.params[j] for j in members]
+                                         for members in self._members]
         groups = self.param_groups
         if len(groups) != len(held):
             raise ValueError(f"param_groups holds {len(groups)} groups, the optimizer was "
@@ -583,7 +583,7 @@ class Optimizer:
         self._lag = lag
         self.param_groups.append({"params": plist, **values, **extras})
         self._members.append(list(range(start, start + len(plist))))
-        self.__dict__.pop("_member_ids", None)
+        self.__dict__.pop("_member_params", None)
         self._checked.append(None)
 
     # -- checkpointing ----------------------------------------------------------

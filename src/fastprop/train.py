@@ -29,12 +29,12 @@ from . import optim as _optim
 from ._checks import (as_array, as_float, check_finite, finite_float, flag, integer, real,
                       warn_user as _warn_user)
 from .backends import ACTIVATIONS, NonFiniteError
-from .ops import softmax_targets
 from .lr_scheduler import _set_rates
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
                  Sequential,
                  _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
+from .ops import softmax_targets
 
 __all__ = ["History", "EarlyStopping", "LearningRateScheduler", "TrainStep", "DenseStage", "dense_stages", "NonFiniteError", "fit", "predict", "evaluate",
            "compile_step"]
@@ -143,7 +143,6 @@ def _warn_double_activation(model, loss):
         _warn_user(
             "the model ends in a sigmoid, and BinaryCrossEntropy(from_logits=True) applies "
             "sigmoid itself: remove the final sigmoid or use from_logits=False.")
-
 
 
 def _warn_mixed_dtypes(model):

@@ -28,7 +28,7 @@ import numpy as np
 
 from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError
 from . import cuda_support
-from .numpy import _check_features  # (the same refusals as the host kernels)
+from .numpy import _check_features, _check_linear  # (the host kernels' refusals)
 
 name = "cuda"
 
@@ -117,11 +117,7 @@ def gemm(a, b, c, trans_a, trans_b, accumulate):
 
 
 def linear_forward(x, w, b, act, alpha, y, z):
-    # (the device kernels read out of bounds where the numpy and native ones refuse)
-    if w.shape != (x.shape[1], y.shape[1]):
-        raise ValueError(f"w must have shape {(x.shape[1], y.shape[1])}, got shape {w.shape}")
-    if b is not None and b.shape != (y.shape[1],):
-        raise ValueError(f"b must have shape ({y.shape[1]},), got shape {b.shape}")
+    _check_linear(x, w, b, y)
     K = ensure_available()
     dy = _empty(y)
     dz = None if z is None else _empty(z)

@@ -51,12 +51,21 @@ def gemm(a, b, c, trans_a, trans_b, accumulate):
         np.matmul(opa, opb, out=c)
 
 
+def _check_linear(x, w, b, y):
+    """ValueError for w or b not of the shapes x and y imply, as the native kernel
+    refuses them (a (1,) b would broadcast here; the device kernels read out of
+    bounds)."""
+    if w.shape != (x.shape[1], y.shape[1]):
+        raise ValueError(f"w must have shape {(x.shape[1], y.shape[1])}, got shape {w.shape}")
+    if b is not None and b.shape != (y.shape[1],):
+        raise ValueError(f"b must have shape ({y.shape[1]},), got shape {b.shape}")
+
+
 def linear_forward(x, w, b, act, alpha, y, z):
+    _check_linear(x, w, b, y)
     pre = z if z is not None else y
     np.matmul(x, w, out=pre)
     if b is not None:
-        if b.shape != (pre.shape[1],):  # (as the native kernel: a (1,) b would broadcast)
-            raise ValueError(f"b must have shape ({pre.shape[1]},), got shape {b.shape}")
         pre += b
     activation_forward(act, alpha, pre, y)
 
