@@ -125,3 +125,20 @@ def test_every_public_class_function_method_and_property_has_a_docstring():
                     if not doc:
                         missing.add(f"{obj.__module__}.{obj.__qualname__}.{k}")
     assert not missing, sorted(missing)
+
+
+def test_cli_version(capsys):
+    from fastprop.cli import main
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"fastprop {fp.__version__}"
+
+
+def test_python_dash_m_runs_the_command_line():
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-m", "fastprop", "--version"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().endswith(f"fastprop {fp.__version__}")

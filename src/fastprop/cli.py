@@ -109,10 +109,16 @@ def _png_path(text):
     return text
 
 
+def _version():
+    from . import __version__
+    return __version__
+
+
 def main(argv=None) -> int:
     fmt = argparse.ArgumentDefaultsHelpFormatter
     parser = argparse.ArgumentParser(
         prog="fastprop", description="fastprop's command line: demo, info and bench.")
+    parser.add_argument("--version", action="version", version=f"fastprop {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("demo", help="train an MLP on digits with the native and numpy backends",
                        formatter_class=fmt)
