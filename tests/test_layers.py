@@ -631,6 +631,7 @@ def test_sequential_backward_skips_first_input_grad(backend, rng):
 def test_parameter_basics():
     p = fp.Parameter(np.arange(6).reshape(2, 3))
     assert p.dtype == np.float64 and p.shape == (2, 3) and p.size == 6
+    assert p.ndim == p.dim() == 2 and p.numel() == 6  # (PyTorch's spellings)
     assert np.array_equal(p.grad, np.zeros((2, 3)))
     src = np.ones(3, np.float32)
     q = fp.Parameter(src)
@@ -1218,7 +1219,8 @@ def test_container_and_module_api_as_pytorch(backend, rng):
     model.append(norm)
     assert [n for n, _ in model.named_children()] == ["0", "1", "2"]
     assert [n for n, _ in _UserBlock().named_children()] == ["fc1", "drop", "fc2"]
-    assert [n for n, _ in model.named_buffers()] == ["3.running_mean", "3.running_var"]
+    assert [n for n, _ in model.named_buffers()] == ["3.running_mean", "3.running_var",
+                                                     "3.num_batches_tracked"]
     assert model.buffers()[1] is norm.running_var
     state = model.state_dict()
     del state["1.weight"]
@@ -1352,8 +1354,7 @@ def test_norm_options_as_pytorch(backend, rng, kind, options, peer, tmp_path):
     want = (["0.weight"] if affine else []) + (
         ["0.bias"] if affine and options.get("bias", True) else [])
     if kind == "bn" and options.get("track_running_stats", True):
-        want += ["0.running_mean", "0.running_var"] + (
-            ["0.num_batches_tracked"] if "momentum" in options else [])
+        want += ["0.running_mean", "0.running_var", "0.num_batches_tracked"]
     assert names == want
     if layer.weight is not None:
         layer.weight.value = rng.uniform(0.5, 2, 5)
@@ -1407,6 +1408,54 @@ def test_norm_options_as_pytorch(backend, rng, kind, options, peer, tmp_path):
                                rtol=1e-10, atol=1e-12)
 
 
+def test_batchnorm_counts_every_batch_as_pytorch(rng, peer, tmp_path):
+    """num_batches_tracked counts every training batch whatever the momentum (as
+    PyTorch's), so a momentum set to None after some batches weighs the next one
+    1/(k+1), not 1 (it replaced the statistics); the count is a checked buffer; state
+    dicts and files without it (saved before) load, keeping it."""
+    xs = [rng.standard_normal((8, 3)) * 2 + 1 for _ in range(6)]
+    bn = fp.nn.BatchNorm1d(3, dtype=np.float64)
+    assert "0.num_batches_tracked" in bn.state_dict()
+    for i, x in enumerate(xs):
+        if i == 4:
+            bn.momentum = None
+        bn(x)
+    assert int(bn.num_batches_tracked) == 6
+    mean = np.zeros(3)
+    for i, x in enumerate(xs):  # (0.1 for four batches, then 1/5 and 1/6)
+        m = 0.1 if i < 4 else 1 / (i + 1)
+        mean = (1 - m) * mean + m * x.mean(axis=0)
+    np.testing.assert_allclose(bn.running_mean, mean, rtol=1e-12)
+    if peer is not None:
+        ref = peer.nn.BatchNorm1d(3, dtype=peer.float64)
+        for i, x in enumerate(xs):
+            if i == 4:
+                ref.momentum = None
+            ref(peer.from_numpy(x))
+        np.testing.assert_allclose(bn.running_mean, ref.running_mean.numpy(), rtol=1e-12)
+        np.testing.assert_allclose(bn.running_var, ref.running_var.numpy(), rtol=1e-12)
+        assert int(ref.num_batches_tracked) == int(bn.num_batches_tracked)
+    bn.num_batches_tracked = 2  # (an int is taken, as a 0-d int64 array)
+    assert bn.num_batches_tracked.dtype == np.int64 and int(bn.num_batches_tracked) == 2
+    for bad, exc in [(-1, ValueError), (1.5, TypeError), ("2", TypeError)]:
+        with pytest.raises(exc, match="num_batches_tracked"):
+            bn.num_batches_tracked = bad
+    assert int(bn.num_batches_tracked) == 2
+    state = bn.state_dict()
+    del state["0.num_batches_tracked"]
+    fresh = fp.nn.BatchNorm1d(3, dtype=np.float64)
+    assert fresh.load_state_dict(state) == ([], [])
+    np.testing.assert_array_equal(fresh.running_mean, bn.running_mean)
+    assert int(fresh.num_batches_tracked) == 0
+    old = fp.nn.Sequential(fp.nn.Dense(3, 3, rng=0), fp.nn.BatchNorm1d(3))
+    old[1](xs[0].astype(np.float32))
+    old[1]._buffers = ("running_mean", "running_var")  # (as files were written before)
+    fp.save(old, tmp_path / "old.fp")
+    loaded = fp.load(tmp_path / "old.fp")
+    np.testing.assert_array_equal(loaded[1].running_mean, old[1].running_mean)
+    assert int(loaded[1].num_batches_tracked) == 0
+
+
 class _MaskedDense(fp.nn.Dense):
     """A user's layer with a buffer holding -inf (an additive mask)."""
 
@@ -1446,8 +1495,8 @@ def test_buffers_and_registration_edge_cases(backend, rng):
     model = fp.nn.Sequential(_MaskedDense(3, 3, rng=0, dtype=np.float64))
     hist = model.fit(X, y, loss="cross_entropy", optimizer="adam", epochs=2, verbose=0)
     assert hist.skipped_steps == 0 and np.isfinite(hist["loss"]).all()
-    for kw, want in [({"momentum": None}, ["running_mean", "running_var", "seen",
-                                           "num_batches_tracked"]),
+    for kw, want in [({"momentum": None}, ["running_mean", "running_var",
+                                           "num_batches_tracked", "seen"]),
                      ({"track_running_stats": False}, ["seen"])]:
         assert [n.split(".")[1] for n, _ in _BNWithCount(3, **kw).named_buffers()] == want
     bn = fp.nn.BatchNorm1d(3)
@@ -1711,3 +1760,49 @@ def test_a_compiled_step_refuses_a_dense_whose_arrays_do_not_fit_it(backend):
     step = model.compile("mse", "sgd")
     with pytest.raises(ValueError, match=r"Dense\(3, 2\): weight must have shape \(3, 2\)"):
         step(np.ones((4, 3), np.float32), np.ones((4, 2), np.float32))
+
+
+def test_dense_init_takes_in_place_initializers_and_names_a_bad_callable():
+    """init=fp.init.kaiming_normal_ (PyTorch's in-place form) draws a fresh weight with
+    the layer's rng; a callable without the (shape, rng=, dtype=) form is a TypeError
+    that says what init= takes."""
+    a = fp.nn.Dense(400, 300, init=fp.init.kaiming_normal_, rng=0)
+    b = fp.nn.Dense(400, 300, init=fp.init.kaiming_normal_, rng=0)
+    np.testing.assert_array_equal(a.weight.value, b.weight.value)
+    assert a.weight.value.dtype == np.float32
+    assert a.weight.value.std() == pytest.approx(np.sqrt(2 / 400), rel=0.02)
+    w = fp.nn.Dense(400, 300, init=fp.init.xavier_uniform_, rng=1,
+                    dtype=np.float64).weight.value
+    assert w.dtype == np.float64 and np.abs(w).max() <= np.sqrt(6 / 700)
+    assert np.abs(w).max() > 0.99 * np.sqrt(6 / 700)
+    assert (fp.nn.Dense(3, 2, init=fp.init.ones_).weight.value == 1).all()
+    with pytest.raises(TypeError, match=r"f\(shape, rng=, dtype=\)"):
+        fp.nn.Dense(3, 2, init=lambda shape: np.ones(shape))
+
+
+def test_residual_refuses_a_width_changing_block_before_it_runs(rng):
+    """A Residual whose block (of fastprop's layers) changes the width is refused when
+    made, and, if the block was changed since, at forward before the block runs: a
+    BatchNorm inside keeps its statistics.  A user's block is checked on its output."""
+    with pytest.raises(ValueError, match="maps 4 features to 5"):
+        nn.Residual(nn.Sequential(nn.BatchNorm1d(4), nn.Dense(4, 5)))
+    nn.Residual(nn.Sequential(nn.Dense(4, 8), nn.ReLU(), nn.Dropout(0.1), nn.Dense(8, 4)))
+    res = nn.Residual(nn.Sequential(nn.BatchNorm1d(4), nn.Dense(4, 4, rng=0)))
+    res.block.append(nn.Dense(4, 5, rng=1))
+    before = copy.deepcopy(res.state_dict())
+    with pytest.raises(ValueError, match="maps 4 features to 5"):
+        res(rng.standard_normal((8, 4)).astype(np.float32))
+    for name, arr in res.state_dict().items():
+        np.testing.assert_array_equal(arr, before[name])
+    res.block.pop()
+    res(rng.standard_normal((8, 4)).astype(np.float32))
+    assert int(res.block[0].num_batches_tracked) == 1
+
+    class Halve(nn.Module):
+        def forward(self, x):
+            return x[:, ::2]
+
+        def backward(self, grad_out, input_grad=True):
+            raise AssertionError("not reached")
+    with pytest.raises(ValueError, match=r"maps shape \(2, 4\) to \(2, 2\)"):
+        nn.Residual(Halve())(np.ones((2, 4)))

@@ -1518,3 +1518,47 @@ def test_an_empty_batch_gives_zero_gradients_not_none():
     dense.zero_grad()
     dense.backward(np.ones_like(dense(np.ones((4, 3), np.float32))))
     assert not dense.weight.has_grad and dense.bias.has_grad
+
+
+def test_pytorch_arguments_at_their_defaults_are_taken(rng):
+    """Ported PyTorch code spells out defaults (SGD(dampening=0), Adam(foreach=None,
+    fused=True), RMSprop(centered=False), Adagrad(lr_decay=0)): taken, and the update
+    is the same; a value fastprop does not implement is a ValueError naming it, and a
+    wrong type a TypeError."""
+    def trained(make):
+        p = fp.Parameter(np.linspace(-1, 1, 6))
+        opt = make([p])
+        for i in range(3):
+            p.grad = np.cos(p.value + i)
+            opt.step()
+        return p.value
+
+    same = [
+        (lambda ps: optim.SGD(ps, 0.1, momentum=0.9),
+         lambda ps: optim.SGD(ps, 0.1, momentum=0.9, dampening=0, maximize=False,
+                              foreach=None, differentiable=False, fused=False)),
+        (lambda ps: optim.Adam(ps, 0.1),
+         lambda ps: optim.Adam(ps, 0.1, foreach=True, maximize=False, capturable=False,
+                               differentiable=False, fused=True,
+                               decoupled_weight_decay=False)),
+        (lambda ps: optim.AdamW(ps, 0.1), lambda ps: optim.AdamW(ps, 0.1, foreach=False)),
+        (lambda ps: optim.RMSprop(ps, 0.1), lambda ps: optim.RMSprop(ps, 0.1, centered=False,
+                                                                   capturable=False)),
+        (lambda ps: optim.Adagrad(ps, 0.1),
+         lambda ps: optim.Adagrad(ps, 0.1, lr_decay=0, initial_accumulator_value=0.0))]
+    for plain, spelled in same:
+        np.testing.assert_array_equal(trained(plain), trained(spelled))
+    p = [fp.Parameter(np.ones(2))]
+    for call, exc, match in [
+            (lambda: optim.SGD(p, 0.1, dampening=0.5), ValueError, "dampening=0.5"),
+            (lambda: optim.Adam(p, maximize=True), ValueError, "maximize"),
+            (lambda: optim.AdamW(p, differentiable=True), ValueError, "differentiable"),
+            (lambda: optim.RMSprop(p, centered=True), ValueError, "centered"),
+            (lambda: optim.Adagrad(p, lr_decay=0.1), ValueError, "scheduler"),
+            (lambda: optim.Adagrad(p, initial_accumulator_value=0.1), ValueError,
+             "initial_accumulator_value"),
+            (lambda: optim.Adam(p, decoupled_weight_decay=True), ValueError, "AdamW"),
+            (lambda: optim.Adam(p, foreach="yes"), TypeError, "foreach"),
+            (lambda: optim.SGD(p, 0.1, dampening="0"), TypeError, "dampening")]:
+        with pytest.raises(exc, match=match):
+            call()

@@ -311,13 +311,34 @@ _BY_NAME = {
 }
 
 
+def _filling(fill):
+    """An initializer ``f(shape, rng=, dtype=)`` from an in-place one (``init=
+    fp.init.kaiming_normal_`` as PyTorch code applies it to a fresh weight)."""
+    takes_rng = fill not in (zeros_, ones_)
+
+    def make(shape, rng=None, dtype=np.float32):
+        arr = np.zeros(shape, float_dtype(dtype))
+        fill(arr, rng=rng) if takes_rng else fill(arr)
+        return arr
+    make.__name__ = make.__qualname__ = fill.__name__
+    return make
+
+
 def get(init):
-    """An initializer from a name or a callable ``f(shape, rng=..., dtype=...)``."""
+    """An initializer from a name or a callable ``f(shape, rng=..., dtype=...)`` (or one
+    of the in-place ``xavier_*_``/``kaiming_*_``/``zeros_``/``ones_``, applied to a new
+    array)."""
+    if init in _IN_PLACE:
+        return _filling(init)
     if callable(init):
         return init
     if isinstance(init, str) and init in _BY_NAME:
         return _BY_NAME[init]
     raise ValueError(f"unknown init {init!r}; expected a callable or one of {sorted(_BY_NAME)}")
+
+
+_IN_PLACE = (xavier_uniform_, xavier_normal_, kaiming_uniform_, kaiming_normal_, zeros_,
+             ones_)
 
 
 def default_for(activation, alpha=0.01):

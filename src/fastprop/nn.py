@@ -195,6 +195,20 @@ class Parameter:
         """The value's number of elements."""
         return self.value.size
 
+    @property
+    def ndim(self):
+        """The value's number of dimensions (PyTorch's ``p.ndim``, ``p.dim()``)."""
+        return self.value.ndim
+
+    def dim(self):
+        """The value's number of dimensions, as PyTorch's ``p.dim()``."""
+        return self.value.ndim
+
+    def numel(self):
+        """The value's number of elements, as PyTorch's ``p.numel()`` (counting
+        parameters: ``sum(p.numel() for p in model.parameters())``)."""
+        return self.value.size
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Zero ``grad``; with ``set_to_none`` (as PyTorch) the parameter also has no
         gradient until something uses ``grad`` again (an optimizer step skips it).
@@ -538,7 +552,9 @@ class Module:
         """Copy the arrays of ``state_dict`` into the parameters and buffers, in place
         (converted to their dtypes).  Everything is checked before anything changes:
         a name missing or unknown (with ``strict``; else skipped) or a shape that
-        differs is a ValueError, a non-numeric array a TypeError.  Returns
+        differs is a ValueError, a non-numeric array a TypeError.  A BatchNorm's
+        ``num_batches_tracked`` may be missing (dicts saved by older versions): it
+        keeps its value.  Returns
         ``(missing, unexpected)``, the names skipped on either side."""
         strict = flag(strict, "strict")
         if not isinstance(state_dict, Mapping):
@@ -546,7 +562,10 @@ class Module:
                             f"{type(state_dict).__name__}")
         targets = self.state_arrays()
         names = {name for name, _ in targets}
-        missing = [name for name, _ in targets if name not in state_dict]
+        # (a BatchNorm's batch count, absent from dicts saved before it was kept for
+        # every momentum, keeps its value, as PyTorch's loads of older dicts)
+        missing = [name for name, _ in targets
+                   if name not in state_dict and not name.endswith(_COUNT_KEY)]
         unexpected = [name for name in state_dict if name not in names]
         if strict and (missing or unexpected):
             raise ValueError(f"state_dict does not match the model: missing {missing}, "
@@ -753,8 +772,12 @@ class Dense(Module):
             "gelu" (tanh approximation), "gelu_erf" (exact, PyTorch's default GELU),
             "softmax".
         bias: whether to learn an additive bias.
-        init: initializer name or callable for the weight; None picks He uniform for
-            relu-like activations and Xavier uniform otherwise.
+        init: initializer name or callable ``f(shape, rng=, dtype=)`` for the weight
+            (or one of ``fp.init``'s in-place ``xavier_*_``/``kaiming_*_``); None picks
+            He uniform for this layer's own relu-like ``activation`` and Xavier uniform
+            otherwise (a separate ReLU layer after it does not change that: pass
+            ``activation="relu"`` or ``init="he_uniform"``).  The bias starts at zero
+            (PyTorch's Linear draws it from U(-1/sqrt(in), 1/sqrt(in))).
         dtype: float32 (default) or float64.
         alpha: negative slope for leaky_relu.
         rng: seed or np.random.Generator for the initializer.
@@ -789,7 +812,14 @@ class Dense(Module):
             fn, gain = _init.default_for(activation, self.alpha)
             w = fn(shape, gain=gain, rng=rng, dtype=self._dtype)
         else:
-            w = _init.get(init)(shape, rng=rng, dtype=self._dtype)
+            fn = _init.get(init)
+            try:
+                w = fn(shape, rng=rng, dtype=self._dtype)
+            except TypeError as exc:
+                raise TypeError(
+                    f"init {getattr(fn, '__name__', fn)!r} could not be called as "
+                    f"f(shape, rng=, dtype=), which init= takes (or an initializer's "
+                    f"name, or fp.init's in-place xavier_*_/kaiming_*_): {exc}") from exc
         w = np.asarray(w, dtype=self._dtype)
         if w.shape != shape:
             raise ValueError(f"init returned an array of shape {w.shape}, expected {shape}")
@@ -1208,6 +1238,21 @@ def _check_momentum(v):
     return v
 
 
+_BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_COUNT_KEY = ".num_batches_tracked"  # (optional in state dicts and files)
+
+
+def _check_count(v):
+    """``num_batches_tracked``: a writable 0-d int64 array (an int or a 0-d integer
+    array converted; the kernel counts in place), or None without statistics."""
+    if v is None or (isinstance(v, np.ndarray) and v.shape == () and v.dtype == np.int64
+                     and v.flags.writeable):
+        return v
+    if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "iu":
+        v = v.item()
+    return np.array(integer(v, "num_batches_tracked", low=0), np.int64)
+
+
 class BatchNorm1d(_Norm):
     """Batch normalization over the batch axis of (batch, features) input.
 
@@ -1218,14 +1263,16 @@ class BatchNorm1d(_Norm):
     Args:
         num_features: feature count; eps: added to the variance; momentum: weight of
         the new batch statistic in the running averages, in [0, 1], or None for
-        their cumulative average (as PyTorch's, counted in the buffer
-        ``num_batches_tracked``); affine: learn a scale and shift (``weight``,
-        ``bias``); track_running_stats: keep running statistics (False: batch
-        statistics in eval mode too, and no buffers), as PyTorch's.
+        their cumulative average (as PyTorch's: the k-th training batch counted in
+        the buffer ``num_batches_tracked``, kept whatever the momentum, weighs 1/k);
+        affine: learn a scale and shift (``weight``, ``bias``);
+        track_running_stats: keep running statistics (False: batch statistics in
+        eval mode too, and no buffers), as PyTorch's.
     """
 
-    _buffers = ("running_mean", "running_var")
-    _attr_checks = {"eps": _check_eps, "momentum": _check_momentum}
+    _buffers = _BN_BUFFERS
+    _attr_checks = {"eps": _check_eps, "momentum": _check_momentum,
+                    "num_batches_tracked": _check_count}
 
     def __init__(self, num_features, eps=1e-5, momentum=0.1, dtype=np.float32, *,
                  affine=True, track_running_stats=True):
@@ -1236,29 +1283,17 @@ class BatchNorm1d(_Norm):
         if track:
             self.running_mean = np.zeros(self.num_features, self._dtype)
             self.running_var = np.ones(self.num_features, self._dtype)
+            self.num_batches_tracked = np.zeros((), np.int64)
         else:  # (a subclass' own buffers stay)
-            self._buffers = tuple(b for b in type(self)._buffers
-                                  if b not in ("running_mean", "running_var"))
-            self.running_mean = self.running_var = None
-        self.momentum = momentum  # (checked by __setattr__; None: the batch count)
+            self._buffers = tuple(b for b in type(self)._buffers if b not in _BN_BUFFERS)
+            self.running_mean = self.running_var = self.num_batches_tracked = None
+        self.momentum = momentum  # (checked by __setattr__)
 
     @staticmethod
     def _file_arrays(config) -> int:
         """The per-feature arrays a file of this config holds."""
         affine = 2 * (config.get("affine", True) is not False)
         return affine + 2 * (config.get("track_running_stats", True) is not False)
-
-    def __setattr__(self, name, value):
-        super().__setattr__(name, value)
-        if name == "momentum" and value is None and "running_mean" in self._buffers:
-            self._count_batches()  # (now: a failed step's rollback includes the count)
-
-    def _count_batches(self):
-        """The buffer ``num_batches_tracked`` of the cumulative average (momentum None,
-        also when set so after construction)."""
-        if "num_batches_tracked" not in self._buffers:
-            self._buffers = tuple(self._buffers) + ("num_batches_tracked",)
-            self.__dict__["num_batches_tracked"] = np.zeros((), np.int64)
 
     def get_config(self):
         config = {"num_features": self.num_features, "eps": self.eps,
@@ -1298,11 +1333,6 @@ class BatchNorm1d(_Norm):
         return y
 
     def _track(self, x, n, mean, invstd):
-        m = self.momentum
-        if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
-            count = self.num_batches_tracked
-            np.add(count, 1, out=count)  # (in place: no attribute set)
-            m = 1.0 / float(count)
         var = np.maximum(1.0 / (invstd.astype(np.float64) ** 2) - self.eps, 0.0)
         # var from invstd carries invstd's rounding times (var + eps) / var: features
         # whose variance is small next to eps get it from x instead (float32, std
@@ -1315,6 +1345,11 @@ class BatchNorm1d(_Norm):
         rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
         if rm.shape != mean.shape or rv.shape != mean.shape:  # (before either changes)
             raise ValueError("running statistics of another size")  # (named by forward)
+        count = self.num_batches_tracked  # (every batch, as PyTorch's: a momentum
+        np.add(count, 1, out=count)       # set to None later averages them all;
+        m = self.momentum                 # in place: no attribute set)
+        if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
+            m = 1.0 / float(count)
         rm *= 1 - m
         rm += m * mean
         rv *= 1 - m
@@ -1443,8 +1478,35 @@ def _check_each_module_once(root, where):
     walk(root)
 
 
+_KEEPS = "keeps"  # (a layer that keeps its input's width)
+
+
+def _widths(module):
+    """(in, out) feature counts of fastprop's own layers and of Sequentials of them,
+    ``_KEEPS`` for one that keeps its input's width, None where unknown (a user's
+    class, a chain that does not fit)."""
+    if type(module).__module__ != __name__:
+        return None
+    if isinstance(module, Dense):  # (its weight's: net surgery may have replaced it)
+        shape = module.weight.value.shape
+        return tuple(shape) if len(shape) == 2 else None
+    if isinstance(module, (Activation, Dropout, Residual, _Norm)):
+        return _KEEPS
+    if isinstance(module, Sequential):
+        ends = _KEEPS
+        for layer in module.layers:
+            w = _widths(layer)
+            if w is None or (w is not _KEEPS and ends is not _KEEPS and ends[1] != w[0]):
+                return None
+            if w is not _KEEPS:
+                ends = w if ends is _KEEPS else (ends[0], w[1])
+        return ends
+    return None
+
+
 class Residual(Module):
-    """Skip connection ``y = x + block(x)``; the block must keep the shape."""
+    """Skip connection ``y = x + block(x)``; the block must keep the shape (a block of
+    fastprop's layers that does not is refused when made, and before it runs)."""
 
     _caches = ("_out",)  # (an empty array of the output's shape and dtype: no data)
 
@@ -1454,6 +1516,18 @@ class Residual(Module):
             raise TypeError(f"block must be a fastprop Module, got {type(block).__name__}")
         self.block = block
         _check_each_module_once(self, "Residual")
+        self._block_widths()
+        self._widths_at = -1
+
+    def _block_widths(self):
+        """ValueError if the block, of fastprop's layers, maps n features to m != n
+        (known from its layers' sizes: refused before it runs and changes a
+        BatchNorm's statistics or draws Dropout masks)."""
+        w = _widths(self.block)
+        if w is not None and w is not _KEEPS and w[0] != w[1]:
+            raise ValueError(f"Residual: the block maps {w[0]} features to {w[1]}; a skip "
+                             f"connection needs the same width (add a projection Dense "
+                             f"outside the Residual)")
 
     def children(self):
         return [self.block] + self._extra_children([self.block])
@@ -1467,6 +1541,9 @@ class Residual(Module):
 
     def forward(self, x):
         x = _input_dtype(x)
+        if self.__dict__.get("_widths_at") != _structure[0]:  # (the block changed since)
+            self._block_widths()
+            self._widths_at = _structure[0]
         h = self.block.forward(x)
         if h.shape != x.shape:
             raise ValueError(

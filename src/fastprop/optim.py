@@ -701,6 +701,38 @@ class Optimizer:
         self._hyper_seen = dict(self.hyper)
 
 
+#: PyTorch optimizer arguments fastprop takes at their default only (ported code spells
+#: them out): the default, and what to do instead of another value.
+_TORCH_ONLY = {
+    "dampening": (0, "fastprop's SGD has no dampening"),
+    "maximize": (False, "minimize the negated objective instead"),
+    "differentiable": (False, "fastprop has no autograd through the update"),
+    "centered": (False, "fastprop's RMSprop is the uncentered one"),
+    "lr_decay": (0, "decay lr with a scheduler (fastprop.lr_scheduler) instead"),
+    "initial_accumulator_value": (0, "fastprop's Adagrad starts its sum at 0"),
+    "decoupled_weight_decay": (False, "use fastprop.optim.AdamW"),
+}
+
+
+def _torch_options(owner, foreach=None, fused=None, capturable=False, **fixed):
+    """Check PyTorch's optimizer arguments: ``foreach``/``fused``/``capturable`` choose
+    PyTorch's implementation (None or a bool; fastprop's update is always one fused
+    native call), the others are taken at their default only (ValueError otherwise)."""
+    for name, value in (("foreach", foreach), ("fused", fused)):
+        if value is not None:
+            flag(value, name)
+    flag(capturable, "capturable")
+    for name, value in fixed.items():
+        default, instead = _TORCH_ONLY[name]
+        if isinstance(default, bool):
+            value = flag(value, name)
+        else:
+            value = real(value, name)
+        if value != default:
+            raise ValueError(f"{owner}({name}={value!r}) is not supported: only PyTorch's "
+                             f"default {default!r}; {instead}")
+
+
 class SGD(Optimizer):
     """Stochastic gradient descent with optional (Nesterov) momentum and L2 decay.
 
@@ -710,7 +742,11 @@ class SGD(Optimizer):
 
     all_state_names = ("momentum_buffer",)
 
-    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(self, params, lr, momentum=0.0, nesterov=False, weight_decay=0.0, *,
+                 dampening=0, maximize=False, foreach=None, differentiable=False,
+                 fused=None):
+        _torch_options("SGD", foreach, fused, dampening=dampening, maximize=maximize,
+                       differentiable=differentiable)
         lr = _lr(lr)
         momentum = _finite(momentum, "momentum")
         wd = _weight_decay(weight_decay)
@@ -733,7 +769,12 @@ class Adagrad(Optimizer):
 
     state_names = ("sum",)
 
-    def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0):
+    def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0, *, lr_decay=0,
+                 initial_accumulator_value=0, foreach=None, maximize=False,
+                 differentiable=False, fused=None):
+        _torch_options("Adagrad", foreach, fused, lr_decay=lr_decay,
+                       initial_accumulator_value=initial_accumulator_value,
+                       maximize=maximize, differentiable=differentiable)
         super().__init__(params, lr=_lr(lr), eps=_eps(eps), weight_decay=_weight_decay(weight_decay))
 
     def _update(self, be, params, grads, states, h, step):
@@ -746,7 +787,11 @@ class RMSprop(Optimizer):
 
     all_state_names = ("square_avg", "momentum_buffer")
 
-    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0):
+    def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0,
+                 *, centered=False, capturable=False, foreach=None, maximize=False,
+                 differentiable=False):
+        _torch_options("RMSprop", foreach, None, capturable, centered=centered,
+                       maximize=maximize, differentiable=differentiable)
         lr = _lr(lr)
         alpha = _alpha(alpha)
         momentum = _finite(momentum, "momentum")
@@ -799,7 +844,11 @@ class Adam(Optimizer):
     _added_hyper = {"amsgrad": False}
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0,
-                 amsgrad=False):
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None, decoupled_weight_decay=False):
+        _torch_options(type(self).__name__, foreach, fused, capturable, maximize=maximize,
+                       differentiable=differentiable,
+                       decoupled_weight_decay=decoupled_weight_decay)
         if not isinstance(amsgrad, (bool, np.bool_)):
             raise TypeError(f"amsgrad must be a bool, got {type(amsgrad).__name__}")
         super().__init__(params, lr=_lr(lr), betas=_betas(betas), eps=_eps(eps),
@@ -826,9 +875,11 @@ class AdamW(Adam):
     decoupled = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2,
-                 amsgrad=False):
+                 amsgrad=False, *, foreach=None, maximize=False, capturable=False,
+                 differentiable=False, fused=None):
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                         amsgrad=amsgrad)
+                         amsgrad=amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused)
 
 
 _BY_NAME = {"sgd": SGD, "adam": Adam, "adamw": AdamW, "rmsprop": RMSprop, "adagrad": Adagrad}

@@ -26,7 +26,7 @@ import struct
 import numpy as np
 
 from ._checks import flag
-from .nn import Module, Residual, Sequential, _loading, _registry, _registry_key
+from .nn import _COUNT_KEY, Module, Residual, Sequential, _loading, _registry, _registry_key
 
 __all__ = ["save", "load", "model_to_tree", "model_from_tree"]
 
@@ -325,6 +325,8 @@ def load(path) -> Module:
         raise ValueError(f"{where} describes an invalid model: {exc!r}") from None
     for name, target in model.state_arrays():
         src = arrays.get(name)
+        if src is None and name.endswith(_COUNT_KEY):
+            continue  # (a BatchNorm's batch count: files written before it was kept)
         if src is None or src.shape != target.shape or src.dtype != target.dtype:
             raise ValueError(f"{where}: array {name!r} is missing or has the wrong shape or "
                              f"dtype (want {target.shape} {target.dtype}, file has "
