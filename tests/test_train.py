@@ -1245,3 +1245,84 @@ def test_keras_style_callback_objects(backend, rng):
     assert hist.stopped_epoch == 1  # (the flag is reset by each fit: it ran epoch 1)
     with pytest.raises(TypeError, match="on_epoch_end"):
         model.fit(X, y, epochs=1, verbose=0, callbacks=[object()])
+
+
+@pytest.mark.parametrize("kind", ["norm", "value"])
+def test_clipping_in_compile_and_fit_equals_a_hand_loop(backend, rng, kind):
+    """compile(clip_grad_norm=/clip_grad_value=) and fit(...) clip the optimizer's
+    gradients before each update exactly as fp.clip_grad_norm / clip_grad_value in a
+    hand-written loop (the fused kernels would update before clipping: the step runs
+    layer by layer); fit without its own clipping arguments keeps the compiled step's,
+    and gives the step's settings back; without clipping the result differs."""
+    X = rng.standard_normal((64, 5))
+    y = rng.integers(0, 3, 64)
+    limit = 0.1 if kind == "norm" else 0.02
+    clip = {f"clip_grad_{kind}": limit}
+
+    def model():
+        return nn.Sequential(nn.Dense(5, 16, "relu", rng=0, dtype=np.float64),
+                             nn.Dense(16, 3, rng=1, dtype=np.float64))
+
+    def adam(m):
+        return optim.Adam(m.parameters(), 0.05)
+
+    ref = model()
+    opt = adam(ref)
+    for i in range(0, 64, 16):
+        opt.zero_grad()
+        _, g = fp.ops.softmax_cross_entropy(ref(X[i:i + 16]), y[i:i + 16])
+        ref.backward(g)
+        if kind == "norm":
+            assert fp.clip_grad_norm(ref.parameters(), limit) > limit  # (it clips)
+        else:
+            fp.clip_grad_value(ref.parameters(), limit)
+        opt.step()
+
+    def same(m):
+        for p, q in zip(ref.parameters(), m.parameters()):
+            np.testing.assert_allclose(q.value, p.value, rtol=1e-12, atol=1e-14)
+
+    stepped = model()
+    step = stepped.compile("cross_entropy", adam(stepped), **clip)
+    assert getattr(step, f"clip_grad_{kind}") == limit
+    for i in range(0, 64, 16):
+        step(X[i:i + 16], y[i:i + 16])
+    same(stepped)
+    fitted = model()
+    plain = fitted.compile("cross_entropy", adam(fitted))
+    fitted.fit(X, y, batch_size=16, shuffle=False, verbose=0, **clip)
+    same(fitted)
+    assert plain.clip_grad_norm is None and plain.clip_grad_value is None
+    kept = model()
+    kept.compile("cross_entropy", adam(kept), **clip)
+    kept.fit(X, y, batch_size=16, shuffle=False, verbose=0)
+    same(kept)
+    unclipped = model()
+    unclipped.fit(X, y, loss="cross_entropy", optimizer=adam(unclipped), batch_size=16,
+                  shuffle=False, verbose=0)
+    assert not np.allclose(unclipped[0].weight.value, ref[0].weight.value)
+
+
+def test_clipping_arguments_are_checked_before_anything_changes(rng):
+    X = rng.standard_normal((16, 3))
+    y = rng.integers(0, 2, 16)
+    model = nn.Sequential(nn.Dense(3, 2, rng=0))
+    opt = optim.SGD(model.parameters(), 0.1, momentum=0.9)
+    before = snapshot(model, opt)
+    for kw, exc in [({"clip_grad_norm": 0}, ValueError), ({"clip_grad_value": -1.0}, ValueError),
+                    ({"clip_grad_norm": "1"}, TypeError),
+                    ({"clip_grad_value": float("nan")}, ValueError)]:
+        name = next(iter(kw))
+        with pytest.raises(exc, match=name):
+            model.fit(X, y, loss="cross_entropy", optimizer=opt, verbose=0, **kw)
+        with pytest.raises(exc, match=name):
+            model.compile("cross_entropy", opt, **kw)
+        assert snapshot(model, opt) == before
+    step = model.compile("cross_entropy", opt)
+    with pytest.raises(ValueError, match="clip_grad_norm"):
+        step.clip_grad_norm = -1
+    assert step.clip_grad_norm is None
+    for keras in ("clipnorm", "global_clipnorm", "clipvalue"):
+        with pytest.raises(TypeError, match="clip_grad_"):
+            model.fit(X, y, verbose=0, **{keras: 1.0})
+    assert snapshot(model, opt) == before

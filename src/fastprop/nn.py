@@ -395,6 +395,7 @@ class Module:
         state = self.__dict__.copy()
         state.pop("_compiled", None)
         state.pop("_compile_args", None)
+        state.pop("_compile_clips", None)
         state.pop("_compiled_ids", None)
         for name in self._kept_caches():  # (activations of the last forward: not state)
             state[name] = None
@@ -698,7 +699,7 @@ class Module:
     def fit(self, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
             on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
-            callbacks=None, **unsupported):
+            callbacks=None, clip_grad_norm=None, clip_grad_value=None, **unsupported):
         """Train on (X, y) with mini-batch gradient descent (:func:`fastprop.train.fit`)."""
         from .train import fit
         return fit(self, X, y, loss=loss, optimizer=optimizer, epochs=epochs,
@@ -706,6 +707,7 @@ class Module:
                    validation_split=validation_split, shuffle=shuffle, seed=seed,
                    verbose=verbose, on_nonfinite=on_nonfinite, checkpoint=checkpoint,
                    checkpoint_every=checkpoint_every, resume=resume, callbacks=callbacks,
+                   clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                    **unsupported)
 
     def predict(self, X, batch_size=1024):
@@ -719,10 +721,12 @@ class Module:
         from .train import evaluate
         return evaluate(self, X, y, loss=loss, batch_size=batch_size, return_dict=return_dict)
 
-    def compile(self, loss, optimizer):
-        """A whole training step ``step(x, y) -> loss`` (:func:`fastprop.train.compile_step`)."""
+    def compile(self, loss, optimizer, *, clip_grad_norm=None, clip_grad_value=None):
+        """A whole training step ``step(x, y) -> loss`` (:func:`fastprop.train.compile_step`;
+        ``clip_grad_norm``/``clip_grad_value`` clip the gradients before each update)."""
         from .train import compile_step
-        return compile_step(self, loss, optimizer)
+        return compile_step(self, loss, optimizer, clip_grad_norm=clip_grad_norm,
+                            clip_grad_value=clip_grad_value)
 
 
 def _grad_out(p):

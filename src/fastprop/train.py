@@ -201,9 +201,16 @@ class TrainStep:
     non-finite one raises :class:`NonFiniteError`, and the parameters, optimizer
     state and buffers (BatchNorm running statistics) are as before the step.
     Without it, a step whose loss overflows applies its non-finite update.
+    ``clip_grad_norm`` / ``clip_grad_value`` (attributes, None by default; also
+    arguments of ``model.compile`` and ``fit``) clip the gradients of the
+    optimizer's parameters before each update, as :func:`fastprop.clip_grad_norm`
+    (global 2-norm) and :func:`fastprop.clip_grad_value` in a hand-written loop
+    (both set: the values first); while either is set the step runs layer by layer
+    (the fused kernels update each layer as soon as its gradient is ready).
     """
 
-    def __init__(self, model: Module, loss, optimizer):
+    def __init__(self, model: Module, loss, optimizer, *, clip_grad_norm=None,
+                 clip_grad_value=None):
         if not isinstance(model, Module):
             raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
         _check_each_module_once(model, "compile")  # (.layers may have been edited)
@@ -221,6 +228,8 @@ class TrainStep:
             raise ValueError("optimizer does not hold any parameter of this model")
         self.output = None
         self.check_finite = False
+        self.clip_grad_norm = clip_grad_norm
+        self.clip_grad_value = clip_grad_value
         self._fast = None
         self._fast_key = None
         self._stages_key = None  # the layer chain the kernel was built for
@@ -229,6 +238,33 @@ class TrainStep:
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
         self._busy = threading.Lock()  # (a second thread's call is refused)
         _STEPS.add(self)  # (a fork child gets free locks)
+
+    @property
+    def clip_grad_norm(self):
+        """``max_norm`` of the gradients' global 2-norm before each update, or None."""
+        return self.__dict__.get("_clip_norm")
+
+    @clip_grad_norm.setter
+    def clip_grad_norm(self, value):
+        self._clip_norm = _clip_setting(value, "clip_grad_norm")
+
+    @property
+    def clip_grad_value(self):
+        """Every gradient element clamped to [-value, value] before each update, or
+        None."""
+        return self.__dict__.get("_clip_value")
+
+    @clip_grad_value.setter
+    def clip_grad_value(self, value):
+        self._clip_value = _clip_setting(value, "clip_grad_value")
+
+    def _clip(self):
+        """Clip the optimizer's gradients as set (before the update)."""
+        params = self.optimizer.params
+        if self._clip_value is not None:
+            _optim.clip_grad_value(params, self._clip_value)
+        if self._clip_norm is not None:
+            _optim.clip_grad_norm(params, self._clip_norm)
 
     def __del__(self):
         # a step training on a device holds the newest values there: bring them to
@@ -387,7 +423,9 @@ class TrainStep:
         fast = self.fused()
         if fast is not None:
             # (a loss option the fused kernels lack, e.g. class weights: the layer path)
-            fast = self._layer_path(fast) if self.loss._layer_only() else self._group_gate(fast)
+            # (clipping needs every gradient before any update: the layer path too)
+            fast = (self._layer_path(fast) if self.loss._layer_only() or self._clip_norm
+                    is not None or self._clip_value is not None else self._group_gate(fast))
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
             given = x
@@ -465,6 +503,8 @@ class TrainStep:
                     norm2 = sum(be.sum_squares(gs) for gs in by_dtype.values())
                 if not math.isfinite(norm2) and not all(np.isfinite(g).all() for g in grads):
                     raise NonFiniteError("non-finite gradient")
+            if self._clip_norm is not None or self._clip_value is not None:
+                self._clip()
             if type(opt).step is _optim.Optimizer.step:
                 opt._apply(checked)
             else:  # (a subclass' own step)
@@ -480,12 +520,21 @@ class TrainStep:
         return value
 
 
-def compile_step(model, loss, optimizer) -> TrainStep:
+def _clip_setting(value, name):
+    """None, or a clipping threshold > 0 (as the clip functions take)."""
+    return None if value is None else real(value, name, low=0, low_inclusive=False)
+
+
+def compile_step(model, loss, optimizer, *, clip_grad_norm=None,
+                 clip_grad_value=None) -> TrainStep:
     """The training step of ``model`` with ``loss`` and ``optimizer`` (names allowed:
     ``loss="cross_entropy"``, ``optimizer="adam"``): a :class:`TrainStep`; set its
     ``check_finite = True`` to have a non-finite loss or gradient refused before the
-    update (``fit`` does)."""
-    step = TrainStep(model, loss, optimizer)
+    update (``fit`` does).  ``clip_grad_norm`` / ``clip_grad_value``: clip the
+    gradients before each update (see :class:`TrainStep`; ``fit`` without its own
+    clipping arguments keeps these)."""
+    step = TrainStep(model, loss, optimizer, clip_grad_norm=clip_grad_norm,
+                     clip_grad_value=clip_grad_value)
     _remember(model, step)
     return step
 
@@ -495,6 +544,7 @@ def _remember(model, step) -> None:
     the step itself weakly (no model-step cycle)."""
     model._compiled = weakref.ref(step)
     model._compile_args = (step.loss, step.optimizer)
+    model._compile_clips = (step.clip_grad_norm, step.clip_grad_value)
     model._compiled_ids = frozenset(id(p) for p in model.parameters())
 
 
@@ -699,7 +749,7 @@ def evaluate(model, X, y, loss=None, batch_size=1024, return_dict=False):
 def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         validation_data=None, validation_split=0.0, shuffle=True, seed=None, verbose=1,
         on_nonfinite="raise", checkpoint=None, checkpoint_every=1, resume=False,
-        callbacks=None, **unsupported):
+        callbacks=None, clip_grad_norm=None, clip_grad_value=None, **unsupported):
     """Train ``model`` on (X, y) with mini-batch gradient descent.
 
     Args:
@@ -763,6 +813,12 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             one with ``on_train_end()`` has it called after the last epoch (or the
             stop) once the parameters are final, as Keras' (EarlyStopping's
             ``restore_best_weights`` uses both).
+        clip_grad_norm / clip_grad_value: clip the gradients of the optimizer's
+            parameters before each update, to a global 2-norm of at most
+            ``clip_grad_norm`` / elementwise to [-v, v], as :func:`fastprop.clip_grad_norm`
+            and :func:`fastprop.clip_grad_value` in a hand-written loop (the remedy for
+            exploding gradients; the steps then run layer by layer).  None (default):
+            the compiled step's own settings (``model.compile(..., clip_grad_norm=)``).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
     A model already in training mode is trained as its modules' modes are: a
@@ -792,6 +848,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         raise ValueError(f"on_nonfinite must be 'raise' or 'skip', got {on_nonfinite!r}")
     checkpoint_every = integer(checkpoint_every, "checkpoint_every", low=1)
     callbacks = _check_callbacks(callbacks)
+    clip_grad_norm = _clip_setting(clip_grad_norm, "clip_grad_norm")
+    clip_grad_value = _clip_setting(clip_grad_value, "clip_grad_value")
     if checkpoint is not None:
         checkpoint = _checkpoint.check_path(checkpoint, resume)
     elif resume:
@@ -807,6 +865,10 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     step = model._compiled_step()
     if step is None or _losses.get(loss) is not step.loss or optimizer is not step.optimizer:
         step = TrainStep(model, loss, optimizer)
+        if compiled is not None and step.loss is compiled[0] and optimizer is compiled[1]:
+            # (the compiled step itself is gone, its settings are kept)
+            step.clip_grad_norm, step.clip_grad_value = model.__dict__.get(
+                "_compile_clips", (None, None))
     dtype = _model_dtype(model)
     X = _features(X, "X", dtype)
     y = _targets(y, "y", X.shape[0])
@@ -915,8 +977,13 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     # shuffled batches are gathered into buffers allocated once
     xbuf = np.empty((min(batch_size, n),) + X.shape[1:], X.dtype)
     ybuf = np.empty((min(batch_size, n),) + y.shape[1:], y.dtype)
-    checked = step.check_finite  # (the step's own setting, given back at the end)
+    checked = step.check_finite  # (the step's own settings, given back at the end)
+    clips = step.clip_grad_norm, step.clip_grad_value
     step.check_finite = True
+    if clip_grad_norm is not None:
+        step.clip_grad_norm = clip_grad_norm
+    if clip_grad_value is not None:
+        step.clip_grad_value = clip_grad_value
     try:
         if history.stopped_epoch is not None:
             first_epoch = epochs  # (resumed from a run that a callback stopped)
@@ -1022,6 +1089,7 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 break
     finally:
         step.check_finite = checked
+        step.clip_grad_norm, step.clip_grad_value = clips
         step.sync()
     for cb in callbacks:  # (after the sync: they see, and may set, the final parameters)
         end = getattr(cb, "on_train_end", None)
@@ -1053,6 +1121,10 @@ def _prepare_named(loss, y, shape, dtype, name):
 
 
 _KERAS_ONLY = {
+    "clipnorm": "clip the gradients' global norm with fit(clip_grad_norm=...) (Keras' "
+                "clipnorm clips each weight's gradient by its own norm)",
+    "global_clipnorm": "fit(clip_grad_norm=...) clips the gradients' global norm",
+    "clipvalue": "fit(clip_grad_value=...) clamps every gradient element",
     "class_weight": "weigh the classes in the loss instead: "
                     "SoftmaxCrossEntropy(weight=...) or BinaryCrossEntropy(from_logits=True, "
                     "pos_weight=...) (PyTorch's weighted mean, divided by the weights' sum "
