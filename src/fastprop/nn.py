@@ -640,8 +640,12 @@ class Module:
     def dtype(self):
         """The dtype of the module's first parameter (None for a module without
         parameters: an activation takes any float input)."""
-        params = self.parameters()
-        return params[0].dtype if params else None
+        for mod in self.modules():  # (stops at the first: predict asks on every call)
+            for attr in mod._params:
+                p = getattr(mod, attr)
+                if p is not None:
+                    return p.dtype
+        return None
 
     def get_config(self) -> dict:
         """Constructor arguments (JSON-able) that rebuild this module's architecture."""
