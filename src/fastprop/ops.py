@@ -57,9 +57,9 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
 
     Shape: ``op(a)`` is (m, k), ``op(b)`` is (k, n), the result (m, n).
     """
-    if (out is None and not accumulate and type(a) is np.ndarray
-            and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2):
-        fast = _matmul_fast(a, b, flag(trans_a, "trans_a"), flag(trans_b, "trans_b"))
+    if type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2:
+        fast = _matmul_fast(a, b, flag(trans_a, "trans_a"), flag(trans_b, "trans_b"), out,
+                            flag(accumulate, "accumulate"))
         if fast is not None:
             return fast
     trans_a, trans_b = flag(trans_a, "trans_a"), flag(trans_b, "trans_b")
@@ -103,10 +103,12 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
     return out
 
 
-def _matmul_fast(a, b, trans_a, trans_b):
-    """``matmul`` without ``out`` for two same-dtype float32/float64 2-D arrays whose
-    rows are contiguous (the common case, checked in a few attribute reads: the
-    general path costs ~3 us of Python, more than a 32^3 product); None otherwise."""
+def _matmul_fast(a, b, trans_a, trans_b, out, accumulate):
+    """``matmul`` for two same-dtype float32/float64 2-D arrays whose rows are
+    contiguous, and an ``out`` (if any) of that dtype and the result's shape with
+    contiguous rows, writable, apart from both (the common case, checked in a few
+    attribute reads: the general path costs ~3 us of Python, more than a 32^3
+    product); None otherwise (the general path: copies, messages, empty cases)."""
     dtype = a.dtype
     if dtype is not b.dtype or dtype not in FLOAT_DTYPES:
         return None
@@ -119,8 +121,16 @@ def _matmul_fast(a, b, trans_a, trans_b):
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2 or m == 0 or n == 0 or k == 0:
         return None  # the general path raises the message or handles the empty case
-    out = np.empty((m, n), dtype=dtype)
-    backends.current().gemm(a, b, out, trans_a, trans_b, False)
+    if out is None:
+        if accumulate:
+            return None
+        out = np.empty((m, n), dtype=dtype)
+    elif (type(out) is not np.ndarray or out.dtype != dtype or out.shape != (m, n)
+          or not out.flags.writeable or out.strides[1] != item
+          or out.strides[0] < n * item or out.strides[0] % item
+          or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
+        return None
+    backends.current().gemm(a, b, out, trans_a, trans_b, accumulate)
     return out
 
 
