@@ -1806,3 +1806,28 @@ def test_residual_refuses_a_width_changing_block_before_it_runs(rng):
             raise AssertionError("not reached")
     with pytest.raises(ValueError, match=r"maps shape \(2, 4\) to \(2, 2\)"):
         nn.Residual(Halve())(np.ones((2, 4)))
+
+
+@pytest.mark.parametrize("view", [False, True])
+def test_dense_backward_reads_a_copy_of_an_input_it_writes(backend, rng, view):
+    """backward(grad) where grad (or the forward's input) is the weight's own gradient
+    array, or a view of it: the kernels write that array while reading the input, so
+    the layer reads a copy; the result equals that of an independent copy."""
+    def run(alias):  # (identity: the gradient itself is the GEMMs' operand)
+        d = nn.Dense(n, n, None, rng=0, dtype=np.float64)
+        d.weight.grad = rng_vals.copy()
+        x = (d.weight.grad[:, :] if view else d.weight.grad) if alias == "x" else xs.copy()
+        d(x)
+        g = (d.weight.grad[:, :] if view else d.weight.grad) if alias == "g" else gs.copy()
+        if alias == "x":  # (x itself is the array the forward kept)
+            g = rng_vals.copy()
+        gx = d.backward(g)
+        return gx, d.weight.grad.copy(), d.bias.grad.copy()
+
+    n = 96  # (beyond the GEMM's register tiles: C is written while B is still read)
+    rng_vals = rng.standard_normal((n, n))
+    xs, gs = rng_vals.copy(), rng_vals.copy()
+    want = run(None)
+    for alias in ("x", "g"):
+        for got, ref in zip(run(alias), want):
+            np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-15)
