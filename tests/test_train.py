@@ -1326,3 +1326,21 @@ def test_clipping_arguments_are_checked_before_anything_changes(rng):
         with pytest.raises(TypeError, match="clip_grad_"):
             model.fit(X, y, verbose=0, **{keras: 1.0})
     assert snapshot(model, opt) == before
+
+
+def test_a_compiled_step_drops_a_hand_forwards_caches_on_every_path(backend, rng):
+    """model(x) by hand, then a compiled step (fused on native, layer by layer on
+    numpy), then model.backward(g): refused on every path (the fused step kept the
+    caches, and the backward mixed the pre-update activations with the updated
+    weights), and no layer keeps the hand forward's batch alive."""
+    model = nn.Sequential(nn.Dense(2, 8, "tanh", rng=0), nn.Dense(8, 3, rng=1))
+    step = model.compile(fp.losses.MSE(), optim.SGD(model.parameters(), 0.5))
+    x3 = rng.standard_normal((3, 2))
+    model(x3)
+    step(rng.standard_normal((13, 2)), rng.standard_normal((13, 3)))
+    assert all(m.__dict__.get(name) is None for m in model.modules()
+               for name in m._kept_caches())
+    with pytest.raises(RuntimeError, match="backward called before forward"):
+        model.backward(np.ones((3, 3)))
+    model(x3)  # (a fresh forward: backward works)
+    model.backward(np.ones((3, 3)))

@@ -234,6 +234,8 @@ class TrainStep:
         self._fast_key = None
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
+        self._cache_slots = ()   # (module __dict__, its cache names): dropped after a
+                                 # fused step, as the layer path's backward drops them
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
         self._busy = threading.Lock()  # (a second thread's call is refused)
@@ -280,7 +282,7 @@ class TrainStep:
         self.sync()
         state = dict(self.__dict__)
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
-                     _mask_key=None, output=None)
+                     _mask_key=None, output=None, _cache_slots=())
         state.pop("_busy", None)
         state.pop("_owner", None)
         return state
@@ -322,6 +324,8 @@ class TrainStep:
             # if the chain the kernel runs is no longer the model's
             self._structure = _nn_structure[0]
             _check_each_module_once(self.model, "compile")  # (a layer may have been added)
+            self._cache_slots = [(m.__dict__, tuple(m._kept_caches()))
+                                 for m in self.model.modules()]
             stages = dense_stages(self.model)
             key = None if stages is None else (self.model.training, tuple(
                 (id(st.weight), id(st.bias), st.act, st.alpha, st.weight.requires_grad,
@@ -452,6 +456,12 @@ class TrainStep:
                     finite_float(given, "x", dtype)
                 raise
             self.output = fast.output
+            # (a hand-run forward's caches, from the weights before this update: a
+            # backward on them would mix the two, and they keep that batch alive; the
+            # layer path drops them too)
+            for d, names in self._cache_slots:
+                for name in names:
+                    d[name] = None
             return value
         model = self.model
         # Forward and loss run before the gradients are zeroed, so that bad input
