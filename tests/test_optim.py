@@ -1562,3 +1562,27 @@ def test_pytorch_arguments_at_their_defaults_are_taken(rng):
             (lambda: optim.SGD(p, 0.1, dampening="0"), TypeError, "dampening")]:
         with pytest.raises(exc, match=match):
             call()
+
+
+def test_hyperparameter_reads_are_current_after_group_edits_and_schedulers():
+    """opt.lr, opt.momentum and state_dict()["hyper"] read what the next step uses: a
+    group edited (as PyTorch code does) or set by a scheduler since, not the value
+    before (they were synced only by the next step, even a refused one)."""
+    model = nn.Sequential(nn.Dense(3, 2, rng=0))
+    opt = optim.SGD(model.parameters(), lr=0.1)
+    opt.param_groups[0]["lr"] = 0.02
+    assert opt.lr == 0.02 and opt.state_dict()["hyper"]["lr"] == 0.02
+    sched = fp.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.05, total_steps=10)
+    assert opt.momentum == opt.param_groups[0]["momentum"] == 0.95
+    assert opt.lr == opt.param_groups[0]["lr"]
+    before = opt.state_dict()
+    step = model.compile(fp.losses.MSE(), opt)
+    with pytest.raises(ValueError):
+        step(np.zeros((2, 3)), np.full((2, 2), np.nan))
+    assert opt.state_dict()["hyper"] == before["hyper"]
+    opt.lr = 0.3  # (the setter still sets every group)
+    assert opt.lr == 0.3 and all(g["lr"] == 0.3 for g in opt.param_groups)
+    opt.hyper["lr"] = 0.4  # (a write into hyper itself: the next step gives it out)
+    assert opt.lr == 0.4
+    sched.step()
+    assert opt.lr == opt.param_groups[0]["lr"]

@@ -232,12 +232,24 @@ class Optimizer:
     def __getattr__(self, name):
         hyper = self.__dict__.get("hyper")
         if hyper is not None and name in hyper:
-            return hyper[name]
+            return self._current(name)
         if name == "defaults" and hyper is not None:
             # (an optimizer pickled before `defaults`: its constructor's values are
             # gone; the current ones stand in)
             return dict(hyper)
         raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
+    def _current(self, name):
+        """Hyperparameter ``name`` as the next step uses it: a value written into
+        ``hyper`` since the last step (which that step gives every group), else the
+        first parameter group's (a group edited, or set by a scheduler, since; every
+        group's when they agree, as ``opt.lr = x`` makes them)."""
+        d = self.__dict__
+        value = d["hyper"][name]
+        seen, groups = d.get("_hyper_seen"), d.get("param_groups")
+        if not groups or seen is None or name not in seen or seen[name] != value:
+            return value
+        return groups[0].get(name, value)
 
     def __setattr__(self, name, value):
         hyper = self.__dict__.get("hyper")
@@ -595,7 +607,7 @@ class Optimizer:
         self._sync_device()
         return {
             "type": type(self).__name__,
-            "hyper": dict(self.hyper),
+            "hyper": {k: self._current(k) for k in self.hyper},
             "param_groups": [{**{k: g[k] for k in (*self.hyper, *_GROUP_EXTRAS) if k in g},
                               "size": len(g["params"])}  # (checked when loaded)
                              for g in self.param_groups],
