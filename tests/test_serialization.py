@@ -499,3 +499,40 @@ def test_save_keeps_the_mode_and_writes_through_a_link(tmp_path):
     fp.save(model, link)
     assert link.is_symlink()
     np.testing.assert_array_equal(fp.load(path).weight.value, model.weight.value)
+
+
+def test_a_file_written_big_endian_loads_and_files_are_written_little_endian(rng):
+    """The layout is little-endian: save writes every array so (dtype strings '<f4',
+    '<i8'), and a file from a big-endian machine (arrays byte-swapped, '>f4', as
+    fastprop wrote them there before) loads, converted, with the same values (a
+    BatchNorm's int64 count and a checkpoint's optimizer state included)."""
+    import hashlib
+    import io
+    import json
+    from fastprop import serialization as S
+    model = nn.Sequential(nn.Dense(3, 4, "relu", rng=0), nn.BatchNorm1d(4),
+                          nn.Dense(4, 2, rng=1, dtype=np.float32))
+    model.fit(rng.standard_normal((16, 3)), rng.integers(0, 2, 16), loss="cross_entropy",
+              optimizer="adam", verbose=0)
+    buf = io.BytesIO()
+    fp.save(model, buf, extra={"m": np.arange(3.0)})
+    blob = buf.getvalue()
+    m = len(S.MAGIC)
+    version, hlen = S._PREFIX.unpack_from(blob, m)
+    head = m + S._PREFIX.size
+    header = json.loads(blob[head:head + hlen])
+    assert all(e["dtype"][0] in "<|" for e in header["arrays"])
+    data = bytearray(blob[head + hlen:-32])
+    for e in header["arrays"]:
+        dt = np.dtype(e["dtype"])
+        a = np.frombuffer(bytes(data[e["offset"]:e["offset"] + e["nbytes"]]), dt).byteswap()
+        data[e["offset"]:e["offset"] + e["nbytes"]] = a.tobytes()
+        e["dtype"] = dt.newbyteorder(">").str
+    h = json.dumps(header).encode()
+    body = S.MAGIC + S._PREFIX.pack(version, len(h)) + h + bytes(data)
+    loaded = fp.load(io.BytesIO(body + hashlib.sha256(body).digest()))
+    for (name, a), (_, b) in zip(model.state_arrays(), loaded.state_arrays()):
+        assert b.dtype == a.dtype and b.dtype.isnative, name
+        np.testing.assert_array_equal(b, a)
+    assert loaded._extra["m"].dtype.isnative
+    np.testing.assert_array_equal(loaded._extra["m"], np.arange(3.0))

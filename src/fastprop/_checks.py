@@ -54,9 +54,14 @@ _RAGGED_WARNS = np.lib.NumpyVersion(np.__version__) < "1.24.0"
 def _asarray(x) -> np.ndarray:
     if not _RAGGED_WARNS:
         return np.asarray(x)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", np.VisibleDeprecationWarning)
-        return np.asarray(x)
+    with warnings.catch_warnings():  # (the later NumPy's error, and its words)
+        warnings.simplefilter("error", np.VisibleDeprecationWarning)
+        try:
+            return np.asarray(x)
+        except np.VisibleDeprecationWarning:
+            raise ValueError("setting an array element with a sequence: the nested "
+                             "sequences have different lengths (an inhomogeneous "
+                             "shape)") from None
 
 
 def _pandas_dtypes(x) -> list:

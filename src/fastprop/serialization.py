@@ -22,6 +22,7 @@ import os
 import secrets
 import stat
 import struct
+import sys
 
 import numpy as np
 
@@ -100,9 +101,9 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
     model._sync_device()  # (a compiled step training on a device holds the values)
-    arrays = [(name, np.asarray(a, order="C")) for name, a in model.state_arrays()]
+    arrays = [(name, _little(a)) for name, a in model.state_arrays()]
     if extra:
-        arrays += [(f"extra.{k}", np.ascontiguousarray(v)) for k, v in extra.items()]
+        arrays += [(f"extra.{k}", _little(v)) for k, v in extra.items()]
     entries, offset = [], 0
     for name, a in arrays:
         entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
@@ -308,6 +309,14 @@ def _read(path):
     return header, arrays, len(data)
 
 
+def _little(a) -> np.ndarray:
+    """``a`` C-contiguous in little-endian byte order, as the file layout says (a
+    copy only on a big-endian machine)."""
+    a = np.asarray(a, order="C")
+    return a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.byteorder == ">" \
+        or (a.dtype.byteorder == "=" and sys.byteorder == "big") else a
+
+
 def load(path) -> Module:
     """Read a model written by :func:`save`, from a path or a binary file object
     (read from its position to its end).
@@ -327,7 +336,8 @@ def load(path) -> Module:
         src = arrays.get(name)
         if src is None and name.endswith(_COUNT_KEY):
             continue  # (a BatchNorm's batch count: files written before it was kept)
-        if src is None or src.shape != target.shape or src.dtype != target.dtype:
+        if src is None or src.shape != target.shape or (
+                src.dtype.newbyteorder("=") != target.dtype):  # (any byte order: converted)
             raise ValueError(f"{where}: array {name!r} is missing or has the wrong shape or "
                              f"dtype (want {target.shape} {target.dtype}, file has "
                              f"{getattr(src, 'shape', None)} {getattr(src, 'dtype', None)})")
@@ -337,5 +347,6 @@ def load(path) -> Module:
     # (a fit checkpoint's own extras, the optimizer state and fit metadata, are not
     # the model's: a checkpoint loaded for inference does not carry them)
     model._extra = {} if header.get("checkpoint") is True else {
-        k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
+        k[6:]: v.astype(v.dtype.newbyteorder("="))  # (a copy, in native byte order)
+        for k, v in arrays.items() if k.startswith("extra.")}
     return model
