@@ -337,6 +337,53 @@ def test_subprocess_objdump_isa_check_finds_what_it_looks_for(tmp_path):
     assert out.returncode == 2 and "stripped" in out.stdout, out.stdout
 
 
+_OMP_UNIT = r"""
+namespace fastprop { namespace avx2 {
+void unit_scale(float* x, long n) {
+    #pragma omp parallel for
+    for (long i = 0; i < n; ++i) x[i] = x[i] * 2.0f + 1.0f;
+}
+} }
+"""
+_OMP_BASE = r"""
+void base_scale(float* x, long n) {
+    #pragma omp parallel for
+    for (long i = 0; i < n; ++i) x[i] = x[i] * 3.0f + 1.0f;
+}
+"""
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"),
+                    reason="an x86-64 check")
+@pytest.mark.skipif(any(shutil.which(t) is None for t in ("objdump", "clang++")),
+                    reason="needs binutils' objdump and clang++")
+@pytest.mark.skipif(not _ISA_CHECK.exists(), reason="tools/ is not beside tests/")
+def test_subprocess_isa_check_places_clangs_parallel_regions(tmp_path):
+    """clang names an OpenMP region ".omp_outlined..N" without its namespace: the check
+    counts one as part of the function laid out before it (its own object's), so an
+    AVX2 unit's region passes (it flagged every one: a clang + libomp build failed
+    the check) and a baseline object compiled with AVX2 is still caught."""
+    objs = []
+    for name, code, flags in [("unit", _OMP_UNIT, ["-mavx2", "-mfma"]),
+                              ("base", _OMP_BASE, [])]:
+        (tmp_path / f"{name}.cpp").write_text(code)
+        objs.append(tmp_path / f"{name}.o")
+        subprocess.run(["clang++", "-O2", "-march=x86-64", "-fPIC", "-fopenmp", *flags, "-c",
+                        str(tmp_path / f"{name}.cpp"), "-o", str(objs[-1])],
+                       check=True, timeout=120)
+    for tag, base_flags in [("ok", []), ("leak", ["-mavx2"])]:
+        if base_flags:  # (the baseline object built with AVX2: its region must be flagged)
+            subprocess.run(["clang++", "-O2", "-march=x86-64", "-fPIC", "-fopenmp",
+                            *base_flags, "-c", str(tmp_path / "base.cpp"), "-o",
+                            str(objs[1])], check=True, timeout=120)
+        so = tmp_path / f"{tag}.so"
+        subprocess.run(["clang++", "-shared", *map(str, objs), "-o", str(so)], check=True,
+                       timeout=120)
+        out = subprocess.run([sys.executable, str(_ISA_CHECK), str(so)], capture_output=True,
+                             text=True, timeout=120)
+        assert out.returncode == (1 if base_flags else 0), out.stdout + out.stderr
+
+
 @pytest.mark.skipif(os.environ.get("FASTPROP_NATIVE_ISA_CHILD") == "1",
                     reason="already a per-ISA child run")
 @pytest.mark.parametrize("isa", _native.available_isas())

@@ -33,14 +33,22 @@ def scan(path):
     out = subprocess.run(["objdump", "-d", "-C", "--no-show-raw-insn", str(path)],
                          capture_output=True, text=True, timeout=600, check=True)
     func, isa_funcs, offenders = None, 0, {}
+    in_unit = False  # (whether func belongs to an ISA unit)
     for line in out.stdout.splitlines():
-        head = re.match(r"^[0-9a-f]+ <(.*)>:$", line)
+        head = re.match(r"^([0-9a-f]+) <(.*)>:$", line)
         if head:
-            func = head.group(1)
-            isa_funcs += any(u in func for u in ISA_UNITS)
+            func = head.group(2)
+            if func.startswith(".omp_outlined"):
+                # clang names a parallel region ".omp_outlined..N", a local symbol
+                # without the namespace (GCC: "<function>._omp_fn.N"): it belongs to
+                # the function laid out before it, in the same object's text
+                func = f"{func} at 0x{head.group(1).lstrip('0')}"
+            else:
+                in_unit = any(u in func for u in ISA_UNITS)
+                isa_funcs += in_unit
             continue
         parts = line.split("\t")
-        if func is None or len(parts) < 2 or any(u in func for u in ISA_UNITS):
+        if func is None or len(parts) < 2 or in_unit:
             continue
         insn = parts[-1].strip()
         if BEYOND_V2.search(insn):
