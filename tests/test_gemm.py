@@ -111,7 +111,10 @@ def test_gemm_mlp_shapes(rng, shape, dtype, ta, tb):
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
 @pytest.mark.parametrize("shape", [(1, 33, 17), (7, 1, 9), (31, 65, 33), (127, 300, 129),
                                    (300, 257, 301), (1, 700, 300), (300, 700, 1),
-                                   (20, 800, 37)],
+                                   (20, 800, 37),
+                                   # (matrix-vector products of k = 1-3: a strided
+                                   # vector of 2 read as contiguous went unseen)
+                                   (1, 2, 9), (5, 2, 1), (1, 3, 7), (6, 1, 1), (1, 2, 1)],
                          ids=lambda s: "x".join(map(str, s)))  # threaded GEMV; split k
 def test_gemm_strided_offset_views(rng, dtype, ta, tb, shape):
     """Every operand a window of a larger array (offset start, leading dim > cols)."""

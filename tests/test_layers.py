@@ -1831,3 +1831,29 @@ def test_dense_backward_reads_a_copy_of_an_input_it_writes(backend, rng, view):
     for alias in ("x", "g"):
         for got, ref in zip(run(alias), want):
             np.testing.assert_allclose(got, ref, rtol=1e-13, atol=1e-15)
+
+
+def test_residual_around_a_users_block_keeps_the_skip_gradient(rng):
+    """Residual around a user's block (a Dense subclass takes the unchecked backward
+    branch) against central differences: the identity path's gradient is added."""
+    class MyDense(nn.Dense):
+        pass
+
+    x = rng.standard_normal((4, 3))
+    for block in (MyDense(3, 3, "tanh", rng=0, dtype=np.float64),
+                  nn.Dense(3, 3, "tanh", rng=0, dtype=np.float64)):
+        assert fp.gradcheck(nn.Residual(block), x)
+
+
+def test_strict_load_state_dict_refuses_an_unexpected_key_and_changes_nothing():
+    model = nn.Sequential(nn.Dense(3, 2, rng=0), nn.BatchNorm1d(2))
+    before = model.state_dict()
+    bad = {k: v + 1 for k, v in before.items()}
+    bad["extra"] = np.zeros(1)
+    with pytest.raises(ValueError, match=r"unexpected \['extra'\]"):
+        model.load_state_dict(bad)
+    for k, v in model.state_dict().items():
+        np.testing.assert_array_equal(v, before[k])
+    missing, unexpected = model.load_state_dict(bad, strict=False)
+    assert missing == [] and unexpected == ["extra"]
+    np.testing.assert_array_equal(model[0].weight.value, before["1.weight"] + 1)

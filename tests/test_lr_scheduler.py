@@ -107,7 +107,11 @@ PLATEAU = [1.0, 0.9, 0.95, 0.9, 0.91, 0.92, float("nan"), 0.5, 0.6, 0.7, 0.8, 0.
 
 @pytest.mark.parametrize("kw", [{}, {"patience": 1, "cooldown": 2, "factor": 0.5},
                                 {"mode": "max", "patience": 0, "threshold_mode": "abs",
-                                 "threshold": 0.05, "min_lr": [0.05, 0.0]}])
+                                 "threshold": 0.05, "min_lr": [0.05, 0.0]},
+                                {"mode": "max", "patience": 1, "threshold_mode": "rel",
+                                 "threshold": 0.15, "factor": 0.5},
+                                {"mode": "min", "patience": 1, "threshold_mode": "rel",
+                                 "threshold": 0.15}])
 def test_reduce_lr_on_plateau_matches_torch(kw, peer):
     kw = {"patience": 2, **kw}
 

@@ -556,6 +556,7 @@ def test_native_parameters_do_not_depend_on_the_thread_count(kind):
     y = rng.integers(0, 10, 1024)
     before = fp.get_num_threads()
     native = fp.backends.load("native")._native
+    was = native.backoff()
     native.set_backoff(False)  # (the threads asked for, even on a busy machine)
     try:
         with fp.use_backend("native"):
@@ -565,7 +566,7 @@ def test_native_parameters_do_not_depend_on_the_thread_count(kind):
                 runs.append(_fit_bytes(kind, X, y, 0))
     finally:
         fp.set_num_threads(before)
-        native.set_backoff(True)
+        native.set_backoff(was)
     assert runs[0] == runs[1] == runs[2]
 
 
@@ -598,6 +599,7 @@ def test_kernels_back_off_while_other_processes_keep_the_cores_busy():
             value = fp.losses.MSE().value(big, np.zeros_like(big))
             return _fit_bytes("mlp", X, y, 0), value
 
+    was = native.backoff()  # (off for the suite, conftest.py: turned on here)
     native.set_backoff(False)
     try:
         assert native.threads_free(2) == 2
@@ -615,6 +617,7 @@ def test_kernels_back_off_while_other_processes_keep_the_cores_busy():
         for p in procs:
             p.kill()
             p.wait()
+        native.set_backoff(was)
     assert busy == quiet
 
 
@@ -630,10 +633,21 @@ def test_backoff_switch():
                          text=True, check=True).stdout.splitlines()[-1].split(maxsplit=2)
     assert out == ["False", "7", "off (FASTPROP_BACKOFF=0)"]
     native = fp.backends.load("native")._native
-    pinned = len(os.sched_getaffinity(0)) != os.cpu_count()
-    assert native.backoff() and fp._config.config()["native.backoff"] == (
-        "off (the process is pinned to some CPUs)" if pinned else "on")
-    assert 1 <= native.threads_free(3) <= 3
+    was = native.backoff()  # (off for the suite, conftest.py: the default is on)
+    native.set_backoff(True)
+    try:
+        pinned = len(os.sched_getaffinity(0)) != os.cpu_count()
+        assert native.backoff() and fp._config.config()["native.backoff"] == (
+            "off (the process is pinned to some CPUs)" if pinned else "on")
+        assert 1 <= native.threads_free(3) <= 3
+    finally:
+        native.set_backoff(was)
+    code = ("import fastprop as fp; n = fp.backends.load('native')._native; "
+            "print(n.backoff())")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env={k: v for k, v in os.environ.items()
+                                          if k != "FASTPROP_BACKOFF"}).stdout
+    assert out.split()[-1] == "True"  # (on by default)
     with pytest.raises(TypeError, match="on must be a bool"):
         native.set_backoff("no")
     with pytest.raises(ValueError, match="nt must be an int >= 1"):
