@@ -1603,6 +1603,18 @@ _VARIANTS = [
     ("Adagrad", dict(lr=0.1, eps=1e-2)), ("Adagrad", dict(lr=0.1, weight_decay=0.1))]
 
 
+def _trained_on(backend, name, kw, vals, grads):
+    """(parameter values, optimizer state) after one step per gradient list."""
+    with fp.use_backend(backend):
+        ps = [fp.Parameter(v.copy()) for v in vals]
+        opt = getattr(optim, name)(ps, **kw)
+        for gs in grads:
+            for p, g in zip(ps, gs):
+                p.grad = g
+            opt.step()
+        return [p.value for p in ps], opt.state
+
+
 @pytest.mark.skipif(not _NATIVE, reason="fastprop._native is not built")
 @pytest.mark.parametrize("name, kw", _VARIANTS,
                          ids=[f"{n}-{'-'.join(k for k in kw if k != 'lr')}" for n, kw in _VARIANTS])
@@ -1613,16 +1625,7 @@ def test_every_optimizer_variant_native_equals_numpy_in_float64(name, kw, rng):
     (FASTPROP_ISA=generic, avx2, ...): a fault in one unit's update is caught here."""
     vals = [rng.standard_normal(s) for s in [(3, 37), (5,)]]
     grads = [[0.01 * rng.standard_normal(v.shape) for v in vals] for _ in range(4)]
-    out = {}
-    for be in ("native", "numpy"):
-        with fp.use_backend(be):
-            ps = [fp.Parameter(v.copy()) for v in vals]
-            opt = getattr(optim, name)(ps, **kw)
-            for gs in grads:
-                for p, g in zip(ps, gs):
-                    p.grad = g
-                opt.step()
-            out[be] = [p.value for p in ps], opt.state
+    out = {be: _trained_on(be, name, kw, vals, grads) for be in ("native", "numpy")}
     for a, b in zip(out["native"][0], out["numpy"][0]):
         np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
     for sa, sb in zip(out["native"][1], out["numpy"][1]):
@@ -1645,16 +1648,7 @@ def test_threaded_optimizer_update_equals_numpy(name, kw, rng):
     before = fp.get_num_threads()
     fp.set_num_threads(2)
     try:
-        out = {}
-        for be in ("native", "numpy"):
-            with fp.use_backend(be):
-                ps = [fp.Parameter(v.copy()) for v in vals]
-                opt = getattr(optim, name)(ps, **kw)
-                for gs in grads:
-                    for p, g in zip(ps, gs):
-                        p.grad = g
-                    opt.step()
-                out[be] = [p.value.copy() for p in ps]
+        out = {be: _trained_on(be, name, kw, vals, grads)[0] for be in ("native", "numpy")}
     finally:
         fp.set_num_threads(before)
     for a, b in zip(out["native"], out["numpy"]):
