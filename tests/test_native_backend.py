@@ -343,6 +343,12 @@ void unit_scale(float* x, long n) {
     #pragma omp parallel for
     for (long i = 0; i < n; ++i) x[i] = x[i] * 2.0f + 1.0f;
 }
+double unit_sum(const double* x, long n) {  // (clang's .omp.reduction helpers too)
+    double s = 0;
+    #pragma omp parallel for reduction(+:s)
+    for (long i = 0; i < n; ++i) s += x[i] * x[i];
+    return s;
+}
 } }
 """
 _OMP_BASE = r"""

@@ -1344,3 +1344,102 @@ def test_a_compiled_step_drops_a_hand_forwards_caches_on_every_path(backend, rng
         model.backward(np.ones((3, 3)))
     model(x3)  # (a fresh forward: backward works)
     model.backward(np.ones((3, 3)))
+
+
+def test_a_step_refused_for_a_module_held_twice_stays_refused(rng):
+    """A module appended a second time: the compiled step refuses every call (the
+    second call was accepted on native and trained the old kernel's chain)."""
+    model = nn.Sequential(nn.Dense(3, 3, "tanh", rng=0), nn.Dense(3, 3, rng=1))
+    step = model.compile(fp.losses.MSE(), optim.SGD(model.parameters(), 0.1))
+    x, y = rng.standard_normal((8, 3)), rng.standard_normal((8, 3))
+    step(x, y)
+    model.layers.append(model[1])
+    before = snapshot(model)
+    for _ in range(2):
+        with pytest.raises(ValueError, match="used twice"):
+            step(x, y)
+    assert snapshot(model) == before
+
+
+def test_steps_and_batchnorms_pickled_by_an_older_version_still_train(rng):
+    """A TrainStep pickled before clipping existed (no _clip_norm) and a BatchNorm1d
+    pickled before the batch count was kept for every momentum still train."""
+    import pickle
+    model = nn.Sequential(nn.Dense(3, 4, rng=0), nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), 0.1))
+    x, y = rng.standard_normal((8, 3)), rng.integers(0, 2, 8)
+    old_step = step.__getstate__()
+    for key in ("_clip_norm", "_clip_value", "_cache_slots", "_cache_probes"):
+        old_step.pop(key)
+    old_bn = model[1].__getstate__()
+    old_bn.pop("num_batches_tracked")
+    revived = pickle.loads(pickle.dumps(step))
+    revived.__setstate__(old_step)
+    revived(x, y)
+    bn = nn.BatchNorm1d.__new__(nn.BatchNorm1d)
+    bn.__setstate__(old_bn)
+    bn(rng.standard_normal((8, 4)))
+    assert int(bn.num_batches_tracked) == 1 and "0.num_batches_tracked" in bn.state_dict()
+
+
+def test_batch_counts_loaded_are_checked(rng, tmp_path):
+    """A negative or fractional num_batches_tracked in a state dict or a file is
+    refused before anything changes (a count of -1 divided by zero in the cumulative
+    average, after the count had changed)."""
+    bn = nn.BatchNorm1d(3, momentum=None)
+    bn(rng.standard_normal((8, 3)))
+    for bad in (-1, 2.5, np.uint64(2 ** 63 + 1)):
+        state = bn.state_dict()
+        state["0.num_batches_tracked"] = np.array(bad)
+        before = snapshot(bn)
+        with pytest.raises(ValueError, match="whole number >= 0"):
+            bn.load_state_dict(state)
+        assert snapshot(bn) == before
+    bn.num_batches_tracked[...] = -3  # (written in place: the file says so on load)
+    fp.save(bn, tmp_path / "bn.fp")
+    with pytest.raises(ValueError, match="whole number >= 0"):
+        fp.load(tmp_path / "bn.fp")
+
+
+def test_resume_checks_clipping_and_takes_checkpoints_without_a_batch_count(rng, tmp_path):
+    """A checkpoint written with clipping resumes only with the same clipping; one
+    whose BatchNorm has no batch count (written before it was kept) resumes, the count
+    kept at 0; clipping set on the compiled step after compile is what a later fit
+    uses once the step is gone."""
+    X, y = rng.standard_normal((64, 3)), rng.integers(0, 2, 64)
+
+    def model():
+        return nn.Sequential(nn.Dense(3, 4, rng=0), nn.BatchNorm1d(4), nn.Dense(4, 2, rng=1))
+
+    path = tmp_path / "c.fp"
+    a = model()
+    opt = optim.SGD(a.parameters(), 0.1)
+    a.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, checkpoint=path, verbose=0,
+          clip_grad_norm=0.1)
+    b = model()
+    with pytest.raises(ValueError, match="settings"):
+        b.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(b.parameters(), 0.1), epochs=2,
+              checkpoint=path, resume=True, verbose=0)
+    b.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(b.parameters(), 0.1), epochs=2,
+          checkpoint=path, resume=True, verbose=0, clip_grad_norm=0.1)
+    old = model()
+    old[1]._buffers = ("running_mean", "running_var")  # (as files were written before)
+    old.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(old.parameters(), 0.1), epochs=1,
+            checkpoint=tmp_path / "old.fp", verbose=0)
+    c = model()
+    c.fit(X, y, loss="cross_entropy", optimizer=optim.SGD(c.parameters(), 0.1), epochs=2,
+          checkpoint=tmp_path / "old.fp", resume=True, verbose=0)
+    assert int(c[1].num_batches_tracked) == 2  # (the resumed epoch's two batches)
+    d = model()
+    step = d.compile("cross_entropy", optim.SGD(d.parameters(), 0.1), clip_grad_norm=1e-3)
+    step.clip_grad_norm = None
+    del step
+    import gc
+    gc.collect()
+    e = model()
+    for m in (d, e):
+        m.fit(X, y, loss="cross_entropy" if m is e else None,
+              optimizer=optim.SGD(m.parameters(), 0.1) if m is e else None,
+              shuffle=False, verbose=0)
+    for p, q in zip(d.parameters(), e.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)

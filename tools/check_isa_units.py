@@ -38,9 +38,10 @@ def scan(path):
         head = re.match(r"^([0-9a-f]+) <(.*)>:$", line)
         if head:
             func = head.group(2)
-            if func.startswith(".omp_outlined"):
-                # clang names a parallel region ".omp_outlined..N", a local symbol
-                # without the namespace (GCC: "<function>._omp_fn.N"): it belongs to
+            if func.startswith(".omp"):
+                # clang names a parallel region ".omp_outlined..N" (and its reduction,
+                # task and copyprivate helpers ".omp.*"/".omp_*"), local symbols
+                # without the namespace (GCC: "<function>._omp_fn.N"): each belongs to
                 # the function laid out before it, in the same object's text
                 func = f"{func} at 0x{head.group(1).lstrip('0')}"
             else:

@@ -22,7 +22,8 @@ import os
 import numpy as np
 
 from . import serialization
-from .nn import Dropout, Module
+from .nn import _COUNT_KEY, Dropout, Module
+from .nn import _check_count_array as check_count_array
 
 FORMAT = 1
 
@@ -154,17 +155,26 @@ def prepare_resume(path, model, optimizer, settings):
     if saved != settings:
         raise ValueError(f"{where} was written by a fit with settings {meta.get('settings')}; "
                          f"this fit has {settings}: resume with the same data and settings")
-    # the model: same architecture, every array present with its shape and dtype
+    # the model: same architecture, every array present with its shape and dtype (a
+    # BatchNorm's batch count may be missing: written before it was kept)
     targets = model.state_arrays()
     names = {e.get("name") for e in header.get("arrays", [])}
     names = {n for n in names if isinstance(n, str) and not n.startswith("extra.")}
-    if names != {name for name, _ in targets}:
+    want = {name for name, _ in targets}
+    if not names <= want or any(not n.endswith(_COUNT_KEY) for n in want - names):
         raise ValueError(f"{where} holds another architecture than this model")
+    # (any byte order: a file from a big-endian machine, converted)
+    arrays = {k: v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("="))
+              for k, v in arrays.items()}
     for name, target in targets:
-        src = arrays[name]
+        src = arrays.get(name)
+        if src is None:
+            continue
         if src.shape != target.shape or src.dtype != target.dtype:
             raise ValueError(f"{where}: array {name!r} has shape {src.shape} / {src.dtype}, "
                              f"the model {target.shape} / {target.dtype}")
+        if name.endswith(_COUNT_KEY):
+            check_count_array(src, f"{where}: array {name!r}")
     # (a fit never writes NaN or inf: the step that makes one is not applied)
     for key, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
@@ -203,7 +213,8 @@ def prepare_resume(path, model, optimizer, settings):
             for name, p in params.items():
                 p.requires_grad = name not in frozen
         for name, target in targets:
-            target[...] = arrays[name]
+            if name in arrays:
+                target[...] = arrays[name]
         rng.bit_generator.state = new_rng.bit_generator.state
         for m, g in zip(drops, new_drops):
             m.rng = g

@@ -326,8 +326,8 @@ def _filling(fill):
 
 def get(init):
     """An initializer from a name or a callable ``f(shape, rng=..., dtype=...)`` (or one
-    of the in-place ``xavier_*_``/``kaiming_*_``/``zeros_``/``ones_``, applied to a new
-    array)."""
+    of the in-place ``xavier_*_``/``kaiming_*_``/``uniform_``/``normal_``/``zeros_``/
+    ``ones_`` with their defaults, applied to a new array)."""
     if init in _IN_PLACE:
         return _filling(init)
     if callable(init):
@@ -337,8 +337,8 @@ def get(init):
     raise ValueError(f"unknown init {init!r}; expected a callable or one of {sorted(_BY_NAME)}")
 
 
-_IN_PLACE = (xavier_uniform_, xavier_normal_, kaiming_uniform_, kaiming_normal_, zeros_,
-             ones_)
+_IN_PLACE = (xavier_uniform_, xavier_normal_, kaiming_uniform_, kaiming_normal_, uniform_,
+             normal_, zeros_, ones_)
 
 
 def default_for(activation, alpha=0.01):

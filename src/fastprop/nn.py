@@ -581,6 +581,8 @@ class Module:
             if src.shape != target.shape:
                 raise ValueError(f"state_dict[{name!r}] has shape {src.shape}, the model's "
                                  f"array {target.shape}")
+            if name.endswith(_COUNT_KEY):
+                _check_count_array(src, f"state_dict[{name!r}]")
             pairs.append((target, src))
         compiled = self._sync_device()  # (device-trained values first, then ours)
         for target, src in pairs:
@@ -843,6 +845,8 @@ class Dense(Module):
             try:
                 w = fn(shape, rng=rng, dtype=self._dtype)
             except TypeError as exc:
+                if exc.__traceback__.tb_next is not None:
+                    raise  # (raised inside the initializer: its own error)
                 raise TypeError(
                     f"init {getattr(fn, '__name__', fn)!r} could not be called as "
                     f"f(shape, rng=, dtype=), which init= takes (or an initializer's "
@@ -1267,6 +1271,19 @@ _BN_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _COUNT_KEY = ".num_batches_tracked"  # (optional in state dicts and files)
 
 
+def _check_count_array(arr, where) -> None:
+    """ValueError unless ``arr`` (a loaded ``num_batches_tracked``) is a whole number
+    in [0, 2^63) (a negative count made the cumulative average divide by zero)."""
+    a = np.asarray(arr)
+    ok = a.shape == () and a.dtype.kind in "iuf"
+    if ok:
+        v = a.item()
+        ok = v == v and v >= 0 and v < 2 ** 63 and float(v).is_integer()
+    if not ok:
+        raise ValueError(f"{where}: a batch count (num_batches_tracked) must be a whole "
+                         f"number >= 0, got {a!r}")
+
+
 def _check_count(v):
     """``num_batches_tracked``: a writable 0-d int64 array (an int or a 0-d integer
     array converted; the kernel counts in place), or None without statistics."""
@@ -1313,6 +1330,14 @@ class BatchNorm1d(_Norm):
             self._buffers = tuple(b for b in type(self)._buffers if b not in _BN_BUFFERS)
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.momentum = momentum  # (checked by __setattr__)
+
+    def __setstate__(self, state):
+        # (one pickled before the batch count was kept for every momentum has none)
+        state = dict(state)
+        if state.get("running_mean") is not None and state.get(
+                "num_batches_tracked") is None:
+            state["num_batches_tracked"] = np.zeros((), np.int64)
+        self.__dict__.update(state)
 
     @staticmethod
     def _file_arrays(config) -> int:

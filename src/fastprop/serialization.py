@@ -27,7 +27,8 @@ import sys
 import numpy as np
 
 from ._checks import flag
-from .nn import _COUNT_KEY, Module, Residual, Sequential, _loading, _registry, _registry_key
+from .nn import (_COUNT_KEY, Module, Residual, Sequential, _check_count_array, _loading,
+                 _registry, _registry_key)
 
 __all__ = ["save", "load", "model_to_tree", "model_from_tree"]
 
@@ -103,7 +104,7 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     model._sync_device()  # (a compiled step training on a device holds the values)
     arrays = [(name, _little(a)) for name, a in model.state_arrays()]
     if extra:
-        arrays += [(f"extra.{k}", _little(v)) for k, v in extra.items()]
+        arrays += [(f"extra.{k}", _little(np.ascontiguousarray(v))) for k, v in extra.items()]
     entries, offset = [], 0
     for name, a in arrays:
         entries.append({"name": name, "dtype": a.dtype.str, "shape": list(a.shape),
@@ -336,6 +337,8 @@ def load(path) -> Module:
         src = arrays.get(name)
         if src is None and name.endswith(_COUNT_KEY):
             continue  # (a BatchNorm's batch count: files written before it was kept)
+        if src is not None and name.endswith(_COUNT_KEY):
+            _check_count_array(src, f"{where}: array {name!r}")
         if src is None or src.shape != target.shape or (
                 src.dtype.newbyteorder("=") != target.dtype):  # (any byte order: converted)
             raise ValueError(f"{where}: array {name!r} is missing or has the wrong shape or "

@@ -209,6 +209,10 @@ class TrainStep:
     (the fused kernels update each layer as soon as its gradient is ready).
     """
 
+    # (defaults for a step pickled by a version without these)
+    _clip_norm = _clip_value = None
+    _cache_slots = _cache_probes = ()
+
     def __init__(self, model: Module, loss, optimizer, *, clip_grad_norm=None,
                  clip_grad_value=None):
         if not isinstance(model, Module):
@@ -234,8 +238,10 @@ class TrainStep:
         self._fast_key = None
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
-        self._cache_slots = ()   # (module __dict__, its cache names): dropped after a
-                                 # fused step, as the layer path's backward drops them
+        # (module __dict__, its cache names): dropped after a fused step that follows a
+        # hand-run forward (the Dense layers' dicts, probed), as the layer path's
+        # backward drops them
+        self._cache_slots = self._cache_probes = ()
         self._kernel_labels = False
         self._mask_key = None    # the weight-decay mask array the kernel was bound with
         self._busy = threading.Lock()  # (a second thread's call is refused)
@@ -249,6 +255,7 @@ class TrainStep:
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
         self._clip_norm = _clip_setting(value, "clip_grad_norm")
+        self._keep_clips()
 
     @property
     def clip_grad_value(self):
@@ -259,6 +266,14 @@ class TrainStep:
     @clip_grad_value.setter
     def clip_grad_value(self, value):
         self._clip_value = _clip_setting(value, "clip_grad_value")
+        self._keep_clips()
+
+    def _keep_clips(self):
+        """The model's record of its compiled step's clipping (for a fit after the step
+        is gone) follows a change made on that step."""
+        model = self.__dict__.get("model")
+        if model is not None and model._compiled_step() is self:
+            model._compile_clips = (self._clip_norm, self._clip_value)
 
     def _clip(self):
         """Clip the optimizer's gradients as set (before the update)."""
@@ -282,7 +297,7 @@ class TrainStep:
         self.sync()
         state = dict(self.__dict__)
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
-                     _mask_key=None, output=None, _cache_slots=())
+                     _mask_key=None, output=None, _cache_slots=(), _cache_probes=())
         state.pop("_busy", None)
         state.pop("_owner", None)
         return state
@@ -322,10 +337,12 @@ class TrainStep:
             # a layer, an activation, a Dropout rate or the layer list changed since
             # the last step (model.append(Sigmoid()), dropout.p = 0.5, ...): rebuild
             # if the chain the kernel runs is no longer the model's
-            self._structure = _nn_structure[0]
+            structure = _nn_structure[0]
             _check_each_module_once(self.model, "compile")  # (a layer may have been added)
-            self._cache_slots = [(m.__dict__, tuple(m._kept_caches()))
-                                 for m in self.model.modules()]
+            mods = list(self.model.modules())
+            self._cache_slots = [(m.__dict__, tuple(m._kept_caches())) for m in mods
+                                 if m._kept_caches()]
+            self._cache_probes = [m.__dict__ for m in mods if isinstance(m, Dense)]
             stages = dense_stages(self.model)
             key = None if stages is None else (self.model.training, tuple(
                 (id(st.weight), id(st.bias), st.act, st.alpha, st.weight.requires_grad,
@@ -337,6 +354,9 @@ class TrainStep:
                     self._fast.sync()
                 self._stages_key = key
                 self._fast_key = None
+            # (last: a refused check is made again at the next call, which a model
+            # holding a module twice once passed, training the old kernel's chain)
+            self._structure = structure
         if not self._fast_key_is_current(be):
             if self._fast is not None:
                 self._fast.sync()  # (a device kernel's steps: to the arrays it came from)
@@ -459,9 +479,12 @@ class TrainStep:
             # (a hand-run forward's caches, from the weights before this update: a
             # backward on them would mix the two, and they keep that batch alive; the
             # layer path drops them too)
-            for d, names in self._cache_slots:
-                for name in names:
-                    d[name] = None
+            for d in self._cache_probes:  # (a hand forward ran through the Dense layers)
+                if d.get("_x") is not None:
+                    for slot, names in self._cache_slots:
+                        for name in names:
+                            slot[name] = None
+                    break
             return value
         model = self.model
         # Forward and loss run before the gradients are zeroed, so that bad input
@@ -911,6 +934,10 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
 
     settings = {"samples": int(X.shape[0]), "batch_size": batch_size, "shuffle": bool(shuffle),
                 "loss": repr(step.loss)}  # (a resume with another loss is refused)
+    for key, value in (("clip_grad_norm", clip_grad_norm), ("clip_grad_value", clip_grad_value)):
+        value = getattr(step, key) if value is None else value
+        if value is not None:  # (and with other clipping; absent without, as before)
+            settings[key] = value
     restore = None
     if checkpoint is not None and resume and os.path.exists(checkpoint):
         restore = _checkpoint.prepare_resume(checkpoint, model, step.optimizer, settings)
