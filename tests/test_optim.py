@@ -1653,3 +1653,36 @@ def test_threaded_optimizer_update_equals_numpy(name, kw, rng):
         fp.set_num_threads(before)
     for a, b in zip(out["native"], out["numpy"]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_the_compiled_steps_memo_of_checked_groups_sees_every_change(rng):
+    """The compiled step skips rechecking parameter groups that hold the very values
+    and types they held at its last check: a value equal but of another type (lr
+    True for 1.0, a 0-d array), a params list edited in place, a new value in a group
+    or in opt.hyper, are all seen (refused or used) at the next step."""
+    model = nn.Sequential(nn.Dense(3, 2, rng=0, dtype=np.float64))
+    opt = optim.SGD(model.parameters(), lr=1.0)
+    step = model.compile(fp.losses.MSE(), opt)
+    x, y = rng.standard_normal((4, 3)), rng.standard_normal((4, 2))
+    step(x, y)
+    for bad, exc in [(True, TypeError), (np.array(1.0), TypeError)]:
+        opt.param_groups[0]["lr"] = bad
+        before = snapshot(model, opt)
+        with pytest.raises((TypeError, ValueError)):
+            step(x, y)
+        assert snapshot(model, opt) == before
+        opt.param_groups[0]["lr"] = 1.0
+    step(x, y)
+    opt.param_groups[0]["params"].append(fp.Parameter(np.ones(2)))
+    with pytest.raises(ValueError, match="no longer holds"):
+        step(x, y)
+    opt.param_groups[0]["params"].pop()
+    for set_lr in (lambda v: opt.param_groups[0].__setitem__("lr", v),
+                   lambda v: opt.hyper.__setitem__("lr", v)):
+        w = model[0].weight.value.copy()
+        set_lr(0.0)  # (a zero rate: the next step leaves the weights)
+        step(x, y)
+        np.testing.assert_array_equal(model[0].weight.value, w)
+        set_lr(1.0)
+        step(x, y)
+        assert not np.array_equal(model[0].weight.value, w)
