@@ -163,9 +163,6 @@ def prepare_resume(path, model, optimizer, settings):
     want = {name for name, _ in targets}
     if not names <= want or any(not n.endswith(_COUNT_KEY) for n in want - names):
         raise ValueError(f"{where} holds another architecture than this model")
-    # (any byte order: a file from a big-endian machine, converted)
-    arrays = {k: v if v.dtype.isnative else v.astype(v.dtype.newbyteorder("="))
-              for k, v in arrays.items()}
     for name, target in targets:
         src = arrays.get(name)
         if src is None:

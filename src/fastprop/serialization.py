@@ -22,7 +22,6 @@ import os
 import secrets
 import stat
 import struct
-import sys
 
 import numpy as np
 
@@ -264,7 +263,8 @@ def _umask() -> int:
 
 
 def _read(path):
-    """(header, {name: read-only array view}, bytes of array data) of a model file."""
+    """(header, {name: read-only array view, or a native-byte-order copy of another
+    byte order}, bytes of array data) of a model file."""
     if _is_stream(path, "read"):  # a file object opened in binary mode, at the start
         blob = path.read()
         if not isinstance(blob, (bytes, bytearray)):
@@ -303,8 +303,9 @@ def _read(path):
             count = int(np.prod(shape, dtype=np.int64))
             if offset + count * dt.itemsize > len(data):
                 raise ValueError(f"{path!r} is truncated: array {name!r} runs past the end")
-            arrays[name] = np.frombuffer(data, dtype=dt, count=count,
-                                         offset=offset).reshape(shape)
+            a = np.frombuffer(data, dtype=dt, count=count, offset=offset).reshape(shape)
+            # (native byte order: a file from a big-endian machine is converted here)
+            arrays[name] = a if dt.isnative else a.astype(dt.newbyteorder("="))
     except (AttributeError, KeyError, TypeError, OverflowError, MemoryError) as exc:
         raise ValueError(f"{path!r} has a corrupt array table: {exc!r}") from None
     return header, arrays, len(data)
@@ -314,8 +315,7 @@ def _little(a) -> np.ndarray:
     """``a`` C-contiguous in little-endian byte order, as the file layout says (a
     copy only on a big-endian machine)."""
     a = np.asarray(a, order="C")
-    return a.astype(a.dtype.newbyteorder("<"), copy=False) if a.dtype.byteorder == ">" \
-        or (a.dtype.byteorder == "=" and sys.byteorder == "big") else a
+    return a.astype(a.dtype.newbyteorder("<"), copy=False)
 
 
 def load(path) -> Module:
@@ -339,8 +339,7 @@ def load(path) -> Module:
             continue  # (a BatchNorm's batch count: files written before it was kept)
         if src is not None and name.endswith(_COUNT_KEY):
             _check_count_array(src, f"{where}: array {name!r}")
-        if src is None or src.shape != target.shape or (
-                src.dtype.newbyteorder("=") != target.dtype):  # (any byte order: converted)
+        if src is None or src.shape != target.shape or src.dtype != target.dtype:
             raise ValueError(f"{where}: array {name!r} is missing or has the wrong shape or "
                              f"dtype (want {target.shape} {target.dtype}, file has "
                              f"{getattr(src, 'shape', None)} {getattr(src, 'dtype', None)})")
@@ -350,6 +349,5 @@ def load(path) -> Module:
     # (a fit checkpoint's own extras, the optimizer state and fit metadata, are not
     # the model's: a checkpoint loaded for inference does not carry them)
     model._extra = {} if header.get("checkpoint") is True else {
-        k[6:]: v.astype(v.dtype.newbyteorder("="))  # (a copy, in native byte order)
-        for k, v in arrays.items() if k.startswith("extra.")}
+        k[6:]: v.copy() for k, v in arrays.items() if k.startswith("extra.")}
     return model

@@ -250,7 +250,7 @@ class TrainStep:
     @property
     def clip_grad_norm(self):
         """``max_norm`` of the gradients' global 2-norm before each update, or None."""
-        return self.__dict__.get("_clip_norm")
+        return self._clip_norm
 
     @clip_grad_norm.setter
     def clip_grad_norm(self, value):
@@ -261,7 +261,7 @@ class TrainStep:
     def clip_grad_value(self):
         """Every gradient element clamped to [-value, value] before each update, or
         None."""
-        return self.__dict__.get("_clip_value")
+        return self._clip_value
 
     @clip_grad_value.setter
     def clip_grad_value(self, value):
