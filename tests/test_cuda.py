@@ -5,6 +5,10 @@ NUMBA_ENABLE_CUDASIM=1 is set before numba is imported (numba reads it once), so
 tests need numba-cuda but no GPU; without numba-cuda the module is skipped.  The
 simulator runs every GPU thread as a Python thread: shapes are tiny, and the launch
 geometry of ``cuda_kernels`` is the simulator's (the GPU tile shapes get one test).
+
+On a machine with a GPU, ``FASTPROP_CUDA_TESTS=gpu python -m pytest tests/test_cuda.py``
+runs the same tests on the device (the simulator is not forced; the kernels compile for
+it, which takes minutes the first time).
 """
 
 import os
@@ -13,14 +17,15 @@ import sys
 import warnings
 
 _SIM = os.environ.get("NUMBA_ENABLE_CUDASIM")
-os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
+if os.environ.get("FASTPROP_CUDA_TESTS", "").strip().lower() != "gpu":
+    os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 try:
     from numba import cuda as _numba_cuda  # noqa: F401
 except ImportError:
     _numba_cuda = None
 finally:  # numba has read it: do not leak it into subprocesses of other tests
     if _SIM is None:
-        os.environ.pop("NUMBA_ENABLE_CUDASIM")
+        os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
     else:
         os.environ["NUMBA_ENABLE_CUDASIM"] = _SIM
 
@@ -36,6 +41,10 @@ from fastprop.backends import numpy as ref  # noqa: E402
 if _numba_cuda is None:
     pytest.skip("numba-cuda is not installed", allow_module_level=True)
 if cuda_support.problem() is not None:
+    if not os.environ.get("NUMBA_ENABLE_CUDASIM") and _SIM is None and \
+            os.environ.get("FASTPROP_CUDA_TESTS", "").strip().lower() == "gpu":
+        pytest.skip(f"FASTPROP_CUDA_TESTS=gpu: {cuda_support.problem()}",
+                    allow_module_level=True)
     pytest.skip("numba.cuda was imported without the simulator before this module, and "
                 "there is no GPU", allow_module_level=True)
 
@@ -193,6 +202,78 @@ def test_gemm_gpu_tiles(tiles, shape, trans, rng):
     K.gemm(_numba_cuda.to_device(a), _numba_cuda.to_device(b), c, ta, tb, tiles=K.Tiles(*tiles))
     want = (a.T if ta else a) @ (b.T if tb else b)
     close(c.copy_to_host(), want, F64, np.abs(a.T if ta else a) @ np.abs(b.T if tb else b))
+
+
+def test_gemm_grid_stays_in_cudas_limits(monkeypatch, rng):
+    """The rows go on grid x (up to 2^31 - 1 blocks), the column tiles on grid y, which
+    CUDA caps at 65535 (m on y refused any batch over 4,194,240 rows with 64-row tiles):
+    the launch geometry for huge shapes (recorded, not run), and the kernel's loop over
+    column tiles when they outnumber grid y (the cap lowered to 2)."""
+    launches = []
+
+    class Recorder:
+        def __getitem__(self, config):
+            launches.append(config)
+            return lambda *args: None
+
+    class Fake:  # (only shape and dtype are read)
+        def __init__(self, shape, dtype):
+            self.shape, self.dtype = shape, np.dtype(dtype)
+
+    monkeypatch.setattr(K, "gemm_kernel", lambda *args: Recorder())
+    small = K.Tiles(64, 64, 8, 4, 4)  # (the GPU's tiles: cuda_kernels._geometry)
+    gpu = K.Geometry({np.dtype(F32): K.Tiles(128, 128, 8, 8, 8), np.dtype(F64): small},
+                     {np.dtype(F32): small, np.dtype(F64): small}, K.Tiles(64, 16, 16, 4, 1),
+                     threads=256, max_blocks=1024, reduce=256, partials=256, col_block=(32, 8),
+                     row_min=32, sms=132)
+    m = 65535 * 64 + 1
+    for dtype, n in ((np.float32, 10), (np.float64, 64), (np.float32, 64), (np.float32, 10**7)):
+        tiles = K.choose_tiles(np.dtype(dtype), m, n, gpu)
+        K.gemm(Fake((m, 8), dtype), Fake((8, n), dtype), Fake((m, n), dtype), tiles=tiles)
+        (gx, gy), _ = launches[-1]
+        assert gx == -(-m // tiles.bm) and gx < 2**31
+        assert gy == min(-(-n // tiles.bn), 65535), (dtype, n, launches[-1])
+    monkeypatch.undo()
+    monkeypatch.setattr(K, "_MAX_GRID_Y", 2)
+    tiles = K.Tiles(4, 4, 4, 2, 2)
+    m, n, k = 5, 23, 6  # 6 column tiles on a grid y of 2
+    a, b = randn(rng, (m, k), F64), randn(rng, (k, n), F64)
+    bias = randn(rng, n, F64)
+    c = _numba_cuda.device_array((m, n), np.float64)
+    z = _numba_cuda.device_array((m, n), np.float64)
+    K.gemm(_numba_cuda.to_device(a), _numba_cuda.to_device(b), c, bias=_numba_cuda.to_device(bias),
+           z=z, act=ACTIVATIONS["relu"], tiles=tiles)
+    want = a @ b + bias
+    close(z.copy_to_host(), want, F64, np.abs(a) @ np.abs(b) + np.abs(bias))
+    close(c.copy_to_host(), np.maximum(want, 0), F64, np.abs(a) @ np.abs(b) + np.abs(bias))
+
+
+def test_no_launch_of_zero_blocks(monkeypatch, rng):
+    """A GPU refuses a launch of 0 blocks (the simulator runs nothing): 0 columns."""
+    launches = []
+    real = K.kernels
+
+    class Recorder:
+        def __init__(self, kern):
+            self.kern = kern
+
+        def __getitem__(self, config):
+            launches.append(config)
+            return self.kern[config]
+
+    class Wrapped:
+        def __init__(self, k):
+            self.k = k
+
+        def __getattr__(self, name):
+            return Recorder(getattr(self.k, name))
+
+    monkeypatch.setattr(K, "kernels", lambda dtype: Wrapped(real(dtype)))
+    g = _numba_cuda.to_device(np.zeros((3, 0)))
+    K.act_grad_colsum(g, None, g, ACTIVATIONS["relu"], 0.0, g, _numba_cuda.to_device(np.zeros(0)),
+                      False)
+    assert all(np.prod(grid) > 0 for grid, _ in launches), launches
+    assert K._col_grid(0)[0] >= 1
 
 
 @pytest.mark.slow
@@ -885,24 +966,50 @@ def test_one_optimizer_shared_by_two_device_steps(rng):
 
 def _device_step_in_child(step, X, y, conn):
     try:
+        model = step.model
+        before = [p.value.copy() for p in model.parameters()]
+        try:
+            step(X, y)
+        except fp.BackendUnavailableError as exc:
+            refused = str(exc)
+        else:
+            refused = None
+        unchanged = all(np.array_equal(a, p.value) for a, p in zip(before, model.parameters()))
+        try:
+            fp.ops.matmul(X, X.T)
+            with fp.use_backend("cuda"):
+                fp.ops.matmul(X, X.T)
+        except fp.BackendUnavailableError:
+            ops_refused = True
+        else:
+            ops_refused = False
+        model.to("cpu")
         with fp.use_backend("numpy"):
-            conn.send(("ok", float(step(X, y))))
+            conn.send(("ok", refused, unchanged, ops_refused, float(step(X, y))))
     except Exception as exc:  # (reported to the parent)
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
-def test_a_fork_child_goes_on_from_the_device_steps_values(rng):
-    """A fork child keeps a device step's kernel (its values are newer than the host
-    arrays'; dropping it lost the parent's updates and moments): the child's next
-    loss is the parent's next one."""
+def test_a_fork_child_refuses_the_gpu_and_goes_on_from_the_device_steps_values(rng):
+    """CUDA does not survive a fork: the child of a process that used the backend gets
+    BackendUnavailableError naming spawn (state unchanged), while the parent synced
+    its device step before the fork, so the child's model.to("cpu") goes on from the
+    device's values (dropping them lost the parent's updates and moments): its next
+    loss is the parent's next one on the same CPU backend."""
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
     model = _mlp(np.float64, ["tanh", None], sizes=(3, 4, 2)).to("cuda")
     step = model.compile("mse", fp.optim.Adam(model.parameters(), lr=0.05))
-    with fp.use_backend("numpy"):
-        step(X, y)
-        step(X, y)
-    status, value = in_fork_child(_device_step_in_child, step, X, y, timeout=120)
+    step(X, y)
+    step(X, y)
+    result = in_fork_child(_device_step_in_child, step, X, y, timeout=120)
+    assert result[0] == "ok", result
+    _, refused, unchanged, ops_refused, value = result
+    assert refused is not None and "fork" in refused and "spawn" in refused, refused
+    assert unchanged and ops_refused
+    model.to("cpu")
     with fp.use_backend("numpy"):
         expected = float(step(X, y))
-    assert status == "ok" and value == expected, (status, value, expected)
+    assert value == expected, (value, expected)
+    model.to("cuda")  # (the parent keeps the GPU)
+    assert np.isfinite(step(X, y))

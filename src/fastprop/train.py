@@ -169,24 +169,32 @@ def _warn_mixed_dtypes(model):
 _STEPS: "weakref.WeakSet" = weakref.WeakSet()
 
 
+def _sync_device_steps_before_fork():
+    """A device kernel's values go to the host arrays (CUDA does not survive a fork)."""
+    for step in list(_STEPS):
+        before = getattr(step.__dict__.get("_fast"), "_before_fork", None)
+        if before is not None:
+            before()
+
+
 def _free_locks_in_child():
     for step in list(_STEPS):
         step._busy = threading.Lock()
         step.__dict__.pop("_owner", None)
         # (the kernel object has its own busy flag, copied set from a parent thread
-        # that was running it; a device kernel holds the newest values, so it is kept)
+        # that was running it: its _after_fork clears it; one that cannot go on in
+        # the child, a device kernel, says so by returning False)
         fast = step._fast
         if fast is not None:
             after = getattr(fast, "_after_fork", None)
-            if after is not None:
-                after()
-            else:  # (a kernel of another backend: the child binds its own)
+            if after is None or after() is False:  # (None: another backend's kernel)
                 step._fast = None
                 step._fast_key = None
 
 
 if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_free_locks_in_child)
+    os.register_at_fork(before=_sync_device_steps_before_fork,
+                        after_in_child=_free_locks_in_child)
 
 
 class TrainStep:

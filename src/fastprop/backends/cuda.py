@@ -16,11 +16,18 @@ Two ways in:
 numba is imported only by :func:`ensure_available`, which raises
 :class:`~fastprop.backends.BackendUnavailableError` saying whether numba-cuda or a
 GPU is missing (the CUDA simulator, ``NUMBA_ENABLE_CUDASIM=1``, counts as a GPU).
+
+CUDA does not survive ``os.fork()``: in a child forked after this process used the
+backend, every call refuses with BackendUnavailableError (multiprocessing's "spawn"
+or "forkserver" start methods work).  Before the fork, the parent's device training
+steps copy their parameters and optimizer state into the host arrays, so the child's
+``model.to("cpu")`` goes on from them.  (The simulator is held to the same rule.)
 """
 
 from __future__ import annotations
 
 import math
+import os
 import threading
 import weakref
 
@@ -34,6 +41,7 @@ name = "cuda"
 
 _K = None      # fastprop.backends.cuda_kernels, once ensure_available() succeeded
 _cuda = None   # numba.cuda
+_FORKED = None  # the refusal's text in a fork child of a process that used the backend
 
 _IDENTITY = ACTIVATIONS["identity"]
 _SIGMOID = ACTIVATIONS["sigmoid"]
@@ -44,6 +52,8 @@ def ensure_available():
     """Import numba-cuda and the kernels, or raise BackendUnavailableError saying
     which of numba-cuda and a CUDA GPU is missing."""
     global _K, _cuda
+    if _FORKED is not None:
+        raise BackendUnavailableError(_FORKED)
     if _K is None:
         why = cuda_support.problem()
         if why is not None:
@@ -53,6 +63,21 @@ def ensure_available():
         from . import cuda_kernels
         _cuda, _K = cuda, cuda_kernels
     return _K
+
+
+def _after_fork_in_child():
+    global _FORKED
+    if _K is not None:  # (a parent that never used the backend leaves CUDA usable)
+        _FORKED = (
+            "the cuda backend is unavailable in this process: it is a fork child "
+            "(os.fork, multiprocessing's 'fork' start method) of a process that had "
+            "initialised CUDA, which does not survive a fork; start workers with "
+            "multiprocessing.get_context('spawn') or 'forkserver'.  Models trained on "
+            "the GPU in the parent hold its values here: model.to('cpu') goes on from them")
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def get_num_threads() -> int:
@@ -418,9 +443,20 @@ class DeviceTrainStep:
         self._last = None
         self._output = None
 
+    def _before_fork(self):
+        """In the parent, before os.fork(): the host arrays get the device's values
+        (a fork child cannot reach the GPU; it goes on from them on a CPU backend)."""
+        try:
+            self.sync()
+        except Exception:  # (the fork goes on; the child refuses the backend anyway)
+            pass
+
     def _after_fork(self):
-        """In a fork child: a lock a parent thread held at the fork stays held there."""
-        self._lock = threading.RLock()
+        """In a fork child: the GPU is out of reach (the parent synced the values to the
+        host arrays before the fork).  Returns False: the step drops this kernel."""
+        self._lock = threading.RLock()  # (a lock a parent thread held stays held here)
+        self._dirty = False
+        return False
 
     # -- host <-> device ---------------------------------------------------------
     def _pack(self, arrays):

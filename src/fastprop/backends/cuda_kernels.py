@@ -121,6 +121,9 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y and .z (x: 2^31 - 1)
+
+
 def choose_tiles(dtype, m, n, geometry=None) -> Tiles:
     """Large tiles when they still give every SM a block, narrow ones for thin outputs."""
     geometry = geometry or GEOMETRY
@@ -253,7 +256,9 @@ def activations(dtype) -> _Activations:
 @lru_cache(maxsize=None)
 def gemm_kernel(dtype, tiles: Tiles, trans_a: bool, trans_b: bool):
     """kernel(a, b, c, bias, z, act, alpha, accumulate) on a grid of
-    (ceil(n / BN), ceil(m / BM)) blocks of ``tiles.block`` threads.
+    (ceil(m / BM), min(ceil(n / BN), 65535)) blocks of ``tiles.block`` threads: the
+    rows on grid x (up to 2^31 - 1 blocks; grid y and z stop at 65535), the column
+    tiles on grid y, a block looping over every gridDim.y-th one.
 
     c[m, n] (+)= op(a) @ op(b); with the epilogue (bias/z not None, act != 0):
     z = op(a) @ op(b) + bias, c = act(z).  bias and z may be None; accumulate is
@@ -287,78 +292,78 @@ def gemm_kernel(dtype, tiles: Tiles, trans_a: bool, trans_b: bool):
         tx = cuda.threadIdx.x
         ty = cuda.threadIdx.y
         tid = ty * TX + tx
-        row0 = cuda.blockIdx.y * BM
-        col0 = cuda.blockIdx.x * BN
-        for i in range(TM):
-            for j in range(TN):
-                acc[i, j] = zero
-        for k0 in range(0, k, BK):
-            for ld in range(A_LOADS):
-                e = tid + ld * NT
-                if trans_a:  # a is (k, m), contiguous along m
-                    kk = e // BM
-                    i = e - kk * BM
-                else:        # a is (m, k), contiguous along k
-                    i = e // BK
-                    kk = e - i * BK
-                gi = row0 + i
-                gk = k0 + kk
-                v = zero
-                if gi < m and gk < k:
-                    if trans_a:
-                        v = a[gk, gi]
-                    else:
-                        v = a[gi, gk]
-                As[kk, i] = v
-            for ld in range(B_LOADS):
-                e = tid + ld * NT
-                if trans_b:  # b is (n, k), contiguous along k
-                    j = e // BK
-                    kk = e - j * BK
-                else:        # b is (k, n), contiguous along n
-                    kk = e // BN
-                    j = e - kk * BN
-                gj = col0 + j
-                gk = k0 + kk
-                v = zero
-                if gj < n and gk < k:
-                    if trans_b:
-                        v = b[gj, gk]
-                    else:
-                        v = b[gk, gj]
-                Bs[kk, j] = v
-            cuda.syncthreads()
-            for kk in range(BK):
-                for i in range(TM):
-                    ra[i] = As[kk, ty + i * TY]
+        row0 = cuda.blockIdx.x * BM
+        for col0 in range(cuda.blockIdx.y * BN, n, cuda.gridDim.y * BN):
+            for i in range(TM):
                 for j in range(TN):
-                    rb[j] = Bs[kk, tx + j * TX]
-                for i in range(TM):
+                    acc[i, j] = zero
+            for k0 in range(0, k, BK):
+                for ld in range(A_LOADS):
+                    e = tid + ld * NT
+                    if trans_a:  # a is (k, m), contiguous along m
+                        kk = e // BM
+                        i = e - kk * BM
+                    else:        # a is (m, k), contiguous along k
+                        i = e // BK
+                        kk = e - i * BK
+                    gi = row0 + i
+                    gk = k0 + kk
+                    v = zero
+                    if gi < m and gk < k:
+                        if trans_a:
+                            v = a[gk, gi]
+                        else:
+                            v = a[gi, gk]
+                    As[kk, i] = v
+                for ld in range(B_LOADS):
+                    e = tid + ld * NT
+                    if trans_b:  # b is (n, k), contiguous along k
+                        j = e // BK
+                        kk = e - j * BK
+                    else:        # b is (k, n), contiguous along n
+                        kk = e // BN
+                        j = e - kk * BN
+                    gj = col0 + j
+                    gk = k0 + kk
+                    v = zero
+                    if gj < n and gk < k:
+                        if trans_b:
+                            v = b[gj, gk]
+                        else:
+                            v = b[gk, gj]
+                    Bs[kk, j] = v
+                cuda.syncthreads()
+                for kk in range(BK):
+                    for i in range(TM):
+                        ra[i] = As[kk, ty + i * TY]
                     for j in range(TN):
-                        acc[i, j] += ra[i] * rb[j]
-            cuda.syncthreads()
-        # epilogue, in two passes so that the first (which indexes the register tile)
-        # stays small enough to unroll: acc never leaves registers
-        for i in range(TM):
-            r = row0 + ty + i * TY
-            for j in range(TN):
-                col = col0 + tx + j * TX
-                if r < m and col < n:
-                    v = acc[i, j]
-                    if bias is not None:
-                        v += bias[col]
-                    if z is not None:
-                        z[r, col] = v
-                    if accumulate:
-                        v += c[r, col]
-                    c[r, col] = v
-        if act != IDENTITY:  # the thread rereads its own stores (L1 hits)
+                        rb[j] = Bs[kk, tx + j * TX]
+                    for i in range(TM):
+                        for j in range(TN):
+                            acc[i, j] += ra[i] * rb[j]
+                cuda.syncthreads()
+            # epilogue, in two passes so that the first (which indexes the register tile)
+            # stays small enough to unroll: acc never leaves registers
             for i in range(TM):
                 r = row0 + ty + i * TY
                 for j in range(TN):
                     col = col0 + tx + j * TX
                     if r < m and col < n:
-                        c[r, col] = act_forward(c[r, col], act, alpha)
+                        v = acc[i, j]
+                        if bias is not None:
+                            v += bias[col]
+                        if z is not None:
+                            z[r, col] = v
+                        if accumulate:
+                            v += c[r, col]
+                        c[r, col] = v
+            if act != IDENTITY:  # the thread rereads its own stores (L1 hits)
+                for i in range(TM):
+                    r = row0 + ty + i * TY
+                    for j in range(TN):
+                        col = col0 + tx + j * TX
+                        if r < m and col < n:
+                            c[r, col] = act_forward(c[r, col], act, alpha)
 
     if SIMULATOR:
         return cuda.jit(gemm)
@@ -376,7 +381,7 @@ def gemm(a, b, c, trans_a=False, trans_b=False, accumulate=False, bias=None, z=N
     dtype = np.dtype(c.dtype)
     tiles = tiles or choose_tiles(dtype, m, n)
     kern = gemm_kernel(dtype, tiles, bool(trans_a), bool(trans_b))
-    grid = (_cdiv(n, tiles.bn), _cdiv(m, tiles.bm))
+    grid = (_cdiv(m, tiles.bm), min(_cdiv(n, tiles.bn), _MAX_GRID_Y))
     kern[grid, tiles.block](a, b, c, bias, z, int(act), dtype.type(alpha), bool(accumulate))
 
 
@@ -970,6 +975,8 @@ def act_grad_colsum(g, x, y, act, alpha, out, grad_b, accumulate, partial=None):
     """out = g act'(.) (elementwise activations; out may be g, or None when act is
     identity) and grad_b (+)= column sums of it (grad_b may be None)."""
     n, c = g.shape
+    if c == 0:  # (a launch of 0 blocks is an error on a GPU)
+        return
     k = kernels(g.dtype)
     cx, cy = GEOMETRY.col_block
     rows = colsum_partial_rows(n, c)
@@ -1088,8 +1095,8 @@ def adagrad_update(p, g, sums, lr, eps, weight_decay):
 
 
 # normalization on device arrays (x is (n, f); see the kernel contract)
-def _col_grid(f):
-    return _cdiv(f, GEOMETRY.col_block[0]), GEOMETRY.col_block
+def _col_grid(f):  # (at least one block: a launch of 0 blocks is an error on a GPU)
+    return max(1, _cdiv(f, GEOMETRY.col_block[0])), GEOMETRY.col_block
 
 
 def batchnorm_forward(x, gamma, beta, eps, y, mean, invstd):
