@@ -699,6 +699,44 @@ def test_predict_and_evaluate_after_compiled_steps_see_trained_weights(rng):
     close(preds[1][1], preds[0][1], F64, factor=100)
 
 
+def test_predict_and_evaluate_keep_a_dense_chain_on_the_device(rng, monkeypatch):
+    """predict/evaluate of a ``.to("cuda")`` dense chain upload each weight once per
+    call and only the batches after (the host contract uploaded every weight and
+    brought every activation back, per layer and batch); the results are the CPU's,
+    over batches with a smaller last one; a model that is not a dense chain, and an X
+    of the wrong width, take the layer path (which refuses the width in its words)."""
+    X = randn(rng, (11, 5), F64)
+    labels = rng.integers(0, 3, 11)
+    uploads = []
+    real = cu._dev
+    monkeypatch.setattr(cu, "_dev", lambda a: uploads.append(a.shape) or real(a))
+    results = []
+    for device in ("cpu", "cuda"):
+        model = fp.nn.Sequential(fp.nn.Dense(5, 7, activation="gelu", dtype=F64),
+                                 fp.nn.Dropout(0.0), fp.nn.Dense(7, 4, dtype=F64),
+                                 fp.nn.Tanh(), fp.nn.Dense(4, 3, dtype=F64), fp.nn.Softmax(),
+                                 fp.nn.Identity())
+        model.load_state_dict(results[0][2] if results else model.state_dict())
+        model.to(device)
+        shapes = {p.shape for p in model.parameters()}  # (no batch has one of these)
+        uploads.clear()
+        pred = model.predict(X, batch_size=5)  # (batches of 5 and 6 rows)
+        n_pred = (sum(s in shapes for s in uploads), len(uploads))
+        uploads.clear()
+        ev = model.evaluate(X, np.eye(3)[labels], loss="mse", batch_size=5)
+        n_eval = sum(s in shapes for s in uploads)
+        results.append((pred, ev, model.state_dict(), n_pred, n_eval))
+    close(results[1][0], results[0][0], F64, factor=100)
+    close(results[1][1], results[0][1], F64, factor=100)
+    # 3 weights and 3 biases, once each (the batches go into buffers made once)
+    assert results[1][3] == (6, 6) and results[1][4] == 6, results[1][3:]
+    bn = fp.nn.Sequential(fp.nn.Dense(5, 3, dtype=F64), fp.nn.BatchNorm1d(3, dtype=F64))
+    want = bn.predict(X)
+    close(bn.to("cuda").predict(X), want, F64, factor=100)
+    with pytest.raises(ValueError, match="5"):
+        model.predict(X[:, :4])
+
+
 def test_save_and_optimizer_state_after_compiled_device_steps(rng):
     """fp.save and the optimizer's state_dict between compiled device steps hold the
     trained values and moments (fp.save wrote the first weights; the optimizer's

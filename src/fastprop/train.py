@@ -724,6 +724,25 @@ def _batches(n, batch_size):
     return bounds
 
 
+def _batch_forward(model, X):
+    """The forward for eval batches of X: on a backend that runs a whole dense chain
+    (``make_forward``: the cuda backend, keeping weights and activations on the GPU)
+    when the model is one and X fits it, else ``model.forward`` (called inside
+    ``inference_mode``: a dense chain has no layer that the mode changes)."""
+    make = getattr(backends.current(), "make_forward", None)
+    if make is None or X.ndim != 2 or X.shape[0] == 0:
+        return model.forward
+    stages = dense_stages(model)
+    if stages is None or X.shape[1] != stages[0].weight.shape[0] \
+            or len({p.dtype for st in stages for p in (st.weight, st.bias)
+                    if p is not None} | {X.dtype}) != 1:
+        return model.forward  # (which refuses what it must, in its words)
+    for m in model.modules():
+        if isinstance(m, Dense):
+            m._check_params()  # (arrays of other sizes assigned: refused, named)
+    return make(stages)
+
+
 def _evaluate(model, X, y, loss, batch_size):
     """(mean loss, accuracy or None) over X in eval mode: the batches' means weighted
     by their normalisers (rows, or with class weights the weights' sum), so that the
@@ -731,9 +750,10 @@ def _evaluate(model, X, y, loss, batch_size):
     acc_fn = _accuracy_fn(loss)
     total, weight, hits, count = 0.0, 0.0, 0, 0
     with inference_mode():
+        forward = _batch_forward(model, X)
         for start, stop in _batches(X.shape[0], batch_size):
             xb, yb = X[start:stop], y[start:stop]
-            out = model.forward(xb)
+            out = forward(xb)
             w = loss._batch_weight(yb)
             if w:  # (a batch of ignored rows only counts for nothing: its mean is NaN)
                 total += loss.value(out, yb) * w
@@ -755,7 +775,8 @@ def predict(model, X, batch_size=1024):
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
     with inference_mode():
-        outs = [model.forward(X[s:e]) for s, e in _batches(X.shape[0], batch_size)]
+        forward = _batch_forward(model, X)
+        outs = [forward(X[s:e]) for s, e in _batches(X.shape[0], batch_size)]
         if not outs:
             return model.forward(X)  # (no rows: the output's shape, checked)
     return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)

@@ -342,6 +342,35 @@ def layernorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_
     _back(dgb, grad_beta)
 
 
+# --------------------------------------------------------------------- whole forwards
+def make_forward(stages):
+    """``forward(x) -> host array``: the dense chain ``stages`` (the model's current
+    weights, uploaded once here) run on the GPU, the activations staying there; only
+    the batch goes in and the output comes out.  For ``predict``/``evaluate``, whose
+    weights do not change between batches (the layer-by-layer host contract uploads
+    every weight and brings every activation back for each layer of each batch)."""
+    ensure_available()
+    dtype = stages[0].weight.dtype
+    weights = [(_dev(st.weight.value), None if st.bias is None else _dev(st.bias.value))
+               for st in stages]
+    buffers = {}
+
+    def forward(x):
+        n = x.shape[0]
+        bufs = buffers.get(n)
+        if bufs is None:
+            if len(buffers) >= 2:  # (the batch size and a last, smaller batch)
+                buffers.pop(next(iter(buffers)))
+            bufs = buffers[n] = [_cuda.device_array((n, stages[0].weight.shape[0]), dtype)] + [
+                _cuda.device_array((n, st.weight.shape[1]), dtype) for st in stages]
+        bufs[0].copy_to_device(np.ascontiguousarray(x, dtype=dtype))
+        for i, (st, (w, b)) in enumerate(zip(stages, weights)):
+            _K.linear_forward(bufs[i], w, b, st.act, st.alpha, bufs[i + 1], None)
+        return bufs[-1].copy_to_host()
+
+    return forward
+
+
 # --------------------------------------------------------------------- whole training steps
 def make_train_step(stages, loss, optimizer):
     """A device-resident training step for a dense chain, or None when this backend
