@@ -489,6 +489,27 @@ class Optimizer:
             p._zero_grad(set_to_none)
 
     def _check(self) -> None:
+        # (the common case, every array as it should be, in as few operations as
+        # possible: a dtype is compared by identity first, flags read once; ~0.6 us a
+        # parameter instead of ~1.3; any doubt goes to the checks that name the fault)
+        ndarray = np.ndarray
+        for i, p in enumerate(self.params):
+            v, g = p._value, p._grad
+            vd = v.dtype
+            if type(g) is not ndarray or g.shape != v.shape \
+                    or (g.dtype is not vd and g.dtype != vd):
+                break
+            vf, gf = v.flags, g.flags
+            if not (vf.c_contiguous and gf.c_contiguous and vf.writeable):
+                break
+            for arr in self.state[i].values():
+                if arr.shape != v.shape or (arr.dtype is not vd and arr.dtype != vd):
+                    break
+            else:
+                continue
+            break
+        else:
+            return
         for i, p in enumerate(self.params):
             g = p._grad
             if not isinstance(g, np.ndarray) or g.shape != p.value.shape or g.dtype != p.value.dtype:

@@ -308,6 +308,7 @@ class TrainStep:
                      _mask_key=None, output=None, _cache_slots=(), _cache_probes=())
         state.pop("_busy", None)
         state.pop("_owner", None)
+        state.pop("_walk", None)  # (keyed by this process's structure counter)
         return state
 
     def __setstate__(self, state):
@@ -509,12 +510,12 @@ class TrainStep:
         # update below runs on it)
         opt = self.optimizer
         checked = opt._precheck()
-        mods = list(model.modules())
-        saved = [(b, b.copy()) for m in mods for b in (getattr(m, a) for a in m._buffers)]
+        buffered, drops, params, caches = self._layer_walk(model)
+        saved = [(b, b.copy()) for m in buffered for b in (getattr(m, a) for a in m._buffers)]
         # (and the Dropout generators: a refused step draws no masks, so that the
         # next step, and a seeded run, is as if it had not been called)
-        draws = [(m.rng, m.rng.bit_generator.state) for m in mods
-                 if isinstance(m, Dropout) and isinstance(m.rng, np.random.Generator)]
+        draws = [(m.rng, m.rng.bit_generator.state) for m in drops
+                 if isinstance(m.rng, np.random.Generator)]
         try:
             out = model.forward(x)
             if self.check_finite and saved and any(
@@ -529,7 +530,8 @@ class TrainStep:
             if self.check_finite and not math.isfinite(value):
                 raise NonFiniteError(f"non-finite loss {value}")
             self.output = out
-            model.zero_grad()
+            for p in params:  # (model.zero_grad())
+                p._zero_grad(True)
             model.backward(grad, input_grad=False)
             if self.check_finite:
                 grads = [p._grad for p in self.optimizer.params]
@@ -557,8 +559,36 @@ class TrainStep:
                 gen.bit_generator.state = state
             raise
         finally:
-            model._drop_caches()  # (backward has run: keep no batch alive)
+            for d, names in caches:  # (model._drop_caches(): backward has run, keep no
+                for name in names:   # batch alive)
+                    d[name] = None
         return value
+
+    def _layer_walk(self, model):
+        """(modules with buffers, Dropout modules, parameters, (module __dict__, cache
+        names)) of the model, for the layer path; kept while nothing public changed on
+        any module (``nn._structure``), when every module lists its children the way
+        fastprop's do (a subclass' own ``children`` may change without telling).  The
+        tree walks took ~10-20% of a step of a Residual or BatchNorm model."""
+        walk = self.__dict__.get("_walk")
+        if walk is not None and walk[0] == _nn_structure[0]:
+            return walk[1]
+        structure = _nn_structure[0]
+        mods = list(model.modules())
+        found = ([m for m in mods if m._buffers], [m for m in mods if isinstance(m, Dropout)],
+                 model.parameters(),
+                 [(m.__dict__, tuple(m._kept_caches())) for m in mods if m._kept_caches()])
+        if all(type(m).children in _STANDARD_CHILDREN for m in mods) \
+                and all(type(m)._drop_caches is Module._drop_caches for m in mods):
+            self._walk = (structure, found)
+        else:
+            self.__dict__.pop("_walk", None)
+        return found
+
+
+# fastprop's own ways of listing a module's children (from registered attributes and
+# a container's layers): what a cached walk of the module tree relies on
+_STANDARD_CHILDREN = frozenset({Module.children, Sequential.children, Residual.children})
 
 
 def _clip_setting(value, name):
