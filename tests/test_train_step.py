@@ -633,3 +633,56 @@ def test_a_users_subclass_of_a_fused_layer_runs_its_own_code():
             want = fp.losses.SoftmaxCrossEntropy()(ref(x), y)
             assert got == pytest.approx(want, rel=1e-6)
             assert (compiled._fast is not None) == fused
+
+
+def test_the_layer_path_sees_modules_added_after_its_walk_was_kept(rng):
+    """The layer path keeps its walk of the module tree (buffers to restore, Dropout
+    generators, parameters to zero, caches to drop) while nothing public changed; a
+    BatchNorm appended later, or added to a user's container whose own ``children``
+    lists a plain list (no change is signalled), has its statistics restored by a
+    refused step and its caches dropped by a good one."""
+
+    class Bag(nn.Module):  # (children from a plain list: edits are not signalled)
+        def __init__(self, *mods):
+            super().__init__()
+            self._mods = list(mods)
+
+        def children(self):
+            return list(self._mods)
+
+        def forward(self, x):
+            for m in self._mods:
+                x = m(x)
+            return x
+
+        def backward(self, g, input_grad=True):
+            for m in reversed(self._mods):
+                g = m.backward(g)
+            return g
+
+    X = rng.standard_normal((8, 4))
+    y = rng.integers(0, 3, 8)
+    for container in ("sequential", "bag"):
+        first = nn.BatchNorm1d(5, affine=False, dtype=np.float64)
+        dense = [nn.Dense(4, 5, dtype=np.float64), nn.Dense(5, 3, dtype=np.float64)]
+        if container == "sequential":
+            model = nn.Sequential(dense[0], first, dense[1])
+        else:
+            model = nn.Sequential(Bag(dense[0], first), dense[1])
+        # (made first: making a module counts as a change)
+        late = nn.BatchNorm1d(3 if container == "sequential" else 5, affine=False,
+                              dtype=np.float64)
+        step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+        step(X, y)
+        step(X, y)
+        if container == "sequential":
+            model.append(late)
+        else:
+            model.layers[0]._mods.append(late)
+        step(X, y)
+        before = late.running_mean.copy(), late.running_var.copy()
+        assert late.num_batches_tracked == 1 and late._cache is None
+        with pytest.raises(ValueError):
+            step(X, np.full(8, 7))  # (a class id out of range: refused after forward)
+        assert np.array_equal(late.running_mean, before[0]), container
+        assert np.array_equal(late.running_var, before[1]) and late.num_batches_tracked == 1
