@@ -76,7 +76,7 @@ def test_env_var_unknown_or_unavailable_backend_raises_clearly():
             "else:\n"
             "    print('RESULT', 'ok')\n")
     out = _marker(_run(code, "bogus"))
-    assert out.startswith("ValueError |") and "bogus" in out
+    assert out.startswith("ValueError |") and "bogus" in out and "FASTPROP_BACKEND" in out
     if not _cuda_available():
         out = _marker(_run(code, "cuda"))
         assert out.startswith("BackendUnavailableError |") and "cuda" in out
@@ -182,3 +182,55 @@ def test_backends_train_alike(opt):
             results[name] = [p.value for p in model.parameters()]
     for a, b in zip(results["native"], results["numpy"]):
         np.testing.assert_allclose(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+def test_import_loads_the_native_runtime_so_threadpoolctl_limits_it_from_the_start():
+    """``import fastprop`` loads the native module (it was loaded at the first kernel):
+    a threadpoolctl limit set before any kernel ran reaches fastprop's OpenMP threads,
+    and the fork handler is registered before any fork."""
+    pytest.importorskip("threadpoolctl")
+    code = ("import sys, fastprop as fp\n"
+            "from threadpoolctl import threadpool_limits\n"
+            "loaded = 'fastprop._native' in sys.modules\n"
+            "with threadpool_limits(limits=1):\n"
+            "    n = fp.get_num_threads()\n"
+            "print('RESULT', loaded, n)\n")
+    assert _marker(_run(code)) == "True 1"
+
+
+@pytest.mark.skipif(not NATIVE_BUILT or not hasattr(os, "fork"), reason="native and fork")
+def test_a_fork_after_another_librarys_openmp_pool_started_does_not_hang():
+    """PyTorch's OpenMP pool (the same libgomp) started before fastprop's first kernel,
+    then a fork: the child's kernel used to wait forever at its first barrier (the fork
+    handler was registered only when the native module loaded, after the fork)."""
+    pytest.importorskip("torch")
+    code = ("import os, multiprocessing as mp\n"
+            "os.environ['FASTPROP_BACKOFF'] = '0'\n"
+            "import torch, numpy as np\n"
+            "torch.ones(512, 512) @ torch.ones(512, 512)\n"
+            "import fastprop as fp\n"
+            "def work(_):\n"
+            "    a = np.ones((600, 600), np.float32)\n"
+            "    return float(fp.ops.matmul(a, a)[0, 0])\n"
+            "with mp.get_context('fork').Pool(1) as pool:\n"
+            "    r = pool.map_async(work, [0])\n"
+            "    print('RESULT', r.get(timeout=60))\n")
+    assert _marker(_run(code)) == "[600.0]"
+
+
+def test_a_missing_native_backend_is_said_not_silent():
+    """Without the native module (a broken build, a source tree shadowing the install)
+    the numpy backend runs with a RuntimeWarning, and show_config says why."""
+    code = ("import sys, warnings\n"
+            "sys.modules['fastprop._native'] = None  # (its import fails)\n"
+            "import fastprop as fp\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    warnings.simplefilter('always')\n"
+            "    name = fp.get_backend()\n"
+            "info = fp._config.config()\n"
+            "print('RESULT', name, [str(x.message)[:40] for x in w], info['native'][:17])\n")
+    out = _marker(_run(code))
+    assert out.startswith("numpy ['fastprop\\'s native backend is unavailable") or \
+        out.startswith("numpy [\"fastprop's native backend is unavailable"), out
+    assert out.endswith("'not available (b'") or "not available (" in out, out

@@ -23,6 +23,21 @@ from .train import EarlyStopping, History, LearningRateScheduler, NonFiniteError
 
 __version__ = "0.1.0"
 
+
+def _load_native_runtime():
+    """The native module is loaded at import, not at the first kernel: its fork handler
+    (a fork child of a process whose OpenMP pool had started runs serially, instead of
+    waiting forever at its first barrier: PyTorch's pool shares the runtime) and the
+    OpenMP runtime threadpoolctl limits are there from the start.  A broken build is
+    reported when a kernel first needs it (or by fp.show_config())."""
+    try:
+        from . import _native  # noqa: F401
+    except Exception:
+        pass
+
+
+_load_native_runtime()
+
 __all__ = [
     "backends", "init", "losses", "nn", "ops", "optim",
     "get_num_threads", "set_num_threads", "show_config",

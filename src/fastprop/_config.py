@@ -49,9 +49,11 @@ def config() -> dict:
         info["backend"] = backends.get_backend()
     except Exception as exc:  # e.g. FASTPROP_BACKEND=cuda without a GPU: say so, go on
         info["backend"] = f"unavailable ({type(exc).__name__}: {exc})"
-    native = _native()
-    if native is None:
-        info["native"] = "not available"
+    try:
+        native = backends.load("native")
+    except (backends.BackendUnavailableError, ImportError) as exc:
+        native = None
+        info["native"] = f"not available ({exc})"
     else:
         for k, v in native.config().items():
             info[f"native.{k}"] = v

@@ -126,6 +126,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import os
+import warnings
 from contextlib import contextmanager
 
 #: Activation name -> integer code used by every backend.
@@ -205,11 +206,17 @@ def _initial_default():
     if _default is None:
         env = os.environ.get("FASTPROP_BACKEND", "").strip().lower()
         if env:
+            if env not in BACKENDS:  # (a value the code never passed: name its source)
+                raise ValueError(f"environment variable FASTPROP_BACKEND={env!r} is not a "
+                                 f"backend; expected one of {BACKENDS} (or unset)")
             _default = load(env)
         else:
             try:
                 _default = load("native")
-            except BackendUnavailableError:  # pragma: no cover - broken install
+            except BackendUnavailableError as exc:  # a broken or partial install
+                warnings.warn(f"fastprop's native backend is unavailable ({exc}); using the "
+                              f"numpy backend, several times slower (fp.show_config() says "
+                              f"which backend runs)", RuntimeWarning, stacklevel=3)
                 _default = load("numpy")
     return _default
 
