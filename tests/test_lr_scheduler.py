@@ -560,3 +560,25 @@ def test_load_state_dict_refuses_what_a_schedule_divides_by():
         sd = s.state_dict()
         with pytest.raises(ValueError, match=rf"'{key}'\] must be > 0, got 0"):
             s.load_state_dict({**sd, key: 0.0 if isinstance(sd[key], float) else 0})
+
+
+def test_cosine_annealing_takes_0_where_the_recursive_form_dips_below_0():
+    """Rates halved by hand every epoch under CosineAnnealingLR(T_max=2, eta_min=1e-4):
+    PyTorch's recursive form (which follows hand changes) gives -5e-5 and -7.5e-5 at
+    the fourth epoch and applies them (a step uphill); the rates are 0 there and
+    training goes on (refusing them recomputed the same values, refusing every later
+    step too).  Up to that epoch the rates are PyTorch's (2.13)."""
+    p = [fp.Parameter(np.zeros(2)), fp.Parameter(np.zeros(2))]
+    opt = fp.optim.SGD([{"params": [p[0]]}, {"params": [p[1]], "lr": 5e-5}], lr=1e-4)
+    sched = fp.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=2, eta_min=1e-4)
+    rates = []
+    for _ in range(12):
+        for g in opt.param_groups:
+            g["lr"] *= 0.5
+        opt.step()
+        sched.step()
+        rates.append([g["lr"] for g in opt.param_groups])
+    np.testing.assert_allclose(rates[:3], [[7.5e-5, 6.25e-5], [1e-4, 1e-4], [5e-5, 2.5e-5]],
+                               rtol=1e-12)
+    assert rates[3] == [0.0, 0.0]
+    assert all(r >= 0 for row in rates for r in row) and all(r > 0 for r in rates[4])

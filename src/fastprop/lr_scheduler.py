@@ -403,7 +403,11 @@ class PolynomialLR(LRScheduler):
 
 class CosineAnnealingLR(LRScheduler):
     """``lr = eta_min + (base - eta_min) (1 + cos(pi t / T_max)) / 2`` (SGDR without
-    restarts; past ``T_max`` it rises again, as PyTorch's)."""
+    restarts; past ``T_max`` it rises again, as PyTorch's).  Each epoch's rate comes
+    from the last one by PyTorch's recursive form (which follows a group's rate changed
+    by hand); where that form dips below 0 (a group at or below ``eta_min``, a short
+    ``T_max``) the rate is 0 for that epoch (PyTorch applies the negative rate, a step
+    uphill; refusing it would refuse every later step too)."""
 
     def __init__(self, optimizer, T_max, eta_min=0.0, last_epoch=-1):
         self.T_max = real(T_max, "T_max", low=0, low_inclusive=False)
@@ -417,10 +421,10 @@ class CosineAnnealingLR(LRScheduler):
         if self._step_count == 1 and t > 0:
             return [self._closed_form(b, t) for b in self.base_lrs]
         if (t - 1 - T) % (2 * T) == 0:
-            return [lr + (b - low) * (1 - math.cos(math.pi / T)) / 2
+            return [max(0.0, lr + (b - low) * (1 - math.cos(math.pi / T)) / 2)
                     for lr, b in zip(self._current(), self.base_lrs)]
-        return [(1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
-                * (lr - low) + low for lr in self._current()]
+        return [max(0.0, (1 + math.cos(math.pi * t / T)) / (1 + math.cos(math.pi * (t - 1) / T))
+                    * (lr - low) + low) for lr in self._current()]
 
     def _closed_form(self, base, t):
         return self.eta_min + (base - self.eta_min) * (1 + math.cos(math.pi * t / self.T_max)) / 2

@@ -1142,7 +1142,10 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 logs["accuracy"] = hits / count if count else math.nan
             if Xv is not None:
                 step.sync()
-                vloss, vacc = _evaluate(model, Xv, yv, step.loss, max(batch_size, 256))
+                # (evaluate's batches: a model whose eval-mode output depends on the
+                # batch, a BatchNorm1d(track_running_stats=False), gets the val_loss
+                # that model.evaluate(Xv, yv) reports)
+                vloss, vacc = _evaluate(model, Xv, yv, step.loss, 1024)
                 logs["val_loss"] = vloss
                 if vacc is not None:
                     logs["val_accuracy"] = vacc
@@ -1235,9 +1238,9 @@ _KERAS_ONLY = {
     "steps_per_epoch": "each epoch goes once over X in batches of batch_size",
     "validation_freq": "validation runs after every epoch",
     "validation_steps": "validation goes over all of validation_data, in batches of "
-                        "max(batch_size, 256)",
-    "validation_batch_size": "validation goes over validation_data in batches of "
-                             "max(batch_size, 256)",
+                        "1024 (as evaluate's)",
+    "validation_batch_size": "validation goes over validation_data in batches of 1024 "
+                             "(as evaluate's)",
     "workers": "fit takes whole arrays in this process; the kernels use "
                "fp.set_num_threads(n) threads",
     "use_multiprocessing": "fit takes whole arrays in this process; the kernels use "
