@@ -238,7 +238,14 @@ def test_checkpoint_every_n_epochs(tmp_path, monkeypatch):
     (dict(shuffle=False), "settings"),
     (dict(X=slice(0, 90)), "settings"),
     (dict(model=lambda: nn.Sequential(nn.Dense(6, 17, "relu"), nn.Dense(17, 3))),
-     "shape \\(6, 16\\).*\\(6, 17\\)"),
+     "model\\[0\\] \\(Dense\\): out_features=16 in the file, 17 here"),
+    # (arrays of the very shapes; it trained on silently)
+    (dict(model=lambda: nn.Sequential(nn.Dense(6, 16, "tanh"), nn.Dense(16, 3))),
+     "another architecture.*activation='relu' in the file, 'tanh' here"),
+    (dict(model=lambda: nn.Sequential(nn.Dense(6, 16, "relu"), nn.Dropout(0.5),
+                                      nn.Dense(16, 3))), "2 submodules in the file, 3 here"),
+    (dict(model=lambda: nn.Sequential(nn.Dense(6, 16), nn.Dense(16, 3), nn.Sigmoid())),
+     "another architecture"),
     (dict(model=lambda: nn.Sequential(nn.Dense(6, 16, "relu", dtype=np.float64),
                                       nn.Dense(16, 3, dtype=np.float64))), "float64"),
     (dict(optimizer="sgd"), "state_dict is for 'Adam', not 'SGD'"),
@@ -261,6 +268,31 @@ def test_resume_rejects_a_mismatched_checkpoint_untouched(tmp_path, change, matc
                   checkpoint=path, resume=True, batch_size=change.get("batch_size", 16),
                   shuffle=change.get("shuffle", True))
     assert snapshot(model, opt) == before
+
+
+def test_resume_rejects_other_layer_classes_and_settings_untouched(tmp_path):
+    """A mixed model's checkpoint against the same arrays in other layers: a Sigmoid
+    for its Tanh, another Dropout rate, BatchNorm momentum (each resumed silently)."""
+    X, y = make_data()
+    path = tmp_path / "run.ckpt"
+    model = make_model("mixed")
+    model.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(model.parameters()), epochs=1,
+              batch_size=16, verbose=0, checkpoint=path)
+    for edit, match in [(lambda m: m.layers.__setitem__(2, nn.Sigmoid()),
+                         r"model\[2\]: Tanh in the file, Sigmoid here"),
+                        (lambda m: setattr(m[3], "p", 0.9), r"model\[3\] \(Dropout\): p=0.2"),
+                        (lambda m: setattr(m[1], "momentum", 0.5), "momentum=0.1")]:
+        other = make_model("mixed")
+        edit(other)
+        opt = optim.Adam(other.parameters())
+        before = snapshot(other, opt)
+        with pytest.raises(ValueError, match=match):
+            other.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=16,
+                      verbose=0, checkpoint=path, resume=True)
+        assert snapshot(other, opt) == before
+    same = make_model("mixed")
+    same.fit(X, y, loss="cross_entropy", optimizer=optim.Adam(same.parameters()), epochs=2,
+             batch_size=16, verbose=0, checkpoint=path, resume=True)  # (accepted)
 
 
 def test_resume_rejects_corrupt_and_foreign_files(tmp_path):

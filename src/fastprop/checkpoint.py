@@ -155,8 +155,12 @@ def prepare_resume(path, model, optimizer, settings):
     if saved != settings:
         raise ValueError(f"{where} was written by a fit with settings {meta.get('settings')}; "
                          f"this fit has {settings}: resume with the same data and settings")
-    # the model: same architecture, every array present with its shape and dtype (a
-    # BatchNorm's batch count may be missing: written before it was kept)
+    # the model: same architecture (layer classes, nesting, settings such as the
+    # activations and Dropout rates), every array present with its shape and dtype
+    # (a BatchNorm's batch count may be missing: written before it was kept)
+    found = serialization.architecture_mismatch(header.get("model"), model)
+    if found is not None:
+        raise ValueError(f"{where} holds another architecture than this model: {found}")
     targets = model.state_arrays()
     names = {e.get("name") for e in header.get("arrays", [])}
     names = {n for n in names if isinstance(n, str) and not n.startswith("extra.")}

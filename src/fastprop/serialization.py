@@ -45,6 +45,36 @@ def model_to_tree(model: Module) -> dict:
     return tree
 
 
+def architecture_mismatch(tree, model: Module, where: str = "model"):
+    """None when the file's architecture ``tree`` describes ``model`` (the same layer
+    classes, nesting, and configuration values where both name one: a file written
+    before a setting existed does not lack it); else where they first differ."""
+    if not isinstance(tree, dict):
+        return f"{where}: a layer entry is {type(tree).__name__}"
+    try:
+        cls = _layer_class(tree.get("class"))
+    except ValueError:
+        cls = None
+    if cls is not type(model):
+        return f"{where}: {tree.get('class')} in the file, {type(model).__name__} here"
+    saved, now = tree.get("config") or {}, model.get_config()
+    if isinstance(saved, dict):
+        now = json.loads(json.dumps(now))  # (as the file holds it: lists, not tuples)
+        for key in sorted(saved.keys() & now.keys()):
+            if saved[key] != now[key]:
+                return (f"{where} ({type(model).__name__}): {key}={saved[key]!r} in the "
+                        f"file, {now[key]!r} here")
+    kids, saved_kids = model.children(), tree.get("children") or []
+    if not isinstance(saved_kids, list) or len(saved_kids) != len(kids):
+        return (f"{where} ({type(model).__name__}): {len(saved_kids)} submodules in the "
+                f"file, {len(kids)} here")
+    for i, (sub, mod) in enumerate(zip(saved_kids, kids)):
+        found = architecture_mismatch(sub, mod, f"{where}[{i}]")
+        if found is not None:
+            return found
+    return None
+
+
 def _layer_class(name):
     """The registered class a file names; a bare name that is not fastprop's (a file
     written before user classes were saved with their module) finds the user's
