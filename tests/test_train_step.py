@@ -686,3 +686,41 @@ def test_the_layer_path_sees_modules_added_after_its_walk_was_kept(rng):
             step(X, np.full(8, 7))  # (a class id out of range: refused after forward)
         assert np.array_equal(late.running_mean, before[0]), container
         assert np.array_equal(late.running_var, before[1]) and late.num_batches_tracked == 1
+
+
+def test_threads_may_share_a_loss_subclass_object():
+    """Two threads train their own models with one shared object of a Loss subclass
+    whose forward lets the GIL go (I/O, a sleep): each model ends as it does trained
+    alone (backward read the shared object's gradient, which the other thread's
+    forward could replace in between)."""
+    import threading
+    import time
+
+    class Slow(losses.SoftmaxCrossEntropy):
+        def forward(self, pred, target):
+            value = super().forward(pred, target)
+            time.sleep(0.0005)
+            return value
+
+    rng = np.random.default_rng(0)
+    data = [(rng.standard_normal((16, 5)), rng.integers(0, 3, 16)) for _ in range(2)]
+
+    def train(i, loss, out):
+        model = nn.Sequential(nn.Dense(5, 8, "tanh", rng=i), nn.Dense(8, 3, rng=i + 7))
+        step = model.compile(loss, optim.SGD(model.parameters(), lr=0.1))
+        for _ in range(15):
+            step(*data[i])
+        out[i] = [p.value.copy() for p in model.parameters()]
+
+    alone = {}
+    for i in range(2):
+        train(i, Slow(), alone)
+    shared, together = Slow(), {}
+    threads = [threading.Thread(target=train, args=(i, shared, together)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i in range(2):
+        for a, b in zip(together[i], alone[i]):
+            np.testing.assert_array_equal(a, b)

@@ -7,6 +7,8 @@ computed in the same kernel pass as the loss.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import backends
@@ -15,6 +17,11 @@ from .ops import softmax_targets
 
 __all__ = ["Loss", "MSE", "L1", "Huber", "SmoothL1", "BinaryCrossEntropy", "SoftmaxCrossEntropy",
            "get"]
+
+
+# (a Loss subclass' own forward and backward, called as a pair by training steps that
+# may share the object across threads)
+_SUBCLASS_PAIR = threading.RLock()
 
 
 class Loss:
@@ -59,8 +66,12 @@ class Loss:
         overrides ``forward`` or ``backward`` is called through them."""
         cls = type(self)
         if cls.forward is not Loss.forward or cls.backward is not Loss.backward:
-            value = self.forward(pred, target)
-            return value, self.backward()
+            # (backward reads what forward kept on the shared object: the pair runs
+            # under one lock, or another thread's forward, in a gap where the
+            # subclass' code let the GIL go, hands this step its gradient)
+            with _SUBCLASS_PAIR:
+                value = self.forward(pred, target)
+                return value, self.backward()
         value, grad = self._compute(pred, target)
         self._grad = grad
         return value, grad
