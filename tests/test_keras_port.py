@@ -259,6 +259,10 @@ def test_generators_compile_order_and_optimizer_classes(rng):
     with pytest.raises(ValueError, match=r"loss 'adam' is an optimizer's name: compile "
                                          r"takes the loss first"):
         model.compile("adam", "sparse_categorical_crossentropy")
+    for loss in ("cross_entropy", fp.losses.SoftmaxCrossEntropy()):  # (objects too)
+        with pytest.raises(TypeError, match=r"loss is an optimizer \(Adam\): compile takes "
+                                            r"the loss first"):
+            model.compile(optim.Adam(model.parameters()), loss)
     with pytest.raises(TypeError, match="optimizer must be a fastprop.optim.Optimizer or a "
                                         "name, got int"):
         model.compile("cross_entropy", 3)

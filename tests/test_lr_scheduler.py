@@ -582,3 +582,14 @@ def test_cosine_annealing_takes_0_where_the_recursive_form_dips_below_0():
                                rtol=1e-12)
     assert rates[3] == [0.0, 0.0]
     assert all(r >= 0 for row in rates for r in row) and all(r > 0 for r in rates[4])
+
+
+def test_schedulers_import_as_from_torch_optim():
+    """`from fastprop.optim.lr_scheduler import StepLR`, as PyTorch code writes it
+    (fastprop.optim is a module, not a package: the import failed)."""
+    import subprocess
+    import sys
+    code = ("from fastprop.optim.lr_scheduler import StepLR\n"
+            "import fastprop as fp\n"
+            "assert StepLR is fp.lr_scheduler.StepLR\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

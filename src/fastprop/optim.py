@@ -15,6 +15,7 @@ from __future__ import annotations
 import inspect
 import math
 import numbers
+import sys
 
 import numpy as np
 
@@ -1046,3 +1047,7 @@ def clip_grad_value_(parameters, clip_value, foreach=None) -> None:
 
 
 from . import lr_scheduler  # noqa: E402  (fp.optim.lr_scheduler, as torch.optim's)
+
+# (and importable by that name: `from fastprop.optim.lr_scheduler import StepLR`, as
+# `from torch.optim.lr_scheduler import StepLR`)
+sys.modules[__name__ + ".lr_scheduler"] = lr_scheduler

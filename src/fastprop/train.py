@@ -231,6 +231,10 @@ class TrainStep:
             raise ValueError(f"loss {loss!r} is an optimizer's name: compile takes the loss "
                              f"first, compile(loss, optimizer) (Keras' order is the other "
                              f"way round); or name them: compile(loss=..., optimizer=...)")
+        if isinstance(loss, _optim.Optimizer) and isinstance(optimizer, (_losses.Loss, str)):
+            raise TypeError(f"loss is an optimizer ({type(loss).__name__}): compile takes the "
+                            f"loss first, compile(loss, optimizer) (Keras' order is the other "
+                            f"way round); or name them: compile(loss=..., optimizer=...)")
         self.loss = _losses.get(loss)
         self.optimizer = _optim.get(optimizer, model.parameters())
         _warn_double_activation(model, self.loss)
