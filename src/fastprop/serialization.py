@@ -17,6 +17,7 @@ never leaves a half-written file behind.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import secrets
@@ -122,14 +123,47 @@ def model_from_tree(tree: dict, budget: list | None = None) -> Module:
     return model
 
 
+def _unbuildable(model: Module):
+    """(module, its config, the TypeError) for the first module that ``load`` could not
+    make again from its ``get_config()`` (a user's layer whose constructor takes
+    arguments that ``get_config`` does not return), else None."""
+    for mod in model.modules():
+        cls = type(mod)
+        if cls in (Sequential, Residual) or cls._from_file.__func__ is not \
+                Module._from_file.__func__:
+            continue
+        config = mod.get_config()
+        try:
+            sig = inspect.signature(cls)
+        except (TypeError, ValueError):  # (no signature to read: not checked)
+            continue
+        try:
+            sig.bind(**config)
+        except TypeError as exc:
+            return mod, config, exc
+    return None
+
+
 def save(model: Module, path, extra: dict | None = None, checkpoint: bool = False) -> None:
     """Write ``model`` (architecture, parameters, buffers) to ``path`` atomically
     (``checkpoint``: the extra arrays are a fit checkpoint's, which ``load`` leaves
     out of the model).  ``path`` may also be a binary file object (``io.BytesIO``, a
     file opened ``"wb"``), as ``torch.save`` takes: written from its position, not
-    atomically."""
+    atomically.  A layer of your own is made again by ``load`` as
+    ``cls(**layer.get_config())``: one whose constructor needs arguments returns them
+    from ``get_config`` (else ``save`` refuses it, ValueError, writing nothing; a fit
+    checkpoint is still written, and resumes into a model you build)."""
     if not isinstance(model, Module):
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+    if not checkpoint:
+        found = _unbuildable(model)
+        if found is not None:
+            mod, config, exc = found
+            raise ValueError(
+                f"{type(mod).__name__} cannot be saved: load makes each layer again as "
+                f"{type(mod).__name__}(**get_config()), and its get_config() returns "
+                f"{config!r} ({exc}); define get_config() to return its constructor's "
+                f"arguments (as a JSON-able dict)")
     model._sync_device()  # (a compiled step training on a device holds the values)
     arrays = [(name, _little(a)) for name, a in model.state_arrays()]
     if extra:
