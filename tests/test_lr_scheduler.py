@@ -593,3 +593,23 @@ def test_schedulers_import_as_from_torch_optim():
             "import fastprop as fp\n"
             "assert StepLR is fp.lr_scheduler.StepLR\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+
+
+def test_fit_refuses_a_scheduler_of_another_optimizer():
+    """fit(optimizer="sgd", callbacks=[StepLR(opt)]) trained a new SGD at a constant
+    rate and stepped the unused opt: refused, before anything changes."""
+    X, y = np.random.default_rng(0).standard_normal((8, 3)), np.zeros((8, 2))
+    model = fp.nn.Sequential(fp.nn.Dense(3, 2))
+    opt, other = (fp.optim.SGD(model.parameters(), lr=0.1) for _ in range(2))
+    before = [p.value.copy() for p in model.parameters()]
+    for kw in (dict(optimizer="sgd", callbacks=[fp.optim.lr_scheduler.StepLR(opt, 1)]),
+               dict(optimizer=opt, callbacks=[fp.optim.lr_scheduler.every_batch(
+                   fp.optim.lr_scheduler.StepLR(other, 1))]),
+               dict(optimizer=opt, callbacks=[fp.optim.lr_scheduler.ReduceLROnPlateau(other)])):
+        with pytest.raises(ValueError, match=r"callbacks\[0\] is a \w+ of another optimizer"):
+            model.fit(X, y, loss="mse", epochs=2, verbose=0, **kw)
+        assert all(np.array_equal(a, p.value) for a, p in zip(before, model.parameters()))
+        assert opt.lr == other.lr == 0.1 and opt.step_count == 0
+    model.fit(X, y, loss="mse", optimizer=opt, epochs=2, verbose=0,
+              callbacks=[fp.optim.lr_scheduler.StepLR(opt, 1, gamma=0.5)])
+    assert opt.lr == 0.025

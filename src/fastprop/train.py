@@ -29,6 +29,7 @@ from . import optim as _optim
 from ._checks import (as_array, as_float, check_finite, finite_float, flag, integer, real,
                       warn_user as _warn_user)
 from .backends import ACTIVATIONS, NonFiniteError
+from . import lr_scheduler as _sched
 from .lr_scheduler import _set_rates
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
                  Sequential,
@@ -1027,6 +1028,18 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 f"batch_size={batch_size} with {n} training samples leaves a batch of 1 sample; "
                 f"choose another batch_size")
     if callbacks:  # (may refuse, e.g. an EarlyStopping watching a key this fit lacks)
+        for i, cb in enumerate(callbacks):
+            # (a scheduler of another optimizer would set rates nothing trains with:
+            # fit(optimizer="sgd") builds a new one on every call)
+            sched = cb.scheduler if isinstance(cb, _sched.every_batch) else cb
+            if isinstance(sched, (_sched.LRScheduler, _sched.ReduceLROnPlateau)) \
+                    and sched.optimizer is not step.optimizer:
+                why = (f" (optimizer={optimizer!r} builds a new one)"
+                       if isinstance(optimizer, str) or isinstance(optimizer, type) else "")
+                raise ValueError(
+                    f"callbacks[{i}] is a {type(sched).__name__} of another optimizer than "
+                    f"the one this fit trains with{why}: make the scheduler on the optimizer "
+                    f"fit gets, fit(..., optimizer=opt, callbacks=[StepLR(opt, ...)])")
         keys = ["loss"] + (["accuracy"] if _accuracy_fn(step.loss) is not None else [])
         keys += [f"val_{k}" for k in keys] if Xv is not None else []
         params = {"epochs": epochs, "steps": -(-X.shape[0] // batch_size), "verbose": verbose}
