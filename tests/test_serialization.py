@@ -572,3 +572,19 @@ def test_save_refuses_a_layer_that_load_could_not_make_again(tmp_path):
     model.fit(X, y, loss="mse", optimizer="sgd", epochs=1, verbose=0,
               checkpoint=tmp_path / "c.ckpt")
     assert (tmp_path / "c.ckpt").exists()
+
+
+def test_save_and_load_errors_name_what_was_passed(tmp_path):
+    """A missing directory is named as the path asked for (it was the temporary file's
+    name); a text-mode file object is a TypeError saying to open it in binary mode (it
+    was a UnicodeDecodeError, or write()'s own TypeError)."""
+    model = nn.Sequential(nn.Dense(2, 2))
+    target = tmp_path / "missing" / "m.fp"
+    with pytest.raises(FileNotFoundError) as info:
+        fp.save(model, target)
+    assert info.value.filename == str(target) and ".tmp" not in str(info.value)
+    fp.save(model, tmp_path / "m.fp")
+    with open(tmp_path / "m.fp") as f, pytest.raises(TypeError, match=r"text mode.*'rb'"):
+        fp.load(f)
+    with open(tmp_path / "t.fp", "w") as f, pytest.raises(TypeError, match=r"text mode.*'wb'"):
+        fp.save(model, f)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import io
 import json
 import os
 import secrets
@@ -177,6 +178,9 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     header = json.dumps({"model": model_to_tree(model), "arrays": entries,
                          "tied": _tied_parameters(model), "frozen": frozen,
                          "checkpoint": bool(checkpoint)}).encode()
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(f"path is a file object in text mode ({_stream_name(path)!r}): "
+                        f"open it in binary mode ('wb')")
     if _is_stream(path, "write"):  # a file object, as torch.save takes (no atomic rename)
         for chunk in _chunks(header, arrays):
             path.write(chunk)
@@ -202,11 +206,14 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         try:
             os.unlink(tmp)
         except OSError:
             pass
+        if isinstance(exc, OSError) and exc.filename == tmp:  # (name what was asked for:
+            # a missing or read-only directory, not the temporary file's name)
+            raise type(exc)(exc.errno, exc.strerror, path) from None
         raise
     dfd = -1
     try:  # the rename itself on disk (where the file system allows)
@@ -329,6 +336,9 @@ def _umask() -> int:
 def _read(path):
     """(header, {name: read-only array view, or a native-byte-order copy of another
     byte order}, bytes of array data) of a model file."""
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(f"path is a file object in text mode ({_stream_name(path)!r}): "
+                        f"open it in binary mode ('rb')")
     if _is_stream(path, "read"):  # a file object opened in binary mode, at the start
         blob = path.read()
         if not isinstance(blob, (bytes, bytearray)):
