@@ -1857,3 +1857,29 @@ def test_strict_load_state_dict_refuses_an_unexpected_key_and_changes_nothing():
     missing, unexpected = model.load_state_dict(bad, strict=False)
     assert missing == [] and unexpected == ["extra"]
     np.testing.assert_array_equal(model[0].weight.value, before["1.weight"] + 1)
+
+
+def test_walking_the_module_tree_leaves_no_reference_cycle():
+    """modules() and the each-module-once check left a reference cycle per call (a
+    recursive closure), for the cyclic garbage collector; pre-order is kept, and a
+    back-reference (a cycle) is not followed."""
+    import gc
+    inner = nn.Sequential(nn.Dense(4, 4))
+    model = nn.Sequential(nn.Dense(3, 4), nn.Residual(inner), nn.Dense(4, 2))
+    assert [type(m).__name__ for m in model.modules()] == [
+        "Sequential", "Dense", "Residual", "Sequential", "Dense", "Dense"]
+    gc.collect()
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        for _ in range(20):
+            list(model.modules())
+            model.parameters()
+            nn._check_each_module_once(model, "test")
+        assert gc.collect() == 0
+    finally:
+        if was:
+            gc.enable()
+    inner.__dict__["back"] = model  # (a back-reference: listed once, not entered)
+    inner.__dict__.setdefault("_children", []).append("back")
+    assert len(list(model.modules())) == 6

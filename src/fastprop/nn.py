@@ -447,16 +447,7 @@ class Module:
         ``state_dict`` and saved files have always counted it (a model holding one
         twice is refused when it trains, see the README); a back-reference to a
         module on the way down (a cycle) is not followed."""
-        path: set = set()
-
-        def walk(mod):
-            path.add(id(mod))
-            yield mod
-            for child in mod.children():
-                if id(child) not in path:
-                    yield from walk(child)
-            path.discard(id(mod))
-        return walk(self)
+        return _walk(self)
 
     def named_modules(self) -> list:
         """(name, module) for this module ("", as PyTorch's) and every submodule, in
@@ -1508,14 +1499,35 @@ def _unchecked_backward(module, *args):
         _chain_checked.set(prev)
 
 
+def _walk(root):
+    """:meth:`Module.modules`: pre-order, a module on the current path (a cycle) not
+    entered again.  (A stack of iterators, not a recursive closure, which left a
+    reference cycle for the garbage collector on every call.)"""
+    path = {id(root)}
+    yield root
+    stack = [(root, iter(root.children()))]
+    while stack:
+        mod, kids = stack[-1]
+        for child in kids:
+            if id(child) not in path:
+                path.add(id(child))
+                yield child
+                stack.append((child, iter(child.children())))
+                break
+        else:
+            stack.pop()
+            path.discard(id(mod))
+
+
 def _check_each_module_once(root, where):
     """ValueError if a module instance occurs twice in ``root``'s tree: each module
     keeps the inputs of its last forward for its backward, so a second use in the same
     pass would give the first use's backward the wrong inputs (silently wrong
     gradients).  Weight tying shares a Parameter between two modules instead."""
     seen = set()
-
-    def walk(mod):  # (every edge, back-references too: modules() skips those)
+    todo = [root]  # (every edge, back-references too: modules() skips those; a stack,
+    while todo:    # not a recursive closure, which left a reference cycle per call)
+        mod = todo.pop()
         if id(mod) in seen:
             raise ValueError(
                 f"{where}: the same {type(mod).__name__} instance is used twice; a module "
@@ -1523,9 +1535,7 @@ def _check_each_module_once(root, where):
                 f"instance (to tie weights, share the Parameter: b.weight = a.weight; a "
                 f"module of yours holding one twice, as an alias, is refused too)")
         seen.add(id(mod))
-        for child in mod.children():
-            walk(child)
-    walk(root)
+        todo.extend(reversed(mod.children()))
 
 
 _KEEPS = "keeps"  # (a layer that keeps its input's width)
