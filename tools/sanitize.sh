@@ -57,6 +57,7 @@ rm -rf "$REPORTS" "$REPORTS"-*
 mkdir -p "$REPORTS"
 export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1:strict_string_checks=1:detect_stack_use_after_return=1:check_initialization_order=1:log_path=$REPORTS/asan
 export UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1:log_path=$REPORTS/ubsan
+export FASTPROP_TESTS_NO_TORCH=1  # (PyTorch, where installed, is not loaded under ASan)
 status=0
 for isa in auto generic; do
   echo "== pytest under ASan+UBSan, FASTPROP_ISA=$isa"
