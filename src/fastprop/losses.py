@@ -153,6 +153,9 @@ class BinaryCrossEntropy(Loss):
     Args:
         from_logits: ``pred`` are logits (numerically stable form, recommended);
             otherwise ``pred`` are probabilities in [0, 1] and log is clamped at -100.
+        pos_weight: (with ``from_logits=True``) the weight of the positive term, per
+            output column (broadcast over the rows) or one number, as PyTorch's
+            BCEWithLogitsLoss(pos_weight=...).
     Targets must lie in [0, 1].
     """
 

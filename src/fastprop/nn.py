@@ -192,7 +192,8 @@ class Parameter:
 
     @property
     def size(self):
-        """The value's number of elements."""
+        """The value's number of elements (an int, as NumPy's ``a.size``; PyTorch's
+        ``p.size()`` is the shape: ``p.shape`` here, and its count ``p.numel()``)."""
         return self.value.size
 
     @property
@@ -708,13 +709,14 @@ class Module:
                    **unsupported)
 
     def predict(self, X, batch_size=1024):
-        """The forward pass of X in eval mode (:func:`fastprop.train.predict`)."""
+        """The forward pass of X in eval mode, ``batch_size`` rows at a time
+        (:func:`fastprop.train.predict`)."""
         from .train import predict
         return predict(self, X, batch_size=batch_size)
 
     def evaluate(self, X, y, loss=None, batch_size=1024, return_dict=False):
-        """Mean loss on (X, y) in eval mode; ``return_dict``: with the accuracy
-        (:func:`fastprop.train.evaluate`)."""
+        """Mean loss on (X, y) in eval mode, ``batch_size`` rows at a time;
+        ``return_dict``: with the accuracy (:func:`fastprop.train.evaluate`)."""
         from .train import evaluate
         return evaluate(self, X, y, loss=loss, batch_size=batch_size, return_dict=return_dict)
 
@@ -1300,7 +1302,8 @@ class BatchNorm1d(_Norm):
         the buffer ``num_batches_tracked``, kept whatever the momentum, weighs 1/k);
         affine: learn a scale and shift (``weight``, ``bias``);
         track_running_stats: keep running statistics (False: batch statistics in
-        eval mode too, and no buffers), as PyTorch's.
+        eval mode too, and no buffers), as PyTorch's; dtype: of the parameters and
+        statistics (float32 or float64; input is converted to it).
     """
 
     _buffers = _BN_BUFFERS
@@ -1425,7 +1428,9 @@ class BatchNorm1d(_Norm):
 class LayerNorm(_Norm):
     """Layer normalization over the feature axis of (batch, features) input, with a
     learned per-feature scale (``weight``) and shift (``bias``); as PyTorch's,
-    ``elementwise_affine=False`` learns neither and ``bias=False`` no shift."""
+    ``elementwise_affine=False`` learns neither and ``bias=False`` no shift.  ``eps``
+    is added to each row's variance; ``dtype`` (float32 or float64) is the parameters'
+    (input is converted to it)."""
 
     def __init__(self, num_features, eps=1e-5, dtype=np.float32, *,
                  elementwise_affine=True, bias=True):

@@ -156,6 +156,7 @@ def _linear_args(x, w, b):
 
 def linear(x, w, b=None, *, activation=None, return_preact=False, alpha=0.01):
     """``act(x @ w + b)``; with ``return_preact`` returns ``(y, z)``, z = x @ w + b.
+    ``alpha``: the negative slope of "leaky_relu" (other activations ignore it).
 
     Shape: x (n, in), w (in, out), b (out,), y and z (n, out).
     """
@@ -181,7 +182,8 @@ def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
     """Gradients of a dense layer ``y = act(x @ w + b)``: ``(grad_x, grad_w, grad_b)``.
 
     ``y`` is the forward output (needed by relu, leaky_relu, sigmoid, tanh, softmax);
-    ``z`` the pre-activation (needed by gelu and gelu_erf).
+    ``z`` the pre-activation (needed by gelu and gelu_erf); ``alpha`` the forward's
+    leaky_relu slope.
     """
     act = activation_code(activation)
     alpha = real(alpha, "alpha", low=0)
@@ -230,7 +232,9 @@ def _act_operands(act, y, z, shape, dtype, z_name="z"):
 
 
 def activation(name, x, *, alpha=0.01, out=None):
-    """Elementwise activation of any-shaped ``x`` (softmax: over the last axis)."""
+    """Elementwise activation of any-shaped ``x`` (softmax: over the last axis).
+    ``alpha``: the negative slope of "leaky_relu" (others ignore it); ``out``: an array
+    of x's shape and dtype to write into (may be x itself), returned."""
     act = activation_code(name)
     alpha = real(alpha, "alpha", low=0)
     x = as_float(x, "x")

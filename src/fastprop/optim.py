@@ -158,6 +158,13 @@ class Optimizer:
     its own: a frozen parameter (``requires_grad`` False) sits a step out, so a layer
     unfrozen after n steps, or added by ``add_param_group``, takes its first update
     with Adam's bias corrections of step 1, not n + 1.
+
+    PyTorch's keyword-only options are taken so that its code runs unchanged:
+    ``foreach``, ``fused`` and ``capturable`` with any value (fastprop's updates are
+    always fused, one native call); ``maximize``, ``differentiable``, ``dampening``,
+    ``centered``, ``decoupled_weight_decay``, ``lr_decay`` and
+    ``initial_accumulator_value`` at PyTorch's defaults only (another value, which
+    fastprop does not implement, is a ValueError naming the option).
     """
 
     state_names: tuple = ()
@@ -845,7 +852,8 @@ class Adagrad(Optimizer):
 
 class RMSprop(Optimizer):
     """RMSprop: ``s = alpha s + (1 - alpha) g^2``; ``p -= lr g / (sqrt(s) + eps)``
-    (with momentum: ``buf = momentum buf + g / (sqrt(s) + eps); p -= lr buf``)."""
+    (with momentum: ``buf = momentum buf + g / (sqrt(s) + eps); p -= lr buf``), with
+    ``g = grad + weight_decay p``, as PyTorch's."""
 
     all_state_names = ("square_avg", "momentum_buffer")
 

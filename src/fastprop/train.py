@@ -42,8 +42,12 @@ __all__ = ["History", "EarlyStopping", "LearningRateScheduler", "TrainStep", "De
 
 
 class History:
-    """Per-epoch metrics of a ``fit`` run: ``history["loss"]``, ``["accuracy"]``,
-    ``["val_loss"]``, ``["val_accuracy"]`` (the keys that apply), and ``epoch``."""
+    """Per-epoch metrics of a ``fit`` run, as Keras' History: ``history["loss"]``,
+    ``["accuracy"]``, ``["val_loss"]``, ``["val_accuracy"]`` (the keys that apply; the
+    dict itself is ``.history``), and the attributes ``epoch`` (the epoch numbers, from
+    0), ``skipped_steps`` (batches whose non-finite step was skipped, with
+    ``on_nonfinite="skip"``) and ``stopped_epoch`` (the epoch after which a callback
+    stopped the fit, or None)."""
 
     stopped_epoch = None  # the epoch after which a callback stopped the fit (class
                           # default: a History pickled before callbacks has none)
@@ -803,7 +807,8 @@ def _evaluate(model, X, y, loss, batch_size):
 # ------------------------------------------------------------------ public API
 @_device_aware
 def predict(model, X, batch_size=1024):
-    """Forward ``X`` in eval mode, in batches; returns a new NumPy array."""
+    """Forward ``X`` in eval mode, in batches of ``batch_size`` rows; returns a new
+    NumPy array."""
     model._sync_device()  # (compiled steps on a device: their parameters)
     batch_size = integer(batch_size, "batch_size", low=1)
     X = as_float(X, "X", _model_dtype(model))
@@ -819,7 +824,8 @@ def predict(model, X, batch_size=1024):
 
 @_device_aware
 def evaluate(model, X, y, loss=None, batch_size=1024, return_dict=False):
-    """Mean loss of ``model`` on (X, y) in eval mode; with ``return_dict`` (Keras'),
+    """Mean loss of ``model`` on (X, y) in eval mode, computed in batches of
+    ``batch_size`` rows (the loss of the whole of X); with ``return_dict`` (Keras'),
     ``{"loss": ..., "accuracy": ...}`` (the accuracy for classification losses, as
     fit's History)."""
     return_dict = flag(return_dict, "return_dict")
