@@ -532,7 +532,9 @@ def _main(quick, plot, threads, note):
     print(f"fastprop bench ({'quick' if quick else 'full'} profile, median seconds; "
           f"ratio = other / native time)")
     blas = "not controlled" if note else f"{threads}"
-    print(f"threads: fastprop {threads}, torch {threads}, NumPy's BLAS {blas}")
+    import importlib.util
+    peer = f"torch {threads}" if importlib.util.find_spec("torch") else "torch not installed"
+    print(f"threads: fastprop {threads}, {peer}, NumPy's BLAS {blas}")
     if threads > 1:
         print(f"NumPy's elementwise ufuncs are single-threaded: the 'vs numpy' ratios of the "
               f"adam, activation and softmax xent rows (and the non-GEMM work of the "
