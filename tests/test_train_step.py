@@ -724,3 +724,34 @@ def test_threads_may_share_a_loss_subclass_object():
     for i in range(2):
         for a, b in zip(together[i], alone[i]):
             np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("edit", ["batchnorm", "sigmoid"])
+def test_a_plain_list_assigned_to_layers_and_edited_in_place_is_seen(edit, rng):
+    """``model.layers = list(...)`` then an in-place edit of that list (which does not
+    signal a change): the layer path's kept walk zeroes, restores and drops the new
+    layer's state, and the fused kernel is rebuilt for the edited chain (it trained the
+    old chain: its loss was not the model's)."""
+    X = rng.standard_normal((8, 4))
+    y = rng.integers(0, 3, 8)
+    late = (nn.BatchNorm1d(5, affine=False, dtype=np.float64) if edit == "batchnorm"
+            else nn.Sigmoid())  # (made first: making a module counts as a change)
+    model = nn.Sequential(nn.Dense(4, 5, dtype=np.float64), nn.Dense(5, 3, dtype=np.float64))
+    if edit == "batchnorm":
+        model.append(nn.Dropout(0.0))  # (the layer path)
+    model.layers = list(model.layers)
+    step = model.compile("cross_entropy", optim.SGD(model.parameters(), lr=0.1))
+    step(X, y)
+    step(X, y)
+    model.layers.insert(1, late)
+    if edit == "sigmoid":  # (the step's loss is the edited model's)
+        step.optimizer.lr = 0.0
+        value = step.loss.value(model.predict(X), y)
+        assert step(X, y) == pytest.approx(value, rel=1e-12)
+    else:
+        step(X, y)
+        assert late.num_batches_tracked == 1 and late._cache is None
+        before = late.running_mean.copy()
+        with pytest.raises(ValueError):
+            step(X, np.full(8, 7))
+        assert np.array_equal(late.running_mean, before) and late.num_batches_tracked == 1

@@ -33,7 +33,7 @@ from . import lr_scheduler as _sched
 from .lr_scheduler import _set_rates
 from .nn import (Activation, BatchNorm1d, Dense, Dropout, Identity, Module, Parameter, Residual,
                  Sequential,
-                 _check_each_module_once, _structure as _nn_structure,
+                 _LayerList, _check_each_module_once, _structure as _nn_structure,
                  inference_mode)
 from .ops import softmax_targets
 
@@ -225,6 +225,7 @@ class TrainStep:
     # (defaults for a step pickled by a version without these)
     _clip_norm = _clip_value = None
     _cache_slots = _cache_probes = ()
+    _plain = _plain_at = ()
 
     def __init__(self, model: Module, loss, optimizer, *, clip_grad_norm=None,
                  clip_grad_value=None):
@@ -255,6 +256,7 @@ class TrainStep:
         self._fast_key = None
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
+        self._plain, self._plain_at = (), ()  # (Sequentials with plain layer lists)
         # (module __dict__, its cache names): dropped after a fused step that follows a
         # hand-run forward (the Dense layers' dicts, probed), as the layer path's
         # backward drops them
@@ -314,6 +316,7 @@ class TrainStep:
         self.sync()
         state = dict(self.__dict__)
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
+                     _plain=(), _plain_at=(),
                      _mask_key=None, output=None, _cache_slots=(), _cache_probes=())
         state.pop("_busy", None)
         state.pop("_owner", None)
@@ -351,13 +354,17 @@ class TrainStep:
     def fused(self):
         """The backend's whole-step kernel for this model, or None (Python path)."""
         be = backends.current()
-        if self._structure != _nn_structure[0]:
+        plain = self._plain
+        if self._structure != _nn_structure[0] or (plain and _plain_key(plain) != self._plain_at):
             # a layer, an activation, a Dropout rate or the layer list changed since
-            # the last step (model.append(Sigmoid()), dropout.p = 0.5, ...): rebuild
-            # if the chain the kernel runs is no longer the model's
+            # the last step (model.append(Sigmoid()), dropout.p = 0.5, a plain list
+            # assigned to .layers and edited in place, ...): rebuild if the chain the
+            # kernel runs is no longer the model's
             structure = _nn_structure[0]
             _check_each_module_once(self.model, "compile")  # (a layer may have been added)
             mods = list(self.model.modules())
+            self._plain = _plain_lists(mods)
+            self._plain_at = _plain_key(self._plain)
             self._cache_slots = [(m.__dict__, tuple(m._kept_caches())) for m in mods
                                  if m._kept_caches()]
             self._cache_probes = [m.__dict__ for m in mods if isinstance(m, Dense)]
@@ -580,19 +587,32 @@ class TrainStep:
         fastprop's do (a subclass' own ``children`` may change without telling).  The
         tree walks took ~10-20% of a step of a Residual or BatchNorm model."""
         walk = self.__dict__.get("_walk")
-        if walk is not None and walk[0] == _nn_structure[0]:
+        if walk is not None and walk[0] == _nn_structure[0] and (
+                not walk[2] or _plain_key(walk[2]) == walk[3]):
             return walk[1]
         structure = _nn_structure[0]
         mods = list(model.modules())
+        plain = _plain_lists(mods)
         found = ([m for m in mods if m._buffers], [m for m in mods if isinstance(m, Dropout)],
                  model.parameters(),
                  [(m.__dict__, tuple(m._kept_caches())) for m in mods if m._kept_caches()])
         if all(type(m).children in _STANDARD_CHILDREN for m in mods) \
                 and all(type(m)._drop_caches is Module._drop_caches for m in mods):
-            self._walk = (structure, found)
+            self._walk = (structure, found, plain, _plain_key(plain))
         else:
             self.__dict__.pop("_walk", None)
         return found
+
+
+def _plain_lists(mods) -> list:
+    """The Sequentials among ``mods`` whose ``layers`` is a plain list (assigned by the
+    user): edited in place, it does not bump ``nn._structure``."""
+    return [m for m in mods if isinstance(m, Sequential) and type(m.layers) is not _LayerList]
+
+
+def _plain_key(plain) -> tuple:
+    """The layers those lists hold now (checked on every step where there are any)."""
+    return tuple(id(layer) for seq in plain for layer in seq.layers)
 
 
 # fastprop's own ways of listing a module's children (from registered attributes and
