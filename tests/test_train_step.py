@@ -755,3 +755,38 @@ def test_a_plain_list_assigned_to_layers_and_edited_in_place_is_seen(edit, rng):
         with pytest.raises(ValueError):
             step(X, np.full(8, 7))
         assert np.array_equal(late.running_mean, before) and late.num_batches_tracked == 1
+
+
+def _step_in_child(step, X, y, conn):
+    try:
+        conn.send(("ok", float(step(X, y))))
+    except Exception as exc:  # (reported to the parent)
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork()")
+def test_a_fork_while_a_thread_runs_a_loss_subclass_does_not_hang_the_child():
+    """The lock around a Loss subclass' forward/backward pair, held by another thread
+    at the fork, is made anew in the child (the child's first step with that loss
+    waited forever)."""
+    import threading
+    import time
+    from _support import in_fork_child
+
+    class Slow(losses.SoftmaxCrossEntropy):
+        def forward(self, pred, target):
+            time.sleep(0.4)
+            return super().forward(pred, target)
+
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((8, 4)), rng.integers(0, 3, 8)
+    loss = Slow()
+    steps = [nn.Sequential(nn.Dense(4, 3, rng=i)).compile(loss, "sgd") for i in range(2)]
+    busy = threading.Thread(target=steps[0], args=(X, y))
+    busy.start()
+    time.sleep(0.1)  # (the thread is inside Slow.forward, holding the pair's lock)
+    try:
+        status, value = in_fork_child(_step_in_child, steps[1], X, y, timeout=30)
+    finally:
+        busy.join()
+    assert status == "ok" and np.isfinite(value), (status, value)

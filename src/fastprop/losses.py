@@ -7,7 +7,9 @@ computed in the same kernel pass as the loss.
 
 from __future__ import annotations
 
+import os
 import threading
+import weakref
 
 import numpy as np
 
@@ -19,9 +21,31 @@ __all__ = ["Loss", "MSE", "L1", "Huber", "SmoothL1", "BinaryCrossEntropy", "Soft
            "get"]
 
 
-# (a Loss subclass' own forward and backward, called as a pair by training steps that
-# may share the object across threads)
-_SUBCLASS_PAIR = threading.RLock()
+# A Loss subclass' own forward and backward are called as a pair by training steps
+# that may share the object across threads: one lock per object (made on first use;
+# one for all where the object cannot be a weak key), made anew in a fork child (a
+# lock a parent thread held at the fork would stay held there).
+def _fresh_pair_locks():
+    global _PAIR_GUARD, _PAIR_LOCKS, _PAIR_ANY
+    _PAIR_GUARD = threading.Lock()
+    _PAIR_LOCKS = weakref.WeakKeyDictionary()
+    _PAIR_ANY = threading.RLock()
+
+
+_fresh_pair_locks()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_fresh_pair_locks)
+
+
+def _pair_lock(loss):
+    try:
+        lock = _PAIR_LOCKS.get(loss)
+        if lock is None:
+            with _PAIR_GUARD:
+                lock = _PAIR_LOCKS.setdefault(loss, threading.RLock())
+        return lock
+    except TypeError:  # (unhashable, or no weak reference to it)
+        return _PAIR_ANY
 
 
 class Loss:
@@ -69,7 +93,7 @@ class Loss:
             # (backward reads what forward kept on the shared object: the pair runs
             # under one lock, or another thread's forward, in a gap where the
             # subclass' code let the GIL go, hands this step its gradient)
-            with _SUBCLASS_PAIR:
+            with _pair_lock(self):
                 value = self.forward(pred, target)
                 return value, self.backward()
         value, grad = self._compute(pred, target)
