@@ -295,6 +295,30 @@ def test_resume_rejects_other_layer_classes_and_settings_untouched(tmp_path):
              batch_size=16, verbose=0, checkpoint=path, resume=True)  # (accepted)
 
 
+def test_resume_compares_settings_left_at_their_defaults_and_names_of_one_thing():
+    """A setting a config leaves out at its default is compared (GELU's tanh form
+    against the exact one resumed silently); names of one computation are not told
+    apart (Dense activation None / "identity" / "linear", Softmax dim 1 / -1 on 2-D
+    input), nor a Dropout seed (a resume restores the generators)."""
+    from fastprop.serialization import architecture_mismatch, model_to_tree
+
+    def tree(*layers):
+        return model_to_tree(nn.Sequential(*layers))
+
+    assert "approximate='none' in the file, 'tanh' here" in architecture_mismatch(
+        tree(nn.Dense(2, 2), nn.GELU(approximate="none")), nn.Sequential(nn.Dense(2, 2),
+                                                                        nn.GELU()))
+    assert "approximate='tanh' in the file, 'none' here" in architecture_mismatch(
+        tree(nn.Dense(2, 2), nn.GELU()), nn.Sequential(nn.Dense(2, 2),
+                                                      nn.GELU(approximate="none")))
+    for a, b in [(nn.Dense(2, 2), nn.Dense(2, 2, "identity")),
+                 (nn.Dense(2, 2, "linear"), nn.Dense(2, 2)),
+                 (nn.Softmax(dim=1), nn.Softmax()), (nn.Dropout(0.1, seed=1),
+                                                     nn.Dropout(0.1, seed=2))]:
+        assert architecture_mismatch(tree(a), nn.Sequential(b)) is None, (a, b)
+    assert architecture_mismatch(tree(nn.Dense(2, 2)), nn.Sequential(nn.Dense(2, 2, "relu")))
+
+
 def test_resume_rejects_corrupt_and_foreign_files(tmp_path):
     X, y = make_data()
     path = tmp_path / "run.ckpt"

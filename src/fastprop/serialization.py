@@ -28,6 +28,7 @@ import struct
 import numpy as np
 
 from ._checks import flag
+from .ops import activation_code
 from .nn import (_COUNT_KEY, Module, Residual, Sequential, _check_count_array, _loading,
                  _registry, _registry_key)
 
@@ -47,6 +48,34 @@ def model_to_tree(model: Module) -> dict:
     return tree
 
 
+_NONE = object()
+# (a Dropout's seed: a resumed fit restores the generators' states whatever it was)
+_NOT_ARCHITECTURE = frozenset({"seed"})
+
+
+def _config_defaults(cls) -> dict:
+    """The constructor's JSON-able defaults, by argument name."""
+    try:
+        params = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):
+        return {}
+    out = {}
+    for p in params:
+        if p.default is not p.empty:
+            try:
+                out[p.name] = json.loads(json.dumps(p.default))
+            except (TypeError, ValueError):
+                pass
+    return out
+
+
+def _activation_code(name):
+    try:
+        return activation_code(name)
+    except (TypeError, ValueError):
+        return name
+
+
 def architecture_mismatch(tree, model: Module, where: str = "model"):
     """None when the file's architecture ``tree`` describes ``model`` (the same layer
     classes, nesting, and configuration values where both name one: a file written
@@ -62,10 +91,21 @@ def architecture_mismatch(tree, model: Module, where: str = "model"):
     saved, now = tree.get("config") or {}, model.get_config()
     if isinstance(saved, dict):
         now = json.loads(json.dumps(now))  # (as the file holds it: lists, not tuples)
-        for key in sorted(saved.keys() & now.keys()):
-            if saved[key] != now[key]:
-                return (f"{where} ({type(model).__name__}): {key}={saved[key]!r} in the "
-                        f"file, {now[key]!r} here")
+        defaults = _config_defaults(cls)
+        for key in sorted((saved.keys() | now.keys()) - _NOT_ARCHITECTURE):
+            # (a setting a config leaves out is at its default: GELU's form; one
+            # without a default, a file written before it existed, is not compared)
+            a, b = saved.get(key, defaults.get(key, _NONE)), now.get(key, defaults.get(key, _NONE))
+            if a is _NONE or b is _NONE:
+                continue
+            shown = a, b
+            if key == "activation":  # (names of one activation: None, "identity", "linear")
+                a, b = _activation_code(a), _activation_code(b)
+            elif key == "dim" and cls.__name__ == "Softmax":  # (the last axis of 2-D input)
+                a, b = (-1 if v == 1 else v for v in (a, b))
+            if a != b:
+                return (f"{where} ({type(model).__name__}): {key}={shown[0]!r} in the "
+                        f"file, {shown[1]!r} here")
     kids, saved_kids = model.children(), tree.get("children") or []
     if not isinstance(saved_kids, list) or len(saved_kids) != len(kids):
         return (f"{where} ({type(model).__name__}): {len(saved_kids)} submodules in the "

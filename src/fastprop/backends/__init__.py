@@ -126,6 +126,7 @@ from __future__ import annotations
 import contextvars
 import importlib
 import os
+import sys
 import warnings
 from contextlib import contextmanager
 
@@ -201,6 +202,15 @@ def load(name: str):
     return mod
 
 
+def _caller_level() -> int:
+    """The ``stacklevel`` of the first frame outside fastprop (a warning is then the
+    caller's line, which the caller's filters see)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_globals.get("__name__", "").split(".")[0] == "fastprop":
+        frame, level = frame.f_back, level + 1
+    return level
+
+
 def _initial_default():
     global _default
     if _default is None:
@@ -216,7 +226,8 @@ def _initial_default():
             except BackendUnavailableError as exc:  # a broken or partial install
                 warnings.warn(f"fastprop's native backend is unavailable ({exc}); using the "
                               f"numpy backend, several times slower (fp.show_config() says "
-                              f"which backend runs)", RuntimeWarning, stacklevel=3)
+                              f"which backend runs)", RuntimeWarning,
+                              stacklevel=_caller_level())
                 _default = load("numpy")
     return _default
 
