@@ -1,7 +1,9 @@
 """Layers and losses: gradcheck in float64, forward values against NumPy, API details."""
 
 import copy
+import io
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -1883,3 +1885,36 @@ def test_walking_the_module_tree_leaves_no_reference_cycle():
     inner.__dict__["back"] = model  # (a back-reference: listed once, not entered)
     inner.__dict__.setdefault("_children", []).append("back")
     assert len(list(model.modules())) == 6
+
+
+def test_porting_traps_from_pytorch_are_said():
+    """PyTorch's ModuleList idiom as a plain list (its modules unregistered: trained and
+    saved by nothing) warns; a module of one's own without backward says fastprop has
+    no autograd (the error was empty); fp.save of a checkpoint dict says how."""
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            with pytest.warns(UserWarning, match=r"Net.hidden is a list holding fastprop "
+                                                 r"modules: they are not registered"):
+                self.hidden = [nn.Dense(3, 3), nn.Dense(3, 3)]
+            self.out = nn.Dense(3, 2)
+
+        def forward(self, x):
+            for layer in self.hidden:
+                x = layer(x)
+            return self.out(x)
+
+    net = Net()
+    assert len(net.parameters()) == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        seq = nn.Sequential(nn.Dense(2, 2))
+        seq.layers = list(seq.layers)  # (a Sequential's own list)
+        net.sizes = [3, 3, 2]
+        net.names = {"a": "b"}
+    with pytest.raises(NotImplementedError, match="Net defines no backward.*no autograd"):
+        net.backward(np.ones((1, 2)))
+    with pytest.raises(TypeError, match="pickle a dict of the model, optimizer"):
+        fp.save({"model": seq}, io.BytesIO())
+    with pytest.raises(ValueError, match="parameter group 1 has no parameters"):
+        fp.optim.AdamW([{"params": seq.parameters()}, {"params": [], "weight_decay": 0}])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import itertools
 from collections.abc import Mapping
 from typing import NamedTuple
 
@@ -247,6 +248,12 @@ def _registry_key(cls) -> str:
 _structure = [0]
 
 
+def _holds_modules(value) -> bool:
+    """Whether a list, tuple or dict holds a Module (among its first 64 entries)."""
+    items = value.values() if isinstance(value, dict) else value
+    return any(isinstance(v, Module) for v in itertools.islice(items, 64))
+
+
 class _LayerList(list):
     """A Sequential's ``layers``: a list whose changes bump ``_structure``."""
 
@@ -286,6 +293,7 @@ class Module:
     # hyperparameters checked whenever they are set (layer.p = 1.5 after construction
     # is the constructor's ValueError, not a silently wrong forward): name -> check
     _attr_checks: dict = {}
+    _holds_layers = False  # (a container whose .layers list holds its modules)
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -328,14 +336,18 @@ class Module:
     # -- the two passes --------------------------------------------------------
     def forward(self, x):
         """The module's output for the batch ``x``; keeps what backward needs."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__name__} defines no forward(x)")
 
     def backward(self, grad_out, input_grad: bool = True):
         """Given the gradient of the loss with respect to the last forward's output,
         add the parameters' gradients to their ``.grad`` and return the gradient with
         respect to the input (with ``input_grad`` False a layer may skip computing it
         and return None, as Dense does)."""
-        raise NotImplementedError
+        raise NotImplementedError(
+            f"{type(self).__name__} defines no backward(grad_out, input_grad=True): "
+            f"fastprop has no autograd, so a module of your own computes its gradients "
+            f"itself (or is built from fastprop's layers in a Sequential, whose backward "
+            f"chains theirs)")
 
     def __call__(self, x):
         return self.forward(x)
@@ -385,6 +397,16 @@ class Module:
                 raise TypeError(f"cannot assign {type(value).__name__} as child module "
                                 f"{name!r} of {type(self).__name__} (a Module or None "
                                 f"expected)")
+            elif isinstance(value, (list, tuple, dict)) and not (
+                    name == "layers" and self._holds_layers) and _holds_modules(value):
+                # (PyTorch's nn.ModuleList / ModuleDict idiom, ported as a plain list:
+                # its modules would be trained by nothing, and saved by nothing)
+                warn_user(
+                    f"{type(self).__name__}.{name} is a {type(value).__name__} holding "
+                    f"fastprop modules: they are not registered, so parameters() (and the "
+                    f"optimizer made from it), train()/eval(), state_dict and fp.save do "
+                    f"not see them. Hold them in a fp.nn.Sequential (it is indexed and "
+                    f"iterated like PyTorch's ModuleList), or set each as an attribute")
         object.__setattr__(self, name, value)
 
     def __getstate__(self):
@@ -1648,6 +1670,8 @@ class Sequential(Module):
         >>> model.predict(np.zeros((5, 64))).shape
         (5, 10)
     """
+
+    _holds_layers = True
 
     def __init__(self, *layers):
         super().__init__()

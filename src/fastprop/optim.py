@@ -132,8 +132,16 @@ def _group_specs(params):
         if "params" not in g:
             raise ValueError(f"parameter group {i} has no 'params'")
         plist = g["params"]
-        specs.append((_param_list([plist] if isinstance(plist, Parameter) else plist),
-                      {k: v for k, v in g.items() if k != "params"}))
+        try:
+            plist = _param_list([plist] if isinstance(plist, Parameter) else plist)
+        except ValueError as exc:
+            if "empty" not in str(exc):
+                raise
+            raise ValueError(
+                f"parameter group {i} has no parameters (PyTorch keeps an empty group; "
+                f"here each group needs one: leave that group out, e.g. a no-decay group "
+                f"when no layer has a bias)") from None
+        specs.append((plist, {k: v for k, v in g.items() if k != "params"}))
     return specs
 
 

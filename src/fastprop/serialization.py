@@ -195,7 +195,10 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     from ``get_config`` (else ``save`` refuses it, ValueError, writing nothing; a fit
     checkpoint is still written, and resumes into a model you build)."""
     if not isinstance(model, Module):
-        raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}")
+        hint = (" (fp.save writes one model; to checkpoint a loop of your own, pickle a "
+                "dict of the model, optimizer and scheduler, which all pickle, or let "
+                "fit(..., checkpoint=path) do it)" if isinstance(model, dict) else "")
+        raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}{hint}")
     if not checkpoint:
         found = _unbuildable(model)
         if found is not None:
