@@ -1686,3 +1686,14 @@ def test_the_compiled_steps_memo_of_checked_groups_sees_every_change(rng):
         set_lr(1.0)
         step(x, y)
         assert not np.array_equal(model[0].weight.value, w)
+
+
+def test_a_pytorch_optimizer_state_dict_is_named_as_one():
+    """opt.load_state_dict(torch_opt.state_dict()) said "state_dict is for None, not
+    'SGD'"; it now says what it is, and nothing changes."""
+    p = fp.Parameter(np.ones(2))
+    opt = fp.optim.SGD([p], lr=0.1, momentum=0.9)
+    torch_like = {"state": {}, "param_groups": [{"lr": 0.1, "momentum": 0.9, "params": [0]}]}
+    with pytest.raises(ValueError, match="looks like a PyTorch optimizer's state_dict"):
+        opt.load_state_dict(torch_like)
+    assert opt.lr == 0.1 and opt.step_count == 0

@@ -686,6 +686,12 @@ class Optimizer:
         self._sync_device()
         if not isinstance(state_dict, dict) or "state" not in state_dict:
             raise ValueError("state_dict must be a dict produced by Optimizer.state_dict()")
+        if "type" not in state_dict and "param_groups" in state_dict:
+            raise ValueError("state_dict has no 'type': it looks like a PyTorch optimizer's "
+                             "state_dict, whose layout (tensors keyed by parameter index, "
+                             "in param_groups) fastprop's does not read; load the model's "
+                             "weights and start the optimizer afresh, or copy the moments "
+                             "into opt.state by hand")
         if state_dict.get("type") != type(self).__name__:
             raise ValueError(f"state_dict is for {state_dict.get('type')!r}, "
                              f"not {type(self).__name__!r}")
