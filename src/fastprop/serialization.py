@@ -221,9 +221,7 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     header = json.dumps({"model": model_to_tree(model), "arrays": entries,
                          "tied": _tied_parameters(model), "frozen": frozen,
                          "checkpoint": bool(checkpoint)}).encode()
-    if isinstance(path, io.TextIOBase):
-        raise TypeError(f"path is a file object in text mode ({_stream_name(path)!r}): "
-                        f"open it in binary mode ('wb')")
+    _not_text(path, "wb")
     if _is_stream(path, "write"):  # a file object, as torch.save takes (no atomic rename)
         for chunk in _chunks(header, arrays):
             path.write(chunk)
@@ -272,6 +270,13 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
 def _stream_name(stream) -> str:
     """What messages call a file object: its name, or its type."""
     return getattr(stream, "name", None) or f"<{type(stream).__name__}>"
+
+
+def _not_text(path, mode) -> None:
+    """TypeError for a file object opened in text mode (its read() gives str)."""
+    if isinstance(path, io.TextIOBase):
+        raise TypeError(f"path is a file object in text mode ({_stream_name(path)!r}): "
+                        f"open it in binary mode ({mode!r})")
 
 
 def _is_stream(obj, method) -> bool:
@@ -379,9 +384,7 @@ def _umask() -> int:
 def _read(path):
     """(header, {name: read-only array view, or a native-byte-order copy of another
     byte order}, bytes of array data) of a model file."""
-    if isinstance(path, io.TextIOBase):
-        raise TypeError(f"path is a file object in text mode ({_stream_name(path)!r}): "
-                        f"open it in binary mode ('rb')")
+    _not_text(path, "rb")
     if _is_stream(path, "read"):  # a file object opened in binary mode, at the start
         blob = path.read()
         if not isinstance(blob, (bytes, bytearray)):

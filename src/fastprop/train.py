@@ -365,8 +365,7 @@ class TrainStep:
             mods = list(self.model.modules())
             self._plain = _plain_lists(mods)
             self._plain_at = _plain_key(self._plain)
-            self._cache_slots = [(m.__dict__, tuple(m._kept_caches())) for m in mods
-                                 if m._kept_caches()]
+            self._cache_slots = _cache_slots(mods)
             self._cache_probes = [m.__dict__ for m in mods if isinstance(m, Dense)]
             stages = dense_stages(self.model)
             key = None if stages is None else (self.model.training, tuple(
@@ -506,9 +505,7 @@ class TrainStep:
             # layer path drops them too)
             for d in self._cache_probes:  # (a hand forward ran through the Dense layers)
                 if d.get("_x") is not None:
-                    for slot, names in self._cache_slots:
-                        for name in names:
-                            slot[name] = None
+                    _drop_slots(self._cache_slots)
                     break
             return value
         model = self.model
@@ -575,9 +572,7 @@ class TrainStep:
                 gen.bit_generator.state = state
             raise
         finally:
-            for d, names in caches:  # (model._drop_caches(): backward has run, keep no
-                for name in names:   # batch alive)
-                    d[name] = None
+            _drop_slots(caches)  # (model._drop_caches(): backward has run, keep no batch alive)
         return value
 
     def _layer_walk(self, model):
@@ -594,14 +589,25 @@ class TrainStep:
         mods = list(model.modules())
         plain = _plain_lists(mods)
         found = ([m for m in mods if m._buffers], [m for m in mods if isinstance(m, Dropout)],
-                 model.parameters(),
-                 [(m.__dict__, tuple(m._kept_caches())) for m in mods if m._kept_caches()])
+                 model.parameters(), _cache_slots(mods))
         if all(type(m).children in _STANDARD_CHILDREN for m in mods) \
                 and all(type(m)._drop_caches is Module._drop_caches for m in mods):
             self._walk = (structure, found, plain, _plain_key(plain))
         else:
             self.__dict__.pop("_walk", None)
         return found
+
+
+def _cache_slots(mods) -> list:
+    """(module ``__dict__``, its cache names) for each of ``mods`` that keeps forward
+    caches (what ``Module._drop_caches`` clears, found once)."""
+    return [(m.__dict__, names) for m in mods if (names := tuple(m._kept_caches()))]
+
+
+def _drop_slots(slots) -> None:
+    for d, names in slots:
+        for name in names:
+            d[name] = None
 
 
 def _plain_lists(mods) -> list:
