@@ -108,6 +108,10 @@ const detail::KernelOps<double>& ops<double>() noexcept {
         ops<T>().batchnorm_forward_eval(n, f, x, gamma, beta, running_mean, running_var, eps, \
                                         y);                                                   \
     }                                                                                         \
+    void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,          \
+                                  T* running_mean, T* running_var) noexcept {                 \
+        ops<T>().batchnorm_running_update(n, f, x, momentum, running_mean, running_var);      \
+    }                                                                                         \
     void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x,                \
                             const T* gamma, const T* mean, const T* invstd, T* grad_x,        \
                             T* grad_gamma, T* grad_beta) noexcept {                           \

@@ -115,6 +115,9 @@ template <typename T>
 void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                             const T* running_mean, const T* running_var, double eps, T* y);
 template <typename T>
+void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,
+                              T* running_mean, T* running_var);
+template <typename T>
 void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const T* gamma,
                         const T* mean, const T* invstd, T* grad_x, T* grad_gamma,
                         T* grad_beta);

@@ -107,6 +107,39 @@ void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T
     });
 }
 
+// Running statistics (PyTorch's update, with the unbiased variance): the column mean
+// and variance of x recomputed in double (two passes over rows just read by the
+// forward, so from cache), blended into running_mean/var and rounded to T once.
+template <typename T>
+void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,
+                              T* running_mean, T* running_var) {
+    if (n < 2 || f <= 0) return;
+    const double inv_n = 1.0 / double(n), inv_n1 = 1.0 / double(n - 1);
+    const double keep = 1.0 - momentum;
+    for_each_strip(n, f, [=](index_t j0, index_t w) {
+        double mu[kStrip], ss[kStrip];
+        for (index_t j = 0; j < w; ++j) mu[j] = ss[j] = 0.0;
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) mu[j] += double(xr[j]);
+        }
+        for (index_t j = 0; j < w; ++j) mu[j] *= inv_n;
+        for (index_t r = 0; r < n; ++r) {
+            const T* xr = x + r * f + j0;
+            for (index_t j = 0; j < w; ++j) {
+                const double d = double(xr[j]) - mu[j];
+                ss[j] += d * d;
+            }
+        }
+        T* rm = running_mean + j0;
+        T* rv = running_var + j0;
+        for (index_t j = 0; j < w; ++j) {
+            rm[j] = T(keep * double(rm[j]) + momentum * mu[j]);
+            rv[j] = T(keep * double(rv[j]) + momentum * (ss[j] * inv_n1));
+        }
+    });
+}
+
 template <typename T>
 void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                             const T* running_mean, const T* running_var, double eps, T* y) {
@@ -224,6 +257,7 @@ void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
                                        double, T*, T*, T*);                                \
     template void batchnorm_forward_eval<T>(index_t, index_t, const T*, const T*, const T*, \
                                             const T*, const T*, double, T*);               \
+    template void batchnorm_running_update<T>(index_t, index_t, const T*, double, T*, T*); \
     template void batchnorm_backward<T>(index_t, index_t, const T*, const T*, const T*,    \
                                         const T*, const T*, T*, T*, T*);                   \
     template void layernorm_forward<T>(index_t, index_t, const T*, const T*, const T*,     \

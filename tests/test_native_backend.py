@@ -1087,6 +1087,66 @@ def test_batchnorm_eval_matches_reference(rng, dtype, n, f):
     close(y, y_r, dtype, scale=scale, factor=4, what="y")
 
 
+def _running_oracle(x, momentum, rm, rv):
+    x64 = x.astype(F64)
+    keep = 1.0 - momentum
+    return (keep * rm.astype(F64) + momentum * x64.mean(0),
+            keep * rv.astype(F64) + momentum * x64.var(0, ddof=1))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("n,f", [s for s in NORM_SHAPES if s[0] >= 2] + [(2, 1), (2048, 600)])
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
+def test_batchnorm_running_update_matches_oracle(rng, dtype, n, f, momentum):
+    """PyTorch's running statistics (unbiased variance), each rounded once from double:
+    both backends within an ulp or two of the float64 oracle (threads split columns
+    at (2048, 600))."""
+    x = randn(rng, (n, f), dtype, scale=3.0) + np.asarray(0.5, dtype)
+    rm0, rv0 = randn(rng, (f,), dtype), (rng.random(f) + 0.5).astype(dtype)
+    want_m, want_v = _running_oracle(x, momentum, rm0, rv0)
+    for be in (nat, ref):
+        rm, rv = rm0.copy(), rv0.copy()
+        be.batchnorm_running_update(x, momentum, rm, rv)
+        assert rm.dtype == rv.dtype == dtype
+        close(rm, want_m, dtype, factor=2, what=f"{be.name} running_mean")
+        close(rv, want_v, dtype, factor=2, what=f"{be.name} running_var")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_batchnorm_running_update_ill_conditioned(rng, dtype):
+    """A mean 1e6 times the spread and a spread far below any eps: the variance is
+    recomputed from x (not from a rounded invstd or mean), so it stays exact."""
+    x = (1e4 + rng.standard_normal((64, 5)) * [1, 1e-2, 1e-3, 1e-5, 1e-6]).astype(dtype)
+    x[:, 3:] = (0.5 + rng.standard_normal((64, 2)) * [1e-5, 1e-6]).astype(dtype)
+    want = x.astype(F64).var(0, ddof=1)
+    for be in (nat, ref):
+        rm, rv = np.zeros(5, dtype), np.ones(5, dtype)
+        be.batchnorm_running_update(x, 1.0, rm, rv)
+        np.testing.assert_allclose(rv, want, rtol=2e-7 if dtype == F32 else 1e-13)
+        np.testing.assert_allclose(rm, x.astype(F64).mean(0), rtol=1e-7)
+
+
+def test_batchnorm_running_update_refusals_leave_the_statistics(rng):
+    x = randn(rng, (4, 3), F32)
+    rm, rv = randn(rng, (3,), F32), np.ones(3, F32)
+    before = rm.copy(), rv.copy()
+    for be in (nat, ref):
+        with pytest.raises(ValueError, match="at least 2 rows"):
+            be.batchnorm_running_update(x[:1], 0.1, rm, rv)
+        for bad in (-0.1, 1.5, float("nan")):
+            with pytest.raises(ValueError, match="momentum"):
+                be.batchnorm_running_update(x, bad, rm, rv)
+        with pytest.raises(ValueError, match=r"running_var must have shape \(3,\)"):
+            be.batchnorm_running_update(x, 0.1, rm, np.ones(4, F32))
+    with pytest.raises(TypeError, match="running_mean must have dtype float32"):
+        nat.batchnorm_running_update(x, 0.1, rm.astype(F64), rv)
+    with pytest.raises(ValueError, match="contiguous"):
+        nat.batchnorm_running_update(x, 0.1, rm, np.ones(6, F32)[::2])
+    assert np.array_equal(rm, before[0]) and np.array_equal(rv, before[1])
+    nat.batchnorm_running_update(np.empty((5, 0), F32), 0.1, np.empty(0, F32),
+                                 np.empty(0, F32))  # (no columns: nothing to do)
+
+
 def test_norms_reject_bad_arguments(rng):
     x = randn(rng, (4, 3), F64)
     g, b = np.ones(3), np.zeros(3)

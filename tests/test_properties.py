@@ -488,6 +488,8 @@ def _kernel_call(name, d, dt, g, mutate):
         "batchnorm_forward_eval": lambda: ([A((n, k)), A((k,)), A((k,)), A((k,)),
                                             g.array((k,), dt, values=1.0), 1e-5,
                                             A((n, k), True)], []),
+        "batchnorm_running_update": lambda: ([A((n, k)), 0.1, A((k,), True), A((k,), True)],
+                                             []),
         "batchnorm_backward": lambda: ([A((n, k)), A((n, k)), A((k,)), A((k,)), A((k,)),
                                         A((n, k), True), A((k,), True), A((k,), True)], []),
         "layernorm_forward": lambda: ([A((n, k)), A((k,)), A((k,)), 1e-5, A((n, k), True),
@@ -565,7 +567,7 @@ KERNELS = ["gemm", "linear_forward", "linear_backward", "activation_forward",
            "activation_backward", "softmax_xent", "softmax_xent_targets", "mse", "bce",
            "sgd_update", "adam_update", "rmsprop_update", "adagrad_update", "sum_squares",
            "scale_", "clip_", "batchnorm_forward", "batchnorm_forward_eval",
-           "batchnorm_backward", "layernorm_forward", "layernorm_backward"]
+           "batchnorm_running_update", "batchnorm_backward", "layernorm_forward", "layernorm_backward"]
 
 
 @settings(PROP, max_examples=PROP.max_examples * 8)

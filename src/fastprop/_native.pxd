@@ -174,6 +174,12 @@ cdef extern from "fastprop/norms.hpp" nogil:
         int64_t n, int64_t f, const double* x, const double* gamma, const double* beta,
         const double* running_mean, const double* running_var, double eps,
         double* y) noexcept
+    void fp_batchnorm_running_update "fastprop::batchnorm_running_update"(
+        int64_t n, int64_t f, const float* x, double momentum, float* running_mean,
+        float* running_var) noexcept
+    void fp_batchnorm_running_update "fastprop::batchnorm_running_update"(
+        int64_t n, int64_t f, const double* x, double momentum, double* running_mean,
+        double* running_var) noexcept
     void fp_batchnorm_backward "fastprop::batchnorm_backward"(
         int64_t n, int64_t f, const float* grad_y, const float* x, const float* gamma,
         const float* mean, const float* invstd, float* grad_x, float* grad_gamma,

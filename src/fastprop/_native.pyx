@@ -897,6 +897,38 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, double eps
         _bn_eval[double](x, gamma, beta, running_mean, running_var, eps, y)
 
 
+cdef int _bn_running(const floating[:, ::1] x, double momentum, floating[::1] running_mean,
+                     floating[::1] running_var) except -1:
+    cdef int64_t n = x.shape[0], f = x.shape[1]
+    if running_mean is None or running_var is None:
+        raise ValueError("running_mean and running_var are required")
+    _need1("running_mean", running_mean.shape, f)
+    _need1("running_var", running_var.shape, f)
+    if n < 2:
+        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
+    if f == 0:
+        return 0
+    cdef const floating* px = &x[0, 0]
+    cdef floating* prm = &running_mean[0]
+    cdef floating* prv = &running_var[0]
+    with nogil:
+        fp_batchnorm_running_update(n, f, px, momentum, prm, prv)
+    return 0
+
+
+def batchnorm_running_update(x, double momentum, running_mean, running_var):
+    """Blend x's column mean and unbiased variance (n >= 2 rows, computed in double) into
+    the running statistics, in place: r = (1 - momentum) r + momentum stat."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (running_mean, running_var), ("running_mean", "running_var"))
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    if kind == 4:
+        _bn_running[float](x, momentum, running_mean, running_var)
+    else:
+        _bn_running[double](x, momentum, running_mean, running_var)
+
+
 cdef int _norm_backward_any(bint layer, grad_y, x, gamma, mean, invstd, grad_x, grad_gamma,
                             grad_beta) except -1:
     cdef int kind = _kind(x, "x")

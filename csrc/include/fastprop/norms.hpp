@@ -5,7 +5,9 @@
 // its f columns (statistics (n,)).  invstd = 1 / sqrt(biased var + eps).  All
 // statistics and the normalised values are computed in double (two-pass variance)
 // and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
-// grad_x is overwritten.
+// grad_x is overwritten.  batchnorm_running_update (n >= 2): the batch mean and the
+// unbiased variance of x's columns, computed in double (two-pass), blended into the
+// running statistics: r = (1 - momentum) r + momentum stat, rounded to T once.
 #pragma once
 
 #include "fastprop/common.hpp"
@@ -18,6 +20,8 @@ namespace fastprop {
     void batchnorm_forward_eval(index_t n, index_t f, const T* x, const T* gamma,         \
                                 const T* beta, const T* running_mean,                     \
                                 const T* running_var, double eps, T* y) noexcept;         \
+    void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,      \
+                                  T* running_mean, T* running_var) noexcept;              \
     void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x,            \
                             const T* gamma, const T* mean, const T* invstd, T* grad_x,    \
                             T* grad_gamma, T* grad_beta) noexcept;                        \

@@ -87,6 +87,10 @@ Normalization (x is (n, f); statistics are float arrays of the same dtype)::
         training mode: mean/invstd (f,) receive the batch mean and 1/sqrt(var + eps)
         (biased variance); y = (x - mean) invstd gamma + beta.
     batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y)
+    batchnorm_running_update(x, momentum, running_mean, running_var)
+        x (n >= 2, f): r = (1 - momentum) r + momentum s, in place, for s the column
+        mean (running_mean) and the unbiased column variance (running_var) of x, both
+        computed in double from x and rounded once (PyTorch's running statistics).
     batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
         grad_gamma/grad_beta accumulate (+=); grad_x is overwritten.
     layernorm_forward(x, gamma, beta, eps, y, mean, invstd)

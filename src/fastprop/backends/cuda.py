@@ -36,6 +36,7 @@ import numpy as np
 from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError
 from . import cuda_support
 from .numpy import _check_features, _check_linear  # (the host kernels' refusals)
+from .numpy import batchnorm_running_update  # noqa: F401  (host arrays: run on the host)
 
 name = "cuda"
 

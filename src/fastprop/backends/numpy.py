@@ -385,6 +385,26 @@ def batchnorm_forward_eval(x, gamma, beta, running_mean, running_var, eps, y):
     np.copyto(y, (x - running_mean) * scale + beta, casting="unsafe")
 
 
+def batchnorm_running_update(x, momentum, running_mean, running_var):
+    _check_features(x, running_mean=running_mean, running_var=running_var)
+    n = x.shape[0]
+    if n < 2:
+        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    for name, a in (("running_mean", running_mean), ("running_var", running_var)):
+        if not a.flags.writeable:  # (before either changes)
+            raise ValueError(f"{name} is read-only")
+    x64 = x.astype(np.float64)
+    mu = x64.mean(axis=0)
+    var = ((x64 - mu) ** 2).sum(axis=0) / (n - 1)
+    keep = 1.0 - momentum
+    np.copyto(running_mean, keep * running_mean.astype(np.float64) + momentum * mu,
+              casting="unsafe")
+    np.copyto(running_var, keep * running_var.astype(np.float64) + momentum * var,
+              casting="unsafe")
+
+
 def batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta):
     n = x.shape[0]
     xhat = (x.astype(np.float64) - mean) * invstd
