@@ -1926,3 +1926,30 @@ def test_porting_traps_from_pytorch_are_said():
         fp.save({"model": seq}, io.BytesIO())
     with pytest.raises(ValueError, match="parameter group 1 has no parameters"):
         fp.optim.AdamW([{"params": seq.parameters()}, {"params": [], "weight_decay": 0}])
+
+
+def test_batchnorm_statistics_assigned_are_checked(backend, rng):
+    """Running statistics assigned by hand (ported, pruned) are refused unless a NumPy
+    array of the layer's dtype (both backends refused or accepted different things: a
+    list raised AttributeError, float64 was kept on numpy); a strided or read-only one
+    is copied, so that training updates it in place on both backends alike."""
+    bn = nn.BatchNorm1d(3)
+    with pytest.raises(TypeError, match="cannot assign list as 'running_var'"):
+        bn.running_var = [1.0, 2.0, 3.0]
+    with pytest.raises(TypeError, match="float64 array as 'running_mean' of a float32"):
+        bn.running_mean = np.zeros(3)
+    with pytest.raises(TypeError, match="running_mean"):
+        bn.running_mean = np.zeros(3, ">f4")
+    ported = np.array([0.5, 1.0, 2.0, 9.0, 4.0, 9.0], np.float32)[::2]
+    frozen = np.array([0.1, 0.2, 0.3], np.float32)
+    frozen.setflags(write=False)
+    bn.running_var, bn.running_mean = ported, frozen
+    assert bn.running_var.flags.c_contiguous and bn.running_mean.flags.writeable
+    ref = nn.BatchNorm1d(3)
+    ref.running_var, ref.running_mean = ported.copy(), frozen.copy()
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    bn(x), ref(x)
+    np.testing.assert_array_equal(bn.running_var, ref.running_var)
+    np.testing.assert_array_equal(bn.running_mean, ref.running_mean)
+    np.testing.assert_array_equal(frozen, np.float32([0.1, 0.2, 0.3]))  # (untouched)
+    bn.running_mean = bn.running_var = None  # (None, as PyTorch's buffers)

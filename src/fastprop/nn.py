@@ -703,12 +703,12 @@ class Module:
                 if p is not None:
                     p._value = p.value.astype(dtype)
                     p._grad = np.zeros_like(p.value)
+            if hasattr(mod, "_dtype"):  # (first: buffers of the layer's dtype are set)
+                mod._dtype = dtype
             for attr in mod._buffers:
                 buf = getattr(mod, attr)
                 if buf.dtype.kind == "f":
                     setattr(mod, attr, buf.astype(dtype))
-            if hasattr(mod, "_dtype"):
-                mod._dtype = dtype
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
@@ -1347,6 +1347,29 @@ class BatchNorm1d(_Norm):
             self.running_mean = self.running_var = self.num_batches_tracked = None
         self.momentum = momentum  # (checked by __setattr__)
 
+    def __setattr__(self, name, value):
+        if name == "running_mean" or name == "running_var":
+            value = self._statistic(name, value)
+        super().__setattr__(name, value)
+
+    def _statistic(self, name, value):
+        """A running statistic as assigned (ported ones, pruned ones): None, or a NumPy
+        array of the layer's dtype, kept as given when training can update it in place
+        (else a C-contiguous copy); its shape is checked by forward (named there)."""
+        if value is None:
+            return None
+        if not isinstance(value, np.ndarray):
+            raise TypeError(f"cannot assign {type(value).__name__} as {name!r} of "
+                            f"BatchNorm1d (a NumPy array or None expected)")
+        dtype = self.__dict__.get("_dtype")
+        if dtype is not None and value.dtype != dtype:
+            raise TypeError(f"cannot assign a {value.dtype} array as {name!r} of a {dtype} "
+                            f"BatchNorm1d (convert it: .astype(np.{dtype.name}))")
+        if type(value) is not np.ndarray or not (value.flags.c_contiguous
+                                                 and value.flags.writeable):
+            value = np.array(value, order="C", subok=False)  # (training writes it)
+        return value
+
     def __setstate__(self, state):
         # (one pickled before the batch count was kept for every momentum has none)
         state = dict(state)
@@ -1393,33 +1416,24 @@ class BatchNorm1d(_Norm):
         invstd = np.empty_like(mean)
         be.batchnorm_forward(x, gamma, beta, self.eps, y, mean, invstd)
         if self.training and tracks:
-            self._track(x, n, mean, invstd)
+            self._track(x)
         if _keeps():
             self._cache = (x, mean, invstd)
         return y
 
-    def _track(self, x, n, mean, invstd):
-        var = np.maximum(1.0 / (invstd.astype(np.float64) ** 2) - self.eps, 0.0)
-        # var from invstd carries invstd's rounding times (var + eps) / var: features
-        # whose variance is small next to eps get it from x instead (float32, std
-        # 1e-5: 5e-3 relative error otherwise; PyTorch's is ~1e-7)
-        small = np.flatnonzero(var < 64 * self.eps)
-        if small.size:
-            xs = x[:, small].astype(np.float64)
-            var[small] = ((xs - xs.mean(axis=0)) ** 2).mean(axis=0)
-        var_unbiased = var * (n / (n - 1))
+    def _track(self, x):
+        # (the kernel recomputes the batch mean and the exact unbiased variance from x
+        # in double: one from invstd would carry its rounding times (var + eps) / var)
         rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
-        if rm.shape != mean.shape or rv.shape != mean.shape:  # (before either changes)
-            raise ValueError("running statistics of another size")  # (named by forward)
-        count = self.num_batches_tracked  # (every batch, as PyTorch's: a momentum
-        np.add(count, 1, out=count)       # set to None later averages them all;
-        m = self.momentum                 # in place: no attribute set)
+        if rm.shape != (self.num_features,) or rv.shape != rm.shape:  # (before either
+            raise ValueError("running statistics of another size")  # changes; named by
+        count = self.num_batches_tracked                             # forward)
+        m = self.momentum
         if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
-            m = 1.0 / float(count)
-        rm *= 1 - m
-        rm += m * mean
-        rv *= 1 - m
-        rv += (m * var_unbiased).astype(self._dtype)
+            m = 1.0 / (float(count) + 1.0)
+        backends.current().batchnorm_running_update(x, m, rm, rv)
+        np.add(count, 1, out=count)  # (every batch, as PyTorch's: a momentum set to
+                                     # None later averages them all; in place)
 
     def backward(self, grad_out, input_grad=True):
         if self._cache is None:
