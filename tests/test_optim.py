@@ -1697,3 +1697,39 @@ def test_a_pytorch_optimizer_state_dict_is_named_as_one():
     with pytest.raises(ValueError, match="looks like a PyTorch optimizer's state_dict"):
         opt.load_state_dict(torch_like)
     assert opt.lr == 0.1 and opt.step_count == 0
+
+
+@pytest.mark.parametrize("make", [lambda ps: optim.Adam(ps, lr=0.1),
+                                  lambda ps: optim.SGD(ps, lr=0.1, momentum=0.9),
+                                  lambda ps: optim.RMSprop(ps, lr=0.1),
+                                  lambda ps: optim.Adagrad(ps, lr=0.1)],
+                         ids=["adam", "sgd", "rmsprop", "adagrad"])
+@pytest.mark.parametrize("bad", ["read-only", "strided", "list"])
+def test_state_arrays_replaced_by_hand_are_checked_before_the_update(backend, make, bad):
+    """opt.state is public (load_state_dict's messages point to it): a state array
+    replaced by one the update cannot write in place is refused, naming it, before any
+    parameter or state changes (the numpy backend had updated the first parameter)."""
+    rng = np.random.default_rng(0)
+    ps = [fp.Parameter(rng.standard_normal((3, 4))), fp.Parameter(rng.standard_normal(4))]
+    opt = make(ps)
+    for p in ps:
+        p.grad[...] = rng.standard_normal(p.value.shape)
+    opt.step()
+    key = next(iter(opt.state[1]))
+    old = opt.state[1][key]
+    if bad == "read-only":
+        new = old.copy()
+        new.setflags(write=False)
+    elif bad == "strided":
+        new = np.repeat(old, 2)[::2]
+    else:
+        new = old.tolist()
+    opt.state[1][key] = new
+    def arrays():
+        return [p.value.copy() for p in ps] + [np.array(a) for st in opt.state
+                                                for a in st.values()]
+    before = arrays()
+    with pytest.raises(TypeError if bad == "list" else ValueError,
+                       match=rf"state '{key}' of params\[1\]"):
+        opt.step()
+    assert all(np.array_equal(a, b) for a, b in zip(before, arrays()))

@@ -519,7 +519,11 @@ class Optimizer:
             if not (vf.c_contiguous and gf.c_contiguous and vf.writeable):
                 break
             for arr in self.state[i].values():
-                if arr.shape != v.shape or (arr.dtype is not vd and arr.dtype != vd):
+                if type(arr) is not ndarray or arr.shape != v.shape \
+                        or (arr.dtype is not vd and arr.dtype != vd):
+                    break
+                af = arr.flags
+                if not (af.c_contiguous and af.writeable):
                     break
             else:
                 continue
@@ -535,10 +539,17 @@ class Optimizer:
             if not (p.value.flags.c_contiguous and g.flags.c_contiguous and p.value.flags.writeable):
                 raise ValueError(f"params[{i}] value and grad must be C-contiguous and writable")
             for key, arr in self.state[i].items():
+                if not isinstance(arr, np.ndarray):
+                    raise TypeError(f"optimizer state {key!r} of params[{i}] must be a NumPy "
+                                    f"array, got {type(arr).__name__}")
                 if arr.shape != p.value.shape or arr.dtype != p.value.dtype:
                     raise ValueError(
                         f"optimizer state {key!r} of params[{i}] has shape {arr.shape} / dtype "
                         f"{arr.dtype}, the parameter {p.value.shape} / {p.value.dtype}")
+                if not (arr.flags.c_contiguous and arr.flags.writeable):
+                    raise ValueError(f"optimizer state {key!r} of params[{i}] must be a "
+                                     f"writable C-contiguous array (the update writes it in "
+                                     f"place)")
 
     def _lags(self) -> np.ndarray:
         if self._lag is None:
