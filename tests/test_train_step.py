@@ -217,6 +217,63 @@ def test_replaced_arrays_are_rebound():
         np.testing.assert_allclose(p.value, q.value, rtol=2e-4, atol=2e-6)
 
 
+@pytest.mark.parametrize("change", ["grad read-only", "value read-only", "state read-only",
+                                    "weight reshaped"])
+def test_arrays_changed_in_place_after_a_step_are_checked_again(backend, change):
+    """The compiled step keeps its pointers while the same array objects are bound; an
+    array made read-only or reshaped in place since is refused as on a fresh compile
+    (the native step wrote a read-only array and trained on the old shape), and left
+    unchanged."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    model = nn.Sequential(nn.Dense(4, 6, activation="relu", rng=0), nn.Dense(6, 3, rng=1))
+    opt = optim.Adam(model.parameters())
+    step = model.compile("cross_entropy", opt)
+    step(X, y)
+    bias, weight = model[1].bias, model[1].weight
+    if change == "weight reshaped":
+        weight.value.shape = weight.grad.shape = (3, 6)  # (same objects, same memory)
+        arr = weight.value
+    else:
+        arr = {"grad read-only": bias.grad, "value read-only": bias.value,
+               "state read-only": opt.state[3]["exp_avg"]}[change]
+        arr.setflags(write=False)
+    before = [p.value.copy() for p in model.parameters()] + [arr.copy()]
+    with pytest.raises(ValueError):
+        step(X[::-1].copy(), y[::-1].copy())
+    for a, b in zip([p.value for p in model.parameters()] + [arr], before):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("how", ["compiled", "fit"])
+def test_x_that_is_a_gradient_trains_as_a_copy_would(backend, how):
+    """x given as (a view of) the first layer's weight gradient: the step zeroes and
+    rewrites the gradients while the backward still reads x; it must train as on a
+    copy of x (the hand loop's Dense.backward already copies such an x)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, 16)).astype(np.float32)
+    Y = rng.standard_normal((16, 16)).astype(np.float32)
+    results = []
+    for alias in (True, False):
+        model = nn.Sequential(nn.Dense(16, 16, activation="tanh", rng=0),
+                              nn.Dense(16, 16, rng=1))
+        opt = optim.Adam(model.parameters(), lr=0.01)
+        step = model.compile("mse", opt)
+        step(X, Y)  # (the gradient now holds values)
+        g = model[0].weight.grad
+        x = g if alias else g.copy()
+        if how == "compiled":
+            step(x, Y)
+            step(g[:8] if alias else g[:8].copy(), Y[:8])  # (a view of it)
+        else:
+            model.fit(x, Y, loss="mse", optimizer=opt, batch_size=16, shuffle=False,
+                      epochs=1, verbose=0)
+        results.append([p.value.copy() for p in model.parameters()])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
 @native_only
 @pytest.mark.parametrize("loss_name, option", [("mse", "half"), ("bce-logits", "from_logits")])
 @pytest.mark.filterwarnings("ignore:the model ends in a sigmoid")  # (a sigmoid output and BCE

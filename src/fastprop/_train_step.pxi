@@ -25,6 +25,18 @@ cdef void* _data_ptr(arr) except NULL:
     return p
 
 
+cdef struct _BoundArray:
+    # what a bound array was when its pointer was taken: the fast path of _bind
+    # re-reads it (one buffer request each, ~40 ns) so that an array made read-only,
+    # reshaped or resized in place since is bound (and refused) anew
+    char* lo
+    char* hi
+    Py_ssize_t rows
+    int ndim
+    int flags
+    bint written
+
+
 cdef class NativeTrainStep:
     """make_train_step's result for the native backend (see the kernel contract)."""
 
@@ -34,6 +46,9 @@ cdef class NativeTrainStep:
     cdef DenseLayerPlan[double]* l64
     cdef void** ptrs          # 4 * count: params, grads, state1, state2
     cdef int64_t* sizes
+    cdef _BoundArray* checks  # nchecks entries, for the arrays in check_arrays
+    cdef int nchecks
+    cdef object check_arrays  # (a list while _bind records, else a tuple or None)
     cdef int nlayers, count, kind
     cdef object stages, loss, optimizer, state_names, bound, workspaces, dtype, colsums
     cdef object decay_mask
@@ -46,8 +61,11 @@ cdef class NativeTrainStep:
         self.l64 = NULL
         self.ptrs = NULL
         self.sizes = NULL
+        self.checks = NULL
+        self.nchecks = 0
 
     def __dealloc__(self):
+        PyMem_Free(self.checks)
         PyMem_Free(self.l32)
         PyMem_Free(self.l64)
         PyMem_Free(self.ptrs)
@@ -122,7 +140,79 @@ cdef class NativeTrainStep:
         if (not isinstance(arr, np.ndarray) or arr.dtype != self.dtype
                 or not arr.flags.c_contiguous or (writable and not arr.flags.writeable)):
             raise ValueError(f"{name} must be a writable C-contiguous {self.dtype} array")
+        if type(self.check_arrays) is list:  # (recording, in _bind)
+            self.check_arrays.append((arr, writable))
         return _data_ptr(arr)
+
+    cdef int _record_checks(self) except -1:
+        """Note each array _bind took a pointer to, as it is now (see _BoundArray)."""
+        cdef Py_buffer view
+        cdef int j, n
+        seen = {}  # (an array bound twice, as a layer's and as a parameter, once)
+        for arr, writable in self.check_arrays:
+            seen[id(arr)] = (arr, writable or seen.get(id(arr), (None, False))[1])
+        self.check_arrays = list(seen.values())
+        n = len(self.check_arrays)
+        PyMem_Free(self.checks)
+        self.nchecks = 0
+        self.checks = <_BoundArray*>PyMem_Malloc(max(n, 1) * sizeof(_BoundArray))
+        if self.checks == NULL:
+            self.check_arrays = None
+            raise MemoryError()
+        arrays = []
+        for j in range(n):
+            arr, writable = self.check_arrays[j]
+            self.checks[j].flags = PyBUF_C_CONTIGUOUS | (PyBUF_WRITABLE if writable else 0)
+            PyObject_GetBuffer(arr, &view, self.checks[j].flags)
+            self.checks[j].lo = <char*>view.buf
+            self.checks[j].hi = <char*>view.buf + view.len
+            self.checks[j].ndim = view.ndim
+            self.checks[j].rows = view.shape[0] if view.ndim else 1
+            self.checks[j].written = writable
+            PyBuffer_Release(&view)
+            arrays.append(arr)
+        self.check_arrays = tuple(arrays)
+        self.nchecks = n
+        return 0
+
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
+    cdef bint _unchanged(self):
+        """Whether every bound array still has the pointer, size, shape, contiguity
+        and (where written) writability it had when bound."""
+        cdef Py_buffer view
+        cdef int j
+        cdef bint same
+        if self.check_arrays is None:
+            return False
+        for j in range(self.nchecks):
+            try:
+                PyObject_GetBuffer(self.check_arrays[j], &view, self.checks[j].flags)
+            except Exception:
+                return False
+            same = (<char*>view.buf == self.checks[j].lo
+                    and <char*>view.buf + view.len == self.checks[j].hi
+                    and view.ndim == self.checks[j].ndim
+                    and (view.ndim == 0 or view.shape[0] == self.checks[j].rows))
+            PyBuffer_Release(&view)
+            if not same:
+                return False
+        return True
+
+    cdef bint _overlaps_written(self, arr):
+        """Whether arr (C-contiguous) shares memory with an array the step writes (a
+        gradient, a parameter, optimizer state): the kernel would read it changed."""
+        cdef Py_buffer view
+        cdef int j
+        cdef char* lo
+        cdef char* hi
+        PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
+        lo = <char*>view.buf
+        hi = lo + view.len
+        PyBuffer_Release(&view)
+        for j in range(self.nchecks):
+            if self.checks[j].written and lo < self.checks[j].hi and self.checks[j].lo < hi:
+                return True
+        return False
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
     cdef list _current(self):
@@ -157,7 +247,23 @@ cdef class NativeTrainStep:
                 if arrays[i] is not self.bound[i]:
                     break
             else:
-                return 0
+                if self._unchanged():
+                    return 0
+        self.bound = None
+        self.check_arrays = []  # (_ptr records what it is given)
+        try:
+            self._bind_arrays(arrays)
+            self._record_checks()
+        except BaseException:
+            self.check_arrays = None
+            raise
+        self.bound = arrays
+        self.bound_n = -1
+        return 0
+
+    @cython.boundscheck(True)  # Python tuples/lists: checked indexing
+    cdef int _bind_arrays(self, list arrays) except -1:
+        cdef int i, l
         opt = self.optimizer
         names = tuple(opt.state_names)
         for l, st in enumerate(self.stages):
@@ -246,8 +352,6 @@ cdef class NativeTrainStep:
         # the loss's options (half, from_logits, clip) are read on every call
         self.p32.grad_scale = self.p64.grad_scale = getattr(self.loss, "grad_scale", 1.0)
         self.decoupled = getattr(opt, "decoupled", False)
-        self.bound = arrays
-        self.bound_n = -1
         return 0
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
@@ -319,6 +423,8 @@ cdef class NativeTrainStep:
             raise ValueError(f"x must be a C-contiguous {self.dtype} array of shape (n >= 1, "
                              f"{n_in}), got {getattr(x, 'shape', None)}")
         n = x.shape[0]
+        if self._overlaps_written(x):  # (e.g. x is a weight's .grad, zeroed first)
+            x = x.copy()
         labels = targets = None
         if isinstance(y, tuple):
             labels, targets = y
@@ -332,6 +438,8 @@ cdef class NativeTrainStep:
                 or targets.dtype != self.dtype or not targets.flags.c_contiguous):
             raise ValueError(f"targets must be a C-contiguous {self.dtype} array of shape "
                              f"({n}, {n_out})")
+        if targets is not None and self._overlaps_written(targets):
+            targets = targets.copy()
         self._workspace(n)
         opt = self.optimizer
         h = opt.hyper

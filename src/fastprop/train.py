@@ -202,11 +202,22 @@ if hasattr(os, "register_at_fork"):
                         after_in_child=_free_locks_in_child)
 
 
+def _shares_a_grad(x, params) -> bool:
+    """Whether x is, or views, memory of a parameter's gradient (a view of another
+    array is checked against each: ~0.2 us a parameter; an array owning its data
+    only needs to not be one of them)."""
+    if x.flags.owndata:
+        return any(x is p._grad for p in params)
+    return any(np.may_share_memory(x, p._grad) for p in params)
+
+
 class TrainStep:
     """One training step on a batch: zero grads, forward, loss, backward, update.
 
     ``step(x, y)`` returns the batch loss; ``step.output`` is the batch's forward
-    output.  When the current backend can run the whole step in one call
+    output, valid until the next call: the whole-step kernel writes each batch's
+    output into the same buffer (no allocation per step), so copy it to keep it
+    (``step.output.copy()``).  When the current backend can run the whole step in one call
     (``make_train_step`` in the kernel contract) it does; otherwise the layers'
     own forward/backward run from Python, with the same results.  With
     ``step.check_finite = True`` (an attribute, False by default; ``fit`` sets it
@@ -524,6 +535,8 @@ class TrainStep:
         opt = self.optimizer
         checked = opt._precheck()
         buffered, drops, params, caches = self._layer_walk(model)
+        if isinstance(x, np.ndarray) and _shares_a_grad(x, params):
+            x = x.copy()  # (the layers keep x for backward, after the grads are zeroed)
         saved = [(b, b.copy()) for m in buffered for b in (getattr(m, a) for a in m._buffers)]
         # (and the Dropout generators: a refused step draws no masks, so that the
         # next step, and a seeded run, is as if it had not been called)
