@@ -847,3 +847,37 @@ def test_a_fork_while_a_thread_runs_a_loss_subclass_does_not_hang_the_child():
     finally:
         busy.join()
     assert status == "ok" and np.isfinite(value), (status, value)
+
+
+def test_a_parameter_replaced_after_compile_is_warned_about_and_the_old_one_skipped(backend):
+    """layer.weight = Parameter(...) after compile: the step's optimizer holds the old
+    one. The step warns once (fit did; the step trained silently) and no longer
+    applies the old parameter's last gradient to it (as opt.zero_grad() + step()
+    in PyTorch skips a parameter whose gradient is None)."""
+    import pickle
+    import warnings
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    model = nn.Sequential(nn.Dense(4, 6, activation="relu", rng=0), nn.Dense(6, 3, rng=1))
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    step = model.compile("cross_entropy", opt)
+    step(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        pickle.loads(pickle.dumps(step))(X, y)  # (no warning for an unchanged model)
+    old = model[0].weight
+    kept = old.value.copy()
+    model[0].weight = fp.Parameter(np.full((4, 6), 0.3, np.float32))
+    with pytest.warns(UserWarning, match=r"changed since its optimizer.*1\.weight.*compiled step"):
+        step(X, y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # (once)
+        step(X, y)
+    np.testing.assert_array_equal(old.value, kept)
+    np.testing.assert_array_equal(model[0].weight.value, np.float32(0.3))  # (not held)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        model[0].weight = fp.Parameter(np.full((4, 6), 0.2, np.float32))
+        model.fit(X, y, epochs=1, batch_size=8, verbose=0)
+    assert len([w for w in seen if "changed since" in str(w.message)]) == 1

@@ -267,6 +267,9 @@ class TrainStep:
         self._fast_key = None
         self._stages_key = None  # the layer chain the kernel was built for
         self._structure = -1     # nn._structure when that was last checked
+        # (ids of the model's parameters when last checked: one replaced or added
+        # since, which the optimizer does not hold, is warned about)
+        self._param_ids = frozenset(id(p) for p in model.parameters())
         self._plain, self._plain_at = (), ()  # (Sequentials with plain layer lists)
         # (module __dict__, its cache names): dropped after a fused step that follows a
         # hand-run forward (the Dense layers' dicts, probed), as the layer path's
@@ -328,7 +331,8 @@ class TrainStep:
         state = dict(self.__dict__)
         state.update(_fast=None, _fast_key=None, _stages_key=None, _structure=-1,
                      _plain=(), _plain_at=(),
-                     _mask_key=None, output=None, _cache_slots=(), _cache_probes=())
+                     _mask_key=None, output=None, _cache_slots=(), _cache_probes=(),
+                     _param_ids=None)  # (ids of this process' objects)
         state.pop("_busy", None)
         state.pop("_owner", None)
         state.pop("_walk", None)  # (keyed by this process's structure counter)
@@ -373,6 +377,8 @@ class TrainStep:
             # kernel runs is no longer the model's
             structure = _nn_structure[0]
             _check_each_module_once(self.model, "compile")  # (a layer may have been added)
+            self._param_ids = _warn_untrained(self.model, self.optimizer, self._param_ids,
+                                              "this compiled step")
             mods = list(self.model.modules())
             self._plain = _plain_lists(mods)
             self._plain_at = _plain_key(self._plain)
@@ -601,8 +607,14 @@ class TrainStep:
         structure = _nn_structure[0]
         mods = list(model.modules())
         plain = _plain_lists(mods)
+        params = model.parameters()
+        ids = {id(p) for p in params}
+        # (and the optimizer's parameters the model no longer has, a layer's replaced
+        # one: their gradients are zeroed to none, as opt.zero_grad() would, so the
+        # update skips them instead of applying their last gradient again)
+        params += [p for p in self.optimizer.params if id(p) not in ids]
         found = ([m for m in mods if m._buffers], [m for m in mods if isinstance(m, Dropout)],
-                 model.parameters(), _cache_slots(mods))
+                 params, _cache_slots(mods))
         if all(type(m).children in _STANDARD_CHILDREN for m in mods) \
                 and all(type(m)._drop_caches is Module._drop_caches for m in mods):
             self._walk = (structure, found, plain, _plain_key(plain))
@@ -667,24 +679,26 @@ def _remember(model, step) -> None:
     model._compiled_ids = frozenset(id(p) for p in model.parameters())
 
 
-def _warn_untrained(model, optimizer) -> None:
+def _warn_untrained(model, optimizer, before, who="fit"):
     """Warn when the model gained trainable parameters that ``optimizer`` (the one of
-    its last compile or fit) does not hold: a layer replaced or added since (Keras
-    refuses; here fit would leave them untrained)."""
-    before = model.__dict__.get("_compiled_ids")
+    its last compile or fit) does not hold: a layer replaced or added since the model
+    had the parameters ``before`` (ids; Keras refuses; here ``who`` would leave them
+    untrained).  Returns the ids the model has now."""
     params = model.named_parameters()
-    if before is None or before == frozenset(id(p) for _, p in params):
-        return
+    now = frozenset(id(p) for _, p in params)
+    if before is None or before == now:
+        return now
     held = {id(p) for p in optimizer.params}
     missing = [name for name, p in params if p.requires_grad and id(p) not in held]
     if missing:
         _warn_user(
             f"the model has changed since its optimizer was made: {len(missing)} trainable "
             f"parameter(s) ({', '.join(missing[:4])}{', ...' if len(missing) > 4 else ''}) "
-            f"are not in it, and fit leaves them as they are; make a new optimizer "
+            f"are not in it, and {who} leaves them as they are; make a new optimizer "
             f"(fit(..., optimizer=fp.optim.Adam(model.parameters())) or compile again), "
             f"add them with opt.add_param_group({{'params': [...]}}), or freeze them "
             f"(requires_grad_(False))")
+    return now
 
 
 # ------------------------------------------------------------------ helpers
@@ -1002,8 +1016,9 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             raise ValueError("fit needs loss= and optimizer= (or call model.compile first)")
         loss = compiled[0] if loss is None else loss
         optimizer = compiled[1] if optimizer is None else optimizer
+    params_now = None
     if compiled is not None and optimizer is compiled[1]:
-        _warn_untrained(model, optimizer)
+        params_now = _warn_untrained(model, optimizer, model.__dict__.get("_compiled_ids"))
     step = model._compiled_step()
     if step is None or _losses.get(loss) is not step.loss or optimizer is not step.optimizer:
         step = TrainStep(model, loss, optimizer)
@@ -1011,6 +1026,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             # (the compiled step itself is gone, its settings are kept)
             step.clip_grad_norm, step.clip_grad_value = model.__dict__.get(
                 "_compile_clips", (None, None))
+    if params_now is not None:
+        step._param_ids = params_now  # (warned about once: by fit, not again by the step)
     dtype = _model_dtype(model)
     X = _features(X, "X", dtype)
     y = _targets(y, "y", X.shape[0])
