@@ -516,7 +516,7 @@ class Optimizer:
                     or (g.dtype is not vd and g.dtype != vd):
                 break
             vf, gf = v.flags, g.flags
-            if not (vf.c_contiguous and gf.c_contiguous and vf.writeable):
+            if not (vf.c_contiguous and gf.c_contiguous and vf.writeable and gf.writeable):
                 break
             for arr in self.state[i].values():
                 if type(arr) is not ndarray or arr.shape != v.shape \
@@ -536,7 +536,8 @@ class Optimizer:
                 raise ValueError(
                     f"params[{i}].grad must be an array of shape {p.value.shape} and dtype "
                     f"{p.value.dtype}, got {getattr(g, 'shape', None)} / {getattr(g, 'dtype', None)}")
-            if not (p.value.flags.c_contiguous and g.flags.c_contiguous and p.value.flags.writeable):
+            if not (p.value.flags.c_contiguous and g.flags.c_contiguous
+                    and p.value.flags.writeable and g.flags.writeable):
                 raise ValueError(f"params[{i}] value and grad must be C-contiguous and writable")
             for key, arr in self.state[i].items():
                 if not isinstance(arr, np.ndarray):
