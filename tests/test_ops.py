@@ -223,6 +223,18 @@ def test_matmul_noncontiguous_out(backend, dtype, rng, kind, accumulate):
         assert np.array_equal(holder[~covered], guard[~covered])
 
 
+@pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
+def test_out_of_a_masked_array_or_matrix_is_refused(backend):
+    """out= a masked array or an np.matrix: refused on both backends (native wrote the
+    values, leaving the mask as it was; numpy failed with a broadcasting message)."""
+    a, b = np.ones((4, 5)), np.ones((5, 3))
+    for out in (np.ma.zeros((4, 3)), np.asmatrix(np.zeros((4, 3)))):
+        with pytest.raises(ValueError, match="out must be a numpy.ndarray"):
+            fp.ops.matmul(a, b, out=out)
+        with pytest.raises(ValueError, match="out must be a numpy.ndarray"):
+            fp.ops.activation("relu", np.ones((4, 3)), out=out)
+
+
 def test_matmul_does_not_write_outside_out(backend, dtype, rng):
     """A row-padded out (leading dimension > n) keeps its padding intact."""
     m, k, n = 31, 65, 33

@@ -141,7 +141,9 @@ def check_shape(arr: np.ndarray, shape: tuple, name: str) -> None:
 
 
 def check_out(out, shape: tuple, dtype: np.dtype, name: str = "out") -> np.ndarray:
-    if not isinstance(out, np.ndarray):
+    if not isinstance(out, np.ndarray) or isinstance(out, (np.ma.MaskedArray, np.matrix)):
+        # (a masked array's mask or a matrix's operators would not follow the values
+        # written: the backends behaved differently on them)
         raise ValueError(f"{name} must be a numpy.ndarray, got {type(out).__name__}")
     if out.shape != tuple(shape) or out.dtype != dtype:
         raise ValueError(
