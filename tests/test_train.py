@@ -819,6 +819,30 @@ def test_callbacks_edge_cases_and_early_stopping_across_a_resume(rng, tmp_path):
     np.testing.assert_array_equal(m1.weight.value, m2.weight.value)
 
 
+def test_early_stopping_restores_the_best_resumed_epoch_when_the_best_was_before():
+    """restore_best_weights across a resume whose best epoch came before the checkpoint
+    (its weights are not in it): the docstring's promise, the best of the epochs the
+    resumed fit ran (it restored the first of them, whatever came after)."""
+    import types
+    model = nn.Dense(1, 1, rng=0)
+    es = fp.EarlyStopping("val_loss", patience=10, restore_best_weights=True)
+    es.set_model(model)
+    es.on_resume(types.SimpleNamespace(epoch=[0, 1],
+                                       history={"val_loss": [1.0, 1.5]}))
+    assert es.best == 1.0 and es.best_epoch == 0 and es.wait == 1
+    for epoch, value in [(2, 1.4), (3, 1.2), (4, float("nan")), (5, 1.3)]:
+        model.weight.value[...] = epoch  # (a marker of the epoch's weights)
+        assert es(epoch, {"val_loss": value}) is False
+    es.on_train_end()
+    assert model.weight.value.item() == 3 and es.best_epoch == 0
+    es.on_resume(types.SimpleNamespace(epoch=[0], history={"val_loss": [1.0]}))
+    for epoch, value in [(1, 1.4), (2, 0.5), (3, 0.9)]:  # (a new best: kept as usual)
+        model.weight.value[...] = epoch
+        es(epoch, {"val_loss": value})
+    es.on_train_end()
+    assert model.weight.value.item() == 2 and es.best_epoch == 2
+
+
 def test_module_state_dict_round_trip(backend, rng):
     """state_dict() copies every parameter and buffer by name; load_state_dict puts a
     kept one back in place (the compiled step trains on from it), checking names,

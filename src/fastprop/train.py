@@ -1449,6 +1449,7 @@ class EarlyStopping:
         self.best_epoch = None
         self.best_weights = None
         self.wait = 0
+        self._kept = None  # (after a resume: the monitored value of best_weights)
 
     def on_resume(self, history) -> None:
         """Rebuild ``best`` and the epochs without improvement from the history a
@@ -1461,6 +1462,8 @@ class EarlyStopping:
                 self(epoch, {self.monitor: value})
         finally:
             self.model = model
+        if self.best is not None:  # (the resumed epochs' own best is kept instead)
+            self._kept = math.inf if self.sign < 0 else -math.inf
 
     def on_train_end(self) -> None:
         """With ``restore_best_weights``: the best epoch's parameters and buffers back."""
@@ -1477,6 +1480,7 @@ class EarlyStopping:
         keep = self.restore_best_weights and self.model is not None
         if not math.isnan(value) and (self.best is None or self._better(value, self.best)):
             self.best, self.best_epoch = value, epoch
+            self._kept = None  # (a best of its own: kept as usual from here)
             if keep:
                 self.best_weights = self.model.state_dict()
             # (as Keras: the patience restarts only when the baseline is beaten too,
@@ -1484,7 +1488,12 @@ class EarlyStopping:
             beaten = self.baseline is None or self._better(value, self.baseline)
             self.wait = 0 if beaten else self.wait + 1
             return False
-        if keep and self.best_weights is None:  # (Keras: the first watched epoch's)
+        if keep and self._kept is not None and not math.isnan(value) \
+                and self.sign * (value - self._kept) > 0:
+            # (resumed with the best epoch before the checkpoint, whose weights are not
+            # in it: the best of the epochs this fit ran)
+            self.best_weights, self._kept = self.model.state_dict(), value
+        elif keep and self.best_weights is None:  # (Keras: the first watched epoch's)
             self.best_weights = self.model.state_dict()
         self.wait += 1
         return self.wait >= self.patience and epoch > 0  # (as Keras)
