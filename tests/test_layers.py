@@ -1953,3 +1953,31 @@ def test_batchnorm_statistics_assigned_are_checked(backend, rng):
     np.testing.assert_array_equal(bn.running_mean, ref.running_mean)
     np.testing.assert_array_equal(frozen, np.float32([0.1, 0.2, 0.3]))  # (untouched)
     bn.running_mean = bn.running_var = None  # (None, as PyTorch's buffers)
+
+
+def test_init_seed_also_seeds_dropout_masks_without_moving_the_weights():
+    """fp.init.seed(s) makes a hand loop with Dropout reproducible (the README's
+    determinism recipe; Dropout drew OS entropy), without drawing from the weights'
+    generator: the same weights whether Dropout layers sit between the layers or not."""
+    X = np.random.default_rng(0).standard_normal((16, 5)).astype(np.float32)
+
+    def run(with_dropout):
+        fp.init.seed(7)
+        layers = [nn.Dense(5, 8, "relu"), nn.Dropout(0.5), nn.Dense(8, 3), nn.Dropout(0.3)]
+        model = nn.Sequential(*(l for l in layers
+                                if with_dropout or not isinstance(l, nn.Dropout)))
+        weights = [p.value.copy() for p in model.parameters()]
+        outs = [model(X) for _ in range(3)] if with_dropout else []
+        return weights, outs, model
+
+    (w1, o1, m1), (w2, o2, _), (w3, _, _) = run(True), run(True), run(False)
+    for a, b, c in zip(w1, w2, w3):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_array_equal(a, c)
+    for a, b in zip(o1, o2):
+        np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(o1[0], o1[1])  # (each forward draws a new mask)
+    for s in (7, None):  # (each Dropout its own stream; unseeded: fresh entropy)
+        fp.init.seed(s)
+        a, b = nn.Dropout(0.5), nn.Dropout(0.5)
+        assert a.rng.random() != b.rng.random()

@@ -24,12 +24,26 @@ __all__ = ["xavier_uniform", "xavier_normal", "he_uniform", "he_normal", "zeros"
            "uniform_", "normal_", "constant_", "zeros_", "ones_"]
 
 _rng = np.random.default_rng()
+_masks = None  # (a SeedSequence after seed(int): the Dropout layers' generators)
 
 
 def seed(value) -> None:
-    """Seed the generator the initializers use when no ``rng`` is given."""
-    global _rng
+    """Seed the generator the initializers use when no ``rng`` is given, and the mask
+    generators of the Dropout layers made afterwards without ``seed=`` (each its own,
+    in the order they are made, from the seed's own sequence: the weights drawn are
+    the same whether Dropout layers are made between the layers or not)."""
+    global _rng, _masks
     _rng = np.random.default_rng(value)
+    _masks = (np.random.SeedSequence(int(value), spawn_key=(0x6D61736B,))
+              if isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+              else None)
+
+
+def _mask_generator() -> np.random.Generator:
+    """A new Dropout's generator: from :func:`seed`'s sequence when seeded with an int,
+    else from fresh OS entropy."""
+    seq = _masks
+    return np.random.default_rng(None if seq is None else seq.spawn(1)[0])
 
 
 # Every initializer checks all of its arguments before it draws a random number, so a

@@ -1153,7 +1153,9 @@ class Dropout(Module):
                             "second argument, inplace, is inplace=True here)")
         self.p = real(p, "p", low=0, high=1)
         self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        # (without a seed: from fp.init.seed's sequence when one was set, as the
+        # layers' initial weights; else fresh entropy)
+        self.rng = _init._mask_generator() if seed is None else np.random.default_rng(seed)
         self._mask = None
         self._shape = None        # the last forward's shape (backward checks against it)
         self.freeze_mask = False  # reuse the last mask (used by gradcheck)
