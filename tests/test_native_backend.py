@@ -269,6 +269,13 @@ def test_subprocess_isa_env_values():
     isa, req, note = _isa_probe("sse9")
     assert req == "sse9" and "unknown FASTPROP_ISA" in note
     assert isa == avail[-1]
+    # (a typo is said at import, as FASTPROP_BACKEND's: the ISA changes the rounding)
+    for value, warned in (("sse9", True), ("avx2", False)):
+        out = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-c",
+                              "import fastprop"], env=dict(os.environ, FASTPROP_ISA=value),
+                             capture_output=True, text=True, timeout=300)
+        assert (out.returncode != 0) == warned, out.stderr
+        assert ("RuntimeWarning: unknown FASTPROP_ISA=sse9" in out.stderr) == warned
 
 
 _ISA_CHECK = pathlib.Path(__file__).resolve().parent.parent / "tools" / "check_isa_units.py"

@@ -31,9 +31,13 @@ def _load_native_runtime():
     OpenMP runtime threadpoolctl limits are there from the start.  A broken build is
     reported when a kernel first needs it (or by fp.show_config())."""
     try:
-        from . import _native  # noqa: F401
+        from . import _native
     except Exception:
-        pass
+        return
+    note = _native.isa_note()
+    if note.startswith("unknown"):  # (a mistyped FASTPROP_ISA: the ISA changes results)
+        import warnings
+        warnings.warn(note, RuntimeWarning, stacklevel=3)
 
 
 _load_native_runtime()
