@@ -206,14 +206,22 @@ inline void parallel_for(index_t n, index_t grain, F&& body) {
 }
 
 // Sum of body(begin, end) -> double over per-thread chunks, combined in order.  The
-// chunks follow the thread count (max_threads()), not the cores free now: when
-// other processes keep the cores busy the same chunks run on fewer threads (in
-// turn), and the sum is the same.
+// chunks follow the thread count set (omp_get_max_threads()), not the threads usable
+// now: when other processes keep the cores busy, or in a fork child whose threads are
+// unusable, the same chunks run on fewer threads (in turn), and the sum is the same
+// (a fork-start worker pool gets the parent's bits).
 template <typename F>
 inline double parallel_sum(index_t n, index_t grain, F&& body) {
 #if defined(_OPENMP)
     constexpr int kMaxThreads = 256;
-    int parts = threads_for(n, grain, false);
+    int parts = 1;
+    if (!omp_in_parallel()) {
+        const int nominal = omp_get_max_threads();
+        if (nominal > 1 && n >= 2 * grain) {
+            const index_t useful = n / grain;
+            parts = useful < nominal ? static_cast<int>(useful) : nominal;
+        }
+    }
     if (parts > kMaxThreads) parts = kMaxThreads;
     if (parts > 1) {
         index_t chunk = (n + parts - 1) / parts;
@@ -225,7 +233,7 @@ inline double parallel_sum(index_t n, index_t grain, F&& body) {
             const index_t end = fp_min(n, begin + chunk);
             if (begin < end) partial[t] = body(begin, end);
         };
-        const int nt = detail::threads_free(parts);
+        const int nt = detail::threads_usable() ? detail::threads_free(parts) : 1;
         if (nt > 1) {
             detail::note_thread_pool_started(nt);
 #pragma omp parallel num_threads(nt)

@@ -207,6 +207,46 @@ def test_fork_from_a_process_with_threads_gives_a_serial_child():
         assert child == 1
 
 
+_FORK_SUMS = """
+import os, sys
+import numpy as np
+import fastprop._native as nat
+x = np.random.default_rng(int(sys.argv[1])).standard_normal(600_000)
+nat.set_num_threads(1)
+one = nat.sum_squares([x])
+nat.set_num_threads(2)
+two = nat.sum_squares([x])  # (starts the pool: a fork child runs serially)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(w, repr((nat.sum_squares([x]), nat.get_num_threads())).encode())
+    os._exit(0)
+os.waitpid(pid, 0)
+child, child_threads = eval(os.read(r, 256).decode())
+print(repr(one), repr(two), repr(child), child_threads)
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork()")
+def test_a_fork_child_sums_in_the_parents_chunks():
+    """A fork child (threads unusable) runs the thread count's chunks of a split sum in
+    turn, as the busy-core back-off does: a fork-start worker pool gets the parent's
+    bits (it summed in one chunk: the 1-thread bits)."""
+    if not _native.openmp():
+        pytest.skip("needs OpenMP")
+    env = dict(os.environ, FASTPROP_BACKOFF="0", OPENBLAS_NUM_THREADS="1")
+    for seed in range(20):  # (an x whose 1- and 2-chunk sums differ, so this can fail)
+        out = subprocess.run([sys.executable, "-c", _FORK_SUMS, str(seed)],
+                             capture_output=True, text=True, timeout=120, env=env)
+        assert out.returncode == 0, out.stderr
+        one, two, child, threads = out.stdout.strip().splitlines()[-1].split()
+        if one != two:
+            break
+    else:
+        pytest.skip("no sum that differs between 1 and 2 chunks")
+    assert child == two and threads == "1"
+
+
 def test_fork_after_another_librarys_openmp_pool():
     """The case itself: torch imported first (its libgomp serves fastprop), a parallel
     torch op, fork, a parallel fastprop kernel in the child: it finishes."""
