@@ -30,9 +30,11 @@ def _case(make, *args):
 
 
 @pytest.mark.parametrize("batch", [1, 32, 128, pytest.param(512, marks=pytest.mark.full), 2048])
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", IMPLS + ["jax"])
 def test_mlp_step(benchmark, impl, batch):
-    """MLP 784-256-128-10, ReLU, softmax cross-entropy, Adam, float32: one step."""
+    """MLP 784-256-128-10, ReLU, softmax cross-entropy, Adam, float32: one step, over
+    16 distinct batches in turn (JAX: jit + optax, when installed; XLA may use more
+    threads than asked)."""
     benchmark.group = f"mlp_step 784-256-128-10 batch={batch}"
     benchmark(_case(_bench.mlp_step_case, impl, batch))
 

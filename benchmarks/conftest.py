@@ -59,5 +59,30 @@ def _quiet_start():
     yield
 
 
+def _loadavg():
+    try:
+        with open("/proc/loadavg") as f:
+            return f.read().split()[0]
+    except OSError:
+        return None
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    """The load when the run started (and, in the terminal summary, when it ended): on
+    a machine other processes keep busy, fastprop gives up threads (the back-off) while
+    OpenBLAS and PyTorch keep theirs spinning, and 2-thread ratios mean little."""
+    machine_info["loadavg_1min_at_start"] = _loadavg()
+    machine_info["cpu_count"] = os.cpu_count()
+
+
+def pytest_terminal_summary(terminalreporter):
+    load = _loadavg()
+    if load is not None:
+        busy = float(load) > 0.5 * (os.cpu_count() or 1)
+        terminalreporter.write_line(
+            f"load average (1 min) at the end: {load} on {os.cpu_count()} CPUs"
+            + (" -- a busy machine: multi-threaded ratios are unreliable" if busy else ""))
+
+
 def torch_or_skip():
     return pytest.importorskip("torch")

@@ -156,25 +156,88 @@ def check_mlp_step(impl, loss, params, ref, lr=1e-3):
         raise AssertionError("no parameter update could be checked")
 
 
+_CYCLE = 16  # distinct batches a timed MLP step cycles through
+
+
+def _jax():
+    """jax, jax.numpy and optax, or Unavailable.  XLA is asked for one thread per
+    op before jax is first imported (it may still use more cores than the others:
+    the comparison then favours JAX)."""
+    import os
+    import sys
+    if "jax" not in sys.modules:
+        os.environ.setdefault("JAX_PLATFORMS", "cpu")
+        os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false "
+                                           "intra_op_parallelism_threads=1")
+    try:
+        import jax
+        import jax.numpy as jnp
+        import optax
+    except ImportError:
+        raise Unavailable("JAX and optax are not installed") from None
+    return jax, jnp, optax
+
+
 def mlp_step_case(impl, batch):
     """One training step of MLP 784-256-128-10 (ReLU, softmax cross-entropy, Adam).
 
     Every implementation starts from the same weights; its first step (loss and all
-    parameters after the update) is checked against a float64 NumPy reference."""
-    torch = _require(impl)
+    parameters after the update) is checked against a float64 NumPy reference.  The
+    timed steps then cycle through 16 distinct batches (one batch repeated is learnt
+    by heart within ~20 steps at batch 1, and its vanishing gradients are not a
+    training step's arithmetic).  PyTorch: fused Adam, ``zero_grad()`` as by default
+    (gradients set to None); JAX (``impl="jax"``): ``jax.jit`` of value_and_grad and
+    ``optax.adam``, parameters and state donated, the loss fetched each step as the
+    others return it."""
     x, y = _mlp_data(batch)
+    xs, ys = _mlp_data(batch * _CYCLE, seed=1)
+    batches = [(np.ascontiguousarray(xs[i * batch:(i + 1) * batch]), ys[i * batch:(i + 1) * batch])
+               for i in range(_CYCLE)]
     p0 = _mlp_init()
     ref = reference_mlp_step(p0, x, y)
     pairs = list(zip(MLP_SIZES[:-1], MLP_SIZES[1:]))
-    if torch is not None:
-        xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    turn = [0]
+
+    if impl == "jax":
+        jax, jnp, optax = _jax()
+        tx = optax.adam(1e-3)
+
+        def loss_fn(params, xb, yb):
+            h = xb
+            for i in range(len(pairs)):
+                h = h @ params[2 * i] + params[2 * i + 1]
+                if i < len(pairs) - 1:
+                    h = jax.nn.relu(h)
+            return optax.softmax_cross_entropy_with_integer_labels(h, yb).mean()
+
+        def jstep(params, state, xb, yb):
+            loss, g = jax.value_and_grad(loss_fn)(params, xb, yb)
+            upd, state = tx.update(g, state, params)
+            return optax.apply_updates(params, upd), state, loss
+
+        jstep = jax.jit(jstep, donate_argnums=(0, 1))
+        params = [jnp.asarray(p) for p in p0]
+        held = [params, tx.init(params)]
+        batches_c = [(jnp.asarray(a), jnp.asarray(b)) for a, b in batches]
+
+        def run_on(xb, yb):
+            held[0], held[1], loss = jstep(held[0], held[1], xb, yb)
+            return float(loss)  # (a host sync, as the others' losses)
+
+        def params():
+            return [np.asarray(p) for p in held[0]]
+
+        first = run_on(jnp.asarray(x), jnp.asarray(y))
+    elif impl == "torch":
+        torch = _require(impl)
         model, linears = torch_mlp(torch, list(MLP_SIZES), p0)
         opt = torch.optim.Adam(model.parameters(), lr=1e-3, fused=True)
         loss_fn = torch.nn.CrossEntropyLoss()
+        batches_c = [(torch.from_numpy(a), torch.from_numpy(b)) for a, b in batches]
 
-        def run():
-            opt.zero_grad(set_to_none=False)
-            loss = loss_fn(model(xt), yt)
+        def run_on(xb, yb):
+            opt.zero_grad()
+            loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
             return loss.item()
@@ -182,7 +245,10 @@ def mlp_step_case(impl, batch):
         def params():
             return [a for lin in linears
                     for a in (lin.weight.detach().numpy().T, lin.bias.detach().numpy())]
+
+        first = run_on(torch.from_numpy(x), torch.from_numpy(y))
     else:
+        _require(impl)
         fp = _fp()
         with fp.use_backend(impl):
             layers = []
@@ -195,14 +261,22 @@ def mlp_step_case(impl, batch):
             model = fp.nn.Sequential(*layers)
             step = model.compile(fp.losses.SoftmaxCrossEntropy(),
                                  fp.optim.Adam(model.parameters(), lr=1e-3))
+        batches_c = batches
 
-        def run():
+        def run_on(xb, yb):
             with fp.use_backend(impl):
-                return step(x, y)
+                return step(xb, yb)
 
         def params():
             return [p.value for p in model.parameters()]
-    check_mlp_step(impl, run(), params(), ref)
+
+        first = run_on(x, y)
+    check_mlp_step(impl, first, params(), ref)
+
+    def run():
+        xb, yb = batches_c[turn[0] % _CYCLE]
+        turn[0] += 1
+        return run_on(xb, yb)
     return run
 
 
