@@ -257,3 +257,21 @@ def test_a_missing_native_backend_is_said_not_silent():
     assert out.startswith("numpy ['fastprop\\'s native backend is unavailable") or \
         out.startswith("numpy [\"fastprop's native backend is unavailable"), out
     assert out.endswith("'not available (b'") or "not available (" in out, out
+
+
+def test_an_installed_numba_cuda_that_fails_to_import_is_named(tmp_path):
+    """numba.cuda installed but not importable (numba-cuda without cuda-bindings, a
+    NumPy numba does not support): the cuda backend's refusal gives that import error,
+    not "numba-cuda is not installed" (reinstalling as that message says would not help)."""
+    fake = tmp_path / "numba"
+    (fake / "cuda").mkdir(parents=True)
+    (fake / "__init__.py").write_text("")
+    (fake / "cuda" / "__init__.py").write_text(
+        "raise ImportError('CUDA bindings not found. Please pip install cuda-bindings')\n")
+    code = ("import sys; sys.path.insert(0, %r)\n"
+            "import fastprop as fp\n"
+            "try:\n    fp.set_backend('cuda')\nexcept fp.BackendUnavailableError as e:\n"
+            "    print('RESULT', e)\n" % str(tmp_path))
+    out = _marker(_run(code))
+    assert "is installed, but numba.cuda failed to import: " in out, out
+    assert "Error: " in out and "not installed" not in out  # (the import's own error)

@@ -21,8 +21,12 @@ if os.environ.get("FASTPROP_CUDA_TESTS", "").strip().lower() != "gpu":
     os.environ["NUMBA_ENABLE_CUDASIM"] = "1"
 try:
     from numba import cuda as _numba_cuda  # noqa: F401
-except ImportError:
+except ImportError as _exc:
     _numba_cuda = None
+    import importlib.util
+    # (installed but not importable is said, not skipped as "not installed")
+    _why = (f"numba is installed, but numba.cuda failed to import: {_exc}"
+            if importlib.util.find_spec("numba") is not None else "numba-cuda is not installed")
 finally:  # numba has read it: do not leak it into subprocesses of other tests
     if _SIM is None:
         os.environ.pop("NUMBA_ENABLE_CUDASIM", None)
@@ -39,7 +43,7 @@ from _support import in_fork_child  # noqa: E402
 from fastprop.backends import numpy as ref  # noqa: E402
 
 if _numba_cuda is None:
-    pytest.skip("numba-cuda is not installed", allow_module_level=True)
+    pytest.skip(_why, allow_module_level=True)
 if cuda_support.problem() is not None:
     if not os.environ.get("NUMBA_ENABLE_CUDASIM") and _SIM is None and \
             os.environ.get("FASTPROP_CUDA_TESTS", "").strip().lower() == "gpu":
@@ -121,6 +125,15 @@ def test_unavailable_says_what_is_missing(monkeypatch):
     with pytest.raises(fp.BackendUnavailableError, match="numba-cuda is not installed"):
         cu.ensure_available()
     assert cuda_support.availability().startswith("numba-cuda is not installed")
+    # installed, but its import fails (numba-cuda without cuda-bindings, a NumPy numba
+    # does not support): the reason is said, not "not installed"
+    monkeypatch.setattr(cuda_support, "_import_error",
+                        "ImportError: CUDA bindings not found")
+    with pytest.raises(fp.BackendUnavailableError,
+                       match=r"is installed, but numba.cuda failed to import: ImportError: "
+                             r"CUDA bindings not found"):
+        cu.ensure_available()
+    monkeypatch.setattr(cuda_support, "_import_error", None)
 
     class NoGPU:
         @staticmethod

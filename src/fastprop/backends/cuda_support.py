@@ -14,15 +14,34 @@ import importlib.util
 INSTALL_HINT = 'pip install "numba-cuda[cu12]>=0.30" (the cuda extra; Python 3.10+)'
 
 
+_import_error: str | None = None  # (why an installed numba.cuda failed to import)
+
+
 def _numba_cuda():
-    """The ``numba.cuda`` module, or None when numba-cuda is not installed."""
+    """The ``numba.cuda`` module, or None when numba-cuda is not installed or does not
+    import (``_import_error`` then says why: a missing cuda-bindings package, a NumPy
+    numba does not support; reinstalling as the install hint says would not help)."""
+    global _import_error
     if importlib.util.find_spec("numba") is None:
         return None
     try:
         from numba import cuda
-    except ImportError:
+    except ImportError as exc:
+        _import_error = f"{type(exc).__name__}: {exc}"
         return None
+    _import_error = None
     return cuda
+
+
+def _installed_version(name: str) -> str | None:
+    try:
+        from importlib.metadata import PackageNotFoundError, version
+    except ImportError:  # pragma: no cover
+        return None
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
 
 
 def is_simulator() -> bool:
@@ -41,6 +60,12 @@ def problem() -> str | None:
     """None when the cuda backend can run, else why not (which part is missing)."""
     cuda = _numba_cuda()
     if cuda is None:
+        if _import_error is not None:
+            have = _installed_version("numba-cuda") or _installed_version("numba")
+            what = f"numba-cuda {have}" if _installed_version("numba-cuda") else \
+                f"numba {have}" if have else "numba"
+            return (f"{what} is installed, but numba.cuda failed to import: "
+                    f"{_import_error} (the cuda extra: {INSTALL_HINT})")
         return f"numba-cuda is not installed ({INSTALL_HINT})"
     if is_simulator():
         return None
