@@ -51,6 +51,7 @@ def train_digits(backend, epochs=30, batch_size=32, seed=0, verbose=1):
 
 def demo(args) -> int:
     import fastprop as fp
+    _digits(args.seed)  # (scikit-learn missing: said before anything is printed)
     print("fastprop demo: MLP 64-128-64-10 (ReLU, softmax cross-entropy, Adam) on the "
           "scikit-learn digits data set\n")
     results = {}
