@@ -1018,3 +1018,29 @@ def test_continued_fit_refuses_x_that_overflows_the_network_dtype():
         clf.partial_fit(X2, y)
     for w, b in zip(clf.coefs_, before):
         np.testing.assert_array_equal(w, b)
+    # sample_weight likewise (scikit-learn keeps it in X's float64): 1e39 became inf
+    # (a NaN network), 1e-50 became 0 ("weights sum to zero", n_iter_ reset)
+    n_iter = clf.n_iter_
+    for bad in (1e39, 1e-50):
+        with pytest.raises(ValueError, match=r"sample_weight contains a value too large "
+                                             r"or too small .* dtype\('float32'\)"):
+            clf.partial_fit(X.astype(np.float64), y, sample_weight=np.full(64, bad))
+        assert clf.n_iter_ == n_iter
+        for w, b in zip(clf.coefs_, before):
+            np.testing.assert_array_equal(w, b)
+    clf.partial_fit(X.astype(np.float64), y, sample_weight=np.full(64, 1e30))  # (fits)
+
+
+def test_invscaling_rate_underflowing_to_zero_trains_on():
+    """sgd + momentum with an invscaling rate that underflows to 0: scikit-learn trains
+    on (its velocity holds the rate); the momentum buffers' rescale divided by 0."""
+    X, y = DATA["iris"][0], DATA["iris"][2]
+    for rate in (1e-323, 1e-300):
+        clf = MLPClassifier(hidden_layer_sizes=(4,), solver="sgd", momentum=0.9,
+                            learning_rate="invscaling", learning_rate_init=rate,
+                            max_iter=5, random_state=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ConvergenceWarning)
+            clf.fit(X, y)
+        assert clf.n_iter_ == 5
+        assert all(np.isfinite(w).all() for w in clf.coefs_)

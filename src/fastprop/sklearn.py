@@ -247,7 +247,7 @@ class _Network:
                 be.linear_forward(h, coefs[i], intercepts[i], acts[i], 0.0, a[i + 1], None)
             h = a[i + 1]
         loss = self._data_loss(be, a[-1], t, sw, g[-1])
-        sw_sum = ws.m if sw is None else float(sw.sum())
+        sw_sum = ws.m if sw is None else float(sw.sum(dtype=np.float64))
         if alpha:
             loss += 0.5 * alpha * be.sum_squares(self.weights) / sw_sum
         for i in range(last, -1, -1):
@@ -437,9 +437,14 @@ class _SGDOptimizer(_Optimizer):
         be.sgd_update(net.biases, net.bias_grads, bufs and bufs[1:], lr, mom, nest, 0.0, False)
 
     def _set_learning_rate(self, value):
-        if self.bufs is not None and value != self.learning_rate:
-            for b in self.bufs:
-                b *= b.dtype.type(self.learning_rate / value)
+        # (the buffers hold velocity / lr: rescaled for a new rate; a rate that
+        # underflowed to 0, or a ratio beyond float range, keeps them: nothing moves
+        # at a zero rate, where scikit-learn's velocity, holding lr, moves by ~1e-323)
+        if self.bufs is not None and value != self.learning_rate and value != 0:
+            ratio = self.learning_rate / value
+            if math.isfinite(ratio):
+                for b in self.bufs:
+                    b *= b.dtype.type(ratio)
         self.learning_rate = value
 
     def iteration_ends(self, time_step):
@@ -688,7 +693,19 @@ class _BaseMLP(BaseEstimator):
                              f"dtype('{np.dtype(dtype).name}'), the network's dtype; "
                              "fit float64 X to train in float64.")
         if sample_weight is not None:
-            sample_weight = _kernel_array(sample_weight, dtype)
+            given = sample_weight
+            with np.errstate(over="ignore", under="ignore"):
+                sample_weight = _kernel_array(sample_weight, dtype)
+            if np.dtype(dtype).itemsize < given.dtype.itemsize and not (
+                    np.isfinite(sample_weight).all()
+                    and np.array_equal(sample_weight == 0, given == 0)):
+                # (weights continued on a float32 network, which scikit-learn keeps
+                # in X's float64: inf or 0 here trained a NaN model, or said the
+                # weights summed to zero, after changing it)
+                raise ValueError(
+                    "sample_weight contains a value too large or too small (nonzero, "
+                    f"rounding to 0) for dtype('{np.dtype(dtype).name}'), the network's "
+                    "dtype; fit float64 X to train in float64.")
         net = self._network(n_features, hidden, dtype, sparse)
         # After an early-stopping fit scikit-learn's coefs_ / intercepts_ ARE the lists
         # _best_coefs / _best_intercepts (its restore assigns them), and its solvers
