@@ -1981,3 +1981,22 @@ def test_init_seed_also_seeds_dropout_masks_without_moving_the_weights():
         fp.init.seed(s)
         a, b = nn.Dropout(0.5), nn.Dropout(0.5)
         assert a.rng.random() != b.rng.random()
+
+
+def test_batchnorm_statistics_made_unusable_in_place_are_named(backend, rng):
+    """A running statistic made read-only in place, one of the pair set to None, a
+    negative batch count: named ValueErrors (a raw buffer message on native; an
+    AttributeError; a ZeroDivisionError or a momentum never set), state unchanged."""
+    x = rng.standard_normal((8, 3)).astype(np.float32)
+    bn = nn.BatchNorm1d(3)
+    bn.running_mean.setflags(write=False)
+    with pytest.raises(ValueError, match="running_mean must be a writable C-contiguous"):
+        bn(x)
+    assert bn.num_batches_tracked == 0 and np.array_equal(bn.running_var, np.ones(3))
+    bn = nn.BatchNorm1d(3)
+    bn.running_var = None
+    with pytest.raises(ValueError, match="both be None or neither"):
+        bn(x)
+    bn = nn.BatchNorm1d(3, momentum=None)
+    with pytest.raises(ValueError, match="num_batches_tracked"):
+        bn.num_batches_tracked = np.array(-1)

@@ -883,3 +883,41 @@ def test_a_parameter_replaced_after_compile_is_warned_about_and_the_old_one_skip
         model[0].weight = fp.Parameter(np.full((4, 6), 0.2, np.float32))
         model.fit(X, y, epochs=1, batch_size=8, verbose=0)
     assert len([w for w in seen if "changed since" in str(w.message)]) == 1
+
+
+@pytest.mark.parametrize("given_as", ["x", "target"])
+def test_step_output_given_back_trains_as_a_copy_would(backend, given_as):
+    """step.output is the step's own buffer (native): given back as x (chaining) or as
+    the target, the forward overwrote it before it was read (a loss of 0.0)."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((16, 8)).astype(np.float32)
+    Y = rng.standard_normal((16, 8)).astype(np.float32)
+    results = []
+    for alias in (True, False):
+        model = nn.Sequential(nn.Dense(8, 8, activation="tanh", rng=0), nn.Dense(8, 8, rng=1))
+        step = model.compile("mse", optim.Adam(model.parameters(), lr=0.01))
+        step(X, Y)
+        out = step.output if alias else step.output.copy()
+        loss = step(out, Y) if given_as == "x" else step(X, out)
+        results.append((loss, [p.value.copy() for p in model.parameters()]))
+    (la, wa), (lb, wb) = results
+    assert la == lb and la > 0
+    for a, b in zip(wa, wb):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_a_step_pickled_before_param_ids_were_kept_runs():
+    """A TrainStep pickled by the version before _param_ids: its first call ran into an
+    AttributeError."""
+    import pickle
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((8, 4)).astype(np.float32)
+    y = rng.integers(0, 3, 8)
+    model = nn.Sequential(nn.Dense(4, 6, activation="relu", rng=0), nn.Dense(6, 3, rng=1))
+    step = model.compile("cross_entropy", optim.Adam(model.parameters()))
+    step(X, y)
+    state = step.__getstate__()
+    state.pop("_param_ids")
+    old = type(step).__new__(type(step))
+    old.__setstate__(pickle.loads(pickle.dumps(state)))
+    assert np.isfinite(old(X, y))

@@ -198,6 +198,36 @@ cdef class NativeTrainStep:
                 return False
         return True
 
+    cdef bint _overlaps_outputs(self, arr, int64_t n):
+        """Whether arr shares memory with this batch size's workspace (each layer's
+        output, its pre-activation and gradient buffers: ``step.output`` given back
+        as x or as the target would be overwritten by the forward before it is read)."""
+        cdef Py_buffer view
+        cdef int l, k
+        cdef char* lo
+        cdef char* hi
+        cdef char* bufs[3]
+        cdef Py_ssize_t span
+        PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
+        lo = <char*>view.buf
+        hi = lo + view.len
+        PyBuffer_Release(&view)
+        for l in range(self.nlayers):
+            if self.kind == 4:
+                span = n * self.l32[l].n_out * 4
+                bufs[0] = <char*>self.l32[l].y
+                bufs[1] = <char*>self.l32[l].g
+                bufs[2] = <char*>self.l32[l].z
+            else:
+                span = n * self.l64[l].n_out * 8
+                bufs[0] = <char*>self.l64[l].y
+                bufs[1] = <char*>self.l64[l].g
+                bufs[2] = <char*>self.l64[l].z
+            for k in range(3):
+                if bufs[k] != NULL and lo < bufs[k] + span and bufs[k] < hi:
+                    return True
+        return False
+
     cdef bint _overlaps_written(self, arr):
         """Whether arr (C-contiguous) shares memory with an array the step writes (a
         gradient, a parameter, optimizer state): the kernel would read it changed."""
@@ -441,6 +471,10 @@ cdef class NativeTrainStep:
         if targets is not None and self._overlaps_written(targets):
             targets = targets.copy()
         self._workspace(n)
+        if self._overlaps_outputs(x, n):  # (step.output given back)
+            x = x.copy()
+        if targets is not None and self._overlaps_outputs(targets, n):
+            targets = targets.copy()
         opt = self.optimizer
         h = opt.hyper
         step = opt.step_count + 1

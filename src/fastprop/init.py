@@ -28,10 +28,11 @@ _masks = None  # (a SeedSequence after seed(int): the Dropout layers' generators
 
 
 def seed(value) -> None:
-    """Seed the generator the initializers use when no ``rng`` is given, and the mask
-    generators of the Dropout layers made afterwards without ``seed=`` (each its own,
-    in the order they are made, from the seed's own sequence: the weights drawn are
-    the same whether Dropout layers are made between the layers or not)."""
+    """Seed the generator the initializers use when no ``rng`` is given, and, for an
+    int seed, the mask generators of the Dropout layers made afterwards without
+    ``seed=`` (each its own, in the order they are made, from the seed's own sequence:
+    the weights drawn are the same whether Dropout layers are made between the layers
+    or not).  Any other seed np.random.default_rng takes seeds the weights only."""
     global _rng, _masks
     _rng = np.random.default_rng(value)
     _masks = (np.random.SeedSequence(int(value), spawn_key=(0x6D61736B,))

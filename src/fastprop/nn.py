@@ -1261,6 +1261,11 @@ class _Norm(Module):
             if isinstance(a, np.ndarray) and a.ndim and a.shape != shape:
                 raise ValueError(f"{type(self).__name__}({self.num_features}): {name} must "
                                  f"have shape {shape}, got {a.shape}")
+            if (name in self._buffers and isinstance(a, np.ndarray) and a.ndim
+                    and not (a.flags.writeable and a.flags.c_contiguous)):
+                raise ValueError(f"{type(self).__name__}({self.num_features}): {name} must "
+                                 f"be a writable C-contiguous array (training updates it "
+                                 f"in place)")
 
     def forward(self, x):
         try:
@@ -1305,7 +1310,7 @@ def _check_count(v):
     """``num_batches_tracked``: a writable 0-d int64 array (an int or a 0-d integer
     array converted; the kernel counts in place), or None without statistics."""
     if v is None or (isinstance(v, np.ndarray) and v.shape == () and v.dtype == np.int64
-                     and v.flags.writeable):
+                     and v.flags.writeable and v >= 0):
         return v
     if isinstance(v, np.ndarray) and v.shape == () and v.dtype.kind in "iu":
         v = v.item()
@@ -1402,6 +1407,9 @@ class BatchNorm1d(_Norm):
         be = backends.current()
         gamma, beta = self._scale_shift()
         tracks = self.running_mean is not None
+        if tracks != (self.running_var is not None):
+            raise ValueError("BatchNorm1d: running_mean and running_var must both be None "
+                             "or neither (PyTorch's rule)")
         if (not self.training and tracks) or n == 0:  # (an empty batch: an empty output,
             if n:                                      # as PyTorch's, no statistics)
                 be.batchnorm_forward_eval(x, gamma, beta, self.running_mean,

@@ -237,6 +237,7 @@ class TrainStep:
     _clip_norm = _clip_value = None
     _cache_slots = _cache_probes = ()
     _plain = _plain_at = ()
+    _param_ids = None
 
     def __init__(self, model: Module, loss, optimizer, *, clip_grad_norm=None,
                  clip_grad_value=None):

@@ -65,7 +65,8 @@ def problem() -> str | None:
             what = f"numba-cuda {have}" if _installed_version("numba-cuda") else \
                 f"numba {have}" if have else "numba"
             return (f"{what} is installed, but numba.cuda failed to import: "
-                    f"{_import_error} (the cuda extra: {INSTALL_HINT})")
+                    f"{_import_error} (the cuda extra's requirements are "
+                    f"numba-cuda[cu12]>=0.30 and numba>=0.60, Python 3.10+)")
         return f"numba-cuda is not installed ({INSTALL_HINT})"
     if is_simulator():
         return None
