@@ -40,7 +40,8 @@ SIZES = [0, 1, 2, 7, 31, 33, 65, 127, 257]
 #: (m, k, n) of the MLP benchmark shapes.
 MLP_SHAPES = [(64, 784, 256), (64, 256, 256), (32, 128, 128), (128, 784, 256), (1, 784, 256),
               (256, 64, 784), (784, 64, 256), (64, 256, 784),
-              (32, 784, 256), (48, 1000, 30)]  # last two: threads split k (short A, deep k)
+              (32, 784, 256), (48, 1000, 30),  # these two: threads split k (short A, deep k)
+              (2, 2048, 2048), (4, 1024, 1024), (7, 600, 4096)]  # a few rows, a wide B
 ACT_CODES = list(range(7))  # identity, relu, leaky_relu, sigmoid, tanh, gelu, gelu_erf
 ALPHA = 0.01
 
@@ -213,7 +214,8 @@ def ep_close(actual, expected, dtype, what):
 
 EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33),
              (300, 19, 512),  # rows a multiple of 2 KiB apart: the backward epilogue by rows
-             (32, 784, 256)]  # last: threads split k, the epilogue after their sum
+             (32, 784, 256),  # threads split k, the epilogue after their sum
+             (3, 700, 600), (8, 33, 1030)]  # a few rows times a wide B (multi-row axpy)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -19,6 +19,7 @@ ACTS = ["identity", "relu", "leaky_relu", "sigmoid", "tanh", "gelu", "softmax"]
 GEMM_SHAPES = [
     (0, 5, 3), (4, 0, 3), (4, 5, 0), (1, 1, 1), (1, 7, 1), (7, 1, 31),
     (7, 31, 127), (33, 65, 17), (65, 33, 257), (127, 257, 7), (257, 129, 65),
+    (3, 517, 521), (6, 33, 1031),  # a few rows times a wide B (the multi-row axpy form)
 ]
 TRANS = [(False, False), (False, True), (True, False), (True, True)]
 TRANS_IDS = ["NN", "NT", "TN", "TT"]

@@ -462,7 +462,7 @@ void gemm_dispatch(const GemmArgs<T>& g) {
         if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);
         return;
     }
-    if ((g.m == 1 || g.n == 1) &&
+    if ((g.m <= kFewRows || g.n == 1) &&
         gemv_shapes(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c,
                     g.ldc)) {
         if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);

@@ -130,6 +130,101 @@ inline void axpy_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
     });
 }
 
+// R (2..4) rows of op(A) at once: out_r[0:len] = sum_p vec[r*lda + p] rows[p*ld + 0:len]
+// for r < R, the matrix read once for all R outputs, four of its rows at a time as in
+// axpy_block (each output summed over p in increasing order: the same sums as R
+// single-row products).  For a short op(A) and a wide B the blocked GEMM reads B in
+// place 16 columns at a time down a whole k block, one cache line a row 4 KiB or more
+// apart: 2x1024x1024 float32 took 410 us against 55 us for one row.
+template <int R, typename T>
+FASTPROP_NOINLINE void axpy_block_rows(index_t k, index_t len, const T* FASTPROP_RESTRICT vec,
+                                       index_t lda, const T* FASTPROP_RESTRICT rows,
+                                       index_t ld, T* FASTPROP_RESTRICT out, index_t ldo) {
+    static_assert(R >= 2 && R <= 4, "2 to 4 rows");
+    T* FASTPROP_RESTRICT o0 = out;
+    T* FASTPROP_RESTRICT o1 = out + ldo;
+    T* FASTPROP_RESTRICT o2 = out + (R > 2 ? 2 * ldo : 0);
+    T* FASTPROP_RESTRICT o3 = out + (R > 3 ? 3 * ldo : 0);
+    for (index_t j = 0; j < len; ++j) {
+        o0[j] = T(0);
+        o1[j] = T(0);
+        if (R > 2) o2[j] = T(0);
+        if (R > 3) o3[j] = T(0);
+    }
+    index_t p = 0;
+    for (; p + 4 <= k; p += 4) {
+        T s[4][4];
+        for (int r = 0; r < R; ++r)
+            for (int q = 0; q < 4; ++q) s[r][q] = vec[r * lda + p + q];
+        const T* FASTPROP_RESTRICT r0 = rows + p * ld;
+        const T* FASTPROP_RESTRICT r1 = r0 + ld;
+        const T* FASTPROP_RESTRICT r2 = r1 + ld;
+        const T* FASTPROP_RESTRICT r3 = r2 + ld;
+        for (index_t j = 0; j < len; ++j) {
+            const T b0 = r0[j], b1 = r1[j], b2 = r2[j], b3 = r3[j];
+            T a0 = o0[j];
+            a0 += s[0][0] * b0;
+            a0 += s[0][1] * b1;
+            a0 += s[0][2] * b2;
+            a0 += s[0][3] * b3;
+            o0[j] = a0;
+            T a1 = o1[j];
+            a1 += s[1][0] * b0;
+            a1 += s[1][1] * b1;
+            a1 += s[1][2] * b2;
+            a1 += s[1][3] * b3;
+            o1[j] = a1;
+            if (R > 2) {
+                T a2 = o2[j];
+                a2 += s[2][0] * b0;
+                a2 += s[2][1] * b1;
+                a2 += s[2][2] * b2;
+                a2 += s[2][3] * b3;
+                o2[j] = a2;
+            }
+            if (R > 3) {
+                T a3 = o3[j];
+                a3 += s[3][0] * b0;
+                a3 += s[3][1] * b1;
+                a3 += s[3][2] * b2;
+                a3 += s[3][3] * b3;
+                o3[j] = a3;
+            }
+        }
+    }
+    for (; p < k; ++p) {  // (fewer than 4 rows left)
+        const T* row = rows + p * ld;
+        const T t0 = vec[p], t1 = vec[lda + p];
+        const T t2 = R > 2 ? vec[2 * lda + p] : T(0), t3 = R > 3 ? vec[3 * lda + p] : T(0);
+        for (index_t j = 0; j < len; ++j) {
+            o0[j] += t0 * row[j];
+            o1[j] += t1 * row[j];
+            if (R > 2) o2[j] += t2 * row[j];
+            if (R > 3) o3[j] += t3 * row[j];
+        }
+    }
+}
+
+// axpy_block_rows over blocks of kSumBlock rows of the matrix (as axpy_rows), in
+// column tiles of 1024 (each matrix row read in 4-8 KB runs; R partial tiles on the
+// stack for the blocks after the first).
+template <int R, typename T>
+inline void axpy_rows_multi(index_t k, index_t len, const T* vec, index_t lda, const T* rows,
+                            index_t ld, T* out, index_t ldo) {
+    constexpr index_t kTile = 1024;
+    alignas(64) T part[R * kTile];
+    for (index_t j0 = 0; j0 < len; j0 += kTile) {
+        const index_t w = fp_min(kTile, len - j0);
+        axpy_block_rows<R>(fp_min(kSumBlock, k), w, vec, lda, rows + j0, ld, out + j0, ldo);
+        for (index_t p = kSumBlock; p < k; p += kSumBlock) {
+            axpy_block_rows<R>(fp_min(kSumBlock, k - p), w, vec + p, lda, rows + p * ld + j0,
+                               ld, part, kTile);
+            for (int r = 0; r < R; ++r)
+                for (index_t j = 0; j < w; ++j) out[r * ldo + j0 + j] += part[r * kTile + j];
+        }
+    }
+}
+
 // out[i] = dot(u, rows[i*ld + 0:k]) for i < len, four rows at a time so that each
 // load of u serves four products (16 partial sums per row, as dot_lanes).
 template <typename T>
@@ -224,8 +319,19 @@ inline void store_scaled(index_t len, const T* v, T alpha, T beta, T* c, index_t
     }
 }
 
-// Handles m == 1 or n == 1 (k >= 1); returns false if it did not (other shapes, or
-// no scratch memory), leaving C untouched.
+// A few rows (2..kFewRows) of A times a B whose rows are at least kWideRowBytes long:
+// the rows in groups of 4, each group reading B once in long runs (axpy_rows_multi).
+// Up to 4 rows always (one pass over B); 5 to 8 rows (two passes) only for a B of at
+// least kTwoPassBytes, which the blocked GEMM reads from memory in its pathological
+// way (below that it reads B once from cache, and wins).  Measured, 1 thread, us,
+// blocked -> this form: float32 2x1024x1024 410 -> 90, 4x2048x2048 2046 -> 671,
+// 8x2048x2048 3861 -> 1268; float64 2x784x256 61 -> 34 (RESULTS.md, fifteenth session).
+constexpr index_t kFewRows = 8;
+constexpr index_t kWideRowBytes = 2048;
+constexpr index_t kTwoPassBytes = index_t(8) << 20;
+
+// Handles m == 1 or n == 1 (k >= 1), and the few-rows-wide-B shapes above; returns
+// false if it did not (other shapes, or no scratch memory), leaving C untouched.
 template <typename T>
 bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
                  index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
@@ -248,6 +354,27 @@ bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
         });
         detail::trim_scratch(2);  // (scratch sized by the problem: not kept if large)
         detail::trim_scratch(3);
+        return true;
+    }
+    if (m <= kFewRows && !ta && !tb && direct && n * index_t(sizeof(T)) >= kWideRowBytes &&
+        (m <= 4 || k * n * index_t(sizeof(T)) >= kTwoPassBytes)) {
+        // A few contiguous rows of A times a wide B (rows of B contiguous), stored as
+        // is: the rows in groups of up to 4, each group reading B once.
+        gemv_split(k, n, [&](index_t j0, index_t j1) {
+            for (index_t i = 0; i < m; i += 4) {
+                const index_t r = fp_min<index_t>(4, m - i);
+                const T* ai = a + i * lda;
+                T* ci = c + i * ldc + j0;
+                if (r == 1)
+                    axpy_rows(k, j1 - j0, ai, b + j0, ldb, ci);
+                else if (r == 2)
+                    axpy_rows_multi<2>(k, j1 - j0, ai, lda, b + j0, ldb, ci, ldc);
+                else if (r == 3)
+                    axpy_rows_multi<3>(k, j1 - j0, ai, lda, b + j0, ldb, ci, ldc);
+                else
+                    axpy_rows_multi<4>(k, j1 - j0, ai, lda, b + j0, ldb, ci, ldc);
+            }
+        });
         return true;
     }
     if (n == 1) {
