@@ -1021,3 +1021,31 @@ def test_aliases_keep_their_state_names_and_batch_counts_roll_back(backend, rng,
     step(x, np.zeros(8, int))
     assert int(bn.num_batches_tracked) == 1
     np.testing.assert_allclose(bn.running_mean, want, rtol=1e-5, atol=1e-6)
+
+
+def test_inference_mode_as_a_decorator_per_call_and_thread():
+    """inference_mode works as a decorator (as the generator form did), each call with
+    its own state: two threads in one decorated function restore their own modes."""
+    import threading
+    seen = []
+    barrier = threading.Barrier(2)
+
+    @nn.inference_mode()
+    def inside():
+        seen.append(nn._inference.get())
+        barrier.wait(timeout=10)
+        return nn._inference.get()
+
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(inside())) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [True, True] and results == [True, True]
+    assert nn._inference.get() is False
+    with nn.inference_mode():
+        with nn.inference_mode():
+            assert nn._inference.get() is True
+        assert nn._inference.get() is True
+    assert nn._inference.get() is False

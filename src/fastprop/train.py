@@ -712,7 +712,10 @@ def _on_device(model):
 def _device_aware(fn):
     @functools.wraps(fn)
     def wrapper(model, *args, **kwargs):
-        with _on_device(model):
+        dev = getattr(model, "_device", None)
+        if not dev:  # (the cpu: no backend to select)
+            return fn(model, *args, **kwargs)
+        with backends.use_backend(dev):
             return fn(model, *args, **kwargs)
     return wrapper
 
@@ -868,12 +871,15 @@ def predict(model, X, batch_size=1024):
     X = as_float(X, "X", _model_dtype(model))
     if X.ndim != 2:
         raise ValueError(f"X must be 2-D (samples, features), got shape {X.shape}")
+    n = X.shape[0]
     with inference_mode():
-        forward = _batch_forward(model, X)
-        outs = [forward(X[s:e]) for s, e in _batches(X.shape[0], batch_size)]
-        if not outs:
+        if n == 0:
             return model.forward(X)  # (no rows: the output's shape, checked)
-    return outs[0].copy() if len(outs) == 1 else np.concatenate(outs)
+        forward = _batch_forward(model, X)
+        if n <= batch_size:  # (one batch: no slicing and joining; ~2 us at batch 1)
+            return forward(X).copy()
+        outs = [forward(X[s:e]) for s, e in _batches(n, batch_size)]
+    return np.concatenate(outs)
 
 
 @_device_aware
