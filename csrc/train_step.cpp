@@ -320,13 +320,15 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
     // n max|a| max|g| cannot overflow.  The other layers' dW are computed first,
     // with the GEMM's non-finite flag, so nothing is updated before all is checked.
     bool fused[kMaxTensors];
+    const bool clips = p.clip_value > 0.0 || p.clip_norm > 0.0;  // (all of dW first)
     const bool can_fuse = p.opt.count <= kMaxTensors && L <= kMaxTensors;
     const double limit = double(kHugeValue<T>) / 4.0;
     int nonfinite = 0;
     for (int l = 0; l < L; ++l) {
         const DenseLayerPlan<T>& d = p.layer[l];
         const T* a_prev = l > 0 ? p.layer[l - 1].y : p.x;
-        bool f = can_fuse && d.w_index >= 0 && 4 * p.n * (d.in + d.out) <= d.in * d.out;
+        bool f = can_fuse && !clips && d.w_index >= 0 &&
+                 4 * p.n * (d.in + d.out) <= d.in * d.out;
         if (f && p.check_finite) {
             bool fa = true, fg = true;
             const double am = max_abs(a_prev, p.n * d.in, &fa);
@@ -348,6 +350,13 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
     if (p.check_finite && (nonfinite || !ok)) {
         *status = 2;
         return loss;
+    }
+    if (clips) {  // (the optimizer's gradients: every layer's, all stored by now)
+        T* const* grads = const_cast<T* const*>(p.opt.grads);
+        if (p.clip_value > 0.0)
+            for (index_t i = 0; i < p.opt.count; ++i)
+                clip<T>(p.opt.sizes[i], grads[i], -p.clip_value, p.clip_value);
+        if (p.clip_norm > 0.0) clip_grad_norm<T>(p.opt.count, grads, p.opt.sizes, p.clip_norm);
     }
     if (!can_fuse) {
         optimizer_update<T>(p.opt);

@@ -115,6 +115,41 @@ def test_fused_step_matches_python_path(opt_name, loss_name, dtype):
 
 
 @native_only
+@pytest.mark.parametrize("opt_name", sorted(OPTIMIZERS))
+@pytest.mark.parametrize("clip", [{"clip_grad_norm": 0.05}, {"clip_grad_value": 0.01},
+                                  {"clip_grad_norm": 0.05, "clip_grad_value": 0.01},
+                                  {"clip_grad_norm": 1e6}], ids=["norm", "value", "both", "idle"])
+def test_fused_step_clips_as_the_python_path(opt_name, clip, dtype):
+    """compile(clip_grad_norm=, clip_grad_value=): the native kernel clips the stored
+    gradients itself (value, then norm, as fp.clip_grad_value / clip_grad_norm) instead
+    of sending the step down the layer path (13.7 -> 72 us on a tiny model); the same
+    parameters, gradients and state as the layer path's."""
+    X, y = _data("labels", n=96)
+    runs = []
+    with fp.use_backend("native"):
+        for fused in (True, False):
+            model = _model(dtype)
+            opt = OPTIMIZERS[opt_name](model.parameters())
+            step = model.compile(losses.SoftmaxCrossEntropy(), opt, **clip)
+            if not fused:
+                step.fused = lambda: None
+            values = [step(X[s:s + 12], y[s:s + 12]) for s in range(0, 96, 12)]
+            runs.append((model, np.array(values), step, opt))
+    (m1, l1, s1, o1), (m2, l2, s2, o2) = runs
+    assert type(s1._fast).__name__ == "NativeTrainStep" and s2._fast is None
+    assert s1.output is s1._fast.output  # (the kernel ran the step, not the layer path)
+    _assert_agree(m1, m2, l1, l2, dtype)
+    for a, b in zip(o1.state, o2.state):
+        for k in a:
+            np.testing.assert_allclose(a[k], b[k], **TOL[dtype])
+    if "clip_grad_value" in clip:  # (the stored gradients are the clipped ones)
+        assert max(np.abs(p.grad).max() for p in m1.parameters()) <= clip["clip_grad_value"]
+    if clip.get("clip_grad_norm") == 0.05:
+        norm = np.sqrt(sum(np.sum(p.grad.astype(np.float64) ** 2) for p in m1.parameters()))
+        assert norm <= 0.05 * (1 + 1e-5)
+
+
+@native_only
 @pytest.mark.parametrize("acts", [("identity", "leaky_relu"), ("sigmoid", "tanh"),
                                   ("gelu", "relu")])
 @pytest.mark.parametrize("last", [None, "softmax", "sigmoid"])

@@ -248,6 +248,8 @@ cdef extern from "fastprop/train_step.hpp" namespace "fastprop" nogil:
         OptimizerPlan[T] opt
         cbool check_finite
         cbool check_x
+        double clip_value
+        double clip_norm
 
     void fp_optimizer_update "fastprop::optimizer_update"(
         const OptimizerPlan[float]& plan) noexcept

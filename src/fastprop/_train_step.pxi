@@ -129,6 +129,11 @@ cdef class NativeTrainStep:
         return True
 
     @property
+    def clips(self):
+        """The kernel clips the gradients itself (clip_value, clip_norm arguments)."""
+        return True
+
+    @property
     def checks_labels(self):
         """Class ids outside [0, classes) are refused before anything runs."""
         return True
@@ -423,7 +428,8 @@ cdef class NativeTrainStep:
         call in progress at the fork left ``busy`` set."""
         self.busy = False
 
-    def __call__(self, x, y, bint check_finite=False, bint check_x=True):
+    def __call__(self, x, y, bint check_finite=False, bint check_x=True,
+                 double clip_value=0.0, double clip_norm=0.0):
         """Forward, loss, backward and update on batch (x, y); returns the loss.
         check_x=False skips the NaN/inf check of x (the caller validated X).
 
@@ -434,14 +440,18 @@ cdef class NativeTrainStep:
             raise RuntimeError("this compiled step is already running in another thread: "
                                "a compiled step (and its model) trains on one thread at a "
                                "time; give each thread its own model")
+        if not (clip_value >= 0.0 and clip_norm >= 0.0):  # (NaN too)
+            raise ValueError(f"clip_value and clip_norm must be >= 0 (0: none), got "
+                             f"{clip_value} and {clip_norm}")
         self.busy = True
         try:
-            return self._run(x, y, check_finite, check_x)
+            return self._run(x, y, check_finite, check_x, clip_value, clip_norm)
         finally:
             self.busy = False
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
-    cdef double _run(self, x, y, bint check_finite, bint check_x) except? -1.0:
+    cdef double _run(self, x, y, bint check_finite, bint check_x, double clip_value,
+                     double clip_norm) except? -1.0:
         cdef int status = 0
         cdef double loss
         cdef int64_t n, n_in, n_out
@@ -493,6 +503,8 @@ cdef class NativeTrainStep:
             self.p32.loss_clip = clip
             self.p32.check_finite = check_finite
             self.p32.check_x = check_x
+            self.p32.clip_value = clip_value
+            self.p32.clip_norm = clip_norm
             _fill_opt32(&self.p32.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p32, &status)
@@ -506,6 +518,8 @@ cdef class NativeTrainStep:
             self.p64.loss_clip = clip
             self.p64.check_finite = check_finite
             self.p64.check_x = check_x
+            self.p64.clip_value = clip_value
+            self.p64.clip_norm = clip_norm
             _fill_opt64(&self.p64.opt, h, step, betas, self.decoupled)
             with nogil:
                 loss = fp_train_step(self.p64, &status)

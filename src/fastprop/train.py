@@ -488,10 +488,12 @@ class TrainStep:
             raise ValueError("x is empty: a training step needs at least one sample")
         fast = self.fused()
         if fast is not None:
-            # (a loss option the fused kernels lack, e.g. class weights: the layer path)
-            # (clipping needs every gradient before any update: the layer path too)
-            fast = (self._layer_path(fast) if self.loss._layer_only() or self._clip_norm
-                    is not None or self._clip_value is not None else self._group_gate(fast))
+            # (a loss option the fused kernels lack, e.g. class weights: the layer path;
+            # clipping, which needs every gradient before any update, on a kernel that
+            # cannot clip (the native one does: its `clips`): the layer path too)
+            clipping = self._clip_norm is not None or self._clip_value is not None
+            fast = (self._layer_path(fast) if self.loss._layer_only() or (
+                clipping and not getattr(fast, "clips", False)) else self._group_gate(fast))
         if fast is not None:
             dtype = self.optimizer.params[0].dtype
             given = x
@@ -510,8 +512,12 @@ class TrainStep:
             else:
                 y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
             try:
-                value = (fast(x, y, self.check_finite, not x_checked) if checks_x
-                         else fast(x, y, self.check_finite))
+                if self._clip_norm is not None or self._clip_value is not None:
+                    value = fast(x, y, self.check_finite, not x_checked,
+                                 self._clip_value or 0.0, self._clip_norm or 0.0)
+                else:
+                    value = (fast(x, y, self.check_finite, not x_checked) if checks_x
+                             else fast(x, y, self.check_finite))
             except ValueError:  # (refused before it ran: the optimizer's own message,
                 self.optimizer._precheck()  # naming the parameter, where it has one)
                 if given is not x:  # (finite values beyond float32's range: said so)

@@ -13,7 +13,10 @@
 // With check_finite, a non-finite loss or gradient stops the step before the update
 // and is reported in *status (1: loss, 2: gradient); a class id outside
 // [0, classes) stops it before anything runs (*status = 3), as does NaN or inf in x
-// with check_x (*status = 4); otherwise *status = 0.
+// with check_x (*status = 4); otherwise *status = 0.  Gradient clipping (clip_value,
+// clip_norm, as fastprop.clip_grad_value / clip_grad_norm in that order) runs after
+// the check and before the update; every weight gradient is then stored whole first
+// (no layer's update fused into its dW GEMM).
 #pragma once
 
 #include <cstdint>
@@ -62,6 +65,12 @@ struct TrainStepPlan {
     bool check_finite;
     bool check_x;                 // refuse NaN/inf in x (*status = 4); false when the
                                   // caller validated all of X beforehand (fit)
+    double clip_value;            // > 0: every gradient element clamped to
+                                  // [-clip_value, clip_value] before the update
+    double clip_norm;             // > 0: then the gradients scaled to a global 2-norm of
+                                  // at most clip_norm (clip_grad_norm's rule: by
+                                  // clip_norm / (norm + 1e-6) when below 1, not when
+                                  // the norm is not finite)
 };
 
 double train_step(const TrainStepPlan<float>& plan, int* status) noexcept;
