@@ -1049,3 +1049,33 @@ def test_inference_mode_as_a_decorator_per_call_and_thread():
             assert nn._inference.get() is True
         assert nn._inference.get() is True
     assert nn._inference.get() is False
+
+
+def test_one_shared_inference_mode_object_keeps_per_task_state():
+    """A module-level `no_grad = nn.inference_mode()` entered by two asyncio tasks whose
+    blocks interleave: each restores its own state (the object kept one stack, so a
+    task left its block still in inference mode and the other lost it)."""
+    import asyncio
+    shared = nn.inference_mode()
+    seen = {}
+
+    async def a(step):
+        with shared:
+            await step.wait()
+        seen["a"] = nn._inference.get()
+
+    async def b(step):
+        with nn.inference_mode():
+            with shared:
+                step.set()
+                await asyncio.sleep(0)
+            await asyncio.sleep(0)
+            seen["b"] = nn._inference.get()
+
+    async def main():
+        step = asyncio.Event()
+        await asyncio.gather(a(step), b(step))
+
+    asyncio.run(main())
+    assert seen == {"a": False, "b": True}
+    assert nn._inference.get() is False

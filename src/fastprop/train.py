@@ -229,8 +229,9 @@ class TrainStep:
     arguments of ``model.compile`` and ``fit``) clip the gradients of the
     optimizer's parameters before each update, as :func:`fastprop.clip_grad_norm`
     (global 2-norm) and :func:`fastprop.clip_grad_value` in a hand-written loop
-    (both set: the values first); while either is set the step runs layer by layer
-    (the fused kernels update each layer as soon as its gradient is ready).
+    (both set: the values first); the native fused kernel clips the stored gradients
+    itself before its update, a backend kernel that cannot (the CUDA one) leaves such
+    steps to the layer path.
     """
 
     # (defaults for a step pickled by a version without these)
@@ -986,7 +987,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             parameters before each update, to a global 2-norm of at most
             ``clip_grad_norm`` / elementwise to [-v, v], as :func:`fastprop.clip_grad_norm`
             and :func:`fastprop.clip_grad_value` in a hand-written loop (the remedy for
-            exploding gradients; the steps then run layer by layer).  None (default):
+            exploding gradients; fused on the native backend, layer by layer on the
+            CUDA one).  None (default):
             the compiled step's own settings (``model.compile(..., clip_grad_norm=)``).
 
     Training mode: a model in eval mode is put in training mode (``model.train()``).
