@@ -215,7 +215,8 @@ def ep_close(actual, expected, dtype, what):
 EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256), (257, 64, 33),
              (300, 19, 512),  # rows a multiple of 2 KiB apart: the backward epilogue by rows
              (32, 784, 256),  # threads split k, the epilogue after their sum
-             (3, 700, 600), (8, 33, 1030)]  # a few rows times a wide B (multi-row axpy)
+             (3, 700, 1030), (2, 40, 600),  # a few rows times a wide B (multi-row axpy)
+             (6, 1100, 2048)]  # (5-8 rows: B of 8 MiB and more)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -44,10 +44,11 @@ TRANS_IDS = ["NN", "NT", "TN", "TT"]
 GEMM_SHAPES = [(1, 1, 1), (1, 7, 1), (7, 1, 31), (1, 65, 33), (33, 65, 1), (1, 300, 257),
                (257, 300, 1), (7, 31, 33), (33, 65, 17), (65, 127, 31), (127, 257, 7),
                (257, 33, 65), (6, 256, 16), (13, 300, 97), (301, 211, 149),
-               # a few rows times a wide B (rows >= 2 KiB: the multi-row axpy form),
-               # groups of 4 and a rest, k past one sum block, fewer than 4 k rows
-               (2, 1000, 600), (3, 517, 513), (4, 3, 520), (5, 1100, 700), (8, 64, 1030),
-               (6, 9, 260)]
+               # a few rows times a wide B (the multi-row axpy form: 2 rows from B rows
+               # of 2 KiB, 3-4 from 4 KiB, 5-8 for a B of 8 MiB; k >= 32), groups of 4
+               # and a rest, k past one sum block; and the shapes just outside it
+               (2, 1000, 600), (3, 40, 1100), (4, 600, 1030), (7, 1030, 2100),
+               (3, 517, 513), (4, 3, 520), (5, 1100, 700), (8, 64, 1030), (6, 9, 260)]
 
 
 def close(actual, expected, dtype, scale=None, factor=1.0, what=""):
@@ -465,11 +466,12 @@ def _gemm_expect(a, b, ta, tb, c0=None):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 def test_a_few_rows_times_a_wide_b_equal_their_single_row_products(rng, dtype):
-    """Up to 4 rows of A times a wide B take the multi-row axpy form (B read once, in
-    long runs): each row is summed in the single-row (GEMV) order, so a row's result
-    does not depend on the 1-4 rows beside it (the blocked GEMM read such a B 16 columns
-    at a time, 4-7x slower than one row at 2x1024x1024)."""
-    for m, k, n in [(2, 1000, 700), (4, 1030, 520), (3, 7, 600)]:
+    """A few rows of A times a wide B take the multi-row axpy form (B read once per
+    group of 4 rows, in long runs; 5-8 rows for a B of 8 MiB and more): each row is
+    summed in the single-row (GEMV) order, so a row's result does not depend on the
+    rows beside it (the blocked GEMM read such a B 16 columns at a time, 4-7x slower
+    than one row at 2x1024x1024)."""
+    for m, k, n in [(2, 1000, 700), (4, 1030, 1100), (3, 40, 1030), (6, 1100, 2048)]:
         a, b = randn(rng, (m, k), dtype), randn(rng, (k, n), dtype)
         full = np.empty((m, n), dtype)
         nat.gemm(a, b, full, False, False, False)

@@ -319,16 +319,29 @@ inline void store_scaled(index_t len, const T* v, T alpha, T beta, T* c, index_t
     }
 }
 
-// A few rows (2..kFewRows) of A times a B whose rows are at least kWideRowBytes long:
-// the rows in groups of 4, each group reading B once in long runs (axpy_rows_multi).
-// Up to 4 rows always (one pass over B); 5 to 8 rows (two passes) only for a B of at
-// least kTwoPassBytes, which the blocked GEMM reads from memory in its pathological
-// way (below that it reads B once from cache, and wins).  Measured, 1 thread, us,
-// blocked -> this form: float32 2x1024x1024 410 -> 90, 4x2048x2048 2046 -> 671,
-// 8x2048x2048 3861 -> 1268; float64 2x784x256 61 -> 34 (RESULTS.md, fifteenth session).
+// A few rows (2..kFewRows) of A times a B whose rows are long: the rows in groups of
+// 4, each group reading B once in long runs (axpy_rows_multi).  2 rows from B rows of
+// 2 KiB, 3-4 rows from 4 KiB (2-4 KiB rows of 3-4 rows: the blocked GEMM's 6x8 double
+// kernel won, float64 4x2048x300 160 vs 210 us); 5 to 8 rows (two passes over B) only
+// for a B of at least kTwoPassBytes, which the blocked GEMM reads from memory in its
+// pathological way (below that it reads B once from cache, and wins); and k of at
+// least kFewRowsMinK (a shallower product is mostly the k-tail loop's passes over C:
+// float32 4x16x2048 10.3 vs 8.1 us blocked).  A sweep of 162 shapes (m 2-4, k 4-2048,
+// rows 2-16 KiB, both dtypes) against the blocked path in one process: 151 faster.
+// Measured, 1 thread, us, blocked -> this form: float32 2x1024x1024 410 -> 90,
+// 4x2048x2048 2046 -> 671, 8x2048x2048 3861 -> 1268; float64 2x784x256 61 -> 34.
 constexpr index_t kFewRows = 8;
 constexpr index_t kWideRowBytes = 2048;
+constexpr index_t kFewRowsMinK = 32;
 constexpr index_t kTwoPassBytes = index_t(8) << 20;
+
+inline bool few_rows_form(index_t m, index_t n, index_t k, index_t elem) {
+    const index_t row = n * elem;
+    if (m < 2 || m > kFewRows || k < kFewRowsMinK || row < kWideRowBytes) return false;
+    if (m == 2) return true;
+    if (row < 2 * kWideRowBytes) return false;
+    return m <= 4 || k * row >= kTwoPassBytes;
+}
 
 // Handles m == 1 or n == 1 (k >= 1), and the few-rows-wide-B shapes above; returns
 // false if it did not (other shapes, or no scratch memory), leaving C untouched.
@@ -356,8 +369,7 @@ bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
         detail::trim_scratch(3);
         return true;
     }
-    if (m <= kFewRows && !ta && !tb && direct && n * index_t(sizeof(T)) >= kWideRowBytes &&
-        (m <= 4 || k * n * index_t(sizeof(T)) >= kTwoPassBytes)) {
+    if (!ta && !tb && direct && few_rows_form(m, n, k, index_t(sizeof(T)))) {
         // A few contiguous rows of A times a wide B (rows of B contiguous), stored as
         // is: the rows in groups of up to 4, each group reading B once.
         gemv_split(k, n, [&](index_t j0, index_t j1) {
