@@ -1079,3 +1079,53 @@ def test_one_shared_inference_mode_object_keeps_per_task_state():
     asyncio.run(main())
     assert seen == {"a": False, "b": True}
     assert nn._inference.get() is False
+
+
+@pytest.mark.parametrize("var", ["_inference", "_inference_saved"])
+def test_an_interrupt_leaving_a_nested_inference_mode_restores_the_mode(monkeypatch, var):
+    """A Ctrl-C landing between inference_mode.__exit__'s two writes of an inner block
+    (predict inside the user's block) left the outer block restoring the inner one's
+    saved True: the thread stayed in inference mode for good."""
+
+    class Interrupting:
+        def __init__(self, real):
+            self.real, self.armed = real, False
+
+        def get(self):
+            return self.real.get()
+
+        def set(self, value):
+            token = self.real.set(value)
+            if self.armed:
+                self.armed = False
+                raise KeyboardInterrupt
+            return token
+
+    wrapped = Interrupting(getattr(nn, var))
+    monkeypatch.setattr(nn, var, wrapped)
+    with pytest.raises(KeyboardInterrupt):
+        with nn.inference_mode():
+            with nn.inference_mode():
+                wrapped.armed = True  # (lands in the inner block's exit)
+    monkeypatch.undo()
+    assert nn._inference.get() is False and nn._inference_saved.get() == ()
+
+
+def test_inference_mode_refuses_to_decorate_generators_and_coroutines():
+    """As a decorator it would wrap the making of a generator or coroutine, not its
+    body (which ran outside the mode, silently): refused, naming the function."""
+    def gen():
+        yield nn._inference.get()
+
+    async def coro():
+        return nn._inference.get()
+
+    for f in (gen, coro):
+        with pytest.raises(TypeError, match="cannot decorate the generator or coroutine"):
+            nn.inference_mode()(f)
+
+    @nn.inference_mode()
+    def plain():
+        return nn._inference.get()
+
+    assert plain() is True and nn._inference.get() is False

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import inspect
 import itertools
 from collections.abc import Mapping
 from typing import NamedTuple
@@ -62,9 +63,25 @@ class inference_mode(contextlib.ContextDecorator):
 
     def __exit__(self, *exc):
         saved = _inference_saved.get()
-        _inference.set(saved[-1] if saved else False)  # (entered in another context: off)
-        _inference_saved.set(saved[:-1])
+        prev = saved[-1] if saved else False  # (entered in another context: off)
+        try:  # (an interrupt between the two sets: both finished, then raised)
+            _inference_saved.set(saved[:-1])
+            _inference.set(prev)
+        except BaseException:
+            _inference_saved.set(saved[:-1])
+            _inference.set(prev)
+            raise
         return False
+
+    def __call__(self, func):
+        if inspect.isgeneratorfunction(func) or inspect.iscoroutinefunction(func) \
+                or inspect.isasyncgenfunction(func):
+            # (the decorator would enter and leave around making the generator or
+            # coroutine, not around its body: PyTorch wraps each resume; refused here)
+            raise TypeError(f"inference_mode() cannot decorate the generator or coroutine "
+                            f"function {getattr(func, '__qualname__', func)!r}: use "
+                            f"`with fp.nn.inference_mode():` inside its body")
+        return super().__call__(func)
 
     def _recreate_cm(self):  # (as a decorator: a fresh one per call, for threads)
         return type(self)()
