@@ -44,6 +44,28 @@ void for_each_strip(index_t rows, index_t f, F&& body) {
     });
 }
 
+// Column means and sums of squared deviations (two passes, in double) of the w columns
+// from j0 over the n rows of x: the statistics of batch norm's forward and of its
+// running-statistics update.
+template <typename T>
+inline void column_moments(index_t n, index_t f, const T* x, index_t j0, index_t w,
+                           double* mu, double* ss) {
+    const double inv_n = 1.0 / double(n);
+    for (index_t j = 0; j < w; ++j) mu[j] = ss[j] = 0.0;
+    for (index_t r = 0; r < n; ++r) {
+        const T* xr = x + r * f + j0;
+        for (index_t j = 0; j < w; ++j) mu[j] += double(xr[j]);
+    }
+    for (index_t j = 0; j < w; ++j) mu[j] *= inv_n;
+    for (index_t r = 0; r < n; ++r) {
+        const T* xr = x + r * f + j0;
+        for (index_t j = 0; j < w; ++j) {
+            const double d = double(xr[j]) - mu[j];
+            ss[j] += d * d;
+        }
+    }
+}
+
 inline index_t row_grain(index_t f) { return fp_max<index_t>(1, kElementGrain / fp_max<index_t>(f, 1)); }
 
 // Layer norm: column sums of g and g * xhat over the rows of one strip, added to
@@ -79,19 +101,7 @@ void batchnorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T
     const double inv_n = 1.0 / double(n);
     for_each_strip(n, f, [=](index_t j0, index_t w) {
         double mu[kStrip], inv[kStrip];
-        for (index_t j = 0; j < w; ++j) mu[j] = inv[j] = 0.0;
-        for (index_t r = 0; r < n; ++r) {
-            const T* xr = x + r * f + j0;
-            for (index_t j = 0; j < w; ++j) mu[j] += double(xr[j]);
-        }
-        for (index_t j = 0; j < w; ++j) mu[j] *= inv_n;
-        for (index_t r = 0; r < n; ++r) {
-            const T* xr = x + r * f + j0;
-            for (index_t j = 0; j < w; ++j) {
-                const double d = double(xr[j]) - mu[j];
-                inv[j] += d * d;
-            }
-        }
+        column_moments(n, f, x, j0, w, mu, inv);
         for (index_t j = 0; j < w; ++j) {
             inv[j] = 1.0 / fp_sqrt(inv[j] * inv_n + eps);
             mean[j0 + j] = T(mu[j]);
@@ -114,23 +124,11 @@ template <typename T>
 void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,
                               T* running_mean, T* running_var) {
     if (n < 2 || f <= 0) return;
-    const double inv_n = 1.0 / double(n), inv_n1 = 1.0 / double(n - 1);
+    const double inv_n1 = 1.0 / double(n - 1);
     const double keep = 1.0 - momentum;
     for_each_strip(n, f, [=](index_t j0, index_t w) {
         double mu[kStrip], ss[kStrip];
-        for (index_t j = 0; j < w; ++j) mu[j] = ss[j] = 0.0;
-        for (index_t r = 0; r < n; ++r) {
-            const T* xr = x + r * f + j0;
-            for (index_t j = 0; j < w; ++j) mu[j] += double(xr[j]);
-        }
-        for (index_t j = 0; j < w; ++j) mu[j] *= inv_n;
-        for (index_t r = 0; r < n; ++r) {
-            const T* xr = x + r * f + j0;
-            for (index_t j = 0; j < w; ++j) {
-                const double d = double(xr[j]) - mu[j];
-                ss[j] += d * d;
-            }
-        }
+        column_moments(n, f, x, j0, w, mu, ss);
         T* rm = running_mean + j0;
         T* rv = running_var + j0;
         for (index_t j = 0; j < w; ++j) {

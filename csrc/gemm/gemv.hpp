@@ -162,34 +162,19 @@ FASTPROP_NOINLINE void axpy_block_rows(index_t k, index_t len, const T* FASTPROP
         const T* FASTPROP_RESTRICT r3 = r2 + ld;
         for (index_t j = 0; j < len; ++j) {
             const T b0 = r0[j], b1 = r1[j], b2 = r2[j], b3 = r3[j];
-            T a0 = o0[j];
-            a0 += s[0][0] * b0;
-            a0 += s[0][1] * b1;
-            a0 += s[0][2] * b2;
-            a0 += s[0][3] * b3;
-            o0[j] = a0;
-            T a1 = o1[j];
-            a1 += s[1][0] * b0;
-            a1 += s[1][1] * b1;
-            a1 += s[1][2] * b2;
-            a1 += s[1][3] * b3;
-            o1[j] = a1;
-            if (R > 2) {
-                T a2 = o2[j];
-                a2 += s[2][0] * b0;
-                a2 += s[2][1] * b1;
-                a2 += s[2][2] * b2;
-                a2 += s[2][3] * b3;
-                o2[j] = a2;
-            }
-            if (R > 3) {
-                T a3 = o3[j];
-                a3 += s[3][0] * b0;
-                a3 += s[3][1] * b1;
-                a3 += s[3][2] * b2;
-                a3 += s[3][3] * b3;
-                o3[j] = a3;
-            }
+            // (one output: its running sum plus the four products, in order)
+            const auto step = [&](T* FASTPROP_RESTRICT o, const T* sr) {
+                T acc = o[j];
+                acc += sr[0] * b0;
+                acc += sr[1] * b1;
+                acc += sr[2] * b2;
+                acc += sr[3] * b3;
+                o[j] = acc;
+            };
+            step(o0, s[0]);
+            step(o1, s[1]);
+            if (R > 2) step(o2, s[2]);
+            if (R > 3) step(o3, s[3]);
         }
     }
     for (; p < k; ++p) {  // (fewer than 4 rows left)
