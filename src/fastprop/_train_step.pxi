@@ -33,8 +33,7 @@ cdef struct _BoundArray:
     char* hi
     Py_ssize_t rows
     int ndim
-    int flags
-    bint written
+    int flags   # (PyBUF_WRITABLE among them: an array the step writes)
 
 
 cdef class NativeTrainStep:
@@ -173,7 +172,6 @@ cdef class NativeTrainStep:
             self.checks[j].hi = <char*>view.buf + view.len
             self.checks[j].ndim = view.ndim
             self.checks[j].rows = view.shape[0] if view.ndim else 1
-            self.checks[j].written = writable
             PyBuffer_Release(&view)
             arrays.append(arr)
         self.check_arrays = tuple(arrays)
@@ -203,12 +201,13 @@ cdef class NativeTrainStep:
                 return False
         return True
 
-    cdef bint _overlaps_outputs(self, arr, int64_t n):
-        """Whether arr shares memory with this batch size's workspace (each layer's
-        output, its pre-activation and gradient buffers: ``step.output`` given back
-        as x or as the target would be overwritten by the forward before it is read)."""
+    cdef bint _aliased(self, arr, int64_t n):
+        """Whether arr (C-contiguous) shares memory with an array the step writes: a
+        gradient, a parameter or optimizer state (x given as a weight's .grad, zeroed
+        first), or this batch size's workspace (``step.output`` given back as x or as
+        the target would be overwritten by the forward before it is read)."""
         cdef Py_buffer view
-        cdef int l, k
+        cdef int j, l, k
         cdef char* lo
         cdef char* hi
         cdef char* bufs[3]
@@ -217,6 +216,10 @@ cdef class NativeTrainStep:
         lo = <char*>view.buf
         hi = lo + view.len
         PyBuffer_Release(&view)
+        for j in range(self.nchecks):
+            if (self.checks[j].flags & PyBUF_WRITABLE and lo < self.checks[j].hi
+                    and self.checks[j].lo < hi):
+                return True
         for l in range(self.nlayers):
             if self.kind == 4:
                 span = n * self.l32[l].n_out * 4
@@ -231,22 +234,6 @@ cdef class NativeTrainStep:
             for k in range(3):
                 if bufs[k] != NULL and lo < bufs[k] + span and bufs[k] < hi:
                     return True
-        return False
-
-    cdef bint _overlaps_written(self, arr):
-        """Whether arr (C-contiguous) shares memory with an array the step writes (a
-        gradient, a parameter, optimizer state): the kernel would read it changed."""
-        cdef Py_buffer view
-        cdef int j
-        cdef char* lo
-        cdef char* hi
-        PyObject_GetBuffer(arr, &view, PyBUF_C_CONTIGUOUS)
-        lo = <char*>view.buf
-        hi = lo + view.len
-        PyBuffer_Release(&view)
-        for j in range(self.nchecks):
-            if self.checks[j].written and lo < self.checks[j].hi and self.checks[j].lo < hi:
-                return True
         return False
 
     @cython.boundscheck(True)  # Python tuples/lists: checked indexing
@@ -463,8 +450,6 @@ cdef class NativeTrainStep:
             raise ValueError(f"x must be a C-contiguous {self.dtype} array of shape (n >= 1, "
                              f"{n_in}), got {getattr(x, 'shape', None)}")
         n = x.shape[0]
-        if self._overlaps_written(x):  # (e.g. x is a weight's .grad, zeroed first)
-            x = x.copy()
         labels = targets = None
         if isinstance(y, tuple):
             labels, targets = y
@@ -478,12 +463,10 @@ cdef class NativeTrainStep:
                 or targets.dtype != self.dtype or not targets.flags.c_contiguous):
             raise ValueError(f"targets must be a C-contiguous {self.dtype} array of shape "
                              f"({n}, {n_out})")
-        if targets is not None and self._overlaps_written(targets):
-            targets = targets.copy()
         self._workspace(n)
-        if self._overlaps_outputs(x, n):  # (step.output given back)
+        if self._aliased(x, n):
             x = x.copy()
-        if targets is not None and self._overlaps_outputs(targets, n):
+        if targets is not None and self._aliased(targets, n):
             targets = targets.copy()
         opt = self.optimizer
         h = opt.hyper

@@ -1471,10 +1471,10 @@ class BatchNorm1d(_Norm):
     def _track(self, x):
         # (the kernel recomputes the batch mean and the exact unbiased variance from x
         # in double: one from invstd would carry its rounding times (var + eps) / var)
+        # (statistics of another size: the kernel refuses them before either changes,
+        # and forward names them)
         rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
-        if rm.shape != (self.num_features,) or rv.shape != rm.shape:  # (before either
-            raise ValueError("running statistics of another size")  # changes; named by
-        count = self.num_batches_tracked                             # forward)
+        count = self.num_batches_tracked
         m = self.momentum
         if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
             m = 1.0 / (float(count) + 1.0)

@@ -513,7 +513,7 @@ class TrainStep:
             else:
                 y = self.loss.prepare_target(y, (x.shape[0], self._shape[1]), dtype)
             try:
-                if self._clip_norm is not None or self._clip_value is not None:
+                if clipping:  # (a kernel that clips: the native one)
                     value = fast(x, y, self.check_finite, not x_checked,
                                  self._clip_value or 0.0, self._clip_norm or 0.0)
                 else:
