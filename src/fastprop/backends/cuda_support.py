@@ -61,9 +61,10 @@ def problem() -> str | None:
     cuda = _numba_cuda()
     if cuda is None:
         if _import_error is not None:
-            have = _installed_version("numba-cuda") or _installed_version("numba")
-            what = f"numba-cuda {have}" if _installed_version("numba-cuda") else \
-                f"numba {have}" if have else "numba"
+            cuda_version = _installed_version("numba-cuda")
+            numba_version = _installed_version("numba")
+            what = (f"numba-cuda {cuda_version}" if cuda_version else
+                    f"numba {numba_version}" if numba_version else "numba")
             return (f"{what} is installed, but numba.cuda failed to import: "
                     f"{_import_error} (the cuda extra's requirements are "
                     f"numba-cuda[cu12]>=0.30 and numba>=0.60, Python 3.10+)")
