@@ -25,6 +25,7 @@
 #include "kernels.hpp"
 
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -272,7 +273,9 @@ double train_step(const TrainStepPlan<T>& p, int* status) {
         const T scale = T(p.grad_scale);
         for (index_t i = 0; i < p.n * last.out; ++i) last.g[i] *= scale;
     }
-    if (p.check_finite && !finite(loss)) {
+    // (a float32 loss above FLT_MAX, finite in double, is inf in PyTorch's float32
+    // sum; its gradients overflow Adam's squared moments to inf: refused as well)
+    if (p.check_finite && !(std::fabs(loss) <= kHugeValue<T>)) {
         *status = 1;
         return loss;
     }

@@ -110,6 +110,36 @@ def test_divergence_skip_drops_only_the_bad_batch(backend, kind):
     assert hist["loss"] == ref_hist["loss"]
 
 
+@pytest.mark.parametrize("opt_name", ["adam", "rmsprop", "adagrad"])
+def test_a_loss_above_float32s_range_is_refused(backend, opt_name):
+    """A float32 model's loss that is finite only in double (one target of 1e25: the
+    MSE is ~1e48) is refused as PyTorch's float32 loss (inf) would be caught: its
+    finite gradients (~1e24) square to inf in Adam's, RMSprop's and Adagrad's
+    second moments, and the weights with an infinite moment never move again, with
+    no error (a silent freeze).  A float64 model trains on the same data."""
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((64, 4)).astype(np.float32)
+    y = X @ rng.standard_normal((4, 1)).astype(np.float32)
+    y[5, 0] = 1e25
+    for dtype in (np.float32, np.float64):
+        model = nn.Sequential(nn.Dense(4, 8, "relu", rng=0, dtype=dtype),
+                              nn.Dense(8, 1, rng=1, dtype=dtype))
+        opt = {"adam": optim.Adam, "rmsprop": optim.RMSprop,
+               "adagrad": optim.Adagrad}[opt_name](model.parameters(), lr=1e-2)
+        kw = dict(loss="mse", optimizer=opt, batch_size=64, verbose=0, seed=0)
+        if dtype is np.float64:
+            model.fit(X.astype(dtype), y.astype(dtype), **kw)
+            assert opt.step_count == 1
+            continue
+        before = state_bytes(model)
+        with pytest.raises(fp.NonFiniteError, match=r"loss 1\.\d+e\+48 overflows float32"):
+            model.fit(X, y, **kw)
+        assert state_bytes(model) == before and opt.step_count == 0
+        hist = model.fit(X, y, on_nonfinite="skip", **kw)
+        assert hist.skipped_steps == 1 and state_bytes(model) == before
+        assert all(np.isfinite(v).all() for s in opt.state for v in s.values())
+
+
 def test_an_epoch_with_every_batch_skipped_reports_nan(backend):
     """No batch trained: the epoch's loss and accuracy are NaN, not 0 (a perfect
     cross-entropy, which would read as a converged model)."""

@@ -196,31 +196,47 @@ def test_bce_on_probabilities_needs_a_bounded_output():
         assert step.fused() is None
 
 
-@native_only
-@pytest.mark.parametrize("where", ["loss", "gradient"])
-def test_non_finite_stops_before_the_update(where):
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("where", ["loss", "gradient", "overflows float32"])
+def test_non_finite_stops_before_the_update(backend, where, fused):
     """A non-finite loss (finite x whose forward overflows: NaN in x itself is bad
-    input, a ValueError), or a finite loss (accumulated in double) whose float32
-    weight gradients overflow, stops the step before anything is updated."""
+    input, a ValueError), a finite loss whose float32 weight gradients overflow, or a
+    loss finite in double but above float32's range (PyTorch's float32 loss is inf
+    there; its gradients, squared, overflow Adam's second moments to inf, which
+    would stop those weights for good) stops the step before anything is updated,
+    on the fused step and the layer path alike."""
+    if backend == "cuda" and fused:
+        pytest.skip("the cuda backend's fused step is tested in test_cuda.py")
     model = _model(np.float32, hidden=("relu", "relu"))
     opt = optim.Adam(model.parameters(), lr=1e-2)
     X, _ = _data("real")
     y = np.zeros((X.shape[0], 4))
-    with fp.use_backend("native"):
+    with fp.use_backend(backend):
         step = model.compile(losses.MSE(), opt)
+        if not fused:
+            step.fused = lambda: None  # force the layer-by-layer Python path
         step(X[:8], y[:8])
+        assert (step.fused() is not None) == (fused and backend == "native")
         step.check_finite = True
         before = [p.value.copy() for p in model.parameters()]
         grads = [p.grad.copy() for p in model.parameters()]
         state = [{k: v.copy() for k, v in s.items()} for s in opt.state]
-        bad = X[:8].copy()
+        bad, target = X[:8].copy(), y[:8]
         if where == "loss":
             bad[:] = 3e38  # finite; the first layer's outputs overflow to inf
+        elif where == "gradient":
+            # x[:, 0] = 1e36 with the weights it meets zeroed: the loss (~1e10) is
+            # finite, dW1[0] = x[:, 0]^T g1 (~1e39) overflows float32
+            model[0].weight.value[0] = 0.0
+            before[0][0] = 0.0
+            bad[:, 0] = 1e36
+            target = np.full_like(y[:8], -1e5)
         else:
-            bad = np.abs(bad) * 1e20 + 1e20   # loss ~1e40 is finite in double,
-            #                                   a^T g ~1e40 overflows float32
-        with pytest.raises(NonFiniteError, match=where):
-            step(bad, y[:8])
+            bad = np.abs(bad) * 1e20 + 1e20  # loss ~1e40: finite in double only
+        # (NumPy's matmul warns of the overflow the step then refuses)
+        with pytest.raises(NonFiniteError, match=where), np.errstate(over="ignore",
+                                                                     invalid="ignore"):
+            step(bad, target)
     assert opt.step_count == 1
     for p, b in zip(model.parameters(), before):
         np.testing.assert_array_equal(p.value, b)

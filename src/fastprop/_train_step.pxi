@@ -513,9 +513,10 @@ cdef class NativeTrainStep:
         if status == 3:  # (the message of _checks.class_labels)
             raise ValueError(f"labels must lie in [0, {n_out}) for {n_out} classes, got "
                              f"values in [{labels.min()}, {labels.max()}]")
-        if status == 1:
-            from fastprop.backends import NonFiniteError
-            raise NonFiniteError(f"non-finite loss {loss}")
+        if status == 1:  # (NaN, inf, or above the dtype's range)
+            from fastprop.backends import check_loss
+            check_loss(loss, self.dtype)
+            raise AssertionError(f"status 1 for loss {loss}")  # pragma: no cover
         if status == 2:
             from fastprop.backends import NonFiniteError
             raise NonFiniteError("non-finite gradient")

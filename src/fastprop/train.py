@@ -567,8 +567,8 @@ class TrainStep:
                 raise NonFiniteError("a buffer (BatchNorm running statistics) became "
                                      "non-finite")
             value, grad = self.loss._value_and_grad(out, y)
-            if self.check_finite and not math.isfinite(value):
-                raise NonFiniteError(f"non-finite loss {value}")
+            if self.check_finite:
+                backends.check_loss(value, out.dtype)
             self.output = out
             for p in params:  # (model.zero_grad())
                 p._zero_grad(True)
@@ -936,7 +936,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             also reseeds every Dropout layer, so a seeded run is reproducible.
         verbose: 0 silent, 1 a progress bar per epoch, 2 one line per epoch.
         on_nonfinite: what to do when a batch's loss or any gradient is NaN or infinite
-            (checked before the update): "raise" (default) stops with NonFiniteError,
+            (a float32 model's loss above float32's range counts as infinite: it is
+            inf in PyTorch; checked before the update): "raise" (default) stops with NonFiniteError,
             "skip" drops that batch and goes on (``History.skipped_steps`` counts them).
             Either way that update is not applied and BatchNorm running statistics are
             rolled back, so the model keeps its last finite parameters and buffers.

@@ -129,10 +129,13 @@ from __future__ import annotations
 
 import contextvars
 import importlib
+import math
 import os
 import sys
 import warnings
 from contextlib import contextmanager
+
+import numpy as _np
 
 #: Activation name -> integer code used by every backend.
 ACTIVATIONS = {
@@ -183,6 +186,20 @@ class BackendUnavailableError(RuntimeError):
 
 class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient (the update was not applied)."""
+
+
+def check_loss(value: float, dtype) -> None:
+    """Raise NonFiniteError unless ``value`` (a loss summed in double) is finite in the
+    model's ``dtype``.  A float32 model's loss above float32's largest value is inf in
+    PyTorch (which sums in float32): its gradients square to inf in Adam's, RMSprop's
+    and Adagrad's second moments, which then stop those weights for good, silently."""
+    value = float(value)
+    largest = float(_np.finfo(dtype).max)
+    if not abs(value) <= largest:  # (NaN fails too)
+        if math.isfinite(value):
+            raise NonFiniteError(f"loss {value:.6g} overflows {_np.dtype(dtype).name} "
+                                 f"(its largest value is {largest:.6g})")
+        raise NonFiniteError(f"non-finite loss {value}")
 
 
 def load(name: str):

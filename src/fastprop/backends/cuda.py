@@ -33,7 +33,7 @@ import weakref
 
 import numpy as np
 
-from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError
+from . import ACTIVATIONS, PREACT_ACTIVATIONS, BackendUnavailableError, NonFiniteError, check_loss
 from . import cuda_support
 from .numpy import _check_features, _check_linear  # (the host kernels' refusals)
 from .numpy import batchnorm_running_update  # noqa: F401  (host arrays: run on the host)
@@ -602,8 +602,7 @@ class DeviceTrainStep:
         if check_finite:
             K.sum_squares(self._g, self._result, 1, self._partial)
             loss, norm2 = self._result.copy_to_host()
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {loss}")
+            check_loss(loss, self.dtype)
             if not math.isfinite(norm2):
                 raise NonFiniteError("non-finite gradient")
         self.optimizer.step_count += 1
