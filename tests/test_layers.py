@@ -779,6 +779,42 @@ def test_cross_entropy_class_weights_as_pytorch(backend, rng, targets, eps, peer
     np.testing.assert_allclose(grad, tl.grad.numpy(), rtol=1e-12, atol=1e-15)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("kw", [{"weight": [1.0, 2.0, 3.0]}, {"ignore_index": -100},
+                                {"weight": [1.0, 0.0, 3.0], "ignore_index": -100}])
+def test_cross_entropy_with_options_takes_masked_logits(backend, kw, dtype, peer):
+    """A -inf logit (a masked class) that is not the row's label, an ignored row of
+    -inf logits, and float64 logits spread wider than the float range give the
+    finite loss of the plain SoftmaxCrossEntropy and of PyTorch with weight= and
+    ignore_index= (0 * log 0 counted as 0; was NaN), and an ignored row a zero
+    gradient."""
+    ninf = -np.inf
+    logits = np.array([[0.1, 0.2, 0.3], [0.0, ninf, 1.0], [1.0, 2.0, 3.0],
+                       [ninf, ninf, ninf]], dtype)
+    y = np.array([0, 0, 2, -100 if "ignore_index" in kw else 2])
+    if "ignore_index" not in kw:
+        logits[3] = [ninf, 0.5, 1.0]
+    if dtype is np.float64:
+        logits[2] = [-1.7e308, 1e-3, 1.7e308]
+    loss = fp.losses.SoftmaxCrossEntropy(**kw)
+    value, grad = loss(logits, y), loss.backward()
+    keep = y != -100
+    w = np.asarray(kw.get("weight", np.ones(3)))
+    plain = fp.losses.SoftmaxCrossEntropy()  # (the native kernel, where available)
+    ref = sum(w[y[i]] * plain(logits[i:i + 1], y[i:i + 1]) for i in np.flatnonzero(keep))
+    assert math.isfinite(value) and np.isfinite(grad).all()
+    assert value == pytest.approx(ref / w[y[keep]].sum(), rel=1e-6)
+    if peer is not None:
+        t = peer.tensor(logits, requires_grad=True)
+        tv = peer.nn.functional.cross_entropy(
+            t, peer.tensor(y), weight=peer.tensor(w, dtype=t.dtype),
+            ignore_index=kw.get("ignore_index", -100))
+        tv.backward()
+        assert value == pytest.approx(tv.item(), rel=1e-6)
+        np.testing.assert_allclose(grad[keep], t.grad.numpy()[keep], rtol=1e-5, atol=1e-7)
+    assert np.all(grad[~keep] == 0)  # (PyTorch's is NaN for the ignored -inf row)
+
+
 def test_cross_entropy_ignore_index_and_bad_options(backend, rng):
     """ignore_index alone (unit weights) is the mean over the rows kept; every row
     ignored gives NaN and a zero gradient (as PyTorch); an id that is neither a class

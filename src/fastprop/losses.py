@@ -365,7 +365,10 @@ class SoftmaxCrossEntropy(Loss):
         labels, probs, keep = target
         n, classes = pred.shape
         x = pred.astype(np.float64)
-        x = x - x.max(axis=1, keepdims=True)
+        # (a spread above the float range gives -inf; a row of -inf logits NaN, which
+        # counts only if the row is not ignored)
+        with np.errstate(over="ignore", invalid="ignore"):
+            x = x - x.max(axis=1, keepdims=True)
         logp = x - np.log(np.exp(x).sum(axis=1, keepdims=True))
         eps = self.label_smoothing
         w = self.weight if self.weight is not None else np.ones(classes)
@@ -384,13 +387,18 @@ class SoftmaxCrossEntropy(Loss):
             den = float(n)
         a *= w
         with np.errstate(invalid="ignore", divide="ignore"):
-            loss = float(-(a * logp).sum() / den)
+            # (only the classes with a weight: a masked -inf logit, or one below the
+            # row's maximum by more than the float range, of a class with a = 0 adds
+            # nothing, as in PyTorch, rather than 0 * -inf = NaN)
+            loss = float(-np.where(a != 0, a * logp, 0.0).sum() / den)
         if grad is not None:
             if den == 0:
                 grad[...] = 0
             else:
-                np.divide(a.sum(axis=1, keepdims=True) * np.exp(logp) - a, den, out=grad,
-                          casting="unsafe")
+                rows = a.sum(axis=1, keepdims=True)
+                with np.errstate(invalid="ignore"):  # (an ignored row: 0 * NaN)
+                    g = np.where(rows != 0, rows * np.exp(logp) - a, 0.0)
+                np.divide(g, den, out=grad, casting="unsafe")
         return loss
 
 

@@ -219,7 +219,8 @@ def activation_backward(act, alpha, grad_y, x, y, grad_x):
 # --------------------------------------------------------------------- losses
 def softmax_xent(logits, labels, targets, grad):
     n = logits.shape[0]
-    shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
+    with np.errstate(over="ignore"):  # (a spread above the float range: -inf, as native)
+        shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     log_p = shifted - lse
     if labels is not None:
