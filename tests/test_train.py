@@ -340,6 +340,39 @@ def test_a_trained_model_copies_pickles_and_gradchecks(backend, rng):
     assert model._compile_args is not None  # the original keeps its loss and optimizer
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copy_keeps_what_compile_set(backend, rng, how):
+    """A pickled or copied model keeps its compiled loss, optimizer (with its state,
+    bound to the copy's parameters) and clipping: the same fit call, with or without
+    loss=/optimizer=, trains the copy exactly as the original (the clipping was
+    dropped, so a resumed run trained unclipped, silently)."""
+    import pickle
+    X, y = blobs(rng, n=32)
+    model = mlp(dtype=np.float64)
+    # (SGD with momentum: Adam's step is nearly blind to a gradient's scale)
+    loss, opt = fp.losses.SoftmaxCrossEntropy(), optim.SGD(model.parameters(), 0.5, 0.9)
+    model.compile(loss=loss, optimizer=opt, clip_grad_norm=0.05)
+    model.fit(X, y, loss=loss, optimizer=opt, epochs=1, batch_size=8, seed=0, verbose=0)
+    twin, opt2, loss2 = (pickle.loads(pickle.dumps((model, opt, loss))) if how == "pickle"
+                         else copy.deepcopy((model, opt, loss)))
+    assert twin._compile_args == (loss2, opt2)
+    assert [id(p) for p in opt2.params] == [id(p) for p in twin.parameters()]
+    model.fit(X, y, loss=loss, optimizer=opt, epochs=1, batch_size=8, seed=1, verbose=0)
+    twin.fit(X, y, loss=loss2, optimizer=opt2, epochs=1, batch_size=8, seed=1, verbose=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        np.testing.assert_array_equal(a.value, b.value)
+    model.fit(X, y, epochs=1, batch_size=8, seed=2, verbose=0)  # (compile-then-fit)
+    twin.fit(X, y, epochs=1, batch_size=8, seed=2, verbose=0)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        np.testing.assert_array_equal(a.value, b.value)
+    unclipped = copy.deepcopy(twin)
+    unclipped._compile_clips = (None, None)
+    unclipped.fit(X, y, epochs=1, batch_size=8, seed=3, verbose=0)
+    twin.fit(X, y, epochs=1, batch_size=8, seed=3, verbose=0)
+    assert any(not np.array_equal(a.value, b.value)  # (the test can tell)
+               for a, b in zip(unclipped.parameters(), twin.parameters()))
+
+
 def test_fit_trains_in_training_mode(backend, rng):
     """fit switches an eval-mode model to training mode: BatchNorm updates its running
     statistics, as it only does in training."""

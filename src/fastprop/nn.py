@@ -450,12 +450,13 @@ class Module:
         """The module without its compiled training step (``compile`` / ``fit`` cache
         it on the model): a copy or a pickle gets the weights and buffers, and builds
         its own step when it trains (the step holds native pointers to this model's
-        arrays and cannot be copied)."""
+        arrays and cannot be copied).  What ``compile`` set is kept, as Keras' saved
+        models keep it: the loss, the optimizer (with its state, bound to the copy's
+        parameters; pickled with the model, the same object as an optimizer pickled
+        beside it) and the clipping, so that ``fit`` trains a copy as the original."""
         self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
-        state.pop("_compile_args", None)
-        state.pop("_compile_clips", None)
         state.pop("_compiled_ids", None)
         for name in self._kept_caches():  # (activations of the last forward: not state)
             state[name] = None
