@@ -54,6 +54,30 @@ double sum_squares_multi(index_t count, const T* const* arrays, const index_t* s
     });
 }
 
+// The 2-norm of arrays whose sum of squares overflows double (finite float64
+// elements above ~1.3e154; a cold path): scaled by the largest magnitude, so that
+// such gradients are still clipped.  NaN or inf if an element is not finite.
+template <typename T>
+double scaled_norm(index_t count, const T* const* arrays, const index_t* sizes) {
+    double m = 0.0;
+    for (index_t i = 0; i < count; ++i) {
+        for (index_t j = 0; j < sizes[i]; ++j) {
+            const double v = double(arrays[i][j]);
+            if (v - v != 0.0) return v < 0.0 ? -v : v;  // (NaN, inf)
+            m = fp_max(m, v < 0.0 ? -v : v);
+        }
+    }
+    if (m == 0.0) return 0.0;
+    double s = 0.0;
+    for (index_t i = 0; i < count; ++i) {
+        for (index_t j = 0; j < sizes[i]; ++j) {
+            const double v = double(arrays[i][j]) / m;
+            s += v * v;
+        }
+    }
+    return m * fp_sqrt(s);
+}
+
 // Global-norm clipping, reduce then scale: norm = sqrt(sum of squares of all arrays);
 // if it is finite, every element is scaled by min(1, max_norm / (norm + 1e-6)), as
 // torch.nn.utils.clip_grad_norm_ (so also a norm within 1e-6 below max_norm, by
@@ -61,7 +85,8 @@ double sum_squares_multi(index_t count, const T* const* arrays, const index_t* s
 template <typename T>
 double clip_grad_norm(index_t count, T* const* arrays, const index_t* sizes,
                       double max_norm) {
-    const double norm = fp_sqrt(sum_squares_multi<T>(count, arrays, sizes));
+    double norm = fp_sqrt(sum_squares_multi<T>(count, arrays, sizes));
+    if (norm > 1.7976931348623157e308) norm = scaled_norm<T>(count, arrays, sizes);
     const double c = max_norm / (norm + 1e-6);
     if (norm - norm == 0.0 && c < 1.0) {
         const T coef = T(c);

@@ -260,6 +260,38 @@ def test_clip_grad_norm_mixed_dtypes_and_nonfinite(backend, rng):
     assert np.array_equal(a.grad, before[0]) and np.array_equal(b.grad, before[1])
 
 
+@pytest.mark.parametrize("norm_type", [2.0, 3.0])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_clip_grad_norm_of_finite_gradients_whose_squares_overflow(backend, norm_type, mixed):
+    """float64 gradients of ~1e200 are finite, and so is their norm: it is clipped
+    (the sum of squares overflowed to inf, so nothing was scaled and a clipped fit
+    applied the whole update; PyTorch returns inf and scales by 0), also with
+    error_if_nonfinite; an infinite gradient still gives an infinite norm."""
+    a, b = fp.Parameter(np.zeros(3)), fp.Parameter(np.zeros(2))
+    a.grad[...] = [3e200, 0.0, -1e200]
+    b.grad[...] = [0.0, 4e200]
+    params = [a, b]
+    if mixed:  # (the reduction that is not the one-dtype fused call)
+        c = fp.Parameter(np.zeros(1, np.float32))
+        c.grad[...] = 1.0
+        params.append(c)
+    grads = [p.grad.copy() for p in params]
+    true = sum(float(np.sum((np.abs(g, dtype=np.float64) / 1e200) ** norm_type)) for g in grads
+               ) ** (1 / norm_type) * 1e200
+    for error_if_nonfinite in (False, True):
+        for p, g in zip(params, grads):
+            p.grad[...] = g
+        total = fp.clip_grad_norm(params, 1.0, norm_type, error_if_nonfinite)
+        assert total == pytest.approx(true, rel=1e-12)
+        for p, g in zip(params, grads):
+            np.testing.assert_allclose(p.grad, g.astype(np.float64) / (true + 1e-6), rtol=1e-6,
+                                       atol=1e-40)  # (float32: 0)
+    b.grad[0] = np.inf
+    before = [p.grad.copy() for p in params]
+    assert fp.clip_grad_norm(params, 1.0, norm_type) == math.inf
+    assert all(np.array_equal(p.grad, g) for p, g in zip(params, before))
+
+
 def test_clip_grad_value(backend, dtype, rng):
     params = _params(rng, dtype)
     for p in params:

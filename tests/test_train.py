@@ -1304,6 +1304,30 @@ def test_keras_style_callback_objects(backend, rng):
         model.fit(X, y, epochs=1, verbose=0, callbacks=[object()])
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_fit_clips_finite_gradients_whose_squares_overflow(backend, fused):
+    """float64: a finite outlier row (1e100) gives finite gradients of ~1e200 whose sum
+    of squares overflows; fit(clip_grad_norm=1) still clips each update to a norm of 1
+    (the whole update was applied: weights of ~1e196, then skipped batches), in the
+    fused kernel and on the layer path."""
+    rng = np.random.default_rng(0)
+    X, y = rng.standard_normal((32, 4)), rng.standard_normal((32, 1))
+    X[8] = 1e100
+    model = nn.Sequential(nn.Dense(4, 8, rng=0, dtype=np.float64),
+                          nn.Dense(8, 1, rng=1, dtype=np.float64))
+    start = np.concatenate([p.value.ravel() for p in model.parameters()])
+    step = model.compile("mse", optim.SGD(model.parameters(), lr=0.01), clip_grad_norm=1.0)
+    if not fused:
+        step.fused = lambda: None
+    hist = model.fit(X, y, epochs=3, batch_size=8, shuffle=False, verbose=0,
+                     on_nonfinite="skip")
+    assert (step.fused() is not None) == (fused and backend == "native")
+    end = np.concatenate([p.value.ravel() for p in model.parameters()])
+    assert hist.skipped_steps == 0
+    assert np.linalg.norm(end - start) <= 12 * 0.01 * (1 + 1e-9)  # 12 clipped steps
+    assert np.linalg.norm(end - start) > 0.05
+
+
 @pytest.mark.parametrize("kind", ["norm", "value"])
 def test_clipping_in_compile_and_fit_equals_a_hand_loop(backend, rng, kind):
     """compile(clip_grad_norm=/clip_grad_value=) and fit(...) clip the optimizer's

@@ -1025,7 +1025,10 @@ def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False,
     ``max_norm`` is scaled by less than 1e-6 relative).  A non-finite norm is a
     :class:`~fastprop.NonFiniteError` with ``error_if_nonfinite``; otherwise it is
     returned and nothing is scaled (PyTorch scales by NaN, or by 0 for an infinite
-    norm).  Unlike PyTorch, a ``norm_type`` or ``max_norm`` <= 0 is refused.
+    norm).  Finite float64 gradients whose squares overflow (above ~1e154) have a
+    finite norm, taken scaled by the largest magnitude, and are clipped (PyTorch
+    returns inf and zeroes them).  Unlike PyTorch, a ``norm_type`` or ``max_norm``
+    <= 0 is refused.
     """
     max_norm = real(max_norm, "max_norm", low=0, low_inclusive=False)
     if isinstance(norm_type, str) and norm_type == "inf":
@@ -1040,13 +1043,21 @@ def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False,
         return fused(groups[0], max_norm)  # one pass to reduce, one to scale
     grads = [g for gs in groups for g in gs]
     if norm_type == 2.0:
-        total = math.sqrt(sum(be.sum_squares(g) for g in groups))
+        with np.errstate(over="ignore"):  # (NumPy's dot warns: see below)
+            total = math.sqrt(sum(be.sum_squares(g) for g in groups))
     elif math.isinf(norm_type):
         peaks = [float(np.abs(g).max()) for g in grads if g.size]
         total = math.nan if any(v != v for v in peaks) else max(peaks, default=0.0)
     else:
-        total = float(sum(np.sum(np.abs(g, dtype=np.float64) ** norm_type) for g in grads)
-                      ) ** (1.0 / norm_type)
+        with np.errstate(over="ignore"):
+            total = float(sum(np.sum(np.abs(g, dtype=np.float64) ** norm_type)
+                              for g in grads)) ** (1.0 / norm_type)
+    if total == math.inf and not math.isinf(norm_type):
+        # (finite float64 gradients whose powers overflow: scaled by the largest)
+        peak = max((float(np.abs(g).max()) for g in grads if g.size), default=0.0)
+        if math.isfinite(peak):
+            total = peak * float(sum(np.sum((np.abs(g, dtype=np.float64) / peak) ** norm_type)
+                                     for g in grads)) ** (1.0 / norm_type)
     if not math.isfinite(total):
         if error_if_nonfinite:
             raise backends.NonFiniteError(
