@@ -172,7 +172,9 @@ inline int max_threads() {
 // Number of threads worth using for `work` units when each thread needs `grain`
 // (``busy``: also no more than the cores other processes leave free, runtime.hpp).
 inline int threads_for(index_t work, index_t grain, bool busy = true) {
-    const int nt = max_threads();
+    // (at most 256, as GEMM's plan: set_num_threads(10**9) is accepted as OpenMP
+    // accepts it, and a team of one thread per grain would start thousands)
+    const int nt = fp_min(max_threads(), 256);
     if (nt <= 1 || work < 2 * grain) return 1;
     const index_t useful = work / grain;
     const int want = useful < nt ? static_cast<int>(useful) : nt;

@@ -202,6 +202,21 @@ void note_thread_pool_started(int team) noexcept {
 
 namespace {
 std::atomic<int> g_backoff{-1};  // -1: FASTPROP_BACKOFF not read yet
+
+// FASTPROP_BACKOFF: off for 0/false/off/no (any case, blanks around), else on (the
+// Python package warns at import of a value that is none of these nor 1/true/on/yes).
+bool backoff_env_off(const char* v) noexcept {
+    if (v == nullptr) return false;
+    const auto blank = [](char c) { return c == ' ' || (c >= '\t' && c <= '\r'); };
+    while (blank(*v)) ++v;
+    std::size_t n = std::strlen(v);
+    while (n > 0 && blank(v[n - 1])) --n;
+    static const char* const kOff[] = {"0", "false", "off", "no"};
+    for (const char* off : kOff) {
+        if (n == std::strlen(off) && strncasecmp(v, off, n) == 0) return true;
+    }
+    return false;
+}
 }  // namespace
 
 void note_team_done() noexcept {
@@ -212,7 +227,7 @@ bool backoff_enabled() noexcept {
     int on = g_backoff.load(std::memory_order_relaxed);
     if (on < 0) {
         const char* v = std::getenv("FASTPROP_BACKOFF");
-        on = v == nullptr || std::strcmp(v, "0") != 0;
+        on = !backoff_env_off(v);
         int unset = -1;  // (a set_backoff() that came first wins)
         if (!g_backoff.compare_exchange_strong(unset, on, std::memory_order_relaxed))
             on = unset;

@@ -738,6 +738,40 @@ def test_backoff_switch():
         native.set_backoff("no")
     with pytest.raises(ValueError, match="nt must be an int >= 1"):
         native.threads_free(0)
+    # the usual spellings (any case, blanks around); another value is warned about at
+    # import and leaves the back-off on (only the exact "0" turned it off)
+    code = ("import warnings; warnings.simplefilter('error'); import fastprop as fp; "
+            "print(fp.backends.load('native')._native.backoff())")
+    for value, on, warns in ((" Off ", False, False), ("FALSE", False, False),
+                             ("no", False, False), ("0\n", False, False),
+                             ("yes", True, False), ("1", True, False),
+                             ("disable", True, True), ("00", True, True)):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=dict(os.environ, FASTPROP_BACKOFF=value))
+        if warns:
+            assert run.returncode != 0 and "is not one of 0/false/off/no" in run.stderr
+            run = subprocess.run([sys.executable, "-W", "ignore", "-c", code.split("; ", 2)[2]],
+                                 capture_output=True, text=True, check=True,
+                                 env=dict(os.environ, FASTPROP_BACKOFF=value))
+        assert run.returncode == 0, run.stderr
+        assert run.stdout.split()[-1] == str(on), (value, run.stdout)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT or not sys.platform.startswith("linux"),
+                    reason="counts the threads in /proc/self/task")
+def test_an_elementwise_kernel_starts_at_most_256_threads():
+    """set_num_threads accepts any count (as omp_set_num_threads); an elementwise
+    kernel of 2^26 floats (512 grains) started one thread per grain with the back-off
+    off: capped at 256, as GEMM's plan is."""
+    import subprocess
+    code = ("import os, numpy as np, fastprop as fp; fp.set_num_threads(10**9); "
+            "x = np.zeros(2**26, np.float32); fp.ops.activation('sigmoid', x, out=x); "
+            "print(fp.get_num_threads(), len(os.listdir('/proc/self/task')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, env=dict(os.environ, FASTPROP_BACKOFF="0",
+                                              OPENBLAS_NUM_THREADS="1")).stdout
+    out = out.splitlines()[-1].split()
+    assert int(out[0]) >= 256 and 256 <= int(out[1]) <= 256 + 8, out
 
 
 # ================================================================ memory

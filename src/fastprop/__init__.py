@@ -34,10 +34,16 @@ def _load_native_runtime():
         from . import _native
     except Exception:
         return
+    import warnings
     note = _native.isa_note()
     if note.startswith("unknown"):  # (a mistyped FASTPROP_ISA: the ISA changes results)
-        import warnings
         warnings.warn(note, RuntimeWarning, stacklevel=3)
+    import os
+    backoff = os.environ.get("FASTPROP_BACKOFF")
+    if backoff is not None and backoff.strip().lower() not in (
+            "0", "false", "off", "no", "1", "true", "on", "yes"):  # (runtime.cpp's list)
+        warnings.warn(f"FASTPROP_BACKOFF={backoff!r} is not one of 0/false/off/no or "
+                      f"1/true/on/yes: the back-off stays on", RuntimeWarning, stacklevel=3)
 
 
 _load_native_runtime()

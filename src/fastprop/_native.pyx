@@ -83,7 +83,8 @@ def get_num_threads():
 
 
 def set_num_threads(n):
-    """Set the OpenMP thread count (omp_set_num_threads), n >= 1."""
+    """Set the OpenMP thread count (omp_set_num_threads), n >= 1 (any count is
+    accepted, as OpenMP accepts it; a kernel starts at most 256 threads)."""
     if isinstance(n, bool) or not isinstance(n, (int, np.integer)):
         raise TypeError(f"n must be an int, got {type(n).__name__}")
     if n < 1:
