@@ -230,6 +230,7 @@ void set_num_threads(int n) noexcept {
 #endif
 }
 
+bool threads_usable() noexcept { return detail::threads_usable(); }
 int threads_free(int nt) noexcept { return detail::threads_free(nt); }
 bool backoff_enabled() noexcept { return detail::backoff_enabled(); }
 void set_backoff(bool on) noexcept { detail::set_backoff(on); }

@@ -918,6 +918,33 @@ def test_step_guard_in_a_fork_child_and_from_inside_itself(backend):
         outer(x, y)  # (again: the lock was released after the first error)
 
 
+def _config_in_child(conn):
+    fp.set_num_threads(2)  # (kept, not used: the child runs serially)
+    conn.send((fp.get_num_threads(), fp._config.config()["native.num_threads"]))
+
+
+@pytest.mark.skipif(not hasattr(os, "fork") or not NATIVE_BUILT, reason="needs fork()")
+def test_show_config_says_a_fork_child_runs_serially():
+    """In a child forked after the OpenMP pool started, every kernel runs serially
+    and set_num_threads is not used: show_config says why (it said 1, no reason)."""
+    native = fp.backends.load("native")._native
+    if not native.openmp():
+        pytest.skip("built without OpenMP")
+    before, was = fp.get_num_threads(), native.backoff()
+    fp.set_num_threads(2)
+    try:
+        native.set_backoff(False)
+        a = np.ones((256, 256), np.float32)
+        fp.ops.matmul(a, a)  # (starts the pool)
+        assert native.threads_usable()
+        assert fp._config.config()["native.num_threads"] == 2
+        count, shown = in_fork_child(_config_in_child)
+    finally:
+        native.set_backoff(was)
+        fp.set_num_threads(before)
+    assert count == 1 and shown.startswith("1 (serial: a fork child"), shown
+
+
 class _BusyKernel:
     """A whole-step kernel as a parent's thread leaves it at fork time: inside a call,
     its own busy flag set, so every call is refused until ``_after_fork`` clears it."""

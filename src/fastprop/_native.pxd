@@ -29,6 +29,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
     cbool fp_openmp_enabled "fastprop::openmp_enabled"() noexcept
     int fp_get_num_threads "fastprop::get_num_threads"() noexcept
     void fp_set_num_threads "fastprop::set_num_threads"(int n) noexcept
+    cbool fp_threads_usable "fastprop::threads_usable"() noexcept
     int fp_threads_free "fastprop::threads_free"(int nt) noexcept
     cbool fp_backoff_enabled "fastprop::backoff_enabled"() noexcept
     void fp_set_backoff "fastprop::set_backoff"(cbool on) noexcept

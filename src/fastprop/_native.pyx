@@ -92,6 +92,13 @@ def set_num_threads(n):
     fp_set_num_threads(<int>min(int(n), 1 << 20))
 
 
+def threads_usable():
+    """False in a fork child of a process whose OpenMP pool had started (or that had
+    more than one thread): every kernel runs serially there, and set_num_threads is
+    kept for a later process but not used."""
+    return bool(fp_threads_usable())
+
+
 def threads_free(nt):
     """Threads a kernel that asks for ``nt`` would use now: ``nt``, or fewer while
     other processes keep the cores busy (the online CPUs less the other runnable

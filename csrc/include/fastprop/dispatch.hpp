@@ -27,6 +27,9 @@ CpuFeatures cpu_features() noexcept;
 
 bool openmp_enabled() noexcept;
 int get_num_threads() noexcept;          // omp_get_max_threads(), 1 without OpenMP
+// false in a fork child of a process whose OpenMP pool had started (or that had more
+// than one thread): every kernel runs serially there (csrc/runtime.hpp)
+bool threads_usable() noexcept;
 void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
 // Threads a kernel asking for nt would use now, with other processes keeping cores
 // busy (csrc/runtime.hpp: at most the online CPUs less the other runnable threads;

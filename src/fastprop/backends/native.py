@@ -82,6 +82,9 @@ def config() -> dict:
         # (fewer threads while other processes keep the cores busy; FASTPROP_BACKOFF=0)
         "backoff": _backoff_state(),
     }
+    if not _native.threads_usable():
+        info["num_threads"] = (f"1 (serial: a fork child of a process whose OpenMP pool "
+                               f"had started, or that had other threads)")
     note = _native.isa_note()
     if note:
         info["isa_note"] = note
