@@ -529,7 +529,14 @@ ROWS = [
         {**c.opt.state_dict(), "state": c.opt.state_dict()["state"][:2]}),
       ValueError, r"state for 2 parameters, the optimizer has 6"),
     R("load-state-dict-hyper", lambda c: c.opt.load_state_dict(
-        {**c.opt.state_dict(), "hyper": {**c.opt.hyper, "lr": -1}}), ValueError, r"Invalid lr"),
+        {**c.opt.state_dict(), "hyper": {**c.opt.hyper, "lr": -1}}), ValueError,
+      r"state_dict has invalid hyperparameters: Invalid lr"),
+    R("load-state-dict-group-lr", lambda c: c.opt.load_state_dict(
+        {**c.opt.state_dict(), "param_groups": [{**g, "lr": -1} for g in
+                                                c.opt.state_dict()["param_groups"]]}),
+      ValueError, r"state_dict's parameter group 0 is invalid: Invalid lr"),
+    R("load-state-dict-step", lambda c: c.opt.load_state_dict(
+        {**c.opt.state_dict(), "step": -3}), ValueError, r"state_dict's step must be >= 0, got -3"),
     R("gradcheck-eps-zero", lambda c: fp.gradcheck(nn.Dense(2, 2), np.ones((1, 2)), eps=0.0),
       ValueError, r"Invalid eps"),
     R("gradcheck-rtol-str", lambda c: fp.gradcheck(nn.Dense(2, 2), np.ones((1, 2)), rtol="1"),

@@ -501,6 +501,34 @@ def test_one_cycle_per_batch_over_exactly_total_steps_in_fit(strategy):
     assert opt.lr >= 0.0 and (opt.lr == 0.0) == (strategy == "linear")
 
 
+def test_state_dicts_are_copies_both_ways():
+    """A state_dict shares nothing with the scheduler, and a loaded one nothing with
+    the caller's dict (OneCycleLR's per-group levels, dicts in a list, were shared:
+    editing the returned dict changed the live scheduler's rates)."""
+    def make():
+        opt = optim.SGD([fp.Parameter(np.zeros(2))], lr=0.1, momentum=0.9)
+        return opt, sched.OneCycleLR(opt, max_lr=1.0, total_steps=20)
+    opt, one = make()
+    one.step()
+    sd = one.state_dict()
+    sd["_levels"][0]["max"] = 123.0
+    for _ in range(3):
+        one.step()
+    assert max(one.get_last_lr()) <= 1.0
+    opt2, other = make()
+    sd = one.state_dict()
+    other.load_state_dict(sd)
+    sd["_levels"][0]["max"] = 123.0
+    for _ in range(3):
+        one.step()
+        other.step()
+    assert other.get_last_lr() == one.get_last_lr()
+    plateau = sched.ReduceLROnPlateau(opt)
+    sd = plateau.state_dict()
+    assert all(v is not plateau.__dict__[k] for k, v in sd.items()
+               if isinstance(v, (list, dict)))
+
+
 def test_load_state_dict_checks_the_values_before_anything_changes():
     """Each loaded entry is of the kind the scheduler holds (counts are integers in
     range, numbers finite and >= 0, base rates one per group): a refused state_dict

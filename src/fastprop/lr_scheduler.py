@@ -26,6 +26,7 @@ changes.
 from __future__ import annotations
 
 import bisect
+import copy
 import math
 import numbers
 
@@ -216,8 +217,9 @@ class LRScheduler:
 
     # -- checkpointing ------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Everything but the optimizer and functions (a LambdaLR's lambdas)."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
+        """Everything but the optimizer and functions (a LambdaLR's lambdas), as a
+        copy (OneCycleLR's per-group levels are dicts in a list)."""
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()
                 if k not in ("optimizer", "lr_lambdas", "_schedulers")}
 
     def _check_state(self, state_dict) -> None:
@@ -234,7 +236,7 @@ class LRScheduler:
         """Restore from :meth:`state_dict` (each entry's kind and range checked first;
         nothing changes on a refusal)."""
         self._check_state(state_dict)
-        self.__dict__.update(state_dict)
+        self.__dict__.update(copy.deepcopy(state_dict))  # (the caller's stays theirs)
 
 
 def _lambdas(fn, optimizer, name):
@@ -687,7 +689,7 @@ class SequentialLR(LRScheduler):
         self._check_state(own)
         for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
             s._check_state(sd)  # (all checked before any changes)
-        self.__dict__.update(own)
+        self.__dict__.update(copy.deepcopy(own))
         for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
             s.load_state_dict(sd)
 
@@ -813,9 +815,8 @@ class ReduceLROnPlateau:
             self._observe(float(value), apply=False)
 
     def state_dict(self) -> dict:
-        """Everything but the optimizer."""
-        return {k: (list(v) if isinstance(v, list) else v) for k, v in self.__dict__.items()
-                if k != "optimizer"}
+        """Everything but the optimizer (a copy)."""
+        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "optimizer"}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from :meth:`state_dict` (each entry's kind and range checked
@@ -832,7 +833,7 @@ class ReduceLROnPlateau:
         if not 0 <= factor < 1:
             raise ValueError(f"ReduceLROnPlateau state_dict['factor'] must be in [0, 1), "
                              f"got {factor!r}")
-        self.__dict__.update(state_dict)
+        self.__dict__.update(copy.deepcopy(state_dict))
 
 
 class every_batch:

@@ -724,7 +724,7 @@ class Optimizer:
             hyper["betas"] = tuple(hyper["betas"])
         try:
             probe = self._validate(hyper)
-        except TypeError as exc:
+        except (TypeError, ValueError) as exc:
             raise ValueError(f"state_dict has invalid hyperparameters: {exc}") from None
         groups = state_dict.get("param_groups")
         if groups is None:  # (a state_dict from before parameter groups: one group)
@@ -756,7 +756,7 @@ class Optimizer:
                                      f"{sorted(gh)}, expected {sorted(self.hyper)}")
                 try:
                     group_hypers.append({**self._validate(gh).hyper, **extras})
-                except TypeError as exc:
+                except (TypeError, ValueError) as exc:
                     raise ValueError(f"state_dict's parameter group {i} is invalid: {exc}") from None
         new = []
         for i, (p, s) in enumerate(zip(self.params, states)):
@@ -782,7 +782,9 @@ class Optimizer:
             steps = [step] * len(self.params) if steps is None else [_count(t) for t in steps]
         except (TypeError, ValueError, OverflowError) as exc:
             raise ValueError(f"state_dict has an invalid step count: {exc}") from None
-        if step < 0 or len(steps) != len(self.params) or not all(0 <= t <= step for t in steps):
+        if step < 0:
+            raise ValueError(f"state_dict's step must be >= 0, got {step}")
+        if len(steps) != len(self.params) or not all(0 <= t <= step for t in steps):
             raise ValueError(f"state_dict's per-parameter step counts must be {len(self.params)} "
                              f"integers in [0, step={step}], got {state_dict.get('steps')!r}")
         self.state = new

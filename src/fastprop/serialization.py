@@ -196,7 +196,8 @@ def save(model: Module, path, extra: dict | None = None, checkpoint: bool = Fals
     checkpoint is still written, and resumes into a model you build)."""
     if not isinstance(model, Module):
         hint = (" (fp.save writes one model; to checkpoint a loop of your own, pickle a "
-                "dict of the model, optimizer and scheduler, which all pickle, or let "
+                "dict of the model, the optimizer and the scheduler's state_dict() (a "
+                "scheduler built with a lambda does not pickle), or let "
                 "fit(..., checkpoint=path) do it)" if isinstance(model, dict) else "")
         raise TypeError(f"model must be a fastprop Module, got {type(model).__name__}{hint}")
     if not checkpoint:
