@@ -46,8 +46,7 @@ def _threads():
     if note:  # threadpoolctl missing: say so rather than claim a thread count
         warnings.warn(note, stacklevel=1)
     yield
-    if limiter is not None:
-        limiter.restore_original_limits()
+    limiter.restore_original_limits()
 
 
 @pytest.fixture(autouse=True)

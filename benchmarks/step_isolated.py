@@ -36,8 +36,7 @@ def main(impl, threads=2):
             print(f"{impl} threads={threads} batch={batch}: {np.median(times) * 1e6:.1f} us",
                   flush=True)
     finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
+        limiter.restore_original_limits()
 
 
 if __name__ == "__main__":

@@ -73,8 +73,11 @@ double xent_row(index_t c, const T* x, const std::int64_t* label, const T* t, T*
     if (label != nullptr) {
         loss = lse - (double(x[*label]) - m);
     } else {
+        // (a class of target 0 adds nothing, as 0 log 0 = 0 in the cross-entropy: a
+        // masked -inf logit there gave NaN, PyTorch's result, 0 * -inf)
         loss = -lane_sum(0, c, [x, t, m, lse](index_t j) {
-            return double(t[j]) * ((double(x[j]) - m) - lse);
+            const double tj = double(t[j]);
+            return tj == 0.0 ? 0.0 : tj * ((double(x[j]) - m) - lse);
         });
         tsum = lane_sum(0, c, [t](index_t j) { return double(t[j]); });
     }

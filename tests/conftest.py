@@ -51,12 +51,25 @@ def dtype(request):
 
 @pytest.fixture(autouse=True)
 def _restore_backend_state():
-    """Undo any set_backend/use_backend a test leaves behind."""
+    """Undo any set_backend/use_backend a test leaves behind; a test that leaves the
+    thread count or the back-off changed fails (a benchmark helper left 1 thread, and
+    every module after it ran its threaded sizes on one thread, unseen)."""
     default = _backends._default
     override = getattr(_backends._state, "backend", None)
+    threads = fp.get_num_threads()
+    backoff = _native_module.backoff() if NATIVE_BUILT else None
     yield
     _backends._default = default
     _backends._state.backend = override
+    leaked = []
+    if fp.get_num_threads() != threads:
+        leaked.append(f"the thread count ({threads} -> {fp.get_num_threads()})")
+        fp.set_num_threads(threads)
+    if NATIVE_BUILT and _native_module.backoff() != backoff:
+        leaked.append(f"the back-off ({backoff} -> {_native_module.backoff()})")
+        _native_module.set_backoff(backoff)
+    if leaked:
+        pytest.fail(f"the test left {' and '.join(leaked)} changed")
 
 
 @pytest.fixture

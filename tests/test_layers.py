@@ -815,6 +815,25 @@ def test_cross_entropy_with_options_takes_masked_logits(backend, kw, dtype, peer
     assert np.all(grad[~keep] == 0)  # (PyTorch's is NaN for the ignored -inf row)
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_cross_entropy_probability_targets_take_masked_logits(backend, dtype):
+    """Probability targets with a -inf logit where the target is 0: the class adds
+    nothing (0 log 0 = 0), with or without weight= (the weighted path gave a finite
+    loss, the kernels NaN, as PyTorch does: 0 * -inf); the gradient is finite.  A
+    masked class with a target above 0 is an infinite loss."""
+    logits = np.array([[0.0, -np.inf, 1.0], [1.0, 2.0, 3.0]], dtype)
+    t = np.array([[0.5, 0.0, 0.5], [0.0, 0.0, 1.0]])
+    plain, unit = fp.losses.SoftmaxCrossEntropy(), fp.losses.SoftmaxCrossEntropy(weight=np.ones(3))
+    v, g = plain(logits, t), plain.backward()
+    ref = -(0.5 * (0.0 - np.log1p(np.e)) + 0.5 * (1.0 - np.log1p(np.e))
+            + (3.0 - np.log(np.exp([1.0, 2.0, 3.0]).sum()))) / 2
+    assert v == pytest.approx(ref, rel=1e-6) and np.isfinite(g).all()
+    assert unit(logits, t) == pytest.approx(v, rel=1e-6)
+    np.testing.assert_allclose(unit.backward(), g, rtol=1e-6, atol=1e-7)
+    assert g[0, 1] == 0
+    assert plain(logits, np.array([[0.5, 0.1, 0.4], [0.0, 0.0, 1.0]])) == np.inf
+
+
 def test_cross_entropy_ignore_index_and_bad_options(backend, rng):
     """ignore_index alone (unit weights) is the mean over the rows kept; every row
     ignored gives NaN and a zero gradient (as PyTorch); an id that is neither a class
@@ -1958,7 +1977,7 @@ def test_porting_traps_from_pytorch_are_said():
         net.names = {"a": "b"}
     with pytest.raises(NotImplementedError, match="Net defines no backward.*no autograd"):
         net.backward(np.ones((1, 2)))
-    with pytest.raises(TypeError, match="pickle a dict of the model, optimizer"):
+    with pytest.raises(TypeError, match="pickle a dict of the model, the optimizer"):
         fp.save({"model": seq}, io.BytesIO())
     with pytest.raises(ValueError, match="parameter group 1 has no parameters"):
         fp.optim.AdamW([{"params": seq.parameters()}, {"params": [], "weight_decay": 0}])

@@ -585,6 +585,72 @@ def test_kernels_from_concurrent_python_threads(rng):
         assert np.array_equal(y, y_ref)
 
 
+def _runs_without_the_gil(call):
+    """None if another Python thread runs while ``call()`` does, else what was seen.  A thread waits on an
+    event (without the GIL), which is set just before the call; woken, it needs the
+    GIL to note the time: within the call if the native code released it, only after
+    the call returns if not.  Three tries (a thread woken late is no proof)."""
+    import threading
+    import time
+    call()  # (warm: first-touch page faults)
+    t0 = time.perf_counter()
+    call()
+    solo = time.perf_counter() - t0
+    assert solo > 0.01, f"the call takes {solo * 1e3:.1f} ms: too short to tell"
+    tries = []
+    for _ in range(3):
+        go, woke = threading.Event(), []
+        t = threading.Thread(target=lambda: (go.wait(), woke.append(time.perf_counter())))
+        t.start()
+        time.sleep(0.005)
+        go.set()
+        start = time.perf_counter()
+        call()
+        t.join()
+        tries.append(round((woke[0] - start) * 1e3, 2))
+        if woke[0] - start < 0.8 * solo:  # (held: >= solo; a busy machine wakes late)
+            return None
+    return f"woke after {tries} ms, the call takes {solo * 1e3:.1f} ms"
+
+
+def test_long_kernels_release_the_gil(rng):
+    """Every long native call lets other Python threads run (the README's "every
+    native kernel releases the GIL"; the concurrency tests pass with it held, as a
+    serialised run gives the same results)."""
+    import fastprop as fp
+    from fastprop import losses, nn, optim
+    before = fp.get_num_threads()
+    fp.set_num_threads(1)  # (a core for the other thread)
+    try:
+        a = randn(rng, (800, 800), F32)
+        c = np.empty_like(a)
+        x = randn(rng, (1 << 24,), F32)
+        y = np.empty_like(x)
+        g = randn(rng, (512, 1024), F32)
+        w, b = randn(rng, (1024, 1024), F32), randn(rng, (1024,), F32)
+        out, z = np.empty((512, 1024), F32), np.empty((512, 1024), F32)
+        p, m, v = x.copy(), np.zeros_like(x), np.zeros_like(x)
+        model = nn.Sequential(nn.Dense(1024, 1024, "relu", rng=0), nn.Dense(1024, 10, rng=1))
+        step = model.compile(losses.SoftmaxCrossEntropy(), optim.Adam(model.parameters()))
+        labels = rng.integers(0, 10, 512)
+        with fp.use_backend("native"):
+            step(g, labels)
+            assert step.fused() is not None
+            calls = {
+                "gemm": lambda: nat.gemm(a, a, c, False, False, False),
+                "activation": lambda: nat.activation_forward(ACTIVATIONS["gelu"], 0.0, x, y),
+                "linear": lambda: nat.linear_forward(g, w, b, ACTIVATIONS["relu"], 0.0, out, z),
+                "adam": lambda: nat.adam_update([p], [x], [m], [v], 1, 1e-3, 0.9, 0.999,
+                                                1e-8, 0.0, False),
+                "compiled step": lambda: step(g, labels),  # (one call: no switch between)
+            }
+            held = {name: why for name, call in calls.items()
+                    if (why := _runs_without_the_gil(call)) is not None}
+    finally:
+        fp.set_num_threads(before)
+    assert not held, f"the GIL was held through {held}"
+
+
 def test_gemm_rejects_bad_shapes_and_layouts(rng):
     a = randn(rng, (4, 5), F64)
     b = randn(rng, (5, 3), F64)
@@ -865,7 +931,8 @@ def test_softmax_xent_stable_and_checked():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(1,), (7, 3), (33, 1), (5, 7, 31), (300, 257)], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7, 3), (33, 1), (5, 7, 31), (300, 257), (520, 509)],
+                         ids=str)  # (the last: above 2 * kElementGrain, split in 2 threads)
 @pytest.mark.parametrize("from_logits", [False, True], ids=["probs", "logits"])
 def test_bce_matches_reference(rng, dtype, shape, from_logits):
     if from_logits:
@@ -956,7 +1023,8 @@ def test_bce_extremes_are_finite():
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (3, 5, 7), (300, 257)], ids=str)
+@pytest.mark.parametrize("shape", [(1,), (7,), (33, 65), (3, 5, 7), (300, 257), (520, 509)],
+                         ids=str)  # (the last: above 2 * kElementGrain, split in 2 threads)
 @pytest.mark.parametrize("half", [False, True])
 def test_mse_matches_reference(rng, dtype, shape, half):
     pred, target = randn(rng, shape, dtype), randn(rng, shape, dtype)
@@ -1104,7 +1172,10 @@ def test_sum_squares_scale_clip(rng, dtype):
 
 
 # =========================================================== normalisation
-NORM_SHAPES = [(1, 1), (2, 7), (7, 33), (33, 257), (4, 513), (300, 65), (129, 300)]
+# (the last two: above 2 * kElementGrain elements, so rows (layer norm) and column
+# strips (batch norm) are split between 2 threads)
+NORM_SHAPES = [(1, 1), (2, 7), (7, 33), (33, 257), (4, 513), (300, 65), (129, 300),
+               (600, 513), (257, 1031)]
 
 
 def _affine(rng, f, dtype):

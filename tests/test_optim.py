@@ -1385,14 +1385,18 @@ def test_tiny_gradients_take_a_full_adam_step(backend, kind, dtype, g, eps):
 def test_fused_step_refuses_a_bias_gradient_beyond_float32(backend):
     """A float32 bias gradient whose float64 column sum lies between FLT_MAX and
     DBL_MAX is inf once stored: fit raises NonFiniteError and keeps the parameters
-    (the fused kernel checked the float64 sum and applied the inf update)."""
-    X = np.full((4, 2), 1e-30, np.float32)
-    y = np.full((4, 1), -3e38, np.float32)
-    model = nn.Sequential(nn.Dense(2, 1, init="zeros"))
+    (the fused kernel checked the float64 sum and applied the inf update).  The loss
+    is 1: the hidden layer's output is 0 and its gradient rows 0.5 * 2e38 = 1e38, 4e38
+    summed over the batch."""
+    X = np.zeros((4, 2), np.float32)
+    y = np.full((4, 1), -1.0, np.float32)
+    model = nn.Sequential(nn.Dense(2, 1, init="zeros"), nn.Dense(1, 1, init="zeros"))
+    model[1].weight.value[...] = 2e38
+    before = [p.value.copy() for p in model.parameters()]
     with pytest.raises(fp.NonFiniteError, match="non-finite gradient"):
         model.fit(X, y, loss=fp.losses.MSE(), optimizer=fp.optim.SGD(model.parameters(), lr=1e-3),
                   batch_size=4, shuffle=False, verbose=0)
-    assert all(np.all(p.value == 0) for p in model.parameters())
+    assert all(np.array_equal(p.value, b) for p, b in zip(model.parameters(), before))
 
 
 def test_bias_gradient_of_many_rows_is_accurate(backend):

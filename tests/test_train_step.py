@@ -474,19 +474,27 @@ def test_step_allocates_nothing_after_the_first():
     X = X.astype(np.float32)
     with fp.use_backend("native"):
         step = model.compile(losses.SoftmaxCrossEntropy(), optim.Adam(model.parameters()))
-        for _ in range(300):  # warm up, and fill CPython's float/tuple free lists, whose
-            step(X, y)        # recycled objects tracemalloc counts as still allocated
+        # warm up, and fill CPython's float/tuple free lists, whose recycled objects
+        # tracemalloc counts as still allocated (~2000 steps to fill when this test
+        # runs alone: it failed then with 300)
+        for _ in range(2500):
+            step(X, y)
         tracemalloc.start()
         try:
             base, _ = tracemalloc.get_traced_memory()
+            before = tracemalloc.take_snapshot()
             tracemalloc.reset_peak()
             for _ in range(100):
                 step(X, y)
             current, peak = tracemalloc.get_traced_memory()
+            after = tracemalloc.take_snapshot()
         finally:
             tracemalloc.stop()
     assert current - base < 1024
     assert peak - base < 4096
+    arrays = [tracemalloc.DomainFilter(True, np.lib.tracemalloc_domain)]  # (NumPy's data)
+    grown = after.filter_traces(arrays).compare_to(before.filter_traces(arrays), "lineno")
+    assert sum(d.size_diff for d in grown) <= 0, grown[:3]
 
 
 @native_only

@@ -568,12 +568,37 @@ def cases(quick=True):
     yield "bce logits 512x1000", lambda impl: bce_logits_case(impl, 512, 1000)
 
 
+class _Limits:
+    """What :func:`limit_threads` changed; ``restore_original_limits()`` (threadpoolctl's
+    name) puts back fastprop's, PyTorch's and NumPy's BLAS thread counts."""
+
+    def __init__(self, fp_threads, torch_threads, blas):
+        self._fp_threads, self._torch_threads, self._blas = fp_threads, torch_threads, blas
+
+    def restore_original_limits(self):
+        if self._blas is not None:  # (first: threadpoolctl restores every library's
+            self._blas.restore_original_limits()  # count as it was, OpenMP's too)
+        _fp().set_num_threads(self._fp_threads)
+        if self._torch_threads is not None:
+            import torch as _torch
+            _torch.set_num_threads(self._torch_threads)
+
+
 def limit_threads(threads, torch=True):
     """Give fastprop's OpenMP, NumPy's BLAS and (``torch=True``) PyTorch ``threads``
-    threads.  Returns ``(limiter, note)``: the threadpoolctl limiter (call its
-    ``restore_original_limits()`` when done) or None, and a line to print when NumPy's
-    BLAS could not be limited (threadpoolctl, an optional dependency, not installed)."""
+    threads.  Returns ``(limiter, note)``: a limiter whose
+    ``restore_original_limits()`` puts all three back (call it when done), and a line
+    to print when NumPy's BLAS could not be limited (threadpoolctl, an optional
+    dependency, not installed), else None."""
     fp = _fp()
+    fp_threads, torch_threads, blas, note = fp.get_num_threads(), None, None, None
+    try:  # (before the others: threadpoolctl's limiter restores every library's count)
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        note = ("threadpoolctl is not installed: the NumPy side's BLAS thread count is "
+                "not controlled (it uses OpenBLAS's default, often every core)")
+    else:
+        blas = threadpool_limits(threads, user_api="blas")
     fp.set_num_threads(threads)
     if torch:
         try:
@@ -581,13 +606,9 @@ def limit_threads(threads, torch=True):
         except ImportError:
             pass
         else:
+            torch_threads = _torch.get_num_threads()
             _torch.set_num_threads(threads)
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:
-        return None, ("threadpoolctl is not installed: the NumPy side's BLAS thread count "
-                      "is not controlled (it uses OpenBLAS's default, often every core)")
-    return threadpool_limits(threads, user_api="blas"), None
+    return _Limits(fp_threads, torch_threads, blas), note
 
 
 def main(quick=True, plot=None, threads=2) -> int:
@@ -595,8 +616,7 @@ def main(quick=True, plot=None, threads=2) -> int:
     try:
         return _main(quick, plot, threads, note)
     finally:
-        if limiter is not None:
-            limiter.restore_original_limits()
+        limiter.restore_original_limits()
 
 
 def _main(quick, plot, threads, note):

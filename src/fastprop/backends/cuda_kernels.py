@@ -620,8 +620,10 @@ def reductions(dtype) -> _Reductions:
             if targets is not None:
                 ts = 0.0
                 for j in range(tid, c, nt):
-                    part -= f64(targets[r, j]) * (f64(logits[r, j]) - mx - lse)
-                    ts += f64(targets[r, j])
+                    tj = f64(targets[r, j])
+                    if tj != 0.0:  # (0 log 0 = 0: a masked -inf logit adds nothing)
+                        part -= tj * (f64(logits[r, j]) - mx - lse)
+                    ts += tj
                 part = _block_sum(sh, part)
                 tsum = _block_sum(sh, ts)
             if grad is not None:

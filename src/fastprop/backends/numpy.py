@@ -225,8 +225,9 @@ def softmax_xent(logits, labels, targets, grad):
     log_p = shifted - lse
     if labels is not None:
         loss = -log_p[np.arange(n), labels].sum() / n
-    else:
-        loss = -(targets * log_p).sum() / n
+    else:  # (0 log 0 = 0: a masked -inf logit of a class of target 0 adds nothing)
+        with np.errstate(invalid="ignore"):
+            loss = -np.where(targets != 0, targets * log_p, 0.0).sum() / n
     if grad is not None:
         p = np.exp(log_p)
         if labels is not None:
