@@ -528,6 +528,17 @@ def test_state_dicts_are_copies_both_ways():
     assert all(v is not plateau.__dict__[k] for k, v in sd.items()
                if isinstance(v, (list, dict)))
 
+    class Logged(sched.StepLR):  # (a subclass' own attribute: kept as is, not copied)
+        def __init__(self, *args, **kwargs):
+            import threading
+            self.lock = threading.Lock()
+            super().__init__(*args, **kwargs)
+
+    logged = Logged(opt, step_size=2)
+    sd = logged.state_dict()
+    assert sd["lock"] is logged.lock
+    logged.load_state_dict(sd)
+
 
 def test_load_state_dict_checks_the_values_before_anything_changes():
     """Each loaded entry is of the kind the scheduler holds (counts are integers in

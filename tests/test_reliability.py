@@ -741,11 +741,13 @@ def test_backoff_switch():
     # the usual spellings (any case, blanks around); another value is warned about at
     # import and leaves the back-off on (only the exact "0" turned it off)
     code = ("import warnings; warnings.simplefilter('error'); import fastprop as fp; "
-            "print(fp.backends.load('native')._native.backoff())")
+            "print(fp.backends.load('native')._native.backoff(), "
+            "repr(fp._config.config()['native.backoff']))")
     for value, on, warns in ((" Off ", False, False), ("FALSE", False, False),
                              ("no", False, False), ("0\n", False, False),
                              ("yes", True, False), ("1", True, False),
-                             ("disable", True, True), ("00", True, True)):
+                             ("disable", True, True), ("00", True, True),
+                             ("0\xa0", True, True)):  # (not an ASCII blank: C keeps it)
         run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                              env=dict(os.environ, FASTPROP_BACKOFF=value))
         if warns:
@@ -754,7 +756,11 @@ def test_backoff_switch():
                                  capture_output=True, text=True, check=True,
                                  env=dict(os.environ, FASTPROP_BACKOFF=value))
         assert run.returncode == 0, run.stderr
-        assert run.stdout.split()[-1] == str(on), (value, run.stdout)
+        shown, config = run.stdout.splitlines()[-1].split(" ", 1)
+        assert shown == str(on), (value, run.stdout)
+        pinned = len(os.sched_getaffinity(0)) != os.cpu_count()
+        on_text = "'off (the process is pinned to some CPUs)'" if pinned else "'on'"
+        assert config == (on_text if on else f"'off (FASTPROP_BACKOFF={value.strip()})'")
 
 
 @pytest.mark.skipif(not NATIVE_BUILT or not sys.platform.startswith("linux"),

@@ -373,6 +373,39 @@ def test_a_copy_keeps_what_compile_set(backend, rng, how):
                for a, b in zip(unclipped.parameters(), twin.parameters()))
 
 
+class _LockedMSE(fp.losses.MSE):
+    """A user's loss that cannot be copied (it holds a lock)."""
+
+    def __init__(self):
+        super().__init__()
+        import threading
+        self.lock = threading.Lock()
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_copy_of_a_compiled_model_warns_of_a_replaced_layer_and_copies_any_loss(rng, how):
+    """A copy keeps the parameters the model had at compile time: a layer replaced in
+    the copy is warned about by fit, as in the original (the copy lost them, and
+    fit left the new layer untrained silently).  A model compiled with a user's loss
+    class copies, pickles and gradchecks as an uncompiled one (without the compile
+    settings: such a loss may not copy), and gradcheck copies no optimizer."""
+    import pickle
+    X, y = blobs(rng, n=16)
+    model = mlp(dtype=np.float64)
+    model.compile(loss="cross_entropy", optimizer=optim.Adam(model.parameters()))
+    model.fit(X, y, epochs=1, verbose=0)
+    twin = pickle.loads(pickle.dumps(model)) if how == "pickle" else copy.deepcopy(model)
+    twin.layers[-1] = nn.Dense(twin.layers[-1].weight.shape[0], 2, rng=5, dtype=np.float64)
+    with pytest.warns(UserWarning, match="the model has changed since its optimizer"):
+        twin.fit(X, y, epochs=1, verbose=0)
+    locked = mlp(dtype=np.float64)
+    locked.compile(loss=_LockedMSE(), optimizer=optim.SGD(locked.parameters(), 0.1))
+    clone = pickle.loads(pickle.dumps(locked)) if how == "pickle" else copy.deepcopy(locked)
+    assert "_compile_args" not in clone.__dict__
+    assert fp.gradcheck(locked, X[:3])
+    assert "_compile_args" in locked.__dict__
+
+
 def test_fit_trains_in_training_mode(backend, rng):
     """fit switches an eval-mode model to training mode: BatchNorm updates its running
     statistics, as it only does in training."""

@@ -40,8 +40,9 @@ def _load_native_runtime():
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     import os
     backoff = os.environ.get("FASTPROP_BACKOFF")
-    if backoff is not None and backoff.strip().lower() not in (
-            "0", "false", "off", "no", "1", "true", "on", "yes"):  # (runtime.cpp's list)
+    # (runtime.cpp's list and blanks: ASCII ones only, as C's)
+    if backoff is not None and backoff.strip(" \t\n\r\v\f").lower() not in (
+            "0", "false", "off", "no", "1", "true", "on", "yes"):
         warnings.warn(f"FASTPROP_BACKOFF={backoff!r} is not one of 0/false/off/no or "
                       f"1/true/on/yes: the back-off stays on", RuntimeWarning, stacklevel=3)
 

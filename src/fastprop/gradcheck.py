@@ -108,7 +108,10 @@ def _check_module(module, inputs, eps, atol, rtol, seed, failures):
                                      and isinstance(inputs[0], np.ndarray)):
         inputs = inputs[0]
     x = _float64(inputs, "inputs")
-    model = copy.deepcopy(module)
+    # (the copy needs no compile settings: the optimizer's state is not copied, and a
+    # user's loss holding a lock would refuse to be)
+    args = module.__dict__.get("_compile_args")
+    model = copy.deepcopy(module, {} if args is None else {id(args): None})
     model._cast(np.float64)
     out = model.forward(x)
     for m in model.modules():

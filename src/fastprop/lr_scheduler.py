@@ -26,7 +26,6 @@ changes.
 from __future__ import annotations
 
 import bisect
-import copy
 import math
 import numbers
 
@@ -219,7 +218,7 @@ class LRScheduler:
     def state_dict(self) -> dict:
         """Everything but the optimizer and functions (a LambdaLR's lambdas), as a
         copy (OneCycleLR's per-group levels are dicts in a list)."""
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items()
+        return {k: _copied(v) for k, v in self.__dict__.items()
                 if k not in ("optimizer", "lr_lambdas", "_schedulers")}
 
     def _check_state(self, state_dict) -> None:
@@ -236,7 +235,19 @@ class LRScheduler:
         """Restore from :meth:`state_dict` (each entry's kind and range checked first;
         nothing changes on a refusal)."""
         self._check_state(state_dict)
-        self.__dict__.update(copy.deepcopy(state_dict))  # (the caller's stays theirs)
+        self.__dict__.update({k: _copied(v) for k, v in state_dict.items()})  # (the
+        # caller's lists and dicts stay theirs)
+
+
+def _copied(value):
+    """A state_dict entry as a copy: lists, tuples and dicts (OneCycleLR's per-group
+    levels are dicts in a list) copied through; any other value as is (a subclass'
+    own attribute may be a lock or a model: not copied, as PyTorch's state_dict)."""
+    if type(value) in (list, tuple):
+        return type(value)(_copied(v) for v in value)
+    if type(value) is dict:
+        return {k: _copied(v) for k, v in value.items()}
+    return value
 
 
 def _lambdas(fn, optimizer, name):
@@ -689,7 +700,7 @@ class SequentialLR(LRScheduler):
         self._check_state(own)
         for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
             s._check_state(sd)  # (all checked before any changes)
-        self.__dict__.update(copy.deepcopy(own))
+        self.__dict__.update({k: _copied(v) for k, v in own.items()})
         for s, sd in zip(self._schedulers, state_dict["_schedulers"]):
             s.load_state_dict(sd)
 
@@ -816,7 +827,7 @@ class ReduceLROnPlateau:
 
     def state_dict(self) -> dict:
         """Everything but the optimizer (a copy)."""
-        return {k: copy.deepcopy(v) for k, v in self.__dict__.items() if k != "optimizer"}
+        return {k: _copied(v) for k, v in self.__dict__.items() if k != "optimizer"}
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Restore from :meth:`state_dict` (each entry's kind and range checked
@@ -833,7 +844,7 @@ class ReduceLROnPlateau:
         if not 0 <= factor < 1:
             raise ValueError(f"ReduceLROnPlateau state_dict['factor'] must be in [0, 1), "
                              f"got {factor!r}")
-        self.__dict__.update(copy.deepcopy(state_dict))
+        self.__dict__.update({k: _copied(v) for k, v in state_dict.items()})
 
 
 class every_batch:

@@ -451,13 +451,24 @@ class Module:
         it on the model): a copy or a pickle gets the weights and buffers, and builds
         its own step when it trains (the step holds native pointers to this model's
         arrays and cannot be copied).  What ``compile`` set is kept, as Keras' saved
-        models keep it: the loss, the optimizer (with its state, bound to the copy's
-        parameters; pickled with the model, the same object as an optimizer pickled
-        beside it) and the clipping, so that ``fit`` trains a copy as the original."""
+        models keep it, when the loss and optimizer are fastprop's own classes (which
+        copy and pickle; a user's subclass may hold a lock, or be a local class): the
+        loss, the optimizer (with its state, bound to the copy's parameters; pickled
+        with the model, the same object as an optimizer pickled beside it) and the
+        clipping, so that ``fit`` trains a copy as the original."""
         self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
-        state.pop("_compiled_ids", None)
+        ids = state.pop("_compiled_ids", None)
+        args = state.get("_compile_args")
+        if args is not None and not all(type(a).__module__.startswith("fastprop.")
+                                        for a in args):
+            state.pop("_compile_args")
+            state.pop("_compile_clips", None)
+        elif args is not None and ids is not None:
+            # (the parameters the model had at compile time, as objects: ids are this
+            # process's; fit warns of one added since that the optimizer lacks)
+            state["_compiled_params"] = [p for p in self.parameters() if id(p) in ids]
         for name in self._kept_caches():  # (activations of the last forward: not state)
             state[name] = None
         # (caches keyed by this process's structure counter: another process's

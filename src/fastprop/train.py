@@ -567,8 +567,8 @@ class TrainStep:
                 raise NonFiniteError("a buffer (BatchNorm running statistics) became "
                                      "non-finite")
             value, grad = self.loss._value_and_grad(out, y)
-            if self.check_finite:
-                backends.check_loss(value, out.dtype)
+            if self.check_finite:  # (a custom module may return a list: float64's range)
+                backends.check_loss(value, getattr(out, "dtype", np.float64))
             self.output = out
             for p in params:  # (model.zero_grad())
                 p._zero_grad(True)
@@ -685,6 +685,18 @@ def _remember(model, step) -> None:
     model._compile_args = (step.loss, step.optimizer)
     model._compile_clips = (step.clip_grad_norm, step.clip_grad_value)
     model._compiled_ids = frozenset(id(p) for p in model.parameters())
+    model.__dict__.pop("_compiled_params", None)
+
+
+def _compiled_ids(model):
+    """The ids of the parameters the model had at its last compile (None: none), from
+    a copy's or a pickle's parameter list the first time (kept as ids from then on,
+    as they hold no parameter a replaced layer had)."""
+    ids = model.__dict__.get("_compiled_ids")
+    if ids is None and "_compiled_params" in model.__dict__:
+        ids = model._compiled_ids = frozenset(id(p) for p in model._compiled_params)
+        del model._compiled_params
+    return ids
 
 
 def _warn_untrained(model, optimizer, before, who="fit"):
@@ -1034,7 +1046,7 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
         optimizer = compiled[1] if optimizer is None else optimizer
     params_now = None
     if compiled is not None and optimizer is compiled[1]:
-        params_now = _warn_untrained(model, optimizer, model.__dict__.get("_compiled_ids"))
+        params_now = _warn_untrained(model, optimizer, _compiled_ids(model))
     step = model._compiled_step()
     if step is None or _losses.get(loss) is not step.loss or optimizer is not step.optimizer:
         step = TrainStep(model, loss, optimizer)

@@ -219,7 +219,8 @@ def activation_backward(act, alpha, grad_y, x, y, grad_x):
 # --------------------------------------------------------------------- losses
 def softmax_xent(logits, labels, targets, grad):
     n = logits.shape[0]
-    with np.errstate(over="ignore"):  # (a spread above the float range: -inf, as native)
+    # (a spread above the float range: -inf; a row of -inf logits: NaN; silent, as native)
+    with np.errstate(over="ignore", invalid="ignore"):
         shifted = logits.astype(np.float64) - logits.max(axis=1, keepdims=True)
     lse = np.log(np.exp(shifted).sum(axis=1, keepdims=True))
     log_p = shifted - lse
@@ -227,7 +228,10 @@ def softmax_xent(logits, labels, targets, grad):
         loss = -log_p[np.arange(n), labels].sum() / n
     else:  # (0 log 0 = 0: a masked -inf logit of a class of target 0 adds nothing)
         with np.errstate(invalid="ignore"):
-            loss = -np.where(targets != 0, targets * log_p, 0.0).sum() / n
+            total = (targets * log_p).sum()
+            if total != total:  # (NaN: only then the masked sum)
+                total = np.where(targets != 0, targets * log_p, 0.0).sum()
+        loss = -total / n
     if grad is not None:
         p = np.exp(log_p)
         if labels is not None:
