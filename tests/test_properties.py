@@ -26,7 +26,7 @@ import os
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import fastprop as fp
@@ -145,6 +145,20 @@ def act_slope(name):
        la=st.sampled_from(LAYOUTS), lb=st.sampled_from(LAYOUTS),
        out=st.sampled_from(["none", "fresh", "F", "strided", "alias_a", "alias_b"]),
        accumulate=st.booleans(), seed=st.integers(0, 2**32 - 1))
+# (cases 25 drawn examples did not reach: accumulate into C, F-order and strided
+# outputs, an output that is an input, in each dtype; k not a multiple of a tile)
+@example(m=7, k=31, n=9, ta=False, tb=False, da=F32, db=F32, la="C", lb="C", out="fresh",
+         accumulate=True, seed=1)
+@example(m=17, k=9, n=31, ta=True, tb=True, da=F64, db=F64, la="F", lb="strided", out="F",
+         accumulate=True, seed=2)
+@example(m=9, k=33, n=7, ta=False, tb=True, da=F32, db=F32, la="offset", lb="C", out="strided",
+         accumulate=True, seed=3)
+@example(m=7, k=7, n=7, ta=False, tb=False, da=F32, db=F32, la="C", lb="C", out="alias_a",
+         accumulate=False, seed=4)
+@example(m=9, k=9, n=9, ta=True, tb=False, da=F64, db=F64, la="C", lb="C", out="alias_b",
+         accumulate=True, seed=5)
+@example(m=5, k=5, n=5, ta=False, tb=False, da=F64, db=F64, la="F", lb="C", out="alias_a",
+         accumulate=True, seed=6)
 def test_matmul(m, k, n, ta, tb, da, db, la, lb, out, accumulate, seed):
     sa = (k, m) if ta else (m, k)
     sb = (n, k) if tb else (k, n)

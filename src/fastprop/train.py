@@ -1192,7 +1192,7 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             first_epoch = epochs  # (resumed from a run that a callback stopped)
         for epoch in range(first_epoch, epochs):
             order = rng.permutation(n) if shuffle else None
-            total, weight, hits, count, seen = 0.0, 0.0, 0, 0, 0
+            total, weight, hits, count = 0.0, 0.0, 0, 0
             if epoch_begins:
                 step.sync()  # (a device step: the callbacks see, and may set, the values)
                 for hook in epoch_begins:
@@ -1230,7 +1230,6 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 m = xb.shape[0]
                 total += value * w
                 weight += w
-                seen += m
                 if acc_fn is not None:  # (before the callbacks: one may run the step)
                     h, c = acc_fn(step.output, yb)
                     hits, count = hits + h, count + c
@@ -1260,9 +1259,9 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
             history.append(epoch, logs)
             elapsed = time.perf_counter() - t0
             if bar is not None:
-                post = {k: f"{v:.4f}" for k, v in logs.items()}
-                post["samples/s"] = f"{seen / max(elapsed, 1e-9):.0f}"
-                bar.set_postfix(post, refresh=True)
+                # (the rate is tqdm's own, "...samples/s": a second figure in the
+                # postfix disagreed with it)
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()}, refresh=True)
                 bar.close()
             elif verbose == 2:
                 parts = " - ".join(f"{k}: {v:.4f}" for k, v in logs.items())
