@@ -19,10 +19,16 @@
 //   softmax    = exp(x - max) / sum, sum accumulated in double.
 // Speed (1 thread, float32, avx512 unit, Zen4): relu ~7-11 Gelem/s, sigmoid ~3,
 // tanh/gelu ~2, softmax ~1.0-1.3 Gelem/s (NumPy: tanh 2.7, sigmoid expression 0.25).
-// Accuracy: elementwise results are within a few ulp of T (vmath.hpp), except gelu
-// and gelu' in the far negative tail, where exp's conditioning gives a relative error
-// ~|2u| eps on values below ~1e-20 (vmath.hpp); the gelu form has no cancellation for
-// x << 0, so it is more accurate there than the literal 0.5 x (1 + tanh(u)).  No overflow or NaN for finite |x| <= 1e4.
+// Accuracy: forward results are within a few ulp of T (vmath.hpp), except gelu and
+// gelu' in the negative tail, where exp's conditioning gives a relative error of about
+// (3 |2u| + 8) ulp (float32: at most 214 ulp, at x = -10.04; vmath.hpp); the gelu
+// form has no cancellation for x << 0, so it is more accurate there than the literal
+// 0.5 x (1 + tanh(u)) (PyTorch's loses every digit below x ~ -5.5).  sigmoid' and
+// tanh' are computed from the output y, y (1 - y) and 1 - y^2, as PyTorch's are: their
+// error is a few eps absolute, not relative, so near saturation they lose digits
+// (float32 tanh' for |x| in [4, 8) is off by up to ~2e6 ulp of its tiny value; 0 from
+// |x| ~ 8.7, sigmoid' 0 from x ~ 16.6; the kernels keep y, not x, for them).  No
+// overflow or NaN for finite |x| <= 1e4.
 #include "isa_common.hpp"
 #include "kernels.hpp"
 #include "vmath.hpp"
