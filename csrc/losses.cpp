@@ -47,6 +47,21 @@ struct LossRange {
     double clamp(double v) const { return v < lo ? lo : (v > hi ? hi : v); }
 };
 
+// -sum_j t_j (x_j - m - lse) without the terms 0 * -inf (the cold path of a row whose
+// plain sum is NaN); a NaN term (a row of -inf logits: x - m is NaN) still counts.
+template <typename T>
+[[gnu::noinline]] double xent_targets_masked(index_t c, const T* x, const T* t, double m,
+                                             double lse) {
+    double loss = 0.0;
+    for (index_t j = 0; j < c; ++j) {
+        const double tj = double(t[j]);
+        const double d = (double(x[j]) - m) - lse;
+        const bool infinite = d - d != 0.0 && d == d;
+        if (tj != 0.0 || !infinite) loss -= tj * d;  // (0 * -inf: skipped)
+    }
+    return loss;
+}
+
 // One row of softmax cross-entropy: returns the row's loss and, when g is not null,
 // writes its gradient (already divided by n).  label: pointer to the class id, or
 // null when t (the target row) is given.
@@ -73,12 +88,14 @@ double xent_row(index_t c, const T* x, const std::int64_t* label, const T* t, T*
     if (label != nullptr) {
         loss = lse - (double(x[*label]) - m);
     } else {
-        // (a class of target 0 adds nothing, as 0 log 0 = 0 in the cross-entropy: a
-        // masked -inf logit there gave NaN, PyTorch's result, 0 * -inf)
         loss = -lane_sum(0, c, [x, t, m, lse](index_t j) {
-            const double tj = double(t[j]);
-            return tj == 0.0 ? 0.0 : tj * ((double(x[j]) - m) - lse);
+            return double(t[j]) * ((double(x[j]) - m) - lse);
         });
+        // (a class of target 0 adds nothing, as 0 log 0 = 0 in the cross-entropy: a
+        // masked -inf logit there gave NaN, PyTorch's result, 0 * -inf; summed again
+        // without those terms only then, in a plain loop: the select inside
+        // lane_sum's vectorised lanes gave wrong float64 sums)
+        if (loss != loss) loss = xent_targets_masked(c, x, t, m, lse);
         tsum = lane_sum(0, c, [t](index_t j) { return double(t[j]); });
     }
     if (g != nullptr) {

@@ -162,15 +162,20 @@ def test_dense_case_numpy_side_writes_into_preallocated_outputs(impl, backward):
 
 
 # ------------------------------------------------------------------ threads
-def test_limit_threads_limits_numpys_blas():
-    """... and fastprop's; the limiter restores both (fastprop's was left at 1: every
-    test module after this one ran on one thread)."""
+@pytest.mark.parametrize("torch", [False, True])
+def test_limit_threads_limits_numpys_blas(torch):
+    """... and fastprop's (and PyTorch's); the limiter restores them (fastprop's was
+    left at 1: every test module after this one ran on one thread; with PyTorch, whose
+    libgomp is fastprop's, its count was read after fastprop's was set)."""
     threadpoolctl = pytest.importorskip("threadpoolctl")
+    if torch:
+        torch_module = pytest.importorskip("torch")
+        torch_before = torch_module.get_num_threads()
     before = fp.get_num_threads()
     fp.set_num_threads(3)
     blas_before = [d["num_threads"] for d in threadpoolctl.threadpool_info()
                    if d["user_api"] == "blas"]
-    limiter, note = _bench.limit_threads(1, torch=False)
+    limiter, note = _bench.limit_threads(1, torch=torch)
     try:
         assert note is None
         blas = [d for d in threadpoolctl.threadpool_info() if d["user_api"] == "blas"]
@@ -179,6 +184,8 @@ def test_limit_threads_limits_numpys_blas():
     finally:
         limiter.restore_original_limits()
         restored = fp.get_num_threads()
+        if torch:
+            torch_module.set_num_threads(torch_before)
         fp.set_num_threads(before)
     assert restored == 3 or restored == 1 and not fp.backends.load("native")._native.openmp()
     assert [d["num_threads"] for d in threadpoolctl.threadpool_info()

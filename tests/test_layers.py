@@ -832,6 +832,12 @@ def test_cross_entropy_probability_targets_take_masked_logits(backend, dtype):
     np.testing.assert_allclose(unit.backward(), g, rtol=1e-6, atol=1e-7)
     assert g[0, 1] == 0
     assert plain(logits, np.array([[0.5, 0.1, 0.4], [0.0, 0.0, 1.0]])) == np.inf
+    # a row of -inf logits has no softmax: NaN, whatever its targets (PyTorch's too;
+    # counting its zero targets as 0 log 0 gave a finite loss and a NaN gradient)
+    masked = np.array([[-np.inf] * 3, [1.0, 2.0, 3.0]], dtype)
+    with np.errstate(invalid="ignore"):
+        for loss in (plain, unit):
+            assert math.isnan(loss(masked, np.array([[0.0, 0.0, 0.0], [0.0, 0.0, 1.0]])))
 
 
 def test_cross_entropy_ignore_index_and_bad_options(backend, rng):

@@ -596,7 +596,10 @@ def _runs_without_the_gil(call):
     t0 = time.perf_counter()
     call()
     solo = time.perf_counter() - t0
-    assert solo > 0.01, f"the call takes {solo * 1e3:.1f} ms: too short to tell"
+    # (held, the thread wakes after the call whatever its length; released, within
+    # it unless the machine wakes it late: a few ms are enough on a quiet machine,
+    # and a busy one makes the call longer too)
+    assert solo > 0.002, f"the call takes {solo * 1e3:.1f} ms: too short to tell"
     tries = []
     for _ in range(3):
         go, woke = threading.Event(), []
@@ -886,15 +889,23 @@ def test_activation_rejects_bad_arguments(rng):
 
 # =========================================================== losses
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("n,c", [(1, 1), (1, 7), (7, 3), (33, 10), (130, 32), (257, 31), (3000, 33)])
-@pytest.mark.parametrize("kind", ["labels", "targets"])
+@pytest.mark.parametrize("n,c", [(1, 1), (1, 7), (7, 3), (33, 10), (130, 32), (257, 31), (3000, 33),
+                                 (33, 65), (16, 1000)])
+@pytest.mark.parametrize("kind", ["labels", "targets", "onehot", "sparse"])
 def test_softmax_xent_matches_reference(rng, dtype, n, c, kind):
+    """Class ids, and target rows dense, one-hot and with zeros (a select on the zero
+    targets inside the vectorised row sum gave wrong sums on avx2 and avx512)."""
     logits = randn(rng, (n, c), dtype, 4.0)
     labels = targets = None
     if kind == "labels":
         labels = rng.integers(0, c, size=n).astype(np.int64)
+    elif kind == "onehot":
+        targets = np.eye(c, dtype=dtype)[rng.integers(0, c, size=n)]
     else:
         targets = rng.random((n, c)).astype(dtype)
+        if kind == "sparse":
+            targets[rng.random((n, c)) < 0.7] = 0
+            targets[:, 0] += 1  # (no row of zeros)
         targets /= targets.sum(1, keepdims=True)
     grad = np.empty((n, c), dtype)
     loss = nat.softmax_xent(logits, labels, targets, grad)

@@ -377,6 +377,10 @@ def test_a_copy_keeps_what_compile_set(backend, rng, how):
                for a, b in zip(unclipped.parameters(), twin.parameters()))
 
 
+class _PlainMSE(fp.losses.MSE):
+    """A user's loss class that pickles."""
+
+
 class _LockedMSE(fp.losses.MSE):
     """A user's loss that cannot be copied (it holds a lock)."""
 
@@ -406,6 +410,10 @@ def test_a_copy_of_a_compiled_model_warns_of_a_replaced_layer_and_copies_any_los
     locked.compile(loss=_LockedMSE(), optimizer=optim.SGD(locked.parameters(), 0.1))
     clone = pickle.loads(pickle.dumps(locked)) if how == "pickle" else copy.deepcopy(locked)
     assert "_compile_args" not in clone.__dict__
+    plain = mlp(dtype=np.float64)
+    plain.compile(loss=_PlainMSE(), optimizer=optim.SGD(plain.parameters(), 0.1))
+    clone = pickle.loads(pickle.dumps(plain)) if how == "pickle" else copy.deepcopy(plain)
+    assert isinstance(clone._compile_args[0], _PlainMSE)  # (a user's class that pickles)
     assert fp.gradcheck(locked, X[:3])
     assert "_compile_args" in locked.__dict__
 

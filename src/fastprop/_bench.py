@@ -578,10 +578,10 @@ class _Limits:
     def restore_original_limits(self):
         if self._blas is not None:  # (first: threadpoolctl restores every library's
             self._blas.restore_original_limits()  # count as it was, OpenMP's too)
-        _fp().set_num_threads(self._fp_threads)
         if self._torch_threads is not None:
             import torch as _torch
             _torch.set_num_threads(self._torch_threads)
+        _fp().set_num_threads(self._fp_threads)  # (last: PyTorch's libgomp is fastprop's)
 
 
 def limit_threads(threads, torch=True):
@@ -592,6 +592,14 @@ def limit_threads(threads, torch=True):
     dependency, not installed), else None."""
     fp = _fp()
     fp_threads, torch_threads, blas, note = fp.get_num_threads(), None, None, None
+    _torch = None
+    if torch:
+        try:
+            import torch as _torch
+        except ImportError:
+            pass
+        else:  # (read before any is set: PyTorch's libgomp is fastprop's)
+            torch_threads = _torch.get_num_threads()
     try:  # (before the others: threadpoolctl's limiter restores every library's count)
         from threadpoolctl import threadpool_limits
     except ImportError:
@@ -599,15 +607,9 @@ def limit_threads(threads, torch=True):
                 "not controlled (it uses OpenBLAS's default, often every core)")
     else:
         blas = threadpool_limits(threads, user_api="blas")
+    if _torch is not None:
+        _torch.set_num_threads(threads)
     fp.set_num_threads(threads)
-    if torch:
-        try:
-            import torch as _torch
-        except ImportError:
-            pass
-        else:
-            torch_threads = _torch.get_num_threads()
-            _torch.set_num_threads(threads)
     return _Limits(fp_threads, torch_threads, blas), note
 
 

@@ -390,9 +390,14 @@ class SoftmaxCrossEntropy(Loss):
             # row's maximum by more than the float range, of a class with a = 0 adds
             # nothing (0 log 0 = 0, as the kernels), rather than 0 * -inf = NaN)
             total = (a * logp).sum()
-            if total != total:  # (NaN: only then the masked sum, ~30% slower)
+            if total != total:  # (NaN: only then the sum without 0 * -inf and without
+                # ignored rows (a row of -inf logits is NaN), ~30% slower; another NaN
+                # term, a row of -inf logits that counts, stays NaN, as PyTorch's)
+                skip = (a == 0) & np.isinf(logp)
+                if keep is not None:
+                    skip |= ~keep[:, None]
                 terms = np.zeros_like(a)
-                np.multiply(a, logp, out=terms, where=a != 0)
+                np.multiply(a, logp, out=terms, where=~skip)
                 total = terms.sum()
             loss = float(-total / den)
             if grad is not None:

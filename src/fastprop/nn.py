@@ -313,6 +313,20 @@ for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "r
 del _name
 
 
+
+def _pickles(obj) -> bool:
+    """Whether ``obj`` (a compiled loss or optimizer) can be pickled: fastprop's own
+    classes can; a user's subclass is tried (it may hold a lock, or be a local class:
+    the copy of a model would then fail for a setting it can do without)."""
+    if type(obj).__module__.startswith("fastprop."):
+        return True
+    import pickle
+    try:
+        pickle.dumps(obj)
+    except Exception:  # (PicklingError, TypeError, AttributeError: any refusal)
+        return False
+    return True
+
 class Module:
     """Base class of every layer.
 
@@ -451,18 +465,17 @@ class Module:
         it on the model): a copy or a pickle gets the weights and buffers, and builds
         its own step when it trains (the step holds native pointers to this model's
         arrays and cannot be copied).  What ``compile`` set is kept, as Keras' saved
-        models keep it, when the loss and optimizer are fastprop's own classes (which
-        copy and pickle; a user's subclass may hold a lock, or be a local class): the
-        loss, the optimizer (with its state, bound to the copy's parameters; pickled
-        with the model, the same object as an optimizer pickled beside it) and the
-        clipping, so that ``fit`` trains a copy as the original."""
+        models keep it: the loss, the optimizer (with its state, bound to the copy's
+        parameters; pickled with the model, the same object as an optimizer pickled
+        beside it) and the clipping, so that ``fit`` trains a copy as the original;
+        unless a user's loss or optimizer class does not pickle (a lock held, a local
+        class): then none of it, and the copy is as an uncompiled model."""
         self._sync_device()
         state = self.__dict__.copy()
         state.pop("_compiled", None)
         ids = state.pop("_compiled_ids", None)
         args = state.get("_compile_args")
-        if args is not None and not all(type(a).__module__.startswith("fastprop.")
-                                        for a in args):
+        if args is not None and not all(_pickles(a) for a in args):
             state.pop("_compile_args")
             state.pop("_compile_clips", None)
         elif args is not None and ids is not None:

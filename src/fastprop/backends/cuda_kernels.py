@@ -621,8 +621,9 @@ def reductions(dtype) -> _Reductions:
                 ts = 0.0
                 for j in range(tid, c, nt):
                     tj = f64(targets[r, j])
-                    if tj != 0.0:  # (0 log 0 = 0: a masked -inf logit adds nothing)
-                        part -= tj * (f64(logits[r, j]) - mx - lse)
+                    d = f64(logits[r, j]) - mx - lse
+                    if tj != 0.0 or not math.isinf(d):  # (0 log 0 = 0: a masked -inf
+                        part -= tj * d                   # logit adds nothing; NaN counts)
                     ts += tj
                 part = _block_sum(sh, part)
                 tsum = _block_sum(sh, ts)

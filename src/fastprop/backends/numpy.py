@@ -229,8 +229,8 @@ def softmax_xent(logits, labels, targets, grad):
     else:  # (0 log 0 = 0: a masked -inf logit of a class of target 0 adds nothing)
         with np.errstate(invalid="ignore"):
             total = (targets * log_p).sum()
-            if total != total:  # (NaN: only then the masked sum)
-                total = np.where(targets != 0, targets * log_p, 0.0).sum()
+            if total != total:  # (NaN: only then the sum without 0 * -inf; NaN counts)
+                total = np.where((targets == 0) & np.isinf(log_p), 0.0, targets * log_p).sum()
         loss = -total / n
     if grad is not None:
         p = np.exp(log_p)
