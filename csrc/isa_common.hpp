@@ -109,6 +109,10 @@ inline double fp_copysign(double x, double s) { return ::copysign(x, s); }
 // pairwise: vectorisable (the lanes are independent), enough independent chains
 // to hide the add latency, deterministic, and the rounding error grows like
 // n/16 + log2(16) instead of n.
+// Beware: a term of the form `cond ? 0.0 : v` (a conditional reduction) is
+// mis-vectorised by GCC 12 at -O3 -fno-trapping-math for AVX2 and AVX-512 (wrong
+// sums; generic and Clang are right): softmax_xent's probability targets hit it, and
+// sum such terms in a plain loop instead (losses.cpp, xent_targets_masked).
 constexpr int kSumLanes = 16;
 
 template <typename F>
