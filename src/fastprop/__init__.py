@@ -39,12 +39,10 @@ def _load_native_runtime():
     if note.startswith("unknown"):  # (a mistyped FASTPROP_ISA: the ISA changes results)
         warnings.warn(note, RuntimeWarning, stacklevel=3)
     import os
-    backoff = os.environ.get("FASTPROP_BACKOFF")
-    # (runtime.cpp's list and blanks: ASCII ones only, as C's)
-    if backoff is not None and backoff.strip(" \t\n\r\v\f").lower() not in (
-            "0", "false", "off", "no", "1", "true", "on", "yes"):
-        warnings.warn(f"FASTPROP_BACKOFF={backoff!r} is not one of 0/false/off/no or "
-                      f"1/true/on/yes: the back-off stays on", RuntimeWarning, stacklevel=3)
+    if "FASTPROP_BACKOFF" in os.environ and backends.backoff_env()[1] is None:
+        warnings.warn(f"FASTPROP_BACKOFF={os.environ['FASTPROP_BACKOFF']!r} is not one of "
+                      f"0/false/off/no or 1/true/on/yes: the back-off stays on",
+                      RuntimeWarning, stacklevel=3)
 
 
 _load_native_runtime()

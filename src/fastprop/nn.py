@@ -313,7 +313,6 @@ for _name in ("append", "extend", "insert", "pop", "remove", "clear", "sort", "r
 del _name
 
 
-
 def _pickles(obj) -> bool:
     """Whether ``obj`` (a compiled loss or optimizer) can be pickled: fastprop's own
     classes can; a user's subclass is tried (it may hold a lock, or be a local class:
@@ -326,6 +325,7 @@ def _pickles(obj) -> bool:
     except Exception:  # (PicklingError, TypeError, AttributeError: any refusal)
         return False
     return True
+
 
 class Module:
     """Base class of every layer.

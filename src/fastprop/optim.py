@@ -12,6 +12,7 @@ parameters and state unchanged.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import math
 import numbers
@@ -1045,11 +1046,9 @@ def clip_grad_norm(params, max_norm, norm_type=2.0, error_if_nonfinite=False,
         return fused(groups[0], max_norm)  # one pass to reduce, one to scale
     grads = [g for gs in groups for g in gs]
     if norm_type == 2.0:
-        if be.name == "native":  # (native kernels raise no floating-point warnings)
+        # (NumPy's dot warns of the overflow handled below; native kernels never warn)
+        with np.errstate(over="ignore") if be.name != "native" else contextlib.nullcontext():
             total = math.sqrt(sum(be.sum_squares(g) for g in groups))
-        else:
-            with np.errstate(over="ignore"):  # (NumPy's dot warns: see below)
-                total = math.sqrt(sum(be.sum_squares(g) for g in groups))
     elif math.isinf(norm_type):
         peaks = [float(np.abs(g).max()) for g in grads if g.size]
         total = math.nan if any(v != v for v in peaks) else max(peaks, default=0.0)

@@ -188,6 +188,20 @@ class NonFiniteError(FloatingPointError):
     """Training produced a non-finite loss or gradient (the update was not applied)."""
 
 
+def backoff_env() -> tuple[str | None, bool | None]:
+    """``(value, off)`` of ``FASTPROP_BACKOFF`` as runtime.cpp reads it: the value
+    without ASCII blanks (C's), and True for 0/false/off/no in any case, False for
+    1/true/on/yes, None for anything else (the back-off stays on: warned about at
+    import) or when it is not set."""
+    value = os.environ.get("FASTPROP_BACKOFF")
+    if value is None:
+        return None, None
+    value = value.strip(" \t\n\r\v\f")
+    word = value.lower()
+    return value, True if word in ("0", "false", "off", "no") else (
+        False if word in ("1", "true", "on", "yes") else None)
+
+
 def check_loss(value: float, dtype) -> None:
     """Raise NonFiniteError unless ``value`` (a loss summed in double) is finite in the
     model's ``dtype``.  A float32 model's loss above float32's largest value is inf in

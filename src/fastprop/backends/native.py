@@ -9,9 +9,8 @@ controlled by :func:`set_num_threads` (or ``OMP_NUM_THREADS``, or threadpoolctl)
 
 from __future__ import annotations
 
-import os
-
 from .. import _native
+from . import backoff_env
 from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     activation_backward,
     activation_forward,
@@ -70,9 +69,8 @@ def make_train_step(stages, loss, optimizer):
 def _backoff_state() -> str:
     state = _native.backoff_state()
     if state == "off":
-        value = os.environ.get("FASTPROP_BACKOFF", "").strip(" \t\n\r\v\f")
-        return (f"off (FASTPROP_BACKOFF={value})" if value.lower() in ("0", "false", "off", "no")
-                else "off (set_backoff(False))")
+        value, off = backoff_env()
+        return f"off (FASTPROP_BACKOFF={value})" if off else "off (set_backoff(False))"
     return {"on": "on", "pinned": "off (the process is pinned to some CPUs)"}[state]
 
 
