@@ -9,11 +9,13 @@
 #include "runtime.hpp"
 
 #include <atomic>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <ctime>
 
 #if !defined(_WIN32)
+#include <dirent.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <sched.h>
@@ -117,19 +119,22 @@ long long now_ns() noexcept {
 }
 
 #if !defined(_WIN32)
-// The online CPUs when this process may run on all of them, else -1: /proc/loadavg
-// counts the whole machine, which says nothing about the cores of a process pinned
-// to some (a cpuset container on a busy host would run serially for the host's
-// load); the back-off is off there.
-int usable_cpus() noexcept {
+// The CPUs this process may run on (its affinity on Linux, else the online ones), or
+// -1 when unknown; *pinned: fewer than the online CPUs (taskset, a cpuset container).
+int usable_cpus(bool* pinned) noexcept {
+    *pinned = false;
     const int online = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
 #if defined(__linux__)
     cpu_set_t mask;
     CPU_ZERO(&mask);
-    if (sched_getaffinity(0, sizeof mask, &mask) != 0 || CPU_COUNT(&mask) != online)
-        return -1;
+    if (sched_getaffinity(0, sizeof mask, &mask) != 0) return -1;
+    const int mine = CPU_COUNT(&mask);
+    if (mine < online) {
+        *pinned = true;
+        return mine > 0 ? mine : -1;
+    }
 #endif
-    return online;
+    return online > 0 ? online : -1;
 }
 
 // The start of a /proc file, NUL-terminated, into buf; false when it cannot be read.
@@ -157,9 +162,48 @@ int runnable_threads() noexcept {
     if (*p < '0' || *p > '9') return -1;
     return std::atoi(p);
 }
+
+// Runnable threads of this process, this one included (state R in
+// /proc/self/task/<tid>/stat), or -1 when unknown.  For a pinned process, whose
+// cores the machine-wide count says nothing about: there the threads of its own
+// other pools still count (OpenBLAS's workers busy-wait ~0.1 s after each NumPy
+// product; beside them a 2-thread team waited a time slice at every barrier: 14x
+// slower).  *seen: the threads looked at (at most kMaxTasks; a reading costs ~10 us
+// a thread, so the caller reads less often in a process of many threads).
+int own_runnable(int* seen_out) noexcept {
+    *seen_out = 0;
+#if defined(__linux__)
+    constexpr int kMaxTasks = 256;
+    DIR* dir = opendir("/proc/self/task");
+    if (dir == nullptr) return -1;
+    int runnable = 0, seen = 0;
+    char path[64], buf[256];
+    while (const dirent* e = readdir(dir)) {
+        if (e->d_name[0] < '0' || e->d_name[0] > '9') continue;
+        if (seen == kMaxTasks) break;
+        ++seen;
+        std::snprintf(path, sizeof path, "/proc/self/task/%.20s/stat", e->d_name);
+        if (!read_proc(path, buf, sizeof buf)) continue;  // (a thread that just ended)
+        const char* p = std::strrchr(buf, ')');  // (the name may hold spaces and parens)
+        if (p != nullptr && p[1] == ' ' && p[2] == 'R') ++runnable;
+    }
+    closedir(dir);
+    *seen_out = seen;
+    return runnable > 0 ? runnable : 1;  // (the caller runs, whatever was read)
 #else
-int usable_cpus() noexcept { return -1; }
+    return -1;
+#endif
+}
+#else
+int usable_cpus(bool* pinned) noexcept {
+    *pinned = false;
+    return -1;
+}
 int runnable_threads() noexcept { return -1; }
+int own_runnable(int* seen_out) noexcept {
+    *seen_out = 0;
+    return -1;
+}
 #endif
 
 #if !defined(_WIN32)
@@ -192,6 +236,11 @@ extern "C" void fastprop_after_fork_child() {
 #endif
 
 }  // namespace
+
+int own_runnable_threads() noexcept {
+    int seen = 0;
+    return own_runnable(&seen);
+}
 
 void note_thread_pool_started(int team) noexcept {
     if (!g_pool_started.load(std::memory_order_relaxed))
@@ -237,7 +286,8 @@ bool backoff_enabled() noexcept {
 
 int backoff_state() noexcept {
     if (!backoff_enabled()) return 0;
-    return usable_cpus() > 0 ? 1 : 2;
+    bool pinned = false;
+    return usable_cpus(&pinned) > 0 && pinned ? 2 : 1;
 }
 
 void set_backoff(bool on) noexcept { g_backoff.store(on ? 1 : 0, std::memory_order_relaxed); }
@@ -249,9 +299,20 @@ int threads_free(int nt) noexcept {
     // (one caller reads /proc at a time; the others use the last reading)
     if (now >= next && g_next_check_ns.compare_exchange_strong(
             next, now + kCheckEveryNs, std::memory_order_relaxed)) {
-        const int cpus = usable_cpus();  // (re-read: an affinity set since counts)
-        const int runnable = cpus > 0 ? runnable_threads() : -1;
-        int free_cpus = 1 << 30;  // (unknown, or pinned: no limit)
+        bool pinned = false;
+        const int cpus = usable_cpus(&pinned);  // (re-read: an affinity set since counts)
+        int runnable = -1;
+        if (cpus > 0 && !pinned) {
+            runnable = runnable_threads();
+        } else if (cpus > 0) {
+            int seen = 0;
+            runnable = own_runnable(&seen);
+            // (~10 us a thread: every 10 ms for up to 8 threads, then less often,
+            // so that the readings stay under ~1% of the time)
+            if (seen > 8)
+                g_next_check_ns.store(now + kCheckEveryNs / 8 * seen, std::memory_order_relaxed);
+        }
+        int free_cpus = 1 << 30;  // (unknown: no limit)
         if (runnable > 0) {
             // this process' own share of the count: the caller, and the workers of
             // a region that ended less than a spin period ago (still spinning)

@@ -41,13 +41,17 @@ void install_fork_handler() noexcept;
 // not count), and never less than 1.  Results do not depend on it: every kernel whose
 // sums depend on the thread count keeps its split and runs the parts serially.
 // FASTPROP_BACKOFF=0 in the environment, or set_backoff(false), turns this off
-// (then threads_free(nt) == nt).  Without /proc (not Linux), or in a process whose
-// CPU affinity leaves out some online CPUs (taskset, a cpuset container: the
-// machine-wide count says nothing about its cores), it returns nt.
+// (then threads_free(nt) == nt).  In a process whose CPU affinity leaves out some
+// online CPUs (taskset, a cpuset container), where the machine-wide count says
+// nothing about its cores, it is the CPUs of the affinity less this process' own
+// other runnable threads (/proc/self/task: e.g. OpenBLAS's workers, which busy-wait
+// ~0.1 s after each NumPy product).  Without /proc (not Linux) it returns nt.
 int threads_free(int nt) noexcept;
 bool backoff_enabled() noexcept;
 void set_backoff(bool on) noexcept;  // (process-wide; for tests and benchmarks)
-int backoff_state() noexcept;  // 0 off (switch), 1 on, 2 off (the process is pinned)
+int backoff_state() noexcept;  // 0 off (switch), 1 on, 2 on, own threads (pinned)
+// Runnable threads of this process, the caller included; -1 when unknown (no /proc).
+int own_runnable_threads() noexcept;
 
 }  // namespace detail
 }  // namespace fastprop

@@ -673,8 +673,8 @@ def test_kernels_back_off_while_other_processes_keep_the_cores_busy():
     if not native.openmp() or fp.get_num_threads() < 2:
         pytest.skip("needs OpenMP and 2 threads")
     if len(os.sched_getaffinity(0)) != os.cpu_count():
-        pytest.skip("a process pinned to some CPUs has no back-off (the machine-wide "
-                    "count says nothing about its cores)")
+        pytest.skip("a process pinned to some CPUs counts only its own threads (the "
+                    "machine-wide count says nothing about its cores)")
     rng = np.random.default_rng(0)
     X = rng.standard_normal((1024, 300)).astype(np.float32)
     y = rng.integers(0, 10, 1024)
@@ -707,6 +707,86 @@ def test_kernels_back_off_while_other_processes_keep_the_cores_busy():
     assert busy == quiet
 
 
+_BUSY_THREAD = """
+import hashlib, threading
+stop = threading.Event()
+def _busy():  # (hashlib releases the GIL: runnable all the time, as a BLAS worker)
+    data = b"x" * (1 << 22)
+    while not stop.is_set():
+        hashlib.sha256(data).digest()
+busy = threading.Thread(target=_busy)
+def _poll(call, want, seconds=10):  # (the count is averaged over ~30 ms of readings)
+    import time
+    deadline = time.monotonic() + seconds
+    while call() != want and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return call()
+"""
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="pins a process to one of several CPUs (Linux)")
+def test_a_pinned_process_counts_its_cpus_and_its_own_threads():
+    """A process pinned to some CPUs (taskset, a cpuset container) cannot judge its
+    cores by the machine-wide /proc/loadavg: the back-off counts the CPUs of its
+    affinity and this process' own runnable threads (OpenBLAS's workers busy-wait
+    ~0.1 s after a NumPy product; beside them a 2-thread team waited a time slice at
+    every barrier, 14x slower).  It had been off there: 2 threads on one CPU."""
+    import subprocess
+    code = _BUSY_THREAD + """
+import os
+os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[0]})
+import fastprop as fp
+n = fp.backends.load("native")._native
+fp.set_num_threads(2)
+n.set_backoff(True)
+print(n.backoff_state(), fp._config.config()["native.backoff"], sep="|")
+print(n.threads_free(2), n.threads_free(1))
+quiet = _poll(n.own_runnable_threads, 1)
+busy.start()
+loaded = _poll(n.own_runnable_threads, 2)
+stop.set(); busy.join()
+print(quiet, loaded, _poll(n.own_runnable_threads, 1))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "FASTPROP_BACKOFF"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()[-3:]
+    assert lines[0] == "pinned|on, this process' own threads (it is pinned to some CPUs)"
+    assert lines[1] == "1 1"  # (one CPU: one thread, whatever was asked)
+    assert lines[2] == "1 2 1", lines  # (the caller; with the busy thread; after it)
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 3,
+                    reason="pins a process to 2 of 3 or more CPUs (Linux)")
+def test_a_process_pinned_to_two_cpus_backs_off_for_its_own_busy_thread():
+    """Pinned to 2 CPUs: 2 threads while this process is quiet, 1 while another of
+    its threads keeps a core busy, 2 again after; busy processes outside it are not
+    counted (not seen: the machine-wide count says nothing about these 2 CPUs)."""
+    import subprocess
+    code = _BUSY_THREAD + """
+import os
+os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
+import fastprop as fp
+n = fp.backends.load("native")._native
+fp.set_num_threads(2)
+n.set_backoff(True)
+quiet = _poll(lambda: n.threads_free(2), 2)
+busy.start()
+loaded = _poll(lambda: n.threads_free(2), 1)
+stop.set(); busy.join()
+print(n.backoff_state(), quiet, loaded, _poll(lambda: n.threads_free(2), 2))
+"""
+    env = {k: v for k, v in os.environ.items() if k != "FASTPROP_BACKOFF"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env=env, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.split()[-4:] == ["pinned", "2", "1", "2"], run.stdout
+
+
 @pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
 def test_backoff_switch():
     """FASTPROP_BACKOFF=0 turns the back-off off (threads_free(n) == n), and
@@ -724,7 +804,7 @@ def test_backoff_switch():
     try:
         pinned = len(os.sched_getaffinity(0)) != os.cpu_count()
         assert native.backoff() and fp._config.config()["native.backoff"] == (
-            "off (the process is pinned to some CPUs)" if pinned else "on")
+            "on, this process' own threads (it is pinned to some CPUs)" if pinned else "on")
         assert 1 <= native.threads_free(3) <= 3
     finally:
         native.set_backoff(was)
@@ -759,7 +839,8 @@ def test_backoff_switch():
         shown, config = run.stdout.splitlines()[-1].split(" ", 1)
         assert shown == str(on), (value, run.stdout)
         pinned = len(os.sched_getaffinity(0)) != os.cpu_count()
-        on_text = "'off (the process is pinned to some CPUs)'" if pinned else "'on'"
+        on_text = ('"on, this process\' own threads (it is pinned to some CPUs)"' if pinned
+                   else "'on'")
         assert config == (on_text if on else f"'off (FASTPROP_BACKOFF={value.strip()})'")
 
 

@@ -34,6 +34,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
     cbool fp_backoff_enabled "fastprop::backoff_enabled"() noexcept
     void fp_set_backoff "fastprop::set_backoff"(cbool on) noexcept
     int fp_backoff_state "fastprop::backoff_state"() noexcept
+    int fp_own_runnable_threads "fastprop::own_runnable_threads"() noexcept nogil
     const char* fp_compiler_id "fastprop::compiler_id"() noexcept
     const char* fp_baseline_flags "fastprop::baseline_flags"() noexcept
     const char* fp_avx2_flags "fastprop::avx2_flags"() noexcept

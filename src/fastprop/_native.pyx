@@ -101,9 +101,10 @@ def threads_usable():
 
 def threads_free(nt):
     """Threads a kernel that asks for ``nt`` would use now: ``nt``, or fewer while
-    other processes keep the cores busy (the online CPUs less the other runnable
-    threads of /proc/loadavg, read at most every 10 ms; at least 1).  Results do not
-    depend on it.  ``FASTPROP_BACKOFF=0`` turns it off."""
+    other threads keep the cores busy (the online CPUs less the other runnable
+    threads of /proc/loadavg, read at most every 10 ms; in a process pinned to some
+    CPUs, those CPUs less this process' own other runnable threads; at least 1).
+    Results do not depend on it.  ``FASTPROP_BACKOFF=0`` turns it off."""
     if isinstance(nt, bool) or not isinstance(nt, (int, np.integer)) or nt < 1:
         raise ValueError(f"nt must be an int >= 1, got {nt!r}")
     return fp_threads_free(<int>min(int(nt), 1 << 20))
@@ -116,10 +117,21 @@ def backoff():
 
 
 def backoff_state():
-    """"on", "off" (FASTPROP_BACKOFF=0 or set_backoff(False)) or "pinned" (off: the
-    process' CPU affinity leaves out some online CPUs, or there is no /proc/loadavg),
+    """"on", "off" (FASTPROP_BACKOFF=0 or set_backoff(False)) or "pinned" (on, but
+    counting only this process' own threads on the CPUs of its affinity: it leaves
+    out some online CPUs, and the machine-wide count says nothing about its cores),
     as the kernels see it now."""
     return ("off", "on", "pinned")[fp_backoff_state()]
+
+
+def own_runnable_threads():
+    """Runnable threads of this process, the caller included (state R in
+    /proc/self/task), as the back-off counts them in a pinned process; -1 without
+    /proc.  For the tests."""
+    cdef int n
+    with nogil:
+        n = fp_own_runnable_threads()
+    return n
 
 
 def set_backoff(on):

@@ -37,7 +37,9 @@ void set_num_threads(int n) noexcept;    // omp_set_num_threads(n); n >= 1
 int threads_free(int nt) noexcept;
 bool backoff_enabled() noexcept;
 void set_backoff(bool on) noexcept;
-int backoff_state() noexcept;  // 0 off (FASTPROP_BACKOFF=0 / set_backoff), 1 on, 2 pinned
+int backoff_state() noexcept;  // 0 off (FASTPROP_BACKOFF=0 / set_backoff), 1 on, 2 on (pinned:
+                               // this process' own threads)
+int own_runnable_threads() noexcept;  // (-1: unknown; for the tests)
 
 const char* compiler_id() noexcept;
 const char* baseline_flags() noexcept;

@@ -71,7 +71,8 @@ def _backoff_state() -> str:
     if state == "off":
         value, off = backoff_env()
         return f"off (FASTPROP_BACKOFF={value})" if off else "off (set_backoff(False))"
-    return {"on": "on", "pinned": "off (the process is pinned to some CPUs)"}[state]
+    return {"on": "on",
+            "pinned": "on, this process' own threads (it is pinned to some CPUs)"}[state]
 
 
 def config() -> dict:
