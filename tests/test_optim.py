@@ -1769,3 +1769,65 @@ def test_state_arrays_replaced_by_hand_are_checked_before_the_update(backend, ma
                        match=rf"state '{key}' of params\[1\]"):
         opt.step()
     assert all(np.array_equal(a, b) for a, b in zip(before, arrays()))
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "RMSprop"])
+def test_step_with_a_closure_as_pytorch(backend, name, rng, peer):
+    """``step(closure)`` as PyTorch's: the closure (zero the gradients, forward, loss,
+    backward) is called once, before the update, and its loss returned; the update
+    is the one ``step()`` makes from the gradients it left.  A closure that raises, or
+    a closure that is not callable, changes nothing (counts and state included)."""
+    target = rng.standard_normal(7)
+    start = rng.standard_normal(7)
+    kw = {"lr": 0.1, "momentum": 0.9} if name == "SGD" else {"lr": 0.1}
+    cls = getattr(optim, name)
+
+    def run(use_closure):
+        p = fp.Parameter(start.copy())
+        opt = cls([p], **kw)
+        calls, losses = [0], []
+
+        def closure():
+            calls[0] += 1
+            opt.zero_grad()
+            p.grad[...] = 2 * (p.value - target)
+            return float(((p.value - target) ** 2).sum())
+
+        for _ in range(5):
+            if use_closure:
+                losses.append(opt.step(closure))
+            else:
+                losses.append(closure())
+                assert opt.step() is None
+        return p, opt, calls[0], losses
+
+    p, opt, calls, losses = run(True)
+    q, _, _, plain = run(False)
+    assert calls == 5 and losses == plain and losses[-1] < losses[0]
+    np.testing.assert_array_equal(p.value, q.value)
+    if peer is not None:
+        t = peer.tensor(start.copy(), requires_grad=True)
+        topt = getattr(peer.optim, name)([t], **kw)
+
+        def tclosure():
+            topt.zero_grad()
+            loss = ((t - peer.from_numpy(target)) ** 2).sum()
+            loss.backward()
+            return loss
+
+        tl = [topt.step(tclosure).item() for _ in range(5)]
+        np.testing.assert_allclose(losses, tl, rtol=1e-12)
+        np.testing.assert_allclose(p.value, t.detach().numpy(), rtol=1e-12, atol=1e-15)
+
+    before = snapshot(optimizer=opt), p.value.copy(), opt.step_count
+
+    def failing():
+        p.grad[...] = 1.0
+        raise RuntimeError("no batch")
+
+    with pytest.raises(RuntimeError, match="no batch"):
+        opt.step(failing)
+    with pytest.raises(TypeError, match="closure must be callable, got float"):
+        opt.step(1.0)
+    assert snapshot(optimizer=opt) == before[0] and opt.step_count == before[2]
+    np.testing.assert_array_equal(p.value, before[1])

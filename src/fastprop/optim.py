@@ -599,9 +599,18 @@ class Optimizer:
         self._check()
         return checked
 
-    def step(self) -> None:
-        """Apply one update to every parameter from its ``.grad``."""
+    def step(self, closure=None):
+        """Apply one update to every parameter from its ``.grad``.
+
+        ``closure``, as PyTorch's: a callable that computes the gradients (zero them,
+        forward, loss, backward) and returns the loss, called once before the update;
+        ``step`` returns what it returned (None without a closure).  If it raises,
+        nothing is updated."""
+        if closure is not None and not callable(closure):
+            raise TypeError(f"closure must be callable, got {type(closure).__name__}")
+        loss = None if closure is None else closure()
         self._apply(self._precheck())
+        return loss
 
     def _apply(self, checked) -> None:
         """The update, once ``_precheck`` (which returned ``checked``) has passed."""
