@@ -222,6 +222,61 @@ def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
     assert "NumPy's BLAS" in out and "single-threaded" in out
 
 
+def test_fastprop_bench_times_a_case_only_after_its_check_let_blas_go_idle(monkeypatch):
+    """Each case's check against a float64 NumPy reference wakes OpenBLAS's workers,
+    which then busy-wait ~0.1 s: `fastprop bench` sleeps between building a case and
+    timing it (it slept before building it: the first samples ran 25% slower)."""
+    events = []
+
+    def make(impl):
+        events.append("make")
+        return lambda: None
+
+    monkeypatch.setattr(_bench, "cases", lambda quick=True: iter([("x", make), ("y", make)]))
+    monkeypatch.setattr(_bench, "_median_time",
+                        lambda fn, min_time, repeats: events.append("time") or 1e-3)
+    monkeypatch.setattr(_bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    threads = fp.get_num_threads()
+    torch = sys.modules.get("torch")
+    torch_threads = torch.get_num_threads() if torch is not None else None
+    try:
+        assert _bench.main(threads=2) == 0
+    finally:
+        fp.set_num_threads(threads)
+        if torch_threads is not None:
+            torch.set_num_threads(torch_threads)
+    timed = [i for i, e in enumerate(events) if e == "time"]
+    assert len(timed) >= 4  # (2 cases x native, numpy at least)
+    for i in timed:
+        assert events[i - 2:i] == ["make", "sleep 0.3"], events
+
+
+def test_benchmarks_fixture_sleeps_after_the_case_is_built(monkeypatch):
+    """benchmarks/conftest.py's ``benchmark`` is pytest-benchmark's, whose calls sleep
+    first (the case, built before the call, has just woken NumPy's BLAS workers)."""
+    pytest.importorskip("pytest_benchmark")
+    import importlib.util
+    import pathlib
+    from pytest_benchmark.fixture import BenchmarkFixture
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "conftest.py"
+    spec = importlib.util.spec_from_file_location("_bench_conftest", path)
+    conftest = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(conftest)
+    events = []
+    monkeypatch.setattr(conftest.time, "sleep", lambda s: events.append(f"sleep {s}"))
+    monkeypatch.setattr(BenchmarkFixture, "__call__",
+                        lambda self, fn, *a, **k: events.append("timed") or fn())
+    monkeypatch.setattr(BenchmarkFixture, "pedantic",
+                        lambda self, fn, *a, **k: events.append("pedantic") or fn())
+    for name in ("__call__", "pedantic"):
+        fixture = BenchmarkFixture.__new__(BenchmarkFixture)
+        fixture = getattr(conftest.benchmark, "__wrapped__", conftest.benchmark)(fixture)
+        assert isinstance(fixture, BenchmarkFixture)
+        assert (fixture(lambda: 5) if name == "__call__"
+                else fixture.pedantic(lambda: 5, rounds=1, iterations=1)) == 5
+    assert events == ["sleep 0.3", "timed", "sleep 0.3", "pedantic"]
+
+
 # ------------------------------------------------------------------ report.py
 def _b(group, impl, median):
     return {"group": group, "name": f"test_x[{impl}]", "params": {"impl": impl},
