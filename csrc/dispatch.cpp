@@ -236,6 +236,7 @@ bool backoff_enabled() noexcept { return detail::backoff_enabled(); }
 void set_backoff(bool on) noexcept { detail::set_backoff(on); }
 int backoff_state() noexcept { return detail::backoff_state(); }
 int own_runnable_threads() noexcept { return detail::own_runnable_threads(); }
+void force_pinned(bool on) noexcept { detail::force_pinned(on); }
 
 const char* compiler_id() noexcept { return FASTPROP_COMPILER_ID; }
 const char* baseline_flags() noexcept { return FASTPROP_BASELINE_FLAGS_STR; }

@@ -27,6 +27,10 @@
 #include <malloc.h>
 #endif
 
+#if defined(_OPENMP)
+#include <omp.h>
+#endif
+
 namespace fastprop {
 namespace detail {
 namespace {
@@ -67,6 +71,7 @@ std::atomic<bool> g_pool_started{false};
 std::atomic<bool> g_forked_after_pool{false};
 
 std::atomic<bool> g_fork_with_threads{false};
+std::atomic<bool> g_force_pinned{false};  // (tests: a pinned process on any machine)
 
 // busy cores (runtime.hpp)
 constexpr long long kCheckEveryNs = 10000000;  // /proc/loadavg at most every 10 ms
@@ -121,15 +126,23 @@ long long now_ns() noexcept {
 #if !defined(_WIN32)
 // The CPUs this process may run on (its affinity on Linux, else the online ones), or
 // -1 when unknown; *pinned: fewer than the online CPUs (taskset, a cpuset container).
+// With OpenMP, OpenMP's count: GNU OpenMP binds the thread that loads it to one
+// place when OMP_PROC_BIND or OMP_PLACES ask for binding, and then counts the CPUs
+// the process had before (that thread's own affinity would say 1 CPU: pinned, and
+// every kernel serial).
 int usable_cpus(bool* pinned) noexcept {
     *pinned = false;
     const int online = static_cast<int>(sysconf(_SC_NPROCESSORS_ONLN));
 #if defined(__linux__)
+#if defined(_OPENMP)
+    const int mine = omp_get_num_procs();
+#else
     cpu_set_t mask;
     CPU_ZERO(&mask);
     if (sched_getaffinity(0, sizeof mask, &mask) != 0) return -1;
     const int mine = CPU_COUNT(&mask);
-    if (mine < online) {
+#endif
+    if (mine < online || g_force_pinned.load(std::memory_order_relaxed)) {
         *pinned = true;
         return mine > 0 ? mine : -1;
     }
@@ -242,6 +255,12 @@ int own_runnable_threads() noexcept {
     return own_runnable(&seen);
 }
 
+void force_pinned(bool on) noexcept {
+    g_force_pinned.store(on, std::memory_order_relaxed);
+    g_others_x16.store(0, std::memory_order_relaxed);  // (a fresh count from the next reading)
+    g_next_check_ns.store(0, std::memory_order_relaxed);
+}
+
 void note_thread_pool_started(int team) noexcept {
     if (!g_pool_started.load(std::memory_order_relaxed))
         g_pool_started.store(true, std::memory_order_relaxed);
@@ -304,15 +323,16 @@ int threads_free(int nt) noexcept {
         int runnable = -1;
         if (cpus > 0 && !pinned) {
             runnable = runnable_threads();
-        } else if (cpus > 0) {
+        } else if (cpus > 1) {
             int seen = 0;
             runnable = own_runnable(&seen);
-            // (~10 us a thread: every 10 ms for up to 8 threads, then less often,
+            // (~8 us a thread: every 10 ms for up to 8 threads, then less often,
             // so that the readings stay under ~1% of the time)
             if (seen > 8)
                 g_next_check_ns.store(now + kCheckEveryNs / 8 * seen, std::memory_order_relaxed);
         }
-        int free_cpus = 1 << 30;  // (unknown: no limit)
+        // (unknown: no limit; pinned: at most its CPUs, whatever could be read)
+        int free_cpus = pinned && cpus > 0 ? cpus : 1 << 30;
         if (runnable > 0) {
             // this process' own share of the count: the caller, and the workers of
             // a region that ended less than a spin period ago (still spinning)

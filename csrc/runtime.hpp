@@ -52,6 +52,8 @@ void set_backoff(bool on) noexcept;  // (process-wide; for tests and benchmarks)
 int backoff_state() noexcept;  // 0 off (switch), 1 on, 2 on, own threads (pinned)
 // Runnable threads of this process, the caller included; -1 when unknown (no /proc).
 int own_runnable_threads() noexcept;
+// Tests: treat the process as pinned (to the CPUs it has) on a machine of any size.
+void force_pinned(bool on) noexcept;
 
 }  // namespace detail
 }  // namespace fastprop

@@ -760,20 +760,31 @@ print(quiet, loaded, _poll(n.own_runnable_threads, 1))
 
 
 @pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
-@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 3,
-                    reason="pins a process to 2 of 3 or more CPUs (Linux)")
-def test_a_process_pinned_to_two_cpus_backs_off_for_its_own_busy_thread():
-    """Pinned to 2 CPUs: 2 threads while this process is quiet, 1 while another of
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="a pinned process of 2 CPUs or more (Linux)")
+@pytest.mark.parametrize("how", ["forced", "affinity"])
+def test_a_process_pinned_to_two_cpus_backs_off_for_its_own_busy_thread(how):
+    """Pinned to 2 CPUs: 2 threads while this process is quiet (its own OpenMP
+    workers, spinning after a region, are not counted against it), 1 while another of
     its threads keeps a core busy, 2 again after; busy processes outside it are not
-    counted (not seen: the machine-wide count says nothing about these 2 CPUs)."""
+    seen.  "affinity" pins to 2 of 3 or more CPUs; "forced" treats the process as
+    pinned to all of its CPUs (the only way on a 2-CPU machine)."""
     import subprocess
-    code = _BUSY_THREAD + """
+    if how == "affinity" and (os.cpu_count() or 1) < 3:
+        pytest.skip("pins a process to 2 of 3 or more CPUs")
+    pin = ("os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))"
+           if how == "affinity" else "")
+    force = "n._force_pinned(True)" if how == "forced" else ""
+    code = _BUSY_THREAD + f"""
 import os
-os.sched_setaffinity(0, set(sorted(os.sched_getaffinity(0))[:2]))
-import fastprop as fp
+{pin}
+import numpy as np, fastprop as fp
 n = fp.backends.load("native")._native
+{force}
 fp.set_num_threads(2)
 n.set_backoff(True)
+x = np.ones(1 << 22, np.float32)
+fp.ops.activation("sigmoid", x)  # (a 2-thread region: its worker spins after it)
 quiet = _poll(lambda: n.threads_free(2), 2)
 busy.start()
 loaded = _poll(lambda: n.threads_free(2), 1)
@@ -785,6 +796,28 @@ print(n.backoff_state(), quiet, loaded, _poll(lambda: n.threads_free(2), 2))
                          env=env, timeout=120)
     assert run.returncode == 0, run.stderr
     assert run.stdout.split()[-4:] == ["pinned", "2", "1", "2"], run.stdout
+
+
+@pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")
+@pytest.mark.skipif(not sys.platform.startswith("linux") or (os.cpu_count() or 1) < 2,
+                    reason="Linux, 2 CPUs or more")
+@pytest.mark.parametrize("var", ["OMP_PROC_BIND=true", "OMP_PLACES=cores"])
+def test_openmp_thread_binding_is_not_mistaken_for_a_pinned_process(var):
+    """GNU OpenMP binds the thread that loads it to one place when OMP_PROC_BIND or
+    OMP_PLACES ask for binding: that thread's affinity is then one CPU, and the
+    back-off took the process for one pinned to it (every kernel serial).  The
+    process' CPUs are OpenMP's count."""
+    import subprocess
+    if len(os.sched_getaffinity(0)) != os.cpu_count():
+        pytest.skip("this process is pinned already")
+    code = ("import fastprop as fp; n = fp.backends.load('native')._native; "
+            "print(n.backoff_state(), fp._config.config()['native.backoff'], sep='|')")
+    key, value = var.split("=")
+    env = {k: v for k, v in os.environ.items() if k != "FASTPROP_BACKOFF"}
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**env, key: value}, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.splitlines()[-1] == "on|on"
 
 
 @pytest.mark.skipif(not NATIVE_BUILT, reason="fastprop._native is not built")

@@ -35,6 +35,7 @@ cdef extern from "fastprop/dispatch.hpp" namespace "fastprop" nogil:
     void fp_set_backoff "fastprop::set_backoff"(cbool on) noexcept
     int fp_backoff_state "fastprop::backoff_state"() noexcept
     int fp_own_runnable_threads "fastprop::own_runnable_threads"() noexcept nogil
+    void fp_force_pinned "fastprop::force_pinned"(cbool on) noexcept
     const char* fp_compiler_id "fastprop::compiler_id"() noexcept
     const char* fp_baseline_flags "fastprop::baseline_flags"() noexcept
     const char* fp_avx2_flags "fastprop::avx2_flags"() noexcept

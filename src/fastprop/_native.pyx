@@ -134,6 +134,12 @@ def own_runnable_threads():
     return n
 
 
+def _force_pinned(on):
+    """Tests: treat this process as pinned to the CPUs it has (the back-off then
+    counts its own threads, as in a process pinned to some CPUs)."""
+    fp_force_pinned(bool(on))
+
+
 def set_backoff(on):
     """Turn the back-off of :func:`threads_free` on or off, for the whole process (a
     benchmark that measures the threads' speed-up on a machine it knows is quiet)."""

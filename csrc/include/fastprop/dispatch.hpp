@@ -40,6 +40,7 @@ void set_backoff(bool on) noexcept;
 int backoff_state() noexcept;  // 0 off (FASTPROP_BACKOFF=0 / set_backoff), 1 on, 2 on (pinned:
                                // this process' own threads)
 int own_runnable_threads() noexcept;  // (-1: unknown; for the tests)
+void force_pinned(bool on) noexcept;   // (for the tests)
 
 const char* compiler_id() noexcept;
 const char* baseline_flags() noexcept;
