@@ -1829,5 +1829,19 @@ def test_step_with_a_closure_as_pytorch(backend, name, rng, peer):
         opt.step(failing)
     with pytest.raises(TypeError, match="closure must be callable, got float"):
         opt.step(1.0)
+    called = []
+    opt.param_groups[0]["lr"] = -1.0  # (refused before the closure's forward runs)
+    with pytest.raises(ValueError, match="lr"):
+        opt.step(lambda: called.append(1))
+    assert not called
+    opt.param_groups[0]["lr"] = 0.1
     assert snapshot(optimizer=opt) == before[0] and opt.step_count == before[2]
+    np.testing.assert_array_equal(p.value, before[1])
+
+    def slower():  # (a value the closure sets is the one used, as in PyTorch)
+        opt.param_groups[0]["lr"] = 0.0
+        p.grad[...] = 1.0
+        return 0.0
+
+    opt.step(slower)
     np.testing.assert_array_equal(p.value, before[1])

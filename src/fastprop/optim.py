@@ -605,11 +605,17 @@ class Optimizer:
         ``closure``, as PyTorch's: a callable that computes the gradients (zero them,
         forward, loss, backward) and returns the loss, called once before the update;
         ``step`` returns what it returned (None without a closure).  If it raises,
-        nothing is updated."""
-        if closure is not None and not callable(closure):
+        nothing is updated; invalid hyperparameters are refused before it runs (its
+        forward would move BatchNorm's statistics for nothing)."""
+        if closure is None:
+            self._apply(self._precheck())
+            return None
+        if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        loss = None if closure is None else closure()
-        self._apply(self._precheck())
+        self._pull_hyper()
+        self._agree([self._group_hyper(g) for g in range(len(self.param_groups))])
+        loss = closure()
+        self._apply(self._precheck())  # (again: the closure may set a group's lr)
         return loss
 
     def _apply(self, checked) -> None:
