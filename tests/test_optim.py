@@ -1845,3 +1845,65 @@ def test_step_with_a_closure_as_pytorch(backend, name, rng, peer):
 
     opt.step(slower)
     np.testing.assert_array_equal(p.value, before[1])
+
+
+@pytest.mark.parametrize("case", ["rmsprop group momentum 0", "adam group amsgrad off",
+                                  "adam amsgrad switched on", "rmsprop momentum switched on"])
+def test_state_dict_with_buffers_of_some_groups_only_loads_back(backend, case, rng):
+    """A parameter group may keep other buffers than the constructor's defaults
+    (RMSprop momentum 0 in one group, Adam amsgrad off in one), and an option switched
+    on since the last step has no buffer yet: the optimizer's own state_dict loads
+    back (it was refused: every parameter's state was checked against the
+    optimizer-wide options, so a fit checkpoint could not be resumed), and training
+    goes on as without the round trip.  A state without the type's core buffers is
+    still refused."""
+    start = [rng.standard_normal((4, 3)), rng.standard_normal(3)]
+    grads = [[rng.standard_normal(a.shape) for a in start] for _ in range(6)]
+
+    def make():
+        w, b = fp.Parameter(start[0].copy()), fp.Parameter(start[1].copy())
+        if case == "rmsprop group momentum 0":
+            opt = optim.RMSprop([{"params": [w]}, {"params": [b], "momentum": 0.0}],
+                                lr=0.01, momentum=0.9)
+        elif case == "adam group amsgrad off":
+            opt = optim.Adam([{"params": [w]}, {"params": [b], "amsgrad": False}],
+                             lr=0.01, amsgrad=True)
+        elif case == "adam amsgrad switched on":
+            opt = optim.Adam([w, b], lr=0.01)
+        else:
+            opt = optim.RMSprop([w, b], lr=0.01)
+        return [w, b], opt
+
+    def train(params, opt, steps):
+        for g in steps:
+            for p, gi in zip(params, g):
+                p.grad[...] = gi
+            opt.step()
+
+    def switch(opt):
+        if case == "adam amsgrad switched on":
+            opt.amsgrad = True
+        elif case == "rmsprop momentum switched on":
+            opt.momentum = 0.5
+
+    params, opt = make()
+    train(params, opt, grads[:3])
+    switch(opt)
+    saved = opt.state_dict()
+    opt.load_state_dict(saved)  # (its own)
+    twin_params, twin = make()
+    for p, q in zip(twin_params, params):
+        p.value[...] = q.value
+    switch(twin)
+    twin.load_state_dict(saved)
+    train(params, opt, grads[3:])
+    train(twin_params, twin, grads[3:])
+    for p, q in zip(params, twin_params):
+        np.testing.assert_array_equal(p.value, q.value)
+    if isinstance(opt, optim.Adam):
+        broken = opt.state_dict()
+        del broken["state"][0]["exp_avg_sq"]
+        before = snapshot(optimizer=opt)
+        with pytest.raises(ValueError, match="has all of"):
+            opt.load_state_dict(broken)
+        assert snapshot(optimizer=opt) == before

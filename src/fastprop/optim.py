@@ -178,6 +178,9 @@ class Optimizer:
 
     state_names: tuple = ()
     all_state_names: tuple = ()
+    #: the state every configuration of the type keeps (a parameter with state has
+    #: all of it); buffers of an option (momentum, amsgrad) start at 0 when missing
+    core_state_names: tuple = ()
     _lag = None  # (an optimizer pickled before per-parameter step counts: none sat out)
 
     def __init__(self, params, **hyper):
@@ -788,9 +791,11 @@ class Optimizer:
                     raise ValueError(f"state {key!r} of params[{i}] has shape {arr.shape}, "
                                      f"expected {p.value.shape}")
                 entry[key] = np.array(arr, dtype=p.value.dtype, order="C")
-            if entry and not set(probe.state_names) <= set(entry):
+            # (the buffers of an option, e.g. momentum on in one group only, or switched
+            # on since the last step, are made at 0 by the next step if missing)
+            if entry and not set(self.core_state_names) <= set(entry):
                 raise ValueError(f"state of params[{i}] has {sorted(entry)}; a parameter "
-                                 f"that has state has all of {list(probe.state_names)}")
+                                 f"that has state has all of {list(self.core_state_names)}")
             new.append(entry)
         try:
             step = _count(state_dict.get("step", 0))
@@ -881,6 +886,7 @@ class Adagrad(Optimizer):
     """Adagrad: ``s += g^2; p -= lr g / (sqrt(s) + eps)``, ``g = grad + wd p``."""
 
     state_names = ("sum",)
+    core_state_names = ("sum",)
 
     def __init__(self, params, lr=1e-2, eps=1e-10, weight_decay=0.0, *, lr_decay=0,
                  initial_accumulator_value=0, foreach=None, maximize=False,
@@ -900,6 +906,7 @@ class RMSprop(Optimizer):
     ``g = grad + weight_decay p``, as PyTorch's."""
 
     all_state_names = ("square_avg", "momentum_buffer")
+    core_state_names = ("square_avg",)
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, momentum=0.0, weight_decay=0.0,
                  *, centered=False, capturable=False, foreach=None, maximize=False,
@@ -952,6 +959,7 @@ class Adam(Optimizer):
 
     state_names = ("exp_avg", "exp_avg_sq")
     all_state_names = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
+    core_state_names = ("exp_avg", "exp_avg_sq")
     decoupled = False
     # hyperparameters added after state_dicts were first written: an older one lacks
     # them, and means these values
