@@ -350,6 +350,32 @@ def test_loss_options_changed_after_compile_are_used(loss_name, option):  # from
 
 
 @native_only
+@pytest.mark.parametrize("swap", ["optimizer", "loss"])
+def test_a_loss_or_optimizer_assigned_to_the_step_is_used(swap):
+    """``step.optimizer = ...`` / ``step.loss = ...`` between steps: the next compiled
+    step uses the new one, as the Python path does (the fused kernel, keyed on the
+    backend and the parameter arrays only, went on with the old ones, silently)."""
+    X, y = _data("regression")
+    runs = []
+    for fused in (True, False):
+        model = _model(np.float64)
+        o1 = optim.SGD(model.parameters(), lr=0.05)
+        with fp.use_backend("native"):
+            step, values = _train(model, losses.MSE(), o1, X, y, steps=2, fused=fused)
+            o2 = optim.Adam(model.parameters(), lr=0.01)
+            if swap == "optimizer":
+                step.optimizer = o2
+            else:
+                step.loss = losses.MSE(half=True)
+            values = list(values) + [step(X[:12], y[:12]) for _ in range(3)]
+        if swap == "optimizer":
+            assert (o1.step_count, o2.step_count) == (2, 3)
+        runs.append((model, np.array(values)))
+    (m1, l1), (m2, l2) = runs
+    _assert_agree(m1, m2, l1, l2, np.dtype(np.float64))
+
+
+@native_only
 def test_a_subclassed_loss_takes_the_python_path():
     """A user's subclass of a built-in loss computes what its own methods say: the
     compiled step does not run the parent's kernel in its place (it did: MSE's)."""

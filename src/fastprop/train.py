@@ -358,10 +358,12 @@ class TrainStep:
                            "a model is trained from one thread at a time")
 
     def _fast_key_is_current(self, be) -> bool:
-        """Same backend and the same parameter arrays as when the kernel was made
-        (checked without allocating: this runs every step)."""
+        """Same backend, loss, optimizer and parameter arrays as when the kernel was
+        made (checked without allocating: this runs every step; ``step.loss`` or
+        ``step.optimizer`` assigned since then trained with the old ones)."""
         key = self._fast_key
-        if key is None or key[0] is not be or len(key[1]) != len(self.optimizer.params):
+        if (key is None or key[0] is not be or key[2] is not self.loss
+                or key[3] is not self.optimizer or len(key[1]) != len(self.optimizer.params)):
             return False
         for p, value in zip(self.optimizer.params, key[1]):
             if p.value is not value:
@@ -403,7 +405,8 @@ class TrainStep:
         if not self._fast_key_is_current(be):
             if self._fast is not None:
                 self._fast.sync()  # (a device kernel's steps: to the arrays it came from)
-            self._fast_key = (be, [p.value for p in self.optimizer.params])
+            self._fast_key = (be, [p.value for p in self.optimizer.params], self.loss,
+                              self.optimizer)
             self._fast = None
             make = getattr(be, "make_train_step", None)
             stages = dense_stages(self.model) if make is not None else None
