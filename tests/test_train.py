@@ -377,6 +377,34 @@ def test_a_copy_keeps_what_compile_set(backend, rng, how):
                for a, b in zip(unclipped.parameters(), twin.parameters()))
 
 
+@pytest.mark.parametrize("how", ["pickle", "deepcopy"])
+def test_a_step_copied_with_its_model_stays_its_compiled_step(backend, rng, how):
+    """Model, optimizer and compiled step copied together (a snapshot of the training
+    state): the copied step is the copy's compiled step, so clipping set on it reaches
+    the copy's fit as it does the original's (the copy was detached from its model,
+    and its fit trained unclipped).  A step copied without its model changes
+    nothing of another model."""
+    import pickle
+    X, y = blobs(rng, n=32)
+    runs = []
+    for copied in (False, True):
+        model = mlp(dtype=np.float64)
+        opt = optim.SGD(model.parameters(), 0.5, 0.9)
+        step = model.compile(fp.losses.SoftmaxCrossEntropy(), opt)
+        if copied:
+            both = (model, opt, step)
+            model, opt, step = (pickle.loads(pickle.dumps(both)) if how == "pickle"
+                                else copy.deepcopy(both))
+            assert model._compiled_step() is step
+        step.clip_grad_norm = 0.05
+        model.fit(X, y, epochs=1, batch_size=8, seed=0, verbose=0)
+        runs.append(model)
+    for a, b in zip(*(m.parameters() for m in runs)):
+        np.testing.assert_array_equal(a.value, b.value)
+    lone = copy.deepcopy(step)  # (its own copy of the model: not runs[1]'s step)
+    assert runs[1]._compiled_step() is step and lone.model._compiled_step() is lone
+
+
 class _PlainMSE(fp.losses.MSE):
     """A user's loss class that pickles."""
 

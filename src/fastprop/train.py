@@ -344,6 +344,13 @@ class TrainStep:
         self.__dict__.update(state)
         self._busy = threading.Lock()
         _STEPS.add(self)
+        # a step copied with its model (deepcopy or pickle of both) is again the
+        # copy's compiled step: clipping set on it reaches the copy's fit
+        model = state.get("model")
+        args = getattr(model, "__dict__", {}).get("_compile_args")
+        if (args is not None and args[0] is self.loss and args[1] is self.optimizer
+                and model._compiled_step() is None):
+            model._compiled = weakref.ref(self)
 
     def _refuse(self):
         """One call at a time (``_busy``, a lock): a second thread's call while one runs
