@@ -405,6 +405,24 @@ def test_a_step_copied_with_its_model_stays_its_compiled_step(backend, rng, how)
     assert runs[1]._compiled_step() is step and lone.model._compiled_step() is lone
 
 
+def test_fit_with_the_compiled_loss_by_name_keeps_the_compiled_clipping(backend, rng):
+    """``compile("mse", opt, clip_grad_norm=...)`` then ``fit(..., loss="mse",
+    optimizer=opt)``: the name makes the compiled loss, so fit clips as with
+    ``fit(X, y)`` (the name made a new loss object and fit trained unclipped).  A
+    name for another loss (other options) is a new loss, unclipped, as before."""
+    X, y = rng.standard_normal((8, 10)) * 10, rng.standard_normal((8, 3)) * 10
+    moved = {}
+    for case, kw in (("plain", {}), ("named", {"loss": "mse"}), ("other", {"loss": "l1"})):
+        model = mlp(d=10, h=7, out=3, dtype=np.float64)
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        model.compile("mse", opt, clip_grad_norm=0.01)
+        w0 = model.parameters()[0].value.copy()
+        model.fit(X, y, epochs=1, batch_size=8, shuffle=False, verbose=0, optimizer=opt, **kw)
+        moved[case] = np.linalg.norm(model.parameters()[0].value - w0)
+    assert moved["named"] == moved["plain"] <= 0.1 * 0.01 * (1 + 1e-9)
+    assert moved["other"] > 10 * moved["plain"]
+
+
 class _PlainMSE(fp.losses.MSE):
     """A user's loss class that pickles."""
 

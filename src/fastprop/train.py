@@ -698,6 +698,19 @@ def _remember(model, step) -> None:
     model.__dict__.pop("_compiled_params", None)
 
 
+def _named_as(name, loss) -> bool:
+    """Whether the loss ``name`` makes is ``loss`` up to identity (same class and
+    options), so that ``fit(loss="mse")`` after ``compile("mse", ...)`` is the compiled
+    loss with its clipping."""
+    named = _losses.get(name)
+    if type(named) is not type(loss):
+        return False
+    a, b = named.get_config(), loss.get_config()
+    plain = (bool, int, float, str, type(None))
+    return a.keys() == b.keys() and all(
+        isinstance(v, plain) and type(v) is type(b[k]) and v == b[k] for k, v in a.items())
+
+
 def _compiled_ids(model):
     """The ids of the parameters the model had at its last compile (None: none), from
     a copy's or a pickle's parameter list the first time (kept as ids from then on,
@@ -1049,6 +1062,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     elif resume:
         raise ValueError("resume=True needs checkpoint=<path>")
     compiled = model.__dict__.get("_compile_args")  # (loss, optimizer) of the last
+    if isinstance(loss, str) and compiled is not None and _named_as(loss, compiled[0]):
+        loss = compiled[0]  # (the compiled loss by its name: its clipping is kept)
     if loss is None or optimizer is None:              # compile or fit
         if compiled is None:
             raise ValueError("fit needs loss= and optimizer= (or call model.compile first)")
