@@ -1907,3 +1907,23 @@ def test_state_dict_with_buffers_of_some_groups_only_loads_back(backend, case, r
         with pytest.raises(ValueError, match="has all of"):
             opt.load_state_dict(broken)
         assert snapshot(optimizer=opt) == before
+
+
+def test_an_array_written_into_a_group_is_refused_by_name_on_the_compiled_step(rng):
+    """``param_groups[0]["betas"] = np.array(...)`` between compiled steps: the step
+    refuses it with the optimizer's own message, nothing changed (the fused path's
+    memo compared the groups first and raised NumPy's "truth value of an array is
+    ambiguous")."""
+    model = nn.Sequential(nn.Dense(4, 3, "tanh", rng=0, dtype=np.float64), nn.Dense(3, 2, rng=1,
+                                                                                   dtype=np.float64))
+    opt = optim.Adam(model.parameters(), lr=0.01)
+    step = model.compile("mse", opt)
+    x, y = rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
+    step(x, y)
+    opt.param_groups[0]["betas"] = np.array([0.8, 0.99])
+    before = snapshot(model, opt)
+    with pytest.raises(TypeError, match=r"betas must be a pair \(beta1, beta2\)"):
+        step(x, y)
+    assert snapshot(model, opt) == before
+    opt.param_groups[0]["betas"] = (0.8, 0.99)
+    step(x, y)

@@ -415,10 +415,13 @@ class Optimizer:
         held when ``memo`` was taken (compared in C: dicts, lists)."""
         groups, snaps, hyper, hyper_types, _ = memo
         mine = self.param_groups
-        return (mine is groups and len(mine) == len(snaps) and self.hyper == hyper
-                and tuple(map(type, self.hyper.values())) == hyper_types
-                and all(g == d and tuple(map(type, g.values())) == t
-                        for g, (d, t) in zip(mine, snaps)))
+        try:
+            return (mine is groups and len(mine) == len(snaps) and self.hyper == hyper
+                    and tuple(map(type, self.hyper.values())) == hyper_types
+                    and all(g == d and tuple(map(type, g.values())) == t
+                            for g, (d, t) in zip(mine, snaps)))
+        except (TypeError, ValueError):  # (a value NumPy compares elementwise, e.g. an
+            return False                 # array for betas: the checks name it)
 
     def _fused_setup_checked(self):
         self._pull_hyper()
