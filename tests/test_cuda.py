@@ -698,6 +698,37 @@ def test_host_changes_between_steps_are_uploaded(rng):
     close(model[0].weight.grad, X.T @ (-2 * y / y.size), F64, factor=10)
 
 
+@pytest.mark.parametrize("hook", ["on_train_batch_end", "on_train_batch_begin"])
+def test_a_batch_callback_that_writes_the_weights_in_place_works_on_the_device(rng, hook):
+    """A fit callback clipping the weights in place after (or before) each batch, as
+    a Keras weight constraint: the same weights as on the CPU (the device's values
+    overwrote the write at the next step, and the hook read stale values)."""
+    X = randn(rng, (12, 5), F64)
+    y = rng.integers(0, 3, 12)
+    seen, runs = [], []
+    for device in ("cpu", "cuda"):
+        model = _mlp(np.float64, ["tanh", None], sizes=(5, 8, 3)).to(device)
+        opt = fp.optim.SGD(model.parameters(), lr=0.5)
+
+        class Clip:
+            def _clip(self, batch, logs=None):
+                seen.append(float(np.abs(model[0].weight.value).sum()))
+                for p in model.parameters():
+                    np.clip(p.value, -0.05, 0.05, out=p.value)
+
+        clip = Clip()
+        setattr(clip, hook, clip._clip)
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=2, batch_size=4,
+                  shuffle=False, verbose=0, callbacks=[clip])
+        runs.append([p.value.copy() for p in model.parameters()])
+    half = len(seen) // 2
+    close(np.array(seen[half:]), np.array(seen[:half]), F64, factor=10)  # (what it read)
+    for p, q in zip(*runs):
+        close(p, q, F64, factor=10)
+    if hook == "on_train_batch_end":  # (clipped after the last update too)
+        assert max(float(np.abs(p).max()) for p in runs[1]) <= 0.05
+
+
 def test_predict_and_evaluate_after_compiled_steps_see_trained_weights(rng):
     X, y = randn(rng, (4, 3), F64), randn(rng, (4, 2), F64)
     preds = []

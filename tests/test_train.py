@@ -423,6 +423,27 @@ def test_fit_with_the_compiled_loss_by_name_keeps_the_compiled_clipping(backend,
     assert moved["other"] > 10 * moved["plain"]
 
 
+def test_fit_syncs_a_device_step_for_a_users_batch_callback_only(rng, monkeypatch):
+    """fit brings a device step's values to the host before each batch callback of the
+    user's (which may read or clip the weights in place), not for fastprop's own
+    every_batch scheduler, which only sets the lr (a sync a batch costs a copy of
+    every parameter and moment each way on a GPU)."""
+    from fastprop import train as _train
+    X, y = blobs(rng, n=32)
+    calls = []
+    monkeypatch.setattr(_train.TrainStep, "sync", lambda self: calls.append(1))
+    for cb, want in ((lambda opt: fp.lr_scheduler.every_batch(
+                         fp.lr_scheduler.StepLR(opt, 2)), False),
+                     (lambda opt: type("Hook", (), {"on_train_batch_end":
+                                                    lambda self, b, logs=None: None})(), True)):
+        model = mlp()
+        opt = optim.SGD(model.parameters(), lr=0.1)
+        calls.clear()
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, batch_size=4,
+                  verbose=0, callbacks=[cb(opt)])
+        assert (len(calls) >= 8) is want, len(calls)  # (8 batches)
+
+
 class _PlainMSE(fp.losses.MSE):
     """A user's loss class that pickles."""
 

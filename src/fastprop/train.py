@@ -1199,6 +1199,13 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
     batch_begins = [h for h in batch_begins if h is not None]
     batch_ends = [_hook(cb, "on_train_batch_end", "on_batch_end") for cb in callbacks]
     batch_ends = [h for h in batch_ends if h is not None]
+    # a batch hook of the user's may read or write the parameters (clip them in place,
+    # as Keras' constraints): a device step's values are brought to the host arrays
+    # before it, and those arrays are the ones the next step uploads (the write was
+    # lost, and the hook read stale values); fastprop's every_batch only sets the lr
+    batch_sync = any(not isinstance(cb, _sched.every_batch) for cb in callbacks
+                     if _hook(cb, "on_train_batch_begin", "on_batch_begin") is not None
+                     or _hook(cb, "on_train_batch_end", "on_batch_end") is not None)
     warned = set()  # (callbacks warned about a return value)
     if to_train:
         model.train()
@@ -1241,6 +1248,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                     if bar is not None:
                         bar.update(xb.shape[0])
                     continue
+                if batch_begins and batch_sync:
+                    step.sync()
                 for hook in batch_begins:
                     hook(start // batch_size, {})
                 try:
@@ -1258,6 +1267,8 @@ def fit(model, X, y=None, *, loss=None, optimizer=None, epochs=1, batch_size=32,
                 if acc_fn is not None:  # (before the callbacks: one may run the step)
                     h, c = acc_fn(step.output, yb)
                     hits, count = hits + h, count + c
+                if batch_ends and batch_sync:
+                    step.sync()
                 for hook in batch_ends:  # (after each applied update)
                     hook(start // batch_size, {"loss": value})
                 if bar is not None:
