@@ -444,6 +444,44 @@ def test_fit_syncs_a_device_step_for_a_users_batch_callback_only(rng, monkeypatc
         assert (len(calls) >= 8) is want, len(calls)  # (8 batches)
 
 
+def test_a_second_moment_that_overflowed_resumes_as_it_would_have_run(tmp_path, monkeypatch):
+    """A finite float32 gradient above ~1e19 (loss in range: documented, as in PyTorch)
+    overflows Adam's second moment to +inf; fit checkpoints it, and resume=True took
+    its own checkpoint for a corrupt one.  Now the run resumes bit-identically;
+    NaN, or inf in a parameter, is still refused."""
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(8, 5)).astype(np.float32)
+    X[3] *= 1e25
+    y = rng.integers(0, 3, 8)
+
+    def run(path, epochs, resume=False):
+        fp.init.seed(0)
+        model = nn.Sequential(nn.Dense(5, 8, activation="relu"), nn.Dense(8, 3))
+        opt = optim.Adam(model.parameters(), lr=1e-3)
+        model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=epochs, batch_size=4,
+                  shuffle=False, verbose=0, checkpoint=path, resume=resume)
+        return model, opt
+
+    whole, opt = run(str(tmp_path / "a.ckpt"), 3)
+    assert any(np.isposinf(a).any() for st in opt.state for a in st.values())
+    run(str(tmp_path / "b.ckpt"), 2)
+    resumed, _ = run(str(tmp_path / "b.ckpt"), 3, resume=True)
+    for p, q in zip(whole.parameters(), resumed.parameters()):
+        np.testing.assert_array_equal(p.value, q.value)
+    from fastprop import checkpoint as ck
+    read = ck.serialization._read
+    for bad in (np.nan, -np.inf):
+        def poisoned(path, bad=bad):
+            header, arrays, rest = read(path)
+            key = next(k for k in sorted(arrays) if k.startswith("extra.opt."))
+            arrays = {**arrays, key: np.full_like(arrays[key], bad)}
+            return header, arrays, rest
+
+        monkeypatch.setattr(ck.serialization, "_read", poisoned)
+        with pytest.raises(ValueError, match="holds NaN or infinite values"):
+            run(str(tmp_path / "b.ckpt"), 3, resume=True)
+
+
 class _PlainMSE(fp.losses.MSE):
     """A user's loss class that pickles."""
 

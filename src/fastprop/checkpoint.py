@@ -176,9 +176,15 @@ def prepare_resume(path, model, optimizer, settings):
                              f"the model {target.shape} / {target.dtype}")
         if name.endswith(_COUNT_KEY):
             check_count_array(src, f"{where}: array {name!r}")
-    # (a fit never writes NaN or inf: the step that makes one is not applied)
+    # (a fit never writes NaN or inf into a parameter or buffer: the step that makes
+    # one is not applied; an optimizer's second moment, though, can overflow to +inf
+    # from a finite gradient, as PyTorch's does: kept, so that the run goes on as it
+    # would have)
     for key, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+            if key.startswith("extra.opt.") and not (np.isnan(arr).any()
+                                                     or np.isneginf(arr).any()):
+                continue
             raise ValueError(f"{where}: array {key!r} holds NaN or infinite values")
     frozen = header.get("frozen")  # (absent before the flags were saved)
     params = dict(model.named_parameters())
