@@ -818,6 +818,45 @@ def test_continued_fit_with_other_outputs_is_refused(solver, kw):
 
 
 @no_convergence_warning
+@pytest.mark.parametrize("first, then, method, match", [
+    ({}, {"early_stopping": True, "warm_start": True}, "fit", "fitted without it"),
+    ({"early_stopping": True}, {"early_stopping": False, "warm_start": True}, "fit",
+     "fitted with early_stopping=True"),
+    ({"early_stopping": True}, {"early_stopping": False}, "partial_fit",
+     "fitted with early_stopping=True"),
+    ({"solver": "lbfgs"}, {"solver": "adam", "warm_start": True}, "fit", "solver 'lbfgs'"),
+    ({"solver": "lbfgs"}, {"solver": "sgd"}, "partial_fit", "solver 'lbfgs'"),
+])
+def test_continued_fit_after_switching_early_stopping_or_solver_is_refused(first, then, method,
+                                                                          match):
+    """A continued stochastic fit after early_stopping or the solver was switched:
+    scikit-learn trains an epoch, then fails on the first fit's bookkeeping (a None)
+    with an unrelated AttributeError/TypeError; ours refuses first, with nothing
+    changed."""
+    X_train, _, y_train, _ = DATA["iris"]
+    ours = MLPClassifier(hidden_layer_sizes=(5,), max_iter=5, random_state=0,
+                         **first).fit(X_train, y_train)
+    fitted = [c.copy() for c in ours.coefs_]
+    n_iter = ours.n_iter_
+    ours.set_params(**then)
+    with pytest.raises(ValueError, match=match):
+        getattr(ours, method)(X_train, y_train)
+    for a, b in zip(fitted, ours.coefs_):
+        np.testing.assert_array_equal(a, b)
+    assert ours.n_iter_ == n_iter
+
+
+def test_partial_fit_with_early_stopping_is_refused_before_anything_changes():
+    """scikit-learn's message; it initialises the network first (and a continued
+    partial_fit after a fit with early stopping failed on our own check first)."""
+    X_train, _, y_train, _ = DATA["iris"]
+    est = MLPClassifier(hidden_layer_sizes=(5,), early_stopping=True, random_state=0)
+    with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
+        est.partial_fit(X_train, y_train, classes=np.unique(y_train))
+    assert not hasattr(est, "coefs_") and not hasattr(est, "n_features_in_")
+
+
+@no_convergence_warning
 def test_user_replaced_coefs_are_used():
     X_train, _, y_train, _ = DATA["iris"]
     ours = MLPClassifier(hidden_layer_sizes=(8,), max_iter=2, random_state=0,

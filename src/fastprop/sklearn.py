@@ -649,6 +649,9 @@ class _BaseMLP(BaseEstimator):
         if np.any(np.array(hidden) <= 0):
             raise ValueError("hidden_layer_sizes must be > 0, got %s." % hidden)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
+        if incremental and self.early_stopping and self.solver in _STOCHASTIC_SOLVERS:
+            # (scikit-learn's message; it raises it after initialising the network)
+            raise ValueError("partial_fit does not support early_stopping=True")
 
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         n_samples, n_features = X.shape
@@ -662,6 +665,24 @@ class _BaseMLP(BaseEstimator):
             # with a message about their own arrays)
             raise ValueError(f"y has {y.shape[1]} outputs, the fitted network "
                              f"{np.shape(self.coefs_[-1])[1]}; refit without warm_start")
+        if not first_pass and self.solver in _STOCHASTIC_SOLVERS:
+            # (the bookkeeping a continued stochastic fit extends was set up by the
+            # first fit for its own solver and early_stopping: scikit-learn trains an
+            # epoch and then fails on a None with an unrelated error; refused here
+            # before anything changes)
+            stopping = self.early_stopping and not incremental
+            if not isinstance(getattr(self, "loss_curve_", None), list):
+                raise ValueError(f"the network was fitted by solver 'lbfgs', which keeps no "
+                                 f"loss_curve_ for solver {self.solver!r} to continue; "
+                                 f"refit without warm_start")
+            if stopping and getattr(self, "validation_scores_", None) is None:
+                raise ValueError("early_stopping=True, but the network was fitted without "
+                                 "it (no validation_scores_ to continue); refit without "
+                                 "warm_start")
+            if not stopping and getattr(self, "best_loss_", None) is None:
+                raise ValueError("the network was fitted with early_stopping=True (no "
+                                 "best_loss_ for a fit without it to continue); refit "
+                                 "without warm_start")
         self.n_outputs_ = y.shape[1]
         layer_units = [n_features] + hidden + [self.n_outputs_]
         self._random_state = check_random_state(self.random_state)
