@@ -448,7 +448,7 @@ def test_a_second_moment_that_overflowed_resumes_as_it_would_have_run(tmp_path, 
     """A finite float32 gradient above ~1e19 (loss in range: documented, as in PyTorch)
     overflows Adam's second moment to +inf; fit checkpoints it, and resume=True took
     its own checkpoint for a corrupt one.  Now the run resumes bit-identically;
-    NaN, or inf in a parameter, is still refused."""
+    NaN, -inf, or inf in a first moment or a parameter, is still refused."""
     rng = np.random.default_rng(0)
     X = rng.normal(size=(8, 5)).astype(np.float32)
     X[3] *= 1e25
@@ -470,10 +470,11 @@ def test_a_second_moment_that_overflowed_resumes_as_it_would_have_run(tmp_path, 
         np.testing.assert_array_equal(p.value, q.value)
     from fastprop import checkpoint as ck
     read = ck.serialization._read
-    for bad in (np.nan, -np.inf):
-        def poisoned(path, bad=bad):
+    for name, bad in (("exp_avg", np.nan), ("exp_avg", np.inf), ("exp_avg_sq", np.nan),
+                      ("exp_avg_sq", -np.inf)):
+        def poisoned(path, name=name, bad=bad):
             header, arrays, rest = read(path)
-            key = next(k for k in sorted(arrays) if k.startswith("extra.opt."))
+            key = f"extra.opt.0.{name}"
             arrays = {**arrays, key: np.full_like(arrays[key], bad)}
             return header, arrays, rest
 
@@ -1237,10 +1238,12 @@ def _assert_resume_refused(path, X, y, match):
     assert snapshot(fresh) == before
 
 
-@pytest.mark.parametrize("where", ["weight", "exp_avg_sq"])
+@pytest.mark.parametrize("where", ["weight", "exp_avg +inf", "exp_avg_sq nan"])
 def test_checkpoint_holding_nan_is_refused(tmp_path, where):
-    """A fit never writes NaN or inf into a checkpoint: one that holds them is corrupt
-    and refused before the model changes (it was loaded, then failed, or trained on)."""
+    """A fit never writes NaN or inf into a checkpoint's parameters, nor NaN or an
+    infinite first moment into its optimizer state (only a second moment can overflow
+    to +inf from a finite gradient): one that holds them is corrupt and refused before
+    the model changes (it was loaded, then failed, or trained on)."""
     from fastprop import checkpoint
     rng = np.random.default_rng(0)
     X, y = rng.standard_normal((40, 5)), rng.integers(0, 3, 40)
@@ -1249,8 +1252,10 @@ def test_checkpoint_holding_nan_is_refused(tmp_path, where):
     h = model.fit(X, y, loss="cross_entropy", optimizer=opt, epochs=1, verbose=0)
     if where == "weight":
         model.layers[0].weight.value[0, 0] = np.nan
+    elif where == "exp_avg +inf":
+        opt.state[0]["exp_avg"][0, 0] = np.inf
     else:
-        opt.state[0]["exp_avg_sq"][0, 0] = np.inf
+        opt.state[0]["exp_avg_sq"][0, 0] = np.nan
     path = tmp_path / "c.ckpt"
     checkpoint.save(path, model, opt, 1, np.random.default_rng(0), h,
                     {"samples": 40, "batch_size": 32, "shuffle": True})

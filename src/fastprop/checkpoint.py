@@ -28,6 +28,10 @@ from .nn import _check_count_array as check_count_array
 FORMAT = 1
 
 
+#: optimizer state that sums squares (never negative; +inf after an overflow)
+_SECOND_MOMENTS = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+
+
 def check_path(path, resume) -> str:
     """Validate fit's ``checkpoint=`` / ``resume=`` arguments; the path as a str."""
     if not isinstance(path, (str, os.PathLike)):
@@ -179,11 +183,12 @@ def prepare_resume(path, model, optimizer, settings):
     # (a fit never writes NaN or inf into a parameter or buffer: the step that makes
     # one is not applied; an optimizer's second moment, though, can overflow to +inf
     # from a finite gradient, as PyTorch's does: kept, so that the run goes on as it
-    # would have)
+    # would have.  A first moment or momentum at +-inf would make the next update
+    # non-finite: never written with finite parameters)
     for key, arr in arrays.items():
         if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-            if key.startswith("extra.opt.") and not (np.isnan(arr).any()
-                                                     or np.isneginf(arr).any()):
+            if (key.startswith("extra.opt.") and key.rsplit(".", 1)[-1] in _SECOND_MOMENTS
+                    and not (np.isnan(arr).any() or np.isneginf(arr).any())):
                 continue
             raise ValueError(f"{where}: array {key!r} holds NaN or infinite values")
     frozen = header.get("frozen")  # (absent before the flags were saved)
