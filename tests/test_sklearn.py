@@ -854,6 +854,7 @@ def test_partial_fit_with_early_stopping_is_refused_before_anything_changes():
     with pytest.raises(ValueError, match="partial_fit does not support early_stopping=True"):
         est.partial_fit(X_train, y_train, classes=np.unique(y_train))
     assert not hasattr(est, "coefs_") and not hasattr(est, "n_features_in_")
+    assert not hasattr(est, "classes_") and not hasattr(est, "_label_binarizer")
 
 
 @no_convergence_warning

@@ -1112,6 +1112,9 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self : object
             Trained MLP model.
         """
+        if self.early_stopping and self.solver in _STOCHASTIC_SOLVERS:
+            # (before the classes are taken: a refused call changes nothing)
+            raise ValueError("partial_fit does not support early_stopping=True")
         if _check_partial_fit_first_call(self, classes):
             self._label_binarizer = LabelBinarizer()
             if type_of_target(y).startswith("multilabel"):
