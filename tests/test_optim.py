@@ -1927,3 +1927,30 @@ def test_an_array_written_into_a_group_is_refused_by_name_on_the_compiled_step(r
     assert snapshot(model, opt) == before
     opt.param_groups[0]["betas"] = (0.8, 0.99)
     step(x, y)
+
+
+def test_a_pytorch_only_option_written_into_a_group_is_refused(rng):
+    """``param_groups[0]["dampening"] = 0.5`` (PyTorch code sets it so): refused as
+    the constructor refuses ``SGD(dampening=0.5)``, by the layer path's step and the
+    compiled step alike, nothing changed (it was silently ignored, while PyTorch
+    applies it); the default value, and a key of the user's own, are kept as they
+    are."""
+    model = nn.Sequential(nn.Dense(4, 2, rng=0, dtype=np.float64))
+    opt = optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    step = model.compile("mse", opt)
+    x, y = rng.standard_normal((6, 4)), rng.standard_normal((6, 2))
+    step(x, y)
+    opt.param_groups[0]["tag"] = "head"  # (the user's own key)
+    step(x, y)
+    opt.param_groups[0]["dampening"] = 0.5
+    before = snapshot(model, opt)
+    with pytest.raises(ValueError, match=r"param_groups\[0\]: SGD\(dampening=0.5\) is not "
+                                         r"supported.*no dampening"):
+        step(x, y)
+    with pytest.raises(ValueError, match="dampening"):
+        opt.step()
+    assert snapshot(model, opt) == before
+    opt.param_groups[0]["dampening"] = 0
+    step(x, y)
+    opt.step()
+    assert opt.param_groups[0]["tag"] == "head"

@@ -339,6 +339,19 @@ class Optimizer:
                     f"(p.requires_grad = False) or leave it without a gradient "
                     f"(p.grad = None), add parameters with opt.add_param_group(...), or "
                     f"make a new optimizer")
+        sizes = self.__dict__.get("_group_sizes")
+        if sizes is None or sizes != [len(g) for g in groups]:
+            # a key written into a group since (PyTorch code sets e.g. "dampening"):
+            # one of PyTorch's options fastprop takes at its default only is refused
+            # rather than ignored (another key is the user's own, kept as PyTorch does)
+            for i, g in enumerate(groups):
+                for name in _TORCH_ONLY.keys() & g.keys():
+                    try:
+                        _torch_options(f"param_groups[{i}]: {type(self).__name__}",
+                                       **{name: g[name]})
+                    except TypeError as exc:
+                        raise TypeError(f"param_groups[{i}]: {exc}") from None
+            self._group_sizes = [len(g) for g in groups]
 
     def _probe(self) -> "Optimizer":
         """A throwaway optimizer of this type with the same groups (to check a
