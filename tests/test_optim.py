@@ -1954,3 +1954,6 @@ def test_a_pytorch_only_option_written_into_a_group_is_refused(rng):
     step(x, y)
     opt.step()
     assert opt.param_groups[0]["tag"] == "head"
+    opt.param_groups[0]["dampening"] = 0.25  # (the key was there: no count changed)
+    with pytest.raises(ValueError, match="dampening=0.25"):
+        opt.step()

@@ -344,14 +344,18 @@ class Optimizer:
             # a key written into a group since (PyTorch code sets e.g. "dampening"):
             # one of PyTorch's options fastprop takes at its default only is refused
             # rather than ignored (another key is the user's own, kept as PyTorch does)
+            present = False
             for i, g in enumerate(groups):
                 for name in _TORCH_ONLY.keys() & g.keys():
+                    present = True
                     try:
                         _torch_options(f"param_groups[{i}]: {type(self).__name__}",
                                        **{name: g[name]})
                     except TypeError as exc:
                         raise TypeError(f"param_groups[{i}]: {exc}") from None
-            self._group_sizes = [len(g) for g in groups]
+            # (while such a key is there, at its default, it is checked every time: a
+            # value written into it later changes no key count)
+            self._group_sizes = None if present else [len(g) for g in groups]
 
     def _probe(self) -> "Optimizer":
         """A throwaway optimizer of this type with the same groups (to check a
