@@ -2061,3 +2061,68 @@ def test_batchnorm_statistics_made_unusable_in_place_are_named(backend, rng):
     bn = nn.BatchNorm1d(3, momentum=None)
     with pytest.raises(ValueError, match="num_batches_tracked"):
         bn.num_batches_tracked = np.array(-1)
+
+
+class _ReadmeScale(nn.Module):
+    """The README's example of a layer of one's own (kept as written there)."""
+    _caches = ("_x",)
+
+    def __init__(self, n):
+        super().__init__()
+        self.n, self.scale = n, fp.Parameter(np.ones(n))
+
+    def get_config(self):
+        return {"n": self.n}
+
+    def forward(self, x):
+        if not fp.nn.is_inference_mode_enabled():
+            self._x = x
+        return x * self.scale.value
+
+    def backward(self, g, input_grad=True):
+        self.scale.grad += (g * self._x).sum(0)
+        return g * self.scale.value if input_grad else None
+
+
+def test_a_layer_of_ones_own_can_keep_inference_mode_and_declare_its_caches():
+    """fp.nn.is_inference_mode_enabled() (PyTorch's torch.is_inference_mode_enabled):
+    a layer of one's own, written as the README says, keeps its training forward's
+    input through an evaluation in inference_mode or a predict from another thread
+    (there was no public way to tell: its gradient came out silently wrong), and its
+    _caches are dropped after a compiled step (the batch stayed alive)."""
+    import threading
+    import weakref
+    rng = np.random.default_rng(0)
+    model = nn.Sequential(nn.Dense(3, 4, dtype=np.float64, rng=0), _ReadmeScale(4))
+    x, other = rng.normal(size=(5, 3)), rng.normal(size=(5, 3))
+
+    def grad_of_scale(middle):
+        model.zero_grad()
+        out = model(x)
+        middle()
+        model.backward(np.ones_like(out), input_grad=False)
+        return model[1].scale.grad.copy()
+
+    def in_inference():
+        with fp.nn.inference_mode():
+            assert fp.nn.is_inference_mode_enabled()
+            model(other)
+        assert not fp.nn.is_inference_mode_enabled()
+
+    def predict_in_a_thread():
+        t = threading.Thread(target=model.predict, args=(other,))
+        t.start()
+        t.join()
+
+    want = grad_of_scale(lambda: None)
+    np.testing.assert_allclose(want, (model[0](x)).sum(0), rtol=1e-12)
+    for middle in (in_inference, predict_in_a_thread):
+        np.testing.assert_array_equal(grad_of_scale(middle), want)
+    assert not fp.nn.is_inference_mode_enabled()
+
+    step = model.compile("mse", fp.optim.SGD(model.parameters(), lr=0.1))
+    batch = rng.normal(size=(6, 3))
+    ref = weakref.ref(batch)
+    step(batch, rng.normal(size=(6, 4)))
+    del batch
+    assert ref() is None  # (the step dropped the layer's _x)

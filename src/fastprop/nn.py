@@ -26,7 +26,7 @@ from .ops import activation_code
 
 __all__ = ["Parameter", "Module", "Dense", "Activation", "ReLU", "LeakyReLU", "Sigmoid",
            "Tanh", "GELU", "Softmax", "Identity", "Dropout", "BatchNorm1d", "LayerNorm",
-           "Residual", "Sequential", "inference_mode"]
+           "Residual", "Sequential", "inference_mode", "is_inference_mode_enabled"]
 
 # inference_mode's flag, per thread and, within one, per asyncio task (a coroutine
 # suspended inside the block leaves the others' modules in their own mode)
@@ -90,6 +90,16 @@ class inference_mode(contextlib.ContextDecorator):
 # (set while a model file is being read: a saved model's settings were warned about
 # when they were made)
 _loading = contextvars.ContextVar("fastprop_loading", default=False)
+
+
+def is_inference_mode_enabled() -> bool:
+    """Whether this thread (and asyncio task) is inside :func:`inference_mode`, as
+    PyTorch's ``torch.is_inference_mode_enabled()``.  A layer of your own whose
+    forward keeps something for its backward keeps nothing when this is True (else an
+    evaluation, or ``predict`` from another thread, between a training forward and its
+    backward replaces what that backward needs): ``if not
+    fp.nn.is_inference_mode_enabled(): self._x = x``."""
+    return _inference.get()
 
 
 def _keeps() -> bool:
@@ -335,7 +345,10 @@ class Module:
     in PyTorch, a Parameter or a Module set as a public attribute (``self.fc =
     Dense(...)``, ``self.scale = Parameter(...)``) is registered: it is in
     ``parameters()``, ``state_dict()``, ``children()``, ``train()``/``eval()`` and
-    saved files.
+    saved files.  What ``forward`` keeps for ``backward`` is named in ``_caches``
+    (``_caches = ("_x",)``): a training step drops it once its backward has run, and
+    copies and pickles leave it out; ``forward`` keeps nothing inside
+    :func:`inference_mode` (:func:`is_inference_mode_enabled`).
     """
 
     _params: tuple = ()
