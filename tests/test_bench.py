@@ -204,11 +204,8 @@ def test_limit_threads_says_when_numpys_blas_is_not_controlled(monkeypatch):
     assert "not controlled" in note
 
 
-def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
-    monkeypatch.setattr(_bench, "cases", lambda quick=True: iter(
-        [("softmax xent 4x5", lambda impl: _bench.softmax_xent_case(impl, 4, 5))]))
-    monkeypatch.setattr(_bench, "_median_time", lambda fn, min_time, repeats: 1e-3)
-    monkeypatch.setattr(_bench.time, "sleep", lambda s: None)
+def _run_bench_main():
+    """``fastprop bench`` at 2 threads, fastprop's and PyTorch's counts restored."""
     threads = fp.get_num_threads()
     torch = sys.modules.get("torch")
     torch_threads = torch.get_num_threads() if torch is not None else None
@@ -218,6 +215,14 @@ def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
         fp.set_num_threads(threads)
         if torch_threads is not None:
             torch.set_num_threads(torch_threads)
+
+
+def test_fastprop_bench_prints_the_thread_counts(monkeypatch, capsys):
+    monkeypatch.setattr(_bench, "cases", lambda quick=True: iter(
+        [("softmax xent 4x5", lambda impl: _bench.softmax_xent_case(impl, 4, 5))]))
+    monkeypatch.setattr(_bench, "_median_time", lambda fn, min_time, repeats: 1e-3)
+    monkeypatch.setattr(_bench.time, "sleep", lambda s: None)
+    _run_bench_main()
     out = capsys.readouterr().out
     assert "NumPy's BLAS" in out and "single-threaded" in out
 
@@ -236,15 +241,7 @@ def test_fastprop_bench_times_a_case_only_after_its_check_let_blas_go_idle(monke
     monkeypatch.setattr(_bench, "_median_time",
                         lambda fn, min_time, repeats: events.append("time") or 1e-3)
     monkeypatch.setattr(_bench.time, "sleep", lambda s: events.append(f"sleep {s}"))
-    threads = fp.get_num_threads()
-    torch = sys.modules.get("torch")
-    torch_threads = torch.get_num_threads() if torch is not None else None
-    try:
-        assert _bench.main(threads=2) == 0
-    finally:
-        fp.set_num_threads(threads)
-        if torch_threads is not None:
-            torch.set_num_threads(torch_threads)
+    _run_bench_main()
     timed = [i for i, e in enumerate(events) if e == "time"]
     assert len(timed) >= 4  # (2 cases x native, numpy at least)
     for i in timed:
