@@ -616,10 +616,16 @@ class Optimizer:
         and state shapes and dtypes), so that a training step can refuse before its
         forward and backward change buffers and gradients; returns the groups'
         checked hyperparameters."""
+        checked = self._checked_hyper()
+        self._check()
+        return checked
+
+    def _checked_hyper(self) -> list:
+        """The groups' hyperparameters, checked (the part of :meth:`_precheck` that
+        does not look at the gradients)."""
         self._pull_hyper()
         checked = [self._group_hyper(g) for g in range(len(self.param_groups))]
         self._agree(checked)
-        self._check()
         return checked
 
     def step(self, closure=None):
@@ -635,8 +641,7 @@ class Optimizer:
             return None
         if not callable(closure):
             raise TypeError(f"closure must be callable, got {type(closure).__name__}")
-        self._pull_hyper()
-        self._agree([self._group_hyper(g) for g in range(len(self.param_groups))])
+        self._checked_hyper()
         loss = closure()
         self._apply(self._precheck())  # (again: the closure may set a group's lr)
         return loss

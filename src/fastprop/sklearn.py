@@ -641,6 +641,14 @@ class _BaseMLP(BaseEstimator):
         return _kernel_array(y, dtype)
 
     # -- fit -----------------------------------------------------------------------
+    def _refuse_early_stopping(self):
+        """partial_fit's refusal, scikit-learn's message, before anything changes
+        (scikit-learn raises it after taking the classes and initialising the network;
+        L-BFGS, which MLPRegressor.partial_fit also runs, as scikit-learn's, ignores
+        early_stopping)."""
+        if self.early_stopping and self.solver in _STOCHASTIC_SOLVERS:
+            raise ValueError("partial_fit does not support early_stopping=True")
+
     def _fit(self, X, y, sample_weight=None, incremental=False):
         hidden = self.hidden_layer_sizes
         if not hasattr(hidden, "__iter__"):
@@ -649,9 +657,6 @@ class _BaseMLP(BaseEstimator):
         if np.any(np.array(hidden) <= 0):
             raise ValueError("hidden_layer_sizes must be > 0, got %s." % hidden)
         first_pass = not hasattr(self, "coefs_") or (not self.warm_start and not incremental)
-        if incremental and self.early_stopping and self.solver in _STOCHASTIC_SOLVERS:
-            # (scikit-learn's message; it raises it after initialising the network)
-            raise ValueError("partial_fit does not support early_stopping=True")
 
         X, y = self._validate_input(X, y, incremental, reset=first_pass)
         n_samples, n_features = X.shape
@@ -817,8 +822,6 @@ class _BaseMLP(BaseEstimator):
                                                  self.beta_2, self.epsilon)
         optimizer = self._optimizer
         optimizer.prepare(net)
-        if self.early_stopping and incremental:
-            raise ValueError("partial_fit does not support early_stopping=True")
         early_stopping = self.early_stopping
         if early_stopping:
             # don't stratify in multilabel classification (scikit-learn's split exactly)
@@ -1112,9 +1115,7 @@ class MLPClassifier(ClassifierMixin, _BaseMLP):
         self : object
             Trained MLP model.
         """
-        if self.early_stopping and self.solver in _STOCHASTIC_SOLVERS:
-            # (before the classes are taken: a refused call changes nothing)
-            raise ValueError("partial_fit does not support early_stopping=True")
+        self._refuse_early_stopping()
         if _check_partial_fit_first_call(self, classes):
             self._label_binarizer = LabelBinarizer()
             if type_of_target(y).startswith("multilabel"):
@@ -1221,4 +1222,5 @@ class MLPRegressor(RegressorMixin, _BaseMLP):
         self : object
             Trained MLP model.
         """
+        self._refuse_early_stopping()
         return self._fit(X, y, sample_weight=sample_weight, incremental=True)
