@@ -428,6 +428,12 @@ def test_matrix_vector_shapes_sum_long_k_in_blocks(rng):
         got_all = (fp.ops.matmul(u[None, :], v[None, :], trans_b=True)[0, 0],
                    fp.ops.matmul(u[None, :], np.tile(v, (4, 1)), trans_b=True)[0, 3],
                    fp.ops.matmul(np.tile(u, (4, 1)), v[:, None])[3, 0],
-                   fp.ops.matmul(u[None, :], v[:, None])[0, 0])
+                   fp.ops.matmul(u[None, :], v[:, None])[0, 0],
+                   # (a dot product stored NN: was one chain, 5e-6 relative error)
+                   fp.ops.matmul(u[None, :], v.reshape(k, 1).copy())[0, 0],
+                   fp.ops.matmul(u.reshape(k, 1).copy(), v.reshape(k, 1).copy(),
+                                 trans_a=True)[0, 0])
     for got in got_all:
         assert abs(got - exact) <= 2e-6 * exact
+    # a dot product is one computation whatever the layouts: the same bits
+    assert len(set(np.float32(g).tobytes() for g in got_all)) == 1

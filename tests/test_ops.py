@@ -224,6 +224,94 @@ def test_matmul_noncontiguous_out(backend, dtype, rng, kind, accumulate):
         assert np.array_equal(holder[~covered], guard[~covered])
 
 
+def _odd_operands(rng, dtype, m=5, k=9, n=7):
+    """(name, a, b, trans_a, trans_b, out, where): operands whose strides the buffer
+    protocol reports otherwise than ndarray.strides, or that only the general path
+    takes; out None, an array, or the string "big" for the view big[where] of the
+    last entry's array ``big``, which also holds an operand."""
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    col = rng.standard_normal(k).astype(dtype)
+    row = rng.standard_normal(k).astype(dtype)
+    raw = np.zeros(m * k * a.itemsize + 1, np.uint8)  # an unaligned copy of a
+    unaligned = raw[1:].view(dtype).reshape(m, k)
+    unaligned[...] = a
+    overlapping = np.lib.stride_tricks.as_strided(  # rows 1 element apart, read only
+        row, shape=(3, k - 2), strides=(a.itemsize, a.itemsize), writeable=False)
+    # out's elements apart from the operand's but within its bounds
+    big = rng.standard_normal((m + k + 1, k + n)).astype(dtype)
+    return big, [
+        ("newaxis row x newaxis column", row[None, :], col[:, None], False, False, None, None),
+        ("newaxis column as (1, k) by trans", col[:, None], b, True, False, None, None),
+        ("matrix x newaxis column", a, col[:, None], False, False, None, None),
+        ("broadcast rows", np.broadcast_to(row, (m, k)), b, False, False, None, None),
+        ("broadcast rows, transposed", np.broadcast_to(row, (n, k)), a, False, True, None,
+         None),
+        ("overlapping rows", overlapping, b[:k - 2], False, False, None, None),
+        ("unaligned", unaligned, b, False, False, None, None),
+        ("F x F into F", np.asfortranarray(a), np.asfortranarray(b), False, False,
+         np.asfortranarray(np.zeros((m, n), dtype)), None),
+        ("out beside a in one array", big[:m, :k], b, False, False, "big",
+         np.s_[1:1 + m, k:]),
+        ("out beside b in one array", a, big[:k, :n], False, False, "big",
+         np.s_[k:k + m, n:2 * n]),
+        ("numpy bool flags", a.T.copy(), b, np.True_, np.False_, None, None),
+        ("integer flags", a, b.T.copy(), 0, 1, None, None),
+    ]
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_matmul_odd_operands(backend, dtype, rng, case):
+    """Operands and flags off the common path (the native backend's one-call path
+    hands them to the general one, or reads the buffer's strides, which NumPy
+    normalises for length-1 axes): the product is right and nothing else changes."""
+    big, cases = _odd_operands(rng, dtype)
+    name, a, b, ta, tb, out, where = cases[case]
+    if where is not None:
+        out = big[where]
+    a0, b0, big0 = np.array(a), np.array(b), big.copy()
+    opa = a0.astype(np.float64).T if ta else a0.astype(np.float64)
+    opb = b0.astype(np.float64).T if tb else b0.astype(np.float64)
+    ref, scale = opa @ opb, np.abs(opa) @ np.abs(opb)
+    got = fp.ops.matmul(a, b, trans_a=ta, trans_b=tb, out=out)
+    assert out is None or got is out
+    assert got.shape == ref.shape and got.dtype == dtype
+    assert_close(got, ref, dtype, scale, what=name)
+    assert np.array_equal(np.asarray(a), a0) and np.array_equal(np.asarray(b), b0), name
+    outside = np.ones(big.shape, bool)
+    if where is not None:
+        outside[where] = False
+    assert np.array_equal(big[outside], big0[outside]), f"{name}: wrote outside out"
+
+
+@pytest.mark.parametrize("bad", ["read-only out", "out dtype", "out shape", "str flag",
+                                 "accumulate without out"])
+def test_matmul_refusals_change_nothing(backend, rng, bad):
+    a = rng.standard_normal((4, 6)).astype(np.float32)
+    b = rng.standard_normal((6, 3)).astype(np.float32)
+    out = np.full((4, 3), 5.0, np.float32)
+    kw = {"out": out}
+    if bad == "read-only out":
+        out.flags.writeable = False
+        err, match = ValueError, "read-only"
+    elif bad == "out dtype":
+        kw["out"] = out = np.full((4, 3), 5.0)
+        err, match = (TypeError, ValueError), "out"
+    elif bad == "out shape":
+        kw["out"] = out = np.full((3, 4), 5.0, np.float32)
+        err, match = ValueError, "out"
+    elif bad == "str flag":
+        kw["trans_a"] = "False"
+        err, match = TypeError, "trans_a"
+    else:
+        kw = {"accumulate": True}
+        err, match = ValueError, "accumulate"
+    before = out.copy()
+    with pytest.raises(err, match=match):
+        fp.ops.matmul(a, b, **kw)
+    assert np.array_equal(out, before)
+
+
 @pytest.mark.filterwarnings("ignore:the matrix subclass:PendingDeprecationWarning")
 def test_out_of_a_masked_array_or_matrix_is_refused(backend):
     """out= a masked array or an np.matrix: refused on both backends (native wrote the

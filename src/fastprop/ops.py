@@ -57,7 +57,12 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
 
     Shape: ``op(a)`` is (m, k), ``op(b)`` is (k, n), the result (m, n).
     """
-    if type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2:
+    mod = backends.current()
+    if mod is backends._loaded.get("native"):  # (the common case in one C call)
+        fast = mod.matmul_fast(a, b, trans_a, trans_b, out, accumulate)
+        if fast is not None:
+            return fast
+    elif type(a) is np.ndarray and type(b) is np.ndarray and a.ndim == 2 and b.ndim == 2:
         fast = _matmul_fast(a, b, flag(trans_a, "trans_a"), flag(trans_b, "trans_b"), out,
                             flag(accumulate, "accumulate"))
         if fast is not None:

@@ -29,6 +29,7 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     layernorm_forward,
     linear_backward,
     linear_forward,
+    matmul_fast,
     mse,
     rmsprop_update,
     scale_,
