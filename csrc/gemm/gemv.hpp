@@ -7,7 +7,7 @@
 // contiguous rows:
 //   axpy form  c[0:len] += s_p * row_p[0:len] over p, four rows per pass over c;
 //   dot form   c_i = sum_p u_p v_p with both vectors contiguous, four outputs at a
-//              time, 16 partial sums each.
+//              time, 16 partial sums each (8 in double).
 // A strided vector operand is first gathered into thread-local scratch.  The
 // outputs are split over threads (gemv_split) from 128k matrix elements: the
 // product is bound by reading the matrix from L2, and two cores have two L2s.
@@ -28,29 +28,64 @@ namespace {
 
 // Long sums are blocked as the packed GEMM's KC blocks are: each output's running
 // sum takes block sums of at most kSumBlock products (of kSumBlock per lane in the
-// 16-lane forms), not every product (a float32 chain stops growing at 2^24 times
+// dot forms), not every product (a float32 chain stops growing at 2^24 times
 // the terms: a one-output layer's weight gradient over 2^22 samples had 9e-4
 // relative error, all-ones sums of 2^25 terms gave 2^24).  Sums of up to one
 // block are computed exactly as before.
 constexpr index_t kSumBlock = 512;
 
-// Dot product in T over 16 interleaved partial sums (vectorisable).
+// The dot forms' vectors: 32 bytes of T (GCC vector extensions: one register in the
+// AVX2 and AVX-512 units, two SSE registers in the generic one), two per sum: 16
+// partial sums in float, 8 in double.  (Written with arrays of 16 lanes and a tail
+// loop indexing them, GCC kept the four rows' sums on the stack: 4096 x k float32
+// dot products took 20 us at k = 16 and 32, 27-31 us at k = 4 and 15, against 3-7
+// us now; NumPy 3-10.)
+template <typename T>
+struct DotVec {
+    typedef T type __attribute__((vector_size(32)));
+    static constexpr index_t W = index_t(32 / sizeof(T));
+};
+
+template <typename T>
+inline typename DotVec<T>::type dot_load(const T* p) {
+    typename DotVec<T>::type v;
+    __builtin_memcpy(&v, p, sizeof v);
+    return v;
+}
+
+// The lanes of v summed as a pairwise tree.
+template <typename T>
+inline T dot_hsum(typename DotVec<T>::type v) {
+    constexpr int n = int(DotVec<T>::W);
+    T s[n];
+    __builtin_memcpy(s, &v, sizeof v);
+    for (int w = n / 2; w > 0; w /= 2)
+        for (int l = 0; l < w; ++l) s[l] += s[l + w];
+    return s[0];
+}
+
+// Dot product in T: two vectors of partial sums, the last < W products in a scalar.
 template <typename T>
 inline T dot_lanes_plain(const T* FASTPROP_RESTRICT x, const T* FASTPROP_RESTRICT y,
                          index_t k) {
-    constexpr int kLanes = 16;
-    T acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = T(0);
+    using V = typename DotVec<T>::type;
+    constexpr index_t W = DotVec<T>::W;
+    V a = {}, b = {};
     index_t p = 0;
-    for (; p + kLanes <= k; p += kLanes)
-        for (int l = 0; l < kLanes; ++l) acc[l] += x[p + l] * y[p + l];
-    for (int l = 0; l < kLanes && p + l < k; ++l) acc[l] += x[p + l] * y[p + l];
-    for (int w = kLanes / 2; w > 0; w /= 2)
-        for (int l = 0; l < w; ++l) acc[l] += acc[l + w];
-    return acc[0];
+    for (; p + 2 * W <= k; p += 2 * W) {
+        a += dot_load(x + p) * dot_load(y + p);
+        b += dot_load(x + p + W) * dot_load(y + p + W);
+    }
+    if (p + W <= k) {
+        a += dot_load(x + p) * dot_load(y + p);
+        p += W;
+    }
+    T t = T(0);
+    for (; p < k; ++p) t += x[p] * y[p];
+    return dot_hsum<T>(a + b) + t;
 }
 
-// The 16-lane forms' block: kSumBlock products per lane.
+// The dot forms' block: kSumBlock products per lane of float (2 x 8 lanes).
 constexpr index_t kDotBlock = 16 * kSumBlock;
 
 template <typename T>
@@ -211,48 +246,62 @@ inline void axpy_rows_multi(index_t k, index_t len, const T* vec, index_t lda, c
 }
 
 // out[i] = dot(u, rows[i*ld + 0:k]) for i < len, four rows at a time so that each
-// load of u serves four products (16 partial sums per row, as dot_lanes).
+// load of u serves four products (as dot_lanes_plain for each row); k shorter than a
+// vector: one scalar sum a row.
 template <typename T>
 inline void dot_rows_plain(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
                            const T* FASTPROP_RESTRICT rows, index_t ld,
                            T* FASTPROP_RESTRICT out) {
-    // 16 lanes for float and double: GCC 12 leaves the 8-lane double form scalar
-    // (float64 1x784x256 76 us vs 19 us, 1 thread).
-    constexpr int kLanes = 16;
+    using V = typename DotVec<T>::type;
+    constexpr index_t W = DotVec<T>::W;
     index_t i = 0;
+    if (k < W) {
+        for (; i < len; ++i) {
+            const T* r = rows + i * ld;
+            T s = T(0);
+            for (index_t p = 0; p < k; ++p) s += u[p] * r[p];
+            out[i] = s;
+        }
+        return;
+    }
     for (; i + 4 <= len; i += 4) {
         const T* r0 = rows + i * ld;
         const T* r1 = r0 + ld;
         const T* r2 = r1 + ld;
         const T* r3 = r2 + ld;
-        T a0[kLanes], a1[kLanes], a2[kLanes], a3[kLanes];
-        for (int l = 0; l < kLanes; ++l) a0[l] = a1[l] = a2[l] = a3[l] = T(0);
+        V a0 = {}, a1 = {}, a2 = {}, a3 = {}, b0 = {}, b1 = {}, b2 = {}, b3 = {};
         index_t p = 0;
-        for (; p + kLanes <= k; p += kLanes) {
-            for (int l = 0; l < kLanes; ++l) {
-                const T x = u[p + l];
-                a0[l] += x * r0[p + l];
-                a1[l] += x * r1[p + l];
-                a2[l] += x * r2[p + l];
-                a3[l] += x * r3[p + l];
-            }
+        for (; p + 2 * W <= k; p += 2 * W) {
+            const V x = dot_load(u + p), y = dot_load(u + p + W);
+            a0 += x * dot_load(r0 + p);
+            a1 += x * dot_load(r1 + p);
+            a2 += x * dot_load(r2 + p);
+            a3 += x * dot_load(r3 + p);
+            b0 += y * dot_load(r0 + p + W);
+            b1 += y * dot_load(r1 + p + W);
+            b2 += y * dot_load(r2 + p + W);
+            b3 += y * dot_load(r3 + p + W);
         }
-        for (int l = 0; l < kLanes && p + l < k; ++l) {  // (the last < 16 columns)
-            const T x = u[p + l];
-            a0[l] += x * r0[p + l];
-            a1[l] += x * r1[p + l];
-            a2[l] += x * r2[p + l];
-            a3[l] += x * r3[p + l];
+        if (p + W <= k) {
+            const V x = dot_load(u + p);
+            a0 += x * dot_load(r0 + p);
+            a1 += x * dot_load(r1 + p);
+            a2 += x * dot_load(r2 + p);
+            a3 += x * dot_load(r3 + p);
+            p += W;
         }
-        for (int w = kLanes / 2; w > 0; w /= 2) {
-            for (int l = 0; l < w; ++l) {
-                a0[l] += a0[l + w];
-                a1[l] += a1[l + w];
-                a2[l] += a2[l + w];
-                a3[l] += a3[l + w];
-            }
+        T t0 = T(0), t1 = T(0), t2 = T(0), t3 = T(0);
+        for (; p < k; ++p) {
+            const T x = u[p];
+            t0 += x * r0[p];
+            t1 += x * r1[p];
+            t2 += x * r2[p];
+            t3 += x * r3[p];
         }
-        out[i] = a0[0], out[i + 1] = a1[0], out[i + 2] = a2[0], out[i + 3] = a3[0];
+        out[i] = dot_hsum<T>(a0 + b0) + t0;
+        out[i + 1] = dot_hsum<T>(a1 + b1) + t1;
+        out[i + 2] = dot_hsum<T>(a2 + b2) + t2;
+        out[i + 3] = dot_hsum<T>(a3 + b3) + t3;
     }
     for (; i < len; ++i) out[i] = dot_lanes_plain(u, rows + i * ld, k);
 }
@@ -339,7 +388,7 @@ bool gemv_shapes(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
     // as the largest output ever computed for the life of the thread.)
     const bool direct = alpha == T(1) && beta == T(0);
     if (m == 1 && n == 1) {
-        // A dot product, in 16 lanes whatever the layouts (the axpy form below ran
+        // A dot product, in vector lanes whatever the layouts (the axpy form below ran
         // NN as a single chain: slower, and 5e-6 relative error at k = 2^24 + 2^22
         // in float32 against the dot form's 4e-7).
         const T* u = contiguous(a, ta ? lda : 1, k, 2);
