@@ -40,6 +40,11 @@ constexpr index_t kSumBlock = 512;
 // loop indexing them, GCC kept the four rows' sums on the stack: 4096 x k float32
 // dot products took 20 us at k = 16 and 32, 27-31 us at k = 4 and 15, against 3-7
 // us now; NumPy 3-10.)
+// (-Wpsabi, to the end of dot_rows_plain: GCC notes that passing a 32-byte vector
+// without AVX, in the generic unit, has another ABI than with it; these functions
+// are inlined and internal to one unit.)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wpsabi"
 template <typename T>
 struct DotVec {
     typedef T type __attribute__((vector_size(32)));
@@ -55,7 +60,7 @@ inline typename DotVec<T>::type dot_load(const T* p) {
 
 // The lanes of v summed as a pairwise tree.
 template <typename T>
-inline T dot_hsum(typename DotVec<T>::type v) {
+inline T dot_hsum(const typename DotVec<T>::type& v) {
     constexpr int n = int(DotVec<T>::W);
     T s[n];
     __builtin_memcpy(s, &v, sizeof v);
@@ -305,6 +310,7 @@ inline void dot_rows_plain(index_t k, index_t len, const T* FASTPROP_RESTRICT u,
     }
     for (; i < len; ++i) out[i] = dot_lanes_plain(u, rows + i * ld, k);
 }
+#pragma GCC diagnostic pop  // (-Wpsabi, above)
 
 // dot_rows_plain over blocks of kDotBlock columns.
 template <typename T>
@@ -375,6 +381,84 @@ inline bool few_rows_form(index_t m, index_t n, index_t k, index_t elem) {
     if (m == 2) return true;
     if (row < 2 * kWideRowBytes) return false;
     return m <= 4 || k * row >= kTwoPassBytes;
+}
+
+// A shallow product (1 <= k <= kTinyK) with rows of at least kTinyKRowBytes: C row
+// by row, each row the sum of k rows of op(B) scaled by that row's k elements of
+// op(A), vectorised along the row.  The blocked GEMM is bound there by its per-tile
+// overheads and by its stores, which go down MR-row tiles column strip by column
+// strip: with rows a multiple of 2 KiB apart those lines share two L1 sets (float64
+// 512x3x256, 1 thread: 69 us into rows 2 KiB apart, 41 us into padded rows, 29 us
+// this way; NumPy 26-27).  A sweep of 750 shapes (k 1-8, m 2-4096, n 3-1000, NN/NT/TN,
+// both dtypes, 1 thread) against the blocked path: for rows of 64+ floats, median
+// 1.2-2.2x faster at k 1-5 and slower at k = 8 (float32 0.93x); for narrower rows
+// the per-row cost loses (4096x8x3 float32: 8 -> 34 us).  Rows are split over
+// threads; each element is summed over p in increasing order, whatever the thread
+// count.
+constexpr index_t kTinyK = 4;
+constexpr index_t kTinyKRowBytes = 256;
+
+template <int K, typename T>
+inline void tiny_k_row(index_t n, const T* FASTPROP_RESTRICT av, const T* FASTPROP_RESTRICT bp,
+                       index_t ldb, T alpha, T beta, bool direct, T* FASTPROP_RESTRICT ci) {
+    T s[K];
+    for (int p = 0; p < K; ++p) s[p] = av[p];
+    if (direct) {
+        for (index_t j = 0; j < n; ++j) {
+            T acc = s[0] * bp[j];
+            for (int p = 1; p < K; ++p) acc += s[p] * bp[p * ldb + j];
+            ci[j] = acc;
+        }
+    } else if (beta == T(0)) {
+        for (index_t j = 0; j < n; ++j) {
+            T acc = s[0] * bp[j];
+            for (int p = 1; p < K; ++p) acc += s[p] * bp[p * ldb + j];
+            ci[j] = alpha * acc;
+        }
+    } else {
+        for (index_t j = 0; j < n; ++j) {
+            T acc = s[0] * bp[j];
+            for (int p = 1; p < K; ++p) acc += s[p] * bp[p * ldb + j];
+            ci[j] = alpha * acc + beta * ci[j];
+        }
+    }
+}
+
+template <int K, typename T>
+void tiny_k_rows(bool ta, index_t m, index_t n, T alpha, const T* a, index_t lda,
+                 const T* bp, index_t ldb, T beta, T* c, index_t ldc) {
+    const bool direct = alpha == T(1) && beta == T(0);
+    const index_t grain = fp_max<index_t>(1, kElementGrain / fp_max<index_t>(n, 1));
+    parallel_for(m, grain, [&](index_t i0, index_t i1) {
+        for (index_t i = i0; i < i1; ++i) {
+            T av[K];
+            for (int p = 0; p < K; ++p) av[p] = ta ? a[p * lda + i] : a[i * lda + p];
+            tiny_k_row<K>(n, av, bp, ldb, alpha, beta, direct, c + i * ldc);
+        }
+    });
+}
+
+template <typename T>
+bool tiny_k_form(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
+                 index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+    const T* bp = b;
+    index_t ldbp = ldb;
+    if (tb) {  // op(B) = b^T: its k rows gathered (k x n, contiguous)
+        T* buf = static_cast<T*>(detail::thread_scratch(2, sizeof(T) * k * n));
+        if (buf == nullptr) return false;
+        for (index_t j = 0; j < n; ++j)
+            for (index_t p = 0; p < k; ++p) buf[p * n + j] = b[j * ldb + p];
+        bp = buf, ldbp = n;
+    }
+    switch (k) {
+        case 1: tiny_k_rows<1>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
+        case 2: tiny_k_rows<2>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
+        case 3: tiny_k_rows<3>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
+        case 4: tiny_k_rows<4>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
+        default: return false;
+    }
+    if (tb) detail::trim_scratch(2);
+    return true;
 }
 
 // Handles m == 1 or n == 1 (k >= 1), and the few-rows-wide-B shapes above; returns
