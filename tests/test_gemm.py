@@ -191,6 +191,21 @@ def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
         for c, cs in outs[1:]:
             np.testing.assert_array_equal(c, outs[0][0])
             np.testing.assert_array_equal(cs, outs[0][1])
+    # shallow products into wide rows (tiny_k_form; no column sums there)
+    for m, k, n in [(2000, 3, 300), (1500, 1, 512)]:
+        a, b = operands(rng, m, k, n, ta, tb, dtype)
+        bias = rng.standard_normal(n).astype(dtype)
+        outs = []
+        try:
+            for threads in (1, 2, 3):
+                nat.set_num_threads(threads)
+                c = np.empty((m, n), dtype)
+                _native.gemm_ex(a, b, c, ta, tb, bias=bias, act=4)
+                outs.append(c)
+        finally:
+            nat.set_num_threads(before)
+        for c in outs[1:]:
+            np.testing.assert_array_equal(c, outs[0])
 
 
 # ------------------------------------------------------------------ fused epilogue
@@ -216,7 +231,9 @@ EP_SHAPES = [(1, 9, 20), (7, 5, 3), (33, 17, 65), (130, 70, 200), (64, 784, 256)
              (300, 19, 512),  # rows a multiple of 2 KiB apart: the backward epilogue by rows
              (32, 784, 256),  # threads split k, the epilogue after their sum
              (3, 700, 1030), (2, 40, 600),  # a few rows times a wide B (multi-row axpy)
-             (6, 1100, 2048)]  # (5-8 rows: B of 8 MiB and more)
+             (6, 1100, 2048),  # (5-8 rows: B of 8 MiB and more)
+             # shallow products into wide rows (tiny_k_form), one and two threads
+             (17, 1, 128), (70, 2, 300), (33, 4, 64), (1030, 3, 256)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -252,7 +269,7 @@ def test_epilogue_bias_relu_in_registers_is_the_pass(rng, dtype, act, with_bias,
     """Bias + relu on packed-A full tiles is applied in the micro-kernel's registers
     (macro_kernel.hpp), elsewhere by the epilogue pass: both must give, bit for bit,
     the plain product followed by C + bias and relu (r < 0 ? 0 : r, NaN and -0 kept)."""
-    for m, k, n in [(300, 64, 256), (257, 33, 70), (140, 7, 16), (9, 5, 3)]:
+    for m, k, n in [(300, 64, 256), (257, 33, 70), (140, 7, 16), (9, 5, 3), (300, 3, 256)]:
         x = rng.standard_normal((m, k)).astype(dtype)
         x[3, 0] = np.nan  # row 3 of C is NaN: relu must keep it
         w = rng.standard_normal((k, n)).astype(dtype)
@@ -344,7 +361,8 @@ def test_epilogue_colsum_rows_in_order(rng, dtype, n):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
-@pytest.mark.parametrize("shape", [(1, 5, 9), (9, 5, 1), (40, 30, 50), (200, 300, 100)],
+@pytest.mark.parametrize("shape", [(1, 5, 9), (9, 5, 1), (40, 30, 50), (200, 300, 100),
+                                   (300, 2, 128)],
                          ids=lambda s: "x".join(map(str, s)))
 def test_epilogue_nonfinite_flag(rng, dtype, shape):
     m, k, n = shape

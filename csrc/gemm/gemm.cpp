@@ -17,7 +17,7 @@
 // micro-kernel reads A through its strides and B through its rows (NN, TN), and
 // only a transposed B (NT, TT) is packed.  One-row and one-column products use the
 // GEMV forms (gemm/gemv.hpp), then the epilogue; products of k <= 4 with wide rows
-// and no epilogue the row-by-row form there (tiny_k_form).
+// and a forward epilogue or none the row-by-row form there (tiny_k_form).
 //
 // Threads (OpenMP, from kFlopGrain flops per thread): one parallel region around the
 // loop nest; the threads form a tm x tn grid over C (rows split in MR multiples,
@@ -469,10 +469,9 @@ void gemm_dispatch(const GemmArgs<T>& g) {
         if (g.ep != nullptr) apply_epilogue(*g.ep, 0, g.m, 0, g.n, g.c, g.ldc);
         return;
     }
-    if (g.k <= kTinyK && g.ep == nullptr &&
-        g.n * index_t(sizeof(T)) >= kTinyKRowBytes &&
+    if (g.k <= kTinyK && g.n * index_t(sizeof(T)) >= kTinyKRowBytes &&
         tiny_k_form(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c,
-                    g.ldc))
+                    g.ldc, g.ep))
         return;
     gemm_blocked(g);
 }

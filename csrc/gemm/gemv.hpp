@@ -21,6 +21,7 @@
 
 #include "isa_common.hpp"
 #include "runtime.hpp"
+#include "gemm/epilogue.hpp"
 
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
@@ -383,8 +384,8 @@ inline bool few_rows_form(index_t m, index_t n, index_t k, index_t elem) {
     return m <= 4 || k * row >= kTwoPassBytes;
 }
 
-// A shallow product (1 <= k <= kTinyK) with rows of at least kTinyKRowBytes: C row
-// by row, each row the sum of k rows of op(B) scaled by that row's k elements of
+// A shallow product (1 <= k <= kTinyK) with rows of at least kTinyKRowBytes, and a
+// forward epilogue if any (a layer with a few inputs): C row by row, each row the sum of k rows of op(B) scaled by that row's k elements of
 // op(A), vectorised along the row.  The blocked GEMM is bound there by its per-tile
 // overheads and by its stores, which go down MR-row tiles column strip by column
 // strip: with rows a multiple of 2 KiB apart those lines share two L1 sets (float64
@@ -424,23 +425,34 @@ inline void tiny_k_row(index_t n, const T* FASTPROP_RESTRICT av, const T* FASTPR
     }
 }
 
+// (A forward epilogue, ep: bias, activation, pre-activation; applied to each group
+// of kTinyKRows rows as soon as they are computed, while they are in L1.)
+constexpr index_t kTinyKRows = 16;
+
 template <int K, typename T>
 void tiny_k_rows(bool ta, index_t m, index_t n, T alpha, const T* a, index_t lda,
-                 const T* bp, index_t ldb, T beta, T* c, index_t ldc) {
+                 const T* bp, index_t ldb, T beta, T* c, index_t ldc,
+                 const GemmEpilogue<T>* ep) {
     const bool direct = alpha == T(1) && beta == T(0);
     const index_t grain = fp_max<index_t>(1, kElementGrain / fp_max<index_t>(n, 1));
     parallel_for(m, grain, [&](index_t i0, index_t i1) {
-        for (index_t i = i0; i < i1; ++i) {
-            T av[K];
-            for (int p = 0; p < K; ++p) av[p] = ta ? a[p * lda + i] : a[i * lda + p];
-            tiny_k_row<K>(n, av, bp, ldb, alpha, beta, direct, c + i * ldc);
+        for (index_t g0 = i0; g0 < i1; g0 += kTinyKRows) {
+            const index_t g1 = fp_min(i1, g0 + kTinyKRows);
+            for (index_t i = g0; i < g1; ++i) {
+                T av[K];
+                for (int p = 0; p < K; ++p) av[p] = ta ? a[p * lda + i] : a[i * lda + p];
+                tiny_k_row<K>(n, av, bp, ldb, alpha, beta, direct, c + i * ldc);
+            }
+            if (ep != nullptr) apply_epilogue(*ep, g0, g1, 0, n, c, ldc);
         }
     });
 }
 
 template <typename T>
 bool tiny_k_form(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, const T* a,
-                 index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc) {
+                 index_t lda, const T* b, index_t ldb, T beta, T* c, index_t ldc,
+                 const GemmEpilogue<T>* ep) {
+    if (ep != nullptr && epilogue_reads_rows(*ep)) return false;  // (backward forms)
     const T* bp = b;
     index_t ldbp = ldb;
     if (tb) {  // op(B) = b^T: its k rows gathered (k x n, contiguous)
@@ -451,10 +463,10 @@ bool tiny_k_form(bool ta, bool tb, index_t m, index_t n, index_t k, T alpha, con
         bp = buf, ldbp = n;
     }
     switch (k) {
-        case 1: tiny_k_rows<1>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
-        case 2: tiny_k_rows<2>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
-        case 3: tiny_k_rows<3>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
-        case 4: tiny_k_rows<4>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc); break;
+        case 1: tiny_k_rows<1>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc, ep); break;
+        case 2: tiny_k_rows<2>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc, ep); break;
+        case 3: tiny_k_rows<3>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc, ep); break;
+        case 4: tiny_k_rows<4>(ta, m, n, alpha, a, lda, bp, ldbp, beta, c, ldc, ep); break;
         default: return false;
     }
     if (tb) detail::trim_scratch(2);
