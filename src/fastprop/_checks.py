@@ -109,6 +109,9 @@ def as_array(x, name: str) -> np.ndarray:
 def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     """Convert to a C-contiguous, native-byte-order float array of ``dtype`` (or the
     array's own float dtype), checking ``ndim`` if given."""
+    if (type(x) is np.ndarray and x.dtype in FLOAT_DTYPES and (dtype is None or x.dtype == dtype)
+            and (ndim is None or x.ndim == ndim) and x.flags.c_contiguous):
+        return x  # (already so: what np.asarray returns, in a third of its time)
     arr = as_array(x, name)
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
@@ -173,7 +176,8 @@ def flag(value, name: str) -> bool:
 def real(value, name: str, *, low=None, low_inclusive=True, high=None, high_inclusive=True,
          message=None) -> float:
     """Check a real-valued hyperparameter: a number (not bool) within bounds."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+    if type(value) is not float and type(value) is not int and (  # (the ABC check: ~0.4 us)
+            isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
     v = float(value)
     bad = v != v

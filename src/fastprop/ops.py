@@ -140,6 +140,12 @@ def _matmul_fast(a, b, trans_a, trans_b, out, accumulate):
 
 
 def _linear_args(x, w, b):
+    if (type(x) is np.ndarray and type(w) is np.ndarray and x.dtype in FLOAT_DTYPES
+            and w.dtype == x.dtype and x.ndim == 2 and w.ndim == 2
+            and x.shape[1] == w.shape[0] and x.flags.c_contiguous and w.flags.c_contiguous
+            and (b is None or (type(b) is np.ndarray and b.dtype == x.dtype
+                               and b.shape == (w.shape[1],) and b.flags.c_contiguous))):
+        return x, w, b, x.dtype  # (what the checks below return for these, in ~0.5 us)
     x = as_array(x, "x")
     w = as_array(w, "w")
     if x.ndim != 2:
