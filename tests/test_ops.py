@@ -284,6 +284,82 @@ def test_matmul_odd_operands(backend, dtype, rng, case):
     assert np.array_equal(big[outside], big0[outside]), f"{name}: wrote outside out"
 
 
+def _unaligned(arr):
+    """A copy of arr at an odd byte offset (NumPy marks it not aligned)."""
+    raw = np.zeros(arr.nbytes + 1, np.uint8)
+    out = raw[1:].view(arr.dtype).reshape(arr.shape)
+    out[...] = arr
+    assert not out.flags.aligned
+    return out
+
+
+@pytest.mark.parametrize("shape", [(40, 3, 100), (1, 30, 1), (300, 9, 1), (1, 9, 300),
+                                   (33, 17, 65)],
+                         ids=lambda s: "x".join(map(str, s)))
+def test_unaligned_arrays_reach_no_kernel(backend, dtype, rng, shape, monkeypatch):
+    """A view at an odd byte offset is copied before a kernel loads whole floats from
+    it (the shallow, dot and GEMV forms did: undefined behaviour, which UBSan reports);
+    the results are right and an unaligned out receives them."""
+    m, k, n = shape
+    a = rng.standard_normal((m, k)).astype(dtype)
+    b = rng.standard_normal((k, n)).astype(dtype)
+    be = fp.backends.current()
+    seen = []
+
+    def watch(name):
+        kernel = getattr(be, name)
+
+        def checked(*args):
+            seen.append(name)
+            for arr in args:
+                if isinstance(arr, np.ndarray):
+                    assert arr.flags.aligned, f"{name} got an unaligned array"
+            return kernel(*args)
+        monkeypatch.setattr(be, name, checked)
+
+    for name in ("gemm", "linear_forward", "activation_forward"):
+        watch(name)
+    ua, ub, uout = _unaligned(a), _unaligned(b), _unaligned(np.zeros((m, n), dtype))
+    ref = a.astype(np.float64) @ b.astype(np.float64)
+    scale = np.abs(a).astype(np.float64) @ np.abs(b).astype(np.float64)
+    assert_close(fp.ops.matmul(ua, ub), ref, dtype, scale)
+    assert fp.ops.matmul(ua, b, out=uout) is uout
+    assert_close(uout, ref, dtype, scale)
+    assert_close(fp.ops.linear(ua, ub), ref, dtype, scale)
+    x = _unaligned(rng.standard_normal((m, n)).astype(dtype))
+    assert_close(fp.ops.activation("relu", x), np.maximum(x, 0).astype(np.float64), dtype,
+                 np.abs(x))
+    assert {"gemm", "linear_forward", "activation_forward"} <= set(seen) or \
+        be.name != "native"
+
+
+def test_matmul_one_call_path_takes(rng):
+    """The native backend's one-call path (_native.matmul_fast) takes every flag form
+    fastprop accepts and rows repeated through a zero stride; it leaves the rest to
+    the general path (None), which converts, copies or refuses."""
+    _native = pytest.importorskip("fastprop._native")
+    a = rng.standard_normal((6, 5))
+    b = rng.standard_normal((5, 4))
+    want = a @ b
+    for ta, tb, acc in [(np.False_, np.False_, np.False_), (0, 0, 0), (False, 0, np.False_)]:
+        got = _native.matmul_fast(a, b, ta, tb, None, acc)
+        assert got is not None
+        np.testing.assert_allclose(got, want, rtol=1e-13)
+    got = _native.matmul_fast(a.T.copy(), b, np.True_, 0, None, False)
+    np.testing.assert_allclose(got, want, rtol=1e-13)
+    rows = np.broadcast_to(a[0], (6, 5))
+    got = _native.matmul_fast(rows, b, False, False, None, False)
+    assert got is not None
+    np.testing.assert_allclose(got, np.asarray(rows) @ b, rtol=1e-13)
+    for args in [(a, b, "False", False, None, False), (a, b, 2, False, None, False),
+                 (a, b, False, False, None, True),  # accumulate without out
+                 (_unaligned(a), b, False, False, None, False),
+                 (a.astype(np.float32), b, False, False, None, False),
+                 (a, b, False, False, np.empty((6, 4), np.float32), False),
+                 (a, b, False, False, a[:, :4], False)]:  # out overlapping a
+        assert _native.matmul_fast(*args) is None
+
+
 @pytest.mark.parametrize("bad", ["read-only out", "out dtype", "out shape", "str flag",
                                  "accumulate without out"])
 def test_matmul_refusals_change_nothing(backend, rng, bad):

@@ -1,5 +1,6 @@
-// gemm/gemv.hpp - the m == 1 and n == 1 shapes of GEMM (matrix-vector products),
-// included by gemm.cpp in each ISA unit (internal linkage).
+// gemm/gemv.hpp - the GEMM shapes that skip the blocked kernel: m == 1 and n == 1
+// (matrix-vector products), a few rows times a wide B, and shallow products (k <= 4,
+// tiny_k_form, below); included by gemm.cpp in each ISA unit (internal linkage).
 //
 // Computes c = alpha op(A) op(B) + beta c when op(A) has one row (a single-sample
 // forward pass) or op(B) one column, without packing: packing would copy the
@@ -28,11 +29,11 @@ namespace FASTPROP_ISA_NS {
 namespace {
 
 // Long sums are blocked as the packed GEMM's KC blocks are: each output's running
-// sum takes block sums of at most kSumBlock products (of kSumBlock per lane in the
-// dot forms), not every product (a float32 chain stops growing at 2^24 times
-// the terms: a one-output layer's weight gradient over 2^22 samples had 9e-4
-// relative error, all-ones sums of 2^25 terms gave 2^24).  Sums of up to one
-// block are computed exactly as before.
+// sum takes block sums of at most kSumBlock products (in the dot forms, blocks of
+// kDotBlock: kSumBlock per lane of float, 2 x kSumBlock per lane of double), not
+// every product (a float32 chain stops growing at 2^24 times the terms: a
+// one-output layer's weight gradient over 2^22 samples had 9e-4 relative error,
+// all-ones sums of 2^25 terms gave 2^24).
 constexpr index_t kSumBlock = 512;
 
 // The dot forms' vectors: 32 bytes of T (GCC vector extensions: one register in the

@@ -109,17 +109,22 @@ def as_array(x, name: str) -> np.ndarray:
 def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     """Convert to a C-contiguous, native-byte-order float array of ``dtype`` (or the
     array's own float dtype), checking ``ndim`` if given."""
-    if (type(x) is np.ndarray and x.dtype in FLOAT_DTYPES and (dtype is None or x.dtype == dtype)
-            and (ndim is None or x.ndim == ndim) and x.flags.c_contiguous):
+    if (type(x) is np.ndarray and x.dtype in FLOAT_DTYPES
+            and (dtype is None or x.dtype == dtype) and (ndim is None or x.ndim == ndim)
+            and x.flags.c_contiguous and x.flags.aligned):
         return x  # (already so: what np.asarray returns, in a third of its time)
     arr = as_array(x, name)
     if ndim is not None and arr.ndim != ndim:
         raise ValueError(f"{name} must be {ndim}-D, got a {arr.ndim}-D array of shape {arr.shape}")
     dt = compute_dtype(arr) if dtype is None else np.dtype(dtype)
     if arr.dtype == dt:  # (no conversion: no errstate, ~1 us, on every layer's forward)
-        return np.asarray(arr, order="C")  # ascontiguousarray would make 0-d 1-d
-    with np.errstate(over="ignore"):  # (beyond float32's range: inf, which callers refuse)
-        return np.asarray(arr, dtype=dt, order="C")
+        out = np.asarray(arr, order="C")  # ascontiguousarray would make 0-d 1-d
+    else:
+        with np.errstate(over="ignore"):  # (beyond float32's range: inf, refused by callers)
+            out = np.asarray(arr, dtype=dt, order="C")
+    # (an unaligned array, a view at an odd byte offset: copied, since the kernels load
+    # whole floats from it)
+    return out if out.flags.aligned else out.copy()
 
 
 def finite_float(x, name: str, dtype, whose="the model's dtype") -> np.ndarray:

@@ -336,12 +336,19 @@ cdef object _ndarray = np.ndarray
 cdef object _empty = np.empty
 
 
-cdef inline int _flag_of(object v) noexcept:
-    """1 for True, 0 for False, -1 for anything else (the general path decides)."""
-    if v is True:
+cdef object _NP_TRUE = np.True_
+cdef object _NP_FALSE = np.False_
+
+
+cdef inline int _flag_of(object v):
+    """1 or 0 for a flag fastprop takes (True/False, NumPy's bools, the ints 1 and
+    0), -1 for anything else (the general path refuses it)."""
+    if v is True or v is _NP_TRUE:
         return 1
-    if v is False:
+    if v is False or v is _NP_FALSE:
         return 0
+    if type(v) is int:
+        return 1 if v == 1 else (0 if v == 0 else -1)
     return -1
 
 
@@ -372,7 +379,8 @@ cdef inline bint _operand(Py_buffer* v, bint trans, bint flip, _Operand* o) noex
     length-1 axis' stride is free, as ``gemm`` takes it), else, with flip, as its
     transpose (trans flipped) when its first axis has, as fastprop.ops.matmul's
     general path reads it; False otherwise, or when the other stride is negative or
-    not a multiple of the item size, or zero (rows repeated: the general path)."""
+    not a multiple of the item size.  (A zero stride, rows repeated, is read as such,
+    as the general path passes it.)"""
     cdef Py_ssize_t item = v.itemsize
     cdef Py_ssize_t r = v.shape[0], c = v.shape[1]
     cdef Py_ssize_t s0 = v.strides[0], s1 = v.strides[1]
@@ -391,8 +399,6 @@ cdef inline bint _operand(Py_buffer* v, bint trans, bint flip, _Operand* o) noex
         o.rows, o.cols, o.ld, o.trans = r, c, s0 // item, trans
     if o.rows <= 1:
         o.ld = o.cols if o.cols > 0 else 1
-    elif o.ld < 1:
-        return False
     o.data = <char*>v.buf
     o.lo = o.data
     o.hi = o.data

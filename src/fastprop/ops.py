@@ -75,8 +75,12 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
         if arr.ndim != 2:
             raise ValueError(f"{name} must be 2-D, got a {arr.ndim}-D array of shape {arr.shape}")
     dtype = compute_dtype(a, b)
-    a = a.astype(dtype, copy=False) if a.dtype != dtype or not a.dtype.isnative else a
-    b = b.astype(dtype, copy=False) if b.dtype != dtype or not b.dtype.isnative else b
+    # (an unaligned array, a view at an odd byte offset, is copied: the kernels load
+    # whole floats from it)
+    a = a.astype(dtype) if (a.dtype != dtype or not a.dtype.isnative
+                            or not a.flags.aligned) else a
+    b = b.astype(dtype) if (b.dtype != dtype or not b.dtype.isnative
+                            or not b.flags.aligned) else b
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
     if k != k2:
@@ -99,7 +103,7 @@ def matmul(a, b, *, trans_a=False, trans_b=False, out=None, accumulate=False):
     b, trans_b = _gemm_operand(b, trans_b)
     target = out
     if (out.strides[1] != out.itemsize or out.strides[0] < n * out.itemsize
-            or out.strides[0] % out.itemsize
+            or out.strides[0] % out.itemsize or not out.flags.aligned
             or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         target = out.copy() if accumulate else np.empty((m, n), dtype=dtype)
     backends.current().gemm(a, b, target, trans_a, trans_b, accumulate)
@@ -120,7 +124,7 @@ def _matmul_fast(a, b, trans_a, trans_b, out, accumulate):
     item = dtype.itemsize
     sa, sb = a.strides, b.strides
     if (sa[1] != item or sb[1] != item or sa[0] < 0 or sb[0] < 0
-            or sa[0] % item or sb[0] % item):
+            or sa[0] % item or sb[0] % item or not (a.flags.aligned and b.flags.aligned)):
         return None
     m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
     k2, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
@@ -132,7 +136,7 @@ def _matmul_fast(a, b, trans_a, trans_b, out, accumulate):
         out = np.empty((m, n), dtype=dtype)
     elif (type(out) is not np.ndarray or out.dtype != dtype or out.shape != (m, n)
           or not out.flags.writeable or out.strides[1] != item
-          or out.strides[0] < n * item or out.strides[0] % item
+          or out.strides[0] < n * item or out.strides[0] % item or not out.flags.aligned
           or np.may_share_memory(out, a) or np.may_share_memory(out, b)):
         return None
     backends.current().gemm(a, b, out, trans_a, trans_b, accumulate)
@@ -143,8 +147,10 @@ def _linear_args(x, w, b):
     if (type(x) is np.ndarray and type(w) is np.ndarray and x.dtype in FLOAT_DTYPES
             and w.dtype == x.dtype and x.ndim == 2 and w.ndim == 2
             and x.shape[1] == w.shape[0] and x.flags.c_contiguous and w.flags.c_contiguous
+            and x.flags.aligned and w.flags.aligned
             and (b is None or (type(b) is np.ndarray and b.dtype == x.dtype
-                               and b.shape == (w.shape[1],) and b.flags.c_contiguous))):
+                               and b.shape == (w.shape[1],) and b.flags.c_contiguous
+                               and b.flags.aligned))):
         return x, w, b, x.dtype  # (what the checks below return for these, in ~0.5 us)
     x = as_array(x, "x")
     w = as_array(w, "w")
@@ -159,6 +165,8 @@ def _linear_args(x, w, b):
     dtype = compute_dtype(*arrays)
     x = np.ascontiguousarray(x, dtype=dtype)
     w = np.ascontiguousarray(w, dtype=dtype)
+    x = x if x.flags.aligned else x.copy()  # (the kernels load whole floats)
+    w = w if w.flags.aligned else w.copy()
     if b is not None:
         b = as_float(b, "b", dtype)
         check_shape(b, (w.shape[1],), "b")

@@ -12,7 +12,8 @@ Common rules for every function:
 
 * All floating arrays of one call share one dtype, ``float32`` or ``float64``.
 * Arrays are C-contiguous, except the ``gemm`` operands, whose last axis has unit
-  stride and whose first axis has any non-negative stride (a leading dimension).
+  stride and whose first axis has any non-negative stride (a leading dimension);
+  every array is aligned (the Python layer copies a view at an odd byte offset).
 * No array is empty unless stated (the Python layer short-circuits empty work).
 * ``act`` is an integer activation code from :data:`ACTIVATIONS`; ``alpha`` is the
   leaky-relu negative slope (ignored by other activations).

@@ -29,7 +29,6 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     layernorm_forward,
     linear_backward,
     linear_forward,
-    matmul_fast,
     mse,
     rmsprop_update,
     scale_,
@@ -38,6 +37,11 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     softmax_xent,
     sum_squares,
 )
+
+# Not part of the kernel contract: fastprop.ops.matmul's one-call path on this backend
+# (it checks its arguments and allocates its output itself, returning None for any
+# call it does not take, which the Python layer then handles).
+from .._native import matmul_fast  # noqa: F401
 
 name = "native"
 
