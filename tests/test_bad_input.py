@@ -607,6 +607,8 @@ ROWS = [
       r"set_to_none must be a bool, got str"),
     R("backward-input-grad-str", lambda c: c.model.backward(np.ones((5, 3)), input_grad="no"),
       TypeError, r"input_grad must be a bool, got str", setup=lambda c: c.model(c.X[:5])),
+    R("sgd-lr-int-beyond-float", lambda c: optim.SGD(c.model.parameters(), lr=10 ** 400),
+      ValueError, r"Invalid lr: an integer too large for a float \(401 digits\)"),
     R("loss-get-int", lambda c: losses.get(3), TypeError,
       r"loss must be a fastprop.losses.Loss or a name, got int"),
     R("load-path-int", lambda c: fp.load(3), TypeError,

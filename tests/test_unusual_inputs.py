@@ -285,3 +285,86 @@ def test_pandas_columns_that_are_not_numbers_are_refused():
                   pd.Series(["1.5", "2", "3", "4"], dtype="string")):
         with pytest.raises(TypeError, match="X must hold real numbers"):
             _clf_model().predict(frame)
+
+
+def _unaligned(shape, dtype=np.float32, fill=1.0):
+    """An array at an odd byte offset (NumPy marks it not aligned), filled."""
+    dtype = np.dtype(dtype)
+    size = int(np.prod(shape))
+    raw = np.zeros(size * dtype.itemsize + 1, np.uint8)
+    arr = raw[1:].view(dtype).reshape(shape)
+    arr[...] = fill
+    assert not arr.flags.aligned
+    return arr
+
+
+def test_unaligned_arrays_reach_no_native_kernel(monkeypatch):
+    """A view at an odd byte offset is copied before any native kernel loads whole
+    floats from it (undefined behaviour in C++, which UBSan reports): through the
+    layers, the losses' targets, an activation's out, the compiled step and fit, and
+    the scikit-learn estimators' predict.  The results are those of aligned copies."""
+    native = pytest.importorskip("fastprop.backends.native")
+    from fastprop import train
+    got = []
+
+    def check(name, args):
+        for a in args:
+            if isinstance(a, np.ndarray) and not a.flags.aligned:
+                got.append((name, a.shape))
+
+    for name in dir(native):
+        kernel = getattr(native, name)
+        if name.startswith("_") or not callable(kernel) or name in (
+                "make_train_step", "matmul_fast", "set_num_threads", "get_num_threads"):
+            continue  # (matmul_fast takes an unaligned buffer as a refusal: None)
+
+        def checked(*args, _k=kernel, _n=name, **kw):
+            check(_n, args)
+            return _k(*args, **kw)
+        monkeypatch.setattr(native, name, checked)
+
+    class Checked:  # the compiled step's native kernel
+        def __init__(self, f):
+            object.__setattr__(self, "_f", f)
+
+        def __getattr__(self, k):
+            return getattr(self._f, k)
+
+        def __setattr__(self, k, v):
+            setattr(self._f, k, v)
+
+        def __call__(self, x, y, *rest):
+            check("train step", (x,) + (y if isinstance(y, tuple) else (y,)))
+            return self._f(x, y, *rest)
+
+    fused = train.TrainStep.fused
+    monkeypatch.setattr(train.TrainStep, "fused",
+                        lambda self: None if fused(self) is None else Checked(fused(self)))
+    with fp.use_backend("native"):
+        x = _unaligned((8, 3), fill=0.5)
+        for layer in (fp.nn.Dense(3, 5), fp.nn.LayerNorm(3), fp.nn.BatchNorm1d(3)):
+            y = layer(x)
+            np.testing.assert_array_equal(y, layer(x.copy()))
+            layer.backward(np.ones_like(y))
+        ones = np.ones((8, 5), np.float32)
+        out = _unaligned((8, 5))
+        assert fp.ops.activation("tanh", ones, out=out) is out
+        np.testing.assert_array_equal(out, fp.ops.activation("tanh", ones))
+        fp.losses.MSE()(ones, _unaligned((8, 5), fill=0.25))
+        fp.ops.softmax_cross_entropy(ones, _unaligned((8,), np.int64, fill=np.arange(8) % 5))
+        m = fp.nn.Sequential(fp.nn.Dense(3, 4), fp.nn.Dense(4, 2))
+        step = m.compile(fp.losses.MSE(), fp.optim.SGD(m.parameters(), lr=0.01))
+        step(_unaligned((8, 3)), _unaligned((8, 2)))
+        m.fit(_unaligned((64, 3)), _unaligned((64, 2)), loss=fp.losses.MSE(),
+              optimizer=fp.optim.SGD(m.parameters(), lr=0.01), shuffle=False, batch_size=16,
+              verbose=0)
+        pytest.importorskip("sklearn")
+        from fastprop.sklearn import MLPRegressor
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            r = MLPRegressor(hidden_layer_sizes=(4,), max_iter=2).fit(np.ones((20, 3)),
+                                                                     np.ones(20))
+        xu = _unaligned((20, 3), np.float64)
+        np.testing.assert_array_equal(r.predict(xu), r.predict(xu.copy()))
+    assert got == []

@@ -106,6 +106,13 @@ def as_array(x, name: str) -> np.ndarray:
     return arr
 
 
+def c_array(x, dtype=None) -> np.ndarray:
+    """np.ascontiguousarray that also copies an unaligned array (a view at an odd byte
+    offset): the kernels load whole elements from what they are given."""
+    arr = np.ascontiguousarray(x, dtype=dtype)
+    return arr if arr.flags.aligned else arr.copy()
+
+
 def as_float(x, name: str, dtype=None, ndim=None) -> np.ndarray:
     """Convert to a C-contiguous, native-byte-order float array of ``dtype`` (or the
     array's own float dtype), checking ``ndim`` if given."""
@@ -184,7 +191,11 @@ def real(value, name: str, *, low=None, low_inclusive=True, high=None, high_incl
     if type(value) is not float and type(value) is not int and (  # (the ABC check: ~0.4 us)
             isinstance(value, bool) or not isinstance(value, numbers.Real)):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__} ({value!r})")
-    v = float(value)
+    try:
+        v = float(value)
+    except OverflowError:  # (an int beyond float's range: 10 ** 400)
+        raise ValueError(f"Invalid {name}: an integer too large for a float "
+                         f"({len(str(abs(value)))} digits)") from None
     bad = v != v
     if low is not None:
         bad = bad or (v < low if low_inclusive else v <= low)
@@ -221,7 +232,7 @@ def class_labels(labels, n: int, classes: int, name: str = "labels",
     # (ids beyond int64 have no conversion: the range error, on the values given)
     # (float(): 2 ** 63 promoted to float16 overflows, with a RuntimeWarning)
     beyond = bool(n) and arr.dtype.kind in "fu" and float(np.abs(arr).max()) >= 2.0 ** 63
-    out = None if beyond else np.ascontiguousarray(arr, dtype=np.int64)
+    out = None if beyond else c_array(arr, np.int64)
     if beyond or (check_range and n and (out.min() < 0 or out.max() >= classes)):
         raise ValueError(
             f"{name} must lie in [0, {classes}) for {classes} classes, "

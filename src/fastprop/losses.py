@@ -145,6 +145,7 @@ def _elementwise_target(target, pred_shape, dtype):
     else:
         with np.errstate(over="ignore"):  # (beyond float32: inf, said so below)
             out = np.asarray(t, dtype=dtype, order="C")
+    out = out if out.flags.aligned else out.copy()  # (the kernels load whole floats)
     if out.size and not np.isfinite(out).all():
         finite_float(t, "target", dtype, "the prediction's dtype")  # (the message)
     return out

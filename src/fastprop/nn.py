@@ -20,7 +20,7 @@ import numpy as np
 
 from . import backends
 from . import init as _init
-from ._checks import as_array, as_float, flag, float_dtype, integer, real, warn_user
+from ._checks import as_array, as_float, c_array, flag, float_dtype, integer, real, warn_user
 from .backends import ACTIVATIONS, PREACT_ACTIVATIONS
 from .ops import activation_code
 
@@ -143,7 +143,7 @@ class Parameter:
         if value.dtype not in (np.float32, np.float64):  # (also a byte-swapped float64)
             wide = value.dtype.kind in "biu" or value.dtype.itemsize >= 8
             value = value.astype(np.float64 if wide else np.float32)
-        self._value = np.ascontiguousarray(value)
+        self._value = c_array(value)
         self._grad = np.zeros_like(self._value)
         self.name = name
         self._frozen = False
@@ -212,7 +212,7 @@ class Parameter:
         label = f"Parameter {self.name!r}" if getattr(self, "name", None) else "Parameter"
         arr = as_array(new, "value")
         if old is None:  # (unpickling an older Parameter, whose slot was `value`)
-            self._value = np.ascontiguousarray(arr)
+            self._value = c_array(arr)
             return
         if arr.shape != old.shape:
             raise ValueError(f"{label}: value must have the parameter's shape {old.shape}, "
@@ -1004,7 +1004,7 @@ class Dense(Module):
             raise ValueError(
                 f"Dense({self.in_features}, {self.out_features}): expected input of shape "
                 f"(batch, {self.in_features}), got {arr.shape}")
-        return np.ascontiguousarray(arr, dtype=self._dtype)
+        return c_array(arr, self._dtype)
 
     def _check_params(self):
         """ValueError naming the arrays when the parameters (assigned since, e.g.
@@ -1324,7 +1324,7 @@ class _Norm(Module):
             raise ValueError(
                 f"{type(self).__name__}({self.num_features}): expected input of shape "
                 f"(batch, {self.num_features}), got {arr.shape}")
-        return np.ascontiguousarray(arr, dtype=self._dtype)
+        return c_array(arr, self._dtype)
 
     def _check_arrays(self):
         """ValueError naming the parameter or statistic whose shape (assigned since,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import backends
-from ._checks import (FLOAT_DTYPES, as_array, as_float, check_out, check_shape, flag,
+from ._checks import (FLOAT_DTYPES, as_array, as_float, c_array, check_out, check_shape, flag,
                       class_labels, compute_dtype, real)
 from .backends import ACTIVATIONS
 
@@ -163,10 +163,8 @@ def _linear_args(x, w, b):
             f"x has {x.shape[1]} features but w expects {w.shape[0]} (w has shape {w.shape})")
     arrays = [x, w] if b is None else [x, w, as_array(b, "b")]
     dtype = compute_dtype(*arrays)
-    x = np.ascontiguousarray(x, dtype=dtype)
-    w = np.ascontiguousarray(w, dtype=dtype)
-    x = x if x.flags.aligned else x.copy()  # (the kernels load whole floats)
-    w = w if w.flags.aligned else w.copy()
+    x = c_array(x, dtype)
+    w = c_array(w, dtype)
     if b is not None:
         b = as_float(b, "b", dtype)
         check_shape(b, (w.shape[1],), "b")
@@ -265,7 +263,8 @@ def activation(name, x, *, alpha=0.01, out=None):
         check_out(out, x.shape, x.dtype)
         # the kernel may write y over x only when they are the same array: a partial
         # overlap would read inputs it has already overwritten
-        if not out.flags.c_contiguous or (out is not x and np.may_share_memory(out, x)):
+        if (not out.flags.c_contiguous or not out.flags.aligned
+                or (out is not x and np.may_share_memory(out, x))):
             out[...] = activation(name, x, alpha=alpha)
             return out
     if x.size:
@@ -329,7 +328,7 @@ def softmax_targets(labels, shape, dtype, check_range=True):
             raise ValueError(
                 f"labels given as target probabilities must have shape {(n, classes)}, "
                 f"got {arr.shape}")
-        targets = np.ascontiguousarray(arr, dtype=dtype)
+        targets = c_array(arr, dtype)
         if not np.isfinite(targets).all():
             raise ValueError("labels (target probabilities) contain NaN or infinite values")
         return None, targets

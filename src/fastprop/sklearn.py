@@ -117,7 +117,7 @@ def _kernel_array(a, dtype):
     """``a`` as a C-contiguous, writable array of ``dtype`` (copied only if needed:
     kernels may take mutable buffers, and read-only memmaps come from joblib)."""
     a = np.ascontiguousarray(a, dtype=dtype)
-    return a if a.flags.writeable else a.copy()
+    return a if a.flags.writeable and a.flags.aligned else a.copy()
 
 
 def _coef_dtype(coefs):

@@ -26,7 +26,7 @@ from . import backends
 from . import checkpoint as _checkpoint
 from . import losses as _losses
 from . import optim as _optim
-from ._checks import (as_array, as_float, check_finite, finite_float, flag, integer, real,
+from ._checks import (as_array, as_float, c_array, check_finite, finite_float, flag, integer, real,
                       warn_user as _warn_user)
 from .backends import ACTIVATIONS, NonFiniteError
 from . import lr_scheduler as _sched
@@ -509,10 +509,10 @@ class TrainStep:
             dtype = self.optimizer.params[0].dtype
             given = x
             if x.dtype == dtype:
-                x = np.ascontiguousarray(x)
+                x = c_array(x)
             else:
                 with np.errstate(over="ignore"):  # (beyond float32: inf, refused below)
-                    x = np.ascontiguousarray(x, dtype=dtype)
+                    x = c_array(x, dtype)
             if x.ndim != 2 or x.shape[1] != self._shape[0]:
                 raise ValueError(f"x must have shape (batch, {self._shape[0]}), got {x.shape}")
             checks_x = getattr(fast, "checks_x", False)  # (the native kernel checks x)
@@ -780,7 +780,7 @@ def _targets(y, name, n):
         raise ValueError(f"{name} has {y.shape[0] if y.ndim else 0} samples but X has {n}")
     if y.dtype.kind == "f":
         check_finite(y, name)
-    return np.ascontiguousarray(y)
+    return c_array(y)
 
 
 def _input_width(model):
