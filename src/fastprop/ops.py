@@ -205,35 +205,47 @@ def linear_backward(grad_y, x, w, y, *, activation=None, z=None, alpha=0.01):
     act = activation_code(activation)
     alpha = real(alpha, "alpha", low=0)
     x, w, _, dtype = _linear_args(x, w, None)
-    # the computation dtype promotes over every operand (a float64 grad_y with float32
-    # x and w computes in float64, as linear promotes x, w and b)
-    given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (z, "z"))
-             if a is not None]
-    wide = compute_dtype(x, w, *given)
-    if wide != dtype:
-        x, w, dtype = x.astype(wide), w.astype(wide), wide
     n, out_f = x.shape[0], w.shape[1]
-    grad_y = as_float(grad_y, "grad_y", dtype)
-    check_shape(grad_y, (n, out_f), "grad_y")
-    y, z = _act_operands(act, y, z, (n, out_f), dtype)
+    shape = (n, out_f)
+    if not (_ready(grad_y, dtype, shape) and (y is None or _ready(y, dtype, shape))
+            and (z is None or _ready(z, dtype, shape))):
+        # the computation dtype promotes over every operand (a float64 grad_y with
+        # float32 x and w computes in float64, as linear promotes x, w and b)
+        given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (z, "z"))
+                 if a is not None]
+        wide = compute_dtype(x, w, *given)
+        if wide != dtype:
+            x, w, dtype = x.astype(wide), w.astype(wide), wide
+        grad_y = as_float(grad_y, "grad_y", dtype)
+        check_shape(grad_y, shape, "grad_y")
+    # (else every operand is already what the checks above return)
+    y, z = _act_operands(act, y, z, shape, dtype)
     grad_x = np.empty_like(x)
-    grad_w = np.zeros_like(w)
-    grad_b = np.zeros(out_f, dtype=dtype)
-    if n and out_f:
-        work = None if act == 0 else np.empty((n, out_f), dtype=dtype)
+    grad_w = np.empty_like(w)
+    grad_b = np.empty(out_f, dtype=dtype)
+    if n and out_f:  # (the kernel writes every element of the three)
+        work = None if act == 0 else np.empty(shape, dtype=dtype)
         backends.current().linear_backward(grad_y, x, w, y, z, act, alpha, grad_x, grad_w,
                                            grad_b, work, False)
-    else:
+    else:  # (an empty batch or no outputs: every gradient is 0)
         grad_x.fill(0)
+        grad_w.fill(0)
+        grad_b.fill(0)
     return grad_x, grad_w, grad_b
+
+
+def _ready(a, dtype, shape):
+    """``a`` is a C-contiguous aligned ndarray of ``dtype`` and ``shape``: what the
+    conversions and shape checks would return unchanged."""
+    return (type(a) is np.ndarray and a.dtype == dtype and a.shape == shape
+            and a.flags.c_contiguous and a.flags.aligned)
 
 
 def _act_operands(act, y, z, shape, dtype, z_name="z"):
     """Check the forward values an activation's backward needs (and the shape of one
     given but not needed: a wrong one is a mistake, not a value to ignore)."""
-    name = next(k for k, v in ACTIVATIONS.items() if v == act)
     for arr, arg in ((y, "y"), (z, z_name)):
-        if arr is not None:
+        if arr is not None and not (type(arr) is np.ndarray and arr.shape == shape):
             check_shape(as_array(arr, arg), shape, arg)
     if act in backends.PREACT_ACTIVATIONS:
         if z is None:
@@ -244,6 +256,7 @@ def _act_operands(act, y, z, shape, dtype, z_name="z"):
     if act == 0:
         return None, None
     if y is None:
+        name = next(k for k, v in ACTIVATIONS.items() if v == act)
         raise ValueError(f"{name} backward needs the forward output y")
     return as_float(y, "y", dtype), None
 
@@ -281,9 +294,14 @@ def activation_backward(name, grad_y, x, y, *, alpha=0.01):
     """
     act = activation_code(name)
     alpha = real(alpha, "alpha", low=0)
-    given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (x, "x"))
-             if a is not None]
-    grad_y = as_float(grad_y, "grad_y", compute_dtype(*given))
+    if not (type(grad_y) is np.ndarray and grad_y.dtype in FLOAT_DTYPES
+            and (y is None or _ready(y, grad_y.dtype, grad_y.shape))
+            and (x is None or _ready(x, grad_y.dtype, grad_y.shape))):
+        given = [as_array(a, nm) for a, nm in ((grad_y, "grad_y"), (y, "y"), (x, "x"))
+                 if a is not None]
+        grad_y = as_float(grad_y, "grad_y", compute_dtype(*given))
+    else:  # (one float dtype over all: the conversion only makes it C-contiguous)
+        grad_y = as_float(grad_y, "grad_y")
     if act == ACTIVATIONS["softmax"] and grad_y.ndim == 0:
         raise ValueError("softmax needs at least 1-D input")
     y_, x_ = _act_operands(act, y, x, grad_y.shape, grad_y.dtype, "x")
