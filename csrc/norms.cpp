@@ -23,6 +23,8 @@
 #include "isa_common.hpp"
 #include "kernels.hpp"
 
+#include <type_traits>
+
 namespace fastprop {
 namespace FASTPROP_ISA_NS {
 namespace {
@@ -196,11 +198,45 @@ void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
     });
 }
 
+// Layer norm rows of at most kRowBuf features: float32 rows are converted to double
+// once, into a buffer on the stack, instead of once per pass (3 passes forward, 3
+// backward: the conversions bound those loops on AVX2, one per cycle); gamma and
+// beta once per thread.  Every term and sum is the unbuffered form's, in the same
+// order: the same bits.
+constexpr index_t kRowBuf = 1024;  // (3 buffers: 24 KiB of stack)
+
+template <typename T>
+constexpr bool kBufferRows = std::is_same<T, float>::value;
+
 template <typename T>
 void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                        double eps, T* y, T* mean, T* invstd) {
     if (n <= 0 || f <= 0) return;
     const double inv_f = 1.0 / double(f);
+    if (kBufferRows<T> && f <= kRowBuf) {
+        parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
+            double gd[kRowBuf], bd[kRowBuf], xd[kRowBuf];
+            for (index_t j = 0; j < f; ++j) {
+                gd[j] = double(gamma[j]);
+                bd[j] = double(beta[j]);
+            }
+            for (index_t r = r0; r < r1; ++r) {
+                const T* FASTPROP_RESTRICT xr = x + r * f;
+                T* FASTPROP_RESTRICT yr = y + r * f;
+                for (index_t j = 0; j < f; ++j) xd[j] = double(xr[j]);
+                const double mu = lane_sum(0, f, [&xd](index_t j) { return xd[j]; }) * inv_f;
+                const double q = lane_sum(0, f, [&xd, mu](index_t j) {
+                    const double d = xd[j] - mu;
+                    return d * d;
+                });
+                const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
+                mean[r] = T(mu);
+                invstd[r] = T(inv);
+                for (index_t j = 0; j < f; ++j) yr[j] = T((xd[j] - mu) * inv * gd[j] + bd[j]);
+            }
+        });
+        return;
+    }
     parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
         for (index_t r = r0; r < r1; ++r) {
             const T* xr = x + r * f;
@@ -230,6 +266,33 @@ void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
         layernorm_affine_grads(n, f, j0, w, grad_y, x, mean, invstd, grad_gamma, grad_beta);
     });
     // grad_x: row by row.
+    if (kBufferRows<T> && f <= kRowBuf) {
+        parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
+            double gam[kRowBuf], gd[kRowBuf], xd[kRowBuf];
+            for (index_t j = 0; j < f; ++j) gam[j] = double(gamma[j]);
+            for (index_t r = r0; r < r1; ++r) {
+                const T* FASTPROP_RESTRICT gr = grad_y + r * f;
+                const T* FASTPROP_RESTRICT xr = x + r * f;
+                T* FASTPROP_RESTRICT out = grad_x + r * f;
+                for (index_t j = 0; j < f; ++j) {
+                    gd[j] = double(gr[j]);
+                    xd[j] = double(xr[j]);
+                }
+                const double m = double(mean[r]), inv = double(invstd[r]);
+                const double sgh = lane_sum(0, f, [&gd, &gam](index_t j) { return gd[j] * gam[j]; });
+                const double sghx = lane_sum(0, f, [&gd, &gam, &xd, m, inv](index_t j) {
+                    return gd[j] * gam[j] * ((xd[j] - m) * inv);
+                });
+                const double coef = inv / df;
+                for (index_t j = 0; j < f; ++j) {
+                    const double gh = gd[j] * gam[j];
+                    const double xhat = (xd[j] - m) * inv;
+                    out[j] = T(coef * (df * gh - sgh - xhat * sghx));
+                }
+            }
+        });
+        return;
+    }
     parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
         for (index_t r = r0; r < r1; ++r) {
             const T* gr = grad_y + r * f;
