@@ -1226,6 +1226,49 @@ def test_norm_forward_backward_match_reference(rng, dtype, n, f, layer):
     close(gx, gx_r, dtype, scale=xscale, factor=4, what="grad_x")
 
 
+def _ulps(actual, want):
+    """|actual - want| in units of float32 spacing at want (want a float32 array)."""
+    return np.abs(actual.astype(F64) - want.astype(F64)) / np.spacing(np.abs(want)).astype(F64)
+
+
+@pytest.mark.parametrize("n", [2, 3, 4097])
+def test_batchnorm_float32_statistics_one_pass_hard_columns(rng, n):
+    """float32 batch statistics come from one pass over x - k (k a column's first
+    value): still within an ulp of the float64 two-pass values, rounded to float32,
+    on the columns where a plain one-pass sum of squares cancels (mean 1e6 times the
+    spread), where k is far from the mean (an outlier first row), with an odd row
+    count (the two-rows-at-a-time loop's last row), for the forward's mean/invstd and
+    the running statistics alike; non-finite columns as in the NumPy reference."""
+    f = 6
+    x = rng.standard_normal((n, f)) * [1, 1e-3, 1, 1e3, 2, 1e-2] + [1e6, 1e3, 0, 0, -5e5, 7]
+    x[0, 2:4] += [3e4, 1e7]  # (an outlier first row: k far from the mean)
+    x = x.astype(F32)
+    y, mean, inv = np.empty_like(x), np.empty(f, F32), np.empty(f, F32)
+    gamma, beta = np.ones(f, F32), np.zeros(f, F32)
+    nat.batchnorm_forward(x, gamma, beta, 1e-5, y, mean, inv)
+    xd = x.astype(F64)
+    mu, ss = xd.mean(0), ((xd - xd.mean(0)) ** 2).sum(0)
+    assert _ulps(mean, mu.astype(F32)).max() <= 1
+    assert _ulps(inv, (1 / np.sqrt(ss / n + 1e-5)).astype(F32)).max() <= 1
+    rm, rv = np.zeros(f, F32), np.ones(f, F32)
+    nat.batchnorm_running_update(x, 1.0, rm, rv)
+    assert _ulps(rm, mu.astype(F32)).max() <= 1
+    assert _ulps(rv, (ss / (n - 1)).astype(F32)).max() <= 1
+    # non-finite values: the same NaN/inf pattern and values as the reference
+    x[:, 0] = 1.0
+    x[0, 0], x[1, 1], x[n - 1, 2], x[0, 3], x[1, 3] = np.inf, np.nan, -np.inf, np.inf, -np.inf
+    outs = []
+    for be in (nat, ref):
+        o = (np.empty_like(x), np.empty(f, F32), np.empty(f, F32))
+        r = (np.zeros(f, F32), np.ones(f, F32))
+        with np.errstate(invalid="ignore"):  # (NumPy's inf - inf)
+            be.batchnorm_forward(x, gamma, beta, 1e-5, *o)
+            be.batchnorm_running_update(x, 0.5, *r)
+        outs.append(o[1:] + r)
+    for a, b in zip(*outs):
+        np.testing.assert_array_equal(a[:4], b[:4])
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n,f", NORM_SHAPES)
 def test_batchnorm_eval_matches_reference(rng, dtype, n, f):
