@@ -331,6 +331,35 @@ def test_epilogue_backward_derivative_and_colsum(rng, dtype, dact, ta, tb):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("dact", [0, 1, 2], ids=["identity", "relu", "leaky_relu"])
+def test_epilogue_backward_products_exact(rng, dtype, dact):
+    """The backward epilogue of the derivatives that are a product by 1, 0 or alpha
+    (in vector registers, 16 columns at a time, in the float units; scalar for the
+    rest of a row): C equals the plain product times act'(.) bit for bit, and each
+    column sum is the rows of that C added in order in double, whatever the column
+    group (full 16-column groups, a narrower last one) and the row count."""
+    for m, k, n in [(32, 10, 128), (7, 33, 16), (33, 17, 50), (5, 3, 15), (64, 40, 200)]:
+        g = rng.standard_normal((m, k)).astype(dtype)
+        w = rng.standard_normal((n, k)).astype(dtype)
+        d = rng.standard_normal((m, n)).astype(dtype)
+        d[0, : min(n, 4)] = [np.nan, 0.0, -0.0, np.inf][: min(n, 4)]
+        plain = np.empty((m, n), dtype)
+        _native.gemm_ex(g, w, plain, False, True)
+        c = np.empty((m, n), dtype)
+        cs = np.full(n, 0.5)
+        _native.gemm_ex(g, w, c, False, True, dsrc=d if dact else None, dact=dact,
+                        dalpha=ALPHA, colsum=cs)
+        factor = {0: np.ones_like(d), 1: np.where(d > 0, 1, 0).astype(dtype),
+                  2: np.where(d > 0, 1, dtype.type(ALPHA)).astype(dtype)}[dact]
+        want = plain * factor
+        np.testing.assert_array_equal(c, want)
+        sums = np.full(n, 0.5)
+        for i in range(m):
+            sums += want[i].astype(np.float64)
+        np.testing.assert_array_equal(cs, sums)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("n", [50, 512], ids=["strips", "by_rows"])
 def test_epilogue_colsum_rows_in_order(rng, dtype, n):
     """Column sums: double accumulation of the final C, rows in increasing order, in

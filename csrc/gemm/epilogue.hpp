@@ -208,6 +208,56 @@ void epilogue_forward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t
     }
 }
 
+#if defined(__AVX2__) && defined(__FMA__)
+#define FASTPROP_BACKWARD_COLS16 1
+// 16 float columns of the backward epilogue in vector registers, for the derivatives
+// that are a product by 1, 0 or alpha (identity: the column sums only; relu, leaky
+// relu): the same products and the same additions in double, per column in row
+// order, as the scalar form below, which GCC 12 compiled to scalar code with the sums
+// on the stack (~4 ns an element: the 32 x 128 block of an MLP step's backward took
+// 17 us in its epilogue after a 4 us product).  256-bit code in the avx512 unit too
+// (the one form, tested wherever AVX2 runs).
+template <int DAct>
+constexpr bool kVectorBackward = DAct == kIdentity || DAct == kRelu || DAct == kLeakyRelu;
+
+template <int DAct>
+inline void backward_cols16_float(const GemmEpilogue<float>& ep, index_t i0, index_t i1,
+                                  index_t j0, float* c, index_t ldc) {
+    const __m256 zero = _mm256_setzero_ps(), one = _mm256_set1_ps(1.0f);
+    const __m256 neg = DAct == kLeakyRelu ? _mm256_set1_ps(float(ep.dalpha)) : zero;
+    auto product = [&](__m256 v, const float* d) {  // v * act'(d), as dact_value's
+        if constexpr (DAct == kIdentity) {
+            (void)d;
+            return v;
+        } else {  // (d > 0 false for NaN: the factor is then neg, as in dact_value)
+            const __m256 gt = _mm256_cmp_ps(_mm256_loadu_ps(d), zero, _CMP_GT_OQ);
+            return _mm256_mul_ps(v, _mm256_blendv_ps(neg, one, gt));
+        }
+    };
+    double* sums = ep.colsum + j0;
+    __m256d s0 = _mm256_loadu_pd(sums), s1 = _mm256_loadu_pd(sums + 4);
+    __m256d s2 = _mm256_loadu_pd(sums + 8), s3 = _mm256_loadu_pd(sums + 12);
+    for (index_t i = i0; i < i1; ++i) {
+        float* ci = c + i * ldc + j0;
+        const float* di = DAct == kIdentity ? nullptr : ep.dsrc + i * ep.ld_dsrc + j0;
+        const __m256 v0 = product(_mm256_loadu_ps(ci), di);
+        const __m256 v1 = product(_mm256_loadu_ps(ci + 8), DAct == kIdentity ? nullptr : di + 8);
+        if constexpr (DAct != kIdentity) {
+            _mm256_storeu_ps(ci, v0);
+            _mm256_storeu_ps(ci + 8, v1);
+        }
+        s0 = _mm256_add_pd(s0, _mm256_cvtps_pd(_mm256_castps256_ps128(v0)));
+        s1 = _mm256_add_pd(s1, _mm256_cvtps_pd(_mm256_extractf128_ps(v0, 1)));
+        s2 = _mm256_add_pd(s2, _mm256_cvtps_pd(_mm256_castps256_ps128(v1)));
+        s3 = _mm256_add_pd(s3, _mm256_cvtps_pd(_mm256_extractf128_ps(v1, 1)));
+    }
+    _mm256_storeu_pd(sums, s0);
+    _mm256_storeu_pd(sums + 4, s1);
+    _mm256_storeu_pd(sums + 8, s2);
+    _mm256_storeu_pd(sums + 12, s3);
+}
+#endif
+
 // Rows [i0, i1) of columns [j0, j0 + len) (len <= 16; W == len when W > 0, so the
 // full-width instantiation has fixed trip counts): the column sums stay in
 // registers across the rows (loaded from and stored to ep.colsum once) instead of a
@@ -215,6 +265,12 @@ void epilogue_forward(const GemmEpilogue<T>& ep, index_t i0, index_t i1, index_t
 template <int DAct, int W, typename T>
 inline void epilogue_backward_cols(const GemmEpilogue<T>& ep, index_t i0, index_t i1,
                                    index_t j0, index_t len_rt, T* c, index_t ldc) {
+#if defined(FASTPROP_BACKWARD_COLS16)
+    if constexpr (W == 16 && std::is_same<T, float>::value && kVectorBackward<DAct>) {
+        backward_cols16_float<DAct>(ep, i0, i1, j0, c, ldc);
+        return;
+    }
+#endif
     const index_t len = W > 0 ? index_t(W) : len_rt;
     const T da = T(ep.dalpha);
     (void)da;  // unused for identity (column sums only)
