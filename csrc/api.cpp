@@ -112,6 +112,12 @@ const detail::KernelOps<double>& ops<double>() noexcept {
                                   T* running_mean, T* running_var) noexcept {                 \
         ops<T>().batchnorm_running_update(n, f, x, momentum, running_mean, running_var);      \
     }                                                                                         \
+    void batchnorm_forward_train(index_t n, index_t f, const T* x, const T* gamma,            \
+                                 const T* beta, double eps, T* y, T* mean, T* invstd,         \
+                                 double momentum, T* running_mean, T* running_var) noexcept { \
+        ops<T>().batchnorm_forward_train(n, f, x, gamma, beta, eps, y, mean, invstd,          \
+                                         momentum, running_mean, running_var);                \
+    }                                                                                         \
     void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x,                \
                             const T* gamma, const T* mean, const T* invstd, T* grad_x,        \
                             T* grad_gamma, T* grad_beta) noexcept {                           \

@@ -34,6 +34,7 @@ constexpr detail::KernelOps<T> make_ops() {
         &batchnorm_forward<T>,
         &batchnorm_forward_eval<T>,
         &batchnorm_running_update<T>,
+        &batchnorm_forward_train<T>,
         &batchnorm_backward<T>,
         &layernorm_forward<T>,
         &layernorm_backward<T>,

@@ -45,6 +45,8 @@ struct KernelOps {
     void (*batchnorm_forward_eval)(index_t, index_t, const T*, const T*, const T*,
                                    const T*, const T*, double, T*);
     void (*batchnorm_running_update)(index_t, index_t, const T*, double, T*, T*);
+    void (*batchnorm_forward_train)(index_t, index_t, const T*, const T*, const T*, double,
+                                    T*, T*, T*, double, T*, T*);
     void (*batchnorm_backward)(index_t, index_t, const T*, const T*, const T*, const T*,
                                const T*, T*, T*, T*);
     void (*layernorm_forward)(index_t, index_t, const T*, const T*, const T*, double, T*,

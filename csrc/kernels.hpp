@@ -118,6 +118,10 @@ template <typename T>
 void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,
                               T* running_mean, T* running_var);
 template <typename T>
+void batchnorm_forward_train(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
+                             double eps, T* y, T* mean, T* invstd, double momentum,
+                             T* running_mean, T* running_var);
+template <typename T>
 void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const T* gamma,
                         const T* mean, const T* invstd, T* grad_x, T* grad_gamma,
                         T* grad_beta);

@@ -1226,6 +1226,78 @@ def test_norm_forward_backward_match_reference(rng, dtype, n, f, layer):
     close(gx, gx_r, dtype, scale=xscale, factor=4, what="grad_x")
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("momentum", [0.0, 0.1, 1.0])
+def test_batchnorm_forward_train_is_forward_then_running_update(rng, dtype, momentum):
+    """The fused training forward (BatchNorm1d's path on this backend) gives exactly
+    what batchnorm_forward followed by batchnorm_running_update gives, over shapes that
+    split column strips between threads; a refused call (a statistic of another size
+    or dtype, one row, momentum outside [0, 1]) writes nothing."""
+    for n, f in [s for s in NORM_SHAPES if s[0] >= 2] + [(2, 1), (2048, 600)]:
+        x = randn(rng, (n, f), dtype, 3.0) + np.asarray(0.5, dtype)
+        gamma, beta = _affine(rng, f, dtype)
+        rm0, rv0 = randn(rng, (f,), dtype), (rng.random(f) + 0.5).astype(dtype)
+        outs = []
+        for fused in (True, False):
+            y, mean, inv = np.empty((n, f), dtype), np.empty(f, dtype), np.empty(f, dtype)
+            rm, rv = rm0.copy(), rv0.copy()
+            if fused:
+                nat.batchnorm_forward_train(x, gamma, beta, 1e-5, y, mean, inv, momentum, rm, rv)
+            else:
+                nat.batchnorm_forward(x, gamma, beta, 1e-5, y, mean, inv)
+                nat.batchnorm_running_update(x, momentum, rm, rv)
+            outs.append((y, mean, inv, rm, rv))
+        for a, b in zip(*outs):
+            np.testing.assert_array_equal(a, b)
+    x = randn(rng, (5, 4), dtype)
+    g, b = _affine(rng, 4, dtype)
+    f32 = np.float32 if dtype == np.float64 else np.float64
+    for change in ({"rv": np.ones(3, dtype)}, {"rm": np.zeros(4, f32)}, {"x": x[:1]},
+                   {"momentum": 1.5}, {"momentum": float("nan")}):
+        args = {"x": x, "rm": np.zeros(4, dtype), "rv": np.ones(4, dtype), "momentum": 0.1}
+        args.update(change)
+        y, mean, inv = np.full((len(args["x"]), 4), 7, dtype), np.full(4, 7, dtype), np.full(4, 7, dtype)
+        before = [a.copy() for a in (y, mean, inv, args["rm"], args["rv"])]
+        with pytest.raises((ValueError, TypeError)):
+            nat.batchnorm_forward_train(args["x"], g, b, 1e-5, y, mean, inv, args["momentum"],
+                                        args["rm"], args["rv"])
+        for a, want in zip((y, mean, inv, args["rm"], args["rv"]), before):
+            np.testing.assert_array_equal(a, want)
+
+
+def test_batchnorm_layer_takes_the_fused_training_forward(monkeypatch, rng):
+    """BatchNorm1d's training forward on the native backend is one call
+    (batchnorm_forward_train), not batchnorm_forward + batchnorm_running_update, and
+    its statistics and output are those of the two calls; a running statistic of
+    another size is still named by the layer, and nothing changes."""
+    fp = importlib.import_module("fastprop")
+    x = randn(rng, (64, 12), F32, 2.0)
+    with fp.use_backend("native"):
+        bn = fp.nn.BatchNorm1d(12, momentum=None)
+        bn.weight.value[...] = rng.standard_normal(12)
+        want_rm, want_rv = bn.running_mean.copy(), bn.running_var.copy()
+        y0, m0, i0 = np.empty_like(x), np.empty(12, F32), np.empty(12, F32)
+        nat.batchnorm_forward(x, bn.weight.value, bn.bias.value, bn.eps, y0, m0, i0)
+        nat.batchnorm_running_update(x, 1.0, want_rm, want_rv)
+        be = importlib.import_module("fastprop.backends.native")
+
+        def refuse(*args):
+            raise AssertionError("the separate running update was called")
+        monkeypatch.setattr(be, "batchnorm_running_update", refuse)
+        monkeypatch.setattr(be, "batchnorm_forward", refuse)
+        y = bn(x)
+        np.testing.assert_array_equal(y, y0)
+        np.testing.assert_array_equal(bn.running_mean, want_rm)
+        np.testing.assert_array_equal(bn.running_var, want_rv)
+        assert int(bn.num_batches_tracked) == 1
+        bn.running_var = np.ones(11, F32)
+        rm = bn.running_mean.copy()
+        with pytest.raises(ValueError, match="running_var must have shape"):
+            bn(x)
+        np.testing.assert_array_equal(bn.running_mean, rm)
+        assert int(bn.num_batches_tracked) == 1
+
+
 def _ulps(actual, want):
     """|actual - want| in units of float32 spacing at want (want a float32 array)."""
     return np.abs(actual.astype(F64) - want.astype(F64)) / np.spacing(np.abs(want)).astype(F64)

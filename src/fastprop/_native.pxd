@@ -183,6 +183,14 @@ cdef extern from "fastprop/norms.hpp" nogil:
     void fp_batchnorm_running_update "fastprop::batchnorm_running_update"(
         int64_t n, int64_t f, const double* x, double momentum, double* running_mean,
         double* running_var) noexcept
+    void fp_batchnorm_forward_train "fastprop::batchnorm_forward_train"(
+        int64_t n, int64_t f, const float* x, const float* gamma, const float* beta,
+        double eps, float* y, float* mean, float* invstd, double momentum,
+        float* running_mean, float* running_var) noexcept
+    void fp_batchnorm_forward_train "fastprop::batchnorm_forward_train"(
+        int64_t n, int64_t f, const double* x, const double* gamma, const double* beta,
+        double eps, double* y, double* mean, double* invstd, double momentum,
+        double* running_mean, double* running_var) noexcept
     void fp_batchnorm_backward "fastprop::batchnorm_backward"(
         int64_t n, int64_t f, const float* grad_y, const float* x, const float* gamma,
         const float* mean, const float* invstd, float* grad_x, float* grad_gamma,

@@ -1062,6 +1062,58 @@ def batchnorm_forward(x, gamma, beta, double eps, y, mean, invstd):
         _norm_forward[double](False, x, gamma, beta, eps, y, mean, invstd)
 
 
+cdef int _bn_train(const floating[:, ::1] x, const floating[::1] gamma,
+                   const floating[::1] beta, double eps, floating[:, ::1] y,
+                   floating[::1] mean, floating[::1] invstd, double momentum,
+                   floating[::1] running_mean, floating[::1] running_var) except -1:
+    cdef int64_t n = x.shape[0], f = x.shape[1]
+    if (gamma is None or beta is None or y is None or mean is None or invstd is None
+            or running_mean is None or running_var is None):
+        raise ValueError("gamma, beta, y, mean, invstd, running_mean and running_var are "
+                         "required")
+    _need1("gamma", gamma.shape, f)
+    _need1("beta", beta.shape, f)
+    _need2("y", y.shape, n, f)
+    _need1("mean", mean.shape, f)
+    _need1("invstd", invstd.shape, f)
+    _need1("running_mean", running_mean.shape, f)
+    _need1("running_var", running_var.shape, f)
+    if n < 2:
+        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
+    if f == 0:
+        return 0
+    cdef const floating* px = &x[0, 0]
+    cdef const floating* pgamma = &gamma[0]
+    cdef const floating* pbeta = &beta[0]
+    cdef floating* py = &y[0, 0]
+    cdef floating* pmean = &mean[0]
+    cdef floating* pinv = &invstd[0]
+    cdef floating* prm = &running_mean[0]
+    cdef floating* prv = &running_var[0]
+    with nogil:
+        fp_batchnorm_forward_train(n, f, px, pgamma, pbeta, eps, py, pmean, pinv, momentum,
+                                   prm, prv)
+    return 0
+
+
+def batchnorm_forward_train(x, gamma, beta, double eps, y, mean, invstd, double momentum,
+                            running_mean, running_var):
+    """batchnorm_forward and then batchnorm_running_update of the same x (n >= 2 rows),
+    the column statistics computed once: the same results as the two calls, one pass
+    over x fewer.  Every argument is checked before anything is written."""
+    cdef int kind = _kind(x, "x")
+    _norm_kinds(kind, (gamma, beta, y, mean, invstd, running_mean, running_var),
+                ("gamma", "beta", "y", "mean", "invstd", "running_mean", "running_var"))
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    if kind == 4:
+        _bn_train[float](x, gamma, beta, eps, y, mean, invstd, momentum, running_mean,
+                         running_var)
+    else:
+        _bn_train[double](x, gamma, beta, eps, y, mean, invstd, momentum, running_mean,
+                          running_var)
+
+
 cdef int _bn_eval(const floating[:, ::1] x, const floating[::1] gamma,
                   const floating[::1] beta, const floating[::1] running_mean,
                   const floating[::1] running_var, double eps, floating[:, ::1] y) except -1:

@@ -1499,24 +1499,36 @@ class BatchNorm1d(_Norm):
                 f", got {n}")
         mean = np.empty(self.num_features, self._dtype)
         invstd = np.empty_like(mean)
-        be.batchnorm_forward(x, gamma, beta, self.eps, y, mean, invstd)
-        if self.training and tracks:
-            self._track(x)
+        fused = getattr(be, "batchnorm_forward_train", None)
+        if self.training and tracks and fused is not None:
+            # (the forward and the running statistics from one pass over the column
+            # statistics: the same results as the two calls below)
+            self._track(x, lambda m, rm, rv: fused(x, gamma, beta, self.eps, y, mean, invstd,
+                                                   m, rm, rv))
+        else:
+            be.batchnorm_forward(x, gamma, beta, self.eps, y, mean, invstd)
+            if self.training and tracks:
+                self._track(x)
         if _keeps():
             self._cache = (x, mean, invstd)
         return y
 
-    def _track(self, x):
+    def _track(self, x, update=None):
         # (the kernel recomputes the batch mean and the exact unbiased variance from x
         # in double: one from invstd would carry its rounding times (var + eps) / var)
         # (statistics of another size: the kernel refuses them before either changes,
         # and forward names them)
+        # update(momentum, running_mean, running_var): the kernel call that updates
+        # them (default: batchnorm_running_update of x)
         rm, rv = self.running_mean, self.running_var  # (in place: no attribute set)
         count = self.num_batches_tracked
         m = self.momentum
         if m is None:  # (the cumulative average: the k-th batch weighs 1/k)
             m = 1.0 / (float(count) + 1.0)
-        backends.current().batchnorm_running_update(x, m, rm, rv)
+        if update is None:
+            backends.current().batchnorm_running_update(x, m, rm, rv)
+        else:
+            update(m, rm, rv)
         np.add(count, 1, out=count)  # (every batch, as PyTorch's: a momentum set to
                                      # None later averages them all; in place)
 

@@ -3,11 +3,14 @@
 // x (n, f) C-contiguous; gamma, beta (f,).  Batch norm normalises each column over
 // the n rows (statistics mean/invstd are (f,)); layer norm normalises each row over
 // its f columns (statistics (n,)).  invstd = 1 / sqrt(biased var + eps).  All
-// statistics and the normalised values are computed in double (two-pass variance)
-// and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
+// statistics and the normalised values are computed in double (two-pass variance;
+// float32 batch statistics from one pass shifted by a column's first value, within
+// an ulp of the two-pass ones) and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
 // grad_x is overwritten.  batchnorm_running_update (n >= 2): the batch mean and the
-// unbiased variance of x's columns, computed in double (two-pass), blended into the
+// unbiased variance of x's columns, computed in double as above, blended into the
 // running statistics: r = (1 - momentum) r + momentum stat, rounded to T once.
+// batchnorm_forward_train (n >= 2): batchnorm_forward and then batchnorm_running_update
+// in one pass over the statistics (the same results).
 #pragma once
 
 #include "fastprop/common.hpp"
@@ -22,6 +25,10 @@ namespace fastprop {
                                 const T* running_var, double eps, T* y) noexcept;         \
     void batchnorm_running_update(index_t n, index_t f, const T* x, double momentum,      \
                                   T* running_mean, T* running_var) noexcept;              \
+    void batchnorm_forward_train(index_t n, index_t f, const T* x, const T* gamma,        \
+                                 const T* beta, double eps, T* y, T* mean, T* invstd,     \
+                                 double momentum, T* running_mean,                        \
+                                 T* running_var) noexcept;                                \
     void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x,            \
                             const T* gamma, const T* mean, const T* invstd, T* grad_x,    \
                             T* grad_gamma, T* grad_beta) noexcept;                        \

@@ -92,6 +92,10 @@ Normalization (x is (n, f); statistics are float arrays of the same dtype)::
         x (n >= 2, f): r = (1 - momentum) r + momentum s, in place, for s the column
         mean (running_mean) and the unbiased column variance (running_var) of x, both
         computed in double from x and rounded once (PyTorch's running statistics).
+    batchnorm_forward_train(x, gamma, beta, eps, y, mean, invstd, momentum,
+                            running_mean, running_var)   (optional) batchnorm_forward
+        and then batchnorm_running_update of the same x (n >= 2), the statistics
+        computed once; every argument checked before anything is written.
     batchnorm_backward(grad_y, x, gamma, mean, invstd, grad_x, grad_gamma, grad_beta)
         grad_gamma/grad_beta accumulate (+=); grad_x is overwritten.
     layernorm_forward(x, gamma, beta, eps, y, mean, invstd)

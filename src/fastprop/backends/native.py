@@ -19,6 +19,7 @@ from .._native import (  # noqa: F401  (re-exported: the kernel contract)
     batchnorm_backward,
     batchnorm_forward,
     batchnorm_forward_eval,
+    batchnorm_forward_train,
     batchnorm_running_update,
     bce,
     clip_,
