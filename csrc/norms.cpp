@@ -154,8 +154,8 @@ inline void running_blend(index_t w, const double* mu, const double* ss, double 
 
 // The training forward; with running_mean (n >= 2), also the running-statistics
 // update of batchnorm_running_update from the same column moments (the same bits as
-// calling it after, without reading x a third time: 4096 x 256 float32, 1 thread,
-// forward + update 740 -> 530 us).
+// calling it after, without reading x again: BatchNorm1d's training forward,
+// 4096 x 256 float32, 1 thread, 725-736 -> 569 us).
 template <typename T>
 void batchnorm_forward_impl(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                             double eps, T* y, T* mean, T* invstd, double momentum,
