@@ -168,6 +168,56 @@ def test_gemm_k_zero_scales_c(rng, dtype):
     np.testing.assert_array_equal(c, 0)
 
 
+# Narrow outputs from a short k, many rows: the row form with whole-vector stores that
+# spill into the next rows (gemv.hpp narrow_n_form; float32, n < 16 and not 8), and the
+# blocked path for the shapes it leaves (n = 8, 16; float64).
+NARROW_SHAPES = [(64, 1, 2), (65, 3, 3), (67, 8, 5), (130, 32, 7), (257, 17, 9),
+                 (1001, 5, 10), (4099, 12, 15), (100, 32, 13), (70, 4, 8), (66, 9, 16),
+                 (3001, 20, 1)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_gemm_narrow_outputs(rng, dtype, ta, tb):
+    """Against the float64 product: C contiguous (nothing written past its end), rows
+    apart (nothing written between them), alpha and beta (C read), the forward
+    epilogue, and 1 against 2 threads bit for bit (each thread's last rows stored
+    masked, so that no spill reaches the other's)."""
+    before = nat.get_num_threads()
+    for m, k, n in NARROW_SHAPES:
+        a, b = operands(rng, m, k, n, ta, tb, dtype)
+        exact, scale = expect(a, b, ta, tb)
+        buf = np.full(m * n + 64, 7.0, dtype)
+        c = buf[:m * n].reshape(m, n)
+        nat.gemm(a, b, c, ta, tb, False)
+        check(c, exact, scale, dtype, f"contiguous {m}x{k}x{n}")
+        assert (buf[m * n:] == 7).all(), "written past the end of C"
+        wide = np.full((m, n + 5), 7.0, dtype)
+        nat.gemm(a, b, wide[:, :n], ta, tb, False)
+        check(wide[:, :n], exact, scale, dtype, f"rows apart {m}x{k}x{n}")
+        assert (wide[:, n:] == 7).all(), "written between the rows of C"
+        c0 = rng.standard_normal((m, n)).astype(dtype)
+        c = c0.copy()
+        _native.gemm_ex(a, b, c, ta, tb, alpha=0.5, beta=-2.0)
+        ex, sc = expect(a, b, ta, tb, 0.5, -2.0, c0)
+        check(c, ex, sc, dtype, f"alpha, beta {m}x{k}x{n}")
+        bias = rng.standard_normal(n).astype(dtype)
+        outs = []
+        try:
+            for threads in (1, 2):
+                nat.set_num_threads(threads)
+                y, z = np.empty((m, n), dtype), np.empty((m, n), dtype)
+                _native.gemm_ex(a, b, y, ta, tb, bias=bias, act=1, preact=z)
+                outs.append((y, z))
+        finally:
+            nat.set_num_threads(before)
+        zx = exact + bias
+        check(outs[0][1], zx, scale + np.abs(bias), dtype, f"preact {m}x{k}x{n}")
+        check(outs[0][0], np.maximum(zx, 0), scale + np.abs(bias), dtype, f"relu {m}x{k}x{n}")
+        for got, want in zip(outs[1], outs[0]):
+            np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.skipif(not _native.openmp(), reason="built without OpenMP")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
@@ -176,7 +226,8 @@ def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
     for m, k, n in [(300, 500, 260), (64, 784, 256), (1000, 300, 40), (20, 700, 1000),
                     (1, 784, 256), (1, 2000, 1000), (999, 700, 1),  # these two: GEMV forms
                     (32, 784, 256), (7, 1601, 45),  # threads split k
-                    (2000, 3, 300), (1500, 1, 512)]:  # shallow (tiny_k_form: no colsum)
+                    (2000, 3, 300), (1500, 1, 512),  # shallow (tiny_k_form: no colsum)
+                    (3001, 3, 5)]:  # a narrow output (narrow_n_form in float32: no colsum)
         a, b = operands(rng, m, k, n, ta, tb, dtype)
         bias = rng.standard_normal(n).astype(dtype)
         outs = []

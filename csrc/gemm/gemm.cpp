@@ -473,6 +473,13 @@ void gemm_dispatch(const GemmArgs<T>& g) {
         tiny_k_form(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta, g.c,
                     g.ldc, g.ep))
         return;
+#if defined(__AVX2__) && defined(__FMA__)
+    if constexpr (std::is_same<T, float>::value) {
+        if (narrow_n_form(g.ta, g.tb, g.m, g.n, g.k, g.alpha, g.a, g.lda, g.b, g.ldb, g.beta,
+                          g.c, g.ldc, g.ep))
+            return;
+    }
+#endif
     gemm_blocked(g);
 }
 
