@@ -982,9 +982,24 @@ def clip_(arrays, double lo, double hi):
 
 
 # ------------------------------------------------------------------ normalisation
+cdef int _running_args(int64_t n, int64_t f, Py_ssize_t* rm_shape, Py_ssize_t* rv_shape,
+                       double momentum) except -1:
+    """The running statistics' checks: (f,) each, n >= 2 rows, momentum in [0, 1]."""
+    _need1("running_mean", rm_shape, f)
+    _need1("running_var", rv_shape, f)
+    if n < 2:
+        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+    return 0
+
+
 cdef int _norm_forward(bint layer, const floating[:, ::1] x, const floating[::1] gamma,
                        const floating[::1] beta, double eps, floating[:, ::1] y,
-                       floating[::1] mean, floating[::1] invstd) except -1:
+                       floating[::1] mean, floating[::1] invstd, bint running=False,
+                       double momentum=0.0, floating[::1] running_mean=None,
+                       floating[::1] running_var=None) except -1:
+    # (running: batch norm's training forward with its running statistics' update)
     cdef int64_t n = x.shape[0], f = x.shape[1]
     cdef int64_t stats = n if layer else f
     if gamma is None or beta is None or y is None or mean is None or invstd is None:
@@ -994,6 +1009,15 @@ cdef int _norm_forward(bint layer, const floating[:, ::1] x, const floating[::1]
     _need2("y", y.shape, n, f)
     _need1("mean", mean.shape, stats)
     _need1("invstd", invstd.shape, stats)
+    cdef floating* prm = NULL
+    cdef floating* prv = NULL
+    if running:
+        if running_mean is None or running_var is None:
+            raise ValueError("running_mean and running_var are required")
+        _running_args(n, f, running_mean.shape, running_var.shape, momentum)
+        if f:
+            prm = &running_mean[0]
+            prv = &running_var[0]
     if n == 0 or f == 0:
         return 0
     cdef const floating* px = &x[0, 0]
@@ -1005,6 +1029,9 @@ cdef int _norm_forward(bint layer, const floating[:, ::1] x, const floating[::1]
     with nogil:
         if layer:
             fp_layernorm_forward(n, f, px, pgamma, pbeta, eps, py, pmean, pinv)
+        elif running:
+            fp_batchnorm_forward_train(n, f, px, pgamma, pbeta, eps, py, pmean, pinv,
+                                       momentum, prm, prv)
         else:
             fp_batchnorm_forward(n, f, px, pgamma, pbeta, eps, py, pmean, pinv)
     return 0
@@ -1062,40 +1089,6 @@ def batchnorm_forward(x, gamma, beta, double eps, y, mean, invstd):
         _norm_forward[double](False, x, gamma, beta, eps, y, mean, invstd)
 
 
-cdef int _bn_train(const floating[:, ::1] x, const floating[::1] gamma,
-                   const floating[::1] beta, double eps, floating[:, ::1] y,
-                   floating[::1] mean, floating[::1] invstd, double momentum,
-                   floating[::1] running_mean, floating[::1] running_var) except -1:
-    cdef int64_t n = x.shape[0], f = x.shape[1]
-    if (gamma is None or beta is None or y is None or mean is None or invstd is None
-            or running_mean is None or running_var is None):
-        raise ValueError("gamma, beta, y, mean, invstd, running_mean and running_var are "
-                         "required")
-    _need1("gamma", gamma.shape, f)
-    _need1("beta", beta.shape, f)
-    _need2("y", y.shape, n, f)
-    _need1("mean", mean.shape, f)
-    _need1("invstd", invstd.shape, f)
-    _need1("running_mean", running_mean.shape, f)
-    _need1("running_var", running_var.shape, f)
-    if n < 2:
-        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
-    if f == 0:
-        return 0
-    cdef const floating* px = &x[0, 0]
-    cdef const floating* pgamma = &gamma[0]
-    cdef const floating* pbeta = &beta[0]
-    cdef floating* py = &y[0, 0]
-    cdef floating* pmean = &mean[0]
-    cdef floating* pinv = &invstd[0]
-    cdef floating* prm = &running_mean[0]
-    cdef floating* prv = &running_var[0]
-    with nogil:
-        fp_batchnorm_forward_train(n, f, px, pgamma, pbeta, eps, py, pmean, pinv, momentum,
-                                   prm, prv)
-    return 0
-
-
 def batchnorm_forward_train(x, gamma, beta, double eps, y, mean, invstd, double momentum,
                             running_mean, running_var):
     """batchnorm_forward and then batchnorm_running_update of the same x (n >= 2 rows),
@@ -1104,14 +1097,12 @@ def batchnorm_forward_train(x, gamma, beta, double eps, y, mean, invstd, double 
     cdef int kind = _kind(x, "x")
     _norm_kinds(kind, (gamma, beta, y, mean, invstd, running_mean, running_var),
                 ("gamma", "beta", "y", "mean", "invstd", "running_mean", "running_var"))
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if kind == 4:
-        _bn_train[float](x, gamma, beta, eps, y, mean, invstd, momentum, running_mean,
-                         running_var)
+        _norm_forward[float](False, x, gamma, beta, eps, y, mean, invstd, True, momentum,
+                             running_mean, running_var)
     else:
-        _bn_train[double](x, gamma, beta, eps, y, mean, invstd, momentum, running_mean,
-                          running_var)
+        _norm_forward[double](False, x, gamma, beta, eps, y, mean, invstd, True, momentum,
+                              running_mean, running_var)
 
 
 cdef int _bn_eval(const floating[:, ::1] x, const floating[::1] gamma,
@@ -1155,10 +1146,7 @@ cdef int _bn_running(const floating[:, ::1] x, double momentum, floating[::1] ru
     cdef int64_t n = x.shape[0], f = x.shape[1]
     if running_mean is None or running_var is None:
         raise ValueError("running_mean and running_var are required")
-    _need1("running_mean", running_mean.shape, f)
-    _need1("running_var", running_var.shape, f)
-    if n < 2:
-        raise ValueError(f"x needs at least 2 rows (the unbiased variance), got {n}")
+    _running_args(n, f, running_mean.shape, running_var.shape, momentum)
     if f == 0:
         return 0
     cdef const floating* px = &x[0, 0]
@@ -1174,8 +1162,6 @@ def batchnorm_running_update(x, double momentum, running_mean, running_var):
     the running statistics, in place: r = (1 - momentum) r + momentum stat."""
     cdef int kind = _kind(x, "x")
     _norm_kinds(kind, (running_mean, running_var), ("running_mean", "running_var"))
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
     if kind == 4:
         _bn_running[float](x, momentum, running_mean, running_var)
     else:
