@@ -17,7 +17,7 @@
 // each, layer norm ~0.37 / 0.72 ms (NumPy reference 4.6-10.8 ms).
 // Accuracy: statistics, xhat and outputs are computed in double and rounded to T
 // once, matching the NumPy reference to about one ulp of T (float32 batch statistics
-// from one shifted pass, column_moments: within an ulp of the two-pass values).  Backward recomputes xhat
+// from one shifted pass, column_moments, with the bounds given there).  Backward recomputes xhat
 // from the mean and invstd as saved, rounded to T (as PyTorch does): on float32 data
 // whose mean is ~1e6 times its spread the rounding of the mean shows in grad_x (mean
 // 1e4, std 0.01: 2e-3 relative for batch norm, 3e-2 for layer norm; PyTorch float32
@@ -56,9 +56,15 @@ void for_each_strip(index_t rows, index_t f, F&& body) {
 //     mean = k + S1/n, sum of squared deviations S2 - S1 (S1/n), two rows at a time.
 //     S2 - S1^2/n cancels at most a factor n + 1 (k is one of the values, so
 //     (k - mean)^2 <= the sum of squared deviations), and x - k, d^2 and the sums
-//     are exact or rounded in double, 29 bits finer than float32: the statistics
-//     round to the same float32 as two passes' except within ~n^2 2^-53 of a
-//     rounding boundary (2e-9 relative at n = 4096; none differed in the tests).
+//     are exact or rounded in double, 29 bits finer than float32.  Bounds: the mean
+//     within ~n^1.5 2^-53 of the column's standard deviation (3e-11 at n = 4096), the
+//     variance within ~n^2 2^-53 relative (2e-9).  So the statistics round to the
+//     same float32 as two passes' except near a rounding boundary, or where the
+//     first value is an extreme outlier: a mean near 0 next to a first value 1e4
+//     standard deviations out is then off by many of its own (tiny) ulps, still
+//     ~1e-11 of the spread, and at n = 2^22 with a first value 1e6 out invstd moved
+//     by up to 8 ulps (a review's reproduction).  None differed in the tests'
+//     random columns (means up to 1e6 times the spread, outliers 1e3 out).
 //     Half the passes over x, which is what a large batch's forward waits on (4096 x
 //     256 float32 forward, 1 thread: 774 -> 469 us with the output pass below).
 template <typename T>
@@ -167,8 +173,9 @@ void batchnorm_forward_impl(index_t n, index_t f, const T* x, const T* gamma, co
     for_each_strip(n, f, [=](index_t j0, index_t w) {
         double mu[kStrip], inv[kStrip], scale[kStrip], shift[kStrip];
         column_moments(n, f, x, j0, w, mu, inv);
-        if (running_mean != nullptr) running_blend(w, mu, inv, inv_n1, keep, momentum,
-                                                   running_mean + j0, running_var + j0);
+        if (running_mean != nullptr && n > 1)  // (n < 2: no update, as batchnorm_running_update)
+            running_blend(w, mu, inv, inv_n1, keep, momentum, running_mean + j0,
+                          running_var + j0);
         for (index_t j = 0; j < w; ++j) {
             inv[j] = 1.0 / fp_sqrt(inv[j] * inv_n + eps);
             mean[j0 + j] = T(mu[j]);

@@ -173,7 +173,10 @@ def test_gemm_k_zero_scales_c(rng, dtype):
 # blocked path for the shapes it leaves (n = 8, 16; float64).
 NARROW_SHAPES = [(64, 1, 2), (65, 3, 3), (67, 8, 5), (130, 32, 7), (257, 17, 9),
                  (1001, 5, 10), (4099, 12, 15), (100, 32, 13), (70, 4, 8), (66, 9, 16),
-                 (3001, 20, 1)]
+                 (3001, 20, 1),
+                 # rows split between threads with n < 8 (a whole-vector store reaching
+                 # several rows next to a thread's last rows), A transposed included
+                 (4099, 32, 3), (4101, 32, 7), (20003, 8, 3)]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -227,7 +230,8 @@ def test_gemm_bit_identical_across_thread_counts(rng, dtype, ta, tb):
                     (1, 784, 256), (1, 2000, 1000), (999, 700, 1),  # these two: GEMV forms
                     (32, 784, 256), (7, 1601, 45),  # threads split k
                     (2000, 3, 300), (1500, 1, 512),  # shallow (tiny_k_form: no colsum)
-                    (3001, 3, 5)]:  # a narrow output (narrow_n_form in float32: no colsum)
+                    (20003, 3, 5)]:  # a narrow output (narrow_n_form in float32, rows split
+                                     # between threads; no colsum)
         a, b = operands(rng, m, k, n, ta, tb, dtype)
         bias = rng.standard_normal(n).astype(dtype)
         outs = []

@@ -4,8 +4,9 @@
 // the n rows (statistics mean/invstd are (f,)); layer norm normalises each row over
 // its f columns (statistics (n,)).  invstd = 1 / sqrt(biased var + eps).  All
 // statistics and the normalised values are computed in double (two-pass variance;
-// float32 batch statistics from one pass shifted by a column's first value, within
-// an ulp of the two-pass ones) and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
+// float32 batch statistics from one pass shifted by a column's first value: the
+// mean within ~n^1.5 2^-53 of the column's standard deviation, the variance ~n^2
+// 2^-53 relative, csrc/norms.cpp) and rounded to T once.  Backward: grad_gamma and grad_beta accumulate (+=),
 // grad_x is overwritten.  batchnorm_running_update (n >= 2): the batch mean and the
 // unbiased variance of x's columns, computed in double as above, blended into the
 // running statistics: r = (1 - momentum) r + momentum stat, rounded to T once.
