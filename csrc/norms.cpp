@@ -143,10 +143,6 @@ void layernorm_affine_grads(index_t n, index_t f, index_t j0, index_t w, const T
     }
 }
 
-}  // namespace
-
-namespace {
-
 // running = keep running + momentum stat, rounded to T once, for the w columns' mean
 // mu and unbiased variance ss / (n - 1) (PyTorch's running statistics).
 template <typename T>
@@ -337,56 +333,76 @@ void batchnorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
 // Layer norm rows of at most kRowBuf features: float32 rows are converted to double
 // once, into a buffer on the stack, instead of once per pass (3 passes forward, 3
 // backward: the conversions bound those loops on AVX2, one per cycle); gamma and
-// beta once per thread.  Every term and sum is the unbuffered form's, in the same
-// order: the same bits.
+// beta once per thread.  The row routines below read either the arrays or those
+// buffers (S = T or double; double(s) of a double is itself): the same terms and
+// sums in the same order, the same bits either way.
 constexpr index_t kRowBuf = 1024;  // (3 buffers: 24 KiB of stack)
 
 template <typename T>
 constexpr bool kBufferRows = std::is_same<T, float>::value;
+
+namespace {
+
+// One row's statistics and output.
+template <typename T, typename S>
+inline void layernorm_row(index_t f, double inv_f, double eps, const S* FASTPROP_RESTRICT xr,
+                          const S* gamma, const S* beta, T* FASTPROP_RESTRICT yr, T* mean,
+                          T* invstd) {
+    const double mu = lane_sum(0, f, [xr](index_t j) { return double(xr[j]); }) * inv_f;
+    const double q = lane_sum(0, f, [xr, mu](index_t j) {
+        const double d = double(xr[j]) - mu;
+        return d * d;
+    });
+    const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
+    *mean = T(mu);
+    *invstd = T(inv);
+    for (index_t j = 0; j < f; ++j)
+        yr[j] = T((double(xr[j]) - mu) * inv * double(gamma[j]) + double(beta[j]));
+}
+
+// One row's grad_x (m, inv: the row's saved statistics).
+template <typename T, typename S>
+inline void layernorm_row_backward(index_t f, double df, double m, double inv,
+                                   const S* FASTPROP_RESTRICT gr, const S* FASTPROP_RESTRICT xr,
+                                   const S* gamma, T* FASTPROP_RESTRICT out) {
+    const double sgh = lane_sum(0, f, [gr, gamma](index_t j) {
+        return double(gr[j]) * double(gamma[j]);
+    });
+    const double sghx = lane_sum(0, f, [gr, xr, gamma, m, inv](index_t j) {
+        return double(gr[j]) * double(gamma[j]) * ((double(xr[j]) - m) * inv);
+    });
+    const double coef = inv / df;
+    for (index_t j = 0; j < f; ++j) {
+        const double gh = double(gr[j]) * double(gamma[j]);
+        const double xhat = (double(xr[j]) - m) * inv;
+        out[j] = T(coef * (df * gh - sgh - xhat * sghx));
+    }
+}
+
+}  // namespace
 
 template <typename T>
 void layernorm_forward(index_t n, index_t f, const T* x, const T* gamma, const T* beta,
                        double eps, T* y, T* mean, T* invstd) {
     if (n <= 0 || f <= 0) return;
     const double inv_f = 1.0 / double(f);
-    if (kBufferRows<T> && f <= kRowBuf) {
-        parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
-            double gd[kRowBuf], bd[kRowBuf], xd[kRowBuf];
-            for (index_t j = 0; j < f; ++j) {
-                gd[j] = double(gamma[j]);
-                bd[j] = double(beta[j]);
-            }
-            for (index_t r = r0; r < r1; ++r) {
-                const T* FASTPROP_RESTRICT xr = x + r * f;
-                T* FASTPROP_RESTRICT yr = y + r * f;
-                for (index_t j = 0; j < f; ++j) xd[j] = double(xr[j]);
-                const double mu = lane_sum(0, f, [&xd](index_t j) { return xd[j]; }) * inv_f;
-                const double q = lane_sum(0, f, [&xd, mu](index_t j) {
-                    const double d = xd[j] - mu;
-                    return d * d;
-                });
-                const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
-                mean[r] = T(mu);
-                invstd[r] = T(inv);
-                for (index_t j = 0; j < f; ++j) yr[j] = T((xd[j] - mu) * inv * gd[j] + bd[j]);
-            }
-        });
-        return;
-    }
+    const bool buffered = kBufferRows<T> && f <= kRowBuf;
     parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
+        if (!buffered) {
+            for (index_t r = r0; r < r1; ++r)
+                layernorm_row(f, inv_f, eps, x + r * f, gamma, beta, y + r * f, mean + r,
+                              invstd + r);
+            return;
+        }
+        double gd[kRowBuf], bd[kRowBuf], xd[kRowBuf];
+        for (index_t j = 0; j < f; ++j) {
+            gd[j] = double(gamma[j]);
+            bd[j] = double(beta[j]);
+        }
         for (index_t r = r0; r < r1; ++r) {
-            const T* xr = x + r * f;
-            T* yr = y + r * f;
-            const double mu = sum_double(xr, f) * inv_f;
-            const double q = lane_sum(0, f, [xr, mu](index_t j) {
-                const double d = double(xr[j]) - mu;
-                return d * d;
-            });
-            const double inv = 1.0 / fp_sqrt(q * inv_f + eps);
-            mean[r] = T(mu);
-            invstd[r] = T(inv);
-            for (index_t j = 0; j < f; ++j)
-                yr[j] = T((double(xr[j]) - mu) * inv * double(gamma[j]) + double(beta[j]));
+            const T* FASTPROP_RESTRICT xr = x + r * f;
+            for (index_t j = 0; j < f; ++j) xd[j] = double(xr[j]);
+            layernorm_row(f, inv_f, eps, xd, gd, bd, y + r * f, mean + r, invstd + r);
         }
     });
 }
@@ -402,49 +418,25 @@ void layernorm_backward(index_t n, index_t f, const T* grad_y, const T* x, const
         layernorm_affine_grads(n, f, j0, w, grad_y, x, mean, invstd, grad_gamma, grad_beta);
     });
     // grad_x: row by row.
-    if (kBufferRows<T> && f <= kRowBuf) {
-        parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
-            double gam[kRowBuf], gd[kRowBuf], xd[kRowBuf];
-            for (index_t j = 0; j < f; ++j) gam[j] = double(gamma[j]);
-            for (index_t r = r0; r < r1; ++r) {
-                const T* FASTPROP_RESTRICT gr = grad_y + r * f;
-                const T* FASTPROP_RESTRICT xr = x + r * f;
-                T* FASTPROP_RESTRICT out = grad_x + r * f;
-                for (index_t j = 0; j < f; ++j) {
-                    gd[j] = double(gr[j]);
-                    xd[j] = double(xr[j]);
-                }
-                const double m = double(mean[r]), inv = double(invstd[r]);
-                const double sgh = lane_sum(0, f, [&gd, &gam](index_t j) { return gd[j] * gam[j]; });
-                const double sghx = lane_sum(0, f, [&gd, &gam, &xd, m, inv](index_t j) {
-                    return gd[j] * gam[j] * ((xd[j] - m) * inv);
-                });
-                const double coef = inv / df;
-                for (index_t j = 0; j < f; ++j) {
-                    const double gh = gd[j] * gam[j];
-                    const double xhat = (xd[j] - m) * inv;
-                    out[j] = T(coef * (df * gh - sgh - xhat * sghx));
-                }
-            }
-        });
-        return;
-    }
+    const bool buffered = kBufferRows<T> && f <= kRowBuf;
     parallel_for(n, row_grain(f), [=](index_t r0, index_t r1) {
+        if (!buffered) {
+            for (index_t r = r0; r < r1; ++r)
+                layernorm_row_backward(f, df, double(mean[r]), double(invstd[r]),
+                                       grad_y + r * f, x + r * f, gamma, grad_x + r * f);
+            return;
+        }
+        double gam[kRowBuf], gd[kRowBuf], xd[kRowBuf];
+        for (index_t j = 0; j < f; ++j) gam[j] = double(gamma[j]);
         for (index_t r = r0; r < r1; ++r) {
-            const T* gr = grad_y + r * f;
-            const T* xr = x + r * f;
-            T* out = grad_x + r * f;
-            const double m = double(mean[r]), inv = double(invstd[r]);
-            const double sgh = dot_double(gr, gamma, f);
-            const double sghx = lane_sum(0, f, [gr, xr, gamma, m, inv](index_t j) {
-                return double(gr[j]) * double(gamma[j]) * ((double(xr[j]) - m) * inv);
-            });
-            const double coef = inv / df;
+            const T* FASTPROP_RESTRICT gr = grad_y + r * f;
+            const T* FASTPROP_RESTRICT xr = x + r * f;
             for (index_t j = 0; j < f; ++j) {
-                const double gh = double(gr[j]) * double(gamma[j]);
-                const double xhat = (double(xr[j]) - m) * inv;
-                out[j] = T(coef * (df * gh - sgh - xhat * sghx));
+                gd[j] = double(gr[j]);
+                xd[j] = double(xr[j]);
             }
+            layernorm_row_backward(f, df, double(mean[r]), double(invstd[r]), gd, xd, gam,
+                                   grad_x + r * f);
         }
     });
 }
