@@ -12,7 +12,8 @@ its time, to show the speed is not bought with accuracy):
 Each case runs with the data in float64 (what load_digits / make_classification
 return; both estimators then compute in float64) and in float32 (both compute in
 float32).  Implementations: scikit-learn, fastprop on the native backend, fastprop on
-the numpy backend; rounds alternate between them, the table reports medians.  Every
+the numpy backend; rounds alternate between them, each fit after a rest of PAUSE
+seconds (--pause; the previous fit's threads stop spinning), the table reports medians.  Every
 thread pool gets 2 threads (OpenBLAS through threadpoolctl, fastprop's OpenMP);
 --threads changes that.  NumPy's elementwise ufuncs are single-threaded, so
 scikit-learn's and the numpy backend's non-GEMM work runs on 1 thread.  The table
@@ -42,6 +43,14 @@ import warnings
 import numpy as np
 
 THREADS = 2
+# Seconds of rest before each timed fit.  A library's worker threads keep spinning
+# after its last call: OpenBLAS's for ~0.1 s after a product (scikit-learn's fit and
+# score), GNU OpenMP's for a few ms.  Run back to back, a fit shares the 2 cores with
+# the previous fit's spinning threads: measured on the digits case (2 vCPUs, 5
+# interleaved rounds), fastprop's float32 fit took 220 ms right after scikit-learn's
+# and 170 ms after a 0.5 s rest (scikit-learn 488 / 507 ms).  Every implementation
+# gets the same rest.
+PAUSE = 0.5
 IMPLS = ("sklearn", "fastprop-native", "fastprop-numpy")
 
 
@@ -73,8 +82,9 @@ def _estimator(impl, params):
     return MLPClassifier(random_state=0, **params)
 
 
-def fit_once(impl, case, dtype, data=None):
-    """Fit one estimator; returns (seconds, held-out accuracy, n_iter_)."""
+def fit_once(impl, case, dtype, data=None, pause=PAUSE):
+    """Fit one estimator, after `pause` seconds of rest; returns (seconds, held-out
+    accuracy, n_iter_)."""
     import fastprop as fp
     from sklearn.exceptions import ConvergenceWarning
     make_data, params = CASES[case]
@@ -84,6 +94,7 @@ def fit_once(impl, case, dtype, data=None):
     backend = impl.split("-")[1] if impl.startswith("fastprop") else fp.get_backend()
     with fp.use_backend(backend), warnings.catch_warnings():
         warnings.simplefilter("ignore", ConvergenceWarning)   # max_iter ends both runs
+        time.sleep(pause)
         start = time.perf_counter()
         est.fit(X_train, y_train)
         seconds = time.perf_counter() - start
@@ -112,7 +123,7 @@ def _available(impl, say=False):
     return True
 
 
-def run(cases, dtypes, impls, rounds):
+def run(cases, dtypes, impls, rounds, pause=PAUSE):
     """{(case, dtype, impl): [(seconds, accuracy, n_iter), ...]} with rounds
     interleaved across implementations."""
     results = {}
@@ -121,7 +132,7 @@ def run(cases, dtypes, impls, rounds):
         for dtype in dtypes:
             for _ in range(rounds):
                 for impl in impls:
-                    r = fit_once(impl, case, dtype, data)
+                    r = fit_once(impl, case, dtype, data, pause)
                     results.setdefault((case, np.dtype(dtype).name, impl), []).append(r)
                     print(f"  {case:9s} {np.dtype(dtype).name:7s} {impl:15s} "
                           f"{r[0]:8.3f} s  accuracy {r[1]:.4f}  n_iter {r[2]}", flush=True)
@@ -153,11 +164,12 @@ def main(argv=None):
     parser.add_argument("--dtypes", nargs="+", default=["float64", "float32"])
     parser.add_argument("--impls", nargs="+", default=list(IMPLS), choices=list(IMPLS))
     parser.add_argument("--threads", type=int, default=THREADS)
+    parser.add_argument("--pause", type=float, default=PAUSE)
     args = parser.parse_args(argv)
     impls = [i for i in args.impls if _available(i, say=True)]
     limiter = _limit_threads(args.threads)
     try:
-        results = run(args.cases, args.dtypes, impls, args.rounds)
+        results = run(args.cases, args.dtypes, impls, args.rounds, args.pause)
     finally:
         limiter.restore_original_limits()
     print()
@@ -183,9 +195,9 @@ if pytest is not None:
         accuracy = []
 
         def fit():
-            accuracy.append(fit_once(impl, case, dtype, data)[1])
+            accuracy.append(fit_once(impl, case, dtype, data, pause=0.0)[1])
 
-        benchmark.pedantic(fit, rounds=1, iterations=1)
+        benchmark.pedantic(fit, setup=lambda: time.sleep(PAUSE), rounds=1, iterations=1)
         benchmark.extra_info["accuracy"] = accuracy[-1]
 
 
