@@ -221,6 +221,30 @@ def test_gemm_narrow_outputs(rng, dtype, ta, tb):
             np.testing.assert_array_equal(got, want)
 
 
+#: Packed-A edges (A is packed for m > 128, n > 64 and enough work): k = 5-7, shorter
+#: than the pack's 8-float (4-double) register transposes, so only their tails run;
+#: 8 + 3; and m = 145 (float32) / 193 (float64) on one thread, whose last row block
+#: (MC = 144 / 96 rows) is a single row: a partial panel with no whole one before it.
+PACK_EDGE_SHAPES = [(400, 7, 400), (401, 5, 130), (300, 11, 200), (145, 300, 200),
+                    (193, 300, 200)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)
+def test_gemm_packing_edges(rng, dtype, ta, tb):
+    before = nat.get_num_threads()
+    try:
+        for threads in (1, 2):
+            nat.set_num_threads(threads)
+            for m, k, n in PACK_EDGE_SHAPES:
+                a, b = operands(rng, m, k, n, ta, tb, dtype)
+                c = np.empty((m, n), dtype)
+                nat.gemm(a, b, c, ta, tb, False)
+                check(c, *expect(a, b, ta, tb), dtype, f"{m}x{k}x{n}, {threads} threads")
+    finally:
+        nat.set_num_threads(before)
+
+
 @pytest.mark.skipif(not _native.openmp(), reason="built without OpenMP")
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
 @pytest.mark.parametrize("ta,tb", LAYOUTS, ids=LAYOUT_IDS)

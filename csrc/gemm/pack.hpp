@@ -17,7 +17,8 @@
 // 32x784x256, 1 thread, its share of the time 16% -> 13% (11% once each panel is
 // packed right before use, gemm.cpp), the whole product 138 -> 129 us.
 // A row-major op(A) (NN, NT: the forward's activations, grad_z) is packed the same
-// way, 6 rows x 8 (float) / 4 (double) values per register transpose
+// way when MR is 6 (the avx2 unit; the avx512 unit's float32 MR = 8 keeps the element
+// loop), 6 rows x 8 (float) / 4 (double) values per register transpose
 // (pack_a_rows6_avx2), and a transposed one (TN: the weight gradient's x^T) a row
 // segment at a time: its share of float32 200x256x128, 1 thread (perf samples),
 // 6.5% -> 4.9% (NN) and 8.9% -> 5.2% (TN).
