@@ -102,29 +102,42 @@ inline void pack_b_trans_avx2(index_t kc, const double* FASTPROP_RESTRICT src, i
 #endif
 
 #if defined(__AVX2__)
-// One 6-row panel of a row-major A: dst[p*6 + i] = src[i*lda + p] for i < 6, p < kc.
-// 8 (float) or 4 (double) values of each row are read at once and transposed in
-// registers, as pack_b_trans_avx2 does for B; each p's 6 values are stored as a
-// 4-value and a 2-value piece (no store past the panel).  The last kc % 8 (% 4)
-// values per row are copied one by one.  The same values in the same places as the
-// scalar loop: packing only moves them.
-inline void pack_a_rows6_avx2(index_t kc, const float* FASTPROP_RESTRICT src, index_t lda,
-                              float* FASTPROP_RESTRICT dst) {
+// t = the pairwise interleaves of 6 rows of vectors at s (rows lda apart):
+// unpacklo/unpackhi of rows (0, 1), (2, 3), (4, 5).
+inline void interleave_rows6(const float* s, index_t lda, __m256 (&t)[6]) {
+    for (int i = 0; i < 3; ++i) {
+        const __m256 x = _mm256_loadu_ps(s + 2 * i * lda);
+        const __m256 y = _mm256_loadu_ps(s + (2 * i + 1) * lda);
+        t[2 * i] = _mm256_unpacklo_ps(x, y), t[2 * i + 1] = _mm256_unpackhi_ps(x, y);
+    }
+}
+inline void interleave_rows6(const double* s, index_t lda, __m256d (&t)[6]) {
+    for (int i = 0; i < 3; ++i) {
+        const __m256d x = _mm256_loadu_pd(s + 2 * i * lda);
+        const __m256d y = _mm256_loadu_pd(s + (2 * i + 1) * lda);
+        t[2 * i] = _mm256_unpacklo_pd(x, y), t[2 * i + 1] = _mm256_unpackhi_pd(x, y);
+    }
+}
+
+// One 6-row panel of a row-major A: dst[p*6 + i] = src[i*lda + p] for i < 6 and p
+// below the returned count (kc rounded down to 8 floats / 4 doubles; pack_a copies the
+// rest one by one).  The values of each row are read a vector at a time and
+// transposed in registers, as pack_b_trans_avx2 does for B; each p's 6 values are
+// stored as a 4-value and a 2-value piece (no store past the panel).  The same values
+// in the same places as the scalar loop: packing only moves them.
+inline index_t pack_a_rows6_avx2(index_t kc, const float* FASTPROP_RESTRICT src, index_t lda,
+                                 float* FASTPROP_RESTRICT dst) {
     index_t p = 0;
     for (; p + 8 <= kc; p += 8) {
-        const float* s = src + p;
-        const __m256 r0 = _mm256_loadu_ps(s), r1 = _mm256_loadu_ps(s + lda);
-        const __m256 r2 = _mm256_loadu_ps(s + 2 * lda), r3 = _mm256_loadu_ps(s + 3 * lda);
-        const __m256 r4 = _mm256_loadu_ps(s + 4 * lda), r5 = _mm256_loadu_ps(s + 5 * lda);
-        const __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-        const __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-        // rows 4-5: p, p+1 in the low lane of t4 (p+4, p+5 high), p+2, p+3 in t5's
-        const __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+        __m256 t[6];
+        interleave_rows6(src + p, lda, t);
         // rows 0-3 at p+q (q < 4) in the low lane of u[q], at p+4+q in its high lane
-        const __m256 u[4] = {_mm256_shuffle_ps(t0, t2, 0x44), _mm256_shuffle_ps(t0, t2, 0xEE),
-                             _mm256_shuffle_ps(t1, t3, 0x44), _mm256_shuffle_ps(t1, t3, 0xEE)};
-        const __m128 w[4] = {_mm256_castps256_ps128(t4), _mm256_castps256_ps128(t5),
-                             _mm256_extractf128_ps(t4, 1), _mm256_extractf128_ps(t5, 1)};
+        const __m256 u[4] = {
+            _mm256_shuffle_ps(t[0], t[2], 0x44), _mm256_shuffle_ps(t[0], t[2], 0xEE),
+            _mm256_shuffle_ps(t[1], t[3], 0x44), _mm256_shuffle_ps(t[1], t[3], 0xEE)};
+        // rows 4-5: p, p+1 in w[0] (t[4]'s low lane), p+2, p+3 in w[1], p+4.. in w[2], w[3]
+        const __m128 w[4] = {_mm256_castps256_ps128(t[4]), _mm256_castps256_ps128(t[5]),
+                             _mm256_extractf128_ps(t[4], 1), _mm256_extractf128_ps(t[5], 1)};
         float* d = dst + p * 6;
         for (int q = 0; q < 4; ++q) {
             _mm_storeu_ps(d + q * 6, _mm256_castps256_ps128(u[q]));
@@ -137,34 +150,24 @@ inline void pack_a_rows6_avx2(index_t kc, const float* FASTPROP_RESTRICT src, in
             _mm_storeh_pi(reinterpret_cast<__m64*>(d + (4 * h + 3) * 6 + 4), w[2 * h + 1]);
         }
     }
-    for (; p < kc; ++p)
-        for (int i = 0; i < 6; ++i) dst[p * 6 + i] = src[i * lda + p];
+    return p;
 }
 
-inline void pack_a_rows6_avx2(index_t kc, const double* FASTPROP_RESTRICT src, index_t lda,
-                              double* FASTPROP_RESTRICT dst) {
+inline index_t pack_a_rows6_avx2(index_t kc, const double* FASTPROP_RESTRICT src, index_t lda,
+                                 double* FASTPROP_RESTRICT dst) {
     index_t p = 0;
     for (; p + 4 <= kc; p += 4) {
-        const double* s = src + p;
-        const __m256d r0 = _mm256_loadu_pd(s), r1 = _mm256_loadu_pd(s + lda);
-        const __m256d r2 = _mm256_loadu_pd(s + 2 * lda), r3 = _mm256_loadu_pd(s + 3 * lda);
-        const __m256d r4 = _mm256_loadu_pd(s + 4 * lda), r5 = _mm256_loadu_pd(s + 5 * lda);
-        const __m256d t0 = _mm256_unpacklo_pd(r0, r1), t1 = _mm256_unpackhi_pd(r0, r1);
-        const __m256d t2 = _mm256_unpacklo_pd(r2, r3), t3 = _mm256_unpackhi_pd(r2, r3);
-        // rows 4-5: (p, p+2) in t4's lanes, (p+1, p+3) in t5's
-        const __m256d t4 = _mm256_unpacklo_pd(r4, r5), t5 = _mm256_unpackhi_pd(r4, r5);
+        __m256d t[6];
+        interleave_rows6(src + p, lda, t);  // rows 4-5: p, p+2 in t[4]; p+1, p+3 in t[5]
         double* d = dst + p * 6;
-        _mm256_storeu_pd(d, _mm256_permute2f128_pd(t0, t2, 0x20));
-        _mm_storeu_pd(d + 4, _mm256_castpd256_pd128(t4));
-        _mm256_storeu_pd(d + 6, _mm256_permute2f128_pd(t1, t3, 0x20));
-        _mm_storeu_pd(d + 10, _mm256_castpd256_pd128(t5));
-        _mm256_storeu_pd(d + 12, _mm256_permute2f128_pd(t0, t2, 0x31));
-        _mm_storeu_pd(d + 16, _mm256_extractf128_pd(t4, 1));
-        _mm256_storeu_pd(d + 18, _mm256_permute2f128_pd(t1, t3, 0x31));
-        _mm_storeu_pd(d + 22, _mm256_extractf128_pd(t5, 1));
+        for (int q = 0; q < 2; ++q) {  // p+q and p+2+q: rows 0-3 from t[q], t[2+q]
+            _mm256_storeu_pd(d + q * 6, _mm256_permute2f128_pd(t[q], t[2 + q], 0x20));
+            _mm_storeu_pd(d + q * 6 + 4, _mm256_castpd256_pd128(t[4 + q]));
+            _mm256_storeu_pd(d + (q + 2) * 6, _mm256_permute2f128_pd(t[q], t[2 + q], 0x31));
+            _mm_storeu_pd(d + (q + 2) * 6 + 4, _mm256_extractf128_pd(t[4 + q], 1));
+        }
     }
-    for (; p < kc; ++p)
-        for (int i = 0; i < 6; ++i) dst[p * 6 + i] = src[i * lda + p];
+    return p;
 }
 #endif
 
@@ -186,13 +189,11 @@ void pack_a(bool trans, index_t mc, index_t kc, const T* FASTPROP_RESTRICT a, in
         for (index_t r = 0; r < full; ++r) {  // op(A)[i, p] = a[i*lda + p]: MR rows side by side
             const T* src = a + r * MR * lda;
             T* dst = ap + r * MR * kc;
+            index_t p = 0;
 #if defined(__AVX2__)
-            if constexpr (MR == 6) {
-                pack_a_rows6_avx2(kc, src, lda, dst);
-                continue;
-            }
+            if constexpr (MR == 6) p = pack_a_rows6_avx2(kc, src, lda, dst);
 #endif
-            for (index_t p = 0; p < kc; ++p)
+            for (; p < kc; ++p)
                 for (int i = 0; i < MR; ++i) dst[p * MR + i] = src[i * lda + p];
         }
     }
