@@ -99,9 +99,7 @@ inline void pack_b_trans_avx2(index_t kc, const double* FASTPROP_RESTRICT src, i
     for (; p < kc; ++p)
         for (int j = 0; j < NR; ++j) dst[p * NR + j] = src[j * ldb + p];
 }
-#endif
 
-#if defined(__AVX2__)
 // t = the pairwise interleaves of 6 rows of vectors at s (rows lda apart):
 // unpacklo/unpackhi of rows (0, 1), (2, 3), (4, 5).
 inline void interleave_rows6(const float* s, index_t lda, __m256 (&t)[6]) {
